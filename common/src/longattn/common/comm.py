@@ -1,0 +1,152 @@
+"""Point-to-point exchanges for context parallelism, with exact byte accounting.
+
+* :func:`exchange` -- post a batch of sends and receives (``batch_isend_irecv``) and return a
+  handle; the caller computes on other buffers meanwhile and calls ``wait()`` before reading
+  the received ones (double buffering).
+* :func:`ring_exchange` -- send one buffer to ``rank + shift``, receive from ``rank - shift``.
+* :func:`all_to_all_step` -- every rank sends a (possibly different-sized) chunk to every other
+  rank in one batch: one multi-ring (TASP) step.
+
+Ranks are *group* ranks; conversion to global ranks is done here.
+
+Streams: NCCL runs batched p2p on its own internal stream, which waits for the work already
+queued on the current stream when the batch is posted (so send buffers are complete and recv
+buffers are no longer being read), and ``wait()`` makes the current stream wait for the
+transfer. Posting from the current stream therefore overlaps with compute queued after it and
+needs no extra events. Passing ``stream=`` posts on a side stream instead; then an event
+recorded on the current stream orders buffer reuse, and ``wait()`` joins the streams again.
+
+Byte accounting: inside ``with counting() as c:`` every exchange adds the bytes of each
+message to ``c`` (``c.sent[peer]``, ``c.recv[peer]``, ``c.messages``), so tests can assert the
+exact communication volume of a schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class ByteCounter:
+    """Bytes per peer (group ranks) and the list of (kind, peer, bytes) messages, per rank."""
+
+    sent: dict = field(default_factory=lambda: defaultdict(int))
+    recv: dict = field(default_factory=lambda: defaultdict(int))
+    messages: list = field(default_factory=list)
+    calls: int = 0
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(self.sent.values())
+
+    @property
+    def bytes_received(self) -> int:
+        return sum(self.recv.values())
+
+    def add(self, kind, peer, nbytes):
+        (self.sent if kind == "send" else self.recv)[peer] += nbytes
+        self.messages.append((kind, peer, nbytes))
+
+
+_COUNTERS: list[ByteCounter] = []
+
+
+@contextlib.contextmanager
+def counting():
+    """Count the bytes of every exchange made inside the block (nestable)."""
+    c = ByteCounter()
+    _COUNTERS.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTERS.remove(c)
+
+
+def record(kind: str, peer: int, nbytes: int) -> None:
+    """Add a message to every active counter (for collectives issued outside this module)."""
+    for c in _COUNTERS:
+        c.add(kind, peer, nbytes)
+
+
+def note_call() -> None:
+    for c in _COUNTERS:
+        c.calls += 1
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Handle:
+    """Pending exchange: ``wait()`` blocks (or orders the current CUDA stream) until done."""
+
+    def __init__(self, works, stream=None):
+        self.works = works
+        self.stream = stream
+
+    def wait(self):
+        for w in self.works:
+            w.wait()
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+        self.works = []
+
+
+def exchange(sends, recvs, group=None, *, stream=None) -> Handle:
+    """Post ``sends`` = [(tensor, dst)], ``recvs`` = [(tensor, src)] (group ranks) as one batch.
+
+    Tensors must be contiguous. Messages to or from this rank itself are not allowed (copy
+    locally instead). Returns a :class:`Handle`.
+    """
+    me = dist.get_rank(group)
+    ops = []
+    for t, dst in sends:
+        if dst == me:
+            raise ValueError(f"exchange: send to self (rank {me})")
+        if not t.is_contiguous():
+            raise ValueError("exchange: send tensors must be contiguous")
+        ops.append(dist.P2POp(dist.isend, t, _global(group, dst), group))
+        record("send", dst, nbytes(t))
+    for t, src in recvs:
+        if src == me:
+            raise ValueError(f"exchange: receive from self (rank {me})")
+        if not t.is_contiguous():
+            raise ValueError("exchange: recv tensors must be contiguous")
+        ops.append(dist.P2POp(dist.irecv, t, _global(group, src), group))
+        record("recv", src, nbytes(t))
+    note_call()
+    if not ops:
+        return Handle([])
+    if stream is not None:
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            works = dist.batch_isend_irecv(ops)
+        return Handle(works, stream)
+    return Handle(dist.batch_isend_irecv(ops))
+
+
+def _global(group, r):
+    return r if group is None else dist.get_global_rank(group, r)
+
+
+def ring_exchange(send_buf, recv_buf, group=None, *, shift: int = 1, stream=None) -> Handle:
+    """Send ``send_buf`` to ``rank + shift`` and receive ``recv_buf`` from ``rank - shift``."""
+    n, me = dist.get_world_size(group), dist.get_rank(group)
+    if n == 1 or shift % n == 0:
+        raise ValueError(f"ring_exchange needs a peer: world size {n}, shift {shift}")
+    return exchange([(send_buf, (me + shift) % n)], [(recv_buf, (me - shift) % n)], group,
+                    stream=stream)
+
+
+def all_to_all_step(send_chunks, recv_chunks, group=None, *, stream=None) -> Handle:
+    """One all-to-all: ``send_chunks[p]`` goes to group rank p and ``recv_chunks[p]`` comes from
+    it (entries for this rank are ignored; ``None`` or empty tensors send nothing)."""
+    me = dist.get_rank(group)
+    sends = [(t, p) for p, t in enumerate(send_chunks) if p != me and t is not None and t.numel()]
+    recvs = [(t, p) for p, t in enumerate(recv_chunks) if p != me and t is not None and t.numel()]
+    return exchange(sends, recvs, group, stream=stream)

@@ -1,0 +1,168 @@
+"""The local attention step every longattn method is built from.
+
+    attention_forward(q, k, v, *, scale, causal, window, backend="auto") -> (out, lse)
+    attention_backward(dout, q, k, v, out, lse, *, scale, causal, window, dlse=None,
+                       backend="auto") -> (dq, dk, dv)
+    attention(q, k, v, *, scale, causal, window, return_lse, backend)   # autograd
+
+Tensors are BSHD: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA
+without replicating KV). ``lse`` is ``[B, Hq, Sq]`` natural log in float32 (float64 for
+float64 inputs). ``causal`` with ``Sq != Sk`` is bottom-right aligned; ``window=(left,
+right)``, -1 unbounded, in the same aligned coordinates; ``causal`` caps ``right`` at 0.
+A row that sees no key gives ``out = 0``, ``lse = -inf`` and zero gradients, never NaN.
+
+``attention_backward`` takes the *final* ``out``/``lse`` of the whole attention (after all
+merges), not this step's: then the per-step gradients are exact (the ring-attention rule).
+``dlse`` (the gradient of the final lse) is optional and only some backends take it.
+
+Backends live in the plain dict :data:`BACKENDS` (name -> :class:`Backend`); ``"auto"`` tries
+:data:`AUTO_ORDER` and takes the first whose ``supports`` accepts the request. Optional backends
+are separate modules that register themselves on import (aten, flex, flash_attn, triton).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from longattn.common.checks import check_qkv, check_scale, check_window
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run the local step. ``supports(req)`` returns None if it can serve the
+    :class:`Request`, otherwise a short reason string."""
+
+    forward: Callable
+    backward: Callable
+    supports: Callable
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a call asks of a backend (used by ``supports``)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    causal: bool
+    window: tuple
+    needs_dlse: bool = False
+
+
+BACKENDS: dict[str, Backend] = {}
+AUTO_ORDER = ["flash_attn", "aten", "flex", "triton", "torch"]
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    BACKENDS[name] = backend
+
+
+def normalize_window(causal: bool, window) -> tuple[int, int]:
+    """Fold ``causal`` into the window: causal means ``right = min(right, 0)``."""
+    left, right = check_window(window)
+    if causal:
+        right = 0 if right < 0 else min(right, 0)
+    return left, right
+
+
+def _pick(req: Request, backend: str) -> Backend:
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)} or 'auto', got {backend!r}")
+        reason = BACKENDS[backend].supports(req)
+        if reason is not None:
+            raise ValueError(f"backend {backend!r} cannot serve this call: {reason}")
+        return BACKENDS[backend]
+    for name in AUTO_ORDER:
+        b = BACKENDS.get(name)
+        if b is not None and b.supports(req) is None:
+            return b
+    raise ValueError("no attention backend supports this call")  # torch supports everything
+
+
+def pick_backend(q, k, v, *, causal=False, window=(-1, -1), needs_dlse=False, backend="auto"):
+    """The name of the backend ``backend='auto'`` would choose for these inputs."""
+    req = Request(q, k, v, bool(causal), normalize_window(causal, window), needs_dlse)
+    b = _pick(req, backend)
+    return next(n for n, x in BACKENDS.items() if x is b)
+
+
+def attention_forward(q, k, v, *, scale=None, causal=False, window=(-1, -1), backend="auto"):
+    """Local attention forward. Returns ``(out [B,Sq,Hq,Dv] in q.dtype, lse [B,Hq,Sq])``."""
+    check_qkv(q, k, v)
+    scale = check_scale(scale, q.shape[-1])
+    win = normalize_window(causal, window)
+    b = _pick(Request(q, k, v, bool(causal), win), backend)
+    return b.forward(q, k, v, scale=scale, window=win)
+
+
+def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=(-1, -1),
+                       dlse=None, backend="auto"):
+    """Gradients of this step given the final ``out``/``lse``. Returns ``(dq, dk, dv)`` in the
+    dtypes of q, k, v."""
+    check_qkv(q, k, v)
+    if dout.shape != out.shape or out.shape[:-1] != q.shape[:-1]:
+        raise ValueError(
+            f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be [B, Sq, Hq, Dv] "
+            f"matching q {tuple(q.shape)}"
+        )
+    want = (q.shape[0], q.shape[2], q.shape[1])
+    if tuple(lse.shape) != want:
+        raise ValueError(f"lse must be [B, Hq, Sq] = {want}, got {tuple(lse.shape)}")
+    scale = check_scale(scale, q.shape[-1])
+    win = normalize_window(causal, window)
+    b = _pick(Request(q, k, v, bool(causal), win, dlse is not None), backend)
+    return b.backward(dout, q, k, v, out, lse, scale=scale, window=win, dlse=dlse)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, causal, window, backend):
+        out, lse = attention_forward(q, k, v, scale=scale, causal=causal, window=window,
+                                     backend=backend)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (scale, causal, window, backend)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        scale, causal, window, backend = ctx.args
+        if dlse is not None and not torch.any(dlse):
+            dlse = None
+        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, scale=scale,
+                                        causal=causal, window=window, dlse=dlse, backend=backend)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), return_lse=False,
+              backend="auto"):
+    """Differentiable local attention (gradients flow into q, k, v, also through ``lse``)."""
+    out, lse = _Attention.apply(q, k, v, scale, causal, window, backend)
+    return (out, lse) if return_lse else out
+
+
+from longattn.common.kernels import torch_backend  # noqa: E402,F401  (always available)
+
+for _mod in ("aten_backend", "flex_backend", "flash_attn_backend", "triton_backend"):
+    try:
+        importlib.import_module(f"longattn.common.kernels.{_mod}")
+    except ImportError:
+        pass
+
+__all__ = [
+    "AUTO_ORDER",
+    "BACKENDS",
+    "Backend",
+    "Request",
+    "attention",
+    "attention_backward",
+    "attention_forward",
+    "normalize_window",
+    "pick_backend",
+    "register_backend",
+]

@@ -1,0 +1,119 @@
+"""Pure-PyTorch backend: any device, any dtype, any window, GQA, ``dlse``.
+
+Queries are processed in row blocks; each block only touches the key range its window can
+see, so memory stays O(block * Sk) instead of O(Sq * Sk). Math in float32 (float64 for float64
+inputs). Used on CPUs and as the fallback everywhere; not tuned for speed on GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longattn.common.kernels import Backend, register_backend
+
+# Elements of one score block [B, Hq, rows, keys]; 2**24 fp32 = 64 MiB, a few live at once.
+SCORE_BLOCK_ELEMS = 1 << 24
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _blocks(b, sq, sk, hq, window):
+    """Yield (q0, q1, lo, hi): row block and the key range [lo, hi) it can see."""
+    left, right = window
+    off = sk - sq
+    width = sk if left < 0 or right < 0 else min(sk, left + right + 1)
+    rows = max(1, min(sq, SCORE_BLOCK_ELEMS // max(1, b * hq * max(width, 1))))
+    for q0 in range(0, sq, rows):
+        q1 = min(sq, q0 + rows)
+        lo = 0 if left < 0 else max(0, q0 + off - left)
+        hi = sk if right < 0 else min(sk, q1 - 1 + off + right + 1)
+        yield q0, q1, lo, max(lo, hi)
+
+
+def _mask(q0, q1, lo, hi, off, window, device):
+    """Visible-key mask [rows, keys] for the block, or None if every pair is visible."""
+    left, right = window
+    need_left = left >= 0 and lo < q1 - 1 + off - left  # last row's lower bound is tightest
+    need_right = right >= 0 and hi - 1 > q0 + off + right  # first row's upper bound
+    if not (need_left or need_right):
+        return None
+    qi = torch.arange(q0, q1, device=device)[:, None] + off
+    kj = torch.arange(lo, hi, device=device)[None, :]
+    m = torch.ones(q1 - q0, hi - lo, dtype=torch.bool, device=device)
+    if need_left:
+        m &= kj >= qi - left
+    if need_right:
+        m &= kj <= qi + right
+    return m
+
+
+def _scores(qb, kb, mask, scale):
+    """qb [B, r, Hkv, G, D], kb [B, n, Hkv, D] -> masked scores [B, Hkv, G, r, n]."""
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qb, kb) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return s
+
+
+def forward(q, k, v, *, scale, window):
+    b, sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    acc = _acc(q.dtype)
+    out = torch.zeros(b, sq, hq, dv, dtype=acc, device=q.device)
+    lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
+    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window):
+        if hi <= lo:
+            continue
+        r = q1 - q0
+        qb = q[:, q0:q1].to(acc).reshape(b, r, hkv, g, d)
+        kb, vb = k[:, lo:hi].to(acc), v[:, lo:hi].to(acc)
+        s = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window, q.device), scale)
+        m = s.amax(dim=-1, keepdim=True)
+        m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+        p = torch.exp(s - m)
+        den = p.sum(dim=-1, keepdim=True)  # [B, Hkv, G, r, 1]
+        o = torch.einsum("bhgqk,bkhd->bqhgd", p, vb)
+        inv = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
+        o = o * inv.permute(0, 3, 1, 2, 4)
+        out[:, q0:q1] = o.reshape(b, r, hq, dv)
+        blk = torch.where(den > 0, m + torch.log(den), torch.full_like(den, float("-inf")))
+        lse[:, :, q0:q1] = blk[..., 0].reshape(b, hq, r)
+    lse = lse if q.dtype == torch.float64 else lse.float()
+    return out.to(q.dtype), lse
+
+
+def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
+    b, sq, hq, d = q.shape
+    sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
+    g = hq // hkv
+    acc = _acc(q.dtype)
+    dq = torch.zeros(b, sq, hq, d, dtype=acc, device=q.device)
+    dk = torch.zeros(b, sk, hkv, d, dtype=acc, device=q.device)
+    dvv = torch.zeros(b, sk, hkv, dv, dtype=acc, device=q.device)
+    # p = exp(s - lse); a row with lse = -inf sees nothing: exp(s - inf) = 0.
+    lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(acc)
+    delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, Hq, Sq]
+    if dlse is not None:
+        delta = delta - dlse.to(acc)
+    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window):
+        if hi <= lo:
+            continue
+        r = q1 - q0
+        qb = q[:, q0:q1].to(acc).reshape(b, r, hkv, g, d)
+        kb, vb = k[:, lo:hi].to(acc), v[:, lo:hi].to(acc)
+        s = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window, q.device), scale)
+        ls = lse_safe[:, :, q0:q1].reshape(b, hkv, g, r, 1)
+        p = torch.exp(s - ls)
+        dob = dout[:, q0:q1].to(acc).reshape(b, r, hkv, g, dv)
+        dp = torch.einsum("bqhgd,bkhd->bhgqk", dob, vb)
+        ds = p * (dp - delta[:, :, q0:q1].reshape(b, hkv, g, r, 1))
+        dq[:, q0:q1] = (torch.einsum("bhgqk,bkhd->bqhgd", ds, kb) * scale).reshape(b, r, hq, d)
+        dk[:, lo:hi] += torch.einsum("bhgqk,bqhgd->bkhd", ds, qb) * scale
+        dvv[:, lo:hi] += torch.einsum("bhgqk,bqhgd->bkhd", p, dob)
+    return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
+
+
+register_backend("torch", Backend(forward=forward, backward=backward, supports=lambda req: None))

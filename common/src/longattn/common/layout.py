@@ -1,0 +1,116 @@
+"""How a sequence is split over the ranks of a context-parallel group.
+
+Layouts (``n`` ranks):
+
+* ``contiguous`` -- rank r holds tokens ``[r*S/n, (r+1)*S/n)``.
+* ``zigzag`` -- the sequence is cut into ``2n`` blocks; rank r holds blocks ``r`` and
+  ``2n-1-r`` (in that order). Balances causal work: every rank gets one early, one late block.
+* ``striped`` -- rank r holds tokens ``r, r+n, r+2n, ...``.
+
+Dense tensors are split along ``dim`` (default 1, the sequence axis of BSHD). Varlen (packed,
+``cu_seqlens``) tensors are split along ``dim`` (default 0): ``contiguous`` cuts the packed
+token stream into ``n`` equal parts, so sequences may cross ranks; ``zigzag`` / ``striped``
+apply the layout to every sequence separately (each sequence length divisible by ``2n`` /
+``n``), so the local tensor is again a packed batch with ``cu_seqlens // n``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+def _check(seq_len, rank, world_size, layout, what="sequence length"):
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank!r}")
+    div = 2 * world_size if layout == "zigzag" else world_size
+    if seq_len % div != 0:
+        raise ValueError(
+            f"{what} {seq_len} must be divisible by {div} for the {layout} layout over "
+            f"{world_size} ranks"
+        )
+
+
+def positions(seq_len: int, rank: int, world_size: int, layout: str = "contiguous"):
+    """Global token indices (int64, in local order) that ``rank`` holds."""
+    _check(seq_len, rank, world_size, layout)
+    n = world_size
+    if layout == "contiguous":
+        m = seq_len // n
+        return torch.arange(rank * m, (rank + 1) * m)
+    if layout == "striped":
+        return torch.arange(rank, seq_len, n)
+    b = seq_len // (2 * n)
+    return torch.cat([torch.arange(rank * b, (rank + 1) * b),
+                      torch.arange((2 * n - 1 - rank) * b, (2 * n - rank) * b)])
+
+
+def shard(x: torch.Tensor, rank: int, world_size: int, *, layout: str = "contiguous", dim: int = 1):
+    """This rank's part of ``x`` along ``dim`` (a contiguous copy)."""
+    idx = positions(x.shape[dim], rank, world_size, layout).to(x.device)
+    return x.index_select(dim, idx).contiguous()
+
+
+def unshard(chunks, *, layout: str = "contiguous", dim: int = 1):
+    """Inverse of :func:`shard`: the full tensor from every rank's part (rank order)."""
+    n = len(chunks)
+    if n == 0:
+        raise ValueError("unshard needs at least one chunk")
+    local = chunks[0].shape[dim]
+    if any(c.shape[dim] != local for c in chunks):
+        raise ValueError(f"unshard: chunks differ in size along dim {dim}")
+    seq_len = local * n
+    cat = torch.cat(list(chunks), dim=dim)
+    idx = torch.cat([positions(seq_len, r, n, layout) for r in range(n)]).to(cat.device)
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(seq_len, device=cat.device)
+    return cat.index_select(dim, inv)
+
+
+def varlen_positions(cu_seqlens, rank: int, world_size: int, layout: str = "contiguous"):
+    """``(idx, local_cu_seqlens)``: packed-token indices this rank holds and, for zigzag /
+    striped, the local ``cu_seqlens`` (int32). For contiguous, ``local_cu_seqlens`` holds the
+    boundaries of the sequence pieces that fall on this rank (a sequence may start on an earlier
+    rank), relative to the rank's first token."""
+    cu = [int(c) for c in (cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor)
+                           else cu_seqlens)]
+    total = cu[-1]
+    if layout == "contiguous":
+        _check(total, rank, world_size, layout, "total token count")
+        m = total // world_size
+        lo, hi = rank * m, (rank + 1) * m
+        cuts = sorted({lo, hi, *[c for c in cu if lo < c < hi]})
+        return torch.arange(lo, hi), torch.tensor([c - lo for c in cuts], dtype=torch.int32)
+    idx, local = [], [0]
+    for a, b in zip(cu, cu[1:]):
+        _check(b - a, rank, world_size, layout, f"sequence length (tokens {a}..{b})")
+        p = positions(b - a, rank, world_size, layout) + a
+        idx.append(p)
+        local.append(local[-1] + len(p))
+    idx = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
+    return idx, torch.tensor(local, dtype=torch.int32)
+
+
+def shard_varlen(x, cu_seqlens, rank, world_size, *, layout="contiguous", dim=0):
+    """``(x_local, local_cu_seqlens)`` for a packed varlen tensor; see :func:`varlen_positions`."""
+    idx, local_cu = varlen_positions(cu_seqlens, rank, world_size, layout)
+    if idx.numel() and int(idx.max()) >= x.shape[dim]:
+        raise ValueError(f"cu_seqlens ends at {int(idx.max()) + 1} > tokens {x.shape[dim]}")
+    return x.index_select(dim, idx.to(x.device)).contiguous(), local_cu.to(x.device)
+
+
+def unshard_varlen(chunks, cu_seqlens, *, layout="contiguous", dim=0):
+    """Inverse of :func:`shard_varlen`."""
+    n = len(chunks)
+    idx = torch.cat([varlen_positions(cu_seqlens, r, n, layout)[0] for r in range(n)])
+    cat = torch.cat(list(chunks), dim=dim)
+    if cat.shape[dim] != idx.numel():
+        raise ValueError(f"unshard_varlen: {cat.shape[dim]} tokens in chunks, expected {idx.numel()}")
+    inv = torch.empty_like(idx)
+    inv[idx] = torch.arange(idx.numel())
+    return cat.index_select(dim, inv.to(cat.device))

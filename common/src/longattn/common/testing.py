@@ -1,0 +1,236 @@
+"""Test helpers: persistent gloo worlds, dtype tolerances, relative error.
+
+``run_world(n, fn, *args)`` runs ``fn(rank, world_size, *args)`` on every rank of a CPU world
+of ``n`` gloo processes and returns the per-rank results in rank order. A world of each size
+starts once per test session and is reused (each rank imports torch once: ~1 s per rank here);
+``fn`` must be importable by name (a module-level function). If a rank raises, the others may
+be stuck in a collective: the world is torn down and the error re-raised with the rank's
+traceback. If the call does not finish within ``timeout`` seconds the world is killed and
+:class:`WorldTimeout` is raised, so a hang fails a test instead of blocking CI.
+
+Arguments and results travel pickled; tensors travel by value.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+DEFAULT_TIMEOUT = float(os.environ.get("LONGATTN_WORLD_TIMEOUT", "120"))
+
+# Relative error allowed per dtype when comparing against the float64 oracle.
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2e-2,
+}
+
+
+class WorldTimeout(TimeoutError):
+    """A ``run_world`` call did not finish within its timeout (a hang, or far too slow)."""
+
+
+class RankError(RuntimeError):
+    """A rank raised; the message carries its traceback."""
+
+
+def rel_error(actual, expected) -> float:
+    """``||actual - expected|| / ||expected||`` in float64 over all elements (Frobenius).
+
+    ``-inf`` entries that agree are ignored (empty rows' lse); any NaN, or an inf on only one
+    side, gives ``inf`` so it can never pass a tolerance.
+    """
+    import numpy as np
+
+    a = actual.detach().double().cpu().numpy() if isinstance(actual, torch.Tensor) else actual
+    e = expected.detach().double().cpu().numpy() if isinstance(expected, torch.Tensor) else expected
+    a, e = np.asarray(a, dtype=np.float64), np.asarray(e, dtype=np.float64)
+    if a.shape != e.shape:
+        raise ValueError(f"rel_error: shapes differ {a.shape} vs {e.shape}")
+    if np.isnan(a).any() or np.isnan(e).any():
+        return float("inf")
+    both_inf = np.isinf(a) & np.isinf(e) & (np.sign(a) == np.sign(e))
+    if (np.isinf(a) ^ np.isinf(e)).any() or (np.isinf(a) & np.isinf(e) & ~both_inf).any():
+        return float("inf")
+    a, e = np.where(both_inf, 0.0, a), np.where(both_inf, 0.0, e)
+    num = np.linalg.norm((a - e).ravel())
+    den = np.linalg.norm(e.ravel())
+    if den == 0.0:
+        return float(num)
+    return float(num / den)
+
+
+def assert_close(actual, expected, dtype=None, *, tol=None, what="value"):
+    """Assert ``rel_error(actual, expected) <= tol`` (tol from :data:`TOLERANCES` by dtype)."""
+    if tol is None:
+        dtype = dtype if dtype is not None else actual.dtype
+        tol = TOLERANCES[dtype]
+    err = rel_error(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
+    return err
+
+
+# --------------------------------------------------------------------------------------------
+# persistent worlds
+
+
+def _worker(rank, world_size, init_file, tasks, results):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
+    )
+    results.put((rank, "ready", None))
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        task_id, path, payload = item
+        for p in reversed(path):
+            if p not in sys.path:
+                sys.path.insert(0, p)
+        try:
+            fn, args = pickle.loads(payload)
+            out = fn(rank, world_size, *args)
+            results.put((rank, task_id, ("ok", pickle.dumps(out))))
+        except BaseException:  # noqa: BLE001 - report everything, including asserts
+            results.put((rank, task_id, ("err", traceback.format_exc())))
+    dist.destroy_process_group()
+
+
+class _World:
+    def __init__(self, n):
+        ctx = mp.get_context("spawn")
+        self.n = n
+        self.tmp = tempfile.mkdtemp(prefix="longattn_world_")
+        self.results = ctx.Queue()
+        self.tasks = [ctx.Queue() for _ in range(n)]
+        self.procs = [
+            ctx.Process(
+                target=_worker,
+                args=(r, n, os.path.join(self.tmp, "store"), self.tasks[r], self.results),
+                daemon=True,
+            )
+            for r in range(n)
+        ]
+        self.next_id = 0
+        for p in self.procs:
+            p.start()
+        ready = 0
+        deadline = time.monotonic() + 60 + 10 * n
+        while ready < n:
+            try:
+                _, tag, _ = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                self.kill()
+                raise WorldTimeout(f"world of {n} ranks did not start") from None
+            ready += tag == "ready"
+
+    def alive(self):
+        return all(p.is_alive() for p in self.procs)
+
+    def run(self, fn, args, timeout):
+        self.next_id += 1
+        tid = self.next_id
+        payload = pickle.dumps((fn, args))
+        for q in self.tasks:
+            q.put((tid, list(sys.path), payload))
+        got, first_err = {}, None
+        deadline = time.monotonic() + timeout
+        while len(got) < self.n:
+            remaining = deadline - time.monotonic()
+            if first_err is not None:  # give the others a moment to fail too, then give up
+                remaining = min(remaining, first_err[1] + 3.0 - time.monotonic())
+            try:
+                rank, task_id, res = self.results.get(timeout=max(0.05, remaining))
+            except queue.Empty:
+                if first_err is not None:
+                    break
+                if any(not p.is_alive() for p in self.procs):
+                    self.kill()
+                    raise RankError("a rank died (killed or crashed) during run_world") from None
+                if time.monotonic() >= deadline:
+                    self.kill()
+                    raise WorldTimeout(
+                        f"run_world({self.n}, {getattr(fn, '__name__', fn)}) did not finish in "
+                        f"{timeout:.0f} s; finished ranks: {sorted(got)}"
+                    ) from None
+                continue
+            if task_id != tid:
+                continue  # stale result of an earlier, failed call
+            got[rank] = res
+            if res[0] == "err" and first_err is None:
+                first_err = (rank, time.monotonic())
+        errs = {r: res[1] for r, res in got.items() if res[0] == "err"}
+        if errs or len(got) < self.n:
+            self.kill()  # ranks may be stuck in a collective with the failed one
+            r = min(errs) if errs else None
+            msg = f"rank {r} raised:\n{errs[r]}" if errs else "ranks did not finish"
+            raise RankError(msg)
+        return [pickle.loads(got[r][1]) for r in range(self.n)]
+
+    def kill(self):
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+        for p in self.procs:
+            p.join(timeout=5)
+        _WORLDS.pop(self.n, None)
+
+    def close(self):
+        for q in self.tasks:
+            try:
+                q.put(None)
+            except (OSError, ValueError):
+                pass
+        for p in self.procs:
+            p.join(timeout=5)
+        self.kill()
+
+
+_WORLDS: dict[int, _World] = {}
+
+
+def run_world(world_size: int, fn, *args, timeout: float | None = None):
+    """Run ``fn(rank, world_size, *args)`` on a persistent gloo world; return per-rank results.
+
+    ``world_size`` 1 also starts a (one-rank) process group, so code paths are the same.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
+    w = _WORLDS.get(world_size)
+    if w is None or not w.alive():
+        if w is not None:
+            w.kill()
+        w = _WORLDS[world_size] = _World(world_size)
+    return w.run(fn, args, timeout)
+
+
+def world_pids(world_size: int):
+    """PIDs of the live world of this size (tests of reuse), or None."""
+    w = _WORLDS.get(world_size)
+    return [p.pid for p in w.procs] if w is not None and w.alive() else None
+
+
+def shutdown_worlds():
+    for w in list(_WORLDS.values()):
+        w.close()
+    _WORLDS.clear()
+
+
+atexit.register(shutdown_worlds)

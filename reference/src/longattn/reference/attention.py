@@ -1,0 +1,93 @@
+"""Dense masked softmax attention in float64, forward and analytic backward."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _check(q, k, v, mask):
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"q, k, v must be 4-d [batch, seq, heads, head_dim]; got q{q.shape} k{k.shape} v{v.shape}"
+        )
+    b, _, hq, d = q.shape
+    if k.shape[0] != b or v.shape[0] != b:
+        raise ValueError(f"batch differs: q{q.shape} k{k.shape} v{v.shape}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k{k.shape} and v{v.shape} must agree in batch, seq and heads")
+    if k.shape[3] != d:
+        raise ValueError(f"k head_dim {k.shape[3]} != q head_dim {d}")
+    if hq % k.shape[2] != 0:
+        raise ValueError(f"q heads {hq} must be a multiple of kv heads {k.shape[2]}")
+
+
+def _scores(q, k, mask, scale):
+    """Masked scores [B, Hq, Sq, Sk] in float64; -inf where masked."""
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    kr = np.repeat(k, hq // hkv, axis=2)
+    s = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
+    if mask is not None:
+        m = np.broadcast_to(np.asarray(mask, dtype=bool), (b, hq, sq, sk))
+        s = np.where(m, s, -np.inf)
+    return s
+
+
+def _softmax(s):
+    """Row softmax and lse of masked scores; rows with no visible key give p = 0, lse = -inf."""
+    mx = s.max(axis=-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    e = np.exp(s - mx)
+    den = e.sum(axis=-1, keepdims=True)
+    p = e / np.where(den > 0, den, 1.0)
+    with np.errstate(divide="ignore"):
+        lse = np.where(den > 0, mx + np.log(np.where(den > 0, den, 1.0)), -np.inf)
+    return p, lse[..., 0]
+
+
+def attention(q, k, v, *, mask=None, scale=None):
+    """Exact attention.
+
+    q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` with ``Hq % Hkv == 0``
+    (GQA: query head h reads kv head ``h // (Hq // Hkv)``). ``mask`` is boolean, broadcastable
+    to ``[B, Hq, Sq, Sk]``, True = visible. Returns ``out [B, Sq, Hq, Dv]`` and
+    ``lse [B, Hq, Sq]``, both float64. Rows with no visible key: out 0, lse -inf.
+    """
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    _check(q, k, v, mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    p, lse = _softmax(_scores(q, k, mask, scale))
+    hq, hkv = q.shape[2], k.shape[2]
+    vr = np.repeat(v, hq // hkv, axis=2)
+    out = np.einsum("bhqk,bkhd->bqhd", p, vr)
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, *, mask=None, scale=None, dlse=None):
+    """Analytic gradients of :func:`attention`.
+
+    ``dout`` is the gradient of ``out`` ``[B, Sq, Hq, Dv]``; ``dlse`` (optional, ``[B, Hq, Sq]``)
+    the gradient of ``lse``. Returns ``(dq, dk, dv)`` in float64 with the shapes of q, k, v
+    (GQA gradients summed over each kv head's query group). Fully masked rows give zeros.
+    """
+    dout, q, k, v = (np.asarray(t, dtype=np.float64) for t in (dout, q, k, v))
+    _check(q, k, v, mask)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    b, sq, hq, d = q.shape
+    sk, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    p, _ = _softmax(_scores(q, k, mask, scale))
+    kr = np.repeat(k, g, axis=2)
+    vr = np.repeat(v, g, axis=2)
+    out = np.einsum("bhqk,bkhd->bqhd", p, vr)
+    dp = np.einsum("bqhd,bkhd->bhqk", dout, vr)
+    delta = np.einsum("bqhd,bqhd->bhq", dout, out)[..., None]
+    if dlse is not None:
+        delta = delta - np.asarray(dlse, dtype=np.float64)[..., None]
+    ds = p * (dp - delta)
+    dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
+    dkr = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
+    dvr = np.einsum("bhqk,bqhd->bkhd", p, dout)
+    dk = dkr.reshape(b, sk, hkv, g, d).sum(axis=3)
+    dv = dvr.reshape(b, sk, hkv, g, -1).sum(axis=3)
+    return dq, dk, dv
