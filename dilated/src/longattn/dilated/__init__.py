@@ -1,0 +1,1 @@
+"""longattn.dilated (placeholder until its issue lands)."""

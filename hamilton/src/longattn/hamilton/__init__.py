@@ -1,0 +1,1 @@
+"""longattn.hamilton (placeholder until its issue lands)."""

@@ -1,0 +1,1 @@
+"""longattn.hyper (placeholder until its issue lands)."""

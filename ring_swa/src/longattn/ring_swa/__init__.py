@@ -1,0 +1,1 @@
+"""longattn.ring_swa (placeholder until its issue lands)."""

@@ -1,0 +1,1 @@
+"""longattn.tree (placeholder until its issue lands)."""
