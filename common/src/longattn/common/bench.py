@@ -1,0 +1,196 @@
+"""Benchmark helpers: timing, a JSON result schema, plots, progress bars.
+
+Timing: on CUDA ``triton.testing.do_bench`` (L2 flush, warm-up, median) when triton imports,
+otherwise CUDA events; on the CPU ``time.perf_counter``. Always warm up first so compilation
+and autotuning never land in a timing.
+
+Result schema (one JSON object per measurement; :func:`result` builds it):
+``{"method", "what", "target", "device", "shape": {...}, "dtype", "median_ms", "tflops",
+"bytes_moved", "extra": {...}, "git_sha", "date", "torch"}``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+
+import torch
+
+
+def _sync(device):
+    if device is not None and torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, *, device=None, warmup: int = 3, rep: int = 10, min_ms: float | None = None):
+    """Median milliseconds of ``fn()``. ``device`` says where it runs (None: CPU)."""
+    if device is not None and torch.device(device).type == "cuda":
+        try:
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=max(25, warmup), rep=max(100, rep),
+                                  return_mode="median"))
+        except ImportError:
+            pass
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rep):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b))
+        return statistics.median(times)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_interleaved(fns: dict, *, device=None, rounds: int = 3, **kw):
+    """Median ms of each ``fns[name]()``, measured in alternating rounds (A, B, A, B, ...).
+
+    GPUs slow down under sustained load (power and clocks), so timing A fully and then B favours
+    A. Alternating and taking the median over rounds compares them under the same conditions.
+    Returns ``{name: median_ms}``; ``{name + " spread": max/min}`` tells the noise.
+    """
+    per = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            per[name].append(time_fn(fn, device=device, **kw))
+    out = {name: statistics.median(ts) for name, ts in per.items()}
+    out.update({f"{name} spread": max(ts) / min(ts) for name, ts in per.items()})
+    return out
+
+
+def device_name(device=None) -> str:
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_sha() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, timeout=5, check=False)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def result(method, what, *, median_ms, shape=None, dtype=None, flops=None, bytes_moved=None,
+           target=None, device=None, **extra):
+    """One measurement in the common schema; ``flops`` (total) gives ``tflops``."""
+    tflops = None if flops is None or not median_ms else flops / (median_ms * 1e-3) / 1e12
+    return {
+        "method": method,
+        "what": what,
+        "target": target,
+        "device": device_name(device),
+        "shape": dict(shape or {}),
+        "dtype": None if dtype is None else str(dtype).replace("torch.", ""),
+        "median_ms": None if median_ms is None else float(median_ms),
+        "tflops": tflops,
+        "bytes_moved": bytes_moved,
+        "extra": extra,
+        "git_sha": git_sha(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+    }
+
+
+SCHEMA_KEYS = ("method", "what", "target", "device", "shape", "dtype", "median_ms", "tflops",
+               "bytes_moved", "extra", "git_sha", "date", "torch")
+
+
+def write_results(results, path) -> str:
+    """Write a list of result dicts as JSON (creating folders). Returns the path."""
+    for r in results:
+        missing = [k for k in SCHEMA_KEYS if k not in r]
+        if missing:
+            raise ValueError(f"result lacks keys {missing}: {r}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    return path
+
+
+def read_results(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def out_dir(default: str, cli_value: str | None = None) -> str:
+    """Where a benchmark writes: ``--out`` if given, else ``$OUT`` (device runs), else default."""
+    d = cli_value or os.environ.get("OUT") or default
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+def format_table(rows, columns=None) -> str:
+    """Plain-text table of dicts (floats shown with 4 significant digits)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.4g}"
+        return "" if x is None else str(x)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
+    sep = "  ".join("-" * w for w in widths)
+    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join([line, sep, *body])
+
+
+def progress(iterable, desc: str = "", total=None):
+    """tqdm progress bar if tqdm is installed, else the plain iterable."""
+    try:
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+    except ImportError:
+        return iterable
+
+
+def plot_lines(series, path, *, xlabel, ylabel, title="", logx=False, logy=False):
+    """``series`` = {label: (xs, ys)} -> PNG at ``path`` (matplotlib, headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
