@@ -110,7 +110,8 @@ def unshard_varlen(chunks, cu_seqlens, *, layout="contiguous", dim=0):
     idx = torch.cat([varlen_positions(cu_seqlens, r, n, layout)[0] for r in range(n)])
     cat = torch.cat(list(chunks), dim=dim)
     if cat.shape[dim] != idx.numel():
-        raise ValueError(f"unshard_varlen: {cat.shape[dim]} tokens in chunks, expected {idx.numel()}")
+        raise ValueError(
+            f"unshard_varlen: {cat.shape[dim]} tokens in chunks, expected {idx.numel()}")
     inv = torch.empty_like(idx)
     inv[idx] = torch.arange(idx.numel())
     return cat.index_select(dim, inv.to(cat.device))

@@ -8,7 +8,8 @@ import numpy as np
 def _check(q, k, v, mask):
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
-            f"q, k, v must be 4-d [batch, seq, heads, head_dim]; got q{q.shape} k{k.shape} v{v.shape}"
+            "q, k, v must be 4-d [batch, seq, heads, head_dim]; "
+            f"got q{q.shape} k{k.shape} v{v.shape}"
         )
     b, _, hq, d = q.shape
     if k.shape[0] != b or v.shape[0] != b:
@@ -21,6 +22,16 @@ def _check(q, k, v, mask):
         raise ValueError(f"q heads {hq} must be a multiple of kv heads {k.shape[2]}")
 
 
+def _scale(scale, d):
+    if scale is None:
+        return d ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)):
+        raise TypeError(f"scale must be a float, got {scale!r}")
+    if not np.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    return float(scale)
+
+
 def _scores(q, k, mask, scale):
     """Masked scores [B, Hq, Sq, Sk] in float64; -inf where masked."""
     b, sq, hq, d = q.shape
@@ -28,14 +39,20 @@ def _scores(q, k, mask, scale):
     kr = np.repeat(k, hq // hkv, axis=2)
     s = np.einsum("bqhd,bkhd->bhqk", q, kr) * scale
     if mask is not None:
-        m = np.broadcast_to(np.asarray(mask, dtype=bool), (b, hq, sq, sk))
+        m = np.asarray(mask, dtype=bool)
+        try:
+            m = np.broadcast_to(m, (b, hq, sq, sk))
+        except ValueError:
+            raise ValueError(
+                f"mask of shape {m.shape} must broadcast to [B, H, Sq, Sk] = {(b, hq, sq, sk)}"
+            ) from None
         s = np.where(m, s, -np.inf)
     return s
 
 
 def _softmax(s):
     """Row softmax and lse of masked scores; rows with no visible key give p = 0, lse = -inf."""
-    mx = s.max(axis=-1, keepdims=True)
+    mx = s.max(axis=-1, keepdims=True, initial=-np.inf)
     mx = np.where(np.isfinite(mx), mx, 0.0)
     e = np.exp(s - mx)
     den = e.sum(axis=-1, keepdims=True)
@@ -55,7 +72,7 @@ def attention(q, k, v, *, mask=None, scale=None):
     """
     q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
     _check(q, k, v, mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q.shape[-1])
     p, lse = _softmax(_scores(q, k, mask, scale))
     hq, hkv = q.shape[2], k.shape[2]
     vr = np.repeat(v, hq // hkv, axis=2)
@@ -72,8 +89,13 @@ def attention_backward(dout, q, k, v, *, mask=None, scale=None, dlse=None):
     """
     dout, q, k, v = (np.asarray(t, dtype=np.float64) for t in (dout, q, k, v))
     _check(q, k, v, mask)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _scale(scale, q.shape[-1])
     b, sq, hq, d = q.shape
+    want = (b, sq, hq, v.shape[-1])
+    if dout.shape != want:
+        raise ValueError(f"dout must have the shape of out {want}, got {dout.shape}")
+    if dlse is not None and np.shape(dlse) != (b, hq, sq):
+        raise ValueError(f"dlse must have the shape of lse {(b, hq, sq)}, got {np.shape(dlse)}")
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     p, _ = _softmax(_scores(q, k, mask, scale))
@@ -89,5 +111,5 @@ def attention_backward(dout, q, k, v, *, mask=None, scale=None, dlse=None):
     dkr = np.einsum("bhqk,bqhd->bkhd", ds, q) * scale
     dvr = np.einsum("bhqk,bqhd->bkhd", p, dout)
     dk = dkr.reshape(b, sk, hkv, g, d).sum(axis=3)
-    dv = dvr.reshape(b, sk, hkv, g, -1).sum(axis=3)
+    dv = dvr.reshape(b, sk, hkv, g, v.shape[-1]).sum(axis=3)
     return dq, dk, dv

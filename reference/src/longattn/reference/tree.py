@@ -12,6 +12,13 @@ def tree_combine(outs, lses):
     """
     if len(outs) != len(lses) or not outs:
         raise ValueError("tree_combine needs equally many (at least one) outs and lses")
+    shapes = {np.shape(o) for o in outs}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 4:
+        raise ValueError(f"outs must all be [B, S, H, D] of one shape, got {sorted(shapes)}")
+    b, s, h, _ = next(iter(shapes))
+    for x in lses:
+        if np.shape(x) != (b, h, s):
+            raise ValueError(f"lses must be [B, H, S] = {(b, h, s)}, got {np.shape(x)}")
     lse = np.stack([np.asarray(x, dtype=np.float64) for x in lses])  # [n, B, H, S]
     out = np.stack([np.asarray(x, dtype=np.float64) for x in outs])  # [n, B, S, H, D]
     mx = lse.max(axis=0)

@@ -23,8 +23,8 @@ are separate modules that register themselves on import (aten, flex, flash_attn,
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -72,7 +72,8 @@ def normalize_window(causal: bool, window) -> tuple[int, int]:
 def _pick(req: Request, backend: str) -> Backend:
     if backend != "auto":
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {sorted(BACKENDS)} or 'auto', got {backend!r}")
+            raise ValueError(
+                f"backend must be one of {sorted(BACKENDS)} or 'auto', got {backend!r}")
         reason = BACKENDS[backend].supports(req)
         if reason is not None:
             raise ValueError(f"backend {backend!r} cannot serve this call: {reason}")

@@ -35,7 +35,7 @@ def _uses_cudnn(req_q, req_k, window) -> bool:
 
 
 def supports(req):
-    q, k, v = req.q, req.k, req.v
+    q, v = req.q, req.v
     if q.device.type != "cuda":
         return "needs CUDA tensors"
     if q.dtype not in _HALF:

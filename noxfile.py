@@ -1,0 +1,107 @@
+"""Every workflow of the longattn monorepo.
+
+    nox -s demo                      every method on a CPU world of gloo ranks vs the oracle
+    nox -s tests                     all packages' tests on the CPU
+    nox -s "isolated(<pkg>)"         one package installed alone (+ its declared deps), its tests
+    nox -s lint                      ruff
+    nox -s "bench(<pkg>)"            a package's GPU benchmark script (GPU machine)
+    nox -s "repro(<pkg>, <target>)"  a package's reproduction sweep for a hardware target
+
+On the CPU machines torch is pinned to 2.13.0, a CPU wheel that lies on disk there (an open
+range would pull a multi-GB CUDA build); the code itself works on torch >= 2.5.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests"]
+
+TORCH = os.environ.get("LONGATTN_TORCH", "torch==2.13.0")
+PAPERS = ["hamilton", "tree", "hyper", "ring_swa", "dilated"]
+PACKAGES = ["reference", "common", *PAPERS]
+# Local packages each one needs installed (its own deps, then its test extra's deps).
+LOCAL_DEPS = {"reference": [], "common": ["reference"]}
+LOCAL_DEPS.update({p: ["reference", "common"] for p in PAPERS})
+TARGETS = ["H100-1", "H100-2", "H100-4", "MI300X-1"]
+CPU_ENV = {
+    "TRITON_INTERPRET": "1",  # Triton kernels run on the CPU interpreter
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",  # 8 JAX CPU devices
+    "JAX_PLATFORMS": "cpu",
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+def _install(session, packages, extra="test"):
+    """Editable installs of local packages in one pip call (so local deps resolve locally)."""
+    if "reference" not in packages or len(packages) > 1:
+        session.install(TORCH)
+    args = []
+    for p in packages:
+        args += ["-e", f"./{p}[{extra}]" if extra else f"./{p}"]
+    session.install(*args)
+
+
+@nox.session
+def tests(session):
+    """All packages' tests (and the cross-package ones) on the CPU."""
+    _install(session, PACKAGES)
+    session.run("python", "-m", "pytest", "-q", *session.posargs, env=CPU_ENV)
+
+
+@nox.session
+@nox.parametrize("pkg", [nox.param(p, id=p) for p in PACKAGES])
+def isolated(session, pkg):
+    """One package with only its declared dependencies installed, and its own tests."""
+    _install(session, [*LOCAL_DEPS[pkg], pkg])
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{pkg}/tests",
+                *session.posargs, env=CPU_ENV)
+
+
+@nox.session
+def demo(session):
+    """The main job: a CPU world of gloo ranks runs every method against the oracle."""
+    _install(session, PACKAGES, extra="test")
+    session.install("matplotlib", "tqdm")
+    session.run("python", "tests/demo.py", *session.posargs, env=CPU_ENV)
+
+
+@nox.session
+def lint(session):
+    session.install("ruff")
+    session.run("ruff", "check", ".")
+
+
+def _script(pkg, name):
+    path = os.path.join(pkg, "bench", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    return path
+
+
+@nox.session
+@nox.parametrize("pkg", [nox.param(p, id=p) for p in ["common", *PAPERS]])
+def bench(session, pkg):
+    """A package's GPU benchmark (prints a table, writes JSON/plots to --out or $OUT)."""
+    _install(session, PACKAGES, extra=None)
+    session.install("matplotlib", "tqdm")
+    name = "bench_kernels.py" if pkg == "common" else f"bench_{pkg}.py"
+    session.run("python", _script(pkg, name), *session.posargs)
+
+
+@nox.session
+@nox.parametrize(
+    ["pkg", "target"],
+    [nox.param(p, t, id=f"{p}, {t}") for p in ["hamilton"] for t in TARGETS],
+)
+def repro(session, pkg, target):
+    """A package's reproduction sweep for one hardware target (``--dry-run`` on the CPU)."""
+    _install(session, PACKAGES, extra=None)
+    session.install("matplotlib", "tqdm")
+    session.run("python", _script(pkg, f"repro_{pkg}.py"), "--target", target,
+                *session.posargs)
