@@ -1,0 +1,378 @@
+"""Exact LongNet dilated attention (arXiv 2307.02486, section 2; distributed: section 3.1).
+
+    dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal=False,
+                      scale=None, group=None, return_lse=False, backend="auto")
+
+Every branch ``(w, r)`` runs on every head (head ``h`` uses offset ``h mod r``); each
+sparsified segment is a dense attention problem, and equal-shaped problems are gathered into
+one batched call of the lse-returning local kernel (:mod:`longattn.common.kernels`). The
+branches are mixed by their softmax denominators in one multi-way LSE merge, which is
+attention over the multiset union of the keys the branches select. So the backward runs each
+call's kernel backward with the *final* out / lse (the ring-attention rule): exact, including
+the gradient through the mixing weights.
+
+Distributed (``group`` with more than one rank): each rank passes its contiguous chunk of the
+sequence. Segments inside the chunk run locally; a segment that spans ranks reads the
+*sparsified* K/V rows it needs from the other ranks of that segment (causal: earlier ranks
+only), in one batched exchange per call; the backward returns their gradients the same way
+(the reduce-scatter of section 3.1). See ``plan.py`` for the index bookkeeping.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from longattn.common import comm
+from longattn.common.checks import check_qkv, check_same_across_ranks, check_scale
+from longattn.common.kernels import attention_backward, attention_forward
+from longattn.dilated.plan import build_plan
+
+
+def check_schedule(segment_lengths, dilation_rates):
+    """Validate a (segments, rates) schedule; returns two tuples of ints."""
+    for name, vals in (("segment_lengths", segment_lengths), ("dilation_rates", dilation_rates)):
+        if isinstance(vals, (str, bytes)) or not hasattr(vals, "__len__"):
+            raise TypeError(f"{name} must be a sequence of positive ints, got {vals!r}")
+        for x in vals:
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(f"{name} must hold positive ints, got {list(vals)!r}")
+    if len(segment_lengths) == 0 or len(segment_lengths) != len(dilation_rates):
+        raise ValueError(
+            f"segment_lengths {list(segment_lengths)} and dilation_rates "
+            f"{list(dilation_rates)} must be non-empty and of equal length"
+        )
+    return tuple(int(x) for x in segment_lengths), tuple(int(x) for x in dilation_rates)
+
+
+def _check_local(q, k, v, segment_lengths, dilation_rates, is_causal, scale):
+    seg, rates = check_schedule(segment_lengths, dilation_rates)
+    check_qkv(q, k, v)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"dilated attention runs over one sequence: q length {q.shape[1]} != k/v length "
+            f"{k.shape[1]}"
+        )
+    if q.shape[1] == 0 or q.shape[0] == 0:
+        raise ValueError(f"q must have a non-empty batch and sequence, got {tuple(q.shape)}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    scale = check_scale(scale, q.shape[-1])
+    return seg, rates, scale
+
+
+def _group_info(group):
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+# --------------------------------------------------------------------------------------------
+# plan tensors on a device
+
+
+def _device_plan(plan, device):
+    """Torch index tensors of the plan on ``device`` (cached on the plan object)."""
+    cache = plan.__dict__.setdefault("_dev", {})
+    key = str(device)
+    if key not in cache:
+        calls = []
+        for c in plan.calls:
+            if c.dense is not None:
+                calls.append((c, None, None))
+            else:
+                qr = torch.as_tensor(c.qrows.reshape(-1), device=device)
+                kr = torch.as_tensor(c.krows.reshape(-1), device=device)
+                calls.append((c, qr, kr))
+        sends = {d: torch.as_tensor(r, device=device) for d, r in plan.send_rows.items()}
+        cache[key] = (calls, sends)
+    return cache[key]
+
+
+# --------------------------------------------------------------------------------------------
+# the pieces of one call
+
+
+def _operands(call, qr, kr, qf, kpool, vpool, q, k, v):
+    """(q, k, v) of one call in BSHD for the kernel."""
+    b = q.shape[0]
+    if call.dense is not None:
+        s0, nseg, n = call.dense
+        sl = slice(s0, s0 + nseg * n)
+        return (q[:, sl].reshape(b * nseg, n, q.shape[2], q.shape[3]),
+                k[:, sl].reshape(b * nseg, n, k.shape[2], k.shape[3]),
+                v[:, sl].reshape(b * nseg, n, v.shape[2], v.shape[3]))
+    nseg, nq, nk, c, p = call.shape
+    return (qf[:, qr].view(b * nseg, nq, c, qf.shape[-1]),
+            kpool[:, kr].view(b * nseg, nk, p, kpool.shape[-1]),
+            vpool[:, kr].view(b * nseg, nk, p, vpool.shape[-1]))
+
+
+def _rows_layout(call, b, t):
+    """A per-(query row) tensor ``t`` in the kernel's lse layout ``[B*nseg, C, nq]`` ->
+    ``[B, N]`` matching the call's flat query rows (dense: ``[B, nseg*n, H]``)."""
+    if call.dense is not None:
+        _, nseg, n = call.dense
+        return t.view(b, nseg, t.shape[1], n).permute(0, 1, 3, 2).reshape(b, nseg * n, t.shape[1])
+    nseg, nq, _, c, _ = call.shape
+    return t.view(b, nseg, c, nq).permute(0, 1, 3, 2).reshape(b, nseg * nq * c)
+
+
+def _kernel_layout(call, b, t):
+    """Inverse of :func:`_rows_layout`: ``[B, N]`` (dense ``[B, L, H]``) -> ``[B*nseg, C, nq]``."""
+    if call.dense is not None:
+        _, nseg, n = call.dense
+        return t.reshape(b, nseg, n, t.shape[-1]).permute(0, 1, 3, 2).reshape(
+            b * nseg, t.shape[-1], n)
+    nseg, nq, _, c, _ = call.shape
+    return t.reshape(b, nseg, nq, c).permute(0, 1, 3, 2).reshape(b * nseg, c, nq)
+
+
+def _region(call, t3):
+    """Dense call: the slice ``[:, start:start+L]`` of a ``[B, l, H(, D)]`` tensor."""
+    s0, nseg, n = call.dense
+    return t3[:, s0:s0 + nseg * n]
+
+
+def merge_calls(results, calls, b, l, h, dv, acc):
+    """One multi-way LSE merge of every call's ``(out, lse)``: ``lse = log sum_c exp(lse_c)``,
+    ``out = sum_c exp(lse_c - lse) out_c`` (the paper's Eq. 10 over all branches at once).
+    Rows no call wrote stay ``out = 0``, ``lse = -inf``. Returns ``out [B, l*H, Dv]`` and
+    ``lse [B, l*H]`` in ``acc``."""
+    m = torch.full((b, l * h), float("-inf"), dtype=acc, device=results[0][0].device)
+    m3 = m.view(b, l, h)
+    lses = []
+    for (call, qr, _), (_, lse) in zip(calls, results):
+        lc = _rows_layout(call, b, lse.to(acc))
+        lses.append(lc)
+        if call.dense is not None:
+            r = _region(call, m3)
+            torch.maximum(r, lc, out=r)
+        else:
+            m.scatter_reduce_(1, qr.expand(b, -1), lc, reduce="amax")
+    den = torch.zeros_like(m)
+    den3 = den.view(b, l, h)
+    for (call, qr, _), lc in zip(calls, lses):
+        if call.dense is not None:
+            _region(call, den3).add_(torch.exp(lc - _region(call, m3)))
+        else:
+            den.index_add_(1, qr, torch.exp(lc - m[:, qr]))
+    lse = torch.where(den > 0, m + torch.log(den), m)  # m is -inf where nothing was written
+    lse3 = lse.view(b, l, h)
+    out = torch.zeros(b, l * h, dv, dtype=acc, device=m.device)
+    out4 = out.view(b, l, h, dv)
+    for (call, qr, _), (o, _), lc in zip(calls, results, lses):
+        if call.dense is not None:
+            w = torch.exp(lc - _region(call, lse3)).unsqueeze(-1)
+            _region(call, out4).add_(o.reshape(w.shape[:-1] + (dv,)).to(acc) * w)
+        else:
+            w = torch.exp(lc - lse[:, qr]).unsqueeze(-1)
+            out.index_add_(1, qr, o.reshape(b, -1, dv).to(acc) * w)
+    return out, lse
+
+
+# --------------------------------------------------------------------------------------------
+# sparsified K/V exchange
+
+
+def _exchange_kv(kf, vf, plan, sends, group):
+    """Send the sparsified K/V rows others need; return the pools ``[B, M, D]`` / ``[B, M, Dv]``
+    (local rows first, then the received rows in ``plan.recv`` order)."""
+    if not plan.recv and not sends:
+        return kf, vf
+    b, d = kf.shape[0], kf.shape[-1]
+    out = [(torch.cat([kf[:, rows], vf[:, rows]], -1).contiguous(), dst)
+           for dst, rows in sends.items()]
+    bufs = [(kf.new_empty(b, cnt, d + vf.shape[-1]), src) for src, cnt in plan.recv]
+    comm.exchange(out, bufs, group).wait()
+    kpool = torch.cat([kf] + [t[..., :d] for t, _ in bufs], 1)
+    vpool = torch.cat([vf] + [t[..., d:] for t, _ in bufs], 1)
+    return kpool, vpool
+
+
+def _return_grads(dkpool, dvpool, dkf, dvf, plan, sends, group, dtype):
+    """Backward of :func:`_exchange_kv`: send the gradients of received rows back to their
+    owners, add the ones that come back for the rows this rank sent."""
+    n_local = dkf.shape[1]
+    dkf += dkpool[:, :n_local]
+    dvf += dvpool[:, :n_local]
+    if not plan.recv and not sends:
+        return
+    d = dkf.shape[-1]
+    out, off = [], n_local
+    for src, cnt in plan.recv:
+        out.append((torch.cat([dkpool[:, off:off + cnt], dvpool[:, off:off + cnt]], -1)
+                    .to(dtype).contiguous(), src))
+        off += cnt
+    b = dkf.shape[0]
+    bufs = [(torch.empty(b, rows.numel(), d + dvf.shape[-1], dtype=dtype, device=dkf.device),
+             dst) for dst, rows in sends.items()]
+    comm.exchange(out, bufs, group).wait()
+    for (t, _), rows in zip(bufs, sends.values()):
+        dkf.index_add_(1, rows, t[..., :d].to(dkf.dtype))
+        dvf.index_add_(1, rows, t[..., d:].to(dvf.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# autograd
+
+
+def _acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class _DilatedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, scale, group, backend):
+        b, l, hq, _ = q.shape
+        dv = v.shape[-1]
+        acc = _acc_dtype(q.dtype)
+        calls, sends = _device_plan(plan, q.device)
+        qf, kf, vf = (t.reshape(b, -1, t.shape[-1]) for t in (q, k, v))
+        kpool, vpool = _exchange_kv(kf, vf, plan, sends, group)
+        results = []
+        for call, qr, kr in calls:
+            qg, kg, vg = _operands(call, qr, kr, qf, kpool, vpool, q, k, v)
+            results.append(attention_forward(qg, kg, vg, scale=scale, causal=call.causal,
+                                             backend=backend))
+        out, lse = merge_calls(results, calls, b, l, hq, dv, acc)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = (plan, scale, group, backend)
+        return out.view(b, l, hq, dv), lse.view(b, l, hq).transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        plan, scale, group, backend = ctx.args
+        b, l, hq, d = q.shape
+        hkv, dv = k.shape[2], v.shape[-1]
+        acc = _acc_dtype(q.dtype)
+        calls, sends = _device_plan(plan, q.device)
+        qf, kf, vf = (t.reshape(b, -1, t.shape[-1]) for t in (q, k, v))
+        kpool, vpool = _exchange_kv(kf, vf, plan, sends, group)
+        dout = dout.contiguous().to(q.dtype)
+        doutf = dout.view(b, l * hq, dv)
+        if dlse is not None and not torch.any(dlse):
+            dlse = None
+        dlsef = None if dlse is None else dlse.transpose(1, 2).reshape(b, l * hq).to(acc)
+        dq = torch.zeros(b, l * hq, d, dtype=acc, device=q.device)
+        dkpool = torch.zeros(b, kpool.shape[1], d, dtype=acc, device=q.device)
+        dvpool = torch.zeros(b, kpool.shape[1], dv, dtype=acc, device=q.device)
+        for call, qr, kr in calls:
+            qg, kg, vg = _operands(call, qr, kr, qf, kpool, vpool, q, k, v)
+            if call.dense is not None:
+                s0, nseg, n = call.dense
+                sl = slice(s0, s0 + nseg * n)
+                og = out.view(b, l, hq, dv)[:, sl].reshape(b * nseg, n, hq, dv)
+                dog = dout[:, sl].reshape(b * nseg, n, hq, dv)
+                lg = _kernel_layout(call, b, lse.view(b, l, hq)[:, sl])
+                dlg = None if dlsef is None else _kernel_layout(
+                    call, b, dlsef.view(b, l, hq)[:, sl])
+            else:
+                nseg, nq, _, c, _ = call.shape
+                og = out[:, qr].view(b * nseg, nq, c, dv)
+                dog = doutf[:, qr].view(b * nseg, nq, c, dv)
+                lg = _kernel_layout(call, b, lse[:, qr])
+                dlg = None if dlsef is None else _kernel_layout(call, b, dlsef[:, qr])
+            dqg, dkg, dvg = attention_backward(dog, qg, kg, vg, og, lg, scale=scale,
+                                               causal=call.causal, dlse=dlg, backend=backend)
+            if call.dense is not None:
+                s0, nseg, n = call.dense
+                dq.view(b, l, hq, d)[:, s0:s0 + nseg * n] += dqg.reshape(b, nseg * n, hq, d)
+                dkpool[:, s0 * hkv:(s0 + nseg * n) * hkv] += dkg.reshape(b, -1, d)
+                dvpool[:, s0 * hkv:(s0 + nseg * n) * hkv] += dvg.reshape(b, -1, dv)
+            else:
+                dq.index_add_(1, qr, dqg.reshape(b, -1, d).to(acc))
+                dkpool.index_add_(1, kr, dkg.reshape(b, -1, d).to(acc))
+                dvpool.index_add_(1, kr, dvg.reshape(b, -1, dv).to(acc))
+        dkf = torch.zeros(b, l * hkv, d, dtype=acc, device=q.device)
+        dvf = torch.zeros(b, l * hkv, dv, dtype=acc, device=q.device)
+        _return_grads(dkpool, dvpool, dkf, dvf, plan, sends, group, q.dtype)
+        return (dq.view(b, l, hq, d).to(q.dtype), dkf.view(b, l, hkv, d).to(k.dtype),
+                dvf.view(b, l, hkv, dv).to(v.dtype), None, None, None, None)
+
+
+def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal=False, scale=None,
+                      group=None, return_lse=False, backend="auto"):
+    """LongNet dilated attention, forward and exact backward.
+
+    q ``[B, S, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]`` (``Hq % Hkv == 0``), any
+    ``S``. ``segment_lengths`` / ``dilation_rates``: the branches ``(w_i, r_i)``. Branch ``i``
+    cuts the sequence into segments ``[j*w_i, min((j+1)*w_i, S))``; query head ``h`` keeps
+    the rows at offset ``h mod r_i`` (stride ``r_i``) of each segment and attends densely
+    inside that sparsified segment (``is_causal``: causally, in sequence order). Branches are
+    mixed by their softmax denominators. Rows no branch keeps give ``out = 0``.
+
+    ``group``: ``None`` runs on this process alone. With a process group of ``n > 1`` ranks,
+    ``q/k/v`` are this rank's contiguous chunk (``S/n`` tokens, the same on every rank) of the
+    global sequence, and the result is this rank's chunk of the output.
+
+    Returns ``out [B, S, Hq, Dv]`` (and ``lse [B, Hq, S]``, float32 / float64 for float64
+    inputs, if ``return_lse``).
+    """
+    world, rank = _group_info(group)
+    err = None
+    try:
+        seg, rates, scale = _check_local(q, k, v, segment_lengths, dilation_rates, is_causal,
+                                         scale)
+    except (TypeError, ValueError) as e:
+        err = e
+    if world > 1:
+        # Every rank takes part in this one small all-gather before any real communication,
+        # so a bad call on some ranks raises on all of them instead of hanging.
+        if err is None:
+            sig = (1, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
+                   int(is_causal), zlib.crc32(repr((seg, rates, scale, str(q.dtype))).encode()))
+        else:
+            sig = (0,) + (0,) * 8
+        try:
+            check_same_across_ranks(
+                "dilated_attention arguments (ok, B, S_local, Hq, Hkv, D, Dv, causal, schedule)",
+                sig, group)
+        except ValueError:
+            if err is not None:
+                raise err from None
+            raise
+    if err is not None:
+        raise err
+    b, l, hq, _ = q.shape
+    plan = build_plan(l * world, l, rank, world, hq, k.shape[2], seg, rates, is_causal)
+    out, lse = _DilatedAttention.apply(q, k, v, plan, scale, group if world > 1 else None,
+                                       backend)
+    return (out, lse) if return_lse else out
+
+
+class DilatedAttention(torch.nn.Module):
+    """Module form of :func:`dilated_attention` (argument names of dilated-attention-pytorch).
+
+    ``forward(query, key, value, is_causal=False)`` with BSHD tensors. ``attention_dropout``
+    must be 0: dropout of attention probabilities has no exact equivalent on the lse kernels
+    used here (LongNet trains with dropout 0).
+    """
+
+    def __init__(self, segment_lengths, dilation_rates, softmax_scale=None,
+                 attention_dropout=0.0, group=None):
+        super().__init__()
+        self.segment_lengths, self.dilation_rates = check_schedule(segment_lengths,
+                                                                   dilation_rates)
+        if softmax_scale is not None:
+            check_scale(softmax_scale, 1)
+        if attention_dropout != 0.0:
+            raise ValueError(
+                f"attention_dropout must be 0.0 (exact kernels have no attention dropout), "
+                f"got {attention_dropout!r}"
+            )
+        self.softmax_scale = softmax_scale
+        self.attention_dropout = 0.0
+        self.group = group
+
+    def forward(self, query, key, value, is_causal=False):
+        return dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates,
+                                 is_causal=is_causal, scale=self.softmax_scale, group=self.group)
+
+    def extra_repr(self):
+        return (f"segment_lengths={list(self.segment_lengths)}, "
+                f"dilation_rates={list(self.dilation_rates)}")
