@@ -63,6 +63,8 @@ def register_backend(name: str, backend: Backend) -> None:
 
 def normalize_window(causal: bool, window) -> tuple[int, int]:
     """Fold ``causal`` into the window: causal means ``right = min(right, 0)``."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {causal!r}")
     left, right = check_window(window)
     if causal:
         right = 0 if right < 0 else min(right, 0)
@@ -70,6 +72,8 @@ def normalize_window(causal: bool, window) -> tuple[int, int]:
 
 
 def _pick(req: Request, backend: str) -> Backend:
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str (a name in BACKENDS or 'auto'), got {backend!r}")
     if backend != "auto":
         if backend not in BACKENDS:
             raise ValueError(
