@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Run packages' GPU benchmark scripts one after another on the device machine (no nox there):
 #   bash common/bench/run_gpu.sh hamilton ring_swa ...      (each capped at $CAP seconds)
-# Logs and results go to $OUT/<pkg>/ (or bench_out/<pkg>/).
+# Logs and results go to bench_out/<pkg>/; on the device machine they come back packed as
+# $OUT/results.tgz (the device tool returns at most 8 files).
 set -u
 cd "$(dirname "$0")/../.."
 export PYTHONPATH="$(ls -d */src | tr '\n' ':')${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
-base="${OUT:-bench_out}"
+base="bench_out"
 cap="${CAP:-240}"
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw --format=csv,noheader || true
 for pkg in "$@"; do
@@ -18,3 +19,4 @@ for pkg in "$@"; do
     | tee "$base/$pkg/log.txt" | tail -n 60
   echo "=== $pkg exit ${PIPESTATUS[0]}"
 done
+if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" "$base" && echo "packed $OUT/results.tgz"; fi
