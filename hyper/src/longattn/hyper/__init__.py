@@ -1,1 +1,22 @@
-"""longattn.hyper (placeholder until its issue lands)."""
+"""longattn.hyper: HyperAttention (Han et al., ICLR 2024) with Triton kernels.
+
+Sorted-LSH block-diagonal attention plus uniformly sampled columns, merged by the exact
+log-sum-exp rule, causal by recursion; gradients are those of the approximation computed.
+"""
+
+from longattn.hyper.api import HyperAttention, hyper_attention, pick_backend
+from longattn.hyper.lsh import gray_rank, lsh_rank
+from longattn.hyper.plan import Plan, make_plan
+from longattn.hyper.randomness import draw_projections, draw_sample_indices
+
+__all__ = [
+    "HyperAttention",
+    "Plan",
+    "draw_projections",
+    "draw_sample_indices",
+    "gray_rank",
+    "hyper_attention",
+    "lsh_rank",
+    "make_plan",
+    "pick_backend",
+]

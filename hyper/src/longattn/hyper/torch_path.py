@@ -1,0 +1,144 @@
+"""Pure-PyTorch HyperAttention (any device, any float dtype, float64 included).
+
+Written with ordinary differentiable torch ops, so autograd gives the exact gradients of the
+approximation actually computed -- through the ``n / m`` weights, the log-sum-exp merges and
+``lse`` (``d(lse)`` included). Sort orders and sample positions are integer and carry no
+gradient. Memory is O(rows * (window + samples)) per core call: meant for CPUs and tests; the
+Triton path is the fast one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from longattn.common.kernels import attention
+from longattn.common.merge import merge_partials
+from longattn.hyper.lsh import sort_rows
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def window_start(i: torch.Tensor, nk: int, block_size: int, smooth: bool) -> torch.Tensor:
+    """First sorted key of sorted query ``i``'s window of ``block_size`` keys.
+
+    Block diagonal: ``(i // bs) * bs``. Smooth: a band centred on the row, shifted inwards at
+    the ends, ``clip(i - bs // 2, 0, max(nk - bs, 0))``. The window is ``[start, start + bs)``
+    cut at ``nk`` (a short tail block has fewer keys; nothing is padded).
+    """
+    if smooth:
+        return (i - block_size // 2).clamp(min=0, max=max(nk - block_size, 0))
+    return torch.div(i, block_size, rounding_mode="floor") * block_size
+
+
+def _gather_rows(x, perm):
+    """x [B, S, H, D], perm [B, H, S'] -> [B, H, S', D] (x's rows in perm order)."""
+    xt = x.transpose(1, 2)
+    return xt.gather(2, perm.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+
+
+def core(qc, kc, vc, rq, rk, samples, *, scale, block_size, smooth):
+    """One core call: sorted block-diagonal (or banded) attention plus sampled columns.
+
+    ``qc [B, nq, Hq, D]``, ``kc [B, nk, Hkv, D]``, ``vc [B, nk, Hkv, Dv]``; ranks ``rq [B, Hq,
+    nq]``, ``rk [B, Hkv, nk]``; ``samples [B, Hkv, m]`` sorted key positions or None.
+    Returns ``out [B, nq, Hq, Dv]`` and ``lse [B, Hq, nq]`` in the accumulation dtype.
+    """
+    acc = _acc(qc.dtype)
+    b, nq, hq, d = qc.shape
+    nk, hkv, dv = kc.shape[1], kc.shape[2], vc.shape[3]
+    g = hq // hkv
+    dev = qc.device
+    pq, pk = sort_rows(rq), sort_rows(rk)
+    qs = _gather_rows(qc.to(acc), pq).view(b, hkv, g, nq, d)
+    ks, vs = _gather_rows(kc.to(acc), pk), _gather_rows(vc.to(acc), pk)  # [B, Hkv, nk, D]
+
+    # window part: query tiles of block_size rows; each tile's keys start at its first row's
+    # window and span at most 2 * block_size - 1 keys (smooth) or block_size (blocks)
+    bs = block_size
+    nt = -(-nq // bs)
+    width = min(2 * bs if smooth else bs, nk)
+    i = torch.arange(nt * bs, device=dev)
+    start = window_start(i, nk, bs, smooth)  # [nt * bs]
+    kidx = start[::bs, None] + torch.arange(width, device=dev)  # [nt, width]
+    st = start.view(nt, bs, 1)
+    vis = (kidx[:, None, :] >= st) & (kidx[:, None, :] < st + bs) & (kidx[:, None, :] < nk)
+    vis &= (i < nq).view(nt, bs, 1)
+    kc_ = kidx.clamp(max=nk - 1).reshape(-1)
+    kw = ks[:, :, kc_].view(b, hkv, nt, width, d)
+    vw = vs[:, :, kc_].view(b, hkv, nt, width, dv)
+    qp = torch.nn.functional.pad(qs, (0, 0, 0, nt * bs - nq)).view(b, hkv, g, nt, bs, d)
+    sw = torch.einsum("bhgtrd,bhtwd->bhgtrw", qp, kw) * scale
+    sw = torch.where(vis, sw, float("-inf")).reshape(b, hkv, g, nt * bs, width)[..., :nq, :]
+
+    ss = None
+    if samples is not None and samples.shape[-1] > 0:
+        m = samples.shape[-1]
+        sidx = samples.to(device=dev, dtype=torch.int64)
+        k_s = ks.gather(2, sidx.unsqueeze(-1).expand(-1, -1, -1, d))  # [B, Hkv, m, D]
+        v_s = vs.gather(2, sidx.unsqueeze(-1).expand(-1, -1, -1, dv))
+        ss = torch.einsum("bhgid,bhmd->bhgim", qs, k_s) * scale + math.log(nk / m)
+        st_q = start[:nq].view(1, 1, nq, 1)
+        inwin = (sidx[:, :, None, :] >= st_q) & (sidx[:, :, None, :] < st_q + bs)
+        ss = torch.where(inwin.unsqueeze(2), float("-inf"), ss)
+
+    # one softmax over window keys and (weighted) samples; the max is a constant shift
+    mx = sw.amax(-1)
+    if ss is not None:
+        mx = torch.maximum(mx, ss.amax(-1))
+    mx = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx).detach().unsqueeze(-1)
+    pw = torch.exp(sw - mx)
+    den = pw.sum(-1, keepdim=True)
+    pwt = torch.nn.functional.pad(pw, (0, 0, 0, nt * bs - nq)).view(b, hkv, g, nt, bs, width)
+    o = torch.einsum("bhgtrw,bhtwd->bhgtrd", pwt, vw).reshape(b, hkv, g, nt * bs, dv)[..., :nq, :]
+    if ss is not None:
+        ps = torch.exp(ss - mx)
+        den = den + ps.sum(-1, keepdim=True)
+        o = o + torch.einsum("bhgim,bhmd->bhgid", ps, v_s)
+    alive = den > 0
+    den1 = torch.where(alive, den, torch.ones_like(den))
+    o = torch.where(alive, o / den1, torch.zeros_like(o))
+    lse = torch.where(alive, mx + torch.log(den1), torch.full_like(den, float("-inf")))[..., 0]
+
+    # back to the original row order
+    inv = torch.argsort(pq, dim=-1)
+    o = o.reshape(b, hq, nq, dv).gather(2, inv.unsqueeze(-1).expand(-1, -1, -1, dv))
+    lse = lse.reshape(b, hq, nq).gather(2, inv)
+    return o.transpose(1, 2), lse
+
+
+def hyper_torch(q, k, v, rq, rk, samples, plan, *, scale, block_size, smooth, causal):
+    """Assemble the plan: exact leaves, core calls, merges. Returns ``(out, lse)``, out in the
+    accumulation dtype. ``rq``/``rk`` are the ranks of all rows; ``samples [n_calls, B, Hkv, m]``
+    or None."""
+    if plan.exact:
+        out, lse = attention(q, k, v, scale=scale, causal=False, return_lse=True)
+        return out.to(_acc(q.dtype)), lse
+
+    def call(c):
+        q0, nq, k0, nk = plan.calls[c]
+        s = None if samples is None else samples[c]
+        return core(q[:, q0:q0 + nq], k[:, k0:k0 + nk], v[:, k0:k0 + nk], rq[..., q0:q0 + nq],
+                    rk[..., k0:k0 + nk], s, scale=scale, block_size=block_size, smooth=smooth)
+
+    if not causal:
+        return call(0)
+    ids = {c: i for i, c in enumerate(plan.calls)}
+    leaf = {a: n for a, n in plan.leaves}
+
+    def rec(a, n):
+        if leaf.get(a) == n:
+            o, lse = attention(q[:, a:a + n], k[:, a:a + n], v[:, a:a + n], scale=scale,
+                               causal=True, return_lse=True)
+            return o.to(_acc(q.dtype)), lse
+        n1 = n - n // 2
+        o1, l1 = rec(a, n1)
+        o2, l2 = rec(a + n1, n // 2)
+        oc, lc = call(ids[(a + n1, n // 2, a, n1)])
+        o2, l2 = merge_partials(o2, l2, oc, lc)
+        return torch.cat([o1, o2], 1), torch.cat([l1, l2], 2)
+
+    return rec(0, q.shape[1])
