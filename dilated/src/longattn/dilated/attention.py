@@ -178,18 +178,24 @@ def merge_calls(results, calls, b, l, h, dv, acc):
 
 
 def _exchange_kv(kf, vf, plan, sends, group):
-    """Send the sparsified K/V rows others need; return the pools ``[B, M, D]`` / ``[B, M, Dv]``
-    (local rows first, then the received rows in ``plan.recv`` order)."""
+    """Send the sparsified K/V rows others need; return the received rows ``[B, M - l*Hkv,
+    D + Dv]`` (K and V side by side, in ``plan.recv`` order), or None if nothing moves."""
     if not plan.recv and not sends:
-        return kf, vf
+        return None
     b, d = kf.shape[0], kf.shape[-1]
     out = [(torch.cat([kf[:, rows], vf[:, rows]], -1).contiguous(), dst)
            for dst, rows in sends.items()]
     bufs = [(kf.new_empty(b, cnt, d + vf.shape[-1]), src) for src, cnt in plan.recv]
     comm.exchange(out, bufs, group).wait()
-    kpool = torch.cat([kf] + [t[..., :d] for t, _ in bufs], 1)
-    vpool = torch.cat([vf] + [t[..., d:] for t, _ in bufs], 1)
-    return kpool, vpool
+    return torch.cat([t for t, _ in bufs], 1) if bufs else None
+
+
+def _pools(kf, vf, recv):
+    """Key / value pools: local rows, then the received ones."""
+    if recv is None:
+        return kf, vf
+    d = kf.shape[-1]
+    return torch.cat([kf, recv[..., :d]], 1), torch.cat([vf, recv[..., d:]], 1)
 
 
 def _return_grads(dkpool, dvpool, dkf, dvf, plan, sends, group, dtype):
@@ -231,7 +237,8 @@ class _DilatedAttention(torch.autograd.Function):
         acc = _acc_dtype(q.dtype)
         calls, sends = _device_plan(plan, q.device)
         qf, kf, vf = (t.reshape(b, -1, t.shape[-1]) for t in (q, k, v))
-        kpool, vpool = _exchange_kv(kf, vf, plan, sends, group)
+        recv = _exchange_kv(kf, vf, plan, sends, group)
+        kpool, vpool = _pools(kf, vf, recv)
         results = []
         for call, qr, kr in calls:
             qg, kg, vg = _operands(call, qr, kr, qf, kpool, vpool, q, k, v)
@@ -239,20 +246,20 @@ class _DilatedAttention(torch.autograd.Function):
                                              backend=backend))
         out, lse = merge_calls(results, calls, b, l, hq, dv, acc)
         out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_backward(q, k, v, out, lse, recv)
         ctx.args = (plan, scale, group, backend)
         return out.view(b, l, hq, dv), lse.view(b, l, hq).transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, recv = ctx.saved_tensors
         plan, scale, group, backend = ctx.args
         b, l, hq, d = q.shape
         hkv, dv = k.shape[2], v.shape[-1]
         acc = _acc_dtype(q.dtype)
         calls, sends = _device_plan(plan, q.device)
         qf, kf, vf = (t.reshape(b, -1, t.shape[-1]) for t in (q, k, v))
-        kpool, vpool = _exchange_kv(kf, vf, plan, sends, group)
+        kpool, vpool = _pools(kf, vf, recv)  # the received rows were kept from the forward
         dout = dout.contiguous().to(q.dtype)
         doutf = dout.view(b, l * hq, dv)
         if dlse is not None and not torch.any(dlse):

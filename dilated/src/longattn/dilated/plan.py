@@ -102,11 +102,13 @@ def _needed_rows(S, l, dst, src, w, r, hq, hkv, causal):
     groups = _head_groups(hq, hkv, r)
     segs = _segments(a, b, S, w, causal)
     rows = []
-    for s0, _, _, klo, khi in {segs[0], segs[-1]}:  # only edge segments reach other ranks
+    for s0, qlo, qhi, klo, khi in {segs[0], segs[-1]}:  # only edge segments reach others
         lo, hi = max(klo, a2), min(khi, b2)
         if lo >= hi:
             continue
         for o, (_, kvs, _) in groups.items():
+            if _positions(qlo - s0, qhi - s0, r, o).size == 0:
+                continue  # dst keeps no query of this offset here: it needs none of its keys
             p = s0 + _positions(lo - s0, hi - s0, r, o)
             u = np.unique(kvs)
             rows.append(((p - a2)[:, None] * hkv + u[None, :]).ravel())

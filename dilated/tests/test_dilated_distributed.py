@@ -1,0 +1,149 @@
+"""Distributed dilated attention (LongNet section 3.1) on gloo worlds of 1..8 ranks.
+
+One 8-rank world serves every world size n through the subgroup of ranks 0..n-1 (so group
+ranks and global ranks are both exercised, and only one world has to start). Each case checks
+forward and backward against the single-process result and counts the bytes exchanged: the
+forward receives exactly the sparsified K/V of the other ranks its segments need (computed
+here independently, from the oracle's per-branch masks), and the backward sends exactly that
+much back.
+"""
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from longattn.common import comm
+from longattn.common.testing import rel_error, run_world
+from longattn.dilated import dilated_attention
+from longattn.reference.dilated import dilated_masks
+
+_GROUPS = {}
+
+
+def _subgroup(n):
+    """Group of ranks 0..n-1; every rank of the world must call this in the same order."""
+    if n not in _GROUPS:
+        _GROUPS[n] = dist.new_group(list(range(n)))
+    return _GROUPS[n]
+
+
+def _expected_bytes(rank, n, l, hq, hkv, seg, rates, causal, b, d, dv, itemsize):
+    """Bytes of the sparsified K/V rows (position, kv head) outside this rank's chunk that its
+    queries attend to, per branch (one copy per branch, as section 3.1 all-gathers per branch)."""
+    s = n * l
+    m = dilated_masks(s, hq, seg, rates, causal=causal)  # [nb, H, S, S]
+    lo, hi = rank * l, rank * l + l
+    total = 0
+    g = hq // hkv
+    for mb in m:
+        need = set()
+        for h in range(hq):
+            js = np.nonzero(mb[h, lo:hi].any(axis=0))[0]
+            need |= {(j, h // g) for j in js if not lo <= j < hi}
+        total += len(need)
+    return total * b * (d + dv) * itemsize
+
+
+# (segments, rates, l, Hq, Hkv): aligned powers of two, misaligned, and longer than S
+CASES = [
+    ((4, 16, 32), (1, 2, 4), 8, 4, 4),
+    ((3, 10, 24), (1, 2, 3), 7, 6, 2),     # GQA 3 with r = 2: uneven kv groups
+    ((2, 6, 100), (1, 3, 4), 5, 4, 1),
+    ((8, 16), (2, 4), 6, 3, 3),             # no r = 1: uncovered rows
+]
+
+
+def _run_cases(rank, world, sizes):
+    out = []
+    for n in sizes:
+        group = _subgroup(n)
+        if rank >= n:
+            continue
+        for ci, (seg, rates, l, hq, hkv) in enumerate(CASES):
+            for causal in (False, True):
+                b, d, dv = 2, 4, 3
+                gen = torch.Generator().manual_seed(1000 * n + 10 * ci + causal)
+                s = n * l
+                mk = lambda *sh: torch.randn(*sh, generator=gen, dtype=torch.float64)  # noqa
+                q, k, v, dout = mk(b, s, hq, d), mk(b, s, hkv, d), mk(b, s, hkv, dv), mk(
+                    b, s, hq, dv)
+                full = [t.clone().requires_grad_() for t in (q, k, v)]
+                o = dilated_attention(*full, seg, rates, is_causal=causal)
+                (o * dout).sum().backward()
+                sl = slice(rank * l, rank * l + l)
+                loc = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
+                with comm.counting() as cf:
+                    ol, lse = dilated_attention(*loc, seg, rates, is_causal=causal, group=group,
+                                                return_lse=True)
+                with comm.counting() as cb:
+                    (ol * dout[:, sl]).sum().backward()
+                _, lse_full = dilated_attention(q, k, v, seg, rates, is_causal=causal,
+                                                return_lse=True)
+                errs = [rel_error(ol, o[:, sl]), rel_error(lse, lse_full[:, :, sl])]
+                errs += [rel_error(a.grad, f.grad[:, sl]) for a, f in zip(loc, full)]
+                want = _expected_bytes(rank, n, l, hq, hkv, seg, rates, causal, b, d, dv, 8)
+                out.append(dict(n=n, case=ci, causal=causal, err=max(errs), want=want,
+                                fwd_recv=cf.bytes_received, fwd_sent=cf.bytes_sent,
+                                bwd_sent=cb.bytes_sent, bwd_recv=cb.bytes_received))
+    return out
+
+
+def test_distributed_equals_single_process_worlds_1_to_8():
+    res = run_world(8, _run_cases, list(range(1, 9)), timeout=240)
+    rows = [r for per_rank in res for r in per_rank]
+    assert len(rows) == sum(n for n in range(1, 9)) * len(CASES) * 2
+    worst = max(r["err"] for r in rows)
+    assert worst <= 1e-10, worst
+    for r in rows:
+        assert r["fwd_recv"] == r["want"], r
+        assert r["bwd_sent"] == r["want"], r  # gradients of exactly those rows go back
+    for n in range(1, 9):
+        for ci in range(len(CASES)):
+            for causal in (False, True):
+                sel = [r for r in rows if (r["n"], r["case"], r["causal"]) == (n, ci, causal)]
+                assert sum(r["fwd_sent"] for r in sel) == sum(r["fwd_recv"] for r in sel)
+                assert sum(r["bwd_recv"] for r in sel) == sum(r["bwd_sent"] for r in sel)
+                if n == 1:
+                    assert sel[0]["fwd_recv"] == 0
+    # the long branches do communicate
+    assert any(r["fwd_recv"] > 0 for r in rows)
+
+
+def _bad_calls(rank, world):
+    """Calls that are wrong on some ranks only: every rank must raise, none may hang."""
+    group = _subgroup(world)
+    msgs = []
+    good = torch.zeros(1, 6, 2, 4, dtype=torch.float64)
+    bad_cases = [
+        # rank 1 has a different local length
+        lambda: (torch.zeros(1, 7 if rank == 1 else 6, 2, 4, dtype=torch.float64),) * 3,
+        # rank 2 passes float32 k
+        lambda: (good, good.float() if rank == 2 else good, good),
+        # every rank passes mismatched heads
+        lambda: (good, torch.zeros(1, 6, 3, 4, dtype=torch.float64),
+                 torch.zeros(1, 6, 3, 4, dtype=torch.float64)),
+    ]
+    for make in bad_cases:
+        q, k, v = make()
+        try:
+            dilated_attention(q, k, v, [4, 12], [1, 2], is_causal=True, group=group)
+            msgs.append(None)
+        except (ValueError, TypeError) as e:
+            msgs.append(f"{type(e).__name__}: {e}")
+    # and a different schedule on rank 0
+    try:
+        dilated_attention(good, good, good, [4, 12] if rank else [4, 24], [1, 2], group=group)
+        msgs.append(None)
+    except ValueError as e:
+        msgs.append(f"ValueError: {e}")
+    return msgs
+
+
+def test_bad_call_raises_on_every_rank():
+    res = run_world(8, _bad_calls, timeout=60)
+    for msgs in res:
+        assert all(m is not None for m in msgs), msgs
+    assert "must be the same on every rank" in res[0][0]
+    assert "dtype" in res[2][1] and "same on every rank" in res[0][1]
+    assert all("heads" in r[2] for r in res)
+    assert all("same on every rank" in r[3] for r in res)
