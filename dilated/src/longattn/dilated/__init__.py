@@ -2,5 +2,24 @@
 the LongNet models, and the distributed (sequence-parallel) version of section 3.1."""
 
 from longattn.dilated.attention import DilatedAttention, check_schedule, dilated_attention
+from longattn.dilated.model import (
+    DilatedTransformerDecoderLayer,
+    DilatedTransformerEncoderLayer,
+    LongNet,
+    LongNetLM,
+    MultiheadDilatedAttention,
+)
+from longattn.dilated.position import apply_rotary, apply_xpos
 
-__all__ = ["DilatedAttention", "check_schedule", "dilated_attention"]
+__all__ = [
+    "DilatedAttention",
+    "DilatedTransformerDecoderLayer",
+    "DilatedTransformerEncoderLayer",
+    "LongNet",
+    "LongNetLM",
+    "MultiheadDilatedAttention",
+    "apply_rotary",
+    "apply_xpos",
+    "check_schedule",
+    "dilated_attention",
+]
