@@ -118,7 +118,8 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, lsh_num_projs=8, block
         from longattn.hyper.triton_path import hyper_triton
 
         out, lse = hyper_triton(q, k, v, rq, rk, sample_indices, plan, scale=scale,
-                                block_size=block_size, smooth=smooth_block, causal=causal)
+                                block_size=block_size, smooth=smooth_block, causal=causal,
+                                r_bits=projections.shape[1])
     else:
         out, lse = hyper_torch(q, k, v, rq, rk, sample_indices, plan, scale=scale,
                                block_size=block_size, smooth=smooth_block, causal=causal)

@@ -1,0 +1,359 @@
+"""Triton kernels of one recursion level: all core calls of the level in one launch each.
+
+Every kernel reads q/k/v *through the sort permutations* (nothing is materialised in sorted
+order) and works on many core calls ("problems") at once; a problem ``p`` has queries
+``[q0, q0 + nq)`` and keys ``[k0, k0 + nk)``, and ``PQ[b, h, q0 + i]`` is the row of its
+``i``-th sorted query (``PK`` likewise for keys). Sorted query ``i`` sees the sorted keys
+``[start(i), min(start(i) + BS, nk))`` (see ``window_start`` in :mod:`torch_path`) plus the
+``M`` sampled sorted key positions ``SAMP[p, b, hkv]`` that lie outside that window, each with
+weight ``nk / M``. Scores are kept in base 2 (``scale * log2(e)``).
+
+* :func:`_fwd`: one program per (tile of ``BLOCK_M`` sorted queries, batch * q head). One
+  online softmax over the window keys and then the samples; it starts from the running
+  ``(O, L)`` of earlier parts (``HAS_INIT``) and writes the merged result back in place (the
+  rows of one level's problems are disjoint).
+* :func:`_bwd_dq`: same grid; ``dq += scale * sum_j dS_ij k_j`` with ``P`` recomputed from the
+  *final* lse and ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O) - dlse`` (the d(lse)
+  term).
+* :func:`_bwd_dkdv`: one program per (tile of ``BLOCK_N`` sorted keys, batch * kv head); loops
+  over the query heads of the GQA group and the (contiguous) range of sorted queries whose
+  window holds a key of the tile -- the exact transpose of the forward's window rule, for the
+  block diagonal and for the smooth band alike.
+* :func:`_bwd_samples`: one program per (chunk of sorted queries of a problem, tile of samples,
+  batch * kv head); writes per-sample partial dk/dv, which the caller sums over chunks and
+  scatters (duplicates add up) into dk/dv.
+"""
+
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+
+
+def _configs(pairs):
+    if INTERPRET:
+        return [triton.Config({"BLOCK_INNER": 16}, num_warps=1, num_stages=1)]
+    return [triton.Config({"BLOCK_INNER": b}, num_warps=w, num_stages=s) for b, w, s in pairs]
+
+
+# (inner tile, warps, stages): FlashAttention-2-like choices for head_dim <= 128 on Hopper
+_FWD = _configs([(64, 4, 3), (128, 8, 3), (64, 8, 2), (128, 4, 2), (32, 4, 3)])
+_DKDV = _configs([(32, 4, 3), (64, 4, 2), (64, 8, 3), (32, 8, 2)])
+_KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SMOOTH", "TUNE_ROWS"]
+
+
+@triton.jit
+def _start(i, nk, BS, SMOOTH: tl.constexpr):
+    """First sorted key of sorted query i's window (elementwise or scalar)."""
+    if SMOOTH:
+        return tl.minimum(tl.maximum(i - BS // 2, 0), tl.maximum(nk - BS, 0))
+    else:
+        return (i // BS) * BS
+
+
+@triton.jit
+def _problem(TP, TI, PQ0, PNQ, PK0, PNK, pid):
+    p = tl.load(TP + pid)
+    return p, tl.load(TI + pid), tl.load(PQ0 + p), tl.load(PNQ + p), tl.load(PK0 + p), \
+        tl.load(PNK + p)
+
+
+@triton.autotune(configs=_FWD, key=_KEY, restore_value=["O", "L"])
+@triton.jit
+def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
+         sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
+         B, HQ, HKV, SQ, SK, M, D, DV, BS, qk_scale, TUNE_ROWS,
+         HAS_INIT: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
+         BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+         BLOCK_INNER: tl.constexpr, PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    hk = h // (HQ // HKV)
+    p, i0, q0, nq, k0, nk = _problem(TP, TI, PQ0, PNQ, PK0, PNK, pid)
+    offs_i = i0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_i < nq
+    rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=row_ok, other=0)
+    rows = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b.to(tl.int64) * sqb + rows[:, None] * sqs + h * sqh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    st = _start(offs_i, nk, BS, SMOOTH)
+    lo = _start(i0, nk, BS, SMOOTH)
+    hi = tl.minimum(_start(tl.minimum(i0 + BLOCK_M, nq) - 1, nk, BS, SMOOTH) + BS, nk)
+
+    o_ptr = O + b.to(tl.int64) * sob + rows[:, None] * sos + h * soh + offs_dv[None, :]
+    o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
+    l_ptr = L + (b * HQ + h).to(tl.int64) * SQ + rows
+    if HAS_INIT:
+        m_i = tl.load(l_ptr, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
+        acc = tl.load(o_ptr, mask=o_mask, other=0.0)
+    else:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+
+    kbase = PK + (b * HKV + hk).to(tl.int64) * SK + k0
+    k_head = K + b.to(tl.int64) * skb + hk * skh
+    v_head = V + b.to(tl.int64) * svb + hk * svh
+    # window keys
+    for j0 in range(lo, hi, BLOCK_INNER):
+        offs_j = j0 + tl.arange(0, BLOCK_INNER)
+        j_ok = offs_j < hi
+        kr = tl.load(kbase + offs_j, mask=j_ok, other=0).to(tl.int64)
+        k = tl.load(k_head + kr[:, None] * sks + offs_d[None, :],
+                    mask=j_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_head + kr[:, None] * svs + offs_dv[None, :],
+                    mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        vis = (j_ok[None, :] & (offs_j[None, :] >= st[:, None])
+               & (offs_j[None, :] < st[:, None] + BS))
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    # sampled columns, weight nk / M, the ones inside the row's window dropped
+    logw = tl.log2(nk.to(tl.float32)) - tl.log2(M * 1.0)
+    sbase = SAMP + ((p * B + b) * HKV + hk).to(tl.int64) * M
+    for s0 in range(0, M, BLOCK_INNER):
+        offs_s = s0 + tl.arange(0, BLOCK_INNER)
+        s_ok = offs_s < M
+        sp = tl.load(sbase + offs_s, mask=s_ok, other=0)
+        kr = tl.load(kbase + sp, mask=s_ok, other=0).to(tl.int64)
+        k = tl.load(k_head + kr[:, None] * sks + offs_d[None, :],
+                    mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        v = tl.load(v_head + kr[:, None] * svs + offs_dv[None, :],
+                    mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + logw
+        vis = s_ok[None, :] & ((sp[None, :] < st[:, None]) | (sp[None, :] >= st[:, None] + BS))
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        pr = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    alive = l_i > 0
+    l_safe = tl.where(alive, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(alive, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(o_ptr, out, mask=o_mask)
+    tl.store(l_ptr, lse, mask=row_ok)
+
+
+@triton.jit
+def _dq_part(q, do, lse2, delta, dq, st, k_head, v_head, kr, offs_j, j_ok, in_win: tl.constexpr,
+             bias, sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale, PREC: tl.constexpr):
+    k = tl.load(k_head + kr[:, None] * sks + offs_d[None, :],
+                mask=j_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(v_head + kr[:, None] * svs + offs_dv[None, :],
+                mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias
+    inside = (offs_j[None, :] >= st[:, None]) & (offs_j[None, :] < st[:, None] + BS)
+    if in_win:
+        vis = j_ok[None, :] & inside
+    else:
+        vis = j_ok[None, :] & ~inside
+    pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = pr * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.autotune(configs=_FWD, key=_KEY, restore_value=["DQ"])
+@triton.jit
+def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
+            sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh,
+            B, HQ, HKV, SQ, SK, M, D, DV, BS, qk_scale, TUNE_ROWS,
+            SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_INNER: tl.constexpr,
+            PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    hk = h // (HQ // HKV)
+    p, i0, q0, nq, k0, nk = _problem(TP, TI, PQ0, PNQ, PK0, PNK, pid)
+    offs_i = i0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_i < nq
+    rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=row_ok, other=0)
+    rows = rows.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b.to(tl.int64) * sqb + rows[:, None] * sqs + h * sqh + offs_d[None, :],
+                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + rows[:, None] * sds + h * sdh + offs_dv[None, :],
+                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lrow = (b * HQ + h).to(tl.int64) * SQ + rows
+    lse = tl.load(L + lrow, mask=row_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + lrow, mask=row_ok, other=0.0)
+    st = _start(offs_i, nk, BS, SMOOTH)
+    lo = _start(i0, nk, BS, SMOOTH)
+    hi = tl.minimum(_start(tl.minimum(i0 + BLOCK_M, nq) - 1, nk, BS, SMOOTH) + BS, nk)
+    kbase = PK + (b * HKV + hk).to(tl.int64) * SK + k0
+    k_head = K + b.to(tl.int64) * skb + hk * skh
+    v_head = V + b.to(tl.int64) * svb + hk * svh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for j0 in range(lo, hi, BLOCK_INNER):
+        offs_j = j0 + tl.arange(0, BLOCK_INNER)
+        j_ok = offs_j < hi
+        kr = tl.load(kbase + offs_j, mask=j_ok, other=0).to(tl.int64)
+        dq = _dq_part(q, do, lse2, delta, dq, st, k_head, v_head, kr, offs_j, j_ok, True, 0.0,
+                      sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale, PREC)
+    logw = tl.log2(nk.to(tl.float32)) - tl.log2(M * 1.0)
+    sbase = SAMP + ((p * B + b) * HKV + hk).to(tl.int64) * M
+    for s0 in range(0, M, BLOCK_INNER):
+        offs_s = s0 + tl.arange(0, BLOCK_INNER)
+        s_ok = offs_s < M
+        sp = tl.load(sbase + offs_s, mask=s_ok, other=0)
+        kr = tl.load(kbase + sp, mask=s_ok, other=0).to(tl.int64)
+        dq = _dq_part(q, do, lse2, delta, dq, st, k_head, v_head, kr, sp, s_ok, False, logw,
+                      sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale, PREC)
+    # qk_scale = scale * log2(e) was used for the scores; dq needs the plain scale
+    dq = dq * (qk_scale * 0.6931471805599453)
+    g_ptr = DQ + b.to(tl.int64) * sgb + rows[:, None] * sgs + h * sgh + offs_d[None, :]
+    g_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    tl.store(g_ptr, tl.load(g_ptr, mask=g_mask, other=0.0) + dq, mask=g_mask)
+
+
+@triton.jit
+def _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, i_hi, offs_j, j_ok,
+             in_win: tl.constexpr, bias, nk, sqb, sqs, sqh, sdb, sds, sdh, HQ, SQ, D, DV, BS,
+             qk_scale, SMOOTH: tl.constexpr, BLOCK_INNER: tl.constexpr, BLOCK_D: tl.constexpr,
+             BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+    """Add one tile of sorted queries [i_start, i_start + BLOCK_INNER) to dk/dv of the keys at
+    sorted positions offs_j (window keys, or samples when not in_win)."""
+    offs_i = i_start + tl.arange(0, BLOCK_INNER)
+    i_ok = (offs_i < i_hi) & (offs_i < nq)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=i_ok, other=0)
+    rows = rows.to(tl.int64)
+    q = tl.load(Q + b.to(tl.int64) * sqb + rows[:, None] * sqs + h * sqh + offs_d[None, :],
+                mask=i_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + rows[:, None] * sds + h * sdh + offs_dv[None, :],
+                 mask=i_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    lrow = (b * HQ + h).to(tl.int64) * SQ + rows
+    lse = tl.load(L + lrow, mask=i_ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    delta = tl.load(DELTA + lrow, mask=i_ok, other=0.0)
+    st = _start(offs_i, nk, BS, SMOOTH)
+    inside = (offs_j[None, :] >= st[:, None]) & (offs_j[None, :] < st[:, None] + BS)
+    if in_win:
+        vis = i_ok[:, None] & j_ok[None, :] & inside
+    else:
+        vis = i_ok[:, None] & j_ok[None, :] & ~inside
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias  # [I, J]
+    pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+    dv = dv + tl.dot(tl.trans(pr).to(do.dtype), do, input_precision=PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds = pr * (dp - delta[:, None])
+    dk = dk + tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    return dk, dv
+
+
+@triton.autotune(configs=_DKDV, key=_KEY, restore_value=["DK", "DV"])
+@triton.jit
+def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV_, PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK,
+              sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh,
+              sgb, sgs, sgh, shb, shs, shh,
+              B, HQ, HKV, SQ, SK, D, DV, BS, qk_scale, TUNE_ROWS,
+              SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_INNER: tl.constexpr,
+              PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    hk = bh % HKV
+    g = HQ // HKV
+    p, j0, q0, nq, k0, nk = _problem(TP, TI, PQ0, PNQ, PK0, PNK, pid)
+    offs_j = j0 + tl.arange(0, BLOCK_N)
+    j_ok = offs_j < nk
+    kr = tl.load(PK + (b * HKV + hk).to(tl.int64) * SK + k0 + offs_j, mask=j_ok, other=0)
+    kr = kr.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + b.to(tl.int64) * skb + kr[:, None] * sks + hk * skh + offs_d[None, :],
+                mask=j_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + kr[:, None] * svs + hk * svh + offs_dv[None, :],
+                mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    # the sorted queries whose window holds a key of [j0, j1): a contiguous range
+    j1 = tl.minimum(j0 + BLOCK_N, nk)
+    if SMOOTH:
+        i_lo = tl.where(j0 - BS < 0, 0, j0 - BS + BS // 2 + 1)
+        i_hi = tl.where(j1 - 1 >= tl.maximum(nk - BS, 0), nq, tl.minimum(j1 + BS // 2, nq))
+    else:
+        i_lo = (j0 // BS) * BS
+        i_hi = tl.minimum(((j1 - 1) // BS + 1) * BS, nq)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for gi in range(0, g):
+        h = hk * g + gi
+        for i_start in range(i_lo, i_hi, BLOCK_INNER):
+            dk, dv = _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, i_hi,
+                              offs_j, j_ok, True, 0.0, nk, sqb, sqs, sqh, sdb, sds, sdh, HQ, SQ,
+                              D, DV, BS, qk_scale, SMOOTH, BLOCK_INNER, BLOCK_D, BLOCK_DV, PREC)
+    dk = dk * (qk_scale * 0.6931471805599453)
+    gk = DK + b.to(tl.int64) * sgb + kr[:, None] * sgs + hk * sgh + offs_d[None, :]
+    mk = j_ok[:, None] & (offs_d[None, :] < D)
+    tl.store(gk, tl.load(gk, mask=mk, other=0.0) + dk, mask=mk)
+    gv = DV_ + b.to(tl.int64) * shb + kr[:, None] * shs + hk * shh + offs_dv[None, :]
+    mv = j_ok[:, None] & (offs_dv[None, :] < DV)
+    tl.store(gv, tl.load(gv, mask=mv, other=0.0) + dv, mask=mv)
+
+
+@triton.autotune(configs=_DKDV, key=_KEY)
+@triton.jit
+def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
+                 sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh,
+                 B, HQ, HKV, SQ, SK, M, D, DV, BS, qk_scale, TUNE_ROWS, CHUNK,
+                 SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_INNER: tl.constexpr,
+                 PREC: tl.constexpr):
+    pid = tl.program_id(0)
+    st_id = tl.program_id(1)
+    bh = tl.program_id(2)
+    b = bh // HKV
+    hk = bh % HKV
+    g = HQ // HKV
+    p, c0, q0, nq, k0, nk = _problem(TP, TI, PQ0, PNQ, PK0, PNK, pid)
+    offs_s = st_id * BLOCK_N + tl.arange(0, BLOCK_N)
+    s_ok = offs_s < M
+    sp = tl.load(SAMP + ((p * B + b) * HKV + hk).to(tl.int64) * M + offs_s, mask=s_ok, other=0)
+    kr = tl.load(PK + (b * HKV + hk).to(tl.int64) * SK + k0 + sp, mask=s_ok, other=0)
+    kr = kr.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = tl.load(K + b.to(tl.int64) * skb + kr[:, None] * sks + hk * skh + offs_d[None, :],
+                mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    v = tl.load(V + b.to(tl.int64) * svb + kr[:, None] * svs + hk * svh + offs_dv[None, :],
+                mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    logw = tl.log2(nk.to(tl.float32)) - tl.log2(M * 1.0)
+    c1 = tl.minimum(c0 + CHUNK, nq)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    for gi in range(0, g):
+        h = hk * g + gi
+        for i_start in range(c0, c1, BLOCK_INNER):
+            dk, dv = _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, c1,
+                              sp, s_ok, False, logw, nk, sqb, sqs, sqh, sdb, sds, sdh, HQ, SQ,
+                              D, DV, BS, qk_scale, SMOOTH, BLOCK_INNER, BLOCK_D, BLOCK_DV, PREC)
+    dk = dk * (qk_scale * 0.6931471805599453)
+    base = ((pid * B + b) * HKV + hk).to(tl.int64) * M + offs_s
+    tl.store(DKS + base[:, None] * BLOCK_D + offs_d[None, :], dk, mask=s_ok[:, None])
+    tl.store(DVS + base[:, None] * BLOCK_DV + offs_dv[None, :], dv, mask=s_ok[:, None])

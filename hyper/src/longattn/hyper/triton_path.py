@@ -1,0 +1,270 @@
+"""HyperAttention on the Triton kernels, with its own exact backward.
+
+Forward: exact causal leaves (``longattn.common.kernels``: cuDNN on GPUs) fill fp32
+accumulators ``(O, L)``; then each recursion level sorts its half-segments once (one stable
+sort of ``segment * 2^r + rank``) and one :func:`_fwd` launch merges all of the level's core
+calls into the accumulators. Every part is a softmax partial over its own disjoint set of
+(weighted) keys, so the result is the merged approximation exactly.
+
+Backward (autograd.Function): with the *final* ``O``, ``L`` and
+``delta = rowsum(dO * O) - dL`` every part's gradient is that of a flash-attention step (the
+ring-attention rule), so leaves use ``attention_backward`` and the levels use the Triton
+backward kernels. Gradients are those of the approximation actually computed, ``d(lse)``
+included.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from longattn.common.kernels import attention_backward, attention_forward
+from longattn.hyper import triton_kernels as tk
+from longattn.hyper.plan import Plan, uniform_leaves
+
+_CACHE: dict = {}
+
+
+def _tiles(plan: Plan, li: int, bm: int, by_keys: bool, device):
+    """(problem, first sorted row) per tile of ``bm`` rows (or keys) of level ``li``'s calls,
+    and the problem arrays q0, nq, k0, nk (int32 on ``device``)."""
+    key = (plan, li, bm, by_keys, str(device))
+    if key not in _CACHE:
+        calls = [plan.calls[c] for c in plan.levels[li]]
+        tp, ti = [], []
+        for p, (_, nq, _, nk) in enumerate(calls):
+            n = nk if by_keys else nq
+            for i0 in range(0, n, bm):
+                tp.append(p)
+                ti.append(i0)
+        cols = list(zip(*calls))
+        t = [torch.tensor(x, dtype=torch.int32, device=device) for x in (tp, ti, *cols)]
+        _CACHE[key] = t
+    return _CACHE[key]
+
+
+def _labels(plan: Plan, li: int, n: int, device):
+    """Per position, the index of its piece at level ``li`` (pieces: each call's query and key
+    half-segments, and the rows in between); non-decreasing, so a stable sort by
+    ``label * 2^r + rank`` sorts every half-segment in place."""
+    key = ("labels", plan, li, n, str(device))
+    if key not in _CACHE:
+        starts = {0}
+        for c in plan.levels[li]:
+            q0, nq, k0, nk = plan.calls[c]
+            starts |= {q0, q0 + nq, k0, k0 + nk}
+        starts = torch.tensor(sorted(s for s in starts if s < n), dtype=torch.int64)
+        lab = torch.searchsorted(starts, torch.arange(n), right=True) - 1
+        _CACHE[key] = lab.to(device)
+    return _CACHE[key]
+
+
+def _level_perm(rank, labels, r_bits):
+    key = labels.view(1, 1, -1) * (1 << r_bits) + rank.to(torch.int64)
+    if key.numel() and int(labels[-1]) < (1 << (31 - r_bits)):
+        key = key.to(torch.int32)
+    return torch.sort(key, dim=-1, stable=True).indices.to(torch.int32).contiguous()
+
+
+def _sizes(q, v):
+    d, dv = q.shape[-1], v.shape[-1]
+    bd = max(16, triton.next_power_of_2(d))
+    bdv = max(16, triton.next_power_of_2(dv))
+    return d, dv, bd, bdv
+
+
+def _tile_sizes(block_size):
+    """(query tile, key tile) of the launch grids."""
+    if tk.INTERPRET:
+        return 16, 16
+    t = 128 if block_size >= 128 else 64
+    return t, t
+
+
+def _prec(q):
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _tune_rows(n):
+    return 1 << max(0, int(n).bit_length() - 1)
+
+
+def _levels(q, k, rq, rk, samples, plan, r_bits):
+    """Per level: (perm_q, perm_k, samples [P, B, Hkv, M] int32 or None)."""
+    out = []
+    for li, ids in enumerate(plan.levels):
+        pq = _level_perm(rq, _labels(plan, li, q.shape[1], q.device), r_bits)
+        pk = _level_perm(rk, _labels(plan, li, k.shape[1], q.device), r_bits)
+        s = None
+        if samples is not None:
+            s = samples[ids[0]:ids[-1] + 1].to(torch.int32).contiguous()
+        out.append((pq, pk, s))
+    return out
+
+
+def _leaf_views(plan, x):
+    n = uniform_leaves(plan)
+    if n is not None:
+        b, s = x.shape[:2]
+        return [x.reshape(b * (s // n), n, *x.shape[2:])]
+    return [x[:, a:a + m] for a, m in plan.leaves]
+
+
+def _lse_to_leaves(plan, lse):
+    """[B, H, S] -> per leaf view [B', H, n] (matching :func:`_leaf_views`)."""
+    n = uniform_leaves(plan)
+    if n is not None:
+        b, h, s = lse.shape
+        return [lse.view(b, h, s // n, n).permute(0, 2, 1, 3).reshape(b * (s // n), h, n)]
+    return [lse[:, :, a:a + m].contiguous() for a, m in plan.leaves]
+
+
+def _lse_from_leaves(plan, parts, lse):
+    n = uniform_leaves(plan)
+    if n is not None:
+        bl, h, _ = parts[0].shape
+        b = lse.shape[0]
+        lse.copy_(parts[0].view(b, bl // b, h, n).permute(0, 2, 1, 3).reshape(lse.shape))
+        return
+    for (a, m), x in zip(plan.leaves, parts):
+        lse[:, :, a:a + m] = x
+
+
+def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, r_bits):
+    b, s, hq, _ = q.shape
+    hkv = k.shape[2]
+    d, dv, bd, bdv = _sizes(q, v)
+    o = torch.zeros(b, s, hq, dv, dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hq, s), float("-inf"), dtype=torch.float32, device=q.device)
+    if causal:
+        parts = []
+        for qv, kv, vv, ov in zip(_leaf_views(plan, q), _leaf_views(plan, k),
+                                  _leaf_views(plan, v), _leaf_views(plan, o)):
+            ol, ll = attention_forward(qv, kv, vv, scale=scale, causal=True)
+            ov.copy_(ol)
+            parts.append(ll.float())
+        _lse_from_leaves(plan, parts, lse)
+    levels = _levels(q, k, rq, rk, samples, plan, r_bits)
+    bm, _ = _tile_sizes(block_size)
+    m = 0 if samples is None else samples.shape[-1]
+    for li, (pq, pk, sl) in enumerate(levels):
+        tp, ti, pq0, pnq, pk0, pnk = _tiles(plan, li, bm, False, q.device)
+        grid = (tp.numel(), b * hq)
+        tk._fwd[grid](
+            q, k, v, o, lse, pq, pk, sl if sl is not None else pq, tp, ti, pq0, pnq, pk0, pnk,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            b, hq, hkv, s, k.shape[1], m, d, dv, block_size, scale * tk.LOG2E,
+            _tune_rows(tp.numel() * bm),
+            HAS_INIT=causal, SMOOTH=smooth, BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd, BLOCK_DV=bdv,
+            PREC=_prec(q))
+    return o, lse, levels
+
+
+def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smooth, causal):
+    b, s, hq, _ = q.shape
+    hkv = k.shape[2]
+    d, dv, bd, bdv = _sizes(q, v)
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+    if dlse is not None:
+        delta = delta - dlse.float()
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dvv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    if causal:
+        dls = _lse_to_leaves(plan, dlse) if dlse is not None else [None] * len(_leaf_views(
+            plan, q))
+        for qv, kv, vv, ov, dov, lv, dl, gq, gk, gv in zip(
+                _leaf_views(plan, q), _leaf_views(plan, k), _leaf_views(plan, v),
+                _leaf_views(plan, out), _leaf_views(plan, do), _lse_to_leaves(plan, lse), dls,
+                _leaf_views(plan, dq), _leaf_views(plan, dk), _leaf_views(plan, dvv)):
+            a, bb, c = attention_backward(dov, qv, kv, vv, ov, lv.to(lse.dtype), scale=scale,
+                                          causal=True, dlse=dl)
+            gq += a
+            gk += bb
+            gv += c
+    bm, bn = _tile_sizes(block_size)
+    m = 0 if levels[0][2] is None else levels[0][2].shape[-1]
+    common = dict(SMOOTH=smooth, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
+                  PREC=_prec(q))
+    qk_scale = scale * tk.LOG2E
+    for li, (pq, pk, sl) in enumerate(levels):
+        samp = sl if sl is not None else pq
+        tp, ti, pq0, pnq, pk0, pnk = _tiles(plan, li, bm, False, q.device)
+        tk._bwd_dq[(tp.numel(), b * hq)](
+            q, k, v, do, lse, delta, dq, pq, pk, samp, tp, ti, pq0, pnq, pk0, pnk,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            b, hq, hkv, s, k.shape[1], m, d, dv, block_size, qk_scale,
+            _tune_rows(tp.numel() * bm), **common)
+        kp, kj, *_ = _tiles(plan, li, bn, True, q.device)
+        tk._bwd_dkdv[(kp.numel(), b * hkv)](
+            q, k, v, do, lse, delta, dk, dvv, pq, pk, kp, kj, pq0, pnq, pk0, pnk,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2), dvv.stride(0), dvv.stride(1),
+            dvv.stride(2), b, hq, hkv, s, k.shape[1], d, dv, block_size, qk_scale,
+            _tune_rows(kp.numel() * bn), **common)
+        if sl is None:
+            continue
+        chunk = 32 if tk.INTERPRET else 1024
+        cp, ci, *_ = _tiles(plan, li, chunk, False, q.device)
+        nch, npb = cp.numel(), len(plan.levels[li])
+        dks = torch.empty(nch, b, hkv, m, bd, dtype=torch.float32, device=q.device)
+        dvs = torch.empty(nch, b, hkv, m, bdv, dtype=torch.float32, device=q.device)
+        tk._bwd_samples[(nch, triton.cdiv(m, bn), b * hkv)](
+            q, k, v, do, lse, delta, dks, dvs, pq, pk, sl, cp, ci, pq0, pnq, pk0, pnk,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            b, hq, hkv, s, k.shape[1], m, d, dv, block_size, qk_scale,
+            _tune_rows(nch * chunk), chunk, **common)
+        # sum the chunks of each problem, then scatter-add onto the sampled keys' rows
+        dks = torch.zeros(npb, b, hkv, m, bd, dtype=torch.float32,
+                          device=q.device).index_add_(0, cp.long(), dks)[..., :d]
+        dvs = torch.zeros(npb, b, hkv, m, bdv, dtype=torch.float32,
+                          device=q.device).index_add_(0, cp.long(), dvs)[..., :dv]
+        pos = pk0.long().view(-1, 1, 1, 1) + sl.long()  # [P, B, Hkv, M]
+        bi = torch.arange(b, device=q.device).view(1, b, 1, 1)
+        hi = torch.arange(hkv, device=q.device).view(1, 1, hkv, 1)
+        rows = pk.long()[bi, hi, pos]
+        dk.index_put_((bi, rows, hi), dks, accumulate=True)
+        dvv.index_put_((bi, rows, hi), dvs, accumulate=True)
+    return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
+
+
+class _HyperFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, r_bits):
+        o, lse, levels = _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth,
+                                  causal, r_bits)
+        out = o.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.levels = levels
+        ctx.args = (plan, scale, block_size, smooth, causal)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if dlse is not None and not bool(torch.any(dlse != 0)):
+            dlse = None
+        if dlse is not None:
+            dlse = dlse.contiguous()
+        dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, dlse, ctx.levels,
+                               *ctx.args)
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+
+
+def hyper_triton(q, k, v, rq, rk, samples, plan, *, scale, block_size, smooth, causal,
+                 r_bits=16):
+    """Same contract as :func:`longattn.hyper.torch_path.hyper_torch` (out in fp32)."""
+    if plan.exact:
+        from longattn.common.kernels import attention
+
+        return attention(q, k, v, scale=scale, causal=False, return_lse=True)
+    if q.dtype == torch.float64:
+        raise ValueError("the triton path takes fp16/bf16/fp32; use backend='torch' for float64")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    return _HyperFn.apply(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal,
+                          r_bits)
