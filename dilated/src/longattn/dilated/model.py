@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from math import log
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
