@@ -1,0 +1,170 @@
+"""Split-K ("flash-decoding") Triton kernel for the local decode step, with lse.
+
+A decode step has a handful of query rows and a very long key axis. Flash-attention kernels
+parallelise over query blocks, so at ``Lq = 1`` they run ``B * H`` programs and leave most of a
+GPU idle. Here the key axis is cut into ``splits`` pieces: program ``(s, b * Hkv + h)`` attends
+all query rows of KV head ``h`` (the ``Lq * G`` rows of its GQA group, so every key is read
+once) to the keys of split ``s`` with an online softmax, and writes an unnormalised partial
+``(acc, m, l)``. A short torch epilogue merges the splits exactly in float32.
+
+Reads K and V in their BSHD layout (any strides with a unit last stride): no copies. Window
+``(-1, right)`` bottom-right aligned, as :func:`longattn.tree.local.local_attention` needs.
+Runs on CPU under ``TRITON_INTERPRET=1`` (set before triton is imported), which the tests use.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is optional
+    triton = None
+
+MAX_ROWS = 128  # Lq * (Hq / Hkv) rows per program
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(q, k, v):
+    """None if :func:`decode` serves these tensors, else a reason."""
+    import os
+
+    if triton is None:
+        return "triton is not installed"
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "needs CUDA tensors (or TRITON_INTERPRET=1)"
+    if q.dtype not in _DTYPES:
+        return f"needs fp16/bf16/fp32, got {q.dtype}"
+    d = q.shape[-1]
+    if d not in (16, 32, 64, 128, 256) or v.shape[-1] != d:
+        return f"head_dim must be a power of two in [16, 256], got {d}"
+    rows = q.shape[1] * (q.shape[2] // k.shape[2])
+    if rows > MAX_ROWS:
+        return f"Lq * Hq / Hkv = {rows} rows exceed {MAX_ROWS} (use a prefill kernel)"
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return "needs a unit stride on head_dim"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _split_kernel(
+        Q, K, V, ACC, M, L,
+        sqb, sqt, sqh, skb, sks, skh, svb, svs, svh,
+        S, LQ, HKV, scale, right, split_len,
+        G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        D: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        sid = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // HKV
+        h = bh % HKV
+        rows = tl.arange(0, BLOCK_M)
+        t = rows // G  # new-token index of each row
+        g = rows % G
+        row_ok = rows < ROWS
+        dd = tl.arange(0, D)
+        q_ptr = Q + b * sqb + t[:, None] * sqt + (h * G + g)[:, None] * sqh + dd[None, :]
+        q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
+        # row t sees key j iff j <= t + S - LQ + right (right < 0: unbounded)
+        lim = t + S - LQ + right
+        lim = tl.where(right < 0, S, lim)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        lo = sid * split_len
+        hi = tl.minimum(lo + split_len, S)
+        k_base = K + b * skb + h * skh
+        v_base = V + b * svb + h * svh
+        for start in range(lo, hi, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            col_ok = cols < hi
+            kt = tl.load(k_base + cols[None, :] * sks + dd[:, None], mask=col_ok[None, :],
+                         other=0.0)  # [D, BLOCK_N]
+            if IEEE:
+                s = tl.dot(q, kt, input_precision="ieee")
+            else:
+                s = tl.dot(q, kt)
+            s = s * scale
+            vis = col_ok[None, :] & (cols[None, :] <= lim[:, None])
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + cols[:, None] * svs + dd[None, :], mask=col_ok[:, None],
+                         other=0.0)  # [BLOCK_N, D]
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            m_i = m_new
+        base = (bh * SPLITS + sid) * BLOCK_M
+        tl.store(ACC + (base + rows)[:, None] * D + dd[None, :], acc)
+        tl.store(M + base + rows, m_i)
+        tl.store(L + base + rows, l_i)
+
+
+def plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=None, device=None):
+    """``(splits, split_len)``: enough programs to fill the GPU (about 4 per SM), each split a
+    whole number of ``block_n`` key blocks."""
+    blocks = max(1, math.ceil(seq / block_n))
+    if splits is None:
+        sms = 132
+        if device is not None and device.type == "cuda":
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+        splits = max(1, math.ceil(4 * sms / max(1, programs_per_split)))
+    splits = max(1, min(int(splits), blocks))
+    split_len = math.ceil(blocks / splits) * block_n
+    return math.ceil(seq / split_len), split_len
+
+
+def decode(q, k, v, *, scale: float, right: int = -1, block_n: int = 64, num_warps: int = 4,
+           num_stages: int = 3, splits=None):
+    """``(out, lse)`` of ``q [B, Lq, Hq, D]`` over ``k, v [B, S, Hkv, D]`` (S >= 1) with the
+    window ``(-1, right)``; ``out`` float32 ``[B, Lq, Hq, D]``, ``lse`` float32 ``[B, Hq, Lq]``.
+    """
+    b, lq, hq, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    rows = lq * g
+    block_m = max(16, triton.next_power_of_2(rows))
+    n_splits, split_len = plan(s_len, b * hkv, block_n=block_n, splits=splits, device=q.device)
+    acc = torch.empty(b * hkv, n_splits, block_m, d, dtype=torch.float32, device=q.device)
+    m = torch.empty(b * hkv, n_splits, block_m, dtype=torch.float32, device=q.device)
+    l_ = torch.empty_like(m)
+    kw = {} if q.device.type != "cuda" else dict(num_warps=num_warps, num_stages=num_stages)
+    _split_kernel[(n_splits, b * hkv)](
+        q, k, v, acc, m, l_,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        s_len, lq, hkv, float(scale), int(right), split_len,
+        G=g, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, D=d, SPLITS=n_splits,
+        IEEE=q.dtype == torch.float32, **kw,
+    )
+    return merge_splits(acc[:, :, :rows], m[:, :, :rows], l_[:, :, :rows], b, lq, hq)
+
+
+def merge_splits(acc, m, l_, b, lq, hq):
+    """Exact merge of the per-split partials (``acc [B*Hkv, splits, rows, D]`` unnormalised,
+    running max ``m`` and sum ``l``); rows are ``(t, g)`` with ``t`` the new token."""
+    mx = m.amax(1, keepdim=True)
+    mx = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
+    w = torch.exp(m - mx)  # [BH, splits, rows]
+    den = (l_ * w).sum(1)  # [BH, rows]
+    num = (acc * w.unsqueeze(-1)).sum(1)  # [BH, rows, D]
+    live = den > 0
+    safe = torch.where(live, den, torch.ones_like(den))
+    out = torch.where(live.unsqueeze(-1), num / safe.unsqueeze(-1), torch.zeros_like(num))
+    lse = torch.where(live, mx[:, 0] + torch.log(safe), torch.full_like(den, float("-inf")))
+    d = acc.shape[-1]
+    hkv = acc.shape[0] // b
+    g = hq // hkv
+    out = out.reshape(b, hkv, lq, g, d).permute(0, 2, 1, 3, 4).reshape(b, lq, hq, d)
+    lse = lse.reshape(b, hkv, lq, g).permute(0, 1, 3, 2).reshape(b, hq, lq)
+    return out, lse
