@@ -147,3 +147,38 @@ def test_bad_call_raises_on_every_rank():
     assert "dtype" in res[2][1] and "same on every rank" in res[0][1]
     assert all("heads" in r[2] for r in res)
     assert all("same on every rank" in r[3] for r in res)
+
+
+def _lm_case(rank, world, n, pos_emb):
+    from longattn.dilated import LongNetLM
+
+    group = _subgroup(n)
+    if rank >= n:
+        return None
+    l, seg, rates = 9, (4, 8, 24), (1, 2, 4)
+    kw = dict(d_model=16, nhead=4, num_decoder_layers=2, dim_feedforward=32,
+              segment_lengths=seg, dilation_rates=rates, dtype=torch.float64, pos_emb=pos_emb)
+    torch.manual_seed(0)
+    single = LongNetLM(30, **kw)
+    torch.manual_seed(0)
+    par = LongNetLM(30, group=group, **kw)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 30, (2, n * l), generator=gen)
+    w = torch.randn(2, n * l, 30, generator=gen, dtype=torch.float64)
+    y = single(x)
+    (y * w).sum().backward()
+    sl = slice(rank * l, rank * l + l)
+    yl = par(x[:, sl])
+    (yl * w[:, sl]).sum().backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in par.parameters()])
+    want = torch.cat([p.grad.reshape(-1) for p in single.parameters()])
+    return rel_error(yl, y[:, sl]), grads, want
+
+
+def test_distributed_longnet_lm_equals_single_process():
+    for n, pos in ((3, "xpos"), (4, "rotary")):
+        res = [r for r in run_world(8, _lm_case, n, pos, timeout=120) if r is not None]
+        assert len(res) == n
+        assert max(r[0] for r in res) <= 1e-10
+        total = sum(r[1] for r in res)  # data-parallel style sum of the ranks' parameter grads
+        assert rel_error(total, res[0][2]) <= 1e-10
