@@ -10,7 +10,8 @@
 Torch functions are forward only (inference).
 """
 
+from longattn.tree.cache import KVCache, empty_cache
 from longattn.tree.decode import hierarchy_groups, tree_decode
 from longattn.tree.ring import ring_decode
 
-__all__ = ["tree_decode", "ring_decode", "hierarchy_groups"]
+__all__ = ["tree_decode", "ring_decode", "hierarchy_groups", "KVCache", "empty_cache"]

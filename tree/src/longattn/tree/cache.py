@@ -1,0 +1,116 @@
+"""A sequence-sharded KV cache for distributed decoding (one per attention layer per rank).
+
+The global cache is the concatenation of the ranks' shards in group-rank order (the layout
+:func:`~longattn.tree.tree_decode` assumes). Every rank keeps every rank's filled length in
+``lens``, so decode calls can pass ``shard_lens=cache.lens`` and skip the agreement gather.
+
+New tokens go to the rank owning the sequence tail: the last rank holding any token (rank 0
+while the cache is empty). With a per-rank ``capacity``, tokens that do not fit spill onto the
+following ranks in order, so the tail moves through the ranks as the sequence grows and the
+shards stay contiguous; without one the tail rank's buffer grows.
+
+``append`` takes the new tokens' keys and values *on every rank*: in tree decoding the
+attention output is replicated, so every rank computes the same next hidden states and the same
+new keys / values; each rank stores only the part that lands on it. No communication.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from longattn.tree._args import world_of
+
+
+@dataclass
+class KVCache:
+    """This rank's shard buffers ``k``, ``v`` ``[B, allocated, Hkv, D]`` (the first
+    ``lens[rank]`` positions are filled) and every rank's filled length ``lens``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    lens: list
+    rank: int
+    capacity: int | None = None
+
+    @property
+    def local_k(self) -> torch.Tensor:
+        """``[B, lens[rank], Hkv, D]`` view of this rank's filled keys."""
+        return self.k[:, : self.lens[self.rank]]
+
+    @property
+    def local_v(self) -> torch.Tensor:
+        return self.v[:, : self.lens[self.rank]]
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens in the whole (global) cache."""
+        return sum(self.lens)
+
+    def tail_rank(self) -> int:
+        """The rank the next token goes to."""
+        live = [r for r, n in enumerate(self.lens) if n]
+        t = live[-1] if live else 0
+        if self.capacity is not None and self.lens[t] >= self.capacity:
+            t += 1
+        return t
+
+    def placement(self, n: int) -> list:
+        """``[(rank, start_in_new, count)]``: where ``n`` new tokens go."""
+        t, done, out = self.tail_rank(), 0, []
+        while done < n:
+            if t >= len(self.lens):
+                raise ValueError(f"KV cache full: {self.seq_len} + {n} tokens exceed "
+                                 f"{len(self.lens)} ranks x capacity {self.capacity}")
+            room = n - done if self.capacity is None else self.capacity - self.lens[t]
+            take = min(room, n - done)
+            if take > 0:
+                out.append((t, done, take))
+                done += take
+            t += 1
+        return out
+
+    def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
+        """Add ``k_new, v_new [B, n, Hkv, D]`` (the same on every rank) at the global tail."""
+        if k_new.ndim != 4 or v_new.ndim != 4 or k_new.shape[:3] != v_new.shape[:3]:
+            raise ValueError(f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} must "
+                             f"be [B, n, Hkv, D]")
+        if k_new.shape[0] != self.k.shape[0] or k_new.shape[2:] != self.k.shape[2:]:
+            raise ValueError(f"k_new {tuple(k_new.shape)} does not match the cache "
+                             f"[B, *, Hkv, D] = {tuple(self.k.shape)}")
+        for r, start, count in self.placement(k_new.shape[1]):
+            if r == self.rank:
+                self._write(k_new[:, start:start + count], v_new[:, start:start + count])
+            self.lens[r] += count
+
+    def _write(self, k, v):
+        n0, n = self.lens[self.rank], k.shape[1]
+        if n0 + n > self.k.shape[1]:  # only without a capacity: grow geometrically
+            size = max(n0 + n, 2 * self.k.shape[1], 16)
+            self.k = _grow(self.k, size)
+            self.v = _grow(self.v, size)
+        self.k[:, n0:n0 + n] = k
+        self.v[:, n0:n0 + n] = v
+
+
+def _grow(t, size):
+    new = t.new_empty((t.shape[0], size) + tuple(t.shape[2:]))
+    new[:, : t.shape[1]] = t
+    return new
+
+
+def empty_cache(batch: int, kv_heads: int, head_dim: int, *, capacity: int | None = None,
+                group=None, dtype=torch.float32, device=None) -> KVCache:
+    """An empty cache for this rank of ``group``; ``capacity`` tokens per rank (None: grow)."""
+    for name, x in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
+        if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+            raise ValueError(f"{name} must be a positive int, got {x!r}")
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
+                                 or capacity < 1):
+        raise ValueError(f"capacity must be None or a positive int, got {capacity!r}")
+    rank, world = world_of(group)
+    alloc = 0 if capacity is None else capacity
+    shape = (batch, alloc, kv_heads, head_dim)
+    return KVCache(torch.empty(shape, dtype=dtype, device=device),
+                   torch.empty(shape, dtype=dtype, device=device), [0] * world, rank, capacity)
