@@ -1,0 +1,12 @@
+"""longattn.integrations: longattn in real models.
+
+* :mod:`longattn.integrations.transformers` -- context-parallel attention for Hugging Face
+  transformers models (``attn_implementation="longattn_cp"``), input sharding, loss and
+  gradient reduction.
+* :mod:`longattn.integrations.cache` -- a sequence-sharded KV cache for tree decoding.
+* :mod:`longattn.integrations.relayout` -- move a sharded tensor between layouts.
+* :mod:`longattn.integrations.cli` -- the ``longattn`` command (``demo``, ``check``,
+  ``bench``, ``repro``).
+
+Nothing is imported here, so ``import longattn.integrations`` needs no transformers.
+"""

@@ -1,0 +1,142 @@
+"""Demo rows: stock transformers models with the sequence sharded over a CPU world of 4 ranks.
+
+``rows(run_world)`` (entry point group ``longattn.demo``) trains one step of a tiny randomly
+initialised Llama (hamilton, zigzag) and Qwen2 (one full and one sliding-window layer:
+hamilton + ring_swa, contiguous) and decodes with a sharded KV cache (tree), each against the
+same model run on the full sequence in one process. ``rel_err`` is the largest relative error
+over logits, loss and parameter gradients (decode: the logits of every step). Without
+transformers installed there are no rows.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+VOCAB = 97
+WORLD = 4
+
+
+def tiny_config(kind: str, attn: str = "sdpa"):
+    """A two-layer config: ``llama`` (full attention, GQA 4/2), ``mistral`` (every layer a
+    sliding window of 11 keys), ``qwen2`` (layer 0 full, layer 1 a sliding window of 5)."""
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                  max_position_embeddings=256, attn_implementation=attn,
+                  tie_word_embeddings=False)
+    if kind == "llama":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(**common)
+    if kind == "mistral":
+        from transformers import MistralConfig
+
+        return MistralConfig(sliding_window=11, **common)
+    if kind == "qwen2":
+        from transformers import Qwen2Config
+
+        return Qwen2Config(use_sliding_window=True, sliding_window=5, max_window_layers=1,
+                           **common)
+    raise ValueError(f"kind must be 'llama', 'mistral' or 'qwen2', got {kind!r}")
+
+
+def tiny_model(kind: str, attn: str = "sdpa", dtype=torch.float64, seed: int = 0):
+    """Randomly initialised (the same weights for the same ``kind`` and ``seed`` anywhere)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(kind, attn)).to(dtype)
+
+
+def tiny_batch(batch: int, seq: int, seed: int = 0):
+    """``(input_ids, labels)``; about 15% of the labels are ignored (-100)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+    labels = ids.clone()
+    labels[torch.rand(batch, seq, generator=g) < 0.15] = -100
+    return ids, labels
+
+
+def train_step(model, ids, labels, *, layout=None, group=None):
+    """One forward/backward; sharded (``layout`` given) or not. Returns the full logits, the
+    loss and the parameter gradients (summed over the ranks when sharded)."""
+    from longattn.integrations.transformers import (
+        all_reduce_grads,
+        reduce_loss,
+        shard_inputs,
+        unshard,
+    )
+
+    if layout is None:
+        out = model(input_ids=ids, labels=labels, use_cache=False)
+        out.loss.backward()
+        logits, loss = out.logits.detach(), out.loss.detach()
+    else:
+        out = model(**shard_inputs(ids, labels, layout=layout, group=group), use_cache=False)
+        out.loss.backward()
+        all_reduce_grads(model, group)
+        logits = unshard(out.logits, layout=layout, group=group)
+        loss = reduce_loss(out.loss, group)
+    return logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _train_on_rank(rank, world, kind, layout):
+    from longattn.common import comm
+    from longattn.integrations.transformers import register
+
+    torch.set_num_threads(1)
+    model = tiny_model(kind, register())
+    ids, labels = tiny_batch(2, 64)
+    t0 = time.perf_counter()
+    with comm.counting() as c:
+        got = train_step(model, ids, labels, layout=layout)
+    return got, (time.perf_counter() - t0) * 1e3, c.bytes_sent
+
+
+def _decode_on_rank(rank, world, kind, layout, steps):
+    from longattn.integrations.cache import ShardedCache
+    from longattn.integrations.transformers import register, shard_inputs, unshard
+
+    torch.set_num_threads(1)
+    model = tiny_model(kind, register()).eval()
+    ids, _ = tiny_batch(1, 32)
+    cache = ShardedCache(layout=layout)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = model(**shard_inputs(ids, layout=layout), past_key_values=cache, use_cache=True)
+        logits = [unshard(out.logits, layout=layout)[:, -1:]]
+        for _ in range(steps):
+            new = logits[-1][:, -1].argmax(-1, keepdim=True)
+            logits.append(model(input_ids=new, past_key_values=cache, use_cache=True).logits)
+            ids = torch.cat([ids, new], dim=1)
+    return ids, torch.cat(logits, 1), (time.perf_counter() - t0) * 1e3
+
+
+def rows(run_world):
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("  integrations: transformers is not installed; no rows")
+        return []
+    from longattn.common.testing import rel_error
+
+    out = []
+    for kind, layout, what in (("llama", "zigzag", "Llama train step, hamilton"),
+                               ("qwen2", "contiguous", "Qwen2 train step, hamilton+ring_swa")):
+        res = run_world(WORLD, _train_on_rank, kind, layout)
+        (logits, loss, grads), ms, nbytes = res[0]
+        ref = train_step(tiny_model(kind), *tiny_batch(2, 64))
+        err = max(rel_error(logits, ref[0]), rel_error(loss, ref[1]),
+                  max(rel_error(grads[n], ref[2][n]) for n in grads))
+        out.append({"method": "integrations", "what": f"transformers {what}",
+                    "shape": "B2 S64 L2 H4/2 D8 fp64", "rel_err": err, "tol": 1e-10,
+                    "time_ms": ms, "bytes": nbytes})
+    steps = 4
+    ids, logits, ms = run_world(WORLD, _decode_on_rank, "qwen2", "contiguous", steps)[0]
+    with torch.no_grad():
+        ref = tiny_model("qwen2")(input_ids=ids, use_cache=False).logits[:, -steps - 1:]
+    out.append({"method": "integrations", "what": "transformers Qwen2 decode, tree",
+                "shape": f"B1 S32+{steps} L2 fp64", "rel_err": rel_error(logits, ref),
+                "tol": 1e-10, "time_ms": ms, "bytes": None})
+    return out
