@@ -6,7 +6,7 @@ order) and works on many core calls ("problems") at once; a problem ``p`` has qu
 ``i``-th sorted query (``PK`` likewise for keys). Sorted query ``i`` sees the sorted keys
 ``[start(i), min(start(i) + BS, nk))`` (see ``window_start`` in :mod:`torch_path`) plus the
 ``M`` sampled sorted key positions ``SAMP[p, b, hkv]`` that lie outside that window, each with
-weight ``nk / M``. Scores are kept in base 2 (``scale * log2(e)``).
+weight ``nk / M`` (``PLW[p] = log2(nk / M)``). Scores are kept in base 2 (``scale * log2(e)``).
 
 * :func:`_fwd`: one program per (tile of ``BLOCK_M`` sorted queries, batch * q head). One
   online softmax over the window keys and then the samples; it starts from the running
@@ -65,7 +65,7 @@ def _problem(TP, TI, PQ0, PNQ, PK0, PNK, pid):
 
 @triton.autotune(configs=_FWD, key=_KEY, restore_value=["O", "L"])
 @triton.jit
-def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
+def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
          sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
          B, HQ, HKV, SQ, SK, M, D, DV, BS, qk_scale, TUNE_ROWS,
          HAS_INIT: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -125,7 +125,7 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
         acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
     # sampled columns, weight nk / M, the ones inside the row's window dropped
-    logw = tl.log2(nk.to(tl.float32)) - tl.log2(M * 1.0)
+    logw = tl.load(PLW + p)
     sbase = SAMP + ((p * B + b) * HKV + hk).to(tl.int64) * M
     for s0 in range(0, M, BLOCK_INNER):
         offs_s = s0 + tl.arange(0, BLOCK_INNER)
@@ -176,7 +176,7 @@ def _dq_part(q, do, lse2, delta, dq, st, k_head, v_head, kr, offs_j, j_ok, in_wi
 
 @triton.autotune(configs=_FWD, key=_KEY, restore_value=["DQ"])
 @triton.jit
-def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
+def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
             sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh,
             B, HQ, HKV, SQ, SK, M, D, DV, BS, qk_scale, TUNE_ROWS,
             SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -215,7 +215,7 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
         kr = tl.load(kbase + offs_j, mask=j_ok, other=0).to(tl.int64)
         dq = _dq_part(q, do, lse2, delta, dq, st, k_head, v_head, kr, offs_j, j_ok, True, 0.0,
                       sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale, PREC)
-    logw = tl.log2(nk.to(tl.float32)) - tl.log2(M * 1.0)
+    logw = tl.load(PLW + p)
     sbase = SAMP + ((p * B + b) * HKV + hk).to(tl.int64) * M
     for s0 in range(0, M, BLOCK_INNER):
         offs_s = s0 + tl.arange(0, BLOCK_INNER)
@@ -319,7 +319,8 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV_, PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK
 
 @triton.autotune(configs=_DKDV, key=_KEY)
 @triton.jit
-def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
+def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0,
+                 PNK, PLW,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh,
                  B, HQ, HKV, SQ, SK, M, D, DV, BS, qk_scale, TUNE_ROWS, CHUNK,
                  SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -343,7 +344,7 @@ def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ
                 mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V + b.to(tl.int64) * svb + kr[:, None] * svs + hk * svh + offs_dv[None, :],
                 mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
-    logw = tl.log2(nk.to(tl.float32)) - tl.log2(M * 1.0)
+    logw = tl.load(PLW + p)
     c1 = tl.minimum(c0 + CHUNK, nq)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)

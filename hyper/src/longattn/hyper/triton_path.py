@@ -15,6 +15,8 @@ included.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 
@@ -43,16 +45,16 @@ def _tiles(plan: Plan, li: int, bm: int, by_keys: bool, device):
     return _CACHE[key]
 
 
-def _labels(plan: Plan, li: int, n: int, device):
-    """Per position, the index of its piece at level ``li`` (pieces: each call's query and key
-    half-segments, and the rows in between); non-decreasing, so a stable sort by
-    ``label * 2^r + rank`` sorts every half-segment in place."""
-    key = ("labels", plan, li, n, str(device))
+def _labels(plan: Plan, li: int, n: int, keys: bool, device):
+    """Per query (or key) position, the index of its piece at level ``li`` (pieces: each
+    call's query (key) range, and the rows in between); non-decreasing, so a stable sort by
+    ``label * 2^r + rank`` sorts every call's range in place."""
+    key = ("labels", plan, li, n, keys, str(device))
     if key not in _CACHE:
         starts = {0}
         for c in plan.levels[li]:
-            q0, nq, k0, nk = plan.calls[c]
-            starts |= {q0, q0 + nq, k0, k0 + nk}
+            a, m = plan.calls[c][2:] if keys else plan.calls[c][:2]
+            starts |= {a, a + m}
         starts = torch.tensor(sorted(s for s in starts if s < n), dtype=torch.int64)
         lab = torch.searchsorted(starts, torch.arange(n), right=True) - 1
         _CACHE[key] = lab.to(device)
@@ -71,6 +73,13 @@ def _sizes(q, v):
     bd = max(16, triton.next_power_of_2(d))
     bdv = max(16, triton.next_power_of_2(dv))
     return d, dv, bd, bdv
+
+
+def _log_weights(plan, li, m, device):
+    """log2(nk / m) per call of level ``li`` (the weight of a sampled column)."""
+    nk = [plan.calls[c][3] for c in plan.levels[li]]
+    return torch.tensor([math.log2(n / m) if m else 0.0 for n in nk], dtype=torch.float32,
+                        device=device)
 
 
 def _tile_sizes(block_size):
@@ -93,8 +102,8 @@ def _levels(q, k, rq, rk, samples, plan, r_bits):
     """Per level: (perm_q, perm_k, samples [P, B, Hkv, M] int32 or None)."""
     out = []
     for li, ids in enumerate(plan.levels):
-        pq = _level_perm(rq, _labels(plan, li, q.shape[1], q.device), r_bits)
-        pk = _level_perm(rk, _labels(plan, li, k.shape[1], q.device), r_bits)
+        pq = _level_perm(rq, _labels(plan, li, q.shape[1], False, q.device), r_bits)
+        pk = _level_perm(rk, _labels(plan, li, k.shape[1], True, q.device), r_bits)
         s = None
         if samples is not None:
             s = samples[ids[0]:ids[-1] + 1].to(torch.int32).contiguous()
@@ -152,6 +161,7 @@ def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, 
         grid = (tp.numel(), b * hq)
         tk._fwd[grid](
             q, k, v, o, lse, pq, pk, sl if sl is not None else pq, tp, ti, pq0, pnq, pk0, pnk,
+            _log_weights(plan, li, m, q.device),
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
             b, hq, hkv, s, k.shape[1], m, d, dv, block_size, scale * tk.LOG2E,
@@ -184,15 +194,16 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
             gk += bb
             gv += c
     bm, bn = _tile_sizes(block_size)
-    m = 0 if levels[0][2] is None else levels[0][2].shape[-1]
+    m = 0 if not levels or levels[0][2] is None else levels[0][2].shape[-1]
     common = dict(SMOOTH=smooth, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
                   PREC=_prec(q))
     qk_scale = scale * tk.LOG2E
     for li, (pq, pk, sl) in enumerate(levels):
         samp = sl if sl is not None else pq
+        plw = _log_weights(plan, li, m, q.device)
         tp, ti, pq0, pnq, pk0, pnk = _tiles(plan, li, bm, False, q.device)
         tk._bwd_dq[(tp.numel(), b * hq)](
-            q, k, v, do, lse, delta, dq, pq, pk, samp, tp, ti, pq0, pnq, pk0, pnk,
+            q, k, v, do, lse, delta, dq, pq, pk, samp, tp, ti, pq0, pnq, pk0, pnk, plw,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2),
@@ -214,7 +225,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
         dks = torch.empty(nch, b, hkv, m, bd, dtype=torch.float32, device=q.device)
         dvs = torch.empty(nch, b, hkv, m, bdv, dtype=torch.float32, device=q.device)
         tk._bwd_samples[(nch, triton.cdiv(m, bn), b * hkv)](
-            q, k, v, do, lse, delta, dks, dvs, pq, pk, sl, cp, ci, pq0, pnq, pk0, pnk,
+            q, k, v, do, lse, delta, dks, dvs, pq, pk, sl, cp, ci, pq0, pnq, pk0, pnk, plw,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             b, hq, hkv, s, k.shape[1], m, d, dv, block_size, qk_scale,

@@ -1,0 +1,98 @@
+"""Triton kernels (run by the interpreter on the CPU: TRITON_INTERPRET=1, set in conftest)
+against the torch path and the oracle, forward and backward with d(lse). Shapes are tiny:
+the interpreter runs every program in Python."""
+
+import pytest
+import torch
+from hyper_helpers import inputs, oracle, randomness
+
+from longattn.common.testing import rel_error
+from longattn.hyper import hyper_attention
+
+pytest.importorskip("triton")
+from longattn.hyper import triton_kernels  # noqa: E402
+
+TOL = 1e-5
+
+
+def _both(q, k, v, p, s, **kw):
+    """(out, lse, dq, dk, dv) of the torch and the triton path, same loss with d(lse)."""
+    res = []
+    for backend in ("torch", "triton"):
+        q_, k_, v_ = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+        out, lse = hyper_attention(q_, k_, v_, projections=p, sample_indices=s,
+                                   return_lse=True, backend=backend, **kw)
+        g = torch.Generator().manual_seed(5)
+        dout = torch.randn(out.shape, generator=g)
+        dlse = torch.randn(lse.shape, generator=g)
+        torch.autograd.backward([out, lse], [dout, dlse])
+        res.append((out, lse, q_.grad, k_.grad, v_.grad, dout, dlse))
+    return res
+
+
+def _assert_same(res):
+    errs = [rel_error(a, b) for a, b in zip(res[1][:5], res[0][:5])]
+    assert max(errs) <= TOL, f"triton vs torch rel errors out, lse, dq, dk, dv = {errs}"
+
+
+def test_interpreter_is_on():
+    assert triton_kernels.INTERPRET
+
+
+@pytest.mark.parametrize("causal,smooth,hkv", [(False, False, 1), (True, True, 2),
+                                               (True, False, 2), (False, True, 1)])
+def test_triton_vs_torch(causal, smooth, hkv):
+    # S = 40 with blocks of 16: a short tail block; msl 8: leaves of 5 (uniform) rows
+    q, k, v = inputs(21 + causal + 2 * smooth, 1, 40, 40, 2, hkv, 16)
+    p, s = randomness(3, q, k, causal=causal, m=5, min_seq_len=8)
+    _assert_same(_both(q, k, v, p, s, causal=causal, block_size=16, min_seq_len=8,
+                       smooth_block=smooth))
+
+
+def test_triton_gqa_odd_lengths_dv_vs_oracle():
+    # Hq = 4 over Hkv = 2, head dims 8 (padded to 16) and 12, causal leaves of uneven length,
+    # block 5 (query tiles straddle blocks), smooth band
+    q, k, v = inputs(22, 2, 45, 45, 4, 2, 8, dv=12)
+    p, s = randomness(4, q, k, causal=True, m=3, min_seq_len=7)
+    res = _both(q, k, v, p, s, causal=True, block_size=5, min_seq_len=7, smooth_block=True)
+    _assert_same(res)
+    out, lse, dq, dk, dv, dout, dlse = res[1]
+    want = oracle(q, k, v, p, s, dout=dout, dlse=dlse, block_size=5, min_seq_len=7,
+                  causal=True, smooth_block=True)
+    errs = [rel_error(a, e) for a, e in zip((out, lse, dq, dk, dv), want)]
+    assert max(errs) <= TOL, errs
+
+
+def test_triton_many_samples_and_chunks():
+    # 40 samples span three sample tiles of the kernels (the public kernel's stride bug
+    # appeared past its first tile) and the 40 query rows span two backward chunks;
+    # duplicates and in-window samples included
+    q, k, v = inputs(23, 1, 40, 40, 2, 1, 16)
+    p, s = randomness(5, q, k, causal=False, m=40, min_seq_len=8)
+    s[0, 0, 0, :4] = torch.tensor([0, 0, 1, 39])
+    _assert_same(_both(q, k, v, p, s, causal=False, block_size=8, min_seq_len=8))
+
+
+def test_triton_sq_ne_sk_and_empty_rows():
+    # more query blocks than key blocks and no samples: rows that see nothing stay 0 / -inf
+    q, k, v = inputs(24, 1, 40, 16, 1, 1, 16)
+    p, s = randomness(6, q, k, causal=False, m=0, min_seq_len=8)
+    assert s.shape[-1] == 0
+    res = _both(q, k, v, p, s, causal=False, block_size=8, min_seq_len=8)
+    _assert_same(res)
+    lse = res[1][1]
+    assert torch.isneginf(lse).sum() == 24 and torch.isfinite(res[1][2]).all()
+
+
+def test_triton_exact_fallback():
+    q, k, v = inputs(25, 1, 12, 12, 2, 1, 16)
+    p, s = randomness(7, q, k, causal=True, m=3, min_seq_len=16)
+    _assert_same(_both(q, k, v, p, s, causal=True, block_size=4, min_seq_len=16))
+    p, s = randomness(7, q, k, causal=False, m=3, min_seq_len=16)
+    _assert_same(_both(q, k, v, p, s, causal=False, block_size=4, min_seq_len=16))
+
+
+def test_triton_rejects_float64():
+    q, k, v = inputs(26, 1, 20, 20, 1, 1, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        hyper_attention(q, k, v, block_size=4, sample_size=2, min_seq_len=4, backend="triton")
