@@ -1,0 +1,487 @@
+"""longattn.common.kernels, ``torch`` backend: forward and backward against the float64
+oracle (causal / window / GQA / Sq != Sk / fully-masked rows / dlse), row blocking, the
+autograd wrapper (gradcheck), the backend registry, memory, and bad input."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from longattn import reference as ref
+from longattn.common import kernels as K
+from longattn.common.kernels import torch_backend
+from longattn.common.testing import rel_error
+
+HYP = settings(max_examples=40, deadline=None, derandomize=True,
+               suppress_health_check=[HealthCheck.too_slow])
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def oracle_mask(sq, sk, causal, window):
+    m = ref.window_mask(sq, sk, window)
+    if causal:
+        m = m & ref.causal_mask(sq, sk)
+    return m
+
+
+def oracle(q, k, v, causal, window, scale=None, dout=None, dlse=None):
+    """Forward (and backward if dout is given) of the numpy oracle on torch tensors."""
+    m = oracle_mask(q.shape[1], k.shape[1], causal, window)
+    qn, kn, vn = (t.detach().double().numpy() for t in (q, k, v))
+    out, lse = ref.attention(qn, kn, vn, mask=m, scale=scale)
+    if dout is None:
+        return out, lse
+    grads = ref.attention_backward(
+        dout.double().numpy(), qn, kn, vn, mask=m, scale=scale,
+        dlse=None if dlse is None else dlse.double().numpy())
+    return out, lse, grads
+
+
+def make(seed, b, sq, sk, hq, hkv, d, dv=None, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
+    q = torch.randn(b, sq, hq, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(b, sk, hkv, d, generator=g, dtype=torch.float64).to(dtype)
+    v = torch.randn(b, sk, hkv, dv, generator=g, dtype=torch.float64).to(dtype)
+    return q, k, v
+
+
+@contextlib.contextmanager
+def block_elems(n):
+    """Shrink the torch backend's score block so small tests exercise many row blocks and the
+    per-block key ranges of windows."""
+    old = torch_backend.SCORE_BLOCK_ELEMS
+    torch_backend.SCORE_BLOCK_ELEMS = n
+    try:
+        yield
+    finally:
+        torch_backend.SCORE_BLOCK_ELEMS = old
+
+
+def check_case(seed, b, sq, sk, hq, hkv, d, dv, causal, window, dtype, use_dlse, blk,
+               scale=None):
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3,
+           torch.bfloat16: 2e-2}[dtype]
+    q, k, v = make(seed, b, sq, sk, hq, hkv, d, dv, dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    dout = torch.randn(b, sq, hq, v.shape[-1], generator=g, dtype=torch.float64).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    dlse = torch.randn(b, hq, sq, generator=g, dtype=torch.float64).to(acc) if use_dlse else None
+    with block_elems(blk):
+        out, lse = K.attention_forward(q, k, v, scale=scale, causal=causal, window=window,
+                                       backend="torch")
+        dq, dk, dv_ = K.attention_backward(dout, q, k, v, out, lse, scale=scale, causal=causal,
+                                           window=window, dlse=dlse, backend="torch")
+    ro, rl, (rdq, rdk, rdv) = oracle(q, k, v, causal, window, scale, dout, dlse)
+    assert out.dtype == dtype and out.shape == ro.shape
+    assert lse.dtype == acc and lse.shape == rl.shape
+    assert (dq.dtype, dk.dtype, dv_.dtype) == (dtype, dtype, dtype)
+    for name, a, e in (("out", out, ro), ("lse", lse, rl), ("dq", dq, rdq), ("dk", dk, rdk),
+                       ("dv", dv_, rdv)):
+        err = rel_error(a, e)
+        assert err <= tol, f"{name}: rel err {err:.3e} > {tol:.0e}"
+    # rows without a visible key: exactly 0 / -inf / zero gradient
+    dead = torch.from_numpy(np.isneginf(rl))  # [B, H, Sq]
+    assert torch.equal(torch.isneginf(lse), dead)
+    dead_bshd = dead.transpose(1, 2)
+    assert (out[dead_bshd] == 0).all() and (dq[dead_bshd] == 0).all()
+    return out, lse
+
+
+windows = st.one_of(st.just((-1, -1)), st.tuples(st.integers(-1, 6), st.integers(-1, 6)))
+
+
+@st.composite
+def cases(draw, min_len=0):
+    hkv = draw(st.integers(1, 2))
+    return dict(
+        seed=draw(st.integers(0, 2**20)), b=draw(st.integers(1, 2)),
+        sq=draw(st.integers(min_len, 19)), sk=draw(st.integers(min_len, 19)),
+        hq=hkv * draw(st.integers(1, 3)), hkv=hkv, d=draw(st.sampled_from([1, 4, 8])),
+        dv=draw(st.sampled_from([None, 3])), causal=draw(st.booleans()), window=draw(windows),
+        use_dlse=draw(st.booleans()), blk=draw(st.sampled_from([1, 5, 48, 1 << 24])),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# against the oracle
+
+
+@HYP
+@given(cases())
+def test_float64_matches_oracle(c):
+    check_case(**c, dtype=torch.float64)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(cases(min_len=4))
+def test_bfloat16_matches_oracle(c):
+    check_case(**c, dtype=torch.bfloat16)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(cases(min_len=1), st.sampled_from([torch.float32, torch.float16]))
+def test_float32_and_float16_match_oracle(c, dtype):
+    check_case(**c, dtype=dtype)
+
+
+# explicit named cases so each acceptance category is visibly covered, whatever hypothesis draws
+NAMED = {
+    "dense": (1, 9, 9, 2, 2, 8, None, False, (-1, -1)),
+    "causal": (2, 11, 11, 4, 4, 8, None, True, (-1, -1)),
+    "causal-sq<sk": (1, 5, 13, 2, 1, 8, None, True, (-1, -1)),
+    "causal-sq>sk": (1, 13, 5, 2, 1, 8, None, True, (-1, -1)),  # leading rows fully masked
+    "window": (1, 16, 16, 2, 2, 4, None, False, (3, 2)),
+    "window-causal": (2, 16, 16, 4, 2, 4, None, True, (4, -1)),
+    "sliding-sq!=sk": (1, 7, 15, 3, 1, 4, None, False, (2, 0)),
+    "gqa": (2, 12, 12, 6, 2, 8, None, True, (-1, -1)),
+    "mqa": (1, 10, 14, 4, 1, 8, 3, False, (-1, -1)),
+    "window-dead-rows": (1, 12, 4, 2, 1, 4, None, False, (0, 0)),  # rows aligned before key 0
+    "right-only": (1, 9, 9, 2, 1, 4, None, False, (-1, 2)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+@pytest.mark.parametrize("name", list(NAMED))
+def test_named_cases(name, dtype):
+    b, sq, sk, hq, hkv, d, dv, causal, window = NAMED[name]
+    for blk, use_dlse in ((1 << 24, False), (7, True)):
+        check_case(3, b, sq, sk, hq, hkv, d, dv, causal, window, dtype, use_dlse, blk)
+
+
+def test_custom_scale():
+    check_case(5, 1, 6, 7, 2, 1, 4, None, True, (-1, -1), torch.float64, True, 1 << 24,
+               scale=0.37)
+    check_case(5, 1, 6, 7, 2, 1, 4, None, False, (2, 1), torch.float64, True, 9, scale=-1.5)
+
+
+def test_fully_masked_rows_have_no_nan_anywhere():
+    q, k, v = make(0, 2, 10, 3, 4, 2, 8)
+    out, lse = K.attention_forward(q, k, v, causal=True, backend="torch")
+    dead = torch.isneginf(lse)
+    assert dead[:, :, :7].all() and not dead[:, :, 7:].any()
+    assert (out[:, :7] == 0).all()
+    dout, dlse = torch.randn_like(out), torch.randn_like(lse)
+    dq, dk, dv = K.attention_backward(dout, q, k, v, out, lse, causal=True, dlse=dlse,
+                                      backend="torch")
+    for t in (out, dq, dk, dv):
+        assert not torch.isnan(t).any()
+    assert (dq[:, :7] == 0).all()
+
+
+def test_no_keys_at_all():
+    q, k, v = make(1, 1, 4, 0, 2, 1, 4)
+    out, lse = K.attention_forward(q, k, v, backend="torch")
+    assert out.shape == (1, 4, 2, 4) and (out == 0).all() and torch.isneginf(lse).all()
+    dq, dk, dv = K.attention_backward(torch.ones_like(out), q, k, v, out, lse, backend="torch")
+    assert (dq == 0).all() and dk.shape == k.shape and dv.shape == v.shape
+
+
+def test_no_queries():
+    q, k, v = make(1, 1, 0, 5, 2, 1, 4)
+    out, lse = K.attention_forward(q, k, v, causal=True, backend="torch")
+    assert out.shape == (1, 0, 2, 4) and lse.shape == (1, 2, 0)
+    dq, dk, dv = K.attention_backward(out, q, k, v, out, lse, causal=True, backend="torch")
+    assert (dk == 0).all() and (dv == 0).all()
+
+
+def test_large_logits_are_stable():
+    q, k, v = make(2, 1, 16, 16, 2, 2, 8, dtype=torch.float32)
+    q = q * 40
+    k = k * 40
+    out, lse = K.attention_forward(q, k, v, causal=True, backend="torch")
+    ro, rl = oracle(q, k, v, True, (-1, -1))
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    assert rel_error(out, ro) <= 1e-5 and rel_error(lse, rl) <= 1e-5
+
+
+def test_non_contiguous_inputs():
+    g = torch.Generator().manual_seed(4)
+    qb = torch.randn(2, 3, 9, 4, generator=g, dtype=torch.float64)  # BHSD, viewed as BSHD
+    kb = torch.randn(2, 1, 7, 4, generator=g, dtype=torch.float64)
+    vb = torch.randn(2, 1, 7, 4, generator=g, dtype=torch.float64)
+    q, k, v = qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2)
+    assert not q.is_contiguous()
+    out, lse = K.attention_forward(q, k, v, causal=True, backend="torch")
+    out2, lse2 = K.attention_forward(q.contiguous(), k.contiguous(), v.contiguous(), causal=True,
+                                     backend="torch")
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    dout = torch.randn(out.shape, generator=g, dtype=torch.float64).transpose(0, 0)
+    a = K.attention_backward(dout, q, k, v, out, lse, causal=True, backend="torch")
+    b = K.attention_backward(dout, q.contiguous(), k.contiguous(), v.contiguous(), out, lse,
+                             causal=True, backend="torch")
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_row_blocking_does_not_change_results():
+    """Every block size gives the same float64 answer (up to summation order)."""
+    q, k, v = make(6, 1, 23, 31, 4, 2, 8)
+    dout = torch.randn(1, 23, 4, 8, dtype=torch.float64)
+    outs = []
+    for blk in (1, 3, 64, 1000, 1 << 24):
+        with block_elems(blk):
+            out, lse = K.attention_forward(q, k, v, window=(5, 2), backend="torch")
+            grads = K.attention_backward(dout, q, k, v, out, lse, window=(5, 2), backend="torch")
+        outs.append((out, lse, *grads))
+    for other in outs[1:]:
+        for x, y in zip(outs[0], other):
+            assert rel_error(x, y) <= 1e-13
+
+
+def test_causal_and_window_combine_like_flash_attn():
+    assert K.normalize_window(True, (-1, -1)) == (-1, 0)
+    assert K.normalize_window(True, (3, 5)) == (3, 0)
+    assert K.normalize_window(True, (3, -1)) == (3, 0)
+    assert K.normalize_window(False, (3, 5)) == (3, 5)
+    assert K.normalize_window(False, None) == (-1, -1)
+    q, k, v = make(7, 1, 8, 8, 1, 1, 4)
+    a = K.attention_forward(q, k, v, causal=True, window=(2, 4), backend="torch")
+    b = K.attention_forward(q, k, v, window=(2, 0), backend="torch")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+# --------------------------------------------------------------------------------------------
+# dlse and the autograd wrapper
+
+
+def test_dlse_none_equals_zero_dlse():
+    q, k, v = make(8, 1, 6, 9, 4, 2, 4)
+    out, lse = K.attention_forward(q, k, v, causal=True, backend="torch")
+    dout = torch.randn_like(out)
+    a = K.attention_backward(dout, q, k, v, out, lse, causal=True, backend="torch")
+    b = K.attention_backward(dout, q, k, v, out, lse, causal=True, dlse=torch.zeros_like(lse),
+                             backend="torch")
+    for x, y in zip(a, b):
+        assert rel_error(x, y) <= 1e-15
+
+
+def test_backward_uses_the_final_out_and_lse():
+    """The ring rule: gradients of a key split, each computed with the FINAL out/lse, sum to
+    the gradients of the whole attention (dq) and give each split's own dk/dv exactly."""
+    q, k, v = make(9, 1, 8, 12, 2, 1, 4)
+    dout = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    dlse = torch.randn(1, 2, 8, dtype=torch.float64)
+    out, lse = K.attention_forward(q, k, v, backend="torch")
+    full = K.attention_backward(dout, q, k, v, out, lse, dlse=dlse, backend="torch")
+    dq = torch.zeros_like(q)
+    dks, dvs = [], []
+    for a, z in ((0, 5), (5, 12)):
+        g = K.attention_backward(dout, q, k[:, a:z], v[:, a:z], out, lse, dlse=dlse,
+                                 backend="torch")
+        dq += g[0]
+        dks.append(g[1])
+        dvs.append(g[2])
+    assert rel_error(dq, full[0]) <= 1e-12
+    assert rel_error(torch.cat(dks, 1), full[1]) <= 1e-12
+    assert rel_error(torch.cat(dvs, 1), full[2]) <= 1e-12
+
+
+GRADCHECK_CASES = [
+    (1, 4, 4, 2, 1, 3, True, (-1, -1)),
+    (2, 3, 5, 4, 2, 2, False, (1, 1)),
+    (1, 5, 3, 2, 2, 3, True, (2, -1)),  # Sq > Sk: two dead rows
+    (1, 4, 6, 3, 1, 2, False, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES)
+def test_autograd_wrapper_gradcheck(case):
+    b, sq, sk, hq, hkv, d, causal, window = case
+    q, k, v = (t.requires_grad_() for t in make(10, b, sq, sk, hq, hkv, d))
+
+    def f(q, k, v):
+        out, lse = K.attention(q, k, v, causal=causal, window=window, return_lse=True,
+                               backend="torch")
+        return out, lse.masked_fill(torch.isneginf(lse), 0.0)  # finite for the differences
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_autograd_wrapper_matches_oracle_with_lse_in_the_loss():
+    q, k, v = (t.requires_grad_() for t in make(11, 2, 7, 9, 4, 2, 4))
+    out, lse = K.attention(q, k, v, causal=True, return_lse=True, backend="torch")
+    assert not K.attention(q, k, v, backend="torch").shape != out.shape
+    dout = torch.randn_like(out)
+    dlse = torch.randn_like(lse)
+    ((out * dout).sum() + (lse * dlse).sum()).backward()
+    _, _, (rdq, rdk, rdv) = oracle(q, k, v, True, (-1, -1), None, dout, dlse)
+    assert rel_error(q.grad, rdq) <= 1e-10
+    assert rel_error(k.grad, rdk) <= 1e-10
+    assert rel_error(v.grad, rdv) <= 1e-10
+
+
+def test_autograd_wrapper_bf16_gradients_keep_dtype():
+    q, k, v = (t.requires_grad_() for t in make(12, 1, 8, 8, 2, 1, 8, dtype=torch.bfloat16))
+    out = K.attention(q, k, v, causal=True, backend="torch")
+    out.float().sum().backward()
+    assert q.grad.dtype == k.grad.dtype == v.grad.dtype == torch.bfloat16
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+# --------------------------------------------------------------------------------------------
+# backend registry
+
+
+def test_auto_on_cpu_picks_a_backend_that_serves_cpu():
+    q, k, v = make(13, 1, 4, 4, 2, 1, 8, dtype=torch.float32)
+    name = K.pick_backend(q, k, v, causal=True)
+    assert name in K.BACKENDS
+    assert K.BACKENDS[name].supports(K.Request(q, k, v, True, (-1, 0))) is None
+    assert "torch" in K.BACKENDS
+    if "aten" in K.BACKENDS:  # CUDA only
+        assert K.BACKENDS["aten"].supports(K.Request(q, k, v, True, (-1, 0))) is not None
+    a = K.attention_forward(q, k, v, causal=True)
+    b = K.attention_forward(q, k, v, causal=True, backend="torch")
+    assert rel_error(a[0], b[0]) <= 1e-6
+
+
+def test_register_backend_and_dispatch():
+    calls = []
+
+    def fwd(q, k, v, *, scale, window):
+        calls.append(("fwd", scale, window))
+        return torch_backend.forward(q, k, v, scale=scale, window=window)
+
+    def bwd(dout, q, k, v, out, lse, *, scale, window, dlse=None):
+        calls.append(("bwd", scale, window, dlse is not None))
+        return torch_backend.backward(dout, q, k, v, out, lse, scale=scale, window=window,
+                                      dlse=dlse)
+
+    def supports(req):
+        return "no dlse here" if req.needs_dlse else None
+
+    K.register_backend("test_fake", K.Backend(forward=fwd, backward=bwd, supports=supports))
+    try:
+        q, k, v = make(14, 1, 4, 6, 2, 1, 4)
+        out, lse = K.attention_forward(q, k, v, causal=True, window=(2, 3), backend="test_fake")
+        assert calls[-1] == ("fwd", 0.5, (2, 0))
+        K.attention_backward(out, q, k, v, out, lse, causal=True, backend="test_fake")
+        assert calls[-1] == ("bwd", 0.5, (-1, 0), False)
+        with pytest.raises(ValueError, match="test_fake"):
+            K.attention_backward(out, q, k, v, out, lse, dlse=lse, backend="test_fake")
+        assert K.pick_backend(q, k, v, backend="test_fake") == "test_fake"
+    finally:
+        K.BACKENDS.pop("test_fake", None)
+
+
+# --------------------------------------------------------------------------------------------
+# memory: O(S * block), measured in a subprocess
+
+
+def test_peak_memory_of_a_long_causal_forward_is_linear():
+    """S = 16,384, H = 1 would need 1 GiB for one dense fp32 score matrix alone; the chunked
+    backend must stay under 1 GB peak RSS for the whole process, and its own allocations
+    (peak minus the baseline after creating q, k, v) under half the dense matrix. The full
+    65,536-token, 8-head case is common/bench/cpu_memory.py (too slow for CI on 2 cores)."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "cpu_memory.py"
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, str(script), "--seq", "16384", "--heads", "1",
+                           "--threads", "2", "--json"], capture_output=True, text=True,
+                          env=env, check=False)
+    assert proc.returncode in (0, 1), proc.stderr
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (baseline "
+          f"{r['baseline_rss_bytes'] / 2**20:.0f} MiB), forward {r['forward_s']:.1f} s")
+    assert r["finite"]
+    assert r["dense_scores_bytes"] >= 2**30
+    assert r["peak_rss_bytes"] < 1e9
+    assert r["attention_bytes"] < r["dense_scores_bytes"] / 2
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+def _ok():
+    return make(15, 1, 4, 4, 4, 2, 8)
+
+
+@pytest.mark.parametrize("which,bad,exc,word", [
+    ("q", "notatensor", TypeError, "q"),
+    ("k", np.zeros((1, 4, 2, 8)), TypeError, "k"),
+    ("q", torch.zeros(4, 4, 8, dtype=torch.float64), ValueError, "q"),
+    ("v", torch.zeros(1, 4, 2, dtype=torch.float64), ValueError, "v"),
+    ("q", torch.zeros(1, 4, 4, 8, dtype=torch.int64), TypeError, "q"),
+    ("k", torch.zeros(1, 4, 2, 8, dtype=torch.float32), TypeError, "dtype"),
+    ("q", torch.zeros(2, 4, 4, 8, dtype=torch.float64), ValueError, "batch"),
+    ("q", torch.zeros(1, 4, 3, 8, dtype=torch.float64), ValueError, "heads"),
+    ("k", torch.zeros(1, 4, 2, 4, dtype=torch.float64), ValueError, "head_dim"),
+    ("v", torch.zeros(1, 5, 2, 8, dtype=torch.float64), ValueError, "v"),
+])
+def test_bad_tensors_raise(which, bad, exc, word):
+    args = dict(zip("qkv", _ok()))
+    args[which] = bad
+    with pytest.raises(exc, match=word):
+        K.attention_forward(args["q"], args["k"], args["v"], backend="torch")
+    with pytest.raises(exc, match=word):
+        K.attention(args["q"], args["k"], args["v"], backend="torch")
+
+
+@pytest.mark.parametrize("window,exc", [
+    ((-2, 0), ValueError), ((0, -5), ValueError), (3, TypeError), ((1, 2, 3), TypeError),
+    ((1.0, 2), TypeError), ((True, 0), TypeError), ("ab", TypeError),
+])
+def test_bad_window_raises(window, exc):
+    q, k, v = _ok()
+    with pytest.raises(exc, match="window"):
+        K.attention_forward(q, k, v, window=window, backend="torch")
+
+
+@pytest.mark.parametrize("scale,exc", [
+    (float("nan"), ValueError), (float("inf"), ValueError), ("0.1", TypeError),
+    (True, TypeError), (torch.tensor(0.5), TypeError),
+])
+def test_bad_scale_raises(scale, exc):
+    q, k, v = _ok()
+    with pytest.raises(exc, match="scale"):
+        K.attention_forward(q, k, v, scale=scale, backend="torch")
+
+
+def test_bad_backend_raises():
+    q, k, v = _ok()
+    with pytest.raises(ValueError, match="backend"):
+        K.attention_forward(q, k, v, backend="nope")
+    with pytest.raises((ValueError, TypeError), match="backend"):
+        K.attention_forward(q, k, v, backend=["torch"])
+    if "aten" in K.BACKENDS:  # aten exists but cannot serve CPU tensors
+        with pytest.raises(ValueError, match="aten"):
+            K.attention_forward(q, k, v, backend="aten")
+
+
+def test_bad_backward_arguments_raise():
+    q, k, v = _ok()
+    out, lse = K.attention_forward(q, k, v, backend="torch")
+    dout = torch.ones_like(out)
+    with pytest.raises(ValueError, match="dout"):
+        K.attention_backward(dout[:, :3], q, k, v, out, lse, backend="torch")
+    with pytest.raises(ValueError, match="lse"):
+        K.attention_backward(dout, q, k, v, out, lse[:, :, :3], backend="torch")
+    with pytest.raises(TypeError, match="dout"):
+        K.attention_backward(None, q, k, v, out, lse, backend="torch")
+    with pytest.raises(ValueError, match="dlse"):  # would broadcast silently
+        K.attention_backward(dout, q, k, v, out, lse, dlse=torch.ones(4, dtype=torch.float64),
+                             backend="torch")
+    with pytest.raises(ValueError, match="dlse"):
+        K.attention_backward(dout, q, k, v, out, lse, dlse=lse[:, :1], backend="torch")
+    with pytest.raises(TypeError, match="dout"):
+        K.attention_backward(dout.int(), q, k, v, out, lse, backend="torch")
+
+
+def test_bad_causal_raises():
+    q, k, v = _ok()
+    with pytest.raises(TypeError, match="causal"):
+        K.attention_forward(q, k, v, causal="no", backend="torch")

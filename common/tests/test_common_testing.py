@@ -1,0 +1,272 @@
+"""longattn.common.testing: persistent gloo worlds (1, 2, 3, 4, 8 ranks), reuse across tests,
+hard timeouts for hung ranks, re-raised rank errors, and the error/tolerance helpers.
+
+Timing figures (world start-up, per-call overhead) are printed (``pytest -s``), never asserted.
+The only time bounds asserted are the ones the contract promises: a hung or crashed rank fails
+the call within its timeout instead of blocking.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+from longattn.common.testing import (
+    TOLERANCES,
+    RankError,
+    WorldTimeout,
+    assert_close,
+    rel_error,
+    run_world,
+    world_pids,
+)
+
+SIZES = [1, 2, 3, 4, 8]
+PIDS: dict[int, list[int]] = {}
+
+
+# --------------------------------------------------------------------------------------------
+# functions run on the ranks (module level: the workers import this module by name)
+
+
+def _info(rank, world_size, tag, tensor):
+    t = torch.tensor([float(rank + 1)])
+    dist.all_reduce(t)
+    return {"rank": rank, "world_size": world_size, "dist_rank": dist.get_rank(),
+            "dist_world": dist.get_world_size(), "backend": dist.get_backend(),
+            "pid": os.getpid(), "sum": t.item(), "tag": tag, "tensor": tensor * (rank + 1)}
+
+
+def _trivial(rank, world_size):
+    return rank
+
+
+def _raise_on(rank, world_size, bad):
+    if rank in bad:
+        raise ValueError(f"boom from rank {rank}")
+    return rank
+
+
+def _raise_while_others_wait(rank, world_size):
+    if rank == world_size - 1:
+        raise KeyError("rank gave up before the collective")
+    dist.barrier()  # blocks: the last rank never joins
+    return rank
+
+
+def _hang(rank, world_size):
+    if rank == 1:
+        time.sleep(3600)
+    return rank
+
+
+def _hang_in_collective(rank, world_size):
+    if rank == 0:
+        dist.barrier()
+    else:
+        time.sleep(3600)
+    return rank
+
+
+def _die(rank, world_size):
+    if rank == 1:
+        os._exit(3)
+    return rank
+
+
+def _several_cases(rank, world_size, shapes):
+    """Many checks inside one call (how tests should use a world)."""
+    out = []
+    for s in shapes:
+        t = torch.full((s,), float(rank))
+        dist.all_reduce(t)
+        out.append(t.sum().item())
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# worlds and reuse
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_world_of_each_size(n):
+    t0 = time.perf_counter()
+    res = run_world(n, _info, "hello", torch.arange(3.0))
+    dt = time.perf_counter() - t0
+    assert [r["rank"] for r in res] == list(range(n))  # results in rank order
+    for r in res:
+        assert r["world_size"] == r["dist_world"] == n and r["dist_rank"] == r["rank"]
+        assert r["backend"] == "gloo" and r["tag"] == "hello"
+        assert r["sum"] == n * (n + 1) / 2  # the ranks really talk to each other
+        assert torch.equal(r["tensor"], torch.arange(3.0) * (r["rank"] + 1))
+    pids = [r["pid"] for r in res]
+    assert len(set(pids)) == n and os.getpid() not in pids
+    assert world_pids(n) == pids
+    PIDS.setdefault(n, pids)
+    print(f"\nworld of {n}: first call {dt:.2f} s (includes start-up if it was not running)")
+
+
+def test_worlds_are_reused_across_tests_and_calls():
+    for n in SIZES:
+        if n not in PIDS:  # this test run alone
+            PIDS[n] = [r["pid"] for r in run_world(n, _info, "a", torch.zeros(1))]
+        for _ in range(3):
+            res = run_world(n, _info, "again", torch.ones(1))
+            assert [r["pid"] for r in res] == PIDS[n]
+        assert world_pids(n) == PIDS[n]
+
+
+def test_per_call_overhead_is_measured_and_printed():
+    lines = []
+    for n in (1, 2, 4, 8):
+        run_world(n, _trivial)
+        reps = 30
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            assert run_world(n, _trivial) == list(range(n))
+        ms = (time.perf_counter() - t0) / reps * 1e3
+        lines.append(f"world of {n}: {ms:.2f} ms per run_world call")
+        assert world_pids(n) == PIDS.get(n, world_pids(n))
+    print("\n" + "\n".join(lines))
+
+
+def test_many_cases_in_one_call():
+    shapes = [1, 5, 17, 64]
+    res = run_world(4, _several_cases, shapes)
+    assert res == [[float(6 * s) for s in shapes]] * 4
+
+
+# --------------------------------------------------------------------------------------------
+# failures: errors re-raised with tracebacks, hangs and crashes bounded by the timeout
+
+
+def test_raising_rank_reraises_with_its_traceback():
+    with pytest.raises(RankError) as ei:
+        run_world(2, _raise_on, (1,), timeout=60)
+    msg = str(ei.value)
+    assert "rank 1" in msg and "Traceback" in msg
+    assert "ValueError: boom from rank 1" in msg and "_raise_on" in msg
+    # the world is usable again afterwards
+    assert run_world(2, _trivial) == [0, 1]
+
+
+def test_lowest_failing_rank_is_reported():
+    with pytest.raises(RankError, match="boom from rank 0"):
+        run_world(2, _raise_on, (0, 1), timeout=60)
+    assert run_world(2, _trivial) == [0, 1]
+
+
+def test_rank_error_while_others_block_in_a_collective():
+    timeout = 60
+    t0 = time.perf_counter()
+    with pytest.raises(RankError, match="rank gave up"):
+        run_world(2, _raise_while_others_wait, timeout=timeout)
+    dt = time.perf_counter() - t0
+    print(f"\nerror with blocked peers reported after {dt:.1f} s")
+    assert dt < timeout
+    assert run_world(2, _trivial) == [0, 1]
+
+
+@pytest.mark.parametrize("fn", [_hang, _hang_in_collective])
+def test_hung_rank_fails_within_its_timeout(fn):
+    old = world_pids(2) or [r["pid"] for r in run_world(2, _info, "x", torch.zeros(1))]
+    timeout = 3.0
+    t0 = time.perf_counter()
+    with pytest.raises(WorldTimeout, match="did not finish"):
+        run_world(2, fn, timeout=timeout)
+    dt = time.perf_counter() - t0
+    print(f"\nhung rank detected after {dt:.1f} s (timeout {timeout} s)")
+    assert dt < timeout + 15  # the timeout plus killing the processes
+    assert world_pids(2) is None  # the hung world is gone ...
+    new = [r["pid"] for r in run_world(2, _info, "x", torch.zeros(1))]  # ... and a fresh one works
+    assert set(new).isdisjoint(old)
+
+
+def test_crashed_rank_fails_promptly():
+    """A rank that dies (segfault, os._exit, OOM kill) can never answer: the call must fail
+    with RankError soon, not sit until the (default 120 s) timeout."""
+    timeout = 20.0
+    t0 = time.perf_counter()
+    with pytest.raises(RankError, match="died"):
+        run_world(2, _die, timeout=timeout)
+    dt = time.perf_counter() - t0
+    print(f"\ncrashed rank detected after {dt:.1f} s (timeout {timeout} s)")
+    assert dt < timeout / 2
+    assert run_world(2, _trivial) == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize("n", [0, -1, True, 2.0, "2", None])
+def test_bad_world_size(n):
+    with pytest.raises(ValueError, match="world_size"):
+        run_world(n, _trivial)
+
+
+@pytest.mark.parametrize("fn", [None, "f", 3])
+def test_fn_not_callable(fn):
+    with pytest.raises(TypeError, match="fn"):
+        run_world(1, fn)
+
+
+def test_fn_not_importable_by_name():
+    with pytest.raises((TypeError, ValueError), match="fn"):
+        run_world(1, lambda rank, world_size: rank)
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), "10"])
+def test_bad_timeout(timeout):
+    with pytest.raises((ValueError, TypeError), match="timeout"):
+        run_world(1, _trivial, timeout=timeout)
+
+
+# --------------------------------------------------------------------------------------------
+# rel_error / assert_close / TOLERANCES
+
+
+def test_rel_error_basics():
+    e = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert rel_error(e, e) == 0.0
+    assert math.isclose(rel_error(e + torch.tensor([0.0, 0.5], dtype=torch.float64), e), 0.1)
+    assert math.isclose(rel_error(np.array([1.0, 0.0]), np.zeros(2)), 1.0)  # abs when e == 0
+    assert rel_error(torch.tensor([1.0, 2.0]), np.array([1.0, 2.0])) == 0.0  # mixed types
+    bf = torch.tensor([1.0, 2.0], dtype=torch.bfloat16)
+    assert rel_error(bf, bf.double()) == 0.0
+
+
+def test_rel_error_nan_and_inf_never_pass():
+    e = np.array([1.0, 2.0, -np.inf])
+    assert rel_error(np.array([1.0, np.nan, -np.inf]), e) == math.inf
+    assert rel_error(e, np.array([1.0, np.nan, -np.inf])) == math.inf
+    assert rel_error(np.array([1.0, 2.0, 5.0]), e) == math.inf  # inf on one side only
+    assert rel_error(np.array([1.0, 2.0, np.inf]), e) == math.inf  # +inf vs -inf
+    assert rel_error(np.array([1.0, 2.0, -np.inf]), e) == 0.0  # agreeing -inf ignored
+    assert rel_error(np.array([1.1, 2.0, -np.inf]), e) == pytest.approx(0.1 / math.sqrt(5))
+
+
+def test_rel_error_shape_mismatch():
+    with pytest.raises(ValueError, match="shape"):
+        rel_error(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="shape"):
+        rel_error(np.zeros((3, 1)), np.zeros(3))  # no silent broadcasting
+
+
+def test_assert_close_and_tolerances():
+    assert set(TOLERANCES) == {torch.float64, torch.float32, torch.float16, torch.bfloat16}
+    assert TOLERANCES[torch.float64] <= 1e-10 and TOLERANCES[torch.bfloat16] <= 2e-2
+    e = torch.ones(4, dtype=torch.float64)
+    assert assert_close(e, e) == 0.0
+    assert_close((e * (1 + 1e-3)).bfloat16(), e)  # bf16 tolerance from the dtype
+    with pytest.raises(AssertionError, match="out"):
+        assert_close(e * (1 + 1e-8), e, what="out")
+    with pytest.raises(AssertionError):
+        assert_close(torch.full((4,), float("nan")), e, tol=1e9)
+    assert_close(e * 1.5, e, tol=0.6)
