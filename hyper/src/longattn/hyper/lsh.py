@@ -26,14 +26,28 @@ def gray_rank(code: torch.Tensor) -> torch.Tensor:
     return r
 
 
+_TABLES: dict = {}
+
+
+def _table(r, device):
+    key = (r, str(device))
+    if key not in _TABLES:
+        _TABLES[key] = gray_rank(torch.arange(1 << r)).to(torch.int32).to(device)
+    return _TABLES[key]
+
+
 def lsh_rank(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
     """Gray ranks of the rows of ``x [B, S, H, D]`` as int32 ``[B, H, S]``."""
-    dt = torch.float64 if x.device.type == "cpu" else torch.float32
+    if x.device.type == "cpu":
+        dt = torch.float64
+    else:  # half inputs: tensor-core matmul with fp32 accumulation, no fp32 copy of x
+        dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    r = projections.shape[1]
     w = projections.to(device=x.device, dtype=dt)
     bits = torch.matmul(x.to(dt), w) > 0  # [B, S, H, r]
-    pow2 = 1 << torch.arange(w.shape[1], device=x.device, dtype=torch.int64)
-    code = (bits.to(torch.int64) * pow2).sum(-1)
-    return gray_rank(code).to(torch.int32).transpose(1, 2).contiguous()
+    pow2 = 1 << torch.arange(r, device=x.device, dtype=torch.int32)
+    code = (bits.to(torch.int32) * pow2).sum(-1, dtype=torch.int32)
+    return _table(r, x.device)[code.long()].transpose(1, 2).contiguous()
 
 
 def sort_rows(rank: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ import torch
 
 from longattn.hyper.plan import make_plan
 
+_NK: dict = {}
+
 
 def _dev(generator, device):
     if generator is not None:
@@ -36,7 +38,10 @@ def draw_sample_indices(seqlen_q, seqlen_k, batch, kv_heads, sample_size, *, cau
     dev = _dev(generator, device)
     u = torch.rand(n, batch, kv_heads, sample_size, generator=generator, device=dev,
                    dtype=torch.float64)
-    nk = torch.tensor([c[3] for c in plan.calls], dtype=torch.float64, device=dev)
+    key = (plan, str(dev))
+    if key not in _NK:  # cached: no host-to-device copy (and sync) per call
+        _NK[key] = torch.tensor([c[3] for c in plan.calls], dtype=torch.float64, device=dev)
+    nk = _NK[key]
     idx = torch.minimum((u * nk.view(n, 1, 1, 1)).to(torch.int64),
                         (nk.view(n, 1, 1, 1) - 1).to(torch.int64))
     return idx if device is None else idx.to(device)

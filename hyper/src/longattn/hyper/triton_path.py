@@ -77,9 +77,12 @@ def _sizes(q, v):
 
 def _log_weights(plan, li, m, device):
     """log2(nk / m) per call of level ``li`` (the weight of a sampled column)."""
-    nk = [plan.calls[c][3] for c in plan.levels[li]]
-    return torch.tensor([math.log2(n / m) if m else 0.0 for n in nk], dtype=torch.float32,
-                        device=device)
+    key = ("logw", plan, li, m, str(device))
+    if key not in _CACHE:
+        nk = [plan.calls[c][3] for c in plan.levels[li]]
+        _CACHE[key] = torch.tensor([math.log2(n / m) if m else 0.0 for n in nk],
+                                   dtype=torch.float32, device=device)
+    return _CACHE[key]
 
 
 def _tile_sizes(block_size):
@@ -95,7 +98,8 @@ def _prec(q):
 
 
 def _tune_rows(n):
-    return 1 << max(0, int(n).bit_length() - 1)
+    """Autotuning bucket: small (tests, correctness checks) or large problems."""
+    return int(n >= 32768)
 
 
 def _levels(q, k, rq, rk, samples, plan, r_bits):
@@ -143,8 +147,12 @@ def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, 
     b, s, hq, _ = q.shape
     hkv = k.shape[2]
     d, dv, bd, bdv = _sizes(q, v)
-    o = torch.zeros(b, s, hq, dv, dtype=torch.float32, device=q.device)
-    lse = torch.full((b, hq, s), float("-inf"), dtype=torch.float32, device=q.device)
+    if causal:  # the leaves cover every row
+        o = torch.empty(b, s, hq, dv, dtype=torch.float32, device=q.device)
+        lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+    else:
+        o = torch.zeros(b, s, hq, dv, dtype=torch.float32, device=q.device)
+        lse = torch.full((b, hq, s), float("-inf"), dtype=torch.float32, device=q.device)
     if causal:
         parts = []
         for qv, kv, vv, ov in zip(_leaf_views(plan, q), _leaf_views(plan, k),
