@@ -1,0 +1,276 @@
+"""The ``longattn`` command (also ``python -m longattn.integrations``).
+
+    longattn list                          installed methods, their demo rows and scripts
+    longattn check [--only PKG ...]        correctness matrix of every installed method against
+                                           the float64 oracle on a CPU world of gloo ranks
+    longattn demo [--only PKG ...] [--out DIR]
+                                           the same rows with time and bytes; writes
+                                           demo.json (and demo.png with matplotlib) into DIR
+    longattn bench PKG [ARGS ...]          runs PKG/bench/bench_PKG.py ARGS (common:
+                                           bench_kernels.py), e.g. ``--smoke`` or ``--out DIR``
+    longattn repro --target T [PKG] [ARGS ...]
+                                           runs PKG/bench/repro_PKG.py --target T ARGS
+                                           (PKG defaults to hamilton)
+
+``check`` and ``demo`` call every package's demo entry point (group ``longattn.demo``:
+``rows(run_world) -> list[dict]``), exactly as ``nox -s demo`` does; a row passes when its
+``rel_err`` is finite and at most its ``tol`` (2e-2 when the row gives none). They run on the
+CPU (``TRITON_INTERPRET=1``, JAX on 8 CPU devices, one thread per rank) and exit 1 when a row
+fails. ``bench`` and ``repro`` run the package's script from the source checkout (scripts are
+not part of the wheels) with this Python, in the checkout's root, and return its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import traceback
+from importlib.metadata import entry_points
+from pathlib import Path
+
+PACKAGES = ["common", "hamilton", "tree", "hyper", "ring_swa", "dilated", "integrations"]
+CPU_ENV = {
+    "TRITON_INTERPRET": "1",  # Triton kernels on the CPU interpreter (set before triton loads)
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+    "JAX_PLATFORMS": "cpu",
+    "OMP_NUM_THREADS": "1",
+}
+DEFAULT_TOL = 2e-2
+
+
+# ---------------------------------------------------------------------------------------------
+# rows: demo and check
+
+
+def demo_entry_points(only=None):
+    """The ``longattn.demo`` entry points, sorted by name (``only``: names to keep)."""
+    eps = entry_points()
+    group = eps.select(group="longattn.demo") if hasattr(eps, "select") else eps.get(
+        "longattn.demo", [])
+    found = sorted(group, key=lambda e: e.name)
+    if only:
+        unknown = sorted(set(only) - {e.name for e in found})
+        if unknown:
+            raise SystemExit(f"longattn: no demo rows for {unknown}; installed: "
+                             f"{[e.name for e in found]}")
+        found = [e for e in found if e.name in only]
+    return found
+
+
+def collect_rows(only=None, run_world=None, log=print):
+    """Every installed package's demo rows; a package that raises gives one failing row."""
+    if run_world is None:
+        from longattn.common.testing import run_world
+    rows = []
+    for ep in demo_entry_points(only):
+        t0 = time.perf_counter()
+        try:
+            got = list(ep.load()(run_world))
+        except Exception as e:  # noqa: BLE001 - one broken package must not hide the others
+            traceback.print_exc()
+            got = [{"method": ep.name, "what": f"FAILED: {type(e).__name__}: {e}"[:100],
+                    "rel_err": float("inf")}]
+        log(f"  {ep.name}: {len(got)} rows in {time.perf_counter() - t0:.1f} s")
+        rows += got
+    return rows
+
+
+def row_passes(row) -> bool:
+    err = row.get("rel_err")
+    err = 0.0 if err is None else float(err)
+    tol = row.get("tol")
+    return math.isfinite(err) and err <= float(DEFAULT_TOL if tol is None else tol)
+
+
+def check_table(rows) -> str:
+    from longattn.common.bench import format_table
+
+    table = [{**r, "tol": r.get("tol", DEFAULT_TOL), "ok": "PASS" if row_passes(r) else "FAIL"}
+             for r in rows]
+    return format_table(table, ["method", "what", "shape", "rel_err", "tol", "ok"])
+
+
+def _plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels = [f"{r.get('method')}: {r.get('what')}"[:60] for r in rows]
+    errs = [max(float(r.get("rel_err") or 0.0), 1e-18) for r in rows]
+    errs = [e if math.isfinite(e) else 1.0 for e in errs]
+    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), errs,
+            color=["tab:green" if row_passes(r) else "tab:red" for r in rows])
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("relative error against the float64 oracle / single-process model")
+    ax.set_title("longattn demo: CPU world of gloo ranks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def cmd_check(args) -> int:
+    t0 = time.perf_counter()
+    print("longattn check: every installed method against the oracle, CPU gloo world",
+          flush=True)
+    rows = collect_rows(args.only)
+    print(check_table(rows))
+    bad = [r for r in rows if not row_passes(r)]
+    print(f"{len(rows)} rows, {len(bad)} failed, {time.perf_counter() - t0:.1f} s")
+    return 1 if bad or not rows else 0
+
+
+def cmd_demo(args) -> int:
+    from longattn.common.bench import format_table
+
+    t0 = time.perf_counter()
+    print("longattn demo: every installed method on a CPU world of gloo ranks", flush=True)
+    rows = collect_rows(args.only)
+    print(format_table(rows, ["method", "what", "shape", "rel_err", "time_ms", "bytes"]))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "demo.json"), "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+    plotted = _plot(rows, os.path.join(args.out, "demo.png")) if rows else False
+    bad = [r for r in rows if not row_passes(r)]
+    print(f"{len(rows)} rows, {len(bad)} over tolerance, {time.perf_counter() - t0:.1f} s; "
+          f"results in {args.out}/demo.json" + (", demo.png" if plotted else ""))
+    return 1 if bad or not rows else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts: bench and repro
+
+
+def package_dir(pkg: str) -> Path | None:
+    """The package's folder in the source checkout (``<root>/<pkg>``), if there is one: next
+    to its editable install's sources, or under the current directory."""
+    try:
+        spec = importlib.util.find_spec(f"longattn.{pkg}")
+    except ModuleNotFoundError:
+        spec = None
+    candidates = []
+    for loc in (getattr(spec, "submodule_search_locations", None) or []):
+        candidates.append(Path(loc).resolve().parents[2])  # <pkg>/src/longattn/<pkg>
+    candidates.append(Path.cwd() / pkg)
+    for c in candidates:
+        if (c / "pyproject.toml").exists() and c.name == pkg:
+            return c
+    return None
+
+
+def find_script(pkg: str, kind: str) -> Path:
+    """``<root>/<pkg>/bench/bench_<pkg>.py`` (``bench_kernels.py`` for common) or
+    ``repro_<pkg>.py``; SystemExit with what exists when it is missing."""
+    if pkg not in PACKAGES:
+        raise SystemExit(f"longattn: PKG must be one of {PACKAGES}, got {pkg!r}")
+    name = "bench_kernels.py" if (kind, pkg) == ("bench", "common") else f"{kind}_{pkg}.py"
+    where = package_dir(pkg)
+    if where is None:
+        raise SystemExit(f"longattn: no source checkout of {pkg!r} found (scripts ship with the "
+                         "repository, not the wheels); run from the repository root")
+    path = where / "bench" / name
+    if not path.exists():
+        have = sorted(p.name for p in (where / "bench").glob("*.py")) if (
+            where / "bench").is_dir() else []
+        raise SystemExit(f"longattn: {path} does not exist; {pkg}/bench has {have or 'nothing'}")
+    return path
+
+
+def _run_script(path: Path, argv) -> int:
+    cmd = [sys.executable, str(path), *argv]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=str(path.parents[2]))
+
+
+def cmd_bench(args) -> int:
+    return _run_script(find_script(args.pkg, "bench"), args.args)
+
+
+def cmd_repro(args) -> int:
+    try:
+        from longattn.common.topology import TARGETS
+    except ImportError:
+        TARGETS = None
+    if TARGETS is not None and args.target not in TARGETS:
+        raise SystemExit(f"longattn: --target must be one of {sorted(TARGETS)}, "
+                         f"got {args.target!r}")
+    return _run_script(find_script(args.pkg, "repro"), ["--target", args.target, *args.args])
+
+
+def cmd_list(args) -> int:
+    from longattn.common.bench import format_table
+
+    demos = {e.name for e in demo_entry_points()}
+    rows = []
+    for pkg in PACKAGES:
+        if importlib.util.find_spec(f"longattn.{pkg}") is None:
+            continue
+        where = package_dir(pkg)
+        scripts = sorted(p.name for p in (where / "bench").glob("*.py")) if (
+            where is not None and (where / "bench").is_dir()) else []
+        rows.append({"package": pkg, "demo rows": "yes" if pkg in demos else "",
+                     "scripts": " ".join(scripts), "source": str(where or "")})
+    print(format_table(rows, ["package", "demo rows", "scripts", "source"]))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="longattn", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:13]) + "\n")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("list", help="installed methods, demo rows and scripts")
+    p.set_defaults(fn=cmd_list)
+    p = sub.add_parser("check", help="correctness matrix against the oracle (CPU world)")
+    p.add_argument("--only", nargs="+", metavar="PKG", help="only these packages' rows")
+    p.set_defaults(fn=cmd_check, cpu=True)
+    p = sub.add_parser("demo", help="demo rows with time and bytes, JSON and plot")
+    p.add_argument("--only", nargs="+", metavar="PKG", help="only these packages' rows")
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.set_defaults(fn=cmd_demo, cpu=True)
+    p = sub.add_parser("bench", help="a package's GPU benchmark script")
+    p.add_argument("pkg", choices=PACKAGES)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (--smoke, --out)")
+    p.set_defaults(fn=cmd_bench)
+    p = sub.add_parser("repro", help="a package's reproduction sweep for a hardware target")
+    p.add_argument("--target", required=True, help="H100-1, H100-2, H100-4 or MI300X-1")
+    p.add_argument("pkg", nargs="?", default="hamilton", choices=PACKAGES)
+    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (--dry-run)")
+    p.set_defaults(fn=cmd_repro)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = parser()
+    args, extra = ap.parse_known_args(argv)
+    if extra:  # options for the script (``longattn repro --target H100-1 --dry-run``)
+        if args.cmd not in ("bench", "repro"):
+            ap.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.args = [*args.args, *extra]
+    if getattr(args, "cpu", False):
+        for k, v in CPU_ENV.items():
+            os.environ.setdefault(k, v)
+        os.environ.setdefault("PYTHONUNBUFFERED", "1")
+        import torch
+
+        torch.set_num_threads(1)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

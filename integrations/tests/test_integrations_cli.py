@@ -1,0 +1,113 @@
+"""The ``longattn`` command: row collection and the pass/fail rule, script lookup, errors,
+and this package's own demo rows on a real 4-rank world."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from longattn.integrations import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("row,ok", [
+    ({"rel_err": 1e-12, "tol": 1e-10}, True),
+    ({"rel_err": 1e-9, "tol": 1e-10}, False),
+    ({"rel_err": 1e-2}, True),  # default tolerance 2e-2
+    ({"rel_err": 3e-2}, False),
+    ({"rel_err": float("nan")}, False),
+    ({"rel_err": float("inf"), "tol": 1e300}, False),
+    ({"rel_err": None}, True),  # a row that makes no accuracy claim (a timing row)
+])
+def test_row_pass_rule(row, ok):
+    assert cli.row_passes(row) is ok
+
+
+def _stub_rows(rows):
+    def collect(only=None, run_world=None, log=print):
+        return rows
+    return collect
+
+
+def test_check_exit_code_and_table(monkeypatch, capsys):
+    good = {"method": "m", "what": "w", "shape": "s", "rel_err": 1e-12, "tol": 1e-10}
+    bad = {**good, "what": "broken", "rel_err": float("nan")}
+    monkeypatch.setattr(cli, "collect_rows", _stub_rows([good]))
+    assert cli.main(["check"]) == 0
+    monkeypatch.setattr(cli, "collect_rows", _stub_rows([good, bad]))
+    assert cli.main(["check"]) == 1
+    out = capsys.readouterr().out
+    assert "PASS" in out and "FAIL" in out and "broken" in out
+    monkeypatch.setattr(cli, "collect_rows", _stub_rows([]))
+    assert cli.main(["check"]) == 1  # nothing checked is not a pass
+
+
+def test_demo_writes_json(monkeypatch, tmp_path):
+    rows = [{"method": "m", "what": "w", "shape": "s", "rel_err": 1e-12, "tol": 1e-10,
+             "time_ms": 1.5, "bytes": 64}]
+    monkeypatch.setattr(cli, "collect_rows", _stub_rows(rows))
+    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
+    assert '"bytes": 64' in (tmp_path / "demo.json").read_text()
+
+
+def test_a_package_that_raises_gives_a_failing_row(monkeypatch):
+    class EP:
+        name = "boom"
+
+        def load(self):
+            def rows(run_world):
+                raise RuntimeError("kaput")
+            return rows
+
+    monkeypatch.setattr(cli, "demo_entry_points", lambda only=None: [EP()])
+    rows = cli.collect_rows(run_world=object())
+    assert len(rows) == 1 and "kaput" in rows[0]["what"] and not cli.row_passes(rows[0])
+
+
+def test_unknown_only_package():
+    with pytest.raises(SystemExit, match="no demo rows"):
+        cli.main(["check", "--only", "nonexistent"])
+
+
+def test_bench_and_repro_run_the_package_scripts(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
+    assert cli.main(["bench", "common", "--smoke", "--out", "x"]) == 0
+    cmd, cwd = calls[-1]
+    assert cmd[1] == str(ROOT / "common" / "bench" / "bench_kernels.py")
+    assert cmd[2:] == ["--smoke", "--out", "x"] and cwd == str(ROOT)
+    script = ROOT / "hamilton" / "bench" / "repro_hamilton.py"
+    if script.exists():
+        assert cli.main(["repro", "--target", "H100-2", "--dry-run"]) == 0
+        assert calls[-1][0][1:] == [str(script), "--target", "H100-2", "--dry-run"]
+
+
+def test_script_errors():
+    with pytest.raises(SystemExit, match="does not exist"):
+        cli.main(["bench", "integrations"])
+    with pytest.raises(SystemExit, match="target must be one of"):
+        cli.main(["repro", "--target", "TPU-9"])
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "nonexistent"])  # argparse: invalid choice
+    with pytest.raises(SystemExit):
+        cli.main(["demo", "--smoke"])  # unknown options only pass through to scripts
+
+
+def test_module_entry_point():
+    res = subprocess.run([sys.executable, "-m", "longattn.integrations", "list"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "integrations" in res.stdout and "bench_kernels.py" in res.stdout
+
+
+def test_integrations_demo_rows_on_a_4_rank_world(capsys):
+    rows = cli.collect_rows(["integrations"])
+    assert len(rows) == 3
+    for r in rows:
+        assert cli.row_passes(r), r
+        assert r["rel_err"] <= 1e-10
+    assert rows[0]["bytes"] > 0  # the attention communicated
