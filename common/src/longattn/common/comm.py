@@ -69,6 +69,8 @@ def counting():
 
 def record(kind: str, peer: int, nbytes: int) -> None:
     """Add a message to every active counter (for collectives issued outside this module)."""
+    if kind not in ("send", "recv"):
+        raise ValueError(f"kind must be 'send' or 'recv', got {kind!r}")
     for c in _COUNTERS:
         c.add(kind, peer, nbytes)
 
@@ -103,20 +105,24 @@ def exchange(sends, recvs, group=None, *, stream=None) -> Handle:
     Tensors must be contiguous. Messages to or from this rank itself are not allowed (copy
     locally instead). Returns a :class:`Handle`.
     """
-    me = dist.get_rank(group)
+    me, n = dist.get_rank(group), dist.get_world_size(group)
+    # Validate everything first, so a rejected call neither posts nor counts anything.
+    for kind, pairs in (("send", sends), ("recv", recvs)):
+        for t, peer in pairs:
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"exchange: {kind} buffers must be tensors, got {type(t).__name__}")
+            if not t.is_contiguous():
+                raise ValueError(f"exchange: {kind} tensors must be contiguous")
+            if isinstance(peer, bool) or not isinstance(peer, int) or not 0 <= peer < n:
+                raise ValueError(
+                    f"exchange: {kind} peer must be a group rank in [0, {n}), got {peer!r}")
+            if peer == me:
+                raise ValueError(f"exchange: {kind} to/from self (rank {me}); copy locally")
     ops = []
     for t, dst in sends:
-        if dst == me:
-            raise ValueError(f"exchange: send to self (rank {me})")
-        if not t.is_contiguous():
-            raise ValueError("exchange: send tensors must be contiguous")
         ops.append(dist.P2POp(dist.isend, t, _global(group, dst), group))
         record("send", dst, nbytes(t))
     for t, src in recvs:
-        if src == me:
-            raise ValueError(f"exchange: receive from self (rank {me})")
-        if not t.is_contiguous():
-            raise ValueError("exchange: recv tensors must be contiguous")
         ops.append(dist.P2POp(dist.irecv, t, _global(group, src), group))
         record("recv", src, nbytes(t))
     note_call()
@@ -139,6 +145,11 @@ def ring_exchange(send_buf, recv_buf, group=None, *, shift: int = 1, stream=None
     n, me = dist.get_world_size(group), dist.get_rank(group)
     if n == 1 or shift % n == 0:
         raise ValueError(f"ring_exchange needs a peer: world size {n}, shift {shift}")
+    if send_buf.dtype != recv_buf.dtype or send_buf.shape != recv_buf.shape:
+        raise ValueError(
+            f"ring_exchange: recv_buf {tuple(recv_buf.shape)} {recv_buf.dtype} must match the "
+            f"shape and dtype of send_buf {tuple(send_buf.shape)} {send_buf.dtype} (every rank "
+            "sends the same kind of block)")
     return exchange([(send_buf, (me + shift) % n)], [(recv_buf, (me - shift) % n)], group,
                     stream=stream)
 
@@ -146,7 +157,10 @@ def ring_exchange(send_buf, recv_buf, group=None, *, shift: int = 1, stream=None
 def all_to_all_step(send_chunks, recv_chunks, group=None, *, stream=None) -> Handle:
     """One all-to-all: ``send_chunks[p]`` goes to group rank p and ``recv_chunks[p]`` comes from
     it (entries for this rank are ignored; ``None`` or empty tensors send nothing)."""
-    me = dist.get_rank(group)
+    me, n = dist.get_rank(group), dist.get_world_size(group)
+    if len(send_chunks) != n or len(recv_chunks) != n:
+        raise ValueError(f"all_to_all_step: send_chunks and recv_chunks need one entry per rank "
+                         f"({n}), got {len(send_chunks)} and {len(recv_chunks)}")
     sends = [(t, p) for p, t in enumerate(send_chunks) if p != me and t is not None and t.numel()]
     recvs = [(t, p) for p, t in enumerate(recv_chunks) if p != me and t is not None and t.numel()]
     return exchange(sends, recvs, group, stream=stream)

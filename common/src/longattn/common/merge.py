@@ -16,6 +16,11 @@ def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _dead(lse):
+    """[B, H, S] -> [B, S, H, 1] mask of rows with lse = -inf."""
+    return torch.isneginf(lse).transpose(1, 2).unsqueeze(-1)
+
+
 def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor):
     """(w_b [B,H,S], new_lse) with w_b = exp(lse_b - new_lse), exact at -inf."""
     a_dead = torch.isneginf(lse_a)
@@ -31,23 +36,41 @@ def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor):
     return w_b, new
 
 
+def _check(out_a, lse_a, out_b, lse_b, names=("out_a", "lse_a", "out_b", "lse_b")):
+    for name, t in zip(names, (out_a, lse_a, out_b, lse_b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if out_a.ndim != 4:
+        raise ValueError(f"{names[0]} must be [B, S, H, D], got {tuple(out_a.shape)}")
+    want = (out_a.shape[0], out_a.shape[2], out_a.shape[1])
+    if out_b.shape != out_a.shape:
+        raise ValueError(f"{names[2]} shape {tuple(out_b.shape)} must match {names[0]} shape "
+                         f"{tuple(out_a.shape)}")
+    for name, t in ((names[1], lse_a), (names[3], lse_b)):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must be [B, H, S] = {want} for out [B, S, H, D] = "
+                             f"{tuple(out_a.shape)}, got {tuple(t.shape)}")
+
+
 def merge_partials(out_a, lse_a, out_b, lse_b):
     """Return ``(out, lse)`` of attention over the union of the two partials' keys.
 
     Differentiable (autograd flows through both sides). ``out`` is returned in the
     accumulation dtype (float32, or float64 for float64 inputs).
     """
-    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
-        raise ValueError(
-            f"merge_partials: shapes differ: out {tuple(out_a.shape)} vs {tuple(out_b.shape)}, "
-            f"lse {tuple(lse_a.shape)} vs {tuple(lse_b.shape)}"
-        )
+    _check(out_a, lse_a, out_b, lse_b)
     acc = _acc_dtype(out_a)
     lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     w_b, lse = _weights(lse_a, lse_b)
     w = w_b.transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
-    oa, ob = out_a.to(acc), out_b.to(acc)
-    return oa - w * (oa - ob), lse
+    a_dead, b_dead = _dead(lse_a), _dead(lse_b)
+    # A dead side (lse = -inf) contributes nothing, whatever its out holds (even NaN): zero it
+    # before the arithmetic, then select exactly.
+    oa = torch.where(a_dead, 0.0, out_a.to(acc))
+    ob = torch.where(b_dead, 0.0, out_b.to(acc))
+    out = torch.where(a_dead, ob, oa - w * (oa - ob))
+    out = torch.where(b_dead, oa, out)
+    return out, lse
 
 
 @torch.no_grad()
@@ -57,8 +80,16 @@ def merge_partials_(out, lse, out_b, lse_b):
     ``out`` and ``lse`` must already be in the accumulation dtype; they may be views (e.g. the
     back half of the rows, as zigzag ring attention needs). Returns ``(out, lse)``.
     """
+    _check(out, lse, out_b, lse_b, ("out", "lse", "out_b", "lse_b"))
+    for name, t in (("out", out), ("lse", lse)):
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"accumulator {name} must be float32 or float64, got {t.dtype}")
     w_b, new = _weights(lse, lse_b.to(lse.dtype))
     w = w_b.transpose(1, 2).unsqueeze(-1)
-    out.sub_(w * (out - out_b.to(out.dtype)))
+    a_dead, b_dead = _dead(lse), _dead(lse_b)
+    ob = torch.where(b_dead, 0.0, out_b.to(out.dtype))
+    oa = out.masked_fill_(a_dead, 0.0)
+    res = torch.where(a_dead, ob, oa - w * (oa - ob))
+    out.copy_(torch.where(b_dead, oa, res))
     lse.copy_(new)
     return out, lse

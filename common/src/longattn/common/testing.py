@@ -132,10 +132,14 @@ class _World:
         deadline = time.monotonic() + 60 + 10 * n
         while ready < n:
             try:
-                _, tag, _ = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
+                _, tag, _ = self.results.get(timeout=0.5)
             except queue.Empty:
-                self.kill()
-                raise WorldTimeout(f"world of {n} ranks did not start") from None
+                dead = [r for r, p in enumerate(self.procs) if not p.is_alive()]
+                if dead or time.monotonic() > deadline:
+                    self.kill()
+                    why = f"ranks {dead} exited" if dead else "timed out"
+                    raise WorldTimeout(f"world of {n} ranks did not start ({why})") from None
+                continue
             ready += tag == "ready"
 
     def alive(self):
@@ -153,8 +157,8 @@ class _World:
             remaining = deadline - time.monotonic()
             if first_err is not None:  # give the others a moment to fail too, then give up
                 remaining = min(remaining, first_err[1] + 3.0 - time.monotonic())
-            try:
-                rank, task_id, res = self.results.get(timeout=max(0.05, remaining))
+            try:  # poll, so a crashed rank is noticed within half a second
+                rank, task_id, res = self.results.get(timeout=min(0.5, max(0.05, remaining)))
             except queue.Empty:
                 if first_err is not None:
                     break
@@ -212,6 +216,15 @@ def run_world(world_size: int, fn, *args, timeout: float | None = None):
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    try:
+        pickle.dumps(fn)
+    except (pickle.PicklingError, AttributeError, TypeError) as e:
+        raise TypeError(f"fn must be a module-level function importable by name ({e})") from None
+    if timeout is not None:
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+            raise TypeError(f"timeout must be a number of seconds, got {timeout!r}")
+        if not timeout > 0 or timeout == float("inf"):
+            raise ValueError(f"timeout must be positive and finite, got {timeout}")
     timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
     w = _WORLDS.get(world_size)
     if w is None or not w.alive():

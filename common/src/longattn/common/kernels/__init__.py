@@ -110,6 +110,17 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     """Gradients of this step given the final ``out``/``lse``. Returns ``(dq, dk, dv)`` in the
     dtypes of q, k, v."""
     check_qkv(q, k, v)
+    from longattn.common.checks import check_tensor
+
+    for name, t in (("dout", dout), ("out", out), ("lse", lse)):
+        check_tensor(name, t)
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if dlse is not None:
+        check_tensor("dlse", dlse)
+        if tuple(dlse.shape) != tuple(lse.shape):
+            raise ValueError(f"dlse must have the shape of lse {tuple(lse.shape)}, "
+                             f"got {tuple(dlse.shape)}")
     if dout.shape != out.shape or out.shape[:-1] != q.shape[:-1]:
         raise ValueError(
             f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be [B, Sq, Hq, Dv] "
