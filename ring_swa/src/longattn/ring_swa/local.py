@@ -15,13 +15,22 @@ from __future__ import annotations
 
 import torch
 
-from longattn.common.kernels import attention_backward, attention_forward
+from longattn.common.kernels import Request, attention_backward, attention_forward
 from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
 from longattn.common.merge import merge_partials
+from longattn.ring_swa import band
 
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def window_backend(q, k, v, window, backend):
+    """``"band"`` (dense cuDNN pieces, see :mod:`longattn.ring_swa.band`) for ``auto`` when it
+    is enabled and serves this causal window; otherwise ``backend`` unchanged."""
+    if backend == "auto" and band.ENABLED and band.supports(Request(q, k, v, True, window)) is None:
+        return "band"
+    return backend
 
 
 def dense_forward(q, k, v, *, scale, window_size, num_sink_tokens=0, backend="auto"):
@@ -30,13 +39,15 @@ def dense_forward(q, k, v, *, scale, window_size, num_sink_tokens=0, backend="au
     ns = min(num_sink_tokens, s)
     win = (window_size, 0)
     if ns == 0:
-        return attention_forward(q, k, v, scale=scale, causal=True, window=win, backend=backend)
+        return attention_forward(q, k, v, scale=scale, causal=True, window=win,
+                                 backend=window_backend(q, k, v, win, backend))
     o_s, l_s = attention_forward(q, k[:, :ns].contiguous(), v[:, :ns].contiguous(), scale=scale,
                                  window=(-1, s - ns), backend=backend)
     if ns == s:
         return o_s, l_s
-    o_w, l_w = attention_forward(q, k[:, ns:].contiguous(), v[:, ns:].contiguous(), scale=scale,
-                                 causal=True, window=win, backend=backend)
+    kw, vw = k[:, ns:].contiguous(), v[:, ns:].contiguous()
+    o_w, l_w = attention_forward(q, kw, vw, scale=scale, causal=True, window=win,
+                                 backend=window_backend(q, kw, vw, win, backend))
     out, lse = merge_partials(o_w, l_w, o_s, l_s)
     return out.to(q.dtype), lse
 
@@ -48,15 +59,16 @@ def dense_backward(dout, q, k, v, out, lse, *, scale, window_size, num_sink_toke
     win = (window_size, 0)
     if ns == 0:
         return attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True, window=win,
-                                  backend=backend)
+                                  backend=window_backend(q, k, v, win, backend))
     dq, dk_s, dv_s = attention_backward(dout, q, k[:, :ns].contiguous(), v[:, :ns].contiguous(),
                                         out, lse, scale=scale, window=(-1, s - ns),
                                         backend=backend)
     if ns == s:
         return dq, dk_s, dv_s
-    dq_w, dk_w, dv_w = attention_backward(dout, q, k[:, ns:].contiguous(),
-                                          v[:, ns:].contiguous(), out, lse, scale=scale,
-                                          causal=True, window=win, backend=backend)
+    kw, vw = k[:, ns:].contiguous(), v[:, ns:].contiguous()
+    dq_w, dk_w, dv_w = attention_backward(dout, q, kw, vw, out, lse, scale=scale, causal=True,
+                                          window=win,
+                                          backend=window_backend(q, kw, vw, win, backend))
     acc = _acc(q.dtype)
     dq = (dq.to(acc) + dq_w.to(acc)).to(q.dtype)
     return dq, torch.cat([dk_s, dk_w], dim=1), torch.cat([dv_s, dv_w], dim=1)

@@ -1,0 +1,259 @@
+"""Causal sliding window from dense cuDNN calls on chunk pairs: the ``"band"`` backend (CUDA).
+
+Window ``(W, 0)`` with ``Sq == Sk == S`` (query i sees keys ``[i - W, i]``). Cut the sequence
+into ``S / c`` chunks of ``c = W / SPLIT`` tokens; query chunk t then sees
+
+* ``diag``: its own chunk, causally                          -> cuDNN causal;
+* ``full``: chunks ``t - 1 .. t - SPLIT + 1`` entirely         -> cuDNN without mask;
+* ``anti``: chunk ``t - SPLIT`` where key b >= query a          -> the "anti-causal" triangle:
+  ``ANTI = "flip"`` runs cuDNN causal on both chunks reversed in time (b >= a becomes
+  b' <= a'), ``ANTI = "flash"`` runs FlashAttention-2 with the window ``(0, -1)``.
+
+That is exactly the band (4 S W H D useful flops, half-tiles skipped by the causal kernels).
+Every piece is ONE call with the chunks as the batch dimension (views of q/k/v, no copies for
+B = 1; "flip" copies q/k/v once). cuDNN only has an upper-bound (causal) mask, and the lower
+edge of a band always needs a lower bound: hence the flip or the flash call for that triangle.
+
+The partials are merged by one fused Triton kernel (one read of each partial, one write; it
+reads the reversed ``anti`` partial in place) when Triton is available, else with
+:func:`longattn.common.merge.merge_partials_`. Backward: the same pieces with the final
+``out`` / ``lse`` (the cuDNN / flash backward ops), gradients summed in the input dtype.
+
+Registered as backend ``"band"`` (opt-in: ``backend="band"``; ring_swa's local window step uses
+it on CUDA when ``ENABLED``). ``PIECE_BACKEND`` / ``MERGE`` let the CPU tests run the same
+decomposition with the torch backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longattn.common.kernels import (
+    BACKENDS,
+    Backend,
+    attention_backward,
+    attention_forward,
+    register_backend,
+)
+from longattn.common.merge import merge_partials_
+
+SPLIT = 1  # chunks per window: 1 (diag + anti) or 2 (diag + full + anti)
+ANTI = "flip"  # "flip" (cuDNN causal on reversed chunks) or "flash" (FA2 window (0, -1))
+MIN_CHUNK = 128
+ENABLED = True  # ring_swa's local window step prefers this backend on CUDA when it supports
+PIECE_BACKEND = "aten"
+MERGE = "auto"  # "auto": Triton on CUDA, torch otherwise; "torch"; "triton"
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def geometry(s_q, s_k, window, split=None):
+    """``(chunk, num_chunks)`` for this call, or None when the decomposition does not apply."""
+    split = SPLIT if split is None else split
+    left, right = window
+    if right != 0 or left < 1 or s_q != s_k or left % split:
+        return None
+    c = left // split
+    if c < MIN_CHUNK or s_q % c or s_q // c <= split:
+        return None
+    return c, s_q // c
+
+
+def supports(req):
+    q, v = req.q, req.v
+    if q.device.type != "cuda":
+        return "needs CUDA tensors"
+    if q.dtype not in _HALF:
+        return f"needs fp16/bf16, got {q.dtype}"
+    if req.needs_dlse:
+        return "cannot take dlse"
+    if PIECE_BACKEND not in BACKENDS:
+        return f"needs the {PIECE_BACKEND!r} backend"
+    d = q.shape[-1]
+    if d % 8 or d > 128 or v.shape[-1] != d:
+        return f"head_dim {d} (v {v.shape[-1]}) must be a multiple of 8, <= 128, equal"
+    if geometry(q.shape[1], req.k.shape[1], req.window) is None:
+        return (f"window {req.window} with S={q.shape[1]} does not split into chunks of "
+                f"W/{SPLIT} >= {MIN_CHUNK} tokens")
+    return None
+
+
+def _flat(x):
+    return x.reshape(-1, *x.shape[2:])
+
+
+def _pieces(qc, kc, vc, split, anti):
+    """(name, query chunk offset j, q, k, v, causal, window, flipped) of every piece."""
+    nc = qc.shape[1]
+    out = [("diag", 0, qc, kc, vc, True, (-1, -1), False)]
+    for j in range(1, split):
+        out.append(("full", j, qc[:, j:], kc[:, :nc - j], vc[:, :nc - j], False, (-1, -1),
+                    False))
+    m = split
+    qa, ka, va = qc[:, m:], kc[:, :nc - m], vc[:, :nc - m]
+    if anti == "flip":
+        out.append(("anti", m, qa, ka, va, True, (-1, -1), True))
+    elif anti == "flash":
+        out.append(("anti", m, qa, ka, va, False, (0, -1), False))
+    else:
+        raise ValueError(f"anti must be 'flip' or 'flash', got {anti!r}")
+    return out
+
+
+def _prep(x, flipped):
+    return _flat(x.flip(2) if flipped else x).contiguous()
+
+
+def forward(q, k, v, *, scale, window, split=None, anti=None, merge=None, backend=None):
+    split = SPLIT if split is None else split
+    anti = ANTI if anti is None else anti
+    backend = PIECE_BACKEND if backend is None else backend
+    c, nc = geometry(q.shape[1], k.shape[1], window, split)
+    b, s, h, d = q.shape
+    qc, kc, vc = (x.reshape(b, nc, c, *x.shape[2:]) for x in (q, k, v))
+    parts = []
+    for _, j, qp, kp, vp, causal, win, flipped in _pieces(qc, kc, vc, split, anti):
+        o, lse = attention_forward(_prep(qp, flipped), _prep(kp, flipped), _prep(vp, flipped),
+                                   scale=scale, causal=causal, window=win, backend=backend)
+        parts.append((o, lse, j, flipped))
+    merge = MERGE if merge is None else merge
+    if merge == "triton" or (merge == "auto" and q.is_cuda and _triton_ok(q, v)):
+        return _merge_triton(parts, b, nc, c, h, v.shape[-1], q.dtype)
+    return _merge_torch(parts, b, nc, c, h, v.shape[-1], q.dtype)
+
+
+def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None, split=None, anti=None,
+             backend=None):
+    if dlse is not None:
+        raise ValueError("the band backend cannot take dlse")
+    split = SPLIT if split is None else split
+    anti = ANTI if anti is None else anti
+    backend = PIECE_BACKEND if backend is None else backend
+    c, nc = geometry(q.shape[1], k.shape[1], window, split)
+    b, s, h, d = q.shape
+    qc, kc, vc, doc, oc = (x.reshape(b, nc, c, *x.shape[2:]) for x in (q, k, v, dout, out))
+    lc = lse.reshape(b, h, nc, c).permute(0, 2, 1, 3)  # [B, nc, H, c]
+    grads = None
+    for _, j, qp, kp, vp, causal, win, flipped in _pieces(qc, kc, vc, split, anti):
+        lp = lc[:, j:]
+        if flipped:
+            lp = lp.flip(3)
+        g = attention_backward(_prep(doc[:, j:], flipped), _prep(qp, flipped),
+                               _prep(kp, flipped), _prep(vp, flipped), _prep(oc[:, j:], flipped),
+                               _flat(lp).contiguous(), scale=scale, causal=causal, window=win,
+                               backend=backend)
+        g = [x.view(b, -1, c, *x.shape[2:]) for x in g]
+        if flipped:
+            g = [x.flip(2) for x in g]
+        if grads is None:  # diag: every chunk
+            grads = g
+            continue
+        grads[0][:, j:] += g[0]
+        grads[1][:, :nc - j] += g[1]
+        grads[2][:, :nc - j] += g[2]
+    dq, dk, dv = (x.reshape(b, s, *x.shape[3:]) for x in grads)
+    return dq, dk, dv
+
+
+# --------------------------------------------------------------------------------------------
+# merging the partials
+
+
+def _merge_torch(parts, b, nc, c, h, dv, dtype):
+    acc = _acc(dtype)
+    o0, l0 = parts[0][:2]
+    out = o0.to(acc).reshape(b, nc, c, h, dv).clone()
+    lse = l0.to(acc).reshape(b, nc, h, c).clone()
+    for o, lp, j, flipped in parts[1:]:
+        o, lp = o.reshape(b, nc - j, c, h, dv), lp.reshape(b, nc - j, h, c)
+        if flipped:
+            o, lp = o.flip(2), lp.flip(3)
+        for i in range(b):  # out[i, j:] is a [chunks, c, H, Dv] view: merge in place
+            merge_partials_(out[i, j:], lse[i, j:], o[i], lp[i])
+    return (out.reshape(b, nc * c, h, dv).to(dtype),
+            lse.permute(0, 2, 1, 3).reshape(b, h, nc * c))
+
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU images without triton
+    triton = None
+
+
+def _triton_ok(q, v):
+    dv = v.shape[-1]
+    return triton is not None and q.dtype in _HALF and dv in (16, 32, 64, 128, 256)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _merge_kernel(o0, l0, o1, l1, o2, l2, out, lse, R, NC, C, H, S, J1, J2,
+                      FLIP1: tl.constexpr, FLIP2: tl.constexpr, HAS2: tl.constexpr,
+                      DV: tl.constexpr, BLOCK: tl.constexpr):
+        """Rows (b, t, a) x head h: merge up to 3 partials. Partial p covers query chunks
+        t >= J_p, laid out [B * (NC - J_p), C, H, DV] (lse [B * (NC - J_p), H, C]), rows
+        reversed inside each chunk when FLIP_p. Writes out [B, S, H, DV], lse [B, H, S]."""
+        rows = (tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+        h = tl.program_id(1)
+        valid = rows < R
+        a = rows % C
+        bt = rows // C
+        t = bt % NC
+        bb = bt // NC
+        col = tl.arange(0, DV)[None, :]
+        ninf = float("-inf")
+        lse0 = tl.load(l0 + (bt * H + h) * C + a, mask=valid, other=ninf)
+        in1 = valid & (t >= J1)
+        bt1 = bb * (NC - J1) + (t - J1)
+        a1 = C - 1 - a if FLIP1 else a
+        lse1 = tl.load(l1 + (bt1 * H + h) * C + a1, mask=in1, other=ninf)
+        if HAS2:
+            in2 = valid & (t >= J2)
+            bt2 = bb * (NC - J2) + (t - J2)
+            a2 = C - 1 - a if FLIP2 else a
+            lse2 = tl.load(l2 + (bt2 * H + h) * C + a2, mask=in2, other=ninf)
+        else:
+            lse2 = tl.full([BLOCK], ninf, tl.float32)
+        mx = tl.maximum(tl.maximum(lse0, lse1), lse2)
+        mx = tl.where(mx == ninf, 0.0, mx)
+        w0 = tl.exp(lse0 - mx)
+        w1 = tl.exp(lse1 - mx)
+        w2 = tl.exp(lse2 - mx)
+        tot = w0 + w1 + w2
+        inv = tl.where(tot > 0, 1.0 / tot, 0.0)
+        acc = tl.load(o0 + ((bt * C + a) * H + h)[:, None] * DV + col, mask=valid[:, None],
+                      other=0.0).to(tl.float32) * (w0 * inv)[:, None]
+        acc += tl.load(o1 + ((bt1 * C + a1) * H + h)[:, None] * DV + col, mask=in1[:, None],
+                       other=0.0).to(tl.float32) * (w1 * inv)[:, None]
+        if HAS2:
+            acc += tl.load(o2 + ((bt2 * C + a2) * H + h)[:, None] * DV + col,
+                           mask=in2[:, None], other=0.0).to(tl.float32) * (w2 * inv)[:, None]
+        tl.store(out + (rows * H + h)[:, None] * DV + col, acc.to(out.dtype.element_ty),
+                 mask=valid[:, None])
+        tl.store(lse + (bb * H + h) * S + t * C + a,
+                 tl.where(tot > 0, mx + tl.log(tot), ninf), mask=valid)
+
+
+def _merge_triton(parts, b, nc, c, h, dv, dtype, block=64):
+    if len(parts) not in (2, 3):
+        raise ValueError(f"the fused merge takes 2 or 3 partials, got {len(parts)}")
+    dev = parts[0][0].device
+    out = torch.empty(b, nc * c, h, dv, dtype=dtype, device=dev)
+    lse = torch.empty(b, h, nc * c, dtype=torch.float32, device=dev)
+    ts = [(o.contiguous(), lp.float().contiguous(), j, f) for o, lp, j, f in parts]
+    p2 = ts[2] if len(ts) == 3 else ts[1]
+    rows = b * nc * c
+    _merge_kernel[(triton.cdiv(rows, block), h)](
+        ts[0][0], ts[0][1], ts[1][0], ts[1][1], p2[0], p2[1], out, lse, rows, nc, c, h,
+        nc * c, ts[1][2], p2[2], FLIP1=ts[1][3], FLIP2=p2[3], HAS2=len(ts) == 3, DV=dv,
+        BLOCK=block)
+    return out, lse
+
+
+register_backend("band", Backend(forward=forward, backward=backward, supports=supports))
