@@ -1,0 +1,370 @@
+"""The local sliding-window step of ring_swa on one GPU: candidates against FlexAttention and
+dense causal cuDNN, in one run.
+
+    PYTHONPATH=common/src:reference/src:ring_swa/src python ring_swa/bench/bench_ring_swa.py \
+        [--smoke] [--out DIR] [--seq 131072] [--window 4096]
+
+1. Correctness first (small case, bf16 against the float64 oracle, forward and backward): the
+   flash aten path, the band variants, the flex backend, the varlen flash path with sinks, and
+   ring_swa's public functions (cp_group=None) on the GPU.
+2. Speed at S=131072, W=4096, H=32, D=128, bf16, causal (window (W, 0)), forward and
+   forward+backward, every contender alternated over rounds (``bench.time_interleaved``):
+   * ``flash``: FlashAttention-2 with window sizes (``aten::_flash_attention_forward``, the
+     ``aten`` backend's window path);
+   * ``band s{1,2} {flip,flash}``: :mod:`longattn.ring_swa.band` (dense cuDNN calls on chunk
+     pairs; the anti-causal triangle by reversing chunks or by FA2) and ``ring_swa local``
+     (what ring_swa's local step runs by default);
+   * ``flex``: ``torch.compile(flex_attention)`` with a sliding-window BlockMask built with
+     ``_compile=True`` (the baseline);
+   * ``cudnn dense causal``: ``F.scaled_dot_product_attention`` on cuDNN, full causal, same S.
+   TFLOP/s of the window kernels count the useful work only, 4 S W H D (x3.5 with backward);
+   the dense one counts 2 S^2 H D (x3.5). Targets: best window kernel >= 1.1x flex and >= 80%
+   of the dense causal cuDNN TFLOP/s, forward and forward+backward.
+
+``--smoke`` runs a tiny configuration on the CPU (the torch backend under the band
+decomposition) so the script itself can be checked without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from longattn.common import bench
+from longattn.common.kernels import attention_backward, attention_forward
+from longattn.common.testing import rel_error
+from longattn.ring_swa import band, local
+
+BAND_VARIANTS = [(1, "flip"), (1, "flash"), (2, "flip"), (2, "flash")]
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# correctness
+
+
+def _oracle(q, k, v, do, w, scale):
+    from longattn.reference import attention, attention_backward, causal_mask, window_mask
+
+    s = q.shape[1]
+    m = window_mask(s, s, (w, 0)) & causal_mask(s)
+    args = [t.double().cpu().numpy() for t in (q, k, v)]
+    out, lse = attention(*args, mask=m, scale=scale)
+    return out, lse, attention_backward(do.double().cpu().numpy(), *args, mask=m, scale=scale)
+
+
+def correctness(device, smoke):
+    """Rows {case, out, lse, dq, dk, dv, ok} for every path at a small size."""
+    dtype = torch.float64 if smoke else torch.bfloat16
+    tol = 1e-10 if smoke else 2e-2
+    s, w, hq, hkv, d = (48, 8, 4, 2, 8) if smoke else (2048, 256, 4, 2, 128)
+    if smoke:
+        band.MIN_CHUNK = 2
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, s, h, d, generator=g).to(device, dtype)
+                   for h in (hq, hkv, hkv, hq))
+    scale = d ** -0.5
+    ref_out, ref_lse, ref_g = _oracle(q, k, v, do, w, scale)
+    piece = "torch" if smoke else "aten"
+    cases = []
+    if not smoke:
+        cases.append(("flash (aten FA2 window)", lambda: _run_backend("aten", q, k, v, do, w)))
+        cases.append(("flex backend", lambda: _run_backend("flex", q, k, v, do, w)))
+    for split, anti in BAND_VARIANTS:
+        cases.append((f"band s{split} {anti}",
+                      lambda sp=split, an=anti: _run_band(q, k, v, do, w, sp, an, piece)))
+    cases.append(("ring_swa local (auto)", lambda: _run_local(q, k, v, do, w)))
+    rows = []
+    for name, fn in cases:
+        try:
+            out, lse, grads = fn()
+            errs = [rel_error(out, ref_out), rel_error(lse, ref_lse)]
+            errs += [rel_error(a, b) for a, b in zip(grads, ref_g)]
+            rows.append(dict(zip(("case", "out", "lse", "dq", "dk", "dv"), [name, *errs]),
+                             ok=all(e <= tol for e in errs)))
+        except Exception as e:  # noqa: BLE001 - report and continue
+            traceback.print_exc()
+            rows.append({"case": name, "out": f"error: {e}"[:60], "ok": False})
+    rows += _ring_api_checks(device, dtype, tol)
+    return rows
+
+
+def _run_backend(backend, q, k, v, do, w):
+    out, lse = attention_forward(q, k, v, causal=True, window=(w, 0), backend=backend)
+    grads = attention_backward(do, q, k, v, out, lse, causal=True, window=(w, 0),
+                               backend=backend)
+    return out, lse, grads
+
+
+def _run_band(q, k, v, do, w, split, anti, piece):
+    kw = dict(scale=q.shape[-1] ** -0.5, window=(w, 0), split=split, anti=anti, backend=piece)
+    out, lse = band.forward(q, k, v, **kw)
+    return out, lse, band.backward(do, q, k, v, out, lse, **kw)
+
+
+def _run_local(q, k, v, do, w):
+    scale = q.shape[-1] ** -0.5
+    out, lse = local.dense_forward(q, k, v, scale=scale, window_size=w)
+    return out, lse, local.dense_backward(do, q, k, v, out, lse, scale=scale, window_size=w)
+
+
+def _ring_api_checks(device, dtype, tol):
+    """ring_swa's public functions with cp_group=None on this device (dense + varlen sinks)."""
+    from longattn.ring_swa import ring_sliding_window_attn, ring_streaming_llm_attn_varlen
+    from longattn.ring_swa.cases import cu_seqlens, global_inputs, oracle
+
+    rows = []
+    checks = [
+        ("ring_sliding_window_attn", dict(kind="dense", n=1, b=1, m=1024, hq=4, hkv=2, d=64,
+                                          window=255, ns=0, dtype="float64", seed=1)),
+        ("ring_streaming_llm_attn_varlen", dict(kind="varlen", n=1, lengths=[300, 1, 517, 64,
+                                                                             142],
+                                                counts=[1024], hq=4, hkv=2, d=64, window=100,
+                                                ns=4, dtype="float64", seed=2)),
+    ]
+    for name, case in checks:
+        try:
+            q, k, v, do = (t.to(device, dtype) for t in global_inputs(case))
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            if case["kind"] == "dense":
+                out = ring_sliding_window_attn(q, k, v, case["window"])
+            else:
+                out = ring_streaming_llm_attn_varlen(q, k, v, case["window"],
+                                                     cu_seqlens(case).to(device),
+                                                     num_sink_tokens=case["ns"])
+            out.backward(do)
+            errs = [rel_error(a, b) for a, b in zip((out, q.grad, k.grad, v.grad),
+                                                     oracle(case))]
+            rows.append(dict(zip(("case", "out", "dq", "dk", "dv"), [name, *errs]), lse=None,
+                             ok=all(e <= tol for e in errs)))
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            rows.append({"case": name, "out": f"error: {e}"[:60], "ok": False})
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# speed
+
+
+def _flex_fns(q, k, v, do, w):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    s = q.shape[1]
+
+    def mask_mod(b, h, qi, ki):
+        return (ki <= qi) & (qi - ki <= w)
+
+    bm = create_block_mask(mask_mod, None, None, s, s, device=q.device, _compile=True)
+    flex = torch.compile(flex_attention, dynamic=False)
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    dot = do.transpose(1, 2)
+    gqa = q.shape[2] != k.shape[2]
+
+    def fwd():
+        with torch.no_grad():
+            return flex(qt, kt, vt, block_mask=bm, enable_gqa=gqa)
+
+    def fwd_bwd():
+        o = flex(qt, kt, vt, block_mask=bm, enable_gqa=gqa)
+        torch.autograd.grad(o, (qt, kt, vt), dot)
+
+    return fwd, fwd_bwd
+
+
+def _cudnn_dense_fns(q, k, v, do):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
+    dot = do.transpose(1, 2)
+
+    def fwd():
+        with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+
+    def fwd_bwd():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)
+        torch.autograd.grad(o, (qt, kt, vt), dot)
+
+    return fwd, fwd_bwd
+
+
+def _window_fns(q, k, v, do, w, smoke):
+    """{name: (fwd, fwd_bwd)} of the local window candidates."""
+    scale = q.shape[-1] ** -0.5
+    piece = "torch" if smoke else "aten"
+    fns = {}
+    if not smoke:
+        def fl_f():
+            return attention_forward(q, k, v, causal=True, window=(w, 0), backend="aten")
+
+        def fl_fb():
+            o, lse = fl_f()
+            attention_backward(do, q, k, v, o, lse, causal=True, window=(w, 0), backend="aten")
+
+        fns["flash"] = (fl_f, fl_fb)
+    for split, anti in BAND_VARIANTS:
+        kw = dict(scale=scale, window=(w, 0), split=split, anti=anti, backend=piece)
+
+        def b_f(kw=kw):
+            return band.forward(q, k, v, **kw)
+
+        def b_fb(kw=kw):
+            o, lse = band.forward(q, k, v, **kw)
+            band.backward(do, q, k, v, o, lse, **kw)
+
+        fns[f"band s{split} {anti}"] = (b_f, b_fb)
+
+    def loc_f():
+        return local.dense_forward(q, k, v, scale=scale, window_size=w)
+
+    def loc_fb():
+        o, lse = loc_f()
+        local.dense_backward(do, q, k, v, o, lse, scale=scale, window_size=w)
+
+    fns["ring_swa local"] = (loc_f, loc_fb)
+    return fns
+
+
+def _usable(fns, device):
+    """Run each once (warm-up / compile); drop and report the ones that fail."""
+    ok = {}
+    for name, fn in bench.progress(fns.items(), desc="warm-up", total=len(fns)):
+        try:
+            t0 = time.perf_counter()
+            fn()
+            bench._sync(device)
+            ok[name] = fn
+            log(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s")
+        except Exception:  # noqa: BLE001
+            log(f"  {name} failed, skipped:")
+            traceback.print_exc()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return ok
+
+
+def speed(device, s, w, h, d, smoke, rounds):
+    dtype = torch.float64 if smoke else torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v, do = (torch.randn(1, s, h, d, device=device, dtype=dtype, generator=g)
+                   for _ in range(4))
+    useful = 4.0 * s * w * h * d
+    dense = 2.0 * s * s * h * d
+    flops = {}
+    fwd, fwdbwd = {}, {}
+    for name, (f, fb) in _window_fns(q, k, v, do, w, smoke).items():
+        fwd[name], fwdbwd[name] = f, fb
+        flops[name] = useful
+    if not smoke:
+        for name, maker, fl in (("flex", lambda: _flex_fns(q, k, v, do, w), useful),
+                                ("cudnn dense causal", lambda: _cudnn_dense_fns(q, k, v, do),
+                                 dense)):
+            try:
+                fwd[name], fwdbwd[name] = maker()
+                flops[name] = fl
+            except Exception:  # noqa: BLE001
+                log(f"{name} unavailable:")
+                traceback.print_exc()
+    results = []
+    for phase, fns, mult in (("fwd", fwd, 1.0), ("fwd+bwd", fwdbwd, 3.5)):
+        log(f"{phase}: warming up {len(fns)} contenders")
+        fns = _usable(fns, device)
+        log(f"{phase}: timing {list(fns)} ({rounds} alternating rounds)")
+        t = bench.time_interleaved(fns, device=device, rounds=rounds)
+        for name in fns:
+            results.append(bench.result(
+                "ring_swa" if name not in ("flex", "cudnn dense causal") else name,
+                f"{name} {phase}", median_ms=t[name], flops=flops[name] * mult, device=device,
+                dtype=dtype, shape={"B": 1, "S": s, "W": w, "H": h, "D": d, "causal": True},
+                phase=phase, candidate=name, spread=t[name + " spread"]))
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def summarize(results):
+    """Table rows with ratios to flex and to dense causal cuDNN; the verdict per phase."""
+    rows, verdict = [], {}
+    for phase in ("fwd", "fwd+bwd"):
+        rs = {r["extra"]["candidate"]: r for r in results if r["extra"]["phase"] == phase}
+        flex = rs.get("flex")
+        dense = rs.get("cudnn dense causal")
+        best = None
+        for name, r in rs.items():
+            row = {"phase": phase, "candidate": name, "ms": r["median_ms"],
+                   "TFLOP/s": r["tflops"], "spread": r["extra"]["spread"],
+                   "x flex": flex["median_ms"] / r["median_ms"] if flex else None,
+                   "of dense": r["tflops"] / dense["tflops"] if dense else None}
+            rows.append(row)
+            if name not in ("flex", "cudnn dense causal") and (
+                    best is None or r["median_ms"] < best[1]["median_ms"]):
+                best = (name, r)
+        if best:
+            name, r = best
+            vs_flex = flex["median_ms"] / r["median_ms"] if flex else None
+            of_dense = r["tflops"] / dense["tflops"] if dense else None
+            verdict[phase] = {"best": name, "x_flex": vs_flex, "of_dense": of_dense,
+                              "meets": bool(vs_flex and of_dense and vs_flex >= 1.1
+                                            and of_dense >= 0.8)}
+    return rows, verdict
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny CPU configuration")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--seq", type=int, default=131072)
+    ap.add_argument("--window", type=int, default=4096)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    out = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                        args.out)
+    device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
+    smoke = device == "cpu"
+    log(f"device: {bench.device_name(device)}  torch {torch.__version__}  "
+        f"band default: split={band.SPLIT} anti={band.ANTI} enabled={band.ENABLED}")
+    rows = correctness(device, smoke)
+    print(bench.format_table(rows, ["case", "out", "lse", "dq", "dk", "dv", "ok"]))
+    ok = all(r["ok"] for r in rows)
+    log(f"correctness: {'PASS' if ok else 'FAIL'}")
+    with open(os.path.join(out, "bench_ring_swa_correctness.json"), "w") as f:
+        json.dump(rows, f, indent=1, default=str)
+    if smoke:
+        s, w, h, d, rounds = 256, 32, 2, 16, 1
+    else:
+        s, w, h, d, rounds = args.seq, args.window, args.heads, args.head_dim, args.rounds
+    try:
+        results = speed(device, s, w, h, d, smoke, rounds)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        results = []
+    bench.write_results(results, os.path.join(out, "bench_ring_swa.json"))
+    table, verdict = summarize(results)
+    print(bench.format_table(table, ["phase", "candidate", "ms", "TFLOP/s", "x flex",
+                                     "of dense", "spread"]))
+    for phase, v in verdict.items():
+        log(f"{phase}: best window kernel {v['best']!r}: {v['x_flex'] or float('nan'):.3f}x "
+            f"flex, {v['of_dense'] or float('nan'):.1%} of dense causal cuDNN TFLOP/s -> "
+            f"{'MEETS' if v['meets'] else 'misses'} (>= 1.1x, >= 80%)")
+    with open(os.path.join(out, "bench_ring_swa_summary.json"), "w") as f:
+        json.dump({"table": table, "verdict": verdict, "correct": ok}, f, indent=1)
+    log(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
