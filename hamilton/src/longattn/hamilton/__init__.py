@@ -1,1 +1,32 @@
-"""longattn.hamilton (placeholder until its issue lands)."""
+"""longattn.hamilton: TASP (Hamilton Attention) context-parallel attention.
+
+``hamilton_attn(q, k, v, *, group=None, causal=False, scale=None, schedule="auto",
+return_lse=False)`` runs any communication schedule -- TASP's multi-ring all-to-all, Ring
+Attention (zigzag ring when causal), the two-level multi-node schedule -- through one step loop,
+forward and backward. ``shard`` / ``unshard`` produce the matching sequence layout;
+``longattn.hamilton.schedules`` builds and validates schedules.
+"""
+
+from longattn.hamilton.attn import hamilton_attn
+from longattn.hamilton.schedules import (
+    Schedule,
+    hamiltonian_cycles,
+    multi_ring_schedule,
+    ring_schedule,
+    two_level_schedule,
+    validate_schedule,
+)
+from longattn.hamilton.sharding import layout_name, shard, unshard
+
+__all__ = [
+    "Schedule",
+    "hamilton_attn",
+    "hamiltonian_cycles",
+    "layout_name",
+    "multi_ring_schedule",
+    "ring_schedule",
+    "shard",
+    "two_level_schedule",
+    "unshard",
+    "validate_schedule",
+]

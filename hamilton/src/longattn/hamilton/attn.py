@@ -1,0 +1,212 @@
+"""``hamilton_attn``: context-parallel attention that executes any :class:`Schedule`.
+
+One step loop serves Ring Attention (``schedule="ring"``; zigzag ring when causal), TASP
+(``"tasp"``: every step one all-to-all over ``n - 1`` arc-disjoint rings) and the two-level
+schedule. Forward, per step: post the next transition (batched point-to-point, straight into
+the other half of a double buffer), run this step's kernel calls on the current buffer, merge
+into the fp32 accumulators, wait, swap. Backward (an autograd Function): the KV sub-chunks and
+their fp32 dK/dV accumulators travel the *reversed* schedule, so every sub-chunk ends where
+it started; each step's gradient uses the final merged ``out`` / ``lse`` (exact). The dK/dV
+message of a step goes out while the next step computes.
+
+Buffers and kernel calls: see :mod:`longattn.hamilton.plan`. Streams: messages are posted from
+the current stream (``longattn.common.comm``); NCCL's stream waits for the work queued before
+the post (so a buffer is not overwritten while an earlier kernel reads it) and ``wait()`` makes
+later kernels wait for the transfer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from longattn.common.comm import exchange
+from longattn.common.kernels import attention_backward, attention_forward
+from longattn.common.merge import merge_partials_
+from longattn.hamilton.args import check_call
+from longattn.hamilton.plan import make_plan
+
+
+def hamilton_attn(q, k, v, *, group=None, causal=False, scale=None, schedule="auto",
+                  return_lse=False, backend="auto"):
+    """Context-parallel attention over the ranks of ``group`` (TASP / ring / two-level).
+
+    Arguments are this rank's shards (see :func:`longattn.hamilton.shard`): ``q [B, L, Hq, D]``,
+    ``k [B, Lk, Hkv, D]``, ``v [B, Lk, Hkv, Dv]`` with ``Hq % Hkv == 0`` (GQA: only ``Hkv``
+    heads travel). ``causal=True`` expects the zigzag layout (rank ``r`` holds blocks ``r`` and
+    ``2n-1-r`` of ``2n``) and ``L == Lk``; non-causal works in any layout (contiguous by
+    convention) and allows ``L != Lk``. ``schedule``: ``"auto"`` (TASP if the local length
+    divides into its sub-chunks, else ring), ``"tasp"``, ``"ring"``, ``"two_level"``, or a
+    :class:`~longattn.hamilton.schedules.Schedule`. The KV length per rank must be divisible by
+    the schedule's sub-chunks (``num_slots``; twice that when causal). ``backend`` picks the
+    local kernel (``longattn.common.kernels``).
+
+    Returns this rank's ``out [B, L, Hq, Dv]`` (dtype of q) and, with ``return_lse``, ``lse
+    [B, Hq, L]`` (float32; float64 for float64 inputs). Differentiable in q, k, v (also
+    through lse). Bad arguments raise ``ValueError`` / ``TypeError`` on every rank before any
+    communication.
+    """
+    n, rank, scale, sched = check_call(q, k, v, group=group, causal=causal, scale=scale,
+                                       schedule=schedule, backend=backend)
+    plan = make_plan(sched, rank, causal)
+    out, lse = _HamiltonAttn.apply(q, k, v, plan, group, scale, backend)
+    return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------------------------------------
+# buffers
+
+
+def _acc(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _new_buffer(rows, b, hkv, d, dv, dtype, device):
+    """KV buffer ``[rows, B, Hkv*(D+Dv)]``: a row range is one contiguous message."""
+    return torch.empty(rows, b, hkv * (d + dv), dtype=dtype, device=device)
+
+
+def _views(buf, r0, r1, hkv, d):
+    """K ``[B, r1-r0, Hkv, D]`` and V ``[B, r1-r0, Hkv, Dv]`` views of buffer rows."""
+    x = buf[r0:r1]
+    kk = x[..., :hkv * d].unflatten(-1, (hkv, -1)).transpose(0, 1)
+    vv = x[..., hkv * d:].unflatten(-1, (hkv, -1)).transpose(0, 1)
+    return kk, vv
+
+
+def _token_index(plan, length, device):
+    """Local token of every buffer row at step 0 (None when it is the identity)."""
+    if list(plan.own_units) == list(range(plan.units)):
+        return None
+    h = length // plan.units
+    idx = torch.tensor(plan.own_units, device=device)[:, None] * h + torch.arange(h, device=device)
+    return idx.reshape(-1)
+
+
+def _pack(buf, k, v, idx):
+    kk, vv = _views(buf, 0, buf.shape[0], k.shape[2], k.shape[3])
+    if idx is not None:
+        k, v = k.index_select(1, idx), v.index_select(1, idx)
+    kk.copy_(k)
+    vv.copy_(v)
+
+
+def _post(transfer, send_buf, recv_buf, unit, group, *, reverse=False):
+    """Post one transition (or, with ``reverse``, send back what was received and vice versa)."""
+    sends, recvs = (transfer.recvs, transfer.sends) if reverse else (transfer.sends,
+                                                                    transfer.recvs)
+    return exchange([(send_buf[a * unit:b * unit], p) for p, a, b in sends],
+                    [(recv_buf[a * unit:b * unit], p) for p, a, b in recvs], group)
+
+
+# ---------------------------------------------------------------------------------------------
+# forward and backward loops
+
+
+def _forward(q, k, v, plan, group, scale, backend):
+    n, lk = plan.n, k.shape[1]
+    b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
+    half = q.shape[1] // 2
+    if n == 1:
+        out, lse = attention_forward(q, k, v, scale=scale, causal=plan.causal, backend=backend)
+        return out, lse, None
+    unit = lk // plan.units
+    cur = _new_buffer(lk, b, hkv, d, dv, k.dtype, k.device)
+    nxt = torch.empty_like(cur)
+    _pack(cur, k, v, _token_index(plan, lk, k.device))
+    for s in range(n):
+        h = _post(plan.transfers[s], cur, nxt, unit, group) if s < n - 1 else None
+        if s == 0:  # the diagonal block on the local q, k, v (causal when causal)
+            out, lse = attention_forward(q, k, v, scale=scale, causal=plan.causal,
+                                         backend=backend)
+            acc_out, acc_lse = out.to(_acc(q.dtype)), lse.to(_acc(q.dtype))
+        for call in plan.calls[s]:
+            kk, vv = _views(cur, call.start * unit, call.stop * unit, hkv, d)
+            qs = q if call.rows == "all" else q[:, half:]
+            o, l = attention_forward(qs, kk, vv, scale=scale, causal=False, backend=backend)
+            if call.rows == "all":
+                merge_partials_(acc_out, acc_lse, o, l)
+            else:
+                merge_partials_(acc_out[:, half:], acc_lse[:, :, half:], o, l)
+        if h is not None:
+            h.wait()
+            cur, nxt = nxt, cur
+    return acc_out.to(q.dtype), acc_lse, cur
+
+
+def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backend):
+    n, lk = plan.n, k.shape[1]
+    b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
+    half = q.shape[1] // 2
+    acc = _acc(q.dtype)
+    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    h_g = None
+    if n > 1:
+        unit = lk // plan.units
+        gbufs = [_new_buffer(lk, b, hkv, d, dv, acc, k.device) for _ in range(2)]
+        grecv = torch.empty_like(gbufs[0])
+        spare = [torch.empty_like(kv_last) for _ in range(2 if n > 2 else 0)]
+        cur = kv_last  # saved by forward; never written (backward may run twice)
+        for s in range(n - 1, 0, -1):
+            h_kv = None
+            if s > 1:  # bring back what this rank held at step s - 1 (not needed at step 0)
+                nxt = spare[s % 2]
+                h_kv = _post(plan.transfers[s - 1], cur, nxt, unit, group, reverse=True)
+            g = gbufs[s % 2]
+            g.zero_()
+            for call in plan.calls[s]:
+                kk, vv = _views(cur, call.start * unit, call.stop * unit, hkv, d)
+                gk, gv = _views(g, call.start * unit, call.stop * unit, hkv, d)
+                sl = slice(None) if call.rows == "all" else slice(half, None)
+                dq_s, dk_s, dv_s = attention_backward(
+                    dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl], scale=scale,
+                    causal=False, dlse=None if dlse is None else dlse[:, :, sl],
+                    backend=backend)
+                dq[:, sl] += dq_s
+                gk += dk_s
+                gv += dv_s
+            if h_g is not None:  # the accumulator of this content from the later steps
+                h_g.wait()
+                g += grecv
+            h_g = _post(plan.transfers[s - 1], g, grecv, unit, group, reverse=True)
+            if h_kv is not None:
+                h_kv.wait()
+                cur = nxt
+    dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, scale=scale, causal=plan.causal,
+                                       dlse=dlse, backend=backend)
+    dq += dq0
+    if h_g is None:
+        return dq.to(q.dtype), dk0, dv0
+    h_g.wait()
+    gk, gv = _views(grecv, 0, lk, hkv, d)
+    idx = _token_index(plan, lk, k.device)
+    dk, dv = dk0.to(acc), dv0.to(acc)
+    if idx is None:
+        dk += gk
+        dv += gv
+    else:
+        dk.index_add_(1, idx, gk)
+        dv.index_add_(1, idx, gv)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _HamiltonAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, plan, group, scale, backend):
+        out, lse, kv_last = _forward(q, k, v, plan, group, scale, backend)
+        ctx.set_materialize_grads(False)
+        if any(ctx.needs_input_grad[:3]):
+            ctx.save_for_backward(q, k, v, out, lse, kv_last)
+        ctx.args = (plan, group, scale, backend)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, kv_last = ctx.saved_tensors
+        plan, group, scale, backend = ctx.args
+        if dout is None:
+            dout = torch.zeros_like(out)
+        if dlse is not None and not torch.any(dlse):
+            dlse = None  # lets the fast kernels (which take no dlse) serve the backward
+        dq, dk, dv = _backward(dout.contiguous(), dlse, q, k, v, out, lse, kv_last, plan, group,
+                               scale, backend)
+        return dq, dk, dv, None, None, None, None
