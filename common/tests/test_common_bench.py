@@ -1,0 +1,121 @@
+"""longattn.common.bench: CPU timing, the JSON result schema (round trip), tables, output
+folders, progress bars and plots."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from longattn.common import bench as B
+
+
+def test_time_fn_on_cpu_warms_up_and_repeats():
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(0.002)
+
+    ms = B.time_fn(fn, warmup=2, rep=5)
+    assert len(calls) == 7
+    assert isinstance(ms, float) and ms >= 2.0  # a 2 ms sleep never measures shorter
+    assert B.time_fn(lambda: None, device="cpu", warmup=0, rep=3) >= 0.0
+
+
+def test_time_fn_returns_the_median():
+    seq = iter([0.0, 0.0, 0.03, 0.001, 0.001])  # warm-up, then 3 timed: 30 ms, 1 ms, 1 ms
+
+    def fn():
+        time.sleep(next(seq))
+
+    ms = B.time_fn(fn, warmup=2, rep=3)
+    assert 1.0 <= ms < 30.0
+
+
+def test_time_interleaved_alternates_and_reports_spread():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    res = B.time_interleaved(fns, rounds=3, warmup=0, rep=1)
+    assert order == ["a", "b"] * 3
+    assert set(res) == {"a", "b", "a spread", "b spread"}
+    assert res["a spread"] >= 1.0 and res["b"] >= 0.0
+
+
+def test_result_schema():
+    r = B.result("ring", "forward", median_ms=2.0, shape={"S": 1024, "H": 8},
+                 dtype=torch.bfloat16, flops=4e12, bytes_moved=123, target="H100-1",
+                 device="cpu", note="x")
+    assert tuple(r) == B.SCHEMA_KEYS or set(r) == set(B.SCHEMA_KEYS)
+    assert r["method"] == "ring" and r["what"] == "forward" and r["target"] == "H100-1"
+    assert r["dtype"] == "bfloat16" and r["shape"] == {"S": 1024, "H": 8}
+    assert r["tflops"] == pytest.approx(4e12 / 2e-3 / 1e12)
+    assert r["bytes_moved"] == 123 and r["extra"] == {"note": "x"}
+    assert r["device"].startswith("cpu") and r["torch"] == torch.__version__
+    assert len(r["date"]) == 10
+    assert r["git_sha"] is None or isinstance(r["git_sha"], str)
+    json.dumps(r)  # serialisable as is
+    r2 = B.result("m", "w", median_ms=None, flops=1e9)
+    assert r2["tflops"] is None and r2["median_ms"] is None and r2["dtype"] is None
+
+
+def test_write_read_round_trip(tmp_path):
+    rows = [B.result("a", "fwd", median_ms=1.5, shape={"S": 8}, dtype=torch.float32),
+            B.result("b", "bwd", median_ms=3.0, flops=1e9, extra_field=[1, 2])]
+    path = B.write_results(rows, tmp_path / "sub" / "dir" / "res.json")
+    back = B.read_results(path)
+    assert back == json.loads(json.dumps(rows))
+    for r in back:
+        assert all(k in r for k in B.SCHEMA_KEYS)
+
+
+def test_write_results_rejects_rows_missing_schema_keys(tmp_path):
+    bad = {"method": "x"}
+    with pytest.raises(ValueError, match="lacks keys"):
+        B.write_results([bad], tmp_path / "r.json")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_out_dir_precedence(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    d = B.out_dir(str(tmp_path / "default"))
+    assert d == str(tmp_path / "default") and (tmp_path / "default").is_dir()
+    monkeypatch.setenv("OUT", str(tmp_path / "env"))
+    assert B.out_dir(str(tmp_path / "default")) == str(tmp_path / "env")
+    assert B.out_dir(str(tmp_path / "default"), str(tmp_path / "cli")) == str(tmp_path / "cli")
+    assert (tmp_path / "env").is_dir() and (tmp_path / "cli").is_dir()
+
+
+def test_format_table():
+    rows = [{"method": "ring", "ms": 1.234567, "bytes": None},
+            {"method": "tasp-long-name", "ms": 12.0, "bytes": 42}]
+    t = B.format_table(rows)
+    lines = t.splitlines()
+    assert lines[0].split() == ["method", "ms", "bytes"]
+    assert set(lines[1].replace(" ", "")) == {"-"}
+    assert "1.235" in lines[2] and "12" in lines[3] and "42" in lines[3]
+    assert all(len(line) == len(lines[1]) for line in lines)  # aligned columns
+    assert B.format_table([]) == "(no rows)"
+    assert B.format_table(rows, ["ms"]).splitlines()[0].strip() == "ms"
+
+
+def test_progress_yields_every_item():
+    assert list(B.progress(range(5), desc="sweep")) == [0, 1, 2, 3, 4]
+    assert list(B.progress(iter("abc"), total=3)) == ["a", "b", "c"]
+
+
+def test_plot_lines_writes_a_png(tmp_path):
+    path = B.plot_lines({"ring": ([1, 2, 4], [1.0, 2.0, 4.0]), "tasp": ([1, 2, 4], [1, 1.5, 2])},
+                        tmp_path / "p" / "plot.png", xlabel="GPUs", ylabel="ms", title="t",
+                        logx=True, logy=True)
+    data = open(path, "rb").read()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
+
+
+def test_device_name_and_git_sha():
+    assert B.device_name().startswith("cpu")
+    assert B.device_name("cpu").startswith("cpu")
+    sha = B.git_sha()
+    assert sha is None or (isinstance(sha, str) and len(sha) >= 7)
