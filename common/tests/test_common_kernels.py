@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -382,24 +381,33 @@ def test_register_backend_and_dispatch():
 # memory: O(S * block), measured in a subprocess
 
 
-def test_peak_memory_of_a_long_causal_forward_is_linear():
-    """S = 16,384, H = 1 would need 1 GiB for one dense fp32 score matrix alone; the chunked
-    backend must stay under 1 GB peak RSS for the whole process, and its own allocations
-    (peak minus the baseline after creating q, k, v) under half the dense matrix. The full
-    65,536-token, 8-head case is common/bench/cpu_memory.py (too slow for CI on 2 cores)."""
+def test_peak_memory_of_a_long_causal_forward():
+    """Measured at S = 16,384, H = 1 (a dense fp32 score matrix alone would be 1 GiB) and
+    projected to the acceptance case S = 65,536, B = 1, H = 8, D = 64 (too slow for CI on two
+    cores; common/bench/cpu_memory.py runs it): the chunked backend's own working memory does
+    not grow with S (one score block), so the full-size peak is the measured interpreter +
+    torch baseline, plus the full-size q, k, v, out and lse, plus the measured block memory.
+    Both the measured peak and the projection must stay under 1 GB."""
     script = Path(__file__).resolve().parents[1] / "bench" / "cpu_memory.py"
-    env = dict(os.environ)
-    proc = subprocess.run([sys.executable, str(script), "--seq", "16384", "--heads", "1",
-                           "--threads", "2", "--json"], capture_output=True, text=True,
-                          env=env, check=False)
+    s, h, d = 16384, 1, 64
+    proc = subprocess.run([sys.executable, str(script), "--seq", str(s), "--heads", str(h),
+                           "--dim", str(d), "--threads", "2", "--json"], capture_output=True,
+                          text=True, check=False)
     assert proc.returncode in (0, 1), proc.stderr
     r = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB (baseline "
-          f"{r['baseline_rss_bytes'] / 2**20:.0f} MiB), forward {r['forward_s']:.1f} s")
     assert r["finite"]
     assert r["dense_scores_bytes"] >= 2**30
+    f32 = 4
+    interp = r["baseline_rss_bytes"] - 3 * s * h * d * f32
+    block = r["attention_bytes"] - (s * h * d + h * s) * f32
+    S, H = 65536, 8
+    projected = interp + (4 * S * H * d + H * S) * f32 + block
+    print(f"\nS={s} H={h}: peak {r['peak_rss_bytes'] / 2**20:.0f} MiB, baseline "
+          f"{r['baseline_rss_bytes'] / 2**20:.0f} MiB, block memory {block / 2**20:.0f} MiB, "
+          f"forward {r['forward_s']:.1f} s; projected peak at S={S} H={H}: "
+          f"{projected / 2**20:.0f} MiB")
     assert r["peak_rss_bytes"] < 1e9
-    assert r["attention_bytes"] < r["dense_scores_bytes"] / 2
+    assert projected < 1e9
 
 
 # --------------------------------------------------------------------------------------------
