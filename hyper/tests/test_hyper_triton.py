@@ -96,3 +96,18 @@ def test_triton_rejects_float64():
     q, k, v = inputs(26, 1, 20, 20, 1, 1, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
         hyper_attention(q, k, v, block_size=4, sample_size=2, min_seq_len=4, backend="triton")
+
+
+def test_autotune_declarations():
+    # autotuning reruns a kernel per config: the accumulators it updates in place must be
+    # restored between runs, and every key / restored name must be a real tensor argument
+    # (this is only exercised on GPUs, where there is more than one config)
+    for kern, restored in ((triton_kernels._fwd, {"O", "L"}),
+                           (triton_kernels._bwd_dq, {"DQ"}),
+                           (triton_kernels._bwd_dkdv, {"DKA", "DVA"}),
+                           (triton_kernels._bwd_samples, set())):
+        assert set(kern.restore_value or []) == restored
+        assert set(kern.keys) <= set(kern.arg_names)
+        assert restored <= set(kern.arg_names)
+    # the tensor arguments named in restore_value are not also head-dim ints
+    assert "DV" not in triton_kernels._bwd_dkdv.restore_value

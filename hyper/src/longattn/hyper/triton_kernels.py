@@ -267,9 +267,9 @@ def _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, i_hi, off
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV, key=_KEY, restore_value=["DK", "DV"])
+@triton.autotune(configs=_DKDV, key=_KEY, restore_value=["DKA", "DVA"])
 @triton.jit
-def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV_, PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK,
+def _bwd_dkdv(Q, K, V, DO, L, DELTA, DKA, DVA, PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh,
               sgb, sgs, sgh, shb, shs, shh,
               B, HQ, HKV, SQ, SK, D, DV, BS, qk_scale, TUNE_ROWS,
@@ -309,10 +309,10 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DK, DV_, PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK
                               offs_j, j_ok, True, 0.0, nk, sqb, sqs, sqh, sdb, sds, sdh, HQ, SQ,
                               D, DV, BS, qk_scale, SMOOTH, BLOCK_INNER, BLOCK_D, BLOCK_DV, PREC)
     dk = dk * (qk_scale * 0.6931471805599453)
-    gk = DK + b.to(tl.int64) * sgb + kr[:, None] * sgs + hk * sgh + offs_d[None, :]
+    gk = DKA + b.to(tl.int64) * sgb + kr[:, None] * sgs + hk * sgh + offs_d[None, :]
     mk = j_ok[:, None] & (offs_d[None, :] < D)
     tl.store(gk, tl.load(gk, mask=mk, other=0.0) + dk, mask=mk)
-    gv = DV_ + b.to(tl.int64) * shb + kr[:, None] * shs + hk * shh + offs_dv[None, :]
+    gv = DVA + b.to(tl.int64) * shb + kr[:, None] * shs + hk * shh + offs_dv[None, :]
     mv = j_ok[:, None] & (offs_dv[None, :] < DV)
     tl.store(gv, tl.load(gv, mask=mv, other=0.0) + dv, mask=mv)
 
