@@ -38,6 +38,13 @@ def make_cases(n, dtype="float64", seed=0, sinks=(0, 1, 4)):
             lengths, counts = _varlen_layout(n, rng, equal=(i + ns) % 2 == 0)
             cases.append(dict(base, kind="varlen", lengths=lengths, counts=counts,
                               seed=int(rng.integers(1 << 30))))
+    if n >= 3:  # a rank holding no tokens in the middle of a crossing sequence
+        lengths = [1, 4 * n, 3, 2, 5]
+        counts = [7] * n
+        counts[n // 2] = 0
+        counts[-1] += sum(lengths) - sum(counts)
+        cases.append(dict(n=n, hq=2, hkv=1, d=8, window=9, ns=2, dtype=dtype, kind="varlen",
+                          lengths=lengths, counts=counts, seed=int(rng.integers(1 << 30))))
     return cases
 
 
