@@ -43,6 +43,7 @@ from longattn.common.testing import rel_error
 from longattn.ring_swa import band, local
 
 BAND_VARIANTS = [(1, "flip"), (1, "flash"), (2, "flip"), (2, "flash")]
+SKIP: set = set()
 
 
 def log(msg):
@@ -86,6 +87,8 @@ def correctness(device, smoke):
     cases.append(("ring_swa local (auto)", lambda: _run_local(q, k, v, do, w)))
     rows = []
     for name, fn in cases:
+        if name in SKIP:
+            continue
         try:
             out, lse, grads = fn()
             errs = [rel_error(out, ref_out), rel_error(lse, ref_lse)]
@@ -241,6 +244,8 @@ def _usable(fns, device):
     """Run each once (warm-up / compile); drop and report the ones that fail."""
     ok = {}
     for name, fn in bench.progress(fns.items(), desc="warm-up", total=len(fns)):
+        if name in SKIP:
+            continue
         try:
             t0 = time.perf_counter()
             fn()
@@ -331,7 +336,11 @@ def main():
     ap.add_argument("--heads", type=int, default=32)
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip", default="", help="comma-separated checks / candidates to skip, "
+                    "e.g. 'flex backend,band s2 flash'")
     args = ap.parse_args()
+    SKIP.update(x.strip() for x in args.skip.split(",") if x.strip())
+    t_start = time.perf_counter()
     out = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         args.out)
     device = "cpu" if args.smoke or not torch.cuda.is_available() else "cuda"
@@ -363,7 +372,7 @@ def main():
             f"{'MEETS' if v['meets'] else 'misses'} (>= 1.1x, >= 80%)")
     with open(os.path.join(out, "bench_ring_swa_summary.json"), "w") as f:
         json.dump({"table": table, "verdict": verdict, "correct": ok}, f, indent=1)
-    log(f"wrote {out}")
+    log(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")
 
 
 if __name__ == "__main__":
