@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -199,6 +201,26 @@ def test_crashed_rank_fails_promptly():
     print(f"\ncrashed rank detected after {dt:.1f} s (timeout {timeout} s)")
     assert dt < timeout / 2
     assert run_world(2, _trivial) == [0, 1]
+
+
+def test_ranks_that_die_at_start_up_fail_the_start_promptly(tmp_path):
+    """A script without a ``__main__`` guard makes every spawned rank die while importing it;
+    the world start must say so at once instead of waiting out its 60 + 10 n s deadline."""
+    script = tmp_path / "no_guard.py"
+    script.write_text(
+        "from longattn.common.testing import run_world, WorldTimeout\n"
+        "try:\n"
+        "    run_world(2, print)\n"
+        "except WorldTimeout as e:\n"
+        "    print('WORLD-TIMEOUT', e)\n"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, check=False)
+    dt = time.perf_counter() - t0
+    print(f"\nstart-up failure reported after {dt:.1f} s")
+    assert "WORLD-TIMEOUT" in proc.stdout, proc.stdout + proc.stderr
+    assert "did not start" in proc.stdout
 
 
 # --------------------------------------------------------------------------------------------
