@@ -358,3 +358,27 @@ def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ
     base = ((pid * B + b) * HKV + hk).to(tl.int64) * M + offs_s
     tl.store(DKS + base[:, None] * BLOCK_D + offs_d[None, :], dk, mask=s_ok[:, None])
     tl.store(DVS + base[:, None] * BLOCK_DV + offs_dv[None, :], dv, mask=s_ok[:, None])
+
+
+@triton.jit
+def _delta(O, DO, DLSE, DELTA, sob, sos, soh, sdb, sds, sdh, HQ, SQ, DV,
+           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``delta[b, h, i] = sum_d dO * O - dlse`` in fp32, reading O and dO in their own dtype."""
+    pid = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = rows < SQ
+    offs = tl.arange(0, BLOCK_DV)
+    m = ok[:, None] & (offs[None, :] < DV)
+    r64 = rows.to(tl.int64)
+    o = tl.load(O + b.to(tl.int64) * sob + r64[:, None] * sos + h * soh + offs[None, :], mask=m,
+                other=0.0)
+    do = tl.load(DO + b.to(tl.int64) * sdb + r64[:, None] * sds + h * sdh + offs[None, :],
+                 mask=m, other=0.0)
+    d = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    base = (b * HQ + h).to(tl.int64) * SQ + r64
+    if HAS_DLSE:
+        d = d - tl.load(DLSE + base, mask=ok, other=0.0)
+    tl.store(DELTA + base, d, mask=ok)

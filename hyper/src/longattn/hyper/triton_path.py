@@ -1,10 +1,11 @@
 """HyperAttention on the Triton kernels, with its own exact backward.
 
 Forward: exact causal leaves (``longattn.common.kernels``: cuDNN on GPUs) fill fp32
-accumulators ``(O, L)``; then each recursion level sorts its half-segments once (one stable
-sort of ``segment * 2^r + rank``) and one :func:`_fwd` launch merges all of the level's core
-calls into the accumulators. Every part is a softmax partial over its own disjoint set of
-(weighted) keys, so the result is the merged approximation exactly.
+accumulators ``(O, L)``; then each recursion level sorts the rows of its calls (one stable
+segmented sort on 8-bit ranks, or of ``segment * 2^r + rank`` for uneven lengths) and one
+:func:`_fwd` launch merges all of the level's core calls into the accumulators. Every part is
+a softmax partial over its own disjoint set of (weighted) keys, so the result is the merged
+approximation exactly.
 
 Backward (autograd.Function): with the *final* ``O``, ``L`` and
 ``delta = rowsum(dO * O) - dL`` every part's gradient is that of a flash-attention step (the
@@ -61,9 +62,41 @@ def _labels(plan: Plan, li: int, n: int, keys: bool, device):
     return _CACHE[key]
 
 
-def _level_perm(rank, labels, r_bits):
+def _regular(pieces, total):
+    """``(n, lo, cnt)`` if piece ``c`` is ``[c * n + lo, c * n + lo + cnt)`` and the pieces'
+    periods tile ``[0, total)`` (every level of a power-of-two length), else None."""
+    n = total // len(pieces)
+    lo, cnt = pieces[0][0], pieces[0][1]
+    if n * len(pieces) != total or any(p != (c * n + lo, cnt) for c, p in enumerate(pieces)):
+        return None
+    return n, lo, cnt
+
+
+def _small_int(rank, r_bits):
+    """Narrowest sortable dtype for ranks < 2^r (radix sort passes scale with key width)."""
+    if r_bits <= 8:
+        return rank.to(torch.uint8)
+    return rank.to(torch.int16) if r_bits <= 15 else rank
+
+
+def _level_perm(rank, plan, li, keys, r_bits):
+    """Sort permutation ``[B, H, S]`` int32 of level ``li``: at every call's query (key) range
+    ``[a, a + m)``, positions ``a + i`` hold the row of its ``i``-th query (key) in stable rank
+    order. Other positions are not read (zero)."""
+    b, h, n = rank.shape
+    pieces = [plan.calls[c][2:] if keys else plan.calls[c][:2] for c in plan.levels[li]]
+    reg = _regular(pieces, n)
+    if reg is not None:  # sort only the rows that take part, with narrow keys
+        per, lo, cnt = reg
+        x = _small_int(rank, r_bits).view(b, h, n // per, per)[..., lo:lo + cnt]
+        idx = torch.sort(x, dim=-1, stable=True).indices
+        offs = torch.arange(0, n, per, device=rank.device).view(-1, 1) + lo
+        perm = torch.zeros(b, h, n, dtype=torch.int32, device=rank.device)
+        perm.view(b, h, n // per, per)[..., lo:lo + cnt] = (idx + offs).to(torch.int32)
+        return perm
+    labels = _labels(plan, li, n, keys, rank.device)
     key = labels.view(1, 1, -1) * (1 << r_bits) + rank.to(torch.int64)
-    if key.numel() and int(labels[-1]) < (1 << (31 - r_bits)):
+    if int(labels[-1]) < (1 << (31 - r_bits)):
         key = key.to(torch.int32)
     return torch.sort(key, dim=-1, stable=True).indices.to(torch.int32).contiguous()
 
@@ -106,8 +139,8 @@ def _levels(q, k, rq, rk, samples, plan, r_bits):
     """Per level: (perm_q, perm_k, samples [P, B, Hkv, M] int32 or None)."""
     out = []
     for li, ids in enumerate(plan.levels):
-        pq = _level_perm(rq, _labels(plan, li, q.shape[1], False, q.device), r_bits)
-        pk = _level_perm(rk, _labels(plan, li, k.shape[1], True, q.device), r_bits)
+        pq = _level_perm(rq, plan, li, False, r_bits)
+        pk = _level_perm(rk, plan, li, True, r_bits)
         s = None
         if samples is not None:
             s = samples[ids[0]:ids[-1] + 1].to(torch.int32).contiguous()
@@ -183,21 +216,31 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
     b, s, hq, _ = q.shape
     hkv = k.shape[2]
     d, dv, bd, bdv = _sizes(q, v)
-    delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
-    if dlse is not None:
-        delta = delta - dlse.float()
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
-    dvv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
-    if causal:
-        dls = _lse_to_leaves(plan, dlse) if dlse is not None else [None] * len(_leaf_views(
-            plan, q))
+    delta = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
+    rows = 16 if tk.INTERPRET else 64
+    tk._delta[(triton.cdiv(s, rows), b * hq)](
+        out, do, dlse if dlse is not None else delta, delta,
+        out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        hq, s, dv, HAS_DLSE=dlse is not None, BLOCK_M=rows, BLOCK_DV=bdv)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    if causal and uniform_leaves(plan) is not None:  # the leaves cover every row: start there
+        dl = None if dlse is None else _lse_to_leaves(plan, dlse)[0]
+        a, bb, c = attention_backward(
+            _leaf_views(plan, do)[0], _leaf_views(plan, q)[0], _leaf_views(plan, k)[0],
+            _leaf_views(plan, v)[0], _leaf_views(plan, out)[0], _lse_to_leaves(plan, lse)[0],
+            scale=scale, causal=True, dlse=dl)
+        dq, dk, dvv = (x.to(torch.float32).reshape(t.shape) for x, t in ((a, q), (bb, k),
+                                                                         (c, v)))
+    else:
+        dq, dk, dvv = (torch.zeros(t.shape, **f32) for t in (q, k, v))
+    if causal and uniform_leaves(plan) is None:
+        dls = _lse_to_leaves(plan, dlse) if dlse is not None else [None] * len(plan.leaves)
         for qv, kv, vv, ov, dov, lv, dl, gq, gk, gv in zip(
                 _leaf_views(plan, q), _leaf_views(plan, k), _leaf_views(plan, v),
                 _leaf_views(plan, out), _leaf_views(plan, do), _lse_to_leaves(plan, lse), dls,
                 _leaf_views(plan, dq), _leaf_views(plan, dk), _leaf_views(plan, dvv)):
-            a, bb, c = attention_backward(dov, qv, kv, vv, ov, lv.to(lse.dtype), scale=scale,
-                                          causal=True, dlse=dl)
+            a, bb, c = attention_backward(dov, qv, kv, vv, ov, lv, scale=scale, causal=True,
+                                          dlse=dl)
             gq += a
             gk += bb
             gv += c
@@ -255,6 +298,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
 class _HyperFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, r_bits):
+        ctx.set_materialize_grads(False)  # an unused lse gives dlse=None: no zeros, no sync
         o, lse, levels = _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth,
                                   causal, r_bits)
         out = o.to(q.dtype)
@@ -266,10 +310,10 @@ class _HyperFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        if dlse is not None and not bool(torch.any(dlse != 0)):
-            dlse = None
+        if dout is None:
+            dout = torch.zeros_like(out)
         if dlse is not None:
-            dlse = dlse.contiguous()
+            dlse = dlse.float().contiguous()
         dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, dlse, ctx.levels,
                                *ctx.args)
         return dq, dk, dv, None, None, None, None, None, None, None, None, None
