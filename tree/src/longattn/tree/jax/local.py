@@ -1,0 +1,142 @@
+"""The local decode step in JAX: new tokens' queries against one KV block, with lse.
+
+``local_attention(q, k, v, *, scale, valid_len, limit, impl)``: q ``[B, Lq, Hq, D]``, k / v
+``[B, S, Hkv, D]`` (BSHD, GQA without repeating KV). Key ``j`` of the block is visible to new
+token ``t`` iff ``j < valid_len`` and (``limit`` is None or ``j <= limit + t``); both may be
+traced scalars, so a growing cache does not recompile. Returns ``out [B, Lq, Hq, D]`` and
+``lse [B, Hq, Lq]`` in the accumulation dtype (float32; float64 for float64 inputs); a token
+that sees no key gets ``out = 0``, ``lse = -inf``.
+
+Implementations (``impl``):
+
+* ``"xla"`` (default, every platform): split-K in plain XLA. The key axis is cut into
+  ``splits`` chunks (the same idea as flash-decoding), each chunk computes its max, sum and
+  weighted values, and the chunks merge exactly, so a GPU gets ``B * Hkv * splits``
+  independent reductions instead of ``B * Hkv``.
+* ``"xla_reduce"``: the same with scores and values as fused multiply-reduce instead of dots
+  (no layout change of K / V for a dot; XLA fuses it into one read of each).
+* ``"pallas"``: a Pallas (Triton) split-K kernel reading BSHD K / V in place
+  (:mod:`longattn.tree.jax.pallas_decode`); GPU, or anywhere with ``interpret=True``.
+* ``"cudnn"`` / ``"dpa"``: ``jax.nn.dot_product_attention(..., return_residual=True)`` with
+  ``implementation="cudnn"`` / the default; only when ``limit`` is None or ``Lq == 1`` (the
+  valid length goes in as ``key_value_seq_lengths``).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLS = ("xla", "xla_reduce", "pallas", "cudnn", "dpa")
+
+
+def acc_dtype(dtype):
+    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+
+
+def default_splits(s: int, target_chunk: int = 4096, max_splits: int = 256) -> int:
+    """Number of key chunks: a power of two dividing ``s`` near ``s / target_chunk``."""
+    want = max(1, min(max_splits, s // target_chunk))
+    n = 1
+    while n * 2 <= want and s % (n * 2) == 0:
+        n *= 2
+    return n
+
+
+def local_attention(q, k, v, *, scale, valid_len=None, limit=None, impl="xla", splits=None):
+    b, lq, hq, _ = q.shape
+    s = k.shape[1]
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if s == 0:
+        acc = acc_dtype(q.dtype)
+        return (jnp.zeros((b, lq, hq, v.shape[-1]), acc),
+                jnp.full((b, hq, lq), -jnp.inf, acc))
+    if impl in ("cudnn", "dpa"):
+        return _dpa(q, k, v, scale=scale, valid_len=valid_len, limit=limit, impl=impl)
+    if impl == "pallas":
+        from longattn.tree.jax.pallas_decode import decode
+
+        return decode(q, k, v, scale=scale, valid_len=valid_len, limit=limit, splits=splits)
+    return _xla(q, k, v, scale=scale, valid_len=valid_len, limit=limit, splits=splits,
+                reduce_form=impl == "xla_reduce")
+
+
+def _visible(ns, cs, lq, valid_len, limit):
+    """``[ns, cs, Lq]`` visibility of key (split, c) to token t, or None if all visible."""
+    if valid_len is None and limit is None:
+        return None
+    j = (jnp.arange(ns)[:, None] * cs + jnp.arange(cs)[None, :])[..., None]
+    vis = jnp.ones((ns, cs, lq), bool)
+    if valid_len is not None:
+        vis &= j < valid_len
+    if limit is not None:
+        vis &= j <= limit + jnp.arange(lq)[None, None, :]
+    return vis
+
+
+def _xla(q, k, v, *, scale, valid_len, limit, splits, reduce_form):
+    b, lq, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    g = hq // hkv
+    acc = acc_dtype(q.dtype)
+    ns = default_splits(s) if splits is None else int(splits)
+    if s % ns:
+        raise ValueError(f"splits ({ns}) must divide the block length {s}")
+    cs = s // ns
+    kc = k.reshape(b, ns, cs, hkv, d)
+    vc = v.reshape(b, ns, cs, hkv, v.shape[-1])
+    qg = q.reshape(b, lq, hkv, g, d)
+    if reduce_form:
+        # [b, n, c, h, 1, 1, d] * [b, 1, 1, h, g, t, d] -> sum over d; then to [b, n, h, g, t, c]
+        qr = jnp.transpose(qg, (0, 2, 3, 1, 4))[:, None, None].astype(acc)
+        sc = jnp.sum(kc[:, :, :, :, None, None, :].astype(acc) * qr, axis=-1)
+        sc = jnp.transpose(sc, (0, 1, 3, 4, 5, 2))
+    else:
+        sc = jnp.einsum("bnchd,bthgd->bnhgtc", kc, qg, preferred_element_type=acc)
+    sc = sc * scale
+    vis = _visible(ns, cs, lq, valid_len, limit)
+    if vis is not None:  # [n, c, t] -> [1, n, 1, 1, t, c]
+        sc = jnp.where(jnp.transpose(vis, (0, 2, 1))[None, :, None, None], sc, -jnp.inf)
+    m = jnp.max(sc, axis=-1)  # [b, n, h, g, t]
+    m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+    p = jnp.exp(sc - m_safe[..., None])
+    l_ = jnp.sum(p, axis=-1)
+    pv = p if q.dtype == acc else p.astype(v.dtype)  # bf16 / fp16 P for the PV product
+    if reduce_form:
+        o = jnp.sum(jnp.transpose(pv, (0, 1, 5, 2, 3, 4))[..., None].astype(acc)
+                    * vc[:, :, :, :, None, None, :].astype(acc), axis=2)  # [b, n, h, g, t, d]
+    else:
+        o = jnp.einsum("bnhgtc,bnchd->bnhgtd", pv, vc, preferred_element_type=acc)
+    # exact merge of the splits
+    mx = jnp.max(m, axis=1)
+    mx_safe = jnp.where(jnp.isneginf(mx), 0.0, mx)
+    w = jnp.exp(m - mx_safe[:, None])  # [b, n, h, g, t]
+    den = jnp.sum(w * l_, axis=1)  # [b, h, g, t]
+    num = jnp.sum(w[..., None] * o, axis=1)  # [b, h, g, t, d]
+    live = den > 0
+    safe = jnp.where(live, den, 1.0)
+    out = jnp.where(live[..., None], num / safe[..., None], 0.0)
+    lse = jnp.where(live, mx_safe + jnp.log(safe), -jnp.inf)
+    out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, lq, hq, v.shape[-1])
+    lse = lse.reshape(b, hq, lq)
+    return out.astype(acc), lse.astype(acc)
+
+
+def _dpa(q, k, v, *, scale, valid_len, limit, impl):
+    b, lq, hq, _ = q.shape
+    if limit is not None and lq != 1:
+        raise ValueError(f"impl={impl!r} serves causal decoding only at Lq = 1, got Lq = {lq}")
+    acc = acc_dtype(q.dtype)
+    kv_len = None if valid_len is None else jnp.broadcast_to(
+        jnp.asarray(valid_len, jnp.int32), (b,))
+    out, lse = jax.nn.dot_product_attention(
+        q, k, v, scale=scale, key_value_seq_lengths=kv_len, return_residual=True,
+        implementation="cudnn" if impl == "cudnn" else None)
+    lse = jnp.transpose(lse, (0, 2, 1)).astype(acc)  # BTN -> BNT
+    out = out.astype(acc)
+    if valid_len is not None:  # an empty block: the kernel's value is undefined
+        empty = jnp.asarray(valid_len) <= 0
+        out = jnp.where(empty, 0.0, out)
+        lse = jnp.where(empty, -jnp.inf, lse)
+    return out, lse
