@@ -86,7 +86,7 @@ if triton is not None:
             kt = tl.load(k_base + cols[None, :] * sks + dd[:, None], mask=col_ok[None, :],
                          other=0.0)  # [D, BLOCK_N]
             if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
+                s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
             else:
                 s = tl.dot(q, kt)
             s = s * scale
@@ -99,8 +99,9 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(v_base + cols[:, None] * svs + dd[None, :], mask=col_ok[:, None],
                          other=0.0)  # [BLOCK_N, D]
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
+            if IEEE:  # P rounded to V's dtype first, as on the tensor-core path
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype).to(tl.float32),
+                                                    vt.to(tl.float32), input_precision="ieee")
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
@@ -145,7 +146,9 @@ def decode(q, k, v, *, scale: float, right: int = -1, block_n: int = 64, num_war
         v.stride(0), v.stride(1), v.stride(2),
         s_len, lq, hkv, float(scale), int(right), split_len,
         G=g, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, D=d, SPLITS=n_splits,
-        IEEE=q.dtype == torch.float32, **kw,
+        # float32 inputs need IEEE dots (not TF32); the CPU interpreter's low-precision
+        # tl.dot is broken (triton 3.x), so there every dot runs in float32 as well
+        IEEE=q.dtype == torch.float32 or q.device.type != "cuda", **kw,
     )
     return merge_splits(acc[:, :, :rows], m[:, :, :rows], l_[:, :, :rows], b, lq, hq)
 
