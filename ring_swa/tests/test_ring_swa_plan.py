@@ -26,7 +26,7 @@ def layouts(draw):
     return lengths, offsets, w, ns
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(layouts())
 def test_plan_matches_mask(layout):
     lengths, offsets, w, ns = layout
