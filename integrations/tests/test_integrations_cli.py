@@ -106,8 +106,8 @@ def test_module_entry_point():
 
 def test_integrations_demo_rows_on_a_4_rank_world(capsys):
     rows = cli.collect_rows(["integrations"])
-    assert len(rows) == 3
+    assert len(rows) == 5
     for r in rows:
         assert cli.row_passes(r), r
-        assert r["rel_err"] <= 1e-10
+        assert r["rel_err"] <= (1e-6 if "fp32 loss" in r["what"] else 1e-10), r
     assert rows[0]["bytes"] > 0  # the attention communicated

@@ -95,7 +95,10 @@ def attention(module, query, key, value, attention_mask=None, dropout=0.0, scali
     """transformers attention function: this rank's shard of the sequence attends to all of
     it. ``query [B, Hq, S_local, D]``, ``key``/``value [B, Hkv, S_local, D]`` (BHSD, as
     transformers passes them). Returns ``(out [B, S_local, Hq, D], None)``."""
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if is_causal is None:  # decoder modules say is_causal; a config may turn it off
+        is_causal = getattr(module, "is_causal", True) and getattr(
+            getattr(module, "config", None), "is_causal", True)
+    causal = bool(is_causal)
     window = _check_call(attention_mask, dropout, sliding_window, causal, kwargs)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     state = getattr(key, "_longattn_state", None)
