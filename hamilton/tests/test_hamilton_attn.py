@@ -43,12 +43,8 @@ def _oracle(q, k, v, dout, dlse, causal, scale):
     return out, lse, grads
 
 
-def _case(rank, n, seed, shape, causal, sched, dtype, lq_mult, lk_mult, scale):
-    """One global problem: every rank computes its shard; returns per-tensor rel. errors."""
+def _problem(seed, shape, sq, sk, dtype):
     b, hq, hkv, d, dv = shape
-    u = _units(n, sched, causal)
-    per = 2 * n if causal else n
-    sq, sk = per * u * lq_mult, per * u * lk_mult
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(b, sq, hq, d, generator=g, dtype=torch.float64)
     k = torch.randn(b, sk, hkv, d, generator=g, dtype=torch.float64)
@@ -56,24 +52,47 @@ def _case(rank, n, seed, shape, causal, sched, dtype, lq_mult, lk_mult, scale):
     dout = torch.randn(b, sq, hq, dv, generator=g, dtype=torch.float64)
     dlse = torch.randn(b, hq, sq, generator=g, dtype=torch.float64)
     q, k, v = (t.to(dtype).double() for t in (q, k, v))  # the oracle sees the rounded inputs
+    return q, k, v, dout, dlse
+
+
+def make_case(seed, shape, causal, dtype, sq, sk, scale, use_lse=True):
+    """A global problem and its float64 oracle (computed once, in the pytest process)."""
+    q, k, v, dout, dlse = _problem(seed, shape, sq, sk, dtype)
+    if not use_lse:
+        dlse = torch.zeros_like(dlse)
     out_r, lse_r, (dq_r, dk_r, dv_r) = _oracle(q, k, v, dout, dlse, causal, scale)
+    ref = {"out": out_r, "lse": lse_r, "dq": dq_r, "dk": dk_r, "dv": dv_r}
+    return {"inputs": (q, k, v, dout, dlse), "ref": {k: torch.from_numpy(x) for k, x in
+                                                     ref.items()},
+            "causal": causal, "dtype": dtype, "scale": scale, "use_lse": use_lse}
+
+
+def run_case(rank, n, case, sched):
+    """This rank's part of ``case``: (squared error, squared reference norm) per tensor, so the
+    caller gets the relative error of the global tensors."""
+    q, k, v, dout, dlse = case["inputs"]
+    causal, dtype = case["causal"], case["dtype"]
 
     def loc(x, dim=1):
         return shard(x, causal=causal, dim=dim)
 
     ql, kl, vl = (loc(t).to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = hamilton_attn(ql, kl, vl, causal=causal, scale=scale,
+    out, lse = hamilton_attn(ql, kl, vl, causal=causal, scale=case["scale"],
                              schedule=_sched_arg(sched), return_lse=True)
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64
                                                  else torch.float32)
-    (out.double() * loc(dout)).sum().add((lse.double() * loc(dlse, 2)).sum()).backward()
-    ref = {"out": loc(torch.from_numpy(out_r)), "lse": loc(torch.from_numpy(lse_r), 2),
-           "dq": loc(torch.from_numpy(dq_r)), "dk": loc(torch.from_numpy(dk_r)),
-           "dv": loc(torch.from_numpy(dv_r))}
+    loss = (out.double() * loc(dout)).sum()
+    if case["use_lse"]:
+        loss = loss + (lse.double() * loc(dlse, 2)).sum()
+    loss.backward()
+    ref = {key: loc(r, 2 if key == "lse" else 1) for key, r in case["ref"].items()}
     got = {"out": out, "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
-    # relative errors of the *global* tensors: gather the shards' squared norms
     return {key: (float((got[key].detach().double() - ref[key]).pow(2).sum()),
                   float(ref[key].pow(2).sum())) for key in got}
+
+
+def _run_cases(rank, n, cases):
+    return [run_case(rank, n, case, sched) for case, sched in cases]
 
 
 def _global_err(per_rank):
@@ -82,23 +101,53 @@ def _global_err(per_rank):
             for k in keys}
 
 
-def _fp64_cases(rank, n):
-    res = []
+def _fp64_cases(n):
+    cases = []
     for causal in (False, True):
         for sched in _schedules(n):
             for si, shape in enumerate(SHAPES):
+                per = (2 * n if causal else n) * _units(n, sched, causal)
                 lk = 1 + si  # also Sq != Sk when non-causal
                 lq = lk if causal else 2 - si
-                r = _case(rank, n, 100 * n + si, shape, causal, sched, torch.float64, lq, lk,
-                          None if si == 0 else 0.3)
-                res.append(((causal, str(sched), shape), r))
-    return res
+                case = make_case(100 * n + si, shape, causal, torch.float64, per * lq, per * lk,
+                                 None if si == 0 else 0.3)
+                cases.append((case, sched))
+    return cases
 
 
 @pytest.mark.parametrize("n", range(1, 9))
 def test_fp64_matches_oracle(n):
-    per_rank = run_world(n, _fp64_cases, timeout=300)
-    for i, (what, _) in enumerate(per_rank[0]):
-        err = _global_err([pr[i][1] for pr in per_rank])
-        worst = max(err.values())
-        assert worst <= 1e-10, f"n={n} {what}: {err}"
+    """Every schedule that fits n, causal and not, GQA 4:1 and Hq == Hkv, Dv != D, Sq != Sk,
+    default and explicit scale, gradients through out and lse."""
+    cases = _fp64_cases(n)
+    per_rank = run_world(n, _run_cases, cases, timeout=300)
+    for i, (case, sched) in enumerate(cases):
+        err = _global_err([pr[i] for pr in per_rank])
+        what = (sched, case["causal"], tuple(case["inputs"][0].shape))
+        assert max(err.values()) <= 1e-10, f"n={n} {what}: {err}"
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16: error within tolerance, and not growing with the number of ranks
+
+BF16_SHAPE = (1, 8, 2, 32, 32)  # GQA 4:1
+BF16_S = 224  # divisible by 2 * 8 * 7 (TASP causal on 8 ranks) and by 2 * 2
+
+
+def test_bf16_error_does_not_grow_with_ranks():
+    cases = []
+    for causal in (False, True):
+        case = make_case(7, BF16_SHAPE, causal, torch.bfloat16, BF16_S, BF16_S, None,
+                         use_lse=False)
+        cases += [(case, "ring"), (case, "tasp")]
+    errs = {}
+    for n in (2, 8):
+        per_rank = run_world(n, _run_cases, cases, timeout=300)
+        for i, (case, sched) in enumerate(cases):
+            errs[(n, case["causal"], sched)] = _global_err([pr[i] for pr in per_rank])
+    for (n, causal, sched), e in errs.items():
+        for t in ("out", "dq", "dk", "dv"):
+            assert e[t] <= 2e-2, (n, causal, sched, t, e[t])
+            if n == 8:
+                e2 = errs[(2, causal, sched)][t]
+                assert e[t] <= 1.5 * e2, (causal, sched, t, e[t], e2)

@@ -1,0 +1,207 @@
+"""Exact communication volume, bad input raising on every rank, shard/unshard, autograd details."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+import torch
+
+from longattn.common.comm import counting
+from longattn.common.testing import run_world
+from longattn.hamilton import (
+    hamilton_attn,
+    multi_ring_schedule,
+    ring_schedule,
+    shard,
+    two_level_schedule,
+    unshard,
+)
+
+B, HQ, HKV, D, DV = 2, 4, 1, 8, 6
+
+
+def _local(rank, n, lk, dtype, seed=0, requires_grad=True):
+    g = torch.Generator().manual_seed(seed + rank)
+    q = torch.randn(B, lk, HQ, D, generator=g).to(dtype)
+    k = torch.randn(B, lk, HKV, D, generator=g).to(dtype)
+    v = torch.randn(B, lk, HKV, DV, generator=g).to(dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+def _send_groups(messages):
+    """The sends of each exchange call, in order (each call records its sends, then its recvs)."""
+    groups = []
+    for kind, grp in itertools.groupby(messages, key=lambda m: m[0]):
+        if kind == "send":
+            groups.append([(p, b) for _, p, b in grp])
+    return groups
+
+
+def _volume(rank, n):
+    out = {}
+    for sched, causal in itertools.product(("tasp", "ring", "two_level"), (False, True)):
+        if sched == "two_level" and n != 4:
+            continue
+        s = {"tasp": multi_ring_schedule(n), "ring": ring_schedule(n),
+             "two_level": two_level_schedule(2, 2) if n == 4 else None}[sched]
+        lk = 2 * s.num_slots * 3
+        q, k, v = _local(rank, n, lk, torch.bfloat16)
+        with counting() as fwd:
+            o = hamilton_attn(q, k, v, causal=causal, schedule=s)
+        with counting() as bwd:
+            o.float().square().sum().backward()
+        out[(sched, causal)] = (_send_groups(fwd.messages), _send_groups(bwd.messages),
+                                fwd.bytes_sent, fwd.bytes_received, bwd.bytes_sent,
+                                bwd.bytes_received, lk)
+    return out
+
+
+@pytest.mark.parametrize("n", [3, 4, 8])
+def test_exact_volume(n):
+    res = run_world(n, _volume)
+    for rank, per in enumerate(res):
+        for (sched, causal), (fwd, bwd, fs, fr, bs, br, lk) in per.items():
+            block = lk * B * HKV * (D + DV) * 2  # one local KV block in bf16
+            block32 = 2 * block  # dK/dV accumulators travel in fp32
+            k = {"tasp": n - 1, "ring": 1, "two_level": 2}[sched]
+            pieces = 2 if causal and k > 1 else 1
+            assert len(fwd) == n - 1, (sched, causal)
+            for step in fwd:  # one KV block per step, k slots to k distinct peers
+                peers = [p for p, _ in step]
+                assert len(step) == k * pieces
+                assert len(set(peers)) == k and rank not in peers
+                assert all(b == block // (k * pieces) for _, b in step), (sched, causal, step)
+                if sched == "ring":
+                    assert peers == [(rank + 1) % n]
+                if sched == "tasp":
+                    assert sorted(set(peers)) == sorted(set(range(n)) - {rank})
+            assert fs == fr == (n - 1) * block
+            # backward: KV back along the reversed schedule for n - 2 steps, dK/dV for n - 1
+            assert len(bwd) == 2 * (n - 2) + 1
+            assert bs == br == (n - 2) * block + (n - 1) * block32
+            for i, step in enumerate(bwd):
+                size = block32 if (i % 2 == 1 or i == len(bwd) - 1) else block
+                assert sum(b for _, b in step) == size, (sched, causal, i)
+                assert len({p for p, _ in step}) == k
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: every rank raises, nobody hangs, and the world is usable afterwards
+
+
+def _bad_calls(rank, n):
+    lk = 2 * (n - 1) * 2
+    results = []
+
+    def attempt(name, fn):
+        try:
+            fn()
+        except (TypeError, ValueError) as e:
+            results.append((name, type(e).__name__, str(e)))
+        else:
+            results.append((name, None, ""))
+
+    q, k, v = _local(rank, n, lk, torch.float32)
+    ql = _local(rank, n, lk + 2 * (n - 1) * (rank == 0), torch.float32)
+    attempt("length differs on rank 0", lambda: hamilton_attn(*ql, causal=True, schedule="tasp"))
+    qo = _local(rank, n, lk + 1, torch.float32)
+    attempt("not divisible", lambda: hamilton_attn(*qo, causal=True, schedule="tasp"))
+    attempt("not divisible ring", lambda: hamilton_attn(*_local(rank, n, 3, torch.float32),
+                                                        causal=True, schedule="ring"))
+    kd = k.detach().double() if rank == 1 else k
+    attempt("dtype on rank 1", lambda: hamilton_attn(q, kd, v))
+    attempt("schedule for other n", lambda: hamilton_attn(q, k, v,
+                                                          schedule=multi_ring_schedule(n + 1)))
+    attempt("schedule name", lambda: hamilton_attn(q, k, v, schedule="hamilton"))
+    attempt("causal differs", lambda: hamilton_attn(q, k, v, causal=rank == 0))
+    attempt("causal not bool", lambda: hamilton_attn(q, k, v, causal=1))
+    nog = [t.detach() for t in (q, k, v)] if rank == n - 1 else (q, k, v)
+    attempt("requires_grad differs", lambda: hamilton_attn(*nog))
+    attempt("scale differs", lambda: hamilton_attn(q, k, v, scale=0.1 * (rank + 1)))
+    attempt("heads", lambda: hamilton_attn(q[:, :, :3], k.expand(-1, -1, 2, -1), v))
+    attempt("causal lengths", lambda: hamilton_attn(q[:, :2 * (n - 1)], k, v, causal=True))
+    attempt("not a tensor", lambda: hamilton_attn(q, k.tolist() if rank == 0 else k, v))
+    os.environ.pop("LOCAL_WORLD_SIZE", None)
+    attempt("two_level without LOCAL_WORLD_SIZE", lambda: hamilton_attn(q, k, v,
+                                                                        schedule="two_level"))
+    attempt("backend", lambda: hamilton_attn(q, k, v, backend="nope"))
+    # the world still works: a good call after all the bad ones
+    out = hamilton_attn(q, k, v, causal=True)
+    out.sum().backward()
+    return results, tuple(out.shape)
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_bad_input_raises_on_every_rank(n):
+    res = run_world(n, _bad_calls, timeout=120)
+    names = [r[0] for r in res[0][0]]
+    for i, name in enumerate(names):
+        kinds = [per[0][i][1] for per in res]
+        assert all(kind is not None for kind in kinds), (name, kinds)
+    msgs = {r[0]: r[2] for r in res[0][0]}
+    assert "divisible by" in msgs["not divisible"] and "pad the global" in msgs["not divisible"]
+    assert "q.shape[1]" in msgs["length differs on rank 0"] or "rank(s)" in msgs[
+        "length differs on rank 0"]
+    assert "causal must be the same" in msgs["causal differs"]
+    assert "require grad" in msgs["requires_grad differs"]
+    assert "scale must be the same" in msgs["scale differs"]
+    assert "schedule must be" in msgs["schedule name"]
+    assert "LOCAL_WORLD_SIZE" in msgs["two_level without LOCAL_WORLD_SIZE"]
+    assert res[1][0][names.index("dtype on rank 1")][1] == "TypeError"
+    assert "rank(s) [1]" in res[0][0][names.index("dtype on rank 1")][2]
+
+
+# ---------------------------------------------------------------------------------------------
+# shard / unshard, retain_graph, no_grad, world size 1 without a process group
+
+
+def _shard_roundtrip(rank, n):
+    x = torch.arange(2 * 4 * n * 3, dtype=torch.float64).reshape(2, 4 * n, 3)
+    ok = []
+    for causal in (False, True):
+        loc = shard(x, causal=causal)
+        with counting() as c:
+            back = unshard(loc, causal=causal)
+        ok.append(torch.equal(back, x) and c.bytes_sent == (n - 1) * loc.numel() * 8)
+    return ok
+
+
+def test_shard_unshard_roundtrip():
+    assert all(all(r) for r in run_world(4, _shard_roundtrip))
+    x = torch.randn(1, 24, 2, 2)
+    for causal in (False, True):
+        parts = [torch.cat([x[:, r * 3:(r + 1) * 3], x[:, 21 - r * 3:24 - r * 3]], 1)
+                 if causal else x[:, r * 6:(r + 1) * 6] for r in range(4)]
+        assert torch.equal(unshard(parts, causal=causal), x)
+
+
+def _twice(rank, n):
+    q, k, v = _local(rank, n, 2 * (n - 1) * 2, torch.float64)
+    out = hamilton_attn(q, k, v, causal=True)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(rank), dtype=out.dtype)
+    out.backward(dout, retain_graph=True)
+    first = [t.grad.clone() for t in (q, k, v)]
+    out.backward(dout)
+    same = all(torch.allclose(t.grad, 2 * f, rtol=0, atol=1e-14) for t, f in zip((q, k, v),
+                                                                                  first))
+    with torch.no_grad():
+        again = hamilton_attn(q, k, v, causal=True)
+    return same, torch.equal(again, out.detach())
+
+
+def test_backward_twice_and_no_grad():
+    assert all(a and b for a, b in run_world(3, _twice))
+
+
+def test_world_size_one_without_process_group():
+    from longattn.common.kernels import attention
+
+    q, k, v = _local(0, 1, 5, torch.float64)
+    for causal in (False, True):
+        out = hamilton_attn(q, k, v, causal=causal)
+        ref = attention(q, k, v, causal=causal)
+        assert torch.allclose(out, ref, rtol=0, atol=1e-14)
+    with pytest.raises(ValueError, match="group was given"):
+        hamilton_attn(q, k, v, group=object())
