@@ -1,7 +1,7 @@
 """The demo rows (TASP, ring, zigzag ring on 4 ranks) are exact and report the right bytes."""
 
 from longattn.common.testing import run_world
-from longattn.hamilton.demo import B, D, HKV, S, WORLD, rows
+from longattn.hamilton.demo import HKV, WORLD, B, D, S, rows
 
 
 def test_demo_rows():

@@ -99,13 +99,49 @@ def _post(transfer, send_buf, recv_buf, unit, group, *, reverse=False):
 
 
 # ---------------------------------------------------------------------------------------------
+# one step's compute (shared by the loops below and by bench/bench_hamilton.py)
+
+# The in-place LSE merge used by the forward loop. A module attribute so a benchmark can swap
+# in a fused (e.g. torch.compile'd) version of the same function.
+MERGE = merge_partials_
+
+
+def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, scale, backend):
+    """Run one step's kernel calls on buffer ``buf`` and merge into ``acc_out`` / ``acc_lse``."""
+    half = q.shape[1] // 2
+    for call in calls:
+        kk, vv = _views(buf, call.start * unit, call.stop * unit, hkv, d)
+        if call.rows == "all":
+            o, l = attention_forward(q, kk, vv, scale=scale, causal=False, backend=backend)
+            MERGE(acc_out, acc_lse, o, l)
+        else:
+            o, l = attention_forward(q[:, half:], kk, vv, scale=scale, causal=False,
+                                     backend=backend)
+            MERGE(acc_out[:, half:], acc_lse[:, :, half:], o, l)
+
+
+def backward_step(dout, dlse, q, out, lse, buf, g, calls, unit, dq, *, hkv, d, scale, backend):
+    """One step's gradient kernels: add into ``dq`` and into the dK/dV buffer ``g``."""
+    half = q.shape[1] // 2
+    for call in calls:
+        kk, vv = _views(buf, call.start * unit, call.stop * unit, hkv, d)
+        gk, gv = _views(g, call.start * unit, call.stop * unit, hkv, d)
+        sl = slice(None) if call.rows == "all" else slice(half, None)
+        dq_s, dk_s, dv_s = attention_backward(
+            dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl], scale=scale,
+            causal=False, dlse=None if dlse is None else dlse[:, :, sl], backend=backend)
+        dq[:, sl] += dq_s
+        gk += dk_s
+        gv += dv_s
+
+
+# ---------------------------------------------------------------------------------------------
 # forward and backward loops
 
 
 def _forward(q, k, v, plan, group, scale, backend):
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
-    half = q.shape[1] // 2
     if n == 1:
         out, lse = attention_forward(q, k, v, scale=scale, causal=plan.causal, backend=backend)
         return out, lse, None
@@ -119,14 +155,9 @@ def _forward(q, k, v, plan, group, scale, backend):
             out, lse = attention_forward(q, k, v, scale=scale, causal=plan.causal,
                                          backend=backend)
             acc_out, acc_lse = out.to(_acc(q.dtype)), lse.to(_acc(q.dtype))
-        for call in plan.calls[s]:
-            kk, vv = _views(cur, call.start * unit, call.stop * unit, hkv, d)
-            qs = q if call.rows == "all" else q[:, half:]
-            o, l = attention_forward(qs, kk, vv, scale=scale, causal=False, backend=backend)
-            if call.rows == "all":
-                merge_partials_(acc_out, acc_lse, o, l)
-            else:
-                merge_partials_(acc_out[:, half:], acc_lse[:, :, half:], o, l)
+        else:
+            forward_step(q, cur, plan.calls[s], unit, acc_out, acc_lse, hkv=hkv, d=d,
+                         scale=scale, backend=backend)
         if h is not None:
             h.wait()
             cur, nxt = nxt, cur
@@ -136,7 +167,6 @@ def _forward(q, k, v, plan, group, scale, backend):
 def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backend):
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
-    half = q.shape[1] // 2
     acc = _acc(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     h_g = None
@@ -153,17 +183,8 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backen
                 h_kv = _post(plan.transfers[s - 1], cur, nxt, unit, group, reverse=True)
             g = gbufs[s % 2]
             g.zero_()
-            for call in plan.calls[s]:
-                kk, vv = _views(cur, call.start * unit, call.stop * unit, hkv, d)
-                gk, gv = _views(g, call.start * unit, call.stop * unit, hkv, d)
-                sl = slice(None) if call.rows == "all" else slice(half, None)
-                dq_s, dk_s, dv_s = attention_backward(
-                    dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl], scale=scale,
-                    causal=False, dlse=None if dlse is None else dlse[:, :, sl],
-                    backend=backend)
-                dq[:, sl] += dq_s
-                gk += dk_s
-                gv += dv_s
+            backward_step(dout, dlse, q, out, lse, cur, g, plan.calls[s], unit, dq, hkv=hkv,
+                          d=d, scale=scale, backend=backend)
             if h_g is not None:  # the accumulator of this content from the later steps
                 h_g.wait()
                 g += grecv
