@@ -11,8 +11,9 @@ import torch
 
 from longattn.common.kernels import Backend, register_backend
 
-# Elements of one score block [B, Hq, rows, keys]; 2**24 fp32 = 64 MiB, a few live at once.
-SCORE_BLOCK_ELEMS = 1 << 24
+# Elements of one score block [B, Hq, rows, keys]: 2**22 fp32 = 16 MiB. Blocks are updated in
+# place, so about three are alive at once.
+SCORE_BLOCK_ELEMS = 1 << 22
 
 
 def _acc(dtype):
@@ -49,11 +50,12 @@ def _mask(q0, q1, lo, hi, off, window, device):
     return m
 
 
-def _scores(qb, kb, mask, scale):
-    """qb [B, r, Hkv, G, D], kb [B, n, Hkv, D] -> masked scores [B, Hkv, G, r, n]."""
-    s = torch.einsum("bqhgd,bkhd->bhgqk", qb, kb) * scale
+def _scores(qb, kb, mask):
+    """qb [B, r, Hkv, G, D] (already scaled), kb [B, n, Hkv, D] -> masked scores
+    [B, Hkv, G, r, n] (a fresh tensor the caller may overwrite)."""
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qb, kb)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+        s.masked_fill_(~mask, float("-inf"))
     return s
 
 
@@ -68,12 +70,12 @@ def forward(q, k, v, *, scale, window):
         if hi <= lo:
             continue
         r = q1 - q0
-        qb = q[:, q0:q1].to(acc).reshape(b, r, hkv, g, d)
+        qb = (q[:, q0:q1].to(acc) * scale).reshape(b, r, hkv, g, d)
         kb, vb = k[:, lo:hi].to(acc), v[:, lo:hi].to(acc)
-        s = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window, q.device), scale)
-        m = s.amax(dim=-1, keepdim=True)
+        p = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window, q.device))
+        m = p.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-        p = torch.exp(s - m)
+        p.sub_(m).exp_()
         den = p.sum(dim=-1, keepdim=True)  # [B, Hkv, G, r, 1]
         o = torch.einsum("bhgqk,bkhd->bqhgd", p, vb)
         inv = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
@@ -102,16 +104,15 @@ def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
         if hi <= lo:
             continue
         r = q1 - q0
-        qb = q[:, q0:q1].to(acc).reshape(b, r, hkv, g, d)
+        qb = (q[:, q0:q1].to(acc) * scale).reshape(b, r, hkv, g, d)
         kb, vb = k[:, lo:hi].to(acc), v[:, lo:hi].to(acc)
-        s = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window, q.device), scale)
-        ls = lse_safe[:, :, q0:q1].reshape(b, hkv, g, r, 1)
-        p = torch.exp(s - ls)
+        p = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window, q.device))
+        p.sub_(lse_safe[:, :, q0:q1].reshape(b, hkv, g, r, 1)).exp_()
         dob = dout[:, q0:q1].to(acc).reshape(b, r, hkv, g, dv)
-        dp = torch.einsum("bqhgd,bkhd->bhgqk", dob, vb)
-        ds = p * (dp - delta[:, :, q0:q1].reshape(b, hkv, g, r, 1))
+        ds = torch.einsum("bqhgd,bkhd->bhgqk", dob, vb)
+        ds.sub_(delta[:, :, q0:q1].reshape(b, hkv, g, r, 1)).mul_(p)
         dq[:, q0:q1] = (torch.einsum("bhgqk,bkhd->bqhgd", ds, kb) * scale).reshape(b, r, hq, d)
-        dk[:, lo:hi] += torch.einsum("bhgqk,bqhgd->bkhd", ds, qb) * scale
+        dk[:, lo:hi] += torch.einsum("bhgqk,bqhgd->bkhd", ds, qb)  # qb carries the scale
         dvv[:, lo:hi] += torch.einsum("bhgqk,bqhgd->bkhd", p, dob)
     return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
 
