@@ -2,7 +2,8 @@
 
 Logits, loss, parameter gradients and the parameters after one AdamW step of a tiny randomly
 initialised Llama (full attention: hamilton), Mistral (sliding window 11 on every layer:
-ring_swa) and Qwen2 (one full and one sliding-window layer) sharded over 2 and 4 ranks equal
+ring_swa), Qwen2 (one full and one sliding-window layer) and a bidirectional Llama
+(``config.is_causal=False``: hamilton non-causal) sharded over 2 and 4 ranks equal
 the same model run on the full sequence in one process with transformers' own ``sdpa``
 attention (exact float64 softmax; ``eager`` would round its softmax to float32).
 
@@ -88,7 +89,7 @@ def _compare(got, ref, what):
 
 # (kind, layout): the model's own layout and, to exercise the relayout, the other one.
 CASES = [("llama", "zigzag"), ("llama", "contiguous"), ("mistral", "contiguous"),
-         ("mistral", "zigzag"), ("qwen2", "contiguous")]
+         ("mistral", "zigzag"), ("qwen2", "contiguous"), ("llama-bidirectional", "contiguous")]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -20,8 +20,9 @@ WORLD = 4
 
 
 def tiny_config(kind: str, attn: str = "sdpa"):
-    """A two-layer config: ``llama`` (full attention, GQA 4/2), ``mistral`` (every layer a
-    sliding window of 11 keys), ``qwen2`` (layer 0 full, layer 1 a sliding window of 5)."""
+    """A two-layer config: ``llama`` (full attention, GQA 4/2), ``llama-bidirectional`` (the
+    same with ``is_causal=False``), ``mistral`` (every layer a sliding window of 11 keys),
+    ``qwen2`` (layer 0 full, layer 1 a sliding window of 5)."""
     common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
                   max_position_embeddings=256, attn_implementation=attn,
@@ -30,6 +31,10 @@ def tiny_config(kind: str, attn: str = "sdpa"):
         from transformers import LlamaConfig
 
         return LlamaConfig(**common)
+    if kind == "llama-bidirectional":
+        from transformers import LlamaConfig
+
+        return LlamaConfig(is_causal=False, **common)
     if kind == "mistral":
         from transformers import MistralConfig
 
