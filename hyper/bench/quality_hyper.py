@@ -67,6 +67,7 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer, shorter points (CI check)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--plot-only", action="store_true", help="re-plot quality_hyper.json")
     args = ap.parse_args(argv)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out, exist_ok=True)
@@ -75,6 +76,10 @@ def main(argv=None):
     s0 = 1024 if args.quick else 4096
     samples = [0, 256] if args.quick else [0, 64, 128, 256, 512, 1024]
     blocks = [128, 256] if args.quick else [64, 128, 256, 512, 1024]
+    if args.plot_only:
+        with open(os.path.join(out, "quality_hyper.json")) as f:
+            plot(json.load(f), out, seeds, s0)
+        return
     sweeps = {
         "sequence length": ("S", lengths, lambda s: dict(s=s)),
         "sample size": ("sample_size", samples, lambda m: dict(s=s0, sample_size=m)),
@@ -95,37 +100,44 @@ def main(argv=None):
                           f"{'causal' if causal else 'full':<6} rel.err {e:.4f}", flush=True)
     with open(os.path.join(out, "quality_hyper.json"), "w") as f:
         json.dump(rows, f, indent=1)
+    plot(rows, out, seeds, s0)
+    print(f"wrote quality_hyper.png and quality_hyper.json to {out} ({time.time() - t0:.0f} s)")
 
+
+def plot(rows, out, seeds, s0):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    xnames = {"sequence length": "S", "sample size": "sample_size", "block size": "block_size"}
+    fixed = {"sequence length": f"block {DEFAULTS['block_size']}, samples "
+                                f"{DEFAULTS['sample_size']}",
+             "sample size": f"S {s0}, block {DEFAULTS['block_size']}",
+             "block size": f"S {s0}, samples {DEFAULTS['sample_size']}"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, (title, (xname, _xs, _)) in zip(axes, sweeps.items()):
+    for ax, (title, xname) in zip(axes, xnames.items()):
         for kind, colour in (("random", "tab:red"), ("clustered", "tab:blue")):
             for causal, style in ((False, "-"), (True, "--")):
                 rs = [r for r in rows if r["sweep"] == title and r["inputs"] == kind
                       and r["causal"] == causal]
                 ax.plot([r["x"] for r in rs], [r["rel_err"] for r in rs], style, marker="o",
                         color=colour, label=f"{kind}, {'causal' if causal else 'non-causal'}")
-        ax.set_xscale("log", base=2)
+        if title == "sample size":  # includes 0 samples (block diagonal only)
+            ax.set_xscale("symlog", base=2, linthresh=64)
+        else:
+            ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(xname)
         ax.set_ylabel("relative error of out")
-        fixed = {"sequence length": f"block {DEFAULTS['block_size']}, samples "
-                                    f"{DEFAULTS['sample_size']}",
-                 "sample size": f"S {s0}, block {DEFAULTS['block_size']}",
-                 "block size": f"S {s0}, samples {DEFAULTS['sample_size']}"}[title]
-        ax.set_title(f"vs {title} ({fixed})")
+        ax.set_title(f"vs {title} ({fixed[title]})")
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("HyperAttention vs exact attention (H=2, D=64, fp32, median of "
                  f"{seeds} seeds)")
     fig.tight_layout()
-    path = os.path.join(out, "quality_hyper.png")
-    fig.savefig(path, dpi=110)
-    print(f"wrote {path} and quality_hyper.json ({time.time() - t0:.0f} s)")
+    fig.savefig(os.path.join(out, "quality_hyper.png"), dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
