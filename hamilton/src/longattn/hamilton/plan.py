@@ -124,3 +124,27 @@ def make_plan(schedule: Schedule, rank: int, causal: bool) -> Plan:
     units = 2 * k if causal else k
     own = tuple(range(k)) + (tuple(range(2 * k - 1, k - 1, -1)) if causal else ())
     return Plan(n, rank, k, causal, units, own, tuple(transfers), tuple(calls))
+
+
+def unit_labels(schedule: Schedule, causal: bool):
+    """Symbolic run of every rank's plan: ``labels[s][r][u] = (origin, origin_unit)`` says that
+    unit ``u`` of rank ``r``'s buffer at step ``s`` holds unit ``origin_unit`` of rank
+    ``origin``'s step-0 buffer (whose local tokens are ``own_units[origin_unit]``). Used by the
+    benchmark to feed single-GPU step sequences with the data a real run would hold."""
+    n = schedule.n
+    plans = [make_plan(schedule, r, causal) for r in range(n)]
+    units = plans[0].units
+    bufs = [[(r, u) for u in range(units)] for r in range(n)]
+    labels = [bufs]
+    for s in range(n - 1):
+        msgs = {}
+        for r in range(n):
+            for peer, a, b in plans[r].transfers[s].sends:
+                msgs.setdefault((r, peer), []).append(bufs[r][a:b])
+        new = [[None] * units for _ in range(n)]
+        for r in range(n):
+            for peer, a, b in plans[r].transfers[s].recvs:
+                new[r][a:b] = msgs[(peer, r)].pop(0)
+        bufs = new
+        labels.append(bufs)
+    return labels

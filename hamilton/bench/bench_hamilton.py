@@ -1,0 +1,419 @@
+"""Single-GPU benchmark: the compute side of one rank of an n-rank causal zigzag-ring step
+sequence against one dense cuDNN causal call over the whole sequence divided by n.
+
+    PYTHONPATH=common/src:reference/src:hamilton/src python hamilton/bench/bench_hamilton.py
+    ... --smoke            # tiny configuration on the CPU (checks that the script works)
+
+Default: 8 ranks x 8192 tokens per rank (65,536 tokens), H=32, D=128, bf16, B=1.
+
+What runs: exactly what ``hamilton_attn`` does on one rank, minus the messages. Step 0 is the
+causal attention of the local q/k/v; steps 1..n-1 call :func:`longattn.hamilton.attn.forward_step`
+on a KV buffer laid out as the real loop holds it (``plan.calls[s]``: all of q against the
+front half of the received block, or the back half of q against the whole block), and the
+backward runs :func:`backward_step` per step plus the dK/dV accumulation and the step-0
+backward. Kernels through ``longattn.common.kernels`` with ``backend="auto"`` (``aten``:
+cuDNN on CUDA). Three variants:
+
+* ``kernels``  -- only the attention kernel calls, back to back (the issue's definition);
+* ``+merge``   -- everything the rank computes, with the shared ``merge_partials_``;
+* ``+fused``   -- the same with ``merge_partials_`` under ``torch.compile`` (fused elementwise).
+
+Baselines in the same run, alternated with the contenders (``bench.time_interleaved``): cuDNN
+SDPA (``sdpa_kernel(CUDNN_ATTENTION)``) causal over all ``n * L`` tokens, divided by ``n``;
+FlexAttention causal (compiled) likewise. Efficiency = (dense ms / n) / sequence ms. Ranks 0,
+n/2 and n-1 are timed (their step shapes differ; all do equal FLOPs).
+
+Correctness first: a small sequence per rank, fed with the data each rank would hold at each
+step (``plan.unit_labels``), forward and backward, is compared with the float64 oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+from longattn.common import bench
+from longattn.common.kernels import attention_backward, attention_forward, pick_backend
+from longattn.common.layout import positions
+from longattn.common.merge import merge_partials_
+from longattn.hamilton import attn as attn_mod
+from longattn.hamilton.attn import (
+    _new_buffer,
+    _pack,
+    _token_index,
+    _views,
+    backward_step,
+    forward_step,
+)
+from longattn.hamilton.plan import make_plan, unit_labels
+from longattn.hamilton.schedules import multi_ring_schedule, ring_schedule
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _schedule(name, n):
+    return ring_schedule(n) if name == "ring" else multi_ring_schedule(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness: every rank's step sequence on the data it would hold, against the oracle
+
+
+def check(device, dtype, n, length, heads, dim, sched_name, causal=True):
+    """Max relative error over out, lse, dq, dk, dv of the simulated n-rank run (global)."""
+    from longattn.reference import attention, causal_mask
+    from longattn.reference import attention_backward as ref_backward
+
+    sched = _schedule(sched_name, n)
+    seq = n * length
+    g = torch.Generator().manual_seed(0)
+    glob = [torch.randn(1, seq, heads, dim, generator=g).to(dtype) for _ in range(4)]
+    q, k, v, dout = glob
+    mask = causal_mask(seq, seq) if causal else None
+    np_in = [t.double().numpy() for t in (q, k, v)]
+    out_r, lse_r = attention(*np_in, mask=mask)
+    dq_r, dk_r, dv_r = ref_backward(dout.double().numpy(), *np_in, mask=mask)
+
+    layout = "zigzag" if causal else "contiguous"
+    pos = [positions(seq, r, n, layout) for r in range(n)]
+    plans = [make_plan(sched, r, causal) for r in range(n)]
+    labels = unit_labels(sched, causal)
+    unit = length // plans[0].units
+    idx = _token_index(plans[0], length, device)
+    loc = [[t[:, p].to(device) for t in glob] for p in pos]
+    buf0 = []
+    for r in range(n):
+        b = _new_buffer(length, 1, heads, dim, dim, dtype, device)
+        _pack(b, loc[r][1], loc[r][2], idx)
+        buf0.append(b)
+
+    def step_buffer(s, r):
+        b = torch.empty_like(buf0[0])
+        for u, (o, ou) in enumerate(labels[s][r]):
+            b[u * unit:(u + 1) * unit] = buf0[o][ou * unit:(ou + 1) * unit]
+        return b
+
+    outs, lses, dqs = [], [], []
+    gacc = [torch.zeros(length, 1, heads * 2 * dim, dtype=torch.float32, device=device)
+            for _ in range(n)]
+    dk0s, dv0s = [], []
+    scale = dim ** -0.5
+    for r in range(n):
+        ql, kl, vl, dol = loc[r]
+        o0, l0 = attention_forward(ql, kl, vl, scale=scale, causal=causal)
+        acc_out, acc_lse = o0.float(), l0.float()
+        for s in range(1, n):
+            forward_step(ql, step_buffer(s, r), plans[r].calls[s], unit, acc_out, acc_lse,
+                         hkv=heads, d=dim, scale=scale, backend="auto")
+        out = acc_out.to(dtype)
+        dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
+        for s in range(n - 1, 0, -1):
+            gbuf = torch.zeros_like(gacc[0])
+            backward_step(dol, None, ql, out, acc_lse, step_buffer(s, r), gbuf,
+                          plans[r].calls[s], unit, dq, hkv=heads, d=dim, scale=scale,
+                          backend="auto")
+            for u, (o, ou) in enumerate(labels[s][r]):
+                gacc[o][ou * unit:(ou + 1) * unit] += gbuf[u * unit:(u + 1) * unit]
+        dq0, dk0, dv0 = attention_backward(dol, ql, kl, vl, out, acc_lse, scale=scale,
+                                           causal=causal)
+        outs.append(out)
+        lses.append(acc_lse)
+        dqs.append(dq + dq0)
+        dk0s.append(dk0.float())
+        dv0s.append(dv0.float())
+    dks, dvs = [], []
+    for r in range(n):
+        gk, gv = _views(gacc[r], 0, length, heads, dim)
+        dk, dv = dk0s[r].clone(), dv0s[r].clone()
+        if idx is None:
+            dk.add_(gk)
+            dv.add_(gv)
+        else:
+            dk.index_add_(1, idx, gk)
+            dv.index_add_(1, idx, gv)
+        dks.append(dk)
+        dvs.append(dv)
+
+    def glob_of(parts, dim_=1):
+        full = torch.empty((parts[0].shape[0], seq) + tuple(parts[0].shape[2:]) if dim_ == 1
+                           else (parts[0].shape[0], parts[0].shape[1], seq), dtype=torch.float64)
+        for p, t in zip(pos, parts):
+            if dim_ == 1:
+                full[:, p] = t.double().cpu()
+            else:
+                full[:, :, p] = t.double().cpu()
+        return full
+
+    from longattn.common.testing import rel_error
+
+    errs = {"out": rel_error(glob_of(outs), out_r), "lse": rel_error(glob_of(lses, 2), lse_r),
+            "dq": rel_error(glob_of(dqs), dq_r), "dk": rel_error(glob_of(dks), dk_r),
+            "dv": rel_error(glob_of(dvs), dv_r)}
+    return errs
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
+    """(fwd, fwd_bwd) closures running rank ``rank``'s compute; ``mode`` in kernels / +merge /
+    +fused."""
+    sched = _schedule(sched_name, n)
+    plan = make_plan(sched, rank, True)
+    unit = length // plan.units
+    scale = dim ** -0.5
+    g = torch.Generator(device=device).manual_seed(rank)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    q, k, v, dout = (rnd(1, length, heads, dim) for _ in range(4))
+    buf = rnd(length, 1, heads * 2 * dim)
+    merge = merge_partials_ if mode != "+fused" else _fused_merge()
+    o0, l0 = attention_forward(q, k, v, scale=scale, causal=True)
+    out, lse = o0, l0.float()
+    gbuf = torch.zeros(length, 1, heads * 2 * dim, dtype=torch.float32, device=device)
+    grecv = torch.zeros_like(gbuf)
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=device)
+    dk_acc, dv_acc = (torch.zeros(1, length, heads, dim, dtype=torch.float32, device=device)
+                      for _ in range(2))
+    idx = _token_index(plan, length, device)
+    half = length // 2
+
+    def fwd():
+        o, l = attention_forward(q, k, v, scale=scale, causal=True)
+        if mode == "kernels":
+            for s in range(1, n):
+                for call in plan.calls[s]:
+                    kk, vv = _views(buf, call.start * unit, call.stop * unit, heads, dim)
+                    qs = q if call.rows == "all" else q[:, half:]
+                    attention_forward(qs, kk, vv, scale=scale, causal=False)
+            return o
+        acc_out, acc_lse = o.float(), l.float()
+        attn_mod.MERGE = merge
+        try:
+            for s in range(1, n):
+                forward_step(q, buf, plan.calls[s], unit, acc_out, acc_lse, hkv=heads, d=dim,
+                             scale=scale, backend="auto")
+        finally:
+            attn_mod.MERGE = merge_partials_
+        return acc_out.to(dtype)
+
+    def bwd():
+        if mode == "kernels":
+            for s in range(n - 1, 0, -1):
+                for call in plan.calls[s]:
+                    kk, vv = _views(buf, call.start * unit, call.stop * unit, heads, dim)
+                    sl = slice(None) if call.rows == "all" else slice(half, None)
+                    attention_backward(dout[:, sl], q[:, sl], kk, vv, out[:, sl],
+                                       lse[:, :, sl], scale=scale, causal=False)
+            attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True)
+            return
+        dq.zero_()
+        for s in range(n - 1, 0, -1):
+            gbuf.zero_()
+            backward_step(dout, None, q, out, lse, buf, gbuf, plan.calls[s], unit, dq,
+                          hkv=heads, d=dim, scale=scale, backend="auto")
+            if s < n - 1:
+                gbuf.add_(grecv)  # the accumulator received from the later step
+        dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True)
+        dq.add_(dq0)
+        gk, gv = _views(grecv, 0, length, heads, dim)
+        dk_acc.copy_(dk0)
+        dv_acc.copy_(dv0)
+        if idx is None:
+            dk_acc.add_(gk)
+            dv_acc.add_(gv)
+        else:
+            dk_acc.index_add_(1, idx, gk)
+            dv_acc.index_add_(1, idx, gv)
+
+    def fwd_bwd():
+        fwd()
+        bwd()
+
+    return fwd, fwd_bwd
+
+
+_FUSED = None
+
+
+def _fused_merge():
+    global _FUSED
+    if _FUSED is None:
+        _FUSED = torch.compile(merge_partials_, dynamic=False)
+    return _FUSED
+
+
+def dense_baselines(device, dtype, seq, heads, dim, use_flex):
+    """{name: (fwd, fwd_bwd)} over the whole sequence (BHSD), causal."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    g = torch.Generator(device=device).manual_seed(1)
+    q, k, v, do = (torch.randn(1, heads, seq, dim, generator=g, device=device).to(dtype)
+                   for _ in range(4))
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out = {}
+
+    def sdpa_fwd():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def sdpa_fwd_bwd():
+        for t in (qg, kg, vg):
+            t.grad = None
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).backward(do)
+
+    if device.type == "cuda":
+        out["cudnn"] = (sdpa_fwd, sdpa_fwd_bwd)
+    else:  # the CPU smoke run: the same math through the local kernels (torch backend)
+        qs, ks, vs, dos = (t.transpose(1, 2) for t in (q, k, v, do))
+
+        def dense_fwd():
+            return attention_forward(qs, ks, vs, causal=True)
+
+        def dense_fwd_bwd():
+            o, l = attention_forward(qs, ks, vs, causal=True)
+            attention_backward(dos, qs, ks, vs, o, l, causal=True)
+
+        out["dense(torch)"] = (dense_fwd, dense_fwd_bwd)
+    if use_flex and device.type == "cuda":
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+            mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, seq, seq,
+                                     device=device, _compile=True)
+            flex = torch.compile(flex_attention, dynamic=False)
+
+            def flex_fwd():
+                return flex(q, k, v, block_mask=mask)
+
+            def flex_fwd_bwd():
+                for t in (qg, kg, vg):
+                    t.grad = None
+                flex(qg, kg, vg, block_mask=mask).backward(do)
+
+            flex_fwd_bwd()  # compile outside the timings
+            out["flex"] = (flex_fwd, flex_fwd_bwd)
+        except Exception:  # noqa: BLE001 - a missing/failed baseline must not stop the run
+            print("flex baseline failed:\n" + traceback.format_exc(), file=sys.stderr)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
+    p.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--schedule", default="ring", choices=["ring", "tasp"],
+                   help="ring: zigzag ring (the issue's target); tasp: TASP's causal steps")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--no-flex", action="store_true")
+    p.add_argument("--no-fused", action="store_true", help="skip the torch.compile'd merge")
+    a = p.parse_args(argv)
+    if a.smoke:
+        device = torch.device("cpu")
+        a.ranks, a.tokens, a.heads, a.dim, a.rounds = 4, 48, 2, 16, 1
+        a.no_flex = a.no_fused = True
+    else:
+        if not torch.cuda.is_available():
+            p.error("no CUDA device; use --smoke on the CPU")
+        device = torch.device("cuda")
+    dtype = torch.bfloat16
+    out_dir = bench.out_dir(os.path.join(HERE, "results"), a.out)
+    n, length, heads, dim = a.ranks, a.tokens, a.heads, a.dim
+    print(f"device: {bench.device_name(device)}; torch {torch.__version__}; {n} ranks x {length} "
+          f"tokens, H={heads}, D={dim}, bf16, schedule {a.schedule} (causal, zigzag)")
+    probe = torch.zeros(1, 8, heads, dim, device=device, dtype=dtype)
+    print("local kernel backend (auto):", pick_backend(probe, probe, probe, causal=False))
+    results, rows = [], []
+    t_start = time.time()
+
+    # 1. correctness on a small case (every rank simulated, forward and backward)
+    for sched_name in dict.fromkeys([a.schedule, "ring"]):
+        clen = 12 if a.smoke else (16 * 2 * (n - 1) if sched_name == "tasp" else 128)
+        try:
+            errs = check(device, dtype, n, clen, 2 if a.smoke else 4, dim, sched_name)
+            ok = max(errs.values()) <= 2e-2
+            print(f"correctness ({sched_name}, {n} ranks, bf16 vs float64 oracle): "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+                  + ("  OK" if ok else "  FAILED"))
+            results.append(bench.result("hamilton", f"correctness {sched_name}", median_ms=None,
+                                        device=device, dtype=dtype, errors=errs, ok=ok))
+        except Exception:  # noqa: BLE001
+            print(f"correctness check {sched_name} failed:\n" + traceback.format_exc())
+
+    # 2. timings
+    contenders = {}
+    for name, (f, fb) in dense_baselines(device, dtype, n * length, heads, dim,
+                                         not a.no_flex).items():
+        contenders[(name, "fwd")] = f
+        contenders[(name, "fwd+bwd")] = fb
+    modes = ["kernels", "+merge"] + ([] if a.no_fused else ["+fused"])
+    ranks = sorted({0, n // 2, n - 1})
+    for mode in modes:
+        for r in ranks:
+            try:
+                f, fb = make_sequence(device, dtype, n, length, heads, dim, r, a.schedule,
+                                      mode)
+                f()
+                fb()  # warm-up (and compilation of the fused merge) outside the timings
+                contenders[(f"rank{r} {mode}", "fwd")] = f
+                contenders[(f"rank{r} {mode}", "fwd+bwd")] = fb
+            except Exception:  # noqa: BLE001
+                print(f"sequence rank {r} {mode} failed:\n" + traceback.format_exc())
+    times = {}
+    for direction in ("fwd", "fwd+bwd"):
+        # alternate the contenders round by round (GPUs slow down under sustained load)
+        fns = {name: fn for (name, d), fn in contenders.items() if d == direction}
+        per = {name: [] for name in fns}
+        order = [(rnd, name) for rnd in range(a.rounds) for name in fns]
+        for _, name in bench.progress(order, desc=f"timing {direction}"):
+            try:
+                per[name].append(bench.time_fn(fns[name], device=device))
+            except Exception:  # noqa: BLE001
+                print(f"timing {direction} {name} failed:\n" + traceback.format_exc())
+        for name, ts in per.items():
+            if ts:
+                times[(name, direction)] = statistics.median(ts)
+    base = "cudnn" if device.type == "cuda" else "dense(torch)"
+    for (name, direction), ms in sorted(times.items(), key=lambda x: (x[0][1], x[0][0])):
+        dense = times.get((base, direction))
+        per_rank = None if dense is None else dense / n
+        eff = None if per_rank is None or name in (base, "flex") else per_rank / ms
+        row = {"contender": name, "dir": direction, "ms": ms,
+               "dense/n ms": per_rank if name not in (base, "flex") else ms / n,
+               "efficiency": eff}
+        rows.append(row)
+        results.append(bench.result(
+            "hamilton", f"{direction} {name}", median_ms=ms, device=device, dtype=dtype,
+            shape={"ranks": n, "tokens_per_rank": length, "heads": heads, "head_dim": dim,
+                   "batch": 1}, schedule=a.schedule, efficiency=eff,
+            dense_over_n_ms=per_rank, baseline=base))
+    print(bench.format_table(rows))
+    for direction in ("fwd", "fwd+bwd"):
+        for mode in modes:
+            effs = [r["efficiency"] for r in rows if r["dir"] == direction
+                    and r["contender"].endswith(mode) and r["efficiency"] is not None]
+            if effs:
+                print(f"efficiency {direction:8s} {mode:8s}: worst rank {min(effs):.3f}, "
+                      f"best {max(effs):.3f} (dense {base} / {n} over the rank's sequence)")
+    path = bench.write_results(results, os.path.join(out_dir, "bench_hamilton.json"))
+    print(f"wrote {path} ({time.time() - t_start:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
