@@ -61,8 +61,9 @@ if triton is not None:
     ):
         sid = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // HKV
-        h = bh % HKV
+        # 64-bit offsets: a 1M-token cache has S * Hkv * D > 2**31 elements
+        b = (bh // HKV).to(tl.int64)
+        h = (bh % HKV).to(tl.int64)
         rows = tl.arange(0, BLOCK_M)
         t = rows // G  # new-token index of each row
         g = rows % G
@@ -83,12 +84,14 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             col_ok = cols < hi
-            kt = tl.load(k_base + cols[None, :] * sks + dd[:, None], mask=col_ok[None, :],
-                         other=0.0)  # [D, BLOCK_N]
+            cols64 = cols.to(tl.int64)
+            kb = tl.load(k_base + cols64[:, None] * sks + dd[None, :], mask=col_ok[:, None],
+                         other=0.0)  # [BLOCK_N, D]
             if IEEE:
-                s = tl.dot(q.to(tl.float32), kt.to(tl.float32), input_precision="ieee")
+                s = tl.dot(q.to(tl.float32), tl.trans(kb.to(tl.float32)),
+                           input_precision="ieee")
             else:
-                s = tl.dot(q, kt)
+                s = tl.dot(q, tl.trans(kb))
             s = s * scale
             vis = col_ok[None, :] & (cols[None, :] <= lim[:, None])
             s = tl.where(vis, s, float("-inf"))
@@ -97,7 +100,7 @@ if triton is not None:
             p = tl.exp(s - m_safe[:, None])
             alpha = tl.exp(m_i - m_safe)
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + cols[:, None] * svs + dd[None, :], mask=col_ok[:, None],
+            vt = tl.load(v_base + cols64[:, None] * svs + dd[None, :], mask=col_ok[:, None],
                          other=0.0)  # [BLOCK_N, D]
             if IEEE:  # P rounded to V's dtype first, as on the tensor-core path
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype).to(tl.float32),
