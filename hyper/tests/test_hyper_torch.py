@@ -107,6 +107,17 @@ def test_gradcheck_fp64(causal, smooth):
                                     fast_mode=True)
 
 
+def test_gradcheck_fp64_full_jacobian():
+    # every entry of the Jacobian, on a tiny causal smooth-band case with samples
+    q, k, v = inputs(12, 1, 7, 7, 1, 1, 2, dtype=torch.float64, requires_grad=True)
+    p, s = randomness(13, q, k, causal=True, m=3, min_seq_len=2, r=2)
+
+    def f(q, k, v):
+        return _run(q, k, v, p, s, causal=True, block_size=2, min_seq_len=2, smooth_block=True)
+
+    assert torch.autograd.gradcheck(f, (q, k, v), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 # ------------------------------------------------------------------------------- exact cases
 
 

@@ -100,6 +100,16 @@ def test_triton_exact_fallback():
     assert max(rel_error(a, b) for a, b in zip(*grads)) <= TOL
 
 
+def test_triton_no_samples_one_block_equals_exact():
+    from longattn.common.kernels import attention
+
+    q, k, v = inputs(27, 1, 20, 20, 2, 1, 16)
+    for causal in (False, True):
+        out = hyper_attention(q, k, v, causal=causal, block_size=32, sample_size=0,
+                              min_seq_len=4, backend="triton")
+        assert rel_error(out, attention(q, k, v, causal=causal)) <= TOL
+
+
 def test_triton_rejects_float64():
     q, k, v = inputs(26, 1, 20, 20, 1, 1, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):
