@@ -198,14 +198,13 @@ def _pools(kf, vf, recv):
     return torch.cat([kf, recv[..., :d]], 1), torch.cat([vf, recv[..., d:]], 1)
 
 
-def _return_grads(dkpool, dvpool, dkf, dvf, plan, sends, group, dtype):
+def _return_grads(dkpool, dvpool, n_local, plan, sends, group, dtype):
     """Backward of :func:`_exchange_kv`: send the gradients of received rows back to their
-    owners, add the ones that come back for the rows this rank sent."""
-    n_local = dkf.shape[1]
-    dkf += dkpool[:, :n_local]
-    dvf += dvpool[:, :n_local]
+    owners, add the ones that come back for the rows this rank sent. Returns the gradients of
+    the local rows ``[B, l*Hkv, D]`` / ``[B, l*Hkv, Dv]``."""
     if not plan.recv and not sends:
-        return
+        return dkpool, dvpool  # the pool is exactly the local rows
+    dkf, dvf = dkpool[:, :n_local], dvpool[:, :n_local]
     d = dkf.shape[-1]
     out, off = [], n_local
     for src, cnt in plan.recv:
@@ -219,6 +218,7 @@ def _return_grads(dkpool, dvpool, dkf, dvf, plan, sends, group, dtype):
     for (t, _), rows in zip(bufs, sends.values()):
         dkf.index_add_(1, rows, t[..., :d].to(dkf.dtype))
         dvf.index_add_(1, rows, t[..., d:].to(dvf.dtype))
+    return dkf, dvf
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,9 +295,7 @@ class _DilatedAttention(torch.autograd.Function):
                 dq.index_add_(1, qr, dqg.reshape(b, -1, d).to(acc))
                 dkpool.index_add_(1, kr, dkg.reshape(b, -1, d).to(acc))
                 dvpool.index_add_(1, kr, dvg.reshape(b, -1, dv).to(acc))
-        dkf = torch.zeros(b, l * hkv, d, dtype=acc, device=q.device)
-        dvf = torch.zeros(b, l * hkv, dv, dtype=acc, device=q.device)
-        _return_grads(dkpool, dvpool, dkf, dvf, plan, sends, group, q.dtype)
+        dkf, dvf = _return_grads(dkpool, dvpool, l * hkv, plan, sends, group, q.dtype)
         return (dq.view(b, l, hq, d).to(q.dtype), dkf.view(b, l, hkv, d).to(k.dtype),
                 dvf.view(b, l, hkv, dv).to(v.dtype), None, None, None, None)
 

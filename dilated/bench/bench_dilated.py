@@ -1,0 +1,340 @@
+"""LongNet dilated attention on one GPU: linear cost and kernel efficiency, in one run.
+
+    PYTHONPATH=common/src:reference/src:dilated/src python dilated/bench/bench_dilated.py \
+        [--smoke] [--out DIR] [--no-flex]
+
+Configuration (LongNet, arXiv 2307.02486): segments 2048..32768, rates 1,2,4,6,12, 12 heads,
+head_dim 64, bf16, causal, forward + backward; sequence lengths 32k .. 1M with the batch
+shrinking so every row holds the same number of tokens (2**20).
+
+Measures, in the same run:
+1. correctness first: the GPU path against the float64 oracle on a small case (fwd + bwd), and
+   the paper's schedule at S = 40000 (no segment divides it) against the float32 torch backend;
+2. dilated attention time per token at each length (target: flat within 20%);
+3. its useful TFLOP/s (the FLOPs of the sparsified segment attentions, counted like dense
+   attention: 4*nq*nk*D per head, halved when causal, x3.5 with the backward) against dense
+   causal cuDNN (``sdpa_kernel(CUDNN_ATTENTION)``) at 32k (target: >= 60%);
+4. dense causal cuDNN per token at 32k..128k (quadratic growth), and FlexAttention running the
+   same exact dilated attention as a block-sparse mask over the branches' key copies (the
+   generic alternative), at 32k.
+
+Writes ``bench_dilated.json`` (the common result schema) and ``bench_dilated.png`` into
+``--out`` (default ``$OUT`` if set, else ``dilated/bench/results``). ``--smoke`` runs a tiny
+configuration on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+from longattn.common import bench
+from longattn.common.testing import rel_error
+from longattn.dilated import dilated_attention
+from longattn.dilated.plan import build_plan
+
+PAPER_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
+PAPER_RATES = (1, 2, 4, 6, 12)
+
+
+def useful_flops(b, s, h, hkv, d, seg, rates, causal, backward):
+    """FLOPs of the sparsified segment attentions (dense-attention counting convention)."""
+    plan = build_plan(s, s, 0, 1, h, hkv, tuple(seg), tuple(rates), causal)
+    f = 0.0
+    for c in plan.calls:
+        nseg, nq, nk, heads, _ = c.shape
+        heads = h if heads < 0 else heads
+        f += 4.0 * b * nseg * heads * nq * nk * d / (2 if causal else 1)
+    return f * (3.5 if backward else 1.0)
+
+
+def dense_flops(b, s, h, d, causal, backward):
+    f = 4.0 * b * s * s * h * d / (2 if causal else 1)
+    return f * (3.5 if backward else 1.0)
+
+
+def _rand(shape, device, dtype, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return torch.randn(*shape, device=device, dtype=dtype, generator=g)
+
+
+def check_oracle(device, dtype):
+    """Small case against the float64 oracle, forward and backward."""
+    from longattn.reference.dilated import dilated_attention as ref_fwd
+    from longattn.reference.dilated import dilated_attention_backward as ref_bwd
+
+    seg, rates = (64, 128, 256, 512), (1, 2, 4, 6)
+    b, s, h, hkv, d = 1, 700, 12, 4, 64
+    q, k, v = (_rand((b, s, n, d), device, dtype, i) for i, n in enumerate((h, hkv, hkv)))
+    do = _rand((b, s, h, d), device, dtype, 9)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    out = dilated_attention(qq, kk, vv, seg, rates, is_causal=True)
+    out.backward(do)
+    c = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
+    ro, _ = ref_fwd(c(q), c(k), c(v), seg, rates, causal=True)
+    grads = ref_bwd(c(do), c(q), c(k), c(v), seg, rates, causal=True)
+    errs = {"out": rel_error(out, ro)}
+    errs.update({n: rel_error(t.grad, g) for n, t, g in zip(("dq", "dk", "dv"), (qq, kk, vv),
+                                                            grads)})
+    return errs
+
+
+def check_paper_schedule(device, dtype, s=40000, h=12, d=64):
+    """The full paper schedule on the fast path against the float32 torch backend."""
+    q, k, v, do = (_rand((1, s, h, d), device, dtype, 20 + i) for i in range(4))
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    out = dilated_attention(qq, kk, vv, PAPER_SEGMENTS, PAPER_RATES, is_causal=True)
+    out.backward(do)
+    q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
+    ref = dilated_attention(q32, k32, v32, PAPER_SEGMENTS, PAPER_RATES, is_causal=True,
+                            backend="torch")
+    ref.backward(do.float())
+    errs = {"out": rel_error(out, ref)}
+    errs.update({n: rel_error(a.grad, b.grad) for n, a, b in zip(
+        ("dq", "dk", "dv"), (qq, kk, vv), (q32, k32, v32))})
+    return errs
+
+
+def _timing_kw(device):
+    return {} if device == "cuda" else {"warmup": 1, "rep": 2}  # the CPU smoke only checks
+
+
+def time_dilated(device, dtype, b, s, h, d, seg, rates):
+    q, k, v, do = (_rand((b, s, h, d), device, dtype, i) for i in range(4))
+    q.requires_grad_()
+    k.requires_grad_()
+    v.requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            return dilated_attention(q, k, v, seg, rates, is_causal=True)
+
+    def fwd_bwd():
+        o = dilated_attention(q, k, v, seg, rates, is_causal=True)
+        torch.autograd.grad(o, (q, k, v), do)
+
+    fwd_bwd()  # warm-up: plan, kernels' own plans
+    return bench.time_interleaved({"fwd": fwd, "fwd+bwd": fwd_bwd}, device=device, rounds=2,
+                                  **_timing_kw(device))
+
+
+def time_dense(device, dtype, b, s, h, d):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = SDPBackend.CUDNN_ATTENTION if device == "cuda" else SDPBackend.MATH
+    q, k, v, do = (_rand((b, h, s, d), device, dtype, 30 + i) for i in range(4))
+    q.requires_grad_()
+    k.requires_grad_()
+    v.requires_grad_()
+
+    def fwd():
+        with torch.no_grad(), sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        torch.autograd.grad(o, (q, k, v), do)
+
+    fwd_bwd()
+    return bench.time_interleaved({"fwd": fwd, "fwd+bwd": fwd_bwd}, device=device, rounds=2,
+                                  **_timing_kw(device))
+
+
+def time_flex(device, dtype, s, h, d, seg, rates):
+    """The same dilated attention with FlexAttention: keys/values repeated once per branch
+    (the multiset union), a mask_mod that keeps each branch's sparsified causal segments."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    nb = len(seg)
+    wt = torch.tensor(seg, device=device)
+    rt = torch.tensor(rates, device=device)
+
+    def mask_mod(b, hh, qi, kv):
+        br = kv // s
+        j = kv - br * s
+        w, r = wt[br], rt[br]
+        same = (qi // w) == (j // w)
+        off = hh % r
+        return same & ((qi % w) % r == off) & ((j % w) % r == off) & (j <= qi)
+
+    bm = create_block_mask(mask_mod, 1, h, s, nb * s, device=device, _compile=True)
+    flex = torch.compile(flex_attention)
+    q, k, v, do = (_rand((1, h, s, d), device, dtype, 40 + i) for i in range(4))
+    kk, vv = k.repeat(1, 1, nb, 1), v.repeat(1, 1, nb, 1)
+    q.requires_grad_()
+    kk.requires_grad_()
+    vv.requires_grad_()
+
+    def fwd():
+        with torch.no_grad():
+            return flex(q, kk, vv, block_mask=bm)
+
+    def fwd_bwd():
+        o = flex(q, kk, vv, block_mask=bm)
+        torch.autograd.grad(o, (q, kk, vv), do)
+
+    fwd_bwd()
+    t = bench.time_interleaved({"fwd": fwd, "fwd+bwd": fwd_bwd}, device=device, rounds=2)
+    # same numbers as ours?
+    ours = dilated_attention(q.detach().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                             seg, rates, is_causal=True)
+    t["rel_err_vs_ours"] = rel_error(fwd().transpose(1, 2), ours)
+    return t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention row")
+    args = ap.parse_args(argv)
+    out_dir = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                            args.out)
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = "cuda" if cuda else "cpu"
+    if cuda:
+        dtype, h, d = torch.bfloat16, 12, 64
+        seg, rates = PAPER_SEGMENTS, PAPER_RATES
+        total = 1 << 20
+        lengths = [1 << p for p in range(15, 21)]  # 32k .. 1M
+        dense_lengths = [1 << 15, 1 << 16, 1 << 17]
+    else:
+        dtype, h, d = torch.float32, 4, 16
+        seg, rates = (16, 32, 64, 128, 256), PAPER_RATES
+        total = 2048
+        lengths = [512, 2048]
+        dense_lengths = [512]
+    t_start = time.perf_counter()
+    print(f"device: {bench.device_name(device)}  torch {torch.__version__}  dtype {dtype}")
+    results, table = [], []
+
+    # 1. correctness first
+    checks = {}
+    for name, fn in (("oracle (S=700, GQA 3, causal)", lambda: check_oracle(device, dtype)),
+                     ("paper schedule S=40000 vs fp32 torch backend",
+                      lambda: check_paper_schedule(device, dtype) if cuda else
+                      {"skipped": "cpu smoke"})):
+        try:
+            checks[name] = fn()
+        except Exception:  # noqa: BLE001 - report and go on
+            traceback.print_exc()
+            checks[name] = {"error": 1.0}
+        print(f"check {name}: {checks[name]}")
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    ok = all(isinstance(e, str) or e <= tol for c in checks.values() for e in c.values())
+    print("correctness:", "PASS" if ok else "FAIL", f"(tolerance {tol})")
+
+    # 2./3. dilated attention over lengths, constant tokens
+    per_token = {}
+    for s in bench.progress(lengths, desc="dilated"):
+        b = max(1, total // s)
+        try:
+            t = time_dilated(device, dtype, b, s, h, d, seg, rates)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            if cuda:
+                torch.cuda.empty_cache()
+            continue
+        for what in ("fwd", "fwd+bwd"):
+            fl = useful_flops(b, s, h, h, d, seg, rates, True, what == "fwd+bwd")
+            r = bench.result("dilated", f"dilated {what}", median_ms=t[what], flops=fl,
+                             device=device, dtype=dtype,
+                             shape={"B": b, "S": s, "H": h, "D": d, "segments": list(seg),
+                                    "rates": list(rates), "causal": True},
+                             ns_per_token=t[what] * 1e6 / (b * s), spread=t[what + " spread"])
+            results.append(r)
+            table.append({"what": r["what"], "S": s, "B": b, "ms": t[what],
+                          "ns/token": r["extra"]["ns_per_token"], "TFLOP/s": r["tflops"]})
+        per_token[s] = t["fwd+bwd"] * 1e6 / (b * s)
+        if cuda:
+            torch.cuda.empty_cache()
+
+    # 4. dense causal cuDNN (the efficiency reference) and FlexAttention
+    dense_tflops = {}
+    for s in bench.progress(dense_lengths, desc="dense"):
+        try:
+            t = time_dense(device, dtype, 1, s, h, d)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+            continue
+        for what in ("fwd", "fwd+bwd"):
+            fl = dense_flops(1, s, h, d, True, what == "fwd+bwd")
+            r = bench.result("sdpa cudnn" if cuda else "sdpa math", f"dense causal {what}",
+                             median_ms=t[what], flops=fl, device=device, dtype=dtype,
+                             shape={"B": 1, "S": s, "H": h, "D": d, "causal": True},
+                             ns_per_token=t[what] * 1e6 / s, spread=t[what + " spread"])
+            results.append(r)
+            table.append({"what": r["what"], "S": s, "B": 1, "ms": t[what],
+                          "ns/token": r["extra"]["ns_per_token"], "TFLOP/s": r["tflops"]})
+            dense_tflops[(s, what)] = r["tflops"]
+        if cuda:
+            torch.cuda.empty_cache()
+    if cuda and not args.no_flex:
+        s = lengths[0]
+        try:
+            t = time_flex(device, dtype, s, h, d, seg, rates)
+            for what in ("fwd", "fwd+bwd"):
+                fl = useful_flops(1, s, h, h, d, seg, rates, True, what == "fwd+bwd")
+                r = bench.result("flex", f"dilated via flex {what}", median_ms=t[what],
+                                 flops=fl, device=device, dtype=dtype,
+                                 shape={"B": 1, "S": s, "H": h, "D": d, "causal": True},
+                                 ns_per_token=t[what] * 1e6 / s,
+                                 rel_err_vs_ours=t["rel_err_vs_ours"])
+                results.append(r)
+                table.append({"what": r["what"], "S": s, "B": 1, "ms": t[what],
+                              "ns/token": r["extra"]["ns_per_token"], "TFLOP/s": r["tflops"]})
+            print(f"flex vs ours, forward rel. error: {t['rel_err_vs_ours']:.2e}")
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+
+    print(bench.format_table(table, ["what", "S", "B", "ms", "ns/token", "TFLOP/s"]))
+    summary = {"checks": checks, "correct": ok}
+    if per_token:
+        flat = max(per_token.values()) / min(per_token.values())
+        summary["per_token_max_over_min"] = flat
+        print(f"time per token (fwd+bwd), max/min over {len(per_token)} lengths: {flat:.3f} "
+              f"(target <= 1.20): {'PASS' if flat <= 1.2 else 'FAIL'}")
+    ref = dense_tflops.get((dense_lengths[0], "fwd+bwd"))
+    dil = [r for r in results if r["what"] == "dilated fwd+bwd"]
+    if ref and dil:
+        ratios = {r["shape"]["S"]: r["tflops"] / ref for r in dil}
+        summary["useful_tflops_over_dense_cudnn_32k"] = ratios
+        worst = min(ratios.values())
+        print(f"useful TFLOP/s / dense causal at S={dense_lengths[0]} (fwd+bwd): "
+              + ", ".join(f"{s}: {x:.2f}" for s, x in ratios.items())
+              + f"  (target >= 0.60): {'PASS' if worst >= 0.6 else 'FAIL'}")
+    results.append(bench.result("dilated", "summary", median_ms=None, device=device,
+                                **{k: (str(v) if isinstance(v, dict) else v)
+                                   for k, v in summary.items()}))
+    path = bench.write_results(results, os.path.join(out_dir, "bench_dilated.json"))
+    try:
+        series = {}
+        if per_token:
+            xs = sorted(per_token)
+            series["dilated fwd+bwd"] = (xs, [per_token[x] for x in xs])
+        dn = sorted(s for s, w in dense_tflops if w == "fwd+bwd")
+        if dn:
+            series["dense causal fwd+bwd"] = (dn, [
+                next(r["extra"]["ns_per_token"] for r in results
+                     if r["what"] == "dense causal fwd+bwd" and r["shape"]["S"] == x)
+                for x in dn])
+        if series:
+            bench.plot_lines(series, os.path.join(out_dir, "bench_dilated.png"),
+                             xlabel="sequence length (tokens, batch x length constant)",
+                             ylabel="ns per token", logx=True, logy=True,
+                             title=f"LongNet dilated attention, {bench.device_name(device)}")
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+    print(f"wrote {path}  ({time.perf_counter() - t_start:.0f} s)")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
