@@ -30,6 +30,7 @@ step (``plan.unit_labels``), forward and backward, is compared with the float64 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -309,6 +310,31 @@ def dense_baselines(device, dtype, seq, heads, dim, use_flex):
     return out
 
 
+def step_sweep(device, dtype, out_dir, smoke):
+    """Forward time of one non-causal L x L block (B=1, H=20, d=64) at the per-GPU lengths of
+    the paper's sweep on 8 GPUs (420 * k tokens): the input of predict_hamilton.py."""
+    lengths = [420 * k for k in (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)]
+    heads, dim = 20, 64
+    if smoke:
+        lengths, heads, dim = [16, 32], 2, 16
+    rows = []
+    for length in bench.progress(lengths, desc="step sweep"):
+        try:
+            q, k, v = (torch.randn(1, length, heads, dim, device=device).to(dtype)
+                       for _ in range(3))
+            ms = bench.time_fn(lambda q=q, k=k, v=v: attention_forward(q, k, v), device=device)
+            rows.append({"tokens": length, "full_ms": ms})
+        except Exception:  # noqa: BLE001
+            print(f"step sweep L={length} failed:\n" + traceback.format_exc())
+    data = {"device": bench.device_name(device), "batch": 1, "heads": heads, "head_dim": dim,
+            "dtype": str(dtype), "backend": pick_backend(q, k, v), "rows": rows}
+    path = os.path.join(out_dir, "step_times.json")
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    print(bench.format_table(rows))
+    print(f"wrote {path}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
@@ -322,6 +348,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--no-fused", action="store_true", help="skip the torch.compile'd merge")
+    p.add_argument("--step-sweep", action="store_true",
+                   help="also time single L x L blocks over the paper's per-GPU lengths "
+                        "(step_times.json, the input of predict_hamilton.py)")
     a = p.parse_args(argv)
     if a.smoke:
         device = torch.device("cpu")
@@ -412,6 +441,8 @@ def main(argv=None):
                       f"best {max(effs):.3f} (dense {base} / {n} over the rank's sequence)")
     path = bench.write_results(results, os.path.join(out_dir, "bench_hamilton.json"))
     print(f"wrote {path} ({time.time() - t_start:.0f} s)")
+    if a.step_sweep:
+        step_sweep(device, dtype, out_dir, a.smoke)
     return results
 
 
