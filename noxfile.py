@@ -23,10 +23,11 @@ nox.options.sessions = ["tests"]
 
 TORCH = os.environ.get("LONGATTN_TORCH", "torch==2.13.0")
 PAPERS = ["hamilton", "tree", "hyper", "ring_swa", "dilated"]
-PACKAGES = ["reference", "common", *PAPERS]
+PACKAGES = ["reference", "common", *PAPERS, "integrations"]
 # Local packages each one needs installed (its own deps, then its test extra's deps).
 LOCAL_DEPS = {"reference": [], "common": ["reference"]}
 LOCAL_DEPS.update({p: ["reference", "common"] for p in PAPERS})
+LOCAL_DEPS["integrations"] = ["reference", "common", "hamilton", "ring_swa", "tree"]
 TARGETS = ["H100-1", "H100-2", "H100-4", "MI300X-1"]
 CPU_ENV = {
     "TRITON_INTERPRET": "1",  # Triton kernels run on the CPU interpreter
