@@ -114,6 +114,8 @@ def test_tree_and_ring_match_oracle(world):
         check(cases, tree, dtype, tol)
         ring = run_world(world, run_cases, cases, "ring")
         check(cases, ring, dtype, tol, same_on_ranks=False)
+        if dtype != torch.float64:
+            continue
         fast = run_world(world, run_cases, cases, "tree", None, True)
         for a, b in zip(fast, tree):
             for (oa, la), (ob, lb) in zip(a, b):

@@ -105,7 +105,7 @@ def _all_reduce(t, op, group, what):
 
 def _allreduce_combine(o, lse, group):
     """The flat combine: MAX of lse, then one SUM of ``[num | den]``."""
-    m = lse.clone()
+    m = lse.clone(memory_format=torch.contiguous_format)  # collectives need contiguous
     _all_reduce(m, dist.ReduceOp.MAX, group, "all_reduce_max")
     w = torch.exp(lse - _finite(m))  # [B, H, Lq]
     wt = w.transpose(1, 2).unsqueeze(-1)  # [B, Lq, H, 1]
