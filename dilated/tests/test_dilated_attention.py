@@ -74,17 +74,26 @@ def test_matches_oracle(si, causal):
 
 
 def test_paper_schedule_full_size_structure():
-    """The paper's schedule at full size: the plan's calls are the expected dense problems."""
+    """The paper's schedule at full size: the plan's calls are the expected dense problems,
+    read as strided views (no gathers) with MHA, gathered with GQA."""
     seg, rates = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
     plan = build_plan(65536, 65536, 0, 1, 12, 12, seg, rates, True)
+    assert all(c.strided is not None for c in plan.calls)
     shapes = sorted((c.branch, c.shape) for c in plan.calls)
-    assert shapes == [
-        (0, (32, 2048, 2048, -1, -1)),    # r = 1: dense views, no gather
-        (1, (16, 2048, 2048, 12, 12)),
+    want = [(0, (32, 2048, 2048, 12, 12))]                     # r = 1: all heads at once
+    want += [(1, (16, 2048, 2048, 6, 6))] * 2                   # one call per offset
+    want += [(2, (8, 2048, 2048, 3, 3))] * 4
+    want += [(3, (4, 2731, 2731, 2, 2))] * 4 + [(3, (4, 2730, 2730, 2, 2))] * 2  # 16384 = 6*2730+4
+    want += [(4, (2, 2731, 2731, 1, 1))] * 8 + [(4, (2, 2730, 2730, 1, 1))] * 4  # 32768 = 12*2730+8
+    assert shapes == sorted(want)
+    gqa = build_plan(65536, 65536, 0, 1, 12, 4, seg, rates, True)
+    assert sorted((c.branch, c.shape) for c in gqa.calls) == [
+        (0, (32, 2048, 2048, 12, 4)),
+        (1, (16, 2048, 2048, 12, 12)),    # kv head u serves offsets 0 and 1: 12 virtual heads
         (2, (8, 2048, 2048, 12, 12)),
-        (3, (4, 2730, 2730, 4, 4)),       # 16384 = 6 * 2730 + 4: offsets 4, 5 keep 2730 rows
-        (3, (4, 2731, 2731, 8, 8)),       # offsets 0..3 keep 2731
-        (4, (2, 2730, 2730, 4, 4)),       # 32768 = 12 * 2730 + 8
+        (3, (4, 2730, 2730, 4, 4)),
+        (3, (4, 2731, 2731, 8, 8)),
+        (4, (2, 2730, 2730, 4, 4)),
         (4, (2, 2731, 2731, 8, 8)),
     ]
 
@@ -154,15 +163,28 @@ def test_uncovered_rows_zero_and_no_nan_grads():
     assert torch.isfinite(qq.grad).all() and torch.all(qq.grad[0, 2::3] == 0)
 
 
-def test_plan_rows_are_disjoint_per_branch():
-    plan = build_plan(100, 100, 0, 1, 6, 2, (7, 12, 30), (1, 2, 5), False)
-    for bi in range(3):
-        rows = [c.qrows.ravel() for c in plan.calls if c.branch == bi and c.dense is None]
-        dense = [c for c in plan.calls if c.branch == bi and c.dense is not None]
-        if rows:
-            allr = np.concatenate(rows)
-            assert np.unique(allr).size == allr.size
-        assert bi != 0 or dense
+@pytest.mark.parametrize("hkv", [6, 2])
+def test_plan_covers_each_row_once_per_branch(hkv):
+    """Every (position, head) a branch keeps is written by exactly one call of that branch."""
+    from longattn.reference.dilated import dilated_masks
+
+    s, hq, seg, rates = 100, 6, (7, 12, 30), (1, 2, 5)
+    plan = build_plan(s, s, 0, 1, hq, hkv, seg, rates, False)
+    masks = dilated_masks(s, hq, seg, rates)
+    for bi in range(len(seg)):
+        count = np.zeros((s, hq), dtype=int)
+        for c in plan.calls:
+            if c.branch != bi:
+                continue
+            if c.strided is not None:
+                s0, nseg, length, r, o = c.strided
+                for i in range(nseg):
+                    for p in range(s0 + i * length + o, s0 + (i + 1) * length, r):
+                        count[p, o::r] += 1
+            else:
+                np.add.at(count.reshape(-1), c.qrows.ravel(), 1)
+        kept = np.einsum("hii->ih", masks[bi])
+        assert np.array_equal(count, kept.astype(int))
 
 
 @pytest.mark.parametrize(

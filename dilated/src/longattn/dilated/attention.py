@@ -80,7 +80,7 @@ def _device_plan(plan, device):
     if key not in cache:
         calls = []
         for c in plan.calls:
-            if c.dense is not None:
+            if c.strided is not None:
                 calls.append((c, None, None))
             else:
                 qr = torch.as_tensor(c.qrows.reshape(-1), device=device)
@@ -95,81 +95,91 @@ def _device_plan(plan, device):
 # the pieces of one call
 
 
-def _operands(call, qr, kr, qf, kpool, vpool, q, k, v):
+def _sview(t, call):
+    """Strided call: the view ``[B, nseg, n, heads, *rest]`` of its rows in ``t [B, L, H,
+    *rest]`` (dims after the batch contiguous; any batch stride). No copy."""
+    s0, nseg, length, r, o = call.strided
+    nheads = t.shape[2]
+    rest = tuple(t.shape[3:])
+    inner = 1
+    for x in rest:
+        inner *= x
+    rest_strides = tuple(t.stride()[3:])
+    size = (t.shape[0], nseg, len(range(o, length, r)), len(range(o, nheads, r))) + rest
+    stride = (t.stride(0), length * nheads * inner, r * nheads * inner, r * inner) + rest_strides
+    return t.as_strided(size, stride, t.storage_offset() + ((s0 + o) * nheads + o) * inner)
+
+
+def _kernel_in(t, call):
+    """Strided call: its rows of ``t [B, L, H, D]`` as a kernel operand ``[B*nseg, n, h, D]``
+    (a view when the batch merges with the segments, else a copy)."""
+    v = _sview(t, call)
+    return v.reshape(v.shape[0] * v.shape[1], *v.shape[2:])
+
+
+def _operands(call, qr, kr, q, k, v, kpool, vpool):
     """(q, k, v) of one call in BSHD for the kernel."""
+    if call.strided is not None:
+        return _kernel_in(q, call), _kernel_in(k, call), _kernel_in(v, call)
     b = q.shape[0]
-    if call.dense is not None:
-        s0, nseg, n = call.dense
-        sl = slice(s0, s0 + nseg * n)
-        return (q[:, sl].reshape(b * nseg, n, q.shape[2], q.shape[3]),
-                k[:, sl].reshape(b * nseg, n, k.shape[2], k.shape[3]),
-                v[:, sl].reshape(b * nseg, n, v.shape[2], v.shape[3]))
     nseg, nq, nk, c, p = call.shape
-    return (qf[:, qr].view(b * nseg, nq, c, qf.shape[-1]),
+    return (q.view(b, -1, q.shape[-1])[:, qr].view(b * nseg, nq, c, q.shape[-1]),
             kpool[:, kr].view(b * nseg, nk, p, kpool.shape[-1]),
             vpool[:, kr].view(b * nseg, nk, p, vpool.shape[-1]))
 
 
-def _rows_layout(call, b, t):
-    """A per-(query row) tensor ``t`` in the kernel's lse layout ``[B*nseg, C, nq]`` ->
-    ``[B, N]`` matching the call's flat query rows (dense: ``[B, nseg*n, H]``)."""
-    if call.dense is not None:
-        _, nseg, n = call.dense
-        return t.view(b, nseg, t.shape[1], n).permute(0, 1, 3, 2).reshape(b, nseg * n, t.shape[1])
+def _rows(call, b, t):
+    """Kernel-layout per-row tensor ``[B*nseg, C, n]`` -> the call's rows: ``[B, nseg, n, C]``
+    (strided) or ``[B, N]`` in the order of the flat query rows (gathered)."""
     nseg, nq, _, c, _ = call.shape
-    return t.view(b, nseg, c, nq).permute(0, 1, 3, 2).reshape(b, nseg * nq * c)
+    t = t.view(b, nseg, c, nq).transpose(2, 3)
+    return t if call.strided is not None else t.reshape(b, nseg * nq * c)
 
 
-def _kernel_layout(call, b, t):
-    """Inverse of :func:`_rows_layout`: ``[B, N]`` (dense ``[B, L, H]``) -> ``[B*nseg, C, nq]``."""
-    if call.dense is not None:
-        _, nseg, n = call.dense
-        return t.reshape(b, nseg, n, t.shape[-1]).permute(0, 1, 3, 2).reshape(
-            b * nseg, t.shape[-1], n)
+def _kernel_rows(call, b, t):
+    """Inverse of :func:`_rows`: the call's rows of ``t`` -> ``[B*nseg, C, n]`` contiguous."""
     nseg, nq, _, c, _ = call.shape
-    return t.reshape(b, nseg, nq, c).permute(0, 1, 3, 2).reshape(b * nseg, c, nq)
+    return t.reshape(b, nseg, nq, c).transpose(2, 3).reshape(b * nseg, c, nq)
 
 
-def _region(call, t3):
-    """Dense call: the slice ``[:, start:start+L]`` of a ``[B, l, H(, D)]`` tensor."""
-    s0, nseg, n = call.dense
-    return t3[:, s0:s0 + nseg * n]
+def _take(call, qr, t3):
+    """The call's rows of a per-row tensor ``[B, l, H]``: a strided view or a gather."""
+    if call.strided is not None:
+        return _sview(t3, call)
+    return t3.reshape(t3.shape[0], -1)[:, qr]
 
 
 def merge_calls(results, calls, b, l, h, dv, acc):
     """One multi-way LSE merge of every call's ``(out, lse)``: ``lse = log sum_c exp(lse_c)``,
     ``out = sum_c exp(lse_c - lse) out_c`` (the paper's Eq. 10 over all branches at once).
-    Rows no call wrote stay ``out = 0``, ``lse = -inf``. Returns ``out [B, l*H, Dv]`` and
-    ``lse [B, l*H]`` in ``acc``."""
-    m = torch.full((b, l * h), float("-inf"), dtype=acc, device=results[0][0].device)
-    m3 = m.view(b, l, h)
+    Rows no call wrote stay ``out = 0``, ``lse = -inf``. Returns ``out [B, l, H, Dv]`` and
+    ``lse [B, l, H]`` in ``acc``."""
+    dev = results[0][0].device
+    m = torch.full((b, l, h), float("-inf"), dtype=acc, device=dev)
     lses = []
     for (call, qr, _), (_, lse) in zip(calls, results):
-        lc = _rows_layout(call, b, lse.to(acc))
+        lc = _rows(call, b, lse.to(acc))
         lses.append(lc)
-        if call.dense is not None:
-            r = _region(call, m3)
-            torch.maximum(r, lc, out=r)
+        if call.strided is not None:
+            mv = _sview(m, call)
+            torch.maximum(mv, lc, out=mv)
         else:
-            m.scatter_reduce_(1, qr.expand(b, -1), lc, reduce="amax")
+            m.view(b, -1).scatter_reduce_(1, qr.expand(b, -1), lc, reduce="amax")
     den = torch.zeros_like(m)
-    den3 = den.view(b, l, h)
     for (call, qr, _), lc in zip(calls, lses):
-        if call.dense is not None:
-            _region(call, den3).add_(torch.exp(lc - _region(call, m3)))
+        if call.strided is not None:
+            _sview(den, call).add_(torch.exp(lc - _sview(m, call)))
         else:
-            den.index_add_(1, qr, torch.exp(lc - m[:, qr]))
+            den.view(b, -1).index_add_(1, qr, torch.exp(lc - _take(call, qr, m)))
     lse = torch.where(den > 0, m + torch.log(den), m)  # m is -inf where nothing was written
-    lse3 = lse.view(b, l, h)
-    out = torch.zeros(b, l * h, dv, dtype=acc, device=m.device)
-    out4 = out.view(b, l, h, dv)
+    out = torch.zeros(b, l, h, dv, dtype=acc, device=dev)
     for (call, qr, _), (o, _), lc in zip(calls, results, lses):
-        if call.dense is not None:
-            w = torch.exp(lc - _region(call, lse3)).unsqueeze(-1)
-            _region(call, out4).add_(o.reshape(w.shape[:-1] + (dv,)).to(acc) * w)
+        w = torch.exp(lc - _take(call, qr, lse)).unsqueeze(-1)
+        if call.strided is not None:
+            ov = _sview(out, call)
+            ov.addcmul_(o.view(ov.shape), w)  # no float32 copy of o
         else:
-            w = torch.exp(lc - lse[:, qr]).unsqueeze(-1)
-            out.index_add_(1, qr, o.reshape(b, -1, dv).to(acc) * w)
+            out.view(b, -1, dv).index_add_(1, qr, o.reshape(b, -1, dv).to(acc) * w)
     return out, lse
 
 
@@ -232,23 +242,25 @@ def _acc_dtype(dtype):
 class _DilatedAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan, scale, group, backend):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, l, hq, _ = q.shape
         dv = v.shape[-1]
         acc = _acc_dtype(q.dtype)
         calls, sends = _device_plan(plan, q.device)
-        qf, kf, vf = (t.reshape(b, -1, t.shape[-1]) for t in (q, k, v))
+        kf, vf = k.view(b, -1, k.shape[-1]), v.view(b, -1, dv)
         recv = _exchange_kv(kf, vf, plan, sends, group)
         kpool, vpool = _pools(kf, vf, recv)
         results = []
         for call, qr, kr in calls:
-            qg, kg, vg = _operands(call, qr, kr, qf, kpool, vpool, q, k, v)
+            qg, kg, vg = _operands(call, qr, kr, q, k, v, kpool, vpool)
             results.append(attention_forward(qg, kg, vg, scale=scale, causal=call.causal,
                                              backend=backend))
         out, lse = merge_calls(results, calls, b, l, hq, dv, acc)
+        del results
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, recv)
         ctx.args = (plan, scale, group, backend)
-        return out.view(b, l, hq, dv), lse.view(b, l, hq).transpose(1, 2)
+        return out, lse.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout, dlse):
@@ -258,45 +270,39 @@ class _DilatedAttention(torch.autograd.Function):
         hkv, dv = k.shape[2], v.shape[-1]
         acc = _acc_dtype(q.dtype)
         calls, sends = _device_plan(plan, q.device)
-        qf, kf, vf = (t.reshape(b, -1, t.shape[-1]) for t in (q, k, v))
+        kf, vf = k.view(b, -1, d), v.view(b, -1, dv)
         kpool, vpool = _pools(kf, vf, recv)  # the received rows were kept from the forward
         dout = dout.contiguous().to(q.dtype)
-        doutf = dout.view(b, l * hq, dv)
         if dlse is not None and not torch.any(dlse):
             dlse = None
-        dlsef = None if dlse is None else dlse.transpose(1, 2).reshape(b, l * hq).to(acc)
-        dq = torch.zeros(b, l * hq, d, dtype=acc, device=q.device)
+        dlse = None if dlse is None else dlse.transpose(1, 2).to(acc).contiguous()  # [B, l, H]
+        dq = torch.zeros(b, l, hq, d, dtype=acc, device=q.device)
         dkpool = torch.zeros(b, kpool.shape[1], d, dtype=acc, device=q.device)
         dvpool = torch.zeros(b, kpool.shape[1], dv, dtype=acc, device=q.device)
+        dk4 = dkpool[:, :l * hkv].view(b, l, hkv, d)
+        dv4 = dvpool[:, :l * hkv].view(b, l, hkv, dv)
         for call, qr, kr in calls:
-            qg, kg, vg = _operands(call, qr, kr, qf, kpool, vpool, q, k, v)
-            if call.dense is not None:
-                s0, nseg, n = call.dense
-                sl = slice(s0, s0 + nseg * n)
-                og = out.view(b, l, hq, dv)[:, sl].reshape(b * nseg, n, hq, dv)
-                dog = dout[:, sl].reshape(b * nseg, n, hq, dv)
-                lg = _kernel_layout(call, b, lse.view(b, l, hq)[:, sl])
-                dlg = None if dlsef is None else _kernel_layout(
-                    call, b, dlsef.view(b, l, hq)[:, sl])
+            qg, kg, vg = _operands(call, qr, kr, q, k, v, kpool, vpool)
+            nseg, nq, _, c, _ = call.shape
+            if call.strided is not None:
+                og, dog = _kernel_in(out, call), _kernel_in(dout, call)
             else:
-                nseg, nq, _, c, _ = call.shape
-                og = out[:, qr].view(b * nseg, nq, c, dv)
-                dog = doutf[:, qr].view(b * nseg, nq, c, dv)
-                lg = _kernel_layout(call, b, lse[:, qr])
-                dlg = None if dlsef is None else _kernel_layout(call, b, dlsef[:, qr])
+                og = out.view(b, -1, dv)[:, qr].view(b * nseg, nq, c, dv)
+                dog = dout.view(b, -1, dv)[:, qr].view(b * nseg, nq, c, dv)
+            lg = _kernel_rows(call, b, _take(call, qr, lse))
+            dlg = None if dlse is None else _kernel_rows(call, b, _take(call, qr, dlse))
             dqg, dkg, dvg = attention_backward(dog, qg, kg, vg, og, lg, scale=scale,
                                                causal=call.causal, dlse=dlg, backend=backend)
-            if call.dense is not None:
-                s0, nseg, n = call.dense
-                dq.view(b, l, hq, d)[:, s0:s0 + nseg * n] += dqg.reshape(b, nseg * n, hq, d)
-                dkpool[:, s0 * hkv:(s0 + nseg * n) * hkv] += dkg.reshape(b, -1, d)
-                dvpool[:, s0 * hkv:(s0 + nseg * n) * hkv] += dvg.reshape(b, -1, dv)
+            if call.strided is not None:  # accumulate in place, no float32 copies
+                for tgt, g in ((dq, dqg), (dk4, dkg), (dv4, dvg)):
+                    tv = _sview(tgt, call)
+                    tv.add_(g.view(tv.shape))
             else:
-                dq.index_add_(1, qr, dqg.reshape(b, -1, d).to(acc))
+                dq.view(b, -1, d).index_add_(1, qr, dqg.reshape(b, -1, d).to(acc))
                 dkpool.index_add_(1, kr, dkg.reshape(b, -1, d).to(acc))
                 dvpool.index_add_(1, kr, dvg.reshape(b, -1, dv).to(acc))
         dkf, dvf = _return_grads(dkpool, dvpool, l * hkv, plan, sends, group, q.dtype)
-        return (dq.view(b, l, hq, d).to(q.dtype), dkf.view(b, l, hkv, d).to(k.dtype),
+        return (dq.to(q.dtype), dkf.view(b, l, hkv, d).to(k.dtype),
                 dvf.view(b, l, hkv, dv).to(v.dtype), None, None, None, None)
 
 

@@ -27,25 +27,28 @@ import numpy as np
 class Call:
     """One batched dense attention call.
 
-    ``dense`` = ``(start, nseg, length)``: q/k/v are views ``x[:, start:start+nseg*length]``
-    reshaped to ``[B*nseg, length, H, D]`` (all heads, r = 1, local keys): no gather at all.
-    Otherwise ``qrows [nseg, nq, C]`` and ``krows [nseg, nk, P]`` are gather indices (see the
-    module docstring); ``C % P == 0``. ``causal`` is bottom-right aligned (queries are the last
-    ``nq`` of the ``nk`` keys when causal).
+    ``strided = (start, nseg, length, r, o)``: the call reads and writes strided *views* (no
+    gather): segment ``i`` of the batch starts at local position ``start + i*length``, rows
+    ``o, o+r, ...`` of it, heads ``o, o+r, ...`` (all heads when ``r == 1``; used for r = 1, and
+    for r > 1 when Hq == Hkv). Otherwise ``qrows [nseg, nq, C]`` and ``krows [nseg, nk, P]``
+    are gather indices (see the module docstring); ``C % P == 0``. ``causal`` is bottom-right
+    aligned (queries are the last ``nq`` of the ``nk`` keys when causal).
     """
 
     branch: int
     causal: bool
-    dense: tuple | None = None
+    strided: tuple | None = None
     qrows: np.ndarray | None = None
     krows: np.ndarray | None = None
+    heads: tuple = ()  # strided: (query heads, kv heads) of the call
 
     @property
     def shape(self):
-        """(nseg, nq, nk, C, P) for the kernel; C = P = -1 means all heads (dense)."""
-        if self.dense is not None:
-            _, nseg, n = self.dense
-            return nseg, n, n, -1, -1
+        """(nseg, nq, nk, C, P) of the kernel problem."""
+        if self.strided is not None:
+            _, nseg, length, r, o = self.strided
+            n = len(range(o, length, r))
+            return nseg, n, n, self.heads[0], self.heads[1]
         return (self.qrows.shape[0], self.qrows.shape[1], self.krows.shape[1],
                 self.qrows.shape[2], self.krows.shape[2])
 
@@ -159,8 +162,17 @@ def build_plan(S, l, rank, world, hq, hkv, segment_lengths, dilation_rates, caus
             batches.setdefault(key, []).append(s0)
         for (qlo, qhi, klo, khi, local), starts in batches.items():
             starts = np.asarray(starts, dtype=np.int64)
-            if r == 1 and local and qlo == klo == 0 and qhi == khi:
-                calls.append(Call(bi, causal, dense=(int(starts[0] - a), starts.size, qhi)))
+            if local and qlo == klo == 0 and qhi == khi and (r == 1 or hq == hkv):
+                # whole segments, consecutive (interior batches are): strided views
+                s0 = int(starts[0] - a)
+                if r == 1:
+                    calls.append(Call(bi, causal, strided=(s0, starts.size, qhi, 1, 0),
+                                      heads=(hq, hkv)))
+                    continue
+                for o in range(min(r, hq, qhi)):
+                    ho = len(range(o, hq, r))
+                    calls.append(Call(bi, causal, strided=(s0, starts.size, qhi, r, o),
+                                      heads=(ho, ho)))
                 continue
             # group offsets by call shape (nq, nk, group size)
             by_shape = {}
