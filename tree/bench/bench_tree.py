@@ -281,7 +281,7 @@ def main(argv=None):
             o, lse = fn(qs, ks, vs, scale)
             e = rel(o, ref_o)
             el = rel(lse, ref_l) if lse is not None else None
-            status[name] = (e <= 2e-2 and (el is None or el <= 2e-2), e, el)
+            status[name] = (e <= 2e-2, e, el)
         except Exception as ex:  # noqa: BLE001
             status[name] = (False, f"{type(ex).__name__}: {ex}".splitlines()[0][:160], None)
     if jm:
@@ -291,12 +291,15 @@ def main(argv=None):
         for name, f in bench.progress(list(jm.items()), "jax check"):
             try:
                 o, lse = f(qj, kj, vj)
-                o = torch.from_numpy(__import__("numpy").asarray(o, "float64"))
-                lse = torch.from_numpy(__import__("numpy").asarray(lse, "float64"))
+                o = torch.tensor(__import__("numpy").asarray(o, "float64"))
+                lse = torch.tensor(__import__("numpy").asarray(lse, "float64"))
                 e, el = rel(o, ref_o.cpu()), rel(lse, ref_l.cpu())
-                status[name] = (e <= 2e-2 and el <= 2e-2, e, el)
+                status[name] = (e <= 2e-2, e, el)
             except Exception as ex:  # noqa: BLE001
                 status[name] = (False, f"{type(ex).__name__}: {ex}".splitlines()[0][:160], None)
+    # a method is timed if its output is right; only methods whose lse is right too count
+    # for the HBM-floor verdict (baselines such as SDPA return no lse)
+    lse_ok = {n: st[2] is not None and st[2] <= 2e-2 for n, st in status.items()}
     for name, (ok, e, el) in status.items():
         print(f"  {name:34s} {'ok ' if ok else 'BAD'} out {e} lse {el}", flush=True)
     del qs, ks, vs, ref_o, ref_l
@@ -323,7 +326,7 @@ def main(argv=None):
 
     def record(name, ms, err, family):
         row = dict(method=name, family=family, ms=ms, gbps=kv_bytes / (ms * 1e-3) / 1e9,
-                   x_floor=ms / floor_ms, err_vs_triton=err)
+                   x_floor=ms / floor_ms, err_vs_triton=err, lse=lse_ok.get(name, False))
         table.append(row)
         results.append(bench.result(
             "tree." + name, "local decode step", median_ms=ms, device=dev,
@@ -366,7 +369,7 @@ def main(argv=None):
                 o, _ = f(qj, kj, vj)
                 err = None
                 if base is not None:
-                    err = rel(torch.from_numpy(np.asarray(o, np.float32)), base.cpu())
+                    err = rel(torch.tensor(np.asarray(o, np.float32)), base.cpu())
                 ms = time_jax(f, (qj, kj, vj), *((2, 2) if args.smoke else ()))
                 record(name, ms, err, "jax")
             except Exception as ex:  # noqa: BLE001
@@ -375,14 +378,13 @@ def main(argv=None):
 
     print()
     print(bench.format_table(table, ["method", "family", "ms", "gbps", "x_floor",
-                                     "err_vs_triton"]))
+                                     "err_vs_triton", "lse"]))
     for fam in ("torch", "jax"):
-        rows = [r for r in table if r["family"] == fam and "sdpa" not in r["method"]
-                and r["method"] != "flex" and r["method"] != "jax_pallas_gqa"]
+        rows = [r for r in table if r["family"] == fam and r["lse"]]
         if rows:
             best = min(rows, key=lambda r: r["ms"])
             verdict = "within" if best["x_floor"] <= 1.3 else "NOT within"
-            print(f"best {fam} (lse-returning, BSHD): {best['method']} {best['ms']:.3f} ms = "
+            print(f"best {fam} (with a correct lse): {best['method']} {best['ms']:.3f} ms = "
                   f"{best['x_floor']:.2f}x the HBM floor -> {verdict} 1.3x")
     path = bench.write_results(results, os.path.join(out_dir, "bench_tree.json"))
     try:
