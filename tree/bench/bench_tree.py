@@ -44,6 +44,7 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from longattn.common import bench  # noqa: E402
@@ -291,8 +292,8 @@ def main(argv=None):
         for name, f in bench.progress(list(jm.items()), "jax check"):
             try:
                 o, lse = f(qj, kj, vj)
-                o = torch.tensor(__import__("numpy").asarray(o, "float64"))
-                lse = torch.tensor(__import__("numpy").asarray(lse, "float64"))
+                o = torch.tensor(np.asarray(o, "float64"))
+                lse = torch.tensor(np.asarray(lse, "float64"))
                 e, el = rel(o, ref_o.cpu()), rel(lse, ref_l.cpu())
                 status[name] = (e <= 2e-2, e, el)
             except Exception as ex:  # noqa: BLE001
@@ -354,7 +355,6 @@ def main(argv=None):
     if jm:
         import jax
         import jax.numpy as jnp
-        import numpy as np
 
         try:  # zero-copy views of the torch cache
             qj, kj, vj = (jax.dlpack.from_dlpack(x) for x in (q, k, v))
