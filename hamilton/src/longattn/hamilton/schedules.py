@@ -375,14 +375,15 @@ def origins(schedule: Schedule) -> np.ndarray:
     return o
 
 
-def validate_schedule(schedule: Schedule) -> dict:
+def validate_schedule(s: Schedule) -> dict:
     """Check a schedule; return ``{property: bool}`` for every property in :data:`CLAIMS` plus
     ``permutations`` and ``covers``.
 
     Raises ``ValueError`` if a permutation is malformed (not a permutation of the ranks, or a
     rank sends to itself), if some rank would not see every other rank's sub-chunks exactly
-    once, or if a property in ``schedule.claims`` does not hold.
+    once, or if a property in ``s.claims`` does not hold.
     """
+    schedule = s
     if not isinstance(schedule, Schedule):
         raise TypeError(f"schedule must be a Schedule, got {type(schedule).__name__}")
     n, k = schedule.n, schedule.num_slots
@@ -395,12 +396,12 @@ def validate_schedule(schedule: Schedule) -> dict:
     ranks = np.arange(n)
     if n > 1:
         if not np.array_equal(np.sort(t, axis=2), np.broadcast_to(ranks, t.shape)):
-            s, c = (int(x) for x in np.argwhere(np.any(np.sort(t, axis=2) != ranks, axis=2))[0])
-            raise ValueError(f"schedule {schedule.name!r}: step {s} slot {c} is not a "
-                             f"permutation: {t[s, c].tolist()}")
+            st, c = (int(x) for x in np.argwhere(np.any(np.sort(t, axis=2) != ranks, axis=2))[0])
+            raise ValueError(f"schedule {schedule.name!r}: step {st} slot {c} is not a "
+                             f"permutation: {t[st, c].tolist()}")
         if np.any(t == ranks):
-            s, c, r = (int(x) for x in np.argwhere(t == ranks)[0])
-            raise ValueError(f"schedule {schedule.name!r}: step {s} slot {c}: rank {r} sends "
+            st, c, r = (int(x) for x in np.argwhere(t == ranks)[0])
+            raise ValueError(f"schedule {schedule.name!r}: step {st} slot {c}: rank {r} sends "
                              "to itself")
     o = origins(schedule)
     srt = np.sort(o, axis=0)
