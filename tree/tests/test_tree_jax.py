@@ -7,6 +7,10 @@ import pytest
 
 jax = pytest.importorskip("jax")
 jax.config.update("jax_enable_x64", True)
+try:  # besides XLA_FLAGS (conftest.py); effective until the first backend initialisation
+    jax.config.update("jax_num_cpu_devices", 8)
+except Exception:  # noqa: BLE001 - older JAX, or backends already up (then XLA_FLAGS decides)
+    pass
 
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import Mesh  # noqa: E402
