@@ -221,3 +221,31 @@ def test_bad_tensors():
         dilated_attention(q[:, :0], q[:, :0], q[:, :0], [4], [1])
     with pytest.raises(ValueError, match="attention_dropout"):
         DilatedAttention([4], [1], attention_dropout=0.1)
+
+
+def test_kernel_outputs_with_any_strides():
+    """GPU kernels return outputs / gradients in their own layouts (cuDNN's dq is BHSD-dense):
+    the merge and the in-place accumulation must not assume contiguous kernel results."""
+    from longattn.common.kernels import Backend, register_backend, torch_backend
+
+    def relayout(t):
+        return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+    def fwd(q, k, v, *, scale, window):
+        o, lse = torch_backend.forward(q, k, v, scale=scale, window=window)
+        return relayout(o), lse
+
+    def bwd(*args, **kw):
+        return tuple(relayout(g) for g in torch_backend.backward(*args, **kw))
+
+    register_backend("dilated_test_bhsd", Backend(fwd, bwd, lambda req: None))
+    for b, s in ((1, 64), (3, 64), (2, 70)):
+        q, k, v, dout, _ = _inputs(b, b, s, 6, 6, 8, 8)
+        got, want = [], []
+        for backend, res in (("dilated_test_bhsd", got), ("torch", want)):
+            qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+            o = dilated_attention(qq, kk, vv, [8, 16, 32], [1, 2, 4], is_causal=True,
+                                  backend=backend)
+            o.backward(dout)
+            res += [o, qq.grad, kk.grad, vv.grad]
+        assert all(rel_error(a, w) == 0 for a, w in zip(got, want))

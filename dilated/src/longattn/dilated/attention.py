@@ -177,7 +177,7 @@ def merge_calls(results, calls, b, l, h, dv, acc):
         w = torch.exp(lc - _take(call, qr, lse)).unsqueeze(-1)
         if call.strided is not None:
             ov = _sview(out, call)
-            ov.addcmul_(o.view(ov.shape), w)  # no float32 copy of o
+            ov.addcmul_(o.unflatten(0, ov.shape[:2]), w)  # no float32 copy of o
         else:
             out.view(b, -1, dv).index_add_(1, qr, o.reshape(b, -1, dv).to(acc) * w)
     return out, lse
@@ -296,7 +296,7 @@ class _DilatedAttention(torch.autograd.Function):
             if call.strided is not None:  # accumulate in place, no float32 copies
                 for tgt, g in ((dq, dqg), (dk4, dkg), (dv4, dvg)):
                     tv = _sview(tgt, call)
-                    tv.add_(g.view(tv.shape))
+                    tv.add_(g.unflatten(0, tv.shape[:2]))  # any kernel output strides
             else:
                 dq.view(b, -1, d).index_add_(1, qr, dqg.reshape(b, -1, d).to(acc))
                 dkpool.index_add_(1, kr, dkg.reshape(b, -1, d).to(acc))
