@@ -11,9 +11,9 @@ dense causal cuDNN, in one run.
    forward+backward, every contender alternated over rounds (``bench.time_interleaved``):
    * ``flash``: FlashAttention-2 with window sizes (``aten::_flash_attention_forward``, the
      ``aten`` backend's window path);
-   * ``band s{1,2} {flip,flash}``: :mod:`longattn.ring_swa.band` (dense cuDNN calls on chunk
-     pairs; the anti-causal triangle by reversing chunks or by FA2) and ``ring_swa local``
-     (what ring_swa's local step runs by default);
+   * ``band s{1,2} {flip,flash}``: :mod:`longattn.common.kernels.band_backend` (dense cuDNN
+     calls on chunk pairs; the anti-causal triangle by reversing chunks or by FA2) and
+     ``ring_swa local`` (what ring_swa's local step runs by default);
    * ``flex``: ``torch.compile(flex_attention)`` with a sliding-window BlockMask built with
      ``_compile=True`` (the baseline);
    * ``cudnn dense causal``: ``F.scaled_dot_product_attention`` on cuDNN, full causal, same S.
@@ -39,8 +39,9 @@ import torch.nn.functional as F
 
 from longattn.common import bench
 from longattn.common.kernels import attention_backward, attention_forward
+from longattn.common.kernels import band_backend as band
 from longattn.common.testing import rel_error
-from longattn.ring_swa import band, local
+from longattn.ring_swa import local
 
 BAND_VARIANTS = [(1, "flip"), (1, "flash"), (2, "flip"), (2, "flash")]
 SKIP: set = set()

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from longattn.common.kernels import Request
+from longattn.common.kernels import band_backend as band
 from longattn.common.testing import rel_error
 from longattn.reference import attention, attention_backward, causal_mask, window_mask
-from longattn.ring_swa import band
 
 
 @pytest.fixture
@@ -57,7 +57,7 @@ MERGE_SCRIPT = textwrap.dedent("""
     import os
     os.environ["TRITON_INTERPRET"] = "1"
     import torch
-    from longattn.ring_swa import band
+    from longattn.common.kernels import band_backend as band
     torch.manual_seed(0)
     b, nc, c, h, dv = 2, 4, 8, 3, 16
     for split, flip in ((1, True), (2, True), (2, False)):

@@ -8,7 +8,7 @@ Sinks are split off the keys: the window part runs on ``k[ns:]`` (dropping leadi
 the bottom-right alignment, so the window is unchanged), the sink part on ``k[:ns]`` with the
 causal rule ``key j <= query i`` written as the window ``(-1, S - ns)``; the two partials are
 merged with ``merge_partials``. Window calls go through :mod:`longattn.common.kernels`
-(``backend`` picks the kernel; ``"band"`` is :mod:`longattn.ring_swa.band` on CUDA).
+(``backend`` picks the kernel; ``"band"`` is :mod:`longattn.common.kernels.band_backend` on CUDA).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 
 from longattn.common.kernels import Request, attention_backward, attention_forward
+from longattn.common.kernels import band_backend as band
 from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
 from longattn.common.merge import merge_partials
-from longattn.ring_swa import band
 
 
 def _acc(dtype):
@@ -26,8 +26,8 @@ def _acc(dtype):
 
 
 def window_backend(q, k, v, window, backend):
-    """``"band"`` (dense cuDNN pieces, see :mod:`longattn.ring_swa.band`) for ``auto`` when it
-    is enabled and serves this causal window; otherwise ``backend`` unchanged."""
+    """``"band"`` (dense cuDNN pieces, :mod:`longattn.common.kernels.band_backend`) for ``auto``
+    when it is enabled and serves this causal window; otherwise ``backend`` unchanged."""
     if backend == "auto" and band.ENABLED and band.supports(Request(q, k, v, True, window)) is None:
         return "band"
     return backend

@@ -54,7 +54,9 @@ class Request:
 
 
 BACKENDS: dict[str, Backend] = {}
-AUTO_ORDER = ["flash_attn", "aten", "flex", "triton", "torch"]
+# "band" (causal windows as dense cuDNN pieces) measured fastest for windows on the H100
+# (ring_swa/README.md); it refuses everything else, which then falls through to "aten".
+AUTO_ORDER = ["flash_attn", "band", "aten", "flex", "triton", "torch"]
 
 
 def register_backend(name: str, backend: Backend) -> None:
@@ -164,7 +166,8 @@ def attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), return_lse=
 
 from longattn.common.kernels import torch_backend  # noqa: E402,F401  (always available)
 
-for _mod in ("aten_backend", "flex_backend", "flash_attn_backend", "triton_backend"):
+for _mod in ("aten_backend", "band_backend", "flex_backend", "flash_attn_backend",
+             "triton_backend"):
     try:
         importlib.import_module(f"longattn.common.kernels.{_mod}")
     except ImportError:
