@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 
@@ -205,3 +206,40 @@ def test_world_size_one_without_process_group():
         assert torch.allclose(out, ref, rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="group was given"):
         hamilton_attn(q, k, v, group=object())
+
+
+def test_strided_kv_fallback():
+    """A backend that rejects strided K/V views gets contiguous copies (with a warning)."""
+    from longattn.common.kernels import BACKENDS, Backend, register_backend
+    from longattn.hamilton import attn
+    from longattn.hamilton.plan import make_plan
+
+    torch_b = BACKENDS["torch"]
+
+    def strict_forward(q, k, v, **kw):
+        if not (k.is_contiguous() and v.is_contiguous()):
+            raise RuntimeError("strided K/V not supported")
+        return torch_b.forward(q, k, v, **kw)
+
+    register_backend("strict_test", Backend(strict_forward, torch_b.backward,
+                                            lambda req: None))
+    try:
+        plan = make_plan(multi_ring_schedule(3), 1, True)
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(2, 8, 4, 8, generator=g, dtype=torch.float64)
+        buf = torch.randn(8, 2, 2 * 8, generator=g, dtype=torch.float64)
+        res = []
+        for backend in ("torch", "strict_test"):
+            out = torch.zeros(2, 8, 4, 8, dtype=torch.float64)
+            lse = torch.full((2, 4, 8), float("-inf"), dtype=torch.float64)
+            attn.CONTIGUOUS_KV = False
+            with pytest.warns(UserWarning, match="contiguous copies") if backend != "torch" \
+                    else contextlib.nullcontext():
+                attn.forward_step(q, buf, plan.calls[1], 2, out, lse, hkv=1, d=8, scale=0.3,
+                                  backend=backend)
+            res.append((out, lse))
+        assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
+        assert attn.CONTIGUOUS_KV
+    finally:
+        attn.CONTIGUOUS_KV = False
+        BACKENDS.pop("strict_test", None)

@@ -17,6 +17,8 @@ later kernels wait for the transfer.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from longattn.common.comm import exchange
@@ -105,6 +107,28 @@ def _post(transfer, send_buf, recv_buf, unit, group, *, reverse=False):
 # in a fused (e.g. torch.compile'd) version of the same function.
 MERGE = merge_partials_
 
+# K / V reach the kernels as strided views of the KV buffer. Should a backend reject them (a
+# kernel that needs a standard layout), the call is retried once on contiguous copies, with a
+# warning, and copies are used from then on.
+CONTIGUOUS_KV = False
+
+
+def _kernel(fn, *args, **kw):
+    """Call a local kernel on (possibly strided) K/V views; see :data:`CONTIGUOUS_KV`."""
+    global CONTIGUOUS_KV
+    if CONTIGUOUS_KV:
+        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+        return fn(*args, **kw)
+    try:
+        return fn(*args, **kw)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        warnings.warn(f"hamilton_attn: the attention kernel rejected strided K/V views ({e}); "
+                      "using contiguous copies from now on (slower)", stacklevel=3)
+        CONTIGUOUS_KV = True
+        return _kernel(fn, *args, **kw)
+
 
 def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, scale, backend):
     """Run one step's kernel calls on buffer ``buf`` and merge into ``acc_out`` / ``acc_lse``."""
@@ -112,11 +136,12 @@ def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, scale, backen
     for call in calls:
         kk, vv = _views(buf, call.start * unit, call.stop * unit, hkv, d)
         if call.rows == "all":
-            o, l = attention_forward(q, kk, vv, scale=scale, causal=False, backend=backend)
+            o, l = _kernel(attention_forward, q, kk, vv, scale=scale, causal=False,
+                           backend=backend)
             MERGE(acc_out, acc_lse, o, l)
         else:
-            o, l = attention_forward(q[:, half:], kk, vv, scale=scale, causal=False,
-                                     backend=backend)
+            o, l = _kernel(attention_forward, q[:, half:], kk, vv, scale=scale, causal=False,
+                           backend=backend)
             MERGE(acc_out[:, half:], acc_lse[:, :, half:], o, l)
 
 
@@ -127,9 +152,10 @@ def backward_step(dout, dlse, q, out, lse, buf, g, calls, unit, dq, *, hkv, d, s
         kk, vv = _views(buf, call.start * unit, call.stop * unit, hkv, d)
         gk, gv = _views(g, call.start * unit, call.stop * unit, hkv, d)
         sl = slice(None) if call.rows == "all" else slice(half, None)
-        dq_s, dk_s, dv_s = attention_backward(
-            dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl], scale=scale,
-            causal=False, dlse=None if dlse is None else dlse[:, :, sl], backend=backend)
+        dq_s, dk_s, dv_s = _kernel(
+            attention_backward, dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl],
+            scale=scale, causal=False, dlse=None if dlse is None else dlse[:, :, sl],
+            backend=backend)
         dq[:, sl] += dq_s
         gk += dk_s
         gv += dv_s
