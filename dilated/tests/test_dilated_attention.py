@@ -56,7 +56,12 @@ def _check_against_oracle(seg, rates, causal, s, hq, hkv, seed, *, with_dlse, b=
     grads = ref_backward(dout.numpy(), q.numpy(), k.numpy(), v.numpy(), seg, rates,
                          causal=causal, dlse=None if dl is None else dl.numpy())
     errs = [rel_error(out, ro), rel_error(lse, rl)]
-    errs += [rel_error(t.grad, g) for t, g in zip((qq, kk, vv), grads)]
+    for t, g in zip((qq, kk, vv), grads):
+        # a gradient that is zero in exact arithmetic (every row sees only itself) is rounding
+        # noise on both sides: compare it absolutely
+        small = np.linalg.norm(g) < 1e-9
+        errs.append(float((t.grad - torch.from_numpy(g)).abs().max()) if small
+                    else rel_error(t.grad, g))
     assert not torch.isnan(out).any()
     return errs
 

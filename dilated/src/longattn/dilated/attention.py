@@ -149,11 +149,12 @@ def _take(call, qr, t3):
     return t3.reshape(t3.shape[0], -1)[:, qr]
 
 
-def merge_calls(results, calls, b, l, h, dv, acc):
+def merge_calls(results, calls, b, l, h, dv, acc, first_covers=False):
     """One multi-way LSE merge of every call's ``(out, lse)``: ``lse = log sum_c exp(lse_c)``,
     ``out = sum_c exp(lse_c - lse) out_c`` (the paper's Eq. 10 over all branches at once).
     Rows no call wrote stay ``out = 0``, ``lse = -inf``. Returns ``out [B, l, H, Dv]`` and
-    ``lse [B, l, H]`` in ``acc``."""
+    ``lse [B, l, H]`` in ``acc``. ``first_covers``: ``calls[0]`` writes every row (see
+    :class:`~longattn.dilated.plan.Plan`), so the output needs no zero fill."""
     dev = results[0][0].device
     m = torch.full((b, l, h), float("-inf"), dtype=acc, device=dev)
     lses = []
@@ -172,12 +173,15 @@ def merge_calls(results, calls, b, l, h, dv, acc):
         else:
             den.view(b, -1).index_add_(1, qr, torch.exp(lc - _take(call, qr, m)))
     lse = torch.where(den > 0, m + torch.log(den), m)  # m is -inf where nothing was written
-    out = torch.zeros(b, l, h, dv, dtype=acc, device=dev)
-    for (call, qr, _), (o, _), lc in zip(calls, results, lses):
+    out = (torch.empty if first_covers else torch.zeros)(b, l, h, dv, dtype=acc, device=dev)
+    for i, ((call, qr, _), (o, _), lc) in enumerate(zip(calls, results, lses)):
         w = torch.exp(lc - _take(call, qr, lse)).unsqueeze(-1)
         if call.strided is not None:
             ov = _sview(out, call)
-            ov.addcmul_(o.unflatten(0, ov.shape[:2]), w)  # no float32 copy of o
+            if i == 0 and first_covers:
+                torch.mul(o.unflatten(0, ov.shape[:2]), w, out=ov)
+            else:
+                ov.addcmul_(o.unflatten(0, ov.shape[:2]), w)  # no float32 copy of o
         else:
             out.view(b, -1, dv).index_add_(1, qr, o.reshape(b, -1, dv).to(acc) * w)
     return out, lse
@@ -255,7 +259,7 @@ class _DilatedAttention(torch.autograd.Function):
             qg, kg, vg = _operands(call, qr, kr, q, k, v, kpool, vpool)
             results.append(attention_forward(qg, kg, vg, scale=scale, causal=call.causal,
                                              backend=backend))
-        out, lse = merge_calls(results, calls, b, l, hq, dv, acc)
+        out, lse = merge_calls(results, calls, b, l, hq, dv, acc, plan.first_covers)
         del results
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, recv)
@@ -276,12 +280,17 @@ class _DilatedAttention(torch.autograd.Function):
         if dlse is not None and not torch.any(dlse):
             dlse = None
         dlse = None if dlse is None else dlse.transpose(1, 2).to(acc).contiguous()  # [B, l, H]
-        dq = torch.zeros(b, l, hq, d, dtype=acc, device=q.device)
-        dkpool = torch.zeros(b, kpool.shape[1], d, dtype=acc, device=q.device)
-        dvpool = torch.zeros(b, kpool.shape[1], dv, dtype=acc, device=q.device)
+        # calls[0] writes every local row when plan.first_covers: no zero fill needed there
+        alloc = torch.empty if plan.first_covers else torch.zeros
+        dq = alloc(b, l, hq, d, dtype=acc, device=q.device)
+        dkpool = alloc(b, kpool.shape[1], d, dtype=acc, device=q.device)
+        dvpool = alloc(b, kpool.shape[1], dv, dtype=acc, device=q.device)
+        if plan.first_covers:
+            dkpool[:, l * hkv:].zero_()  # received rows
+            dvpool[:, l * hkv:].zero_()
         dk4 = dkpool[:, :l * hkv].view(b, l, hkv, d)
         dv4 = dvpool[:, :l * hkv].view(b, l, hkv, dv)
-        for call, qr, kr in calls:
+        for i, (call, qr, kr) in enumerate(calls):
             qg, kg, vg = _operands(call, qr, kr, q, k, v, kpool, vpool)
             nseg, nq, _, c, _ = call.shape
             if call.strided is not None:
@@ -296,7 +305,8 @@ class _DilatedAttention(torch.autograd.Function):
             if call.strided is not None:  # accumulate in place, no float32 copies
                 for tgt, g in ((dq, dqg), (dk4, dkg), (dv4, dvg)):
                     tv = _sview(tgt, call)
-                    tv.add_(g.unflatten(0, tv.shape[:2]))  # any kernel output strides
+                    g = g.unflatten(0, tv.shape[:2])  # any kernel output strides
+                    tv.copy_(g) if i == 0 and plan.first_covers else tv.add_(g)
             else:
                 dq.view(b, -1, d).index_add_(1, qr, dqg.reshape(b, -1, d).to(acc))
                 dkpool.index_add_(1, kr, dkg.reshape(b, -1, d).to(acc))

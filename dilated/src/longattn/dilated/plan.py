@@ -63,6 +63,9 @@ class Plan:
     # [(src, count)]: received buffers, appended to the key pool in this order
     recv: list = field(default_factory=list)
     pool_rows: int = 0  # M: local rows + received rows
+    # calls[0] is strided with r = 1 and covers every local row and key: results of later
+    # calls are added to what it writes (no zero-filled accumulators needed)
+    first_covers: bool = False
 
 
 def _positions(lo, hi, r, o):
@@ -208,4 +211,9 @@ def build_plan(S, l, rank, world, hq, hkv, segment_lengths, dilation_rates, caus
                             raise AssertionError("plan: a remote key row was not requested")
                         krows[sel] = base[(int(s), bi)] + at
                 calls.append(Call(bi, causal, qrows=qrows, krows=krows))
-    return Plan(calls=calls, send_rows=send_rows, recv=recv, pool_rows=off)
+    covering = [i for i, c in enumerate(calls) if c.strided is not None and c.strided[3] == 1
+                and c.strided[0] == 0 and c.strided[1] * c.strided[2] == l]
+    if covering:
+        calls.insert(0, calls.pop(covering[0]))
+    return Plan(calls=calls, send_rows=send_rows, recv=recv, pool_rows=off,
+                first_covers=bool(covering))
