@@ -10,7 +10,7 @@ What runs: exactly what ``hamilton_attn`` does on one rank, minus the messages. 
 causal attention of the local q/k/v; steps 1..n-1 call :func:`longattn.hamilton.attn.forward_step`
 on a KV buffer laid out as the real loop holds it (``plan.calls[s]``: all of q against the
 front half of the received block, or the back half of q against the whole block), and the
-backward runs :func:`backward_step` per step plus the dK/dV accumulation and the step-0
+backward runs :func:`backward_step` and :func:`add_kv_grads` per step and the step-0
 backward. Kernels through ``longattn.common.kernels`` with ``backend="auto"`` (``aten``:
 cuDNN on CUDA). Three variants:
 
@@ -49,6 +49,7 @@ from longattn.hamilton.attn import (
     _pack,
     _token_index,
     _views,
+    add_kv_grads,
     backward_step,
     forward_step,
 )
@@ -116,9 +117,10 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True):
         dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
         for s in range(n - 1, 0, -1):
             gbuf = torch.zeros_like(gacc[0])
-            backward_step(dol, None, ql, out, acc_lse, step_buffer(s, r), gbuf,
-                          plans[r].calls[s], unit, dq, hkv=heads, d=dim, scale=scale,
-                          backend="auto")
+            grads = backward_step(dol, None, ql, out, acc_lse, step_buffer(s, r),
+                                  plans[r].calls[s], unit, dq, hkv=heads, d=dim, scale=scale,
+                                  backend="auto")
+            add_kv_grads(gbuf, grads, unit, hkv=heads, d=dim)
             for u, (o, ou) in enumerate(labels[s][r]):
                 gacc[o][ou * unit:(ou + 1) * unit] += gbuf[u * unit:(u + 1) * unit]
         dq0, dk0, dv0 = attention_backward(dol, ql, kl, vl, out, acc_lse, scale=scale,
@@ -180,8 +182,8 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
     merge = merge_partials_ if mode != "+fused" else _fused_merge()
     o0, l0 = attention_forward(q, k, v, scale=scale, causal=True)
     out, lse = o0, l0.float()
-    gbuf = torch.zeros(length, 1, heads * 2 * dim, dtype=torch.float32, device=device)
-    grecv = torch.zeros_like(gbuf)
+    accs = [torch.zeros(length, 1, heads * 2 * dim, dtype=torch.float32, device=device)
+            for _ in range(2)]
     dq = torch.zeros(q.shape, dtype=torch.float32, device=device)
     dk_acc, dv_acc = (torch.zeros(1, length, heads, dim, dtype=torch.float32, device=device)
                       for _ in range(2))
@@ -218,15 +220,16 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
             attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True)
             return
         dq.zero_()
+        accs[0].zero_()
+        cur = 0
         for s in range(n - 1, 0, -1):
-            gbuf.zero_()
-            backward_step(dout, None, q, out, lse, buf, gbuf, plan.calls[s], unit, dq,
-                          hkv=heads, d=dim, scale=scale, backend="auto")
-            if s < n - 1:
-                gbuf.add_(grecv)  # the accumulator received from the later step
+            grads = backward_step(dout, None, q, out, lse, buf, plan.calls[s], unit, dq,
+                                  hkv=heads, d=dim, scale=scale, backend="auto")
+            add_kv_grads(accs[cur], grads, unit, hkv=heads, d=dim)
+            cur = 1 - cur  # the real loop sends this one back and receives into the other
         dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True)
         dq.add_(dq0)
-        gk, gv = _views(grecv, 0, length, heads, dim)
+        gk, gv = _views(accs[cur], 0, length, heads, dim)
         dk_acc.copy_(dk0)
         dv_acc.copy_(dv0)
         if idx is None:

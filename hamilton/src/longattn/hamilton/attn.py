@@ -145,18 +145,27 @@ def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, scale, backen
             MERGE(acc_out[:, half:], acc_lse[:, :, half:], o, l)
 
 
-def backward_step(dout, dlse, q, out, lse, buf, g, calls, unit, dq, *, hkv, d, scale, backend):
-    """One step's gradient kernels: add into ``dq`` and into the dK/dV buffer ``g``."""
+def backward_step(dout, dlse, q, out, lse, buf, calls, unit, dq, *, hkv, d, scale, backend):
+    """One step's gradient kernels: adds into ``dq``, returns ``[(call, dk, dv)]`` for
+    :func:`add_kv_grads` (added once the incoming dK/dV accumulator has arrived)."""
     half = q.shape[1] // 2
+    grads = []
     for call in calls:
         kk, vv = _views(buf, call.start * unit, call.stop * unit, hkv, d)
-        gk, gv = _views(g, call.start * unit, call.stop * unit, hkv, d)
         sl = slice(None) if call.rows == "all" else slice(half, None)
         dq_s, dk_s, dv_s = _kernel(
             attention_backward, dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl],
             scale=scale, causal=False, dlse=None if dlse is None else dlse[:, :, sl],
             backend=backend)
         dq[:, sl] += dq_s
+        grads.append((call, dk_s, dv_s))
+    return grads
+
+
+def add_kv_grads(acc, grads, unit, *, hkv, d):
+    """Add a step's K/V gradients into the dK/dV accumulator buffer (same layout as KV)."""
+    for call, dk_s, dv_s in grads:
+        gk, gv = _views(acc, call.start * unit, call.stop * unit, hkv, d)
         gk += dk_s
         gv += dv_s
 
@@ -198,8 +207,10 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backen
     h_g = None
     if n > 1:
         unit = lk // plan.units
-        gbufs = [_new_buffer(lk, b, hkv, d, dv, acc, k.device) for _ in range(2)]
-        grecv = torch.empty_like(gbufs[0])
+        # dK/dV accumulators: one is added to and sent back, the other receives the next one
+        accs = [_new_buffer(lk, b, hkv, d, dv, acc, k.device) for _ in range(2)]
+        accs[0].zero_()
+        cur_acc = 0
         spare = [torch.empty_like(kv_last) for _ in range(2 if n > 2 else 0)]
         cur = kv_last  # saved by forward; never written (backward may run twice)
         for s in range(n - 1, 0, -1):
@@ -207,14 +218,14 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backen
             if s > 1:  # bring back what this rank held at step s - 1 (not needed at step 0)
                 nxt = spare[s % 2]
                 h_kv = _post(plan.transfers[s - 1], cur, nxt, unit, group, reverse=True)
-            g = gbufs[s % 2]
-            g.zero_()
-            backward_step(dout, dlse, q, out, lse, cur, g, plan.calls[s], unit, dq, hkv=hkv,
-                          d=d, scale=scale, backend=backend)
+            grads = backward_step(dout, dlse, q, out, lse, cur, plan.calls[s], unit, dq,
+                                  hkv=hkv, d=d, scale=scale, backend=backend)
             if h_g is not None:  # the accumulator of this content from the later steps
                 h_g.wait()
-                g += grecv
-            h_g = _post(plan.transfers[s - 1], g, grecv, unit, group, reverse=True)
+            add_kv_grads(accs[cur_acc], grads, unit, hkv=hkv, d=d)
+            h_g = _post(plan.transfers[s - 1], accs[cur_acc], accs[1 - cur_acc], unit, group,
+                        reverse=True)
+            cur_acc = 1 - cur_acc
             if h_kv is not None:
                 h_kv.wait()
                 cur = nxt
@@ -224,7 +235,7 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backen
     if h_g is None:
         return dq.to(q.dtype), dk0, dv0
     h_g.wait()
-    gk, gv = _views(grecv, 0, lk, hkv, d)
+    gk, gv = _views(accs[cur_acc], 0, lk, hkv, d)
     idx = _token_index(plan, lk, k.device)
     dk, dv = dk0.to(acc), dv0.to(acc)
     if idx is None:
