@@ -24,12 +24,15 @@ import sys
 import time
 import traceback
 
-import torch
-import torch.nn.functional as F
+if "--smoke" in sys.argv:  # the CPU smoke run checks the Triton path in the interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from longattn.common import bench
-from longattn.common.testing import rel_error
-from longattn.hyper import draw_projections, draw_sample_indices, hyper_attention
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from longattn.common import bench  # noqa: E402
+from longattn.common.testing import rel_error  # noqa: E402
+from longattn.hyper import draw_projections, draw_sample_indices, hyper_attention  # noqa: E402
 
 MODES = (("causal", True, False), ("causal fwd+bwd", True, True), ("non-causal", False, False))
 TARGETS = {"causal": 10.0, "causal fwd+bwd": 8.0, "non-causal": 50.0}
@@ -42,13 +45,17 @@ def log(*a):
 # ------------------------------------------------------------------------------ correctness
 
 
-def check_correctness(dev, backend):
+def check_correctness(dev, backend, tiny=False):
     """Triton vs torch path (same randomness), fwd + bwd with d(lse), small cases."""
     cases = [  # B, S, Hq, Hkv, D, causal, smooth, block, samples, min_seq_len, dtype
         (1, 1000, 4, 2, 64, True, False, 64, 80, 128, torch.float32),
         (2, 777, 2, 2, 64, False, True, 64, 200, 128, torch.float32),
+        (1, 2048, 4, 4, 64, True, False, 256, 256, 512, torch.float32),
         (1, 2048, 4, 4, 64, True, False, 256, 256, 512, torch.bfloat16),
     ]
+    if tiny:  # the Triton interpreter on a CPU
+        cases = [(1, 40, 2, 1, 16, True, False, 16, 20, 8, torch.float32),
+                 (1, 33, 2, 2, 16, False, True, 8, 12, 8, torch.float32)]
     ok = True
     for b, s, hq, hkv, d, causal, smooth, bs, m, msl, dt in cases:
         name = f"B{b} S{s} H{hq}/{hkv} D{d} {'causal' if causal else 'full'}" \
@@ -188,7 +195,7 @@ def main(argv=None):
     log(f"config: {cfg}  S = {main_s}, sweep {sweep}")
 
     log("correctness (triton path vs torch path, same randomness):")
-    correct = check_correctness(dev, backend) if not args.smoke else True
+    correct = check_correctness(dev, "triton", tiny=args.smoke)
     if args.smoke:
         from longattn.reference.hyper import hyper_attention as ref
 

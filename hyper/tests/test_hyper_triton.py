@@ -36,7 +36,11 @@ def _assert_same(res):
 
 
 def test_interpreter_is_on():
+    from longattn.hyper.triton_path import _uniform
+
     assert triton_kernels.INTERPRET
+    # the cases below run both mask paths: per-column (blocks of whole tiles) and per-element
+    assert _uniform(16, False) and not _uniform(8, False) and not _uniform(16, True)
 
 
 @pytest.mark.parametrize("causal,smooth,hkv", [(False, False, 1), (True, True, 2),

@@ -22,6 +22,12 @@ weight ``nk / M`` (``PLW[p] = log2(nk / M)``). Scores are kept in base 2 (``scal
 * :func:`_bwd_samples`: one program per (chunk of sorted queries of a problem, tile of samples,
   batch * kv head); writes per-sample partial dk/dv, which the caller sums over chunks and
   scatters (duplicates add up) into dk/dv.
+
+Register economy (gathered loads have no TMA and no affine addresses): row offsets are int32
+unless ``IDX64`` (a row offset past 2^31 elements); batch and head offsets go into the scalar
+base pointers; head-dim masks exist only when the head dim is not a power of two
+(``EVEN_D``), so loads stay 16-byte vectors. Checked by compiling for sm_90 with ptxas (see the
+README): the configs below cover 4 and 8 warps, autotuned per (shape bucket, dtype).
 """
 
 from __future__ import annotations
@@ -42,9 +48,19 @@ def _configs(pairs):
 
 
 # (inner tile, warps, stages): FlashAttention-2-like choices for head_dim <= 128 on Hopper
-_FWD = _configs([(64, 4, 3), (128, 8, 3), (64, 8, 2), (128, 4, 2), (32, 4, 3)])
+_FWD = _configs([(64, 4, 3), (128, 8, 3), (64, 8, 2), (64, 8, 3), (32, 4, 3)])
 _DKDV = _configs([(32, 4, 3), (64, 4, 2), (64, 8, 3), (32, 8, 2)])
 _KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SMOOTH", "TUNE_ROWS"]
+
+
+def _prune(configs, named_args, **kwargs):
+    """fp32 inputs (fp32-accurate dots, for checks rather than speed): one small config."""
+    if kwargs.get("PREC") in ("ieee", "tf32x3"):
+        return [min(configs, key=lambda c: (c.kwargs["BLOCK_INNER"], c.num_warps))]
+    return configs
+
+
+_PRUNE = {"early_config_prune": _prune}
 
 
 @triton.jit
@@ -63,14 +79,43 @@ def _problem(TP, TI, PQ0, PNQ, PK0, PNK, pid):
         tl.load(PNK + p)
 
 
-@triton.autotune(configs=_FWD, key=_KEY, restore_value=["O", "L"])
+@triton.jit
+def _ptrs(base, rows, stride, offs, IDX64: tl.constexpr):
+    """base + rows[:, None] * stride + offs[None, :] (rows gathered through a permutation)."""
+    if IDX64:
+        rows = rows.to(tl.int64)
+    return base + rows[:, None] * stride + offs[None, :]
+
+
+@triton.jit
+def _mask(ok, offs, n, EVEN: tl.constexpr):
+    if EVEN:
+        return ok[:, None]
+    else:
+        return ok[:, None] & (offs[None, :] < n)
+
+
+@triton.jit
+def _online(m_i, l_i, acc, s, v, PREC: tl.constexpr):
+    """One online-softmax step over base-2 scores s (-inf = not seen)."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    pr = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(pr, 1)
+    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.autotune(configs=_FWD, key=_KEY, restore_value=["O", "L"], prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
          sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh,
          B, HQ, HKV, SQ, SK, M, D, DV, BS, qk_scale, TUNE_ROWS,
          HAS_INIT: tl.constexpr, SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr,
          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-         BLOCK_INNER: tl.constexpr, PREC: tl.constexpr):
+         EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IDX64: tl.constexpr,
+         UNIFORM: tl.constexpr, BLOCK_INNER: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -80,50 +125,37 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
     offs_i = i0 + tl.arange(0, BLOCK_M)
     row_ok = offs_i < nq
     rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=row_ok, other=0)
-    rows = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b.to(tl.int64) * sqb + rows[:, None] * sqs + h * sqh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+    q_head = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
+    q = tl.load(_ptrs(q_head, rows, sqs, offs_d, IDX64), mask=_mask(row_ok, offs_d, D, EVEN_D),
+                other=0.0)
     st = _start(offs_i, nk, BS, SMOOTH)
     lo = _start(i0, nk, BS, SMOOTH)
     hi = tl.minimum(_start(tl.minimum(i0 + BLOCK_M, nq) - 1, nk, BS, SMOOTH) + BS, nk)
-
-    o_ptr = O + b.to(tl.int64) * sob + rows[:, None] * sos + h * soh + offs_dv[None, :]
-    o_mask = row_ok[:, None] & (offs_dv[None, :] < DV)
-    l_ptr = L + (b * HQ + h).to(tl.int64) * SQ + rows
-    if HAS_INIT:
-        m_i = tl.load(l_ptr, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-        l_i = tl.where(m_i > float("-inf"), 1.0, 0.0)
-        acc = tl.load(o_ptr, mask=o_mask, other=0.0)
-    else:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
     kbase = PK + (b * HKV + hk).to(tl.int64) * SK + k0
-    k_head = K + b.to(tl.int64) * skb + hk * skh
-    v_head = V + b.to(tl.int64) * svb + hk * svh
+    k_head = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_head = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     # window keys
     for j0 in range(lo, hi, BLOCK_INNER):
         offs_j = j0 + tl.arange(0, BLOCK_INNER)
         j_ok = offs_j < hi
-        kr = tl.load(kbase + offs_j, mask=j_ok, other=0).to(tl.int64)
-        k = tl.load(k_head + kr[:, None] * sks + offs_d[None, :],
-                    mask=j_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_head + kr[:, None] * svs + offs_dv[None, :],
-                    mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        kr = tl.load(kbase + offs_j, mask=j_ok, other=0)
+        k = tl.load(_ptrs(k_head, kr, sks, offs_d, IDX64), mask=_mask(j_ok, offs_d, D, EVEN_D),
+                    other=0.0)
+        v = tl.load(_ptrs(v_head, kr, svs, offs_dv, IDX64),
+                    mask=_mask(j_ok, offs_dv, DV, EVEN_DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        vis = (j_ok[None, :] & (offs_j[None, :] >= st[:, None])
-               & (offs_j[None, :] < st[:, None] + BS))
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        if UNIFORM:  # all rows share the window [lo, hi): the loop range is the mask
+            vis = j_ok[None, :]
+        else:
+            vis = (j_ok[None, :] & (offs_j[None, :] >= st[:, None])
+                   & (offs_j[None, :] < st[:, None] + BS))
+        m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), v, PREC)
     # sampled columns, weight nk / M, the ones inside the row's window dropped
     logw = tl.load(PLW + p)
     sbase = SAMP + ((p * B + b) * HKV + hk).to(tl.int64) * M
@@ -131,22 +163,30 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
         offs_s = s0 + tl.arange(0, BLOCK_INNER)
         s_ok = offs_s < M
         sp = tl.load(sbase + offs_s, mask=s_ok, other=0)
-        kr = tl.load(kbase + sp, mask=s_ok, other=0).to(tl.int64)
-        k = tl.load(k_head + kr[:, None] * sks + offs_d[None, :],
-                    mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(v_head + kr[:, None] * svs + offs_dv[None, :],
-                    mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        kr = tl.load(kbase + sp, mask=s_ok, other=0)
+        k = tl.load(_ptrs(k_head, kr, sks, offs_d, IDX64), mask=_mask(s_ok, offs_d, D, EVEN_D),
+                    other=0.0)
+        v = tl.load(_ptrs(v_head, kr, svs, offs_dv, IDX64),
+                    mask=_mask(s_ok, offs_dv, DV, EVEN_DV), other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + logw
-        vis = s_ok[None, :] & ((sp[None, :] < st[:, None]) | (sp[None, :] >= st[:, None] + BS))
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        pr = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        if UNIFORM:
+            vis = (s_ok & ((sp < lo) | (sp >= lo + BS)))[None, :]
+        else:
+            vis = s_ok[None, :] & ((sp[None, :] < st[:, None]) | (sp[None, :] >= st[:, None] + BS))
+        m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), v, PREC)
 
+    o_ptr = _ptrs(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, rows, sos, offs_dv, IDX64)
+    o_mask = _mask(row_ok, offs_dv, DV, EVEN_DV)
+    l_ptr = L + (b * HQ + h).to(tl.int64) * SQ + rows
+    if HAS_INIT:  # merge with the running (O, L) of the earlier parts
+        m_p = tl.load(l_ptr, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        m_new = tl.maximum(m_i, m_p)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        a = tl.exp2(m_i - m_safe)
+        c = tl.exp2(m_p - m_safe)
+        acc = acc * a[:, None] + tl.load(o_ptr, mask=o_mask, other=0.0) * c[:, None]
+        l_i = l_i * a + c
+        m_i = m_new
     alive = l_i > 0
     l_safe = tl.where(alive, l_i, 1.0)
     out = acc / l_safe[:, None]
@@ -156,32 +196,41 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
 
 
 @triton.jit
-def _dq_part(q, do, lse2, delta, dq, st, k_head, v_head, kr, offs_j, j_ok, in_win: tl.constexpr,
-             bias, sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale, PREC: tl.constexpr):
-    k = tl.load(k_head + kr[:, None] * sks + offs_d[None, :],
-                mask=j_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(v_head + kr[:, None] * svs + offs_dv[None, :],
-                mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+def _dq_part(q, do, lse2, delta, dq, st, lo, k_head, v_head, kr, offs_j, j_ok,
+             in_win: tl.constexpr, bias, sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale,
+             EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IDX64: tl.constexpr,
+             UNIFORM: tl.constexpr, PREC: tl.constexpr):
+    k = tl.load(_ptrs(k_head, kr, sks, offs_d, IDX64), mask=_mask(j_ok, offs_d, D, EVEN_D),
+                other=0.0)
+    v = tl.load(_ptrs(v_head, kr, svs, offs_dv, IDX64), mask=_mask(j_ok, offs_dv, DV, EVEN_DV),
+                other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias
-    inside = (offs_j[None, :] >= st[:, None]) & (offs_j[None, :] < st[:, None] + BS)
-    if in_win:
-        vis = j_ok[None, :] & inside
+    if UNIFORM:  # all rows share the window [lo, lo + BS)
+        if in_win:
+            vis = j_ok[None, :]
+        else:
+            vis = (j_ok & ((offs_j < lo) | (offs_j >= lo + BS)))[None, :]
     else:
-        vis = j_ok[None, :] & ~inside
+        inside = (offs_j[None, :] >= st[:, None]) & (offs_j[None, :] < st[:, None] + BS)
+        if in_win:
+            vis = j_ok[None, :] & inside
+        else:
+            vis = j_ok[None, :] & ~inside
     pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = pr * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
 
 
-@triton.autotune(configs=_FWD, key=_KEY, restore_value=["DQ"])
+@triton.autotune(configs=_FWD, key=_KEY, restore_value=["DQ"], prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
             sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh, sgb, sgs, sgh,
             B, HQ, HKV, SQ, SK, M, D, DV, BS, qk_scale, TUNE_ROWS,
             SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_INNER: tl.constexpr,
-            PREC: tl.constexpr):
+            BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr,
+            EVEN_DV: tl.constexpr, IDX64: tl.constexpr, UNIFORM: tl.constexpr,
+            BLOCK_INNER: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HQ
@@ -191,13 +240,12 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
     offs_i = i0 + tl.arange(0, BLOCK_M)
     row_ok = offs_i < nq
     rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=row_ok, other=0)
-    rows = rows.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b.to(tl.int64) * sqb + rows[:, None] * sqs + h * sqh + offs_d[None, :],
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + rows[:, None] * sds + h * sdh + offs_dv[None, :],
-                 mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = tl.load(_ptrs(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, sqs, offs_d, IDX64),
+                mask=_mask(row_ok, offs_d, D, EVEN_D), other=0.0)
+    do = tl.load(_ptrs(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, sds, offs_dv,
+                       IDX64), mask=_mask(row_ok, offs_dv, DV, EVEN_DV), other=0.0)
     lrow = (b * HQ + h).to(tl.int64) * SQ + rows
     lse = tl.load(L + lrow, mask=row_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
@@ -206,28 +254,30 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
     lo = _start(i0, nk, BS, SMOOTH)
     hi = tl.minimum(_start(tl.minimum(i0 + BLOCK_M, nq) - 1, nk, BS, SMOOTH) + BS, nk)
     kbase = PK + (b * HKV + hk).to(tl.int64) * SK + k0
-    k_head = K + b.to(tl.int64) * skb + hk * skh
-    v_head = V + b.to(tl.int64) * svb + hk * svh
+    k_head = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
+    v_head = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for j0 in range(lo, hi, BLOCK_INNER):
         offs_j = j0 + tl.arange(0, BLOCK_INNER)
         j_ok = offs_j < hi
-        kr = tl.load(kbase + offs_j, mask=j_ok, other=0).to(tl.int64)
-        dq = _dq_part(q, do, lse2, delta, dq, st, k_head, v_head, kr, offs_j, j_ok, True, 0.0,
-                      sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale, PREC)
+        kr = tl.load(kbase + offs_j, mask=j_ok, other=0)
+        dq = _dq_part(q, do, lse2, delta, dq, st, lo, k_head, v_head, kr, offs_j, j_ok, True,
+                      0.0, sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale, EVEN_D, EVEN_DV,
+                      IDX64, UNIFORM, PREC)
     logw = tl.load(PLW + p)
     sbase = SAMP + ((p * B + b) * HKV + hk).to(tl.int64) * M
     for s0 in range(0, M, BLOCK_INNER):
         offs_s = s0 + tl.arange(0, BLOCK_INNER)
         s_ok = offs_s < M
         sp = tl.load(sbase + offs_s, mask=s_ok, other=0)
-        kr = tl.load(kbase + sp, mask=s_ok, other=0).to(tl.int64)
-        dq = _dq_part(q, do, lse2, delta, dq, st, k_head, v_head, kr, sp, s_ok, False, logw,
-                      sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale, PREC)
+        kr = tl.load(kbase + sp, mask=s_ok, other=0)
+        dq = _dq_part(q, do, lse2, delta, dq, st, lo, k_head, v_head, kr, sp, s_ok, False,
+                      logw, sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale, EVEN_D, EVEN_DV,
+                      IDX64, UNIFORM, PREC)
     # qk_scale = scale * log2(e) was used for the scores; dq needs the plain scale
     dq = dq * (qk_scale * 0.6931471805599453)
-    g_ptr = DQ + b.to(tl.int64) * sgb + rows[:, None] * sgs + h * sgh + offs_d[None, :]
-    g_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    g_ptr = _ptrs(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh, rows, sgs, offs_d, IDX64)
+    g_mask = _mask(row_ok, offs_d, D, EVEN_D)
     tl.store(g_ptr, tl.load(g_ptr, mask=g_mask, other=0.0) + dq, mask=g_mask)
 
 
@@ -235,29 +285,37 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
 def _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, i_hi, offs_j, j_ok,
              in_win: tl.constexpr, bias, nk, sqb, sqs, sqh, sdb, sds, sdh, HQ, SQ, D, DV, BS,
              qk_scale, SMOOTH: tl.constexpr, BLOCK_INNER: tl.constexpr, BLOCK_D: tl.constexpr,
-             BLOCK_DV: tl.constexpr, PREC: tl.constexpr):
+             BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr,
+             IDX64: tl.constexpr, UNIFORM: tl.constexpr, PREC: tl.constexpr):
     """Add one tile of sorted queries [i_start, i_start + BLOCK_INNER) to dk/dv of the keys at
-    sorted positions offs_j (window keys, or samples when not in_win)."""
+    sorted positions offs_j (window keys, or samples when not in_win). UNIFORM: the tile's
+    rows share one block (and, for window keys, it is the keys' block)."""
     offs_i = i_start + tl.arange(0, BLOCK_INNER)
     i_ok = (offs_i < i_hi) & (offs_i < nq)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=i_ok, other=0)
-    rows = rows.to(tl.int64)
-    q = tl.load(Q + b.to(tl.int64) * sqb + rows[:, None] * sqs + h * sqh + offs_d[None, :],
-                mask=i_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + rows[:, None] * sds + h * sdh + offs_dv[None, :],
-                 mask=i_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    q = tl.load(_ptrs(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, sqs, offs_d, IDX64),
+                mask=_mask(i_ok, offs_d, D, EVEN_D), other=0.0)
+    do = tl.load(_ptrs(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, sds, offs_dv,
+                       IDX64), mask=_mask(i_ok, offs_dv, DV, EVEN_DV), other=0.0)
     lrow = (b * HQ + h).to(tl.int64) * SQ + rows
     lse = tl.load(L + lrow, mask=i_ok, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
     delta = tl.load(DELTA + lrow, mask=i_ok, other=0.0)
-    st = _start(offs_i, nk, BS, SMOOTH)
-    inside = (offs_j[None, :] >= st[:, None]) & (offs_j[None, :] < st[:, None] + BS)
-    if in_win:
-        vis = i_ok[:, None] & j_ok[None, :] & inside
+    if UNIFORM:
+        if in_win:
+            vis = i_ok[:, None] & j_ok[None, :]
+        else:
+            lo = (i_start // BS) * BS
+            vis = i_ok[:, None] & (j_ok & ((offs_j < lo) | (offs_j >= lo + BS)))[None, :]
     else:
-        vis = i_ok[:, None] & j_ok[None, :] & ~inside
+        st = _start(offs_i, nk, BS, SMOOTH)
+        inside = (offs_j[None, :] >= st[:, None]) & (offs_j[None, :] < st[:, None] + BS)
+        if in_win:
+            vis = i_ok[:, None] & j_ok[None, :] & inside
+        else:
+            vis = i_ok[:, None] & j_ok[None, :] & ~inside
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias  # [I, J]
     pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
     dv = dv + tl.dot(tl.trans(pr).to(do.dtype), do, input_precision=PREC)
@@ -267,15 +325,17 @@ def _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, i_hi, off
     return dk, dv
 
 
-@triton.autotune(configs=_DKDV, key=_KEY, restore_value=["DKA", "DVA"])
+@triton.autotune(configs=_DKDV, key=_KEY, restore_value=["DKA", "DVA"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dkdv(Q, K, V, DO, L, DELTA, DKA, DVA, PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK,
               sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh,
               sgb, sgs, sgh, shb, shs, shh,
               B, HQ, HKV, SQ, SK, D, DV, BS, qk_scale, TUNE_ROWS,
               SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_INNER: tl.constexpr,
-              PREC: tl.constexpr):
+              BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr,
+              EVEN_DV: tl.constexpr, IDX64: tl.constexpr, UNIFORM: tl.constexpr,
+              BLOCK_INNER: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -285,13 +345,12 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DKA, DVA, PQ, PK, TP, TI, PQ0, PNQ, PK0, PN
     offs_j = j0 + tl.arange(0, BLOCK_N)
     j_ok = offs_j < nk
     kr = tl.load(PK + (b * HKV + hk).to(tl.int64) * SK + k0 + offs_j, mask=j_ok, other=0)
-    kr = kr.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + b.to(tl.int64) * skb + kr[:, None] * sks + hk * skh + offs_d[None, :],
-                mask=j_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + kr[:, None] * svs + hk * svh + offs_dv[None, :],
-                mask=j_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = tl.load(_ptrs(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, kr, sks, offs_d, IDX64),
+                mask=_mask(j_ok, offs_d, D, EVEN_D), other=0.0)
+    v = tl.load(_ptrs(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, kr, svs, offs_dv,
+                      IDX64), mask=_mask(j_ok, offs_dv, DV, EVEN_DV), other=0.0)
     # the sorted queries whose window holds a key of [j0, j1): a contiguous range
     j1 = tl.minimum(j0 + BLOCK_N, nk)
     if SMOOTH:
@@ -307,25 +366,27 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DKA, DVA, PQ, PK, TP, TI, PQ0, PNQ, PK0, PN
         for i_start in range(i_lo, i_hi, BLOCK_INNER):
             dk, dv = _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, i_hi,
                               offs_j, j_ok, True, 0.0, nk, sqb, sqs, sqh, sdb, sds, sdh, HQ, SQ,
-                              D, DV, BS, qk_scale, SMOOTH, BLOCK_INNER, BLOCK_D, BLOCK_DV, PREC)
+                              D, DV, BS, qk_scale, SMOOTH, BLOCK_INNER, BLOCK_D, BLOCK_DV,
+                              EVEN_D, EVEN_DV, IDX64, UNIFORM, PREC)
     dk = dk * (qk_scale * 0.6931471805599453)
-    gk = DKA + b.to(tl.int64) * sgb + kr[:, None] * sgs + hk * sgh + offs_d[None, :]
-    mk = j_ok[:, None] & (offs_d[None, :] < D)
+    gk = _ptrs(DKA + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh, kr, sgs, offs_d, IDX64)
+    mk = _mask(j_ok, offs_d, D, EVEN_D)
     tl.store(gk, tl.load(gk, mask=mk, other=0.0) + dk, mask=mk)
-    gv = DVA + b.to(tl.int64) * shb + kr[:, None] * shs + hk * shh + offs_dv[None, :]
-    mv = j_ok[:, None] & (offs_dv[None, :] < DV)
+    gv = _ptrs(DVA + b.to(tl.int64) * shb + hk.to(tl.int64) * shh, kr, shs, offs_dv, IDX64)
+    mv = _mask(j_ok, offs_dv, DV, EVEN_DV)
     tl.store(gv, tl.load(gv, mask=mv, other=0.0) + dv, mask=mv)
 
 
-@triton.autotune(configs=_DKDV, key=_KEY)
+@triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0,
                  PNK, PLW,
                  sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdb, sds, sdh,
                  B, HQ, HKV, SQ, SK, M, D, DV, BS, qk_scale, TUNE_ROWS, CHUNK,
                  SMOOTH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_INNER: tl.constexpr,
-                 PREC: tl.constexpr):
+                 BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr,
+                 EVEN_DV: tl.constexpr, IDX64: tl.constexpr, UNIFORM: tl.constexpr,
+                 BLOCK_INNER: tl.constexpr, PREC: tl.constexpr):
     pid = tl.program_id(0)
     st_id = tl.program_id(1)
     bh = tl.program_id(2)
@@ -337,13 +398,12 @@ def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ
     s_ok = offs_s < M
     sp = tl.load(SAMP + ((p * B + b) * HKV + hk).to(tl.int64) * M + offs_s, mask=s_ok, other=0)
     kr = tl.load(PK + (b * HKV + hk).to(tl.int64) * SK + k0 + sp, mask=s_ok, other=0)
-    kr = kr.to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + b.to(tl.int64) * skb + kr[:, None] * sks + hk * skh + offs_d[None, :],
-                mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + b.to(tl.int64) * svb + kr[:, None] * svs + hk * svh + offs_dv[None, :],
-                mask=s_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = tl.load(_ptrs(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, kr, sks, offs_d, IDX64),
+                mask=_mask(s_ok, offs_d, D, EVEN_D), other=0.0)
+    v = tl.load(_ptrs(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, kr, svs, offs_dv,
+                      IDX64), mask=_mask(s_ok, offs_dv, DV, EVEN_DV), other=0.0)
     logw = tl.load(PLW + p)
     c1 = tl.minimum(c0 + CHUNK, nq)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -353,7 +413,8 @@ def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ
         for i_start in range(c0, c1, BLOCK_INNER):
             dk, dv = _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, c1,
                               sp, s_ok, False, logw, nk, sqb, sqs, sqh, sdb, sds, sdh, HQ, SQ,
-                              D, DV, BS, qk_scale, SMOOTH, BLOCK_INNER, BLOCK_D, BLOCK_DV, PREC)
+                              D, DV, BS, qk_scale, SMOOTH, BLOCK_INNER, BLOCK_D, BLOCK_DV,
+                              EVEN_D, EVEN_DV, IDX64, UNIFORM, PREC)
     dk = dk * (qk_scale * 0.6931471805599453)
     base = ((pid * B + b) * HKV + hk).to(tl.int64) * M + offs_s
     tl.store(DKS + base[:, None] * BLOCK_D + offs_d[None, :], dk, mask=s_ok[:, None])
@@ -362,7 +423,8 @@ def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ
 
 @triton.jit
 def _delta(O, DO, DLSE, DELTA, sob, sos, soh, sdb, sds, sdh, HQ, SQ, DV,
-           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr):
+           HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+           EVEN_DV: tl.constexpr, IDX64: tl.constexpr):
     """``delta[b, h, i] = sum_d dO * O - dlse`` in fp32, reading O and dO in their own dtype."""
     pid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -371,14 +433,13 @@ def _delta(O, DO, DLSE, DELTA, sob, sos, soh, sdb, sds, sdh, HQ, SQ, DV,
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     ok = rows < SQ
     offs = tl.arange(0, BLOCK_DV)
-    m = ok[:, None] & (offs[None, :] < DV)
-    r64 = rows.to(tl.int64)
-    o = tl.load(O + b.to(tl.int64) * sob + r64[:, None] * sos + h * soh + offs[None, :], mask=m,
-                other=0.0)
-    do = tl.load(DO + b.to(tl.int64) * sdb + r64[:, None] * sds + h * sdh + offs[None, :],
+    m = _mask(ok, offs, DV, EVEN_DV)
+    o = tl.load(_ptrs(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, rows, sos, offs, IDX64),
+                mask=m, other=0.0)
+    do = tl.load(_ptrs(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, sds, offs, IDX64),
                  mask=m, other=0.0)
     d = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    base = (b * HQ + h).to(tl.int64) * SQ + r64
+    base = (b * HQ + h).to(tl.int64) * SQ + rows
     if HAS_DLSE:
         d = d - tl.load(DLSE + base, mask=ok, other=0.0)
     tl.store(DELTA + base, d, mask=ok)

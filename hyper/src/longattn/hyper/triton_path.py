@@ -108,6 +108,19 @@ def _sizes(q, v):
     return d, dv, bd, bdv
 
 
+def _flags(d, dv, bd, bdv, *tensors):
+    """Compile-time flags: head dims without masks, and 64-bit row offsets only if needed."""
+    big = max(t.shape[1] * t.stride(1) for t in tensors) >= 2 ** 31 - 1
+    return dict(EVEN_D=d == bd, EVEN_DV=dv == bdv, IDX64=big)
+
+
+def _uniform(block_size, smooth):
+    """Block diagonal with blocks that are whole tiles: every tile's rows share one window,
+    so the kernels mask per column only (``UNIFORM``)."""
+    inner = max(c.kwargs["BLOCK_INNER"] for c in tk._FWD + tk._DKDV)
+    return not smooth and block_size % max(*_tile_sizes(block_size), inner) == 0
+
+
 def _log_weights(plan, li, m, device):
     """log2(nk / m) per call of level ``li`` (the weight of a sampled column)."""
     key = ("logw", plan, li, m, str(device))
@@ -119,15 +132,19 @@ def _log_weights(plan, li, m, device):
 
 
 def _tile_sizes(block_size):
-    """(query tile, key tile) of the launch grids."""
+    """(query tile of the forward / dq grids, key tile of the dk/dv grids). The dk/dv programs
+    hold two fp32 accumulators of ``key tile x head_dim``: 64 keys keep them in registers."""
     if tk.INTERPRET:
         return 16, 16
-    t = 128 if block_size >= 128 else 64
-    return t, t
+    return (128 if block_size >= 128 else 64), 64
 
 
 def _prec(q):
-    return "ieee" if q.dtype == torch.float32 else "tf32"
+    """Dot precision: fp32 inputs get 3xTF32 on GPUs (fp32-accurate on tensor cores; plain
+    IEEE fp32 dots compile to slow, spilling FMA loops) and exact numpy dots when interpreted."""
+    if q.dtype != torch.float32:
+        return "tf32"  # the default; ignored for fp16 / bf16 operands
+    return "ieee" if tk.INTERPRET else "tf32x3"
 
 
 def _tune_rows(n):
@@ -208,7 +225,8 @@ def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, 
             b, hq, hkv, s, k.shape[1], m, d, dv, block_size, scale * tk.LOG2E,
             _tune_rows(tp.numel() * bm),
             HAS_INIT=causal, SMOOTH=smooth, BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd, BLOCK_DV=bdv,
-            PREC=_prec(q))
+            PREC=_prec(q), UNIFORM=_uniform(block_size, smooth),
+            **_flags(d, dv, bd, bdv, q, k, v, o))
     return o, lse, levels
 
 
@@ -218,10 +236,12 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
     d, dv, bd, bdv = _sizes(q, v)
     delta = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
     rows = 16 if tk.INTERPRET else 64
+    flags = _flags(d, dv, bd, bdv, q, k, v, out, do)
     tk._delta[(triton.cdiv(s, rows), b * hq)](
         out, do, dlse if dlse is not None else delta, delta,
         out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        hq, s, dv, HAS_DLSE=dlse is not None, BLOCK_M=rows, BLOCK_DV=bdv)
+        hq, s, dv, HAS_DLSE=dlse is not None, BLOCK_M=rows, BLOCK_DV=bdv,
+        EVEN_DV=flags["EVEN_DV"], IDX64=flags["IDX64"])
     f32 = dict(dtype=torch.float32, device=q.device)
     if causal and uniform_leaves(plan) is not None:  # the leaves cover every row: start there
         dl = None if dlse is None else _lse_to_leaves(plan, dlse)[0]
@@ -247,7 +267,8 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
     bm, bn = _tile_sizes(block_size)
     m = 0 if not levels or levels[0][2] is None else levels[0][2].shape[-1]
     common = dict(SMOOTH=smooth, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
-                  PREC=_prec(q))
+                  PREC=_prec(q), UNIFORM=_uniform(block_size, smooth),
+                  **_flags(d, dv, bd, bdv, q, k, v, out, do, dq, dk, dvv))
     qk_scale = scale * tk.LOG2E
     for li, (pq, pk, sl) in enumerate(levels):
         samp = sl if sl is not None else pq
