@@ -58,7 +58,7 @@ def _labels(plan: Plan, li: int, n: int, keys: bool, device):
             starts |= {a, a + m}
         starts = torch.tensor(sorted(s for s in starts if s < n), dtype=torch.int64)
         lab = torch.searchsorted(starts, torch.arange(n), right=True) - 1
-        _CACHE[key] = lab.to(device)
+        _CACHE[key] = lab.to(device), len(starts)
     return _CACHE[key]
 
 
@@ -94,9 +94,9 @@ def _level_perm(rank, plan, li, keys, r_bits):
         perm = torch.zeros(b, h, n, dtype=torch.int32, device=rank.device)
         perm.view(b, h, n // per, per)[..., lo:lo + cnt] = (idx + offs).to(torch.int32)
         return perm
-    labels = _labels(plan, li, n, keys, rank.device)
+    labels, n_labels = _labels(plan, li, n, keys, rank.device)
     key = labels.view(1, 1, -1) * (1 << r_bits) + rank.to(torch.int64)
-    if int(labels[-1]) < (1 << (31 - r_bits)):
+    if n_labels < (1 << (31 - r_bits)):  # known on the host: no device sync
         key = key.to(torch.int32)
     return torch.sort(key, dim=-1, stable=True).indices.to(torch.int32).contiguous()
 
@@ -148,8 +148,9 @@ def _prec(q):
 
 
 def _tune_rows(n):
-    """Autotuning bucket: small (tests, correctness checks) or large problems."""
-    return int(n >= 32768)
+    """Autotuning bucket: small (tests, correctness checks) or large problems. The values are
+    multiples of 16 and never 1, so both buckets share one compiled specialisation."""
+    return 32 if n >= 32768 else 16
 
 
 def _levels(q, k, rq, rk, samples, plan, r_bits):
