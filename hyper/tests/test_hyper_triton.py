@@ -114,6 +114,14 @@ def test_triton_no_samples_one_block_equals_exact():
         assert rel_error(out, attention(q, k, v, causal=causal)) <= TOL
 
 
+def test_triton_empty_inputs():
+    q, k, v = inputs(28, 1, 0, 50, 2, 1, 16, requires_grad=True)
+    out = hyper_attention(q, k, v, block_size=16, sample_size=5, min_seq_len=4,
+                          backend="triton")
+    out.sum().backward()
+    assert out.shape == (1, 0, 2, 16) and not k.grad.any()
+
+
 def test_triton_rejects_float64():
     q, k, v = inputs(26, 1, 20, 20, 1, 1, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float64"):

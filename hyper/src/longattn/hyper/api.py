@@ -96,6 +96,8 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, lsh_num_projs=8, block
         raise ValueError(f"causal hyper attention needs equal q and k lengths, got Sq={sq}, "
                          f"Sk={sk}")
     backend = pick_backend(q, backend)
+    if q.numel() == 0 or k.numel() == 0:  # nothing to launch kernels for
+        backend = "torch"
     plan = make_plan(sq, sk, causal, min_seq_len)
 
     if projections is None:
