@@ -74,16 +74,27 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 
 
 @torch.no_grad()
-def merge_partials_(out, lse, out_b, lse_b):
+def merge_partials_(out, lse, out_b, lse_b, *, impl: str = "auto"):
     """In-place merge of ``(out_b, lse_b)`` into the accumulators ``out`` / ``lse``.
 
     ``out`` and ``lse`` must already be in the accumulation dtype; they may be views (e.g. the
     back half of the rows, as zigzag ring attention needs). Returns ``(out, lse)``.
+    ``impl``: ``"auto"`` uses the one-pass Triton kernel (:mod:`longattn.common.merge_triton`)
+    for CUDA fp32 accumulators and eager torch otherwise; ``"torch"`` / ``"triton"`` force one.
     """
+    if impl not in ("auto", "torch", "triton"):
+        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
     _check(out, lse, out_b, lse_b, ("out", "lse", "out_b", "lse_b"))
     for name, t in (("out", out), ("lse", lse)):
         if t.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"accumulator {name} must be float32 or float64, got {t.dtype}")
+    if impl == "triton" or (impl == "auto" and out.is_cuda):
+        kernel = _triton_merge()
+        if kernel is not None and kernel.usable(out, lse, out_b, lse_b):
+            return kernel.merge_(out, lse, out_b, lse_b)
+        if impl == "triton":
+            raise ValueError("impl='triton' needs triton and fp32 accumulators with a "
+                             "contiguous head_dim")
     w_b, new = _weights(lse, lse_b.to(lse.dtype))
     w = w_b.transpose(1, 2).unsqueeze(-1)
     a_dead, b_dead = _dead(lse), _dead(lse_b)
@@ -93,3 +104,11 @@ def merge_partials_(out, lse, out_b, lse_b):
     out.copy_(torch.where(b_dead, oa, res))
     lse.copy_(new)
     return out, lse
+
+
+def _triton_merge():
+    try:
+        from longattn.common import merge_triton
+    except ImportError:  # no triton: eager merge
+        return None
+    return merge_triton
