@@ -106,12 +106,20 @@ def check_same_across_ranks(name: str, values, group=None):
     world = dist.get_world_size(group)
     if world == 1:
         return
-    mine = torch.tensor(list(values), dtype=torch.int64)
+    # Fixed-size message (count first, values padded), so ranks passing different numbers of
+    # values still exchange equal sizes and get a clean error instead of a gloo abort.
+    vals = [int(v) for v in values]
+    width = 32
+    if len(vals) > width - 1:
+        raise ValueError(f"{name}: at most {width - 1} values can be compared, got {len(vals)}")
+    mine = torch.full((width,), -(2**62), dtype=torch.int64)
+    mine[0] = len(vals)
+    mine[1:1 + len(vals)] = torch.tensor(vals, dtype=torch.int64)
     backend = dist.get_backend(group)
     dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
     mine = mine.to(dev)
     allv = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(allv, mine, group=group)
-    rows = [tuple(t.tolist()) for t in allv]
+    rows = [tuple(t.tolist()[1:1 + int(t[0])]) for t in allv]
     if any(r != rows[0] for r in rows):
         raise ValueError(f"{name} must be the same on every rank, got {rows}")

@@ -93,7 +93,9 @@ def step_time(target: Target, messages) -> float:
     for src, dst, nb in messages:
         if not (0 <= src < n and 0 <= dst < n):
             raise ValueError(f"message {src}->{dst} outside a {n}-GPU target")
-        if src == dst or nb <= 0:
+        if nb < 0:
+            raise ValueError(f"nbytes of message {src}->{dst} must be >= 0, got {nb}")
+        if src == dst or nb == 0:
             continue
         any_msg = True
         if target.node_of(src) == target.node_of(dst):

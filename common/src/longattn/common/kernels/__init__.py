@@ -56,7 +56,10 @@ class Request:
 BACKENDS: dict[str, Backend] = {}
 # "band" (causal windows as dense cuDNN pieces) measured fastest for windows on the H100
 # (ring_swa/README.md); it refuses everything else, which then falls through to "aten".
-AUTO_ORDER = ["flash_attn", "band", "aten", "flex", "triton", "torch"]
+# "flex" is opt-in (backend="flex"), not in auto: on the H100 with torch 2.11 its compile failed
+# for some shapes (fp32 odd lengths in hyper's check, the decode shape in tree's benchmark), and
+# where it compiled it was slower than band / cuDNN. fp32 on CUDA therefore goes to "torch".
+AUTO_ORDER = ["flash_attn", "band", "aten", "triton", "torch"]
 
 
 def register_backend(name: str, backend: Backend) -> None:
