@@ -37,6 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from longattn.reference.attention import _softmax
+
 __all__ = [
     "gray_rank",
     "hyper_attention",
@@ -187,14 +189,7 @@ def _weighted_softmax(q, k, w, scale):
     s = np.einsum("bqhd,bkhd->bhqk", q, np.repeat(k, g, axis=2)) * scale
     with np.errstate(divide="ignore"):
         s = np.where(w > 0, s + np.log(np.where(w > 0, w, 1.0)), -np.inf)
-    mx = s.max(axis=-1, keepdims=True)
-    mx = np.where(np.isfinite(mx), mx, 0.0)
-    e = np.exp(s - mx)
-    den = e.sum(axis=-1, keepdims=True)
-    p = e / np.where(den > 0, den, 1.0)
-    with np.errstate(divide="ignore"):
-        lse = np.where(den > 0, mx + np.log(np.where(den > 0, den, 1.0)), -np.inf)
-    return p, lse[..., 0]
+    return _softmax(s)
 
 
 def hyper_attention(q, k, v, *, projections, sample_indices, block_size, min_seq_len, causal,
