@@ -36,12 +36,12 @@ def test_registered_and_refuses_cpu():
 
 @pytest.mark.parametrize("sq,sk", [(1, 1), (4, 4), (3, 7), (7, 3), (5, 0), (0, 5), (9, 2)])
 def test_empty_row_rule_matches_the_masks(sq, sk):
-    """``_may_have_empty_rows`` decides from shapes alone whether some row sees no key; it must
-    agree with the oracle's masks for every window (it is used to skip a fix-up pass)."""
+    """``kernels.may_have_empty_rows`` decides from shapes alone whether some row sees no key;
+    it must agree with the oracle's masks for every window (it skips a fix-up pass)."""
     for left, right in itertools.product(range(-1, 6), range(-1, 6)):
         m = ref.window_mask(sq, sk, (left, right)) if sq and sk else np.zeros((sq, sk), bool)
         truth = sq > 0 and (sk == 0 or not m.any(axis=1).all())
-        got = A._may_have_empty_rows(sq, sk, (left, right))
+        got = K.may_have_empty_rows(sq, sk, (left, right))
         if sq == 0:
             continue  # no rows: either answer is harmless
         assert got == truth, (sq, sk, left, right)
@@ -50,7 +50,7 @@ def test_empty_row_rule_matches_the_masks(sq, sk):
 def test_fix_empty_rows():
     out = torch.randn(1, 3, 2, 4)
     lse = torch.tensor([[[0.5, float("inf"), float("-inf")], [1.0, 2.0, float("inf")]]])
-    o, l_ = A._fix_empty_rows(out, lse)
+    o, l_ = K.fix_empty_rows(out, lse)
     assert torch.isneginf(l_[0, 0, 1]) and torch.isneginf(l_[0, 0, 2])
     assert torch.isneginf(l_[0, 1, 2]) and l_[0, 0, 0] == 0.5 and l_[0, 1, 1] == 2.0
     assert (o[0, 1, 0] == 0).all() and (o[0, 2, 0] == 0).all() and (o[0, 2, 1] == 0).all()

@@ -76,6 +76,25 @@ def normalize_window(causal: bool, window) -> tuple[int, int]:
     return left, right
 
 
+def may_have_empty_rows(sq, sk, window) -> bool:
+    """Whether some query row sees no key (decided from shapes alone: no device sync).
+
+    Row i sees keys [i' - left, i' + right] with i' = i + sk - sq; with left >= 0 the lower end
+    never passes sk - 1, so rows are empty only when sk == 0 or the first row's upper end,
+    sk - sq + right, is negative."""
+    right = window[1]
+    return sk == 0 or (right >= 0 and sk - sq + right < 0)
+
+
+def fix_empty_rows(out, lse):
+    """Rows that saw no key: lse -> -inf, out -> 0 (kernels differ: flash returns lse = +inf,
+    FlexAttention -inf). out BSHD, lse [B, H, S]; no host sync."""
+    dead = ~torch.isfinite(lse)
+    lse = lse.masked_fill(dead, float("-inf"))
+    out = out.masked_fill(dead.transpose(1, 2).unsqueeze(-1), 0.0)
+    return out, lse
+
+
 def _pick(req: Request, backend: str) -> Backend:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str (a name in BACKENDS or 'auto'), got {backend!r}")
@@ -184,6 +203,8 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_forward",
+    "fix_empty_rows",
+    "may_have_empty_rows",
     "normalize_window",
     "pick_backend",
     "register_backend",

@@ -19,7 +19,12 @@ from __future__ import annotations
 
 import torch
 
-from longattn.common.kernels import Backend, register_backend
+from longattn.common.kernels import (
+    Backend,
+    fix_empty_rows,
+    may_have_empty_rows,
+    register_backend,
+)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -59,24 +64,6 @@ def _expand_heads(t, g):
     return t if g == 1 else t.repeat_interleave(g, dim=2)
 
 
-def _may_have_empty_rows(sq, sk, window) -> bool:
-    """Whether some query row sees no key (decided from shapes alone: no device sync).
-
-    Row i sees keys [i' - left, i' + right] with i' = i + sk - sq; with left >= 0 the lower end
-    never passes sk - 1, so rows are empty only when sk == 0 or the first row's upper end,
-    sk - sq + right, is negative."""
-    right = window[1]
-    return sk == 0 or (right >= 0 and sk - sq + right < 0)
-
-
-def _fix_empty_rows(out, lse):
-    """Rows that saw no key: lse -> -inf, out -> 0 (flash returns lse = +inf for them)."""
-    dead = ~torch.isfinite(lse)
-    lse = lse.masked_fill(dead, float("-inf"))
-    out = out.masked_fill(dead.transpose(1, 2).unsqueeze(-1), 0.0)
-    return out, lse
-
-
 def forward(q, k, v, *, scale, window):
     g = q.shape[2] // k.shape[2]
     if k.shape[1] == 0:
@@ -95,7 +82,7 @@ def forward(q, k, v, *, scale, window):
         q, k, v, None, None, sq, sk, 0.0, False, False, scale=scale,
         window_size_left=left, window_size_right=right)
     out, lse = res[0], res[1][:, :, :sq].float()
-    return _fix_empty_rows(out, lse) if _may_have_empty_rows(sq, sk, window) else (out, lse)
+    return fix_empty_rows(out, lse) if may_have_empty_rows(sq, sk, window) else (out, lse)
 
 
 def _cudnn_backward(dout, q, k, v, out, lse, scale, causal):
@@ -115,7 +102,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
     if k.shape[1] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     lse_in = lse.float()
-    if _may_have_empty_rows(q.shape[1], k.shape[1], window):
+    if may_have_empty_rows(q.shape[1], k.shape[1], window):
         # An lse of +inf gives p = exp(s - lse) = 0 for rows that saw nothing: zero gradient.
         lse_in = lse_in.masked_fill(torch.isneginf(lse_in), float("inf"))
     out = out.to(q.dtype)

@@ -22,7 +22,12 @@ from __future__ import annotations
 
 import torch
 
-from longattn.common.kernels import Backend, register_backend
+from longattn.common.kernels import (
+    Backend,
+    fix_empty_rows,
+    may_have_empty_rows,
+    register_backend,
+)
 
 try:
     from torch.nn.attention import flex_attention as _flex
@@ -97,10 +102,8 @@ def _acc(dtype):
 def forward(q, k, v, *, scale, window, compile: bool = True):
     out, lse = _call(q, k, v, scale, window, compile)
     lse = lse.to(_acc(q.dtype))
-    dead = ~torch.isfinite(lse)  # rows that see no key: out 0, lse -inf
-    if dead.any():
-        lse = lse.masked_fill(dead, float("-inf"))
-        out = out.masked_fill(dead.transpose(1, 2).unsqueeze(-1), 0.0)
+    if may_have_empty_rows(q.shape[1], k.shape[1], window):
+        out, lse = fix_empty_rows(out, lse)
     return out.to(q.dtype), lse
 
 

@@ -32,7 +32,12 @@ from __future__ import annotations
 import torch
 
 from longattn.common.checks import check_cu_seqlens, check_qkv, check_scale
-from longattn.common.kernels import attention_backward, attention_forward, normalize_window
+from longattn.common.kernels import (
+    attention_backward,
+    attention_forward,
+    may_have_empty_rows,
+    normalize_window,
+)
 from longattn.common.merge import merge_partials
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -113,8 +118,9 @@ def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend):
             max(max(_lens(cu_k)), 1), 0.0, False, False, scale=scale,
             window_size_left=win[0], window_size_right=win[1])
         out, lse = res[0], _flash_lse_to_packed(res[1], cu_q).float()
-        dead = ~torch.isfinite(lse)  # rows that saw no key (flash reports +inf)
-        if dead.any():
+        if any(may_have_empty_rows(b - a, d - c, win)
+               for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]) if b > a):
+            dead = ~torch.isfinite(lse)  # rows that saw no key (flash reports +inf)
             lse = lse.masked_fill(dead, float("-inf"))
             out = out.masked_fill(dead.t().unsqueeze(-1), 0.0)
         return out, lse
