@@ -67,18 +67,17 @@ def geometry(s_q, s_k, window, split=None):
 
 
 def supports(req):
-    q, v = req.q, req.v
+    q = req.q
     if q.device.type != "cuda":
         return "needs CUDA tensors"
-    if q.dtype not in _HALF:
-        return f"needs fp16/bf16, got {q.dtype}"
-    if req.needs_dlse:
-        return "cannot take dlse"
-    if PIECE_BACKEND not in BACKENDS:
+    piece = BACKENDS.get(PIECE_BACKEND)
+    if piece is None:
         return f"needs the {PIECE_BACKEND!r} backend"
-    d = q.shape[-1]
-    if d % 8 or d > 128 or v.shape[-1] != d:
-        return f"head_dim {d} (v {v.shape[-1]}) must be a multiple of 8, <= 128, equal"
+    reason = piece.supports(req)  # dtype, dlse and head_dim rules of the kernels it calls
+    if reason is not None:
+        return f"its {PIECE_BACKEND!r} pieces: {reason}"
+    if q.shape[-1] > 128:
+        return f"head_dim {q.shape[-1]} must be <= 128 (cuDNN pieces)"
     if geometry(q.shape[1], req.k.shape[1], req.window) is None:
         return (f"window {req.window} with S={q.shape[1]} does not split into chunks of "
                 f"W/{SPLIT} >= {MIN_CHUNK} tokens")
