@@ -96,9 +96,16 @@ def attention_backward(dout, q, k, v, *, mask=None, scale=None, dlse=None):
         raise ValueError(f"dout must have the shape of out {want}, got {dout.shape}")
     if dlse is not None and np.shape(dlse) != (b, hq, sq):
         raise ValueError(f"dlse must have the shape of lse {(b, hq, sq)}, got {np.shape(dlse)}")
+    p, _ = _softmax(_scores(q, k, mask, scale))
+    return backward_from_probs(p, dout, q, k, v, scale, dlse)
+
+
+def backward_from_probs(p, dout, q, k, v, scale, dlse=None):
+    """Gradients of attention whose probabilities ``p [B, Hq, Sq, Sk]`` are given (any score
+    shift that does not depend on q or k, such as log key weights, leaves them unchanged)."""
+    b, sq, hq, d = q.shape
     sk, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
-    p, _ = _softmax(_scores(q, k, mask, scale))
     kr = np.repeat(k, g, axis=2)
     vr = np.repeat(v, g, axis=2)
     out = np.einsum("bhqk,bkhd->bqhd", p, vr)

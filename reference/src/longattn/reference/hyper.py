@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from longattn.reference.attention import _softmax
+from longattn.reference.attention import _softmax, backward_from_probs
 
 __all__ = [
     "gray_rank",
@@ -223,20 +223,7 @@ def hyper_attention_backward(dout, q, k, v, *, projections, sample_indices, bloc
     dout, q, k, v = (np.asarray(t, dtype=np.float64) for t in (dout, q, k, v))
     _check(q, k, v, projections, sample_indices, block_size, min_seq_len, causal)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    b, sq, hq, d = q.shape
-    sk, hkv = k.shape[1], k.shape[2]
-    g = hq // hkv
     w = hyper_weights(q, k, projections, sample_indices, block_size=block_size,
                       min_seq_len=min_seq_len, causal=causal, smooth_block=smooth_block)
     p, _ = _weighted_softmax(q, k, w, scale)
-    kr, vr = np.repeat(k, g, axis=2), np.repeat(v, g, axis=2)
-    out = np.einsum("bhqk,bkhd->bqhd", p, vr)
-    dp = np.einsum("bqhd,bkhd->bhqk", dout, vr)
-    delta = np.einsum("bqhd,bqhd->bhq", dout, out)[..., None]
-    if dlse is not None:
-        delta = delta - np.asarray(dlse, dtype=np.float64)[..., None]
-    ds = p * (dp - delta)
-    dq = np.einsum("bhqk,bkhd->bqhd", ds, kr) * scale
-    dk = (np.einsum("bhqk,bqhd->bkhd", ds, q) * scale).reshape(b, sk, hkv, g, d).sum(3)
-    dv = np.einsum("bhqk,bqhd->bkhd", p, dout).reshape(b, sk, hkv, g, -1).sum(3)
-    return dq, dk, dv
+    return backward_from_probs(p, dout, q, k, v, scale, dlse)
