@@ -5,6 +5,11 @@
 # $OUT/results.tgz (the device tool returns at most 8 files).
 set -u
 cd "$(dirname "$0")/../.."
+# optional wheels carried to the device (e.g. nvidia-cudnn-frontend for the "cudnn" backend)
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
 export PYTHONPATH="$(ls -d */src | tr '\n' ':')${PYTHONPATH:-}"
 export PYTHONUNBUFFERED=1
 base="bench_out"

@@ -8,29 +8,21 @@ Sinks are split off the keys: the window part runs on ``k[ns:]`` (dropping leadi
 the bottom-right alignment, so the window is unchanged), the sink part on ``k[:ns]`` with the
 causal rule ``key j <= query i`` written as the window ``(-1, S - ns)``; the two partials are
 merged with ``merge_partials``. Window calls go through :mod:`longattn.common.kernels`
-(``backend`` picks the kernel; ``"band"`` is :mod:`longattn.common.kernels.band_backend` on CUDA).
+(``backend`` picks the kernel; ``"auto"`` takes cuDNN's native window through cudnn-frontend when
+it is installed, else the ``"band"`` decomposition into dense cuDNN calls, on CUDA).
 """
 
 from __future__ import annotations
 
 import torch
 
-from longattn.common.kernels import Request, attention_backward, attention_forward
-from longattn.common.kernels import band_backend as band
+from longattn.common.kernels import attention_backward, attention_forward
 from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
 from longattn.common.merge import merge_partials
 
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def window_backend(q, k, v, window, backend):
-    """``"band"`` (dense cuDNN pieces, :mod:`longattn.common.kernels.band_backend`) for ``auto``
-    when it is enabled and serves this causal window; otherwise ``backend`` unchanged."""
-    if backend == "auto" and band.ENABLED and band.supports(Request(q, k, v, True, window)) is None:
-        return "band"
-    return backend
 
 
 def dense_forward(q, k, v, *, scale, window_size, num_sink_tokens=0, backend="auto"):
@@ -40,14 +32,14 @@ def dense_forward(q, k, v, *, scale, window_size, num_sink_tokens=0, backend="au
     win = (window_size, 0)
     if ns == 0:
         return attention_forward(q, k, v, scale=scale, causal=True, window=win,
-                                 backend=window_backend(q, k, v, win, backend))
+                                 backend=backend)
     o_s, l_s = attention_forward(q, k[:, :ns].contiguous(), v[:, :ns].contiguous(), scale=scale,
                                  window=(-1, s - ns), backend=backend)
     if ns == s:
         return o_s, l_s
     kw, vw = k[:, ns:].contiguous(), v[:, ns:].contiguous()
     o_w, l_w = attention_forward(q, kw, vw, scale=scale, causal=True, window=win,
-                                 backend=window_backend(q, kw, vw, win, backend))
+                                 backend=backend)
     out, lse = merge_partials(o_w, l_w, o_s, l_s)
     return out.to(q.dtype), lse
 
@@ -59,7 +51,7 @@ def dense_backward(dout, q, k, v, out, lse, *, scale, window_size, num_sink_toke
     win = (window_size, 0)
     if ns == 0:
         return attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True, window=win,
-                                  backend=window_backend(q, k, v, win, backend))
+                                  backend=backend)
     dq, dk_s, dv_s = attention_backward(dout, q, k[:, :ns].contiguous(), v[:, :ns].contiguous(),
                                         out, lse, scale=scale, window=(-1, s - ns),
                                         backend=backend)
@@ -68,7 +60,7 @@ def dense_backward(dout, q, k, v, out, lse, *, scale, window_size, num_sink_toke
     kw, vw = k[:, ns:].contiguous(), v[:, ns:].contiguous()
     dq_w, dk_w, dv_w = attention_backward(dout, q, kw, vw, out, lse, scale=scale, causal=True,
                                           window=win,
-                                          backend=window_backend(q, kw, vw, win, backend))
+                                          backend=backend)
     acc = _acc(q.dtype)
     dq = (dq.to(acc) + dq_w.to(acc)).to(q.dtype)
     return dq, torch.cat([dk_s, dk_w], dim=1), torch.cat([dv_s, dv_w], dim=1)

@@ -43,7 +43,6 @@ from longattn.common.merge import merge_partials_
 SPLIT = 1  # chunks per window: 1 (diag + anti) or 2 (diag + full + anti)
 ANTI = "flip"  # "flip" (cuDNN causal on reversed chunks) or "flash" (FA2 window (0, -1))
 MIN_CHUNK = 128
-ENABLED = True  # ring_swa's local window step prefers this backend on CUDA when it supports
 PIECE_BACKEND = "aten"
 MERGE = "auto"  # "auto": Triton on CUDA, torch otherwise; "torch"; "triton"
 

@@ -1,0 +1,57 @@
+"""The cudnn backend's translation of our windows into cuDNN's band mask (runs anywhere; the
+kernels themselves are checked against the oracle on a GPU by ``common/bench/check_cudnn.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longattn.common.kernels import Request
+from longattn.common.kernels import cudnn_backend as cb
+from longattn.reference import window_mask
+
+
+def cudnn_band_mask(sq, sk, bottom_right, lb, rb):
+    """cuDNN's documented band rule: key j kept iff i' - lb < j <= i' + rb."""
+    i = np.arange(sq)[:, None] + (sk - sq if bottom_right else 0)
+    j = np.arange(sk)[None, :]
+    m = np.ones((sq, sk), dtype=bool)
+    if lb is not None:
+        m &= j > i - lb
+    if rb is not None:
+        m &= j <= i + rb
+    return m
+
+
+@settings(max_examples=300, deadline=None)
+@given(sq=st.integers(1, 40), sk=st.integers(1, 40), left=st.integers(-1, 45),
+       right=st.integers(-1, 45))
+def test_band_bounds_reproduce_our_window(sq, sk, left, right):
+    bottom_right, lb, rb = cb.band_bounds((left, right), sq, sk)
+    assert lb is None or lb >= 1  # cuDNN's lower limit
+    assert rb is None or rb >= 0
+    assert np.array_equal(cudnn_band_mask(sq, sk, bottom_right, lb, rb),
+                          window_mask(sq, sk, (left, right)))
+
+
+def test_band_bounds_examples():
+    assert cb.band_bounds((-1, -1), 8, 8) == (False, None, None)  # dense
+    assert cb.band_bounds((-1, 0), 8, 8) == (False, None, 0)  # causal
+    assert cb.band_bounds((4096, 0), 16, 16) == (False, 4097, 0)  # sliding window
+    assert cb.band_bounds((-1, 0), 4, 8) == (True, None, 0)  # bottom-right causal
+
+
+def test_refuses_cpu_and_float32():
+    x = torch.zeros(1, 4, 1, 8)
+    assert cb.supports(Request(x, x, x, False, (-1, -1))) == "needs CUDA tensors"
+
+
+@pytest.mark.skipif(cb.cudnn is not None, reason="checks the behaviour without cudnn-frontend")
+def test_not_registered_without_cudnn_frontend():
+    from longattn.common.kernels import BACKENDS
+
+    assert "cudnn" not in BACKENDS
