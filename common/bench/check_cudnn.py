@@ -1,17 +1,21 @@
 """The ``cudnn`` kernel backend (cuDNN graphs through cudnn-frontend) against the float64
 oracle on the GPU, forward and backward, on every request shape it serves.
 
-    PYTHONPATH=common/src:reference/src python common/bench/check_cudnn.py
+    PYTHONPATH=common/src:reference/src python common/bench/check_cudnn.py [--out DIR]
 
 Cases: dense, causal (Sq == Sk and bottom-right Sq < Sk; Sq > Sk, whose first rows see no key,
 is refused by ``supports`` and goes to the next backend), sliding
 windows (causal and two-sided, Sq != Sk), GQA, head dims 64 / 128, and strided (non-contiguous)
 views as inputs. bf16 inputs; relative errors to the oracle must be <= 2e-2 (the kernels'
-bf16 tolerance in ``longattn.common.testing``). Prints one row per case; exits 1 on a miss.
+bf16 tolerance in ``longattn.common.testing``). Prints one row per case (and writes them to
+``DIR/check_cudnn.json``); exits 1 on a miss.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
 
 import torch
@@ -62,6 +66,10 @@ def run_case(name, b, sq, sk, hq, hkv, d, causal, window, strided, dev="cuda"):
 def main():
     import longattn.common.kernels as K
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
     if "cudnn" not in K.BACKENDS:
         print("cudnn backend not registered (is nvidia-cudnn-frontend installed?)")
         return 1
@@ -73,9 +81,11 @@ def main():
             ok = clean and all(e <= TOL for e in errs.values())
             print(f"{case[0]:28s} " + " ".join(f"{errs[n]:9.2e}" for n in
                                                ("out", "lse", "dq", "dk", "dv")) + f"  {ok}")
+            rows.append({"case": case[0], **errs, "ok": ok})
         except Exception as e:  # noqa: BLE001 - report every case
             ok = False
             print(f"{case[0]:28s} error: {type(e).__name__}: {str(e)[:200]}")
+            rows.append({"case": case[0], "error": str(e)[:200], "ok": False})
         bad += not ok
     x = torch.zeros(1, 500, 4, 64, device="cuda", dtype=torch.bfloat16)
     refused = K.BACKENDS["cudnn"].supports(K.Request(x, x[:, :100], x[:, :100], True, (-1, 0)))
@@ -83,6 +93,10 @@ def main():
           f"{K.pick_backend(x, x[:, :100], x[:, :100], causal=True)!r}")
     bad += refused is None
     print(f"cudnn backend: {len(CASES) - bad}/{len(CASES)} cases within {TOL}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "check_cudnn.json"), "w") as f:
+            json.dump({"rows": rows, "sq_gt_sk_refused": refused, "bad": bad}, f, indent=1)
     return 1 if bad else 0
 
 

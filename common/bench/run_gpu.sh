@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run packages' GPU benchmark scripts one after another on the device machine (no nox there):
 #   bash common/bench/run_gpu.sh hamilton ring_swa ...      (each capped at $CAP seconds)
+# "cudnn" runs common/bench/check_cudnn.py; ARGS_<pkg> adds arguments (ARGS_hyper=--no-sweep).
 # Logs and results go to bench_out/<pkg>/; on the device machine they come back packed as
 # $OUT/results.tgz (the device tool returns at most 8 files).
 set -u
@@ -18,9 +19,11 @@ nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw --format=csv,no
 for pkg in "$@"; do
   script="$pkg/bench/bench_$pkg.py"
   [ "$pkg" = common ] && script=common/bench/bench_kernels.py
+  [ "$pkg" = cudnn ] && script=common/bench/check_cudnn.py
+  extra="ARGS_$pkg"
   mkdir -p "$base/$pkg"
   echo "=== $pkg ($script) $(date -u +%H:%M:%S)"
-  timeout "$cap" python "$script" --out "$base/$pkg" 2>&1 | grep -v -E "Warning|warn\(" \
+  timeout "$cap" python "$script" --out "$base/$pkg" ${!extra:-} 2>&1 | grep -v -E "Warning|warn\(" \
     | tee "$base/$pkg/log.txt" | tail -n 60
   echo "=== $pkg exit ${PIPESTATUS[0]}"
 done
