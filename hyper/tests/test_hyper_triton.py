@@ -141,3 +141,54 @@ def test_autotune_declarations():
         assert restored <= set(kern.arg_names)
     # the tensor arguments named in restore_value are not also head-dim ints
     assert "DV" not in triton_kernels._bwd_dkdv.restore_value
+
+
+@pytest.fixture
+def bf16_dots(monkeypatch):
+    """The triton 3.9 interpreter multiplies bf16 dot operands as their raw uint16 bits
+    (``InterpreterBuilder.create_dot``); widen them to fp32 first, as the GPU's fp32-accumulating
+    tensor-core dots do (exactly: bf16 -> fp32 is a shift of the bits)."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    orig = interpreter.InterpreterBuilder.create_dot
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        bits = x.data.astype(np.uint32) << np.uint32(16)
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, *args):
+        return orig(self, widen(a), widen(b), *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.mark.parametrize("dtype,causal,s,msl,smooth", [
+    (torch.bfloat16, True, 64, 8, False), (torch.float16, True, 45, 7, True),
+    (torch.bfloat16, False, 40, 8, False)])
+def test_triton_half_running_output(bf16_dots, dtype, causal, s, msl, smooth):
+    # fp16 / bf16 keep the running output O in the input dtype between levels (merged in fp32
+    # registers, one rounding per level): against the fp32 torch path on the same rounded
+    # inputs (so the same hashes), forward and backward with d(lse). S = 64 / msl 8: uniform
+    # leaves (their output is O itself, 3 levels); S = 45 / msl 7: uneven leaves, copied
+    from longattn.hyper.triton_path import _out_dtype
+
+    q, k, v = (t.to(dtype) for t in inputs(29 + s, 1, s, s, 2, 1, 16))
+    assert _out_dtype(q) == dtype
+    p, smp = randomness(9, q, k, causal=causal, m=5, min_seq_len=msl)
+    kw = dict(causal=causal, block_size=16, min_seq_len=msl, smooth_block=smooth,
+              projections=p, sample_indices=smp, return_lse=True)
+    res = []
+    for backend, x in (("torch", [t.float() for t in (q, k, v)]), ("triton", [q, k, v])):
+        x = [t.detach().clone().requires_grad_(True) for t in x]
+        out, lse = hyper_attention(*x, backend=backend, **kw)
+        assert out.dtype == x[0].dtype and lse.dtype == torch.float32
+        g = torch.Generator().manual_seed(6)
+        dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
+        torch.autograd.backward([out, lse], [dout.to(out.dtype), dlse])
+        res.append([out, lse] + [t.grad for t in x])
+    errs = [rel_error(a.float(), b) for a, b in zip(res[1], res[0])]
+    assert max(errs) <= 2e-2, f"{dtype} triton vs fp32 torch: out, lse, dq, dk, dv = {errs}"

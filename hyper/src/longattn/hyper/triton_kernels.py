@@ -11,7 +11,9 @@ weight ``nk / M`` (``PLW[p] = log2(nk / M)``). Scores are kept in base 2 (``scal
 * :func:`_fwd`: one program per (tile of ``BLOCK_M`` sorted queries, batch * q head). One
   online softmax over the window keys and then the samples; it starts from the running
   ``(O, L)`` of earlier parts (``HAS_INIT``) and writes the merged result back in place (the
-  rows of one level's problems are disjoint).
+  rows of one level's problems are disjoint). ``O`` may be in the input dtype (fp16 / bf16):
+  it is loaded into and merged in fp32 registers and rounded once on the store; ``L`` is
+  always fp32.
 * :func:`_bwd_dq`: same grid; ``dq += scale * sum_j dS_ij k_j`` with ``P`` recomputed from the
   *final* lse and ``dS = P * (dP - delta)``, ``delta = rowsum(dO * O) - dlse`` (the d(lse)
   term).
@@ -184,14 +186,15 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         a = tl.exp2(m_i - m_safe)
         c = tl.exp2(m_p - m_safe)
-        acc = acc * a[:, None] + tl.load(o_ptr, mask=o_mask, other=0.0) * c[:, None]
+        o_prev = tl.load(o_ptr, mask=o_mask, other=0.0).to(tl.float32)
+        acc = acc * a[:, None] + o_prev * c[:, None]
         l_i = l_i * a + c
         m_i = m_new
     alive = l_i > 0
     l_safe = tl.where(alive, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(alive, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
-    tl.store(o_ptr, out, mask=o_mask)
+    tl.store(o_ptr, out.to(O.dtype.element_ty), mask=o_mask)
     tl.store(l_ptr, lse, mask=row_ok)
 
 

@@ -1,11 +1,17 @@
 """HyperAttention on the Triton kernels, with its own exact backward.
 
-Forward: exact causal leaves (``longattn.common.kernels``: cuDNN on GPUs) fill fp32
-accumulators ``(O, L)``; then each recursion level sorts the rows of its calls (one stable
-segmented sort on 8-bit ranks, or of ``segment * 2^r + rank`` for uneven lengths) and one
-:func:`_fwd` launch merges all of the level's core calls into the accumulators. Every part is
-a softmax partial over its own disjoint set of (weighted) keys, so the result is the merged
-approximation exactly.
+Forward: exact causal leaves (``longattn.common.kernels``: cuDNN on GPUs) fill the running
+``(O, L)``; then each recursion level sorts the rows of its calls (one stable segmented sort on
+8-bit ranks, or of ``segment * 2^r + rank`` for uneven lengths) and one :func:`_fwd` launch
+merges all of the level's core calls into them in place. Every part is a softmax partial over
+its own disjoint set of (weighted) keys, so the result is the merged approximation exactly.
+
+Precision: ``L`` (the softmax statistics, natural-log lse) is always fp32. ``O`` is kept in the
+input dtype for fp16 / bf16 inputs: the leaves' batched output *is* the initial ``O`` (no copy)
+and the final output needs no cast; each level loads ``O``, merges in fp32 registers and rounds
+once to the input dtype on the store, so a row gets one extra rounding per level it takes part
+in (at most ``log2(S / min_seq_len)``, 6 at S = 131072 with the defaults), on top of the
+rounding of its leaf output. fp32 inputs keep an fp32 ``O`` (numerics unchanged).
 
 Backward (autograd.Function): with the *final* ``O``, ``L`` and
 ``delta = rowsum(dO * O) - dL`` every part's gradient is that of a flash-attention step (the
@@ -194,24 +200,36 @@ def _lse_from_leaves(plan, parts, lse):
         lse[:, :, a:a + m] = x
 
 
+def _out_dtype(q):
+    """dtype of the running output ``O``: the input dtype (fp16 / bf16: one rounding per level
+    a row takes part in, merges in fp32 registers) or fp32 for fp32 inputs."""
+    return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
+
+
 def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, r_bits):
     b, s, hq, _ = q.shape
     hkv = k.shape[2]
     d, dv, bd, bdv = _sizes(q, v)
+    odt = _out_dtype(q)
     if causal:  # the leaves cover every row
-        o = torch.empty(b, s, hq, dv, dtype=torch.float32, device=q.device)
         lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
-    else:
-        o = torch.zeros(b, s, hq, dv, dtype=torch.float32, device=q.device)
-        lse = torch.full((b, hq, s), float("-inf"), dtype=torch.float32, device=q.device)
-    if causal:
-        parts = []
-        for qv, kv, vv, ov in zip(_leaf_views(plan, q), _leaf_views(plan, k),
-                                  _leaf_views(plan, v), _leaf_views(plan, o)):
+        o, parts = None, []
+        for qv, kv, vv in zip(_leaf_views(plan, q), _leaf_views(plan, k), _leaf_views(plan, v)):
             ol, ll = attention_forward(qv, kv, vv, scale=scale, causal=True)
-            ov.copy_(ol)
+            if uniform_leaves(plan) is not None:  # one batched call: its output is O
+                o = ol.reshape(b, s, hq, dv).to(odt)
+                if o.stride(-1) != 1:
+                    o = o.contiguous()
+            else:
+                if o is None:
+                    o = torch.empty(b, s, hq, dv, dtype=odt, device=q.device)
+                a, m = plan.leaves[len(parts)]
+                o[:, a:a + m].copy_(ol)
             parts.append(ll.float())
         _lse_from_leaves(plan, parts, lse)
+    else:
+        o = torch.zeros(b, s, hq, dv, dtype=odt, device=q.device)
+        lse = torch.full((b, hq, s), float("-inf"), dtype=torch.float32, device=q.device)
     levels = _levels(q, k, rq, rk, samples, plan, r_bits)
     bm, _ = _tile_sizes(block_size)
     m = 0 if samples is None else samples.shape[-1]
@@ -323,7 +341,7 @@ class _HyperFn(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused lse gives dlse=None: no zeros, no sync
         o, lse, levels = _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth,
                                   causal, r_bits)
-        out = o.to(q.dtype)
+        out = o.to(q.dtype)  # no copy for fp16 / bf16 (O is kept in the input dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.levels = levels
         ctx.args = (plan, scale, block_size, smooth, causal)
