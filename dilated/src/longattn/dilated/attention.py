@@ -30,6 +30,10 @@ from longattn.common.checks import check_qkv, check_same_across_ranks, check_sca
 from longattn.common.kernels import attention_backward, attention_forward
 from longattn.dilated.plan import build_plan
 
+# Fused Triton merge / gradient sum (:mod:`longattn.dilated.fused`) for plans of strided calls
+# only: "auto" = on CUDA fp16/bf16 when triton imports; "on" = wherever the plan allows it
+# (also CPU float32 under TRITON_INTERPRET=1, for the tests); "off" = always the eager code.
+FUSED = "auto"
 
 def check_schedule(segment_lengths, dilation_rates):
     """Validate a (segments, rates) schedule; returns two tuples of ints."""
@@ -236,6 +240,59 @@ def _return_grads(dkpool, dvpool, n_local, plan, sends, group, dtype):
 
 
 # --------------------------------------------------------------------------------------------
+# fused path
+
+
+def _fused_module():
+    """:mod:`longattn.dilated.fused`, or None when triton is not importable."""
+    try:
+        from longattn.dilated import fused
+    except ImportError:
+        return None
+    return fused
+
+
+def _use_fused(q, plan):
+    """Whether this call merges / sums with the fused kernels (see :data:`FUSED`): only when
+    every call is strided and nothing is exchanged (then the full tensors are the calls'
+    strided results and the kernels compute their layout from ``Call.strided``)."""
+    if FUSED not in ("auto", "on", "off"):
+        raise ValueError(f"dilated.attention.FUSED must be 'auto', 'on' or 'off', got {FUSED!r}")
+    if FUSED == "off" or plan.recv or plan.send_rows:
+        return False
+    if any(c.strided is None for c in plan.calls):
+        return False
+    if FUSED == "on":
+        ok = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    else:
+        ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return ok and _fused_module() is not None
+
+
+def _fused_backward(ctx, q, k, v, out, lse, dout, dlse):
+    """Backward of the fused path: every call's kernel backward reads strided views (no
+    copies); one :func:`~longattn.dilated.fused.sum_strided` launch per gradient writes it
+    in the input dtype (no float32 full-size accumulators)."""
+    plan, scale, _, backend = ctx.args
+    b, l, hq, d = q.shape
+    hkv, dv = k.shape[2], v.shape[-1]
+    calls = [c for c, _, _ in _device_plan(plan, q.device)[0]]
+    grads = ([], [], [])
+    for call in calls:
+        qg, kg, vg = _kernel_in(q, call), _kernel_in(k, call), _kernel_in(v, call)
+        lg = _kernel_rows(call, b, _take(call, None, lse))
+        dlg = None if dlse is None else _kernel_rows(call, b, _take(call, None, dlse))
+        res = attention_backward(_kernel_in(dout, call), qg, kg, vg, _kernel_in(out, call), lg,
+                                 scale=scale, causal=call.causal, dlse=dlg, backend=backend)
+        for acc, g in zip(grads, res):
+            acc.append(g)
+    fused = _fused_module()
+    return (fused.sum_strided(grads[0], calls, b, l, hq, d, q.dtype, 0),
+            fused.sum_strided(grads[1], calls, b, l, hkv, d, k.dtype, 1),
+            fused.sum_strided(grads[2], calls, b, l, hkv, dv, v.dtype, 1))
+
+
+# --------------------------------------------------------------------------------------------
 # autograd
 
 
@@ -259,9 +316,14 @@ class _DilatedAttention(torch.autograd.Function):
             qg, kg, vg = _operands(call, qr, kr, q, k, v, kpool, vpool)
             results.append(attention_forward(qg, kg, vg, scale=scale, causal=call.causal,
                                              backend=backend))
-        out, lse = merge_calls(results, calls, b, l, hq, dv, acc, plan.first_covers)
+        ctx.fused = _use_fused(q, plan)
+        if ctx.fused:  # one launch, written in q.dtype
+            out, lse = _fused_module().merge_strided(results, [c for c, _, _ in calls], b, l,
+                                                     hq, dv, q.dtype)
+        else:
+            out, lse = merge_calls(results, calls, b, l, hq, dv, acc, plan.first_covers)
+            out = out.to(q.dtype)
         del results
-        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, recv)
         ctx.args = (plan, scale, group, backend)
         return out, lse.transpose(1, 2)
@@ -280,6 +342,8 @@ class _DilatedAttention(torch.autograd.Function):
         if dlse is not None and not torch.any(dlse):
             dlse = None
         dlse = None if dlse is None else dlse.transpose(1, 2).to(acc).contiguous()  # [B, l, H]
+        if ctx.fused:
+            return _fused_backward(ctx, q, k, v, out, lse, dout, dlse) + (None,) * 4
         # calls[0] writes every local row when plan.first_covers: no zero fill needed there
         alloc = torch.empty if plan.first_covers else torch.zeros
         dq = alloc(b, l, hq, d, dtype=acc, device=q.device)
