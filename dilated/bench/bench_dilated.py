@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from longattn.common import bench
 from longattn.common.testing import rel_error
+from longattn.dilated import attention as dilated_impl
 from longattn.dilated import dilated_attention
 from longattn.dilated.plan import build_plan
 
@@ -194,7 +195,10 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention row")
+    ap.add_argument("--fused", choices=("auto", "on", "off"), default="auto",
+                    help="fused Triton merge / gradient sum (off: the eager code, for A/B)")
     args = ap.parse_args(argv)
+    dilated_impl.FUSED = args.fused
     out_dir = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                             args.out)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -212,7 +216,8 @@ def main(argv=None):
         lengths = [512, 2048]
         dense_lengths = [512]
     t_start = time.perf_counter()
-    print(f"device: {bench.device_name(device)}  torch {torch.__version__}  dtype {dtype}")
+    print(f"device: {bench.device_name(device)}  torch {torch.__version__}  dtype {dtype}"
+          f"  fused {args.fused}")
     results, table = [], []
 
     # 1. correctness first
