@@ -143,29 +143,6 @@ def test_autotune_declarations():
     assert "DV" not in triton_kernels._bwd_dkdv.restore_value
 
 
-@pytest.fixture
-def bf16_dots(monkeypatch):
-    """The triton 3.9 interpreter multiplies bf16 dot operands as their raw uint16 bits
-    (``InterpreterBuilder.create_dot``); widen them to fp32 first, as the GPU's fp32-accumulating
-    tensor-core dots do (exactly: bf16 -> fp32 is a shift of the bits)."""
-    import numpy as np
-    import triton.language as tl
-    from triton.runtime import interpreter
-
-    orig = interpreter.InterpreterBuilder.create_dot
-
-    def widen(x):
-        if x.dtype.scalar != tl.bfloat16:
-            return x
-        bits = x.data.astype(np.uint32) << np.uint32(16)
-        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
-
-    def create_dot(self, a, b, *args):
-        return orig(self, widen(a), widen(b), *args)
-
-    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
-
-
 @pytest.mark.parametrize("dtype,causal,s,msl,smooth", [
     (torch.bfloat16, True, 64, 8, False), (torch.float16, True, 45, 7, True),
     (torch.bfloat16, False, 40, 8, False)])

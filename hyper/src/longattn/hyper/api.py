@@ -114,8 +114,8 @@ def hyper_attention(q, k, v, *, causal=False, scale=None, lsh_num_projs=8, block
         if sample_indices.shape[-1] == 0:
             sample_indices = None
 
-    rq = lsh_rank(q.detach(), projections)
-    rk = lsh_rank(k.detach(), projections)
+    rq = lsh_rank(q.detach(), projections, narrow=True)  # only sorted: any integer dtype
+    rk = lsh_rank(k.detach(), projections, narrow=True)
     if backend == "triton":
         from longattn.hyper.triton_path import hyper_triton
 

@@ -6,7 +6,8 @@ neighbours in sorted order differ in exactly one hyperplane. (The public code so
 ``g(code)`` instead, whose neighbours can differ in up to four of eight hyperplanes.)
 
 Hashes are computed in float64 on the CPU -- so a float64 oracle replays them exactly -- and
-in float32 on GPUs.
+on GPUs from the input dtype with fp32 accumulation (one fused Triton pass when triton
+imports: :mod:`longattn.hyper.lsh_triton`).
 """
 
 from __future__ import annotations
@@ -36,8 +37,27 @@ def _table(r, device):
     return _TABLES[key]
 
 
-def lsh_rank(x: torch.Tensor, projections: torch.Tensor) -> torch.Tensor:
-    """Gray ranks of the rows of ``x [B, S, H, D]`` as int32 ``[B, H, S]``."""
+def _fused():
+    try:
+        from longattn.hyper.lsh_triton import lsh_rank_fused
+    except ImportError:  # no triton: the torch implementation
+        return None
+    return lsh_rank_fused
+
+
+def lsh_rank(x: torch.Tensor, projections: torch.Tensor, *, narrow: bool = False
+             ) -> torch.Tensor:
+    """Gray ranks of the rows of ``x [B, S, H, D]`` as int32 ``[B, H, S]``.
+
+    ``narrow``: the caller only sorts the ranks and takes any integer dtype; CUDA fp16 / bf16 /
+    fp32 inputs then get uint8 (r <= 8) or int16 (r <= 15) ranks, written directly by the
+    fused Triton kernel (:mod:`longattn.hyper.lsh_triton`, one pass; used on CUDA whenever
+    triton imports). CPUs and float64 keep this torch implementation (the oracle replays it).
+    """
+    if x.device.type == "cuda" and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        fused = _fused()
+        if fused is not None:
+            return fused(x, projections, narrow=narrow)
     if x.device.type == "cpu":
         dt = torch.float64
     else:  # half inputs: tensor-core matmul with fp32 accumulation, no fp32 copy of x
