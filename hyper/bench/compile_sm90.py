@@ -24,10 +24,11 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from longattn.hyper import lsh_triton  # noqa: E402
 from longattn.hyper import triton_kernels as tk  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-FP32_PTRS = ("O", "L", "DELTA", "DQ", "DKA", "DVA", "DKS", "DVS", "PLW", "DLSE")
+FP32_PTRS = ("L", "DELTA", "DQ", "DKA", "DVA", "DKS", "DVS", "PLW", "DLSE")
 I32_PTRS = ("PQ", "PK", "SAMP", "TP", "TI", "PQ0", "PNQ", "PK0", "PNK")
 
 
@@ -41,7 +42,9 @@ def _signature(fn, consts, dtype):
             sig[name] = "*fp32"
         elif name in I32_PTRS:
             sig[name] = "*i32"
-        elif name in ("Q", "K", "V", "DO"):
+        elif name == "R":  # LSH ranks: uint8 for r <= 8 projections
+            sig[name] = "*u8"
+        elif name in ("Q", "K", "V", "DO", "O", "X", "W"):  # O: the input dtype (bf16 / fp16)
             sig[name] = "*" + dtype
         elif name == "qk_scale":
             sig[name] = "fp32"
@@ -103,6 +106,11 @@ def main(argv=None):
                                                  EVEN_DV=True, IDX64=False),
                                  args.dtype, 4, 1, target)
     print(f"delta        shared={shared} {res}")
+    prec_lsh = "ieee" if args.dtype == "fp32" else "tf32"
+    shared, res = compile_kernel(lsh_triton._lsh_rank,
+                                 dict(BLOCK_S=lsh_triton.BLOCK_S, BLOCK_D=d, BLOCK_R=16,
+                                      EVEN_D=True, PREC=prec_lsh), args.dtype, 4, 1, target)
+    print(f"lsh_rank     shared={shared} {res}")
     return 1 if failures else 0
 
 
