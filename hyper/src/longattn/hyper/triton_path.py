@@ -85,26 +85,36 @@ def _small_int(rank, r_bits):
     return rank.to(torch.int16) if r_bits <= 15 else rank
 
 
+def _offsets(n, per, lo, device):
+    """``[n // per, 1]`` int32: the first row of each period's piece."""
+    key = ("offs", n, per, lo, str(device))
+    if key not in _CACHE:
+        _CACHE[key] = (torch.arange(0, n, per, dtype=torch.int32) + lo).view(-1, 1).to(device)
+    return _CACHE[key]
+
+
 def _level_perm(rank, plan, li, keys, r_bits):
     """Sort permutation ``[B, H, S]`` int32 of level ``li``: at every call's query (key) range
     ``[a, a + m)``, positions ``a + i`` hold the row of its ``i``-th query (key) in stable rank
-    order. Other positions are not read (zero)."""
+    order. Other positions are never read (left uninitialised)."""
     b, h, n = rank.shape
     pieces = [plan.calls[c][2:] if keys else plan.calls[c][:2] for c in plan.levels[li]]
     reg = _regular(pieces, n)
     if reg is not None:  # sort only the rows that take part, with narrow keys
         per, lo, cnt = reg
         x = _small_int(rank, r_bits).view(b, h, n // per, per)[..., lo:lo + cnt]
-        idx = torch.sort(x, dim=-1, stable=True).indices
-        offs = torch.arange(0, n, per, device=rank.device).view(-1, 1) + lo
-        perm = torch.zeros(b, h, n, dtype=torch.int32, device=rank.device)
-        perm.view(b, h, n // per, per)[..., lo:lo + cnt] = (idx + offs).to(torch.int32)
+        idx = torch.sort(x, dim=-1, stable=True).indices  # int64, positions within the piece
+        perm = torch.empty(b, h, n, dtype=torch.int32, device=rank.device)
+        dst = perm.view(b, h, n // per, per)[..., lo:lo + cnt]
+        dst.copy_(idx)  # narrowed in the copy, then offset in place (int32: 2 passes, not 3)
+        dst += _offsets(n, per, lo, rank.device)
         return perm
     labels, n_labels = _labels(plan, li, n, keys, rank.device)
-    key = labels.view(1, 1, -1) * (1 << r_bits) + rank.to(torch.int64)
-    if n_labels < (1 << (31 - r_bits)):  # known on the host: no device sync
-        key = key.to(torch.int32)
-    return torch.sort(key, dim=-1, stable=True).indices.to(torch.int32).contiguous()
+    if n_labels < (1 << (31 - r_bits)):  # known on the host: int32 keys, no device sync
+        key = (labels.to(torch.int32) * (1 << r_bits)).view(1, 1, -1) + rank.to(torch.int32)
+    else:
+        key = labels.view(1, 1, -1) * (1 << r_bits) + rank.to(torch.int64)
+    return torch.sort(key, dim=-1, stable=True).indices.to(torch.int32)
 
 
 def _sizes(q, v):
