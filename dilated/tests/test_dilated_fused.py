@@ -25,7 +25,7 @@ CASES = [
     ((8, 16, 32), (1, 2, 4), 37, 4, 4),         # the paper's schedule scaled down, partial tail
     ((4, 8, 16, 32, 64), (1, 2, 4, 6, 12), 40, 12, 12),  # paper rates over 12 heads, w < S
     ((6, 12, 24), (1, 2, 3), 29, 4, 4),         # r = 3 does not divide 4 heads nor 12 or 24
-    ((7, 16), (2, 3), 30, 4, 4),                # no r = 1 branch: rows covered by no call
+    ((7, 16), (2, 3), 31, 4, 4),                # no r = 1 branch: rows covered by no call
     ((3, 6), (5, 2), 17, 4, 4),                 # r > w, r > H: offsets that keep nothing
     ((8, 16), (1, 1), 37, 4, 2),                # GQA (r = 1 only: strided with Hq != Hkv)
     ((5, 40), (1, 1), 23, 3, 1),                # MQA, one segment longer than S
@@ -158,3 +158,18 @@ def test_auto_mode_keeps_cpu_eager(monkeypatch, launches):
     monkeypatch.setattr(attn, "FUSED", "yes")
     with pytest.raises(ValueError, match="FUSED"):
         dilated_attention(q, k, v, seg, rates)
+
+
+@pytest.mark.parametrize("ci", [0, 2, 3])
+def test_small_tiles(monkeypatch, launches, ci):
+    """Tiles of 2 positions (4 heads, head dim 8): calls are skipped in the tiles they miss,
+    the last tile is partial (odd S)."""
+    monkeypatch.setattr(fused, "ELEMS", 64)
+    seg, rates, s, hq, hkv = CASES[ci]
+    assert hq == 4 and s % 2
+    q, k, v, dout, dlse = _inputs(50 + ci, s, hq, hkv, b=1)
+    got = _run(monkeypatch, "on", seg, rates, True, q, k, v, dout, dlse)
+    want = _run(monkeypatch, "off", seg, rates, True, q, k, v, dout, dlse)
+    errs = [rel_error(a, b) for a, b in zip(got, want)]
+    assert max(errs) <= TOL, f"fused vs eager: out, lse, dq, dk, dv = {errs}"
+    assert launches == {"merge": 1, "sum": 3}

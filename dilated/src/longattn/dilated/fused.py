@@ -8,8 +8,10 @@ belongs to call ``c`` iff ``tr = t - s0`` lies in ``[0, nseg*length)``, ``(tr % 
 o`` and ``h % r == o``; it is then row ``((b*nseg + tr // length)*n + (tr % length) // r)*ho +
 h // r`` of the result (see ``_sview`` in :mod:`longattn.dilated.attention`).
 
-One program handles ``BLOCK_R`` consecutive flat rows ``(b*l + t)*H + h`` and loops over the
-calls at run time (one compiled kernel for any number of calls). Per call it reads the member
+One program handles a tile of ``BLOCK_T`` positions x all heads of one batch row (membership
+is a product of a position test and a head test, so the integer divisions are per position
+and per head, not per row) and loops over the calls at run time (one compiled kernel for any
+number of calls), skipping calls with no position in the tile. Per call it reads the member
 rows once (masked loads: rows of other calls cost no traffic) and keeps the running result in
 float32 registers; the final tensor is written once, in the output dtype. The calls' data
 pointers are passed in an int64 table (one small host-to-device copy per launch), together
@@ -35,89 +37,106 @@ _NCOL = tl.constexpr(16)
 
 
 @triton.jit
-def _membership(tab, rows, t, h, bb, MASK_R):
-    """Call ``tab``'s (one row of the table) view of the flat rows: ``(member [R], offset of
-    the row in the call's result [R] int64, (segment-batch, j, a) [R] int64 for the lse)``."""
-    s0 = tl.load(tab + _S0)
-    nseg = tl.load(tab + _NSEG)
-    length = tl.load(tab + _LEN)
-    r = tl.load(tab + _R)
-    o = tl.load(tab + _O)
+def _call_rows(tab, t, h, bb, H):
+    """Call ``tab``'s (one row of the table) view of a tile of positions ``t [T]`` (int32) of
+    batch ``bb`` and heads ``h [HP]``: ``(member_t [T], member_h [HP], element offset of the
+    row in the call's result: part_t [T] + part_h [HP] (int64), lse offset: lse_t + lse_h)``.
+    Position and head math are separate vectors: the divisions cost T + HP per call, not
+    T * HP."""
+    s0 = tl.load(tab + _S0).to(tl.int32)
+    nseg = tl.load(tab + _NSEG).to(tl.int32)
+    length = tl.load(tab + _LEN).to(tl.int32)
+    r = tl.load(tab + _R).to(tl.int32)
+    o = tl.load(tab + _O).to(tl.int32)
     tr = t - s0
-    inside = (tr >= 0) & (tr < nseg * length) & MASK_R
+    inside = (tr >= 0) & (tr < nseg * length)
     tr = tl.where(inside, tr, 0)  # keep the divisions below on valid numbers
     seg = tr // length
     pos = tr - seg * length
-    member = inside & (pos % r == o) & (h % r == o)
-    sb = bb * nseg + seg  # index along the call's batch*segment dim
-    j = pos // r
-    a = h // r
-    off = (sb * tl.load(tab + _ST0) + j * tl.load(tab + _ST1) + a * tl.load(tab + _ST2))
-    return member, off, sb, j, a
+    member_t = inside & (pos % r == o)
+    sb = (bb * nseg + seg).to(tl.int64)  # index along the call's batch*segment dim
+    j = (pos // r).to(tl.int64)
+    member_h = (h < H) & (h % r == o)
+    a = (h // r).to(tl.int64)
+    part_t = sb * tl.load(tab + _ST0) + j * tl.load(tab + _ST1)
+    part_h = a * tl.load(tab + _ST2)
+    lse_t = sb * tl.load(tab + _LST0) + j * tl.load(tab + _LST2)
+    lse_h = a * tl.load(tab + _LST1)
+    return member_t, member_h, part_t, part_h, lse_t, lse_h
 
 
 @triton.jit
-def _merge_kernel(TAB, OREF, OUT, LSE, NCALLS, NROWS, L, H, DV,
-                  BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out/lse of rows ``[pid*BLOCK_R, +BLOCK_R)``: online LSE over the calls holding them."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    mask_r = rows < NROWS
-    h = rows % H
-    t = (rows // H) % L
-    bb = rows // (H * L)
+def _merge_kernel(TAB, OREF, OUT, LSE, NCALLS, L, H, DV,
+                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out/lse of positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, all heads: online
+    LSE over the calls holding them."""
+    bb = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
+    mask_t = t < L
     mask_d = cols < DV
-    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_R], tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    m = tl.full([BLOCK_T, BLOCK_H], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], tl.float32)
     for c in range(NCALLS):
         tab = TAB + c * _NCOL
-        member, off, sb, j, a = _membership(tab, rows, t, h, bb, mask_r)
-        optr = tl.load(tab + _PTR).to(OREF.dtype)
-        lptr = tl.load(tab + _LPTR).to(tl.pointer_type(tl.float32))
-        loff = sb * tl.load(tab + _LST0) + a * tl.load(tab + _LST1) + j * tl.load(tab + _LST2)
-        lc = tl.load(lptr + loff, mask=member, other=float("-inf"))
-        oc = tl.load(optr + off[:, None] + cols[None, :],
-                     mask=member[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        m_new = tl.maximum(m, lc)
-        # rows that have seen nothing yet (m_new = -inf) keep acc = s = 0, never NaN
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
-        beta = tl.exp(lc - m_safe)
-        s = s * alpha + beta
-        acc = acc * alpha[:, None] + oc * beta[:, None]
-        m = m_new
+        member_t, member_h, part_t, part_h, lse_t, lse_h = _call_rows(tab, t, h, bb, H)
+        member_t = member_t & mask_t
+        if tl.max(member_t.to(tl.int32), 0) > 0:  # skip calls with no row in this tile
+            member = member_t[:, None] & member_h[None, :]
+            optr = tl.load(tab + _PTR).to(OREF.dtype)
+            lptr = tl.load(tab + _LPTR).to(tl.pointer_type(tl.float32))
+            lc = tl.load(lptr + (lse_t[:, None] + lse_h[None, :]), mask=member,
+                         other=float("-inf"))
+            off = part_t[:, None, None] + part_h[None, :, None] + cols[None, None, :]
+            oc = tl.load(optr + off, mask=member[:, :, None] & mask_d[None, None, :],
+                         other=0.0).to(tl.float32)
+            m_new = tl.maximum(m, lc)
+            # rows that have seen nothing yet (m_new = -inf) keep acc = s = 0, never NaN
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_safe)
+            beta = tl.exp(lc - m_safe)
+            s = s * alpha + beta
+            acc = acc * alpha[:, :, None] + oc * beta[:, :, None]
+            m = m_new
     seen = s > 0
     inv = tl.where(seen, 1.0 / tl.where(seen, s, 1.0), 0.0)
-    out = acc * inv[:, None]
     lse = tl.where(seen, m + tl.log(tl.where(seen, s, 1.0)), float("-inf"))
-    tl.store(OUT + rows[:, None] * DV + cols[None, :], out.to(OUT.dtype.element_ty),
-             mask=mask_r[:, None] & mask_d[None, :])
-    tl.store(LSE + rows, lse, mask=mask_r)
+    rows = (bb.to(tl.int64) * L + t)[:, None] * H + h[None, :]  # [T, HP] flat (b, t, h)
+    mask = mask_t[:, None] & (h < H)[None, :]
+    tl.store(LSE + rows, lse, mask=mask)
+    tl.store(OUT + rows[:, :, None] * DV + cols[None, None, :],
+             (acc * inv[:, :, None]).to(OUT.dtype.element_ty),
+             mask=mask[:, :, None] & mask_d[None, None, :])
 
 
 @triton.jit
-def _sum_kernel(TAB, GREF, OUT, NCALLS, NROWS, L, H, D,
-                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Rows ``[pid*BLOCK_R, +BLOCK_R)`` of the sum of the calls' gradients (0 where none)."""
-    pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-    mask_r = rows < NROWS
-    h = rows % H
-    t = (rows // H) % L
-    bb = rows // (H * L)
+def _sum_kernel(TAB, GREF, OUT, NCALLS, L, H, D,
+                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, all heads, of the sum of the
+    calls' gradients (0 where no call holds the row)."""
+    bb = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
+    mask_t = t < L
     mask_d = cols < D
-    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], tl.float32)
     for c in range(NCALLS):
         tab = TAB + c * _NCOL
-        member, off, _, _, _ = _membership(tab, rows, t, h, bb, mask_r)
-        gptr = tl.load(tab + _PTR).to(GREF.dtype)
-        acc += tl.load(gptr + off[:, None] + cols[None, :],
-                       mask=member[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-    tl.store(OUT + rows[:, None] * D + cols[None, :], acc.to(OUT.dtype.element_ty),
-             mask=mask_r[:, None] & mask_d[None, :])
+        member_t, member_h, part_t, part_h, _, _ = _call_rows(tab, t, h, bb, H)
+        member_t = member_t & mask_t
+        if tl.max(member_t.to(tl.int32), 0) > 0:  # skip calls with no row in this tile
+            member = member_t[:, None] & member_h[None, :]
+            gptr = tl.load(tab + _PTR).to(GREF.dtype)
+            off = part_t[:, None, None] + part_h[None, :, None] + cols[None, None, :]
+            acc += tl.load(gptr + off, mask=member[:, :, None] & mask_d[None, None, :],
+                           other=0.0).to(tl.float32)
+    rows = (bb.to(tl.int64) * L + t)[:, None] * H + h[None, :]
+    mask = mask_t[:, None] & (h < H)[None, :]
+    tl.store(OUT + rows[:, :, None] * D + cols[None, None, :], acc.to(OUT.dtype.element_ty),
+             mask=mask[:, :, None] & mask_d[None, None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,10 +167,18 @@ def _table(calls, tensors, lses, which, device):
     return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
-def _blocks(d):
-    """(BLOCK_R, BLOCK_D, num_warps): about 4096 elements a program."""
-    bd = triton.next_power_of_2(d)
-    return max(16, 4096 // bd), bd, 4
+# Tile size (elements of [BLOCK_T, BLOCK_H, BLOCK_D] a program) and warps: tunable (the GPU
+# kernels are memory-bound; these only trade registers against the number of programs).
+ELEMS = 4096
+NUM_WARPS = 4
+
+
+def _launch(kernel, args, b, l, h, d):
+    """Launch ``kernel`` over tiles of ``BLOCK_T`` positions x all heads, per batch row."""
+    bh, bd = triton.next_power_of_2(h), triton.next_power_of_2(d)
+    bt = max(1, ELEMS // (bh * bd))
+    kernel[(triton.cdiv(l, bt), b)](*args, l, h, d, BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd,
+                                    num_warps=NUM_WARPS)
 
 
 def merge_strided(parts, calls, b, l, h, dv, out_dtype):
@@ -165,10 +192,7 @@ def merge_strided(parts, calls, b, l, h, dv, out_dtype):
     tab = _table(calls, outs, lses, 0, dev)
     out = torch.empty(b, l, h, dv, dtype=out_dtype, device=dev)
     lse = torch.empty(b, l, h, dtype=torch.float32, device=dev)
-    nrows = b * l * h
-    br, bd, nw = _blocks(dv)
-    _merge_kernel[(triton.cdiv(nrows, br),)](tab, outs[0], out, lse, len(calls), nrows, l, h,
-                                             dv, BLOCK_R=br, BLOCK_D=bd, num_warps=nw)
+    _launch(_merge_kernel, (tab, outs[0], out, lse, len(calls)), b, l, h, dv)
     return out, lse
 
 
@@ -181,8 +205,5 @@ def sum_strided(grads, calls, b, l, h, d, out_dtype, which):
     dev = gs[0].device
     tab = _table(calls, gs, [None] * len(gs), which, dev)
     out = torch.empty(b, l, h, d, dtype=out_dtype, device=dev)
-    nrows = b * l * h
-    br, bd, nw = _blocks(d)
-    _sum_kernel[(triton.cdiv(nrows, br),)](tab, gs[0], out, len(calls), nrows, l, h, d,
-                                           BLOCK_R=br, BLOCK_D=bd, num_warps=nw)
+    _launch(_sum_kernel, (tab, gs[0], out, len(calls)), b, l, h, d)
     return out
