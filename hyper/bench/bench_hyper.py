@@ -170,7 +170,13 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--no-sweep", action="store_true", help="only the main sequence length")
+    ap.add_argument("--fwd-tile", type=int, default=None, choices=[128, 256],
+                    help="query rows per forward program (longattn.hyper.triton_path.FWD_TILE)")
     args = ap.parse_args(argv)
+    if args.fwd_tile is not None:
+        from longattn.hyper import triton_path
+
+        triton_path.FWD_TILE = args.fwd_tile
 
     if args.smoke:
         dev, backend = "cpu", "torch"

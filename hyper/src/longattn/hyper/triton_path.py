@@ -134,7 +134,8 @@ def _uniform(block_size, smooth):
     """Block diagonal with blocks that are whole tiles: every tile's rows share one window,
     so the kernels mask per column only (``UNIFORM``)."""
     inner = max(c.kwargs["BLOCK_INNER"] for c in tk._FWD + tk._DKDV)
-    return not smooth and block_size % max(*_tile_sizes(block_size), inner) == 0
+    tiles = (*_tile_sizes(block_size), _fwd_tile(block_size))
+    return not smooth and block_size % max(*tiles, inner) == 0
 
 
 def _log_weights(plan, li, m, device):
@@ -145,6 +146,19 @@ def _log_weights(plan, li, m, device):
         _CACHE[key] = torch.tensor([math.log2(n / m) if m else 0.0 for n in nk],
                                    dtype=torch.float32, device=device)
     return _CACHE[key]
+
+
+# Query rows per forward program where the block holds them. 256 (half the gathered K/V and
+# sample loads per query) compiles spill-free for head_dim 64 on sm_90 with the 8-warp,
+# 64-wide inner configs; 128 stays the default until the H100 measures it
+# (``bench_hyper.py --fwd-tile 256``).
+FWD_TILE = 128
+
+
+def _fwd_tile(block_size):
+    """Query tile of the forward grid."""
+    bm = _tile_sizes(block_size)[0]
+    return FWD_TILE if not tk.INTERPRET and block_size >= FWD_TILE else bm
 
 
 def _tile_sizes(block_size):
@@ -241,7 +255,7 @@ def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, 
         o = torch.zeros(b, s, hq, dv, dtype=odt, device=q.device)
         lse = torch.full((b, hq, s), float("-inf"), dtype=torch.float32, device=q.device)
     levels = _levels(q, k, rq, rk, samples, plan, r_bits)
-    bm, _ = _tile_sizes(block_size)
+    bm = _fwd_tile(block_size)
     m = 0 if samples is None else samples.shape[-1]
     for li, (pq, pk, sl) in enumerate(levels):
         tp, ti, pq0, pnq, pk0, pnk = _tiles(plan, li, bm, False, q.device)
