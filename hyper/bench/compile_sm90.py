@@ -20,6 +20,7 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -29,6 +30,7 @@ from longattn.hyper import triton_kernels as tk  # noqa: E402
 
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 FP32_PTRS = ("L", "DELTA", "DQ", "DKA", "DVA", "DKS", "DVS", "PLW", "DLSE")
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 I32_PTRS = ("PQ", "PK", "SAMP", "TP", "TI", "PQ0", "PNQ", "PK0", "PNK")
 
 
@@ -107,9 +109,10 @@ def main(argv=None):
                                  args.dtype, 4, 1, target)
     print(f"delta        shared={shared} {res}")
     prec_lsh = "ieee" if args.dtype == "fp32" else "tf32"
+    rows = lsh_triton.block_s(getattr(torch, DTYPES[args.dtype]))
     shared, res = compile_kernel(lsh_triton._lsh_rank,
-                                 dict(BLOCK_S=lsh_triton.BLOCK_S, BLOCK_D=d, BLOCK_R=16,
-                                      EVEN_D=True, PREC=prec_lsh), args.dtype, 4, 1, target)
+                                 dict(BLOCK_S=rows, BLOCK_D=d, BLOCK_R=16, EVEN_D=True,
+                                      PREC=prec_lsh), args.dtype, 4, 1, target)
     print(f"lsh_rank     shared={shared} {res}")
     return 1 if failures else 0
 

@@ -19,7 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-BLOCK_S = 128
+
+def block_s(dtype: torch.dtype) -> int:
+    """Rows per program: 128 for fp16 / bf16, 64 for fp32 (IEEE fp32 dots of 128 rows spill
+    from head_dim 128 on; 64 compile spill-free up to 256 for sm_90)."""
+    return 64 if dtype == torch.float32 else 128
 
 
 @triton.jit
@@ -81,7 +85,8 @@ def lsh_rank_fused(x: torch.Tensor, projections: torch.Tensor, *,
     w = torch.zeros(bd, br, dtype=x.dtype, device=x.device)
     w[:d, :r] = projections.to(device=x.device, dtype=x.dtype)
     prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: as torch's fp32 matmul
-    _lsh_rank[(triton.cdiv(s, BLOCK_S) * b * h,)](
+    bs = block_s(x.dtype)
+    _lsh_rank[(triton.cdiv(s, bs) * b * h,)](
         x, w, out, s, h, b * h, x.stride(0), x.stride(1), x.stride(2), d, r,
-        BLOCK_S=BLOCK_S, BLOCK_D=bd, BLOCK_R=br, EVEN_D=d == bd, PREC=prec, num_warps=4)
+        BLOCK_S=bs, BLOCK_D=bd, BLOCK_R=br, EVEN_D=d == bd, PREC=prec, num_warps=4)
     return out
