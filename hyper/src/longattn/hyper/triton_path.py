@@ -251,9 +251,10 @@ def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, 
                 o[:, a:a + m].copy_(ol)
             parts.append(ll.float())
         _lse_from_leaves(plan, parts, lse)
-    else:
-        o = torch.zeros(b, s, hq, dv, dtype=odt, device=q.device)
-        lse = torch.full((b, hq, s), float("-inf"), dtype=torch.float32, device=q.device)
+    else:  # one core call over every row: the kernel writes all of O and L (no fill)
+        assert plan.calls == ((0, s, 0, k.shape[1]),)
+        o = torch.empty(b, s, hq, dv, dtype=odt, device=q.device)
+        lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
     levels = _levels(q, k, rq, rk, samples, plan, r_bits)
     bm = _fwd_tile(block_size)
     m = 0 if samples is None else samples.shape[-1]
