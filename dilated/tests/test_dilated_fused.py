@@ -142,6 +142,14 @@ def test_strided_results_any_layout():
     s1 = fused.sum_strided([o for o, _ in parts], calls, 2, s, h, d, torch.float32, 0)
     s2 = fused.sum_strided([o for o, _ in flipped], calls, 2, s, h, d, torch.float32, 0)
     assert torch.equal(s1, s2)
+    # one call's result at an odd element offset: offsets from the first call's tensor (whose
+    # own alignment triton's pointer specialisation sees) promise no vectors; same numbers
+    o, lse = parts[-1]
+    odd = parts[:-1] + [(torch.empty(o.numel() + 1)[1:].view(o.shape).copy_(o), lse)]
+    assert fused._table(calls, [o for o, _ in parts], [x for _, x in parts], 0, "cpu")[1] == 4
+    assert fused._table(calls, [o for o, _ in odd], [x for _, x in odd], 0, "cpu")[1] == 1
+    o4, l4 = fused.merge_strided(odd, calls, 2, s, h, d, torch.float32)
+    assert torch.equal(o1, o4) and torch.equal(l1, l4)
     # against the eager merge of the same parts
     dev_calls = attn._device_plan(plan, torch.device("cpu"))[0]
     o3, l3 = attn.merge_calls(parts, dev_calls, 2, s, h, d, torch.float32, plan.first_covers)

@@ -14,8 +14,10 @@ and per head, not per row) and loops over the calls at run time (one compiled ke
 number of calls), skipping calls with no position in the tile. Per call it reads the member
 rows once (masked loads: rows of other calls cost no traffic) and keeps the running result in
 float32 registers; the final tensor is written once, in the output dtype. The calls' data
-pointers are passed in an int64 table (one small host-to-device copy per launch), together
-with the per-call geometry and strides, so calls of any layout share the launch.
+are passed in an int64 table (one small host-to-device copy per launch) as element offsets
+from the first call's tensor (a kernel argument, so its 16-byte alignment is known to the
+compiler and the head-dim loads are vectors), together with the per-call geometry and
+strides, so calls of any layout share the launch.
 
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is first imported).
 """
@@ -31,7 +33,7 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # columns of the per-call int64 table
-(_PTR, _LPTR, _S0, _NSEG, _LEN, _R, _O, _N, _HO, _ST0, _ST1, _ST2, _LST0, _LST1,
+(_OFF, _LOFF, _S0, _NSEG, _LEN, _R, _O, _N, _HO, _ST0, _ST1, _ST2, _LST0, _LST1,
  _LST2) = (tl.constexpr(i) for i in range(15))
 _NCOL = tl.constexpr(16)
 
@@ -66,7 +68,16 @@ def _call_rows(tab, t, h, bb, H):
 
 
 @triton.jit
-def _merge_kernel(TAB, OREF, OUT, LSE, NCALLS, L, H, DV,
+def _row_start(tab, part_t, part_h, ALIGN: tl.constexpr):
+    """Element offsets ``[T, HP]`` (from the reference pointer) of the call's rows. ``ALIGN``
+    (checked on the host: every call's pointer and strides) lets the head-dim loads be
+    16-byte vectors: the call pointers come from a table, so the compiler cannot see it."""
+    return tl.multiple_of(tl.load(tab + _OFF) + part_t[:, None] + part_h[None, :],
+                          [ALIGN, ALIGN])
+
+
+@triton.jit
+def _merge_kernel(TAB, OREF, LREF, OUT, LSE, NCALLS, L, H, DV, ALIGN: tl.constexpr,
                   BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """out/lse of positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, all heads: online
     LSE over the calls holding them."""
@@ -85,12 +96,11 @@ def _merge_kernel(TAB, OREF, OUT, LSE, NCALLS, L, H, DV,
         member_t = member_t & mask_t
         if tl.max(member_t.to(tl.int32), 0) > 0:  # skip calls with no row in this tile
             member = member_t[:, None] & member_h[None, :]
-            optr = tl.load(tab + _PTR).to(OREF.dtype)
-            lptr = tl.load(tab + _LPTR).to(tl.pointer_type(tl.float32))
-            lc = tl.load(lptr + (lse_t[:, None] + lse_h[None, :]), mask=member,
-                         other=float("-inf"))
-            off = part_t[:, None, None] + part_h[None, :, None] + cols[None, None, :]
-            oc = tl.load(optr + off, mask=member[:, :, None] & mask_d[None, None, :],
+            lc = tl.load(LREF + (tl.load(tab + _LOFF) + lse_t[:, None] + lse_h[None, :]),
+                         mask=member, other=float("-inf"))
+            row = _row_start(tab, part_t, part_h, ALIGN)
+            oc = tl.load(OREF + (row[:, :, None] + cols[None, None, :]),
+                         mask=member[:, :, None] & mask_d[None, None, :],
                          other=0.0).to(tl.float32)
             m_new = tl.maximum(m, lc)
             # rows that have seen nothing yet (m_new = -inf) keep acc = s = 0, never NaN
@@ -112,7 +122,7 @@ def _merge_kernel(TAB, OREF, OUT, LSE, NCALLS, L, H, DV,
 
 
 @triton.jit
-def _sum_kernel(TAB, GREF, OUT, NCALLS, L, H, D,
+def _sum_kernel(TAB, GREF, OUT, NCALLS, L, H, D, ALIGN: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
     """Positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, all heads, of the sum of the
     calls' gradients (0 where no call holds the row)."""
@@ -129,9 +139,9 @@ def _sum_kernel(TAB, GREF, OUT, NCALLS, L, H, D,
         member_t = member_t & mask_t
         if tl.max(member_t.to(tl.int32), 0) > 0:  # skip calls with no row in this tile
             member = member_t[:, None] & member_h[None, :]
-            gptr = tl.load(tab + _PTR).to(GREF.dtype)
-            off = part_t[:, None, None] + part_h[None, :, None] + cols[None, None, :]
-            acc += tl.load(gptr + off, mask=member[:, :, None] & mask_d[None, None, :],
+            row = _row_start(tab, part_t, part_h, ALIGN)
+            acc += tl.load(GREF + (row[:, :, None] + cols[None, None, :]),
+                           mask=member[:, :, None] & mask_d[None, None, :],
                            other=0.0).to(tl.float32)
     rows = (bb.to(tl.int64) * L + t)[:, None] * H + h[None, :]
     mask = mask_t[:, None] & (h < H)[None, :]
@@ -150,21 +160,30 @@ def _unit_last(t):
 
 
 def _table(calls, tensors, lses, which, device):
-    """The int64 table ``[ncalls, _NCOL]``: pointers, geometry and strides of every call.
+    """The int64 table ``[ncalls, _NCOL]`` of every call's geometry, strides and data (as
+    element offsets from ``tensors[0]`` / ``lses[0]``, so that the kernel addresses them from
+    a pointer argument whose alignment the compiler knows), and ``ALIGN``: the element
+    multiple every call's offset and row strides share (16-byte vectors, else 1).
     ``tensors[c]`` is call c's ``[B*nseg, n, ho, D]`` result, ``lses[c]`` its ``[B*nseg, ho,
-    n]`` lse (or None); ``which`` picks the call's head count (0: query, 1: kv heads)."""
-    rows = []
+    n]`` float32 lse (or None); ``which`` picks the call's head count (0: query, 1: kv)."""
+    ref, lref = tensors[0], lses[0]
+    size = ref.element_size()
+    rows, offsets = [], []
     for call, t, lse in zip(calls, tensors, lses):
         s0, nseg, length, r, o = call.strided
         n, ho = len(range(o, length, r)), call.heads[which]
-        if tuple(t.shape[:3]) != (t.shape[0], n, ho) or t.shape[0] % nseg:
-            raise ValueError(f"call result {tuple(t.shape)} does not match its call "
-                             f"(nseg {nseg}, n {n}, heads {ho})")
-        row = [t.data_ptr(), 0 if lse is None else lse.data_ptr(), s0, nseg, length, r, o, n,
-               ho, t.stride(0), t.stride(1), t.stride(2)]
+        if tuple(t.shape[1:3]) != (n, ho) or t.shape[0] % nseg or t.dtype != ref.dtype:
+            raise ValueError(f"call result {tuple(t.shape)} {t.dtype} does not match its call "
+                             f"(nseg {nseg}, n {n}, heads {ho}, {ref.dtype})")
+        off = (t.data_ptr() - ref.data_ptr()) // size  # exact: pointers align to elements
+        loff = 0 if lse is None else (lse.data_ptr() - lref.data_ptr()) // 4
+        row = [off, loff, s0, nseg, length, r, o, n, ho, t.stride(0), t.stride(1), t.stride(2)]
         row += [0, 0, 0] if lse is None else list(lse.stride())
         rows.append(row + [0] * (_NCOL.value - len(row)))
-    return torch.tensor(rows, dtype=torch.int64, device=device)
+        offsets += [off, t.stride(0), t.stride(1), t.stride(2)]
+    vec = max(1, 16 // size)
+    align = vec if all(x % vec == 0 for x in offsets) else 1
+    return torch.tensor(rows, dtype=torch.int64, device=device), align
 
 
 # Tile size (elements of [BLOCK_T, BLOCK_H, BLOCK_D] a program) and warps: tunable (the GPU
@@ -173,12 +192,12 @@ ELEMS = 4096
 NUM_WARPS = 4
 
 
-def _launch(kernel, args, b, l, h, d):
+def _launch(kernel, args, b, l, h, d, align):
     """Launch ``kernel`` over tiles of ``BLOCK_T`` positions x all heads, per batch row."""
     bh, bd = triton.next_power_of_2(h), triton.next_power_of_2(d)
     bt = max(1, ELEMS // (bh * bd))
-    kernel[(triton.cdiv(l, bt), b)](*args, l, h, d, BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd,
-                                    num_warps=NUM_WARPS)
+    kernel[(triton.cdiv(l, bt), b)](*args, l, h, d, ALIGN=align, BLOCK_T=bt, BLOCK_H=bh,
+                                    BLOCK_D=bd, num_warps=NUM_WARPS)
 
 
 def merge_strided(parts, calls, b, l, h, dv, out_dtype):
@@ -189,10 +208,10 @@ def merge_strided(parts, calls, b, l, h, dv, out_dtype):
     outs = [_unit_last(o) for o, _ in parts]
     lses = [lse.float() for _, lse in parts]
     dev = outs[0].device
-    tab = _table(calls, outs, lses, 0, dev)
+    tab, align = _table(calls, outs, lses, 0, dev)
     out = torch.empty(b, l, h, dv, dtype=out_dtype, device=dev)
     lse = torch.empty(b, l, h, dtype=torch.float32, device=dev)
-    _launch(_merge_kernel, (tab, outs[0], out, lse, len(calls)), b, l, h, dv)
+    _launch(_merge_kernel, (tab, outs[0], lses[0], out, lse, len(calls)), b, l, h, dv, align)
     return out, lse
 
 
@@ -203,7 +222,7 @@ def sum_strided(grads, calls, b, l, h, d, out_dtype, which):
     float32 and written once."""
     gs = [_unit_last(g) for g in grads]
     dev = gs[0].device
-    tab = _table(calls, gs, [None] * len(gs), which, dev)
+    tab, align = _table(calls, gs, [None] * len(gs), which, dev)
     out = torch.empty(b, l, h, d, dtype=out_dtype, device=dev)
-    _launch(_sum_kernel, (tab, gs[0], out, len(calls)), b, l, h, d)
+    _launch(_sum_kernel, (tab, gs[0], out, len(calls)), b, l, h, d, align)
     return out

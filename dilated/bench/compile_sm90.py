@@ -1,0 +1,69 @@
+"""Compile the fused dilated-attention kernels for a Hopper GPU without one; report resources.
+
+    python dilated/bench/compile_sm90.py [--dtype bf16|fp16|fp32] [--heads 12] [--head-dim 64]
+
+Uses triton's own compiler and the ``ptxas`` / ``cuobjdump`` of its wheel (runs on a CPU-only
+machine), for the tile sizes :mod:`longattn.dilated.fused` picks and a few alternatives:
+shared memory, registers and spill stack of each sm_90 cubin. A developer tool that catches
+compile errors the interpreter cannot; it leans on triton internals (``ASTSource``,
+``GPUTarget``) that move between versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from longattn.dilated import fused  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def _compile(kern, dtype, consts, num_warps):
+    ptrs = {"TAB": "*i64", "LSE": "*fp32", "LREF": "*fp32", "OREF": "*" + dtype,
+            "GREF": "*" + dtype, "OUT": "*" + dtype}
+    sig, attrs = {}, {}
+    for i, name in enumerate(kern.arg_names):
+        sig[name] = "constexpr" if name in consts else ptrs.get(name, "i32")
+        if sig[name].startswith("*") or name in ("L", "D", "DV"):  # runtime: divisible by 16
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs=attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"])
+    out = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
+                         capture_output=True, text=True, check=False).stdout
+    os.unlink(f.name)
+    line = [x for x in out.splitlines() if "REG:" in x]
+    return c.metadata.shared, " ".join(line[0].split()[:2]) if line else "?"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--heads", type=int, default=12)
+    ap.add_argument("--head-dim", type=int, default=64)
+    args = ap.parse_args(argv)
+    bh, bd = triton.next_power_of_2(args.heads), triton.next_power_of_2(args.head_dim)
+    for elems, warps in ((fused.ELEMS, fused.NUM_WARPS), (2048, 4), (8192, 8), (16384, 8)):
+        bt = max(1, elems // (bh * bd))
+        for name, kern in (("merge", fused._merge_kernel), ("sum", fused._sum_kernel)):
+            consts = dict(ALIGN=16 // {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype],
+                          BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd)
+            shared, res = _compile(kern, args.dtype, consts, warps)
+            print(f"{name:<6} ELEMS={elems:<6} BLOCK_T={bt:<3} warps={warps}  shared={shared:>6}"
+                  f"  {res}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
