@@ -1,6 +1,6 @@
 """Compile the fused dilated-attention kernels for a Hopper GPU without one; report resources.
 
-    python dilated/bench/compile_sm90.py [--dtype bf16|fp16|fp32] [--heads 12] [--head-dim 64]
+    python dilated/bench/compile_sm90.py [--dtype bf16|fp16|fp32] [--head-dim 64]
 
 Uses triton's own compiler and the ``ptxas`` / ``cuobjdump`` of its wheel (runs on a CPU-only
 machine), for the tile sizes :mod:`longattn.dilated.fused` picks and a few alternatives:
@@ -29,7 +29,7 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 
 
 def _compile(kern, dtype, consts, num_warps):
-    ptrs = {"TAB": "*i64", "LSE": "*fp32", "LREF": "*fp32", "OREF": "*" + dtype,
+    ptrs = {"TAB": "*i64", "GT": "*i64", "LSE": "*fp32", "LREF": "*fp32", "OREF": "*" + dtype,
             "GREF": "*" + dtype, "OUT": "*" + dtype}
     sig, attrs = {}, {}
     for i, name in enumerate(kern.arg_names):
@@ -50,15 +50,14 @@ def _compile(kern, dtype, consts, num_warps):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    ap.add_argument("--heads", type=int, default=12)
     ap.add_argument("--head-dim", type=int, default=64)
     args = ap.parse_args(argv)
-    bh, bd = triton.next_power_of_2(args.heads), triton.next_power_of_2(args.head_dim)
+    bd = triton.next_power_of_2(args.head_dim)
     for elems, warps in ((fused.ELEMS, fused.NUM_WARPS), (2048, 4), (8192, 8), (16384, 8)):
-        bt = max(1, elems // (bh * bd))
+        bt = max(1, elems // bd)
         for name, kern in (("merge", fused._merge_kernel), ("sum", fused._sum_kernel)):
             consts = dict(ALIGN=16 // {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype],
-                          BLOCK_T=bt, BLOCK_H=bh, BLOCK_D=bd)
+                          BLOCK_T=bt, BLOCK_D=bd)
             shared, res = _compile(kern, args.dtype, consts, warps)
             print(f"{name:<6} ELEMS={elems:<6} BLOCK_T={bt:<3} warps={warps}  shared={shared:>6}"
                   f"  {res}", flush=True)

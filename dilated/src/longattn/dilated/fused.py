@@ -8,12 +8,14 @@ belongs to call ``c`` iff ``tr = t - s0`` lies in ``[0, nseg*length)``, ``(tr % 
 o`` and ``h % r == o``; it is then row ``((b*nseg + tr // length)*n + (tr % length) // r)*ho +
 h // r`` of the result (see ``_sview`` in :mod:`longattn.dilated.attention`).
 
-One program handles a tile of ``BLOCK_T`` positions x all heads of one batch row (membership
-is a product of a position test and a head test, so the integer divisions are per position
-and per head, not per row) and loops over the calls at run time (one compiled kernel for any
-number of calls), skipping calls with no position in the tile. Per call it reads the member
-rows once (masked loads: rows of other calls cost no traffic) and keeps the running result in
-float32 registers; the final tensor is written once, in the output dtype. The calls' data
+One program handles a tile of ``BLOCK_T`` positions of one head ``h`` of one batch row. Calls
+sharing ``(branch, s0, nseg, length, r)`` form a *group* (one branch's offsets over one batch of
+segments); within a group only the call of offset ``h mod r`` can hold head ``h``, so the
+program loops over the groups (5 for LongNet's schedule, not its 25 calls) and reads one call
+each: its member rows (every r-th position; masked loads, other rows cost no traffic) into a
+running float32 result; the final tensor is written once, in the output dtype. (A first
+version tiled positions x all heads and tested every call per tile: the per-call scalar
+latency made it 5x slower than its memory traffic on the H100.) The calls' data
 are passed in an int64 table (one small host-to-device copy per launch) as element offsets
 from the first call's tensor (a kernel argument, so its 16-byte alignment is known to the
 compiler and the head-dim loads are vectors), together with the per-call geometry and
@@ -39,114 +41,102 @@ _NCOL = tl.constexpr(16)
 
 
 @triton.jit
-def _call_rows(tab, t, h, bb, H):
-    """Call ``tab``'s (one row of the table) view of a tile of positions ``t [T]`` (int32) of
-    batch ``bb`` and heads ``h [HP]``: ``(member_t [T], member_h [HP], element offset of the
-    row in the call's result: part_t [T] + part_h [HP] (int64), lse offset: lse_t + lse_h)``.
-    Position and head math are separate vectors: the divisions cost T + HP per call, not
-    T * HP."""
+def _call_of_head(TAB, GT, GW, gi, h):
+    """The call of group ``gi`` that holds head ``h`` (offset ``o = h mod r``), or -1."""
+    g = GT + gi * GW
+    r = tl.load(g).to(tl.int32)
+    o = h % r
+    c = tl.where(o < tl.load(g + 1).to(tl.int32), tl.load(g + 2 + tl.minimum(o, GW - 3)), -1)
+    return c, r, o
+
+
+@triton.jit
+def _call_rows(tab, t, h, bb, r, o):
+    """Call ``tab``'s (one row of the table) view of positions ``t [T]`` of batch ``bb`` for
+    its head ``h``: ``(member [T], element offset of each row in the result [T] (int64),
+    lse offset [T])``."""
     s0 = tl.load(tab + _S0).to(tl.int32)
     nseg = tl.load(tab + _NSEG).to(tl.int32)
     length = tl.load(tab + _LEN).to(tl.int32)
-    r = tl.load(tab + _R).to(tl.int32)
-    o = tl.load(tab + _O).to(tl.int32)
     tr = t - s0
     inside = (tr >= 0) & (tr < nseg * length)
     tr = tl.where(inside, tr, 0)  # keep the divisions below on valid numbers
     seg = tr // length
     pos = tr - seg * length
-    member_t = inside & (pos % r == o)
+    member = inside & (pos % r == o)
     sb = (bb * nseg + seg).to(tl.int64)  # index along the call's batch*segment dim
     j = (pos // r).to(tl.int64)
-    member_h = (h < H) & (h % r == o)
     a = (h // r).to(tl.int64)
-    part_t = sb * tl.load(tab + _ST0) + j * tl.load(tab + _ST1)
-    part_h = a * tl.load(tab + _ST2)
-    lse_t = sb * tl.load(tab + _LST0) + j * tl.load(tab + _LST2)
-    lse_h = a * tl.load(tab + _LST1)
-    return member_t, member_h, part_t, part_h, lse_t, lse_h
+    row = tl.load(tab + _OFF) + sb * tl.load(tab + _ST0) + j * tl.load(tab + _ST1) \
+        + a * tl.load(tab + _ST2)
+    lrow = tl.load(tab + _LOFF) + sb * tl.load(tab + _LST0) + j * tl.load(tab + _LST2) \
+        + a * tl.load(tab + _LST1)
+    return member, row, lrow
 
 
 @triton.jit
-def _row_start(tab, part_t, part_h, ALIGN: tl.constexpr):
-    """Element offsets ``[T, HP]`` (from the reference pointer) of the call's rows. ``ALIGN``
-    (checked on the host: every call's pointer and strides) lets the head-dim loads be
-    16-byte vectors: the call pointers come from a table, so the compiler cannot see it."""
-    return tl.multiple_of(tl.load(tab + _OFF) + part_t[:, None] + part_h[None, :],
-                          [ALIGN, ALIGN])
-
-
-@triton.jit
-def _merge_kernel(TAB, OREF, LREF, OUT, LSE, NCALLS, L, H, DV, ALIGN: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out/lse of positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, all heads: online
-    LSE over the calls holding them."""
+def _merge_kernel(TAB, GT, GW, OREF, LREF, OUT, LSE, NGROUPS, L, H, DV, ALIGN: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out/lse of positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, head ``pid2``:
+    online LSE over the calls holding them (one per group)."""
     bb = tl.program_id(1)
+    h = tl.program_id(2)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    h = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
     mask_t = t < L
     mask_d = cols < DV
-    m = tl.full([BLOCK_T, BLOCK_H], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], tl.float32)
-    for c in range(NCALLS):
-        tab = TAB + c * _NCOL
-        member_t, member_h, part_t, part_h, lse_t, lse_h = _call_rows(tab, t, h, bb, H)
-        member_t = member_t & mask_t
-        if tl.max(member_t.to(tl.int32), 0) > 0:  # skip calls with no row in this tile
-            member = member_t[:, None] & member_h[None, :]
-            lc = tl.load(LREF + (tl.load(tab + _LOFF) + lse_t[:, None] + lse_h[None, :]),
-                         mask=member, other=float("-inf"))
-            row = _row_start(tab, part_t, part_h, ALIGN)
-            oc = tl.load(OREF + (row[:, :, None] + cols[None, None, :]),
-                         mask=member[:, :, None] & mask_d[None, None, :],
-                         other=0.0).to(tl.float32)
+    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_T], tl.float32)
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for gi in range(NGROUPS):
+        c, r, o = _call_of_head(TAB, GT, GW, gi, h)
+        if c >= 0:
+            member, row, lrow = _call_rows(TAB + c * _NCOL, t, h, bb, r, o)
+            member = member & mask_t
+            lc = tl.load(LREF + lrow, mask=member, other=float("-inf"))
+            row = tl.multiple_of(row, ALIGN)
+            oc = tl.load(OREF + (row[:, None] + cols[None, :]),
+                         mask=member[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
             m_new = tl.maximum(m, lc)
             # rows that have seen nothing yet (m_new = -inf) keep acc = s = 0, never NaN
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp(m - m_safe)
             beta = tl.exp(lc - m_safe)
             s = s * alpha + beta
-            acc = acc * alpha[:, :, None] + oc * beta[:, :, None]
+            acc = acc * alpha[:, None] + oc * beta[:, None]
             m = m_new
     seen = s > 0
     inv = tl.where(seen, 1.0 / tl.where(seen, s, 1.0), 0.0)
     lse = tl.where(seen, m + tl.log(tl.where(seen, s, 1.0)), float("-inf"))
-    rows = (bb.to(tl.int64) * L + t)[:, None] * H + h[None, :]  # [T, HP] flat (b, t, h)
-    mask = mask_t[:, None] & (h < H)[None, :]
-    tl.store(LSE + rows, lse, mask=mask)
-    tl.store(OUT + rows[:, :, None] * DV + cols[None, None, :],
-             (acc * inv[:, :, None]).to(OUT.dtype.element_ty),
-             mask=mask[:, :, None] & mask_d[None, None, :])
+    rows = (bb.to(tl.int64) * L + t) * H + h  # [T] flat (b, t, h)
+    tl.store(LSE + rows, lse, mask=mask_t)
+    tl.store(OUT + rows[:, None] * DV + cols[None, :], (acc * inv[:, None]).to(
+        OUT.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _sum_kernel(TAB, GREF, OUT, NCALLS, L, H, D, ALIGN: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, all heads, of the sum of the
-    calls' gradients (0 where no call holds the row)."""
+def _sum_kernel(TAB, GT, GW, GREF, OUT, NGROUPS, L, H, D, ALIGN: tl.constexpr,
+                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, head ``pid2``, of the sum of
+    the calls' gradients (0 where no call holds the row)."""
     bb = tl.program_id(1)
+    h = tl.program_id(2)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    h = tl.arange(0, BLOCK_H)
     cols = tl.arange(0, BLOCK_D)
     mask_t = t < L
     mask_d = cols < D
-    acc = tl.zeros([BLOCK_T, BLOCK_H, BLOCK_D], tl.float32)
-    for c in range(NCALLS):
-        tab = TAB + c * _NCOL
-        member_t, member_h, part_t, part_h, _, _ = _call_rows(tab, t, h, bb, H)
-        member_t = member_t & mask_t
-        if tl.max(member_t.to(tl.int32), 0) > 0:  # skip calls with no row in this tile
-            member = member_t[:, None] & member_h[None, :]
-            row = _row_start(tab, part_t, part_h, ALIGN)
-            acc += tl.load(GREF + (row[:, :, None] + cols[None, None, :]),
-                           mask=member[:, :, None] & mask_d[None, None, :],
+    acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for gi in range(NGROUPS):
+        c, r, o = _call_of_head(TAB, GT, GW, gi, h)
+        if c >= 0:
+            member, row, _ = _call_rows(TAB + c * _NCOL, t, h, bb, r, o)
+            row = tl.multiple_of(row, ALIGN)
+            acc += tl.load(GREF + (row[:, None] + cols[None, :]),
+                           mask=(member & mask_t)[:, None] & mask_d[None, :],
                            other=0.0).to(tl.float32)
-    rows = (bb.to(tl.int64) * L + t)[:, None] * H + h[None, :]
-    mask = mask_t[:, None] & (h < H)[None, :]
-    tl.store(OUT + rows[:, :, None] * D + cols[None, None, :], acc.to(OUT.dtype.element_ty),
-             mask=mask[:, :, None] & mask_d[None, None, :])
+    rows = (bb.to(tl.int64) * L + t) * H + h
+    tl.store(OUT + rows[:, None] * D + cols[None, :], acc.to(OUT.dtype.element_ty),
+             mask=mask_t[:, None] & mask_d[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -186,18 +176,41 @@ def _table(calls, tensors, lses, which, device):
     return torch.tensor(rows, dtype=torch.int64, device=device), align
 
 
-# Tile size (elements of [BLOCK_T, BLOCK_H, BLOCK_D] a program) and warps: tunable (the GPU
-# kernels are memory-bound; these only trade registers against the number of programs).
+def _groups(calls, device):
+    """The int64 group table ``[ngroups, 2 + max offsets]``: calls that share ``(branch, s0,
+    nseg, length, r)`` (one branch's offsets over one batch of segments) form a group, row ``[r,
+    count, call index of offset 0, 1, ..., count - 1]``; a head ``h`` reads the group's call
+    of offset ``h mod r`` (if ``< count``) -- so each program visits one call per group
+    instead of testing every call."""
+    groups = {}
+    for i, call in enumerate(calls):
+        s0, nseg, length, r, o = call.strided
+        # the branch too: two branches' partial tails can share (s0, nseg, length, r)
+        groups.setdefault((call.branch, s0, nseg, length, r), {})[o] = i
+    width = 2 + max(max(g) + 1 for g in groups.values())
+    rows = []
+    for (_, _, _, _, r), g in groups.items():
+        cnt = max(g) + 1
+        if sorted(g) != list(range(cnt)):
+            raise ValueError(f"a group of calls lacks some offsets below {cnt}: {sorted(g)}")
+        rows.append([r, cnt] + [g[o] for o in range(cnt)] + [-1] * (width - 2 - cnt))
+    return torch.tensor(rows, dtype=torch.int64, device=device), width
+
+
+# Tile size (elements of [BLOCK_T, BLOCK_D] a program: positions x head dim of one head) and
+# warps. The kernels are memory-bound; a program visits one call per group.
 ELEMS = 4096
 NUM_WARPS = 4
 
 
-def _launch(kernel, args, b, l, h, d, align):
-    """Launch ``kernel`` over tiles of ``BLOCK_T`` positions x all heads, per batch row."""
-    bh, bd = triton.next_power_of_2(h), triton.next_power_of_2(d)
-    bt = max(1, ELEMS // (bh * bd))
-    kernel[(triton.cdiv(l, bt), b)](*args, l, h, d, ALIGN=align, BLOCK_T=bt, BLOCK_H=bh,
-                                    BLOCK_D=bd, num_warps=NUM_WARPS)
+def _launch(kernel, args, calls, b, l, h, d, align, device):
+    """Launch ``kernel`` over tiles of ``BLOCK_T`` positions, per batch row and head."""
+    gt, gw = _groups(calls, device)
+    bd = triton.next_power_of_2(d)
+    bt = max(1, ELEMS // bd)
+    tab, *rest = args
+    kernel[(triton.cdiv(l, bt), b, h)](tab, gt, gw, *rest, gt.shape[0], l, h, d, ALIGN=align,
+                                       BLOCK_T=bt, BLOCK_D=bd, num_warps=NUM_WARPS)
 
 
 def merge_strided(parts, calls, b, l, h, dv, out_dtype):
@@ -211,7 +224,7 @@ def merge_strided(parts, calls, b, l, h, dv, out_dtype):
     tab, align = _table(calls, outs, lses, 0, dev)
     out = torch.empty(b, l, h, dv, dtype=out_dtype, device=dev)
     lse = torch.empty(b, l, h, dtype=torch.float32, device=dev)
-    _launch(_merge_kernel, (tab, outs[0], lses[0], out, lse, len(calls)), b, l, h, dv, align)
+    _launch(_merge_kernel, (tab, outs[0], lses[0], out, lse), calls, b, l, h, dv, align, dev)
     return out, lse
 
 
@@ -224,5 +237,5 @@ def sum_strided(grads, calls, b, l, h, d, out_dtype, which):
     dev = gs[0].device
     tab, align = _table(calls, gs, [None] * len(gs), which, dev)
     out = torch.empty(b, l, h, d, dtype=out_dtype, device=dev)
-    _launch(_sum_kernel, (tab, gs[0], out, len(calls)), b, l, h, d, align)
+    _launch(_sum_kernel, (tab, gs[0], out), calls, b, l, h, d, align, dev)
     return out
