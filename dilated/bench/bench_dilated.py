@@ -197,8 +197,14 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention row")
     ap.add_argument("--fused", choices=("auto", "on", "off"), default="auto",
                     help="fused Triton merge / gradient sum (off: the eager code, for A/B)")
+    ap.add_argument("--fused-tile", default=None, metavar="ELEMS,WARPS",
+                    help="tile of the fused kernels (default: longattn.dilated.fused's)")
     args = ap.parse_args(argv)
     dilated_impl.FUSED = args.fused
+    from longattn.dilated import fused as fused_impl
+
+    if args.fused_tile:
+        fused_impl.ELEMS, fused_impl.NUM_WARPS = (int(x) for x in args.fused_tile.split(","))
     out_dir = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                             args.out)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -217,7 +223,7 @@ def main(argv=None):
         dense_lengths = [512]
     t_start = time.perf_counter()
     print(f"device: {bench.device_name(device)}  torch {torch.__version__}  dtype {dtype}"
-          f"  fused {args.fused}")
+          f"  fused {args.fused} (tile {fused_impl.ELEMS} elements, {fused_impl.NUM_WARPS} warps)")
     results, table = [], []
 
     # 1. correctness first

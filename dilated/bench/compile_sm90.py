@@ -57,7 +57,7 @@ def main(argv=None):
         bt = max(1, elems // bd)
         for name, kern in (("merge", fused._merge_kernel), ("sum", fused._sum_kernel)):
             consts = dict(ALIGN=16 // {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype],
-                          BLOCK_T=bt, BLOCK_D=bd)
+                          BLOCK_T=bt, BLOCK_D=bd, NGROUPS=5)
             shared, res = _compile(kern, args.dtype, consts, warps)
             print(f"{name:<6} ELEMS={elems:<6} BLOCK_T={bt:<3} warps={warps}  shared={shared:>6}"
                   f"  {res}", flush=True)
