@@ -82,9 +82,11 @@ def _merge_kernel(TAB, GT, GW, OREF, LREF, OUT, LSE, NGROUPS: tl.constexpr, L, H
                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """out/lse of positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, head ``pid2``:
     online LSE over the calls holding them (one per group)."""
+    # head fastest: programs that run together cover all heads of the same positions, i.e.
+    # contiguous memory, instead of one 2*D-byte row out of every H*D*2 bytes
+    h = tl.program_id(0) % H
     bb = tl.program_id(1)
-    h = tl.program_id(2)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = (tl.program_id(0) // H) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     mask_t = t < L
     mask_d = cols < DV
@@ -122,9 +124,11 @@ def _sum_kernel(TAB, GT, GW, GREF, OUT, NGROUPS: tl.constexpr, L, H, D, ALIGN: t
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     """Positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, head ``pid2``, of the sum of
     the calls' gradients (0 where no call holds the row)."""
+    # head fastest: programs that run together cover all heads of the same positions, i.e.
+    # contiguous memory, instead of one 2*D-byte row out of every H*D*2 bytes
+    h = tl.program_id(0) % H
     bb = tl.program_id(1)
-    h = tl.program_id(2)
-    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = (tl.program_id(0) // H) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
     mask_t = t < L
     mask_d = cols < D
@@ -206,12 +210,13 @@ NUM_WARPS = 4
 
 
 def _launch(kernel, args, calls, b, l, h, d, align, device):
-    """Launch ``kernel`` over tiles of ``BLOCK_T`` positions, per batch row and head."""
+    """Launch ``kernel`` over (tiles of ``BLOCK_T`` positions x heads, head fastest) and batch
+    rows."""
     gt, gw = _groups(calls, device)
     bd = triton.next_power_of_2(d)
     bt = max(1, ELEMS // bd)
     tab, *rest = args
-    kernel[(triton.cdiv(l, bt), b, h)](tab, gt, gw, *rest, gt.shape[0], l, h, d, ALIGN=align,
+    kernel[(triton.cdiv(l, bt) * h, b)](tab, gt, gw, *rest, gt.shape[0], l, h, d, ALIGN=align,
                                        BLOCK_T=bt, BLOCK_D=bd, num_warps=NUM_WARPS)
 
 
