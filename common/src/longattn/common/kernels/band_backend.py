@@ -19,10 +19,11 @@ reads the reversed ``anti`` partial in place) when Triton is available, else wit
 :func:`longattn.common.merge.merge_partials_`. Backward: the same pieces with the final
 ``out`` / ``lse`` (the cuDNN / flash backward ops), gradients summed in the input dtype.
 
-Registered as backend ``"band"``; ``auto`` tries it before ``aten`` for the requests it
-supports (CUDA, half precision, causal windows that split into chunks of >= MIN_CHUNK tokens),
-because it measured fastest there (forward 430 TFLOP/s at S=131072, W=4096 on an H100 against
-293 for the FlashAttention-2 window and 402 for FlexAttention; ring_swa/README.md).
+Registered as backend ``"band"``; ``auto`` tries it after ``cudnn`` (cuDNN's native window,
+when cudnn-frontend is installed: 536 TFLOP/s forward at S=131072, W=4096 on an H100) and
+before ``aten`` for the requests it supports (CUDA, half precision, causal windows that split
+into chunks of >= MIN_CHUNK tokens): 415 TFLOP/s there against 288 for the FlashAttention-2
+window and 411 for FlexAttention (ring_swa/README.md).
 ``PIECE_BACKEND`` / ``MERGE`` let the CPU tests run the same
 decomposition with the torch backend.
 """
