@@ -14,6 +14,7 @@ range would pull a multi-GB CUDA build); the code itself works on torch >= 2.5.
 from __future__ import annotations
 
 import os
+import shutil
 
 import nox
 
@@ -91,6 +92,8 @@ def bench(session, pkg):
     """A package's GPU benchmark (prints a table, writes JSON/plots to --out or $OUT)."""
     _install(session, PACKAGES, extra=None)
     session.install("matplotlib", "tqdm")
+    if shutil.which("nvidia-smi"):  # NVIDIA GPU: the cudnn backend the READMEs' numbers used
+        session.install("-e", "./common[cudnn]")
     name = "bench_kernels.py" if pkg == "common" else f"bench_{pkg}.py"
     session.run("python", _script(pkg, name), *session.posargs)
 
