@@ -68,6 +68,29 @@ def register_backend(name: str, backend: Backend) -> None:
     BACKENDS[name] = backend
 
 
+def cuda_limits(req: Request, dtypes, max_head_dim=None):
+    """The first reason a CUDA kernel cannot serve ``req``, or None: not on CUDA, a dtype not in
+    ``dtypes``, a needed ``dlse`` when ``max_head_dim`` is given (the fused cuDNN / flash
+    kernels take none), a head dim that is not a multiple of 8 up to ``max_head_dim`` or differs
+    between q and v. Backends add their own rules after it."""
+    q, v = req.q, req.v
+    if q.device.type != "cuda":
+        return "needs CUDA tensors"
+    if q.dtype not in dtypes:
+        short = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+        names = "/".join(short.get(t, str(t)) for t in dtypes)
+        return f"needs {names}, got {q.dtype}"
+    if max_head_dim is None:
+        return None
+    if req.needs_dlse:
+        return "cannot take dlse"
+    d = q.shape[-1]
+    if d % 8 or d > max_head_dim or v.shape[-1] != d:
+        return (f"head_dim {d} (v {v.shape[-1]}) not supported (multiple of 8, "
+                f"<= {max_head_dim}, equal)")
+    return None
+
+
 def normalize_window(causal: bool, window) -> tuple[int, int]:
     """Fold ``causal`` into the window: causal means ``right = min(right, 0)``."""
     if not isinstance(causal, bool):
@@ -205,6 +228,7 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_forward",
+    "cuda_limits",
     "fix_empty_rows",
     "may_have_empty_rows",
     "normalize_window",

@@ -21,6 +21,7 @@ import torch
 
 from longattn.common.kernels import (
     Backend,
+    cuda_limits,
     fix_empty_rows,
     may_have_empty_rows,
     register_backend,
@@ -40,16 +41,10 @@ def _uses_cudnn(req_q, req_k, window) -> bool:
 
 
 def supports(req):
-    q, v = req.q, req.v
-    if q.device.type != "cuda":
-        return "needs CUDA tensors"
-    if q.dtype not in _HALF:
-        return f"needs fp16/bf16, got {q.dtype}"
-    if req.needs_dlse:
-        return "cannot take dlse"
-    d = q.shape[-1]
-    if d % 8 or d > 256 or v.shape[-1] != d:
-        return f"head_dim {d} (v {v.shape[-1]}) not supported (multiple of 8, <= 256, equal)"
+    reason = cuda_limits(req, _HALF, max_head_dim=256)
+    if reason is not None:
+        return reason
+    q = req.q
     if not _uses_cudnn(q, req.k, req.window) and not hasattr(torch.ops.aten,
                                                               "_flash_attention_forward"):
         return "windows need aten._flash_attention_forward"

@@ -15,8 +15,8 @@ bottom-right masks with ``Sq > Sk``:
 
 Graphs are built once per (shapes, strides, dtype, scale, mask) and cached (a request cuDNN
 has no engine for goes to :data:`FALLBACK`, remembered per key). The backward takes
-the final ``out``/``lse`` (ring rule); rows with ``lse = -inf`` (saw no key) are fed ``+inf``
-so that ``p = exp(s - lse) = 0`` there.
+the final ``out``/``lse`` (ring rule). No served request has a row that sees no key (``right >=
+0`` with ``Sq <= Sk`` bottom-right, or ``Sq == Sk``), so there is no empty-row case to patch.
 """
 
 from __future__ import annotations
@@ -25,12 +25,7 @@ import threading
 
 import torch
 
-from longattn.common.kernels import (
-    Backend,
-    fix_empty_rows,
-    may_have_empty_rows,
-    register_backend,
-)
+from longattn.common.kernels import Backend, cuda_limits, register_backend
 
 try:
     import cudnn
@@ -55,16 +50,10 @@ def band_bounds(window, sq, sk):
 
 
 def supports(req):
+    reason = cuda_limits(req, (torch.float16, torch.bfloat16), max_head_dim=128)
+    if reason is not None:
+        return reason
     q, k, v = req.q, req.k, req.v
-    if q.device.type != "cuda":
-        return "needs CUDA tensors"
-    if q.dtype not in _DTYPES:
-        return f"needs fp16/bf16, got {q.dtype}"
-    if req.needs_dlse:
-        return "cannot take dlse"
-    d = q.shape[-1]
-    if d % 8 or d > 128 or v.shape[-1] != d:
-        return f"head_dim {d} (v {v.shape[-1]}) not supported (multiple of 8, <= 128, equal)"
     if min(x.stride(-1) for x in (q, k, v)) != 1:
         return "needs unit stride in the last dim"
     if q.shape[1] == 0 or k.shape[1] == 0:
@@ -180,7 +169,7 @@ def forward(q, k, v, *, scale, window):
     g.execute(dict(zip(ts, (q, k, v, out, lse))), _workspace(g.get_workspace_size(), q.device),
               handle=handle)
     lse = lse.squeeze(-1)
-    return fix_empty_rows(out, lse) if may_have_empty_rows(sq, sk, window) else (out, lse)
+    return out, lse
 
 
 def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
@@ -194,10 +183,7 @@ def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
         out = out.contiguous()
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
-    lse_in = lse.float()
-    if may_have_empty_rows(sq, sk, window):
-        lse_in = lse_in.masked_fill(torch.isneginf(lse_in), float("inf"))
-    lse_in = lse_in.contiguous().unsqueeze(-1)  # [B, H, Sq, 1]
+    lse_in = lse.float().contiguous().unsqueeze(-1)  # [B, H, Sq, 1]
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     handle = _handle(q.device)
     ops = (q, k, v, out, dout, dq, dk, dv)

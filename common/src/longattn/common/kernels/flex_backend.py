@@ -24,6 +24,7 @@ import torch
 
 from longattn.common.kernels import (
     Backend,
+    cuda_limits,
     fix_empty_rows,
     may_have_empty_rows,
     register_backend,
@@ -137,10 +138,9 @@ def supports(req):
     q, v = req.q, req.v
     if not flex_available():
         return "this torch has no FlexAttention"
-    if q.device.type != "cuda":
-        return "needs CUDA tensors"
-    if q.dtype not in _DTYPES:
-        return f"needs fp16/bf16/fp32, got {q.dtype}"
+    reason = cuda_limits(req, _DTYPES)
+    if reason is not None:
+        return reason
     d = q.shape[-1]
     if d not in (16, 32, 64, 128, 256) or v.shape[-1] != d:
         return f"head_dim {d} (v {v.shape[-1]}) must be a power of two in 16..256 and equal"
