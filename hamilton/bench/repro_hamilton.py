@@ -186,6 +186,8 @@ def _time(fn, warmup, iters, cuda):
     import torch
     import torch.distributed as dist
 
+    from longattn.common.bench import time_once
+
     for _ in range(warmup):
         fn()
     times = []
@@ -193,17 +195,7 @@ def _time(fn, warmup, iters, cuda):
         if cuda:
             torch.cuda.synchronize()
         dist.barrier()
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
+        times.append(time_once(fn, cuda=cuda))
     t = torch.tensor(times, dtype=torch.float64, device="cuda" if cuda else "cpu")
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return statistics.median(t.tolist())

@@ -26,9 +26,24 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_fn(fn, *, device=None, warmup: int = 3, rep: int = 10, min_ms: float | None = None):
+def time_once(fn, *, cuda: bool = False) -> float:
+    """Milliseconds of one ``fn()`` call: CUDA events around it (``cuda``), else wall clock."""
+    if cuda:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_fn(fn, *, device=None, warmup: int = 3, rep: int = 10):
     """Median milliseconds of ``fn()``. ``device`` says where it runs (None: CPU)."""
-    if device is not None and torch.device(device).type == "cuda":
+    cuda = device is not None and torch.device(device).type == "cuda"
+    if cuda:
         try:
             from triton.testing import do_bench
 
@@ -36,26 +51,10 @@ def time_fn(fn, *, device=None, warmup: int = 3, rep: int = 10, min_ms: float | 
                                   return_mode="median"))
         except ImportError:
             pass
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(rep):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    _sync(device)
+    return statistics.median(time_once(fn, cuda=cuda) for _ in range(rep))
 
 
 def time_interleaved(fns: dict, *, device=None, rounds: int = 3, **kw):
