@@ -13,19 +13,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
+from longattn.common.bench import compile_sm90  # noqa: E402
 from longattn.dilated import fused  # noqa: E402
-
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 def _compile(kern, dtype, consts, num_warps):
@@ -36,15 +31,7 @@ def _compile(kern, dtype, consts, num_warps):
         sig[name] = "constexpr" if name in consts else ptrs.get(name, "i32")
         if sig[name].startswith("*") or name in ("L", "D", "DV"):  # runtime: divisible by 16
             attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(fn=kern, signature=sig, constexprs=consts, attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(c.asm["cubin"])
-    out = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
-                         capture_output=True, text=True, check=False).stdout
-    os.unlink(f.name)
-    line = [x for x in out.splitlines() if "REG:" in x]
-    return c.metadata.shared, " ".join(line[0].split()[:2]) if line else "?"
+    return compile_sm90(kern, sig, consts, attrs, num_warps=num_warps)
 
 
 def main(argv=None):

@@ -14,21 +14,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
-import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
+from longattn.common.bench import compile_sm90  # noqa: E402
 from longattn.hyper import lsh_triton  # noqa: E402
 from longattn.hyper import triton_kernels as tk  # noqa: E402
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 FP32_PTRS = ("L", "DELTA", "DQ", "DKA", "DVA", "DKS", "DVS", "PLW", "DLSE")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 I32_PTRS = ("PQ", "PK", "SAMP", "TP", "TI", "PQ0", "PNQ", "PK0", "PNK")
@@ -58,23 +53,10 @@ def _signature(fn, consts, dtype):
     return sig, attrs
 
 
-def _resources(compiled):
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    out = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name],
-                         capture_output=True, text=True, check=False).stdout
-    os.unlink(f.name)
-    line = [x for x in out.splitlines() if "REG:" in x]
-    return " ".join(line[0].split()[:2]) if line else "?"
-
-
-def compile_kernel(kern, consts, dtype, num_warps, num_stages, target):
+def compile_kernel(kern, consts, dtype, num_warps, num_stages):
     fn = kern.fn if hasattr(kern, "configs") else kern
     sig, attrs = _signature(fn, consts, dtype)
-    src = ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs)
-    c = triton.compile(src, target=target,
-                       options=dict(num_warps=num_warps, num_stages=num_stages))
-    return c.metadata.shared, _resources(c)
+    return compile_sm90(fn, sig, consts, attrs, num_warps=num_warps, num_stages=num_stages)
 
 
 def main(argv=None):
@@ -82,7 +64,6 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--head-dim", type=int, default=64)
     args = ap.parse_args(argv)
-    target = GPUTarget("cuda", 90, 32)
     d = args.head_dim
     prec = "tf32x3" if args.dtype == "fp32" else "tf32"
     failures = 0
@@ -97,7 +78,7 @@ def main(argv=None):
                 consts = {**base, **extra, **cfg.kwargs}
                 try:
                     shared, res = compile_kernel(kern, consts, args.dtype, cfg.num_warps,
-                                                 cfg.num_stages, target)
+                                                 cfg.num_stages)
                     print(f"{name:<12} smooth={smooth!s:<5} inner={cfg.kwargs['BLOCK_INNER']:<4}"
                           f" warps={cfg.num_warps} stages={cfg.num_stages}  shared={shared:>6}"
                           f"  {res}", flush=True)
@@ -106,13 +87,13 @@ def main(argv=None):
                     print(f"{name} smooth={smooth} {cfg}: FAILED {type(e).__name__}: {e}")
     shared, res = compile_kernel(tk._delta, dict(HAS_DLSE=True, BLOCK_M=64, BLOCK_DV=d,
                                                  EVEN_DV=True, IDX64=False),
-                                 args.dtype, 4, 1, target)
+                                 args.dtype, 4, 1)
     print(f"delta        shared={shared} {res}")
     prec_lsh = "ieee" if args.dtype == "fp32" else "tf32"
     rows = lsh_triton.block_s(getattr(torch, DTYPES[args.dtype]))
     shared, res = compile_kernel(lsh_triton._lsh_rank,
                                  dict(BLOCK_S=rows, BLOCK_D=d, BLOCK_R=16, EVEN_D=True,
-                                      PREC=prec_lsh), args.dtype, 4, 1, target)
+                                      PREC=prec_lsh), args.dtype, 4, 1)
     print(f"lsh_rank     shared={shared} {res}")
     return 1 if failures else 0
 

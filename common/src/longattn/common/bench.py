@@ -193,3 +193,33 @@ def plot_lines(series, path, *, xlabel, ylabel, title="", logx=False, logy=False
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def compile_sm90(fn, signature, constexprs, attrs=None, *, num_warps=4, num_stages=None):
+    """Compile the Triton kernel ``fn`` for a Hopper GPU (sm_90) on any machine, with triton's
+    own compiler and the ``cuobjdump`` of its wheel. Returns ``(shared memory bytes, "REG:n
+    STACK:m")``. A developer tool (catches compile errors the interpreter cannot, and register
+    spills); it leans on triton internals (``ASTSource``, ``GPUTarget``) that move between
+    versions. Run it with ``TRITON_INTERPRET`` unset."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs or {})
+    options = {"num_warps": num_warps}
+    if num_stages is not None:
+        options["num_stages"] = num_stages
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+    out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True,
+                         check=False).stdout
+    os.unlink(f.name)
+    line = [x for x in out.splitlines() if "REG:" in x]
+    return c.metadata.shared, " ".join(line[0].split()[:2]) if line else "?"
