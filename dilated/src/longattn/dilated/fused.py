@@ -77,29 +77,41 @@ def _call_rows(tab, t, h, bb, r, o):
 
 
 @triton.jit
-def _merge_kernel(TAB, GT, GW, OREF, LREF, OUT, LSE, NGROUPS: tl.constexpr, L, H, DV,
-                  ALIGN: tl.constexpr,
-                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out/lse of positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, head ``pid2``:
-    online LSE over the calls holding them (one per group)."""
-    # head fastest: programs that run together cover all heads of the same positions, i.e.
-    # contiguous memory, instead of one 2*D-byte row out of every H*D*2 bytes
+def _tile(L, H, D, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's head ``h``, batch row ``bb``, positions ``t [T]`` and head-dim columns,
+    with their masks. Head fastest (program id 0 = position tile * H + head): programs that run
+    together cover all heads of the same positions, i.e. contiguous memory, instead of one
+    2*D-byte row out of every 2*H*D bytes."""
     h = tl.program_id(0) % H
     bb = tl.program_id(1)
     t = (tl.program_id(0) // H) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.arange(0, BLOCK_D)
-    mask_t = t < L
-    mask_d = cols < DV
+    return h, bb, t, cols, t < L, cols < D
+
+
+@triton.jit
+def _group_rows(TAB, GT, GW, gi, t, h, bb, mask_t, ALIGN: tl.constexpr):
+    """Group ``gi``'s call for head ``h``: ``(member [T], row offsets [T], lse offsets [T])``
+    of positions ``t``; no member when the group has no call for this head."""
+    c, r, o = _call_of_head(TAB, GT, GW, gi, h)
+    member, row, lrow = _call_rows(TAB + tl.maximum(c, 0) * _NCOL, t, h, bb, r, o)
+    # c >= 0 as a vector: the interpreter rejects masks combined with a scalar bool
+    member = member & mask_t & (t * 0 + c >= 0)
+    return member, tl.multiple_of(row, ALIGN), lrow
+
+
+@triton.jit
+def _merge_kernel(TAB, GT, GW, OREF, LREF, OUT, LSE, NGROUPS: tl.constexpr, L, H, DV,
+                  ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out/lse of one tile (:func:`_tile`): online LSE over the calls holding its rows (one
+    per group)."""
+    h, bb, t, cols, mask_t, mask_d = _tile(L, H, DV, BLOCK_T, BLOCK_D)
     m = tl.full([BLOCK_T], float("-inf"), tl.float32)
     s = tl.zeros([BLOCK_T], tl.float32)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for gi in tl.static_range(NGROUPS):  # unrolled, branch-free: all groups' loads in flight
-        c, r, o = _call_of_head(TAB, GT, GW, gi, h)
-        member, row, lrow = _call_rows(TAB + tl.maximum(c, 0) * _NCOL, t, h, bb, r, o)
-        member = member & mask_t & (t * 0 + c >= 0)  # a vector test: the interpreter
-        # rejects masks combined with a scalar bool
+        member, row, lrow = _group_rows(TAB, GT, GW, gi, t, h, bb, mask_t, ALIGN)
         lc = tl.load(LREF + lrow, mask=member, other=float("-inf"))
-        row = tl.multiple_of(row, ALIGN)
         oc = tl.load(OREF + (row[:, None] + cols[None, :]),
                      mask=member[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         m_new = tl.maximum(m, lc)
@@ -122,24 +134,14 @@ def _merge_kernel(TAB, GT, GW, OREF, LREF, OUT, LSE, NGROUPS: tl.constexpr, L, H
 @triton.jit
 def _sum_kernel(TAB, GT, GW, GREF, OUT, NGROUPS: tl.constexpr, L, H, D, ALIGN: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Positions ``[pid0*BLOCK_T, +BLOCK_T)`` of batch ``pid1``, head ``pid2``, of the sum of
-    the calls' gradients (0 where no call holds the row)."""
-    # head fastest: programs that run together cover all heads of the same positions, i.e.
-    # contiguous memory, instead of one 2*D-byte row out of every H*D*2 bytes
-    h = tl.program_id(0) % H
-    bb = tl.program_id(1)
-    t = (tl.program_id(0) // H) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.arange(0, BLOCK_D)
-    mask_t = t < L
-    mask_d = cols < D
+    """One tile (:func:`_tile`) of the sum of the calls' gradients (0 where no call holds the
+    row)."""
+    h, bb, t, cols, mask_t, mask_d = _tile(L, H, D, BLOCK_T, BLOCK_D)
     acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for gi in tl.static_range(NGROUPS):  # unrolled, branch-free: all groups' loads in flight
-        c, r, o = _call_of_head(TAB, GT, GW, gi, h)
-        member, row, _ = _call_rows(TAB + tl.maximum(c, 0) * _NCOL, t, h, bb, r, o)
-        row = tl.multiple_of(row, ALIGN)
+        member, row, _ = _group_rows(TAB, GT, GW, gi, t, h, bb, mask_t, ALIGN)
         acc += tl.load(GREF + (row[:, None] + cols[None, :]),
-                       mask=(member & mask_t & (t * 0 + c >= 0))[:, None] & mask_d[None, :],
-                       other=0.0).to(tl.float32)
+                       mask=member[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
     rows = (bb.to(tl.int64) * L + t) * H + h
     tl.store(OUT + rows[:, None] * D + cols[None, :], acc.to(OUT.dtype.element_ty),
              mask=mask_t[:, None] & mask_d[None, :])
