@@ -112,6 +112,57 @@ def _online(m_i, l_i, acc, s, v, PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
+@triton.jit
+def _load_kv(k_head, v_head, kr, ok, sks, svs, offs_d, offs_dv, D, DV, EVEN_D: tl.constexpr,
+             EVEN_DV: tl.constexpr, IDX64: tl.constexpr):
+    """K and V rows ``kr`` (gathered through the sort permutation) of one (batch, kv head)."""
+    k = tl.load(_ptrs(k_head, kr, sks, offs_d, IDX64), mask=_mask(ok, offs_d, D, EVEN_D),
+                other=0.0)
+    v = tl.load(_ptrs(v_head, kr, svs, offs_dv, IDX64), mask=_mask(ok, offs_dv, DV, EVEN_DV),
+                other=0.0)
+    return k, v
+
+
+@triton.jit
+def _load_q_do(Q, DO, b, h, rows, ok, sqb, sqs, sqh, sdb, sds, sdh, offs_d, offs_dv, D, DV,
+               EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IDX64: tl.constexpr):
+    """Q and dO rows ``rows`` of (batch ``b``, query head ``h``)."""
+    q = tl.load(_ptrs(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, sqs, offs_d, IDX64),
+                mask=_mask(ok, offs_d, D, EVEN_D), other=0.0)
+    do = tl.load(_ptrs(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, sds, offs_dv,
+                       IDX64), mask=_mask(ok, offs_dv, DV, EVEN_DV), other=0.0)
+    return q, do
+
+
+@triton.jit
+def _row_stats(L, DELTA, lrow, ok):
+    """The backward's per-row lse in base 2 (+inf for rows that saw nothing: p = 0) and
+    delta."""
+    lse = tl.load(L + lrow, mask=ok, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return lse2, tl.load(DELTA + lrow, mask=ok, other=0.0)
+
+
+@triton.jit
+def _visible(offs_j, j_ok, st, lo, BS, IN_WIN: tl.constexpr, UNIFORM: tl.constexpr):
+    """Which of the sorted keys ``offs_j`` each query row sees: inside its window (``IN_WIN``,
+    the block-diagonal part) or outside it (a sampled column inside the window is dropped).
+    ``st``: each row's window start; ``UNIFORM``: all rows share the window ``[lo, lo + BS)``
+    (the result is then one row, broadcast)."""
+    if UNIFORM:
+        if IN_WIN:
+            vis = j_ok[None, :]
+        else:
+            vis = (j_ok & ((offs_j < lo) | (offs_j >= lo + BS)))[None, :]
+    else:
+        inside = (offs_j[None, :] >= st[:, None]) & (offs_j[None, :] < st[:, None] + BS)
+        if IN_WIN:
+            vis = j_ok[None, :] & inside
+        else:
+            vis = j_ok[None, :] & ~inside
+    return vis
+
+
 @triton.autotune(configs=_FWD, key=_KEY, restore_value=["O", "L"], prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
@@ -150,16 +201,10 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
         offs_j = j0 + tl.arange(0, BLOCK_INNER)
         j_ok = offs_j < hi
         kr = tl.load(kbase + offs_j, mask=j_ok, other=0)
-        k = tl.load(_ptrs(k_head, kr, sks, offs_d, IDX64), mask=_mask(j_ok, offs_d, D, EVEN_D),
-                    other=0.0)
-        v = tl.load(_ptrs(v_head, kr, svs, offs_dv, IDX64),
-                    mask=_mask(j_ok, offs_dv, DV, EVEN_DV), other=0.0)
+        k, v = _load_kv(k_head, v_head, kr, j_ok, sks, svs, offs_d, offs_dv, D, DV, EVEN_D,
+                        EVEN_DV, IDX64)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        if UNIFORM:  # all rows share the window [lo, hi): the loop range is the mask
-            vis = j_ok[None, :]
-        else:
-            vis = (j_ok[None, :] & (offs_j[None, :] >= st[:, None])
-                   & (offs_j[None, :] < st[:, None] + BS))
+        vis = _visible(offs_j, j_ok, st, lo, BS, True, UNIFORM)
         m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), v, PREC)
     # sampled columns, weight nk / M, the ones inside the row's window dropped
     logw = tl.load(PLW + p)
@@ -169,15 +214,10 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
         s_ok = offs_s < M
         sp = tl.load(sbase + offs_s, mask=s_ok, other=0)
         kr = tl.load(kbase + sp, mask=s_ok, other=0)
-        k = tl.load(_ptrs(k_head, kr, sks, offs_d, IDX64), mask=_mask(s_ok, offs_d, D, EVEN_D),
-                    other=0.0)
-        v = tl.load(_ptrs(v_head, kr, svs, offs_dv, IDX64),
-                    mask=_mask(s_ok, offs_dv, DV, EVEN_DV), other=0.0)
+        k, v = _load_kv(k_head, v_head, kr, s_ok, sks, svs, offs_d, offs_dv, D, DV, EVEN_D,
+                        EVEN_DV, IDX64)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + logw
-        if UNIFORM:
-            vis = (s_ok & ((sp < lo) | (sp >= lo + BS)))[None, :]
-        else:
-            vis = s_ok[None, :] & ((sp[None, :] < st[:, None]) | (sp[None, :] >= st[:, None] + BS))
+        vis = _visible(sp, s_ok, st, lo, BS, False, UNIFORM)
         m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), v, PREC)
 
     o_ptr = _ptrs(O + b.to(tl.int64) * sob + h.to(tl.int64) * soh, rows, sos, offs_dv, IDX64)
@@ -206,22 +246,10 @@ def _dq_part(q, do, lse2, delta, dq, st, lo, k_head, v_head, kr, offs_j, j_ok,
              in_win: tl.constexpr, bias, sks, svs, offs_d, offs_dv, D, DV, BS, qk_scale,
              EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IDX64: tl.constexpr,
              UNIFORM: tl.constexpr, PREC: tl.constexpr):
-    k = tl.load(_ptrs(k_head, kr, sks, offs_d, IDX64), mask=_mask(j_ok, offs_d, D, EVEN_D),
-                other=0.0)
-    v = tl.load(_ptrs(v_head, kr, svs, offs_dv, IDX64), mask=_mask(j_ok, offs_dv, DV, EVEN_DV),
-                other=0.0)
+    k, v = _load_kv(k_head, v_head, kr, j_ok, sks, svs, offs_d, offs_dv, D, DV, EVEN_D, EVEN_DV,
+                    IDX64)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias
-    if UNIFORM:  # all rows share the window [lo, lo + BS)
-        if in_win:
-            vis = j_ok[None, :]
-        else:
-            vis = (j_ok & ((offs_j < lo) | (offs_j >= lo + BS)))[None, :]
-    else:
-        inside = (offs_j[None, :] >= st[:, None]) & (offs_j[None, :] < st[:, None] + BS)
-        if in_win:
-            vis = j_ok[None, :] & inside
-        else:
-            vis = j_ok[None, :] & ~inside
+    vis = _visible(offs_j, j_ok, st, lo, BS, in_win, UNIFORM)
     pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     ds = pr * (dp - delta[:, None])
@@ -248,14 +276,9 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
     rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=row_ok, other=0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(_ptrs(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, sqs, offs_d, IDX64),
-                mask=_mask(row_ok, offs_d, D, EVEN_D), other=0.0)
-    do = tl.load(_ptrs(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, sds, offs_dv,
-                       IDX64), mask=_mask(row_ok, offs_dv, DV, EVEN_DV), other=0.0)
-    lrow = (b * HQ + h).to(tl.int64) * SQ + rows
-    lse = tl.load(L + lrow, mask=row_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + lrow, mask=row_ok, other=0.0)
+    q, do = _load_q_do(Q, DO, b, h, rows, row_ok, sqb, sqs, sqh, sdb, sds, sdh, offs_d, offs_dv,
+                       D, DV, EVEN_D, EVEN_DV, IDX64)
+    lse2, delta = _row_stats(L, DELTA, (b * HQ + h).to(tl.int64) * SQ + rows, row_ok)
     st = _start(offs_i, nk, BS, SMOOTH)
     lo = _start(i0, nk, BS, SMOOTH)
     hi = tl.minimum(_start(tl.minimum(i0 + BLOCK_M, nq) - 1, nk, BS, SMOOTH) + BS, nk)
@@ -301,27 +324,11 @@ def _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, i_hi, off
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=i_ok, other=0)
-    q = tl.load(_ptrs(Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh, rows, sqs, offs_d, IDX64),
-                mask=_mask(i_ok, offs_d, D, EVEN_D), other=0.0)
-    do = tl.load(_ptrs(DO + b.to(tl.int64) * sdb + h.to(tl.int64) * sdh, rows, sds, offs_dv,
-                       IDX64), mask=_mask(i_ok, offs_dv, DV, EVEN_DV), other=0.0)
-    lrow = (b * HQ + h).to(tl.int64) * SQ + rows
-    lse = tl.load(L + lrow, mask=i_ok, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    delta = tl.load(DELTA + lrow, mask=i_ok, other=0.0)
-    if UNIFORM:
-        if in_win:
-            vis = i_ok[:, None] & j_ok[None, :]
-        else:
-            lo = (i_start // BS) * BS
-            vis = i_ok[:, None] & (j_ok & ((offs_j < lo) | (offs_j >= lo + BS)))[None, :]
-    else:
-        st = _start(offs_i, nk, BS, SMOOTH)
-        inside = (offs_j[None, :] >= st[:, None]) & (offs_j[None, :] < st[:, None] + BS)
-        if in_win:
-            vis = i_ok[:, None] & j_ok[None, :] & inside
-        else:
-            vis = i_ok[:, None] & j_ok[None, :] & ~inside
+    q, do = _load_q_do(Q, DO, b, h, rows, i_ok, sqb, sqs, sqh, sdb, sds, sdh, offs_d, offs_dv,
+                       D, DV, EVEN_D, EVEN_DV, IDX64)
+    lse2, delta = _row_stats(L, DELTA, (b * HQ + h).to(tl.int64) * SQ + rows, i_ok)
+    vis = i_ok[:, None] & _visible(offs_j, j_ok, _start(offs_i, nk, BS, SMOOTH),
+                                   (i_start // BS) * BS, BS, in_win, UNIFORM)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias  # [I, J]
     pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
     dv = dv + tl.dot(tl.trans(pr).to(do.dtype), do, input_precision=PREC)
@@ -353,10 +360,9 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DKA, DVA, PQ, PK, TP, TI, PQ0, PNQ, PK0, PN
     kr = tl.load(PK + (b * HKV + hk).to(tl.int64) * SK + k0 + offs_j, mask=j_ok, other=0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(_ptrs(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, kr, sks, offs_d, IDX64),
-                mask=_mask(j_ok, offs_d, D, EVEN_D), other=0.0)
-    v = tl.load(_ptrs(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, kr, svs, offs_dv,
-                      IDX64), mask=_mask(j_ok, offs_dv, DV, EVEN_DV), other=0.0)
+    k, v = _load_kv(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh,
+                    V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, kr, j_ok, sks, svs, offs_d,
+                    offs_dv, D, DV, EVEN_D, EVEN_DV, IDX64)
     # the sorted queries whose window holds a key of [j0, j1): a contiguous range
     j1 = tl.minimum(j0 + BLOCK_N, nk)
     if SMOOTH:
@@ -406,10 +412,9 @@ def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ
     kr = tl.load(PK + (b * HKV + hk).to(tl.int64) * SK + k0 + sp, mask=s_ok, other=0)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = tl.load(_ptrs(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh, kr, sks, offs_d, IDX64),
-                mask=_mask(s_ok, offs_d, D, EVEN_D), other=0.0)
-    v = tl.load(_ptrs(V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, kr, svs, offs_dv,
-                      IDX64), mask=_mask(s_ok, offs_dv, DV, EVEN_DV), other=0.0)
+    k, v = _load_kv(K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh,
+                    V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh, kr, s_ok, sks, svs, offs_d,
+                    offs_dv, D, DV, EVEN_D, EVEN_DV, IDX64)
     logw = tl.load(PLW + p)
     c1 = tl.minimum(c0 + CHUNK, nq)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
