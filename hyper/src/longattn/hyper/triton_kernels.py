@@ -163,6 +163,27 @@ def _visible(offs_j, j_ok, st, lo, BS, IN_WIN: tl.constexpr, UNIFORM: tl.constex
     return vis
 
 
+@triton.jit
+def _query_tile(PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK, HQ, HKV, SQ, SK, BS, BLOCK_M: tl.constexpr,
+                SMOOTH: tl.constexpr):
+    """The tile of ``BLOCK_M`` sorted queries of this program (forward and dq grids): batch,
+    query / kv head, problem, the rows (through the permutation), each row's window start
+    ``st``, the tile's key range ``[lo, hi)`` and the problem's sorted-key base pointer."""
+    bh = tl.program_id(1)
+    b = bh // HQ
+    h = bh % HQ
+    hk = h // (HQ // HKV)
+    p, i0, q0, nq, k0, nk = _problem(TP, TI, PQ0, PNQ, PK0, PNK, tl.program_id(0))
+    offs_i = i0 + tl.arange(0, BLOCK_M)
+    row_ok = offs_i < nq
+    rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=row_ok, other=0)
+    st = _start(offs_i, nk, BS, SMOOTH)
+    lo = _start(i0, nk, BS, SMOOTH)
+    hi = tl.minimum(_start(tl.minimum(i0 + BLOCK_M, nq) - 1, nk, BS, SMOOTH) + BS, nk)
+    kbase = PK + (b * HKV + hk).to(tl.int64) * SK + k0
+    return b, h, hk, p, row_ok, rows, st, lo, hi, kbase
+
+
 @triton.autotune(configs=_FWD, key=_KEY, restore_value=["O", "L"], prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
@@ -172,28 +193,17 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
          BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
          EVEN_D: tl.constexpr, EVEN_DV: tl.constexpr, IDX64: tl.constexpr,
          UNIFORM: tl.constexpr, BLOCK_INNER: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    hk = h // (HQ // HKV)
-    p, i0, q0, nq, k0, nk = _problem(TP, TI, PQ0, PNQ, PK0, PNK, pid)
-    offs_i = i0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_i < nq
-    rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=row_ok, other=0)
+    b, h, hk, p, row_ok, rows, st, lo, hi, kbase = _query_tile(
+        PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK, HQ, HKV, SQ, SK, BS, BLOCK_M, SMOOTH)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_head = Q + b.to(tl.int64) * sqb + h.to(tl.int64) * sqh
     q = tl.load(_ptrs(q_head, rows, sqs, offs_d, IDX64), mask=_mask(row_ok, offs_d, D, EVEN_D),
                 other=0.0)
-    st = _start(offs_i, nk, BS, SMOOTH)
-    lo = _start(i0, nk, BS, SMOOTH)
-    hi = tl.minimum(_start(tl.minimum(i0 + BLOCK_M, nq) - 1, nk, BS, SMOOTH) + BS, nk)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
 
-    kbase = PK + (b * HKV + hk).to(tl.int64) * SK + k0
     k_head = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_head = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     # window keys
@@ -265,24 +275,13 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
             BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_D: tl.constexpr,
             EVEN_DV: tl.constexpr, IDX64: tl.constexpr, UNIFORM: tl.constexpr,
             BLOCK_INNER: tl.constexpr, PREC: tl.constexpr):
-    pid = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // HQ
-    h = bh % HQ
-    hk = h // (HQ // HKV)
-    p, i0, q0, nq, k0, nk = _problem(TP, TI, PQ0, PNQ, PK0, PNK, pid)
-    offs_i = i0 + tl.arange(0, BLOCK_M)
-    row_ok = offs_i < nq
-    rows = tl.load(PQ + (b * HQ + h).to(tl.int64) * SQ + q0 + offs_i, mask=row_ok, other=0)
+    b, h, hk, p, row_ok, rows, st, lo, hi, kbase = _query_tile(
+        PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK, HQ, HKV, SQ, SK, BS, BLOCK_M, SMOOTH)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q, do = _load_q_do(Q, DO, b, h, rows, row_ok, sqb, sqs, sqh, sdb, sds, sdh, offs_d, offs_dv,
                        D, DV, EVEN_D, EVEN_DV, IDX64)
     lse2, delta = _row_stats(L, DELTA, (b * HQ + h).to(tl.int64) * SQ + rows, row_ok)
-    st = _start(offs_i, nk, BS, SMOOTH)
-    lo = _start(i0, nk, BS, SMOOTH)
-    hi = tl.minimum(_start(tl.minimum(i0 + BLOCK_M, nq) - 1, nk, BS, SMOOTH) + BS, nk)
-    kbase = PK + (b * HKV + hk).to(tl.int64) * SK + k0
     k_head = K + b.to(tl.int64) * skb + hk.to(tl.int64) * skh
     v_head = V + b.to(tl.int64) * svb + hk.to(tl.int64) * svh
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
