@@ -24,7 +24,7 @@ from longattn.dilated import fused  # noqa: E402
 
 
 def _compile(kern, dtype, consts, num_warps):
-    ptrs = {"TAB": "*i64", "GT": "*i64", "LSE": "*fp32", "LREF": "*fp32", "OREF": "*" + dtype,
+    ptrs = {"HT": "*i64", "LSE": "*fp32", "LREF": "*fp32", "OREF": "*" + dtype,
             "GREF": "*" + dtype, "OUT": "*" + dtype}
     sig, attrs = {}, {}
     for i, name in enumerate(kern.arg_names):
