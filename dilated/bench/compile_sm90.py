@@ -40,13 +40,14 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     args = ap.parse_args(argv)
     bd = triton.next_power_of_2(args.head_dim)
-    for elems, warps in ((fused.ELEMS, fused.NUM_WARPS), (2048, 4), (8192, 8), (16384, 8)):
-        bt = max(1, elems // bd)
+    default = (fused.ROWS, fused.CHUNK, fused.NUM_WARPS)
+    for rows, chunk, warps in dict.fromkeys((default, (128, 8, 4), (256, 8, 8), (64, 16, 4),
+                                             (128, 16, 4))):
         for name, kern in (("merge", fused._merge_kernel), ("sum", fused._sum_kernel)):
             consts = dict(ALIGN=16 // {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype],
-                          BLOCK_T=bt, BLOCK_D=bd, NGROUPS=5)
+                          BLOCK_T=rows, BLOCK_D=bd, CHUNK=min(chunk, bd), NGROUPS=5, FAST=True)
             shared, res = _compile(kern, args.dtype, consts, warps)
-            print(f"{name:<6} ELEMS={elems:<6} BLOCK_T={bt:<3} warps={warps}  shared={shared:>6}"
+            print(f"{name:<6} rows={rows:<4} chunk={chunk:<3} warps={warps}  shared={shared:>6}"
                   f"  {res}", flush=True)
     return 0
 

@@ -5,7 +5,8 @@
 
 LongNet's schedule (segments 2048..32768, rates 1,2,4,6,12), H = 12, D = 64, bf16, causal (GPU
 only). The kernels' inputs are captured from one real forward + backward; each launch choice
-(tile elements, warps, programs per SM or one program per tile) is timed on them, with the
+(positions a tile, head-dim columns a load, warps, programs per SM or one program per
+tile) is timed on them, with the
 bytes each kernel must move and the bandwidth it reaches, next to a plain device copy of as
 many bytes (the memory speed this GPU gives such traffic). Then the ``--full`` best choices
 (by merge + 3 sums) and the current default run the whole forward + backward, alternated
@@ -15,7 +16,6 @@ round by round, and a profile of the best shows where the rest of the time goes.
 from __future__ import annotations
 
 import argparse
-import itertools
 import sys
 
 import torch
@@ -25,11 +25,15 @@ from longattn.dilated import dilated_attention
 from longattn.dilated import fused as F
 
 SEG, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
-CHOICES = list(itertools.product((1024, 2048, 4096), (2, 4, 8), (None, 4, 8, 16, 32)))
+# (positions a tile, head-dim columns a load, warps, programs per SM or None: one per tile)
+CHOICES = [(rows, chunk, warps, pps) for rows, chunk, warps in
+           ((128, 8, 4), (64, 8, 2), (256, 8, 8), (64, 16, 4), (128, 16, 8), (128, 16, 4),
+            (32, 8, 1))
+           for pps in (None, 8, 16, 32)]
 
 
 def _knobs(choice):
-    F.ELEMS, F.NUM_WARPS, F.PROGRAMS_PER_SM = choice
+    F.ROWS, F.CHUNK, F.NUM_WARPS, F.PROGRAMS_PER_SM = choice
 
 
 def _capture(run):
@@ -65,7 +69,7 @@ def main(argv=None):
     ap.add_argument("--best-file", default=None, help="write the fastest choice here")
     args = ap.parse_args(argv)
     dev = "cuda"
-    default = (F.ELEMS, F.NUM_WARPS, F.PROGRAMS_PER_SM)
+    default = (F.ROWS, F.CHUNK, F.NUM_WARPS, F.PROGRAMS_PER_SM)
     b, s, h, d = args.batch, args.seq, 12, 64
     g = torch.Generator(device=dev).manual_seed(1)
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=g)
@@ -96,8 +100,8 @@ def main(argv=None):
         _knobs(choice)
         ms = [bench.time_fn(lambda: F.merge_strided(*merge_args), device=dev)]
         ms += [bench.time_fn(lambda a=a: F.sum_strided(*a), device=dev) for a in sum_args]
-        rows.append({"elems": choice[0], "warps": choice[1],
-                     "programs/SM": choice[2] or "1 per tile",
+        rows.append({"rows": choice[0], "chunk": choice[1], "warps": choice[2],
+                     "programs/SM": choice[3] or "1 per tile",
                      "merge ms": round(ms[0], 3),
                      "merge GB/s": round(merge_bytes / ms[0] / 1e6),
                      "3 sums ms": round(sum(ms[1:]), 3),
@@ -118,13 +122,13 @@ def main(argv=None):
         fns[str(choice)] = run
     times = bench.time_interleaved(fns, device=dev, rounds=3)
     for name in fns:
-        print(f"fwd+bwd with (elems, warps, programs/SM) = {name}: {times[name]:.2f} ms "
+        print(f"fwd+bwd with (rows, chunk, warps, programs/SM) = {name}: {times[name]:.2f} ms "
               f"(spread {times[name + ' spread']:.3f})", flush=True)
 
     from torch.profiler import ProfilerActivity, profile
 
     fastest = min(fns, key=times.get)
-    if args.best_file:  # for a benchmark run that follows: "ELEMS,WARPS,PROGRAMS_PER_SM"
+    if args.best_file:  # for a benchmark run that follows: "ROWS,CHUNK,WARPS,PROGRAMS_PER_SM"
         with open(args.best_file, "w") as f:
             f.write(fastest.strip("()").replace(" ", "").replace("None", "none"))
     fns[fastest]()

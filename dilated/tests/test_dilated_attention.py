@@ -254,3 +254,19 @@ def test_kernel_outputs_with_any_strides():
             o.backward(dout)
             res += [o, qq.grad, kk.grad, vv.grad]
         assert all(rel_error(a, w) == 0 for a, w in zip(got, want))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_gradient_through_lse_only(causal):
+    """A loss of lse alone (out unused: its gradient arrives as None, not zeros) matches the
+    oracle's backward with d(out) = 0."""
+    seg, rates = SCHEDULES[0]
+    q, k, v, _, dlse = _inputs(11, 2, 37, 4, 4, 8, 6)
+    qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+    _, lse = dilated_attention(qq, kk, vv, seg, rates, is_causal=causal, return_lse=True)
+    dl = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
+    (lse.masked_fill(~torch.isfinite(lse), 0) * dl).sum().backward()
+    grads = ref_backward(np.zeros((2, 37, 4, 6)), q.numpy(), k.numpy(), v.numpy(), seg, rates,
+                         causal=causal, dlse=dl.numpy())
+    for t, g in zip((qq, kk, vv), grads):
+        assert rel_error(t.grad, g) <= TOLERANCES[torch.float64]

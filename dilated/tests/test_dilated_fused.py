@@ -168,11 +168,15 @@ def test_auto_mode_keeps_cpu_eager(monkeypatch, launches):
         dilated_attention(q, k, v, seg, rates)
 
 
-@pytest.mark.parametrize("ci", [0, 2, 3])
-def test_small_tiles(monkeypatch, launches, ci):
-    """Tiles of 2 positions (head dim 8): most calls hold no row of a tile (every member mask
-    false), the last tile is partial (odd S)."""
-    monkeypatch.setattr(fused, "ELEMS", 16)
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("ci", [0, 2, 3, 4])
+def test_small_tiles(monkeypatch, launches, ci, fast):
+    """Tiles of 2 positions: most calls hold no row of a tile (every member mask false), the
+    last tile is partial (odd S); both index paths (every segment is >= 2 positions, so the
+    division-free one runs unless FAST_INDEX is off)."""
+    monkeypatch.setattr(fused, "ROWS", 2)
+    monkeypatch.setattr(fused, "FAST_INDEX", fast)
+    paths = _spy_paths(monkeypatch)
     seg, rates, s, hq, hkv = CASES[ci]
     assert hq == 4 and s % 2
     q, k, v, dout, dlse = _inputs(50 + ci, s, hq, hkv, b=1)
@@ -181,6 +185,35 @@ def test_small_tiles(monkeypatch, launches, ci):
     errs = [rel_error(a, b) for a, b in zip(got, want)]
     assert max(errs) <= TOL, f"fused vs eager: out, lse, dq, dk, dv = {errs}"
     assert launches == {"merge": 1, "sum": 3}
+    assert paths == {fast}
+
+
+def _spy_paths(monkeypatch):
+    """The set of FAST flags the fused launches used."""
+    paths = set()
+    real = fused._launch
+
+    def spy(kernel, table, *a):
+        paths.add(table[2])
+        return real(kernel, table, *a)
+
+    monkeypatch.setattr(fused, "_launch", spy)
+    return paths
+
+
+def test_head_dim_chunks(monkeypatch, launches):
+    """The head dim in chunks of 4 columns: head dims 8 and 12 (padded to 16: a partial and an
+    empty last chunk), both index paths in one run (segments 3 and 8 with tiles of 4)."""
+    monkeypatch.setattr(fused, "CHUNK", 4)
+    monkeypatch.setattr(fused, "ROWS", 4)
+    paths = _spy_paths(monkeypatch)
+    for seg, rates in (((8, 16), (1, 2)), ((3, 8), (1, 3))):
+        q, k, v, dout, dlse = _inputs(len(seg) + seg[0], 23, 4, 4, dv=12)
+        got = _run(monkeypatch, "on", seg, rates, True, q, k, v, dout, dlse)
+        want = _run(monkeypatch, "off", seg, rates, True, q, k, v, dout, dlse)
+        errs = [rel_error(a, b) for a, b in zip(got, want)]
+        assert max(errs) <= TOL, f"fused vs eager: out, lse, dq, dk, dv = {errs}"
+    assert paths == {True, False}
 
 
 @pytest.mark.parametrize("ci, programs", [(0, 1), (1, 3), (3, 5), (6, 2)])
@@ -188,7 +221,7 @@ def test_persistent_programs(monkeypatch, launches, ci, programs):
     """With PROGRAMS_PER_SM set, each program strides over several position tiles of its (head,
     batch row) (on the CPU one "SM": splits = ceil(programs / (B*H)), i.e. one split here, so a
     program walks all tiles, the last one partial)."""
-    monkeypatch.setattr(fused, "ELEMS", 32)
+    monkeypatch.setattr(fused, "ROWS", 4)
     monkeypatch.setattr(fused, "PROGRAMS_PER_SM", programs)
     seg, rates, s, hq, hkv = CASES[ci]
     q, k, v, dout, dlse = _inputs(70 + ci, s, hq, hkv)

@@ -324,6 +324,8 @@ class _DilatedAttention(torch.autograd.Function):
             out, lse = merge_calls(results, calls, b, l, hq, dv, acc, plan.first_covers)
             out = out.to(q.dtype)
         del results
+        # an unused lse (the usual case) comes back as None, not a zero tensor to fill and test
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, recv)
         ctx.args = (plan, scale, group, backend)
         return out, lse.transpose(1, 2)
@@ -338,8 +340,8 @@ class _DilatedAttention(torch.autograd.Function):
         calls, sends = _device_plan(plan, q.device)
         kf, vf = k.view(b, -1, d), v.view(b, -1, dv)
         kpool, vpool = _pools(kf, vf, recv)  # the received rows were kept from the forward
-        dout = dout.contiguous().to(q.dtype)
-        if dlse is not None and not torch.any(dlse):
+        dout = torch.zeros_like(out) if dout is None else dout.contiguous().to(q.dtype)
+        if dlse is not None and not torch.any(dlse):  # a sync, only when lse had a gradient
             dlse = None
         dlse = None if dlse is None else dlse.transpose(1, 2).to(acc).contiguous()  # [B, l, H]
         if ctx.fused:

@@ -48,26 +48,62 @@ _NCOL = tl.constexpr(12)
 
 
 @triton.jit
-def _group_rows(HT, h, gi, NGROUPS: tl.constexpr, t, bb, mask_t, ALIGN: tl.constexpr):
-    """Group ``gi``'s call for head ``h`` (one row of the host-built table, so the loads below
-    are independent of each other): ``(member [T], element offset of each row in the result
-    [T] (int64), lse offset [T])`` of positions ``t`` of batch row ``bb``. A head the group has
-    no call for has ``nseg = 0``: no member."""
-    p = HT + (h * NGROUPS + gi) * _NCOL
-    r = tl.load(p + _R).to(tl.int32)
-    o = tl.load(p + _O).to(tl.int32)
-    nseg = tl.load(p + _NSEG).to(tl.int32)
-    length = tl.load(p + _LEN).to(tl.int32)
-    tr = t - tl.load(p + _S0).to(tl.int32)
-    inside = (tr >= 0) & (tr < nseg * length) & mask_t
-    tr = tl.where(inside, tr, 0)  # keep the divisions below on valid numbers
-    seg = tr // length
-    pos = tr - seg * length
-    member = inside & (pos % r == o)
-    sb = (bb * nseg + seg).to(tl.int64)  # index along the call's batch*segment dim
-    j = (pos // r).to(tl.int64)
-    row = tl.load(p + _ROW0) + sb * tl.load(p + _SSB) + j * tl.load(p + _SJ)
-    lrow = tl.load(p + _LROW0) + sb * tl.load(p + _LSB) + j * tl.load(p + _LSJ)
+def _params(HT, h, NGROUPS: tl.constexpr):
+    """Head ``h``'s rows of the table, one tuple per group, loaded once per program (the tile
+    loop keeps them in registers): ``(r, o, s0, nseg, length, row0, ssb, sj, lrow0, lsb, lsj,
+    1/r)``. A head a group has no call for has ``nseg = 0``: no member."""
+    prms = ()
+    for gi in tl.static_range(NGROUPS):
+        p = HT + (h * NGROUPS + gi) * _NCOL
+        r = tl.load(p + _R).to(tl.int32)
+        prms = prms + ((r, tl.load(p + _O).to(tl.int32), tl.load(p + _S0).to(tl.int32),
+                        tl.load(p + _NSEG).to(tl.int32), tl.load(p + _LEN).to(tl.int32),
+                        tl.load(p + _ROW0), tl.load(p + _SSB), tl.load(p + _SJ),
+                        tl.load(p + _LROW0), tl.load(p + _LSB), tl.load(p + _LSJ),
+                        1.0 / r.to(tl.float32)),)
+    return prms
+
+
+@triton.jit
+def _group_rows(prm, t0, bb, mask_t, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr,
+                FAST: tl.constexpr):
+    """One group's call (``prm``, from :func:`_params`) over the tile of positions ``t0 + [0,
+    BLOCK_T)`` of batch row ``bb``: ``(member [T], element offset of each row in the result
+    [T] (int64), lse offset [T])``.
+
+    ``FAST`` (checked by the host: every segment at least ``BLOCK_T`` and below 2**21
+    positions, every stride below 2**31): a tile meets at most one segment boundary, so one
+    scalar division per tile finds the segments; the offset in the segment is divided by
+    ``r`` in float32, exact below 2**22 (the quotient of ``x + 1/2`` lies at least ``1/(2r)``
+    from an integer), and the strides multiply as int32 into int64. The kernels are bound by
+    instructions, not memory, without it: integer divisions on every row of every group.
+    """
+    r, o, s0, nseg, length, row0, ssb, sj, lrow0, lsb, lsj, rcp = prm
+    i = tl.arange(0, BLOCK_T)
+    tr0 = t0 - s0
+    if FAST:
+        seg0 = tl.maximum(tr0, 0) // length
+        d = (tr0 - seg0 * length) + i  # offset in segment seg0; < 0 before s0
+        cross = d >= length
+        seg = seg0 + cross.to(tl.int32)
+        x = d - tl.where(cross, length, 0) - o
+        j = tl.floor((x.to(tl.float32) + 0.5) * rcp).to(tl.int32)
+        member = (d >= 0) & (seg < nseg) & mask_t & (x == j * r)
+        sb = (bb * nseg + seg).to(tl.int64)
+        jj = j.to(tl.int64)
+        row = row0 + sb * ssb.to(tl.int32).to(tl.int64) + jj * sj.to(tl.int32).to(tl.int64)
+        lrow = lrow0 + sb * lsb.to(tl.int32).to(tl.int64) + jj * lsj.to(tl.int32).to(tl.int64)
+    else:
+        tr = tr0 + i
+        inside = (tr >= 0) & (tr < nseg * length) & mask_t
+        tr = tl.where(inside, tr, 0)  # keep the divisions below on valid numbers
+        seg = tr // length
+        pos = tr - seg * length
+        member = inside & (pos % r == o)
+        sb = (bb * nseg + seg).to(tl.int64)  # index along the call's batch*segment dim
+        jj = (pos // r).to(tl.int64)
+        row = row0 + sb * ssb + jj * sj
+        lrow = lrow0 + sb * lsb + jj * lsj
     return member, tl.multiple_of(row, ALIGN), lrow
 
 
@@ -82,60 +118,88 @@ def _program(H):
 
 
 @triton.jit
+def _groups_rows(prms, t0, bb, mask_t, NGROUPS: tl.constexpr, ALIGN: tl.constexpr,
+                 BLOCK_T: tl.constexpr, FAST: tl.constexpr):
+    """:func:`_group_rows` of every group: a tuple of ``(member, row, lse row)``."""
+    rows = ()
+    for gi in tl.static_range(NGROUPS):
+        rows = rows + (_group_rows(prms[gi], t0, bb, mask_t, ALIGN, BLOCK_T, FAST),)
+    return rows
+
+
+@triton.jit
 def _merge_kernel(HT, OREF, LREF, OUT, LSE, NGROUPS: tl.constexpr, L, H, DV, NTILES,
-                  ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-    """out/lse of this program's tiles (:func:`_program`): online LSE over the calls holding
-    their rows (one per group)."""
+                  ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                  CHUNK: tl.constexpr, FAST: tl.constexpr):
+    """out/lse of this program's tiles (:func:`_program`): the LSE merge of the calls holding
+    their rows (one per group). The head dim goes in chunks of ``CHUNK`` columns, so a thread
+    owns whole rows: their index arithmetic is done once, not once per thread of a row."""
     h, bb, first, step = _program(H)
-    cols = tl.arange(0, BLOCK_D)
-    mask_d = cols < DV
+    prms = _params(HT, h, NGROUPS)
+    cols = tl.arange(0, CHUNK)
     for ti in range(first, NTILES, step):
-        t = ti * BLOCK_T + tl.arange(0, BLOCK_T)
+        t0 = ti * BLOCK_T
+        t = t0 + tl.arange(0, BLOCK_T)
         mask_t = t < L
+        rows = _groups_rows(prms, t0, bb, mask_t, NGROUPS, ALIGN, BLOCK_T, FAST)
+        lcs = ()
         m = tl.full([BLOCK_T], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_T], tl.float32)
-        acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-        for gi in tl.static_range(NGROUPS):  # unrolled, branch-free: all loads in flight
-            member, row, lrow = _group_rows(HT, h, gi, NGROUPS, t, bb, mask_t, ALIGN)
+        for gi in tl.static_range(NGROUPS):
+            member, _, lrow = rows[gi]
             lc = tl.load(LREF + lrow, mask=member, other=float("-inf"))
-            oc = tl.load(OREF + (row[:, None] + cols[None, :]),
-                         mask=member[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-            m_new = tl.maximum(m, lc)
-            # rows that have seen nothing yet (m_new = -inf) keep acc = s = 0, never NaN
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_safe)
-            beta = tl.exp(lc - m_safe)
-            s = s * alpha + beta
-            acc = acc * alpha[:, None] + oc * beta[:, None]
-            m = m_new
+            lcs = lcs + (lc,)
+            m = tl.maximum(m, lc)
+        m = tl.where(m == float("-inf"), 0.0, m)  # rows of no call: every weight exp(-inf) = 0
+        ws = ()
+        s = tl.zeros([BLOCK_T], tl.float32)
+        for gi in tl.static_range(NGROUPS):
+            w = tl.exp(lcs[gi] - m)
+            ws = ws + (w,)
+            s += w
         seen = s > 0
         inv = tl.where(seen, 1.0 / tl.where(seen, s, 1.0), 0.0)
-        lse = tl.where(seen, m + tl.log(tl.where(seen, s, 1.0)), float("-inf"))
-        rows = (bb.to(tl.int64) * L + t) * H + h  # [T] flat (b, t, h)
-        tl.store(LSE + rows, lse, mask=mask_t)
-        tl.store(OUT + rows[:, None] * DV + cols[None, :], (acc * inv[:, None]).to(
-            OUT.dtype.element_ty), mask=mask_t[:, None] & mask_d[None, :])
+        out_rows = (bb.to(tl.int64) * L + t) * H + h  # [T] flat (b, t, h)
+        tl.store(LSE + out_rows, tl.where(seen, m + tl.log(tl.where(seen, s, 1.0)),
+                                          float("-inf")), mask=mask_t)
+        for c in tl.static_range(BLOCK_D // CHUNK):
+            cc = c * CHUNK + cols
+            mask_d = cc < DV
+            acc = tl.zeros([BLOCK_T, CHUNK], tl.float32)
+            for gi in tl.static_range(NGROUPS):  # unrolled, branch-free: all loads in flight
+                member, row, _ = rows[gi]
+                oc = tl.load(OREF + (row[:, None] + cc[None, :]),
+                             mask=member[:, None] & mask_d[None, :], other=0.0)
+                acc += oc.to(tl.float32) * ws[gi][:, None]
+            tl.store(OUT + out_rows[:, None] * DV + cc[None, :],
+                     (acc * inv[:, None]).to(OUT.dtype.element_ty),
+                     mask=mask_t[:, None] & mask_d[None, :])
 
 
 @triton.jit
 def _sum_kernel(HT, GREF, OUT, NGROUPS: tl.constexpr, L, H, D, NTILES, ALIGN: tl.constexpr,
-                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
+                FAST: tl.constexpr):
     """This program's tiles (:func:`_program`) of the sum of the calls' gradients (0 where no
-    call holds the row)."""
+    call holds the row); the head dim in chunks as in :func:`_merge_kernel`."""
     h, bb, first, step = _program(H)
-    cols = tl.arange(0, BLOCK_D)
-    mask_d = cols < D
+    prms = _params(HT, h, NGROUPS)
+    cols = tl.arange(0, CHUNK)
     for ti in range(first, NTILES, step):
-        t = ti * BLOCK_T + tl.arange(0, BLOCK_T)
+        t0 = ti * BLOCK_T
+        t = t0 + tl.arange(0, BLOCK_T)
         mask_t = t < L
-        acc = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
-        for gi in tl.static_range(NGROUPS):  # unrolled, branch-free: all loads in flight
-            member, row, _ = _group_rows(HT, h, gi, NGROUPS, t, bb, mask_t, ALIGN)
-            acc += tl.load(GREF + (row[:, None] + cols[None, :]),
-                           mask=member[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
-        rows = (bb.to(tl.int64) * L + t) * H + h
-        tl.store(OUT + rows[:, None] * D + cols[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=mask_t[:, None] & mask_d[None, :])
+        rows = _groups_rows(prms, t0, bb, mask_t, NGROUPS, ALIGN, BLOCK_T, FAST)
+        out_rows = (bb.to(tl.int64) * L + t) * H + h
+        for c in tl.static_range(BLOCK_D // CHUNK):
+            cc = c * CHUNK + cols
+            mask_d = cc < D
+            acc = tl.zeros([BLOCK_T, CHUNK], tl.float32)
+            for gi in tl.static_range(NGROUPS):  # unrolled, branch-free: all loads in flight
+                member, row, _ = rows[gi]
+                acc += tl.load(GREF + (row[:, None] + cc[None, :]),
+                               mask=member[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            tl.store(OUT + out_rows[:, None] * D + cc[None, :], acc.to(OUT.dtype.element_ty),
+                     mask=mask_t[:, None] & mask_d[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,8 +256,8 @@ def _table(calls, tensors, lses, which, nheads, device):
         for g in groups:
             r = geo[next(iter(g.values()))][0]
             c = g.get(h % r)
-            if c is None:  # no call of this group holds head h
-                rows.append([1, 0, 0, 0, 1] + [0] * (_NCOL.value - 5))
+            if c is None:  # no call of this group holds head h: nseg = 0
+                rows.append([1, 0, 0, 0, _NO_LENGTH] + [0] * (_NCOL.value - 5))
                 continue
             r, o, s0, nseg, length, off, sh, ssb, sj, loff, lsh, lsb, lsj = geo[c]
             a = h // r
@@ -202,15 +266,32 @@ def _table(calls, tensors, lses, which, nheads, device):
     vec = max(1, 16 // size)
     align = vec if all(x % vec == 0 for x in offsets) else 1
     tab = torch.tensor(rows, dtype=torch.int64).view(nheads, len(groups), _NCOL.value)
-    return tab.to(device), align
+    lengths = [g[4] for g in geo]
+    strides = [x for g in geo for x in g[6:9] + g[10:]]
+    fast = (FAST_INDEX and min(lengths) >= ROWS and max(lengths) < 2**21
+            and max(abs(x) for x in strides) < 2**31)
+    return _to_device(tab, device), align, fast
+
+
+def _to_device(tab, device):
+    """``tab`` on ``device`` without a stream sync: a copy from pageable memory would wait
+    for the GPU to drain, idling it while the host queues the next launches."""
+    if torch.device(device).type != "cuda":
+        return tab.to(device)
+    return tab.pin_memory().to(device, non_blocking=True)
 
 
 # Tile size (elements of [BLOCK_T, BLOCK_D] a tile: positions x head dim of one head), warps,
 # and programs: PROGRAMS_PER_SM resident programs per SM stride over the tiles (persistent;
 # None: one program per tile). The kernels are memory-bound; a tile visits one call per group.
-ELEMS = 2048  # the tile of the recorded H100 run (dilated README)
+ROWS = 128  # positions of a tile (one per thread at 4 warps)
+CHUNK = 8  # head-dim columns a load reads of each row (8 x 2 bytes: one 16-byte vector)
 NUM_WARPS = 4
 PROGRAMS_PER_SM = None
+# the division-free index arithmetic of _group_rows where the host finds it exact (False: the
+# integer divisions always, for tests)
+FAST_INDEX = True
+_NO_LENGTH = 1 << 20  # segment length of a (head, group) without a call: no tile crosses it
 
 
 def _splits(ntiles, b, h, device):
@@ -222,14 +303,14 @@ def _splits(ntiles, b, h, device):
     return max(1, min(ntiles, triton.cdiv(sms * PROGRAMS_PER_SM, b * h)))
 
 
-def _launch(kernel, tab, align, args, b, l, h, d, device):
+def _launch(kernel, table, args, b, l, h, d, device):
     """Launch ``kernel`` over (splits x heads, head fastest) and batch rows."""
-    bd = triton.next_power_of_2(d)
-    bt = max(1, ELEMS // bd)
+    tab, align, fast = table
+    bt, bd = ROWS, triton.next_power_of_2(d)
     ntiles = triton.cdiv(l, bt)
     kernel[(_splits(ntiles, b, h, device) * h, b)](
         tab, *args, tab.shape[1], l, h, d, ntiles, ALIGN=align, BLOCK_T=bt, BLOCK_D=bd,
-        num_warps=NUM_WARPS)
+        CHUNK=min(CHUNK, bd), FAST=fast, num_warps=NUM_WARPS)
 
 
 def merge_strided(parts, calls, b, l, h, dv, out_dtype):
@@ -240,10 +321,10 @@ def merge_strided(parts, calls, b, l, h, dv, out_dtype):
     outs = [_unit_last(o) for o, _ in parts]
     lses = [lse.float() for _, lse in parts]
     dev = outs[0].device
-    tab, align = _table(calls, outs, lses, 0, h, dev)
+    table = _table(calls, outs, lses, 0, h, dev)
     out = torch.empty(b, l, h, dv, dtype=out_dtype, device=dev)
     lse = torch.empty(b, l, h, dtype=torch.float32, device=dev)
-    _launch(_merge_kernel, tab, align, (outs[0], lses[0], out, lse), b, l, h, dv, dev)
+    _launch(_merge_kernel, table, (outs[0], lses[0], out, lse), b, l, h, dv, dev)
     return out, lse
 
 
@@ -254,7 +335,7 @@ def sum_strided(grads, calls, b, l, h, d, out_dtype, which):
     float32 and written once."""
     gs = [_unit_last(g) for g in grads]
     dev = gs[0].device
-    tab, align = _table(calls, gs, [None] * len(gs), which, h, dev)
+    table = _table(calls, gs, [None] * len(gs), which, h, dev)
     out = torch.empty(b, l, h, d, dtype=out_dtype, device=dev)
-    _launch(_sum_kernel, tab, align, (gs[0], out), b, l, h, d, dev)
+    _launch(_sum_kernel, table, (gs[0], out), b, l, h, d, dev)
     return out
