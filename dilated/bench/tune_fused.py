@@ -27,9 +27,9 @@ from longattn.dilated import fused as F
 SEG, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
 # (positions a tile, head-dim columns a load, warps, programs per SM or None: one per tile)
 CHOICES = [(rows, chunk, warps, pps) for rows, chunk, warps in
-           ((128, 8, 4), (64, 8, 2), (256, 8, 8), (64, 16, 4), (128, 16, 8), (128, 16, 4),
-            (32, 8, 1))
-           for pps in (None, 8, 16, 32)]
+           ((64, 16, 4), (128, 16, 4), (128, 16, 8), (256, 16, 8), (32, 16, 2), (64, 32, 4),
+            (128, 32, 4), (128, 32, 8), (128, 8, 4))
+           for pps in (None, 32)]
 
 
 def _knobs(choice):
@@ -108,6 +108,7 @@ def main(argv=None):
                      "sum GB/s": round(sum(sum_bytes) / sum(ms[1:]) / 1e6),
                      "total ms": round(sum(ms), 3), "_choice": choice})
     rows.sort(key=lambda r: r["total ms"])
+    print(flush=True)  # the table starts on a line of its own after the progress bar
     print(bench.format_table([{k: v for k, v in r.items() if k != "_choice"} for r in rows]))
     print(f"memory time at copy speed: merge {merge_bytes / copy_gbs / 1e6:.2f} ms, 3 sums "
           f"{sum(sum_bytes) / copy_gbs / 1e6:.2f} ms", flush=True)

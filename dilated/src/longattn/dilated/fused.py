@@ -284,8 +284,11 @@ def _to_device(tab, device):
 # Tile size (elements of [BLOCK_T, BLOCK_D] a tile: positions x head dim of one head), warps,
 # and programs: PROGRAMS_PER_SM resident programs per SM stride over the tiles (persistent;
 # None: one program per tile). The kernels are memory-bound; a tile visits one call per group.
-ROWS = 128  # positions of a tile (one per thread at 4 warps)
-CHUNK = 8  # head-dim columns a load reads of each row (8 x 2 bytes: one 16-byte vector)
+# The launch of the recorded H100 run (dilated README; bench/tune_fused.py times the choices):
+# 16 columns = 32 bytes, a whole memory sector of a row per load (8 columns: half a sector, the
+# sums ran 3x slower), two threads a row.
+ROWS = 64  # positions of a tile
+CHUNK = 16  # head-dim columns a load reads of each row
 NUM_WARPS = 4
 PROGRAMS_PER_SM = None
 # the division-free index arithmetic of _group_rows where the host finds it exact (False: the
