@@ -41,8 +41,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     bd = triton.next_power_of_2(args.head_dim)
     default = (fused.ROWS, fused.CHUNK, fused.NUM_WARPS)
-    for rows, chunk, warps in dict.fromkeys((default, (128, 8, 4), (256, 8, 8), (64, 16, 4),
-                                             (128, 16, 4))):
+    for rows, chunk, warps in dict.fromkeys((default, (128, 16, 4), (64, 32, 4), (128, 32, 8),
+                                             (128, 8, 4))):
         for name, kern in (("merge", fused._merge_kernel), ("sum", fused._sum_kernel)):
             consts = dict(ALIGN=16 // {"bf16": 2, "fp16": 2, "fp32": 4}[args.dtype],
                           BLOCK_T=rows, BLOCK_D=bd, CHUNK=min(chunk, bd), NGROUPS=5, FAST=True)
