@@ -287,7 +287,7 @@ def _to_device(tab, device):
 # The launch of the recorded H100 run (dilated README; bench/tune_fused.py times the choices):
 # 16 columns = 32 bytes, a whole memory sector of a row per load (8 columns: half a sector, the
 # sums ran 3x slower), two threads a row.
-ROWS = 64  # positions of a tile
+ROWS = 128  # positions of a tile
 CHUNK = 16  # head-dim columns a load reads of each row
 NUM_WARPS = 4
 PROGRAMS_PER_SM = None
