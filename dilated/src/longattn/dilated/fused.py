@@ -118,13 +118,37 @@ def _program(H):
 
 
 @triton.jit
-def _groups_rows(prms, t0, bb, mask_t, NGROUPS: tl.constexpr, ALIGN: tl.constexpr,
-                 BLOCK_T: tl.constexpr, FAST: tl.constexpr):
-    """:func:`_group_rows` of every group: a tuple of ``(member, row, lse row)``."""
+def _tile(prms, ti, bb, h, L, H, NGROUPS: tl.constexpr, ALIGN: tl.constexpr,
+          BLOCK_T: tl.constexpr, FAST: tl.constexpr):
+    """Tile ``ti`` of head ``h``, batch row ``bb``: its positions ``t [T]``, their mask, the
+    rows of every group (a tuple of :func:`_group_rows`) and the flat output rows ``(b, t, h)``
+    (int64)."""
+    t0 = ti * BLOCK_T
+    t = t0 + tl.arange(0, BLOCK_T)
+    mask_t = t < L
     rows = ()
     for gi in tl.static_range(NGROUPS):
         rows = rows + (_group_rows(prms[gi], t0, bb, mask_t, ALIGN, BLOCK_T, FAST),)
-    return rows
+    return t, mask_t, rows, (bb.to(tl.int64) * L + t) * H + h
+
+
+@triton.jit
+def _chunk_sum(REF, rows, ws, c, D, NGROUPS: tl.constexpr, BLOCK_T: tl.constexpr,
+               CHUNK: tl.constexpr):
+    """Columns ``c*CHUNK + [0, CHUNK)`` of the sum over groups of their rows in ``REF`` (times
+    the row weights ``ws[gi]``, unless ``ws`` is None), float32 ``[T, CHUNK]``; with the columns
+    and their mask."""
+    cc = c * CHUNK + tl.arange(0, CHUNK)
+    mask_d = cc < D
+    acc = tl.zeros([BLOCK_T, CHUNK], tl.float32)
+    for gi in tl.static_range(NGROUPS):  # unrolled, branch-free: all loads in flight
+        member, row, _ = rows[gi]
+        x = tl.load(REF + (row[:, None] + cc[None, :]), mask=member[:, None] & mask_d[None, :],
+                    other=0.0).to(tl.float32)
+        if ws is not None:
+            x = x * ws[gi][:, None]
+        acc += x
+    return acc, cc, mask_d
 
 
 @triton.jit
@@ -136,12 +160,8 @@ def _merge_kernel(HT, OREF, LREF, OUT, LSE, NGROUPS: tl.constexpr, L, H, DV, NTI
     owns whole rows: their index arithmetic is done once, not once per thread of a row."""
     h, bb, first, step = _program(H)
     prms = _params(HT, h, NGROUPS)
-    cols = tl.arange(0, CHUNK)
     for ti in range(first, NTILES, step):
-        t0 = ti * BLOCK_T
-        t = t0 + tl.arange(0, BLOCK_T)
-        mask_t = t < L
-        rows = _groups_rows(prms, t0, bb, mask_t, NGROUPS, ALIGN, BLOCK_T, FAST)
+        t, mask_t, rows, out_rows = _tile(prms, ti, bb, h, L, H, NGROUPS, ALIGN, BLOCK_T, FAST)
         lcs = ()
         m = tl.full([BLOCK_T], float("-inf"), tl.float32)
         for gi in tl.static_range(NGROUPS):
@@ -158,18 +178,10 @@ def _merge_kernel(HT, OREF, LREF, OUT, LSE, NGROUPS: tl.constexpr, L, H, DV, NTI
             s += w
         seen = s > 0
         inv = tl.where(seen, 1.0 / tl.where(seen, s, 1.0), 0.0)
-        out_rows = (bb.to(tl.int64) * L + t) * H + h  # [T] flat (b, t, h)
         tl.store(LSE + out_rows, tl.where(seen, m + tl.log(tl.where(seen, s, 1.0)),
                                           float("-inf")), mask=mask_t)
         for c in tl.static_range(BLOCK_D // CHUNK):
-            cc = c * CHUNK + cols
-            mask_d = cc < DV
-            acc = tl.zeros([BLOCK_T, CHUNK], tl.float32)
-            for gi in tl.static_range(NGROUPS):  # unrolled, branch-free: all loads in flight
-                member, row, _ = rows[gi]
-                oc = tl.load(OREF + (row[:, None] + cc[None, :]),
-                             mask=member[:, None] & mask_d[None, :], other=0.0)
-                acc += oc.to(tl.float32) * ws[gi][:, None]
+            acc, cc, mask_d = _chunk_sum(OREF, rows, ws, c, DV, NGROUPS, BLOCK_T, CHUNK)
             tl.store(OUT + out_rows[:, None] * DV + cc[None, :],
                      (acc * inv[:, None]).to(OUT.dtype.element_ty),
                      mask=mask_t[:, None] & mask_d[None, :])
@@ -183,21 +195,10 @@ def _sum_kernel(HT, GREF, OUT, NGROUPS: tl.constexpr, L, H, D, NTILES, ALIGN: tl
     call holds the row); the head dim in chunks as in :func:`_merge_kernel`."""
     h, bb, first, step = _program(H)
     prms = _params(HT, h, NGROUPS)
-    cols = tl.arange(0, CHUNK)
     for ti in range(first, NTILES, step):
-        t0 = ti * BLOCK_T
-        t = t0 + tl.arange(0, BLOCK_T)
-        mask_t = t < L
-        rows = _groups_rows(prms, t0, bb, mask_t, NGROUPS, ALIGN, BLOCK_T, FAST)
-        out_rows = (bb.to(tl.int64) * L + t) * H + h
+        t, mask_t, rows, out_rows = _tile(prms, ti, bb, h, L, H, NGROUPS, ALIGN, BLOCK_T, FAST)
         for c in tl.static_range(BLOCK_D // CHUNK):
-            cc = c * CHUNK + cols
-            mask_d = cc < D
-            acc = tl.zeros([BLOCK_T, CHUNK], tl.float32)
-            for gi in tl.static_range(NGROUPS):  # unrolled, branch-free: all loads in flight
-                member, row, _ = rows[gi]
-                acc += tl.load(GREF + (row[:, None] + cc[None, :]),
-                               mask=member[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            acc, cc, mask_d = _chunk_sum(GREF, rows, None, c, D, NGROUPS, BLOCK_T, CHUNK)
             tl.store(OUT + out_rows[:, None] * D + cc[None, :], acc.to(OUT.dtype.element_ty),
                      mask=mask_t[:, None] & mask_d[None, :])
 
