@@ -49,6 +49,7 @@ from longattn.hamilton.attn import (
     _pack,
     _token_index,
     _views,
+    add_buffer_grads,
     add_kv_grads,
     backward_step,
     forward_step,
@@ -132,14 +133,8 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True):
         dv0s.append(dv0.float())
     dks, dvs = [], []
     for r in range(n):
-        gk, gv = _views(gacc[r], 0, length, heads, dim)
         dk, dv = dk0s[r].clone(), dv0s[r].clone()
-        if idx is None:
-            dk.add_(gk)
-            dv.add_(gv)
-        else:
-            dk.index_add_(1, idx, gk)
-            dv.index_add_(1, idx, gv)
+        add_buffer_grads(dk, dv, gacc[r], idx, hkv=heads, d=dim)
         dks.append(dk)
         dvs.append(dv)
 
@@ -229,15 +224,9 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
             cur = 1 - cur  # the real loop sends this one back and receives into the other
         dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True)
         dq.add_(dq0)
-        gk, gv = _views(accs[cur], 0, length, heads, dim)
         dk_acc.copy_(dk0)
         dv_acc.copy_(dv0)
-        if idx is None:
-            dk_acc.add_(gk)
-            dv_acc.add_(gv)
-        else:
-            dk_acc.index_add_(1, idx, gk)
-            dv_acc.index_add_(1, idx, gv)
+        add_buffer_grads(dk_acc, dv_acc, accs[cur], idx, hkv=heads, d=dim)
 
     def fwd_bwd():
         fwd()

@@ -170,6 +170,19 @@ def add_kv_grads(acc, grads, unit, *, hkv, d):
         gv += dv_s
 
 
+def add_buffer_grads(dk, dv, acc, idx, *, hkv, d):
+    """Add the dK/dV accumulator buffer ``acc`` (buffer order, see :func:`_pack`) into the
+    local gradients ``dk [B, Lk, Hkv, D]`` / ``dv`` (token order) in place; ``idx``: the
+    buffer's token index (None: the same order)."""
+    gk, gv = _views(acc, 0, dk.shape[1], hkv, d)
+    if idx is None:
+        dk += gk
+        dv += gv
+    else:
+        dk.index_add_(1, idx, gk)
+        dv.index_add_(1, idx, gv)
+
+
 # ---------------------------------------------------------------------------------------------
 # forward and backward loops
 
@@ -235,15 +248,8 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backen
     if h_g is None:
         return dq.to(q.dtype), dk0, dv0
     h_g.wait()
-    gk, gv = _views(accs[cur_acc], 0, lk, hkv, d)
-    idx = _token_index(plan, lk, k.device)
     dk, dv = dk0.to(acc), dv0.to(acc)
-    if idx is None:
-        dk += gk
-        dv += gv
-    else:
-        dk.index_add_(1, idx, gk)
-        dv.index_add_(1, idx, gv)
+    add_buffer_grads(dk, dv, accs[cur_acc], _token_index(plan, lk, k.device), hkv=hkv, d=d)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
