@@ -197,16 +197,18 @@ def main(argv=None):
     ap.add_argument("--no-flex", action="store_true", help="skip the FlexAttention row")
     ap.add_argument("--fused", choices=("auto", "on", "off"), default="auto",
                     help="fused Triton merge / gradient sum (off: the eager code, for A/B)")
-    ap.add_argument("--fused-tile", default=None, metavar="ROWS,CHUNK,WARPS",
+    ap.add_argument("--fused-tile", default=None, metavar="ROWS,CHUNK,WARPS,PROGRAMS_PER_SM",
                     help="launch of the fused kernels: positions a tile, head-dim columns a "
-                         "load, warps (default: longattn.dilated.fused's)")
+                         "load, warps, programs per SM or 'none' (one per tile) (default: "
+                         "longattn.dilated.fused's)")
     args = ap.parse_args(argv)
     dilated_impl.FUSED = args.fused
     from longattn.dilated import fused as fused_impl
 
     if args.fused_tile:
-        fused_impl.ROWS, fused_impl.CHUNK, fused_impl.NUM_WARPS = (
-            int(x) for x in args.fused_tile.split(","))
+        rows, chunk, warps, pps = args.fused_tile.split(",")
+        fused_impl.ROWS, fused_impl.CHUNK, fused_impl.NUM_WARPS = int(rows), int(chunk), int(warps)
+        fused_impl.PROGRAMS_PER_SM = None if pps == "none" else int(pps)
     out_dir = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                             args.out)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -226,7 +228,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     print(f"device: {bench.device_name(device)}  torch {torch.__version__}  dtype {dtype}"
           f"  fused {args.fused} (tiles of {fused_impl.ROWS} positions, {fused_impl.CHUNK}-column"
-          f" loads, {fused_impl.NUM_WARPS} warps)")
+          f" loads, {fused_impl.NUM_WARPS} warps, programs per SM "
+          f"{fused_impl.PROGRAMS_PER_SM or 'one per tile'})")
     results, table = [], []
 
     # 1. correctness first

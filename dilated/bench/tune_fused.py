@@ -5,7 +5,8 @@
 
 LongNet's schedule (segments 2048..32768, rates 1,2,4,6,12), H = 12, D = 64, bf16, causal (GPU
 only). The kernels' inputs are captured from one real forward + backward; each launch choice
-(positions a tile, head-dim columns a load, warps) is timed on them, with the
+(positions a tile, head-dim columns a load, warps, programs per SM or one program per
+tile) is timed on them, with the
 bytes each kernel must move and the bandwidth it reaches, next to a plain device copy of as
 many bytes (the memory speed this GPU gives such traffic). Then the ``--full`` best choices
 (by merge + 3 sums) and the current default run the whole forward + backward, alternated
@@ -24,13 +25,15 @@ from longattn.dilated import dilated_attention
 from longattn.dilated import fused as F
 
 SEG, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
-# (positions a tile, head-dim columns a load, warps)
-CHOICES = [(64, 16, 4), (128, 16, 4), (128, 16, 8), (256, 16, 8), (32, 16, 2), (64, 32, 4),
-           (128, 32, 4), (128, 32, 8), (128, 8, 4)]
+# (positions a tile, head-dim columns a load, warps, programs per SM or None: one per tile)
+CHOICES = [(rows, chunk, warps, pps) for rows, chunk, warps in
+           ((64, 16, 4), (128, 16, 4), (128, 16, 8), (256, 16, 8), (32, 16, 2), (64, 32, 4),
+            (128, 32, 4), (128, 32, 8), (128, 8, 4))
+           for pps in (None, 32)]
 
 
 def _knobs(choice):
-    F.ROWS, F.CHUNK, F.NUM_WARPS = choice
+    F.ROWS, F.CHUNK, F.NUM_WARPS, F.PROGRAMS_PER_SM = choice
 
 
 def _capture(run):
@@ -66,7 +69,7 @@ def main(argv=None):
     ap.add_argument("--best-file", default=None, help="write the fastest choice here")
     args = ap.parse_args(argv)
     dev = "cuda"
-    default = (F.ROWS, F.CHUNK, F.NUM_WARPS)
+    default = (F.ROWS, F.CHUNK, F.NUM_WARPS, F.PROGRAMS_PER_SM)
     b, s, h, d = args.batch, args.seq, 12, 64
     g = torch.Generator(device=dev).manual_seed(1)
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=g)
@@ -98,6 +101,7 @@ def main(argv=None):
         ms = [bench.time_fn(lambda: F.merge_strided(*merge_args), device=dev)]
         ms += [bench.time_fn(lambda a=a: F.sum_strided(*a), device=dev) for a in sum_args]
         rows.append({"rows": choice[0], "chunk": choice[1], "warps": choice[2],
+                     "programs/SM": choice[3] or "1 per tile",
                      "merge ms": round(ms[0], 3),
                      "merge GB/s": round(merge_bytes / ms[0] / 1e6),
                      "3 sums ms": round(sum(ms[1:]), 3),
@@ -119,15 +123,15 @@ def main(argv=None):
         fns[str(choice)] = run
     times = bench.time_interleaved(fns, device=dev, rounds=3)
     for name in fns:
-        print(f"fwd+bwd with (rows, chunk, warps) = {name}: {times[name]:.2f} ms "
+        print(f"fwd+bwd with (rows, chunk, warps, programs/SM) = {name}: {times[name]:.2f} ms "
               f"(spread {times[name + ' spread']:.3f})", flush=True)
 
     from torch.profiler import ProfilerActivity, profile
 
     fastest = min(fns, key=times.get)
-    if args.best_file:  # for a benchmark run that follows: "ROWS,CHUNK,WARPS"
+    if args.best_file:  # for a benchmark run that follows: "ROWS,CHUNK,WARPS,PROGRAMS_PER_SM"
         with open(args.best_file, "w") as f:
-            f.write(fastest.strip("()").replace(" ", ""))
+            f.write(fastest.strip("()").replace(" ", "").replace("None", "none"))
     fns[fastest]()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

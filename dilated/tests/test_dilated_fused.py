@@ -215,3 +215,30 @@ def test_head_dim_chunks(monkeypatch, launches):
         assert max(errs) <= TOL, f"fused vs eager: out, lse, dq, dk, dv = {errs}"
     assert paths == {True, False}
 
+
+@pytest.mark.parametrize("ci, programs", [(0, 1), (1, 3), (3, 5), (6, 2)])
+def test_persistent_programs(monkeypatch, launches, ci, programs):
+    """With PROGRAMS_PER_SM set, each program strides over several position tiles of its (head,
+    batch row) (on the CPU one "SM": splits = ceil(programs / (B*H)), i.e. one split here, so a
+    program walks all tiles, the last one partial)."""
+    monkeypatch.setattr(fused, "ROWS", 4)
+    monkeypatch.setattr(fused, "PROGRAMS_PER_SM", programs)
+    seg, rates, s, hq, hkv = CASES[ci]
+    q, k, v, dout, dlse = _inputs(70 + ci, s, hq, hkv)
+    assert fused._splits(-(-s // 4), 2, hq, torch.device("cpu")) == 1  # 4 positions a tile
+    got = _run(monkeypatch, "on", seg, rates, True, q, k, v, dout, dlse)
+    want = _run(monkeypatch, "off", seg, rates, True, q, k, v, dout, dlse)
+    errs = [rel_error(a, b) for a, b in zip(got, want)]
+    assert max(errs) <= TOL, f"fused vs eager: out, lse, dq, dk, dv = {errs}"
+    assert launches == {"merge": 1, "sum": 3}
+
+
+def test_splits(monkeypatch):
+    """Programs per (head, batch row): one per tile by default; with PROGRAMS_PER_SM, enough to
+    fill the SMs (one on the CPU), never more than the tiles and never fewer than one."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(fused, "PROGRAMS_PER_SM", None)
+    assert fused._splits(10, 2, 4, cpu) == 10
+    for p, want in ((8, 1), (17, 3), (1000, 10)):
+        monkeypatch.setattr(fused, "PROGRAMS_PER_SM", p)
+        assert fused._splits(10, 2, 4, cpu) == want

@@ -8,25 +8,23 @@ belongs to call ``c`` iff ``tr = t - s0`` lies in ``[0, nseg*length)``, ``(tr % 
 o`` and ``h % r == o``; it is then row ``((b*nseg + tr // length)*n + (tr % length) // r)*ho +
 h // r`` of the result (see ``_sview`` in :mod:`longattn.dilated.attention`).
 
-A program handles a tile of ``BLOCK_T`` positions of one head ``h`` of one batch row. Calls
-sharing ``(branch, s0, nseg, length, r)`` form a *group* (one branch's offsets over one batch of
-segments); within a group only the call of offset ``h mod r`` can hold head ``h``, so a tile
-visits one call per group (5 for LongNet's schedule, not its 25 calls) and reads its member
-rows (every r-th position; masked loads, other rows cost no traffic). The merge first reads the
-groups' lse and forms each row's weights, then sums the weighted rows in float32 and writes the
-result once, in the output dtype. The group loops are unrolled (the group count is a
-compile-time constant) and branch-free, so the loads of all groups can be in flight together.
-A thread owns whole rows and reads the head dim in chunks of ``CHUNK`` columns, so a row's
-index arithmetic is done once, not by every thread that shares the row: the kernels were bound
-by instructions, not memory, before (bench/tune_fused.py and the dilated README give the
-numbers).
+A tile is ``BLOCK_T`` positions of one head ``h`` of one batch row. Calls sharing ``(branch,
+s0, nseg, length, r)`` form a *group* (one branch's offsets over one batch of segments); within
+a group only the call of offset ``h mod r`` can hold head ``h``, so a tile loops over the
+groups (5 for LongNet's schedule, not its 25 calls) and reads one call each: its member rows
+(every r-th position; masked loads, other rows cost no traffic) into a running float32
+result; the final tensor is written once, in the output dtype. The group loop is unrolled
+(the group count is a compile-time constant) and branch-free, so the loads of all groups can
+be in flight together. (A first version tiled positions x all heads and tested every call per
+tile: the per-call scalar latency made it 5x slower than its memory traffic on the H100.)
 
 The host resolves, for every (head, group), the call that holds the head into one row of an
 int64 table (one small host-to-device copy per launch): its geometry, and its data as element
 offsets from the first call's tensor (a kernel argument, so its 16-byte alignment is known to
 the compiler and the head-dim loads are vectors) with the head's column added, and its row
 strides -- so the kernel's table loads do not depend on each other, and calls of any layout
-share the launch.
+share the launch. With :data:`PROGRAMS_PER_SM` set, a few programs per SM stride over the tiles
+of their (head, batch row) instead of one program per tile.
 
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is first imported).
 """
@@ -46,14 +44,14 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # included), and the row strides
 _R, _O, _S0, _NSEG, _LEN, _ROW0, _SSB, _SJ, _LROW0, _LSB, _LSJ = (tl.constexpr(i) for i in
                                                                   range(11))
-_NCOL = tl.constexpr(11)
+_NCOL = tl.constexpr(12)
 
 
 @triton.jit
 def _params(HT, h, NGROUPS: tl.constexpr):
-    """Head ``h``'s rows of the table, one tuple per group: ``(r, o, s0, nseg, length, row0,
-    ssb, sj, lrow0, lsb, lsj, 1/r)``. A head a group has no call for has ``nseg = 0``: no
-    member."""
+    """Head ``h``'s rows of the table, one tuple per group, loaded once per program (the tile
+    loop keeps them in registers): ``(r, o, s0, nseg, length, row0, ssb, sj, lrow0, lsb, lsj,
+    1/r)``. A head a group has no call for has ``nseg = 0``: no member."""
     prms = ()
     for gi in tl.static_range(NGROUPS):
         p = HT + (h * NGROUPS + gi) * _NCOL
@@ -111,16 +109,18 @@ def _group_rows(prm, t0, bb, mask_t, ALIGN: tl.constexpr, BLOCK_T: tl.constexpr,
 
 @triton.jit
 def _program(H):
-    """This program's head, batch row and position tile. Head fastest (program id 0 = tile * H
-    + head): programs that run together cover all heads of the same positions, i.e.
-    contiguous memory, instead of one 2*D-byte row out of every 2*H*D bytes."""
-    return tl.program_id(0) % H, tl.program_id(1), tl.program_id(0) // H
+    """This program's head, batch row and its share of the position tiles: ``range(first,
+    NTILES, step)``. Head fastest (program id 0 = split * H + head): programs that run
+    together cover all heads of the same positions, i.e. contiguous memory, instead of one
+    2*D-byte row out of every 2*H*D bytes."""
+    h = tl.program_id(0) % H
+    return h, tl.program_id(1), tl.program_id(0) // H, tl.num_programs(0) // H
 
 
 @triton.jit
 def _tile(prms, ti, bb, h, L, H, NGROUPS: tl.constexpr, ALIGN: tl.constexpr,
           BLOCK_T: tl.constexpr, FAST: tl.constexpr):
-    """Tile ``ti`` of head ``h``, batch row ``bb``: the mask of its positions ``t [T]``, the
+    """Tile ``ti`` of head ``h``, batch row ``bb``: its positions ``t [T]``, their mask, the
     rows of every group (a tuple of :func:`_group_rows`) and the flat output rows ``(b, t, h)``
     (int64)."""
     t0 = ti * BLOCK_T
@@ -129,7 +129,7 @@ def _tile(prms, ti, bb, h, L, H, NGROUPS: tl.constexpr, ALIGN: tl.constexpr,
     rows = ()
     for gi in tl.static_range(NGROUPS):
         rows = rows + (_group_rows(prms[gi], t0, bb, mask_t, ALIGN, BLOCK_T, FAST),)
-    return mask_t, rows, (bb.to(tl.int64) * L + t) * H + h
+    return t, mask_t, rows, (bb.to(tl.int64) * L + t) * H + h
 
 
 @triton.jit
@@ -152,53 +152,55 @@ def _chunk_sum(REF, rows, ws, c, D, NGROUPS: tl.constexpr, BLOCK_T: tl.constexpr
 
 
 @triton.jit
-def _merge_kernel(HT, OREF, LREF, OUT, LSE, NGROUPS: tl.constexpr, L, H, DV,
+def _merge_kernel(HT, OREF, LREF, OUT, LSE, NGROUPS: tl.constexpr, L, H, DV, NTILES,
                   ALIGN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                   CHUNK: tl.constexpr, FAST: tl.constexpr):
-    """out/lse of this program's tile (:func:`_program`): the LSE merge of the calls holding
+    """out/lse of this program's tiles (:func:`_program`): the LSE merge of the calls holding
     their rows (one per group). The head dim goes in chunks of ``CHUNK`` columns, so a thread
     owns whole rows: their index arithmetic is done once, not once per thread of a row."""
-    h, bb, ti = _program(H)
+    h, bb, first, step = _program(H)
     prms = _params(HT, h, NGROUPS)
-    mask_t, rows, out_rows = _tile(prms, ti, bb, h, L, H, NGROUPS, ALIGN, BLOCK_T, FAST)
-    lcs = ()
-    m = tl.full([BLOCK_T], float("-inf"), tl.float32)
-    for gi in tl.static_range(NGROUPS):
-        member, _, lrow = rows[gi]
-        lc = tl.load(LREF + lrow, mask=member, other=float("-inf"))
-        lcs = lcs + (lc,)
-        m = tl.maximum(m, lc)
-    m = tl.where(m == float("-inf"), 0.0, m)  # rows of no call: every weight exp(-inf) = 0
-    ws = ()
-    s = tl.zeros([BLOCK_T], tl.float32)
-    for gi in tl.static_range(NGROUPS):
-        w = tl.exp(lcs[gi] - m)
-        ws = ws + (w,)
-        s += w
-    seen = s > 0
-    inv = tl.where(seen, 1.0 / tl.where(seen, s, 1.0), 0.0)
-    tl.store(LSE + out_rows, tl.where(seen, m + tl.log(tl.where(seen, s, 1.0)),
-                                      float("-inf")), mask=mask_t)
-    for c in tl.static_range(BLOCK_D // CHUNK):
-        acc, cc, mask_d = _chunk_sum(OREF, rows, ws, c, DV, NGROUPS, BLOCK_T, CHUNK)
-        tl.store(OUT + out_rows[:, None] * DV + cc[None, :],
-                 (acc * inv[:, None]).to(OUT.dtype.element_ty),
-                 mask=mask_t[:, None] & mask_d[None, :])
+    for ti in range(first, NTILES, step):
+        t, mask_t, rows, out_rows = _tile(prms, ti, bb, h, L, H, NGROUPS, ALIGN, BLOCK_T, FAST)
+        lcs = ()
+        m = tl.full([BLOCK_T], float("-inf"), tl.float32)
+        for gi in tl.static_range(NGROUPS):
+            member, _, lrow = rows[gi]
+            lc = tl.load(LREF + lrow, mask=member, other=float("-inf"))
+            lcs = lcs + (lc,)
+            m = tl.maximum(m, lc)
+        m = tl.where(m == float("-inf"), 0.0, m)  # rows of no call: every weight exp(-inf) = 0
+        ws = ()
+        s = tl.zeros([BLOCK_T], tl.float32)
+        for gi in tl.static_range(NGROUPS):
+            w = tl.exp(lcs[gi] - m)
+            ws = ws + (w,)
+            s += w
+        seen = s > 0
+        inv = tl.where(seen, 1.0 / tl.where(seen, s, 1.0), 0.0)
+        tl.store(LSE + out_rows, tl.where(seen, m + tl.log(tl.where(seen, s, 1.0)),
+                                          float("-inf")), mask=mask_t)
+        for c in tl.static_range(BLOCK_D // CHUNK):
+            acc, cc, mask_d = _chunk_sum(OREF, rows, ws, c, DV, NGROUPS, BLOCK_T, CHUNK)
+            tl.store(OUT + out_rows[:, None] * DV + cc[None, :],
+                     (acc * inv[:, None]).to(OUT.dtype.element_ty),
+                     mask=mask_t[:, None] & mask_d[None, :])
 
 
 @triton.jit
-def _sum_kernel(HT, GREF, OUT, NGROUPS: tl.constexpr, L, H, D, ALIGN: tl.constexpr,
+def _sum_kernel(HT, GREF, OUT, NGROUPS: tl.constexpr, L, H, D, NTILES, ALIGN: tl.constexpr,
                 BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, CHUNK: tl.constexpr,
                 FAST: tl.constexpr):
-    """This program's tile (:func:`_program`) of the sum of the calls' gradients (0 where no
+    """This program's tiles (:func:`_program`) of the sum of the calls' gradients (0 where no
     call holds the row); the head dim in chunks as in :func:`_merge_kernel`."""
-    h, bb, ti = _program(H)
+    h, bb, first, step = _program(H)
     prms = _params(HT, h, NGROUPS)
-    mask_t, rows, out_rows = _tile(prms, ti, bb, h, L, H, NGROUPS, ALIGN, BLOCK_T, FAST)
-    for c in tl.static_range(BLOCK_D // CHUNK):
-        acc, cc, mask_d = _chunk_sum(GREF, rows, None, c, D, NGROUPS, BLOCK_T, CHUNK)
-        tl.store(OUT + out_rows[:, None] * D + cc[None, :], acc.to(OUT.dtype.element_ty),
-                 mask=mask_t[:, None] & mask_d[None, :])
+    for ti in range(first, NTILES, step):
+        t, mask_t, rows, out_rows = _tile(prms, ti, bb, h, L, H, NGROUPS, ALIGN, BLOCK_T, FAST)
+        for c in tl.static_range(BLOCK_D // CHUNK):
+            acc, cc, mask_d = _chunk_sum(GREF, rows, None, c, D, NGROUPS, BLOCK_T, CHUNK)
+            tl.store(OUT + out_rows[:, None] * D + cc[None, :], acc.to(OUT.dtype.element_ty),
+                     mask=mask_t[:, None] & mask_d[None, :])
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +263,7 @@ def _table(calls, tensors, lses, which, nheads, device):
             r, o, s0, nseg, length, off, sh, ssb, sj, loff, lsh, lsb, lsj = geo[c]
             a = h // r
             rows.append([r, o, s0, nseg, length, off + a * sh, ssb, sj, loff + a * lsh, lsb,
-                         lsj])
+                         lsj, 0])
     vec = max(1, 16 // size)
     align = vec if all(x % vec == 0 for x in offsets) else 1
     tab = torch.tensor(rows, dtype=torch.int64).view(nheads, len(groups), _NCOL.value)
@@ -280,24 +282,38 @@ def _to_device(tab, device):
     return tab.pin_memory().to(device, non_blocking=True)
 
 
-# The launch (bench/tune_fused.py times the choices; the dilated README has the H100 numbers):
-# loads of 16 columns = 32 bytes, a whole memory sector of a row (8 columns, half a sector: the
-# sums ran 3x slower); persistent programs striding over several tiles were slower too.
+# Tile size (elements of [BLOCK_T, BLOCK_D] a tile: positions x head dim of one head), warps,
+# and programs: PROGRAMS_PER_SM resident programs per SM stride over the tiles (persistent;
+# None: one program per tile). The kernels are memory-bound; a tile visits one call per group.
+# The launch of the recorded H100 run (dilated README; bench/tune_fused.py times the choices):
+# 16 columns = 32 bytes, a whole memory sector of a row per load (8 columns: half a sector, the
+# sums ran 3x slower), two threads a row.
 ROWS = 128  # positions of a tile
 CHUNK = 16  # head-dim columns a load reads of each row
 NUM_WARPS = 4
+PROGRAMS_PER_SM = None
 # the division-free index arithmetic of _group_rows where the host finds it exact (False: the
 # integer divisions always, for tests)
 FAST_INDEX = True
 _NO_LENGTH = 1 << 20  # segment length of a (head, group) without a call: no tile crosses it
 
 
-def _launch(kernel, table, args, b, l, h, d):
-    """Launch ``kernel`` over (position tiles x heads, head fastest) and batch rows."""
+def _splits(ntiles, b, h, device):
+    """Programs per (head, batch row): each strides over ``ntiles / splits`` position tiles."""
+    if PROGRAMS_PER_SM is None:
+        return ntiles
+    sms = (torch.cuda.get_device_properties(device).multi_processor_count
+           if device.type == "cuda" else 1)
+    return max(1, min(ntiles, triton.cdiv(sms * PROGRAMS_PER_SM, b * h)))
+
+
+def _launch(kernel, table, args, b, l, h, d, device):
+    """Launch ``kernel`` over (splits x heads, head fastest) and batch rows."""
     tab, align, fast = table
-    bd = triton.next_power_of_2(d)
-    kernel[(triton.cdiv(l, ROWS) * h, b)](
-        tab, *args, tab.shape[1], l, h, d, ALIGN=align, BLOCK_T=ROWS, BLOCK_D=bd,
+    bt, bd = ROWS, triton.next_power_of_2(d)
+    ntiles = triton.cdiv(l, bt)
+    kernel[(_splits(ntiles, b, h, device) * h, b)](
+        tab, *args, tab.shape[1], l, h, d, ntiles, ALIGN=align, BLOCK_T=bt, BLOCK_D=bd,
         CHUNK=min(CHUNK, bd), FAST=fast, num_warps=NUM_WARPS)
 
 
@@ -312,7 +328,7 @@ def merge_strided(parts, calls, b, l, h, dv, out_dtype):
     table = _table(calls, outs, lses, 0, h, dev)
     out = torch.empty(b, l, h, dv, dtype=out_dtype, device=dev)
     lse = torch.empty(b, l, h, dtype=torch.float32, device=dev)
-    _launch(_merge_kernel, table, (outs[0], lses[0], out, lse), b, l, h, dv)
+    _launch(_merge_kernel, table, (outs[0], lses[0], out, lse), b, l, h, dv, dev)
     return out, lse
 
 
@@ -325,5 +341,5 @@ def sum_strided(grads, calls, b, l, h, d, out_dtype, which):
     dev = gs[0].device
     table = _table(calls, gs, [None] * len(gs), which, h, dev)
     out = torch.empty(b, l, h, d, dtype=out_dtype, device=dev)
-    _launch(_sum_kernel, table, (gs[0], out), b, l, h, d)
+    _launch(_sum_kernel, table, (gs[0], out), b, l, h, d, dev)
     return out
