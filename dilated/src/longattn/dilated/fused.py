@@ -10,21 +10,25 @@ h // r`` of the result (see ``_sview`` in :mod:`longattn.dilated.attention`).
 
 A tile is ``BLOCK_T`` positions of one head ``h`` of one batch row. Calls sharing ``(branch,
 s0, nseg, length, r)`` form a *group* (one branch's offsets over one batch of segments); within
-a group only the call of offset ``h mod r`` can hold head ``h``, so a tile loops over the
-groups (5 for LongNet's schedule, not its 25 calls) and reads one call each: its member rows
-(every r-th position; masked loads, other rows cost no traffic) into a running float32
-result; the final tensor is written once, in the output dtype. The group loop is unrolled
-(the group count is a compile-time constant) and branch-free, so the loads of all groups can
-be in flight together. (A first version tiled positions x all heads and tested every call per
-tile: the per-call scalar latency made it 5x slower than its memory traffic on the H100.)
+a group only the call of offset ``h mod r`` can hold head ``h``, so a tile visits one call per
+group (5 for LongNet's schedule, not its 25 calls) and reads its member rows (every r-th
+position; masked loads, other rows cost no traffic). The merge first reads the groups' lse and
+forms each row's weights, then sums the weighted rows in float32 and writes the result once,
+in the output dtype. The group loops are unrolled (the group count is a compile-time constant)
+and branch-free, so the loads of all groups can be in flight together. A thread owns whole
+rows and reads the head dim in chunks of ``CHUNK`` columns, so a row's index arithmetic is
+done once, not by every thread that shares the row: the kernels were bound by instructions,
+not memory, before (bench/tune_fused.py and the dilated README give the numbers).
 
 The host resolves, for every (head, group), the call that holds the head into one row of an
 int64 table (one small host-to-device copy per launch): its geometry, and its data as element
 offsets from the first call's tensor (a kernel argument, so its 16-byte alignment is known to
 the compiler and the head-dim loads are vectors) with the head's column added, and its row
 strides -- so the kernel's table loads do not depend on each other, and calls of any layout
-share the launch. With :data:`PROGRAMS_PER_SM` set, a few programs per SM stride over the tiles
-of their (head, batch row) instead of one program per tile.
+share the launch. Each program walks its tiles in a loop (``range(first, NTILES, step)``): one
+tile by default; with :data:`PROGRAMS_PER_SM` set, a few programs per SM stride over the tiles
+of their (head, batch row). The loop stays even for one tile: the same kernels compiled without
+it ran the sums 1.6x slower on the H100 (9.1 against 5.8 ms, bench/tune_fused.py).
 
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is first imported).
 """
@@ -282,12 +286,10 @@ def _to_device(tab, device):
     return tab.pin_memory().to(device, non_blocking=True)
 
 
-# Tile size (elements of [BLOCK_T, BLOCK_D] a tile: positions x head dim of one head), warps,
-# and programs: PROGRAMS_PER_SM resident programs per SM stride over the tiles (persistent;
-# None: one program per tile). The kernels are memory-bound; a tile visits one call per group.
-# The launch of the recorded H100 run (dilated README; bench/tune_fused.py times the choices):
-# 16 columns = 32 bytes, a whole memory sector of a row per load (8 columns: half a sector, the
-# sums ran 3x slower), two threads a row.
+# The launch (bench/tune_fused.py times the choices; the dilated README has the H100 numbers):
+# loads of 16 columns = 32 bytes, a whole memory sector of a row (8 columns, half a sector: the
+# sums ran 3x slower); PROGRAMS_PER_SM: None = one program per tile (persistent programs, 32
+# per SM, measured slower: merge + sums 9.4 against 7.9 ms).
 ROWS = 128  # positions of a tile
 CHUNK = 16  # head-dim columns a load reads of each row
 NUM_WARPS = 4
