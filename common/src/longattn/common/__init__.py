@@ -7,6 +7,6 @@ sharding), ``topology`` (hardware targets and an alpha-beta cost model), ``testi
 (argument validation shared by the public functions).
 """
 
-from longattn.common.merge import merge_partials, merge_partials_
+from longattn.common.merge import merge_partials, merge_partials_, merge_stacked
 
-__all__ = ["merge_partials", "merge_partials_"]
+__all__ = ["merge_partials", "merge_partials_", "merge_stacked"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+from longattn.common.dtypes import FLOAT_DTYPES
 
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES):
@@ -19,6 +19,13 @@ def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES):
         raise ValueError(f"{name} must be {ndim}-d, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         raise TypeError(f"{name} dtype must be one of {[str(d) for d in dtypes]}, got {t.dtype}")
+
+
+def check_bool(name: str, x) -> bool:
+    """``x`` must be a real ``bool`` (``causal="no"`` or ``None`` are errors, not truthiness)."""
+    if not isinstance(x, bool):
+        raise TypeError(f"{name} must be a bool, got {x!r}")
+    return x
 
 
 def check_qkv(q, k, v, *, varlen: bool = False):

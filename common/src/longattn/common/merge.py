@@ -11,9 +11,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longattn.common.dtypes import acc_dtype
+
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    return acc_dtype(t.dtype)
 
 
 def _dead(lse):
@@ -112,3 +114,40 @@ def _triton_merge():
     except ImportError:  # no triton: eager merge
         return None
     return merge_triton
+
+
+def merge_stacked(outs: torch.Tensor, lses: torch.Tensor):
+    """Merge ``n`` partials stacked on dim 0 (the multi-way / split-K merge).
+
+    ``outs [n, *rows, D]`` and ``lses [n, *rows]`` where ``rows`` is ``out``'s row shape in
+    ``lse``'s order (BSHD partials stack as ``outs [n, B, S, H, D]`` with ``lses [n, B, S, H]``;
+    pass ``lse.transpose(-1, -2)`` for ``[B, H, S]`` statistics). Returns ``(out, lse)`` in the
+    accumulation dtype with ``out [*rows, D]``, ``lse [*rows]``.
+
+    A side with ``lse = -inf`` contributes nothing (its ``out`` is ignored); rows every side
+    misses give ``out = 0``, ``lse = -inf``; a NaN ``lse`` makes the row's ``out`` and ``lse``
+    NaN (a NaN never disappears in a merge).
+    """
+    acc = acc_dtype(outs.dtype)
+    lses = lses.to(acc)
+    dead = torch.isneginf(lses)
+    m = lses.amax(0)
+    m0 = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    w = torch.exp(lses - m0)  # 0 for dead sides, NaN for NaN sides
+    o = torch.where(dead.unsqueeze(-1), 0.0, outs.to(acc))
+    num = (o * w.unsqueeze(-1)).sum(0)
+    den = w.sum(0)
+    return finish_rows(num, den, m)
+
+
+def finish_rows(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor):
+    """``out = num / den`` and ``lse = m + log(den)`` from a max-shifted weighted sum, with the
+    empty-row rule: ``den = 0`` gives ``out = 0``, ``lse = -inf``; a NaN stays NaN.
+
+    ``num [*rows, D]``, ``den`` and ``m [*rows]`` (``m`` the shift, possibly ``-inf``)."""
+    empty = den == 0  # False for NaN: NaN rows stay NaN
+    safe = torch.where(empty, torch.ones_like(den), den)
+    out = torch.where(empty.unsqueeze(-1), 0.0, num / safe.unsqueeze(-1))
+    m0 = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    lse = torch.where(empty, torch.full_like(den, float("-inf")), m0 + torch.log(safe))
+    return out, lse

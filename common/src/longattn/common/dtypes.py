@@ -1,0 +1,17 @@
+"""The accumulation-dtype rule, one home for every package.
+
+Partial results, softmax statistics (``lse``) and merges accumulate in float32 for fp16 / bf16 /
+fp32 inputs and in float64 for float64 inputs: the oracle comparisons at 1e-10 need float64
+all the way, and a float32 ``lse`` would cap float64 accuracy at ~1e-7.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
