@@ -1,6 +1,6 @@
 """Mask builders and combinators: semantics checked against explicit loops over (i, j).
 
-Conventions (DESIGN §2): bottom-right alignment (query i sits at i + Sk - Sq), window
+Conventions (docs/contract.md §2): bottom-right alignment (query i sits at i + Sk - Sq), window
 (left, right) with -1 unbounded, sinks visible where causal allows, document masks aligned
 per sequence.
 """
