@@ -58,9 +58,9 @@ def check_oracle(device):
             do = torch.randn_like(q)
             o_ref, l_ref = ref_attn(qn, kn, vn, mask=m)
             g_ref = ref_bwd(do.float().cpu().numpy(), qn, kn, vn, mask=m)
-            be = pick_backend(q, k, v, causal=causal, window=window)
-            out, lse = attention_forward(q, k, v, causal=causal, window=window)
-            grads = attention_backward(do, q, k, v, out, lse, causal=causal, window=window)
+            be = pick_backend(q, k, v, causal=causal, window_size=window)
+            out, lse = attention_forward(q, k, v, causal=causal, window_size=window)
+            grads = attention_backward(do, q, k, v, out, lse, causal=causal, window_size=window)
             errs = [rel_error(out, o_ref), rel_error(lse, l_ref)] + [
                 rel_error(a, b) for a, b in zip(grads, g_ref)]
             rows.append({"case": name, "backend": be, "out": errs[0], "lse": errs[1],

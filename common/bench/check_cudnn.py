@@ -50,8 +50,8 @@ def run_case(name, b, sq, sk, hq, hkv, d, causal, window, strided, dev="cuda"):
 
     q, k, v, do = make(sq, hq), make(sk, hkv), make(sk, hkv), make(sq, hq)
     win = (window[0], 0 if window[1] < 0 else min(window[1], 0)) if causal else window
-    out, lse = attention_forward(q, k, v, causal=causal, window=window, backend="cudnn")
-    dq, dk, dv = attention_backward(do, q, k, v, out, lse, causal=causal, window=window,
+    out, lse = attention_forward(q, k, v, causal=causal, window_size=window, backend="cudnn")
+    dq, dk, dv = attention_backward(do, q, k, v, out, lse, causal=causal, window_size=window,
                                     backend="cudnn")
     mask = window_mask(sq, sk, win)
     c = lambda t: t.double().cpu().numpy()  # noqa: E731

@@ -35,7 +35,7 @@ def _dilated():
         t.requires_grad_()
 
     def run():
-        o = dilated_attention(q, k, v, seg, rates, is_causal=True)
+        o = dilated_attention(q, k, v, seg, rates, causal=True)
         torch.autograd.grad(o, (q, k, v), do)
 
     return run
@@ -54,8 +54,8 @@ def _swa():
     q, k, v, do = (_rand(1, 131072, 32, 128, seed=i) for i in range(4))
 
     def run():
-        o, lse = attention_forward(q, k, v, causal=True, window=(4096, 0))
-        attention_backward(do, q, k, v, o, lse, causal=True, window=(4096, 0))
+        o, lse = attention_forward(q, k, v, causal=True, window_size=(4096, 0))
+        attention_backward(do, q, k, v, o, lse, causal=True, window_size=(4096, 0))
 
     return run
 

@@ -102,9 +102,9 @@ GPU_CASES = [
 def test_aten_matches_oracle_on_cuda(case):
     b, sq, sk, hq, hkv, d, causal, window = case
     q, k, v = _qkv(b, sq, sk, hq, hkv, d, device="cuda", seed=1)
-    out, lse = K.attention_forward(q, k, v, causal=causal, window=window, backend="aten")
+    out, lse = K.attention_forward(q, k, v, causal=causal, window_size=window, backend="aten")
     dout = torch.randn_like(out)
-    dq, dk, dv = K.attention_backward(dout, q, k, v, out, lse, causal=causal, window=window,
+    dq, dk, dv = K.attention_backward(dout, q, k, v, out, lse, causal=causal, window_size=window,
                                       backend="aten")
     m = ref.window_mask(sq, sk, window)
     if causal:

@@ -61,7 +61,8 @@ def check_band(c, dtype):
                for h in (hq, hkv, hkv))
     dout = torch.randn(b, s, hq, d, generator=g, dtype=torch.float64).to(dtype)
     scale = d ** -0.5 if c["scale"] is None else c["scale"]
-    kw = dict(scale=scale, window=(w, 0), split=c["split"], anti=c["anti"], backend="torch")
+    kw = dict(softmax_scale=scale, window_size=(w, 0), split=c["split"], anti=c["anti"],
+              backend="torch")
     with min_chunk(1):
         assert band.geometry(s, s, (w, 0), c["split"]) == (w // c["split"], s * c["split"] // w)
         out, lse = band.forward(q, k, v, merge="torch", **kw)
@@ -96,10 +97,10 @@ def test_geometry_applies_exactly_when_the_band_splits(sq, sk, left, right, spli
 def test_refuses_cpu_dlse_and_non_bands():
     q = torch.randn(1, 1024, 2, 64, dtype=torch.bfloat16)
     assert band.supports(K.Request(q, q, q, True, (256, 0))) is not None  # CPU
-    assert K.pick_backend(q, q, q, causal=True, window=(256, 0)) != "band"
+    assert K.pick_backend(q, q, q, causal=True, window_size=(256, 0)) != "band"
     out, lse = torch.zeros_like(q), torch.zeros(1, 2, 1024)
     try:
-        band.backward(q, q, q, q, out, lse, scale=0.1, window=(256, 0), dlse=lse)
+        band.backward(q, q, q, q, out, lse, softmax_scale=0.1, window_size=(256, 0), dlse=lse)
     except ValueError as e:
         assert "dlse" in str(e)
     else:

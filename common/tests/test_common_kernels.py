@@ -80,10 +80,11 @@ def check_case(seed, b, sq, sk, hq, hkv, d, dv, causal, window, dtype, use_dlse,
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     dlse = torch.randn(b, hq, sq, generator=g, dtype=torch.float64).to(acc) if use_dlse else None
     with block_elems(blk):
-        out, lse = K.attention_forward(q, k, v, scale=scale, causal=causal, window=window,
-                                       backend="torch")
-        dq, dk, dv_ = K.attention_backward(dout, q, k, v, out, lse, scale=scale, causal=causal,
-                                           window=window, dlse=dlse, backend="torch")
+        out, lse = K.attention_forward(q, k, v, softmax_scale=scale, causal=causal,
+                                       window_size=window, backend="torch")
+        dq, dk, dv_ = K.attention_backward(dout, q, k, v, out, lse, softmax_scale=scale,
+                                           causal=causal, window_size=window, dlse=dlse,
+                                           backend="torch")
     ro, rl, (rdq, rdk, rdv) = oracle(q, k, v, causal, window, scale, dout, dlse)
     assert out.dtype == dtype and out.shape == ro.shape
     assert lse.dtype == acc and lse.shape == rl.shape
@@ -233,8 +234,9 @@ def test_row_blocking_does_not_change_results():
     outs = []
     for blk in (1, 3, 64, 1000, 1 << 24):
         with block_elems(blk):
-            out, lse = K.attention_forward(q, k, v, window=(5, 2), backend="torch")
-            grads = K.attention_backward(dout, q, k, v, out, lse, window=(5, 2), backend="torch")
+            out, lse = K.attention_forward(q, k, v, window_size=(5, 2), backend="torch")
+            grads = K.attention_backward(dout, q, k, v, out, lse, window_size=(5, 2),
+                                         backend="torch")
         outs.append((out, lse, *grads))
     for other in outs[1:]:
         for x, y in zip(outs[0], other):
@@ -248,8 +250,8 @@ def test_causal_and_window_combine_like_flash_attn():
     assert K.normalize_window(False, (3, 5)) == (3, 5)
     assert K.normalize_window(False, None) == (-1, -1)
     q, k, v = make(7, 1, 8, 8, 1, 1, 4)
-    a = K.attention_forward(q, k, v, causal=True, window=(2, 4), backend="torch")
-    b = K.attention_forward(q, k, v, window=(2, 0), backend="torch")
+    a = K.attention_forward(q, k, v, causal=True, window_size=(2, 4), backend="torch")
+    b = K.attention_forward(q, k, v, window_size=(2, 0), backend="torch")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -303,7 +305,7 @@ def test_autograd_wrapper_gradcheck(case):
     q, k, v = (t.requires_grad_() for t in make(10, b, sq, sk, hq, hkv, d))
 
     def f(q, k, v):
-        out, lse = K.attention(q, k, v, causal=causal, window=window, return_lse=True,
+        out, lse = K.attention(q, k, v, causal=causal, window_size=window, return_lse=True,
                                backend="torch")
         return out, lse.masked_fill(torch.isneginf(lse), 0.0)  # finite for the differences
 
@@ -351,14 +353,15 @@ def test_auto_on_cpu_picks_a_backend_that_serves_cpu():
 def test_register_backend_and_dispatch():
     calls = []
 
-    def fwd(q, k, v, *, scale, window):
-        calls.append(("fwd", scale, window))
-        return torch_backend.forward(q, k, v, scale=scale, window=window)
+    def fwd(q, k, v, *, softmax_scale, window_size):
+        calls.append(("fwd", softmax_scale, window_size))
+        return torch_backend.forward(q, k, v, softmax_scale=softmax_scale,
+                                     window_size=window_size)
 
-    def bwd(dout, q, k, v, out, lse, *, scale, window, dlse=None):
-        calls.append(("bwd", scale, window, dlse is not None))
-        return torch_backend.backward(dout, q, k, v, out, lse, scale=scale, window=window,
-                                      dlse=dlse)
+    def bwd(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
+        calls.append(("bwd", softmax_scale, window_size, dlse is not None))
+        return torch_backend.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale,
+                                      window_size=window_size, dlse=dlse)
 
     def supports(req):
         return "no dlse here" if req.needs_dlse else None
@@ -366,7 +369,8 @@ def test_register_backend_and_dispatch():
     K.register_backend("test_fake", K.Backend(forward=fwd, backward=bwd, supports=supports))
     try:
         q, k, v = make(14, 1, 4, 6, 2, 1, 4)
-        out, lse = K.attention_forward(q, k, v, causal=True, window=(2, 3), backend="test_fake")
+        out, lse = K.attention_forward(q, k, v, causal=True, window_size=(2, 3),
+                                       backend="test_fake")
         assert calls[-1] == ("fwd", 0.5, (2, 0))
         K.attention_backward(out, q, k, v, out, lse, causal=True, backend="test_fake")
         assert calls[-1] == ("bwd", 0.5, (-1, 0), False)
@@ -445,8 +449,8 @@ def test_bad_tensors_raise(which, bad, exc, word):
 ])
 def test_bad_window_raises(window, exc):
     q, k, v = _ok()
-    with pytest.raises(exc, match="window"):
-        K.attention_forward(q, k, v, window=window, backend="torch")
+    with pytest.raises(exc, match="window_size"):
+        K.attention_forward(q, k, v, window_size=window, backend="torch")
 
 
 @pytest.mark.parametrize("scale,exc", [
@@ -455,8 +459,8 @@ def test_bad_window_raises(window, exc):
 ])
 def test_bad_scale_raises(scale, exc):
     q, k, v = _ok()
-    with pytest.raises(exc, match="scale"):
-        K.attention_forward(q, k, v, scale=scale, backend="torch")
+    with pytest.raises(exc, match="softmax_scale"):
+        K.attention_forward(q, k, v, softmax_scale=scale, backend="torch")
 
 
 def test_bad_backend_raises():
@@ -493,3 +497,13 @@ def test_bad_causal_raises():
     q, k, v = _ok()
     with pytest.raises(TypeError, match="causal"):
         K.attention_forward(q, k, v, causal="no", backend="torch")
+
+
+def test_old_keyword_names_still_work():  # TRANSITION
+    q, k, v = make(16, 1, 5, 5, 2, 1, 4)  # TRANSITION
+    a = K.attention_forward(q, k, v, scale=0.3, window=(2, 0), backend="torch")  # TRANSITION
+    b = K.attention_forward(q, k, v, softmax_scale=0.3, window_size=(2, 0),  # TRANSITION
+                            backend="torch")  # TRANSITION
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # TRANSITION
+    with pytest.raises(TypeError, match="old name"):  # TRANSITION
+        K.attention(q, k, v, scale=0.3, softmax_scale=0.3)  # TRANSITION

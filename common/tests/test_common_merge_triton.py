@@ -29,9 +29,9 @@ def test_triton_merge_equals_eager(seed, b, s, h, d):
     ob[:, 2, 1] = float("nan")
     lse[:, 0, 3] = lb[:, 0, 3] = float("-inf")  # both dead
     ref_o, ref_l = out.clone(), lse.clone()
-    merge_partials_(ref_o, ref_l, ob, lb, impl="torch")
+    merge_partials_(ref_o, ref_l, ob, lb, backend="torch")
     tri_o, tri_l = out.clone(), lse.clone()
-    merge_partials_(tri_o, tri_l, ob, lb, impl="triton")
+    merge_partials_(tri_o, tri_l, ob, lb, backend="triton")
     assert not torch.isnan(tri_o).any()
     torch.testing.assert_close(tri_l, ref_l, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(tri_o, ref_o, rtol=1e-5, atol=1e-5)
@@ -42,13 +42,13 @@ def test_triton_merge_on_row_views():
     out, lse = torch.randn(1, 8, 2, 16, generator=g), torch.randn(1, 2, 8, generator=g)
     ob, lb = torch.randn(1, 4, 2, 16, generator=g), torch.randn(1, 2, 4, generator=g)
     ref_o, ref_l = out.clone(), lse.clone()
-    merge_partials_(ref_o[:, 4:], ref_l[:, :, 4:], ob, lb, impl="torch")
-    merge_partials_(out[:, 4:], lse[:, :, 4:], ob, lb, impl="triton")
+    merge_partials_(ref_o[:, 4:], ref_l[:, :, 4:], ob, lb, backend="torch")
+    merge_partials_(out[:, 4:], lse[:, :, 4:], ob, lb, backend="triton")
     torch.testing.assert_close(out, ref_o, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse, ref_l, rtol=1e-6, atol=1e-6)
 
 
-def test_bad_impl_raises():
+def test_bad_backend_raises():
     o, l_ = torch.zeros(1, 2, 1, 4), torch.zeros(1, 1, 2)
-    with pytest.raises(ValueError, match="impl"):
-        merge_partials_(o, l_, o.clone(), l_.clone(), impl="cuda")
+    with pytest.raises(ValueError, match="backend"):
+        merge_partials_(o, l_, o.clone(), l_.clone(), backend="cuda")

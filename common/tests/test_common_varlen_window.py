@@ -66,14 +66,14 @@ def test_varlen_forward_backward_fp64(case):
     v = torch.randn(sum(lk), hkv, 8, generator=g, dtype=torch.float64)
     dout = torch.randn(sum(lq), hq, 8, generator=g, dtype=torch.float64)
     dlse = torch.randn(hq, sum(lq), generator=g, dtype=torch.float64)
-    out, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, causal=causal, window=window,
+    out, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, causal=causal, window_size=window,
                                         num_sink_tokens=ns)
     ref_out, ref_lse, ref_g = _oracle(q, k, v, cu_q, cu_k, causal, window, ns, dout, dlse)
     assert out.dtype == torch.float64 and lse.dtype == torch.float64
     assert rel_error(out, ref_out) <= TOL64
     assert rel_error(lse, ref_lse) <= TOL64
     grads = attention_backward_varlen(dout, q, k, v, out, lse, cu_q, cu_k, causal=causal,
-                                      window=window, num_sink_tokens=ns, dlse=dlse)
+                                      window_size=window, num_sink_tokens=ns, dlse=dlse)
     for name, got, ref in zip("qkv", grads, ref_g):
         err = rel_error(got, ref)
         assert err <= TOL64, f"d{name}: {err:.2e}"
@@ -87,7 +87,7 @@ def test_varlen_autograd_bf16_and_lse_grad():
     dout = torch.randn(sum(lq), 4, 16, generator=g)
     ref_out, _, ref_g = _oracle(q, k, v, cu, cu, True, (5, 0), 2, dout)
     qb, kb, vb = (t.bfloat16().requires_grad_() for t in (q, k, v))
-    out = attention_varlen(qb, kb, vb, cu, causal=True, window=(5, 0), num_sink_tokens=2)
+    out = attention_varlen(qb, kb, vb, cu, causal=True, window_size=(5, 0), num_sink_tokens=2)
     out.backward(dout.bfloat16())
     assert rel_error(out, ref_out) <= 2e-2
     for got, ref in zip((qb.grad, kb.grad, vb.grad), ref_g):
@@ -95,7 +95,7 @@ def test_varlen_autograd_bf16_and_lse_grad():
     # gradient through lse as well (float64 autograd vs oracle with dlse)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     dlse = torch.randn(4, sum(lq), generator=g, dtype=torch.float64)
-    out, lse = attention_varlen(q64, k64, v64, cu, causal=True, window=(5, 0),
+    out, lse = attention_varlen(q64, k64, v64, cu, causal=True, window_size=(5, 0),
                                 num_sink_tokens=[1, 0, 3, 1, 2], return_lse=True)
     torch.autograd.backward([out, lse], [dout.double(), dlse])
     _, _, ref_g = _oracle(q, k, v, cu, cu, True, (5, 0), [1, 0, 3, 1, 2], dout, dlse)
@@ -117,13 +117,13 @@ def test_varlen_random_seeds_fp64():
         q = torch.randn(sum(lq), hq, 4, generator=g, dtype=torch.float64)
         k, v = (torch.randn(sum(lq), hkv, 4, generator=g, dtype=torch.float64) for _ in "kv")
         dout = torch.randn_like(q)
-        out, lse = attention_forward_varlen(q, k, v, cu, cu, causal=True, window=(w, 0),
+        out, lse = attention_forward_varlen(q, k, v, cu, cu, causal=True, window_size=(w, 0),
                                             num_sink_tokens=ns)
         ref_out, ref_lse, ref_g = _oracle(q, k, v, cu, cu, True, (w, 0), ns, dout)
         assert rel_error(out, ref_out) <= TOL64
         assert rel_error(lse, ref_lse) <= TOL64
         grads = attention_backward_varlen(dout, q, k, v, out, lse, cu, cu, causal=True,
-                                          window=(w, 0), num_sink_tokens=ns)
+                                          window_size=(w, 0), num_sink_tokens=ns)
         for got, ref in zip(grads, ref_g):
             assert rel_error(got, ref) <= TOL64
 
@@ -134,10 +134,10 @@ def test_varlen_empty_rows_no_nan():
     q = torch.randn(8, 2, 4, dtype=torch.float64)
     k = torch.randn(5, 2, 4, dtype=torch.float64)
     v = torch.randn(5, 2, 4, dtype=torch.float64)
-    out, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, window=(0, 0))
+    out, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, window_size=(0, 0))
     assert torch.isneginf(lse[:, :3]).all() and (out[:3] == 0).all()
     grads = attention_backward_varlen(torch.ones_like(out), q, k, v, out, lse, cu_q, cu_k,
-                                      window=(0, 0))
+                                      window_size=(0, 0))
     assert all(torch.isfinite(t).all() for t in grads)
     assert (grads[0][:3] == 0).all()
 
@@ -151,13 +151,13 @@ def test_varlen_empty_rows_no_nan():
         (dict(cu_seqlens_k=torch.tensor([0, 9], dtype=torch.int32)), "same sequences"),
         (dict(num_sink_tokens=-1), "num_sink_tokens"),
         (dict(num_sink_tokens=[1, 2]), "one entry per sequence"),
-        (dict(window=(-2, 0)), "window"),
+        (dict(window_size=(-2, 0)), "window_size"),
     ],
 )
 def test_varlen_bad_input(bad, match):
     q = torch.randn(9, 2, 4)
     cu = torch.tensor([0, 4, 4, 9], dtype=torch.int32)
-    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, window=(2, 0), num_sink_tokens=1)
+    kw = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, causal=True, window_size=(2, 0), num_sink_tokens=1)
     kw.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         attention_forward_varlen(q, q, q, **kw)
@@ -171,7 +171,7 @@ def test_flex_backend_refuses_cpu_and_auto_skips_it():
     assert BACKENDS.get("flex") is not None
     q = torch.randn(1, 8, 2, 16)
     assert fb.supports(Request(q, q, q, True, (3, 0))) is not None
-    assert pick_backend(q, q, q, causal=True, window=(3, 0)) != "flex"
+    assert pick_backend(q, q, q, causal=True, window_size=(3, 0)) != "flex"
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -190,7 +190,8 @@ def test_flex_forward_eager_cpu_matches_oracle():
         q = torch.randn(2, sq, hq, 8, generator=g, dtype=torch.float64)
         k = torch.randn(2, sk, hkv, 8, generator=g, dtype=torch.float64)
         v = torch.randn(2, sk, hkv, 8, generator=g, dtype=torch.float64)
-        out, lse = fb.forward(q, k, v, scale=0.3, window=window, compile=False)
+        out, lse = fb.forward(q, k, v, softmax_scale=0.3, window_size=window,
+                              compile=False)
         m = window_mask(sq, sk, window)
         if window[1] == 0:
             m &= causal_mask(sq, sk)
@@ -215,7 +216,7 @@ def test_flex_reweighted_backward_ring_rule():
     parts = [(slice(0, 6), (-1, -1)), (slice(6, 14), (2, 0))]  # second part: causal window
 
     def step(sl, win):
-        return lambda a, b, c: dense_attention(a, b[:, sl], c[:, sl], window=win,
+        return lambda a, b, c: dense_attention(a, b[:, sl], c[:, sl], window_size=win,
                                                return_lse=True, backend="torch")
 
     (o1, l1), (o2, l2) = (step(sl, w)(q, k, v) for sl, w in parts)

@@ -55,7 +55,7 @@ def check_qkv(q, k, v, *, varlen: bool = False):
     return hq, hkv, q.shape[-1]
 
 
-def check_window(window, name: str = "window"):
+def check_window(window, name: str = "window_size"):
     """``(left, right)`` with ints >= -1 (-1 = unbounded). Returns the normalised tuple."""
     if window is None:
         return (-1, -1)
@@ -70,14 +70,14 @@ def check_window(window, name: str = "window"):
     return (int(left), int(right))
 
 
-def check_scale(scale, head_dim: int):
+def check_scale(scale, head_dim: int, name: str = "softmax_scale"):
     """Default ``head_dim ** -0.5``; otherwise a finite positive-or-negative float."""
     if scale is None:
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {scale!r}")
+        raise TypeError(f"{name} must be a float, got {scale!r}")
     if scale != scale or scale in (float("inf"), float("-inf")):
-        raise ValueError(f"scale must be finite, got {scale}")
+        raise ValueError(f"{name} must be finite, got {scale}")
     return float(scale)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from longattn.common import _transition
 from longattn.common.dtypes import acc_dtype
 
 
@@ -75,27 +76,28 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
+@_transition.renamed(impl="backend")  # TRANSITION
 @torch.no_grad()
-def merge_partials_(out, lse, out_b, lse_b, *, impl: str = "auto"):
+def merge_partials_(out, lse, out_b, lse_b, *, backend: str = "auto"):
     """In-place merge of ``(out_b, lse_b)`` into the accumulators ``out`` / ``lse``.
 
     ``out`` and ``lse`` must already be in the accumulation dtype; they may be views (e.g. the
     back half of the rows, as zigzag ring attention needs). Returns ``(out, lse)``.
-    ``impl``: ``"auto"`` uses the one-pass Triton kernel (:mod:`longattn.common.merge_triton`)
+    ``backend``: ``"auto"`` uses the one-pass Triton kernel (:mod:`longattn.common.merge_triton`)
     for CUDA fp32 accumulators and eager torch otherwise; ``"torch"`` / ``"triton"`` force one.
     """
-    if impl not in ("auto", "torch", "triton"):
-        raise ValueError(f"impl must be 'auto', 'torch' or 'triton', got {impl!r}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     _check(out, lse, out_b, lse_b, ("out", "lse", "out_b", "lse_b"))
     for name, t in (("out", out), ("lse", lse)):
         if t.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"accumulator {name} must be float32 or float64, got {t.dtype}")
-    if impl == "triton" or (impl == "auto" and out.is_cuda):
+    if backend == "triton" or (backend == "auto" and out.is_cuda):
         kernel = _triton_merge()
         if kernel is not None and kernel.usable(out, lse, out_b, lse_b):
             return kernel.merge_(out, lse, out_b, lse_b)
-        if impl == "triton":
-            raise ValueError("impl='triton' needs triton and fp32 accumulators with a "
+        if backend == "triton":
+            raise ValueError("backend='triton' needs triton and fp32 accumulators with a "
                              "contiguous head_dim")
     w_b, new = _weights(lse, lse_b.to(lse.dtype))
     w = w_b.transpose(1, 2).unsqueeze(-1)

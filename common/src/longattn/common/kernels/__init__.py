@@ -1,13 +1,15 @@
 """The local attention step every longattn method is built from.
 
-    attention_forward(q, k, v, *, scale, causal, window, backend="auto") -> (out, lse)
-    attention_backward(dout, q, k, v, out, lse, *, scale, causal, window, dlse=None,
-                       backend="auto") -> (dq, dk, dv)
-    attention(q, k, v, *, scale, causal, window, return_lse, backend)   # autograd
+    attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+                      backend="auto") -> (out, lse)
+    attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,
+                       window_size=(-1, -1), dlse=None, backend="auto") -> (dq, dk, dv)
+    attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+              return_lse=False, backend="auto")                            # autograd
 
 Tensors are BSHD: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA
 without replicating KV). ``lse`` is ``[B, Hq, Sq]`` natural log in float32 (float64 for
-float64 inputs). ``causal`` with ``Sq != Sk`` is bottom-right aligned; ``window=(left,
+float64 inputs). ``causal`` with ``Sq != Sk`` is bottom-right aligned; ``window_size=(left,
 right)``, -1 unbounded, in the same aligned coordinates; ``causal`` caps ``right`` at 0.
 A row that sees no key gives ``out = 0``, ``lse = -inf`` and zero gradients, never NaN.
 
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longattn.common import _transition
 from longattn.common.checks import check_qkv, check_scale, check_window
 
 
@@ -49,7 +52,7 @@ class Request:
     k: torch.Tensor
     v: torch.Tensor
     causal: bool
-    window: tuple
+    window_size: tuple
     needs_dlse: bool = False
 
 
@@ -91,11 +94,11 @@ def cuda_limits(req: Request, dtypes, max_head_dim=None):
     return None
 
 
-def normalize_window(causal: bool, window) -> tuple[int, int]:
+def normalize_window(causal: bool, window_size) -> tuple[int, int]:
     """Fold ``causal`` into the window: causal means ``right = min(right, 0)``."""
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {causal!r}")
-    left, right = check_window(window)
+    left, right = check_window(window_size, "window_size")
     if causal:
         right = 0 if right < 0 else min(right, 0)
     return left, right
@@ -138,24 +141,29 @@ def _pick(req: Request, backend: str) -> Backend:
     raise ValueError("no attention backend supports this call")  # torch supports everything
 
 
-def pick_backend(q, k, v, *, causal=False, window=(-1, -1), needs_dlse=False, backend="auto"):
+@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
+def pick_backend(q, k, v, *, causal=False, window_size=(-1, -1), needs_dlse=False,
+                 backend="auto"):
     """The name of the backend ``backend='auto'`` would choose for these inputs."""
-    req = Request(q, k, v, bool(causal), normalize_window(causal, window), needs_dlse)
+    req = Request(q, k, v, bool(causal), normalize_window(causal, window_size), needs_dlse)
     b = _pick(req, backend)
     return next(n for n, x in BACKENDS.items() if x is b)
 
 
-def attention_forward(q, k, v, *, scale=None, causal=False, window=(-1, -1), backend="auto"):
+@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
+def attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+                      backend="auto"):
     """Local attention forward. Returns ``(out [B,Sq,Hq,Dv] in q.dtype, lse [B,Hq,Sq])``."""
     check_qkv(q, k, v)
-    scale = check_scale(scale, q.shape[-1])
-    win = normalize_window(causal, window)
+    scale = check_scale(softmax_scale, q.shape[-1])
+    win = normalize_window(causal, window_size)
     b = _pick(Request(q, k, v, bool(causal), win), backend)
-    return b.forward(q, k, v, scale=scale, window=win)
+    return b.forward(q, k, v, softmax_scale=scale, window_size=win)
 
 
-def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, window=(-1, -1),
-                       dlse=None, backend="auto"):
+@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
+def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,
+                       window_size=(-1, -1), dlse=None, backend="auto"):
     """Gradients of this step given the final ``out``/``lse``. Returns ``(dq, dk, dv)`` in the
     dtypes of q, k, v."""
     check_qkv(q, k, v)
@@ -178,17 +186,17 @@ def attention_backward(dout, q, k, v, out, lse, *, scale=None, causal=False, win
     want = (q.shape[0], q.shape[2], q.shape[1])
     if tuple(lse.shape) != want:
         raise ValueError(f"lse must be [B, Hq, Sq] = {want}, got {tuple(lse.shape)}")
-    scale = check_scale(scale, q.shape[-1])
-    win = normalize_window(causal, window)
+    scale = check_scale(softmax_scale, q.shape[-1])
+    win = normalize_window(causal, window_size)
     b = _pick(Request(q, k, v, bool(causal), win, dlse is not None), backend)
-    return b.backward(dout, q, k, v, out, lse, scale=scale, window=win, dlse=dlse)
+    return b.backward(dout, q, k, v, out, lse, softmax_scale=scale, window_size=win, dlse=dlse)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, causal, window, backend):
-        out, lse = attention_forward(q, k, v, scale=scale, causal=causal, window=window,
-                                     backend=backend)
+        out, lse = attention_forward(q, k, v, softmax_scale=scale, causal=causal,
+                                     window_size=window, backend=backend)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.args = (scale, causal, window, backend)
         return out, lse
@@ -199,15 +207,17 @@ class _Attention(torch.autograd.Function):
         scale, causal, window, backend = ctx.args
         if dlse is not None and not torch.any(dlse):
             dlse = None
-        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, scale=scale,
-                                        causal=causal, window=window, dlse=dlse, backend=backend)
+        dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse,
+                                        softmax_scale=scale, causal=causal, window_size=window,
+                                        dlse=dlse, backend=backend)
         return dq, dk, dv, None, None, None, None
 
 
-def attention(q, k, v, *, scale=None, causal=False, window=(-1, -1), return_lse=False,
-              backend="auto"):
+@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
+def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
+              return_lse=False, backend="auto"):
     """Differentiable local attention (gradients flow into q, k, v, also through ``lse``)."""
-    out, lse = _Attention.apply(q, k, v, scale, causal, window, backend)
+    out, lse = _Attention.apply(q, k, v, softmax_scale, causal, window_size, backend)
     return (out, lse) if return_lse else out
 
 

@@ -45,7 +45,7 @@ def supports(req):
     if reason is not None:
         return reason
     q = req.q
-    if not _uses_cudnn(q, req.k, req.window) and not hasattr(torch.ops.aten,
+    if not _uses_cudnn(q, req.k, req.window_size) and not hasattr(torch.ops.aten,
                                                               "_flash_attention_forward"):
         return "windows need aten._flash_attention_forward"
     return None
@@ -59,7 +59,8 @@ def _expand_heads(t, g):
     return t if g == 1 else t.repeat_interleave(g, dim=2)
 
 
-def forward(q, k, v, *, scale, window):
+def forward(q, k, v, *, softmax_scale, window_size):
+    scale, window = softmax_scale, window_size
     g = q.shape[2] // k.shape[2]
     if k.shape[1] == 0:
         b, sq, h, _ = q.shape
@@ -89,7 +90,8 @@ def _cudnn_backward(dout, q, k, v, out, lse, scale, causal):
     return [t.transpose(1, 2) for t in res]
 
 
-def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
+def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
+    scale, window = softmax_scale, window_size
     if dlse is not None:
         raise ValueError("the aten backend cannot take dlse")
     g = q.shape[2] // k.shape[2]

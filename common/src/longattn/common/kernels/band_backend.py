@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from longattn.common import _transition
 from longattn.common.kernels import (
     BACKENDS,
     Backend,
@@ -78,8 +79,8 @@ def supports(req):
         return f"its {PIECE_BACKEND!r} pieces: {reason}"
     if q.shape[-1] > 128:
         return f"head_dim {q.shape[-1]} must be <= 128 (cuDNN pieces)"
-    if geometry(q.shape[1], req.k.shape[1], req.window) is None:
-        return (f"window {req.window} with S={q.shape[1]} does not split into chunks of "
+    if geometry(q.shape[1], req.k.shape[1], req.window_size) is None:
+        return (f"window_size {req.window_size} with S={q.shape[1]} does not split into chunks of "
                 f"W/{SPLIT} >= {MIN_CHUNK} tokens")
     return None
 
@@ -110,7 +111,10 @@ def _prep(x, flipped):
     return _flat(x.flip(2) if flipped else x).contiguous()
 
 
-def forward(q, k, v, *, scale, window, split=None, anti=None, merge=None, backend=None):
+@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
+def forward(q, k, v, *, softmax_scale, window_size, split=None, anti=None, merge=None,
+            backend=None):
+    scale, window = softmax_scale, window_size
     split = SPLIT if split is None else split
     anti = ANTI if anti is None else anti
     backend = PIECE_BACKEND if backend is None else backend
@@ -120,7 +124,8 @@ def forward(q, k, v, *, scale, window, split=None, anti=None, merge=None, backen
     parts = []
     for _, j, qp, kp, vp, causal, win, flipped in _pieces(qc, kc, vc, split, anti):
         o, lse = attention_forward(_prep(qp, flipped), _prep(kp, flipped), _prep(vp, flipped),
-                                   scale=scale, causal=causal, window=win, backend=backend)
+                                   softmax_scale=scale, causal=causal, window_size=win,
+                                   backend=backend)
         parts.append((o, lse, j, flipped))
     merge = MERGE if merge is None else merge
     if merge == "triton" or (merge == "auto" and q.is_cuda and _triton_ok(q, v)):
@@ -128,8 +133,10 @@ def forward(q, k, v, *, scale, window, split=None, anti=None, merge=None, backen
     return _merge_torch(parts, b, nc, c, h, v.shape[-1], q.dtype)
 
 
-def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None, split=None, anti=None,
-             backend=None):
+@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
+def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, split=None,
+             anti=None, backend=None):
+    scale, window = softmax_scale, window_size
     if dlse is not None:
         raise ValueError("the band backend cannot take dlse")
     split = SPLIT if split is None else split
@@ -146,8 +153,8 @@ def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None, split=None, a
             lp = lp.flip(3)
         g = attention_backward(_prep(doc[:, j:], flipped), _prep(qp, flipped),
                                _prep(kp, flipped), _prep(vp, flipped), _prep(oc[:, j:], flipped),
-                               _flat(lp).contiguous(), scale=scale, causal=causal, window=win,
-                               backend=backend)
+                               _flat(lp).contiguous(), softmax_scale=scale, causal=causal,
+                               window_size=win, backend=backend)
         g = [x.view(b, -1, c, *x.shape[2:]) for x in g]
         if flipped:
             g = [x.flip(2) for x in g]

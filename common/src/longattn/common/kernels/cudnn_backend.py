@@ -58,7 +58,7 @@ def supports(req):
         return "needs unit stride in the last dim"
     if q.shape[1] == 0 or k.shape[1] == 0:
         return "empty sequence"
-    bottom_right, _, _ = band_bounds(req.window, q.shape[1], k.shape[1])
+    bottom_right, _, _ = band_bounds(req.window_size, q.shape[1], k.shape[1])
     if bottom_right and q.shape[1] > k.shape[1]:
         # cuDNN: "Bottom right causal mask does not support max_s_q > max_s_kv"
         return "bottom-right masks need Sq <= Sk"
@@ -140,7 +140,8 @@ def _workspace(size, device):
     return torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
 
 
-def forward(q, k, v, *, scale, window):
+def forward(q, k, v, *, softmax_scale, window_size):
+    scale, window = softmax_scale, window_size
     b, sq, hq, _ = q.shape
     sk, dv = k.shape[1], v.shape[-1]
     out = torch.empty(b, sq, hq, dv, dtype=q.dtype, device=q.device)
@@ -164,7 +165,8 @@ def forward(q, k, v, *, scale, window):
 
     built = _cached(key, build)
     if built is None:
-        return _fallback(q, k, v, window).forward(q, k, v, scale=scale, window=window)
+        return _fallback(q, k, v, window).forward(q, k, v, softmax_scale=scale,
+                                                  window_size=window)
     g, ts = built
     g.execute(dict(zip(ts, (q, k, v, out, lse))), _workspace(g.get_workspace_size(), q.device),
               handle=handle)
@@ -172,7 +174,8 @@ def forward(q, k, v, *, scale, window):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
+def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
+    scale, window = softmax_scale, window_size
     if dlse is not None:
         raise ValueError("the cudnn backend cannot take dlse")
     b, sq, hq, _ = q.shape
@@ -207,8 +210,8 @@ def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
 
     built = _cached(key, build)
     if built is None:
-        return _fallback(q, k, v, window).backward(dout, q, k, v, out, lse, scale=scale,
-                                                   window=window)
+        return _fallback(q, k, v, window).backward(dout, q, k, v, out, lse, softmax_scale=scale,
+                                                   window_size=window)
     g, ts = built
     g.execute(dict(zip(ts, (q, k, v, out, dout, lse_in, dq, dk, dv))),
               _workspace(g.get_workspace_size(), q.device), handle=handle)

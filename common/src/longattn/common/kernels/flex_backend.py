@@ -100,8 +100,9 @@ def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def forward(q, k, v, *, scale, window, compile: bool = True):
-    out, lse = _call(q, k, v, scale, window, compile)
+def forward(q, k, v, *, softmax_scale, window_size, compile: bool = True):
+    window = window_size
+    out, lse = _call(q, k, v, softmax_scale, window, compile)
     lse = lse.to(_acc(q.dtype))
     if may_have_empty_rows(q.shape[1], k.shape[1], window):
         out, lse = fix_empty_rows(out, lse)
@@ -129,8 +130,9 @@ def reweighted_backward(step, dout, q, k, v, out, lse, dlse=None):
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
-def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None, compile: bool = True):
-    return reweighted_backward(lambda a, b, c: _call(a, b, c, scale, window, compile),
+def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None,
+             compile: bool = True):
+    return reweighted_backward(lambda a, b, c: _call(a, b, c, softmax_scale, window_size, compile),
                                dout, q, k, v, out, lse, dlse)
 
 

@@ -59,20 +59,20 @@ def _scores(qb, kb, mask):
     return s
 
 
-def forward(q, k, v, *, scale, window):
+def forward(q, k, v, *, softmax_scale, window_size):
     b, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
     acc = _acc(q.dtype)
     out = torch.zeros(b, sq, hq, dv, dtype=acc, device=q.device)
     lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
-    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window):
+    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window_size):
         if hi <= lo:
             continue
         r = q1 - q0
-        qb = (q[:, q0:q1].to(acc) * scale).reshape(b, r, hkv, g, d)
+        qb = (q[:, q0:q1].to(acc) * softmax_scale).reshape(b, r, hkv, g, d)
         kb, vb = k[:, lo:hi].to(acc), v[:, lo:hi].to(acc)
-        p = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window, q.device))
+        p = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window_size, q.device))
         m = p.amax(dim=-1, keepdim=True)
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p.sub_(m).exp_()
@@ -87,7 +87,7 @@ def forward(q, k, v, *, scale, window):
     return out.to(q.dtype), lse
 
 
-def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
+def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
     b, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
@@ -100,18 +100,19 @@ def backward(dout, q, k, v, out, lse, *, scale, window, dlse=None):
     delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, Hq, Sq]
     if dlse is not None:
         delta = delta - dlse.to(acc)
-    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window):
+    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window_size):
         if hi <= lo:
             continue
         r = q1 - q0
-        qb = (q[:, q0:q1].to(acc) * scale).reshape(b, r, hkv, g, d)
+        qb = (q[:, q0:q1].to(acc) * softmax_scale).reshape(b, r, hkv, g, d)
         kb, vb = k[:, lo:hi].to(acc), v[:, lo:hi].to(acc)
-        p = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window, q.device))
+        p = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window_size, q.device))
         p.sub_(lse_safe[:, :, q0:q1].reshape(b, hkv, g, r, 1)).exp_()
         dob = dout[:, q0:q1].to(acc).reshape(b, r, hkv, g, dv)
         ds = torch.einsum("bqhgd,bkhd->bhgqk", dob, vb)
         ds.sub_(delta[:, :, q0:q1].reshape(b, hkv, g, r, 1)).mul_(p)
-        dq[:, q0:q1] = (torch.einsum("bhgqk,bkhd->bqhgd", ds, kb) * scale).reshape(b, r, hq, d)
+        dqb = torch.einsum("bhgqk,bkhd->bqhgd", ds, kb) * softmax_scale
+        dq[:, q0:q1] = dqb.reshape(b, r, hq, d)
         dk[:, lo:hi] += torch.einsum("bhgqk,bqhgd->bkhd", ds, qb)  # qb carries the scale
         dvv[:, lo:hi] += torch.einsum("bhgqk,bqhgd->bkhd", p, dob)
     return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)

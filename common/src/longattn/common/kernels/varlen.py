@@ -1,18 +1,21 @@
 """Local attention on packed variable-length batches (THD), with optional attention sinks.
 
-    attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale, causal, window,
-                             num_sink_tokens=0, backend="auto") -> (out, lse)
-    attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, scale,
-                              causal, window, num_sink_tokens=0, dlse=None, backend="auto")
-        -> (dq, dk, dv)
-    attention_varlen(...)                                             # autograd
+    attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=None,
+                             causal=False, window_size=(-1, -1), num_sink_tokens=0,
+                             backend="auto") -> (out, lse)
+    attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
+                              softmax_scale=None, causal=False, window_size=(-1, -1),
+                              num_sink_tokens=0, dlse=None, backend="auto") -> (dq, dk, dv)
+    attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None,
+                     causal=False, window_size=(-1, -1), num_sink_tokens=0,
+                     return_lse=False, backend="auto")                  # autograd
 
 Tensors are packed: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` (GQA as in the dense kernels);
 ``cu_seqlens_q`` / ``cu_seqlens_k`` are int32 ``[num_seqs + 1]`` (flash-attn's convention, same
 number of sequences). ``out`` is ``[Tq, Hq, Dv]`` in q's dtype, ``lse`` is ``[Hq, Tq]`` float32
 (float64 for float64 inputs). Sequence i's queries attend only to sequence i's keys; inside a
-sequence ``causal`` / ``window`` follow the dense kernels (bottom-right aligned when its q and k
-lengths differ).
+sequence ``causal`` / ``window_size`` follow the dense kernels (bottom-right aligned when its q
+and k lengths differ).
 
 Sinks: the first ``num_sink_tokens`` keys *of each sequence* are visible to every query of that
 sequence on top of the window (if ``causal``, only to queries at or after them: key j is seen by
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from longattn.common import _transition
 from longattn.common.checks import check_cu_seqlens, check_qkv, check_scale
 from longattn.common.kernels import (
     attention_backward,
@@ -129,8 +133,8 @@ def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend):
     for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
         if b == a or d == c:
             continue
-        o, l = attention_forward(q[None, a:b], k[None, c:d], v[None, c:d], scale=scale,
-                                 window=win, backend=backend)
+        o, l = attention_forward(q[None, a:b], k[None, c:d], v[None, c:d], softmax_scale=scale,
+                                 window_size=win, backend=backend)
         out[a:b] = o[0]
         lse[:, a:b] = l[0].to(acc)
     return out, lse
@@ -153,8 +157,8 @@ def _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, back
             continue
         dl = None if dlse is None else dlse[None, :, a:b]
         g = attention_backward(dout[None, a:b], q[None, a:b], k[None, c:d], v[None, c:d],
-                               out[None, a:b], lse[None, :, a:b], scale=scale, window=win,
-                               dlse=dl, backend=backend)
+                               out[None, a:b], lse[None, :, a:b], softmax_scale=scale,
+                               window_size=win, dlse=dl, backend=backend)
         dq[a:b], dk[c:d], dv[c:d] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
 
@@ -254,11 +258,13 @@ def _split_sinks(cu_k, ns):
 # public functions
 
 
-def attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None, causal=False,
-                             window=(-1, -1), num_sink_tokens=0, backend="auto"):
+@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
+def attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=None,
+                             causal=False, window_size=(-1, -1), num_sink_tokens=0,
+                             backend="auto"):
     """Packed varlen attention forward. Returns ``(out [Tq, Hq, Dv], lse [Hq, Tq])``."""
-    cu_q, cu_k, scale, win, ns = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                                             window, num_sink_tokens)
+    cu_q, cu_k, scale, win, ns = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                                             causal, window_size, num_sink_tokens)
     ns_eff, keep, cu_w = _split_sinks(cu_k, ns)
     if not any(ns_eff):
         return _window_forward(q, k, v, cu_q, cu_k, scale, win, backend)
@@ -271,12 +277,13 @@ def attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, scale=None,
     return out[0].to(q.dtype), lse[0]
 
 
-def attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, scale=None,
-                              causal=False, window=(-1, -1), num_sink_tokens=0, dlse=None,
-                              backend="auto"):
+@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
+def attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
+                              softmax_scale=None, causal=False, window_size=(-1, -1),
+                              num_sink_tokens=0, dlse=None, backend="auto"):
     """Gradients given the *final* ``out`` / ``lse`` (and optionally ``dlse``, ``[Hq, Tq]``)."""
-    cu_q, cu_k, scale, win, ns = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, scale, causal,
-                                             window, num_sink_tokens)
+    cu_q, cu_k, scale, win, ns = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale,
+                                             causal, window_size, num_sink_tokens)
     if dout.shape != out.shape or out.shape[:-1] != q.shape[:-1]:
         raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be "
                          f"[Tq, Hq, Dv] matching q {tuple(q.shape)}")
@@ -305,8 +312,9 @@ def attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 class _AttentionVarlen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_q, cu_k, scale, causal, window, ns, backend):
-        out, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, scale=scale, causal=causal,
-                                            window=window, num_sink_tokens=ns, backend=backend)
+        out, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, softmax_scale=scale,
+                                            causal=causal, window_size=window,
+                                            num_sink_tokens=ns, backend=backend)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
         ctx.args = (scale, causal, window, ns, backend)
         return out, lse
@@ -318,17 +326,19 @@ class _AttentionVarlen(torch.autograd.Function):
         if dlse is not None and not torch.any(dlse):
             dlse = None
         dq, dk, dv = attention_backward_varlen(
-            dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, scale=scale, causal=causal,
-            window=window, num_sink_tokens=ns, dlse=dlse, backend=backend)
+            dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, softmax_scale=scale,
+            causal=causal, window_size=window, num_sink_tokens=ns, dlse=dlse, backend=backend)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
-def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, scale=None, causal=False,
-                     window=(-1, -1), num_sink_tokens=0, return_lse=False, backend="auto"):
+@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None,
+                     causal=False, window_size=(-1, -1), num_sink_tokens=0, return_lse=False,
+                     backend="auto"):
     """Differentiable packed varlen attention (``cu_seqlens_k`` defaults to ``cu_seqlens_q``)."""
     cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
-    out, lse = _AttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_k, scale, causal, window,
-                                      num_sink_tokens, backend)
+    out, lse = _AttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_k, softmax_scale, causal,
+                                      window_size, num_sink_tokens, backend)
     return (out, lse) if return_lse else out
 
 
