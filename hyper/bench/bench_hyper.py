@@ -1,9 +1,9 @@
 """HyperAttention on one GPU against exact cuDNN attention, in one run.
 
     PYTHONPATH=common/src:reference/src:hyper/src python hyper/bench/bench_hyper.py [--smoke]
-        [--out DIR] [--seq 131072] [--heads 32] [--head-dim 64] [--no-sweep]
+        [--out DIR] [--seq 131072] [--heads 32] [--head-dim 64] [--no-sweep] [--fwd-tile 256]
 
-Acceptance (issue 6): B = 1, H = 32, D = 64, bf16, S = 131072, defaults (block 256, samples 256,
+Targets: B = 1, H = 32, D = 64, bf16, S = 131072, defaults (block 256, samples 256,
 min_seq_len 2048): causal forward >= 10x faster than cuDNN exact causal, causal forward+backward
 >= 8x, non-causal forward >= 50x, the relative error to exact attention printed beside each.
 Then a sweep of S = 4096 .. 131072 (speed-up and error, plotted).
@@ -32,7 +32,12 @@ import torch.nn.functional as F  # noqa: E402
 
 from longattn.common import bench  # noqa: E402
 from longattn.common.testing import rel_error  # noqa: E402
-from longattn.hyper import draw_projections, draw_sample_indices, hyper_attention  # noqa: E402
+from longattn.hyper import (  # noqa: E402
+    HyperConfig,
+    draw_projections,
+    draw_sample_indices,
+    hyper_attention,
+)
 
 MODES = (("causal", True, False), ("causal fwd+bwd", True, True), ("non-causal", False, False))
 TARGETS = {"causal": 10.0, "causal fwd+bwd": 8.0, "non-causal": 50.0}
@@ -45,7 +50,7 @@ def log(*a):
 # ------------------------------------------------------------------------------ correctness
 
 
-def check_correctness(dev, backend, tiny=False):
+def check_correctness(dev, backend, config, tiny=False):
     """Triton vs torch path (same randomness), fwd + bwd with d(lse), small cases."""
     cases = [  # B, S, Hq, Hkv, D, causal, smooth, block, samples, min_seq_len, dtype
         (1, 1000, 4, 2, 64, True, False, 64, 80, 128, torch.float32),
@@ -74,7 +79,7 @@ def check_correctness(dev, backend, tiny=False):
                 x = [t.clone().requires_grad_(True) for t in (q, k, v)]
                 o, lse = hyper_attention(*x, causal=causal, block_size=bs, min_seq_len=msl,
                                          smooth_block=smooth, projections=p, sample_indices=si,
-                                         return_lse=True, backend=be)
+                                         return_lse=True, backend=be, config=config)
                 grads = torch.autograd.grad([o, lse], x, [do, dl])
                 res.append([o, lse, *grads])
             errs = [rel_error(a, e) for a, e in zip(res[1], res[0])]
@@ -115,7 +120,7 @@ def exact_fn(q, k, v, causal, dev):
         return run_flash
 
 
-def measure(s, causal, bwd, cfg, dev, backend):
+def measure(s, causal, bwd, cfg, dev, backend, config):
     b, h, d, dt = cfg["batch"], cfg["heads"], cfg["head_dim"], cfg["dtype"]
     g = torch.Generator(device=dev).manual_seed(s)
     q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dt, generator=g) for _ in range(3))
@@ -125,7 +130,7 @@ def measure(s, causal, bwd, cfg, dev, backend):
         t.requires_grad_(bwd)
     kw = dict(causal=causal, block_size=cfg["block_size"], sample_size=cfg["sample_size"],
               min_seq_len=cfg["min_seq_len"], lsh_num_projs=cfg["lsh_num_projs"],
-              backend=backend)
+              backend=backend, config=config)
     ex = exact_fn(qh, kh, vh, causal, dev)
 
     def hyper():
@@ -170,13 +175,10 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--no-sweep", action="store_true", help="only the main sequence length")
-    ap.add_argument("--fwd-tile", type=int, default=None, choices=[128, 256],
-                    help="query rows per forward program (longattn.hyper.triton_path.FWD_TILE)")
+    ap.add_argument("--fwd-tile", type=int, default=HyperConfig().fwd_tile, choices=[128, 256],
+                    help="query rows per forward program (HyperConfig.fwd_tile)")
     args = ap.parse_args(argv)
-    if args.fwd_tile is not None:
-        from longattn.hyper import triton_path
-
-        triton_path.FWD_TILE = args.fwd_tile
+    config = HyperConfig(fwd_tile=args.fwd_tile)
 
     if args.smoke:
         dev, backend = "cpu", "torch"
@@ -198,10 +200,10 @@ def main(argv=None):
                         args.out)
     t0 = time.time()
     log(f"device: {bench.device_name(dev)}  torch {torch.__version__}  backend {backend}")
-    log(f"config: {cfg}  S = {main_s}, sweep {sweep}")
+    log(f"config: {cfg}  {config}  S = {main_s}, sweep {sweep}")
 
     log("correctness (triton path vs torch path, same randomness):")
-    correct = check_correctness(dev, "triton", tiny=args.smoke)
+    correct = check_correctness(dev, "triton", config, tiny=args.smoke)
     if args.smoke:
         from longattn.reference.hyper import hyper_attention as ref
 
@@ -220,7 +222,7 @@ def main(argv=None):
     for s in bench.progress(sweep + [main_s], desc="S"):
         for name, causal, bwd in MODES:
             try:
-                t_ex, t_hy, err, gerr = measure(s, causal, bwd, cfg, dev, backend)
+                t_ex, t_hy, err, gerr = measure(s, causal, bwd, cfg, dev, backend, config)
             except Exception as e:  # noqa: BLE001 - one failing configuration must not stop us
                 log(f"  S={s} {name}: FAILED: {type(e).__name__}: {e}")
                 traceback.print_exc()
@@ -242,7 +244,8 @@ def main(argv=None):
             results.append(bench.result(
                 "hyper", name, median_ms=t_hy, speedup=speedup, rel_err_out=err,
                 rel_err_grad=gerr, block_size=cfg["block_size"],
-                sample_size=cfg["sample_size"], min_seq_len=cfg["min_seq_len"], **common))
+                sample_size=cfg["sample_size"], min_seq_len=cfg["min_seq_len"],
+                fwd_tile=config.fwd_tile, **common))
 
     log("\n" + bench.format_table(table))
     verdict = []

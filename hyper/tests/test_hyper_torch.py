@@ -313,7 +313,7 @@ def test_bad_input_raises():
         (dict(lsh_num_projs=17), ValueError, "lsh_num_projs"),
         (dict(causal=1), TypeError, "causal"),
         (dict(smooth_block="yes"), TypeError, "smooth_block"),
-        (dict(scale=float("nan")), ValueError, "scale"),
+        (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
         (dict(generator=0), TypeError, "generator"),
         (dict(backend="cuda"), ValueError, "backend"),
         (dict(projections=torch.randn(4, 3)), ValueError, "projections"),

@@ -4,19 +4,21 @@ Sorted-LSH block-diagonal attention plus uniformly sampled columns, merged by th
 log-sum-exp rule, causal by recursion; gradients are those of the approximation computed.
 """
 
-from longattn.hyper.api import HyperAttention, hyper_attention, pick_backend
+from longattn.hyper.api import HyperAttention, choose_backend, hyper_attention
+from longattn.hyper.config import HyperConfig
 from longattn.hyper.lsh import gray_rank, lsh_rank
 from longattn.hyper.plan import Plan, make_plan
 from longattn.hyper.randomness import draw_projections, draw_sample_indices
 
 __all__ = [
     "HyperAttention",
+    "HyperConfig",
     "Plan",
+    "choose_backend",
     "draw_projections",
     "draw_sample_indices",
     "gray_rank",
     "hyper_attention",
     "lsh_rank",
     "make_plan",
-    "pick_backend",
 ]

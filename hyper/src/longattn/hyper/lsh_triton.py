@@ -1,5 +1,8 @@
 """Fused LSH ranks on GPUs: one Triton pass from ``x [B, S, H, D]`` to Gray ranks ``[B, H, S]``.
 
+Its slow twin is the torch implementation in :func:`longattn.hyper.lsh.lsh_rank` (same bits,
+same ranks); ``tests/test_hyper_lsh_triton.py`` compares the two under ``TRITON_INTERPRET=1``.
+
 The torch implementation (:func:`longattn.hyper.lsh.lsh_rank`) takes a cuBLAS matmul, a
 compare, a multiply and an int reduction over the bits, a table gather and a transposing copy:
 six passes over ``[B, S, H, r]``-sized intermediates. :func:`_lsh_rank` loads a tile of rows
@@ -15,9 +18,13 @@ give, as between any two matmul kernels.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def block_s(dtype: torch.dtype) -> int:
@@ -49,7 +56,10 @@ def _lsh_rank(X, W, R, S, H, BH, sxb, sxs, sxh, D, NPROJ,
     else:
         x = tl.load(ptrs, mask=ok[:, None] & (offs_d[None, :] < D), other=0.0)
     w = tl.load(W + offs_d[:, None] * BLOCK_R + offs_r[None, :])
-    proj = tl.dot(x, w, input_precision=PREC)  # [BLOCK_S, BLOCK_R], fp32 accumulation
+    if PREC == "ieee":  # fp32, and every dtype interpreted: fp32 operands (exact widening)
+        proj = tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    else:
+        proj = tl.dot(x, w, input_precision=PREC)  # [BLOCK_S, BLOCK_R], fp32 accumulation
     bits = (proj > 0) & (offs_r < NPROJ)[None, :]
     code = tl.sum(tl.where(bits, 1 << offs_r[None, :], 0), axis=1)
     g = code ^ (code >> 1)  # inverse Gray code of up to 16 bits
@@ -84,7 +94,10 @@ def lsh_rank_fused(x: torch.Tensor, projections: torch.Tensor, *,
     # [BLOCK_D, BLOCK_R], zero-padded, in x's dtype (as the torch path rounds them)
     w = torch.zeros(bd, br, dtype=x.dtype, device=x.device)
     w[:d, :r] = projections.to(device=x.device, dtype=x.dtype)
-    prec = "ieee" if x.dtype == torch.float32 else "tf32"  # fp32: as torch's fp32 matmul
+    # fp32: IEEE dots, as torch's fp32 matmul. Interpreted (TRITON_INTERPRET=1): every dtype
+    # goes through fp32 operands, exactly widened, since the interpreter multiplies bf16 dot
+    # operands as their raw 16-bit patterns
+    prec = "ieee" if x.dtype == torch.float32 or _INTERPRET else "tf32"
     bs = block_s(x.dtype)
     _lsh_rank[(triton.cdiv(s, bs) * b * h,)](
         x, w, out, s, h, b * h, x.stride(0), x.stride(1), x.stride(2), d, r,

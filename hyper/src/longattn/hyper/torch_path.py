@@ -1,4 +1,6 @@
-"""Pure-PyTorch HyperAttention (any device, any float dtype, float64 included).
+"""Pure-PyTorch HyperAttention (any device, any float dtype, float64 included): the slow twin
+of the Triton path (:mod:`longattn.hyper.triton_path`), which computes the same function;
+``tests/test_hyper_triton.py`` compares the two under ``TRITON_INTERPRET=1``.
 
 Written with ordinary differentiable torch ops, so autograd gives the exact gradients of the
 approximation actually computed -- through the ``n / m`` weights, the log-sum-exp merges and
@@ -13,13 +15,10 @@ import math
 
 import torch
 
+from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import attention
-from longattn.common.merge import merge_partials
+from longattn.common.merge import finish_rows, merge_partials
 from longattn.hyper.lsh import sort_rows
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def window_start(i: torch.Tensor, nk: int, block_size: int, smooth: bool) -> torch.Tensor:
@@ -40,14 +39,14 @@ def _gather_rows(x, perm):
     return xt.gather(2, perm.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def core(qc, kc, vc, rq, rk, samples, *, scale, block_size, smooth):
+def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth):
     """One core call: sorted block-diagonal (or banded) attention plus sampled columns.
 
     ``qc [B, nq, Hq, D]``, ``kc [B, nk, Hkv, D]``, ``vc [B, nk, Hkv, Dv]``; ranks ``rq [B, Hq,
     nq]``, ``rk [B, Hkv, nk]``; ``samples [B, Hkv, m]`` sorted key positions or None.
     Returns ``out [B, nq, Hq, Dv]`` and ``lse [B, Hq, nq]`` in the accumulation dtype.
     """
-    acc = _acc(qc.dtype)
+    acc = acc_dtype(qc.dtype)
     b, nq, hq, d = qc.shape
     nk, hkv, dv = kc.shape[1], kc.shape[2], vc.shape[3]
     g = hq // hkv
@@ -71,7 +70,7 @@ def core(qc, kc, vc, rq, rk, samples, *, scale, block_size, smooth):
     kw = ks[:, :, kc_].view(b, hkv, nt, width, d)
     vw = vs[:, :, kc_].view(b, hkv, nt, width, dv)
     qp = torch.nn.functional.pad(qs, (0, 0, 0, nt * bs - nq)).view(b, hkv, g, nt, bs, d)
-    sw = torch.einsum("bhgtrd,bhtwd->bhgtrw", qp, kw) * scale
+    sw = torch.einsum("bhgtrd,bhtwd->bhgtrw", qp, kw) * softmax_scale
     sw = torch.where(vis, sw, float("-inf")).reshape(b, hkv, g, nt * bs, width)[..., :nq, :]
 
     ss = None
@@ -80,7 +79,7 @@ def core(qc, kc, vc, rq, rk, samples, *, scale, block_size, smooth):
         sidx = samples.to(device=dev, dtype=torch.int64)
         k_s = ks.gather(2, sidx.unsqueeze(-1).expand(-1, -1, -1, d))  # [B, Hkv, m, D]
         v_s = vs.gather(2, sidx.unsqueeze(-1).expand(-1, -1, -1, dv))
-        ss = torch.einsum("bhgid,bhmd->bhgim", qs, k_s) * scale + math.log(nk / m)
+        ss = torch.einsum("bhgid,bhmd->bhgim", qs, k_s) * softmax_scale + math.log(nk / m)
         st_q = start[:nq].view(1, 1, nq, 1)
         inwin = (sidx[:, :, None, :] >= st_q) & (sidx[:, :, None, :] < st_q + bs)
         ss = torch.where(inwin.unsqueeze(2), float("-inf"), ss)
@@ -98,10 +97,8 @@ def core(qc, kc, vc, rq, rk, samples, *, scale, block_size, smooth):
         ps = torch.exp(ss - mx)
         den = den + ps.sum(-1, keepdim=True)
         o = o + torch.einsum("bhgim,bhmd->bhgid", ps, v_s)
-    alive = den > 0
-    den1 = torch.where(alive, den, torch.ones_like(den))
-    o = torch.where(alive, o / den1, torch.zeros_like(o))
-    lse = torch.where(alive, mx + torch.log(den1), torch.full_like(den, float("-inf")))[..., 0]
+    # rows that see nothing: out 0, lse -inf; a NaN score makes the row NaN
+    o, lse = finish_rows(o, den[..., 0], mx[..., 0])
 
     # back to the original row order
     inv = torch.argsort(pq, dim=-1)
@@ -110,19 +107,21 @@ def core(qc, kc, vc, rq, rk, samples, *, scale, block_size, smooth):
     return o.transpose(1, 2), lse
 
 
-def hyper_torch(q, k, v, rq, rk, samples, plan, *, scale, block_size, smooth, causal):
+def hyper_torch(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, smooth, causal):
     """Assemble the plan: exact leaves, core calls, merges. Returns ``(out, lse)``, out in the
     accumulation dtype. ``rq``/``rk`` are the ranks of all rows; ``samples [n_calls, B, Hkv, m]``
     or None."""
     if plan.exact:
-        out, lse = attention(q, k, v, scale=scale, causal=False, return_lse=True)
-        return out.to(_acc(q.dtype)), lse
+        out, lse = attention(q, k, v, softmax_scale=softmax_scale, causal=False,
+                             return_lse=True)
+        return out.to(acc_dtype(q.dtype)), lse
 
     def call(c):
         q0, nq, k0, nk = plan.calls[c]
         s = None if samples is None else samples[c]
         return core(q[:, q0:q0 + nq], k[:, k0:k0 + nk], v[:, k0:k0 + nk], rq[..., q0:q0 + nq],
-                    rk[..., k0:k0 + nk], s, scale=scale, block_size=block_size, smooth=smooth)
+                    rk[..., k0:k0 + nk], s, softmax_scale=softmax_scale, block_size=block_size,
+                    smooth=smooth)
 
     if not causal:
         return call(0)
@@ -131,9 +130,9 @@ def hyper_torch(q, k, v, rq, rk, samples, plan, *, scale, block_size, smooth, ca
 
     def rec(a, n):
         if leaf.get(a) == n:
-            o, lse = attention(q[:, a:a + n], k[:, a:a + n], v[:, a:a + n], scale=scale,
-                               causal=True, return_lse=True)
-            return o.to(_acc(q.dtype)), lse
+            o, lse = attention(q[:, a:a + n], k[:, a:a + n], v[:, a:a + n],
+                               softmax_scale=softmax_scale, causal=True, return_lse=True)
+            return o.to(acc_dtype(q.dtype)), lse
         n1 = n - n // 2
         o1, l1 = rec(a, n1)
         o2, l2 = rec(a + n1, n // 2)

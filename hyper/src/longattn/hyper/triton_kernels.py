@@ -1,5 +1,9 @@
 """Triton kernels of one recursion level: all core calls of the level in one launch each.
 
+Their slow twin is :func:`longattn.hyper.torch_path.core` (one core call in differentiable
+torch ops, autograd for the backward): the kernels compute the same windows, samples, weights
+and merges; ``tests/test_hyper_triton.py`` compares the two paths under ``TRITON_INTERPRET=1``.
+
 Every kernel reads q/k/v *through the sort permutations* (nothing is materialised in sorted
 order) and works on many core calls ("problems") at once; a problem ``p`` has queries
 ``[q0, q0 + nq)`` and keys ``[k0, k0 + nk)``, and ``PQ[b, h, q0 + i]`` is the row of its
@@ -28,8 +32,9 @@ weight ``nk / M`` (``PLW[p] = log2(nk / M)``). Scores are kept in base 2 (``scal
 Register economy (gathered loads have no TMA and no affine addresses): row offsets are int32
 unless ``IDX64`` (a row offset past 2^31 elements); batch and head offsets go into the scalar
 base pointers; head-dim masks exist only when the head dim is not a power of two
-(``EVEN_D``), so loads stay 16-byte vectors. Checked by compiling for sm_90 with ptxas (see the
-README): the configs below cover 4 and 8 warps, autotuned per (shape bucket, dtype).
+(``EVEN_D``), so loads stay 16-byte vectors. ``bench/compile_sm90.py`` compiles every config
+for sm_90 with ptxas and reports registers and spills; the configs below cover 4 and 8 warps,
+autotuned per (shape bucket, dtype).
 """
 
 from __future__ import annotations
@@ -66,6 +71,18 @@ def _prune(configs, named_args, **kwargs):
 
 
 _PRUNE = {"early_config_prune": _prune}
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """``a @ b`` with fp32 accumulation. ``PREC == "ieee"`` (fp32 inputs, and every input under
+    ``TRITON_INTERPRET=1``) widens the operands to fp32 first: a no-op for fp32, exact for
+    fp16 / bf16 -- as the GPU's fp32-accumulating dots use them -- and it keeps the
+    interpreter off its bf16 dots, which multiply the raw 16-bit patterns."""
+    if PREC == "ieee":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -108,7 +125,7 @@ def _online(m_i, l_i, acc, s, v, PREC: tl.constexpr):
     alpha = tl.exp2(m_i - m_safe)
     pr = tl.exp2(s - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(pr, 1)
-    acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v, input_precision=PREC)
+    acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, PREC)
     return m_new, l_i, acc
 
 
@@ -213,7 +230,7 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
         kr = tl.load(kbase + offs_j, mask=j_ok, other=0)
         k, v = _load_kv(k_head, v_head, kr, j_ok, sks, svs, offs_d, offs_dv, D, DV, EVEN_D,
                         EVEN_DV, IDX64)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = _dot(q, tl.trans(k), PREC) * qk_scale
         vis = _visible(offs_j, j_ok, st, lo, BS, True, UNIFORM)
         m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), v, PREC)
     # sampled columns, weight nk / M, the ones inside the row's window dropped
@@ -226,7 +243,7 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
         kr = tl.load(kbase + sp, mask=s_ok, other=0)
         k, v = _load_kv(k_head, v_head, kr, s_ok, sks, svs, offs_d, offs_dv, D, DV, EVEN_D,
                         EVEN_DV, IDX64)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + logw
+        s = _dot(q, tl.trans(k), PREC) * qk_scale + logw
         vis = _visible(sp, s_ok, st, lo, BS, False, UNIFORM)
         m_i, l_i, acc = _online(m_i, l_i, acc, tl.where(vis, s, float("-inf")), v, PREC)
 
@@ -243,7 +260,7 @@ def _fwd(Q, K, V, O, L, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK, PLW,
         acc = acc * a[:, None] + o_prev * c[:, None]
         l_i = l_i * a + c
         m_i = m_new
-    alive = l_i > 0
+    alive = l_i != 0  # l = 0: the row saw nothing (out 0, lse -inf); a NaN l stays NaN
     l_safe = tl.where(alive, l_i, 1.0)
     out = acc / l_safe[:, None]
     lse = tl.where(alive, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
@@ -258,12 +275,12 @@ def _dq_part(q, do, lse2, delta, dq, st, lo, k_head, v_head, kr, offs_j, j_ok,
              UNIFORM: tl.constexpr, PREC: tl.constexpr):
     k, v = _load_kv(k_head, v_head, kr, j_ok, sks, svs, offs_d, offs_dv, D, DV, EVEN_D, EVEN_DV,
                     IDX64)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias
+    s = _dot(q, tl.trans(k), PREC) * qk_scale + bias
     vis = _visible(offs_j, j_ok, st, lo, BS, in_win, UNIFORM)
     pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dp = _dot(do, tl.trans(v), PREC)
     ds = pr * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return dq + _dot(ds.to(k.dtype), k, PREC)
 
 
 @triton.autotune(configs=_FWD, key=_KEY, restore_value=["DQ"], prune_configs_by=_PRUNE)
@@ -328,12 +345,12 @@ def _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, i_hi, off
     lse2, delta = _row_stats(L, DELTA, (b * HQ + h).to(tl.int64) * SQ + rows, i_ok)
     vis = i_ok[:, None] & _visible(offs_j, j_ok, _start(offs_i, nk, BS, SMOOTH),
                                    (i_start // BS) * BS, BS, in_win, UNIFORM)
-    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale + bias  # [I, J]
+    s = _dot(q, tl.trans(k), PREC) * qk_scale + bias  # [I, J]
     pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
-    dv = dv + tl.dot(tl.trans(pr).to(do.dtype), do, input_precision=PREC)
-    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    dv = dv + _dot(tl.trans(pr).to(do.dtype), do, PREC)
+    dp = _dot(do, tl.trans(v), PREC)
     ds = pr * (dp - delta[:, None])
-    dk = dk + tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PREC)
+    dk = dk + _dot(tl.trans(ds).to(q.dtype), q, PREC)
     return dk, dv
 
 

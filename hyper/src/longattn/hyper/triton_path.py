@@ -1,5 +1,12 @@
 """HyperAttention on the Triton kernels, with its own exact backward.
 
+The slow twin of this module is the pure-PyTorch path :mod:`longattn.hyper.torch_path`: same
+contract, same function (same plan, sort order, windows, sampled columns and weights, merges);
+``tests/test_hyper_triton.py`` compares the two, forward and backward with ``d(lse)``, under
+``TRITON_INTERPRET=1`` on a CPU. Under the interpreter the kernels widen fp16 / bf16 dot
+operands to fp32 (exactly, as the GPU's fp32-accumulating dots use them): the triton
+interpreter multiplies bf16 operands as their raw 16-bit patterns.
+
 Forward: exact causal leaves (``longattn.common.kernels``: cuDNN on GPUs) fill the running
 ``(O, L)``; then each recursion level sorts the rows of its calls (one stable segmented sort on
 8-bit ranks, or of ``segment * 2^r + rank`` for uneven lengths) and one :func:`_fwd` launch
@@ -27,8 +34,9 @@ import math
 import torch
 import triton
 
-from longattn.common.kernels import attention_backward, attention_forward
+from longattn.common.kernels import attention, attention_backward, attention_forward
 from longattn.hyper import triton_kernels as tk
+from longattn.hyper.config import HyperConfig
 from longattn.hyper.plan import Plan, uniform_leaves
 
 _CACHE: dict = {}
@@ -130,11 +138,11 @@ def _flags(d, dv, bd, bdv, *tensors):
     return dict(EVEN_D=d == bd, EVEN_DV=dv == bdv, IDX64=big)
 
 
-def _uniform(block_size, smooth):
+def _uniform(block_size, smooth, config: HyperConfig):
     """Block diagonal with blocks that are whole tiles: every tile's rows share one window,
     so the kernels mask per column only (``UNIFORM``)."""
     inner = max(c.kwargs["BLOCK_INNER"] for c in tk._FWD + tk._DKDV)
-    tiles = (*_tile_sizes(block_size), _fwd_tile(block_size))
+    tiles = (*_tile_sizes(block_size), _fwd_tile(block_size, config))
     return not smooth and block_size % max(*tiles, inner) == 0
 
 
@@ -148,17 +156,10 @@ def _log_weights(plan, li, m, device):
     return _CACHE[key]
 
 
-# Query rows per forward program where the block holds them. 256 (half the gathered K/V and
-# sample loads per query) compiles spill-free for head_dim 64 on sm_90 with the 8-warp,
-# 64-wide inner configs; 128 stays the default until the H100 measures it
-# (``bench_hyper.py --fwd-tile 256``).
-FWD_TILE = 128
-
-
-def _fwd_tile(block_size):
-    """Query tile of the forward grid."""
+def _fwd_tile(block_size, config: HyperConfig):
+    """Query tile of the forward grid: ``config.fwd_tile`` where the block holds it."""
     bm = _tile_sizes(block_size)[0]
-    return FWD_TILE if not tk.INTERPRET and block_size >= FWD_TILE else bm
+    return config.fwd_tile if not tk.INTERPRET and block_size >= config.fwd_tile else bm
 
 
 def _tile_sizes(block_size):
@@ -171,10 +172,11 @@ def _tile_sizes(block_size):
 
 def _prec(q):
     """Dot precision: fp32 inputs get 3xTF32 on GPUs (fp32-accurate on tensor cores; plain
-    IEEE fp32 dots compile to slow, spilling FMA loops) and exact numpy dots when interpreted."""
-    if q.dtype != torch.float32:
-        return "tf32"  # the default; ignored for fp16 / bf16 operands
-    return "ieee" if tk.INTERPRET else "tf32x3"
+    IEEE fp32 dots compile to slow, spilling FMA loops). Interpreted, every dot is ``"ieee"``:
+    the kernels then widen fp16 / bf16 operands to fp32 (:func:`triton_kernels._dot`)."""
+    if tk.INTERPRET:
+        return "ieee"
+    return "tf32x3" if q.dtype == torch.float32 else "tf32"  # tf32: ignored for fp16 / bf16
 
 
 def _tune_rows(n):
@@ -230,7 +232,7 @@ def _out_dtype(q):
     return q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float32
 
 
-def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, r_bits):
+def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, r_bits, config):
     b, s, hq, _ = q.shape
     hkv = k.shape[2]
     d, dv, bd, bdv = _sizes(q, v)
@@ -239,7 +241,7 @@ def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, 
         lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
         o, parts = None, []
         for qv, kv, vv in zip(_leaf_views(plan, q), _leaf_views(plan, k), _leaf_views(plan, v)):
-            ol, ll = attention_forward(qv, kv, vv, scale=scale, causal=True)
+            ol, ll = attention_forward(qv, kv, vv, softmax_scale=scale, causal=True)
             if uniform_leaves(plan) is not None:  # one batched call: its output is O
                 o = ol.reshape(b, s, hq, dv).to(odt)
                 if o.stride(-1) != 1:
@@ -256,7 +258,7 @@ def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, 
         o = torch.empty(b, s, hq, dv, dtype=odt, device=q.device)
         lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
     levels = _levels(q, k, rq, rk, samples, plan, r_bits)
-    bm = _fwd_tile(block_size)
+    bm = _fwd_tile(block_size, config)
     m = 0 if samples is None else samples.shape[-1]
     for li, (pq, pk, sl) in enumerate(levels):
         tp, ti, pq0, pnq, pk0, pnk = _tiles(plan, li, bm, False, q.device)
@@ -269,12 +271,13 @@ def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, 
             b, hq, hkv, s, k.shape[1], m, d, dv, block_size, scale * tk.LOG2E,
             _tune_rows(tp.numel() * bm),
             HAS_INIT=causal, SMOOTH=smooth, BLOCK_M=bm, BLOCK_N=bm, BLOCK_D=bd, BLOCK_DV=bdv,
-            PREC=_prec(q), UNIFORM=_uniform(block_size, smooth),
+            PREC=_prec(q), UNIFORM=_uniform(block_size, smooth, config),
             **_flags(d, dv, bd, bdv, q, k, v, o))
     return o, lse, levels
 
 
-def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smooth, causal):
+def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smooth, causal,
+              config):
     b, s, hq, _ = q.shape
     hkv = k.shape[2]
     d, dv, bd, bdv = _sizes(q, v)
@@ -292,7 +295,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
         a, bb, c = attention_backward(
             _leaf_views(plan, do)[0], _leaf_views(plan, q)[0], _leaf_views(plan, k)[0],
             _leaf_views(plan, v)[0], _leaf_views(plan, out)[0], _lse_to_leaves(plan, lse)[0],
-            scale=scale, causal=True, dlse=dl)
+            softmax_scale=scale, causal=True, dlse=dl)
         dq, dk, dvv = (x.to(torch.float32).reshape(t.shape) for x, t in ((a, q), (bb, k),
                                                                          (c, v)))
     else:
@@ -303,15 +306,15 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
                 _leaf_views(plan, q), _leaf_views(plan, k), _leaf_views(plan, v),
                 _leaf_views(plan, out), _leaf_views(plan, do), _lse_to_leaves(plan, lse), dls,
                 _leaf_views(plan, dq), _leaf_views(plan, dk), _leaf_views(plan, dvv)):
-            a, bb, c = attention_backward(dov, qv, kv, vv, ov, lv, scale=scale, causal=True,
-                                          dlse=dl)
+            a, bb, c = attention_backward(dov, qv, kv, vv, ov, lv, softmax_scale=scale,
+                                          causal=True, dlse=dl)
             gq += a
             gk += bb
             gv += c
     bm, bn = _tile_sizes(block_size)
     m = 0 if not levels or levels[0][2] is None else levels[0][2].shape[-1]
     common = dict(SMOOTH=smooth, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
-                  PREC=_prec(q), UNIFORM=_uniform(block_size, smooth),
+                  PREC=_prec(q), UNIFORM=_uniform(block_size, smooth, config),
                   **_flags(d, dv, bd, bdv, q, k, v, out, do, dq, dk, dvv))
     qk_scale = scale * tk.LOG2E
     for li, (pq, pk, sl) in enumerate(levels):
@@ -362,14 +365,15 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
 
 class _HyperFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, r_bits):
+    def forward(ctx, q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, r_bits,
+                config):
         ctx.set_materialize_grads(False)  # an unused lse gives dlse=None: no zeros, no sync
         o, lse, levels = _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth,
-                                  causal, r_bits)
+                                  causal, r_bits, config)
         out = o.to(q.dtype)  # no copy for fp16 / bf16 (O is kept in the input dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.levels = levels
-        ctx.args = (plan, scale, block_size, smooth, causal)
+        ctx.args = (plan, scale, block_size, smooth, causal, config)
         return out, lse
 
     @staticmethod
@@ -381,18 +385,19 @@ class _HyperFn(torch.autograd.Function):
             dlse = dlse.float().contiguous()
         dq, dk, dv = _backward(dout.contiguous(), q, k, v, out, lse, dlse, ctx.levels,
                                *ctx.args)
-        return dq, dk, dv, None, None, None, None, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
-def hyper_triton(q, k, v, rq, rk, samples, plan, *, scale, block_size, smooth, causal,
-                 r_bits=16):
-    """Same contract as :func:`longattn.hyper.torch_path.hyper_torch` (out in fp32)."""
+def hyper_triton(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, smooth, causal,
+                 r_bits=16, config=None):
+    """Same contract as :func:`longattn.hyper.torch_path.hyper_torch` (out in fp32, or in the
+    input dtype for fp16 / bf16). ``config``: a :class:`HyperConfig` (None: the defaults)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the triton path takes fp16 / bf16 / fp32, got {q.dtype}; use "
+                         f"backend='torch' for float64")
     if plan.exact:
-        from longattn.common.kernels import attention
-
-        return attention(q, k, v, scale=scale, causal=False, return_lse=True)
-    if q.dtype == torch.float64:
-        raise ValueError("the triton path takes fp16/bf16/fp32; use backend='torch' for float64")
+        return attention(q, k, v, softmax_scale=softmax_scale, causal=False, return_lse=True)
+    config = HyperConfig() if config is None else config
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _HyperFn.apply(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal,
-                          r_bits)
+    return _HyperFn.apply(q, k, v, rq, rk, samples, plan, softmax_scale, block_size, smooth,
+                          causal, r_bits, config)
