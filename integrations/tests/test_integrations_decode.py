@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from longattn.common.testing import rel_error, run_world
 from longattn.integrations.demo import tiny_batch as data
@@ -28,10 +29,12 @@ def _decode(rank, world, kind, layout, seed):
     torch.set_num_threads(1)
     model = build(kind, register()).eval()
     ids, _ = data(1, PROMPT, seed)
-    cache = ShardedCache(layout=layout)
+    cp = dist.group.WORLD
+    cache = ShardedCache(group=cp, layout=layout)
     with torch.no_grad():
-        out = model(**shard_inputs(ids, layout=layout), past_key_values=cache, use_cache=True)
-        last = unshard(out.logits, layout=layout)[:, -1:]
+        out = model(**shard_inputs(ids, group=cp, layout=layout), past_key_values=cache,
+                    use_cache=True)
+        last = unshard(out.logits, group=cp, layout=layout)[:, -1:]
         tokens, logits = [], [last]
         for step in range(STEPS):
             new = logits[-1][:, -1].argmax(-1, keepdim=True)

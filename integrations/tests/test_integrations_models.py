@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from longattn.common.testing import rel_error, run_world
 from longattn.integrations.demo import tiny_batch as data
@@ -43,14 +44,15 @@ def _sharded_step(rank, world, kind, layout, seed, batch=2, seq=32):
     )
 
     torch.set_num_threads(1)
+    cp = dist.group.WORLD
     model = build(kind, register())
     ids, labels = data(batch, seq, seed)
-    inputs = shard_inputs(ids, labels, layout=layout)
+    inputs = shard_inputs(ids, labels, group=cp, layout=layout)
     out = model(**inputs, use_cache=False)
     out.loss.backward()
-    all_reduce_grads(model)
-    logits = unshard(out.logits, layout=layout)
-    loss = reduce_loss(out.loss)
+    all_reduce_grads(model, cp)
+    logits = unshard(out.logits, group=cp, layout=layout)
+    loss = reduce_loss(out.loss, cp)
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     torch.optim.AdamW(model.parameters(), lr=1e-2).step()
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -140,7 +142,7 @@ def _bad_call(what):
 
     model = build("llama", register())
     ids, labels = data(1, 16, 0)
-    inputs = shard_inputs(ids, labels, layout="zigzag")
+    inputs = shard_inputs(ids, labels, group=dist.group.WORLD, layout="zigzag")
     if what == "no_positions":  # the model's default positions 0..S_local-1 are wrong
         inputs.pop("position_ids")
     elif what == "shifted_positions":  # positions of no layout
@@ -154,7 +156,8 @@ def _bad_call(what):
             layer.self_attn.attention_dropout = 0.1
         model.train()
     elif what == "indivisible":
-        inputs = shard_inputs(ids[:, :15], labels[:, :15], layout="zigzag")
+        inputs = shard_inputs(ids[:, :15], labels[:, :15], group=dist.group.WORLD,
+                              layout="zigzag")
     model(**inputs, use_cache=False)
 
 

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from longattn.common import comm, layout
 from longattn.common.testing import run_world
@@ -24,7 +25,7 @@ def _moves(rank, world, seq):
     for src, dst in itertools.permutations(LAYOUTS, 2):
         mine = layout.shard(x, rank, world, layout=src).requires_grad_()
         with comm.counting() as c:
-            moved = relayout(mine, src, dst)
+            moved = relayout(mine, src, dst, group=dist.group.WORLD)
         ok_fwd = torch.equal(moved, layout.shard(x, rank, world, layout=dst))
         # d/dx sum(moved * w_dst) = w at the same global tokens, in the src layout
         (moved * layout.shard(w, rank, world, layout=dst)).sum().backward()

@@ -23,10 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from transformers import DynamicCache
 
 from longattn.common import layout as _layout
+from longattn.common.dist import resolve_group
 
 
 @dataclass
@@ -34,13 +34,16 @@ class CacheState:
     decoding: bool
     positions: torch.Tensor  # global positions of this rank's cached keys (int64, CPU)
     query_positions: torch.Tensor  # global positions of the tokens of this call
+    lens: list  # every rank's number of cached keys
+    group: object  # the cache's group, as given
 
 
 class ShardedCache(DynamicCache):
     """Sequence-sharded :class:`transformers.DynamicCache` (see the module docstring).
 
     Args:
-        group: the context-parallel process group (None: the world).
+        group: the context-parallel group: a ``ProcessGroup``, a 1-D ``DeviceMesh``,
+            ``LOCAL`` or None (this process alone; an error in a world of several ranks).
         layout: the layout of the prefill's shards (``shard_inputs``' ``layout``).
     """
 
@@ -48,13 +51,11 @@ class ShardedCache(DynamicCache):
         if layout not in _layout.LAYOUTS:
             raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
         super().__init__()
-        self.group, self.layout = group, layout
-        if dist.is_available() and dist.is_initialized():
-            self.n, self.rank = dist.get_world_size(group), dist.get_rank(group)
-        else:
-            self.n, self.rank = 1, 0
+        g = resolve_group(group)
+        self.group, self.layout, self.n, self.rank = group, layout, g.size, g.rank
         self._positions: dict[int, torch.Tensor] = {}  # layer -> positions of the local keys
         self._global: dict[int, int] = {}  # layer -> global number of cached tokens
+        self._lens: dict[int, list] = {}  # layer -> every rank's number of cached tokens
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         length = key_states.shape[-2]
@@ -63,7 +64,8 @@ class ShardedCache(DynamicCache):
             pos = _layout.positions(total, self.rank, self.n, self.layout)
             keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
             self._positions[layer_idx], self._global[layer_idx] = pos, total
-            state = CacheState(False, pos, pos)
+            self._lens[layer_idx] = [length] * self.n
+            state = CacheState(False, pos, pos, [length] * self.n, self.group)
         else:  # decoding: the new tokens are replicated; the last rank keeps them
             start = self._global[layer_idx]
             new = torch.arange(start, start + length)
@@ -74,7 +76,9 @@ class ShardedCache(DynamicCache):
             else:
                 keys, values = self.layers[layer_idx].keys, self.layers[layer_idx].values
             self._global[layer_idx] = start + length
-            state = CacheState(True, self._positions[layer_idx], new)
+            self._lens[layer_idx][-1] += length
+            state = CacheState(True, self._positions[layer_idx], new, list(self._lens[layer_idx]),
+                               self.group)
         keys._longattn_state = state
         return keys, values
 

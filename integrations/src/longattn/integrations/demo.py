@@ -65,8 +65,8 @@ def tiny_batch(batch: int, seq: int, seed: int = 0):
 
 
 def train_step(model, ids, labels, *, layout=None, group=None):
-    """One forward/backward; sharded (``layout`` given) or not. Returns the full logits, the
-    loss and the parameter gradients (summed over the ranks when sharded)."""
+    """One forward/backward; sharded over ``group`` (``layout`` given) or not. Returns the full
+    logits, the loss and the parameter gradients (summed over the ranks when sharded)."""
     from longattn.integrations.transformers import (
         all_reduce_grads,
         reduce_loss,
@@ -82,12 +82,14 @@ def train_step(model, ids, labels, *, layout=None, group=None):
         out = model(**shard_inputs(ids, labels, layout=layout, group=group), use_cache=False)
         out.loss.backward()
         all_reduce_grads(model, group)
-        logits = unshard(out.logits, layout=layout, group=group)
+        logits = unshard(out.logits, group=group, layout=layout)
         loss = reduce_loss(out.loss, group)
     return logits, loss, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def _train_on_rank(rank, world, kind, layout):
+    import torch.distributed as dist
+
     from longattn.common import comm
     from longattn.integrations.transformers import register
 
@@ -96,22 +98,26 @@ def _train_on_rank(rank, world, kind, layout):
     ids, labels = tiny_batch(2, 64)
     t0 = time.perf_counter()
     with comm.counting() as c:
-        got = train_step(model, ids, labels, layout=layout)
+        got = train_step(model, ids, labels, layout=layout, group=dist.group.WORLD)
     return got, (time.perf_counter() - t0) * 1e3, c.bytes_sent
 
 
 def _decode_on_rank(rank, world, kind, layout, steps):
+    import torch.distributed as dist
+
     from longattn.integrations.cache import ShardedCache
     from longattn.integrations.transformers import register, shard_inputs, unshard
 
     torch.set_num_threads(1)
     model = tiny_model(kind, register()).eval()
     ids, _ = tiny_batch(1, 32)
-    cache = ShardedCache(layout=layout)
+    cp = dist.group.WORLD
+    cache = ShardedCache(group=cp, layout=layout)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model(**shard_inputs(ids, layout=layout), past_key_values=cache, use_cache=True)
-        logits = [unshard(out.logits, layout=layout)[:, -1:]]
+        out = model(**shard_inputs(ids, group=cp, layout=layout), past_key_values=cache,
+                    use_cache=True)
+        logits = [unshard(out.logits, group=cp, layout=layout)[:, -1:]]
         for _ in range(steps):
             new = logits[-1][:, -1].argmax(-1, keepdim=True)
             logits.append(model(input_ids=new, past_key_values=cache, use_cache=True).logits)

@@ -14,9 +14,9 @@ gradient (a permutation's adjoint is its inverse).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from longattn.common import comm, layout
+from longattn.common.dist import agree, resolve_group
 
 
 def _plan(seq_len, rank, n, src, dst, device):
@@ -40,11 +40,10 @@ def _plan(seq_len, rank, n, src, dst, device):
 _PLANS: dict = {}
 
 
-def _move(x, src, dst, group, dim):
-    n = dist.get_world_size(group) if dist.is_initialized() else 1
+def _move(x, src, dst, g, dim):
+    n, rank = g.size, g.rank
     if src == dst or n == 1:
         return x
-    rank = dist.get_rank(group)
     seq_len = x.shape[dim] * n
     key = (seq_len, rank, n, src, dst, str(x.device))
     if key not in _PLANS:
@@ -52,7 +51,7 @@ def _move(x, src, dst, group, dim):
     send_idx, recv_idx = _PLANS[key]
     sends = [x.index_select(dim, i).contiguous() for i in send_idx]
     recvs = [x.new_empty(x.shape[:dim] + (i.numel(),) + x.shape[dim + 1:]) for i in recv_idx]
-    comm.all_to_all_step(sends, recvs, group).wait()
+    comm.all_to_all_step(sends, recvs, g.pg).wait()
     out = torch.empty_like(x)
     for p in range(n):
         chunk = sends[p] if p == rank else recvs[p]
@@ -62,14 +61,14 @@ def _move(x, src, dst, group, dim):
 
 class _Relayout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, src, dst, group, dim):
-        ctx.args = (src, dst, group, dim)
-        return _move(x, src, dst, group, dim)
+    def forward(ctx, x, src, dst, g, dim):
+        ctx.args = (src, dst, g, dim)
+        return _move(x, src, dst, g, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        src, dst, group, dim = ctx.args
-        return _move(grad.contiguous(), dst, src, group, dim), None, None, None, None
+        src, dst, g, dim = ctx.args
+        return _move(grad.contiguous(), dst, src, g, dim), None, None, None, None
 
 
 def relayout(x: torch.Tensor, src: str, dst: str, group=None, dim: int = 1) -> torch.Tensor:
@@ -77,10 +76,35 @@ def relayout(x: torch.Tensor, src: str, dst: str, group=None, dim: int = 1) -> t
 
     Every rank must call it (it is one all-to-all step). ``x.shape[dim] * world_size`` is the
     global length; it must be divisible as both layouts require (``layout.shard``'s rules).
+    ``group``: a ``ProcessGroup``, a 1-D ``DeviceMesh``, ``LOCAL`` or None (this process alone;
+    an error in a world of several ranks). The arguments are checked on every rank first
+    (``longattn.common.dist.agree``).
     """
-    for name, lay in (("src", src), ("dst", dst)):
-        if lay not in layout.LAYOUTS:
-            raise ValueError(f"{name} must be one of {layout.LAYOUTS}, got {lay!r}")
-    if src == dst:
+    g = resolve_group(group)
+
+    def check():
+        for name, lay in (("src", src), ("dst", dst)):
+            if lay not in layout.LAYOUTS:
+                raise ValueError(f"{name} must be one of {layout.LAYOUTS}, got {lay!r}")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not 0 <= dim < x.ndim:
+            raise ValueError(f"dim must be an int in [0, {x.ndim}) for x of shape "
+                             f"{tuple(x.shape)}, got {dim!r}")
+        if src != dst and g.distributed:
+            seq = x.shape[dim] * g.size
+            for lay in (src, dst):
+                layout.positions(seq, g.rank, g.size, lay)  # raises if not divisible
+        return None, {"src": src, "dst": dst, "x.shape": tuple(x.shape), "x.dtype": x.dtype,
+                      "device type": x.device.type, "dim": dim}
+
+    agree("relayout", g, check)
+    return moved(x, src, dst, g, dim)
+
+
+def moved(x: torch.Tensor, src: str, dst: str, g, dim: int = 1) -> torch.Tensor:
+    """:func:`relayout` without the checks, for callers that already agreed on the arguments
+    (``g``: a resolved :class:`longattn.common.dist.Group`)."""
+    if src == dst or not g.distributed:
         return x
-    return _Relayout.apply(x, src, dst, group, dim)
+    return _Relayout.apply(x, src, dst, g, dim)

@@ -1,11 +1,12 @@
 """Context-parallel attention for Hugging Face transformers models.
 
+    import torch.distributed as dist
     from longattn.integrations.transformers import register, shard_inputs, reduce_loss
     register()                                                  # adds "longattn_cp"
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation="longattn_cp")
-    batch = shard_inputs(input_ids, labels, layout=layout_for(model.config))
+    batch = shard_inputs(input_ids, labels, group=dist.group.WORLD, layout=layout_for(cfg))
     loss = model(**batch).loss                                  # this rank's share
-    loss.backward(); all_reduce_grads(model)                    # exact full-sequence grads
+    loss.backward(); all_reduce_grads(model, dist.group.WORLD)  # exact full-sequence grads
 
 Every rank holds a shard of the sequence (``shard_inputs``); every attention layer then runs
 one longattn method over the ranks of the process group:
@@ -13,8 +14,7 @@ one longattn method over the ranks of the process group:
 * full attention (``sliding_window`` None): :func:`longattn.hamilton.hamilton_attn`, causal
   in the zigzag layout (balanced causal work), non-causal in any layout;
 * sliding-window attention (``sliding_window=W``, HF's convention: ``W`` keys including the
-  query's own): :func:`longattn.ring_swa.ring_sliding_window_attn` with ``window_size=W-1``
-  (its ``w`` means ``w + 1`` keys) in the contiguous layout;
+  query's own): ring_swa with the window ``(W-1, 0)`` in the contiguous layout;
 * decoding with a :class:`~longattn.integrations.cache.ShardedCache` (new tokens replicated,
   KV cache sharded): :func:`longattn.tree.tree_decode`.
 
@@ -22,32 +22,42 @@ A model keeps one layout for its hidden states (:func:`layout_for`: ``contiguous
 sliding-window layers, else ``zigzag``); a layer whose method wants the other layout moves
 q/k/v there and the output back (:mod:`longattn.integrations.relayout`, one all-to-all step
 each way). The attention function reads the layout from the ``position_ids`` the model passes
-down (they are the global positions of this rank's tokens, which RoPE needs anyway) and checks
-it on every rank once per forward, so a wrong sharding raises everywhere instead of hanging.
+down (they are the global positions of this rank's tokens, which RoPE needs anyway).
+
+Every call of the attention function first runs its checks inside
+:func:`longattn.common.dist.agree` (one small all-gather): shapes, dtype, device type,
+``causal``, the softmax scale, the window, the backend, decoding or not, and the layout each
+rank's ``position_ids`` are in. A bad argument on any rank raises the same ``ValueError`` on
+every rank, before any attention communication; nothing is cached between calls, so every rank
+makes the same collectives whatever tensors it was given.
 
 What transformers hands an attention function (5.x): ``module`` (has ``is_causal``,
 ``layer_idx``, ``config``), ``query`` ``[B, Hq, S, D]``, ``key``/``value`` ``[B, Hkv, S, D]``
 (BHSD; transposed to longattn's BSHD here), ``attention_mask`` (None with this
 implementation: see :func:`_mask`), ``dropout``, ``scaling``, and in ``**kwargs``
 ``sliding_window``, ``is_causal``, ``position_ids`` and anything the caller passed to the
-model's forward (``cp_group``: the process group, default the world). It expects back
-``(attn_output [B, S, Hq, D], attn_weights or None)``.
+model's forward (``cp_group``: the process group, which :func:`shard_inputs` adds to the
+batch). It expects back ``(attn_output [B, S, Hq, D], attn_weights or None)``.
+
+Groups (``cp_group`` here, ``group`` in the helpers) follow longattn's one rule: a
+``ProcessGroup``, a 1-D ``DeviceMesh``, :data:`longattn.common.dist.LOCAL`, or ``None``, which
+means this process alone without torch.distributed or in a world of one rank, and is a
+``ValueError`` in an initialised world of more ranks.
 
 Not supported (ValueError): padding masks / custom 4D masks (pack full sequences instead),
-attention dropout during training, ``softcap``, attention sinks (``s_aux``), sliding windows
-without causality. Without an initialised process group the layers run as plain local
-attention on the full sequence.
+attention dropout during training, ``softcap``, attention sinks (``s_aux``), position biases,
+sliding windows without causality.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.distributed as dist
 
+from longattn.common import checks
 from longattn.common import layout as _layout
-from longattn.integrations.relayout import relayout
+from longattn.common.dist import LOCAL, agree, resolve_group
+from longattn.integrations.relayout import moved
 
 NAME = "longattn_cp"
 
@@ -56,33 +66,44 @@ __all__ = [
     "all_reduce_grads",
 ]
 
+_UNSUPPORTED = ("softcap", "s_aux", "position_bias")
+
 
 # ---------------------------------------------------------------------------------------------
 # registration
 
 
-def register(name: str = NAME) -> str:
+def register(name: str = NAME, *, backend: str = "auto") -> str:
     """Register the attention function (and a mask function) under ``name``; returns ``name``.
 
     Afterwards ``attn_implementation=name`` works at model construction, or set
     ``model.config._attn_implementation = name`` (or ``model.set_attn_implementation(name)``).
+    ``backend`` is the local-kernel choice every layer passes to the methods
+    (``longattn.common.kernels``; ``"auto"``: the fastest that serves the request); a model's
+    forward may override it per call with ``backend=...``.
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    AttentionInterface.register(name, attention)
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {backend!r}")
+
+    def attention_with_backend(module, query, key, value, attention_mask=None, **kwargs):
+        kwargs.setdefault("backend", backend)
+        return attention(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention if backend == "auto" else attention_with_backend)
     AttentionMaskInterface.register(name, _mask)
     return name
 
 
 def _mask(batch_size=None, q_length=None, kv_length=None, *args, attention_mask=None, **kwargs):
     """Mask builder for transformers' ``create_causal_mask``: the methods apply causality and
-    windows themselves, so no mask is built. A 2-D padding mask that hides tokens is refused:
-    the sequence is sharded, and padding would need a per-token mask across ranks."""
+    windows themselves, so no mask is built. A 2-D padding mask that hides tokens is passed on
+    as it is, so that the attention function refuses it on every rank at once (the sequence is
+    sharded; padding would need a per-token mask across ranks)."""
     if attention_mask is not None and not bool(attention_mask.all()):
-        raise ValueError(
-            f"attention_mask with padding is not supported by {NAME!r}: pack full sequences "
-            "(no padding) or pass attention_mask=None")
+        return attention_mask
     return None
 
 
@@ -91,142 +112,176 @@ def _mask(batch_size=None, q_length=None, kv_length=None, *args, attention_mask=
 
 
 def attention(module, query, key, value, attention_mask=None, dropout=0.0, scaling=None,
-              sliding_window=None, is_causal=None, cp_group=None, **kwargs):
+              sliding_window=None, is_causal=None, cp_group=None, backend="auto", **kwargs):
     """transformers attention function: this rank's shard of the sequence attends to all of
     it. ``query [B, Hq, S_local, D]``, ``key``/``value [B, Hkv, S_local, D]`` (BHSD, as
-    transformers passes them). Returns ``(out [B, S_local, Hq, D], None)``."""
+    transformers passes them). ``scaling`` is the softmax scale (None: ``D ** -0.5``),
+    ``sliding_window`` HF's window (keys seen, including the query's own), ``cp_group`` the
+    context-parallel group (with a :class:`~longattn.integrations.cache.ShardedCache`, the
+    cache's group), ``backend`` the local-kernel choice. Returns ``(out [B, S_local, Hq, D],
+    None)``."""
     if is_causal is None:  # decoder modules say is_causal; a config may turn it off
-        is_causal = getattr(module, "is_causal", True) and getattr(
-            getattr(module, "config", None), "is_causal", True)
-    causal = bool(is_causal)
-    window = _check_call(attention_mask, dropout, sliding_window, causal, kwargs)
-    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+        is_causal = bool(getattr(module, "is_causal", True) and getattr(
+            getattr(module, "config", None), "is_causal", True))
     state = getattr(key, "_longattn_state", None)
-    if state is not None and state.decoding:
-        out = _decode(q, k, v, state, causal, window, scaling, cp_group)
-    elif q.shape[1] != k.shape[1]:
-        raise ValueError(
-            f"key length {k.shape[1]} != query length {q.shape[1]}: for decoding with a KV cache "
-            "pass past_key_values=longattn.integrations.cache.ShardedCache(...)")
-    elif not dist.is_available() or not dist.is_initialized():
-        out = _local(q, k, v, causal, window, scaling)
+    group = cp_group
+    if state is not None:
+        if cp_group is None:
+            group = state.group
+        elif resolve_group(cp_group, name="cp_group") != resolve_group(state.group):
+            raise ValueError("cp_group is not the group of the ShardedCache passed as "
+                             "past_key_values: pass the same group to both (or cp_group=None)")
+    g = resolve_group(group, name="cp_group")
+    decoding = state is not None and state.decoding
+
+    def check():
+        return _check_call(query, key, value, attention_mask, dropout, scaling, sliding_window,
+                           is_causal, backend, decoding, kwargs, g)
+
+    (causal, window, lay), _ = agree(NAME, g, check)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    if decoding:
+        out = _decode(q, k, v, state, causal, window, scaling, g, backend)
+    elif not g.distributed:
+        out = _local(q, k, v, causal, window, scaling, backend)
     else:
-        lay = _check_positions(kwargs.get("position_ids"), q.shape[1], cp_group)
-        out = _sharded(q, k, v, lay, causal, window, scaling, cp_group)
+        out = _sharded(q, k, v, lay, causal, window, scaling, g, backend)
     return out, None
 
 
-def _check_call(attention_mask, dropout, sliding_window, causal, kwargs):
-    """Everything here depends on the model and its config only, so it is the same on every
-    rank and raises everywhere before any communication. Returns the window's ``left`` (keys
-    before the query) or None."""
+def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_window, is_causal,
+                backend, decoding, kwargs, g):
+    """This rank's checks (run inside ``agree``). Returns ``((causal, window, layout),
+    fields)``: ``window`` is the window's ``left`` (keys before the query) or None, ``layout``
+    the layout of this rank's ``position_ids`` (sharded, not decoding) or None."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor) or t.ndim != 4:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{NAME}: {name} must be a 4-D [batch, heads, seq, head_dim] tensor "
+                             f"(transformers' layout), got {got}")
+    causal = checks.check_bool("is_causal", is_causal)
     if attention_mask is not None:
+        if attention_mask.ndim == 2:
+            raise ValueError(
+                f"attention_mask with padding is not supported by {NAME!r}: pack full "
+                "sequences (no padding) or pass attention_mask=None")
         raise ValueError(
             f"{NAME!r} builds no attention mask; got a {tuple(attention_mask.shape)} "
             "attention_mask (custom 4-D masks and padding are not supported)")
     if dropout:
         raise ValueError(f"{NAME!r} does not support attention dropout (dropout={dropout}); "
                          "set config.attention_dropout = 0")
-    for name in ("softcap", "s_aux"):
+    for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
             raise ValueError(f"{NAME!r} does not support {name}={kwargs[name]!r}")
-    if sliding_window is None:
-        return None
-    w = sliding_window
-    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-        raise ValueError(f"sliding_window must be a positive int (keys seen, including the "
-                         f"query's own), got {sliding_window!r}")
-    if not causal:
-        raise ValueError(f"{NAME!r} supports sliding windows only in causal attention")
-    return sliding_window - 1
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {backend!r}")
+    scale = None if scaling is None else checks.check_scale(scaling, query.shape[-1])
+    window = None
+    if sliding_window is not None:
+        w = sliding_window
+        if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+            raise ValueError(f"sliding_window must be a positive int (keys seen, including the "
+                             f"query's own), got {sliding_window!r}")
+        if not causal:
+            raise ValueError(f"{NAME!r} supports sliding windows only in causal attention")
+        window = w - 1
+    lay = None
+    if not decoding and g.distributed:
+        if key.shape[2] != query.shape[2]:
+            raise ValueError(
+                f"key length {key.shape[2]} != query length {query.shape[2]}: for decoding with "
+                "a KV cache pass past_key_values=longattn.integrations.cache.ShardedCache(...)")
+        lay = _layout_of(kwargs.get("position_ids"), query.shape[2], g)
+    elif key.shape[2] < query.shape[2]:
+        raise ValueError(f"key length {key.shape[2]} < query length {query.shape[2]}")
+    b, d = query.shape[0], query.shape[3]
+    fields = {
+        "query.shape": tuple(query.shape),
+        # decoding: every rank holds a different number of cached keys
+        "key.shape": (b, key.shape[1], d) if decoding else tuple(key.shape),
+        "value.shape": (b, value.shape[1], value.shape[3]) if decoding else tuple(value.shape),
+        "dtype": query.dtype, "device type": query.device.type, "causal": causal,
+        "softmax_scale": scale, "sliding_window": sliding_window, "backend": backend,
+        "decoding": decoding, "position_ids layout": lay,
+    }
+    return (causal, window, lay), fields
 
 
-# The model passes the same position_ids tensor to every layer: check it once per forward.
-_CHECKED: dict = {"ref": None, "layout": None}
-
-
-def _check_positions(position_ids, s_local, group):
-    """The layout this rank's tokens are in, read from their global positions; raises on every
-    rank if any rank's positions match no layout (one all-reduce of a flag)."""
-    seen = _CHECKED["ref"]
-    if position_ids is not None and seen is not None and seen() is position_ids:
-        return _CHECKED["layout"]
-    n, rank = dist.get_world_size(group), dist.get_rank(group)
-    found, why = None, None
+def _layout_of(position_ids, s_local, g):
+    """The layout this rank's tokens are in, read from their global positions (ValueError
+    naming ``position_ids`` when they match none)."""
+    fix = ("Shard the inputs with longattn.integrations.transformers.shard_inputs (it returns "
+           "the global position_ids) and pass them to the model.")
     if position_ids is None:
-        why = "the model did not pass position_ids to the attention function"
-    else:
-        pos = position_ids.reshape(-1, position_ids.shape[-1]).cpu()
-        if pos.shape[-1] != s_local:
-            why = f"position_ids have {pos.shape[-1]} positions for {s_local} tokens"
-        elif bool((pos != pos[:1]).any()):
-            why = "position_ids differ between batch rows (packed sequences are not supported)"
-        else:
-            for lay in ("zigzag", "contiguous", "striped"):
-                if (s_local * n) % (2 * n if lay == "zigzag" else n):
-                    continue
-                if torch.equal(pos[0], _layout.positions(s_local * n, rank, n, lay)):
-                    found = lay
-                    break
-            if found is None:
-                why = (f"position_ids {pos[0].tolist()[:8]}... on rank {rank} are not this "
-                       f"rank's global positions in any layout {_layout.LAYOUTS}")
-    flag = torch.tensor([0 if found else 1], dtype=torch.int64)
-    if dist.get_backend(group) == "nccl":
-        flag = flag.cuda()
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-    if int(flag.item()):
-        raise ValueError(
-            f"{NAME}: {why or 'another rank got inconsistent position_ids'}. Shard the inputs "
-            "with longattn.integrations.transformers.shard_inputs (it returns the global "
-            "position_ids) and pass them to the model.")
-    if position_ids is not None:
-        _CHECKED["ref"], _CHECKED["layout"] = weakref.ref(position_ids), found
-    return found
+        raise ValueError(f"{NAME}: the model did not pass position_ids to the attention "
+                         f"function. {fix}")
+    pos = position_ids.reshape(-1, position_ids.shape[-1]).cpu()
+    if pos.shape[-1] != s_local:
+        raise ValueError(f"{NAME}: position_ids have {pos.shape[-1]} positions for {s_local} "
+                         f"tokens. {fix}")
+    if bool((pos != pos[:1]).any()):
+        raise ValueError(f"{NAME}: position_ids differ between batch rows (packed sequences are "
+                         "not supported)")
+    n = g.size
+    for lay in _layout.LAYOUTS:
+        if (s_local * n) % (2 * n if lay == "zigzag" else n):
+            continue
+        if torch.equal(pos[0], _layout.positions(s_local * n, g.rank, n, lay)):
+            return lay
+    raise ValueError(f"{NAME}: position_ids {pos[0].tolist()[:8]}... on rank {g.rank} are not "
+                     f"this rank's global positions in any layout {_layout.LAYOUTS}. {fix}")
 
 
-def _sharded(q, k, v, lay, causal, window, scale, group):
+def _sharded(q, k, v, lay, causal, window, scale, g, backend):
+    """The layer's method over the group's ranks, in the layout it wants (relayout of q/k/v
+    there and of the output back; the arguments were agreed on already)."""
     if window is not None:
         from longattn.ring_swa import ring_sliding_window_attn
 
-        q, k, v = (relayout(t, lay, "contiguous", group) for t in (q, k, v))
-        cp_group = group if group is not None else dist.group.WORLD
-        out = ring_sliding_window_attn(q, k, v, window, cp_group=cp_group, softmax_scale=scale)
-        return relayout(out, "contiguous", lay, group)
+        q, k, v = (moved(t, lay, "contiguous", g) for t in (q, k, v))
+        out = ring_sliding_window_attn(q, k, v, window, cp_group=g.pg, softmax_scale=scale,
+                                       backend=backend)
+        return moved(out, "contiguous", lay, g)
     from longattn.hamilton import hamilton_attn
 
     want = "zigzag" if causal else lay  # non-causal full attention works in any layout
-    q, k, v = (relayout(t, lay, want, group) for t in (q, k, v))
-    out = hamilton_attn(q, k, v, group=group, causal=causal, scale=scale)
-    return relayout(out, want, lay, group)
+    q, k, v = (moved(t, lay, want, g) for t in (q, k, v))
+    out = hamilton_attn(q, k, v, group=g.pg, causal=causal, scale=scale, backend=backend)
+    return moved(out, want, lay, g)
 
 
-def _local(q, k, v, causal, window, scale):
+def _local(q, k, v, causal, window, scale, backend):
+    """One process: plain attention on the keys it has (bottom-right aligned when decoding:
+    the new tokens are the last keys)."""
     from longattn.common.kernels import attention as local_attention
 
     win = (-1, -1) if window is None else (window, 0)
     return local_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale,
-                           causal=causal, window=win)
+                           causal=causal, window=win, backend=backend)
 
 
-def _decode(q, k, v, state, causal, window, scale, group):
+def _decode(q, k, v, state, causal, window, scale, g, backend):
     """New tokens (replicated) against the sharded KV cache: one tree reduction per call.
 
     ``state.positions`` are the global positions of this rank's cached keys (the new tokens
-    sit at the end of the last rank's shard), ``state.query_positions`` those of the queries.
+    sit at the end of the tail rank's shard), ``state.query_positions`` those of the queries.
     """
+    if not g.distributed:
+        return _local(q, k, v, causal, window, scale, backend)
     from longattn.tree import tree_decode
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if window is None:
-        return tree_decode(q, k, v, group=group, scale=scale, causal=causal)
+        return tree_decode(q, k, v, group=g.pg, scale=scale, causal=causal,
+                           shard_lens=list(state.lens), backend=backend)
     # Sliding window: each new token sees its own key range; select it on every rank.
     outs = []
     for t, p in enumerate(state.query_positions.tolist()):
         sel = ((state.positions >= p - window) & (state.positions <= p)).nonzero()[:, 0]
         sel = sel.to(k.device)
         outs.append(tree_decode(q[:, t:t + 1], k.index_select(1, sel), v.index_select(1, sel),
-                                group=group, scale=scale, causal=False))
+                                group=g.pg, scale=scale, causal=False, backend=backend))
     return torch.cat(outs, dim=1)
 
 
@@ -243,12 +298,6 @@ def layout_for(config) -> str:
     return "contiguous" if getattr(config, "sliding_window", None) else "zigzag"
 
 
-def _world(group):
-    if not dist.is_available() or not dist.is_initialized():
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
-
-
 def shard_inputs(input_ids, labels=None, position_ids=None, *, group=None, layout="zigzag",
                  ignore_index=-100):
     """This rank's part of a batch, as keyword arguments for the model's forward.
@@ -260,17 +309,18 @@ def shard_inputs(input_ids, labels=None, position_ids=None, *, group=None, layou
             label ``i+1``; the last gets ``ignore_index``), so each rank's loss is local.
         position_ids: ``[B or 1, S]`` or None (``0..S-1``): sharded as they are, so every rank
             keeps its tokens' *global* positions (RoPE and the layout check need them).
-        group: the context-parallel process group (None: the world).
+        group: the context-parallel group: a ``ProcessGroup``, a 1-D ``DeviceMesh``,
+            ``LOCAL`` or None (this process alone; an error in a world of several ranks).
         layout: ``zigzag``, ``contiguous`` or ``striped``; :func:`layout_for` picks the
             cheapest for a model.
 
-    Returns a dict with ``input_ids``, ``position_ids`` and, with labels, ``labels`` and
-    ``shift_labels`` (the shifted local labels: transformers' loss then skips its own shift)
-    and ``num_items_in_batch`` (the number of counted tokens of the whole batch, so each
-    rank's ``loss`` is its token-loss sum over the global count and the ranks' losses add up
-    to the mean: :func:`reduce_loss`). Pass ``group`` to the model as ``cp_group=`` if it is
-    not the world.
+    Returns a dict with ``input_ids``, ``position_ids``, ``cp_group`` (the group, for the
+    attention layers) and, with labels, ``labels`` and ``shift_labels`` (the shifted local
+    labels: transformers' loss then skips its own shift) and ``num_items_in_batch`` (the number
+    of counted tokens of the whole batch, so each rank's ``loss`` is its token-loss sum over the
+    global count and the ranks' losses add up to the mean: :func:`reduce_loss`).
     """
+    g = resolve_group(group)
     if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
         raise ValueError(f"input_ids must be a [batch, seq] tensor, got "
                          f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -279,18 +329,16 @@ def shard_inputs(input_ids, labels=None, position_ids=None, *, group=None, layou
         position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
     if position_ids.ndim != 2 or position_ids.shape[1] != s or position_ids.shape[0] not in (1, b):
         raise ValueError(f"position_ids must be [1 or {b}, {s}], got {tuple(position_ids.shape)}")
-    n, rank = _world(group)
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"labels must be {tuple(input_ids.shape)} like input_ids, got "
+                         f"{tuple(labels.shape)}")
 
     def cut(x):
-        return _layout.shard(x, rank, n, layout=layout, dim=1)
+        return _layout.shard(x, g.rank, g.size, layout=layout, dim=1)
 
-    batch = {"input_ids": cut(input_ids), "position_ids": cut(position_ids)}
-    if group is not None:
-        batch["cp_group"] = group
+    batch = {"input_ids": cut(input_ids), "position_ids": cut(position_ids),
+             "cp_group": LOCAL if group is None else group}
     if labels is not None:
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels must be {tuple(input_ids.shape)} like input_ids, got "
-                             f"{tuple(labels.shape)}")
         shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], dim=1)
         local = cut(shifted)
         batch.update(labels=local, shift_labels=local,
@@ -301,31 +349,66 @@ def shard_inputs(input_ids, labels=None, position_ids=None, *, group=None, layou
 def unshard(x, *, group=None, layout="zigzag", dim=1):
     """Gather every rank's shard (e.g. logits ``[B, S_local, V]``) into the full tensor on
     every rank (no gradient). For tests and inspection, not for training."""
-    n, _ = _world(group)
-    if n == 1:
+    g = resolve_group(group)
+
+    def check():
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not -x.ndim <= dim < x.ndim:
+            raise ValueError(f"dim {dim} is out of range for x of shape {tuple(x.shape)}")
+        return None, {"x.shape": tuple(x.shape), "x.dtype": x.dtype, "dim": dim % x.ndim,
+                      "layout": layout}
+
+    agree("unshard", g, check)
+    if not g.distributed:
         return x
-    parts = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(parts, x.detach().contiguous(), group=group)
-    return _layout.unshard(parts, layout=layout, dim=dim)
+    mine = x.detach().to(g.device).contiguous()
+    parts = [torch.empty_like(mine) for _ in range(g.size)]
+    dist.all_gather(parts, mine, group=g.pg)
+    return _layout.unshard([p.to(x.device) for p in parts], layout=layout, dim=dim)
 
 
 def reduce_loss(loss, group=None):
     """The loss of the whole batch: the sum of the ranks' losses (each rank's loss is its
     token-loss sum over the global token count, see :func:`shard_inputs`). Detached; for
     logging. Backpropagate each rank's own ``loss`` and call :func:`all_reduce_grads`."""
+    g = resolve_group(group)
+
+    def check():
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
+        return None, {"loss.shape": tuple(loss.shape), "loss.dtype": loss.dtype}
+
+    agree("reduce_loss", g, check)
     total = loss.detach().clone()
-    if _world(group)[0] > 1:
-        dist.all_reduce(total, group=group)
+    if g.distributed:
+        buf = total.to(g.device)
+        dist.all_reduce(buf, group=g.pg)
+        total = buf.to(loss.device)
     return total
 
 
 def all_reduce_grads(model, group=None):
-    """Sum the parameter gradients over the ranks: each rank's backward of its own loss gives
-    its tokens' contribution to every parameter's gradient (attention already sent the
-    key/value gradients home), so the sum is the full-sequence gradient. (With data
-    parallelism on top, let DDP / FSDP reduce over the combined group instead.)"""
-    if _world(group)[0] == 1:
+    """Sum the parameter gradients over the ranks of the context-parallel ``group``: each
+    rank's backward of its own loss gives its tokens' contribution to every parameter's
+    gradient (attention already sent the key/value gradients home), so the sum is the
+    full-sequence gradient. Every rank must hold the same parameters with gradients (checked on
+    every rank first)."""
+    g = resolve_group(group)
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+
+    def check():
+        return None, {"parameters with a gradient": len(grads),
+                      "gradient elements": sum(t.numel() for t in grads),
+                      "gradient dtypes": ",".join(sorted({str(t.dtype) for t in grads}))}
+
+    agree("all_reduce_grads", g, check)
+    if not g.distributed:
         return
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad, group=group)
+    for t in grads:
+        if t.device == g.device:
+            dist.all_reduce(t, group=g.pg)
+        else:  # e.g. CUDA gradients over a gloo group
+            buf = t.to(g.device)
+            dist.all_reduce(buf, group=g.pg)
+            t.copy_(buf)
