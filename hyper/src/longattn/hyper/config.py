@@ -15,11 +15,12 @@ class HyperConfig:
     """Settings of the Triton kernels (speed only: every setting computes the same function).
 
     ``fwd_tile``: sorted query rows per forward program when ``block_size >= fwd_tile``
-    (smaller blocks take 64-row tiles). 128 is the tile of the committed H100 run
-    (``hyper/bench/results/bench_hyper.json``, ``bench_hyper_retime_no_sweep.json``). 256
-    halves the gathered K/V and sample loads per query (``bench/compile_sm90.py`` reports its
-    registers and spills); no committed run measures its speed (``bench_hyper.py --fwd-tile
-    256`` does). Under ``TRITON_INTERPRET=1`` every tile is 16.
+    (smaller blocks take the dq tile: 128 rows, 64 for blocks under 128). 128 is the tile of
+    the committed H100 runs (``hyper/bench/results/bench_hyper.json``,
+    ``bench_hyper_retime_no_sweep.json``). 256 halves the gathered K/V and sample loads per
+    query (``bench/compile_sm90.py`` reports its registers and spills); no committed run
+    measures its speed (``bench_hyper.py --fwd-tile 256`` does). Under ``TRITON_INTERPRET=1``
+    every tile is 16.
     """
 
     fwd_tile: int = 128

@@ -28,8 +28,8 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def block_s(dtype: torch.dtype) -> int:
-    """Rows per program: 128 for fp16 / bf16, 64 for fp32 (IEEE fp32 dots of 128 rows spill
-    from head_dim 128 on; 64 compile spill-free up to 256 for sm_90)."""
+    """Rows per program: 128 for fp16 / bf16, 64 for fp32 (IEEE fp32 dots hold more registers;
+    ``bench/compile_sm90.py`` reports the kernel's registers and spills)."""
     return 64 if dtype == torch.float32 else 128
 
 

@@ -1,0 +1,33 @@
+"""The README's quick start runs as written (the code block is extracted and executed)."""
+
+import re
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def quick_start() -> str:
+    text = README.read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) == 1, "the quick start holds one python block"
+    return blocks[0]
+
+
+def test_readme_quick_start_runs():
+    ns: dict = {}
+    exec(compile(quick_start(), str(README), "exec"), ns)  # noqa: S102 - our own README
+    assert ns["out"].shape == (1, 1024, 4, 64)
+
+
+def test_readme_names_the_public_signature():
+    # the API block spells the public signatures' keyword names
+    import inspect
+
+    from longattn.hyper import HyperAttention, hyper_attention
+
+    text = README.read_text()
+    for name in inspect.signature(hyper_attention).parameters:
+        assert f"{name}=" in text or name in ("q", "k", "v"), name
+    for name in inspect.signature(HyperAttention.forward).parameters:
+        assert f"{name}=" in text or name in ("self", "q", "k", "v"), name
