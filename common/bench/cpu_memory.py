@@ -8,7 +8,8 @@ the child reports its peak resident set size (``ru_maxrss``) before and after th
 whole-process peak includes the Python interpreter and torch (a few hundred MB); the increase
 over the baseline is what the attention itself needed. A dense implementation would need
 ``B * H * S * S * 4`` bytes for one score matrix (128 GiB at the default size); the chunked
-backend keeps one score block of 2**24 elements (64 MiB) plus O(S) tensors.
+backend keeps a few score blocks of ``TorchConfig().score_block_elems`` = 2**22 elements (16 MiB
+each in fp32) plus O(S) tensors.
 """
 
 from __future__ import annotations

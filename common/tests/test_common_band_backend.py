@@ -1,30 +1,21 @@
 """longattn.common.kernels.band_backend on the CPU (its pieces on the torch backend, the torch
-merge): the band decomposition against the float64 oracle over random shapes, splits and both
-treatments of the anti-causal triangle; geometry; what it refuses. (ring_swa's tests cover the
-Triton merge; these keep the backend covered when common is tested alone.)"""
+merge, chosen through ``BandConfig``): the band decomposition against the float64 oracle over
+random shapes, splits and both treatments of the anti-causal triangle; geometry; the config
+record; what it refuses. The fused Triton merge against its slow twin: test_common_triton_twins.
+"""
 
 from __future__ import annotations
 
-import contextlib
-
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longattn import reference as ref
 from longattn.common import kernels as K
+from longattn.common.kernels import BandConfig
 from longattn.common.kernels import band_backend as band
 from longattn.common.testing import rel_error
-
-
-@contextlib.contextmanager
-def min_chunk(n):
-    old = band.MIN_CHUNK
-    band.MIN_CHUNK = n
-    try:
-        yield
-    finally:
-        band.MIN_CHUNK = old
 
 
 @st.composite
@@ -61,12 +52,13 @@ def check_band(c, dtype):
                for h in (hq, hkv, hkv))
     dout = torch.randn(b, s, hq, d, generator=g, dtype=torch.float64).to(dtype)
     scale = d ** -0.5 if c["scale"] is None else c["scale"]
-    kw = dict(softmax_scale=scale, window_size=(w, 0), split=c["split"], anti=c["anti"],
-              backend="torch")
-    with min_chunk(1):
-        assert band.geometry(s, s, (w, 0), c["split"]) == (w // c["split"], s * c["split"] // w)
-        out, lse = band.forward(q, k, v, merge="torch", **kw)
-        grads = band.backward(dout, q, k, v, out, lse, **kw)
+    cfg = BandConfig(split=c["split"], anti=c["anti"], min_chunk=1, piece_backend="torch",
+                     merge="torch")
+    kw = dict(softmax_scale=scale, window_size=(w, 0), config=cfg)
+    assert band.geometry(s, s, (w, 0), c["split"], min_chunk=1) == (w // c["split"],
+                                                                      s * c["split"] // w)
+    out, lse = band.forward(q, k, v, **kw)
+    grads = band.backward(dout, q, k, v, out, lse, **kw)
     m = ref.window_mask(s, s, (w, 0)) & ref.causal_mask(s)
     qn, kn, vn = (t.double().numpy() for t in (q, k, v))
     ro, rl = ref.attention(qn, kn, vn, mask=m, scale=scale)
@@ -83,8 +75,7 @@ def check_band(c, dtype):
 @given(st.integers(1, 64), st.integers(1, 64), st.integers(-1, 20), st.integers(-1, 2),
        st.integers(1, 3), st.integers(1, 8))
 def test_geometry_applies_exactly_when_the_band_splits(sq, sk, left, right, split, mc):
-    with min_chunk(mc):
-        got = band.geometry(sq, sk, (left, right), split)
+    got = band.geometry(sq, sk, (left, right), split, min_chunk=mc)
     ok = (right == 0 and left >= 1 and sq == sk and left % split == 0
           and left // split >= mc and sq % (left // split) == 0 and sq // (left // split) > split)
     if not ok:
@@ -99,9 +90,52 @@ def test_refuses_cpu_dlse_and_non_bands():
     assert band.supports(K.Request(q, q, q, True, (256, 0))) is not None  # CPU
     assert K.pick_backend(q, q, q, causal=True, window_size=(256, 0)) != "band"
     out, lse = torch.zeros_like(q), torch.zeros(1, 2, 1024)
-    try:
+    with pytest.raises(ValueError, match="dlse"):
         band.backward(q, q, q, q, out, lse, softmax_scale=0.1, window_size=(256, 0), dlse=lse)
-    except ValueError as e:
-        assert "dlse" in str(e)
-    else:
-        raise AssertionError("band.backward accepted dlse")
+    with pytest.raises(ValueError, match="band.*window_size"):  # not a band: says why
+        band.forward(q, q, q, softmax_scale=0.1, window_size=(100, 0))
+
+
+class _Cuda:
+    """A tensor that claims to be on CUDA (supports only reads shapes, dtype and device)."""
+
+    def __init__(self, t):
+        self.t = t
+
+    def __getattr__(self, name):
+        return getattr(self.t, name)
+
+    @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+
+def test_supports_reads_the_config():
+    x = _Cuda(torch.zeros(1, 1024, 2, 64, dtype=torch.bfloat16))
+
+    def why(cfg=None, window=(256, 0)):
+        return band.supports(K.Request(x, x, x, True, window, False, cfg))
+
+    assert why() is None  # chunks of 256 >= 128 tokens
+    assert why(BandConfig(split=2)) is None  # 128
+    assert "512" in why(BandConfig(min_chunk=512))
+    assert "W/4" in why(BandConfig(split=4))  # chunks of 64 < 128
+    if "cudnn" in K.UNAVAILABLE:
+        assert "cudnn" in why(BandConfig(piece_backend="cudnn"))
+    assert "no such backend" in why(BandConfig(piece_backend="nope"))
+    assert "window_size" in why(window=(255, 0))
+
+
+@pytest.mark.parametrize("field,bad", [
+    ("split", 0), ("split", 1.0), ("split", True), ("min_chunk", 0), ("anti", "flop"),
+    ("merge", "cuda"), ("piece_backend", "band"), ("piece_backend", "auto"),
+])
+def test_band_config_rejects_bad_fields(field, bad):
+    with pytest.raises(ValueError, match=f"BandConfig.{field}"):
+        BandConfig(**{field: bad})
+
+
+def test_band_config_is_frozen():
+    cfg = BandConfig()
+    with pytest.raises(AttributeError):
+        cfg.split = 2

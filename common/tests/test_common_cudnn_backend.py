@@ -50,8 +50,15 @@ def test_refuses_cpu_and_float32():
     assert cb.supports(Request(x, x, x, False, (-1, -1))) == "needs CUDA tensors"
 
 
-@pytest.mark.skipif(cb.cudnn is not None, reason="checks the behaviour without cudnn-frontend")
-def test_not_registered_without_cudnn_frontend():
-    from longattn.common.kernels import BACKENDS
+def test_without_cudnn_frontend_it_is_unavailable_and_says_why():
+    from longattn.common import kernels as K
 
-    assert "cudnn" not in BACKENDS
+    if cb.cudnn is not None:  # installed: registered like any other backend
+        assert "cudnn" in K.BACKENDS and "cudnn" not in K.UNAVAILABLE
+        return
+    assert "cudnn" not in K.BACKENDS
+    assert "nvidia-cudnn-frontend" in K.UNAVAILABLE["cudnn"]
+    x = torch.zeros(1, 4, 1, 8)
+    with pytest.raises(ValueError, match="'cudnn' is not available.*nvidia-cudnn-frontend"):
+        K.attention_forward(x, x, x, backend="cudnn")
+    assert K.pick_backend(x, x, x) == "torch"  # auto skips it

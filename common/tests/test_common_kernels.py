@@ -4,7 +4,6 @@ autograd wrapper (gradcheck), the backend registry, memory, and bad input."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from hypothesis import strategies as st
 
 from longattn import reference as ref
 from longattn.common import kernels as K
-from longattn.common.kernels import torch_backend
+from longattn.common.kernels import TorchConfig, torch_backend
 from longattn.common.testing import rel_error
 
 HYP = settings(max_examples=40, deadline=None, derandomize=True,
@@ -58,16 +57,10 @@ def make(seed, b, sq, sk, hq, hkv, d, dv=None, dtype=torch.float64):
     return q, k, v
 
 
-@contextlib.contextmanager
 def block_elems(n):
-    """Shrink the torch backend's score block so small tests exercise many row blocks and the
-    per-block key ranges of windows."""
-    old = torch_backend.SCORE_BLOCK_ELEMS
-    torch_backend.SCORE_BLOCK_ELEMS = n
-    try:
-        yield
-    finally:
-        torch_backend.SCORE_BLOCK_ELEMS = old
+    """A torch backend config with a small score block, so small tests exercise many row
+    blocks and the per-block key ranges of windows."""
+    return TorchConfig(score_block_elems=n)
 
 
 def check_case(seed, b, sq, sk, hq, hkv, d, dv, causal, window, dtype, use_dlse, blk,
@@ -79,12 +72,12 @@ def check_case(seed, b, sq, sk, hq, hkv, d, dv, causal, window, dtype, use_dlse,
     dout = torch.randn(b, sq, hq, v.shape[-1], generator=g, dtype=torch.float64).to(dtype)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     dlse = torch.randn(b, hq, sq, generator=g, dtype=torch.float64).to(acc) if use_dlse else None
-    with block_elems(blk):
-        out, lse = K.attention_forward(q, k, v, softmax_scale=scale, causal=causal,
-                                       window_size=window, backend="torch")
-        dq, dk, dv_ = K.attention_backward(dout, q, k, v, out, lse, softmax_scale=scale,
-                                           causal=causal, window_size=window, dlse=dlse,
-                                           backend="torch")
+    cfg = block_elems(blk)
+    out, lse = K.attention_forward(q, k, v, softmax_scale=scale, causal=causal,
+                                   window_size=window, backend="torch", config=cfg)
+    dq, dk, dv_ = K.attention_backward(dout, q, k, v, out, lse, softmax_scale=scale,
+                                       causal=causal, window_size=window, dlse=dlse,
+                                       backend="torch", config=cfg)
     ro, rl, (rdq, rdk, rdv) = oracle(q, k, v, causal, window, scale, dout, dlse)
     assert out.dtype == dtype and out.shape == ro.shape
     assert lse.dtype == acc and lse.shape == rl.shape
@@ -233,11 +226,14 @@ def test_row_blocking_does_not_change_results():
     dout = torch.randn(1, 23, 4, 8, dtype=torch.float64)
     outs = []
     for blk in (1, 3, 64, 1000, 1 << 24):
-        with block_elems(blk):
-            out, lse = K.attention_forward(q, k, v, window_size=(5, 2), backend="torch")
-            grads = K.attention_backward(dout, q, k, v, out, lse, window_size=(5, 2),
-                                         backend="torch")
+        cfg = block_elems(blk)
+        out, lse = K.attention_forward(q, k, v, window_size=(5, 2), config=cfg)  # auto: torch
+        grads = K.attention_backward(dout, q, k, v, out, lse, window_size=(5, 2), config=cfg)
         outs.append((out, lse, *grads))
+    with_grad = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = K.attention(*with_grad, window_size=(5, 2), config=block_elems(3))
+    o.backward(dout)
+    outs.append((o.detach(), outs[0][1], *(t.grad for t in with_grad)))
     for other in outs[1:]:
         for x, y in zip(outs[0], other):
             assert rel_error(x, y) <= 1e-13
@@ -379,6 +375,88 @@ def test_register_backend_and_dispatch():
         assert K.pick_backend(q, k, v, backend="test_fake") == "test_fake"
     finally:
         K.BACKENDS.pop("test_fake", None)
+
+
+def test_registry_is_the_backends_that_exist():
+    """Every name auto tries exists (loaded, or unavailable with a reason); nothing else hides."""
+    assert set(K.AUTO_ORDER) <= set(K.BACKENDS) | set(K.UNAVAILABLE)
+    assert "flash_attn" not in K.AUTO_ORDER and "triton" not in K.AUTO_ORDER
+    assert {"torch", "aten", "band"} <= set(K.BACKENDS)
+    assert set(K.BACKENDS) | set(K.UNAVAILABLE) >= {"cudnn", "flex"}
+    assert not set(K.BACKENDS) & set(K.UNAVAILABLE)
+    for name, why in K.UNAVAILABLE.items():
+        assert isinstance(why, str) and why
+        q, k, v = _ok()
+        with pytest.raises(ValueError, match=f"{name}.*not available"):
+            K.attention_forward(q, k, v, backend=name)
+        with pytest.raises(ValueError, match="not available"):
+            K.pick_backend(q, k, v, backend=name)
+
+
+def test_built_in_backends_cannot_be_replaced():
+    b = K.BACKENDS["torch"]
+    for name in ("torch", "cudnn", "auto", ""):
+        with pytest.raises(ValueError, match="name|built in"):
+            K.register_backend(name, b)
+    with pytest.raises(TypeError, match="Backend"):
+        K.register_backend("test_not_a_backend", object())
+    assert K.BACKENDS["torch"] is b
+
+
+def test_config_goes_to_the_backend_it_belongs_to():
+    seen = []
+
+    def fwd(q, k, v, *, softmax_scale, window_size, config=None):
+        seen.append(("fwd", config))
+        return torch_backend.forward(q, k, v, softmax_scale=softmax_scale,
+                                     window_size=window_size, config=config)
+
+    def bwd(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, config=None):
+        seen.append(("bwd", config))
+        return torch_backend.backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale,
+                                      window_size=window_size, dlse=dlse, config=config)
+
+    K.register_backend("test_cfg", K.Backend(fwd, bwd, lambda req: None,
+                                             config_type=TorchConfig))
+    try:
+        q, k, v = (t.requires_grad_() for t in make(17, 1, 6, 6, 2, 1, 4))
+        cfg = TorchConfig(score_block_elems=5)
+        out = K.attention(q, k, v, causal=True, backend="test_cfg", config=cfg)
+        out.sum().backward()
+        assert seen == [("fwd", cfg), ("bwd", cfg)]
+        K.attention_forward(q, k, v, backend="test_cfg")
+        assert seen[-1] == ("fwd", None)
+    finally:
+        K.BACKENDS.pop("test_cfg", None)
+
+
+def test_config_of_another_backend_or_of_no_backend_raises():
+    q, k, v = _ok()
+    with pytest.raises(ValueError, match="BandConfig.*'band'.*'torch'"):
+        K.attention_forward(q, k, v, backend="torch", config=K.BandConfig())
+    with pytest.raises(TypeError, match="config"):
+        K.attention_forward(q, k, v, config=object())
+    with pytest.raises(TypeError, match="config"):
+        K.attention_forward(q, k, v, config={"split": 2})
+    # auto: a band record is simply not used when band does not serve the call (CPU here)
+    a = K.attention_forward(q, k, v, causal=True, config=K.BandConfig(split=2))
+    b = K.attention_forward(q, k, v, causal=True, backend="torch")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_torch_config_rejects_bad_block_sizes(bad):
+    with pytest.raises(ValueError, match="score_block_elems"):
+        TorchConfig(score_block_elems=bad)
+
+
+def test_no_module_level_knobs_left():
+    from longattn.common.kernels import band_backend
+
+    for mod, names in ((torch_backend, ("SCORE_BLOCK_ELEMS",)),
+                       (band_backend, ("SPLIT", "ANTI", "PIECE_BACKEND", "MERGE"))):
+        for name in names:
+            assert not hasattr(mod, name), f"{mod.__name__}.{name}"
 
 
 # --------------------------------------------------------------------------------------------

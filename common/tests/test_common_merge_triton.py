@@ -52,3 +52,13 @@ def test_bad_backend_raises():
     o, l_ = torch.zeros(1, 2, 1, 4), torch.zeros(1, 1, 2)
     with pytest.raises(ValueError, match="backend"):
         merge_partials_(o, l_, o.clone(), l_.clone(), backend="cuda")
+
+
+def test_triton_says_why_it_cannot_serve():
+    o, l_ = torch.zeros(1, 2, 1, 4, dtype=torch.float64), torch.zeros(1, 1, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="backend='triton'.*float32"):
+        merge_partials_(o, l_, o.clone(), l_.clone(), backend="triton")
+    o = torch.zeros(1, 2, 1, 8)[..., ::2]  # head_dim not contiguous
+    with pytest.raises(ValueError, match="contiguous"):
+        merge_partials_(o, torch.zeros(1, 1, 2), o.clone(), torch.zeros(1, 1, 2),
+                        backend="triton")

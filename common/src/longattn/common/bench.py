@@ -12,6 +12,7 @@ Result schema (one JSON object per measurement; :func:`result` builds it):
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -43,14 +44,11 @@ def time_once(fn, *, cuda: bool = False) -> float:
 def time_fn(fn, *, device=None, warmup: int = 3, rep: int = 10):
     """Median milliseconds of ``fn()``. ``device`` says where it runs (None: CPU)."""
     cuda = device is not None and torch.device(device).type == "cuda"
-    if cuda:
-        try:
-            from triton.testing import do_bench
+    if cuda and importlib.util.find_spec("triton") is not None:
+        from triton.testing import do_bench
 
-            return float(do_bench(fn, warmup=max(25, warmup), rep=max(100, rep),
-                                  return_mode="median"))
-        except ImportError:
-            pass
+        return float(do_bench(fn, warmup=max(25, warmup), rep=max(100, rep),
+                              return_mode="median"))
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -160,12 +158,11 @@ def format_table(rows, columns=None) -> str:
 
 def progress(iterable, desc: str = "", total=None):
     """tqdm progress bar if tqdm is installed, else the plain iterable."""
-    try:
-        from tqdm.auto import tqdm
-
-        return tqdm(iterable, desc=desc, total=total, leave=False)
-    except ImportError:
+    if importlib.util.find_spec("tqdm") is None:
         return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
 
 
 def plot_lines(series, path, *, xlabel, ylabel, title="", logx=False, logy=False):

@@ -208,8 +208,9 @@ def agree(op: str, group: Group, check: Callable[[], tuple[Any, Mapping[str, Any
     ``check()`` does this rank's local checks (raising ``ValueError`` / ``TypeError`` naming the
     argument) and returns ``(result, fields)``: ``fields`` maps names to values every rank must
     share (ints, bools, floats, strings, dtypes, devices, None, or tuples of these), except the
-    names in ``vary`` (scalars), which may differ and come back per rank. Returns ``(result, views)``
-    with ``views[name]`` the list of every rank's value of each ``vary`` field.
+    names in ``vary`` (scalars), which may differ and come back per rank. Returns
+    ``(result, views)`` with ``views[name]`` the list of every rank's value of each ``vary``
+    field.
 
     Every rank raises the same error if any rank's checks failed or a shared value differs.
     """

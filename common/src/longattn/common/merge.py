@@ -8,15 +8,13 @@ overflows; rows where one side is ``-inf`` take the other side exactly, and rows
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 
 from longattn.common import _transition
 from longattn.common.dtypes import acc_dtype
-
-
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return acc_dtype(t.dtype)
 
 
 def _dead(lse):
@@ -62,7 +60,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     accumulation dtype (float32, or float64 for float64 inputs).
     """
     _check(out_a, lse_a, out_b, lse_b)
-    acc = _acc_dtype(out_a)
+    acc = acc_dtype(out_a.dtype)
     lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
     w_b, lse = _weights(lse_a, lse_b)
     w = w_b.transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
@@ -93,12 +91,13 @@ def merge_partials_(out, lse, out_b, lse_b, *, backend: str = "auto"):
         if t.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"accumulator {name} must be float32 or float64, got {t.dtype}")
     if backend == "triton" or (backend == "auto" and out.is_cuda):
-        kernel = _triton_merge()
-        if kernel is not None and kernel.usable(out, lse, out_b, lse_b):
-            return kernel.merge_(out, lse, out_b, lse_b)
+        refusal = _triton_refusal(out, lse, out_b, lse_b)
+        if refusal is None:
+            from longattn.common import merge_triton
+
+            return merge_triton.merge_(out, lse, out_b, lse_b)
         if backend == "triton":
-            raise ValueError("backend='triton' needs triton and fp32 accumulators with a "
-                             "contiguous head_dim")
+            raise ValueError(f"backend='triton' cannot serve this merge: {refusal}")
     w_b, new = _weights(lse, lse_b.to(lse.dtype))
     w = w_b.transpose(1, 2).unsqueeze(-1)
     a_dead, b_dead = _dead(lse), _dead(lse_b)
@@ -110,12 +109,13 @@ def merge_partials_(out, lse, out_b, lse_b, *, backend: str = "auto"):
     return out, lse
 
 
-def _triton_merge():
-    try:
-        from longattn.common import merge_triton
-    except ImportError:  # no triton: eager merge
-        return None
-    return merge_triton
+def _triton_refusal(out, lse, out_b, lse_b):
+    """Why the one-pass Triton merge cannot serve this call, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    from longattn.common import merge_triton
+
+    return merge_triton.refusal(out, lse, out_b, lse_b)
 
 
 def merge_stacked(outs: torch.Tensor, lses: torch.Tensor):

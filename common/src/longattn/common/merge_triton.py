@@ -1,7 +1,9 @@
 """One-pass in-place LSE merge on the GPU (Triton), used by ``merge_partials_`` for CUDA fp32
 accumulators: one read of each side and one write, where the eager version makes about ten
-elementwise passes over the fp32 accumulator (measured on the H100: the eager merge cost
-hamilton's zigzag step loop 30-45% of its forward time; see hamilton/README.md).
+elementwise passes over the fp32 accumulator.
+
+Slow twin: the eager branch of :func:`longattn.common.merge.merge_partials_`
+(``backend="torch"``); a CPU test runs both under ``TRITON_INTERPRET=1`` and compares them.
 
 Each program merges ``ROWS`` (batch, seq, head) rows: ``w_a = exp(lse_a - m) / den``,
 ``w_b = exp(lse_b - m) / den`` with ``m = max(lse_a, lse_b)``, so a dead side (``-inf``) gets
@@ -53,15 +55,21 @@ def _merge_kernel(out_ptr, lse_ptr, ob_ptr, lb_ptr, n_rows, S, H,
     tl.store(lse_ptr + b * sl_b + h * sl_h + s * sl_s, new, mask=live)
 
 
-def usable(out, lse, out_b, lse_b) -> bool:
-    """The kernel serves fp32 accumulators whose head_dim is the contiguous (last) axis."""
-    return (out.dtype == torch.float32 and lse.dtype == torch.float32
-            and out.stride(-1) == 1 and out_b.stride(-1) == 1 and out.shape[-1] <= 512)
+def refusal(out, lse, out_b, lse_b) -> str | None:
+    """Why the kernel cannot serve these tensors, or None: it takes fp32 accumulators whose
+    head_dim (at most 512) is the contiguous (last) axis."""
+    if out.dtype != torch.float32 or lse.dtype != torch.float32:
+        return f"it takes float32 accumulators, got out {out.dtype}, lse {lse.dtype}"
+    if out.stride(-1) != 1 or out_b.stride(-1) != 1:
+        return "out and out_b need a contiguous head_dim (stride 1 in the last dim)"
+    if out.shape[-1] > 512:
+        return f"head_dim {out.shape[-1]} > 512"
+    return None
 
 
 def merge_(out, lse, out_b, lse_b, rows: int = 16):
     """In place: ``(out, lse) <- merge((out, lse), (out_b, lse_b))``. Shapes as in
-    :func:`longattn.common.merge.merge_partials_`; call only where :func:`usable` holds."""
+    :func:`longattn.common.merge.merge_partials_`; call only where :func:`refusal` is None."""
     b, s, h, d = out.shape
     n = b * s * h
     if n == 0:

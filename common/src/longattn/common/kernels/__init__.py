@@ -1,11 +1,12 @@
 """The local attention step every longattn method is built from.
 
     attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                      backend="auto") -> (out, lse)
+                      backend="auto", config=None) -> (out, lse)
     attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,
-                       window_size=(-1, -1), dlse=None, backend="auto") -> (dq, dk, dv)
+                       window_size=(-1, -1), dlse=None, backend="auto", config=None)
+        -> (dq, dk, dv)
     attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-              return_lse=False, backend="auto")                            # autograd
+              return_lse=False, backend="auto", config=None)               # autograd
 
 Tensors are BSHD: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA
 without replicating KV). ``lse`` is ``[B, Hq, Sq]`` natural log in float32 (float64 for
@@ -15,33 +16,45 @@ A row that sees no key gives ``out = 0``, ``lse = -inf`` and zero gradients, nev
 
 ``attention_backward`` takes the *final* ``out``/``lse`` of the whole attention (after all
 merges), not this step's: then the per-step gradients are exact (the ring-attention rule).
-``dlse`` (the gradient of the final lse) is optional and only some backends take it.
+``dlse`` (the gradient of the final lse) is optional and only some backends take it; an
+all-zero ``dlse`` is treated as absent (:func:`grad_lse_or_none`).
 
-Backends live in the plain dict :data:`BACKENDS` (name -> :class:`Backend`); ``"auto"`` tries
-:data:`AUTO_ORDER` and takes the first whose ``supports`` accepts the request. Optional backends
-are separate modules that register themselves on import (aten, flex, flash_attn, triton).
+Backends: :data:`BACKENDS` is the literal list of the backends there are (name ->
+:class:`Backend`); the optional ones whose import failed here are in :data:`UNAVAILABLE` (name
+-> why), and asking for one by name raises a ``ValueError`` with that reason. ``"auto"`` tries
+:data:`AUTO_ORDER` and takes the first whose ``supports`` accepts the request; a backend asked
+for by name that cannot serve the call raises a ``ValueError`` with its ``supports`` reason.
+
+``config``: the knob record of one backend (:class:`BandConfig` for ``band``,
+:class:`TorchConfig` for ``torch``); None means that backend's defaults. It goes to the backend
+it belongs to when that backend runs the call; naming another backend with it is an error.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from longattn.common import _transition
-from longattn.common.checks import check_qkv, check_scale, check_window
+from longattn.common.checks import check_qkv, check_scale, check_tensor, check_window
 
 
 @dataclass(frozen=True)
 class Backend:
     """One way to run the local step. ``supports(req)`` returns None if it can serve the
-    :class:`Request`, otherwise a short reason string."""
+    :class:`Request`, otherwise a short reason string. ``config_type`` is the class of the
+    knob record the backend takes as ``config=`` (None: it has no knobs).
+
+    ``forward(q, k, v, *, softmax_scale, window_size[, config]) -> (out, lse)`` and
+    ``backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse[, config])`` get
+    checked arguments: a float scale and the window with ``causal`` folded in."""
 
     forward: Callable
     backward: Callable
     supports: Callable
+    config_type: type | None = None
 
 
 @dataclass(frozen=True)
@@ -54,21 +67,7 @@ class Request:
     causal: bool
     window_size: tuple
     needs_dlse: bool = False
-
-
-BACKENDS: dict[str, Backend] = {}
-# "cudnn" (cuDNN graphs through the optional cudnn-frontend package: native windows, bottom-right
-# masks, GQA, strided views) measured fastest on the H100 for windows (1.28x "band" forward,
-# 1.33x forward+backward) and equal to "aten" for dense attention (ring_swa/README.md). Without
-# the package, "band" (causal windows as dense cuDNN pieces) serves windows, "aten" the rest.
-# "flex" is opt-in (backend="flex"), not in auto: on the H100 with torch 2.11 its compile failed
-# for some shapes (fp32 odd lengths in hyper's check, the decode shape in tree's benchmark), and
-# where it compiled it was slower than band / cuDNN. fp32 on CUDA therefore goes to "torch".
-AUTO_ORDER = ["flash_attn", "cudnn", "band", "aten", "triton", "torch"]
-
-
-def register_backend(name: str, backend: Backend) -> None:
-    BACKENDS[name] = backend
+    config: object = None
 
 
 def cuda_limits(req: Request, dtypes, max_head_dim=None):
@@ -123,52 +122,89 @@ def fix_empty_rows(out, lse):
     return out, lse
 
 
-def _pick(req: Request, backend: str) -> Backend:
+def grad_lse_or_none(dlse):
+    """``None`` for an absent or all-zero ``dlse`` (autograd hands a zero gradient for an
+    unused lse), else ``dlse``: the one rule for "no gradient through lse"."""
+    if dlse is None or not torch.any(dlse):
+        return None
+    return dlse
+
+
+def _check_config(config, backend: str):
+    """``config`` must be None or the record of a backend; with a backend named, of that one."""
+    if config is None:
+        return
+    owners = [n for n, b in BACKENDS.items()
+              if b.config_type is not None and isinstance(config, b.config_type)]
+    if not owners:
+        kinds = sorted(b.config_type.__name__ for b in BACKENDS.values() if b.config_type)
+        raise TypeError(f"config must be None or a backend's config record ({', '.join(kinds)}), "
+                        f"got {type(config).__name__}")
+    if backend != "auto" and backend not in owners:
+        raise ValueError(f"config {type(config).__name__} is for backend {owners[0]!r}, but "
+                         f"backend={backend!r} was asked for")
+
+
+def _pick(req: Request, backend: str) -> tuple[str, Backend]:
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str (a name in BACKENDS or 'auto'), got {backend!r}")
     if backend != "auto":
+        if backend in UNAVAILABLE:
+            raise ValueError(f"backend {backend!r} is not available here: {UNAVAILABLE[backend]}")
         if backend not in BACKENDS:
             raise ValueError(
                 f"backend must be one of {sorted(BACKENDS)} or 'auto', got {backend!r}")
+        _check_config(req.config, backend)
         reason = BACKENDS[backend].supports(req)
         if reason is not None:
             raise ValueError(f"backend {backend!r} cannot serve this call: {reason}")
-        return BACKENDS[backend]
+        return backend, BACKENDS[backend]
+    _check_config(req.config, backend)
+    reasons = []
     for name in AUTO_ORDER:
-        b = BACKENDS.get(name)
-        if b is not None and b.supports(req) is None:
-            return b
-    raise ValueError("no attention backend supports this call")  # torch supports everything
+        if name in UNAVAILABLE:
+            continue
+        reason = BACKENDS[name].supports(req)
+        if reason is None:
+            return name, BACKENDS[name]
+        reasons.append(f"{name}: {reason}")
+    raise ValueError("no backend of backend='auto' serves this call: " + "; ".join(reasons))
+
+
+def _config_kw(b: Backend, config) -> dict:
+    """``config=`` for the backend it belongs to, nothing for the others."""
+    if b.config_type is not None and isinstance(config, b.config_type):
+        return {"config": config}
+    return {}
 
 
 @_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def pick_backend(q, k, v, *, causal=False, window_size=(-1, -1), needs_dlse=False,
-                 backend="auto"):
-    """The name of the backend ``backend='auto'`` would choose for these inputs."""
-    req = Request(q, k, v, bool(causal), normalize_window(causal, window_size), needs_dlse)
-    b = _pick(req, backend)
-    return next(n for n, x in BACKENDS.items() if x is b)
+                 backend="auto", config=None):
+    """The name of the backend that would run these inputs (raises if ``backend`` is named and
+    cannot serve them)."""
+    check_qkv(q, k, v)
+    req = Request(q, k, v, causal, normalize_window(causal, window_size), needs_dlse, config)
+    return _pick(req, backend)[0]
 
 
 @_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                      backend="auto"):
+                      backend="auto", config=None):
     """Local attention forward. Returns ``(out [B,Sq,Hq,Dv] in q.dtype, lse [B,Hq,Sq])``."""
     check_qkv(q, k, v)
     scale = check_scale(softmax_scale, q.shape[-1])
     win = normalize_window(causal, window_size)
-    b = _pick(Request(q, k, v, bool(causal), win), backend)
-    return b.forward(q, k, v, softmax_scale=scale, window_size=win)
+    _, b = _pick(Request(q, k, v, causal, win, False, config), backend)
+    return b.forward(q, k, v, softmax_scale=scale, window_size=win, **_config_kw(b, config))
 
 
 @_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,
-                       window_size=(-1, -1), dlse=None, backend="auto"):
+                       window_size=(-1, -1), dlse=None, backend="auto", config=None):
     """Gradients of this step given the final ``out``/``lse``. Returns ``(dq, dk, dv)`` in the
     dtypes of q, k, v."""
     check_qkv(q, k, v)
-    from longattn.common.checks import check_tensor
-
     for name, t in (("dout", dout), ("out", out), ("lse", lse)):
         check_tensor(name, t)
         if t.device != q.device:
@@ -188,58 +224,101 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=Fa
         raise ValueError(f"lse must be [B, Hq, Sq] = {want}, got {tuple(lse.shape)}")
     scale = check_scale(softmax_scale, q.shape[-1])
     win = normalize_window(causal, window_size)
-    b = _pick(Request(q, k, v, bool(causal), win, dlse is not None), backend)
-    return b.backward(dout, q, k, v, out, lse, softmax_scale=scale, window_size=win, dlse=dlse)
+    _, b = _pick(Request(q, k, v, causal, win, dlse is not None, config), backend)
+    return b.backward(dout, q, k, v, out, lse, softmax_scale=scale, window_size=win, dlse=dlse,
+                      **_config_kw(b, config))
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, scale, causal, window, backend):
+    def forward(ctx, q, k, v, scale, causal, window, backend, config):
         out, lse = attention_forward(q, k, v, softmax_scale=scale, causal=causal,
-                                     window_size=window, backend=backend)
+                                     window_size=window, backend=backend, config=config)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.args = (scale, causal, window, backend)
+        ctx.args = (scale, causal, window, backend, config)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        scale, causal, window, backend = ctx.args
-        if dlse is not None and not torch.any(dlse):
-            dlse = None
+        scale, causal, window, backend, config = ctx.args
         dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse,
                                         softmax_scale=scale, causal=causal, window_size=window,
-                                        dlse=dlse, backend=backend)
-        return dq, dk, dv, None, None, None, None
+                                        dlse=grad_lse_or_none(dlse), backend=backend,
+                                        config=config)
+        return dq, dk, dv, None, None, None, None, None
 
 
 @_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-              return_lse=False, backend="auto"):
+              return_lse=False, backend="auto", config=None):
     """Differentiable local attention (gradients flow into q, k, v, also through ``lse``)."""
-    out, lse = _Attention.apply(q, k, v, softmax_scale, causal, window_size, backend)
+    out, lse = _Attention.apply(q, k, v, softmax_scale, causal, window_size, backend, config)
     return (out, lse) if return_lse else out
 
 
-from longattn.common.kernels import torch_backend  # noqa: E402,F401  (always available)
+# --------------------------------------------------------------------------------------------
+# the registry (the backend modules import the definitions above)
 
-for _mod in ("aten_backend", "cudnn_backend", "band_backend", "flex_backend", "flash_attn_backend",
-             "triton_backend"):
-    try:
-        importlib.import_module(f"longattn.common.kernels.{_mod}")
-    except ImportError:
-        pass
+from longattn.common.kernels import (  # noqa: E402
+    aten_backend,
+    band_backend,
+    cudnn_backend,
+    flex_backend,
+    torch_backend,
+)
+from longattn.common.kernels.band_backend import BandConfig  # noqa: E402
+from longattn.common.kernels.torch_backend import TorchConfig  # noqa: E402
+
+# Every backend there is. cudnn and flex are optional: where their import failed they are in
+# UNAVAILABLE with the reason instead.
+_ALL = {
+    "cudnn": cudnn_backend,  # cuDNN graphs (optional nvidia-cudnn-frontend)
+    "band": band_backend,  # causal windows as dense cuDNN pieces
+    "aten": aten_backend,  # PyTorch's cuDNN and flash attention ops
+    "torch": torch_backend,  # plain PyTorch: every device, dtype, window and dlse
+    "flex": flex_backend,  # FlexAttention, only by name
+}
+BACKENDS: dict[str, Backend] = {n: m.BACKEND for n, m in _ALL.items()
+                                if getattr(m, "MISSING", None) is None}
+UNAVAILABLE: dict[str, str] = {n: m.MISSING for n, m in _ALL.items()
+                               if getattr(m, "MISSING", None) is not None}
+
+# The order auto tries. cudnn first: on an H100 (ring_swa/bench/results/bench_ring_swa.json,
+# S = 131072, W = 4096, bf16) its native window ran the forward in 16.42 ms and forward+backward
+# in 64.47 ms, band 21.20 / 82.45 ms, the flash window of aten 30.60 / 106.9 ms. Without
+# cudnn-frontend, band serves the causal windows it can split and aten the rest of fp16 / bf16
+# on CUDA; torch takes everything else (CPU, fp32, dlse). flex is not in auto: in the same run
+# it was no faster than band (21.39 / 83.15 ms), and it compiles per shape.
+AUTO_ORDER = ("cudnn", "band", "aten", "torch")
+_BUILTIN = frozenset(_ALL)
+
+
+def register_backend(name: str, backend: Backend) -> None:
+    """Add a backend under a new name (tests, experiments); built-in names cannot be replaced."""
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"name must be a non-empty str other than 'auto', got {name!r}")
+    if name in _BUILTIN:
+        raise ValueError(f"backend {name!r} is built in and cannot be replaced")
+    if not isinstance(backend, Backend):
+        raise TypeError(f"backend must be a Backend, got {type(backend).__name__}")
+    BACKENDS[name] = backend
+
 
 __all__ = [
     "AUTO_ORDER",
     "BACKENDS",
+    "UNAVAILABLE",
     "Backend",
+    "BandConfig",
     "Request",
+    "TorchConfig",
     "attention",
     "attention_backward",
     "attention_forward",
     "cuda_limits",
     "fix_empty_rows",
+    "grad_lse_or_none",
     "may_have_empty_rows",
     "normalize_window",
     "pick_backend",

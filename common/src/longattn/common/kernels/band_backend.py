@@ -1,87 +1,155 @@
 """Causal sliding window from dense cuDNN calls on chunk pairs: the ``"band"`` backend (CUDA).
 
 Window ``(W, 0)`` with ``Sq == Sk == S`` (query i sees keys ``[i - W, i]``). Cut the sequence
-into ``S / c`` chunks of ``c = W / SPLIT`` tokens; query chunk t then sees
+into ``S / c`` chunks of ``c = W / split`` tokens; query chunk t then sees
 
 * ``diag``: its own chunk, causally                          -> cuDNN causal;
-* ``full``: chunks ``t - 1 .. t - SPLIT + 1`` entirely         -> cuDNN without mask;
-* ``anti``: chunk ``t - SPLIT`` where key b >= query a          -> the "anti-causal" triangle:
-  ``ANTI = "flip"`` runs cuDNN causal on both chunks reversed in time (b >= a becomes
-  b' <= a'), ``ANTI = "flash"`` runs FlashAttention-2 with the window ``(0, -1)``.
+* ``full``: chunks ``t - 1 .. t - split + 1`` entirely         -> cuDNN without mask;
+* ``anti``: chunk ``t - split`` where key b >= query a          -> the "anti-causal" triangle:
+  ``anti="flip"`` runs cuDNN causal on both chunks reversed in time (b >= a becomes
+  b' <= a'), ``anti="flash"`` runs FlashAttention-2 with the window ``(0, -1)``.
 
 That is exactly the band (4 S W H D useful flops, half-tiles skipped by the causal kernels).
 Every piece is ONE call with the chunks as the batch dimension (views of q/k/v, no copies for
 B = 1; "flip" copies q/k/v once). cuDNN only has an upper-bound (causal) mask, and the lower
 edge of a band always needs a lower bound: hence the flip or the flash call for that triangle.
 
-The partials are merged by one fused Triton kernel (one read of each partial, one write; it
-reads the reversed ``anti`` partial in place) when Triton is available, else with
-:func:`longattn.common.merge.merge_partials_`. Backward: the same pieces with the final
-``out`` / ``lse`` (the cuDNN / flash backward ops), gradients summed in the input dtype.
+The partials are merged by one fused Triton kernel
+(:func:`longattn.common.kernels.band_merge_triton.merge`: one read of each partial, one write;
+it reads the reversed ``anti`` partial in place) on CUDA, else by its slow twin
+:func:`_merge_torch` (:func:`longattn.common.merge.merge_partials_` per partial). Backward: the
+same pieces with the final ``out`` / ``lse`` (the cuDNN / flash backward ops), gradients summed
+in the input dtype.
 
-Registered as backend ``"band"``; ``auto`` tries it after ``cudnn`` (cuDNN's native window,
-when cudnn-frontend is installed: 536 TFLOP/s forward at S=131072, W=4096 on an H100) and
-before ``aten`` for the requests it supports (CUDA, half precision, causal windows that split
-into chunks of >= MIN_CHUNK tokens): 415 TFLOP/s there against 288 for the FlashAttention-2
-window and 411 for FlexAttention (ring_swa/README.md).
-``PIECE_BACKEND`` / ``MERGE`` let the CPU tests run the same
-decomposition with the torch backend.
+The knobs are one :class:`BandConfig`, passed as ``config=`` to the kernels' entry points
+(``attention_forward(..., config=BandConfig(split=2))``). Its ``piece_backend`` / ``merge``
+fields let the CPU tests run the same decomposition with the torch backend.
+
+Backend ``"band"``; ``auto`` tries it after ``cudnn`` and before ``aten`` for the requests it
+supports (CUDA, half precision, causal windows that split into chunks of at least
+``min_chunk`` tokens). Measured on an H100 at S = 131072, W = 4096, H = 32, D = 128, bf16
+(``ring_swa/bench/results/bench_ring_swa.json``, 2026-11-23): forward 415 TFLOP/s against 288
+for the FlashAttention-2 window, 411 for FlexAttention and 536 for cuDNN's native window.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools  # TRANSITION
+import importlib.util
+from dataclasses import dataclass
+
 import torch
 
 from longattn.common import _transition
-from longattn.common.kernels import (
-    BACKENDS,
-    Backend,
-    attention_backward,
-    attention_forward,
-    register_backend,
-)
+from longattn.common.dtypes import acc_dtype
+from longattn.common.kernels import Backend, attention_backward, attention_forward
 from longattn.common.merge import merge_partials_
 
-SPLIT = 1  # chunks per window: 1 (diag + anti) or 2 (diag + full + anti)
-ANTI = "flip"  # "flip" (cuDNN causal on reversed chunks) or "flash" (FA2 window (0, -1))
-MIN_CHUNK = 128
-PIECE_BACKEND = "aten"
-MERGE = "auto"  # "auto": Triton on CUDA, torch otherwise; "torch"; "triton"
-
 _HALF = (torch.float16, torch.bfloat16)
+_ANTI = ("flip", "flash")
+_MERGE = ("auto", "torch", "triton")
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@dataclass(frozen=True)
+class BandConfig:
+    """The band backend's knobs (``config=`` of the kernels' entry points).
+
+    * ``split``: chunks per window, 1 (diag + anti pieces) or more (diag + ``split - 1`` full
+      + anti). Default 1: on the H100 (``ring_swa/bench/results/bench_ring_swa.json``) split 1
+      with ``anti="flip"`` ran the forward in 21.20 ms and forward+backward in 82.45 ms, split
+      2 with ``"flash"`` in 22.47 / 86.75 ms.
+    * ``anti``: the anti-causal triangle as cuDNN causal on reversed chunks (``"flip"``) or as
+      FlashAttention-2 with the window ``(0, -1)`` (``"flash"``). Default ``"flip"`` (above).
+    * ``min_chunk``: the smallest chunk (``W / split`` tokens) the backend takes; shorter
+      chunks make many small kernel calls. Not measured: a floor, not a tuned value.
+    * ``piece_backend``: the backend that runs the pieces (``"aten"``: PyTorch's cuDNN and flash
+      ops; ``"torch"`` for the CPU tests).
+    * ``merge``: ``"auto"`` (the fused Triton merge on CUDA for fp16 / bf16 with a power-of-two
+      head dim, else the torch merge), ``"torch"`` or ``"triton"``.
+    """
+
+    split: int = 1
+    anti: str = "flip"
+    min_chunk: int = 128
+    piece_backend: str = "aten"
+    merge: str = "auto"
+
+    def __post_init__(self):
+        for name in ("split", "min_chunk"):
+            x = getattr(self, name)
+            if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+                raise ValueError(f"BandConfig.{name} must be an int >= 1, got {x!r}")
+        if self.anti not in _ANTI:
+            raise ValueError(f"BandConfig.anti must be one of {_ANTI}, got {self.anti!r}")
+        if not isinstance(self.piece_backend, str) or self.piece_backend in ("auto", "band"):
+            raise ValueError("BandConfig.piece_backend must name a backend other than 'auto' "
+                             f"and 'band', got {self.piece_backend!r}")
+        if self.merge not in _MERGE:
+            raise ValueError(f"BandConfig.merge must be one of {_MERGE}, got {self.merge!r}")
 
 
-def geometry(s_q, s_k, window, split=None):
-    """``(chunk, num_chunks)`` for this call, or None when the decomposition does not apply."""
-    split = SPLIT if split is None else split
-    left, right = window
+_DEFAULT = BandConfig()
+MIN_CHUNK = _DEFAULT.min_chunk  # TRANSITION: read only by the old-keyword shim below
+
+
+def _config(config) -> BandConfig:
+    if config is None:
+        return _DEFAULT
+    if not isinstance(config, BandConfig):
+        raise TypeError(f"the band backend takes config=BandConfig(...), got "
+                        f"{type(config).__name__}")
+    return config
+
+
+def _old_knobs(fn):  # TRANSITION: split= / anti= / merge= / backend= keywords -> BandConfig
+    def inner(*args, **kwargs):  # TRANSITION
+        names = dict(split="split", anti="anti", merge="merge",  # TRANSITION
+                     backend="piece_backend")  # TRANSITION
+        old = {names[k]: kwargs.pop(k) for k in list(kwargs) if k in names}  # TRANSITION
+        old = {k: v for k, v in old.items() if v is not None}  # TRANSITION
+        if old:  # TRANSITION
+            base = kwargs.get("config") or BandConfig(min_chunk=MIN_CHUNK)  # TRANSITION
+            kwargs["config"] = dataclasses.replace(base, **old)  # TRANSITION
+        return fn(*args, **kwargs)  # TRANSITION
+
+    return functools.wraps(fn)(inner)  # TRANSITION
+
+
+def geometry(s_q, s_k, window_size, split=None, *, min_chunk=None):
+    """``(chunk, num_chunks)`` for this call, or None when the decomposition does not apply.
+    ``split`` / ``min_chunk`` default to :class:`BandConfig`'s."""
+    split = _DEFAULT.split if split is None else split
+    min_chunk = _DEFAULT.min_chunk if min_chunk is None else min_chunk
+    left, right = window_size
     if right != 0 or left < 1 or s_q != s_k or left % split:
         return None
     c = left // split
-    if c < MIN_CHUNK or s_q % c or s_q // c <= split:
+    if c < min_chunk or s_q % c or s_q // c <= split:
         return None
     return c, s_q // c
 
 
 def supports(req):
+    from longattn.common.kernels import BACKENDS, UNAVAILABLE
+
+    cfg = req.config if isinstance(req.config, BandConfig) else _DEFAULT
     q = req.q
     if q.device.type != "cuda":
         return "needs CUDA tensors"
-    piece = BACKENDS.get(PIECE_BACKEND)
+    piece = BACKENDS.get(cfg.piece_backend)
     if piece is None:
-        return f"needs the {PIECE_BACKEND!r} backend"
+        why = UNAVAILABLE.get(cfg.piece_backend, "no such backend")
+        return f"its piece backend {cfg.piece_backend!r} is not available: {why}"
     reason = piece.supports(req)  # dtype, dlse and head_dim rules of the kernels it calls
     if reason is not None:
-        return f"its {PIECE_BACKEND!r} pieces: {reason}"
+        return f"its {cfg.piece_backend!r} pieces: {reason}"
     if q.shape[-1] > 128:
         return f"head_dim {q.shape[-1]} must be <= 128 (cuDNN pieces)"
-    if geometry(q.shape[1], req.k.shape[1], req.window_size) is None:
-        return (f"window_size {req.window_size} with S={q.shape[1]} does not split into chunks of "
-                f"W/{SPLIT} >= {MIN_CHUNK} tokens")
+    if geometry(q.shape[1], req.k.shape[1], req.window_size, cfg.split,
+                min_chunk=cfg.min_chunk) is None:
+        return (f"window_size {req.window_size} with S={q.shape[1]} does not split into chunks "
+                f"of W/{cfg.split} >= {cfg.min_chunk} tokens")
     return None
 
 
@@ -100,10 +168,8 @@ def _pieces(qc, kc, vc, split, anti):
     qa, ka, va = qc[:, m:], kc[:, :nc - m], vc[:, :nc - m]
     if anti == "flip":
         out.append(("anti", m, qa, ka, va, True, (-1, -1), True))
-    elif anti == "flash":
+    else:  # "flash" (BandConfig checked it)
         out.append(("anti", m, qa, ka, va, False, (0, -1), False))
-    else:
-        raise ValueError(f"anti must be 'flip' or 'flash', got {anti!r}")
     return out
 
 
@@ -112,49 +178,45 @@ def _prep(x, flipped):
 
 
 @_transition.renamed(**_transition.ATTENTION)  # TRANSITION
-def forward(q, k, v, *, softmax_scale, window_size, split=None, anti=None, merge=None,
-            backend=None):
-    scale, window = softmax_scale, window_size
-    split = SPLIT if split is None else split
-    anti = ANTI if anti is None else anti
-    backend = PIECE_BACKEND if backend is None else backend
-    c, nc = geometry(q.shape[1], k.shape[1], window, split)
+@_old_knobs  # TRANSITION
+def forward(q, k, v, *, softmax_scale, window_size, config=None):
+    cfg = _config(config)
+    c, nc = _geometry_or_raise(q, k, window_size, cfg)
     b, s, h, d = q.shape
     qc, kc, vc = (x.reshape(b, nc, c, *x.shape[2:]) for x in (q, k, v))
     parts = []
-    for _, j, qp, kp, vp, causal, win, flipped in _pieces(qc, kc, vc, split, anti):
+    for _, j, qp, kp, vp, causal, win, flipped in _pieces(qc, kc, vc, cfg.split, cfg.anti):
         o, lse = attention_forward(_prep(qp, flipped), _prep(kp, flipped), _prep(vp, flipped),
-                                   softmax_scale=scale, causal=causal, window_size=win,
-                                   backend=backend)
+                                   softmax_scale=softmax_scale, causal=causal, window_size=win,
+                                   backend=cfg.piece_backend)
         parts.append((o, lse, j, flipped))
-    merge = MERGE if merge is None else merge
-    if merge == "triton" or (merge == "auto" and q.is_cuda and _triton_ok(q, v)):
+    refusal = _fused_merge_refusal(q, v)
+    if cfg.merge == "triton" and refusal is not None:
+        raise ValueError(f"BandConfig.merge='triton' cannot serve this call: {refusal}")
+    if cfg.merge == "triton" or (cfg.merge == "auto" and q.is_cuda and refusal is None):
         return _merge_triton(parts, b, nc, c, h, v.shape[-1], q.dtype)
     return _merge_torch(parts, b, nc, c, h, v.shape[-1], q.dtype)
 
 
 @_transition.renamed(**_transition.ATTENTION)  # TRANSITION
-def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, split=None,
-             anti=None, backend=None):
-    scale, window = softmax_scale, window_size
+@_old_knobs  # TRANSITION
+def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, config=None):
     if dlse is not None:
         raise ValueError("the band backend cannot take dlse")
-    split = SPLIT if split is None else split
-    anti = ANTI if anti is None else anti
-    backend = PIECE_BACKEND if backend is None else backend
-    c, nc = geometry(q.shape[1], k.shape[1], window, split)
+    cfg = _config(config)
+    c, nc = _geometry_or_raise(q, k, window_size, cfg)
     b, s, h, d = q.shape
     qc, kc, vc, doc, oc = (x.reshape(b, nc, c, *x.shape[2:]) for x in (q, k, v, dout, out))
     lc = lse.reshape(b, h, nc, c).permute(0, 2, 1, 3)  # [B, nc, H, c]
     grads = None
-    for _, j, qp, kp, vp, causal, win, flipped in _pieces(qc, kc, vc, split, anti):
+    for _, j, qp, kp, vp, causal, win, flipped in _pieces(qc, kc, vc, cfg.split, cfg.anti):
         lp = lc[:, j:]
         if flipped:
             lp = lp.flip(3)
         g = attention_backward(_prep(doc[:, j:], flipped), _prep(qp, flipped),
                                _prep(kp, flipped), _prep(vp, flipped), _prep(oc[:, j:], flipped),
-                               _flat(lp).contiguous(), softmax_scale=scale, causal=causal,
-                               window_size=win, backend=backend)
+                               _flat(lp).contiguous(), softmax_scale=softmax_scale,
+                               causal=causal, window_size=win, backend=cfg.piece_backend)
         g = [x.view(b, -1, c, *x.shape[2:]) for x in g]
         if flipped:
             g = [x.flip(2) for x in g]
@@ -168,12 +230,25 @@ def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, 
     return dq, dk, dv
 
 
+def _geometry_or_raise(q, k, window_size, cfg):
+    geo = geometry(q.shape[1], k.shape[1], window_size, cfg.split, min_chunk=cfg.min_chunk)
+    if geo is None:
+        raise ValueError(f"the band backend cannot serve window_size {tuple(window_size)} with "
+                         f"Sq={q.shape[1]}, Sk={k.shape[1]}: it needs a causal window (W, 0), "
+                         f"Sq == Sk, and chunks of W/{cfg.split} >= {cfg.min_chunk} tokens "
+                         "that divide S")
+    return geo
+
+
 # --------------------------------------------------------------------------------------------
 # merging the partials
 
 
 def _merge_torch(parts, b, nc, c, h, dv, dtype):
-    acc = _acc(dtype)
+    """The slow twin of :func:`longattn.common.kernels.band_merge_triton.merge`: the same
+    ``parts`` (``(out, lse, first query chunk j, flipped)`` per piece), merged one partial at a
+    time with :func:`longattn.common.merge.merge_partials_`."""
+    acc = acc_dtype(dtype)
     o0, l0 = parts[0][:2]
     out = o0.to(acc).reshape(b, nc, c, h, dv).clone()
     lse = l0.to(acc).reshape(b, nc, h, c).clone()
@@ -187,18 +262,21 @@ def _merge_torch(parts, b, nc, c, h, dv, dtype):
             lse.permute(0, 2, 1, 3).reshape(b, h, nc * c))
 
 
-def _triton_ok(q, v):
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # CPU images without triton
-        return False
-    return q.dtype in _HALF and v.shape[-1] in (16, 32, 64, 128, 256)
+def _fused_merge_refusal(q, v):
+    """Why the fused Triton merge cannot serve this call, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if q.dtype not in _HALF:
+        return f"it merges fp16 / bf16 partials, got {q.dtype}"
+    if v.shape[-1] not in (16, 32, 64, 128, 256):
+        return f"head_dim {v.shape[-1]} of v must be a power of two in 16..256"
+    return None
 
 
 def _merge_triton(parts, b, nc, c, h, dv, dtype, block=64):
-    from longattn.common.kernels.band_merge_triton import _merge_triton as merge
+    from longattn.common.kernels.band_merge_triton import merge
 
     return merge(parts, b, nc, c, h, dv, dtype, block=block)
 
 
-register_backend("band", Backend(forward=forward, backward=backward, supports=supports))
+BACKEND = Backend(forward=forward, backward=backward, supports=supports, config_type=BandConfig)

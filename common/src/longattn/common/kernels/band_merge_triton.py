@@ -1,5 +1,9 @@
 """The band backend's fused multi-partial merge (Triton), kept apart so that importing
-``longattn.common.kernels`` does not import triton (about 70 MiB) unless a GPU merge runs."""
+``longattn.common.kernels`` does not import triton unless a GPU merge runs.
+
+Slow twin: :func:`longattn.common.kernels.band_backend._merge_torch` (the same partials merged
+one at a time with :func:`longattn.common.merge.merge_partials_`); a CPU test runs both under
+``TRITON_INTERPRET=1`` and compares them."""
 
 from __future__ import annotations
 
@@ -56,7 +60,9 @@ def _merge_kernel(o0, l0, o1, l1, o2, l2, out, lse, R, NC, C, H, S, J1, J2,
              tl.where(tot > 0, mx + tl.log(tot), ninf), mask=valid)
 
 
-def _merge_triton(parts, b, nc, c, h, dv, dtype, block=64):
+def merge(parts, b, nc, c, h, dv, dtype, block=64):
+    """Merge 2 or 3 band partials ``(out, lse, first query chunk j, flipped)`` into ``(out
+    [B, S, H, Dv] in dtype, lse [B, H, S] float32)``."""
     if len(parts) not in (2, 3):
         raise ValueError(f"the fused merge takes 2 or 3 partials, got {len(parts)}")
     dev = parts[0][0].device

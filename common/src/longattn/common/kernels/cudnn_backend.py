@@ -1,5 +1,7 @@
 """CUDA backend on cuDNN's SDPA graphs through cudnn-frontend (optional package
-``nvidia-cudnn-frontend``; registered as ``"cudnn"`` only when ``import cudnn`` works).
+``nvidia-cudnn-frontend``, extra ``longattn-common[cudnn]``). Without it the backend is listed
+in ``kernels.UNAVAILABLE`` with the import error, and asking for ``backend="cudnn"`` raises a
+``ValueError`` saying so.
 
 PyTorch's own cuDNN op (the ``aten`` backend) has no window and only a top-left causal mask.
 The cuDNN graph API has both: a *diagonal band* ``(left_bound, right_bound)`` in top-left or
@@ -13,8 +15,10 @@ bottom-right masks with ``Sq > Sk``:
 * BSHD tensors are passed with their strides (``[B, H, S, D]`` dims over the BSHD memory):
   no transposes, no copies, also for strided views (dilated attention's sparsified segments).
 
-Graphs are built once per (shapes, strides, dtype, scale, mask) and cached (a request cuDNN
-has no engine for goes to :data:`FALLBACK`, remembered per key). The backward takes
+Graphs are built once per (shapes, strides, dtype, scale, mask) and cached. A request cuDNN
+has no engine for (refused while the graph is built, so ``supports`` cannot know it) goes to
+the first of ``aten`` / ``torch`` that serves it, with a warning carrying cuDNN's reason (once
+per graph key). The backward takes
 the final ``out``/``lse`` (ring rule). No served request has a row that sees no key (``right >=
 0`` with ``Sq <= Sk`` bottom-right, or ``Sq == Sk``), so there is no empty-row case to patch.
 """
@@ -22,15 +26,20 @@ the final ``out``/``lse`` (ring rule). No served request has a row that sees no 
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 
-from longattn.common.kernels import Backend, cuda_limits, register_backend
+from longattn.common.kernels import Backend, cuda_limits
 
 try:
     import cudnn
-except (ImportError, OSError):  # not installed, or no libcudnn to load: not registered
+except (ImportError, OSError) as _e:  # not installed, or no libcudnn to load
     cudnn = None
+    MISSING = ("needs the optional package nvidia-cudnn-frontend (pip install "
+               f"'longattn-common[cudnn]'); import cudnn failed: {type(_e).__name__}: {_e}")
+else:
+    MISSING = None
 
 _DTYPES = ({} if cudnn is None else
            {torch.float16: cudnn.data_type.HALF, torch.bfloat16: cudnn.data_type.BFLOAT16})
@@ -84,31 +93,38 @@ def _dims(t):
     return [b, h, s, d], [st[0], st[2], st[1], st[3]]
 
 
-_graphs: dict = {}
-FALLBACK = ["aten", "torch"]  # where a request goes when cuDNN refuses to build its graph
+_graphs: dict = {}  # a cache of built graphs (None: cuDNN refused that key), not a setting
+_FALLBACK = ("aten", "torch")  # where a request goes when cuDNN refuses to build its graph
 
 
 def _cached(key, build):
-    """The built graph for ``key``, or None if cuDNN refused it (remembered: no retries)."""
+    """The built graph for ``key``, or None if cuDNN refused it (remembered: no retries; the
+    refusal is reported once, as a warning with cuDNN's message)."""
     if key not in _graphs:
         if len(_graphs) >= _MAX_GRAPHS:
             _graphs.pop(next(iter(_graphs)))
         try:
             _graphs[key] = build()
-        except (cudnn.cudnnGraphNotSupportedError, RuntimeError):  # no engine for this graph
+        except (cudnn.cudnnGraphNotSupportedError, RuntimeError) as e:  # no engine for it
             _graphs[key] = None
+            warnings.warn(f"cudnn backend: cuDNN has no engine for this {key[0]} graph "
+                          f"({type(e).__name__}: {e}); running it on the first of "
+                          f"{_FALLBACK} that serves it", RuntimeWarning, stacklevel=3)
     return _graphs[key]
 
 
 def _fallback(q, k, v, window):
-    """The first backend of :data:`FALLBACK` that serves a request cuDNN has no engine for."""
+    """The first backend of ``_FALLBACK`` that serves a request cuDNN has no engine for."""
     from longattn.common.kernels import BACKENDS, Request
 
-    for name in FALLBACK:
-        b = BACKENDS.get(name)
-        if b is not None and b.supports(Request(q, k, v, window[1] == 0, window)) is None:
-            return b
-    raise ValueError("no fallback backend for this request")
+    reasons = []
+    for name in _FALLBACK:
+        reason = BACKENDS[name].supports(Request(q, k, v, window[1] == 0, window))
+        if reason is None:
+            return BACKENDS[name]
+        reasons.append(f"{name}: {reason}")
+    raise ValueError("cuDNN has no engine for this call and no fallback serves it: "
+                     + "; ".join(reasons))
 
 
 def _finish(g):
@@ -218,5 +234,4 @@ def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
     return dq, dk, dv
 
 
-if cudnn is not None:
-    register_backend("cudnn", Backend(forward=forward, backward=backward, supports=supports))
+BACKEND = Backend(forward=forward, backward=backward, supports=supports)

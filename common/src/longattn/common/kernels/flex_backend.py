@@ -12,36 +12,38 @@ the *final* ``(out, lse)`` sends into this step: with ``w = exp(lse_s - lse)``,
 the whole attention, ``w = 1`` and this is FlexAttention's own backward. So ``dlse`` is
 supported, at the price of one extra forward.
 
-Imports cleanly on a CPU-only torch (and on torch without FlexAttention); ``supports`` refuses
-non-CUDA tensors. ``forward`` / ``backward`` take ``compile=False`` to run FlexAttention's eager
-reference path (forward only on the CPU; the CPU tests use it, and test
-:func:`reweighted_backward` with a differentiable torch step).
+Imports cleanly on a CPU-only torch; ``supports`` refuses non-CUDA tensors. On a torch without
+FlexAttention the backend is listed in ``kernels.UNAVAILABLE`` with the import error.
+``forward`` / ``backward`` take ``compile=False`` to run FlexAttention's eager reference path
+(forward only on the CPU; the CPU tests use it, and test :func:`reweighted_backward` with a
+differentiable torch step).
 """
 
 from __future__ import annotations
 
 import torch
 
-from longattn.common.kernels import (
-    Backend,
-    cuda_limits,
-    fix_empty_rows,
-    may_have_empty_rows,
-    register_backend,
-)
+from longattn.common.dtypes import acc_dtype
+from longattn.common.kernels import Backend, cuda_limits, fix_empty_rows, may_have_empty_rows
 
 try:
     from torch.nn.attention import flex_attention as _flex
-except ImportError:  # torch without FlexAttention: the backend registers but refuses
+except ImportError as _e:  # torch without FlexAttention
     _flex = None
+    MISSING = (f"this torch ({torch.__version__}) has no FlexAttention "
+               f"(torch.nn.attention.flex_attention: {_e})")
+else:
+    MISSING = None
+    if not hasattr(_flex, "create_block_mask"):
+        MISSING = f"this torch ({torch.__version__}) has no flex_attention.create_block_mask"
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MASKS: dict = {}
+_MASKS: dict = {}  # caches (block masks, the compiled kernel), not settings
 _COMPILED: list = []
 
 
 def flex_available() -> bool:
-    return _flex is not None and hasattr(_flex, "create_block_mask")
+    return MISSING is None
 
 
 def _kernel(compile: bool):
@@ -96,14 +98,10 @@ def _call(q, k, v, scale, window, compile):
     return out.transpose(1, 2), lse
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def forward(q, k, v, *, softmax_scale, window_size, compile: bool = True):
     window = window_size
     out, lse = _call(q, k, v, softmax_scale, window, compile)
-    lse = lse.to(_acc(q.dtype))
+    lse = lse.to(acc_dtype(q.dtype))
     if may_have_empty_rows(q.shape[1], k.shape[1], window):
         out, lse = fix_empty_rows(out, lse)
     return out.to(q.dtype), lse
@@ -112,7 +110,7 @@ def forward(q, k, v, *, softmax_scale, window_size, compile: bool = True):
 def reweighted_backward(step, dout, q, k, v, out, lse, dlse=None):
     """Ring-rule gradients of one step from a differentiable ``step(q, k, v) -> (o_s, lse_s)``
     and the *final* ``out`` / ``lse`` (see the module docstring)."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_() for t in (q, k, v))
         o_s, l_s = step(qd, kd, vd)
@@ -138,8 +136,8 @@ def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None,
 
 def supports(req):
     q, v = req.q, req.v
-    if not flex_available():
-        return "this torch has no FlexAttention"
+    if MISSING is not None:
+        return MISSING
     reason = cuda_limits(req, _DTYPES)
     if reason is not None:
         return reason
@@ -149,4 +147,4 @@ def supports(req):
     return None
 
 
-register_backend("flex", Backend(forward=forward, backward=backward, supports=supports))
+BACKEND = Backend(forward=forward, backward=backward, supports=supports)

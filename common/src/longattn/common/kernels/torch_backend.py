@@ -2,30 +2,54 @@
 
 Queries are processed in row blocks; each block only touches the key range its window can
 see, so memory stays O(block * Sk) instead of O(Sq * Sk). Math in float32 (float64 for float64
-inputs). Used on CPUs and as the fallback everywhere; not tuned for speed on GPUs.
+inputs). Used on CPUs and as the fallback everywhere; not tuned for speed on GPUs. The block
+size is :class:`TorchConfig`'s ``score_block_elems`` (``config=TorchConfig(...)``).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from longattn.common.kernels import Backend, register_backend
-
-# Elements of one score block [B, Hq, rows, keys]: 2**22 fp32 = 16 MiB. Blocks are updated in
-# place, so about three are alive at once.
-SCORE_BLOCK_ELEMS = 1 << 22
+from longattn.common.dtypes import acc_dtype
+from longattn.common.kernels import Backend
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+@dataclass(frozen=True)
+class TorchConfig:
+    """The torch backend's knob (``config=`` of the kernels' entry points).
+
+    ``score_block_elems``: elements of one score block ``[B, Hq, rows, keys]``. Default 2**22
+    (16 MiB in fp32; blocks are updated in place, so about three are alive at once): a memory
+    bound, not a measured speed optimum. Smaller values change only the summation order."""
+
+    score_block_elems: int = 1 << 22
+
+    def __post_init__(self):
+        n = self.score_block_elems
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"TorchConfig.score_block_elems must be an int >= 1, got {n!r}")
 
 
-def _blocks(b, sq, sk, hq, window):
+_DEFAULT = TorchConfig()
+
+
+def _config(config) -> TorchConfig:
+    if config is None:
+        return _DEFAULT
+    if not isinstance(config, TorchConfig):
+        raise TypeError(f"the torch backend takes config=TorchConfig(...), got "
+                        f"{type(config).__name__}")
+    return config
+
+
+def _blocks(b, sq, sk, hq, window, block_elems):
     """Yield (q0, q1, lo, hi): row block and the key range [lo, hi) it can see."""
     left, right = window
     off = sk - sq
     width = sk if left < 0 or right < 0 else min(sk, left + right + 1)
-    rows = max(1, min(sq, SCORE_BLOCK_ELEMS // max(1, b * hq * max(width, 1))))
+    rows = max(1, min(sq, block_elems // max(1, b * hq * max(width, 1))))
     for q0 in range(0, sq, rows):
         q1 = min(sq, q0 + rows)
         lo = 0 if left < 0 else max(0, q0 + off - left)
@@ -59,14 +83,15 @@ def _scores(qb, kb, mask):
     return s
 
 
-def forward(q, k, v, *, softmax_scale, window_size):
+def forward(q, k, v, *, softmax_scale, window_size, config=None):
+    block_elems = _config(config).score_block_elems
     b, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     out = torch.zeros(b, sq, hq, dv, dtype=acc, device=q.device)
     lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
-    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window_size):
+    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window_size, block_elems):
         if hi <= lo:
             continue
         r = q1 - q0
@@ -87,11 +112,12 @@ def forward(q, k, v, *, softmax_scale, window_size):
     return out.to(q.dtype), lse
 
 
-def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
+def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, config=None):
+    block_elems = _config(config).score_block_elems
     b, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     dq = torch.zeros(b, sq, hq, d, dtype=acc, device=q.device)
     dk = torch.zeros(b, sk, hkv, d, dtype=acc, device=q.device)
     dvv = torch.zeros(b, sk, hkv, dv, dtype=acc, device=q.device)
@@ -100,7 +126,7 @@ def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
     delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, Hq, Sq]
     if dlse is not None:
         delta = delta - dlse.to(acc)
-    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window_size):
+    for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window_size, block_elems):
         if hi <= lo:
             continue
         r = q1 - q0
@@ -118,4 +144,8 @@ def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
     return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
 
 
-register_backend("torch", Backend(forward=forward, backward=backward, supports=lambda req: None))
+def supports(req):
+    return None  # every device, dtype, window and dlse
+
+
+BACKEND = Backend(forward=forward, backward=backward, supports=supports, config_type=TorchConfig)

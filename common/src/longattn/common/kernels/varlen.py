@@ -2,13 +2,14 @@
 
     attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=None,
                              causal=False, window_size=(-1, -1), num_sink_tokens=0,
-                             backend="auto") -> (out, lse)
+                             backend="auto", config=None) -> (out, lse)
     attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
                               softmax_scale=None, causal=False, window_size=(-1, -1),
-                              num_sink_tokens=0, dlse=None, backend="auto") -> (dq, dk, dv)
+                              num_sink_tokens=0, dlse=None, backend="auto", config=None)
+        -> (dq, dk, dv)
     attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None,
                      causal=False, window_size=(-1, -1), num_sink_tokens=0,
-                     return_lse=False, backend="auto")                  # autograd
+                     return_lse=False, backend="auto", config=None)     # autograd
 
 Tensors are packed: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` (GQA as in the dense kernels);
 ``cu_seqlens_q`` / ``cu_seqlens_k`` are int32 ``[num_seqs + 1]`` (flash-attn's convention, same
@@ -27,7 +28,8 @@ keeps the bottom-right alignment of the rest), the sink part is a small dense co
 at most ``max(num_sink_tokens)`` keys per query, and the two are merged with
 :func:`longattn.common.merge.merge_partials`. The window part is one call of the flash aten op
 (``aten::_flash_attention_forward`` with ``cum_seq_q/k`` and window sizes) on CUDA for fp16 /
-bf16, otherwise a loop over sequences through the dense backends (``backend`` picks which).
+bf16, otherwise a loop over sequences through the dense backends (``backend`` picks which,
+``config`` is passed on to them as in the dense entry points).
 """
 
 from __future__ import annotations
@@ -36,21 +38,21 @@ import torch
 
 from longattn.common import _transition
 from longattn.common.checks import check_cu_seqlens, check_qkv, check_scale
+from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import (
     attention_backward,
     attention_forward,
+    fix_empty_rows,
+    grad_lse_or_none,
     may_have_empty_rows,
     normalize_window,
 )
 from longattn.common.merge import merge_partials
 
 _HALF = (torch.float16, torch.bfloat16)
-# Elements of one score block of the sink part (rows x sinks x heads x head_dim).
+# Elements of one score block of the sink part (rows x sinks x heads x head_dim): a fixed
+# memory bound of 2**24 (64 MiB in fp32), not a tuned setting.
 _SINK_BLOCK_ELEMS = 1 << 24
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _check_sinks(num_sink_tokens, num_seqs):
@@ -111,9 +113,9 @@ def _flash_lse_to_packed(lse, cu_q):
     return torch.cat(parts, dim=1)
 
 
-def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend):
+def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend, config):
     tq, hq = q.shape[0], q.shape[1]
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     if tq == 0:
         return q.new_zeros(0, hq, v.shape[-1]), torch.zeros(hq, 0, dtype=acc, device=q.device)
     if _use_flash(q, v, backend, False) and k.shape[0] > 0:
@@ -124,9 +126,8 @@ def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend):
         out, lse = res[0], _flash_lse_to_packed(res[1], cu_q).float()
         if any(may_have_empty_rows(b - a, d - c, win)
                for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]) if b > a):
-            dead = ~torch.isfinite(lse)  # rows that saw no key (flash reports +inf)
-            lse = lse.masked_fill(dead, float("-inf"))
-            out = out.masked_fill(dead.t().unsqueeze(-1), 0.0)
+            o, l = fix_empty_rows(out[None], lse[None])  # flash reports +inf for them
+            out, lse = o[0], l[0]
         return out, lse
     out = q.new_zeros(tq, hq, v.shape[-1])
     lse = torch.full((hq, tq), float("-inf"), dtype=acc, device=q.device)
@@ -134,13 +135,13 @@ def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend):
         if b == a or d == c:
             continue
         o, l = attention_forward(q[None, a:b], k[None, c:d], v[None, c:d], softmax_scale=scale,
-                                 window_size=win, backend=backend)
+                                 window_size=win, backend=backend, config=config)
         out[a:b] = o[0]
         lse[:, a:b] = l[0].to(acc)
     return out, lse
 
 
-def _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, backend):
+def _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, backend, config):
     if _use_flash(q, v, backend, dlse is not None) and q.shape[0] > 0 and k.shape[0] > 0:
         lse_in = lse.float().masked_fill(torch.isneginf(lse), float("inf"))  # p = 0 there
         rng = torch.zeros(2, dtype=torch.int64, device=q.device)
@@ -158,7 +159,7 @@ def _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, back
         dl = None if dlse is None else dlse[None, :, a:b]
         g = attention_backward(dout[None, a:b], q[None, a:b], k[None, c:d], v[None, c:d],
                                out[None, a:b], lse[None, :, a:b], softmax_scale=scale,
-                               window_size=win, dlse=dl, backend=backend)
+                               window_size=win, dlse=dl, backend=backend, config=config)
         dq[a:b], dk[c:d], dv[c:d] = g[0][0], g[1][0], g[2][0]
     return dq, dk, dv
 
@@ -191,7 +192,7 @@ def _sink_rows(t, hkv, nmax, d):
 def _sinks_forward(q, k, v, kidx, vis, scale):
     tq, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
-    g, nmax, acc = hq // hkv, kidx.shape[1], _acc(q.dtype)
+    g, nmax, acc = hq // hkv, kidx.shape[1], acc_dtype(q.dtype)
     out = torch.zeros(tq, hq, dv, dtype=acc, device=q.device)
     lse = torch.full((tq, hq), float("-inf"), dtype=acc, device=q.device)
     step = _sink_rows(tq, hkv, nmax, d)
@@ -218,7 +219,7 @@ def _sinks_backward(dout, q, k, v, lse, delta, kidx, vis, scale):
     (``[Hq, Tq]``); dk/dv come back as full-size accumulators (acc dtype)."""
     tq, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
-    g, nmax, acc = hq // hkv, kidx.shape[1], _acc(q.dtype)
+    g, nmax, acc = hq // hkv, kidx.shape[1], acc_dtype(q.dtype)
     dq = torch.zeros(tq, hq, d, dtype=acc, device=q.device)
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dvv = torch.zeros(v.shape, dtype=acc, device=q.device)
@@ -261,16 +262,16 @@ def _split_sinks(cu_k, ns):
 @_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=None,
                              causal=False, window_size=(-1, -1), num_sink_tokens=0,
-                             backend="auto"):
+                             backend="auto", config=None):
     """Packed varlen attention forward. Returns ``(out [Tq, Hq, Dv], lse [Hq, Tq])``."""
     cu_q, cu_k, scale, win, ns = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale,
                                              causal, window_size, num_sink_tokens)
     ns_eff, keep, cu_w = _split_sinks(cu_k, ns)
     if not any(ns_eff):
-        return _window_forward(q, k, v, cu_q, cu_k, scale, win, backend)
+        return _window_forward(q, k, v, cu_q, cu_k, scale, win, backend, config)
     keep = keep.to(q.device)
     out_w, lse_w = _window_forward(q, k.index_select(0, keep), v.index_select(0, keep), cu_q,
-                                   cu_w, scale, win, backend)
+                                   cu_w, scale, win, backend, config)
     kidx, vis = _sink_layout(cu_q, cu_k, ns_eff, bool(causal), q.device)
     out_s, lse_s = _sinks_forward(q, k, v, kidx, vis, scale)
     out, lse = merge_partials(out_w[None], lse_w[None], out_s[None], lse_s[None])
@@ -280,7 +281,7 @@ def attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_sca
 @_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
                               softmax_scale=None, causal=False, window_size=(-1, -1),
-                              num_sink_tokens=0, dlse=None, backend="auto"):
+                              num_sink_tokens=0, dlse=None, backend="auto", config=None):
     """Gradients given the *final* ``out`` / ``lse`` (and optionally ``dlse``, ``[Hq, Tq]``)."""
     cu_q, cu_k, scale, win, ns = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale,
                                              causal, window_size, num_sink_tokens)
@@ -292,12 +293,13 @@ def attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
                          f"got {tuple(lse.shape)}")
     ns_eff, keep, cu_w = _split_sinks(cu_k, ns)
     if not any(ns_eff):
-        return _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, backend)
+        return _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, backend,
+                                config)
     keep = keep.to(q.device)
     dq_w, dk_w, dv_w = _window_backward(dout, q, k.index_select(0, keep),
                                         v.index_select(0, keep), out, lse, cu_q, cu_w, scale,
-                                        win, dlse, backend)
-    acc = _acc(q.dtype)
+                                        win, dlse, backend, config)
+    acc = acc_dtype(q.dtype)
     delta = (dout.to(acc) * out.to(acc)).sum(-1).t()  # [Hq, Tq]
     if dlse is not None:
         delta = delta - dlse.to(acc)
@@ -311,34 +313,33 @@ def attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
 
 class _AttentionVarlen(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_q, cu_k, scale, causal, window, ns, backend):
+    def forward(ctx, q, k, v, cu_q, cu_k, scale, causal, window, ns, backend, config):
         out, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, softmax_scale=scale,
                                             causal=causal, window_size=window,
-                                            num_sink_tokens=ns, backend=backend)
+                                            num_sink_tokens=ns, backend=backend, config=config)
         ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-        ctx.args = (scale, causal, window, ns, backend)
+        ctx.args = (scale, causal, window, ns, backend, config)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        scale, causal, window, ns, backend = ctx.args
-        if dlse is not None and not torch.any(dlse):
-            dlse = None
+        scale, causal, window, ns, backend, config = ctx.args
         dq, dk, dv = attention_backward_varlen(
             dout.contiguous(), q, k, v, out, lse, cu_q, cu_k, softmax_scale=scale,
-            causal=causal, window_size=window, num_sink_tokens=ns, dlse=dlse, backend=backend)
-        return dq, dk, dv, None, None, None, None, None, None, None
+            causal=causal, window_size=window, num_sink_tokens=ns, dlse=grad_lse_or_none(dlse),
+            backend=backend, config=config)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 @_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None,
                      causal=False, window_size=(-1, -1), num_sink_tokens=0, return_lse=False,
-                     backend="auto"):
+                     backend="auto", config=None):
     """Differentiable packed varlen attention (``cu_seqlens_k`` defaults to ``cu_seqlens_q``)."""
     cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     out, lse = _AttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_k, softmax_scale, causal,
-                                      window_size, num_sink_tokens, backend)
+                                      window_size, num_sink_tokens, backend, config)
     return (out, lse) if return_lse else out
 
 
