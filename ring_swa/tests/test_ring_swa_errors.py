@@ -16,6 +16,7 @@ from longattn.ring_swa import (
     ring_sliding_window_attn_varlen,
     ring_streaming_llm_attn,
     ring_streaming_llm_attn_varlen,
+    ring_swa_attn,
 )
 from longattn.ring_swa.cases import errors, run_case
 
@@ -117,7 +118,7 @@ def test_error_messages_name_the_argument():
 
 
 def test_seed_signatures():
-    """Drop-in: the seed's positional argument names and order, extra keywords only after."""
+    """Drop-in: exactly the seed's parameters, names, order and defaults."""
     common = ["cp_group", "cp_size", "cp_local_rank", "cp_prev_global_rank",
               "cp_next_global_rank", "softmax_scale"]
     want = {
@@ -129,14 +130,19 @@ def test_seed_signatures():
     }
     for fn, names in want.items():
         params = list(inspect.signature(fn).parameters.values())
-        positional = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
-        assert positional == names, fn.__name__
-        assert inspect.signature(fn).parameters.get("num_sink_tokens", None) is None or \
-            inspect.signature(fn).parameters["num_sink_tokens"].default == 1
+        assert [p.name for p in params] == names, fn.__name__
+        assert all(p.kind == p.POSITIONAL_OR_KEYWORD for p in params), fn.__name__
+        defaults = {p.name: p.default for p in params if p.default is not p.empty}
+        assert defaults == {**dict.fromkeys(common), **({"num_sink_tokens": 1} if
+                                                         "num_sink_tokens" in names else {})}
+    params = inspect.signature(ring_swa_attn).parameters
+    assert list(params) == ["q", "k", "v", "window_size", "group", "causal", "softmax_scale",
+                            "cu_seqlens", "num_sink_tokens", "return_lse", "backend"]
+    assert all(params[n].kind == inspect.Parameter.KEYWORD_ONLY for n in list(params)[3:])
 
 
 def test_local_mode_matches_oracle_and_gradcheck():
-    """cp_group=None runs on this process alone (the seed's single-GPU fallback)."""
+    """cp_group=None without torch.distributed runs on this process alone."""
     case = dict(kind="varlen", n=1, lengths=[5, 1, 9, 2, 7], counts=[24], hq=4, hkv=1, d=8,
                 window=3, ns=2, dtype="float64", seed=11)
     from longattn.ring_swa.cases import cu_seqlens, global_inputs, oracle

@@ -1,5 +1,6 @@
 """Ring SWA / streaming attention, dense and varlen, forward and backward, on gloo worlds of
-1..8 ranks against the float64 oracle; the exact traffic of every case is asserted too."""
+1..8 ranks against the float64 oracle; the exact traffic of every case is asserted too. The
+cases alternate between the canonical ``ring_swa_attn`` and the seed-compatible functions."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from longattn.common.testing import run_world
 from longattn.ring_swa.cases import errors, expected_messages, run_cases
 
 M = 6  # tokens per rank (dense); varlen totals are about n * M
+APIS = ("seed", "canonical")
 
 
 def _varlen_layout(n, rng, equal):
@@ -34,17 +36,18 @@ def make_cases(n, dtype="float64", seed=0, sinks=(0, 1, 4)):
         for ns in sinks:
             base = dict(n=n, hq=4, hkv=2, d=8, window=w, ns=ns, dtype=dtype,
                         seed=int(rng.integers(1 << 30)))
-            cases.append(dict(base, kind="dense", b=2, m=M))
+            cases.append(dict(base, kind="dense", b=2, m=M, api=APIS[(i + ns) % 2]))
             lengths, counts = _varlen_layout(n, rng, equal=(i + ns) % 2 == 0)
             cases.append(dict(base, kind="varlen", lengths=lengths, counts=counts,
-                              seed=int(rng.integers(1 << 30))))
+                              seed=int(rng.integers(1 << 30)), api=APIS[i % 2]))
     if n >= 3:  # a rank holding no tokens in the middle of a crossing sequence
         lengths = [1, 4 * n, 3, 2, 5]
         counts = [7] * n
         counts[n // 2] = 0
         counts[-1] += sum(lengths) - sum(counts)
         cases.append(dict(n=n, hq=2, hkv=1, d=8, window=9, ns=2, dtype=dtype, kind="varlen",
-                          lengths=lengths, counts=counts, seed=int(rng.integers(1 << 30))))
+                          lengths=lengths, counts=counts, seed=int(rng.integers(1 << 30)),
+                          api="canonical"))
     return cases
 
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longattn.reference import document_mask
-from longattn.ring_swa.plan import make_plans
+from longattn.ring_swa.plan import make_plan
 
 
 @st.composite
@@ -35,7 +35,7 @@ def test_plan_matches_mask(layout):
     if total == 0:
         return
     m = document_mask(cu, cu, causal=True, window=(w, 0), num_sink_tokens=ns)
-    plans = make_plans(offsets, cu, w, ns)
+    plans = make_plan(offsets, cu, w, ns)
     n = len(offsets) - 1
     for r, p in enumerate(plans):
         lo, hi = offsets[r], offsets[r + 1]
@@ -62,7 +62,7 @@ def test_plan_matches_mask(layout):
 
 @given(st.integers(1, 8), st.integers(1, 9), st.integers(0, 80))
 def test_dense_hops_closed_form(n, m, w):
-    plans = make_plans([r * m for r in range(n + 1)], [0, n * m], w)
+    plans = make_plan([r * m for r in range(n + 1)], [0, n * m], w)
     c_all = min(math.ceil(w / m), n - 1)
     for r, p in enumerate(plans):
         c = min(math.ceil(w / m), r)

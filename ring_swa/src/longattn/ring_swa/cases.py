@@ -4,8 +4,9 @@ window needs (used by the tests and the demo; the oracle part imports ``longattn
 A case is a plain dict (it travels pickled to the gloo ranks):
 ``{"kind": "dense" | "varlen", "n": ranks, "seed", "hq", "hkv", "d", "window", "ns", "dtype",
 "b", "m"}`` (dense: batch b, m tokens per rank) or ``"lengths", "counts"`` (varlen: sequence
-lengths, tokens per rank). Every rank builds the same global tensors from the seed and takes
-its shard, so only results travel.
+lengths, tokens per rank); optional ``"api": "seed" | "canonical"`` (which function runs it).
+Every rank builds the same global tensors from the seed and takes its shard, so only results
+travel.
 """
 
 from __future__ import annotations
@@ -51,31 +52,50 @@ def shard(x, case, rank):
     return x[:, off[rank]:off[rank + 1]] if case["kind"] == "dense" else x[off[rank]:off[rank + 1]]
 
 
-def run_case(rank, world, case, group=None, backend="auto"):
-    """Run one case on this rank: forward, backward; returns local results and traffic."""
+def run_case(rank, world, case, group=None, backend="auto", api=None):
+    """Run one case on this rank: forward, backward; returns local results and traffic.
+
+    ``api="seed"`` calls the seed-compatible function of the case, ``"canonical"`` calls
+    :func:`ring_swa_attn` (with ``backend``); by default ``case["api"]`` or ``"seed"``.
+    ``group`` defaults to the world.
+    """
     from longattn.ring_swa import (
         ring_sliding_window_attn,
         ring_sliding_window_attn_varlen,
         ring_streaming_llm_attn,
         ring_streaming_llm_attn_varlen,
+        ring_swa_attn,
     )
 
+    api = api or case.get("api", "seed")
     dtype = DTYPES[case["dtype"]]
     group = dist.group.WORLD if group is None else group
     q, k, v, dout = (shard(t, case, rank).to(dtype) for t in global_inputs(case))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    kw = dict(cp_group=group, backend=backend)
-    if case["ns"]:
-        kw["num_sink_tokens"] = case["ns"]
-    if case["kind"] == "dense":
-        fn = ring_streaming_llm_attn if case["ns"] else ring_sliding_window_attn
-        args = (q, k, v, case["window"])
+    dense = case["kind"] == "dense"
+    if api == "canonical":
+        def call():
+            return ring_swa_attn(q, k, v, window_size=(case["window"], 0), group=group,
+                                 cu_seqlens=None if dense else cu_seqlens(case),
+                                 num_sink_tokens=case["ns"], backend=backend)
     else:
-        fn = ring_streaming_llm_attn_varlen if case["ns"] else ring_sliding_window_attn_varlen
-        args = (q, k, v, case["window"], cu_seqlens(case))
+        if backend != "auto":
+            raise ValueError("the seed-compatible functions have no backend argument")
+        kw = dict(cp_group=group)
+        if case["ns"]:
+            kw["num_sink_tokens"] = case["ns"]
+        if dense:
+            fn = ring_streaming_llm_attn if case["ns"] else ring_sliding_window_attn
+            args = (q, k, v, case["window"])
+        else:
+            fn = ring_streaming_llm_attn_varlen if case["ns"] else ring_sliding_window_attn_varlen
+            args = (q, k, v, case["window"], cu_seqlens(case))
+
+        def call():
+            return fn(*args, **kw)
     t0 = time.perf_counter()
     with counting() as fwd:
-        out = fn(*args, **kw)
+        out = call()
     with counting() as bwd:
         out.backward(dout)
     ms = (time.perf_counter() - t0) * 1e3

@@ -4,81 +4,81 @@ Dense BSHD: one sequence per batch row whose first ``num_sink_tokens`` local key
 Varlen THD: the local sequence pieces, each with its own sink count (the first piece may be the
 tail of a sequence that started on an earlier rank: then it has fewer or no local sinks).
 
-Sinks are split off the keys: the window part runs on ``k[ns:]`` (dropping leading keys keeps
-the bottom-right alignment, so the window is unchanged), the sink part on ``k[:ns]`` with the
-causal rule ``key j <= query i`` written as the window ``(-1, S - ns)``; the two partials are
-merged with ``merge_partials``. Window calls go through :mod:`longattn.common.kernels`
-(``backend`` picks the kernel; ``"auto"`` takes cuDNN's native window through cudnn-frontend when
-it is installed, else the ``"band"`` decomposition into dense cuDNN calls, on CUDA).
+``window_size`` is flash-attn's causal pair ``(left, 0)`` (``left = -1``: unbounded). Sinks are
+split off the keys: the window part runs on ``k[ns:]`` (dropping leading keys keeps the
+bottom-right alignment, so the window is unchanged), the sink part on ``k[:ns]`` with the causal
+rule ``key j <= query i`` written as the window ``(-1, S - ns)``; the two partials are merged
+with :func:`longattn.common.merge.merge_partials`. Window calls go through
+:mod:`longattn.common.kernels` (``backend`` picks the kernel; ``"auto"`` takes cuDNN's native
+window through cudnn-frontend when it is installed, else the ``"band"`` decomposition into
+dense cuDNN calls, on CUDA).
 """
 
 from __future__ import annotations
 
 import torch
 
+from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import attention_backward, attention_forward
 from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
 from longattn.common.merge import merge_partials
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def dense_forward(q, k, v, *, scale, window_size, num_sink_tokens=0, backend="auto"):
-    """Causal window ``(w, 0)`` plus the first ``num_sink_tokens`` keys, Sq == Sk."""
+def dense_forward(q, k, v, *, softmax_scale, window_size, num_sink_tokens=0, backend="auto"):
+    """Causal window ``window_size = (left, 0)`` plus the first ``num_sink_tokens`` keys,
+    Sq == Sk. Returns ``(out in q.dtype, lse)``."""
     s = k.shape[1]
     ns = min(num_sink_tokens, s)
-    win = (window_size, 0)
+    kw = dict(softmax_scale=softmax_scale, backend=backend)
     if ns == 0:
-        return attention_forward(q, k, v, scale=scale, causal=True, window=win,
-                                 backend=backend)
-    o_s, l_s = attention_forward(q, k[:, :ns].contiguous(), v[:, :ns].contiguous(), scale=scale,
-                                 window=(-1, s - ns), backend=backend)
+        return attention_forward(q, k, v, causal=True, window_size=window_size, **kw)
+    o_s, l_s = attention_forward(q, k[:, :ns].contiguous(), v[:, :ns].contiguous(),
+                                 window_size=(-1, s - ns), **kw)
     if ns == s:
         return o_s, l_s
-    kw, vw = k[:, ns:].contiguous(), v[:, ns:].contiguous()
-    o_w, l_w = attention_forward(q, kw, vw, scale=scale, causal=True, window=win,
-                                 backend=backend)
+    kw_, vw = k[:, ns:].contiguous(), v[:, ns:].contiguous()
+    o_w, l_w = attention_forward(q, kw_, vw, causal=True, window_size=window_size, **kw)
     out, lse = merge_partials(o_w, l_w, o_s, l_s)
     return out.to(q.dtype), lse
 
 
-def dense_backward(dout, q, k, v, out, lse, *, scale, window_size, num_sink_tokens=0,
+def dense_backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, num_sink_tokens=0,
                    backend="auto"):
+    """Gradients of :func:`dense_forward` given the final ``out`` / ``lse``."""
     s = k.shape[1]
     ns = min(num_sink_tokens, s)
-    win = (window_size, 0)
+    kw = dict(softmax_scale=softmax_scale, backend=backend)
     if ns == 0:
-        return attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True, window=win,
-                                  backend=backend)
+        return attention_backward(dout, q, k, v, out, lse, causal=True, window_size=window_size,
+                                  **kw)
     dq, dk_s, dv_s = attention_backward(dout, q, k[:, :ns].contiguous(), v[:, :ns].contiguous(),
-                                        out, lse, scale=scale, window=(-1, s - ns),
-                                        backend=backend)
+                                        out, lse, window_size=(-1, s - ns), **kw)
     if ns == s:
         return dq, dk_s, dv_s
-    kw, vw = k[:, ns:].contiguous(), v[:, ns:].contiguous()
-    dq_w, dk_w, dv_w = attention_backward(dout, q, kw, vw, out, lse, scale=scale, causal=True,
-                                          window=win,
-                                          backend=backend)
-    acc = _acc(q.dtype)
+    kw_, vw = k[:, ns:].contiguous(), v[:, ns:].contiguous()
+    dq_w, dk_w, dv_w = attention_backward(dout, q, kw_, vw, out, lse, causal=True,
+                                          window_size=window_size, **kw)
+    acc = acc_dtype(q.dtype)
     dq = (dq.to(acc) + dq_w.to(acc)).to(q.dtype)
     return dq, torch.cat([dk_s, dk_w], dim=1), torch.cat([dv_s, dv_w], dim=1)
 
 
-def varlen_forward(q, k, v, local_cu, local_sinks, *, scale, window_size, backend="auto"):
+def varlen_forward(q, k, v, local_cu, local_sinks, *, softmax_scale, window_size,
+                   backend="auto"):
     """q/k/v ``[1, T, H, D]`` (the packed local tokens) -> ``[1, T, H, Dv]``, ``[1, H, T]``."""
     cu = torch.tensor(local_cu, dtype=torch.int32)
-    out, lse = attention_forward_varlen(q[0], k[0], v[0], cu, cu, scale=scale, causal=True,
-                                        window=(window_size, 0),
+    out, lse = attention_forward_varlen(q[0], k[0], v[0], cu, cu, softmax_scale=softmax_scale,
+                                        causal=True, window_size=window_size,
                                         num_sink_tokens=list(local_sinks), backend=backend)
     return out[None], lse[None]
 
 
-def varlen_backward(dout, q, k, v, out, lse, local_cu, local_sinks, *, scale, window_size,
-                    backend="auto"):
+def varlen_backward(dout, q, k, v, out, lse, local_cu, local_sinks, *, softmax_scale,
+                    window_size, backend="auto"):
+    """Gradients of :func:`varlen_forward` given the final ``out`` / ``lse``."""
     cu = torch.tensor(local_cu, dtype=torch.int32)
     g = attention_backward_varlen(dout[0], q[0], k[0], v[0], out[0], lse[0], cu, cu,
-                                  scale=scale, causal=True, window=(window_size, 0),
-                                  num_sink_tokens=list(local_sinks), backend=backend)
+                                  softmax_scale=softmax_scale, causal=True,
+                                  window_size=window_size, num_sink_tokens=list(local_sinks),
+                                  backend=backend)
     return tuple(t[None] for t in g)

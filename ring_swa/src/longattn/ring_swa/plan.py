@@ -85,11 +85,13 @@ def _pieces(intervals, offsets):
     return out
 
 
-def make_plans(offsets, cu_seqlens, window_size: int, num_sink_tokens: int = 0):
-    """One :class:`RankPlan` per rank.
+def make_plan(offsets, cu_seqlens, window_size: int, num_sink_tokens: int = 0):
+    """The plan of the whole group: one :class:`RankPlan` per rank (a list in rank order).
 
     ``offsets`` are the ``n + 1`` prefix sums of the per-rank token counts; ``cu_seqlens`` the
-    global sequence boundaries (ending at ``offsets[-1]``).
+    global sequence boundaries (ending at ``offsets[-1]``); ``window_size`` the integer ``w``
+    of the causal window (query p sees keys ``[p - w, p]``; pass the total token count for an
+    unbounded window).
     """
     offsets = [int(o) for o in offsets]
     cu = [int(c) for c in cu_seqlens]

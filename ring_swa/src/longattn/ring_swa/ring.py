@@ -1,4 +1,4 @@
-"""Ring sliding-window attention on a contiguous layout: forward and backward.
+"""Ring sliding-window attention on a contiguous layout: argument agreement, forward, backward.
 
 Each rank computes its diagonal block (window plus local sinks) while the keys it needs from
 earlier ranks arrive -- exactly those of :mod:`longattn.ring_swa.plan`, straight from the rank
@@ -17,53 +17,68 @@ the received keys go straight back to their owners, which add them to their own 
 Received keys are kept for the backward instead of being fetched again: that costs the memory
 of ``<= w + ns`` tokens of K/V per rank and halves the backward's traffic.
 
-Numerics: partials are merged and gradients summed in float32 (float64 for float64 inputs);
-dK/dV partials travel in the dtype of k / v.
+Before anything moves, :func:`setup` runs every argument check inside
+:func:`longattn.common.dist.agree`: one all-gather of a small int64 row per rank, after which
+every rank raises the same error if any rank's arguments were bad or the ranks disagree.
+
+Numerics: partials are merged and gradients summed in :func:`longattn.common.dtypes.acc_dtype`
+(float32, float64 for float64 inputs); dK/dV partials travel in the dtype of k / v. A NaN in
+any key a query sees makes that query's row NaN (the merges keep NaN).
 """
 
 from __future__ import annotations
 
 import operator
 import struct
+import zlib
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
-from longattn.common.checks import check_cu_seqlens, check_qkv, check_scale
+from longattn.common.checks import (
+    check_bool,
+    check_cu_seqlens,
+    check_qkv,
+    check_scale,
+    check_window,
+)
 from longattn.common.comm import exchange
-from longattn.common.kernels import attention_backward, attention_forward
+from longattn.common.dist import Group, agree, resolve_group
+from longattn.common.dtypes import acc_dtype
+from longattn.common.kernels import attention_backward, attention_forward, pick_backend
 from longattn.common.merge import merge_partials_
 from longattn.ring_swa import local
-from longattn.ring_swa.plan import RankPlan, make_plans
+from longattn.ring_swa.plan import RankPlan, make_plan
 
-_DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
-_META_FIELDS = ("tokens", "batch", "q heads", "kv heads", "head_dim", "v head_dim", "dtype",
-                "window_size", "num_sink_tokens", "softmax_scale", "len(cu_seqlens)",
-                "cu_seqlens", "device type")
+
+@dataclass(frozen=True)
+class SeedArgs:
+    """What the seed-compatible functions add to a call: their explicit rank arguments (checked
+    against the group when given), an integer ``window_size`` and the least sink count."""
+
+    cp_size: object = None
+    cp_local_rank: object = None
+    cp_prev_global_rank: object = None
+    cp_next_global_rank: object = None
+    min_sinks: int = 0
 
 
 @dataclass(frozen=True)
 class Setup:
-    """Everything a call needs after its arguments were checked on every rank."""
+    """Everything a call needs after its arguments were agreed on every rank."""
 
-    group: object  # process group, or None for a single process
-    world: int
-    rank: int
+    group: Group
     plan: RankPlan
-    window: int
+    window: int  # the plan's window w: keys [i - w, i]; the total token count when unbounded
+    kernel_left: int  # the left window size given to the kernels (-1: unbounded)
     num_sink_tokens: int
-    scale: float
+    softmax_scale: float
     varlen: bool
     backend: str
 
 
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------------------------
-# argument checks (every rank raises, nobody hangs)
+# argument checks, inside the agreement (every rank raises the same error, nobody hangs)
 
 
 def _int_arg(name, value, minimum):
@@ -84,119 +99,127 @@ def _last(cu):
     return -1
 
 
-def _check_group(group, cp_size, cp_local_rank, prev, nxt):
-    """(world, rank) of ``group``; the seed's explicit rank arguments must agree with it."""
-    if group is None:
-        for name, val in (("cp_size", cp_size), ("cp_local_rank", cp_local_rank)):
-            if val not in (None, 1 if name == "cp_size" else 0):
-                raise ValueError(f"{name}={val!r} needs a cp_group (cp_group=None runs locally)")
-        return 1, 0
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("cp_group was given but torch.distributed is not initialized")
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
-    if cp_size is not None and cp_size != world:
-        raise ValueError(f"cp_size={cp_size!r} but the cp_group has {world} ranks")
-    if cp_local_rank is not None and cp_local_rank != rank:
-        raise ValueError(f"cp_local_rank={cp_local_rank!r} but this rank is {rank} in cp_group")
-    for name, val, peer in (("cp_prev_global_rank", prev, (rank - 1) % world),
-                            ("cp_next_global_rank", nxt, (rank + 1) % world)):
-        want = dist.get_global_rank(group, peer) if group is not dist.group.WORLD else peer
-        if val is not None and val != want:
+def _digest(values) -> int:
+    return zlib.crc32(struct.pack(f"<{len(values)}q", *values))
+
+
+def _check_seed_ranks(seed: SeedArgs, g: Group):
+    """The seed's explicit rank arguments must describe the group (chunk i on group rank i)."""
+    for name, val, want, what in (
+            ("cp_size", seed.cp_size, g.size, f"the cp_group has {g.size} rank(s)"),
+            ("cp_local_rank", seed.cp_local_rank, g.rank,
+             f"this process is rank {g.rank} of the cp_group")):
+        if val is not None and _int_arg(name, val, 0) != want:
+            raise ValueError(f"{name}={val!r} but {what}")
+    for name, val, peer in (("cp_prev_global_rank", seed.cp_prev_global_rank,
+                             (g.rank - 1) % g.size),
+                            ("cp_next_global_rank", seed.cp_next_global_rank,
+                             (g.rank + 1) % g.size)):
+        if val is None:
+            continue
+        want = g.global_rank(peer)
+        if _int_arg(name, val, 0) != want:
             raise ValueError(f"{name}={val!r} but group rank {peer} is global rank {want} "
                              "(chunk i must live on group rank i)")
-    return world, rank
 
 
-def _local_checks(q, k, v, window_size, cu_seqlens, softmax_scale, num_sink_tokens, varlen,
-                  streaming):
-    """Checks that need no other rank. Returns (window, ns, scale, cu list or None)."""
-    check_qkv(q, k, v, varlen=varlen)
-    t = 0 if varlen else 1
-    if q.shape[t] != k.shape[t]:
-        raise ValueError(f"q and k must hold the same tokens (self-attention): q has "
-                         f"{q.shape[t]}, k has {k.shape[t]}")
-    w = _int_arg("window_size", window_size, 0)
-    ns = _int_arg("num_sink_tokens", num_sink_tokens, 1) if streaming else 0
-    scale = check_scale(softmax_scale, q.shape[-1])
-    cu = check_cu_seqlens(cu_seqlens, _last(cu_seqlens)) if varlen else None
-    return w, ns, scale, cu
+def _window(window_size, causal, seed):
+    """(left, 0): the causal window; ``left = -1`` is unbounded (plain causal attention)."""
+    if seed is not None:  # the seed's integer window w = flash-attn's (w, 0), causal
+        return _int_arg("window_size", window_size, 0), 0
+    if window_size is None:  # check_window would read None as unbounded: say it explicitly
+        raise TypeError("window_size must be a (left, right) pair of ints (-1 = unbounded), "
+                        "got None")
+    left, right = check_window(window_size, "window_size")
+    if not causal and right != 0:
+        raise ValueError(
+            f"window_size={window_size!r} with causal=False: ring_swa computes causal windows "
+            "only (each query sees keys at or before it): pass causal=True, or window_size="
+            "(left, 0)")
+    return left, 0  # causal caps right at 0 (flash-attn's rule)
 
 
-def _meta(q, k, v, w, ns, scale, cu, varlen):
-    b = 1 if varlen else q.shape[0]
-    tokens = q.shape[0] if varlen else q.shape[1]
-    cu_t = tuple(cu) if cu is not None else ()
-    return [tokens, b, q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1],
-            _DTYPE_CODES[q.dtype], w, ns, struct.unpack("<q", struct.pack("<d", scale))[0],
-            len(cu_t), hash(cu_t) & ((1 << 62) - 1), 1 if q.is_cuda else 0]
-
-
-def _gather_meta(row, group, world):
-    backend = dist.get_backend(group)
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-    mine = torch.tensor(row, dtype=torch.int64, device=dev)
-    rows = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(rows, mine, group=group)
-    return [r.tolist() for r in rows]
-
-
-def setup(q, k, v, window_size, cu_seqlens, cp_group, cp_size, cp_local_rank,
-          cp_prev_global_rank, cp_next_global_rank, softmax_scale, num_sink_tokens, *,
-          varlen, streaming, backend) -> Setup:
-    """Check the arguments on every rank (one all-gather of ints) and build this rank's plan.
-
-    A bad argument on any rank raises on every rank before any K/V moves.
-    """
-    err, row = None, None
-    try:
-        world, rank = _check_group(cp_group, cp_size, cp_local_rank, cp_prev_global_rank,
-                                   cp_next_global_rank)
-    except (TypeError, ValueError) as e:
-        if cp_group is None or not dist.is_initialized():
-            raise
-        err, world, rank = e, dist.get_world_size(cp_group), dist.get_rank(cp_group)
-    if err is None:
+def _resolve_backend(q4, k4, v4, left, distributed, backend):
+    """Raise here (inside the agreement) if ``backend`` cannot serve this rank's steps: its own
+    causal window block and, with more than one rank, the blocks over keys of earlier ranks
+    (not causal: every received key is at or before every query)."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str (a backend name or 'auto'), got {backend!r}")
+    if q4.shape[1] == 0:
+        return  # this rank computes nothing
+    pick_backend(q4, k4, v4, causal=True, window_size=(left, 0), backend=backend)
+    if distributed and backend != "auto":
         try:
-            w, ns, scale, cu = _local_checks(q, k, v, window_size, cu_seqlens, softmax_scale,
-                                             num_sink_tokens, varlen, streaming)
-            row = _meta(q, k, v, w, ns, scale, cu, varlen)
-        except (TypeError, ValueError) as e:
-            err = e
-    if world == 1:
-        if err is not None:
-            raise err
-        rows = [row]
+            pick_backend(q4, k4, v4, causal=False, window_size=(-1, -1), backend=backend)
+        except ValueError as e:
+            raise ValueError(f"{e} (needed for the blocks over keys held by earlier ranks, "
+                             "which are not causal)") from None
+
+
+def setup(q, k, v, *, op, varlen, window_size, group, causal, softmax_scale, cu_seqlens,
+          num_sink_tokens, return_lse, backend, seed: SeedArgs | None = None) -> Setup:
+    """Check the arguments on every rank (:func:`longattn.common.dist.agree`: one all-gather
+    of ints) and build this rank's plan. A bad argument on any rank raises the same error on
+    every rank before any K/V moves."""
+    g = resolve_group(group, name="group" if seed is None else "cp_group")
+
+    def check():
+        if seed is not None:
+            _check_seed_ranks(seed, g)
+        check_qkv(q, k, v, varlen=varlen)
+        t = 0 if varlen else 1
+        if q.shape[t] != k.shape[t]:
+            raise ValueError(f"q and k must hold the same tokens (self-attention): q has "
+                             f"{q.shape[t]}, k has {k.shape[t]}")
+        check_bool("causal", causal)
+        check_bool("return_lse", return_lse)
+        left, right = _window(window_size, causal, seed)
+        ns = _int_arg("num_sink_tokens", num_sink_tokens,
+                      seed.min_sinks if seed is not None else 0)
+        scale = check_scale(softmax_scale, q.shape[-1])
+        cu = check_cu_seqlens(cu_seqlens, _last(cu_seqlens)) if varlen else None
+        q4, k4, v4 = (x.unsqueeze(0) for x in (q, k, v)) if varlen else (q, k, v)
+        _resolve_backend(q4, k4, v4, left, g.distributed, backend)
+        needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        fields = {
+            # varlen ranks may hold different token counts ("tokens" varies)
+            "q.shape": tuple(q.shape[1:] if varlen else q.shape),
+            "k.shape": tuple(k.shape[1:] if varlen else k.shape),
+            "v.shape": tuple(v.shape[1:] if varlen else v.shape),
+            "tokens": q4.shape[1],
+            "dtype": q.dtype,
+            "q.device.type": q.device.type,
+            "window_size": (left, right),
+            "causal": causal,
+            "num_sink_tokens": ns,
+            "softmax_scale": scale,
+            "cu_seqlens": (len(cu), _digest(cu)) if varlen else None,
+            "return_lse": return_lse,
+            "backend": backend,
+            "needs grad": needs_grad,
+        }
+        return (left, ns, scale, cu), fields
+
+    (left, ns, scale, cu), views = agree(op, g, check, vary=("tokens",) if varlen else ())
+    if varlen:
+        counts = views["tokens"]
     else:
-        rows = _gather_meta([1] + [0] * len(_META_FIELDS) if err else [0] + row, cp_group,
-                            world)
-        bad = [r for r, x in enumerate(rows) if x[0]]
-        if err is not None:
-            raise err
-        if bad:
-            raise ValueError(f"invalid arguments on rank(s) {bad} of the cp_group (see the "
-                             "error there); nothing was exchanged")
-        rows = [x[1:] for x in rows]
-        for i, name in enumerate(_META_FIELDS):
-            if i == 0 and varlen:
-                continue  # varlen ranks may hold different token counts
-            vals = [x[i] for x in rows]
-            if any(x != vals[0] for x in vals):
-                what = "q/k/v shapes" if i < 6 else name
-                raise ValueError(f"{what} must be the same on every rank of the cp_group; "
-                                 f"{name} per rank: {vals}")
-    counts = [x[0] for x in rows]
+        counts = [q.shape[1]] * g.size
     offsets = [0]
     for c in counts:
         offsets.append(offsets[-1] + c)
+    total = offsets[-1]
     if varlen:
-        if cu[-1] != offsets[-1]:
-            raise ValueError(f"cu_seqlens must end at the total token count over the cp_group "
-                             f"(sum of q.shape[0] = {offsets[-1]}, per rank {counts}), got "
+        if cu[-1] != total:  # every rank holds the same cu_seqlens and counts: raised everywhere
+            raise ValueError(f"{op}: cu_seqlens must end at the total token count over the "
+                             f"group (sum of q.shape[0] = {total}, per rank {counts}), got "
                              f"{cu[-1]}")
     else:
-        cu = [0, offsets[-1]]
-    plan = make_plans(offsets, cu, w, ns)[rank]
-    return Setup(cp_group, world, rank, plan, w, ns, scale, varlen, backend)
+        cu = [0, total]
+    unbounded = left == -1 or left >= total  # as wide as the sequence: plain causal attention
+    w = total if unbounded else left
+    plan = make_plan(offsets, cu, w, ns)[g.rank]
+    return Setup(g, plan, w, -1 if unbounded else left, ns, scale, varlen, backend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,7 +237,7 @@ def _pack(a, b):
 def _post(st, sends, recvs):
     if not sends and not recvs:
         return None
-    return exchange(sends, recvs, st.group)
+    return exchange(sends, recvs, st.group.pg)
 
 
 def _recv_buffers(plan_side, b, hkv, d, dv, like):
@@ -232,21 +255,41 @@ def _unpack(buf, b, n, hkv, d, dv):
     return buf[:nk].view(b, n, hkv, d), buf[nk:].view(b, n, hkv, dv)
 
 
+def _halo_window(st, lq):
+    """The halo step's window in bottom-right coordinates (its keys end where q starts)."""
+    return (-1, -1) if st.kernel_left == -1 else (st.window - lq, -1)
+
+
+def _local_forward(q, k, v, st):
+    plan, win = st.plan, (st.kernel_left, 0)
+    if st.varlen:
+        return local.varlen_forward(q, k, v, plan.local_cu, plan.local_sinks,
+                                    softmax_scale=st.softmax_scale, window_size=win,
+                                    backend=st.backend)
+    return local.dense_forward(q, k, v, softmax_scale=st.softmax_scale, window_size=win,
+                               num_sink_tokens=plan.local_sinks[0], backend=st.backend)
+
+
+def _local_backward(dout, q, k, v, out, lse, st):
+    plan, win = st.plan, (st.kernel_left, 0)
+    if st.varlen:
+        return local.varlen_backward(dout, q, k, v, out, lse, plan.local_cu, plan.local_sinks,
+                                     softmax_scale=st.softmax_scale, window_size=win,
+                                     backend=st.backend)
+    return local.dense_backward(dout, q, k, v, out, lse, softmax_scale=st.softmax_scale,
+                                window_size=win, num_sink_tokens=plan.local_sinks[0],
+                                backend=st.backend)
+
+
 def _forward(q, k, v, st: Setup):
     plan = st.plan
-    b, t, hq, _ = q.shape
+    b = q.shape[0]
     hkv, d, dv = k.shape[2], k.shape[3], v.shape[3]
     sends = [(_pack(torch.cat(_slices(k, plan, iv), 1), torch.cat(_slices(v, plan, iv), 1)), dst)
              for dst, iv in plan.send.items()]
     recvs = _recv_buffers(plan.recv, b, hkv, d, dv, k)
     handle = _post(st, sends, recvs)
-    if st.varlen:
-        out, lse = local.varlen_forward(q, k, v, plan.local_cu, plan.local_sinks,
-                                        scale=st.scale, window_size=st.window,
-                                        backend=st.backend)
-    else:
-        out, lse = local.dense_forward(q, k, v, scale=st.scale, window_size=st.window,
-                                       num_sink_tokens=plan.local_sinks[0], backend=st.backend)
+    out, lse = _local_forward(q, k, v, st)
     if handle is not None:
         handle.wait()
     if not recvs:
@@ -255,18 +298,18 @@ def _forward(q, k, v, st: Setup):
              for buf, src in recvs]
     rk = torch.cat([p[0] for p in parts], 1) if len(parts) > 1 else parts[0][0]
     rv = torch.cat([p[1] for p in parts], 1) if len(parts) > 1 else parts[0][1]
-    n0, nrs, nh, w = plan.first_len, plan.num_remote_sinks, plan.num_halo, st.window
-    acc_o = out[:, :n0].to(_acc(q.dtype))
+    n0, nrs, nh = plan.first_len, plan.num_remote_sinks, plan.num_halo
+    acc_o = out[:, :n0].to(acc_dtype(q.dtype))
     acc_l = lse[:, :, :n0].clone()
     if nh:
-        lq = min(n0, w)
+        lq = min(n0, st.window)
         o_h, l_h = attention_forward(q[:, :lq].contiguous(), rk[:, nrs:].contiguous(),
-                                     rv[:, nrs:].contiguous(), scale=st.scale,
-                                     window=(w - lq, -1), backend=st.backend)
+                                     rv[:, nrs:].contiguous(), softmax_scale=st.softmax_scale,
+                                     window_size=_halo_window(st, lq), backend=st.backend)
         merge_partials_(acc_o[:, :lq], acc_l[:, :, :lq], o_h, l_h)
     if nrs:
         o_s, l_s = attention_forward(q[:, :n0].contiguous(), rk[:, :nrs].contiguous(),
-                                     rv[:, :nrs].contiguous(), scale=st.scale,
+                                     rv[:, :nrs].contiguous(), softmax_scale=st.softmax_scale,
                                      backend=st.backend)
         merge_partials_(acc_o, acc_l, o_s, l_s)
     out[:, :n0] = acc_o.to(out.dtype)
@@ -276,27 +319,28 @@ def _forward(q, k, v, st: Setup):
 
 def _backward(dout, q, k, v, out, lse, rk, rv, st: Setup):
     plan = st.plan
-    b, t, hq, d = q.shape
+    b, _, hq, d = q.shape
     hkv, dv = k.shape[2], v.shape[3]
-    acc = _acc(q.dtype)
-    n0, nrs, nh, w = plan.first_len, plan.num_remote_sinks, plan.num_halo, st.window
+    acc = acc_dtype(q.dtype)
+    n0, nrs, nh = plan.first_len, plan.num_remote_sinks, plan.num_halo
     sends, dq_r = [], None
     if rk is not None:  # remote parts first: their dK/dV travel during the local backward
         dq_r = torch.zeros(b, n0, hq, d, dtype=acc, device=q.device)
         drk, drv = torch.empty_like(rk), torch.empty_like(rv)
         if nh:
-            lq = min(n0, w)
+            lq = min(n0, st.window)
             g = attention_backward(dout[:, :lq].contiguous(), q[:, :lq].contiguous(),
                                    rk[:, nrs:].contiguous(), rv[:, nrs:].contiguous(),
                                    out[:, :lq].contiguous(), lse[:, :, :lq].contiguous(),
-                                   scale=st.scale, window=(w - lq, -1), backend=st.backend)
+                                   softmax_scale=st.softmax_scale, window_size=_halo_window(st, lq),
+                                   backend=st.backend)
             dq_r[:, :lq] += g[0].to(acc)
             drk[:, nrs:], drv[:, nrs:] = g[1], g[2]
         if nrs:
             g = attention_backward(dout[:, :n0].contiguous(), q[:, :n0].contiguous(),
                                    rk[:, :nrs].contiguous(), rv[:, :nrs].contiguous(),
                                    out[:, :n0].contiguous(), lse[:, :, :n0].contiguous(),
-                                   scale=st.scale, backend=st.backend)
+                                   softmax_scale=st.softmax_scale, backend=st.backend)
             dq_r += g[0].to(acc)
             drk[:, :nrs], drv[:, :nrs] = g[1], g[2]
         off = 0
@@ -306,15 +350,7 @@ def _backward(dout, q, k, v, out, lse, rk, rv, st: Setup):
             off += n
     recvs = _recv_buffers(plan.send, b, hkv, d, dv, k)
     handle = _post(st, sends, recvs)
-    if st.varlen:
-        dq, dk, dvv = local.varlen_backward(dout, q, k, v, out, lse, plan.local_cu,
-                                            plan.local_sinks, scale=st.scale,
-                                            window_size=st.window, backend=st.backend)
-    else:
-        dq, dk, dvv = local.dense_backward(dout, q, k, v, out, lse, scale=st.scale,
-                                           window_size=st.window,
-                                           num_sink_tokens=plan.local_sinks[0],
-                                           backend=st.backend)
+    dq, dk, dvv = _local_backward(dout, q, k, v, out, lse, st)
     if handle is not None:
         handle.wait()
     if dq_r is not None:
@@ -334,7 +370,8 @@ def _backward(dout, q, k, v, out, lse, rk, rv, st: Setup):
 
 
 class RingSWAFunction(torch.autograd.Function):
-    """Autograd wrapper: inputs BSHD (dense) or THD (varlen) local shards, output like q."""
+    """Autograd wrapper: inputs BSHD (dense) or THD (varlen) local shards; returns ``out``
+    (like q) and ``lse`` (``[B, Hq, S]`` / ``[Hq, T]``, not differentiable)."""
 
     @staticmethod
     def forward(ctx, q, k, v, st: Setup):
@@ -342,15 +379,19 @@ class RingSWAFunction(torch.autograd.Function):
         if q4.shape[1] == 0:
             out = q4.new_zeros(*q4.shape[:3], v4.shape[3])
             rk = rv = None
-            lse = torch.zeros(q4.shape[0], q4.shape[2], 0, dtype=_acc(q.dtype), device=q.device)
+            lse = torch.zeros(q4.shape[0], q4.shape[2], 0, dtype=acc_dtype(q.dtype),
+                              device=q.device)
         else:
             out, lse, rk, rv = _forward(q4, k4, v4, st)
         ctx.save_for_backward(q4, k4, v4, out, lse, rk, rv)
         ctx.st = st
-        return out[0] if st.varlen else out
+        if st.varlen:
+            out, lse = out[0], lse[0]
+        ctx.mark_non_differentiable(lse)
+        return out, lse
 
     @staticmethod
-    def backward(ctx, dout):
+    def backward(ctx, dout, _dlse):
         q, k, v, out, lse, rk, rv = ctx.saved_tensors
         st = ctx.st
         if q.shape[1] == 0:
@@ -362,10 +403,12 @@ class RingSWAFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def ring_attention(q, k, v, window_size, cu_seqlens, cp_group, cp_size, cp_local_rank,
-                   cp_prev_global_rank, cp_next_global_rank, softmax_scale, num_sink_tokens, *,
-                   varlen, streaming, backend="auto"):
-    st = setup(q, k, v, window_size, cu_seqlens, cp_group, cp_size, cp_local_rank,
-               cp_prev_global_rank, cp_next_global_rank, softmax_scale, num_sink_tokens,
-               varlen=varlen, streaming=streaming, backend=backend)
-    return RingSWAFunction.apply(q, k, v, st)
+def ring_swa(q, k, v, *, op, varlen, window_size, group, causal, softmax_scale, cu_seqlens,
+             num_sink_tokens, return_lse, backend, seed: SeedArgs | None = None):
+    """The one core behind every public function: agree on the arguments, then run."""
+    st = setup(q, k, v, op=op, varlen=varlen, window_size=window_size, group=group,
+               causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
+               num_sink_tokens=num_sink_tokens, return_lse=return_lse, backend=backend,
+               seed=seed)
+    out, lse = RingSWAFunction.apply(q, k, v, st)
+    return (out, lse) if return_lse else out
