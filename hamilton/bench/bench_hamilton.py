@@ -45,16 +45,14 @@ from longattn.common.layout import positions
 from longattn.common.merge import merge_partials_
 from longattn.hamilton import attn as attn_mod
 from longattn.hamilton.attn import (
-    _new_buffer,
     _pack,
     _token_index,
-    _views,
     add_buffer_grads,
     add_kv_grads,
     backward_step,
     forward_step,
 )
-from longattn.hamilton.plan import make_plan, unit_labels
+from longattn.hamilton.plan import kv_views, make_plan, new_buffer, unit_labels
 from longattn.hamilton.schedules import multi_ring_schedule, ring_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -92,7 +90,7 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True):
     loc = [[t[:, p].to(device) for t in glob] for p in pos]
     buf0 = []
     for r in range(n):
-        b = _new_buffer(length, 1, heads, dim, dim, dtype, device)
+        b = new_buffer(length, 1, heads, dim, dim, dtype, device)
         _pack(b, loc[r][1], loc[r][2], idx)
         buf0.append(b)
 
@@ -190,7 +188,7 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
         if mode == "kernels":
             for s in range(1, n):
                 for call in plan.calls[s]:
-                    kk, vv = _views(buf, call.start * unit, call.stop * unit, heads, dim)
+                    kk, vv = kv_views(buf, call.start * unit, call.stop * unit, heads, dim)
                     qs = q if call.rows == "all" else q[:, half:]
                     attention_forward(qs, kk, vv, scale=scale, causal=False)
             return o
@@ -208,7 +206,7 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
         if mode == "kernels":
             for s in range(n - 1, 0, -1):
                 for call in plan.calls[s]:
-                    kk, vv = _views(buf, call.start * unit, call.stop * unit, heads, dim)
+                    kk, vv = kv_views(buf, call.start * unit, call.stop * unit, heads, dim)
                     sl = slice(None) if call.rows == "all" else slice(half, None)
                     attention_backward(dout[:, sl], q[:, sl], kk, vv, out[:, sl],
                                        lse[:, :, sl], scale=scale, causal=False)

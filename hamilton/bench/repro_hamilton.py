@@ -168,17 +168,20 @@ def worker(a):
 
 def _call(q, k, v, causal, sched, backward):
     import torch
+    import torch.distributed as dist
 
     from longattn.hamilton import hamilton_attn
 
+    world = dist.group.WORLD
     if backward:
         for t in (q, k, v):
             t.requires_grad_(True)
             t.grad = None
-        hamilton_attn(q, k, v, causal=causal, schedule=sched).float().sum().backward()
+        hamilton_attn(q, k, v, group=world, causal=causal, schedule=sched).float().sum() \
+            .backward()
     else:
         with torch.no_grad():
-            hamilton_attn(q, k, v, causal=causal, schedule=sched)
+            hamilton_attn(q, k, v, group=world, causal=causal, schedule=sched)
 
 
 def _time(fn, warmup, iters, cuda):
@@ -211,6 +214,7 @@ def _check(rank, n, dev, dtype, cfg):
     from longattn.hamilton import hamilton_attn, shard, unshard
 
     h, d = cfg["heads_dim"][0]
+    world = dist.group.WORLD
     g = torch.Generator(device=dev).manual_seed(0)
     for mask, methods in cfg["methods"].items():
         causal = mask == "causal"
@@ -220,13 +224,14 @@ def _check(rank, n, dev, dtype, cfg):
         ref = attention(q, k, v, causal=causal)
         for method in methods:
             try:
-                out = hamilton_attn(*(shard(t, causal=causal) for t in (q, k, v)),
-                                    causal=causal, schedule=_schedule(method, cfg, n))
+                out = hamilton_attn(*(shard(t, group=world, causal=causal) for t in (q, k, v)),
+                                    group=world, causal=causal,
+                                    schedule=_schedule(method, cfg, n))
             except ValueError as e:
                 if rank == 0:
                     print(f"check {mask} {method}: skipped ({e})")
                 continue
-            err = rel_error(unshard(out, causal=causal), ref)
+            err = rel_error(unshard(out, group=world, causal=causal), ref)
             if rank == 0:
                 print(f"check {mask} {method}: rel. error vs dense {err:.2e}")
             if not err <= (2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-4):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as tdist
 
 from longattn.common.testing import run_world
 from longattn.hamilton import hamilton_attn, shard, two_level_schedule
@@ -73,11 +74,13 @@ def run_case(rank, n, case, sched):
     q, k, v, dout, dlse = case["inputs"]
     causal, dtype = case["causal"], case["dtype"]
 
+    world = tdist.group.WORLD
+
     def loc(x, dim=1):
-        return shard(x, causal=causal, dim=dim)
+        return shard(x, group=world, causal=causal, dim=dim)
 
     ql, kl, vl = (loc(t).to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = hamilton_attn(ql, kl, vl, causal=causal, scale=case["scale"],
+    out, lse = hamilton_attn(ql, kl, vl, group=world, causal=causal, scale=case["scale"],
                              schedule=_sched_arg(sched), return_lse=True)
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64
                                                  else torch.float32)

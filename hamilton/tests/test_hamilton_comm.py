@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import os
 
 import pytest
 import torch
+import torch.distributed as tdist
 
 from longattn.common.comm import counting
 from longattn.common.testing import run_world
@@ -21,6 +23,11 @@ from longattn.hamilton import (
 )
 
 B, HQ, HKV, D, DV = 2, 4, 1, 8, 6
+
+
+def _world_attn():
+    """hamilton_attn over the whole gloo world of a test (group=None is an error there)."""
+    return functools.partial(hamilton_attn, group=tdist.group.WORLD)
 
 
 def _local(rank, n, lk, dtype, seed=0, requires_grad=True):
@@ -41,6 +48,7 @@ def _send_groups(messages):
 
 
 def _volume(rank, n):
+    hamilton_attn = _world_attn()
     out = {}
     for sched, causal in itertools.product(("tasp", "ring", "two_level"), (False, True)):
         if sched == "two_level" and n != 4:
@@ -93,6 +101,7 @@ def test_exact_volume(n):
 
 
 def _bad_calls(rank, n):
+    hamilton_attn = _world_attn()
     lk = 2 * (n - 1) * 2
     results = []
 
@@ -141,12 +150,12 @@ def test_bad_input_raises_on_every_rank(n):
     for i, name in enumerate(names):
         kinds = [per[0][i][1] for per in res]
         assert all(kind is not None for kind in kinds), (name, kinds)
+        assert len(set(kinds)) == 1, (name, kinds)  # the same class on every rank
     msgs = {r[0]: r[2] for r in res[0][0]}
     assert "divisible by" in msgs["not divisible"] and "pad the global" in msgs["not divisible"]
-    assert "q.shape[1]" in msgs["length differs on rank 0"] or "rank(s)" in msgs[
-        "length differs on rank 0"]
+    assert "q.shape must be the same" in msgs["length differs on rank 0"]
     assert "causal must be the same" in msgs["causal differs"]
-    assert "require grad" in msgs["requires_grad differs"]
+    assert "requires_grad must be the same" in msgs["requires_grad differs"]
     assert "scale must be the same" in msgs["scale differs"]
     assert "schedule must be" in msgs["schedule name"]
     assert "LOCAL_WORLD_SIZE" in msgs["two_level without LOCAL_WORLD_SIZE"]
@@ -161,10 +170,11 @@ def test_bad_input_raises_on_every_rank(n):
 def _shard_roundtrip(rank, n):
     x = torch.arange(2 * 4 * n * 3, dtype=torch.float64).reshape(2, 4 * n, 3)
     ok = []
+    world = tdist.group.WORLD
     for causal in (False, True):
-        loc = shard(x, causal=causal)
+        loc = shard(x, group=world, causal=causal)
         with counting() as c:
-            back = unshard(loc, causal=causal)
+            back = unshard(loc, group=world, causal=causal)
         ok.append(torch.equal(back, x) and c.bytes_sent == (n - 1) * loc.numel() * 8)
     return ok
 
@@ -179,6 +189,7 @@ def test_shard_unshard_roundtrip():
 
 
 def _twice(rank, n):
+    hamilton_attn = _world_attn()
     q, k, v = _local(rank, n, 2 * (n - 1) * 2, torch.float64)
     out = hamilton_attn(q, k, v, causal=True)
     dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(rank), dtype=out.dtype)
@@ -206,6 +217,65 @@ def test_world_size_one_without_process_group():
         assert torch.allclose(out, ref, rtol=0, atol=1e-14)
     with pytest.raises(ValueError, match="group was given"):
         hamilton_attn(q, k, v, group=object())
+
+
+def _group_none(rank, n):
+    """group=None in a world of n > 1 ranks: a ValueError naming group, on every rank, from
+    hamilton_attn, shard and unshard; group=LOCAL runs on this process alone."""
+    from longattn.common.dist import LOCAL
+    from longattn.common.kernels import attention
+
+    q, k, v = _local(rank, n, 4, torch.float64, requires_grad=False)
+    errs = []
+    for fn in (lambda: hamilton_attn(q, k, v), lambda: shard(q), lambda: unshard(q)):
+        try:
+            fn()
+        except ValueError as e:
+            errs.append(str(e))
+        else:
+            errs.append(None)
+    out = hamilton_attn(q, k, v, group=LOCAL, causal=True)
+    same = torch.allclose(out, attention(q, k, v, causal=True), rtol=0, atol=1e-14)
+    return errs, same
+
+
+def test_group_none_in_a_world_raises_on_every_rank():
+    for errs, local_ok in run_world(2, _group_none):
+        assert all(e is not None and "group=None" in e and "group.WORLD" in e for e in errs), errs
+        assert local_ok
+
+
+def _mesh(rank, n):
+    """A 1-D DeviceMesh as group: the "cp" dimension of a 2 x (n/2) mesh (two problems, one
+    per "dp" row) and a 1-D mesh over the world; compared with single-process attention."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from longattn.common.kernels import attention
+
+    errs = []
+    mesh2 = init_device_mesh("cpu", (2, n // 2), mesh_dim_names=("dp", "cp"))
+    mesh1 = init_device_mesh("cpu", (n,))
+    for mesh, seed in ((mesh2["cp"], rank // (n // 2)), (mesh1, 7)):
+        g = torch.Generator().manual_seed(seed)
+        full = [torch.randn(1, 24 * n, 2, 4, generator=g, dtype=torch.float64) for _ in range(3)]
+        for causal in (False, True):
+            loc = [shard(t, group=mesh, causal=causal) for t in full]
+            out = hamilton_attn(*loc, group=mesh, causal=causal, schedule="tasp")
+            got = unshard(out, group=mesh, causal=causal)
+            errs.append(float((got - attention(*full, causal=causal)).abs().max()))
+    try:
+        hamilton_attn(*loc, group=mesh2, causal=True)
+    except ValueError as e:
+        two_d = str(e)
+    else:
+        two_d = None
+    return errs, two_d
+
+
+def test_device_mesh_as_group():
+    for errs, two_d in run_world(4, _mesh):
+        assert len(errs) == 4 and max(errs) <= 1e-12, errs
+        assert two_d is not None and "1-D DeviceMesh" in two_d
 
 
 def test_strided_kv_fallback():

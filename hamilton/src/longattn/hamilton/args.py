@@ -1,21 +1,23 @@
-"""Argument checks for :func:`hamilton_attn`, agreed across ranks before any communication.
+"""Argument checks of :func:`hamilton_attn`, agreed across the ranks before any communication.
 
-Every rank runs its local checks and records the error instead of raising; then all ranks
-all-gather one small int64 row each (error flag, shapes, dtype, causal, scale, schedule digest,
-whether a backward will run). If any rank failed, or the rows differ, every rank raises, so a
-bad call never leaves the others waiting in a collective.
+Everything is checked inside one ``check()`` run by :func:`longattn.common.dist.agree`: the
+local checks (a bad argument raises there, on every rank), and the values every rank must share
+(q/k/v shapes, dtype, device type, ``causal``, ``softmax_scale``, the schedule, whether a
+backward will run, ``return_lse``, the ``backend`` argument and the backends the local kernels
+will use). One small all-gather; a bad call never leaves a rank waiting in the KV exchange.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
-from longattn.common.checks import check_qkv, check_scale
-from longattn.common.kernels import BACKENDS
+from longattn.common import dist
+from longattn.common.checks import check_bool, check_qkv, check_scale
+from longattn.common.kernels import pick_backend
+from longattn.hamilton.plan import kv_views, new_buffer
 from longattn.hamilton.schedules import (
     Schedule,
     multi_ring_schedule,
@@ -24,22 +26,10 @@ from longattn.hamilton.schedules import (
 )
 
 SCHEDULE_NAMES = ("auto", "tasp", "multi_ring", "ring", "two_level")
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_FIELDS = (["error"] + [f"q.shape[{i}]" for i in range(4)] + [f"k.shape[{i}]" for i in range(4)]
-           + [f"v.shape[{i}]" for i in range(4)]
-           + ["dtype", "causal", "scale", "schedule", "requires_grad"])
-
-
-def world(group=None):
-    """``(world_size, rank)`` of ``group``; ``(1, 0)`` without an initialised process group."""
-    if not dist.is_available() or not dist.is_initialized():
-        if group is not None:
-            raise ValueError("group was given but torch.distributed is not initialised")
-        return 1, 0
-    n, r = dist.get_world_size(group), dist.get_rank(group)
-    if r < 0:
-        raise ValueError("this process is not a member of group")
-    return n, r
+KINDS = ("diag", "all", "back")
+"""The kinds of local kernel call: ``diag`` (step 0 on the local q, k, v; causal when causal),
+``all`` (all query rows against key units of the KV buffer) and ``back`` (the zigzag back half
+of the query rows against key units; causal only)."""
 
 
 def _units_needed(sched: Schedule, causal: bool) -> int:
@@ -92,23 +82,79 @@ def resolve_schedule(schedule, n: int, length: int, causal: bool) -> Schedule:
     return sched
 
 
-def check_call(q, k, v, *, group, causal, scale, schedule, backend):
-    """Validate a :func:`hamilton_attn` call on every rank; return ``(n, rank, scale, sched)``.
+@dataclass(frozen=True)
+class Kernels:
+    """The local-kernel backend of each kind of call (see :data:`KINDS`), resolved once per
+    :func:`hamilton_attn` call: ``fwd``, ``bwd`` (None when no backward will run) and
+    ``bwd_dlse`` (the backward when a gradient flows into the returned ``lse``; None without
+    ``return_lse``). Each maps a kind to a backend name, or None where the call never occurs."""
+
+    fwd: dict
+    bwd: dict | None
+    bwd_dlse: dict | None
+
+    def names(self) -> tuple:
+        """Every resolved name in a fixed order (None where absent): the agreed value."""
+        return tuple((m or {}).get(kind) for m in (self.fwd, self.bwd, self.bwd_dlse)
+                     for kind in KINDS)
+
+
+def resolve_kernels(q, k, v, *, n, causal, units, backend, grad, return_lse,
+                    contiguous_kv) -> Kernels:
+    """Resolve ``backend`` for every kind of kernel call with
+    :func:`longattn.common.kernels.pick_backend`, on requests shaped like the real calls: the
+    ``all`` / ``back`` calls get K/V views with the KV buffer's strides (contiguous copies with
+    ``contiguous_kv``). A backend that cannot serve one raises ``ValueError`` here, saying why.
+
+    The step requests use K/V views of one buffer unit of rows: a backend's ``supports`` sees
+    the real dtype, device, head counts, head dims and strides (key lengths enter no backend's
+    rules except for empty inputs, and a unit has at least one row)."""
+    kinds = {"diag": (q, k, v, causal)}
+    if n > 1:
+        b, lk, hkv, d = k.shape
+        unit = lk // units
+        buf = new_buffer(unit, b, hkv, d, v.shape[-1], k.dtype, k.device)
+        kk, vv = kv_views(buf, 0, unit, hkv, d)
+        if contiguous_kv:
+            kk, vv = kk.contiguous(), vv.contiguous()
+        kinds["all"] = (q, kk, vv, False)
+        if causal:
+            kinds["back"] = (q[:, q.shape[1] // 2:], kk, vv, False)
+
+    def pick(needs_dlse):
+        return {kind: pick_backend(qq, kk, vv, causal=c, needs_dlse=needs_dlse,
+                                   backend=backend)
+                for kind, (qq, kk, vv, c) in kinds.items()}
+
+    fwd = pick(False)
+    bwd = pick(False) if grad else None
+    bwd_dlse = None
+    if grad and return_lse:
+        # backend="auto" picks, per call, a backend that takes the gradient of lse; a named
+        # backend stays itself (a kernel that takes no dlse then refuses it in the backward,
+        # saying why: longattn.common.kernels)
+        bwd_dlse = pick(True) if backend == "auto" else dict.fromkeys(kinds, backend)
+    return Kernels(fwd, bwd, bwd_dlse)
+
+
+def check_call(q, k, v, *, group: dist.Group, causal, scale, schedule, return_lse, backend,
+               contiguous_kv=False):
+    """Validate a :func:`hamilton_attn` call on every rank of ``group`` (a resolved
+    :class:`longattn.common.dist.Group`); return ``(scale, sched, kernels)``.
 
     Raises on every rank (``ValueError`` / ``TypeError`` naming the argument) when any rank's
-    arguments are bad or the ranks disagree on shapes, dtype, ``causal``, ``scale``,
-    ``schedule`` or on whether gradients are needed.
+    arguments are bad or the ranks disagree on what they must share.
     """
-    n, rank = world(group)
-    err, fields, sched = None, [-1] * (len(_FIELDS) - 1), None
-    try:
-        if not isinstance(causal, bool):
-            raise TypeError(f"causal must be a bool, got {causal!r}")
+    n = group.size
+
+    def check():
+        check_bool("causal", causal)
+        check_bool("return_lse", return_lse)
         check_qkv(q, k, v)
-        scale = check_scale(scale, q.shape[-1])
-        if backend != "auto" and backend not in BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got "
-                             f"{backend!r}")
+        sc = check_scale(scale, q.shape[-1])
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str ('auto' or a name in "
+                            f"longattn.common.kernels.BACKENDS), got {backend!r}")
         lq, lk = q.shape[1], k.shape[1]
         if lk < 1 or lq < 1:
             raise ValueError(f"q and k/v need at least one token per rank, got {lq} and {lk}")
@@ -117,35 +163,16 @@ def check_call(q, k, v, *, group, causal, scale, schedule, backend):
                              "(zigzag layout of one sequence)")
         sched = resolve_schedule(schedule, n, lk, causal)
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-        fields = ([*q.shape, *k.shape, *v.shape]
-                  + [_DTYPES.index(q.dtype), int(causal),
-                     int(np.float64(scale).view(np.int64)), sched.key_int, int(grad)])
-    except (TypeError, ValueError) as e:
-        err = e
-    if n > 1:
-        rows = _gather([int(err is not None)] + fields, group)
-    else:
-        rows = [[int(err is not None)] + fields]
-    if err is not None:
-        raise err
-    bad = [i for i, row in enumerate(rows) if row[0]]
-    if bad:
-        raise ValueError(f"hamilton_attn: invalid arguments on rank(s) {bad} (see the error "
-                         "there); raising on every rank")
-    for j, name in enumerate(_FIELDS):
-        vals = [row[j] for row in rows]
-        if any(x != vals[0] for x in vals):
-            what = ("whether q/k/v require grad" if name == "requires_grad"
-                    else f"{name}")
-            raise ValueError(f"hamilton_attn: {what} must be the same on every rank, got "
-                             f"{vals} (rank order)")
-    return n, rank, scale, sched
+        kernels = resolve_kernels(q, k, v, n=n, causal=causal,
+                                  units=_units_needed(sched, causal), backend=backend,
+                                  grad=grad, return_lse=return_lse,
+                                  contiguous_kv=contiguous_kv)
+        fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape),
+                  "v.shape": tuple(v.shape), "dtype": q.dtype, "q.device.type": q.device.type,
+                  "causal": causal, "scale": sc, "schedule": sched.key_int,
+                  "requires_grad": grad, "return_lse": return_lse, "backend": backend,
+                  "kernel backends": kernels.names()}
+        return (sc, sched, kernels), fields
 
-
-def _gather(values, group):
-    backend = dist.get_backend(group)
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-    mine = torch.tensor(values, dtype=torch.int64, device=dev)
-    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, mine, group=group)
-    return [t.tolist() for t in out]
+    result, _ = dist.agree("hamilton_attn", group, check)
+    return result

@@ -22,10 +22,12 @@ import warnings
 import torch
 
 from longattn.common.comm import exchange
+from longattn.common.dist import resolve_group
+from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import attention_backward, attention_forward
 from longattn.common.merge import merge_partials_
 from longattn.hamilton.args import check_call
-from longattn.hamilton.plan import make_plan
+from longattn.hamilton.plan import kv_views, make_plan, new_buffer
 
 
 def hamilton_attn(q, k, v, *, group=None, causal=False, scale=None, schedule="auto",
@@ -40,39 +42,29 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, scale=None, schedule="au
     divides into its sub-chunks, else ring), ``"tasp"``, ``"ring"``, ``"two_level"``, or a
     :class:`~longattn.hamilton.schedules.Schedule`. The KV length per rank must be divisible by
     the schedule's sub-chunks (``num_slots``; twice that when causal). ``backend`` picks the
-    local kernel (``longattn.common.kernels``).
+    local kernel (``longattn.common.kernels``); a named backend that cannot serve the call
+    raises before any communication.
+
+    ``group``: a ``ProcessGroup``, a 1-D ``DeviceMesh``, ``longattn.common.dist.LOCAL`` or
+    None. None means this process alone without torch.distributed or in a world of one rank,
+    and is an error in a world of more ranks (pass ``torch.distributed.group.WORLD``).
 
     Returns this rank's ``out [B, L, Hq, Dv]`` (dtype of q) and, with ``return_lse``, ``lse
     [B, Hq, L]`` (float32; float64 for float64 inputs). Differentiable in q, k, v (also
     through lse). Bad arguments raise ``ValueError`` / ``TypeError`` on every rank before any
     communication.
     """
-    n, rank, scale, sched = check_call(q, k, v, group=group, causal=causal, scale=scale,
-                                       schedule=schedule, backend=backend)
-    plan = make_plan(sched, rank, causal)
-    out, lse = _HamiltonAttn.apply(q, k, v, plan, group, scale, backend)
+    g = resolve_group(group)
+    scale, sched, kernels = check_call(q, k, v, group=g, causal=causal, scale=scale,
+                                       schedule=schedule, return_lse=return_lse,
+                                       backend=backend, contiguous_kv=CONTIGUOUS_KV)
+    plan = make_plan(sched, g.rank, causal)
+    out, lse = _HamiltonAttn.apply(q, k, v, plan, g.pg, scale, kernels)
     return (out, lse) if return_lse else out
 
 
 # ---------------------------------------------------------------------------------------------
 # buffers
-
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _new_buffer(rows, b, hkv, d, dv, dtype, device):
-    """KV buffer ``[rows, B, Hkv*(D+Dv)]``: a row range is one contiguous message."""
-    return torch.empty(rows, b, hkv * (d + dv), dtype=dtype, device=device)
-
-
-def _views(buf, r0, r1, hkv, d):
-    """K ``[B, r1-r0, Hkv, D]`` and V ``[B, r1-r0, Hkv, Dv]`` views of buffer rows."""
-    x = buf[r0:r1]
-    kk = x[..., :hkv * d].unflatten(-1, (hkv, -1)).transpose(0, 1)
-    vv = x[..., hkv * d:].unflatten(-1, (hkv, -1)).transpose(0, 1)
-    return kk, vv
 
 
 def _token_index(plan, length, device):
@@ -85,7 +77,7 @@ def _token_index(plan, length, device):
 
 
 def _pack(buf, k, v, idx):
-    kk, vv = _views(buf, 0, buf.shape[0], k.shape[2], k.shape[3])
+    kk, vv = kv_views(buf, 0, buf.shape[0], k.shape[2], k.shape[3])
     if idx is not None:
         k, v = k.index_select(1, idx), v.index_select(1, idx)
     kk.copy_(k)
@@ -130,33 +122,41 @@ def _kernel(fn, *args, **kw):
         return _kernel(fn, *args, **kw)
 
 
+def _pick(backend, kind):
+    """The backend name of a ``kind`` of call: ``backend`` is one name for every kind or a
+    mapping ``{kind: name}`` (:class:`longattn.hamilton.args.Kernels`)."""
+    return backend if isinstance(backend, str) else backend[kind]
+
+
 def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, scale, backend):
-    """Run one step's kernel calls on buffer ``buf`` and merge into ``acc_out`` / ``acc_lse``."""
+    """Run one step's kernel calls on buffer ``buf`` and merge into ``acc_out`` / ``acc_lse``.
+    ``backend``: a backend name, or ``{"all": name, "back": name}``."""
     half = q.shape[1] // 2
     for call in calls:
-        kk, vv = _views(buf, call.start * unit, call.stop * unit, hkv, d)
+        kk, vv = kv_views(buf, call.start * unit, call.stop * unit, hkv, d)
         if call.rows == "all":
             o, l = _kernel(attention_forward, q, kk, vv, scale=scale, causal=False,
-                           backend=backend)
+                           backend=_pick(backend, "all"))
             MERGE(acc_out, acc_lse, o, l)
         else:
             o, l = _kernel(attention_forward, q[:, half:], kk, vv, scale=scale, causal=False,
-                           backend=backend)
+                           backend=_pick(backend, "back"))
             MERGE(acc_out[:, half:], acc_lse[:, :, half:], o, l)
 
 
 def backward_step(dout, dlse, q, out, lse, buf, calls, unit, dq, *, hkv, d, scale, backend):
     """One step's gradient kernels: adds into ``dq``, returns ``[(call, dk, dv)]`` for
-    :func:`add_kv_grads` (added once the incoming dK/dV accumulator has arrived)."""
+    :func:`add_kv_grads` (added once the incoming dK/dV accumulator has arrived).
+    ``backend``: a backend name, or ``{"all": name, "back": name}``."""
     half = q.shape[1] // 2
     grads = []
     for call in calls:
-        kk, vv = _views(buf, call.start * unit, call.stop * unit, hkv, d)
+        kk, vv = kv_views(buf, call.start * unit, call.stop * unit, hkv, d)
         sl = slice(None) if call.rows == "all" else slice(half, None)
         dq_s, dk_s, dv_s = _kernel(
             attention_backward, dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl],
             scale=scale, causal=False, dlse=None if dlse is None else dlse[:, :, sl],
-            backend=backend)
+            backend=_pick(backend, call.rows))
         dq[:, sl] += dq_s
         grads.append((call, dk_s, dv_s))
     return grads
@@ -165,7 +165,7 @@ def backward_step(dout, dlse, q, out, lse, buf, calls, unit, dq, *, hkv, d, scal
 def add_kv_grads(acc, grads, unit, *, hkv, d):
     """Add a step's K/V gradients into the dK/dV accumulator buffer (same layout as KV)."""
     for call, dk_s, dv_s in grads:
-        gk, gv = _views(acc, call.start * unit, call.stop * unit, hkv, d)
+        gk, gv = kv_views(acc, call.start * unit, call.stop * unit, hkv, d)
         gk += dk_s
         gv += dv_s
 
@@ -174,7 +174,7 @@ def add_buffer_grads(dk, dv, acc, idx, *, hkv, d):
     """Add the dK/dV accumulator buffer ``acc`` (buffer order, see :func:`_pack`) into the
     local gradients ``dk [B, Lk, Hkv, D]`` / ``dv`` (token order) in place; ``idx``: the
     buffer's token index (None: the same order)."""
-    gk, gv = _views(acc, 0, dk.shape[1], hkv, d)
+    gk, gv = kv_views(acc, 0, dk.shape[1], hkv, d)
     if idx is None:
         dk += gk
         dv += gv
@@ -187,22 +187,24 @@ def add_buffer_grads(dk, dv, acc, idx, *, hkv, d):
 # forward and backward loops
 
 
-def _forward(q, k, v, plan, group, scale, backend):
+def _forward(q, k, v, plan, group, scale, kernels):
+    backend = kernels.fwd
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
     if n == 1:
-        out, lse = attention_forward(q, k, v, scale=scale, causal=plan.causal, backend=backend)
+        out, lse = attention_forward(q, k, v, scale=scale, causal=plan.causal,
+                                     backend=backend["diag"])
         return out, lse, None
     unit = lk // plan.units
-    cur = _new_buffer(lk, b, hkv, d, dv, k.dtype, k.device)
+    cur = new_buffer(lk, b, hkv, d, dv, k.dtype, k.device)
     nxt = torch.empty_like(cur)
     _pack(cur, k, v, _token_index(plan, lk, k.device))
     for s in range(n):
         h = _post(plan.transfers[s], cur, nxt, unit, group) if s < n - 1 else None
         if s == 0:  # the diagonal block on the local q, k, v (causal when causal)
             out, lse = attention_forward(q, k, v, scale=scale, causal=plan.causal,
-                                         backend=backend)
-            acc_out, acc_lse = out.to(_acc(q.dtype)), lse.to(_acc(q.dtype))
+                                         backend=backend["diag"])
+            acc_out, acc_lse = out.to(acc_dtype(q.dtype)), lse.to(acc_dtype(q.dtype))
         else:
             forward_step(q, cur, plan.calls[s], unit, acc_out, acc_lse, hkv=hkv, d=d,
                          scale=scale, backend=backend)
@@ -212,16 +214,17 @@ def _forward(q, k, v, plan, group, scale, backend):
     return acc_out.to(q.dtype), acc_lse, cur
 
 
-def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backend):
+def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, kernels):
+    backend = kernels.bwd if dlse is None else kernels.bwd_dlse
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     dq = torch.zeros(q.shape, dtype=acc, device=q.device)
     h_g = None
     if n > 1:
         unit = lk // plan.units
         # dK/dV accumulators: one is added to and sent back, the other receives the next one
-        accs = [_new_buffer(lk, b, hkv, d, dv, acc, k.device) for _ in range(2)]
+        accs = [new_buffer(lk, b, hkv, d, dv, acc, k.device) for _ in range(2)]
         accs[0].zero_()
         cur_acc = 0
         spare = [torch.empty_like(kv_last) for _ in range(2 if n > 2 else 0)]
@@ -243,7 +246,7 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backen
                 h_kv.wait()
                 cur = nxt
     dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, scale=scale, causal=plan.causal,
-                                       dlse=dlse, backend=backend)
+                                       dlse=dlse, backend=backend["diag"])
     dq += dq0
     if h_g is None:
         return dq.to(q.dtype), dk0, dv0
@@ -255,22 +258,22 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, backen
 
 class _HamiltonAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, scale, backend):
-        out, lse, kv_last = _forward(q, k, v, plan, group, scale, backend)
+    def forward(ctx, q, k, v, plan, group, scale, kernels):
+        out, lse, kv_last = _forward(q, k, v, plan, group, scale, kernels)
         ctx.set_materialize_grads(False)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(q, k, v, out, lse, kv_last)
-        ctx.args = (plan, group, scale, backend)
+        ctx.args = (plan, group, scale, kernels)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, kv_last = ctx.saved_tensors
-        plan, group, scale, backend = ctx.args
+        plan, group, scale, kernels = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         if dlse is not None and not torch.any(dlse):
             dlse = None  # lets the fast kernels (which take no dlse) serve the backward
         dq, dk, dv = _backward(dout.contiguous(), dlse, q, k, v, out, lse, kv_last, plan, group,
-                               scale, backend)
+                               scale, kernels)
         return dq, dk, dv, None, None, None, None

@@ -41,18 +41,21 @@ def _inputs(causal, seed):
 
 def run_cases(rank, n, cases):
     """Worker: per case this rank's squared errors / reference norms, time and messages."""
+    import torch.distributed as tdist
+
     from longattn.common.comm import counting
     from longattn.hamilton import hamilton_attn, shard
 
+    world = tdist.group.WORLD
     res = []
     for sched, causal, (q, k, v, dout), ref in cases:
         def loc(x, dim=1, causal=causal):
-            return shard(x, causal=causal, dim=dim)
+            return shard(x, group=world, causal=causal, dim=dim)
 
         ql, kl, vl = (loc(t).requires_grad_() for t in (q, k, v))
         t0 = time.perf_counter()
         with counting() as fwd:
-            out, lse = hamilton_attn(ql, kl, vl, causal=causal, schedule=sched,
+            out, lse = hamilton_attn(ql, kl, vl, group=world, causal=causal, schedule=sched,
                                      return_lse=True)
         with counting() as bwd:
             out.backward(loc(dout))

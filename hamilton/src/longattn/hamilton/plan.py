@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from longattn.hamilton.schedules import Schedule, origins
 
@@ -65,6 +66,20 @@ class Plan:
     own_units: tuple
     transfers: tuple
     calls: tuple
+
+
+def new_buffer(rows, b, hkv, d, dv, dtype, device):
+    """KV buffer ``[rows, B, Hkv*(D+Dv)]``: a row range is one contiguous message."""
+    return torch.empty(rows, b, hkv * (d + dv), dtype=dtype, device=device)
+
+
+def kv_views(buf, r0, r1, hkv, d):
+    """K ``[B, r1-r0, Hkv, D]`` and V ``[B, r1-r0, Hkv, Dv]`` views of buffer rows (strided:
+    the token stride is ``B*Hkv*(D+Dv)``, the head_dim stride 1)."""
+    x = buf[r0:r1]
+    kk = x[..., :hkv * d].unflatten(-1, (hkv, -1)).transpose(0, 1)
+    vv = x[..., hkv * d:].unflatten(-1, (hkv, -1)).transpose(0, 1)
+    return kk, vv
 
 
 def _positions(o_s, rank, causal):

@@ -2,23 +2,25 @@
 
 Causal attention uses the zigzag layout (``2n`` blocks, rank ``r`` holds blocks ``r`` and
 ``2n-1-r``: equal causal work on every rank at every step); non-causal attention the
-contiguous one. Both come from :mod:`longattn.common.layout`.
+contiguous one. Both come from :mod:`longattn.common.layout`. ``group`` follows the rule of
+:func:`longattn.common.dist.resolve_group` (None: this process alone, an error in a world of
+more than one rank).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+import torch.distributed as tdist
 
+from longattn.common import dist
 from longattn.common import layout as _layout
-from longattn.common.checks import check_same_across_ranks
+from longattn.common.checks import check_bool, check_tensor
 from longattn.common.comm import record
-from longattn.hamilton.args import world
 
 
 def layout_name(causal: bool) -> str:
     """``"zigzag"`` for causal attention, ``"contiguous"`` otherwise."""
-    return "zigzag" if causal else "contiguous"
+    return "zigzag" if check_bool("causal", causal) else "contiguous"
 
 
 def shard(x: torch.Tensor, *, group=None, causal: bool = False, dim: int = 1) -> torch.Tensor:
@@ -26,8 +28,8 @@ def shard(x: torch.Tensor, *, group=None, causal: bool = False, dim: int = 1) ->
 
     The global length must be divisible by ``2n`` (causal) or ``n``. Purely local.
     """
-    n, rank = world(group)
-    return _layout.shard(x, rank, n, layout=layout_name(causal), dim=dim)
+    g = dist.resolve_group(group)
+    return _layout.shard(x, g.rank, g.size, layout=layout_name(causal), dim=dim)
 
 
 def unshard(x, *, group=None, causal: bool = False, dim: int = 1) -> torch.Tensor:
@@ -36,16 +38,25 @@ def unshard(x, *, group=None, causal: bool = False, dim: int = 1) -> torch.Tenso
     without communication. Not differentiable."""
     if isinstance(x, (list, tuple)):
         return _layout.unshard(list(x), layout=layout_name(causal), dim=dim)
-    n, rank = world(group)
-    if n == 1:
+    g = dist.resolve_group(group)
+
+    def check():
+        name = layout_name(causal)
+        check_tensor("x", x, dtypes=None)
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+            raise ValueError(f"dim must be an int in [-{x.ndim}, {x.ndim}), got {dim!r}")
+        return name, {"x.shape": tuple(x.shape), "x.dtype": x.dtype,
+                      "x.device.type": x.device.type, "causal": causal, "dim": dim % x.ndim}
+
+    name, _ = dist.agree("unshard", g, check)
+    if not g.distributed:
         return x
-    check_same_across_ranks("unshard: shape of x", tuple(x.shape), group)
     x = x.contiguous()
-    chunks = [torch.empty_like(x) for _ in range(n)]
-    dist.all_gather(chunks, x, group=group)
+    chunks = [torch.empty_like(x) for _ in range(g.size)]
+    tdist.all_gather(chunks, x, group=g.pg)
     nbytes = x.numel() * x.element_size()
-    for p in range(n):
-        if p != rank:
+    for p in range(g.size):
+        if p != g.rank:
             record("send", p, nbytes)
             record("recv", p, nbytes)
-    return _layout.unshard(chunks, layout=layout_name(causal), dim=dim)
+    return _layout.unshard(chunks, layout=name, dim=dim)
