@@ -14,7 +14,8 @@ dense causal cuDNN, in one run.
    * ``flash``: FlashAttention-2 with window sizes (``aten::_flash_attention_forward``, the
      ``aten`` backend's window path);
    * ``band s{1,2} {flip,flash}``: :mod:`longattn.common.kernels.band_backend` (dense cuDNN
-     calls on chunk pairs; the anti-causal triangle by reversing chunks or by FA2) and
+     calls on chunk pairs; the anti-causal triangle by reversing chunks or by FA2; the
+     variant is its ``BandConfig(split=, anti=)``) and
      ``ring_swa local`` (what ring_swa's local step runs by default: ``auto``);
    * ``flex``: ``torch.compile(flex_attention)`` with a sliding-window BlockMask built with
      ``_compile=True`` (the baseline);
@@ -24,7 +25,8 @@ dense causal cuDNN, in one run.
    of the dense causal cuDNN TFLOP/s, forward and forward+backward.
 
 ``--smoke`` runs a tiny configuration on the CPU (the torch backend under the band
-decomposition) so the script itself can be checked without a GPU.
+decomposition) so the script itself can be checked without a GPU; it has no FlexAttention or
+cuDNN baseline, so its ratios print as n/a.
 """
 
 from __future__ import annotations
@@ -40,14 +42,14 @@ import torch
 import torch.nn.functional as F
 
 from longattn.common import bench
-from longattn.common.kernels import attention_backward, attention_forward
+from longattn.common.kernels import BandConfig, attention_backward, attention_forward
 from longattn.common.kernels import band_backend as band
 from longattn.common.testing import rel_error
 from longattn.ring_swa import local
 
-# s1 flip was the fastest band variant on the H100 (README); the others are kept for reference
-BAND_VARIANTS = [(1, "flip"), (2, "flash")]
-SKIP: set = set()
+# The band variants timed: (split, anti) of BandConfig. s1 flip was the faster of the two in
+# results/bench_ring_swa.json (H100, 2026-11-23).
+BAND_VARIANTS = ((1, "flip"), (2, "flash"))
 
 
 def log(msg):
@@ -68,31 +70,37 @@ def _oracle(q, k, v, do, w, scale):
     return out, lse, attention_backward(do.double().cpu().numpy(), *args, mask=m, scale=scale)
 
 
-def correctness(device, smoke):
+def _band_config(split, anti, smoke):
+    """The band variant; on the CPU (smoke) its pieces run on the torch backend, merged in
+    torch, with chunks as small as the tiny configuration needs."""
+    if smoke:
+        return BandConfig(split=split, anti=anti, min_chunk=2, piece_backend="torch",
+                          merge="torch")
+    return BandConfig(split=split, anti=anti)
+
+
+def correctness(device, smoke, skip=frozenset()):
     """Rows {case, out, lse, dq, dk, dv, ok} for every path at a small size."""
     dtype = torch.float64 if smoke else torch.bfloat16
     tol = 1e-10 if smoke else 2e-2
     s, w, hq, hkv, d = (48, 8, 4, 2, 8) if smoke else (2048, 256, 4, 2, 128)
-    if smoke:
-        band.MIN_CHUNK = 2
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(1, s, h, d, generator=g).to(device, dtype)
                    for h in (hq, hkv, hkv, hq))
     scale = d ** -0.5
     ref_out, ref_lse, ref_g = _oracle(q, k, v, do, w, scale)
-    piece = "torch" if smoke else "aten"
     cases = []
     if not smoke:
         cases.append(("cudnn (native window)", lambda: _run_backend("cudnn", q, k, v, do, w)))
         cases.append(("flash (aten FA2 window)", lambda: _run_backend("aten", q, k, v, do, w)))
         cases.append(("flex backend", lambda: _run_backend("flex", q, k, v, do, w)))
     for split, anti in BAND_VARIANTS:
-        cases.append((f"band s{split} {anti}",
-                      lambda sp=split, an=anti: _run_band(q, k, v, do, w, sp, an, piece)))
+        cfg = _band_config(split, anti, smoke)
+        cases.append((f"band s{split} {anti}", lambda cfg=cfg: _run_band(q, k, v, do, w, cfg)))
     cases.append(("ring_swa local (auto)", lambda: _run_local(q, k, v, do, w)))
     rows = []
     for name, fn in cases:
-        if name in SKIP:
+        if name in skip:
             continue
         try:
             out, lse, grads = fn()
@@ -108,32 +116,33 @@ def correctness(device, smoke):
 
 
 def _run_backend(backend, q, k, v, do, w):
-    out, lse = attention_forward(q, k, v, causal=True, window=(w, 0), backend=backend)
-    grads = attention_backward(do, q, k, v, out, lse, causal=True, window=(w, 0),
+    out, lse = attention_forward(q, k, v, causal=True, window_size=(w, 0), backend=backend)
+    grads = attention_backward(do, q, k, v, out, lse, causal=True, window_size=(w, 0),
                                backend=backend)
     return out, lse, grads
 
 
-def _run_band(q, k, v, do, w, split, anti, piece):
-    kw = dict(scale=q.shape[-1] ** -0.5, window=(w, 0), split=split, anti=anti, backend=piece)
+def _run_band(q, k, v, do, w, cfg):
+    kw = dict(softmax_scale=q.shape[-1] ** -0.5, window_size=(w, 0), config=cfg)
     out, lse = band.forward(q, k, v, **kw)
     return out, lse, band.backward(do, q, k, v, out, lse, **kw)
 
 
 def _run_local(q, k, v, do, w):
-    scale = q.shape[-1] ** -0.5
-    out, lse = local.dense_forward(q, k, v, scale=scale, window_size=w)
-    return out, lse, local.dense_backward(do, q, k, v, out, lse, scale=scale, window_size=w)
+    kw = dict(softmax_scale=q.shape[-1] ** -0.5, window_size=(w, 0))
+    out, lse = local.dense_forward(q, k, v, **kw)
+    return out, lse, local.dense_backward(do, q, k, v, out, lse, **kw)
 
 
 def _ring_api_checks(device, dtype, tol):
-    """ring_swa's public functions with cp_group=None on this device (dense + varlen sinks)."""
-    from longattn.ring_swa import ring_sliding_window_attn, ring_streaming_llm_attn_varlen
+    """ring_swa's public functions on this process alone (no torch.distributed: group=None),
+    on this device: the canonical function (dense) and a seed-compatible one (varlen, sinks)."""
+    from longattn.ring_swa import ring_streaming_llm_attn_varlen, ring_swa_attn
     from longattn.ring_swa.cases import cu_seqlens, global_inputs, oracle
 
     rows = []
     checks = [
-        ("ring_sliding_window_attn", dict(kind="dense", n=1, b=1, m=1024, hq=4, hkv=2, d=64,
+        ("ring_swa_attn", dict(kind="dense", n=1, b=1, m=1024, hq=4, hkv=2, d=64,
                                           window=255, ns=0, dtype="float64", seed=1)),
         ("ring_streaming_llm_attn_varlen", dict(kind="varlen", n=1, lengths=[300, 1, 517, 64,
                                                                              142],
@@ -145,7 +154,7 @@ def _ring_api_checks(device, dtype, tol):
             q, k, v, do = (t.to(device, dtype) for t in global_inputs(case))
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             if case["kind"] == "dense":
-                out = ring_sliding_window_attn(q, k, v, case["window"])
+                out = ring_swa_attn(q, k, v, window_size=(case["window"], 0))
             else:
                 out = ring_streaming_llm_attn_varlen(q, k, v, case["window"],
                                                      cu_seqlens(case).to(device),
@@ -211,29 +220,30 @@ def _cudnn_dense_fns(q, k, v, do):
 def _window_fns(q, k, v, do, w, smoke):
     """{name: (fwd, fwd_bwd)} of the local window candidates."""
     scale = q.shape[-1] ** -0.5
-    piece = "torch" if smoke else "aten"
     fns = {}
     if not smoke:
         def cu_f():
-            return attention_forward(q, k, v, causal=True, window=(w, 0), backend="cudnn")
+            return attention_forward(q, k, v, causal=True, window_size=(w, 0), backend="cudnn")
 
         def cu_fb():
             o, lse = cu_f()
-            attention_backward(do, q, k, v, o, lse, causal=True, window=(w, 0),
+            attention_backward(do, q, k, v, o, lse, causal=True, window_size=(w, 0),
                                backend="cudnn")
 
         fns["cudnn"] = (cu_f, cu_fb)
 
         def fl_f():
-            return attention_forward(q, k, v, causal=True, window=(w, 0), backend="aten")
+            return attention_forward(q, k, v, causal=True, window_size=(w, 0), backend="aten")
 
         def fl_fb():
             o, lse = fl_f()
-            attention_backward(do, q, k, v, o, lse, causal=True, window=(w, 0), backend="aten")
+            attention_backward(do, q, k, v, o, lse, causal=True, window_size=(w, 0),
+                               backend="aten")
 
         fns["flash"] = (fl_f, fl_fb)
     for split, anti in BAND_VARIANTS:
-        kw = dict(scale=scale, window=(w, 0), split=split, anti=anti, backend=piece)
+        kw = dict(softmax_scale=scale, window_size=(w, 0),
+                  config=_band_config(split, anti, smoke))
 
         def b_f(kw=kw):
             return band.forward(q, k, v, **kw)
@@ -245,21 +255,21 @@ def _window_fns(q, k, v, do, w, smoke):
         fns[f"band s{split} {anti}"] = (b_f, b_fb)
 
     def loc_f():
-        return local.dense_forward(q, k, v, scale=scale, window_size=w)
+        return local.dense_forward(q, k, v, softmax_scale=scale, window_size=(w, 0))
 
     def loc_fb():
         o, lse = loc_f()
-        local.dense_backward(do, q, k, v, o, lse, scale=scale, window_size=w)
+        local.dense_backward(do, q, k, v, o, lse, softmax_scale=scale, window_size=(w, 0))
 
     fns["ring_swa local"] = (loc_f, loc_fb)
     return fns
 
 
-def _usable(fns, device):
+def _usable(fns, device, skip):
     """Run each once (warm-up / compile); drop and report the ones that fail."""
     ok = {}
     for name, fn in bench.progress(fns.items(), desc="warm-up", total=len(fns)):
-        if name in SKIP:
+        if name in skip:
             continue
         try:
             t0 = time.perf_counter()
@@ -275,7 +285,7 @@ def _usable(fns, device):
     return ok
 
 
-def speed(device, s, w, h, d, smoke, rounds):
+def speed(device, s, w, h, d, smoke, rounds, skip=frozenset()):
     dtype = torch.float64 if smoke else torch.bfloat16
     g = torch.Generator(device=device).manual_seed(1)
     q, k, v, do = (torch.randn(1, s, h, d, device=device, dtype=dtype, generator=g)
@@ -300,7 +310,7 @@ def speed(device, s, w, h, d, smoke, rounds):
     results = []
     for phase, fns, mult in (("fwd", fwd, 1.0), ("fwd+bwd", fwdbwd, 3.5)):
         log(f"{phase}: warming up {len(fns)} contenders")
-        fns = _usable(fns, device)
+        fns = _usable(fns, device, skip)
         log(f"{phase}: timing {list(fns)} ({rounds} alternating rounds)")
         t = bench.time_interleaved(fns, device=device, rounds=rounds)
         for name in fns:
@@ -354,7 +364,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma-separated checks / candidates to skip, "
                     "e.g. 'flex backend,band s2 flash'")
     args = ap.parse_args()
-    SKIP.update(x.strip() for x in args.skip.split(",") if x.strip())
+    skip = frozenset(x.strip() for x in args.skip.split(",") if x.strip())
     t_start = time.perf_counter()
     out = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                         args.out)
@@ -364,11 +374,11 @@ def main():
 
     probe = torch.empty(1, 2 * args.window, 1, args.head_dim, device=device,
                         dtype=torch.float64 if smoke else torch.bfloat16)
+    default = BandConfig()
+    auto = pick_backend(probe, probe, probe, causal=True, window_size=(args.window, 0))
     log(f"device: {bench.device_name(device)}  torch {torch.__version__}  band default: "
-        f"split={band.SPLIT} anti={band.ANTI}  auto picks "
-        f"{pick_backend(probe, probe, probe, causal=True, window=(args.window, 0))!r} for the "
-        f"window")
-    rows = correctness(device, smoke)
+        f"split={default.split} anti={default.anti}  auto picks {auto!r} for the window")
+    rows = correctness(device, smoke, skip)
     print(bench.format_table(rows, ["case", "out", "lse", "dq", "dk", "dv", "ok"]))
     ok = all(r["ok"] for r in rows)
     log(f"correctness: {'PASS' if ok else 'FAIL'}")
@@ -379,7 +389,7 @@ def main():
     else:
         s, w, h, d, rounds = args.seq, args.window, args.heads, args.head_dim, args.rounds
     try:
-        results = speed(device, s, w, h, d, smoke, rounds)
+        results = speed(device, s, w, h, d, smoke, rounds, skip)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         results = []
@@ -388,8 +398,12 @@ def main():
     print(bench.format_table(table, ["phase", "candidate", "ms", "TFLOP/s", "x flex",
                                      "of dense", "spread"]))
     for phase, v in verdict.items():
-        log(f"{phase}: best window kernel {v['best']!r}: {v['x_flex'] or float('nan'):.3f}x "
-            f"flex, {v['of_dense'] or float('nan'):.1%} of dense causal cuDNN TFLOP/s -> "
+        if v["x_flex"] is None or v["of_dense"] is None:
+            log(f"{phase}: best window kernel {v['best']!r}; ratios n/a (no FlexAttention / "
+                "dense cuDNN baseline in this run)")
+            continue
+        log(f"{phase}: best window kernel {v['best']!r}: {v['x_flex']:.3f}x flex, "
+            f"{v['of_dense']:.1%} of dense causal cuDNN TFLOP/s -> "
             f"{'MEETS' if v['meets'] else 'misses'} (>= 1.1x, >= 80%)")
     with open(os.path.join(out, "bench_ring_swa_summary.json"), "w") as f:
         json.dump({"table": table, "verdict": verdict, "correct": ok}, f, indent=1)
