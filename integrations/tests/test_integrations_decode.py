@@ -43,7 +43,8 @@ def _decode(rank, world, kind, layout, seed):
             tokens.append(new)
             out = model(input_ids=new, past_key_values=cache, use_cache=True)
             logits.append(out.logits)
-    return torch.cat(tokens, 1), torch.cat(logits, 1), cache.get_seq_length()
+    return (torch.cat(tokens, 1), torch.cat(logits, 1), cache.get_seq_length(),
+            [cache.kv_cache(i).lens for i in range(len(cache.layers))])
 
 
 def _cases(rank, world, cases):
@@ -57,10 +58,13 @@ CASES = [("llama", "zigzag", 0), ("qwen2", "contiguous", 1), ("mistral", "zigzag
 def test_sharded_decode_matches_single_process(world):
     results = run_world(world, _cases, CASES, timeout=240)
     for i, (kind, _, seed) in enumerate(CASES):
-        tokens, logits, length = results[0][i]
+        tokens, logits, length, lens = results[0][i]
         ids, _ = data(1, PROMPT, seed)
         full = torch.cat([ids, tokens], dim=1)
         assert length == full.shape[1]
+        # tree's KVCache holds every layer: the prompt's shards, the new tokens on the tail rank
+        shard = PROMPT // world
+        assert lens == [[shard] * (world - 1) + [shard + tokens.shape[1]]] * 2, lens
         ref_model = build(kind, "sdpa").eval()
         with torch.no_grad():
             ref = ref_model(input_ids=full, use_cache=False).logits[:, PROMPT - 1:]
@@ -73,3 +77,27 @@ def test_sharded_decode_matches_single_process(world):
         assert err <= TOL, f"{kind} decode on {world} ranks: relative error {err:.2e}"
         for r in range(1, world):  # replicated outputs on every rank
             assert torch.equal(results[r][i][1], logits)
+
+
+def test_sharded_cache_in_one_process_and_what_it_refuses():
+    from longattn.common.dist import LOCAL
+    from longattn.integrations.cache import ShardedCache
+    from longattn.integrations.transformers import register, shard_inputs
+    from longattn.tree.cache import KVCache
+
+    model = build("qwen2", register()).eval()
+    ids, _ = data(1, PROMPT, 1)
+    cache = ShardedCache(group=LOCAL, layout="contiguous")
+    with torch.no_grad():
+        model(**shard_inputs(ids, group=LOCAL, layout="contiguous"), past_key_values=cache,
+              use_cache=True)
+        new = torch.tensor([[3, 5]])
+        got = model(input_ids=new, past_key_values=cache, use_cache=True).logits
+        ref = build("qwen2", "sdpa").eval()(input_ids=torch.cat([ids, new], 1)).logits[:, -2:]
+    assert rel_error(got, ref) <= TOL
+    assert isinstance(cache.kv_cache(1), KVCache) and cache.kv_cache(1).lens == [PROMPT + 2]
+    assert cache.get_seq_length() == PROMPT + 2
+    with pytest.raises(NotImplementedError, match="sharded"):
+        cache.crop(-1)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        ShardedCache(layout="spiral")
