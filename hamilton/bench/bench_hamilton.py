@@ -107,22 +107,22 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True):
     scale = dim ** -0.5
     for r in range(n):
         ql, kl, vl, dol = loc[r]
-        o0, l0 = attention_forward(ql, kl, vl, scale=scale, causal=causal)
+        o0, l0 = attention_forward(ql, kl, vl, softmax_scale=scale, causal=causal)
         acc_out, acc_lse = o0.float(), l0.float()
         for s in range(1, n):
             forward_step(ql, step_buffer(s, r), plans[r].calls[s], unit, acc_out, acc_lse,
-                         hkv=heads, d=dim, scale=scale, backend="auto")
+                         hkv=heads, d=dim, softmax_scale=scale, backend="auto")
         out = acc_out.to(dtype)
         dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
         for s in range(n - 1, 0, -1):
             gbuf = torch.zeros_like(gacc[0])
             grads = backward_step(dol, None, ql, out, acc_lse, step_buffer(s, r),
-                                  plans[r].calls[s], unit, dq, hkv=heads, d=dim, scale=scale,
-                                  backend="auto")
+                                  plans[r].calls[s], unit, dq, hkv=heads, d=dim,
+                                  softmax_scale=scale, backend="auto")
             add_kv_grads(gbuf, grads, unit, hkv=heads, d=dim)
             for u, (o, ou) in enumerate(labels[s][r]):
                 gacc[o][ou * unit:(ou + 1) * unit] += gbuf[u * unit:(u + 1) * unit]
-        dq0, dk0, dv0 = attention_backward(dol, ql, kl, vl, out, acc_lse, scale=scale,
+        dq0, dk0, dv0 = attention_backward(dol, ql, kl, vl, out, acc_lse, softmax_scale=scale,
                                            causal=causal)
         outs.append(out)
         lses.append(acc_lse)
@@ -173,7 +173,7 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
     q, k, v, dout = (rnd(1, length, heads, dim) for _ in range(4))
     buf = rnd(length, 1, heads * 2 * dim)
     merge = merge_partials_ if mode != "+fused" else _fused_merge()
-    o0, l0 = attention_forward(q, k, v, scale=scale, causal=True)
+    o0, l0 = attention_forward(q, k, v, softmax_scale=scale, causal=True)
     out, lse = o0, l0.float()
     accs = [torch.zeros(length, 1, heads * 2 * dim, dtype=torch.float32, device=device)
             for _ in range(2)]
@@ -184,20 +184,20 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
     half = length // 2
 
     def fwd():
-        o, l = attention_forward(q, k, v, scale=scale, causal=True)
+        o, l = attention_forward(q, k, v, softmax_scale=scale, causal=True)
         if mode == "kernels":
             for s in range(1, n):
                 for call in plan.calls[s]:
                     kk, vv = kv_views(buf, call.start * unit, call.stop * unit, heads, dim)
                     qs = q if call.rows == "all" else q[:, half:]
-                    attention_forward(qs, kk, vv, scale=scale, causal=False)
+                    attention_forward(qs, kk, vv, softmax_scale=scale, causal=False)
             return o
         acc_out, acc_lse = o.float(), l.float()
         attn_mod.MERGE = merge
         try:
             for s in range(1, n):
                 forward_step(q, buf, plan.calls[s], unit, acc_out, acc_lse, hkv=heads, d=dim,
-                             scale=scale, backend="auto")
+                             softmax_scale=scale, backend="auto")
         finally:
             attn_mod.MERGE = merge_partials_
         return acc_out.to(dtype)
@@ -209,18 +209,19 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
                     kk, vv = kv_views(buf, call.start * unit, call.stop * unit, heads, dim)
                     sl = slice(None) if call.rows == "all" else slice(half, None)
                     attention_backward(dout[:, sl], q[:, sl], kk, vv, out[:, sl],
-                                       lse[:, :, sl], scale=scale, causal=False)
-            attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True)
+                                       lse[:, :, sl], softmax_scale=scale, causal=False)
+            attention_backward(dout, q, k, v, out, lse, softmax_scale=scale, causal=True)
             return
         dq.zero_()
         accs[0].zero_()
         cur = 0
         for s in range(n - 1, 0, -1):
             grads = backward_step(dout, None, q, out, lse, buf, plan.calls[s], unit, dq,
-                                  hkv=heads, d=dim, scale=scale, backend="auto")
+                                  hkv=heads, d=dim, softmax_scale=scale, backend="auto")
             add_kv_grads(accs[cur], grads, unit, hkv=heads, d=dim)
             cur = 1 - cur  # the real loop sends this one back and receives into the other
-        dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, scale=scale, causal=True)
+        dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, softmax_scale=scale,
+                                           causal=True)
         dq.add_(dq0)
         dk_acc.copy_(dk0)
         dv_acc.copy_(dv0)

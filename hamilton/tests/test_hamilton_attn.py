@@ -80,7 +80,8 @@ def run_case(rank, n, case, sched):
         return shard(x, group=world, causal=causal, dim=dim)
 
     ql, kl, vl = (loc(t).to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = hamilton_attn(ql, kl, vl, group=world, causal=causal, scale=case["scale"],
+    out, lse = hamilton_attn(ql, kl, vl, group=world, causal=causal,
+                             softmax_scale=case["scale"],
                              schedule=_sched_arg(sched), return_lse=True)
     assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64
                                                  else torch.float32)
@@ -121,7 +122,7 @@ def _fp64_cases(n):
 @pytest.mark.parametrize("n", range(1, 9))
 def test_fp64_matches_oracle(n):
     """Every schedule that fits n, causal and not, GQA 4:1 and Hq == Hkv, Dv != D, Sq != Sk,
-    default and explicit scale, gradients through out and lse."""
+    default and explicit softmax_scale, gradients through out and lse."""
     cases = _fp64_cases(n)
     per_rank = run_world(n, _run_cases, cases, timeout=300)
     for i, (case, sched) in enumerate(cases):

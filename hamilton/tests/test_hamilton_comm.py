@@ -129,7 +129,7 @@ def _bad_calls(rank, n):
     attempt("causal not bool", lambda: hamilton_attn(q, k, v, causal=1))
     nog = [t.detach() for t in (q, k, v)] if rank == n - 1 else (q, k, v)
     attempt("requires_grad differs", lambda: hamilton_attn(*nog))
-    attempt("scale differs", lambda: hamilton_attn(q, k, v, scale=0.1 * (rank + 1)))
+    attempt("scale differs", lambda: hamilton_attn(q, k, v, softmax_scale=0.1 * (rank + 1)))
     attempt("heads", lambda: hamilton_attn(q[:, :, :3], k.expand(-1, -1, 2, -1), v))
     attempt("causal lengths", lambda: hamilton_attn(q[:, :2 * (n - 1)], k, v, causal=True))
     attempt("not a tensor", lambda: hamilton_attn(q, k.tolist() if rank == 0 else k, v))
@@ -156,7 +156,7 @@ def test_bad_input_raises_on_every_rank(n):
     assert "q.shape must be the same" in msgs["length differs on rank 0"]
     assert "causal must be the same" in msgs["causal differs"]
     assert "requires_grad must be the same" in msgs["requires_grad differs"]
-    assert "scale must be the same" in msgs["scale differs"]
+    assert "softmax_scale must be the same" in msgs["scale differs"]
     assert "schedule must be" in msgs["schedule name"]
     assert "LOCAL_WORLD_SIZE" in msgs["two_level without LOCAL_WORLD_SIZE"]
     assert res[1][0][names.index("dtype on rank 1")][1] == "TypeError"
@@ -305,7 +305,7 @@ def test_strided_kv_fallback():
             attn.CONTIGUOUS_KV = False
             with pytest.warns(UserWarning, match="contiguous copies") if backend != "torch" \
                     else contextlib.nullcontext():
-                attn.forward_step(q, buf, plan.calls[1], 2, out, lse, hkv=1, d=8, scale=0.3,
+                attn.forward_step(q, buf, plan.calls[1], 2, out, lse, hkv=1, d=8, softmax_scale=0.3,
                                   backend=backend)
             res.append((out, lse))
         assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])

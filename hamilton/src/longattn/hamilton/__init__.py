@@ -1,10 +1,10 @@
 """longattn.hamilton: TASP (Hamilton Attention) context-parallel attention.
 
-``hamilton_attn(q, k, v, *, group=None, causal=False, scale=None, schedule="auto",
-return_lse=False)`` runs any communication schedule -- TASP's multi-ring all-to-all, Ring
-Attention (zigzag ring when causal), the two-level multi-node schedule -- through one step loop,
-forward and backward. ``shard`` / ``unshard`` produce the matching sequence layout;
-``longattn.hamilton.schedules`` builds and validates schedules.
+``hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, schedule="auto",
+return_lse=False, backend="auto")`` runs any communication schedule -- TASP's multi-ring
+all-to-all, Ring Attention (zigzag ring when causal), the two-level multi-node schedule --
+through one step loop, forward and backward. ``shard`` / ``unshard`` produce the matching
+sequence layout; ``longattn.hamilton.schedules`` builds and validates schedules.
 """
 
 from longattn.hamilton.attn import hamilton_attn

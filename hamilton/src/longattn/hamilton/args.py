@@ -10,6 +10,7 @@ will use). One small all-gather; a bad call never leaves a rank waiting in the K
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -137,10 +138,10 @@ def resolve_kernels(q, k, v, *, n, causal, units, backend, grad, return_lse,
     return Kernels(fwd, bwd, bwd_dlse)
 
 
-def check_call(q, k, v, *, group: dist.Group, causal, scale, schedule, return_lse, backend,
-               contiguous_kv=False):
+def check_call(q, k, v, *, group: dist.Group, causal, softmax_scale, schedule, return_lse,
+               backend, contiguous_kv=False):
     """Validate a :func:`hamilton_attn` call on every rank of ``group`` (a resolved
-    :class:`longattn.common.dist.Group`); return ``(scale, sched, kernels)``.
+    :class:`longattn.common.dist.Group`); return ``(softmax_scale, sched, kernels)``.
 
     Raises on every rank (``ValueError`` / ``TypeError`` naming the argument) when any rank's
     arguments are bad or the ranks disagree on what they must share.
@@ -151,7 +152,11 @@ def check_call(q, k, v, *, group: dist.Group, causal, scale, schedule, return_ls
         check_bool("causal", causal)
         check_bool("return_lse", return_lse)
         check_qkv(q, k, v)
-        sc = check_scale(scale, q.shape[-1])
+        if (isinstance(softmax_scale, int) and not isinstance(softmax_scale, bool)
+                and abs(softmax_scale) > sys.float_info.max):  # float() would overflow
+            raise ValueError(f"softmax_scale must be finite, got an int of "
+                             f"{softmax_scale.bit_length()} bits")
+        scale = check_scale(softmax_scale, q.shape[-1])
         if not isinstance(backend, str):
             raise TypeError(f"backend must be a str ('auto' or a name in "
                             f"longattn.common.kernels.BACKENDS), got {backend!r}")
@@ -169,10 +174,10 @@ def check_call(q, k, v, *, group: dist.Group, causal, scale, schedule, return_ls
                                   contiguous_kv=contiguous_kv)
         fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape),
                   "v.shape": tuple(v.shape), "dtype": q.dtype, "q.device.type": q.device.type,
-                  "causal": causal, "scale": sc, "schedule": sched.key_int,
+                  "causal": causal, "softmax_scale": scale, "schedule": sched.key_int,
                   "requires_grad": grad, "return_lse": return_lse, "backend": backend,
                   "kernel backends": kernels.names()}
-        return (sc, sched, kernels), fields
+        return (scale, sched, kernels), fields
 
     result, _ = dist.agree("hamilton_attn", group, check)
     return result

@@ -30,7 +30,7 @@ from longattn.hamilton.args import check_call
 from longattn.hamilton.plan import kv_views, make_plan, new_buffer
 
 
-def hamilton_attn(q, k, v, *, group=None, causal=False, scale=None, schedule="auto",
+def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, schedule="auto",
                   return_lse=False, backend="auto"):
     """Context-parallel attention over the ranks of ``group`` (TASP / ring / two-level).
 
@@ -38,7 +38,8 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, scale=None, schedule="au
     ``k [B, Lk, Hkv, D]``, ``v [B, Lk, Hkv, Dv]`` with ``Hq % Hkv == 0`` (GQA: only ``Hkv``
     heads travel). ``causal=True`` expects the zigzag layout (rank ``r`` holds blocks ``r`` and
     ``2n-1-r`` of ``2n``) and ``L == Lk``; non-causal works in any layout (contiguous by
-    convention) and allows ``L != Lk``. ``schedule``: ``"auto"`` (TASP if the local length
+    convention) and allows ``L != Lk``. ``softmax_scale``: the factor on ``q . k`` (default
+    ``D ** -0.5``). ``schedule``: ``"auto"`` (TASP if the local length
     divides into its sub-chunks, else ring), ``"tasp"``, ``"ring"``, ``"two_level"``, or a
     :class:`~longattn.hamilton.schedules.Schedule`. The KV length per rank must be divisible by
     the schedule's sub-chunks (``num_slots``; twice that when causal). ``backend`` picks the
@@ -55,9 +56,10 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, scale=None, schedule="au
     communication.
     """
     g = resolve_group(group)
-    scale, sched, kernels = check_call(q, k, v, group=g, causal=causal, scale=scale,
-                                       schedule=schedule, return_lse=return_lse,
-                                       backend=backend, contiguous_kv=CONTIGUOUS_KV)
+    scale, sched, kernels = check_call(q, k, v, group=g, causal=causal,
+                                       softmax_scale=softmax_scale, schedule=schedule,
+                                       return_lse=return_lse, backend=backend,
+                                       contiguous_kv=CONTIGUOUS_KV)
     plan = make_plan(sched, g.rank, causal)
     out, lse = _HamiltonAttn.apply(q, k, v, plan, g.pg, scale, kernels)
     return (out, lse) if return_lse else out
@@ -128,23 +130,25 @@ def _pick(backend, kind):
     return backend if isinstance(backend, str) else backend[kind]
 
 
-def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, scale, backend):
+def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, softmax_scale, backend):
     """Run one step's kernel calls on buffer ``buf`` and merge into ``acc_out`` / ``acc_lse``.
     ``backend``: a backend name, or ``{"all": name, "back": name}``."""
     half = q.shape[1] // 2
     for call in calls:
         kk, vv = kv_views(buf, call.start * unit, call.stop * unit, hkv, d)
         if call.rows == "all":
-            o, l = _kernel(attention_forward, q, kk, vv, scale=scale, causal=False,
-                           backend=_pick(backend, "all"))
+            o, l = _kernel(attention_forward, q, kk, vv, softmax_scale=softmax_scale,
+                           causal=False, backend=_pick(backend, "all"))
             MERGE(acc_out, acc_lse, o, l)
         else:
-            o, l = _kernel(attention_forward, q[:, half:], kk, vv, scale=scale, causal=False,
+            o, l = _kernel(attention_forward, q[:, half:], kk, vv,
+                           softmax_scale=softmax_scale, causal=False,
                            backend=_pick(backend, "back"))
             MERGE(acc_out[:, half:], acc_lse[:, :, half:], o, l)
 
 
-def backward_step(dout, dlse, q, out, lse, buf, calls, unit, dq, *, hkv, d, scale, backend):
+def backward_step(dout, dlse, q, out, lse, buf, calls, unit, dq, *, hkv, d, softmax_scale,
+                  backend):
     """One step's gradient kernels: adds into ``dq``, returns ``[(call, dk, dv)]`` for
     :func:`add_kv_grads` (added once the incoming dK/dV accumulator has arrived).
     ``backend``: a backend name, or ``{"all": name, "back": name}``."""
@@ -155,8 +159,8 @@ def backward_step(dout, dlse, q, out, lse, buf, calls, unit, dq, *, hkv, d, scal
         sl = slice(None) if call.rows == "all" else slice(half, None)
         dq_s, dk_s, dv_s = _kernel(
             attention_backward, dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl],
-            scale=scale, causal=False, dlse=None if dlse is None else dlse[:, :, sl],
-            backend=_pick(backend, call.rows))
+            softmax_scale=softmax_scale, causal=False,
+            dlse=None if dlse is None else dlse[:, :, sl], backend=_pick(backend, call.rows))
         dq[:, sl] += dq_s
         grads.append((call, dk_s, dv_s))
     return grads
@@ -187,12 +191,12 @@ def add_buffer_grads(dk, dv, acc, idx, *, hkv, d):
 # forward and backward loops
 
 
-def _forward(q, k, v, plan, group, scale, kernels):
+def _forward(q, k, v, plan, group, softmax_scale, kernels):
     backend = kernels.fwd
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
     if n == 1:
-        out, lse = attention_forward(q, k, v, scale=scale, causal=plan.causal,
+        out, lse = attention_forward(q, k, v, softmax_scale=softmax_scale, causal=plan.causal,
                                      backend=backend["diag"])
         return out, lse, None
     unit = lk // plan.units
@@ -202,19 +206,19 @@ def _forward(q, k, v, plan, group, scale, kernels):
     for s in range(n):
         h = _post(plan.transfers[s], cur, nxt, unit, group) if s < n - 1 else None
         if s == 0:  # the diagonal block on the local q, k, v (causal when causal)
-            out, lse = attention_forward(q, k, v, scale=scale, causal=plan.causal,
-                                         backend=backend["diag"])
+            out, lse = attention_forward(q, k, v, softmax_scale=softmax_scale,
+                                         causal=plan.causal, backend=backend["diag"])
             acc_out, acc_lse = out.to(acc_dtype(q.dtype)), lse.to(acc_dtype(q.dtype))
         else:
             forward_step(q, cur, plan.calls[s], unit, acc_out, acc_lse, hkv=hkv, d=d,
-                         scale=scale, backend=backend)
+                         softmax_scale=softmax_scale, backend=backend)
         if h is not None:
             h.wait()
             cur, nxt = nxt, cur
     return acc_out.to(q.dtype), acc_lse, cur
 
 
-def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, kernels):
+def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, softmax_scale, kernels):
     backend = kernels.bwd if dlse is None else kernels.bwd_dlse
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
@@ -235,7 +239,8 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, kernel
                 nxt = spare[s % 2]
                 h_kv = _post(plan.transfers[s - 1], cur, nxt, unit, group, reverse=True)
             grads = backward_step(dout, dlse, q, out, lse, cur, plan.calls[s], unit, dq,
-                                  hkv=hkv, d=d, scale=scale, backend=backend)
+                                  hkv=hkv, d=d, softmax_scale=softmax_scale,
+                                  backend=backend)
             if h_g is not None:  # the accumulator of this content from the later steps
                 h_g.wait()
             add_kv_grads(accs[cur_acc], grads, unit, hkv=hkv, d=d)
@@ -245,8 +250,8 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, kernel
             if h_kv is not None:
                 h_kv.wait()
                 cur = nxt
-    dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, scale=scale, causal=plan.causal,
-                                       dlse=dlse, backend=backend["diag"])
+    dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale,
+                                       causal=plan.causal, dlse=dlse, backend=backend["diag"])
     dq += dq0
     if h_g is None:
         return dq.to(q.dtype), dk0, dv0
@@ -258,22 +263,22 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, scale, kernel
 
 class _HamiltonAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, scale, kernels):
-        out, lse, kv_last = _forward(q, k, v, plan, group, scale, kernels)
+    def forward(ctx, q, k, v, plan, group, softmax_scale, kernels):
+        out, lse, kv_last = _forward(q, k, v, plan, group, softmax_scale, kernels)
         ctx.set_materialize_grads(False)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(q, k, v, out, lse, kv_last)
-        ctx.args = (plan, group, scale, kernels)
+        ctx.args = (plan, group, softmax_scale, kernels)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, kv_last = ctx.saved_tensors
-        plan, group, scale, kernels = ctx.args
+        plan, group, softmax_scale, kernels = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         if dlse is not None and not torch.any(dlse):
             dlse = None  # lets the fast kernels (which take no dlse) serve the backward
-        dq, dk, dv = _backward(dout.contiguous(), dlse, q, k, v, out, lse, kv_last, plan, group,
-                               scale, kernels)
+        dq, dk, dv = _backward(dout.contiguous(), dlse, q, k, v, out, lse, kv_last, plan,
+                               group, softmax_scale, kernels)
         return dq, dk, dv, None, None, None, None
