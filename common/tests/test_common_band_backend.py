@@ -1,7 +1,7 @@
 """longattn.common.kernels.band_backend on the CPU (its pieces on the torch backend, the torch
 merge, chosen through ``BandConfig``): the band decomposition against the float64 oracle over
 random shapes, splits and both treatments of the anti-causal triangle; geometry; the config
-record; what it refuses. The fused Triton merge against its slow twin: test_common_triton_twins.
+record; what it refuses. The fused Triton merge against its slow twin: test_common_merge_triton.
 """
 
 from __future__ import annotations

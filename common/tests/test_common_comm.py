@@ -13,7 +13,14 @@ import torch
 import torch.distributed as dist
 
 from longattn.common import comm
+from longattn.common.dist import LOCAL, resolve_group
 from longattn.common.testing import RankError, run_world
+
+
+def _w():
+    """The one rule: a distributed call names its group (looked up per call, on the ranks)."""
+    return dist.group.WORLD
+
 
 SIZES = [2, 3, 4, 8]
 DTYPES = [torch.float32, torch.bfloat16, torch.int64, torch.float64]
@@ -38,7 +45,7 @@ def _ring_cases(rank, n):
             send = _payload(rank, dst, numel, dtype).reshape(shape)
             recv = torch.empty(shape, dtype=dtype)
             with comm.counting() as c:
-                h = comm.ring_exchange(send, recv, shift=shift)
+                h = comm.ring_exchange(send, recv, _w(), shift=shift)
                 h.wait()
             out.append({
                 "shift": shift, "dtype": str(dtype), "dst": dst, "src": src,
@@ -57,7 +64,7 @@ def _full_ring(rank, n):
     seen = [rank]
     with comm.counting() as c:
         for step in range(n - 1):
-            h = comm.ring_exchange(bufs[step % 2], bufs[(step + 1) % 2])
+            h = comm.ring_exchange(bufs[step % 2], bufs[(step + 1) % 2], _w())
             h.wait()
             seen.append(int(bufs[(step + 1) % 2][0, 0].item()))
     return {"seen": seen, "sent": dict(c.sent), "recv": dict(c.recv), "calls": c.calls,
@@ -76,7 +83,7 @@ def _a2a(rank, n, dtype):
     mine = torch.empty(3, dtype=dtype)
     recvs[rank] = mine
     with comm.counting() as c:
-        comm.all_to_all_step(sends, recvs).wait()
+        comm.all_to_all_step(sends, recvs, _w()).wait()
     return {
         "sent": dict(c.sent), "recv": dict(c.recv), "messages": list(c.messages),
         "calls": c.calls, "elem": sends[0].element_size(),
@@ -91,7 +98,7 @@ def _a2a_none(rank, n):
     sends = [None if p % 2 else _payload(rank, p, 4, torch.float32) for p in range(n)]
     recvs = [None if rank % 2 else torch.empty(4) for p in range(n)]
     with comm.counting() as c:
-        comm.all_to_all_step(sends, recvs).wait()
+        comm.all_to_all_step(sends, recvs, _w()).wait()
     return {"sent": dict(c.sent), "recv": dict(c.recv),
             "ok": all(recvs[p] is None or p == rank
                       or torch.equal(recvs[p], _payload(p, rank, 4, torch.float32))
@@ -103,12 +110,12 @@ def _nested_and_record(rank, n):
     src = (rank - 1) % n
     x, y = torch.zeros(5), torch.empty(5)
     with comm.counting() as outer:
-        comm.ring_exchange(x, y).wait()
+        comm.ring_exchange(x, y, _w()).wait()
         with comm.counting() as inner:
-            comm.ring_exchange(x, y).wait()
+            comm.ring_exchange(x, y, _w()).wait()
             comm.record("send", peer, 123)  # a collective issued by the caller
         comm.record("recv", src, 7)
-    comm.ring_exchange(x, y).wait()  # outside every counter: not counted
+    comm.ring_exchange(x, y, _w()).wait()  # outside every counter: not counted
     return {"outer_sent": dict(outer.sent), "outer_recv": dict(outer.recv),
             "inner_sent": dict(inner.sent), "inner_recv": dict(inner.recv),
             "outer_calls": outer.calls, "inner_calls": inner.calls, "peer": peer, "src": src}
@@ -124,7 +131,7 @@ def _subgroup(rank, n):
     send = torch.full((6,), float(rank))
     recv = torch.empty(6)
     with comm.counting() as c:
-        comm.ring_exchange(send, recv, group).wait()
+        comm.ring_exchange(send, recv, resolve_group(group)).wait()  # a resolved Group too
     return {"group_rank": gr, "group_size": gn, "sent": dict(c.sent), "recv": dict(c.recv),
             "got_from_global": int(recv[0].item()),
             "expected_global": members[(gr - 1) % gn]}
@@ -251,17 +258,22 @@ def _bad_calls(rank, n):
     other = (rank + 1) % n
     res = {}
     with comm.counting() as c:
-        res["send_self"] = _catch(lambda: comm.exchange([(t, me)], []))
-        res["recv_self"] = _catch(lambda: comm.exchange([], [(torch.empty(4), me)]))
+        res["send_self"] = _catch(lambda: comm.exchange([(t, me)], [], _w()))
+        res["recv_self"] = _catch(lambda: comm.exchange([], [(torch.empty(4), me)], _w()))
         res["noncontig_send"] = _catch(
-            lambda: comm.exchange([(torch.zeros(4, 4).t(), other)], []))
+            lambda: comm.exchange([(torch.zeros(4, 4).t(), other)], [], _w()))
         res["noncontig_recv"] = _catch(
-            lambda: comm.exchange([], [(torch.zeros(4, 4).t(), other)]))
-        res["ring_shift_0"] = _catch(lambda: comm.ring_exchange(t, torch.empty(4), shift=0))
-        res["ring_shift_n"] = _catch(lambda: comm.ring_exchange(t, torch.empty(4), shift=n))
+            lambda: comm.exchange([], [(torch.zeros(4, 4).t(), other)], _w()))
+        res["ring_shift_0"] = _catch(lambda: comm.ring_exchange(t, torch.empty(4), _w(), shift=0))
+        res["ring_shift_n"] = _catch(lambda: comm.ring_exchange(t, torch.empty(4), _w(), shift=n))
         # a valid send followed by an invalid receive: nothing may be posted or counted
-        res["half_bad"] = _catch(lambda: comm.exchange([(t, other)], [(torch.empty(4), me)]))
-        res["not_tensor"] = _catch(lambda: comm.exchange([([1, 2], other)], []))
+        res["half_bad"] = _catch(lambda: comm.exchange([(t, other)], [(torch.empty(4), me)], _w()))
+        res["not_tensor"] = _catch(lambda: comm.exchange([([1, 2], other)], [], _w()))
+        # the one rule of group=None: an error in a world of more than one rank
+        res["group_none"] = _catch(lambda: comm.ring_exchange(t, torch.empty(4)))
+        res["a2a_group_none"] = _catch(lambda: comm.all_to_all_step([t] * n, [t] * n))
+        res["exchange_group_none"] = _catch(lambda: comm.exchange([(t, other)], []))
+        res["local"] = _catch(lambda: comm.ring_exchange(t, torch.empty(4), LOCAL))
     res["counted"] = (dict(c.sent), dict(c.recv), c.calls)
     dist.barrier()  # every rank got here: nothing hung
     return res
@@ -270,7 +282,9 @@ def _bad_calls(rank, n):
 BAD = {  # case -> words the message must contain
     "send_self": ["self"], "recv_self": ["self"], "noncontig_send": ["contiguous"],
     "noncontig_recv": ["contiguous"], "ring_shift_0": ["shift"], "ring_shift_n": ["shift"],
-    "half_bad": ["self"], "not_tensor": ["tensor"],
+    "half_bad": ["self"], "not_tensor": ["tensor"], "group_none": ["group=None", "WORLD"],
+    "a2a_group_none": ["group=None"], "exchange_group_none": ["group=None"],
+    "local": ["world size 1"],
 }
 
 
@@ -281,15 +295,15 @@ def _risky(rank, n, case):
     other = (rank + 1) % n
     with comm.counting() as c:
         f = {
-            "peer_out_of_range": lambda: comm.exchange([(t, n + 3)], []),
-            "peer_negative": lambda: comm.exchange([], [(torch.empty(4), -1)]),
-            "a2a_list_too_short": lambda: comm.all_to_all_step([t], [torch.empty(4)]),
+            "peer_out_of_range": lambda: comm.exchange([(t, n + 3)], [], _w()),
+            "peer_negative": lambda: comm.exchange([], [(torch.empty(4), -1)], _w()),
+            "a2a_list_too_short": lambda: comm.all_to_all_step([t], [torch.empty(4)], _w()),
             "a2a_list_too_long": lambda: comm.all_to_all_step([t] * (n + 1),
-                                                              [torch.empty(4)] * (n + 1)),
+                                                              [torch.empty(4)] * (n + 1), _w()),
             "ring_recv_dtype_differs": lambda: comm.ring_exchange(
-                t, torch.empty(4, dtype=torch.float64)),
-            "ring_recv_shape_differs": lambda: comm.ring_exchange(t, torch.empty(5)),
-            "exchange_peer_not_int": lambda: comm.exchange([(t, float(other))], []),
+                t, torch.empty(4, dtype=torch.float64), _w()),
+            "ring_recv_shape_differs": lambda: comm.ring_exchange(t, torch.empty(5), _w()),
+            "exchange_peer_not_int": lambda: comm.exchange([(t, float(other))], [], _w()),
         }[case]
         msg = _catch(f)
     dist.barrier()

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from longattn import reference as ref
 from longattn.common import kernels as K
+from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import TorchConfig, torch_backend
 from longattn.common.testing import rel_error
 
@@ -70,7 +71,7 @@ def check_case(seed, b, sq, sk, hq, hkv, d, dv, causal, window, dtype, use_dlse,
     q, k, v = make(seed, b, sq, sk, hq, hkv, d, dv, dtype)
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(b, sq, hq, v.shape[-1], generator=g, dtype=torch.float64).to(dtype)
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     dlse = torch.randn(b, hq, sq, generator=g, dtype=torch.float64).to(acc) if use_dlse else None
     cfg = block_elems(blk)
     out, lse = K.attention_forward(q, k, v, softmax_scale=scale, causal=causal,
@@ -264,6 +265,22 @@ def test_dlse_none_equals_zero_dlse():
                              backend="torch")
     for x, y in zip(a, b):
         assert rel_error(x, y) <= 1e-15
+
+
+def test_grad_lse_or_none_is_the_one_zero_dlse_rule():
+    assert K.grad_lse_or_none(None) is None
+    assert K.grad_lse_or_none(torch.zeros(2, 3)) is None
+    d = torch.zeros(2, 3)
+    d[1, 2] = -0.5
+    assert K.grad_lse_or_none(d) is d
+    # the autograd wrapper: a loss of out only hands a zero dlse, the same as none
+    q, k, v = (t.requires_grad_() for t in make(18, 1, 5, 7, 2, 1, 4))
+    out, lse = K.attention(q, k, v, causal=True, return_lse=True, backend="torch")
+    (out.sum() + 0 * lse.sum()).backward()
+    ref = K.attention_backward(torch.ones_like(out), q.detach(), k.detach(), v.detach(),
+                               out.detach(), lse.detach(), causal=True, backend="torch")
+    for got, want in zip((q.grad, k.grad, v.grad), ref):
+        assert torch.equal(got, want)
 
 
 def test_backward_uses_the_final_out_and_lse():

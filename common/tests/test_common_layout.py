@@ -1,5 +1,5 @@
-"""longattn.common.layout: positions semantics, shard/unshard round trips for every layout,
-dense and varlen, world sizes 1..8, divisibility errors and bad input."""
+"""longattn.common.layout: positions semantics, take_shard / join_shards round trips for every
+layout, dense and varlen, world sizes 1..8, divisibility errors and bad input."""
 
 from __future__ import annotations
 
@@ -72,11 +72,11 @@ def test_zigzag_balances_causal_work(n):
 def test_dense_round_trip_every_world_size(layout, n):
     s = _unit(layout, n) * 3
     x = torch.randn(2, s, 3, 4)
-    chunks = [L.shard(x, r, n, layout=layout) for r in range(n)]
+    chunks = [L.take_shard(x, r, n, layout=layout) for r in range(n)]
     for r, c in enumerate(chunks):
         assert c.shape == (2, s // n, 3, 4) and c.is_contiguous()
         assert torch.equal(c, x[:, L.positions(s, r, n, layout)])
-    assert torch.equal(L.unshard(chunks, layout=layout), x)
+    assert torch.equal(L.join_shards(chunks, layout=layout), x)
 
 
 @HYP
@@ -88,20 +88,20 @@ def test_dense_round_trip_any_dim_and_dtype(layout, n, mult, dim, dtype):
     shape[dim] = s
     x = (torch.randn(*shape) * 10).to(dtype)
     for d in (dim, dim - 4):  # negative dims too
-        chunks = [L.shard(x, r, n, layout=layout, dim=d) for r in range(n)]
+        chunks = [L.take_shard(x, r, n, layout=layout, dim=d) for r in range(n)]
         assert all(c.dtype == dtype and c.shape[dim] == s // n for c in chunks)
-        assert torch.equal(L.unshard(chunks, layout=layout, dim=d), x)
+        assert torch.equal(L.join_shards(chunks, layout=layout, dim=d), x)
 
 
-def test_shard_is_a_copy_and_preserves_autograd():
+def test_take_shard_is_a_copy_and_preserves_autograd():
     x = torch.randn(1, 8, 2, 2, requires_grad=True)
-    c = L.shard(x, 1, 2, layout="zigzag")
+    c = L.take_shard(x, 1, 2, layout="zigzag")
     c.sum().backward()
     want = torch.zeros_like(x)
     want[:, L.positions(8, 1, 2, "zigzag")] = 1
     assert torch.equal(x.grad, want)
     y = torch.zeros(1, 4, 1, 1)
-    c = L.shard(y, 0, 2)
+    c = L.take_shard(y, 0, 2)
     c += 1
     assert (y == 0).all()
 
@@ -136,13 +136,13 @@ def test_varlen_round_trip(case, cu_kind):
     cu_seqlens = cu if cu_kind == "list" else torch.tensor(cu, dtype=cu_kind)
     total = cu[-1]
     x = torch.randn(total, 2, 3)
-    parts = [L.shard_varlen(x, cu_seqlens, r, n, layout=layout) for r in range(n)]
+    parts = [L.take_shard_varlen(x, cu_seqlens, r, n, layout=layout) for r in range(n)]
     for r, (xr, cur) in enumerate(parts):
         assert cur.dtype == torch.int32 and cur[0] == 0 and int(cur[-1]) == xr.shape[0]
         assert (cur[1:] >= cur[:-1]).all()
         idx, cu_local = L.varlen_positions(cu_seqlens, r, n, layout)
         assert torch.equal(xr, x[idx]) and torch.equal(cur, cu_local)
-    assert torch.equal(L.unshard_varlen([p[0] for p in parts], cu_seqlens, layout=layout), x)
+    assert torch.equal(L.join_shards_varlen([p[0] for p in parts], cu_seqlens, layout=layout), x)
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "striped"])
@@ -153,7 +153,7 @@ def test_varlen_zigzag_and_striped_apply_the_layout_per_sequence(layout, n):
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     x = torch.arange(int(cu[-1]))
     for r in range(n):
-        xr, cur = L.shard_varlen(x, cu, r, n, layout=layout)
+        xr, cur = L.take_shard_varlen(x, cu, r, n, layout=layout)
         assert torch.equal(cur, cu // n)  # the local batch is again a packed batch
         for i in range(len(lens)):
             local = xr[cur[i]:cur[i + 1]]
@@ -187,9 +187,9 @@ def test_varlen_contiguous_piece_boundaries_by_hand():
 def test_varlen_positions_on_a_non_leading_dim():
     cu = torch.tensor([0, 4, 8], dtype=torch.int32)
     x = torch.randn(3, 8, 2)
-    parts = [L.shard_varlen(x, cu, r, 2, layout="zigzag", dim=1)[0] for r in range(2)]
+    parts = [L.take_shard_varlen(x, cu, r, 2, layout="zigzag", dim=1)[0] for r in range(2)]
     assert parts[0].shape == (3, 4, 2)
-    assert torch.equal(L.unshard_varlen(parts, cu, layout="zigzag", dim=1), x)
+    assert torch.equal(L.join_shards_varlen(parts, cu, layout="zigzag", dim=1), x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def test_varlen_positions_on_a_non_leading_dim():
                                         ("zigzag", 2, 6), ("zigzag", 3, 9), ("zigzag", 8, 8)])
 def test_dense_divisibility_errors(layout, n, s):
     with pytest.raises(ValueError, match=f"divisible by {_unit(layout, n)}") as ei:
-        L.shard(torch.zeros(1, s, 1, 1), 0, n, layout=layout)
+        L.take_shard(torch.zeros(1, s, 1, 1), 0, n, layout=layout)
     assert layout in str(ei.value) and str(s) in str(ei.value)
     with pytest.raises(ValueError, match="divisible"):
         L.positions(s, 0, n, layout)
@@ -209,12 +209,12 @@ def test_dense_divisibility_errors(layout, n, s):
 def test_varlen_divisibility_errors():
     cu = torch.tensor([0, 4, 10], dtype=torch.int32)  # second sequence: 6 tokens
     with pytest.raises(ValueError, match="divisible by 4"):
-        L.shard_varlen(torch.zeros(10), cu, 0, 2, layout="zigzag")
+        L.take_shard_varlen(torch.zeros(10), cu, 0, 2, layout="zigzag")
     with pytest.raises(ValueError, match="divisible by 4"):
-        L.shard_varlen(torch.zeros(10), cu, 0, 4, layout="striped")
+        L.take_shard_varlen(torch.zeros(10), cu, 0, 4, layout="striped")
     with pytest.raises(ValueError, match="divisible by 3"):
-        L.shard_varlen(torch.zeros(10), cu, 0, 3, layout="contiguous")
-    assert L.shard_varlen(torch.zeros(10), cu, 0, 2, layout="striped")[0].shape == (5,)
+        L.take_shard_varlen(torch.zeros(10), cu, 0, 3, layout="contiguous")
+    assert L.take_shard_varlen(torch.zeros(10), cu, 0, 2, layout="striped")[0].shape == (5,)
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,9 +224,9 @@ def test_varlen_divisibility_errors():
 def test_bad_layout_rank_world_size():
     x = torch.zeros(1, 8, 1, 1)
     with pytest.raises(ValueError, match="layout"):
-        L.shard(x, 0, 2, layout="ring")
+        L.take_shard(x, 0, 2, layout="ring")
     with pytest.raises(ValueError, match="layout"):
-        L.unshard([x], layout="ZIGZAG")
+        L.join_shards([x], layout="ZIGZAG")
     for n in (0, -1, True, 2.0):
         with pytest.raises(ValueError, match="world_size"):
             L.positions(8, 0, n)
@@ -243,24 +243,24 @@ def test_bad_seq_len(seq_len):
 
 def test_bad_tensor_and_dim():
     with pytest.raises(TypeError, match="x"):
-        L.shard([1, 2, 3, 4], 0, 2)
+        L.take_shard([1, 2, 3, 4], 0, 2)
     with pytest.raises((ValueError, IndexError), match="dim"):
-        L.shard(torch.zeros(1, 8), 0, 2, dim=5)
+        L.take_shard(torch.zeros(1, 8), 0, 2, dim=5)
     with pytest.raises((ValueError, IndexError), match="dim"):
-        L.unshard([torch.zeros(1, 4)] * 2, dim=3)
+        L.join_shards([torch.zeros(1, 4)] * 2, dim=3)
 
 
 def test_bad_chunks():
     with pytest.raises(ValueError, match="chunk"):
-        L.unshard([])
+        L.join_shards([])
     with pytest.raises(ValueError, match="chunks differ"):
-        L.unshard([torch.zeros(1, 4), torch.zeros(1, 3)], dim=1)
+        L.join_shards([torch.zeros(1, 4), torch.zeros(1, 3)], dim=1)
     with pytest.raises(ValueError, match="chunks"):  # other dims differ
-        L.unshard([torch.zeros(2, 4), torch.zeros(3, 4)], dim=1)
+        L.join_shards([torch.zeros(2, 4), torch.zeros(3, 4)], dim=1)
     with pytest.raises(ValueError, match="chunk"):
-        L.unshard_varlen([], torch.tensor([0, 4], dtype=torch.int32))
+        L.join_shards_varlen([], torch.tensor([0, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="tokens"):
-        L.unshard_varlen([torch.zeros(2), torch.zeros(3)], torch.tensor([0, 4],
+        L.join_shards_varlen([torch.zeros(2), torch.zeros(3)], torch.tensor([0, 4],
                                                                         dtype=torch.int32))
 
 
@@ -274,11 +274,17 @@ def test_bad_cu_seqlens_values(cu):
     x = torch.zeros(8)
     for layout in LAYOUTS:
         with pytest.raises(ValueError, match="cu_seqlens"):
-            L.shard_varlen(x, torch.tensor(cu, dtype=torch.int32), 0, 2, layout=layout)
+            L.take_shard_varlen(x, torch.tensor(cu, dtype=torch.int32), 0, 2, layout=layout)
 
 
 @pytest.mark.parametrize("cu", [torch.tensor([0.0, 4.0, 8.0]), torch.tensor([[0, 4, 8]]),
                                 torch.tensor([8], dtype=torch.int32), "0,4,8"])
 def test_bad_cu_seqlens_types(cu):
     with pytest.raises((ValueError, TypeError), match="cu_seqlens"):
-        L.shard_varlen(torch.zeros(8), cu, 0, 2)
+        L.take_shard_varlen(torch.zeros(8), cu, 0, 2)
+
+
+def test_old_names_are_aliases():  # TRANSITION
+    assert L.shard is L.take_shard and L.unshard is L.join_shards  # TRANSITION
+    assert L.shard_varlen is L.take_shard_varlen  # TRANSITION
+    assert L.unshard_varlen is L.join_shards_varlen  # TRANSITION

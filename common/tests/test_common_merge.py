@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longattn import reference as ref
+from longattn.common.dtypes import acc_dtype
 from longattn.common.merge import merge_partials, merge_partials_
 from longattn.common.testing import rel_error
 
@@ -57,8 +58,8 @@ def _mask(kind, rng, b, hq, sq, sk):
 
 
 def _merge_all(parts, dtype, tree):
-    ts = [(torch.from_numpy(o).to(dtype), torch.from_numpy(l_).to(
-        torch.float64 if dtype == torch.float64 else torch.float32)) for o, l_ in parts]
+    ts = [(torch.from_numpy(o).to(dtype), torch.from_numpy(l_).to(acc_dtype(dtype)))
+          for o, l_ in parts]
     if len(ts) == 1:  # still merge once: into an empty accumulator (out 0, lse -inf)
         ts.insert(0, (torch.zeros_like(ts[0][0]), torch.full_like(ts[0][1], float("-inf"))))
     if not tree:  # left fold, as a ring does
@@ -180,7 +181,7 @@ def test_result_does_not_depend_on_argument_order():
 @given(st.integers(0, 2**20), st.integers(1, 3), st.integers(1, 8), st.integers(1, 3),
        st.sampled_from([torch.float64, torch.float32, torch.bfloat16]))
 def test_in_place_equals_out_of_place(seed, b, s, h, dtype):
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     o_a = _rand((b, s, h, 3), seed).to(acc)
     o_b = _rand((b, s, h, 3), seed + 1).to(dtype)
     l_a = _rand((b, h, s), seed + 2, 4.0).to(acc)

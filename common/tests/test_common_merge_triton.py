@@ -1,5 +1,7 @@
-"""The one-pass Triton merge (run by the Triton interpreter on the CPU) equals the eager merge,
-including dead rows holding garbage and row views."""
+"""Every Triton kernel of common against its slow twin, run by the Triton interpreter on the
+CPU: the one-pass merge (``merge_triton.merge_``) against the eager ``merge_partials_``
+(``backend="torch"``), including dead rows holding garbage and row views; the band backend's
+fused multi-partial merge (``band_merge_triton.merge``) against ``band_backend._merge_torch``."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 import pytest
 import torch
 
+from longattn.common.kernels import band_backend as band
 from longattn.common.merge import merge_partials_
+from longattn.common.testing import rel_error
 
 pytest.importorskip("triton")
 
@@ -62,3 +66,24 @@ def test_triton_says_why_it_cannot_serve():
     with pytest.raises(ValueError, match="contiguous"):
         merge_partials_(o, torch.zeros(1, 1, 2), o.clone(), torch.zeros(1, 1, 2),
                         backend="triton")
+
+
+@pytest.mark.parametrize("split,flip", [(1, True), (1, False), (2, True), (2, False)])
+def test_band_fused_merge_equals_its_slow_twin(split, flip):
+    g = torch.Generator().manual_seed(10 * split + flip)
+    b, nc, c, h, dv = 2, 4, 8, 3, 16
+    parts = [(torch.randn(b * nc, c, h, dv, generator=g).half(),
+              torch.randn(b * nc, h, c, generator=g), 0, False)]
+    js = list(range(1, split + 1))
+    for j in js:
+        lse = torch.randn(b * (nc - j), h, c, generator=g)
+        lse[0, 0, :3] = float("-inf")  # rows this partial does not cover
+        parts.append((torch.randn(b * (nc - j), c, h, dv, generator=g).half(), lse, j,
+                      flip and j == js[-1]))
+    o_t, l_t = band._merge_triton(parts, b, nc, c, h, dv, torch.float16)
+    o_r, l_r = band._merge_torch([(o.double(), l_.double(), j, f) for o, l_, j, f in parts],
+                                 b, nc, c, h, dv, torch.float64)
+    assert o_t.dtype == torch.float16 and l_t.dtype == torch.float32
+    assert o_t.shape == (b, nc * c, h, dv) and l_t.shape == (b, h, nc * c)
+    assert rel_error(o_t, o_r) <= 2e-3  # fp16 output
+    assert rel_error(l_t, l_r) <= 1e-6

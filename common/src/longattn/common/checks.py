@@ -1,8 +1,9 @@
 """Argument checks shared by every public function.
 
 Each check raises ``ValueError`` / ``TypeError`` whose message names the argument, the value
-and what was expected. Distributed functions call them on every rank *before* any
-communication, so a bad call fails everywhere instead of hanging a world.
+and what was expected. Distributed functions call them inside
+:func:`longattn.common.dist.agree` on every rank *before* any communication, so a bad call
+fails everywhere instead of hanging a world.
 """
 
 from __future__ import annotations
@@ -97,36 +98,3 @@ def check_cu_seqlens(cu_seqlens, total_tokens: int, name: str = "cu_seqlens"):
     if cu[-1] != total_tokens:
         raise ValueError(f"{name} must end at the token count {total_tokens}, got {cu[-1]}")
     return cu
-
-
-def check_same_across_ranks(name: str, values, group=None):
-    """Raise on every rank if ``values`` (a tuple of ints) differ between ranks.
-
-    This is itself one small all-gather of ints, done before the real communication, so a
-    mismatch (e.g. different sequence lengths per rank) becomes an error on every rank instead
-    of a hang or a silent wrong answer.
-    """
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        return
-    world = dist.get_world_size(group)
-    if world == 1:
-        return
-    # Fixed-size message (count first, values padded), so ranks passing different numbers of
-    # values still exchange equal sizes and get a clean error instead of a gloo abort.
-    vals = [int(v) for v in values]
-    width = 32
-    if len(vals) > width - 1:
-        raise ValueError(f"{name}: at most {width - 1} values can be compared, got {len(vals)}")
-    mine = torch.full((width,), -(2**62), dtype=torch.int64)
-    mine[0] = len(vals)
-    mine[1:1 + len(vals)] = torch.tensor(vals, dtype=torch.int64)
-    backend = dist.get_backend(group)
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-    mine = mine.to(dev)
-    allv = [torch.empty_like(mine) for _ in range(world)]
-    dist.all_gather(allv, mine, group=group)
-    rows = [tuple(t.tolist()[1:1 + int(t[0])]) for t in allv]
-    if any(r != rows[0] for r in rows):
-        raise ValueError(f"{name} must be the same on every rank, got {rows}")

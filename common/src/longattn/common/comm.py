@@ -7,7 +7,11 @@
 * :func:`all_to_all_step` -- every rank sends a (possibly different-sized) chunk to every other
   rank in one batch: one multi-ring (TASP) step.
 
-Ranks are *group* ranks; conversion to global ranks is done here.
+Ranks are *group* ranks; conversion to global ranks is done here. ``group`` follows the one
+rule of :func:`longattn.common.dist.resolve_group`: a ``ProcessGroup``, a 1-D ``DeviceMesh``,
+``LOCAL``, an already resolved ``dist.Group``, or ``None`` (this process alone without an
+initialised world or in a world of one rank; a ``ValueError`` naming ``group`` in a world of more
+ranks: pass ``torch.distributed.group.WORLD`` to exchange over the world).
 
 Streams: NCCL runs batched p2p on its own internal stream, which waits for the work already
 queued on the current stream when the batch is posted (so send buffers are complete and recv
@@ -29,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from longattn.common.dist import resolve_group
 
 
 @dataclass
@@ -105,7 +111,8 @@ def exchange(sends, recvs, group=None, *, stream=None) -> Handle:
     Tensors must be contiguous. Messages to or from this rank itself are not allowed (copy
     locally instead). Returns a :class:`Handle`.
     """
-    me, n = dist.get_rank(group), dist.get_world_size(group)
+    g = resolve_group(group)
+    me, n = g.rank, g.size
     # Validate everything first, so a rejected call neither posts nor counts anything.
     for kind, pairs in (("send", sends), ("recv", recvs)):
         for t, peer in pairs:
@@ -120,10 +127,10 @@ def exchange(sends, recvs, group=None, *, stream=None) -> Handle:
                 raise ValueError(f"exchange: {kind} to/from self (rank {me}); copy locally")
     ops = []
     for t, dst in sends:
-        ops.append(dist.P2POp(dist.isend, t, _global(group, dst), group))
+        ops.append(dist.P2POp(dist.isend, t, g.global_rank(dst), g.pg))
         record("send", dst, nbytes(t))
     for t, src in recvs:
-        ops.append(dist.P2POp(dist.irecv, t, _global(group, src), group))
+        ops.append(dist.P2POp(dist.irecv, t, g.global_rank(src), g.pg))
         record("recv", src, nbytes(t))
     note_call()
     if not ops:
@@ -136,13 +143,10 @@ def exchange(sends, recvs, group=None, *, stream=None) -> Handle:
     return Handle(dist.batch_isend_irecv(ops))
 
 
-def _global(group, r):
-    return r if group is None else dist.get_global_rank(group, r)
-
-
 def ring_exchange(send_buf, recv_buf, group=None, *, shift: int = 1, stream=None) -> Handle:
     """Send ``send_buf`` to ``rank + shift`` and receive ``recv_buf`` from ``rank - shift``."""
-    n, me = dist.get_world_size(group), dist.get_rank(group)
+    g = resolve_group(group)
+    n, me = g.size, g.rank
     if n == 1 or shift % n == 0:
         raise ValueError(f"ring_exchange needs a peer: world size {n}, shift {shift}")
     if send_buf.dtype != recv_buf.dtype or send_buf.shape != recv_buf.shape:
@@ -150,17 +154,18 @@ def ring_exchange(send_buf, recv_buf, group=None, *, shift: int = 1, stream=None
             f"ring_exchange: recv_buf {tuple(recv_buf.shape)} {recv_buf.dtype} must match the "
             f"shape and dtype of send_buf {tuple(send_buf.shape)} {send_buf.dtype} (every rank "
             "sends the same kind of block)")
-    return exchange([(send_buf, (me + shift) % n)], [(recv_buf, (me - shift) % n)], group,
+    return exchange([(send_buf, (me + shift) % n)], [(recv_buf, (me - shift) % n)], g,
                     stream=stream)
 
 
 def all_to_all_step(send_chunks, recv_chunks, group=None, *, stream=None) -> Handle:
     """One all-to-all: ``send_chunks[p]`` goes to group rank p and ``recv_chunks[p]`` comes from
     it (entries for this rank are ignored; ``None`` or empty tensors send nothing)."""
-    me, n = dist.get_rank(group), dist.get_world_size(group)
+    g = resolve_group(group)
+    me, n = g.rank, g.size
     if len(send_chunks) != n or len(recv_chunks) != n:
         raise ValueError(f"all_to_all_step: send_chunks and recv_chunks need one entry per rank "
                          f"({n}), got {len(send_chunks)} and {len(recv_chunks)}")
     sends = [(t, p) for p, t in enumerate(send_chunks) if p != me and t is not None and t.numel()]
     recvs = [(t, p) for p, t in enumerate(recv_chunks) if p != me and t is not None and t.numel()]
-    return exchange(sends, recvs, group, stream=stream)
+    return exchange(sends, recvs, g, stream=stream)

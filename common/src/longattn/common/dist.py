@@ -92,7 +92,10 @@ def _initialised() -> bool:
 
 def resolve_group(group, *, name: str = "group") -> Group:
     """Resolve ``group`` (a ``ProcessGroup``, a 1-D ``DeviceMesh``, :data:`LOCAL` or ``None``)
-    to a :class:`Group`. See the module docstring for the rule of ``None``."""
+    to a :class:`Group`. See the module docstring for the rule of ``None``. An already resolved
+    :class:`Group` is returned as it is (so helpers can take either)."""
+    if isinstance(group, Group):
+        return group
     if group is LOCAL:
         return _ONE
     if group is None:

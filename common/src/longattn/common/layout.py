@@ -1,4 +1,13 @@
-"""How a sequence is split over the ranks of a context-parallel group.
+"""How a sequence is split over the ranks of a context-parallel group: local index arithmetic
+and slicing, no communication.
+
+    positions(seq_len, rank, world_size, layout)         # global token indices of a rank
+    take_shard(x, rank, world_size, *, layout, dim)       # a rank's part of a full tensor
+    join_shards(parts, *, layout, dim)                    # the full tensor from every part
+    varlen_positions / take_shard_varlen / join_shards_varlen   # the same for packed batches
+
+(The distributed layout functions, this rank's part of a global tensor over a group and the
+gather back, are hamilton's ``shard`` / ``unshard``.)
 
 Layouts (``n`` ranks):
 
@@ -61,19 +70,20 @@ def _check_x(x, dim, name="x"):
         raise ValueError(f"dim must be an int in [-{x.ndim}, {x.ndim}), got {dim!r}")
 
 
-def shard(x: torch.Tensor, rank: int, world_size: int, *, layout: str = "contiguous", dim: int = 1):
-    """This rank's part of ``x`` along ``dim`` (a contiguous copy)."""
+def take_shard(x: torch.Tensor, rank: int, world_size: int, *, layout: str = "contiguous",
+               dim: int = 1):
+    """Rank ``rank``'s part of the full tensor ``x`` along ``dim`` (a contiguous copy)."""
     _check_x(x, dim)
     idx = positions(x.shape[dim], rank, world_size, layout).to(x.device)
     return x.index_select(dim, idx).contiguous()
 
 
-def unshard(chunks, *, layout: str = "contiguous", dim: int = 1):
-    """Inverse of :func:`shard`: the full tensor from every rank's part (rank order)."""
+def join_shards(chunks, *, layout: str = "contiguous", dim: int = 1):
+    """Inverse of :func:`take_shard`: the full tensor from every rank's part (rank order)."""
     n = _check_chunks(chunks, dim)
     local = chunks[0].shape[dim]
     if any(c.shape[dim] != local for c in chunks):
-        raise ValueError(f"unshard: chunks differ in size along dim {dim}")
+        raise ValueError(f"join_shards: chunks differ in size along dim {dim}")
     seq_len = local * n
     cat = torch.cat(list(chunks), dim=dim)
     idx = torch.cat([positions(seq_len, r, n, layout) for r in range(n)]).to(cat.device)
@@ -134,7 +144,7 @@ def varlen_positions(cu_seqlens, rank: int, world_size: int, layout: str = "cont
     return idx, torch.tensor(local, dtype=torch.int32)
 
 
-def shard_varlen(x, cu_seqlens, rank, world_size, *, layout="contiguous", dim=0):
+def take_shard_varlen(x, cu_seqlens, rank, world_size, *, layout="contiguous", dim=0):
     """``(x_local, local_cu_seqlens)`` for a packed varlen tensor; see :func:`varlen_positions`."""
     _check_x(x, dim)
     _cu_list(cu_seqlens, x.shape[dim])  # must end exactly at the token count
@@ -142,14 +152,20 @@ def shard_varlen(x, cu_seqlens, rank, world_size, *, layout="contiguous", dim=0)
     return x.index_select(dim, idx.to(x.device)).contiguous(), local_cu.to(x.device)
 
 
-def unshard_varlen(chunks, cu_seqlens, *, layout="contiguous", dim=0):
-    """Inverse of :func:`shard_varlen`."""
+def join_shards_varlen(chunks, cu_seqlens, *, layout="contiguous", dim=0):
+    """Inverse of :func:`take_shard_varlen`."""
     n = _check_chunks(chunks, dim)
     idx = torch.cat([varlen_positions(cu_seqlens, r, n, layout)[0] for r in range(n)])
     cat = torch.cat(list(chunks), dim=dim)
     if cat.shape[dim] != idx.numel():
         raise ValueError(
-            f"unshard_varlen: {cat.shape[dim]} tokens in chunks, expected {idx.numel()}")
+            f"join_shards_varlen: {cat.shape[dim]} tokens in chunks, expected {idx.numel()}")
     inv = torch.empty_like(idx)
     inv[idx] = torch.arange(idx.numel())
     return cat.index_select(dim, inv.to(cat.device))
+
+
+shard = take_shard  # TRANSITION: old name
+unshard = join_shards  # TRANSITION: old name
+shard_varlen = take_shard_varlen  # TRANSITION: old name
+unshard_varlen = join_shards_varlen  # TRANSITION: old name

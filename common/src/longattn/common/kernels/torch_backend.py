@@ -14,6 +14,7 @@ import torch
 
 from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import Backend
+from longattn.common.merge import finish_rows
 
 
 @dataclass(frozen=True)
@@ -98,17 +99,15 @@ def forward(q, k, v, *, softmax_scale, window_size, config=None):
         qb = (q[:, q0:q1].to(acc) * softmax_scale).reshape(b, r, hkv, g, d)
         kb, vb = k[:, lo:hi].to(acc), v[:, lo:hi].to(acc)
         p = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window_size, q.device))
-        m = p.amax(dim=-1, keepdim=True)
+        m = p.amax(dim=-1, keepdim=True)  # NaN if a score is NaN
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p.sub_(m).exp_()
-        den = p.sum(dim=-1, keepdim=True)  # [B, Hkv, G, r, 1]
-        o = torch.einsum("bhgqk,bkhd->bqhgd", p, vb)
-        inv = torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
-        o = o * inv.permute(0, 3, 1, 2, 4)
+        den = p.sum(dim=-1)  # [B, Hkv, G, r]
+        o = torch.einsum("bhgqk,bkhd->bqhgd", p, vb)  # [B, r, Hkv, G, Dv]
+        # rows that see no key: out 0, lse -inf; a NaN row stays NaN
+        o, blk = finish_rows(o, den.permute(0, 3, 1, 2), m[..., 0].permute(0, 3, 1, 2))
         out[:, q0:q1] = o.reshape(b, r, hq, dv)
-        blk = torch.where(den > 0, m + torch.log(den), torch.full_like(den, float("-inf")))
-        lse[:, :, q0:q1] = blk[..., 0].reshape(b, hq, r)
-    lse = lse if q.dtype == torch.float64 else lse.float()
+        lse[:, :, q0:q1] = blk.permute(0, 2, 3, 1).reshape(b, hq, r)
     return out.to(q.dtype), lse
 
 

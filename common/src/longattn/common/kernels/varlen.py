@@ -47,7 +47,7 @@ from longattn.common.kernels import (
     may_have_empty_rows,
     normalize_window,
 )
-from longattn.common.merge import merge_partials
+from longattn.common.merge import finish_rows, merge_partials
 
 _HALF = (torch.float16, torch.bfloat16)
 # Elements of one score block of the sink part (rows x sinks x heads x head_dim): a fixed
@@ -202,14 +202,12 @@ def _sinks_forward(q, k, v, kidx, vis, scale):
         kb, vb = k[kidx[t0:t1]].to(acc), v[kidx[t0:t1]].to(acc)  # [r, nmax, Hkv, D]
         s = torch.einsum("thgd,tjhd->thgj", qb, kb) * scale
         s = s.masked_fill(~vis[t0:t1, None, None, :], float("-inf"))
-        m = s.amax(-1, keepdim=True)
+        m = s.amax(-1, keepdim=True)  # NaN if a score is NaN
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m)
-        den = p.sum(-1, keepdim=True)
         o = torch.einsum("thgj,tjhd->thgd", p, vb)
-        o = o * torch.where(den > 0, 1.0 / den, torch.zeros_like(den))
+        o, blk = finish_rows(o, p.sum(-1), m[..., 0])  # empty rows: 0 / -inf; NaN stays
         out[t0:t1] = o.reshape(t1 - t0, hq, dv)
-        blk = torch.where(den > 0, m + torch.log(den), torch.full_like(den, float("-inf")))
         lse[t0:t1] = blk.reshape(t1 - t0, hq)
     return out, lse.t()
 
