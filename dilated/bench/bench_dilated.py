@@ -36,9 +36,8 @@ import torch.nn.functional as F
 
 from longattn.common import bench
 from longattn.common.testing import rel_error
-from longattn.dilated import attention as dilated_impl
-from longattn.dilated import dilated_attention
-from longattn.dilated.plan import build_plan
+from longattn.dilated import FusedConfig, dilated_attention
+from longattn.dilated.plan import make_plan
 
 PAPER_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
 PAPER_RATES = (1, 2, 4, 6, 12)
@@ -46,7 +45,7 @@ PAPER_RATES = (1, 2, 4, 6, 12)
 
 def useful_flops(b, s, h, hkv, d, seg, rates, causal, backward):
     """FLOPs of the sparsified segment attentions (dense-attention counting convention)."""
-    plan = build_plan(s, s, 0, 1, h, hkv, tuple(seg), tuple(rates), causal)
+    plan = make_plan(s, s, 0, 1, h, hkv, tuple(seg), tuple(rates), causal)
     f = 0.0
     for c in plan.calls:
         nseg, nq, nk, heads, _ = c.shape
@@ -65,7 +64,7 @@ def _rand(shape, device, dtype, seed):
     return torch.randn(*shape, device=device, dtype=dtype, generator=g)
 
 
-def check_oracle(device, dtype):
+def check_oracle(device, dtype, config):
     """Small case against the float64 oracle, forward and backward."""
     from longattn.reference.dilated import dilated_attention as ref_fwd
     from longattn.reference.dilated import dilated_attention_backward as ref_bwd
@@ -75,7 +74,7 @@ def check_oracle(device, dtype):
     q, k, v = (_rand((b, s, n, d), device, dtype, i) for i, n in enumerate((h, hkv, hkv)))
     do = _rand((b, s, h, d), device, dtype, 9)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    out = dilated_attention(qq, kk, vv, seg, rates, is_causal=True)
+    out = dilated_attention(qq, kk, vv, seg, rates, causal=True, config=config)
     out.backward(do)
     c = lambda t: t.detach().double().cpu().numpy()  # noqa: E731
     ro, _ = ref_fwd(c(q), c(k), c(v), seg, rates, causal=True)
@@ -86,14 +85,15 @@ def check_oracle(device, dtype):
     return errs
 
 
-def check_paper_schedule(device, dtype, s=40000, h=12, d=64):
+def check_paper_schedule(device, dtype, config, s=40000, h=12, d=64):
     """The full paper schedule on the fast path against the float32 torch backend."""
     q, k, v, do = (_rand((1, s, h, d), device, dtype, 20 + i) for i in range(4))
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    out = dilated_attention(qq, kk, vv, PAPER_SEGMENTS, PAPER_RATES, is_causal=True)
+    out = dilated_attention(qq, kk, vv, PAPER_SEGMENTS, PAPER_RATES, causal=True,
+                            config=config)
     out.backward(do)
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
-    ref = dilated_attention(q32, k32, v32, PAPER_SEGMENTS, PAPER_RATES, is_causal=True,
+    ref = dilated_attention(q32, k32, v32, PAPER_SEGMENTS, PAPER_RATES, causal=True,
                             backend="torch")
     ref.backward(do.float())
     errs = {"out": rel_error(out, ref)}
@@ -106,7 +106,7 @@ def _timing_kw(device):
     return {} if device == "cuda" else {"warmup": 1, "rep": 2}  # the CPU smoke only checks
 
 
-def time_dilated(device, dtype, b, s, h, d, seg, rates):
+def time_dilated(device, dtype, b, s, h, d, seg, rates, config):
     q, k, v, do = (_rand((b, s, h, d), device, dtype, i) for i in range(4))
     q.requires_grad_()
     k.requires_grad_()
@@ -114,10 +114,10 @@ def time_dilated(device, dtype, b, s, h, d, seg, rates):
 
     def fwd():
         with torch.no_grad():
-            return dilated_attention(q, k, v, seg, rates, is_causal=True)
+            return dilated_attention(q, k, v, seg, rates, causal=True, config=config)
 
     def fwd_bwd():
-        o = dilated_attention(q, k, v, seg, rates, is_causal=True)
+        o = dilated_attention(q, k, v, seg, rates, causal=True, config=config)
         torch.autograd.grad(o, (q, k, v), do)
 
     fwd_bwd()  # warm-up: plan, kernels' own plans
@@ -185,7 +185,7 @@ def time_flex(device, dtype, s, h, d, seg, rates):
     t = bench.time_interleaved({"fwd": fwd, "fwd+bwd": fwd_bwd}, device=device, rounds=2)
     # same numbers as ours?
     ours = dilated_attention(q.detach().transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                             seg, rates, is_causal=True)
+                             seg, rates, causal=True)
     t["rel_err_vs_ours"] = rel_error(fwd().transpose(1, 2), ours)
     return t
 
@@ -200,15 +200,14 @@ def main(argv=None):
     ap.add_argument("--fused-tile", default=None, metavar="ROWS,CHUNK,WARPS,PROGRAMS_PER_SM",
                     help="launch of the fused kernels: positions a tile, head-dim columns a "
                          "load, warps, programs per SM or 'none' (one per tile) (default: "
-                         "longattn.dilated.fused's)")
+                         "longattn.dilated.FusedConfig's)")
     args = ap.parse_args(argv)
-    dilated_impl.FUSED = args.fused
-    from longattn.dilated import fused as fused_impl
-
+    config = FusedConfig(fused=args.fused)
     if args.fused_tile:
         rows, chunk, warps, pps = args.fused_tile.split(",")
-        fused_impl.ROWS, fused_impl.CHUNK, fused_impl.NUM_WARPS = int(rows), int(chunk), int(warps)
-        fused_impl.PROGRAMS_PER_SM = None if pps == "none" else int(pps)
+        config = FusedConfig(fused=args.fused, rows=int(rows), chunk=int(chunk),
+                             num_warps=int(warps),
+                             programs_per_sm=None if pps == "none" else int(pps))
     out_dir = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
                             args.out)
     cuda = torch.cuda.is_available() and not args.smoke
@@ -227,16 +226,17 @@ def main(argv=None):
         dense_lengths = [512]
     t_start = time.perf_counter()
     print(f"device: {bench.device_name(device)}  torch {torch.__version__}  dtype {dtype}"
-          f"  fused {args.fused} (tiles of {fused_impl.ROWS} positions, {fused_impl.CHUNK}-column"
-          f" loads, {fused_impl.NUM_WARPS} warps, programs per SM "
-          f"{fused_impl.PROGRAMS_PER_SM or 'one per tile'})")
+          f"  fused {config.fused} (tiles of {config.rows} positions, {config.chunk}-column"
+          f" loads, {config.num_warps} warps, programs per SM "
+          f"{config.programs_per_sm or 'one per tile'})")
     results, table = [], []
 
     # 1. correctness first
     checks = {}
-    for name, fn in (("oracle (S=700, GQA 3, causal)", lambda: check_oracle(device, dtype)),
+    for name, fn in (("oracle (S=700, GQA 3, causal)",
+                      lambda: check_oracle(device, dtype, config)),
                      ("paper schedule S=40000 vs fp32 torch backend",
-                      lambda: check_paper_schedule(device, dtype) if cuda else
+                      lambda: check_paper_schedule(device, dtype, config) if cuda else
                       {"skipped": "cpu smoke"})):
         try:
             checks[name] = fn()
@@ -253,7 +253,7 @@ def main(argv=None):
     for s in bench.progress(lengths, desc="dilated"):
         b = max(1, total // s)
         try:
-            t = time_dilated(device, dtype, b, s, h, d, seg, rates)
+            t = time_dilated(device, dtype, b, s, h, d, seg, rates, config)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
             if cuda:

@@ -3,7 +3,7 @@
     python dilated/bench/compile_sm90.py [--dtype bf16|fp16|fp32] [--head-dim 64]
 
 Uses triton's own compiler and the ``ptxas`` / ``cuobjdump`` of its wheel (runs on a CPU-only
-machine), for the tile sizes :mod:`longattn.dilated.fused` picks and a few alternatives:
+machine), for the default launch of :class:`longattn.dilated.FusedConfig` and a few alternatives:
 shared memory, registers and spill stack of each sm_90 cubin. A developer tool that catches
 compile errors the interpreter cannot; it leans on triton internals (``ASTSource``,
 ``GPUTarget``) that move between versions.
@@ -20,7 +20,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton  # noqa: E402
 
 from longattn.common.bench import compile_sm90  # noqa: E402
-from longattn.dilated import fused  # noqa: E402
+from longattn.dilated import FusedConfig, fused  # noqa: E402
 
 
 def _compile(kern, dtype, consts, num_warps):
@@ -40,7 +40,8 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=64)
     args = ap.parse_args(argv)
     bd = triton.next_power_of_2(args.head_dim)
-    default = (fused.ROWS, fused.CHUNK, fused.NUM_WARPS)
+    d0 = FusedConfig()
+    default = (d0.rows, d0.chunk, d0.num_warps)
     for rows, chunk, warps in dict.fromkeys((default, (128, 16, 4), (64, 32, 4), (128, 32, 8),
                                              (128, 8, 4))):
         for name, kern in (("merge", fused._merge_kernel), ("sum", fused._sum_kernel)):

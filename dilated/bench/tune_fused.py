@@ -9,8 +9,9 @@ only). The kernels' inputs are captured from one real forward + backward; each l
 tile) is timed on them, with the
 bytes each kernel must move and the bandwidth it reaches, next to a plain device copy of as
 many bytes (the memory speed this GPU gives such traffic). Then the ``--full`` best choices
-(by merge + 3 sums) and the current default run the whole forward + backward, alternated
-round by round, and a profile of the best shows where the rest of the time goes.
+(by merge + 3 sums) and the default :class:`~longattn.dilated.FusedConfig` run the whole
+forward + backward, alternated round by round, and a profile of the best shows where the rest
+of the time goes. Each choice is a ``FusedConfig`` passed as ``config=``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sys
 import torch
 
 from longattn.common import bench
-from longattn.dilated import dilated_attention
+from longattn.dilated import FusedConfig, dilated_attention
 from longattn.dilated import fused as F
 
 SEG, RATES = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
@@ -32,22 +33,24 @@ CHOICES = [(rows, chunk, warps, pps) for rows, chunk, warps in
            for pps in (None, 32)]
 
 
-def _knobs(choice):
-    F.ROWS, F.CHUNK, F.NUM_WARPS, F.PROGRAMS_PER_SM = choice
+def _config(choice):
+    rows, chunk, warps, pps = choice
+    return FusedConfig(rows=rows, chunk=chunk, num_warps=warps, programs_per_sm=pps)
 
 
 def _capture(run):
-    """The arguments of every merge_strided / sum_strided call made by ``run()``."""
+    """The positional arguments of every merge_strided / sum_strided call made by ``run()``
+    (the launch, ``config=``, is the caller's to choose)."""
     seen = {"merge": [], "sum": []}
     real = F.merge_strided, F.sum_strided
 
-    def merge(*a):
+    def merge(*a, **kw):
         seen["merge"].append(a)
-        return real[0](*a)
+        return real[0](*a, **kw)
 
-    def sums(*a):
+    def sums(*a, **kw):
         seen["sum"].append(a)
-        return real[1](*a)
+        return real[1](*a, **kw)
 
     F.merge_strided, F.sum_strided = merge, sums
     try:
@@ -69,7 +72,8 @@ def main(argv=None):
     ap.add_argument("--best-file", default=None, help="write the fastest choice here")
     args = ap.parse_args(argv)
     dev = "cuda"
-    default = (F.ROWS, F.CHUNK, F.NUM_WARPS, F.PROGRAMS_PER_SM)
+    d0 = FusedConfig()
+    default = (d0.rows, d0.chunk, d0.num_warps, d0.programs_per_sm)
     b, s, h, d = args.batch, args.seq, 12, 64
     g = torch.Generator(device=dev).manual_seed(1)
     q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=g)
@@ -77,8 +81,8 @@ def main(argv=None):
     for t in (q, k, v):
         t.requires_grad_()
 
-    def fb():
-        o = dilated_attention(q, k, v, SEG, RATES, is_causal=True)
+    def fb(config=None):
+        o = dilated_attention(q, k, v, SEG, RATES, causal=True, config=config)
         torch.autograd.grad(o, (q, k, v), do)
 
     seen = _capture(fb)
@@ -97,9 +101,10 @@ def main(argv=None):
 
     rows = []
     for choice in bench.progress(CHOICES, desc="launch choices"):
-        _knobs(choice)
-        ms = [bench.time_fn(lambda: F.merge_strided(*merge_args), device=dev)]
-        ms += [bench.time_fn(lambda a=a: F.sum_strided(*a), device=dev) for a in sum_args]
+        cfg = _config(choice)
+        ms = [bench.time_fn(lambda c=cfg: F.merge_strided(*merge_args, config=c), device=dev)]
+        ms += [bench.time_fn(lambda a=a, c=cfg: F.sum_strided(*a, config=c), device=dev)
+               for a in sum_args]
         rows.append({"rows": choice[0], "chunk": choice[1], "warps": choice[2],
                      "programs/SM": choice[3] or "1 per tile",
                      "merge ms": round(ms[0], 3),
@@ -116,9 +121,10 @@ def main(argv=None):
     best = [r["_choice"] for r in rows[:args.full]]
     fns = {}
     for choice in dict.fromkeys(best + [default]):
-        def run(choice=choice):
-            _knobs(choice)
-            fb()
+        cfg = _config(choice)
+
+        def run(cfg=cfg):
+            fb(cfg)
         run()
         fns[str(choice)] = run
     times = bench.time_interleaved(fns, device=dev, rounds=3)
@@ -142,7 +148,6 @@ def main(argv=None):
           f"{sum(e.self_device_time_total for e in ev) / 1e3:.2f} ms")
     for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:16]:
         print(f"  {e.self_device_time_total / 1e3:9.2f} ms  x{e.count:4d}  {e.key[:90]}")
-    _knobs(default)
     return 0
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from longattn.common.merge import merge_partials
 from longattn.common.testing import TOLERANCES, rel_error
 from longattn.dilated import DilatedAttention, dilated_attention
-from longattn.dilated.plan import build_plan
+from longattn.dilated.plan import make_plan
 from longattn.reference.dilated import dilated_attention as ref_forward
 from longattn.reference.dilated import dilated_attention_backward as ref_backward
 
@@ -47,7 +47,7 @@ def _inputs(seed, b, s, hq, hkv, d, dv, dtype=torch.float64, device="cpu"):
 def _check_against_oracle(seg, rates, causal, s, hq, hkv, seed, *, with_dlse, b=2, d=8, dv=6):
     q, k, v, dout, dlse = _inputs(seed, b, s, hq, hkv, d, dv)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    out, lse = dilated_attention(qq, kk, vv, seg, rates, is_causal=causal, return_lse=True)
+    out, lse = dilated_attention(qq, kk, vv, seg, rates, causal=causal, return_lse=True)
     ro, rl = ref_forward(q.numpy(), k.numpy(), v.numpy(), seg, rates, causal=causal)
     dl = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse)) if with_dlse else None
     loss = (out * dout).sum() + ((lse.masked_fill(~torch.isfinite(lse), 0) * dl).sum()
@@ -82,7 +82,7 @@ def test_paper_schedule_full_size_structure():
     """The paper's schedule at full size: the plan's calls are the expected dense problems,
     read as strided views (no gathers) with MHA, gathered with GQA."""
     seg, rates = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
-    plan = build_plan(65536, 65536, 0, 1, 12, 12, seg, rates, True)
+    plan = make_plan(65536, 65536, 0, 1, 12, 12, seg, rates, True)
     assert all(c.strided is not None for c in plan.calls)
     shapes = sorted((c.branch, c.shape) for c in plan.calls)
     want = [(0, (32, 2048, 2048, 12, 12))]                     # r = 1: all heads at once
@@ -91,7 +91,7 @@ def test_paper_schedule_full_size_structure():
     want += [(3, (4, 2731, 2731, 2, 2))] * 4 + [(3, (4, 2730, 2730, 2, 2))] * 2  # 16384 = 6*2730+4
     want += [(4, (2, 2731, 2731, 1, 1))] * 8 + [(4, (2, 2730, 2730, 1, 1))] * 4  # 32768 = 12*2730+8
     assert shapes == sorted(want)
-    gqa = build_plan(65536, 65536, 0, 1, 12, 4, seg, rates, True)
+    gqa = make_plan(65536, 65536, 0, 1, 12, 4, seg, rates, True)
     assert sorted((c.branch, c.shape) for c in gqa.calls) == [
         (0, (32, 2048, 2048, 12, 4)),
         (1, (16, 2048, 2048, 12, 12)),    # kv head u serves offsets 0 and 1: 12 virtual heads
@@ -123,7 +123,7 @@ def test_low_precision(dtype):
     seg, rates = SCHEDULES[0]
     q, k, v, dout, _ = _inputs(7, 2, 50, 6, 3, 16, 16, dtype=dtype)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    out, lse = dilated_attention(qq, kk, vv, seg, rates, is_causal=True, return_lse=True)
+    out, lse = dilated_attention(qq, kk, vv, seg, rates, causal=True, return_lse=True)
     assert out.dtype == dtype and lse.dtype == torch.float32
     (out.float() * dout.float()).sum().backward()
     c = lambda t: t.double().numpy()  # noqa: E731
@@ -140,11 +140,11 @@ def test_merge_equals_pairwise_shared_merge():
     """The multi-way merge equals folding the branches with common.merge.merge_partials."""
     q, k, v, _, _ = _inputs(3, 1, 30, 4, 2, 8, 8)
     seg, rates = [4, 8, 16], [1, 2, 4]
-    out, lse = dilated_attention(q, k, v, seg, rates, is_causal=True, return_lse=True)
+    out, lse = dilated_attention(q, k, v, seg, rates, causal=True, return_lse=True)
     acc_o = torch.zeros_like(out)
     acc_l = torch.full_like(lse, float("-inf"))
     for w, r in zip(seg, rates):
-        o, l = dilated_attention(q, k, v, [w], [r], is_causal=True, return_lse=True)
+        o, l = dilated_attention(q, k, v, [w], [r], causal=True, return_lse=True)
         acc_o, acc_l = merge_partials(acc_o, acc_l, o, l)
     assert rel_error(out, acc_o) <= 1e-13 and rel_error(lse, acc_l) <= 1e-13
 
@@ -152,11 +152,18 @@ def test_merge_equals_pairwise_shared_merge():
 def test_module_and_scale():
     q, k, v, _, _ = _inputs(4, 2, 33, 4, 4, 8, 8)
     m = DilatedAttention([4, 8, 16], [1, 2, 4], softmax_scale=0.3)
-    out = m(q, k, v, is_causal=True)
-    ro, _ = ref_forward(q.numpy(), k.numpy(), v.numpy(), [4, 8, 16], [1, 2, 4], causal=True,
-                        scale=0.3)
+    out = m(q, k, v, is_causal=True)  # the seed's name of causal
+    # softmax_scale=0.3 is the default scale 8 ** -0.5 on q * 0.3 * 8 ** 0.5
+    ro, _ = ref_forward((q * 0.3 * 8 ** 0.5).numpy(), k.numpy(), v.numpy(), [4, 8, 16],
+                        [1, 2, 4], causal=True)
     assert rel_error(out, ro) <= 1e-10
+    assert rel_error(dilated_attention(q, k, v, [4, 8, 16], [1, 2, 4], causal=True,
+                                       softmax_scale=0.3), ro) <= 1e-10
+    assert rel_error(m(q, k, v), dilated_attention(q, k, v, [4, 8, 16], [1, 2, 4],
+                                                   softmax_scale=0.3)) == 0
     assert "segment_lengths=[4, 8, 16]" in repr(m)
+    with pytest.raises(TypeError, match="is_causal"):  # the function takes causal only
+        dilated_attention(q, k, v, [4], [1], is_causal=True)
 
 
 def test_uncovered_rows_zero_and_no_nan_grads():
@@ -174,7 +181,7 @@ def test_plan_covers_each_row_once_per_branch(hkv):
     from longattn.reference.dilated import dilated_masks
 
     s, hq, seg, rates = 100, 6, (7, 12, 30), (1, 2, 5)
-    plan = build_plan(s, s, 0, 1, hq, hkv, seg, rates, False)
+    plan = make_plan(s, s, 0, 1, hq, hkv, seg, rates, False)
     masks = dilated_masks(s, hq, seg, rates)
     for bi in range(len(seg)):
         count = np.zeros((s, hq), dtype=int)
@@ -201,8 +208,14 @@ def test_plan_covers_each_row_once_per_branch(hkv):
         (dict(segment_lengths=[4], dilation_rates=[-2]), ValueError, "dilation_rates"),
         (dict(segment_lengths=[4.0], dilation_rates=[1]), ValueError, "segment_lengths"),
         (dict(segment_lengths=4, dilation_rates=[1]), TypeError, "segment_lengths"),
-        (dict(is_causal="yes"), TypeError, "is_causal"),
-        (dict(scale="big"), TypeError, "scale"),
+        (dict(causal="yes"), TypeError, "causal"),
+        (dict(causal=None), TypeError, "causal"),
+        (dict(softmax_scale="big"), TypeError, "softmax_scale"),
+        (dict(softmax_scale=float("nan")), ValueError, "softmax_scale"),
+        (dict(backend="no_such_kernel"), ValueError, "backend"),
+        (dict(backend=3), TypeError, "backend"),
+        (dict(config="fast"), TypeError, "config"),
+        (dict(group="world"), (TypeError, ValueError), "group"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
@@ -236,8 +249,8 @@ def test_kernel_outputs_with_any_strides():
     def relayout(t):
         return t.transpose(1, 2).contiguous().transpose(1, 2)
 
-    def fwd(q, k, v, *, scale, window):
-        o, lse = torch_backend.forward(q, k, v, scale=scale, window=window)
+    def fwd(q, k, v, **kw):
+        o, lse = torch_backend.forward(q, k, v, **kw)
         return relayout(o), lse
 
     def bwd(*args, **kw):
@@ -249,7 +262,7 @@ def test_kernel_outputs_with_any_strides():
         got, want = [], []
         for backend, res in (("dilated_test_bhsd", got), ("torch", want)):
             qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-            o = dilated_attention(qq, kk, vv, [8, 16, 32], [1, 2, 4], is_causal=True,
+            o = dilated_attention(qq, kk, vv, [8, 16, 32], [1, 2, 4], causal=True,
                                   backend=backend)
             o.backward(dout)
             res += [o, qq.grad, kk.grad, vv.grad]
@@ -263,7 +276,7 @@ def test_gradient_through_lse_only(causal):
     seg, rates = SCHEDULES[0]
     q, k, v, _, dlse = _inputs(11, 2, 37, 4, 4, 8, 6)
     qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-    _, lse = dilated_attention(qq, kk, vv, seg, rates, is_causal=causal, return_lse=True)
+    _, lse = dilated_attention(qq, kk, vv, seg, rates, causal=causal, return_lse=True)
     dl = torch.where(torch.isfinite(lse), dlse, torch.zeros_like(dlse))
     (lse.masked_fill(~torch.isfinite(lse), 0) * dl).sum().backward()
     grads = ref_backward(np.zeros((2, 37, 4, 6)), q.numpy(), k.numpy(), v.numpy(), seg, rates,

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from longattn.common import comm
+from longattn.common.dist import LOCAL
 from longattn.common.testing import rel_error, run_world
 from longattn.dilated import dilated_attention
 from longattn.reference.dilated import dilated_masks
@@ -68,17 +69,17 @@ def _run_cases(rank, world, sizes):
                 q, k, v, dout = mk(b, s, hq, d), mk(b, s, hkv, d), mk(b, s, hkv, dv), mk(
                     b, s, hq, dv)
                 full = [t.clone().requires_grad_() for t in (q, k, v)]
-                o = dilated_attention(*full, seg, rates, is_causal=causal)
+                o = dilated_attention(*full, seg, rates, causal=causal, group=LOCAL)
                 (o * dout).sum().backward()
                 sl = slice(rank * l, rank * l + l)
                 loc = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
                 with comm.counting() as cf:
-                    ol, lse = dilated_attention(*loc, seg, rates, is_causal=causal, group=group,
+                    ol, lse = dilated_attention(*loc, seg, rates, causal=causal, group=group,
                                                 return_lse=True)
                 with comm.counting() as cb:
                     (ol * dout[:, sl]).sum().backward()
-                _, lse_full = dilated_attention(q, k, v, seg, rates, is_causal=causal,
-                                                return_lse=True)
+                _, lse_full = dilated_attention(q, k, v, seg, rates, causal=causal,
+                                                return_lse=True, group=LOCAL)
                 errs = [rel_error(ol, o[:, sl]), rel_error(lse, lse_full[:, :, sl])]
                 errs += [rel_error(a.grad, f.grad[:, sl]) for a, f in zip(loc, full)]
                 want = _expected_bytes(rank, n, l, hq, hkv, seg, rates, causal, b, d, dv, 8)
@@ -112,30 +113,39 @@ def test_distributed_equals_single_process_worlds_1_to_8():
 def _bad_calls(rank, world):
     """Calls that are wrong on some ranks only: every rank must raise, none may hang."""
     group = _subgroup(world)
-    msgs = []
     good = torch.zeros(1, 6, 2, 4, dtype=torch.float64)
-    bad_cases = [
+    wide = torch.zeros(1, 6, 3, 4, dtype=torch.float64)
+    grad = good.clone().requires_grad_(rank == 0)
+    cases = [  # (q, k, v, keyword arguments)
         # rank 1 has a different local length
-        lambda: (torch.zeros(1, 7 if rank == 1 else 6, 2, 4, dtype=torch.float64),) * 3,
-        # rank 2 passes float32 k
-        lambda: (good, good.float() if rank == 2 else good, good),
+        ((torch.zeros(1, 7 if rank == 1 else 6, 2, 4, dtype=torch.float64),) * 3, {}),
+        # rank 2 passes float32 k (a local error there)
+        ((good, good.float() if rank == 2 else good, good), {}),
         # every rank passes mismatched heads
-        lambda: (good, torch.zeros(1, 6, 3, 4, dtype=torch.float64),
-                 torch.zeros(1, 6, 3, 4, dtype=torch.float64)),
+        ((good, wide, wide), {}),
+        # a different schedule on rank 0
+        ((good, good, good), dict(segment_lengths=[4, 24] if rank == 0 else [4, 12])),
+        # causal on rank 3 only
+        ((good, good, good), dict(causal=rank == 3)),
+        # softmax_scale on rank 1 only
+        ((good, good, good), dict(softmax_scale=0.1 if rank == 1 else None)),
+        # float32 everything on rank 2: consistent locally, not across ranks
+        (((good.float(),) * 3 if rank == 2 else (good,) * 3), {}),
+        # a gradient is needed on rank 0 only (its backward would wait for the others)
+        ((grad, good, good), {}),
+        # causal that is not a bool, on rank 4
+        ((good, good, good), dict(causal="yes" if rank == 4 else True)),
+        # a backend rank 1 does not know
+        ((good, good, good), dict(backend="no_such_kernel" if rank == 1 else "auto")),
     ]
-    for make in bad_cases:
-        q, k, v = make()
+    msgs = []
+    for (q, k, v), kw in cases:
+        kw = dict(dict(segment_lengths=[4, 12], dilation_rates=[1, 2], causal=True), **kw)
         try:
-            dilated_attention(q, k, v, [4, 12], [1, 2], is_causal=True, group=group)
+            dilated_attention(q, k, v, group=group, **kw)
             msgs.append(None)
         except (ValueError, TypeError) as e:
             msgs.append(f"{type(e).__name__}: {e}")
-    # and a different schedule on rank 0
-    try:
-        dilated_attention(good, good, good, [4, 12] if rank else [4, 24], [1, 2], group=group)
-        msgs.append(None)
-    except ValueError as e:
-        msgs.append(f"ValueError: {e}")
     return msgs
 
 
@@ -143,10 +153,81 @@ def test_bad_call_raises_on_every_rank():
     res = run_world(8, _bad_calls, timeout=60)
     for msgs in res:
         assert all(m is not None for m in msgs), msgs
-    assert "must be the same on every rank" in res[0][0]
-    assert "dtype" in res[2][1] and "same on every rank" in res[0][1]
-    assert all("heads" in r[2] for r in res)
-    assert all("same on every rank" in r[3] for r in res)
+    expect = [
+        ("ValueError", "q.shape must be the same on every rank"),
+        ("TypeError", "dtypes differ"),
+        ("ValueError", "heads"),
+        ("ValueError", "segment_lengths must be the same on every rank"),
+        ("ValueError", "causal must be the same on every rank"),
+        ("ValueError", "softmax_scale must be the same on every rank"),
+        ("ValueError", "dtype must be the same on every rank"),
+        ("ValueError", "needs grad must be the same on every rank"),
+        ("TypeError", "causal must be a bool"),
+        ("ValueError", "backend"),
+    ]
+    for i, (cls, text) in enumerate(expect):
+        for rank, msgs in enumerate(res):
+            assert msgs[i].startswith(cls) and text in msgs[i], (i, rank, msgs[i])
+        if i in (1, 2, 8, 9):  # a local error: the failing rank's message on every rank
+            assert len({m[i] for m in res}) == 1
+    assert "rank(s) [2]" in res[0][1] and "rank(s) [4]" in res[0][8]
+    assert "rank(s) [1]" in res[0][9]
+
+
+def _group_rule(rank, world):
+    """The rule of group=None in a 2-rank world, LOCAL, and a 1-D DeviceMesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from longattn.dilated import DilatedAttention, LongNetLM, MultiheadDilatedAttention
+
+    seg, rates, l = (4, 8), (1, 2), 6
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2 * l, 2, 4, generator=gen, dtype=torch.float64)
+               for _ in range(3))
+    sl = slice(rank * l, rank * l + l)
+    x = torch.randn(1, 2 * l, 8, generator=gen, dtype=torch.float64)
+    out = {}
+    calls = {
+        "function": lambda g: dilated_attention(q[:, sl], k[:, sl], v[:, sl], seg, rates,
+                                                causal=True, group=g),
+        "DilatedAttention": lambda g: DilatedAttention(seg, rates, group=g)(
+            q[:, sl], k[:, sl], v[:, sl], is_causal=True),
+        "MultiheadDilatedAttention": lambda g: MultiheadDilatedAttention(
+            8, 2, seg, rates, dtype=torch.float64, pos_emb="rotary", group=g)(
+            x[:, sl], x[:, sl], x[:, sl], is_causal=True)[0],
+        "LongNetLM": lambda g: LongNetLM(10, d_model=8, nhead=2, num_decoder_layers=1,
+                                         dim_feedforward=8, segment_lengths=seg,
+                                         dilation_rates=rates, group=g)(
+            torch.zeros(1, l, dtype=torch.int64)),
+    }
+    for name, call in calls.items():
+        try:
+            call(None)
+            out[name] = None
+        except ValueError as e:
+            out[name] = str(e)
+    out["local"] = dilated_attention(q, k, v, seg, rates, causal=True, group=LOCAL)[:, sl]
+    out["world"] = calls["function"](dist.group.WORLD)
+    out["mesh"] = calls["function"](init_device_mesh("cpu", (2,), mesh_dim_names=("cp",)))
+    mesh2 = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "cp"))
+    try:
+        calls["function"](mesh2)
+        out["mesh2"] = None
+    except ValueError as e:
+        out["mesh2"] = str(e)
+    out["mesh2 cp"] = calls["function"](mesh2["cp"])
+    return out
+
+
+def test_group_none_raises_in_a_two_rank_world_and_a_mesh_works():
+    res = run_world(2, _group_rule, timeout=60)
+    for r in res:
+        for name in ("function", "DilatedAttention", "MultiheadDilatedAttention", "LongNetLM"):
+            assert r[name] is not None and "group=None" in r[name], (name, r[name])
+            assert "longattn.common.dist.LOCAL" in r[name]
+        assert r["mesh2"] is not None and "1-D DeviceMesh" in r["mesh2"]
+        for name in ("world", "mesh", "mesh2 cp"):
+            assert rel_error(r[name], r["local"]) <= 1e-12, name
 
 
 def _lm_case(rank, world, n, pos_emb):
@@ -159,7 +240,7 @@ def _lm_case(rank, world, n, pos_emb):
     kw = dict(d_model=16, nhead=4, num_decoder_layers=2, dim_feedforward=32,
               segment_lengths=seg, dilation_rates=rates, dtype=torch.float64, pos_emb=pos_emb)
     torch.manual_seed(0)
-    single = LongNetLM(30, **kw)
+    single = LongNetLM(30, group=LOCAL, **kw)
     torch.manual_seed(0)
     par = LongNetLM(30, group=group, **kw)
     gen = torch.Generator().manual_seed(1)

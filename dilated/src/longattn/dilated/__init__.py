@@ -2,6 +2,7 @@
 the LongNet models, and the distributed (sequence-parallel) version of section 3.1."""
 
 from longattn.dilated.attention import DilatedAttention, check_schedule, dilated_attention
+from longattn.dilated.config import FusedConfig
 from longattn.dilated.model import (
     DilatedTransformerDecoderLayer,
     DilatedTransformerEncoderLayer,
@@ -15,6 +16,7 @@ __all__ = [
     "DilatedAttention",
     "DilatedTransformerDecoderLayer",
     "DilatedTransformerEncoderLayer",
+    "FusedConfig",
     "LongNet",
     "LongNetLM",
     "MultiheadDilatedAttention",

@@ -1,7 +1,8 @@
 """Exact LongNet dilated attention (arXiv 2307.02486, section 2; distributed: section 3.1).
 
-    dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal=False,
-                      scale=None, group=None, return_lse=False, backend="auto")
+    dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False,
+                      softmax_scale=None, group=None, return_lse=False, backend="auto",
+                      config=None)
 
 Every branch ``(w, r)`` runs on every head (head ``h`` uses offset ``h mod r``); each
 sparsified segment is a dense attention problem, and equal-shaped problems are gathered into
@@ -20,20 +21,17 @@ only), in one batched exchange per call; the backward returns their gradients th
 
 from __future__ import annotations
 
-import zlib
-
 import torch
-import torch.distributed as dist
 
 from longattn.common import comm
-from longattn.common.checks import check_qkv, check_same_across_ranks, check_scale
-from longattn.common.kernels import attention_backward, attention_forward
-from longattn.dilated.plan import build_plan
+from longattn.common import dist as ldist
+from longattn.common.checks import check_bool, check_qkv, check_scale
+from longattn.common.dtypes import acc_dtype
+from longattn.common.kernels import attention_backward, attention_forward, pick_backend
+from longattn.common.merge import finish_rows
+from longattn.dilated.config import check_config
+from longattn.dilated.plan import make_plan
 
-# Fused Triton merge / gradient sum (:mod:`longattn.dilated.fused`) for plans of strided calls
-# only: "auto" = on CUDA fp16/bf16 when triton imports; "on" = wherever the plan allows it
-# (also CPU float32 under TRITON_INTERPRET=1, for the tests); "off" = always the eager code.
-FUSED = "auto"
 
 def check_schedule(segment_lengths, dilation_rates):
     """Validate a (segments, rates) schedule; returns two tuples of ints."""
@@ -51,7 +49,18 @@ def check_schedule(segment_lengths, dilation_rates):
     return tuple(int(x) for x in segment_lengths), tuple(int(x) for x in dilation_rates)
 
 
-def _check_local(q, k, v, segment_lengths, dilation_rates, is_causal, scale):
+def _softmax_scale(softmax_scale, head_dim):
+    try:
+        return check_scale(softmax_scale, head_dim)
+    except (TypeError, ValueError) as e:
+        msg = str(e)
+        raise type(e)(msg if msg.startswith("softmax_scale") else f"softmax_scale: {msg}") \
+            from None
+
+
+def _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, config):
+    """This rank's checks of a :func:`dilated_attention` call: ``((segments, rates, scale,
+    config), fields every rank must share)`` (see :func:`longattn.common.dist.agree`)."""
     seg, rates = check_schedule(segment_lengths, dilation_rates)
     check_qkv(q, k, v)
     if q.shape[1] != k.shape[1]:
@@ -61,16 +70,17 @@ def _check_local(q, k, v, segment_lengths, dilation_rates, is_causal, scale):
         )
     if q.shape[1] == 0 or q.shape[0] == 0:
         raise ValueError(f"q must have a non-empty batch and sequence, got {tuple(q.shape)}")
-    if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    scale = check_scale(scale, q.shape[-1])
-    return seg, rates, scale
-
-
-def _group_info(group):
-    if group is None or not dist.is_available() or not dist.is_initialized():
-        return 1, 0
-    return dist.get_world_size(group), dist.get_rank(group)
+    check_bool("causal", causal)
+    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    config = check_config(config)
+    # the local kernel for these inputs: an explicit backend that cannot serve them raises here
+    name = pick_backend(q, k, v, causal=causal, backend=backend)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape), "v.shape": tuple(v.shape),
+              "dtype": q.dtype, "device type": q.device.type, "causal": causal,
+              "softmax_scale": scale, "segment_lengths": seg, "dilation_rates": rates,
+              "backend": name, "needs grad": needs_grad}
+    return (seg, rates, scale, config), fields
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,11 +164,16 @@ def _take(call, qr, t3):
 
 
 def merge_calls(results, calls, b, l, h, dv, acc, first_covers=False):
-    """One multi-way LSE merge of every call's ``(out, lse)``: ``lse = log sum_c exp(lse_c)``,
-    ``out = sum_c exp(lse_c - lse) out_c`` (the paper's Eq. 10 over all branches at once).
-    Rows no call wrote stay ``out = 0``, ``lse = -inf``. Returns ``out [B, l, H, Dv]`` and
-    ``lse [B, l, H]`` in ``acc``. ``first_covers``: ``calls[0]`` writes every row (see
-    :class:`~longattn.dilated.plan.Plan`), so the output needs no zero fill."""
+    """One multi-way LSE merge of every call's ``(out, lse)`` (the paper's Eq. 10 over all
+    branches at once): the math of :func:`longattn.common.merge.merge_stacked`, accumulated
+    call by call into the rows each call writes (no stack of full-size partials): the row max
+    ``m``, ``den = sum_c exp(lse_c - m)``, ``num = sum_c exp(lse_c - m) out_c``, then
+    :func:`~longattn.common.merge.finish_rows` (rows no call wrote: ``out = 0``, ``lse = -inf``;
+    a NaN stays NaN). Returns ``out [B, l, H, Dv]`` and ``lse [B, l, H]`` in ``acc``.
+
+    The eager twin of the fused Triton merge :func:`longattn.dilated.fused.merge_strided`.
+    ``first_covers``: ``calls[0]`` writes every row (see
+    :class:`~longattn.dilated.plan.Plan`), so ``num`` needs no zero fill."""
     dev = results[0][0].device
     m = torch.full((b, l, h), float("-inf"), dtype=acc, device=dev)
     lses = []
@@ -170,25 +185,22 @@ def merge_calls(results, calls, b, l, h, dv, acc, first_covers=False):
             torch.maximum(mv, lc, out=mv)
         else:
             m.view(b, -1).scatter_reduce_(1, qr.expand(b, -1), lc, reduce="amax")
+    m0 = torch.where(torch.isneginf(m), torch.zeros_like(m), m)  # rows of no call: weights 0
     den = torch.zeros_like(m)
-    for (call, qr, _), lc in zip(calls, lses):
-        if call.strided is not None:
-            _sview(den, call).add_(torch.exp(lc - _sview(m, call)))
-        else:
-            den.view(b, -1).index_add_(1, qr, torch.exp(lc - _take(call, qr, m)))
-    lse = torch.where(den > 0, m + torch.log(den), m)  # m is -inf where nothing was written
-    out = (torch.empty if first_covers else torch.zeros)(b, l, h, dv, dtype=acc, device=dev)
+    num = (torch.empty if first_covers else torch.zeros)(b, l, h, dv, dtype=acc, device=dev)
     for i, ((call, qr, _), (o, _), lc) in enumerate(zip(calls, results, lses)):
-        w = torch.exp(lc - _take(call, qr, lse)).unsqueeze(-1)
+        w = torch.exp(lc - _take(call, qr, m0))
         if call.strided is not None:
-            ov = _sview(out, call)
+            _sview(den, call).add_(w)
+            nv = _sview(num, call)
             if i == 0 and first_covers:
-                torch.mul(o.unflatten(0, ov.shape[:2]), w, out=ov)
+                torch.mul(o.unflatten(0, nv.shape[:2]), w.unsqueeze(-1), out=nv)
             else:
-                ov.addcmul_(o.unflatten(0, ov.shape[:2]), w)  # no float32 copy of o
+                nv.addcmul_(o.unflatten(0, nv.shape[:2]), w.unsqueeze(-1))  # no float32 copy
         else:
-            out.view(b, -1, dv).index_add_(1, qr, o.reshape(b, -1, dv).to(acc) * w)
-    return out, lse
+            den.view(b, -1).index_add_(1, qr, w)
+            num.view(b, -1, dv).index_add_(1, qr, o.reshape(b, -1, dv).to(acc) * w.unsqueeze(-1))
+    return finish_rows(num, den, m)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,17 +264,16 @@ def _fused_module():
     return fused
 
 
-def _use_fused(q, plan):
-    """Whether this call merges / sums with the fused kernels (see :data:`FUSED`): only when
-    every call is strided and nothing is exchanged (then the full tensors are the calls'
-    strided results and the kernels compute their layout from ``Call.strided``)."""
-    if FUSED not in ("auto", "on", "off"):
-        raise ValueError(f"dilated.attention.FUSED must be 'auto', 'on' or 'off', got {FUSED!r}")
-    if FUSED == "off" or plan.recv or plan.send_rows:
+def _use_fused(q, plan, config):
+    """Whether this call merges / sums with the fused kernels (``config.fused``, see
+    :class:`~longattn.dilated.config.FusedConfig`): only when every call is strided and nothing
+    is exchanged (then the full tensors are the calls' strided results and the kernels compute
+    their layout from ``Call.strided``)."""
+    if config.fused == "off" or plan.recv or plan.send_rows:
         return False
     if any(c.strided is None for c in plan.calls):
         return False
-    if FUSED == "on":
+    if config.fused == "on":
         ok = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
     else:
         ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
@@ -273,7 +284,7 @@ def _fused_backward(ctx, q, k, v, out, lse, dout, dlse):
     """Backward of the fused path: every call's kernel backward reads strided views (no
     copies); one :func:`~longattn.dilated.fused.sum_strided` launch per gradient writes it
     in the input dtype (no float32 full-size accumulators)."""
-    plan, scale, _, backend = ctx.args
+    plan, scale, _, backend, config = ctx.args
     b, l, hq, d = q.shape
     hkv, dv = k.shape[2], v.shape[-1]
     calls = [c for c, _, _ in _device_plan(plan, q.device)[0]]
@@ -283,30 +294,27 @@ def _fused_backward(ctx, q, k, v, out, lse, dout, dlse):
         lg = _kernel_rows(call, b, _take(call, None, lse))
         dlg = None if dlse is None else _kernel_rows(call, b, _take(call, None, dlse))
         res = attention_backward(_kernel_in(dout, call), qg, kg, vg, _kernel_in(out, call), lg,
-                                 scale=scale, causal=call.causal, dlse=dlg, backend=backend)
+                                 softmax_scale=scale, causal=call.causal, dlse=dlg,
+                                 backend=backend)
         for acc, g in zip(grads, res):
             acc.append(g)
     fused = _fused_module()
-    return (fused.sum_strided(grads[0], calls, b, l, hq, d, q.dtype, 0),
-            fused.sum_strided(grads[1], calls, b, l, hkv, d, k.dtype, 1),
-            fused.sum_strided(grads[2], calls, b, l, hkv, dv, v.dtype, 1))
+    return (fused.sum_strided(grads[0], calls, b, l, hq, d, q.dtype, 0, config=config),
+            fused.sum_strided(grads[1], calls, b, l, hkv, d, k.dtype, 1, config=config),
+            fused.sum_strided(grads[2], calls, b, l, hkv, dv, v.dtype, 1, config=config))
 
 
 # --------------------------------------------------------------------------------------------
 # autograd
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class _DilatedAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, scale, group, backend):
+    def forward(ctx, q, k, v, plan, scale, group, backend, config):
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         b, l, hq, _ = q.shape
         dv = v.shape[-1]
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         calls, sends = _device_plan(plan, q.device)
         kf, vf = k.view(b, -1, k.shape[-1]), v.view(b, -1, dv)
         recv = _exchange_kv(kf, vf, plan, sends, group)
@@ -314,12 +322,12 @@ class _DilatedAttention(torch.autograd.Function):
         results = []
         for call, qr, kr in calls:
             qg, kg, vg = _operands(call, qr, kr, q, k, v, kpool, vpool)
-            results.append(attention_forward(qg, kg, vg, scale=scale, causal=call.causal,
-                                             backend=backend))
-        ctx.fused = _use_fused(q, plan)
+            results.append(attention_forward(qg, kg, vg, softmax_scale=scale,
+                                             causal=call.causal, backend=backend))
+        ctx.fused = _use_fused(q, plan, config)
         if ctx.fused:  # one launch, written in q.dtype
             out, lse = _fused_module().merge_strided(results, [c for c, _, _ in calls], b, l,
-                                                     hq, dv, q.dtype)
+                                                     hq, dv, q.dtype, config=config)
         else:
             out, lse = merge_calls(results, calls, b, l, hq, dv, acc, plan.first_covers)
             out = out.to(q.dtype)
@@ -327,16 +335,16 @@ class _DilatedAttention(torch.autograd.Function):
         # an unused lse (the usual case) comes back as None, not a zero tensor to fill and test
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, recv)
-        ctx.args = (plan, scale, group, backend)
+        ctx.args = (plan, scale, group, backend, config)
         return out, lse.transpose(1, 2)
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, recv = ctx.saved_tensors
-        plan, scale, group, backend = ctx.args
+        plan, scale, group, backend, _ = ctx.args
         b, l, hq, d = q.shape
         hkv, dv = k.shape[2], v.shape[-1]
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         calls, sends = _device_plan(plan, q.device)
         kf, vf = k.view(b, -1, d), v.view(b, -1, dv)
         kpool, vpool = _pools(kf, vf, recv)  # the received rows were kept from the forward
@@ -345,7 +353,7 @@ class _DilatedAttention(torch.autograd.Function):
             dlse = None
         dlse = None if dlse is None else dlse.transpose(1, 2).to(acc).contiguous()  # [B, l, H]
         if ctx.fused:
-            return _fused_backward(ctx, q, k, v, out, lse, dout, dlse) + (None,) * 4
+            return _fused_backward(ctx, q, k, v, out, lse, dout, dlse) + (None,) * 5
         # calls[0] writes every local row when plan.first_covers: no zero fill needed there
         alloc = torch.empty if plan.first_covers else torch.zeros
         dq = alloc(b, l, hq, d, dtype=acc, device=q.device)
@@ -366,7 +374,7 @@ class _DilatedAttention(torch.autograd.Function):
                 dog = dout.view(b, -1, dv)[:, qr].view(b * nseg, nq, c, dv)
             lg = _kernel_rows(call, b, _take(call, qr, lse))
             dlg = None if dlse is None else _kernel_rows(call, b, _take(call, qr, dlse))
-            dqg, dkg, dvg = attention_backward(dog, qg, kg, vg, og, lg, scale=scale,
+            dqg, dkg, dvg = attention_backward(dog, qg, kg, vg, og, lg, softmax_scale=scale,
                                                causal=call.causal, dlse=dlg, backend=backend)
             if call.strided is not None:  # accumulate in place, no float32 copies
                 for tgt, g in ((dq, dqg), (dk4, dkg), (dv4, dvg)):
@@ -379,74 +387,68 @@ class _DilatedAttention(torch.autograd.Function):
                 dvpool.index_add_(1, kr, dvg.reshape(b, -1, dv).to(acc))
         dkf, dvf = _return_grads(dkpool, dvpool, l * hkv, plan, sends, group, q.dtype)
         return (dq.to(q.dtype), dkf.view(b, l, hkv, d).to(k.dtype),
-                dvf.view(b, l, hkv, dv).to(v.dtype), None, None, None, None)
+                dvf.view(b, l, hkv, dv).to(v.dtype), None, None, None, None, None)
 
 
-def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, is_causal=False, scale=None,
-                      group=None, return_lse=False, backend="auto"):
+def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False,
+                      softmax_scale=None, group=None, return_lse=False, backend="auto",
+                      config=None):
     """LongNet dilated attention, forward and exact backward.
 
     q ``[B, S, Hq, D]``, k ``[B, S, Hkv, D]``, v ``[B, S, Hkv, Dv]`` (``Hq % Hkv == 0``), any
     ``S``. ``segment_lengths`` / ``dilation_rates``: the branches ``(w_i, r_i)``. Branch ``i``
     cuts the sequence into segments ``[j*w_i, min((j+1)*w_i, S))``; query head ``h`` keeps
     the rows at offset ``h mod r_i`` (stride ``r_i``) of each segment and attends densely
-    inside that sparsified segment (``is_causal``: causally, in sequence order). Branches are
+    inside that sparsified segment (``causal``: causally, in sequence order). Branches are
     mixed by their softmax denominators. Rows no branch keeps give ``out = 0``.
 
-    ``group``: ``None`` runs on this process alone. With a process group of ``n > 1`` ranks,
-    ``q/k/v`` are this rank's contiguous chunk (``S/n`` tokens, the same on every rank) of the
-    global sequence, and the result is this rank's chunk of the output.
+    ``softmax_scale``: default ``D ** -0.5``. ``backend``: the local kernel of
+    :mod:`longattn.common.kernels` (``"auto"`` or a name). ``config``: a
+    :class:`~longattn.dilated.config.FusedConfig` (how the calls are merged and their gradients
+    summed; None: the defaults).
+
+    ``group`` (see :mod:`longattn.common.dist`): a ``ProcessGroup`` or a 1-D ``DeviceMesh`` of
+    ``n`` ranks shards the sequence: ``q/k/v`` are this rank's contiguous chunk (``S/n`` tokens,
+    the same on every rank) of the global sequence, and the result is this rank's chunk of the
+    output. :data:`longattn.common.dist.LOCAL` runs on this process alone; ``None`` does too
+    without ``torch.distributed`` or in a world of one rank, and raises in a world of more.
+    Every check runs on every rank before any K/V moves, and a bad or mismatched argument on
+    any rank raises on all of them (:func:`longattn.common.dist.agree`).
 
     Returns ``out [B, S, Hq, Dv]`` (and ``lse [B, Hq, S]``, float32 / float64 for float64
     inputs, if ``return_lse``).
     """
-    world, rank = _group_info(group)
-    err = None
-    try:
-        seg, rates, scale = _check_local(q, k, v, segment_lengths, dilation_rates, is_causal,
-                                         scale)
-    except (TypeError, ValueError) as e:
-        err = e
-    if world > 1:
-        # Every rank takes part in this one small all-gather before any real communication,
-        # so a bad call on some ranks raises on all of them instead of hanging.
-        if err is None:
-            sig = (1, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.shape[3], v.shape[3],
-                   int(is_causal), zlib.crc32(repr((seg, rates, scale, str(q.dtype))).encode()))
-        else:
-            sig = (0,) + (0,) * 8
-        try:
-            check_same_across_ranks(
-                "dilated_attention arguments (ok, B, S_local, Hq, Hkv, D, Dv, causal, schedule)",
-                sig, group)
-        except ValueError:
-            if err is not None:
-                raise err from None
-            raise
-    if err is not None:
-        raise err
+    g = ldist.resolve_group(group)
+    (seg, rates, scale, config), _ = ldist.agree(
+        "dilated_attention", g,
+        lambda: _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend,
+                       config))
     b, l, hq, _ = q.shape
-    plan = build_plan(l * world, l, rank, world, hq, k.shape[2], seg, rates, is_causal)
-    out, lse = _DilatedAttention.apply(q, k, v, plan, scale, group if world > 1 else None,
-                                       backend)
+    plan = make_plan(l * g.size, l, g.rank, g.size, hq, k.shape[2], seg, rates, causal)
+    out, lse = _DilatedAttention.apply(q, k, v, plan, scale, g.pg if g.distributed else None,
+                                       backend, config)
     return (out, lse) if return_lse else out
 
 
 class DilatedAttention(torch.nn.Module):
-    """Module form of :func:`dilated_attention` (argument names of dilated-attention-pytorch).
+    """Module form of :func:`dilated_attention` (the argument names of
+    dilated-attention-pytorch).
 
-    ``forward(query, key, value, is_causal=False)`` with BSHD tensors. ``attention_dropout``
-    must be 0: dropout of attention probabilities has no exact equivalent on the lse kernels
-    used here (LongNet trains with dropout 0).
+    ``forward(q, k, v, is_causal=False)`` with BSHD tensors; ``is_causal`` is the seed's name of
+    ``causal``. ``attention_dropout`` must be 0: dropout of attention probabilities has no exact
+    equivalent on the lse kernels used here (LongNet trains with dropout 0). ``group``: as in
+    :func:`dilated_attention` (``None`` raises in a multi-rank world: a module under DDP passes
+    ``group=longattn.common.dist.LOCAL``). ``config``: a
+    :class:`~longattn.dilated.config.FusedConfig`.
     """
 
     def __init__(self, segment_lengths, dilation_rates, softmax_scale=None,
-                 attention_dropout=0.0, group=None):
+                 attention_dropout=0.0, group=None, *, config=None):
         super().__init__()
         self.segment_lengths, self.dilation_rates = check_schedule(segment_lengths,
                                                                    dilation_rates)
         if softmax_scale is not None:
-            check_scale(softmax_scale, 1)
+            _softmax_scale(softmax_scale, 1)
         if attention_dropout != 0.0:
             raise ValueError(
                 f"attention_dropout must be 0.0 (exact kernels have no attention dropout), "
@@ -455,10 +457,12 @@ class DilatedAttention(torch.nn.Module):
         self.softmax_scale = softmax_scale
         self.attention_dropout = 0.0
         self.group = group
+        self.config = check_config(config)
 
-    def forward(self, query, key, value, is_causal=False):
-        return dilated_attention(query, key, value, self.segment_lengths, self.dilation_rates,
-                                 is_causal=is_causal, scale=self.softmax_scale, group=self.group)
+    def forward(self, q, k, v, is_causal=False):
+        return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates,
+                                 causal=is_causal, softmax_scale=self.softmax_scale,
+                                 group=self.group, config=self.config)
 
     def extra_repr(self):
         return (f"segment_lengths={list(self.segment_lengths)}, "

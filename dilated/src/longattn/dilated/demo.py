@@ -37,10 +37,10 @@ def _rank_fn(rank, world, s, hq, hkv, d):
     l = s // world
     sl = slice(rank * l, rank * l + l)
     loc = [t[:, sl].clone().requires_grad_() for t in (q, k, v)]
-    dilated_attention(*loc, SEG, RATES, is_causal=True, group=dist.group.WORLD)  # plan, warm-up
+    dilated_attention(*loc, SEG, RATES, causal=True, group=dist.group.WORLD)  # plan, warm-up
     t0 = time.perf_counter()
     with comm.counting() as c:
-        out = dilated_attention(*loc, SEG, RATES, is_causal=True, group=dist.group.WORLD)
+        out = dilated_attention(*loc, SEG, RATES, causal=True, group=dist.group.WORLD)
         out.backward(dout[:, sl])
     ms = (time.perf_counter() - t0) * 1e3
     return out.detach(), [t.grad for t in loc], c.bytes_sent, ms
@@ -55,9 +55,9 @@ def rows(run_world):
     for causal in (False, True):
         q, k, v, dout = _inputs(b, s, hq, hkv, d, seed=1 + causal)
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
-        dilated_attention(q, k, v, SEG, RATES, is_causal=causal)  # plan, warm-up
+        dilated_attention(q, k, v, SEG, RATES, causal=causal)  # plan, warm-up
         t0 = time.perf_counter()
-        out = dilated_attention(qq, kk, vv, SEG, RATES, is_causal=causal)
+        out = dilated_attention(qq, kk, vv, SEG, RATES, causal=causal)
         out.backward(dout)
         ms = (time.perf_counter() - t0) * 1e3
         err = _oracle_err(out, [qq.grad, kk.grad, vv.grad], q, k, v, dout, causal)

@@ -17,8 +17,7 @@ forms each row's weights, then sums the weighted rows in float32 and writes the 
 in the output dtype. The group loops are unrolled (the group count is a compile-time constant)
 and branch-free, so the loads of all groups can be in flight together. A thread owns whole
 rows and reads the head dim in chunks of ``CHUNK`` columns, so a row's index arithmetic is
-done once, not by every thread that shares the row: the kernels were bound by instructions,
-not memory, before (bench/tune_fused.py and the dilated README give the numbers).
+done once, not by every thread that shares the row.
 
 The host resolves, for every (head, group), the call that holds the head into one row of an
 int64 table (one small host-to-device copy per launch): its geometry, and its data as element
@@ -26,9 +25,17 @@ offsets from the first call's tensor (a kernel argument, so its 16-byte alignmen
 the compiler and the head-dim loads are vectors) with the head's column added, and its row
 strides -- so the kernel's table loads do not depend on each other, and calls of any layout
 share the launch. Each program walks its tiles in a loop (``range(first, NTILES, step)``): one
-tile by default; with :data:`PROGRAMS_PER_SM` set, a few programs per SM stride over the tiles
-of their (head, batch row). The loop stays even for one tile: the same kernels compiled without
-it ran the sums 1.6x slower on the H100 (9.1 against 5.8 ms, bench/tune_fused.py).
+tile by default; with ``FusedConfig.programs_per_sm`` set, a few programs per SM stride over the
+tiles of their (head, batch row). The loop stays even for one tile: the same kernels compiled
+without it ran the three sums in 9.1 ms against 5.8 ms on the H100 (``tune_fused.py``, logs
+``bench/results/tune_fused_without_loop_log.txt`` and ``tune_fused_log.txt``).
+
+The slow twin of :func:`merge_strided` is the eager
+:func:`longattn.dilated.attention.merge_calls` (the same multi-way merge as
+:func:`longattn.common.merge.merge_stacked`, accumulated call by call; the tests compare all
+three); that of :func:`sum_strided` is the eager accumulation in the backward of
+:mod:`longattn.dilated.attention`. The launch is a :class:`~longattn.dilated.config.FusedConfig`
+passed by the caller.
 
 Runs on CPU tensors under ``TRITON_INTERPRET=1`` (set before triton is first imported).
 """
@@ -41,6 +48,9 @@ import torch
 import triton
 import triton.language as tl
 
+from longattn.dilated.config import DEFAULT
+
+# a fact of this process (triton reads it when first imported), not a knob
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 # columns of the per-(head, group) int64 table: the geometry of the group's call that holds the
@@ -230,7 +240,7 @@ def _groups(calls):
     return list(groups.values())
 
 
-def _table(calls, tensors, lses, which, nheads, device):
+def _table(calls, tensors, lses, which, nheads, device, config=DEFAULT):
     """The int64 table ``[nheads, ngroups, _NCOL]``: for each head and group, the geometry of
     the group's call that holds the head (``nseg = 0`` if none) and its data as element
     offsets from ``tensors[0]`` / ``lses[0]`` (so that the kernel addresses them from a
@@ -238,7 +248,7 @@ def _table(calls, tensors, lses, which, nheads, device):
     ``ALIGN``: the element multiple every call's offset and row strides share (16-byte
     vectors, else 1). ``tensors[c]`` is call c's ``[B*nseg, n, ho, D]`` result, ``lses[c]``
     its ``[B*nseg, ho, n]`` float32 lse (or None); ``which`` picks the call's head count (0:
-    query, 1: kv)."""
+    query, 1: kv); ``config``: its ``rows`` and ``fast_index`` decide ``FAST``."""
     ref, lref = tensors[0], lses[0]
     size = ref.element_size()
     geo, offsets = [], []
@@ -273,7 +283,7 @@ def _table(calls, tensors, lses, which, nheads, device):
     tab = torch.tensor(rows, dtype=torch.int64).view(nheads, len(groups), _NCOL.value)
     lengths = [g[4] for g in geo]
     strides = [x for g in geo for x in g[6:9] + g[10:]]
-    fast = (FAST_INDEX and min(lengths) >= ROWS and max(lengths) < 2**21
+    fast = (config.fast_index and min(lengths) >= config.rows and max(lengths) < 2**21
             and max(abs(x) for x in strides) < 2**31)
     return _to_device(tab, device), align, fast
 
@@ -286,62 +296,56 @@ def _to_device(tab, device):
     return tab.pin_memory().to(device, non_blocking=True)
 
 
-# The launch (bench/tune_fused.py times the choices; the dilated README has the H100 numbers):
-# loads of 16 columns = 32 bytes, a whole memory sector of a row (8 columns, half a sector: the
-# sums ran 3x slower); PROGRAMS_PER_SM: None = one program per tile (persistent programs, 32
-# per SM, measured slower: merge + sums 9.4 against 7.9 ms).
-ROWS = 128  # positions of a tile
-CHUNK = 16  # head-dim columns a load reads of each row
-NUM_WARPS = 4
-PROGRAMS_PER_SM = None
-# the division-free index arithmetic of _group_rows where the host finds it exact (False: the
-# integer divisions always, for tests)
-FAST_INDEX = True
 _NO_LENGTH = 1 << 20  # segment length of a (head, group) without a call: no tile crosses it
 
 
-def _splits(ntiles, b, h, device):
+def _splits(ntiles, b, h, device, config):
     """Programs per (head, batch row): each strides over ``ntiles / splits`` position tiles."""
-    if PROGRAMS_PER_SM is None:
+    if config.programs_per_sm is None:
         return ntiles
     sms = (torch.cuda.get_device_properties(device).multi_processor_count
            if device.type == "cuda" else 1)
-    return max(1, min(ntiles, triton.cdiv(sms * PROGRAMS_PER_SM, b * h)))
+    return max(1, min(ntiles, triton.cdiv(sms * config.programs_per_sm, b * h)))
 
 
-def _launch(kernel, table, args, b, l, h, d, device):
+def _launch(kernel, table, args, b, l, h, d, device, config):
     """Launch ``kernel`` over (splits x heads, head fastest) and batch rows."""
     tab, align, fast = table
-    bt, bd = ROWS, triton.next_power_of_2(d)
+    bt, bd = config.rows, triton.next_power_of_2(d)
     ntiles = triton.cdiv(l, bt)
-    kernel[(_splits(ntiles, b, h, device) * h, b)](
+    kernel[(_splits(ntiles, b, h, device, config) * h, b)](
         tab, *args, tab.shape[1], l, h, d, ntiles, ALIGN=align, BLOCK_T=bt, BLOCK_D=bd,
-        CHUNK=min(CHUNK, bd), FAST=fast, num_warps=NUM_WARPS)
+        CHUNK=min(config.chunk, bd), FAST=fast, num_warps=config.num_warps)
 
 
-def merge_strided(parts, calls, b, l, h, dv, out_dtype):
-    """Multi-way LSE merge of strided calls. ``parts[c] = (o_c [B*nseg, n, ho, Dv], lse_c
+def merge_strided(parts, calls, b, l, h, dv, out_dtype, config=DEFAULT):
+    """Multi-way LSE merge of strided calls, one launch (``config``: a
+    :class:`~longattn.dilated.config.FusedConfig`). ``parts[c] = (o_c [B*nseg, n, ho, Dv], lse_c
     [B*nseg, ho, n] float32)`` of ``calls[c]``. Returns ``out [B, l, H, Dv]`` in
     ``out_dtype`` and ``lse [B, l, H]`` float32; rows of no call: ``out = 0``, ``lse = -inf``.
-    Computes exactly what ``merge_calls`` does, in one launch."""
+
+    The fast kernel of the merge; its slow twin, the same numbers from eager torch, is
+    :func:`longattn.dilated.attention.merge_calls` (= :func:`longattn.common.merge.merge_stacked`
+    of the calls' results placed in full-size tensors)."""
     outs = [_unit_last(o) for o, _ in parts]
     lses = [lse.float() for _, lse in parts]
     dev = outs[0].device
-    table = _table(calls, outs, lses, 0, h, dev)
+    table = _table(calls, outs, lses, 0, h, dev, config)
     out = torch.empty(b, l, h, dv, dtype=out_dtype, device=dev)
     lse = torch.empty(b, l, h, dtype=torch.float32, device=dev)
-    _launch(_merge_kernel, table, (outs[0], lses[0], out, lse), b, l, h, dv, dev)
+    _launch(_merge_kernel, table, (outs[0], lses[0], out, lse), b, l, h, dv, dev, config)
     return out, lse
 
 
-def sum_strided(grads, calls, b, l, h, d, out_dtype, which):
+def sum_strided(grads, calls, b, l, h, d, out_dtype, which, config=DEFAULT):
     """Sum of the strided calls' gradients: ``grads[c] [B*nseg, n, ho, D]`` of ``calls[c]``
     (``which`` = 0: query rows, heads ``call.heads[0]``; 1: kv rows, ``call.heads[1]``).
     Returns ``[B, l, H, D]`` in ``out_dtype`` (zero on rows no call holds), accumulated in
-    float32 and written once."""
+    float32 and written once (``config``: the launch, a
+    :class:`~longattn.dilated.config.FusedConfig`)."""
     gs = [_unit_last(g) for g in grads]
     dev = gs[0].device
-    table = _table(calls, gs, [None] * len(gs), which, h, dev)
+    table = _table(calls, gs, [None] * len(gs), which, h, dev, config)
     out = torch.empty(b, l, h, d, dtype=out_dtype, device=dev)
-    _launch(_sum_kernel, table, (gs[0], out), b, l, h, d, dev)
+    _launch(_sum_kernel, table, (gs[0], out), b, l, h, d, dev, config)
     return out

@@ -21,7 +21,8 @@ from math import log
 import torch.nn.functional as F
 from torch import nn
 
-from longattn.dilated.attention import DilatedAttention, _group_info, check_schedule
+from longattn.common.dist import resolve_group
+from longattn.dilated.attention import DilatedAttention, check_schedule
 from longattn.dilated.position import apply_position
 
 LONGNET_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
@@ -45,14 +46,17 @@ class MultiheadDilatedAttention(nn.Module):
     (batch first; the ``None`` mirrors ``nn.MultiheadAttention``'s attention weights).
     ``dropout`` applies to the attention output (attention-probability dropout has no exact
     form on the lse kernels). Extras: ``num_kv_heads`` (GQA), ``pos_emb`` (None, "rotary",
-    "xpos") with ``xpos_scale_base``, and ``group`` (sequence parallel: inputs are this rank's
-    contiguous chunk; positions are offset accordingly).
+    "xpos") with ``xpos_scale_base``, ``group`` and ``config`` (as in
+    :func:`~longattn.dilated.dilated_attention`). ``group`` shards the sequence: inputs are this
+    rank's contiguous chunk, positions are offset accordingly. ``group=None`` is this process
+    alone only outside a multi-rank ``torch.distributed`` world; in one it raises: a model
+    trained with data parallelism (DDP, FSDP) passes ``group=longattn.common.dist.LOCAL``.
     """
 
     def __init__(self, embed_dim, num_heads, segment_lengths, dilation_rates, dropout=0.0,
                  bias=True, layer_norm=True, layer_norm_eps=1e-5, gamma_init=1.0, device=None,
                  dtype=None, *, num_kv_heads=None, pos_emb=None, xpos_scale_base=512.0,
-                 group=None):
+                 group=None, config=None):
         super().__init__()
         for name, val in (("embed_dim", embed_dim), ("num_heads", num_heads)):
             if isinstance(val, bool) or not isinstance(val, int) or val < 1:
@@ -78,7 +82,8 @@ class MultiheadDilatedAttention(nn.Module):
         self.q_proj = nn.Linear(embed_dim, embed_dim, **kw)
         self.k_proj = nn.Linear(embed_dim, kv_dim, **kw)
         self.v_proj = nn.Linear(embed_dim, kv_dim, **kw)
-        self.attention = DilatedAttention(segment_lengths, dilation_rates, group=group)
+        self.attention = DilatedAttention(segment_lengths, dilation_rates, group=group,
+                                          config=config)
         self.dropout = nn.Dropout(dropout)
         self.layer_norm = layer_norm
         self.norm = (nn.LayerNorm(embed_dim, eps=layer_norm_eps, device=device, dtype=dtype)
@@ -95,12 +100,13 @@ class MultiheadDilatedAttention(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, query, key, value, is_causal=False):
+        """``is_causal`` (the seed's name) is ``causal`` of :func:`dilated_attention`."""
+        rank = resolve_group(self.group).rank
         b, s, _ = query.shape
         q = self.q_proj(query).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(b, key.shape[1], self.num_kv_heads, self.head_dim)
         v = self.v_proj(value).view(b, value.shape[1], self.num_kv_heads, self.head_dim)
         if self.pos_emb is not None:
-            _, rank = _group_info(self.group)
             q, k = apply_position(self.pos_emb, q, k, rank * s, self.attention.segment_lengths,
                                   scale_base=self.xpos_scale_base)
         x = self.attention(q, k, v, is_causal=is_causal).reshape(b, s, self.embed_dim)
@@ -204,14 +210,16 @@ class LongNet(nn.Module):
     ``forward(x, is_causal=True)``: ``x [B, S, d_model]`` goes through the encoder (its final
     LayerNorm output is the memory) and, as the target, through the decoder; ``is_causal``
     applies to self- and cross-attention. ``num_encoder_layers=0`` gives a decoder-only stack.
-    Extras: ``pos_emb`` ("xpos" as in the paper, "rotary" or None), ``num_kv_heads``, ``group``.
+    Extras: ``pos_emb`` ("xpos" as in the paper, "rotary" or None), ``num_kv_heads``, ``group``
+    and ``config`` (as in :class:`MultiheadDilatedAttention`: under DDP pass
+    ``group=longattn.common.dist.LOCAL``).
     """
 
     def __init__(self, d_model=768, nhead=12, num_encoder_layers=12, num_decoder_layers=12,
                  dim_feedforward=3072, segment_lengths=LONGNET_SEGMENTS,
                  dilation_rates=LONGNET_RATES, dropout=0.0, activation="relu",
                  layer_norm_eps=1e-5, device=None, dtype=None, *, pos_emb="xpos",
-                 num_kv_heads=None, group=None):
+                 num_kv_heads=None, group=None, config=None):
         super().__init__()
         check_schedule(segment_lengths, dilation_rates)
         for name, val in (("num_encoder_layers", num_encoder_layers),
@@ -225,7 +233,7 @@ class LongNet(nn.Module):
                       dilation_rates=dilation_rates, dim_feedforward=dim_feedforward,
                       dropout=dropout, activation=activation, layer_norm_eps=layer_norm_eps,
                       device=device, dtype=dtype, pos_emb=pos_emb, num_kv_heads=num_kv_heads,
-                      group=group)
+                      group=group, config=config)
         self.encoder_layers = nn.ModuleList(
             DilatedTransformerEncoderLayer(gamma_init=g_enc, **common)
             for _ in range(num_encoder_layers))
@@ -256,14 +264,14 @@ class LongNetLM(nn.Module):
 
     ``forward(x, is_causal=True)``: ``x [B, S]`` token ids -> logits ``[B, S, num_tokens]``.
     Defaults to the paper's language model: decoder-only (``num_encoder_layers=0``), 12 layers,
-    xPos on q/k.
+    xPos on q/k. ``group`` and ``config`` as in :class:`LongNet`.
     """
 
     def __init__(self, num_tokens, d_model=768, nhead=12, num_encoder_layers=0,
                  num_decoder_layers=12, dim_feedforward=3072, segment_lengths=LONGNET_SEGMENTS,
                  dilation_rates=LONGNET_RATES, dropout=0.0, activation="relu",
                  layer_norm_eps=1e-5, device=None, dtype=None, *, pos_emb="xpos",
-                 num_kv_heads=None, group=None):
+                 num_kv_heads=None, group=None, config=None):
         super().__init__()
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be a positive int, got {num_tokens!r}")
@@ -271,7 +279,7 @@ class LongNetLM(nn.Module):
         self.long_net = LongNet(d_model, nhead, num_encoder_layers, num_decoder_layers,
                                 dim_feedforward, segment_lengths, dilation_rates, dropout,
                                 activation, layer_norm_eps, device, dtype, pos_emb=pos_emb,
-                                num_kv_heads=num_kv_heads, group=group)
+                                num_kv_heads=num_kv_heads, group=group, config=config)
         self.norm = nn.LayerNorm(d_model, eps=layer_norm_eps, device=device, dtype=dtype)
         self.out = nn.Linear(d_model, num_tokens, device=device, dtype=dtype)
 

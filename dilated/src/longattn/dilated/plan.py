@@ -124,7 +124,7 @@ def _needed_rows(S, l, dst, src, w, r, hq, hkv, causal):
 
 
 @functools.lru_cache(maxsize=64)
-def build_plan(S, l, rank, world, hq, hkv, segment_lengths, dilation_rates, causal) -> Plan:
+def make_plan(S, l, rank, world, hq, hkv, segment_lengths, dilation_rates, causal) -> Plan:
     """The plan of ``rank`` (chunk ``[rank*l, rank*l + l)`` of ``S = l*world`` tokens)."""
     a, b = rank * l, rank * l + l
     # Pool layout: local rows, then per source rank (ascending) the rows of every branch.

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from longattn.common.dtypes import acc_dtype
 
 
 def rotary_cos_sin(positions, dim, *, base=10000.0, dtype=torch.float32):
@@ -42,7 +40,7 @@ def _rotate(x, cos, sin):
 
 def apply_rotary(q, k, positions, *, base=10000.0):
     """RoPE on q ``[B, S, Hq, D]`` and k ``[B, S, Hkv, D]`` at integer ``positions [S]``."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     cos, sin = rotary_cos_sin(positions, q.shape[-1], base=base, dtype=acc)
     return (_rotate(q.to(acc), cos, sin).to(q.dtype), _rotate(k.to(acc), cos, sin).to(k.dtype))
 
@@ -56,7 +54,7 @@ def xpos_scale(positions, dim, *, scale_base=512.0, dtype=torch.float32):
 
 def apply_xpos(q, k, positions, *, scale_base=512.0, base=10000.0):
     """xPos on q and k at integer ``positions [S]``: rotary plus the decaying scale."""
-    acc = _acc(q.dtype)
+    acc = acc_dtype(q.dtype)
     cos, sin = rotary_cos_sin(positions, q.shape[-1], base=base, dtype=acc)
     sc = xpos_scale(positions, q.shape[-1], scale_base=scale_base, dtype=acc)
     sc = torch.cat([sc, sc], dim=-1)[None, :, None, :]
