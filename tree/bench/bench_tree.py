@@ -73,14 +73,14 @@ def torch_methods(dev, smoke):
         def run(q, k, v, scale, c=c, mult=mult):
             splits = None
             if mult != 1:
-                splits = mult * triton_decode.plan(k.shape[1], k.shape[0] * k.shape[2],
-                                                   block_n=c["block_n"], device=q.device)[0]
-            return triton_decode.decode(q, k, v, scale=scale, splits=splits, **c)
+                splits = mult * triton_decode.make_plan(k.shape[1], k.shape[0] * k.shape[2],
+                                                        block_n=c["block_n"], device=q.device)[0]
+            return triton_decode.decode(q, k, v, softmax_scale=scale, splits=splits, **c)
 
         tag = f"bn{c['block_n']}/w{c['num_warps']}/s{c['num_stages']}" + (
             f"/x{mult}" if mult != 1 else "")
         ms[f"triton_splitk[{tag}]"] = run
-    ms["tree_local_auto"] = lambda q, k, v, scale: local_attention(q, k, v, scale=scale)
+    ms["tree_local_auto"] = lambda q, k, v, scale: local_attention(q, k, v, softmax_scale=scale)
     ms["torch_bmm_splitk"] = bmm_splitk
     if dev.type == "cuda":
         ms["sdpa_cudnn"] = lambda q, k, v, scale: sdpa(q, k, v, scale, "CUDNN_ATTENTION")
@@ -147,15 +147,15 @@ def flex(q, k, v, scale):
 # -------------------------------------------------------------------------------- JAX methods
 
 
-def jax_methods(smoke):
+def jax_methods(smoke, scale):
     import jax
     import jax.numpy as jnp
 
     from longattn.tree.jax.local import local_attention
 
-    def local(impl, **kw):
-        f = jax.jit(lambda q, k, v: local_attention(q, k, v, scale=SCALE[0], impl=impl, **kw))
-        return f
+    def local(backend, **kw):
+        return jax.jit(lambda q, k, v: local_attention(q, k, v, softmax_scale=scale,
+                                                       backend=backend, **kw))
 
     ms = {"jax_xla": local("xla"), "jax_xla_reduce": local("xla_reduce")}
     pallas_cfgs = [dict()] if smoke else [
@@ -166,7 +166,8 @@ def jax_methods(smoke):
         tag = ",".join(f"{key}={val}" for key, val in c.items()) or "default"
 
         def mk(c=c):
-            return jax.jit(lambda q, k, v: pallas_decode.decode(q, k, v, scale=SCALE[0], **c))
+            return jax.jit(lambda q, k, v: pallas_decode.decode(q, k, v, softmax_scale=scale,
+                                                                **c))
 
         ms[f"jax_pallas[{tag}]"] = mk()
     if jax.default_backend() == "gpu":
@@ -175,14 +176,11 @@ def jax_methods(smoke):
         def gqa(q, k, v):
             from jax.experimental.pallas.ops.gpu.decode_attention import gqa as g
 
-            o, (l_, m) = g(q[:, 0], k, v, sm_scale=SCALE[0], return_residuals=True)
+            o, (l_, m) = g(q[:, 0], k, v, sm_scale=scale, return_residuals=True)
             return o[:, None], (m + jnp.log(l_))[..., None]
 
         ms["jax_pallas_gqa"] = jax.jit(gqa)
     return ms
-
-
-SCALE = [None]
 
 
 def time_jax(f, args, rounds=5, inner=20):
@@ -254,7 +252,7 @@ def main(argv=None):
     hq = args.q_heads or hkv
     dtype = torch.bfloat16
     scale = d ** -0.5
-    SCALE[0] = scale
+    scale = scale
     print(f"device: {bench.device_name(dev)}; torch {torch.__version__}; "
           f"B={b} Lq=1 Hq={hq} Hkv={hkv} D={d} S={s} bf16", flush=True)
 
@@ -265,7 +263,7 @@ def main(argv=None):
             import jax
 
             print(f"jax {jax.__version__} on {jax.default_backend()}", flush=True)
-            jm = jax_methods(args.smoke)
+            jm = jax_methods(args.smoke, scale)
         except Exception as e:  # noqa: BLE001 - report and go on without JAX
             print(f"JAX unavailable: {type(e).__name__}: {e}", flush=True)
 

@@ -62,12 +62,15 @@ def _generate_world(rank, world, model, prompt, steps, capacity, method, chunk):
     """Distributed greedy decoding: prefill as ``Lq = prompt`` new tokens, then one token per
     step; with ``chunk`` > 1 the last steps are verified ``chunk`` tokens at a time (the
     speculative-decoding pattern) from the tokens decoded so far."""
+    import torch.distributed as dist
+
     from longattn.tree import empty_cache, ring_decode, tree_decode
 
     fn = tree_decode if method == "tree" else ring_decode
     b = prompt.shape[0]
-    caches = [empty_cache(b, HKV, HD, capacity=capacity, dtype=torch.float64)
-              for _ in range(LAYERS)]
+    world_group = dist.group.WORLD
+    caches = [empty_cache(b, HKV, HD, capacity=capacity, group=world_group,
+                          dtype=torch.float64) for _ in range(LAYERS)]
     placements = []
 
     def attend(i, q, k, v):
@@ -75,7 +78,7 @@ def _generate_world(rank, world, model, prompt, steps, capacity, method, chunk):
         if i == 0:
             placements.append(c.placement(k.shape[1]))
         c.append(k, v)
-        return fn(q, c.local_k, c.local_v, shard_lens=list(c.lens))
+        return fn(q, c.local_k, c.local_v, group=world_group, shard_lens=list(c.lens))
 
     logits = [forward(model, prompt, 0, attend)[:, -1]]
     toks = [logits[-1].argmax(-1)]
@@ -86,8 +89,8 @@ def _generate_world(rank, world, model, prompt, steps, capacity, method, chunk):
         pos += 1
     verify, gen_lens = None, list(caches[0].lens)
     if chunk > 1:  # re-run the last `chunk` tokens' logits in one Lq = chunk call on a fresh cache
-        fresh = [empty_cache(b, HKV, HD, capacity=capacity, dtype=torch.float64)
-                 for _ in range(LAYERS)]
+        fresh = [empty_cache(b, HKV, HD, capacity=capacity, group=world_group,
+                             dtype=torch.float64) for _ in range(LAYERS)]
         seq = torch.cat([prompt, torch.stack(toks, 1)], 1)
         head = seq.shape[1] - chunk
         caches[:] = fresh
@@ -146,6 +149,18 @@ def test_cache_placement_and_errors():
         c.append(torch.ones(1, 2, 1, 2), torch.ones(1, 2, 1, 2))
     with pytest.raises(ValueError, match="k_new"):
         c.append(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
+    # v_new is checked as strictly as k_new, and nothing is written or counted on a failure
+    before = (c.k.clone(), c.v.clone(), list(c.lens))
+    for bad_v, cls, word in ((torch.ones(1, 1, 1, 3), ValueError, "v_new"),
+                             (torch.ones(1, 1, 1, 2, dtype=torch.float64), TypeError, "v_new"),
+                             (torch.ones(1, 2, 1, 2), ValueError, "same number"),
+                             ([[1.0]], TypeError, "v_new")):
+        with pytest.raises(cls, match=word):
+            c.append(torch.ones(1, 1, 1, 2), bad_v)
+        assert torch.equal(c.k, before[0]) and torch.equal(c.v, before[1])
+        assert c.lens == before[2]
+    with pytest.raises(TypeError, match="k_new dtype"):
+        c.append(torch.ones(1, 1, 1, 2, dtype=torch.float16), torch.ones(1, 1, 1, 2))
     g = KVCache(torch.zeros(1, 0, 1, 2), torch.zeros(1, 0, 1, 2), [0, 0], 0, None)
     g.append(torch.ones(1, 5, 1, 2), torch.ones(1, 5, 1, 2))
     assert g.lens == [5, 0] and g.local_k.shape == (1, 5, 1, 2)

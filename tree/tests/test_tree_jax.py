@@ -76,7 +76,7 @@ def test_jax_tree_and_ring_match_oracle(dtype, tol):
             q, k, v, ln = make(10 * si + li, b, lq, hq, hkv, d, cap, lens, dtype)
             ref_out, ref_lse = oracle(q, k, v, ln, cap, causal)
             args = [jnp.asarray(x, dtype) for x in (q, k, v)]
-            out, lse = fn(*args, mesh=mesh, axis_name=axis, kv_lens=ln, causal=causal,
+            out, lse = fn(*args, mesh=mesh, axis_name=axis, shard_lens=ln, causal=causal,
                           return_lse=True)
             assert out.dtype == dtype and out.shape == q.shape
             assert lse.dtype == (jnp.float64 if dtype == jnp.float64 else jnp.float32)
@@ -100,12 +100,12 @@ def test_jax_local_impls(impl, dtype, tol):
             q, k, v, ln = make(3, b, lq, hq, hkv, d, cap, lens, dtype)
             ref_out, _ = oracle(q, k, v, ln, cap, True)
             out = tree_decode(*(jnp.asarray(x, dtype) for x in (q, k, v)), mesh=mesh,
-                              axis_name=axis, kv_lens=ln, impl=impl,
+                              axis_name=axis, shard_lens=ln, backend=impl,
                               splits=2 if impl != "dpa" else None)
             assert rel_error(np.asarray(out, np.float64), ref_out) <= tol
 
 
-_local_jit = jax.jit(local_attention, static_argnames=("scale", "splits", "impl"))
+_local_jit = jax.jit(local_attention, static_argnames=("softmax_scale", "splits", "backend"))
 
 
 def test_jax_local_splits_match_oracle():
@@ -120,7 +120,7 @@ def test_jax_local_splits_match_oracle():
         ref_out, ref_lse = attention(q, k, v, mask=np.broadcast_to(vis, (lq, s)))
         for splits in (1, 3, 8):
             out, lse = _local_jit(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
-                                  scale=d ** -0.5, valid_len=valid, limit=limit,
+                                  softmax_scale=d ** -0.5, valid_len=valid, limit=limit,
                                   splits=splits)
             assert rel_error(np.asarray(out), ref_out) <= 1e-12
             assert rel_error(np.asarray(lse), ref_lse) <= 1e-12
@@ -131,7 +131,7 @@ def test_jax_under_jit_with_traced_lengths():
     cap, d = 6, 8
     q, k, v, _ = make(5, 3, 4, 4, 2, d, cap, [6] * 8)
     step = jax.jit(lambda q, k, v, ln: tree_decode(q, k, v, mesh=mesh, axis_name=axis,
-                                                   kv_lens=ln))
+                                                   shard_lens=ln))
     for lens in LENS:
         ln = np.asarray(lens, np.int32)
         ref_out, _ = oracle(q, k, v, ln, cap, True)
@@ -164,13 +164,14 @@ def test_jax_collective_bytes_exact():
 
 def _torch_world(rank, world, q, k, v, lens, cap):
     import torch
+    import torch.distributed as dist
 
     from longattn.tree import tree_decode as torch_tree
 
     off = rank * cap
     kk = torch.from_numpy(k[:, off:off + lens[rank]].copy())
     vv = torch.from_numpy(v[:, off:off + lens[rank]].copy())
-    return torch_tree(torch.from_numpy(q), kk, vv, return_lse=True)
+    return torch_tree(torch.from_numpy(q), kk, vv, group=dist.group.WORLD, return_lse=True)
 
 
 def test_jax_and_torch_agree():
@@ -179,17 +180,19 @@ def test_jax_and_torch_agree():
     for seed, lens in enumerate(LENS[:2]):
         q, k, v, ln = make(40 + seed, 3, 4, 4, 2, d, cap, lens)
         jo, jl = tree_decode(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mesh=mesh,
-                             axis_name=axis, kv_lens=ln, return_lse=True)
+                             axis_name=axis, shard_lens=ln, return_lse=True)
         to, tl = run_world(P_DEV, _torch_world, q, k, v, [int(x) for x in ln], cap)[0]
         assert rel_error(np.asarray(jo), to.numpy()) <= 1e-12
         assert rel_error(np.asarray(jl), tl.numpy()) <= 1e-12
 
 
 @pytest.mark.parametrize("change,word", [
-    (dict(seq=47), "divisible"), (dict(lens=[7] + [0] * 7), "kv_lens"),
-    (dict(lens=[1, 2]), "kv_lens"), (dict(hkv=4), "heads"), (dict(axis="x"), "axis"),
-    (dict(scale=float("inf")), "scale"), (dict(impl="flash"), "impl"), (dict(lq=0), "Lq"),
-    (dict(dtype=True), "dtype"),
+    (dict(seq=47), "divisible"), (dict(lens=[7] + [0] * 7), "shard_lens"),
+    (dict(lens=[1, 2]), "shard_lens"), (dict(hkv=4), "heads"), (dict(axis="x"), "axis"),
+    (dict(scale=float("inf")), "softmax_scale"), (dict(backend="flash"), "backend"),
+    (dict(lq=0), "Lq"), (dict(dtype=True), "dtype"), (dict(causal=1), "causal"),
+    (dict(splits=0), "splits"), (dict(splits="a"), "splits"), (dict(splits=True), "splits"),
+    (dict(splits=4), "splits"),  # does not divide the block length 6
 ])
 def test_jax_bad_input(change, word):
     mesh, _ = meshes()[0]
@@ -199,8 +202,9 @@ def test_jax_bad_input(change, word):
     q = jnp.zeros((b, lq, hq, d), jnp.float32)
     k = jnp.zeros((b, seq, hkv, d), jnp.float64 if change.get("dtype") else jnp.float32)
     v = jnp.zeros((b, seq, hkv, d), k.dtype)
-    kw = dict(mesh=mesh, axis_name=change.get("axis", "i"), kv_lens=change.get("lens"),
-              scale=change.get("scale"), impl=change.get("impl", "xla"))
+    kw = dict(mesh=mesh, axis_name=change.get("axis", "i"), shard_lens=change.get("lens"),
+              softmax_scale=change.get("scale"), backend=change.get("backend", "xla"),
+              causal=change.get("causal", True), splits=change.get("splits"))
     for fn in (tree_decode, ring_decode):
         with pytest.raises((ValueError, TypeError), match=word):
             fn(q, k, v, **kw)

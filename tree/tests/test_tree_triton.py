@@ -34,15 +34,84 @@ def _check_interpreted():
             j, t = np.arange(s)[None, :], np.arange(lq)[:, None]
             mask = np.ones((lq, s), bool) if right < 0 else j <= t + s - lq + right
             ro, rl = attention(*(x.double().numpy() for x in (q, k, v)), mask=mask, scale=0.25)
-            o, lse = td.decode(q, k, v, scale=0.25, right=right, block_n=16, splits=splits)
+            o, lse = td.decode(q, k, v, softmax_scale=0.25, right=right, block_n=16,
+                               splits=splits)
             assert o.dtype == torch.float32 and lse.dtype == torch.float32
             assert rel_error(o, ro) <= tol and rel_error(lse, rl) <= tol, (dtype, i)
-            o2, _ = local_attention(q, k, v, scale=0.25, right=right, backend="triton_decode")
+            o2, _ = local_attention(q, k, v, softmax_scale=0.25, right=right,
+                                    backend="triton_decode")
             assert rel_error(o2, ro) <= tol
+    _check_merge_twin()
+    _check_nan()
     # what it cannot serve is refused (and the planner fills the GPU)
     assert td.supports(*(torch.zeros(1, 1, 2, 24) for _ in range(3))) is not None
-    assert td.plan(1 << 20, 16, block_n=64, device=None) == (33, 31808)
+    assert td.make_plan(1 << 20, 16, block_n=64, device=None) == (33, 31808)
     print("OK")
+
+
+def _split_partials(q, k, v, right, splits):
+    """The kernel's raw per-split ``(acc, m, l)`` and the shape arguments of merge_splits."""
+    import torch
+    import triton
+
+    from longattn.tree import triton_decode as td
+
+    b, lq, hq, d = q.shape
+    s_len, hkv = k.shape[1], k.shape[2]
+    rows, block_m = lq * (hq // hkv), max(16, triton.next_power_of_2(lq * (hq // hkv)))
+    n, split_len = td.make_plan(s_len, b * hkv, block_n=16, splits=splits)
+    acc = torch.empty(b * hkv, n, block_m, d)
+    m, l_ = torch.empty(b * hkv, n, block_m), torch.empty(b * hkv, n, block_m)
+    td._split_kernel[(n, b * hkv)](
+        q, k, v, acc, m, l_, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        k.stride(2), v.stride(0), v.stride(1), v.stride(2), s_len, lq, hkv, 0.25, right,
+        split_len, G=hq // hkv, ROWS=rows, BLOCK_M=block_m, BLOCK_N=16, D=d, SPLITS=n,
+        IEEE=True)
+    return acc[:, :, :rows], m[:, :, :rows], l_[:, :, :rows]
+
+
+def _check_merge_twin():
+    """merge_splits (the fast split-K epilogue) against its slow twin merge_stacked on the
+    normalised partials, with splits that see no key (S < Lq, a causal cut)."""
+    import torch
+
+    from longattn.common.merge import merge_stacked
+    from longattn.tree import triton_decode as td
+
+    for i, (b, lq, hq, hkv, s, right, splits) in enumerate(CASES):
+        g = torch.Generator().manual_seed(10 + i)
+        q, k, v = (torch.randn(b, n, h, 16, generator=g)
+                   for n, h in ((lq, hq), (s, hkv), (s, hkv)))
+        acc, m, l_ = _split_partials(q, k, v, right, splits)
+        fast_o, fast_l = td.merge_splits(acc, m, l_, b, lq, hq)
+        # slow twin: [splits, BH, rows(, D)] normalised partials
+        so, sl = merge_stacked((acc / l_.unsqueeze(-1)).transpose(0, 1),
+                               (m + torch.log(l_)).transpose(0, 1))
+        g_ = hq // hkv  # rows are (t, g) per (b, KV head): to BSHD / [B, Hq, Lq]
+        slow_o = so.reshape(b, hkv, lq, g_, 16).permute(0, 2, 1, 3, 4).reshape(b, lq, hq, 16)
+        slow_l = sl.reshape(b, hkv, lq, g_).permute(0, 1, 3, 2).reshape(b, hq, lq)
+        assert torch.allclose(fast_o, slow_o, rtol=1e-5, atol=1e-6), i
+        assert torch.equal(torch.isneginf(fast_l), torch.isneginf(slow_l)), i
+        live = ~torch.isneginf(fast_l)
+        assert torch.allclose(fast_l[live], slow_l[live], rtol=1e-6, atol=1e-6), i
+
+
+def _check_nan():
+    """A NaN key makes the rows that see it NaN in out and lse; the others stay exact."""
+    import torch
+
+    from longattn.tree import triton_decode as td
+
+    b, lq, hq, hkv, s = 1, 4, 4, 2, 40
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, n, h, 16, generator=g) for n, h in ((lq, hq), (s, hkv), (s, hkv)))
+    k[0, s - 2, 1, 5] = float("nan")  # seen by new tokens 2 and 3 (causal), KV head 1 only
+    o, lse = td.decode(q, k, v, softmax_scale=0.25, right=0, block_n=16, splits=3)
+    nan_o = torch.isnan(o).any(-1)  # [B, Lq, Hq]
+    nan_l = torch.isnan(lse).transpose(1, 2)
+    want = torch.zeros(b, lq, hq, dtype=torch.bool)
+    want[0, 2:, 2:] = True  # heads 2, 3 share KV head 1
+    assert torch.equal(nan_o, want) and torch.equal(nan_l, want), (nan_o, nan_l)
 
 
 def test_triton_decode_kernel_interpreted():

@@ -1,31 +1,36 @@
 """Argument checks of the distributed decode functions, agreed on by every rank.
 
-A decode call is valid only if every rank's view agrees (batch, query length, heads, head dim,
-dtype, hierarchy) and each rank's own tensors are well formed. Each rank checks its own
-arguments locally, then one small all-gather of ints (:func:`agree`) shares the verdicts and
-shapes, so a bad argument on *any* rank raises on *every* rank before the real communication
-and nothing hangs. The same gather delivers each rank's KV-shard length, which the causal mask
-of ``Lq > 1`` new tokens needs (the global position of every shard).
+A decode call is valid only if every rank's view agrees (shapes, dtype, device type, causal,
+softmax scale, hierarchy, backend, the replicated queries themselves, ``shard_lens``) and each
+rank's own tensors are well formed. :func:`agree_call` runs all of it inside one
+:func:`longattn.common.dist.agree`, so a bad argument on *any* rank raises on *every* rank
+before the first real collective and nothing hangs. The same all-gather delivers each rank's
+KV-shard length (a ``vary`` field), which the causal mask of ``Lq > 1`` new tokens needs (the
+global position of every shard).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import torch.distributed as dist
 
-from longattn.common import comm
-from longattn.common.checks import check_qkv, check_scale
-
-_DTYPE_CODE = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+from longattn.common import comm, dist
+from longattn.common.checks import check_bool, check_qkv, check_scale
+from longattn.tree.local import check_backend_geometry, resolve_backend
 
 
-def world_of(group) -> tuple[int, int]:
-    """``(rank, world_size)`` in ``group``; ``(0, 1)`` without an initialised process group."""
-    if not dist.is_available() or not dist.is_initialized():
-        if group is not None:
-            raise ValueError("group was given but torch.distributed is not initialised")
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+@dataclass(frozen=True)
+class Call:
+    """An agreed decode call: the resolved group, softmax scale, causal flag, every rank's
+    KV-shard length (group-rank order), hierarchy (or None) and local-kernel backend name."""
+
+    group: dist.Group
+    softmax_scale: float
+    causal: bool
+    lens: list
+    hierarchy: tuple | None
+    backend: str
 
 
 def check_hierarchy(hierarchy, world: int):
@@ -47,15 +52,20 @@ def check_hierarchy(hierarchy, world: int):
     return (int(nodes), int(gpn))
 
 
-def check_local(q, k, v, scale, *, lq_max=None):
-    """Checks of this rank's own tensors. Returns the resolved scale."""
+def check_local(q, k, v, softmax_scale):
+    """Checks of this rank's own tensors. Returns the resolved softmax scale."""
     check_qkv(q, k, v)
     if q.shape[1] < 1:
         raise ValueError(f"q must hold at least one new token (Lq >= 1), got shape "
                          f"{tuple(q.shape)}")
     if v.shape[-1] != q.shape[-1]:
         raise ValueError(f"v head_dim ({v.shape[-1]}) must equal q head_dim ({q.shape[-1]})")
-    return check_scale(scale, q.shape[-1])
+    try:
+        return check_scale(softmax_scale, q.shape[-1])
+    except (TypeError, ValueError) as e:  # name the argument by its public name
+        if "softmax_scale" in str(e):
+            raise
+        raise type(e)(f"softmax_scale: {e}") from None
 
 
 def check_shard_lens(shard_lens, rank: int, world: int, k) -> list[int]:
@@ -73,56 +83,58 @@ def check_shard_lens(shard_lens, rank: int, world: int, k) -> list[int]:
     return lens
 
 
-def _collective_device(group, q):
-    if dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+def q_checksum(q: torch.Tensor) -> tuple[float, float]:
+    """A cheap digest of the replicated queries: the float64 sum of ``q`` and of ``q`` times
+    its flat position (so a permuted or shifted ``q`` differs too)."""
+    x = q.detach().reshape(-1).to(torch.float64)
+    w = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device) / x.numel()
+    return float(x.sum()), float((x * w).sum())
 
 
-def agree(name, q, k, v, *, scale, group, hierarchy, shard_lens):
-    """Validate a distributed decode call on every rank.
+def agree_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_lens,
+               backend) -> Call:
+    """Validate a distributed decode call on every rank (one all-gather, recorded as the peer
+    ``"all_gather"`` for :func:`longattn.common.comm.counting`). Returns the agreed
+    :class:`Call`.
 
-    Returns ``(scale, lens, hierarchy)`` where ``lens`` lists every rank's KV-shard length (group
-    rank order). With ``shard_lens`` given, the caller vouches that all ranks agree: only local
-    checks run and no communication happens (the fast path of a generation loop whose
-    :class:`~longattn.tree.cache.KVCache` already knows every length).
-    """
-    rank, world = world_of(group)
-    if shard_lens is not None:
-        scale = check_local(q, k, v, scale)
-        return scale, check_shard_lens(shard_lens, rank, world, k), check_hierarchy(hierarchy,
-                                                                                    world)
-    err = None
-    try:
-        scale = check_local(q, k, v, scale)
-        hier = check_hierarchy(hierarchy, world)
-    except (TypeError, ValueError) as e:
-        err = e
-    if world == 1:
-        if err is not None:
-            raise err
-        return scale, [k.shape[1]], hier
-    if err is None:
-        b, lq, hq, d = q.shape
-        nodes, gpn = hier if hier is not None else (0, 0)
-        mine = [1, b, lq, hq, d, k.shape[2], _DTYPE_CODE[q.dtype], nodes, gpn, k.shape[1]]
-    else:
-        mine = [0] + [-1] * 9
-    t = torch.tensor(mine, dtype=torch.int64, device=_collective_device(group, q))
-    every = [torch.empty_like(t) for _ in range(world)]
-    dist.all_gather(every, t, group=group)
-    nb = t.numel() * t.element_size()
-    comm.record("send", "all_gather", nb)
-    comm.record("recv", "all_gather", nb * (world - 1))
-    rows = [x.tolist() for x in every]
-    bad = [r for r, row in enumerate(rows) if row[0] != 1]
-    if err is not None:
-        raise err
-    if bad:
-        raise ValueError(f"{name}: invalid arguments on rank(s) {bad} (see their errors)")
-    shapes = [tuple(row[1:9]) for row in rows]
-    if any(s != shapes[0] for s in shapes):
-        fields = "(batch, Lq, Hq, head_dim, Hkv, dtype, nodes, gpus_per_node)"
-        raise ValueError(f"{name}: q/k/v shapes, dtype and hierarchy must agree on every rank; "
-                         f"per rank {fields}: {shapes}")
-    return scale, [row[9] for row in rows], hier
+    ``shard_lens`` (every rank's KV length, e.g. a :class:`~longattn.tree.KVCache`'s ``lens``)
+    is checked inside the same agreement: it must be the same on every rank and match each
+    rank's ``k``."""
+    g = dist.resolve_group(group)
+
+    def check():
+        scale = check_local(q, k, v, softmax_scale)
+        is_causal = check_bool("causal", causal)
+        hier = check_hierarchy(hierarchy, g.size)
+        lens = None if shard_lens is None else check_shard_lens(shard_lens, g.rank, g.size, k)
+        name = resolve_backend(q, k, v, backend, causal=is_causal)
+        b, _, hkv, d = k.shape
+        fields = {
+            "q.shape": tuple(q.shape), "k/v shape [B, *, Hkv, D]": (b, hkv, d),
+            "dtype": q.dtype, "q.device.type": q.device.type, "causal": is_causal,
+            "softmax_scale": scale, "hierarchy": (0, 0) if hier is None else hier,
+            "backend": name,
+            # one word whatever the world size: the lengths agree iff their text does
+            "shard_lens": None if lens is None else ",".join(map(str, lens)),
+            "kv_len": int(k.shape[1]),
+        }
+        if g.distributed:  # q must be replicated: a digest of its values agrees too
+            fields["q values (float64 checksum)"] = q_checksum(q)
+        return (scale, is_causal, hier, name), fields
+
+    (scale, is_causal, hier, name), views = dist.agree(op, g, check, vary=("kv_len",))
+    if g.distributed:
+        nb = 8 * agreement_words()
+        comm.record("send", "all_gather", nb)
+        comm.record("recv", "all_gather", nb * (g.size - 1))
+    lens = views["kv_len"]
+    # every rank knows every shard's geometry now: a backend that cannot serve one of them
+    # raises here, identically on every rank (no communication needed)
+    check_backend_geometry(q, k, v, lens, causal=is_causal, backend=name,
+                           shards=range(len(lens)))
+    return Call(g, scale, is_causal, lens, hier, name)
+
+
+def agreement_words() -> int:
+    """int64 words each rank sends in the agreement all-gather (the protocol's fixed row)."""
+    return dist._ROW

@@ -1,8 +1,9 @@
 """A sequence-sharded KV cache for distributed decoding (one per attention layer per rank).
 
-The global cache is the concatenation of the ranks' shards in group-rank order (the layout
-:func:`~longattn.tree.tree_decode` assumes). Every rank keeps every rank's filled length in
-``lens``, so decode calls can pass ``shard_lens=cache.lens`` and skip the agreement gather.
+The one sharded-cache home of longattn: the global cache is the concatenation of the ranks'
+shards in group-rank order (the layout :func:`~longattn.tree.tree_decode` assumes). Every rank
+keeps every rank's filled length in ``lens``, so decode calls pass ``shard_lens=cache.lens``
+(checked inside the call's argument agreement).
 
 New tokens go to the rank owning the sequence tail: the last rank holding any token (rank 0
 while the cache is empty). With a per-rank ``capacity``, tokens that do not fit spill onto the
@@ -11,7 +12,13 @@ shards stay contiguous; without one the tail rank's buffer grows.
 
 ``append`` takes the new tokens' keys and values *on every rank*: in tree decoding the
 attention output is replicated, so every rank computes the same next hidden states and the same
-new keys / values; each rank stores only the part that lands on it. No communication.
+new keys / values; each rank stores only the part that lands on it. No communication: every
+rank runs the same checks on the same arguments and lengths, so a bad ``append`` raises on
+every rank, and it raises before anything is written or any length changes.
+
+Public API (stable): the fields ``k``, ``v``, ``lens``, ``rank``, ``capacity``; the properties
+``local_k``, ``local_v``, ``seq_len``; the methods ``tail_rank()``, ``placement(n)``,
+``append(k_new, v_new)``; and :func:`empty_cache`.
 """
 
 from __future__ import annotations
@@ -20,13 +27,20 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.tree._args import world_of
+from longattn.common import dist
 
 
 @dataclass
 class KVCache:
-    """This rank's shard buffers ``k``, ``v`` ``[B, allocated, Hkv, D]`` (the first
-    ``lens[rank]`` positions are filled) and every rank's filled length ``lens``."""
+    """This rank's shard of a sequence-sharded KV cache.
+
+    Fields:
+        k, v: ``[B, allocated, Hkv, D]`` buffers of this rank; the first ``lens[rank]``
+            positions are filled.
+        lens: every rank's filled length (group-rank order), the same list on every rank.
+        rank: this process's rank in the group.
+        capacity: tokens per rank, or None (the tail rank's buffer grows).
+    """
 
     k: torch.Tensor
     v: torch.Tensor
@@ -41,6 +55,7 @@ class KVCache:
 
     @property
     def local_v(self) -> torch.Tensor:
+        """``[B, lens[rank], Hkv, D]`` view of this rank's filled values."""
         return self.v[:, : self.lens[self.rank]]
 
     @property
@@ -57,7 +72,8 @@ class KVCache:
         return t
 
     def placement(self, n: int) -> list:
-        """``[(rank, start_in_new, count)]``: where ``n`` new tokens go."""
+        """``[(rank, start_in_new, count)]``: where ``n`` new tokens go. Raises ``ValueError``
+        if they do not fit (``len(lens)`` ranks of ``capacity`` tokens)."""
         t, done, out = self.tail_rank(), 0, []
         while done < n:
             if t >= len(self.lens):
@@ -72,14 +88,26 @@ class KVCache:
         return out
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """Add ``k_new, v_new [B, n, Hkv, D]`` (the same on every rank) at the global tail."""
-        if k_new.ndim != 4 or v_new.ndim != 4 or k_new.shape[:3] != v_new.shape[:3]:
+        """Add ``k_new, v_new [B, n, Hkv, D]`` (the same on every rank) at the global tail.
+        Both must match the cache's batch, heads, head dim, dtype and device;
+        everything is checked (and the placement computed) before anything is written."""
+        for name, t, buf in (("k_new", k_new, self.k), ("v_new", v_new, self.v)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.ndim != 4:
+                raise ValueError(f"{name} must be [B, n, Hkv, D], got shape {tuple(t.shape)}")
+            if t.shape[0] != buf.shape[0] or t.shape[2:] != buf.shape[2:]:
+                raise ValueError(f"{name} {tuple(t.shape)} does not match the cache "
+                                 f"[B, *, Hkv, D] = {tuple(buf.shape)}")
+            if t.dtype != buf.dtype:
+                raise TypeError(f"{name} dtype {t.dtype} must be the cache's {buf.dtype}")
+            if t.device != buf.device:
+                raise ValueError(f"{name} is on {t.device}, the cache on {buf.device}")
+        if k_new.shape[1] != v_new.shape[1]:
             raise ValueError(f"k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} must "
-                             f"be [B, n, Hkv, D]")
-        if k_new.shape[0] != self.k.shape[0] or k_new.shape[2:] != self.k.shape[2:]:
-            raise ValueError(f"k_new {tuple(k_new.shape)} does not match the cache "
-                             f"[B, *, Hkv, D] = {tuple(self.k.shape)}")
-        for r, start, count in self.placement(k_new.shape[1]):
+                             "hold the same number of new tokens")
+        where = self.placement(k_new.shape[1])
+        for r, start, count in where:
             if r == self.rank:
                 self._write(k_new[:, start:start + count], v_new[:, start:start + count])
             self.lens[r] += count
@@ -102,15 +130,18 @@ def _grow(t, size):
 
 def empty_cache(batch: int, kv_heads: int, head_dim: int, *, capacity: int | None = None,
                 group=None, dtype=torch.float32, device=None) -> KVCache:
-    """An empty cache for this rank of ``group``; ``capacity`` tokens per rank (None: grow)."""
+    """An empty cache for this rank of ``group`` (a ``ProcessGroup``, a 1-D ``DeviceMesh``,
+    ``longattn.common.dist.LOCAL`` or None: this process alone; None is an error in an
+    initialised world of more than one rank). ``capacity`` tokens per rank (None: grow).
+    No communication."""
     for name, x in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
         if isinstance(x, bool) or not isinstance(x, int) or x < 1:
             raise ValueError(f"{name} must be a positive int, got {x!r}")
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
                                  or capacity < 1):
         raise ValueError(f"capacity must be None or a positive int, got {capacity!r}")
-    rank, world = world_of(group)
-    alloc = 0 if capacity is None else capacity
-    shape = (batch, alloc, kv_heads, head_dim)
+    g = dist.resolve_group(group)
+    shape = (batch, 0 if capacity is None else capacity, kv_heads, head_dim)
     return KVCache(torch.empty(shape, dtype=dtype, device=device),
-                   torch.empty(shape, dtype=dtype, device=device), [0] * world, rank, capacity)
+                   torch.empty(shape, dtype=dtype, device=device), [0] * g.size, g.rank,
+                   capacity)

@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from longattn.common import comm
-from longattn.tree._args import agree
+from longattn.common.merge import finish_rows, merge_stacked
+from longattn.tree._args import agree_call
 from longattn.tree.local import local_attention, shard_right
 
 # (global ranks of the group, nodes, gpus_per_node) -> (node group, leader group or None)
@@ -32,68 +33,53 @@ _SUBGROUPS: dict = {}
 
 
 @torch.no_grad()
-def tree_decode(q, k, v, *, group=None, scale=None, hierarchy=None, causal=True,
+def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, causal=True,
                 shard_lens=None, return_lse=False, backend="auto"):
     """Exact decode attention of replicated new tokens over a sequence-sharded KV cache.
 
     Args:
-        q: ``[B, Lq, Hq, D]`` the new tokens' queries, identical on every rank.
+        q: ``[B, Lq, Hq, D]`` the new tokens' queries, identical on every rank (checked: a
+            float64 checksum of ``q`` is part of the argument agreement).
         k, v: ``[B, n_r, Hkv, D]`` this rank's KV-cache shard; ``n_r`` may differ per rank and
             may be 0. Shards are contiguous in group-rank order; the new tokens' own keys are
             the last ``Lq`` keys of the global cache (see :mod:`longattn.tree.local`).
-        group: process group (None: the default group).
-        scale: softmax scale, default ``D ** -0.5``.
+        group: a ``ProcessGroup``, a 1-D ``DeviceMesh``, ``longattn.common.dist.LOCAL`` or
+            None. None means this process alone, and is an error in an initialised world of
+            more than one rank (pass ``torch.distributed.group.WORLD`` to shard over it).
+        softmax_scale: default ``D ** -0.5``.
         hierarchy: ``(nodes, gpus_per_node)`` with product the group size; group rank
             ``i`` is on node ``i // gpus_per_node``. Reduce inside nodes, then across, then
             broadcast inside.
-        causal: new token ``t`` sees global keys ``<= N - Lq + t`` (no effect at ``Lq = 1``).
-        shard_lens: every rank's ``n_r`` if the caller knows them (e.g. from a
-            :class:`~longattn.tree.cache.KVCache`): skips the argument-agreement all-gather,
-            the caller vouching that all ranks pass consistent arguments.
+        causal: a bool; new token ``t`` sees global keys ``<= N - Lq + t`` (no effect at
+            ``Lq = 1``).
+        shard_lens: every rank's ``n_r`` if the caller knows them (e.g. a
+            :class:`~longattn.tree.cache.KVCache`'s ``lens``); checked inside the argument
+            agreement (the same on every rank, ``shard_lens[rank] == n_r``).
         return_lse: also return ``lse [B, Hq, Lq]`` (float32; float64 for float64 inputs).
         backend: local kernel, see :func:`longattn.tree.local.local_attention`.
 
     Returns ``out [B, Lq, Hq, D]`` in q's dtype, identical on every rank (and ``lse``).
-    A new token that sees no key gets ``out = 0``, ``lse = -inf``.
+    A new token that sees no key gets ``out = 0``, ``lse = -inf``; a NaN in any rank's keys or
+    values makes the rows that see it NaN in ``out`` and ``lse``.
+
+    Every argument is checked on every rank inside one all-gather before the first collective
+    (:func:`longattn.common.dist.agree`): a bad argument on any rank raises the same
+    ``ValueError`` / ``TypeError`` on every rank.
     """
-    scale, lens, hier = agree("tree_decode", q, k, v, scale=scale, group=group,
-                              hierarchy=hierarchy, shard_lens=shard_lens)
-    rank = dist.get_rank(group) if len(lens) > 1 else 0
-    right = shard_right(lens, rank, q.shape[1], causal)
-    o, lse = local_attention(q, k, v, scale=scale, right=right, backend=backend)
-    if len(lens) > 1:
+    call = agree_call("tree_decode", q, k, v, group=group, softmax_scale=softmax_scale,
+                      causal=causal, hierarchy=hierarchy, shard_lens=shard_lens,
+                      backend=backend)
+    g, lens, hier = call.group, call.lens, call.hierarchy
+    right = shard_right(lens, g.rank, q.shape[1], call.causal)
+    o, lse = local_attention(q, k, v, softmax_scale=call.softmax_scale, right=right,
+                             backend=call.backend)
+    if g.distributed:
         if hier is None or hier[0] == 1 or hier[1] == 1:
-            o, lse = _allreduce_combine(o, lse, group)
+            o, lse = _allreduce_combine(o, lse, g.pg)
         else:
-            o, lse = _hierarchical_combine(o, lse, group, *hier)
+            o, lse = _hierarchical_combine(o, lse, g.pg, *hier)
     out = o.to(q.dtype)
     return (out, lse) if return_lse else out
-
-
-def merge_stack(os_, lses):
-    """Exact merge of stacked partials ``os_ [n, B, Lq, H, D]``, ``lses [n, B, H, Lq]``
-    (the same max / weighted-sum rule as the collectives, done locally)."""
-    m = lses.amax(0)
-    w = torch.exp(lses - _finite(m))
-    den = w.sum(0)
-    num = (os_ * w.transpose(-1, -2).unsqueeze(-1)).sum(0)
-    return _finish(num, den, m)
-
-
-def _finite(m):
-    # A row no rank has a key for has m = -inf; exp(-inf - 0) = 0 keeps it 0 / -inf, not NaN.
-    return torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-
-
-def _finish(num, den, m):
-    """out = num / den and lse = m + log(den); rows with den = 0 give 0 / -inf."""
-    live = den > 0
-    inv = torch.where(live, 1.0 / torch.where(live, den, torch.ones_like(den)),
-                      torch.zeros_like(den))
-    out = num * inv.transpose(-1, -2).unsqueeze(-1)
-    lse = torch.where(live, _finite(m) + torch.log(torch.where(live, den, torch.ones_like(den))),
-                      torch.full_like(den, float("-inf")))
-    return out, lse
 
 
 def _all_reduce(t, op, group, what):
@@ -104,15 +90,19 @@ def _all_reduce(t, op, group, what):
 
 
 def _allreduce_combine(o, lse, group):
-    """The flat combine: MAX of lse, then one SUM of ``[num | den]``."""
+    """The flat combine: MAX of lse, then one SUM of ``[num | den]``, finished by
+    :func:`longattn.common.merge.finish_rows` (empty rows 0 / -inf, NaN stays NaN)."""
     m = lse.clone(memory_format=torch.contiguous_format)  # collectives need contiguous
     _all_reduce(m, dist.ReduceOp.MAX, group, "all_reduce_max")
-    w = torch.exp(lse - _finite(m))  # [B, H, Lq]
-    wt = w.transpose(1, 2).unsqueeze(-1)  # [B, Lq, H, 1]
+    m = m.transpose(1, 2)  # [B, Lq, H], the row order of o
+    # A row no rank has a key for has m = -inf: shift by 0 there (exp(-inf) = 0, not NaN).
+    # A NaN lse makes its w NaN, so the SUM carries it into num and den whatever MAX did.
+    w = torch.exp(lse.transpose(1, 2) - torch.where(torch.isneginf(m), 0.0, m))
+    wt = w.unsqueeze(-1)  # [B, Lq, H, 1]
     buf = torch.cat([o * wt, wt], dim=-1)  # [B, Lq, H, D + 1]: den rides along with num
     _all_reduce(buf, dist.ReduceOp.SUM, group, "all_reduce_sum")
-    num, den = buf[..., :-1], buf[..., -1].transpose(1, 2)
-    return _finish(num, den, m)
+    out, lse = finish_rows(buf[..., :-1], buf[..., -1], m)
+    return out, lse.transpose(1, 2)
 
 
 def hierarchy_groups(nodes: int, gpus_per_node: int, ranks=None):
@@ -145,14 +135,11 @@ def hierarchy_groups(nodes: int, gpus_per_node: int, ranks=None):
     return _SUBGROUPS[key]
 
 
-def _subgroups(group, nodes, gpn):
-    world = dist.get_world_size(group)
-    if group is None or world == dist.get_world_size():
-        granks = list(range(world)) if group is None else [dist.get_global_rank(group, i)
-                                                           for i in range(world)]
-        if granks == list(range(world)):
-            return hierarchy_groups(nodes, gpn)
-    granks = [dist.get_global_rank(group, i) for i in range(world)]
+def _subgroups(pg, nodes, gpn):
+    world = dist.get_world_size(pg)
+    granks = [dist.get_global_rank(pg, i) for i in range(world)]
+    if granks == list(range(dist.get_world_size())):  # the whole world, in order
+        return hierarchy_groups(nodes, gpn)
     key = (tuple(granks), nodes, gpn)
     if key not in _SUBGROUPS:
         raise ValueError(f"hierarchy {(nodes, gpn)} over a sub-group needs its process groups: "
@@ -176,8 +163,9 @@ def _hierarchical_combine(o, lse, group, nodes, gpn):
         dist.gather(mine, parts, dst=leader_global, group=node_group)
         for _ in range(1, gpn):
             comm.record("recv", "gather", nb)
-        stack = torch.stack(parts)
-        o, lse = merge_stack(stack[..., :-1], stack[..., -1].transpose(-1, -2))
+        stack = torch.stack(parts)  # [gpn, B, Lq, H, D + 1]
+        o, lse = merge_stacked(stack[..., :-1], stack[..., -1])
+        lse = lse.transpose(1, 2)
         o, lse = _allreduce_combine(o, lse, leaders)
         res = torch.cat([o, lse.transpose(1, 2).unsqueeze(-1)], dim=-1).contiguous()
         comm.record("send", "broadcast", comm.nbytes(res))
@@ -190,4 +178,4 @@ def _hierarchical_combine(o, lse, group, nodes, gpn):
     return res[..., :-1], res[..., -1].transpose(1, 2)
 
 
-__all__ = ["tree_decode", "hierarchy_groups", "merge_stack"]
+__all__ = ["tree_decode", "hierarchy_groups"]

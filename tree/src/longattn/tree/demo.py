@@ -42,15 +42,17 @@ def _demo_rank(rank, world, cases, reps):
     out = []
     for case in cases:
         q, k, v = _inputs(case, rank)
+        lens = case[6]
         for name, fn in (("tree", tree_decode), ("ring", ring_decode)):
-            fn(q, k, v)  # warm-up
+            kw = dict(group=dist.group.WORLD, shard_lens=lens)
+            fn(q, k, v, **kw)  # warm-up
             with counting() as c:
-                res = fn(q, k, v)
+                res = fn(q, k, v, **kw)
             times = []
             for _ in range(reps):
                 dist.barrier()
                 t0 = time.perf_counter()
-                fn(q, k, v)
+                fn(q, k, v, **kw)
                 times.append((time.perf_counter() - t0) * 1e3)
             out.append((name, res, c.bytes_sent, sorted(times)[len(times) // 2]))
     return out

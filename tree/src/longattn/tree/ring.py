@@ -2,8 +2,9 @@
 
 The replicated new queries stay put and the KV shards travel: in ``p - 1`` steps every rank
 passes the shard it holds to ``rank + 1`` and receives one from ``rank - 1`` (double buffered:
-the next transfer is posted before the current shard is attended), merging each partial into
-its running ``(out, lse)`` with the shared log-sum-exp merge. Every rank attends all ``N``
+the next transfer is posted before the current shard is attended). The ``p`` partials are
+merged once, in shard order, by :func:`longattn.common.merge.merge_stacked`, so every rank
+returns the same bits (the next layer's queries stay replicated). Every rank attends all ``N``
 keys and moves ``O(N)`` bytes, against the tree's ``O(N / p)`` work and ``O(B * H * D)`` bytes.
 
 Shards may be uneven or empty: every rank knows every shard's length (from the argument
@@ -15,40 +16,53 @@ Forward only.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from longattn.common import comm
-from longattn.common.merge import merge_partials_
-from longattn.tree._args import agree
+from longattn.common.merge import merge_stacked
+from longattn.tree._args import agree_call
 from longattn.tree.local import local_attention, shard_right
 
 
 @torch.no_grad()
-def ring_decode(q, k, v, *, group=None, scale=None, causal=True, shard_lens=None,
+def ring_decode(q, k, v, *, group=None, softmax_scale=None, causal=True, shard_lens=None,
                 return_lse=False, backend="auto"):
     """Same contract as :func:`longattn.tree.tree_decode` (without ``hierarchy``), computed by
     passing the KV shards around a ring. Returns ``out [B, Lq, Hq, D]`` in q's dtype (and
-    ``lse``); every rank gets the full result."""
-    scale, lens, _ = agree("ring_decode", q, k, v, scale=scale, group=group, hierarchy=None,
-                           shard_lens=shard_lens)
-    p = len(lens)
-    lq = q.shape[1]
-    me = dist.get_rank(group) if p > 1 else 0
-    pending = _post(k.contiguous(), v.contiguous(), 1, lens, me, group) if p > 1 else None
-    out, lse = local_attention(q, k, v, scale=scale, right=shard_right(lens, me, lq, causal),
-                               backend=backend)
-    for step in range(1, p):
-        handle, held = pending
-        handle.wait()
-        # forward the shard just received while attending it (both only read it)
-        if step < p - 1:
-            pending = _post(*held, step + 1, lens, me, group)
-        src = (me - step) % p
-        if lens[src]:
-            o_s, lse_s = local_attention(q, held[0], held[1], scale=scale,
-                                         right=shard_right(lens, src, lq, causal),
-                                         backend=backend)
-            merge_partials_(out, lse, o_s, lse_s)
+    ``lse``), identical on every rank."""
+    call = agree_call("ring_decode", q, k, v, group=group, softmax_scale=softmax_scale,
+                      causal=causal, hierarchy=None, shard_lens=shard_lens, backend=backend)
+    g, lens, scale = call.group, call.lens, call.softmax_scale
+    p, me, lq = g.size, g.rank, q.shape[1]
+
+    def attend(kk, vv, src):
+        return local_attention(q, kk, vv, softmax_scale=scale,
+                               right=shard_right(lens, src, lq, call.causal),
+                               backend=call.backend)
+
+    if p == 1:
+        out, lse = attend(k, v, 0)
+    else:
+        # every rank attends shard r from the same contiguous tensor the ring carries
+        held = (k.contiguous(), v.contiguous())
+        pending = _post(*held, 1, lens, me, g.pg)
+        parts = {me: attend(*held, me)} if lens[me] else {}
+        for step in range(1, p):
+            handle, held = pending
+            handle.wait()
+            # forward the shard just received while attending it (both only read it)
+            if step < p - 1:
+                pending = _post(*held, step + 1, lens, me, g.pg)
+            src = (me - step) % p
+            if lens[src]:
+                parts[src] = attend(*held, src)
+        # the non-empty shards in shard order: the same merge, hence the same bits, everywhere
+        order = sorted(parts)
+        if order:
+            out, lse = merge_stacked(torch.stack([parts[r][0] for r in order]),
+                                     torch.stack([parts[r][1].transpose(1, 2) for r in order]))
+            lse = lse.transpose(1, 2)
+        else:  # no key anywhere: out 0, lse -inf
+            out, lse = attend(k, v, me)
     res = out.to(q.dtype)
     return (res, lse) if return_lse else res
 

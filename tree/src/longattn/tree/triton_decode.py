@@ -5,7 +5,9 @@ parallelise over query blocks, so at ``Lq = 1`` they run ``B * H`` programs and 
 GPU idle. Here the key axis is cut into ``splits`` pieces: program ``(s, b * Hkv + h)`` attends
 all query rows of KV head ``h`` (the ``Lq * G`` rows of its GQA group, so every key is read
 once) to the keys of split ``s`` with an online softmax, and writes an unnormalised partial
-``(acc, m, l)``. A short torch epilogue merges the splits exactly in float32.
+``(acc, m, l)``. A short torch epilogue (:func:`merge_splits`) merges the splits exactly in
+float32; its slow twin is :func:`longattn.common.merge.merge_stacked` on the normalised
+partials ``(acc / l, m + log l)`` (the tests compare the two).
 
 Reads K and V in their BSHD layout (any strides with a unit last stride): no copies. Window
 ``(-1, right)`` bottom-right aligned, as :func:`longattn.tree.local.local_attention` needs.
@@ -17,6 +19,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from longattn.common.merge import finish_rows
 
 try:
     import triton
@@ -114,7 +118,8 @@ if triton is not None:
         tl.store(L + base + rows, l_i)
 
 
-def plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=None, device=None):
+def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=None,
+              device=None):
     """``(splits, split_len)``: enough programs to fill the GPU (about 4 per SM), each split a
     whole number of ``block_n`` key blocks."""
     blocks = max(1, math.ceil(seq / block_n))
@@ -128,8 +133,8 @@ def plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=None, d
     return math.ceil(seq / split_len), split_len
 
 
-def decode(q, k, v, *, scale: float, right: int = -1, block_n: int = 64, num_warps: int = 4,
-           num_stages: int = 3, splits=None):
+def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
+           num_warps: int = 4, num_stages: int = 3, splits=None):
     """``(out, lse)`` of ``q [B, Lq, Hq, D]`` over ``k, v [B, S, Hkv, D]`` (S >= 1) with the
     window ``(-1, right)``; ``out`` float32 ``[B, Lq, Hq, D]``, ``lse`` float32 ``[B, Hq, Lq]``.
     """
@@ -138,7 +143,8 @@ def decode(q, k, v, *, scale: float, right: int = -1, block_n: int = 64, num_war
     g = hq // hkv
     rows = lq * g
     block_m = max(16, triton.next_power_of_2(rows))
-    n_splits, split_len = plan(s_len, b * hkv, block_n=block_n, splits=splits, device=q.device)
+    n_splits, split_len = make_plan(s_len, b * hkv, block_n=block_n, splits=splits,
+                                    device=q.device)
     acc = torch.empty(b * hkv, n_splits, block_m, d, dtype=torch.float32, device=q.device)
     m = torch.empty(b * hkv, n_splits, block_m, dtype=torch.float32, device=q.device)
     l_ = torch.empty_like(m)
@@ -147,7 +153,7 @@ def decode(q, k, v, *, scale: float, right: int = -1, block_n: int = 64, num_war
         q, k, v, acc, m, l_,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        s_len, lq, hkv, float(scale), int(right), split_len,
+        s_len, lq, hkv, float(softmax_scale), int(right), split_len,
         G=g, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, D=d, SPLITS=n_splits,
         # float32 inputs need IEEE dots (not TF32); the CPU interpreter's low-precision
         # tl.dot is broken (triton 3.x), so there every dot runs in float32 as well
@@ -158,16 +164,19 @@ def decode(q, k, v, *, scale: float, right: int = -1, block_n: int = 64, num_war
 
 def merge_splits(acc, m, l_, b, lq, hq):
     """Exact merge of the per-split partials (``acc [B*Hkv, splits, rows, D]`` unnormalised,
-    running max ``m`` and sum ``l``); rows are ``(t, g)`` with ``t`` the new token."""
-    mx = m.amax(1, keepdim=True)
-    mx = torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx)
-    w = torch.exp(m - mx)  # [BH, splits, rows]
+    running max ``m`` and sum ``l`` ``[B*Hkv, splits, rows]``); rows are ``(t, g)`` with ``t``
+    the new token. Returns ``out [B, Lq, Hq, D]``, ``lse [B, Hq, Lq]``.
+
+    The fast form of :func:`longattn.common.merge.merge_stacked` (its slow twin) on the
+    normalised partials ``(acc / l, m + log l)``: one weighted sum, then
+    :func:`~longattn.common.merge.finish_rows` (rows no split saw give 0 / -inf; a NaN stays
+    NaN)."""
+    mx = m.amax(1)  # [BH, rows]
+    w = torch.exp(m - torch.where(torch.isneginf(mx), 0.0, mx).unsqueeze(1))  # [BH, splits, rows]
+    # a split that saw no key has m = -inf and l = 0: w = 0 there, its (zero) acc drops out
     den = (l_ * w).sum(1)  # [BH, rows]
     num = (acc * w.unsqueeze(-1)).sum(1)  # [BH, rows, D]
-    live = den > 0
-    safe = torch.where(live, den, torch.ones_like(den))
-    out = torch.where(live.unsqueeze(-1), num / safe.unsqueeze(-1), torch.zeros_like(num))
-    lse = torch.where(live, mx[:, 0] + torch.log(safe), torch.full_like(den, float("-inf")))
+    out, lse = finish_rows(num, den, mx)
     d = acc.shape[-1]
     hkv = acc.shape[0] // b
     g = hq // hkv

@@ -1,17 +1,19 @@
 """The local decode step in JAX: new tokens' queries against one KV block, with lse.
 
-``local_attention(q, k, v, *, scale, valid_len, limit, impl)``: q ``[B, Lq, Hq, D]``, k / v
+``local_attention(q, k, v, *, softmax_scale, valid_len, limit, backend, splits)``: q
+``[B, Lq, Hq, D]``, k / v
 ``[B, S, Hkv, D]`` (BSHD, GQA without repeating KV). Key ``j`` of the block is visible to new
 token ``t`` iff ``j < valid_len`` and (``limit`` is None or ``j <= limit + t``); both may be
 traced scalars, so a growing cache does not recompile. Returns ``out [B, Lq, Hq, D]`` and
 ``lse [B, Hq, Lq]`` in the accumulation dtype (float32; float64 for float64 inputs); a token
 that sees no key gets ``out = 0``, ``lse = -inf``.
 
-Implementations (``impl``):
+Backends (``backend``):
 
 * ``"xla"`` (default, every platform): split-K in plain XLA. The key axis is cut into
   ``splits`` chunks (the same idea as flash-decoding), each chunk computes its max, sum and
-  weighted values, and the chunks merge exactly, so a GPU gets ``B * Hkv * splits``
+  weighted values, and the chunks merge exactly
+  (:func:`longattn.tree.jax.merge.merge_stacked`), so a GPU gets ``B * Hkv * splits``
   independent reductions instead of ``B * Hkv``.
 * ``"xla_reduce"``: the same with scores and values as fused multiply-reduce instead of dots
   (no layout change of K / V for a dot; XLA fuses it into one read of each).
@@ -27,11 +29,28 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "xla_reduce", "pallas", "cudnn", "dpa")
+from longattn.tree.jax.merge import acc_dtype, merge_stacked
+
+BACKENDS = ("xla", "xla_reduce", "pallas", "cudnn", "dpa")
 
 
-def acc_dtype(dtype):
-    return jnp.float64 if dtype == jnp.float64 else jnp.float32
+def check_splits(splits):
+    """``splits`` must be None (chosen from the block length) or a positive int."""
+    if splits is None:
+        return None
+    if isinstance(splits, bool) or not isinstance(splits, int):
+        raise TypeError(f"splits must be None or a positive int, got {splits!r}")
+    if splits < 1:
+        raise ValueError(f"splits must be None or a positive int, got {splits!r}")
+    return int(splits)
+
+
+def check_backend(backend):
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def default_splits(s: int, target_chunk: int = 4096, max_splits: int = 256) -> int:
@@ -43,23 +62,29 @@ def default_splits(s: int, target_chunk: int = 4096, max_splits: int = 256) -> i
     return n
 
 
-def local_attention(q, k, v, *, scale, valid_len=None, limit=None, impl="xla", splits=None):
+def local_attention(q, k, v, *, softmax_scale, valid_len=None, limit=None, backend="xla",
+                    splits=None):
+    """``(out [B, Lq, Hq, D], lse [B, Hq, Lq])`` in the accumulation dtype; see the module
+    docstring. ``splits``: key chunks of the split-K backends (None: chosen from the length;
+    the ``"xla"`` backends need it to divide the block length)."""
     b, lq, hq, _ = q.shape
     s = k.shape[1]
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    check_backend(backend)
+    splits = check_splits(splits)
     if s == 0:
         acc = acc_dtype(q.dtype)
         return (jnp.zeros((b, lq, hq, v.shape[-1]), acc),
                 jnp.full((b, hq, lq), -jnp.inf, acc))
-    if impl in ("cudnn", "dpa"):
-        return _dpa(q, k, v, scale=scale, valid_len=valid_len, limit=limit, impl=impl)
-    if impl == "pallas":
+    if backend in ("cudnn", "dpa"):
+        return _dpa(q, k, v, scale=softmax_scale, valid_len=valid_len, limit=limit,
+                    backend=backend)
+    if backend == "pallas":
         from longattn.tree.jax.pallas_decode import decode
 
-        return decode(q, k, v, scale=scale, valid_len=valid_len, limit=limit, splits=splits)
-    return _xla(q, k, v, scale=scale, valid_len=valid_len, limit=limit, splits=splits,
-                reduce_form=impl == "xla_reduce")
+        return decode(q, k, v, softmax_scale=softmax_scale, valid_len=valid_len, limit=limit,
+                      splits=splits)
+    return _xla(q, k, v, scale=softmax_scale, valid_len=valid_len, limit=limit, splits=splits,
+                reduce_form=backend == "xla_reduce")
 
 
 def _visible(ns, cs, lq, valid_len, limit):
@@ -80,7 +105,7 @@ def _xla(q, k, v, *, scale, valid_len, limit, splits, reduce_form):
     s, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     acc = acc_dtype(q.dtype)
-    ns = default_splits(s) if splits is None else int(splits)
+    ns = default_splits(s) if splits is None else splits
     if s % ns:
         raise ValueError(f"splits ({ns}) must divide the block length {s}")
     cs = s // ns
@@ -108,31 +133,27 @@ def _xla(q, k, v, *, scale, valid_len, limit, splits, reduce_form):
                     * vc[:, :, :, :, None, None, :].astype(acc), axis=2)  # [b, n, h, g, t, d]
     else:
         o = jnp.einsum("bnhgtc,bnchd->bnhgtd", pv, vc, preferred_element_type=acc)
-    # exact merge of the splits
-    mx = jnp.max(m, axis=1)
-    mx_safe = jnp.where(jnp.isneginf(mx), 0.0, mx)
-    w = jnp.exp(m - mx_safe[:, None])  # [b, n, h, g, t]
-    den = jnp.sum(w * l_, axis=1)  # [b, h, g, t]
-    num = jnp.sum(w[..., None] * o, axis=1)  # [b, h, g, t, d]
-    live = den > 0
-    safe = jnp.where(live, den, 1.0)
-    out = jnp.where(live[..., None], num / safe[..., None], 0.0)
-    lse = jnp.where(live, mx_safe + jnp.log(safe), -jnp.inf)
+    # exact merge of the splits: each split's normalised partial (o / l, m + log l); a split
+    # that saw no key has l = 0, m = -inf, hence lse -inf, and merge_stacked drops it
+    lse_s = m + jnp.log(l_)  # [b, n, h, g, t]
+    o_s = o / l_[..., None]
+    out, lse = merge_stacked(jnp.moveaxis(o_s, 1, 0), jnp.moveaxis(lse_s, 1, 0))
     out = jnp.transpose(out, (0, 3, 1, 2, 4)).reshape(b, lq, hq, v.shape[-1])
     lse = lse.reshape(b, hq, lq)
     return out.astype(acc), lse.astype(acc)
 
 
-def _dpa(q, k, v, *, scale, valid_len, limit, impl):
+def _dpa(q, k, v, *, scale, valid_len, limit, backend):
     b, lq, hq, _ = q.shape
     if limit is not None and lq != 1:
-        raise ValueError(f"impl={impl!r} serves causal decoding only at Lq = 1, got Lq = {lq}")
+        raise ValueError(f"backend={backend!r} serves causal decoding only at Lq = 1, got "
+                         f"Lq = {lq}")
     acc = acc_dtype(q.dtype)
     kv_len = None if valid_len is None else jnp.broadcast_to(
         jnp.asarray(valid_len, jnp.int32), (b,))
     out, lse = jax.nn.dot_product_attention(
         q, k, v, scale=scale, key_value_seq_lengths=kv_len, return_residual=True,
-        implementation="cudnn" if impl == "cudnn" else None)
+        implementation="cudnn" if backend == "cudnn" else None)
     lse = jnp.transpose(lse, (0, 2, 1)).astype(acc)  # BTN -> BNT
     out = out.astype(acc)
     if valid_len is not None:  # an empty block: the kernel's value is undefined

@@ -5,8 +5,8 @@ BSHD cache first, which copies all of K and V (three times the traffic of the at
 itself). This kernel indexes the BSHD arrays directly: program ``(s, b * Hkv + h)`` reads the
 ``split_len`` keys of split ``s`` of KV head ``h`` (block shape ``(1, split_len, 1, D)``), runs
 an online softmax over ``block_k``-key tiles for all ``Lq * G`` query rows of that head, and
-writes ``(acc, m, l)``; :func:`decode` merges the splits exactly. ``interpret=True`` runs it
-on the CPU (tests).
+writes ``(acc, m, l)``; :func:`decode` merges the splits exactly with
+:func:`longattn.tree.jax.merge.merge_stacked`. ``interpret=True`` runs it on the CPU (tests).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+
+from longattn.tree.jax.merge import acc_dtype, merge_stacked
 
 try:
     from jax.experimental.pallas import triton as plgpu
@@ -66,7 +68,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, lim_ref, acc_ref, m_ref, l_ref, *, g, 
     l_ref[...] = l_
 
 
-def plan(s: int, programs: int, *, block_k: int = 64, splits=None, sms: int = 132):
+def make_plan(s: int, programs: int, *, block_k: int = 64, splits=None, sms: int = 132):
     """``(splits, block_k)`` with ``splits * block_k`` dividing ``s``, about 4 programs per
     SM; None if ``s`` has no such factorisation (then the caller uses another impl)."""
     while block_k > 16 and s % block_k:
@@ -89,7 +91,7 @@ def supports(q, k, v):
     d = q.shape[-1]
     if d not in (16, 32, 64, 128, 256):
         return f"head_dim must be a power of two in [16, 256], got {d}"
-    if plan(k.shape[1], 1) is None:
+    if make_plan(k.shape[1], 1) is None:
         return f"block length {k.shape[1]} is not a multiple of 16"
     if q.dtype == jnp.float64 and jax.default_backend() == "gpu":
         return "float64 is not supported by the GPU kernel"
@@ -141,35 +143,33 @@ def _decode(q, k, v, valid_len, limit, *, scale, splits, block_k, num_warps, num
         **params,
     )(qr, k, v, valid_len, limit)
     acc, m, l_ = acc[:, :, :rows], m[:, :, :rows], l_[:, :, :rows]
-    mx = m.max(axis=0)
-    mx_safe = jnp.where(jnp.isneginf(mx), 0.0, mx)
-    w = jnp.exp(m - mx_safe)
-    den = (w * l_).sum(axis=0)  # [bh, rows]
-    num = (w[..., None] * acc).sum(axis=0)
-    live = den > 0
-    safe = jnp.where(live, den, 1.0)
-    out = jnp.where(live[..., None], num / safe[..., None], 0.0)
-    lse = jnp.where(live, mx_safe + jnp.log(safe), -jnp.inf)
+    # each split's normalised partial (acc / l, m + log l); splits that saw no key have
+    # l = 0, m = -inf, so lse = -inf and merge_stacked drops them
+    out, lse = merge_stacked(acc / l_[..., None], m + jnp.log(l_))  # [bh, rows(, d)]
     out = out.reshape(b, hkv, lq, g, d).transpose(0, 2, 1, 3, 4).reshape(b, lq, hq, d)
     lse = lse.reshape(b, hkv, lq, g).transpose(0, 1, 3, 2).reshape(b, hq, lq)
     return out, lse
 
 
-def decode(q, k, v, *, scale, valid_len=None, limit=None, splits=None, block_k=64,
+def decode(q, k, v, *, softmax_scale, valid_len=None, limit=None, splits=None, block_k=64,
            num_warps=4, num_stages=3, interpret=None):
     """``(out, lse)`` like :func:`longattn.tree.jax.local.local_attention` (float32)."""
+    from longattn.tree.jax.local import check_splits
+
+    splits = check_splits(splits)
     reason = supports(q, k, v)
     if reason is not None:
-        raise ValueError(f"impl='pallas' cannot serve this call: {reason}")
+        raise ValueError(f"backend='pallas' cannot serve this call: {reason}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     sms = 132
     if not interpret:
         sms = getattr(jax.devices()[0], "core_count", None) or 132
-    n, bk = plan(k.shape[1], q.shape[0] * k.shape[2], block_k=block_k, splits=splits, sms=sms)
+    n, bk = make_plan(k.shape[1], q.shape[0] * k.shape[2], block_k=block_k, splits=splits,
+                      sms=sms)
     valid = jnp.asarray(k.shape[1] if valid_len is None else valid_len, jnp.int32)
     lim = jnp.asarray(_BIG if limit is None else limit, jnp.int32)
-    out, lse = _decode(q, k, v, valid, lim, scale=float(scale), splits=n, block_k=bk,
+    out, lse = _decode(q, k, v, valid, lim, scale=float(softmax_scale), splits=n, block_k=bk,
                        num_warps=num_warps, num_stages=num_stages, interpret=bool(interpret))
-    acc = jnp.float64 if q.dtype == jnp.float64 else jnp.float32
+    acc = acc_dtype(q.dtype)
     return out.astype(acc), lse.astype(acc)
