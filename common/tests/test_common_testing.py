@@ -24,6 +24,10 @@ from longattn.common.testing import (
     RankError,
     WorldTimeout,
     assert_close,
+    assert_errors,
+    oracle_errors,
+    random_like,
+    random_qkv,
     rel_error,
     run_world,
     world_pids,
@@ -292,3 +296,92 @@ def test_assert_close_and_tolerances():
     with pytest.raises(AssertionError):
         assert_close(torch.full((4,), float("nan")), e, tol=1e9)
     assert_close(e * 1.5, e, tol=0.6)
+
+
+# --------------------------------------------------------------------------------------------
+# the shared oracle harness: random_qkv / random_like / oracle_errors / assert_errors
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCES))
+def test_random_qkv_shapes_dtypes_and_values(dtype):
+    q, k, v = random_qkv(2, 5, 7, 4, 2, 8, dtype=dtype, seed=3, dv=6)
+    assert q.shape == (2, 5, 4, 8) and k.shape == (2, 7, 2, 8) and v.shape == (2, 7, 2, 6)
+    assert q.dtype == k.dtype == v.dtype == dtype and q.device.type == "cpu"
+    for t in (q, k, v):
+        assert (t != 0).all() and torch.isfinite(t).all() and t.double().std() > 0.5
+    assert not torch.equal(k[..., :6], v)
+    again = random_qkv(2, 5, 7, 4, 2, 8, dtype=dtype, seed=3, dv=6)
+    assert all(torch.equal(a, b) for a, b in zip((q, k, v), again))  # deterministic
+    other = random_qkv(2, 5, 7, 4, 2, 8, dtype=dtype, seed=4, dv=6)
+    assert not torch.equal(q, other[0])
+    # the same values as float64 draws cast down: every dtype sees the same problem
+    q64 = random_qkv(2, 5, 7, 4, 2, 8, dtype=torch.float64, seed=3, dv=6)[0]
+    assert torch.equal(q, q64.to(dtype))
+
+
+def test_random_like_and_empty_shapes():
+    q, k, v = random_qkv(1, 0, 3, 2, 1, 4, dtype=torch.float32, seed=0)
+    assert q.shape == (1, 0, 2, 4) and k.shape == (1, 3, 1, 4)
+    t = torch.empty(2, 3, dtype=torch.bfloat16)
+    r = random_like(t, seed=1)
+    assert r.shape == t.shape and r.dtype == t.dtype and (r != 0).all()
+    assert torch.equal(r, random_like(t, seed=1)) and not torch.equal(r, random_like(t, seed=2))
+
+
+@pytest.mark.parametrize("kw,exc,word", [
+    (dict(hq=3, hkv=2), ValueError, "hkv"), (dict(hkv=0), ValueError, "hkv"),
+    (dict(b=-1), ValueError, "b must"), (dict(d=2.0), ValueError, "d must"),
+    (dict(seed=True), ValueError, "seed"), (dict(dtype=torch.int32), TypeError, "dtype"),
+])
+def test_random_qkv_bad_arguments(kw, exc, word):
+    args = dict(b=1, sq=2, sk=2, hq=2, hkv=1, d=4, dtype=torch.float32, seed=0)
+    args.update(kw)
+    with pytest.raises(exc, match=word):
+        random_qkv(**args)
+
+
+def test_oracle_errors_relative_errors_per_name():
+    e = {"out": np.array([3.0, 4.0]), "lse": torch.tensor([1.0, -math.inf], dtype=torch.float64)}
+    a = {"out": torch.tensor([3.0, 4.5]), "lse": torch.tensor([1.0, -math.inf])}
+    errs = oracle_errors(a, e)
+    assert set(errs) == {"out", "lse"}
+    assert errs["out"] == pytest.approx(0.1) and errs["lse"] == 0.0  # agreeing -inf ignored
+
+
+def test_oracle_errors_nan_never_passes():
+    e = {"out": np.array([1.0, 2.0])}
+    assert oracle_errors({"out": torch.tensor([1.0, math.nan])}, e)["out"] == math.inf
+    assert oracle_errors({"out": torch.tensor([1.0, math.inf])}, e)["out"] == math.inf
+    assert oracle_errors({"out": torch.tensor([1.0, -math.inf])}, e)["out"] == math.inf
+    with pytest.raises(AssertionError, match="out"):
+        assert_errors(oracle_errors({"out": torch.tensor([1.0, math.nan])}, e), torch.float64,
+                      tol=1e30)
+
+
+def test_oracle_errors_bad_input():
+    with pytest.raises(ValueError, match="only in actual.*dq.*only in expected.*dk"):
+        oracle_errors({"out": torch.zeros(1), "dq": torch.zeros(1)},
+                      {"out": np.zeros(1), "dk": np.zeros(1)})
+    with pytest.raises(ValueError, match="lse: .*shape"):
+        oracle_errors({"lse": torch.zeros(2)}, {"lse": np.zeros(3)})
+    with pytest.raises(TypeError, match="dict"):
+        oracle_errors([torch.zeros(1)], [np.zeros(1)])
+
+
+def test_assert_errors_uses_the_dtype_tolerance_and_names_every_miss():
+    ok = {"out": 1e-3, "lse": 1e-7}
+    assert assert_errors(ok, torch.bfloat16) is ok
+    with pytest.raises(AssertionError) as ei:
+        assert_errors({"out": 1e-3, "dq": 0.5, "dk": 0.1}, torch.float16)
+    msg = str(ei.value)
+    assert "dq" in msg and "dk" in msg and "out" not in msg.split(":", 1)[1]
+    assert_errors({"out": 0.5}, torch.float64, tol=0.6)
+    assert_errors({"out": 0.5, "lse": 1e-9}, torch.float64, tol={"out": 0.6, "lse": 1e-8})
+    with pytest.raises(AssertionError, match="lse"):
+        assert_errors({"out": 0.5, "lse": 1e-7}, torch.float64, tol={"out": 0.6, "lse": 1e-8})
+    with pytest.raises(ValueError, match="lse"):
+        assert_errors({"out": 0.5, "lse": 1e-9}, torch.float64, tol={"out": 0.6})
+    with pytest.raises(AssertionError, match="out"):
+        assert_errors({"out": math.nan}, torch.float64, tol=1.0)
+    with pytest.raises(TypeError, match="dtype"):
+        assert_errors({"out": 0.0}, torch.int32)

@@ -1,4 +1,19 @@
-"""Test helpers: persistent gloo worlds, dtype tolerances, relative error.
+"""Test helpers: persistent gloo worlds, random inputs, dtype tolerances, oracle errors.
+
+    run_world(n, fn, *args, timeout=None)      # fn(rank, world_size, *args) on n gloo ranks
+    random_qkv(b, sq, sk, hq, hkv, d, *, dtype, seed, device="cpu", dv=None) -> (q, k, v)
+    random_like(t, *, seed)                    # e.g. dout for a backward
+    oracle_errors(actual, expected) -> {name: relative error}
+    assert_errors(errs, dtype, tol=None)       # every error within TOLERANCES[dtype] (or tol)
+    rel_error(actual, expected), assert_close(actual, expected, dtype=None)
+
+The shared oracle harness, for example::
+
+    q, k, v = random_qkv(2, 64, 64, 4, 2, 16, dtype=torch.bfloat16, seed=0)
+    out, lse = my_attention(q, k, v)
+    ref_out, ref_lse = longattn.reference.attention(*(t.double().numpy() for t in (q, k, v)))
+    assert_errors(oracle_errors({"out": out, "lse": lse}, {"out": ref_out, "lse": ref_lse}),
+                  torch.bfloat16)
 
 ``run_world(n, fn, *args)`` runs ``fn(rank, world_size, *args)`` on every rank of a CPU world
 of ``n`` gloo processes and returns the per-rank results in rank order. A world of each size
@@ -78,6 +93,81 @@ def assert_close(actual, expected, dtype=None, *, tol=None, what="value"):
     err = rel_error(actual, expected)
     assert err <= tol, f"{what}: relative error {err:.3e} > {tol:.1e}"
     return err
+
+
+def _positive_ints(**named):
+    for name, x in named.items():
+        if isinstance(x, bool) or not isinstance(x, int) or x < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {x!r}")
+
+
+def random_qkv(b, sq, sk, hq, hkv, d, *, dtype, seed, device="cpu", dv=None):
+    """Random BSHD ``(q [b, sq, hq, d], k [b, sk, hkv, d], v [b, sk, hkv, dv or d])``.
+
+    Standard normal values drawn in float64 from a CPU generator seeded with ``seed`` (the same
+    tensors on every device and machine), then cast to ``dtype`` and moved to ``device``. Never
+    zeros or constants: a test on zeros passes for kernels that ignore their inputs."""
+    _positive_ints(b=b, sq=sq, sk=sk, hq=hq, hkv=hkv, d=d, seed=seed)
+    dv = d if dv is None else dv
+    _positive_ints(dv=dv)
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"hq ({hq}) must be a positive multiple of hkv ({hkv})")
+    if dtype not in TOLERANCES:
+        raise TypeError(f"dtype must be one of {list(TOLERANCES)}, got {dtype!r}")
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).to(device)
+
+    return draw(b, sq, hq, d), draw(b, sk, hkv, d), draw(b, sk, hkv, dv)
+
+
+def random_like(t, *, seed):
+    """A random normal tensor of ``t``'s shape, dtype and device (e.g. ``dout``), drawn like
+    :func:`random_qkv` from ``seed``."""
+    _positive_ints(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*t.shape, generator=g, dtype=torch.float64).to(t.dtype).to(t.device)
+
+
+def oracle_errors(actual, expected) -> dict:
+    """``{name: rel_error(actual[name], expected[name])}`` for every name.
+
+    ``actual`` maps names to tensors (``out``, ``lse``, ``dq``, ...), ``expected`` the same
+    names to numpy arrays or tensors (the float64 oracle). Both must have the same names and,
+    per name, the same shape. A NaN anywhere (in particular where the oracle is finite), or an
+    infinity on one side only, gives ``inf``: it never passes a tolerance."""
+    if not isinstance(actual, dict) or not isinstance(expected, dict):
+        raise TypeError("actual and expected must be dicts of name -> tensor / array")
+    if set(actual) != set(expected):
+        raise ValueError(f"actual and expected must have the same names: only in actual "
+                         f"{sorted(set(actual) - set(expected))}, only in expected "
+                         f"{sorted(set(expected) - set(actual))}")
+    errs = {}
+    for name in actual:
+        try:
+            errs[name] = rel_error(actual[name], expected[name])
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    return errs
+
+
+def assert_errors(errs, dtype, tol=None):
+    """Assert every error of ``errs`` (from :func:`oracle_errors`) is within ``tol``: by default
+    ``TOLERANCES[dtype]``; a float for every name, or a dict with one per name. The message
+    lists every name over its tolerance. Returns ``errs``."""
+    if tol is None:
+        if dtype not in TOLERANCES:
+            raise TypeError(f"dtype must be one of {list(TOLERANCES)}, got {dtype!r}")
+        tol = TOLERANCES[dtype]
+    tols = tol if isinstance(tol, dict) else dict.fromkeys(errs, tol)
+    missing = sorted(set(errs) - set(tols))
+    if missing:
+        raise ValueError(f"tol has no entry for {missing}")
+    bad = [f"{name}: {err:.3e} > {tols[name]:.1e}" for name, err in errs.items()
+           if not err <= tols[name]]
+    assert not bad, f"relative error over the {dtype} tolerance: " + "; ".join(bad)
+    return errs
 
 
 # --------------------------------------------------------------------------------------------
