@@ -1,6 +1,7 @@
 """Every workflow of the longattn monorepo.
 
     nox -s demo                      every method on a CPU world of gloo ranks vs the oracle
+                                     (the same program as ``longattn demo``)
     nox -s tests                     all packages' tests on the CPU
     nox -s "isolated(<pkg>)"         one package installed alone (+ its declared deps), its tests
     nox -s lint                      ruff
@@ -67,10 +68,13 @@ def isolated(session, pkg):
 
 @nox.session
 def demo(session):
-    """The main job: a CPU world of gloo ranks runs every method against the oracle."""
+    """The main job: a CPU world of gloo ranks runs every method against the oracle.
+
+    Runs ``longattn demo`` (``longattn.integrations.driver``; ``python tests/demo.py`` is the
+    same program): ``nox -s demo -- --only hamilton --out DIR``."""
     _install(session, PACKAGES, extra="test")
     session.install("matplotlib", "tqdm")
-    session.run("python", "tests/demo.py", *session.posargs, env=CPU_ENV)
+    session.run("python", "-m", "longattn.integrations", "demo", *session.posargs, env=CPU_ENV)
 
 
 @nox.session

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from longattn.integrations import cli
+from longattn.integrations import cli, driver
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
     ({"rel_err": None}, True),  # a row that makes no accuracy claim (a timing row)
 ])
 def test_row_pass_rule(row, ok):
-    assert cli.row_passes(row) is ok
+    assert driver.row_passes(row) is ok
 
 
 def _stub_rows(rows):
@@ -36,20 +36,20 @@ def _stub_rows(rows):
 def test_check_exit_code_and_table(monkeypatch, capsys):
     good = {"method": "m", "what": "w", "shape": "s", "rel_err": 1e-12, "tol": 1e-10}
     bad = {**good, "what": "broken", "rel_err": float("nan")}
-    monkeypatch.setattr(cli, "collect_rows", _stub_rows([good]))
+    monkeypatch.setattr(driver, "collect_rows", _stub_rows([good]))
     assert cli.main(["check"]) == 0
-    monkeypatch.setattr(cli, "collect_rows", _stub_rows([good, bad]))
+    monkeypatch.setattr(driver, "collect_rows", _stub_rows([good, bad]))
     assert cli.main(["check"]) == 1
     out = capsys.readouterr().out
     assert "PASS" in out and "FAIL" in out and "broken" in out
-    monkeypatch.setattr(cli, "collect_rows", _stub_rows([]))
+    monkeypatch.setattr(driver, "collect_rows", _stub_rows([]))
     assert cli.main(["check"]) == 1  # nothing checked is not a pass
 
 
 def test_demo_writes_json(monkeypatch, tmp_path):
     rows = [{"method": "m", "what": "w", "shape": "s", "rel_err": 1e-12, "tol": 1e-10,
              "time_ms": 1.5, "bytes": 64}]
-    monkeypatch.setattr(cli, "collect_rows", _stub_rows(rows))
+    monkeypatch.setattr(driver, "collect_rows", _stub_rows(rows))
     assert cli.main(["demo", "--out", str(tmp_path)]) == 0
     assert '"bytes": 64' in (tmp_path / "demo.json").read_text()
 
@@ -63,9 +63,9 @@ def test_a_package_that_raises_gives_a_failing_row(monkeypatch):
                 raise RuntimeError("kaput")
             return rows
 
-    monkeypatch.setattr(cli, "demo_entry_points", lambda only=None: [EP()])
-    rows = cli.collect_rows(run_world=object())
-    assert len(rows) == 1 and "kaput" in rows[0]["what"] and not cli.row_passes(rows[0])
+    monkeypatch.setattr(driver, "demo_entry_points", lambda only=None: [EP()])
+    rows = driver.collect_rows(["boom"], run_world=object())
+    assert len(rows) == 1 and "kaput" in rows[0]["what"] and not driver.row_passes(rows[0])
 
 
 def test_unknown_only_package():
@@ -104,10 +104,30 @@ def test_module_entry_point():
     assert "integrations" in res.stdout and "bench_kernels.py" in res.stdout
 
 
+def test_demo_checks_out_before_any_row_runs(monkeypatch, tmp_path, capsys):
+    def collect(*args, **kwargs):
+        raise AssertionError("a row ran")
+
+    monkeypatch.setattr(driver, "collect_rows", collect)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit, match="cannot write the results to --out"):
+        cli.main(["demo", "--out", str(blocker / "out")])
+    assert "longattn demo:" not in capsys.readouterr().out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "longattn-integrations 0.1.0" in out and "longattn-common " in out
+
+
 def test_integrations_demo_rows_on_a_4_rank_world(capsys):
-    rows = cli.collect_rows(["integrations"])
+    rows = driver.collect_rows(["integrations"])
     assert len(rows) == 5
     for r in rows:
-        assert cli.row_passes(r), r
+        assert driver.row_passes(r), r
         assert r["rel_err"] <= (1e-6 if "fp32 loss" in r["what"] else 1e-10), r
     assert rows[0]["bytes"] > 0  # the attention communicated

@@ -12,27 +12,28 @@
                                            runs PKG/bench/repro_PKG.py --target T ARGS
                                            (PKG defaults to hamilton)
 
-``check`` and ``demo`` call every package's demo entry point (group ``longattn.demo``:
-``rows(run_world) -> list[dict]``), exactly as ``nox -s demo`` does; a row passes when its
-``rel_err`` is finite and at most its ``tol`` (2e-2 when the row gives none). They run on the
-CPU (``TRITON_INTERPRET=1``, JAX on 8 CPU devices, one thread per rank) and exit 1 when a row
-fails. ``bench`` and ``repro`` run the package's script from the source checkout (scripts are
-not part of the wheels) with this Python, in the checkout's root, and return its exit code.
+``check`` and ``demo`` run :mod:`longattn.integrations.driver`, the one demo driver (``nox -s
+demo`` and ``python tests/demo.py`` run the same): the foundation rows of ``longattn.common``
+against the oracle and every package's demo entry point (group ``longattn.demo``:
+``rows(run_world) -> list[dict]``); a row passes when its ``rel_err`` is finite and at most its
+``tol`` (2e-2 when the row gives none). They run on the CPU (``TRITON_INTERPRET=1``, JAX on 8
+CPU devices, one thread per rank) and exit 1 when a row fails; ``demo`` checks that ``--out``
+is writable before any row runs. ``bench`` and ``repro`` run the package's script from the
+source checkout (scripts are not part of the wheels) with this Python, in the checkout's root,
+and return its exit code. ``longattn --version`` lists the installed longattn distributions.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
-import math
 import os
 import subprocess
 import sys
-import time
-import traceback
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from longattn.integrations import driver
 
 PACKAGES = ["common", "hamilton", "tree", "hyper", "ring_swa", "dilated", "integrations"]
 CPU_ENV = {
@@ -41,112 +42,18 @@ CPU_ENV = {
     "JAX_PLATFORMS": "cpu",
     "OMP_NUM_THREADS": "1",
 }
-DEFAULT_TOL = 2e-2
 
 
 # ---------------------------------------------------------------------------------------------
-# rows: demo and check
-
-
-def demo_entry_points(only=None):
-    """The ``longattn.demo`` entry points, sorted by name (``only``: names to keep)."""
-    eps = entry_points()
-    group = eps.select(group="longattn.demo") if hasattr(eps, "select") else eps.get(
-        "longattn.demo", [])
-    found = sorted(group, key=lambda e: e.name)
-    if only:
-        unknown = sorted(set(only) - {e.name for e in found})
-        if unknown:
-            raise SystemExit(f"longattn: no demo rows for {unknown}; installed: "
-                             f"{[e.name for e in found]}")
-        found = [e for e in found if e.name in only]
-    return found
-
-
-def collect_rows(only=None, run_world=None, log=print):
-    """Every installed package's demo rows; a package that raises gives one failing row."""
-    if run_world is None:
-        from longattn.common.testing import run_world
-    rows = []
-    for ep in demo_entry_points(only):
-        t0 = time.perf_counter()
-        try:
-            got = list(ep.load()(run_world))
-        except Exception as e:  # noqa: BLE001 - one broken package must not hide the others
-            traceback.print_exc()
-            got = [{"method": ep.name, "what": f"FAILED: {type(e).__name__}: {e}"[:100],
-                    "rel_err": float("inf")}]
-        log(f"  {ep.name}: {len(got)} rows in {time.perf_counter() - t0:.1f} s")
-        rows += got
-    return rows
-
-
-def row_passes(row) -> bool:
-    err = row.get("rel_err")
-    err = 0.0 if err is None else float(err)
-    tol = row.get("tol")
-    return math.isfinite(err) and err <= float(DEFAULT_TOL if tol is None else tol)
-
-
-def check_table(rows) -> str:
-    from longattn.common.bench import format_table
-
-    table = [{**r, "tol": r.get("tol", DEFAULT_TOL), "ok": "PASS" if row_passes(r) else "FAIL"}
-             for r in rows]
-    return format_table(table, ["method", "what", "shape", "rel_err", "tol", "ok"])
-
-
-def _plot(rows, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    labels = [f"{r.get('method')}: {r.get('what')}"[:60] for r in rows]
-    errs = [max(float(r.get("rel_err") or 0.0), 1e-18) for r in rows]
-    errs = [e if math.isfinite(e) else 1.0 for e in errs]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(rows) + 1.5))
-    ax.barh(range(len(rows)), errs,
-            color=["tab:green" if row_passes(r) else "tab:red" for r in rows])
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xscale("log")
-    ax.set_xlabel("relative error against the float64 oracle / single-process model")
-    ax.set_title("longattn demo: CPU world of gloo ranks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+# rows: demo and check (one implementation: longattn.integrations.driver)
 
 
 def cmd_check(args) -> int:
-    t0 = time.perf_counter()
-    print("longattn check: every installed method against the oracle, CPU gloo world",
-          flush=True)
-    rows = collect_rows(args.only)
-    print(check_table(rows))
-    bad = [r for r in rows if not row_passes(r)]
-    print(f"{len(rows)} rows, {len(bad)} failed, {time.perf_counter() - t0:.1f} s")
-    return 1 if bad or not rows else 0
+    return driver.run_check(args.only)
 
 
 def cmd_demo(args) -> int:
-    from longattn.common.bench import format_table
-
-    t0 = time.perf_counter()
-    print("longattn demo: every installed method on a CPU world of gloo ranks", flush=True)
-    rows = collect_rows(args.only)
-    print(format_table(rows, ["method", "what", "shape", "rel_err", "time_ms", "bytes"]))
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "demo.json"), "w") as f:
-        json.dump(rows, f, indent=1, default=str)
-    plotted = _plot(rows, os.path.join(args.out, "demo.png")) if rows else False
-    bad = [r for r in rows if not row_passes(r)]
-    print(f"{len(rows)} rows, {len(bad)} over tolerance, {time.perf_counter() - t0:.1f} s; "
-          f"results in {args.out}/demo.json" + (", demo.png" if plotted else ""))
-    return 1 if bad or not rows else 0
+    return driver.run_demo(args.only, args.out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,7 +119,7 @@ def cmd_repro(args) -> int:
 def cmd_list(args) -> int:
     from longattn.common.bench import format_table
 
-    demos = {e.name for e in demo_entry_points()}
+    demos = {e.name for e in driver.demo_entry_points()} | {driver.FOUNDATION}
     rows = []
     for pkg in PACKAGES:
         if importlib.util.find_spec(f"longattn.{pkg}") is None:
@@ -229,10 +136,23 @@ def cmd_list(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def versions() -> str:
+    """``longattn-integrations 0.1.0`` and every other installed longattn distribution."""
+    out = []
+    for pkg in ["integrations", *[p for p in PACKAGES if p != "integrations"], "reference"]:
+        try:
+            out.append(f"longattn-{pkg.replace('_', '-')} {version(f'longattn-{pkg}')}")
+        except PackageNotFoundError:
+            continue
+    return "\n".join(out)
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="longattn", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:13]) + "\n")
+    ap.add_argument("--version", action="version", version=versions(),
+                    help="the installed longattn distributions and their versions")
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("list", help="installed methods, demo rows and scripts")
     p.set_defaults(fn=cmd_list)
@@ -241,7 +161,8 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_check, cpu=True)
     p = sub.add_parser("demo", help="demo rows with time and bytes, JSON and plot")
     p.add_argument("--only", nargs="+", metavar="PKG", help="only these packages' rows")
-    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--out", default="demo_out",
+                   help="output folder (default demo_out; checked before any row runs)")
     p.set_defaults(fn=cmd_demo, cpu=True)
     p = sub.add_parser("bench", help="a package's GPU benchmark script")
     p.add_argument("pkg", choices=PACKAGES)
