@@ -14,7 +14,7 @@ backward runs :func:`backward_step` and :func:`add_kv_grads` per step and the st
 backward. Kernels through ``longattn.common.kernels`` with ``backend="auto"`` (``aten``:
 cuDNN on CUDA). Three variants:
 
-* ``kernels``  -- only the attention kernel calls, back to back (the issue's definition);
+* ``kernels``  -- only the attention kernel calls, back to back (the target's definition);
 * ``+merge``   -- everything the rank computes, with the shared ``merge_partials_``;
 * ``+fused``   -- the same with ``merge_partials_`` under ``torch.compile`` (fused elementwise).
 
@@ -30,6 +30,7 @@ step (``plan.unit_labels``), forward and backward, is compared with the float64 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -43,7 +44,7 @@ from longattn.common import bench
 from longattn.common.kernels import attention_backward, attention_forward, pick_backend
 from longattn.common.layout import positions
 from longattn.common.merge import merge_partials_
-from longattn.hamilton import attn as attn_mod
+from longattn.hamilton import HamiltonConfig
 from longattn.hamilton.attn import (
     _pack,
     _token_index,
@@ -66,8 +67,9 @@ def _schedule(name, n):
 # correctness: every rank's step sequence on the data it would hold, against the oracle
 
 
-def check(device, dtype, n, length, heads, dim, sched_name, causal=True):
+def check(device, dtype, n, length, heads, dim, sched_name, causal=True, config=None):
     """Max relative error over out, lse, dq, dk, dv of the simulated n-rank run (global)."""
+    config = HamiltonConfig() if config is None else config
     from longattn.reference import attention, causal_mask
     from longattn.reference import attention_backward as ref_backward
 
@@ -111,14 +113,14 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True):
         acc_out, acc_lse = o0.float(), l0.float()
         for s in range(1, n):
             forward_step(ql, step_buffer(s, r), plans[r].calls[s], unit, acc_out, acc_lse,
-                         hkv=heads, d=dim, softmax_scale=scale, backend="auto")
+                         hkv=heads, d=dim, softmax_scale=scale, backend="auto", config=config)
         out = acc_out.to(dtype)
         dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
         for s in range(n - 1, 0, -1):
             gbuf = torch.zeros_like(gacc[0])
             grads = backward_step(dol, None, ql, out, acc_lse, step_buffer(s, r),
                                   plans[r].calls[s], unit, dq, hkv=heads, d=dim,
-                                  softmax_scale=scale, backend="auto")
+                                  softmax_scale=scale, backend="auto", config=config)
             add_kv_grads(gbuf, grads, unit, hkv=heads, d=dim)
             for u, (o, ou) in enumerate(labels[s][r]):
                 gacc[o][ou * unit:(ou + 1) * unit] += gbuf[u * unit:(u + 1) * unit]
@@ -158,7 +160,7 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True):
 # timing
 
 
-def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
+def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode, config):
     """(fwd, fwd_bwd) closures running rank ``rank``'s compute; ``mode`` in kernels / +merge /
     +fused."""
     sched = _schedule(sched_name, n)
@@ -172,7 +174,7 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
 
     q, k, v, dout = (rnd(1, length, heads, dim) for _ in range(4))
     buf = rnd(length, 1, heads * 2 * dim)
-    merge = merge_partials_ if mode != "+fused" else _fused_merge()
+    merge = _fused_merge() if mode == "+fused" else None  # None: config.merge_backend
     o0, l0 = attention_forward(q, k, v, softmax_scale=scale, causal=True)
     out, lse = o0, l0.float()
     accs = [torch.zeros(length, 1, heads * 2 * dim, dtype=torch.float32, device=device)
@@ -193,13 +195,9 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
                     attention_forward(qs, kk, vv, softmax_scale=scale, causal=False)
             return o
         acc_out, acc_lse = o.float(), l.float()
-        attn_mod.MERGE = merge
-        try:
-            for s in range(1, n):
-                forward_step(q, buf, plan.calls[s], unit, acc_out, acc_lse, hkv=heads, d=dim,
-                             softmax_scale=scale, backend="auto")
-        finally:
-            attn_mod.MERGE = merge_partials_
+        for s in range(1, n):
+            forward_step(q, buf, plan.calls[s], unit, acc_out, acc_lse, hkv=heads, d=dim,
+                         softmax_scale=scale, backend="auto", config=config, merge=merge)
         return acc_out.to(dtype)
 
     def bwd():
@@ -217,7 +215,8 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
         cur = 0
         for s in range(n - 1, 0, -1):
             grads = backward_step(dout, None, q, out, lse, buf, plan.calls[s], unit, dq,
-                                  hkv=heads, d=dim, softmax_scale=scale, backend="auto")
+                                  hkv=heads, d=dim, softmax_scale=scale, backend="auto",
+                                  config=config)
             add_kv_grads(accs[cur], grads, unit, hkv=heads, d=dim)
             cur = 1 - cur  # the real loop sends this one back and receives into the other
         dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, softmax_scale=scale,
@@ -234,14 +233,10 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode):
     return fwd, fwd_bwd
 
 
-_FUSED = None
-
-
+@functools.cache
 def _fused_merge():
-    global _FUSED
-    if _FUSED is None:
-        _FUSED = torch.compile(merge_partials_, dynamic=False)
-    return _FUSED
+    """``merge_partials_`` under ``torch.compile`` (compiled once per process)."""
+    return torch.compile(merge_partials_, dynamic=False)
 
 
 def dense_baselines(device, dtype, seq, heads, dim, use_flex):
@@ -335,10 +330,14 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--dim", type=int, default=128)
     p.add_argument("--schedule", default="ring", choices=["ring", "tasp"],
-                   help="ring: zigzag ring (the issue's target); tasp: TASP's causal steps")
+                   help="ring: zigzag ring (the efficiency target); tasp: TASP's causal steps")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--no-fused", action="store_true", help="skip the torch.compile'd merge")
+    p.add_argument("--merge-backend", default="auto", choices=["auto", "torch", "triton"],
+                   help="HamiltonConfig.merge_backend of the +merge variant")
+    p.add_argument("--contiguous-kv", action="store_true",
+                   help="HamiltonConfig(contiguous_kv=True): contiguous K/V copies per call")
     p.add_argument("--step-sweep", action="store_true",
                    help="also time single L x L blocks over the paper's per-GPU lengths "
                         "(step_times.json, the input of predict_hamilton.py)")
@@ -354,6 +353,7 @@ def main(argv=None):
     dtype = torch.bfloat16
     out_dir = bench.out_dir(os.path.join(HERE, "results"), a.out)
     n, length, heads, dim = a.ranks, a.tokens, a.heads, a.dim
+    config = HamiltonConfig(merge_backend=a.merge_backend, contiguous_kv=a.contiguous_kv)
     print(f"device: {bench.device_name(device)}; torch {torch.__version__}; {n} ranks x {length} "
           f"tokens, H={heads}, D={dim}, bf16, schedule {a.schedule} (causal, zigzag)")
     probe = torch.zeros(1, 8, heads, dim, device=device, dtype=dtype)
@@ -365,7 +365,8 @@ def main(argv=None):
     for sched_name in dict.fromkeys([a.schedule, "ring"]):
         clen = 12 if a.smoke else (16 * 2 * (n - 1) if sched_name == "tasp" else 128)
         try:
-            errs = check(device, dtype, n, clen, 2 if a.smoke else 4, dim, sched_name)
+            errs = check(device, dtype, n, clen, 2 if a.smoke else 4, dim, sched_name,
+                         config=config)
             ok = max(errs.values()) <= 2e-2
             print(f"correctness ({sched_name}, {n} ranks, bf16 vs float64 oracle): "
                   + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
@@ -387,7 +388,7 @@ def main(argv=None):
         for r in ranks:
             try:
                 f, fb = make_sequence(device, dtype, n, length, heads, dim, r, a.schedule,
-                                      mode)
+                                      mode, config)
                 f()
                 fb()  # warm-up (and compilation of the fused merge) outside the timings
                 contenders[(f"rank{r} {mode}", "fwd")] = f

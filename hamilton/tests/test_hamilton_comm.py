@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import os
@@ -278,41 +277,110 @@ def test_device_mesh_as_group():
         assert two_d is not None and "1-D DeviceMesh" in two_d
 
 
-def test_strided_kv_fallback():
-    """A backend that rejects strided K/V views gets contiguous copies (with a warning)."""
+_STRICT = "contiguous_kv_test"
+
+
+def _contiguous_only():
+    """Register (once per process) a backend that refuses strided K/V, else the torch one."""
     from longattn.common.kernels import BACKENDS, Backend, register_backend
-    from longattn.hamilton import attn
-    from longattn.hamilton.plan import make_plan
 
-    torch_b = BACKENDS["torch"]
+    if _STRICT not in BACKENDS:
+        torch_b = BACKENDS["torch"]
 
-    def strict_forward(q, k, v, **kw):
-        if not (k.is_contiguous() and v.is_contiguous()):
-            raise RuntimeError("strided K/V not supported")
-        return torch_b.forward(q, k, v, **kw)
+        def supports(req):
+            if not (req.k.is_contiguous() and req.v.is_contiguous()):
+                return "needs contiguous K/V"
+            return torch_b.supports(req)
 
-    register_backend("strict_test", Backend(strict_forward, torch_b.backward,
-                                            lambda req: None))
-    try:
-        plan = make_plan(multi_ring_schedule(3), 1, True)
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(2, 8, 4, 8, generator=g, dtype=torch.float64)
-        buf = torch.randn(8, 2, 2 * 8, generator=g, dtype=torch.float64)
-        res = []
-        for backend in ("torch", "strict_test"):
-            out = torch.zeros(2, 8, 4, 8, dtype=torch.float64)
-            lse = torch.full((2, 4, 8), float("-inf"), dtype=torch.float64)
-            attn.CONTIGUOUS_KV = False
-            with pytest.warns(UserWarning, match="contiguous copies") if backend != "torch" \
-                    else contextlib.nullcontext():
-                attn.forward_step(q, buf, plan.calls[1], 2, out, lse, hkv=1, d=8, softmax_scale=0.3,
-                                  backend=backend)
-            res.append((out, lse))
-        assert torch.equal(res[0][0], res[1][0]) and torch.equal(res[0][1], res[1][1])
-        assert attn.CONTIGUOUS_KV
-    finally:
-        attn.CONTIGUOUS_KV = False
-        BACKENDS.pop("strict_test", None)
+        register_backend(_STRICT, Backend(torch_b.forward, torch_b.backward, supports))
+
+
+def _config_settings(rank, n):
+    """Both contiguous_kv settings and both merge backends give the same result as the default
+    call; a backend that refuses strided K/V views raises on every rank (saying which setting
+    serves it) with the default config, and serves contiguous_kv=True."""
+    from longattn.hamilton import HamiltonConfig
+
+    _contiguous_only()
+    hamilton_attn = _world_attn()
+    lk = 2 * (n - 1) * 2
+    q, k, v = _local(rank, n, lk, torch.float64)
+    dout = torch.randn(q.shape[:-1] + (DV,), generator=torch.Generator().manual_seed(rank),
+                       dtype=torch.float64)
+    results = {}
+    for causal in (False, True):
+        for name, backend, config in (
+                ("default", "auto", None),
+                ("contiguous", "auto", HamiltonConfig(contiguous_kv=True)),
+                ("strided", "torch", HamiltonConfig(contiguous_kv=False)),
+                ("merge torch", "auto", HamiltonConfig(merge_backend="torch")),
+                ("strict contiguous", _STRICT, HamiltonConfig(contiguous_kv=True))):
+            for t in (q, k, v):
+                t.grad = None
+            out = hamilton_attn(q, k, v, causal=causal, backend=backend, config=config)
+            out.backward(dout)
+            results[(causal, name)] = [out.detach()] + [t.grad for t in (q, k, v)]
+    errs = {key: max(float((a - b).abs().max()) for a, b in zip(r, results[(key[0], "default")]))
+            for key, r in results.items()}
+    refused = []
+    for config in (None, HamiltonConfig()):
+        try:
+            hamilton_attn(q, k, v, causal=True, backend=_STRICT, config=config)
+        except ValueError as e:
+            refused.append(str(e))
+        else:
+            refused.append(None)
+    return errs, refused
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_config_contiguous_kv_and_merge_backend(n):
+    for errs, refused in run_world(n, _config_settings):
+        assert max(errs.values()) <= 1e-13, errs
+        for msg in refused:
+            assert msg is not None and "needs contiguous K/V" in msg, msg
+            assert "contiguous_kv=True" in msg and "rank(s)" in msg, msg
+
+
+def test_config_record():
+    from longattn.hamilton import HamiltonConfig
+
+    assert HamiltonConfig() == HamiltonConfig(merge_backend="auto", contiguous_kv=False)
+    with pytest.raises(ValueError, match="merge_backend"):
+        HamiltonConfig(merge_backend="fused")
+    with pytest.raises(TypeError, match="contiguous_kv"):
+        HamiltonConfig(contiguous_kv=1)
+    with pytest.raises(AttributeError):
+        HamiltonConfig().contiguous_kv = True  # frozen
+    q, k, v = _local(0, 1, 4, torch.float64)
+    with pytest.raises(TypeError, match="config must be a longattn.hamilton.HamiltonConfig"):
+        hamilton_attn(q, k, v, config={"contiguous_kv": True})
+
+
+def _config_differs(rank, n):
+    from longattn.hamilton import HamiltonConfig
+
+    hamilton_attn = _world_attn()
+    q, k, v = _local(rank, n, 2 * (n - 1) * 2, torch.float64)
+    out = []
+    for config in (HamiltonConfig(contiguous_kv=rank == 0),
+                   HamiltonConfig(merge_backend="torch" if rank == 0 else "auto"),
+                   HamiltonConfig(merge_backend="triton")):
+        try:
+            hamilton_attn(q, k, v, causal=True, config=config)
+        except ValueError as e:
+            out.append(str(e))
+        else:
+            out.append(None)
+    return out
+
+
+def test_config_must_agree():
+    for msgs in run_world(2, _config_differs):
+        assert "config.contiguous_kv must be the same on every rank" in msgs[0], msgs
+        assert "config.merge_backend must be the same on every rank" in msgs[1], msgs
+        # float64 accumulators: the one-pass Triton merge cannot serve them (or no triton)
+        assert "merge_backend='triton'" in msgs[2], msgs
 
 
 def _subgroups(rank, n):

@@ -1,13 +1,15 @@
 """longattn.hamilton: TASP (Hamilton Attention) context-parallel attention.
 
 ``hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, schedule="auto",
-return_lse=False, backend="auto")`` runs any communication schedule -- TASP's multi-ring
-all-to-all, Ring Attention (zigzag ring when causal), the two-level multi-node schedule --
-through one step loop, forward and backward. ``shard`` / ``unshard`` produce the matching
-sequence layout; ``longattn.hamilton.schedules`` builds and validates schedules.
+return_lse=False, backend="auto", config=None)`` runs any communication schedule -- TASP's
+multi-ring all-to-all, Ring Attention (zigzag ring when causal), the two-level multi-node
+schedule -- through one step loop, forward and backward. ``config`` takes a
+:class:`HamiltonConfig`. ``shard`` / ``unshard`` produce the matching sequence layout;
+``longattn.hamilton.schedules`` builds and validates schedules.
 """
 
 from longattn.hamilton.attn import hamilton_attn
+from longattn.hamilton.config import HamiltonConfig
 from longattn.hamilton.schedules import (
     Schedule,
     hamiltonian_cycles,
@@ -19,6 +21,7 @@ from longattn.hamilton.schedules import (
 from longattn.hamilton.sharding import layout_name, shard, unshard
 
 __all__ = [
+    "HamiltonConfig",
     "Schedule",
     "hamilton_attn",
     "hamiltonian_cycles",

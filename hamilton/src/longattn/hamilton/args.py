@@ -9,6 +9,7 @@ will use). One small all-gather; a bad call never leaves a rank waiting in the K
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass
@@ -17,7 +18,9 @@ import torch
 
 from longattn.common import dist
 from longattn.common.checks import check_bool, check_qkv, check_scale
+from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import pick_backend
+from longattn.hamilton.config import DEFAULT, HamiltonConfig
 from longattn.hamilton.plan import kv_views, new_buffer
 from longattn.hamilton.schedules import (
     Schedule,
@@ -123,9 +126,8 @@ def resolve_kernels(q, k, v, *, n, causal, units, backend, grad, return_lse,
             kinds["back"] = (q[:, q.shape[1] // 2:], kk, vv, False)
 
     def pick(needs_dlse):
-        return {kind: pick_backend(qq, kk, vv, causal=c, needs_dlse=needs_dlse,
-                                   backend=backend)
-                for kind, (qq, kk, vv, c) in kinds.items()}
+        return {kind: _pick_one(kind, *args, needs_dlse, backend)
+                for kind, args in kinds.items()}
 
     fwd = pick(False)
     bwd = pick(False) if grad else None
@@ -138,10 +140,44 @@ def resolve_kernels(q, k, v, *, n, causal, units, backend, grad, return_lse,
     return Kernels(fwd, bwd, bwd_dlse)
 
 
+def _pick_one(kind, q, k, v, causal, needs_dlse, backend):
+    try:
+        return pick_backend(q, k, v, causal=causal, needs_dlse=needs_dlse, backend=backend)
+    except ValueError as e:
+        if kind == "diag" or k.is_contiguous():
+            raise
+        # the refusal stands; say what would serve it, if contiguous copies would
+        try:
+            pick_backend(q, k.contiguous(), v.contiguous(), causal=causal,
+                         needs_dlse=needs_dlse, backend=backend)
+        except ValueError:
+            raise e from None
+        raise ValueError(f"{e} (the step kernels get K/V as strided views of the KV buffer; "
+                         "config=HamiltonConfig(contiguous_kv=True) passes contiguous copies)"
+                         ) from e
+
+
+def _check_triton_merge(q, v):
+    """``merge_backend="triton"`` must be able to serve this call's merges (raises here, on
+    every rank, rather than in the step loop)."""
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError("config.merge_backend='triton' needs triton, which is not installed")
+    from longattn.common import merge_triton
+
+    b, _, hq, _ = q.shape
+    acc = acc_dtype(q.dtype)
+    out = torch.empty(b, 1, hq, v.shape[-1], dtype=acc, device=q.device)
+    lse = torch.empty(b, hq, 1, dtype=acc, device=q.device)
+    refusal = merge_triton.refusal(out, lse, out.to(q.dtype), lse)
+    if refusal is not None:
+        raise ValueError(f"config.merge_backend='triton' cannot serve this call: {refusal}")
+
+
 def check_call(q, k, v, *, group: dist.Group, causal, softmax_scale, schedule, return_lse,
-               backend, contiguous_kv=False):
+               backend, config):
     """Validate a :func:`hamilton_attn` call on every rank of ``group`` (a resolved
-    :class:`longattn.common.dist.Group`); return ``(softmax_scale, sched, kernels)``.
+    :class:`longattn.common.dist.Group`); return ``(softmax_scale, sched, kernels, config)``
+    (``config`` the :class:`HamiltonConfig`, defaults for None).
 
     Raises on every rank (``ValueError`` / ``TypeError`` naming the argument) when any rank's
     arguments are bad or the ranks disagree on what they must share.
@@ -151,6 +187,10 @@ def check_call(q, k, v, *, group: dist.Group, causal, softmax_scale, schedule, r
     def check():
         check_bool("causal", causal)
         check_bool("return_lse", return_lse)
+        cfg = DEFAULT if config is None else config
+        if not isinstance(cfg, HamiltonConfig):
+            raise TypeError(f"config must be a longattn.hamilton.HamiltonConfig or None, got "
+                            f"{type(config).__name__}")
         check_qkv(q, k, v)
         if (isinstance(softmax_scale, int) and not isinstance(softmax_scale, bool)
                 and abs(softmax_scale) > sys.float_info.max):  # float() would overflow
@@ -171,13 +211,17 @@ def check_call(q, k, v, *, group: dist.Group, causal, softmax_scale, schedule, r
         kernels = resolve_kernels(q, k, v, n=n, causal=causal,
                                   units=_units_needed(sched, causal), backend=backend,
                                   grad=grad, return_lse=return_lse,
-                                  contiguous_kv=contiguous_kv)
+                                  contiguous_kv=cfg.contiguous_kv)
+        if cfg.merge_backend == "triton" and n > 1:
+            _check_triton_merge(q, v)
         fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape),
                   "v.shape": tuple(v.shape), "dtype": q.dtype, "q.device.type": q.device.type,
                   "causal": causal, "softmax_scale": scale, "schedule": sched.key_int,
                   "requires_grad": grad, "return_lse": return_lse, "backend": backend,
-                  "kernel backends": kernels.names()}
-        return (scale, sched, kernels), fields
+                  "kernel backends": kernels.names(),
+                  "config.merge_backend": cfg.merge_backend,
+                  "config.contiguous_kv": cfg.contiguous_kv}
+        return (scale, sched, kernels, cfg), fields
 
     result, _ = dist.agree("hamilton_attn", group, check)
     return result

@@ -17,21 +17,22 @@ later kernels wait for the transfer.
 
 from __future__ import annotations
 
-import warnings
+import functools
 
 import torch
 
 from longattn.common.comm import exchange
 from longattn.common.dist import resolve_group
 from longattn.common.dtypes import acc_dtype
-from longattn.common.kernels import attention_backward, attention_forward
+from longattn.common.kernels import attention_backward, attention_forward, grad_lse_or_none
 from longattn.common.merge import merge_partials_
 from longattn.hamilton.args import check_call
+from longattn.hamilton.config import DEFAULT
 from longattn.hamilton.plan import kv_views, make_plan, new_buffer
 
 
 def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, schedule="auto",
-                  return_lse=False, backend="auto"):
+                  return_lse=False, backend="auto", config=None):
     """Context-parallel attention over the ranks of ``group`` (TASP / ring / two-level).
 
     Arguments are this rank's shards (see :func:`longattn.hamilton.shard`): ``q [B, L, Hq, D]``,
@@ -46,6 +47,9 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
     local kernel (``longattn.common.kernels``); a named backend that cannot serve the call
     raises before any communication.
 
+    ``config``: a :class:`~longattn.hamilton.HamiltonConfig` (None: its defaults): the merge
+    backend and whether the step kernels get contiguous K/V copies instead of strided views.
+
     ``group``: a ``ProcessGroup``, a 1-D ``DeviceMesh``, ``longattn.common.dist.LOCAL`` or
     None. None means this process alone without torch.distributed or in a world of one rank,
     and is an error in a world of more ranks (pass ``torch.distributed.group.WORLD``).
@@ -56,12 +60,12 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
     communication.
     """
     g = resolve_group(group)
-    scale, sched, kernels = check_call(q, k, v, group=g, causal=causal,
-                                       softmax_scale=softmax_scale, schedule=schedule,
-                                       return_lse=return_lse, backend=backend,
-                                       contiguous_kv=CONTIGUOUS_KV)
+    scale, sched, kernels, config = check_call(q, k, v, group=g, causal=causal,
+                                               softmax_scale=softmax_scale, schedule=schedule,
+                                               return_lse=return_lse, backend=backend,
+                                               config=config)
     plan = make_plan(sched, g.rank, causal)
-    out, lse = _HamiltonAttn.apply(q, k, v, plan, g.pg, scale, kernels)
+    out, lse = _HamiltonAttn.apply(q, k, v, plan, g.pg, scale, kernels, config)
     return (out, lse) if return_lse else out
 
 
@@ -97,31 +101,14 @@ def _post(transfer, send_buf, recv_buf, unit, group, *, reverse=False):
 # ---------------------------------------------------------------------------------------------
 # one step's compute (shared by the loops below and by bench/bench_hamilton.py)
 
-# The in-place LSE merge used by the forward loop. A module attribute so a benchmark can swap
-# in a fused (e.g. torch.compile'd) version of the same function.
-MERGE = merge_partials_
 
-# K / V reach the kernels as strided views of the KV buffer. Should a backend reject them (a
-# kernel that needs a standard layout), the call is retried once on contiguous copies, with a
-# warning, and copies are used from then on.
-CONTIGUOUS_KV = False
-
-
-def _kernel(fn, *args, **kw):
-    """Call a local kernel on (possibly strided) K/V views; see :data:`CONTIGUOUS_KV`."""
-    global CONTIGUOUS_KV
-    if CONTIGUOUS_KV:
-        args = tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
-        return fn(*args, **kw)
-    try:
-        return fn(*args, **kw)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except RuntimeError as e:
-        warnings.warn(f"hamilton_attn: the attention kernel rejected strided K/V views ({e}); "
-                      "using contiguous copies from now on (slower)", stacklevel=3)
-        CONTIGUOUS_KV = True
-        return _kernel(fn, *args, **kw)
+def _kv(buf, call, unit, hkv, d, contiguous):
+    """K / V of a call's key units: strided views of ``buf``, or contiguous copies of them
+    (``HamiltonConfig.contiguous_kv``)."""
+    kk, vv = kv_views(buf, call.start * unit, call.stop * unit, hkv, d)
+    if contiguous:
+        kk, vv = kk.contiguous(), vv.contiguous()
+    return kk, vv
 
 
 def _pick(backend, kind):
@@ -130,35 +117,43 @@ def _pick(backend, kind):
     return backend if isinstance(backend, str) else backend[kind]
 
 
-def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, softmax_scale, backend):
+def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, softmax_scale, backend,
+                 config=DEFAULT, merge=None):
     """Run one step's kernel calls on buffer ``buf`` and merge into ``acc_out`` / ``acc_lse``.
-    ``backend``: a backend name, or ``{"all": name, "back": name}``."""
+
+    ``backend``: a backend name, or ``{"all": name, "back": name}``. ``config``: a
+    :class:`HamiltonConfig`. ``merge``: a function with the signature of
+    :func:`longattn.common.merge.merge_partials_` used instead of it (benchmarks time e.g. a
+    ``torch.compile``'d merge this way); None: ``merge_partials_`` with
+    ``config.merge_backend``."""
+    if merge is None:
+        merge = functools.partial(merge_partials_, backend=config.merge_backend)
     half = q.shape[1] // 2
     for call in calls:
-        kk, vv = kv_views(buf, call.start * unit, call.stop * unit, hkv, d)
+        kk, vv = _kv(buf, call, unit, hkv, d, config.contiguous_kv)
         if call.rows == "all":
-            o, l = _kernel(attention_forward, q, kk, vv, softmax_scale=softmax_scale,
-                           causal=False, backend=_pick(backend, "all"))
-            MERGE(acc_out, acc_lse, o, l)
+            o, l = attention_forward(q, kk, vv, softmax_scale=softmax_scale, causal=False,
+                                     backend=_pick(backend, "all"))
+            merge(acc_out, acc_lse, o, l)
         else:
-            o, l = _kernel(attention_forward, q[:, half:], kk, vv,
-                           softmax_scale=softmax_scale, causal=False,
-                           backend=_pick(backend, "back"))
-            MERGE(acc_out[:, half:], acc_lse[:, :, half:], o, l)
+            o, l = attention_forward(q[:, half:], kk, vv, softmax_scale=softmax_scale,
+                                     causal=False, backend=_pick(backend, "back"))
+            merge(acc_out[:, half:], acc_lse[:, :, half:], o, l)
 
 
 def backward_step(dout, dlse, q, out, lse, buf, calls, unit, dq, *, hkv, d, softmax_scale,
-                  backend):
+                  backend, config=DEFAULT):
     """One step's gradient kernels: adds into ``dq``, returns ``[(call, dk, dv)]`` for
     :func:`add_kv_grads` (added once the incoming dK/dV accumulator has arrived).
-    ``backend``: a backend name, or ``{"all": name, "back": name}``."""
+    ``backend``: a backend name, or ``{"all": name, "back": name}``; ``config``: a
+    :class:`HamiltonConfig`."""
     half = q.shape[1] // 2
     grads = []
     for call in calls:
-        kk, vv = kv_views(buf, call.start * unit, call.stop * unit, hkv, d)
+        kk, vv = _kv(buf, call, unit, hkv, d, config.contiguous_kv)
         sl = slice(None) if call.rows == "all" else slice(half, None)
-        dq_s, dk_s, dv_s = _kernel(
-            attention_backward, dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl],
+        dq_s, dk_s, dv_s = attention_backward(
+            dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl],
             softmax_scale=softmax_scale, causal=False,
             dlse=None if dlse is None else dlse[:, :, sl], backend=_pick(backend, call.rows))
         dq[:, sl] += dq_s
@@ -191,7 +186,7 @@ def add_buffer_grads(dk, dv, acc, idx, *, hkv, d):
 # forward and backward loops
 
 
-def _forward(q, k, v, plan, group, softmax_scale, kernels):
+def _forward(q, k, v, plan, group, softmax_scale, kernels, config):
     backend = kernels.fwd
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
@@ -211,14 +206,15 @@ def _forward(q, k, v, plan, group, softmax_scale, kernels):
             acc_out, acc_lse = out.to(acc_dtype(q.dtype)), lse.to(acc_dtype(q.dtype))
         else:
             forward_step(q, cur, plan.calls[s], unit, acc_out, acc_lse, hkv=hkv, d=d,
-                         softmax_scale=softmax_scale, backend=backend)
+                         softmax_scale=softmax_scale, backend=backend, config=config)
         if h is not None:
             h.wait()
             cur, nxt = nxt, cur
     return acc_out.to(q.dtype), acc_lse, cur
 
 
-def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, softmax_scale, kernels):
+def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, softmax_scale, kernels,
+              config):
     backend = kernels.bwd if dlse is None else kernels.bwd_dlse
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
@@ -240,7 +236,7 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, softmax_scale
                 h_kv = _post(plan.transfers[s - 1], cur, nxt, unit, group, reverse=True)
             grads = backward_step(dout, dlse, q, out, lse, cur, plan.calls[s], unit, dq,
                                   hkv=hkv, d=d, softmax_scale=softmax_scale,
-                                  backend=backend)
+                                  backend=backend, config=config)
             if h_g is not None:  # the accumulator of this content from the later steps
                 h_g.wait()
             add_kv_grads(accs[cur_acc], grads, unit, hkv=hkv, d=d)
@@ -263,22 +259,22 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, softmax_scale
 
 class _HamiltonAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, plan, group, softmax_scale, kernels):
-        out, lse, kv_last = _forward(q, k, v, plan, group, softmax_scale, kernels)
+    def forward(ctx, q, k, v, plan, group, softmax_scale, kernels, config):
+        out, lse, kv_last = _forward(q, k, v, plan, group, softmax_scale, kernels, config)
         ctx.set_materialize_grads(False)
         if any(ctx.needs_input_grad[:3]):
             ctx.save_for_backward(q, k, v, out, lse, kv_last)
-        ctx.args = (plan, group, softmax_scale, kernels)
+        ctx.args = (plan, group, softmax_scale, kernels, config)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, kv_last = ctx.saved_tensors
-        plan, group, softmax_scale, kernels = ctx.args
+        plan, group, softmax_scale, kernels, config = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        if dlse is not None and not torch.any(dlse):
-            dlse = None  # lets the fast kernels (which take no dlse) serve the backward
+        # no gradient through lse: the fast kernels (which take no dlse) serve the backward
+        dlse = grad_lse_or_none(dlse)
         dq, dk, dv = _backward(dout.contiguous(), dlse, q, k, v, out, lse, kv_last, plan,
-                               group, softmax_scale, kernels)
-        return dq, dk, dv, None, None, None, None
+                               group, softmax_scale, kernels, config)
+        return dq, dk, dv, None, None, None, None, None

@@ -1,0 +1,41 @@
+"""``HamiltonConfig``: the knobs of :func:`longattn.hamilton.hamilton_attn` (``config=``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MERGE_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class HamiltonConfig:
+    """Knobs of :func:`~longattn.hamilton.hamilton_attn` (``config=None`` means these defaults).
+
+    ``merge_backend``: how each step's partial result is merged into the fp32 accumulators,
+    the ``backend`` of :func:`longattn.common.merge.merge_partials_`: ``"auto"`` (the one-pass
+    Triton kernel for CUDA fp32 accumulators, eager torch otherwise), ``"torch"`` or
+    ``"triton"`` (an error where it cannot run). Default ``"auto"``: in
+    ``hamilton/bench/results/bench_hamilton.json`` (H100) the forward with this merge
+    ("+merge", efficiency 0.866-0.890 over the timed ranks) beat the same merge under
+    ``torch.compile`` ("+fused", 0.834-0.873).
+
+    ``contiguous_kv``: the step kernels get K/V as strided views of the KV buffer
+    (``False``, no copy) or as contiguous copies of those views (``True``, one copy per kernel
+    call). Whether a backend takes strided views is its ``supports`` rule
+    (``longattn.common.kernels``), asked before any communication: with ``False``,
+    ``backend="auto"`` skips a backend that refuses the views, and a backend named in
+    ``backend=`` that refuses them raises a ``ValueError`` that says so; ``True`` serves it.
+    """
+
+    merge_backend: str = "auto"
+    contiguous_kv: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.merge_backend, str) or self.merge_backend not in MERGE_BACKENDS:
+            raise ValueError(f"merge_backend must be one of {MERGE_BACKENDS}, got "
+                             f"{self.merge_backend!r}")
+        if not isinstance(self.contiguous_kv, bool):
+            raise TypeError(f"contiguous_kv must be a bool, got {self.contiguous_kv!r}")
+
+
+DEFAULT = HamiltonConfig()
