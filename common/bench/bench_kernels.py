@@ -3,9 +3,9 @@ its speed against calling cuDNN SDPA directly, in one run.
 
     PYTHONPATH=common/src:reference/src python common/bench/bench_kernels.py [--smoke] [--out D]
 
-Acceptance (foundation issue): at S=32768, H=32, D=128, bf16, causal, the forward and
-forward+backward of attention_forward/attention_backward within 5% of
-F.scaled_dot_product_attention with the cuDNN backend, same run.
+Target: at S=32768, H=32, D=128, bf16, causal, the forward and forward+backward of
+attention_forward / attention_backward within 5% of F.scaled_dot_product_attention with the
+cuDNN backend, timed in the same run (the two alternated).
 """
 
 from __future__ import annotations

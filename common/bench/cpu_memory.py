@@ -1,7 +1,7 @@
 """Peak host memory of one causal forward of the ``torch`` backend on the CPU.
 
     python common/bench/cpu_memory.py                 # S = 65,536, B = 1, H = 8, D = 64, fp32
-    python common/bench/cpu_memory.py --seq 16384 --heads 2 --json
+    python common/bench/cpu_memory.py --seq 16384 --heads 1 --json [--out DIR]
 
 The forward runs in a fresh subprocess (so earlier allocations of the caller do not count);
 the child reports its peak resident set size (``ru_maxrss``) before and after the call. The
@@ -15,11 +15,16 @@ each in fp32) plus O(S) tensors.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import subprocess
 import sys
 import time
+
+import torch
+
+from longattn.common import bench
 
 CHILD = r"""
 import json, resource, sys, time
@@ -63,6 +68,9 @@ def measure(seq=65536, heads=8, dim=64, batch=1, threads=None):
         "forward_s": res["forward_s"],
         "wall_s": time.perf_counter() - t0,
         "finite": res["finite"],
+        "device": bench.device_name(),
+        "torch": torch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
     }
 
 
@@ -75,8 +83,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--limit-gb", type=float, default=1.0, help="exit 1 if the peak exceeds it")
     p.add_argument("--json", action="store_true", help="print the result as one JSON line")
+    p.add_argument("--out", default=None, help="also write DIR/cpu_memory.json")
     a = p.parse_args(argv)
     r = measure(a.seq, a.heads, a.dim, a.batch, a.threads)
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "cpu_memory.json"), "w") as f:
+            json.dump(r, f, indent=1)
     gib = 1024 ** 3
     if a.json:
         print(json.dumps(r))

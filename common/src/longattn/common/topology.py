@@ -4,23 +4,24 @@ A :class:`Target` describes a cluster: nodes, GPUs per node, the intra-node fabr
 bandwidths, the per-GPU network bandwidth between nodes, latencies, and the attention compute
 rate. The four named targets are the ones the TASP paper measured on.
 
-Figures and where they come from (unidirectional, per GPU, GB/s = 1e9 B/s):
+Figures and where they come from (unidirectional, per GPU, GB/s = 1e9 B/s). Datasheet values
+are the vendors'; "estimate" marks a value nobody measured here, to be replaced by a
+measurement when one is committed.
 
 * H100 SXM, NVSwitch: 18 NVLink-4 links x 25 GB/s = **450 GB/s** egress per GPU (NVIDIA H100
   datasheet, "900 GB/s" bidirectional). One peer can take most of it through the switch: we
-  use **370 GB/s** for a single NCCL p2p stream (NCCL sendrecv measurements reported on DGX
-  H100 are 350-390 GB/s; an estimate, not measured here). When a GPU sends to 7 peers at once
-  each gets 450/7 = 64 GB/s, the "~64 GB/s per NVLink peer" of specs/hamilton.md.
-* Between H100 nodes: one 400 Gb/s NDR InfiniBand NIC per GPU = **50 GB/s** (specs/hamilton.md
-  [3P]: "~50 GB/s per IB NIC").
+  use **370 GB/s** for a single NCCL p2p stream (an estimate). When a GPU sends to 7 peers at
+  once each gets 450/7 = 64 GB/s.
+* Between H100 nodes: one 400 Gb/s NDR InfiniBand NIC per GPU = **50 GB/s** (the NIC's line
+  rate).
 * MI300X, full xGMI mesh: 7 links per GPU, **64 GB/s** per direction to each peer, no switch,
   so a single peer never gets more than one link (AMD MI300X platform data: 896 GB/s aggregate
   bidirectional over 7 links).
-* Latency (alpha): 10 us per intra-node p2p step and 15 us across nodes (typical NCCL small
-  message latencies; estimates).
-* Attention compute: H100 600 TFLOP/s forward / 550 fwd+bwd (cuDNN, measured here:
-  shared/specs/gpu_baselines.md); MI300X 400 / 330 (estimates from published CK flash-attention
-  figures; no MI300X is lent here).
+* Latency (alpha): 10 us per intra-node p2p step and 15 us across nodes (estimates).
+* Attention compute: H100 600 TFLOP/s forward / 550 fwd+bwd, rounded down from the cuDNN
+  figures measured on an H100 at S = 32768, H = 32, D = 128, bf16 (605-614 forward, 558-561
+  forward+backward: ``common/bench/results/bench_kernels.json``); MI300X 400 / 330 (estimates;
+  no MI300X was measured).
 
 The model: a communication step is a set of messages (src, dst, bytes) that run concurrently.
 Each GPU's time is alpha plus the largest of (its intra-node egress over the GPU's fabric

@@ -2,7 +2,7 @@
 
 The window ``(left, right)`` (bottom-right aligned, -1 unbounded) becomes a ``mask_mod``; its
 :class:`BlockMask` is built once per ``(Sq, Sk, window, device)`` with ``_compile=True`` (the
-eager builder materialises the whole Sq x Sk mask: 128 GiB at S = 131072) and cached. The
+eager builder materialises the whole Sq x Sk mask) and cached. The
 kernel is ``torch.compile(flex_attention)``, compiled once per process.
 
 Backward (ring rule): FlexAttention only differentiates its own forward, so the backward
