@@ -23,13 +23,13 @@ def _moves(rank, world, seq):
     w = torch.randn(2, seq, 3, 4, generator=g, dtype=torch.float64)
     out = []
     for src, dst in itertools.permutations(LAYOUTS, 2):
-        mine = layout.shard(x, rank, world, layout=src).requires_grad_()
+        mine = layout.take_shard(x, rank, world, layout=src).requires_grad_()
         with comm.counting() as c:
             moved = relayout(mine, src, dst, group=dist.group.WORLD)
-        ok_fwd = torch.equal(moved, layout.shard(x, rank, world, layout=dst))
+        ok_fwd = torch.equal(moved, layout.take_shard(x, rank, world, layout=dst))
         # d/dx sum(moved * w_dst) = w at the same global tokens, in the src layout
-        (moved * layout.shard(w, rank, world, layout=dst)).sum().backward()
-        ok_bwd = torch.equal(mine.grad, layout.shard(w, rank, world, layout=src))
+        (moved * layout.take_shard(w, rank, world, layout=dst)).sum().backward()
+        ok_bwd = torch.equal(mine.grad, layout.take_shard(w, rank, world, layout=src))
         # exactly the tokens that change rank travel, each once
         stay = set(layout.positions(seq, rank, world, src).tolist()) & set(
             layout.positions(seq, rank, world, dst).tolist())

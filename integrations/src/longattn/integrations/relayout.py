@@ -75,7 +75,8 @@ def relayout(x: torch.Tensor, src: str, dst: str, group=None, dim: int = 1) -> t
     """This rank's shard of the same global tensor in layout ``dst`` (``x`` is in ``src``).
 
     Every rank must call it (it is one all-to-all step). ``x.shape[dim] * world_size`` is the
-    global length; it must be divisible as both layouts require (``layout.shard``'s rules).
+    global length; it must be divisible as both layouts require (the rules of
+    ``longattn.common.layout.take_shard``).
     ``group``: a ``ProcessGroup``, a 1-D ``DeviceMesh``, ``LOCAL`` or None (this process alone;
     an error in a world of several ranks). The arguments are checked on every rank first
     (``longattn.common.dist.agree``).

@@ -14,7 +14,8 @@ one longattn method over the ranks of the process group:
 * full attention (``sliding_window`` None): :func:`longattn.hamilton.hamilton_attn`, causal
   in the zigzag layout (balanced causal work), non-causal in any layout;
 * sliding-window attention (``sliding_window=W``, HF's convention: ``W`` keys including the
-  query's own): ring_swa with the window ``(W-1, 0)`` in the contiguous layout;
+  query's own): :func:`longattn.ring_swa.ring_swa_attn` with ``window_size=(W-1, 0)`` in the
+  contiguous layout;
 * decoding with a :class:`~longattn.integrations.cache.ShardedCache` (new tokens replicated,
   KV cache sharded): :func:`longattn.tree.tree_decode`.
 
@@ -237,17 +238,18 @@ def _sharded(q, k, v, lay, causal, window, scale, g, backend):
     """The layer's method over the group's ranks, in the layout it wants (relayout of q/k/v
     there and of the output back; the arguments were agreed on already)."""
     if window is not None:
-        from longattn.ring_swa import ring_sliding_window_attn
+        from longattn.ring_swa import ring_swa_attn
 
         q, k, v = (moved(t, lay, "contiguous", g) for t in (q, k, v))
-        out = ring_sliding_window_attn(q, k, v, window, cp_group=g.pg, softmax_scale=scale,
-                                       backend=backend)
+        out = ring_swa_attn(q, k, v, window_size=(window, 0), group=g.pg, causal=True,
+                            softmax_scale=scale, backend=backend)
         return moved(out, "contiguous", lay, g)
     from longattn.hamilton import hamilton_attn
 
     want = "zigzag" if causal else lay  # non-causal full attention works in any layout
     q, k, v = (moved(t, lay, want, g) for t in (q, k, v))
-    out = hamilton_attn(q, k, v, group=g.pg, causal=causal, scale=scale, backend=backend)
+    out = hamilton_attn(q, k, v, group=g.pg, causal=causal, softmax_scale=scale,
+                        backend=backend)
     return moved(out, want, lay, g)
 
 
@@ -257,8 +259,8 @@ def _local(q, k, v, causal, window, scale, backend):
     from longattn.common.kernels import attention as local_attention
 
     win = (-1, -1) if window is None else (window, 0)
-    return local_attention(q.contiguous(), k.contiguous(), v.contiguous(), scale=scale,
-                           causal=causal, window=win, backend=backend)
+    return local_attention(q.contiguous(), k.contiguous(), v.contiguous(), softmax_scale=scale,
+                           causal=causal, window_size=win, backend=backend)
 
 
 def _decode(q, k, v, state, causal, window, scale, g, backend):
@@ -273,7 +275,7 @@ def _decode(q, k, v, state, causal, window, scale, g, backend):
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if window is None:
-        return tree_decode(q, k, v, group=g.pg, scale=scale, causal=causal,
+        return tree_decode(q, k, v, group=g.pg, softmax_scale=scale, causal=causal,
                            shard_lens=list(state.lens), backend=backend)
     # Sliding window: each new token sees its own key range; select it on every rank.
     outs = []
@@ -281,7 +283,8 @@ def _decode(q, k, v, state, causal, window, scale, g, backend):
         sel = ((state.positions >= p - window) & (state.positions <= p)).nonzero()[:, 0]
         sel = sel.to(k.device)
         outs.append(tree_decode(q[:, t:t + 1], k.index_select(1, sel), v.index_select(1, sel),
-                                group=g.pg, scale=scale, causal=False, backend=backend))
+                                group=g.pg, softmax_scale=scale, causal=False,
+                                backend=backend))
     return torch.cat(outs, dim=1)
 
 
@@ -334,7 +337,7 @@ def shard_inputs(input_ids, labels=None, position_ids=None, *, group=None, layou
                          f"{tuple(labels.shape)}")
 
     def cut(x):
-        return _layout.shard(x, g.rank, g.size, layout=layout, dim=1)
+        return _layout.take_shard(x, g.rank, g.size, layout=layout, dim=1)
 
     batch = {"input_ids": cut(input_ids), "position_ids": cut(position_ids),
              "cp_group": LOCAL if group is None else group}
@@ -365,7 +368,7 @@ def unshard(x, *, group=None, layout="zigzag", dim=1):
     mine = x.detach().to(g.device).contiguous()
     parts = [torch.empty_like(mine) for _ in range(g.size)]
     dist.all_gather(parts, mine, group=g.pg)
-    return _layout.unshard([p.to(x.device) for p in parts], layout=layout, dim=dim)
+    return _layout.join_shards([p.to(x.device) for p in parts], layout=layout, dim=dim)
 
 
 def reduce_loss(loss, group=None):
