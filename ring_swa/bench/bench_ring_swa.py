@@ -48,7 +48,7 @@ from longattn.common.testing import rel_error
 from longattn.ring_swa import local
 
 # The band variants timed: (split, anti) of BandConfig. s1 flip was the faster of the two in
-# results/bench_ring_swa.json (H100, 2026-11-23).
+# results/h200/bench_ring_swa.json (H200, 2026-12-04).
 BAND_VARIANTS = ((1, "flip"), (2, "flash"))
 
 

@@ -1,0 +1,76 @@
+"""The README's quick start runs as written (extracted and run under torchrun on 2 CPU ranks),
+and its results tables say what the committed JSON says."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+PKG = Path(__file__).resolve().parents[1]
+README = PKG / "README.md"
+RESULTS = PKG / "bench" / "results" / "h200"
+
+
+def _section(title):
+    text = README.read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+def quick_start() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", _section("Quick start"), flags=re.S)
+    assert len(blocks) == 1
+    return blocks[0]
+
+
+def test_quick_start_runs_under_torchrun(tmp_path):
+    script = tmp_path / "quickstart.py"
+    script.write_text(quick_start())
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node", "2", str(script)], capture_output=True, text=True,
+                         env=env, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+
+LABELS = {
+    "**cuDNN native window (`cudnn` backend)**": "cudnn",
+    "ring_swa local step (`auto` picks `cudnn`)": "ring_swa local",
+    'band, `BandConfig(split=1, anti="flip")`': "band s1 flip",
+    'band, `BandConfig(split=2, anti="flash")`': "band s2 flash",
+    "FlashAttention-2 window (`aten`)": "flash",
+    "FlexAttention + block mask (compiled)": "flex",
+    "dense causal cuDNN (whole S)": "cudnn dense causal",
+}
+
+
+def test_results_table_matches_the_committed_json():
+    summary = json.loads((RESULTS / "bench_ring_swa_summary.json").read_text())
+    rows = {(r["phase"], r["candidate"]): r for r in summary["table"]}
+    section = _section("Results")
+    lines = [ln for ln in section.splitlines() if ln.startswith("| fwd")]
+    assert len(lines) == len(rows) == 14
+    for ln in lines:
+        phase, label, ms, tflops, xflex, of_dense, spread = [c.strip() for c in
+                                                             ln.strip("|").split("|")]
+        r = rows[(phase, LABELS[label])]
+        assert ms == f"{r['ms']:.2f}" and tflops == f"{r['TFLOP/s']:.0f}", ln
+        assert xflex == ("—" if r["candidate"] == "cudnn dense causal" else
+                         f"{r['x flex']:.2f}"), ln
+        assert of_dense == f"{r['of dense']:.0%}" and spread == f"{r['spread']:.3f}", ln
+    assert summary["correct"] and all(v["meets"] for v in summary["verdict"].values())
+    timings = json.loads((RESULTS / "bench_ring_swa.json").read_text())
+    assert {t["device"] for t in timings} == {"NVIDIA H200"} and "NVIDIA H200" in section
+    assert {t["date"] for t in timings} == {"2026-12-04"} and "2026-12-04" in section
+    assert {t["torch"] for t in timings} == {"2.11.0+cu130"} and "2.11.0+cu130" in section
+    checks = json.loads((RESULTS / "bench_ring_swa_correctness.json").read_text())
+    worst = {c["case"]: max(c[k] for k in ("out", "dq", "dk", "dv")) for c in checks}
+    api = ("ring_swa_attn", "ring_streaming_llm_attn_varlen")
+    assert max(e for name, e in worst.items() if name not in api) <= 3.8e-3
+    assert max(worst[name] for name in api) <= 4.8e-3
+    assert "<= 3.8e-3" in section and "<= 4.8e-3" in section
