@@ -4,7 +4,8 @@ window needs (used by the tests and the demo; the oracle part imports ``longattn
 A case is a plain dict (it travels pickled to the gloo ranks):
 ``{"kind": "dense" | "varlen", "n": ranks, "seed", "hq", "hkv", "d", "window", "ns", "dtype",
 "b", "m"}`` (dense: batch b, m tokens per rank) or ``"lengths", "counts"`` (varlen: sequence
-lengths, tokens per rank); optional ``"api": "seed" | "canonical"`` (which function runs it).
+lengths, tokens per rank); optional ``"api": "seed" | "canonical"`` (which function runs it)
+and ``"nan_key"`` (with ``"nan_batch"``, dense): that key position is NaN.
 Every rank builds the same global tensors from the seed and takes its shard, so only results
 travel.
 """
@@ -34,6 +35,11 @@ def global_inputs(case):
     k = torch.randn(*lead, case["hkv"], case["d"], generator=g, dtype=torch.float64)
     v = torch.randn(*lead, case["hkv"], case["d"], generator=g, dtype=torch.float64)
     dout = torch.randn(*lead, case["hq"], case["d"], generator=g, dtype=torch.float64)
+    if "nan_key" in case:  # fault injection: one key (of batch row "nan_batch") is NaN
+        if case["kind"] == "dense":
+            k[case.get("nan_batch", 0), case["nan_key"]] = float("nan")
+        else:
+            k[case["nan_key"]] = float("nan")
     return q, k, v, dout
 
 
