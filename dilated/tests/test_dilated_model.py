@@ -189,3 +189,66 @@ def test_bad_model_arguments():
     layer = DilatedTransformerDecoderLayer(32, 4, SEG, RATES)
     with pytest.raises(ValueError, match="memory"):
         layer(torch.randn(1, 8, 32))
+
+
+def _mha(**kw):
+    return MultiheadDilatedAttention(32, 4, SEG, RATES, **kw)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda m, x: m(x[0], x[0], x[0]), ValueError, r"query must be \[batch, seq, embed_dim=32\]"),
+    (lambda m, x: m(x, x[0], x), ValueError, r"key must be \[batch, seq, embed_dim=32\]"),
+    (lambda m, x: m(x, x, x[..., :16]), ValueError, "value must be .*embed_dim=32.*16"),
+    (lambda m, x: m(x.double(), x.double(), x.double()), TypeError,
+     "query dtype torch.float64 must be the module's parameter dtype torch.float32"),
+    (lambda m, x: m(x, x.half(), x), TypeError, "key dtype torch.float16"),
+    (lambda m, x: m(x, x[:, :8], x[:, :8]), ValueError, r"key \[batch, seq\] \(2, 8\)"),
+    (lambda m, x: m(x, x, x[:1]), ValueError, r"value \[batch, seq\] \(1, 12\)"),
+    (lambda m, x: m(x.tolist(), x, x), TypeError, "query must be a torch.Tensor"),
+    (lambda m, x: m(x, x, x, is_causal="yes"), TypeError, "is_causal must be a bool"),
+])
+def test_multihead_bad_inputs_name_the_argument(call, exc, match):
+    m, x = _mha(), torch.randn(2, 12, 32)
+    with pytest.raises(exc, match=match):
+        call(m, x)
+
+
+def test_multihead_accepts_other_dtypes_under_autocast():
+    m, x = _mha(), torch.randn(2, 12, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = m(x.bfloat16(), x.bfloat16(), x.bfloat16(), is_causal=True)
+    assert y.shape == (2, 12, 32)
+
+
+def _lm(**kw):
+    return LongNetLM(40, d_model=32, nhead=4, num_decoder_layers=1, dim_feedforward=64,
+                     segment_lengths=SEG, dilation_rates=RATES, **kw)
+
+
+@pytest.mark.parametrize("x, exc, match", [
+    (torch.randint(0, 40, (12,)), ValueError, r"x must be \[batch, seq\] token ids"),
+    (torch.randint(0, 40, (2, 12, 1)), ValueError, r"x must be \[batch, seq\] token ids"),
+    (torch.rand(2, 12) * 40, TypeError, "x must hold integer token ids"),
+    (torch.ones(2, 12, dtype=torch.bool), TypeError, "x must hold integer token ids"),
+    (torch.full((2, 12), 40), ValueError, r"token ids in \[40, 40\], outside \[0, num_tokens"),
+    (torch.full((2, 12), -1), ValueError, r"token ids in \[-1, -1\]"),
+    ([[1, 2, 3]], TypeError, "x must be a torch.Tensor"),
+])
+def test_lm_bad_token_ids_name_x(x, exc, match):
+    with pytest.raises(exc, match=match):
+        _lm()(x)
+
+
+def test_lm_and_longnet_bad_inputs():
+    lm = _lm()
+    assert lm(torch.randint(0, 40, (2, 12), dtype=torch.int32)).shape == (2, 12, 40)
+    with pytest.raises(TypeError, match="is_causal must be a bool"):
+        lm(torch.randint(0, 40, (2, 12)), is_causal=None)
+    net = LongNet(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=1,
+                  dim_feedforward=64, segment_lengths=SEG, dilation_rates=RATES)
+    with pytest.raises(ValueError, match=r"x must be \[batch, seq, d_model=32\]"):
+        net(torch.randn(12, 32))
+    with pytest.raises(ValueError, match=r"x must be \[batch, seq, d_model=32\]"):
+        net(torch.randn(2, 12, 16))
+    with pytest.raises(TypeError, match="x dtype torch.float64 must be the module's"):
+        net(torch.randn(2, 12, 32, dtype=torch.float64))

@@ -18,15 +18,71 @@ from __future__ import annotations
 
 from math import log
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longattn.common.dist import resolve_group
+from longattn.common.checks import check_bool
+from longattn.common.dist import agree, resolve_group
 from longattn.dilated.attention import DilatedAttention, check_schedule
 from longattn.dilated.position import apply_position
 
 LONGNET_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
 LONGNET_RATES = (1, 2, 4, 6, 12)
+
+
+def _check_features(name, t, features, like, dim_name="embed_dim"):
+    """``t`` must be a ``[batch, seq, features]`` tensor on ``like``'s device, in its dtype
+    (any dtype under autocast)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim != 3 or t.shape[-1] != features:
+        raise ValueError(f"{name} must be [batch, seq, {dim_name}={features}] (batch first), got "
+                         f"shape {tuple(t.shape)}")
+    if t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, the module's parameters on {like.device}")
+    if t.dtype != like.dtype and not torch.is_autocast_enabled(t.device.type):
+        raise TypeError(f"{name} dtype {t.dtype} must be the module's parameter dtype "
+                        f"{like.dtype} (or run under autocast)")
+
+
+def _check_attention_inputs(query, key, value, embed_dim, like, is_causal):
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_features(name, t, embed_dim, like)
+    for name, t in (("key", key), ("value", value)):
+        if t.shape[:2] != query.shape[:2]:
+            raise ValueError(f"{name} [batch, seq] {tuple(t.shape[:2])} must equal query's "
+                             f"{tuple(query.shape[:2])} (dilated attention runs over one "
+                             "sequence)")
+        if t.dtype != query.dtype:
+            raise TypeError(f"{name} dtype {t.dtype} must be query's dtype {query.dtype}")
+    check_bool("is_causal", is_causal)
+    return None, {}
+
+
+def _check_x(x, d_model, like, is_causal):
+    _check_features("x", x, d_model, like, "d_model")
+    check_bool("is_causal", is_causal)
+    return None, {}
+
+
+def _check_tokens(x, num_tokens, like, is_causal):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of token ids, got {type(x).__name__}")
+    if x.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"x must hold integer token ids (int64 or int32), got {x.dtype}")
+    if x.ndim != 2:
+        raise ValueError(f"x must be [batch, seq] token ids, got shape {tuple(x.shape)}")
+    if x.device != like.device:
+        raise ValueError(f"x is on {x.device}, the module's parameters on {like.device}")
+    if x.numel():
+        lo, hi = torch.aminmax(x)
+        lo, hi = int(lo), int(hi)  # one sync: an out-of-range id is a device assert on CUDA
+        if lo < 0 or hi >= num_tokens:
+            raise ValueError(f"x holds token ids in [{lo}, {hi}], outside [0, num_tokens = "
+                             f"{num_tokens})")
+    check_bool("is_causal", is_causal)
+    return None, {}
 
 
 def _activation(activation):
@@ -100,8 +156,14 @@ class MultiheadDilatedAttention(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, query, key, value, is_causal=False):
-        """``is_causal`` (the seed's name) is ``causal`` of :func:`dilated_attention`."""
-        rank = resolve_group(self.group).rank
+        """``query``, ``key``, ``value``: ``[batch, seq, embed_dim]``, one sequence (equal
+        lengths). ``is_causal`` (the seed's name) is ``causal`` of :func:`dilated_attention`.
+        Bad inputs raise ``ValueError`` / ``TypeError`` naming them, on every rank of
+        ``group``."""
+        g = resolve_group(self.group)
+        agree("MultiheadDilatedAttention", g, lambda: _check_attention_inputs(
+            query, key, value, self.embed_dim, self.q_proj.weight, is_causal))
+        rank = g.rank
         b, s, _ = query.shape
         q = self.q_proj(query).view(b, s, self.num_heads, self.head_dim)
         k = self.k_proj(key).view(b, key.shape[1], self.num_kv_heads, self.head_dim)
@@ -228,6 +290,7 @@ class LongNet(nn.Module):
                 raise ValueError(f"{name} must be a non-negative int, got {val!r}")
         if num_encoder_layers + num_decoder_layers == 0:
             raise ValueError("LongNet needs at least one encoder or decoder layer")
+        self.d_model, self.group = d_model, group
         g_enc, g_dec = magneto_gammas(num_encoder_layers, num_decoder_layers)
         common = dict(d_model=d_model, nhead=nhead, segment_lengths=segment_lengths,
                       dilation_rates=dilation_rates, dim_feedforward=dim_feedforward,
@@ -245,6 +308,11 @@ class LongNet(nn.Module):
             for _ in range(num_decoder_layers))
 
     def forward(self, x, is_causal=True):
+        """``x [batch, seq, d_model]``; bad inputs raise naming ``x``, on every rank of
+        ``group``."""
+        like = next(self.parameters())
+        agree("LongNet", resolve_group(self.group), lambda: _check_x(x, self.d_model, like,
+                                                                      is_causal))
         tgt = x
         if not self.encoder_layers:
             memory = None
@@ -284,5 +352,10 @@ class LongNetLM(nn.Module):
         self.out = nn.Linear(d_model, num_tokens, device=device, dtype=dtype)
 
     def forward(self, x, is_causal=True):
+        """``x [batch, seq]`` int64 / int32 token ids in ``[0, num_tokens)``; bad inputs raise
+        naming ``x``, on every rank of ``group``."""
+        emb = self.token_embedding.weight
+        agree("LongNetLM", resolve_group(self.long_net.group), lambda: _check_tokens(
+            x, emb.shape[0], emb, is_causal))
         h = self.long_net(self.token_embedding(x), is_causal=is_causal)
         return self.out(self.norm(h))
