@@ -19,6 +19,7 @@ Writes ``train_longnet.json`` and ``train_longnet.png`` into ``--out``
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from longattn.common import bench
 from longattn.dilated import LongNetLM
 
 
@@ -111,7 +113,10 @@ def main(argv=None):
             train(args, args.segments[:-1], args.rates[:-1], "longest branch removed")]
     chance = math.log(args.vocab)
     os.makedirs(args.out, exist_ok=True)
-    summary = dict(config=vars(args), chance_loss=chance, runs=runs)
+    summary = dict(config=vars(args), chance_loss=chance, runs=runs,
+                   device=bench.device_name("cpu"), torch=torch.__version__,
+                   git_sha=bench.git_sha(),
+                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     with open(os.path.join(args.out, "train_longnet.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(f"\nchance (log vocab) = {chance:.3f}; run starts are 1/{args.run} of the scored tokens")
