@@ -19,8 +19,10 @@ from longattn.common.testing import rel_error, run_world  # noqa: E402
 from longattn.reference import attention, causal_mask  # noqa: E402
 from longattn.tree.jax import (  # noqa: E402
     collective_bytes,
+    finish_rows,
     local_attention,
     lower,
+    merge_stacked,
     ring_decode,
     tree_decode,
 )
@@ -85,23 +87,23 @@ def test_jax_tree_and_ring_match_oracle(dtype, tol):
             assert e <= tol, (fn.__name__, axis, b, lq, hq, hkv, lens, e)
 
 
-@pytest.mark.parametrize("impl,dtype,tol", [("xla_reduce", jnp.float64, 1e-10),
+@pytest.mark.parametrize("backend,dtype,tol", [("xla_reduce", jnp.float64, 1e-10),
                                             ("pallas", jnp.float32, 1e-5),
                                             ("pallas", jnp.bfloat16, 2e-2),
                                             ("dpa", jnp.float32, 1e-5)])
-def test_jax_local_impls(impl, dtype, tol):
+def test_jax_local_backends(backend, dtype, tol):
     """The other local kernels (Pallas runs interpreted on the CPU) inside tree_decode."""
     mesh, axis = meshes()[0]
     cap, d = 32, 16
     for b, lq, hq, hkv in SHAPES[:2]:
-        if impl == "dpa" and lq > 1:
+        if backend == "dpa" and lq > 1:
             continue
         for lens in ([32, 0, 17, 5, 0, 32, 1, 9], [0] * 7 + [3]):
             q, k, v, ln = make(3, b, lq, hq, hkv, d, cap, lens, dtype)
             ref_out, _ = oracle(q, k, v, ln, cap, True)
             out = tree_decode(*(jnp.asarray(x, dtype) for x in (q, k, v)), mesh=mesh,
-                              axis_name=axis, shard_lens=ln, backend=impl,
-                              splits=2 if impl != "dpa" else None)
+                              axis_name=axis, shard_lens=ln, backend=backend,
+                              splits=2 if backend != "dpa" else None)
             assert rel_error(np.asarray(out, np.float64), ref_out) <= tol
 
 
@@ -208,3 +210,58 @@ def test_jax_bad_input(change, word):
     for fn in (tree_decode, ring_decode):
         with pytest.raises((ValueError, TypeError), match=word):
             fn(q, k, v, **kw)
+
+
+def test_jax_merge_twin_matches_common_merge():
+    """tree.jax.merge_stacked / finish_rows against longattn.common.merge (the torch rules):
+    equal values, dead sides ignored (even a NaN out), empty rows 0 / -inf, NaN stays NaN."""
+    import torch
+
+    from longattn.common import merge as tm
+
+    rng = np.random.default_rng(2)
+    outs = rng.standard_normal((3, 2, 5, 4, 8))
+    lses = rng.standard_normal((3, 2, 5, 4)) * 3
+    lses[0, 0, 0] = -np.inf  # one side dead
+    outs[0, 0, 0] = np.nan  # ... whatever its out holds
+    lses[:, 0, 1] = -np.inf  # every side dead: an empty row
+    lses[1, 1, 2, 3] = np.nan  # a NaN side
+    jo, jl = merge_stacked(jnp.asarray(outs), jnp.asarray(lses))
+    to, tl = tm.merge_stacked(torch.from_numpy(outs), torch.from_numpy(lses))
+    np.testing.assert_allclose(np.asarray(jo), to.numpy(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(np.asarray(jl), tl.numpy(), rtol=1e-12, atol=1e-14)
+    assert np.all(np.asarray(jo)[0, 1] == 0) and np.all(np.isneginf(np.asarray(jl)[0, 1]))
+    assert np.all(np.isnan(np.asarray(jo)[1, 2, 3])) and np.isnan(np.asarray(jl)[1, 2, 3])
+    assert np.isfinite(np.asarray(jo)[0, 0]).all()
+    den = np.abs(lses[2])
+    den[0, 0] = 0.0  # empty rows
+    fo, fl = finish_rows(jnp.asarray(outs[0]), jnp.asarray(den), jnp.asarray(lses[1]))
+    to, tl = tm.finish_rows(*(torch.from_numpy(x) for x in (outs[0], den, lses[1])))
+    np.testing.assert_allclose(np.asarray(fo), to.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(np.asarray(fl), tl.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend,dtype", [("xla", jnp.float64), ("xla_reduce", jnp.float64),
+                                           ("pallas", jnp.float32)])
+def test_jax_nan_key_makes_the_rows_that_see_it_nan(backend, dtype):
+    """A NaN in one key of one block: exactly the rows that see it are NaN in out and lse
+    (tree and ring); the others match the oracle."""
+    mesh, axis = meshes()[0]
+    cap, d = 16, 16
+    lens = [16, 3, 0, 16, 9, 0, 16, 4]  # N = 64
+    q, k, v, ln = make(8, 2, 3, 4, 2, d, cap, lens, dtype)
+    ref_out, ref_lse = oracle(q, k, v, ln, cap, True)
+    k = k.copy()
+    k[0, 4 * cap + 6, 0, 1] = np.nan  # block 4 slot 6: global key 16 + 3 + 16 + 6 = 41
+    want = np.zeros((2, 3, 4), bool)  # [B, Lq, Hq]; token t sees keys <= 61 + t: all
+    want[0, :, :2] = True  # batch 0, the q heads of KV head 0
+    for fn in (tree_decode, ring_decode):
+        out, lse = fn(*(jnp.asarray(x, dtype) for x in (q, k, v)), mesh=mesh, axis_name=axis,
+                      shard_lens=ln, backend=backend, splits=2, return_lse=True)
+        out, lse = np.asarray(out, np.float64), np.asarray(lse, np.float64).transpose(0, 2, 1)
+        assert np.array_equal(np.isnan(out).any(-1), want), (fn.__name__, backend)
+        assert np.array_equal(np.isnan(out).all(-1), want), (fn.__name__, backend)
+        assert np.array_equal(np.isnan(lse), want), (fn.__name__, backend)
+        tol = 1e-10 if dtype == jnp.float64 else 1e-5
+        assert rel_error(out[~want], ref_out[~want]) <= tol
+        assert rel_error(lse[~want], ref_lse.transpose(0, 2, 1)[~want]) <= tol

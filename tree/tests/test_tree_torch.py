@@ -169,3 +169,43 @@ def test_tree_world_of_one_equals_local_attention_without_dist():
     ref_out, _ = oracle(c)
     for fn in (tree_decode, ring_decode):
         assert rel_error(fn(c["q"], c["k"], c["v"]), ref_out) <= 1e-10
+
+
+def _nan_worker(rank, world, case, nan_at):
+    import torch.distributed as dist
+
+    from longattn.tree import ring_decode, tree_decode
+
+    k, v = shard_of(case, rank)
+    off = sum(case["lens"][:rank])
+    if off <= nan_at < off + k.shape[1]:
+        k = k.clone()
+        k[0, nan_at - off, 0, 3] = float("nan")  # batch 0, KV head 0
+    kw = dict(group=dist.group.WORLD, causal=True, return_lse=True)
+    return [tree_decode(case["q"], k, v, **kw), ring_decode(case["q"], k, v, **kw),
+            tree_decode(case["q"], k, v, hierarchy=(2, 2), **kw)]
+
+
+def test_nan_key_makes_the_rows_that_see_it_nan():
+    """A NaN in one key on one rank: exactly the rows that see that key (causal: the later
+    new tokens; GQA: the q heads of its KV head; batch 0) are NaN in out and lse, on every
+    rank, for the flat and hierarchical tree and the ring; every other row is exact."""
+    lens, nan_at = [4, 4, 3, 1], 9  # N = 12, Lq = 3: token t sees keys <= 9 + t
+    case = make_case(21, b=2, lq=3, hq=4, hkv=2, d=8, lens=lens, dtype=torch.float64)
+    ref_out, ref_lse = (torch.from_numpy(x) for x in oracle(case))
+    want = torch.zeros(2, 3, 4, dtype=torch.bool)  # [B, Lq, Hq]
+    want[0, :, :2] = True  # every token sees key 9 (it is <= 9 + 0); q heads 0, 1
+    for per_rank in run_world(4, _nan_worker, case, nan_at):
+        for out, lse in per_rank:
+            assert torch.equal(torch.isnan(out).any(-1), want)
+            assert torch.equal(torch.isnan(out).all(-1), want)
+            assert torch.equal(torch.isnan(lse).transpose(1, 2), want)
+            assert rel_error(out[~want], ref_out[~want]) <= 1e-10
+            assert rel_error(lse.transpose(1, 2)[~want], ref_lse.transpose(1, 2)[~want]) <= 1e-10
+    # a NaN key seen only by the last new token
+    want_late = torch.zeros(2, 3, 4, dtype=torch.bool)
+    want_late[0, 2, :2] = True
+    for per_rank in run_world(4, _nan_worker, case, 11):
+        for out, lse in per_rank:
+            assert torch.equal(torch.isnan(out).any(-1), want_late)
+            assert torch.equal(torch.isnan(lse).transpose(1, 2), want_late)

@@ -70,7 +70,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, lim_ref, acc_ref, m_ref, l_ref, *, g, 
 
 def make_plan(s: int, programs: int, *, block_k: int = 64, splits=None, sms: int = 132):
     """``(splits, block_k)`` with ``splits * block_k`` dividing ``s``, about 4 programs per
-    SM; None if ``s`` has no such factorisation (then the caller uses another impl)."""
+    SM; None if ``s`` has no such factorisation (then the caller uses another backend)."""
     while block_k > 16 and s % block_k:
         block_k //= 2
     if s % block_k:
