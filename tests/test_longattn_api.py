@@ -1,284 +1,221 @@
-"""API conformance across packages (DESIGN §1, §3, §4, §5).
+"""API conformance across packages, against the table of ``docs/conventions.md``.
 
-* every package imports;
-* every public name of DESIGN §5 exists once a paper package has landed (its ``__init__``
-  docstring no longer calls it a placeholder), and its signature accepts every call the
-  contract allows: same positional order, same keyword names and defaults, keyword-only where
-  the contract says so; extra parameters only with defaults;
-* the shared parts (§3 reference, §4 common) expose their names with the agreed signatures;
-* the dependency rules of §1: no paper package imports another, ``reference`` imports numpy
-  only, ``common`` never imports ``reference``;
-* each landed paper package registers a ``longattn.demo`` entry point.
+* every package imports (PEP 420 namespace: no ``longattn/__init__.py``);
+* every row of the conventions table names an entry point that exists, and its real signature
+  (``inspect.signature``) has exactly the table's parameters: names, order, kinds (positional
+  or keyword-only, ``*args`` / ``**kwargs``) and defaults; config records are frozen dataclasses;
+* the table is complete (every name in a method package's ``__all__`` and in
+  ``longattn.integrations.transformers.__all__`` has a row) and consistent (the group column
+  says "one rule" wherever the signature takes ``group=None`` / ``cp_group=None``, and only
+  where it takes a group);
+* the canonical names: no keyword of a ``method`` / ``helper`` / ``module`` row uses a
+  retired name (``scale``, ``is_causal``, ``window``, ``impl``, ``kv_lens``, ``cp_group``), no
+  package exports a plan builder under another name than ``make_plan``;
+* the dependency rules: no paper package imports another, ``reference`` imports numpy only,
+  ``common`` never imports ``reference`` or a paper package;
+* every paper package registers a ``longattn.demo`` entry point.
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib
 import inspect
+import re
 from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+CONVENTIONS = ROOT / "docs" / "conventions.md"
 PAPERS = ["hamilton", "tree", "hyper", "ring_swa", "dilated"]
-REQ = inspect.Parameter.empty
-POS = inspect.Parameter.POSITIONAL_OR_KEYWORD
-KW = inspect.Parameter.KEYWORD_ONLY
-# the seed APIs name the tensors query / key / value; positionally they are the same
-ALIASES = {"q": {"query"}, "k": {"key"}, "v": {"value"}}
+KINDS = {"method", "module", "seed", "callback", "helper", "config", "value"}
+RETIRED = {"scale": "softmax_scale", "is_causal": "causal", "window": "window_size",
+           "impl": "backend", "kv_lens": "shard_lens", "cp_group": "group"}
+PLAN_BUILDERS = {"build_plan", "make_plans", "plan", "build_plans"}
+NONE = "—"
+
+
+# --------------------------------------------------------------------------------------------
+# the table
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of a markdown table row (``\\|`` inside a cell is a literal bar)."""
+    parts = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+    return [p.strip().replace("\\|", "|") for p in parts]
+
+
+def _code(cell: str) -> str | None:
+    """The text of a cell that is one backticked span, else None (``—``)."""
+    m = re.fullmatch(r"`([^`]*)`", cell)
+    return m.group(1) if m else None
+
+
+def read_table(text: str) -> list[dict]:
+    """The rows of the table whose header starts with ``entry point``."""
+    rows, header = [], None
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            header = None
+            continue
+        cells = _cells(line)
+        if cells[0] == "entry point":
+            header = cells
+            continue
+        if header is None or set(cells[0]) <= {"-", ":", " "}:
+            continue
+        row = dict(zip(header, cells))
+        row["target"] = _code(row["entry point"])
+        row["sig"] = _code(row["signature"])
+        rows.append(row)
+    return rows
+
+
+ROWS = read_table(CONVENTIONS.read_text())
 
 
 def _spec(src: str) -> inspect.Signature:
-    """Signature of a contract written as a Python ``def`` header."""
-    ns: dict = {}
-    exec(f"def f{src}: pass", ns)  # noqa: S102 - our own constant strings
+    """The signature written in the table (a ``def`` header; defaults may name ``torch`` and
+    builtins)."""
+    ns: dict = {"torch": torch}
+    exec(f"def f{src}: pass", ns)  # noqa: S102 - the repository's own document
     return inspect.signature(ns["f"])
 
 
-# (module, attribute, contract signature or None = only "exists and is callable")
-CONTRACT = {
-    "hamilton": [
-        ("longattn.hamilton", "hamilton_attn",
-         "(q, k, v, *, group=None, causal=False, scale=None, schedule='auto', return_lse=False)"),
-        ("longattn.hamilton", "shard", "(x, *, group=None, causal=False)"),
-        ("longattn.hamilton", "unshard", "(x, *, group=None, causal=False)"),
-        ("longattn.hamilton.schedules", "hamiltonian_cycles", "(n)"),
-        ("longattn.hamilton.schedules", "multi_ring_schedule", "(n)"),
-        ("longattn.hamilton.schedules", "ring_schedule", "(n)"),
-        ("longattn.hamilton.schedules", "two_level_schedule", "(nodes, gpus_per_node)"),
-        ("longattn.hamilton.schedules", "validate_schedule", "(s)"),
-    ],
-    "tree": [
-        ("longattn.tree", "tree_decode", "(q, k, v, *, group=None, scale=None, hierarchy=None)"),
-        ("longattn.tree", "ring_decode", "(q, k, v, *, group=None, scale=None)"),
-        ("longattn.tree.jax", "tree_decode", "(q, k, v, *, mesh, axis_name, scale=None)"),
-        ("longattn.tree.jax", "ring_decode", "(q, k, v, *, mesh, axis_name, scale=None)"),
-    ],
-    "hyper": [
-        ("longattn.hyper", "HyperAttention",
-         "(input_dim, lsh_num_projs=8, block_size=256, sample_size=256, min_seq_len=2048, "
-         "smooth_block=False)"),
-        ("longattn.hyper", "HyperAttention.forward",
-         "(self, q, k, v, causal=False, scale=None, return_lse=False, generator=None)"),
-        ("longattn.hyper", "hyper_attention",
-         "(q, k, v, *, causal=False, scale=None, lsh_num_projs=8, block_size=256, "
-         "sample_size=256, min_seq_len=2048, smooth_block=False, generator=None, "
-         "return_lse=False)"),
-    ],
-    "ring_swa": [
-        ("longattn.ring_swa", "ring_sliding_window_attn",
-         "(q, k, v, window_size, cp_group=None, cp_size=None, cp_local_rank=None, "
-         "cp_prev_global_rank=None, cp_next_global_rank=None, softmax_scale=None)"),
-        ("longattn.ring_swa", "ring_sliding_window_attn_varlen",
-         "(q, k, v, window_size, cu_seqlens, cp_group=None, cp_size=None, cp_local_rank=None, "
-         "cp_prev_global_rank=None, cp_next_global_rank=None, softmax_scale=None)"),
-        ("longattn.ring_swa", "ring_streaming_llm_attn",
-         "(q, k, v, window_size, cp_group=None, cp_size=None, cp_local_rank=None, "
-         "cp_prev_global_rank=None, cp_next_global_rank=None, softmax_scale=None, "
-         "num_sink_tokens=1)"),
-        ("longattn.ring_swa", "ring_streaming_llm_attn_varlen",
-         "(q, k, v, window_size, cu_seqlens, cp_group=None, cp_size=None, cp_local_rank=None, "
-         "cp_prev_global_rank=None, cp_next_global_rank=None, softmax_scale=None, "
-         "num_sink_tokens=1)"),
-    ],
-    "dilated": [
-        ("longattn.dilated", "dilated_attention",
-         "(q, k, v, segment_lengths, dilation_rates, *, is_causal=False, scale=None, "
-         "group=None)"),
-        ("longattn.dilated", "DilatedAttention",
-         "(segment_lengths, dilation_rates, softmax_scale=None, attention_dropout=0.0)"),
-        ("longattn.dilated", "DilatedAttention.forward", "(self, q, k, v, is_causal=False)"),
-        ("longattn.dilated", "MultiheadDilatedAttention",
-         "(embed_dim, num_heads, segment_lengths, dilation_rates, dropout=0.0, bias=True, "
-         "layer_norm=True, layer_norm_eps=1e-5, gamma_init=1.0, device=None, dtype=None)"),
-        ("longattn.dilated", "LongNet", None),
-        ("longattn.dilated", "LongNetLM", "(num_tokens)"),
-    ],
-    "common": [
-        ("longattn.common.merge", "merge_partials", "(out_a, lse_a, out_b, lse_b)"),
-        ("longattn.common.merge", "merge_partials_", "(out, lse, out_b, lse_b)"),
-        ("longattn.common", "merge_partials", "(out_a, lse_a, out_b, lse_b)"),
-        ("longattn.common.kernels", "attention_forward",
-         "(q, k, v, *, scale=None, causal=False, window=(-1, -1), backend='auto')"),
-        ("longattn.common.kernels", "attention_backward",
-         "(dout, q, k, v, out, lse, *, scale=None, causal=False, window=(-1, -1), dlse=None, "
-         "backend='auto')"),
-        ("longattn.common.kernels", "attention",
-         "(q, k, v, *, scale=None, causal=False, window=(-1, -1), return_lse=False, "
-         "backend='auto')"),
-        ("longattn.common.kernels", "register_backend", "(name, backend)"),
-        ("longattn.common.comm", "exchange", "(sends, recvs, group=None)"),
-        ("longattn.common.comm", "ring_exchange", "(send_buf, recv_buf, group=None, *, shift=1)"),
-        ("longattn.common.comm", "all_to_all_step", "(send_chunks, recv_chunks, group=None)"),
-        ("longattn.common.comm", "counting", "()"),
-        ("longattn.common.comm", "record", "(kind, peer, nbytes)"),
-        ("longattn.common.layout", "positions", "(seq_len, rank, world_size, layout='contiguous')"),
-        ("longattn.common.layout", "shard", "(x, rank, world_size, *, layout='contiguous', dim=1)"),
-        ("longattn.common.layout", "unshard", "(chunks, *, layout='contiguous', dim=1)"),
-        ("longattn.common.layout", "shard_varlen",
-         "(x, cu_seqlens, rank, world_size, *, layout='contiguous', dim=0)"),
-        ("longattn.common.layout", "unshard_varlen",
-         "(chunks, cu_seqlens, *, layout='contiguous', dim=0)"),
-        ("longattn.common.layout", "varlen_positions",
-         "(cu_seqlens, rank, world_size, layout='contiguous')"),
-        ("longattn.common.checks", "check_qkv", "(q, k, v, *, varlen=False)"),
-        ("longattn.common.checks", "check_window", "(window)"),
-        ("longattn.common.checks", "check_scale", "(scale, head_dim)"),
-        ("longattn.common.checks", "check_cu_seqlens", "(cu_seqlens, total_tokens)"),
-        ("longattn.common.checks", "check_same_across_ranks", "(name, values, group=None)"),
-        ("longattn.common.testing", "run_world", "(world_size, fn, *args, timeout=None)"),
-        ("longattn.common.testing", "rel_error", "(actual, expected)"),
-        ("longattn.common.testing", "assert_close", "(actual, expected, dtype=None)"),
-        ("longattn.common.topology", "Target", None),
-        ("longattn.common.topology", "get_target", "(name)"),
-        ("longattn.common.topology", "step_time", "(target, messages)"),
-        ("longattn.common.bench", "time_fn", "(fn, *, device=None)"),
-        ("longattn.common.bench", "result", "(method, what, *, median_ms)"),
-        ("longattn.common.bench", "write_results", "(results, path)"),
-    ],
-    "reference": [
-        ("longattn.reference", "attention", "(q, k, v, *, mask=None, scale=None)"),
-        ("longattn.reference", "attention_backward",
-         "(dout, q, k, v, *, mask=None, scale=None, dlse=None)"),
-        ("longattn.reference", "causal_mask", "(sq, sk=None)"),
-        ("longattn.reference", "window_mask", "(sq, sk=None, window=(-1, -1))"),
-        ("longattn.reference", "sink_mask", "(sq, sk=None, num_sink_tokens=1)"),
-        ("longattn.reference", "document_mask", "(cu_seqlens_q, cu_seqlens_k=None)"),
-        ("longattn.reference", "and_masks", "(*masks)"),
-        ("longattn.reference", "or_masks", "(*masks)"),
-        ("longattn.reference", "tree_combine", "(outs, lses)"),
-        ("longattn.reference", "dilated_attention",
-         "(q, k, v, segment_lengths, dilation_rates, *, causal)"),
-        ("longattn.reference", "hyper_attention",
-         "(q, k, v, *, projections, sample_indices, block_size, min_seq_len, causal)"),
-    ],
-}
-
-
-def _landed(pkg: str) -> bool:
-    mod = importlib.import_module(f"longattn.{pkg}")
-    return "placeholder" not in (mod.__doc__ or "").lower()
-
-
-def _resolve(module: str, attr: str):
+def _resolve(target: str):
+    module, attr = target.split(":")
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def conformance_problems(actual: inspect.Signature, spec: inspect.Signature) -> list[str]:
-    """Every way a call that the contract allows could fail against ``actual``."""
+def signature_problems(actual: inspect.Signature, spec: inspect.Signature) -> list[str]:
+    """Every difference between the real parameters and the table's: order and names, kinds,
+    defaults."""
+    a, s = list(actual.parameters.values()), list(spec.parameters.values())
     problems = []
-    a_params = list(actual.parameters.values())
-    a_pos = [p for p in a_params if p.kind in (inspect.Parameter.POSITIONAL_ONLY, POS)]
-    has_var_pos = any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in a_params)
-    has_var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in a_params)
-    by_name = {p.name: p for p in a_params}
-    used = set()
-    for i, s in enumerate(spec.parameters.values()):
-        if s.kind == inspect.Parameter.VAR_POSITIONAL:
-            if not has_var_pos:
-                problems.append(f"needs *{s.name}")
-            continue
-        if s.kind == POS:  # may be passed positionally at index i
-            if i >= len(a_pos):
-                if not has_var_pos:
-                    problems.append(f"{s.name!r} is not accepted at position {i}")
-                continue
-            a = a_pos[i]
-            if a.name != s.name and a.name not in ALIASES.get(s.name, ()) and s.default is not REQ:
-                problems.append(f"position {i} is {a.name!r}, contract says {s.name!r}")
-            if s.default is not REQ and a.default != s.default:
-                problems.append(f"{s.name!r} default {a.default!r}, contract {s.default!r}")
-            used.add(a.name)
-            continue
-        # keyword-only in the contract: must be accepted by name with the same default
-        a = by_name.get(s.name)
-        if a is None or a.kind == inspect.Parameter.POSITIONAL_ONLY:
-            if not has_var_kw:
-                problems.append(f"keyword {s.name!r} missing")
-            continue
-        if s.default is not REQ and a.default != s.default:
-            problems.append(f"{s.name!r} default {a.default!r}, contract {s.default!r}")
-        # (a default where the contract has none is fine: every call still works)
-        used.add(a.name)
-    for a in a_params:  # parameters beyond the contract must be optional
-        if a.name in used or a.kind in (inspect.Parameter.VAR_POSITIONAL,
-                                        inspect.Parameter.VAR_KEYWORD):
-            continue
-        if a.default is REQ:
-            problems.append(f"extra parameter {a.name!r} has no default")
+    if [p.name for p in a] != [p.name for p in s]:
+        problems.append(f"parameters {[p.name for p in a]}, table {[p.name for p in s]}")
+        return problems
+    for pa, ps in zip(a, s):
+        if pa.kind != ps.kind:
+            problems.append(f"{pa.name!r} is {pa.kind.description}, table {ps.kind.description}")
+        same = pa.default is ps.default or (type(pa.default) is type(ps.default)
+                                            and pa.default == ps.default)
+        if not same:
+            problems.append(f"{pa.name!r} default {pa.default!r}, table {ps.default!r}")
     return problems
 
 
+def test_the_table_is_read():
+    assert len(ROWS) > 80
+    for row in ROWS:
+        assert row["target"] and ":" in row["target"], row
+        assert row["kind"] in KINDS, row
+        assert row["layout"] and row["`group=None`"], row
+        assert row["sig"] is not None or row["signature"] == NONE, row
+    targets = [r["target"] for r in ROWS]
+    assert len(targets) == len(set(targets)), "a row appears twice"
+
+
 def test_the_checker_itself():
-    ok = _spec("(q, k, v, *, causal=False, scale=None)")
-    assert conformance_problems(_spec("(q, k, v, *, causal=False, scale=None, x=1)"), ok) == []
-    assert conformance_problems(_spec("(q, k, v, causal=False, scale=None)"), ok) == []
-    assert conformance_problems(_spec("(query, key, value, *, causal=False, scale=None)"),
-                                ok) == []
-    assert conformance_problems(_spec("(q, k, v, *, causal=True, scale=None)"), ok)
-    assert conformance_problems(_spec("(q, k, v, *, scale=None)"), ok)
-    assert conformance_problems(_spec("(q, k, v, extra, *, causal=False, scale=None)"), ok)
-    assert conformance_problems(_spec("(q, k, *, causal=False, scale=None)"), ok)
-    pos = _spec("(q, k, v, window_size, cp_group=None)")
-    assert conformance_problems(_spec("(q, k, v, window_size, *, cp_group=None)"), pos)
-    assert conformance_problems(_spec("(q, k, v, window_size, softmax_scale=None, cp_group=None)"),
-                                pos)
-    assert conformance_problems(_spec("(q, k, v, *args, **kw)"), ok) == []
+    sig = _spec("(q, k, v, *, causal=False, softmax_scale=None)")
+    assert signature_problems(sig, sig) == []
+    assert signature_problems(_spec("(q, k, v, causal=False, softmax_scale=None)"), sig)
+    assert signature_problems(_spec("(q, k, v, *, causal=True, softmax_scale=None)"), sig)
+    assert signature_problems(_spec("(q, k, v, *, causal=0, softmax_scale=None)"), sig)
+    assert signature_problems(_spec("(q, k, v, *, softmax_scale=None, causal=False)"), sig)
+    assert signature_problems(_spec("(q, k, v, *, causal=False, softmax_scale=None, x=1)"), sig)
+    assert signature_problems(_spec("(query, k, v, *, causal=False, softmax_scale=None)"), sig)
+    assert signature_problems(_spec("(q, k, v, *a, **kw)"), _spec("(q, k, v, *a, **kw)")) == []
+    rows = read_table("| entry point | signature | kind |\n|---|---|---|\n"
+                      "| `m:f` | `(a, b=\"x\\|y\")` | helper |\n| `m:g` | — | config |\n")
+    assert [(r["target"], r["sig"]) for r in rows] == [("m:f", '(a, b="x|y")'), ("m:g", None)]
 
 
-@pytest.mark.parametrize("pkg", ["common", "reference", *PAPERS])
+@pytest.mark.parametrize("row", ROWS, ids=[r["target"] for r in ROWS])
+def test_entry_point_has_the_table_signature(row):
+    try:
+        obj = _resolve(row["target"])
+    except (ImportError, AttributeError) as e:
+        pytest.fail(f"{row['target']} is missing: {e}")
+    if row["kind"] == "config":
+        assert dataclasses.is_dataclass(obj) and obj.__dataclass_params__.frozen, \
+            f"{row['target']} must be a frozen dataclass"
+    if row["sig"] is None:
+        return
+    assert callable(obj), f"{row['target']} is not callable"
+    actual = inspect.signature(obj)
+    problems = signature_problems(actual, _spec(row["sig"]))
+    assert not problems, f"{row['target']}{actual} vs the table {row['sig']}: " + "; ".join(
+        problems)
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r["target"] for r in ROWS])
+def test_group_column_and_canonical_names(row):
+    if row["sig"] is None:
+        return
+    params = _spec(row["sig"]).parameters
+    groups = [p for name, p in params.items() if name in ("group", "cp_group")]
+    says = row["`group=None`"]
+    if "mesh" in says:
+        assert {"mesh", "axis_name"} <= set(params), row
+    elif says == "one rule":
+        assert groups, f"{row['target']}: the group column says 'one rule' but it takes no group"
+    else:
+        assert not any(p.default is None for p in groups), (
+            f"{row['target']} takes group=None: its group column must say 'one rule'")
+    if row["kind"] in ("seed", "callback"):
+        return  # compatibility surfaces keep their seed's / framework's names
+    for p in params.values():
+        keyword = p.kind == p.KEYWORD_ONLY or p.default is not p.empty
+        if keyword and p.name in RETIRED:
+            pytest.fail(f"{row['target']}: keyword {p.name!r} is retired; the canonical name is "
+                        f"{RETIRED[p.name]!r}")
+
+
+@pytest.mark.parametrize("module", [*(f"longattn.{p}" for p in PAPERS),
+                                    "longattn.integrations.transformers"])
+def test_the_table_lists_every_exported_name(module):
+    mod = importlib.import_module(module)
+    listed = {r["target"].split(":")[1].split(".")[0] for r in ROWS
+              if r["target"].split(":")[0] == module}
+    exported = set(getattr(mod, "__all__", ())) - {"NAME"}
+    assert exported, f"{module} has no __all__"
+    missing = sorted(exported - listed)
+    assert not missing, f"{module} exports {missing}, which docs/conventions.md does not list"
+    builders = sorted(PLAN_BUILDERS & exported)
+    assert not builders, f"{module} exports plan builders {builders}: name them make_plan"
+
+
+# --------------------------------------------------------------------------------------------
+# packages
+
+
+@pytest.mark.parametrize("pkg", ["common", "reference", *PAPERS, "integrations"])
 def test_package_imports(pkg):
     mod = importlib.import_module(f"longattn.{pkg}")
     assert mod.__name__ == f"longattn.{pkg}"
     assert not (ROOT / pkg / "src" / "longattn" / "__init__.py").exists()  # PEP 420 namespace
 
 
-def _contract_cases():
-    for pkg, items in CONTRACT.items():
-        for module, attr, sig in items:
-            yield pytest.param(pkg, module, attr, sig, id=f"{module}:{attr}")
-
-
-OPTIONAL_REFERENCE = {"dilated_attention", "hyper_attention"}  # land with their paper issues
-
-
-@pytest.mark.parametrize("pkg,module,attr,sig", list(_contract_cases()))
-def test_public_name_exists_with_the_contract_signature(pkg, module, attr, sig):
-    if pkg in PAPERS and not _landed(pkg):
-        mod = importlib.import_module(f"longattn.{pkg}")
-        assert not hasattr(mod, attr.split(".")[0]) or _landed(pkg)
-        return  # placeholder package: importing is all it promises
-    if pkg == "reference" and attr in OPTIONAL_REFERENCE:
-        if not hasattr(importlib.import_module(module), attr):
-            return
-    try:
-        obj = _resolve(module, attr)
-    except (ImportError, AttributeError) as e:
-        pytest.fail(f"{module}.{attr} is missing: {e}")
-    assert callable(obj), f"{module}.{attr} is not callable"
-    if sig is None:
-        return
-    actual = inspect.signature(obj)
-    problems = conformance_problems(actual, _spec(sig))
-    assert not problems, f"{module}.{attr}{actual} vs contract {sig}: " + "; ".join(problems)
-
-
-def test_reference_dilated_and_hyper_exist_once_their_packages_land():
-    ref = importlib.import_module("longattn.reference")
-    if _landed("dilated"):
-        assert hasattr(ref, "dilated_attention")
-    if _landed("hyper"):
-        assert hasattr(ref, "hyper_attention")
-
-
 def test_topology_defines_the_four_targets():
     topo = importlib.import_module("longattn.common.topology")
     assert set(topo.TARGETS) == {"H100-1", "H100-2", "H100-4", "MI300X-1"}
+
+
+@pytest.mark.parametrize("pkg", PAPERS)
+def test_paper_packages_register_demo_rows(pkg):
+    eps = {ep.name: ep for ep in metadata.entry_points(group="longattn.demo")}
+    assert pkg in eps, f"no longattn.demo entry point for {pkg} (have {sorted(eps)})"
+    fn = eps[pkg].load()
+    assert callable(fn)
+    assert list(inspect.signature(fn).parameters)[:1] == ["run_world"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,14 +268,3 @@ def test_reference_imports_numpy_only():
 def test_common_never_imports_reference_or_a_paper_package():
     used = _longattn_pkgs(_imports("common")) - {"common"}
     assert not used, f"longattn.common imports {sorted(used)}"
-
-
-@pytest.mark.parametrize("pkg", PAPERS)
-def test_landed_paper_packages_register_demo_rows(pkg):
-    if not _landed(pkg):
-        return
-    eps = {ep.name: ep for ep in metadata.entry_points(group="longattn.demo")}
-    assert pkg in eps, f"no longattn.demo entry point for {pkg} (have {sorted(eps)})"
-    fn = eps[pkg].load()
-    assert callable(fn)
-    assert list(inspect.signature(fn).parameters)[:1] == ["run_world"]
