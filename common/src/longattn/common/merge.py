@@ -3,7 +3,8 @@
 ``out`` is BSHD ``[B, S, H, D]``, ``lse`` is ``[B, H, S]``. Merged in float32 (float64 stays
 float64). The sigmoid form ``out_a - sigmoid(lse_b - lse_a) * (out_a - out_b)`` never
 overflows; rows where one side is ``-inf`` take the other side exactly, and rows where both are
-``-inf`` stay ``out = 0, lse = -inf`` (no NaN).
+``-inf`` stay ``out = 0, lse = -inf`` (no NaN). A NaN ``lse`` on either side makes the row's
+``out`` and ``lse`` NaN: a NaN never disappears in a merge.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from longattn.common.dtypes import acc_dtype
 def _dead(lse):
     """[B, H, S] -> [B, S, H, 1] mask of rows with lse = -inf."""
     return torch.isneginf(lse).transpose(1, 2).unsqueeze(-1)
+
+
+def _nan_rows(lse_a, lse_b):
+    """[B, H, S] x 2 -> [B, S, H, 1] mask of rows whose lse is NaN on either side."""
+    return (torch.isnan(lse_a) | torch.isnan(lse_b)).transpose(1, 2).unsqueeze(-1)
 
 
 def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor):
@@ -71,6 +77,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     ob = torch.where(b_dead, 0.0, out_b.to(acc))
     out = torch.where(a_dead, ob, oa - w * (oa - ob))
     out = torch.where(b_dead, oa, out)
+    out = torch.where(_nan_rows(lse_a, lse_b), float("nan"), out)
     return out, lse
 
 
@@ -100,11 +107,11 @@ def merge_partials_(out, lse, out_b, lse_b, *, backend: str = "auto"):
             raise ValueError(f"backend='triton' cannot serve this merge: {refusal}")
     w_b, new = _weights(lse, lse_b.to(lse.dtype))
     w = w_b.transpose(1, 2).unsqueeze(-1)
-    a_dead, b_dead = _dead(lse), _dead(lse_b)
+    a_dead, b_dead, nan = _dead(lse), _dead(lse_b), _nan_rows(lse, lse_b)
     ob = torch.where(b_dead, 0.0, out_b.to(out.dtype))
     oa = out.masked_fill_(a_dead, 0.0)
     res = torch.where(a_dead, ob, oa - w * (oa - ob))
-    out.copy_(torch.where(b_dead, oa, res))
+    out.copy_(torch.where(nan, float("nan"), torch.where(b_dead, oa, res)))
     lse.copy_(new)
     return out, lse
 

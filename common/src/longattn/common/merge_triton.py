@@ -7,7 +7,9 @@ Slow twin: the eager branch of :func:`longattn.common.merge.merge_partials_`
 
 Each program merges ``ROWS`` (batch, seq, head) rows: ``w_a = exp(lse_a - m) / den``,
 ``w_b = exp(lse_b - m) / den`` with ``m = max(lse_a, lse_b)``, so a dead side (``-inf``) gets
-weight exactly 0 and its ``out`` is never read into the result (even NaN).
+weight exactly 0 and its ``out`` is never read into the result (even NaN). A NaN ``lse`` on
+either side makes the row's ``out`` and ``lse`` NaN (explicitly: ``tl.maximum`` need not
+propagate NaN).
 """
 
 from __future__ import annotations
@@ -51,8 +53,11 @@ def _merge_kernel(out_ptr, lse_ptr, ob_ptr, lb_ptr, n_rows, S, H,
     pb = ob_ptr + (b * sob_b + s * sob_s + h * sob_h)[:, None] + d[None, :]
     oa = tl.load(po, mask=m2 & ~a_dead[:, None], other=0.0).to(tl.float32)
     ob = tl.load(pb, mask=m2 & ~b_dead[:, None], other=0.0).to(tl.float32)
-    tl.store(po, wa[:, None] * oa + wb[:, None] * ob, mask=m2)
-    tl.store(lse_ptr + b * sl_b + h * sl_h + s * sl_s, new, mask=live)
+    nan = (la != la) | (lb != lb)
+    res = tl.where(nan[:, None], float("nan"), wa[:, None] * oa + wb[:, None] * ob)
+    tl.store(po, res, mask=m2)
+    tl.store(lse_ptr + b * sl_b + h * sl_h + s * sl_s, tl.where(nan, float("nan"), new),
+             mask=live)
 
 
 def refusal(out, lse, out_b, lse_b) -> str | None:

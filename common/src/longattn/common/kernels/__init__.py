@@ -12,7 +12,8 @@ Tensors are BSHD: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` with ``Hq % Hkv 
 without replicating KV). ``lse`` is ``[B, Hq, Sq]`` natural log in float32 (float64 for
 float64 inputs). ``causal`` with ``Sq != Sk`` is bottom-right aligned; ``window_size=(left,
 right)``, -1 unbounded, in the same aligned coordinates; ``causal`` caps ``right`` at 0.
-A row that sees no key gives ``out = 0``, ``lse = -inf`` and zero gradients, never NaN.
+A row that sees no key gives ``out = 0``, ``lse = -inf`` and zero gradients, never NaN; a row
+whose scores hold a NaN (a NaN in q, or in a key it sees) gives ``out`` and ``lse`` NaN.
 
 ``attention_backward`` takes the *final* ``out``/``lse`` of the whole attention (after all
 merges), not this step's: then the per-step gradients are exact (the ring-attention rule).
@@ -38,7 +39,13 @@ from dataclasses import dataclass
 import torch
 
 from longattn.common import _transition
-from longattn.common.checks import check_qkv, check_scale, check_tensor, check_window
+from longattn.common.checks import (
+    check_bool,
+    check_qkv,
+    check_scale,
+    check_tensor,
+    check_window,
+)
 
 
 @dataclass(frozen=True)
@@ -115,11 +122,32 @@ def may_have_empty_rows(sq, sk, window) -> bool:
 
 def fix_empty_rows(out, lse):
     """Rows that saw no key: lse -> -inf, out -> 0 (kernels differ: flash returns lse = +inf,
-    FlexAttention -inf). out BSHD, lse [B, H, S]; no host sync."""
-    dead = ~torch.isfinite(lse)
+    FlexAttention -inf). A NaN lse stays NaN (its row's scores held a NaN). out BSHD, lse
+    [B, H, S]; no host sync."""
+    dead = torch.isinf(lse)
     lse = lse.masked_fill(dead, float("-inf"))
     out = out.masked_fill(dead.transpose(1, 2).unsqueeze(-1), 0.0)
     return out, lse
+
+
+def check_backward_tensors(q, dout, out, lse, dlse=None):
+    """The dtype / device rules of a backward's ``dout``, ``out``, ``lse``, ``dlse`` (shapes are
+    the caller's): tensors on q's device, ``dout`` in ``out``'s dtype, ``lse`` (and ``dlse``) in
+    an accumulation dtype (float32 / float64)."""
+    for name, t in (("dout", dout), ("out", out), ("lse", lse)) + (
+            (("dlse", dlse),) if dlse is not None else ()):
+        check_tensor(name, t)
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+    if dout.dtype != out.dtype:
+        raise TypeError(f"dout dtype {dout.dtype} must be out's dtype {out.dtype}")
+    for name, t in (("lse", lse), ("dlse", dlse)):
+        if t is not None and t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"{name} must be float32 or float64 (an accumulation dtype), "
+                            f"got {t.dtype}")
+    if dlse is not None and tuple(dlse.shape) != tuple(lse.shape):
+        raise ValueError(f"dlse must have the shape of lse {tuple(lse.shape)}, "
+                         f"got {tuple(dlse.shape)}")
 
 
 def grad_lse_or_none(dlse):
@@ -205,15 +233,7 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=Fa
     """Gradients of this step given the final ``out``/``lse``. Returns ``(dq, dk, dv)`` in the
     dtypes of q, k, v."""
     check_qkv(q, k, v)
-    for name, t in (("dout", dout), ("out", out), ("lse", lse)):
-        check_tensor(name, t)
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
-    if dlse is not None:
-        check_tensor("dlse", dlse)
-        if tuple(dlse.shape) != tuple(lse.shape):
-            raise ValueError(f"dlse must have the shape of lse {tuple(lse.shape)}, "
-                             f"got {tuple(dlse.shape)}")
+    check_backward_tensors(q, dout, out, lse, dlse)
     if dout.shape != out.shape or out.shape[:-1] != q.shape[:-1]:
         raise ValueError(
             f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be [B, Sq, Hq, Dv] "
@@ -253,6 +273,7 @@ class _Attention(torch.autograd.Function):
 def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
               return_lse=False, backend="auto", config=None):
     """Differentiable local attention (gradients flow into q, k, v, also through ``lse``)."""
+    check_bool("return_lse", return_lse)
     out, lse = _Attention.apply(q, k, v, softmax_scale, causal, window_size, backend, config)
     return (out, lse) if return_lse else out
 
@@ -316,6 +337,7 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_forward",
+    "check_backward_tensors",
     "cuda_limits",
     "fix_empty_rows",
     "grad_lse_or_none",

@@ -54,10 +54,13 @@ def _merge_kernel(o0, l0, o1, l1, o2, l2, out, lse, R, NC, C, H, S, J1, J2,
     if HAS2:
         acc += tl.load(o2 + ((bt2 * C + a2) * H + h)[:, None] * DV + col,
                        mask=in2[:, None], other=0.0).to(tl.float32) * (w2 * inv)[:, None]
+    nan = (lse0 != lse0) | (lse1 != lse1) | (lse2 != lse2)  # a NaN never disappears
+    acc = tl.where(nan[:, None], float("nan"), acc)
     tl.store(out + (rows * H + h)[:, None] * DV + col, acc.to(out.dtype.element_ty),
              mask=valid[:, None])
     tl.store(lse + (bb * H + h) * S + t * C + a,
-             tl.where(tot > 0, mx + tl.log(tot), ninf), mask=valid)
+             tl.where(nan, float("nan"), tl.where(tot > 0, mx + tl.log(tot), ninf)),
+             mask=valid)
 
 
 def merge(parts, b, nc, c, h, dv, dtype, block=64):

@@ -37,11 +37,12 @@ from __future__ import annotations
 import torch
 
 from longattn.common import _transition
-from longattn.common.checks import check_cu_seqlens, check_qkv, check_scale
+from longattn.common.checks import check_bool, check_cu_seqlens, check_qkv, check_scale
 from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import (
     attention_backward,
     attention_forward,
+    check_backward_tensors,
     fix_empty_rows,
     grad_lse_or_none,
     may_have_empty_rows,
@@ -283,6 +284,7 @@ def attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_
     """Gradients given the *final* ``out`` / ``lse`` (and optionally ``dlse``, ``[Hq, Tq]``)."""
     cu_q, cu_k, scale, win, ns = _check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, softmax_scale,
                                              causal, window_size, num_sink_tokens)
+    check_backward_tensors(q, dout, out, lse, dlse)
     if dout.shape != out.shape or out.shape[:-1] != q.shape[:-1]:
         raise ValueError(f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be "
                          f"[Tq, Hq, Dv] matching q {tuple(q.shape)}")
@@ -335,6 +337,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=
                      causal=False, window_size=(-1, -1), num_sink_tokens=0, return_lse=False,
                      backend="auto", config=None):
     """Differentiable packed varlen attention (``cu_seqlens_k`` defaults to ``cu_seqlens_q``)."""
+    check_bool("return_lse", return_lse)
     cu_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
     out, lse = _AttentionVarlen.apply(q, k, v, cu_seqlens_q, cu_k, softmax_scale, causal,
                                       window_size, num_sink_tokens, backend, config)
