@@ -72,3 +72,20 @@ def test_quickstart_runs_on_4_cpu_ranks():
         # printed with 6 decimals; a float32 model: the ranks' partial losses add up in another
         # order than one process's mean
         assert abs(float(got.group(2)) - ref) <= 2e-6 + 1e-6 * abs(ref), (rank, text, ref)
+
+
+def test_results_table_is_the_committed_json():
+    import json
+
+    rows = json.loads((HERE / "results" / "demo.json").read_text())
+    text = (HERE / "README.md").read_text()
+    table = text[text.index("## Results"):]
+    lines = [ln for ln in table.splitlines() if ln.startswith("| ") and "relative error" not in ln]
+    assert len(lines) == len(rows)
+    for line, row in zip(lines, rows):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[0] == row["what"].removeprefix("transformers "), (cells, row)
+        assert cells[1] == row["shape"].removesuffix(" fp64"), (cells, row)
+        assert cells[2] == f"{row['rel_err']:.1e}", (cells, row)
+        assert cells[3] == f"{row['tol']:g}", (cells, row)
+        assert cells[4] == ("" if row["bytes"] is None else str(row["bytes"])), (cells, row)
