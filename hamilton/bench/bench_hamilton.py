@@ -45,6 +45,7 @@ from longattn.common.kernels import attention_backward, attention_forward, pick_
 from longattn.common.layout import positions
 from longattn.common.merge import merge_partials_
 from longattn.hamilton import HamiltonConfig
+from longattn.hamilton.args import resolve_schedule
 from longattn.hamilton.attn import (
     _pack,
     _token_index,
@@ -353,6 +354,10 @@ def main(argv=None):
     dtype = torch.bfloat16
     out_dir = bench.out_dir(os.path.join(HERE, "results"), a.out)
     n, length, heads, dim = a.ranks, a.tokens, a.heads, a.dim
+    try:  # the length hamilton_attn itself would accept for this schedule (causal)
+        resolve_schedule(_schedule(a.schedule, n), n, length, True)
+    except ValueError as e:
+        p.error(f"--tokens {length}: {e}")
     config = HamiltonConfig(merge_backend=a.merge_backend, contiguous_kv=a.contiguous_kv)
     print(f"device: {bench.device_name(device)}; torch {torch.__version__}; {n} ranks x {length} "
           f"tokens, H={heads}, D={dim}, bf16, schedule {a.schedule} (causal, zigzag)")

@@ -1,6 +1,7 @@
 """Predict TASP vs (zigzag) ring time per attention call over the paper's sweep, per target, from
 the alpha-beta model of ``longattn.common.topology`` and single-GPU step times, and plot the
-predicted speedups next to the paper's reported ones (specs/hamilton.md section 10).
+predicted speedups next to the paper's reported ones (key ``paper`` of each target's
+``config.json``).
 
     PYTHONPATH=common/src:reference/src:hamilton/src python hamilton/bench/predict_hamilton.py
     ... --step-times bench_out/hamilton/step_times.json   # measured single-GPU step times

@@ -15,9 +15,10 @@ class HamiltonConfig:
     the ``backend`` of :func:`longattn.common.merge.merge_partials_`: ``"auto"`` (the one-pass
     Triton kernel for CUDA fp32 accumulators, eager torch otherwise), ``"torch"`` or
     ``"triton"`` (an error where it cannot run). Default ``"auto"``: in
-    ``hamilton/bench/results/bench_hamilton.json`` (H100) the forward with this merge
-    ("+merge", efficiency 0.866-0.890 over the timed ranks) beat the same merge under
-    ``torch.compile`` ("+fused", 0.834-0.873).
+    ``hamilton/bench/results/h200/bench_hamilton.json`` (H200) the forward with this merge
+    ("+merge", efficiency 0.893-0.934 over the timed ranks) beat the same merge under
+    ``torch.compile`` ("+fused", 0.876-0.916); forward+backward: 0.851-0.857 against
+    0.847-0.864.
 
     ``contiguous_kv``: the step kernels get K/V as strided views of the KV buffer
     (``False``, no copy) or as contiguous copies of those views (``True``, one copy per kernel

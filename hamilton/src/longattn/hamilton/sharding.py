@@ -29,7 +29,7 @@ def shard(x: torch.Tensor, *, group=None, causal: bool = False, dim: int = 1) ->
     The global length must be divisible by ``2n`` (causal) or ``n``. Purely local.
     """
     g = dist.resolve_group(group)
-    return _layout.shard(x, g.rank, g.size, layout=layout_name(causal), dim=dim)
+    return _layout.take_shard(x, g.rank, g.size, layout=layout_name(causal), dim=dim)
 
 
 def unshard(x, *, group=None, causal: bool = False, dim: int = 1) -> torch.Tensor:
@@ -37,7 +37,7 @@ def unshard(x, *, group=None, causal: bool = False, dim: int = 1) -> torch.Tenso
     gets the result), or, given a list of every rank's shard in rank order, reassembles it
     without communication. Not differentiable."""
     if isinstance(x, (list, tuple)):
-        return _layout.unshard(list(x), layout=layout_name(causal), dim=dim)
+        return _layout.join_shards(list(x), layout=layout_name(causal), dim=dim)
     g = dist.resolve_group(group)
 
     def check():
@@ -59,4 +59,4 @@ def unshard(x, *, group=None, causal: bool = False, dim: int = 1) -> torch.Tenso
         if p != g.rank:
             record("send", p, nbytes)
             record("recv", p, nbytes)
-    return _layout.unshard(chunks, layout=name, dim=dim)
+    return _layout.join_shards(chunks, layout=name, dim=dim)
