@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from longattn.common.comm import counting
+from longattn.common.dist import LOCAL
 from longattn.common.testing import run_world
 from longattn.ring_swa import (
     ring_sliding_window_attn,
@@ -144,3 +145,40 @@ def test_fault_on_one_rank_raises_everywhere(world, bad_rank):
             assert reports[rank][i][3] == 0, f"{name}: rank {rank} moved bytes before raising"
         assert len({kind for kind, _ in outcomes}) == 1, (name, outcomes)
         assert len({_same(msg) for _, msg in outcomes}) == 1, (name, outcomes)
+
+
+def causal_only_worker(rank, world):
+    """A backend that serves only causal blocks: every rank must refuse the call before any
+    K/V moves, naming the step of the rank that needs a non-causal block."""
+    from longattn.common.kernels import BACKENDS, Backend, register_backend
+
+    if "causal-only" not in BACKENDS:  # this world process's first call
+        t = BACKENDS["torch"]
+        register_backend("causal-only", Backend(
+            t.forward, t.backward, lambda req: None if req.causal else "only causal blocks",
+            t.config_type))
+    q, k, v = _dense(rank)
+    report = []
+    for kw in (dict(window_size=(3, 0)), dict(window_size=(3, 0), num_sink_tokens=2)):
+        with counting() as c:
+            try:
+                ring_swa_attn(q, k, v, group=dist.group.WORLD, backend="causal-only", **kw)
+                report.append((None, c.bytes_sent + c.bytes_received))
+            except ValueError as e:
+                report.append((str(e), c.bytes_sent + c.bytes_received))
+    # on one process a window without sinks is one causal block: it runs
+    alone = ring_swa_attn(q, k, v, window_size=(3, 0), group=LOCAL, backend="causal-only")
+    return report, alone
+
+
+def test_explicit_backend_checked_for_every_step_of_every_rank():
+    reports = run_world(2, causal_only_worker, timeout=120)
+    for rank, (report, alone) in enumerate(reports):
+        (halo, moved_h), (sinks, moved_s) = report
+        assert moved_h == moved_s == 0, rank
+        assert halo is not None and "the halo step of rank 1" in halo, halo
+        assert sinks is not None and "the own sinks step of rank 0" in sinks, sinks
+        assert "backend 'causal-only' cannot serve" in halo and "only causal blocks" in halo
+        q, k, v = _dense(rank)
+        assert torch.allclose(alone, ring_swa_attn(q, k, v, window_size=(3, 0), group=LOCAL))
+    assert reports[0][0] == reports[1][0]  # the same messages on both ranks

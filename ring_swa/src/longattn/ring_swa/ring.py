@@ -139,21 +139,67 @@ def _window(window_size, causal, seed):
     return left, 0  # causal caps right at 0 (flash-attn's rule)
 
 
-def _resolve_backend(q4, k4, v4, left, distributed, backend):
-    """Raise here (inside the agreement) if ``backend`` cannot serve this rank's steps: its own
-    causal window block and, with more than one rank, the blocks over keys of earlier ranks
-    (not causal: every received key is at or before every query)."""
+def _resolve_backend(q4, k4, v4, left, backend):
+    """Raise here (inside the agreement) if ``backend`` cannot serve this rank's own causal
+    window block (e.g. a CUDA kernel for CPU tensors, a dtype or head_dim it does not take).
+    The steps whose shapes depend on the plan are checked by :func:`_check_steps`."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str (a backend name or 'auto'), got {backend!r}")
     if q4.shape[1] == 0:
         return  # this rank computes nothing
     pick_backend(q4, k4, v4, causal=True, window_size=(left, 0), backend=backend)
-    if distributed and backend != "auto":
-        try:
-            pick_backend(q4, k4, v4, causal=False, window_size=(-1, -1), backend=backend)
-        except ValueError as e:
-            raise ValueError(f"{e} (needed for the blocks over keys held by earlier ranks, "
-                             "which are not causal)") from None
+
+
+def _halo_window(window, kernel_left, lq):
+    """The halo step's window in bottom-right coordinates (its keys end where q starts)."""
+    return (-1, -1) if kernel_left == -1 else (window - lq, -1)
+
+
+def _steps(plan: RankPlan, varlen, window, kernel_left):
+    """``(step, Sq, Sk, causal, window_size)`` of every kernel call ``plan``'s rank makes (the
+    backward makes the same calls). Varlen sink parts run in the varlen kernel's own code."""
+    own = (kernel_left, 0)
+    steps = []
+    if varlen:
+        for (a, b), ns in zip(zip(plan.local_cu, plan.local_cu[1:]), plan.local_sinks):
+            if b - a > ns:
+                steps.append(("own block", b - a, b - a - ns, True, own))
+    elif plan.length:
+        s, ns = plan.length, min(plan.local_sinks[0], plan.length)
+        if ns:
+            steps.append(("own sinks", s, ns, False, (-1, s - ns)))
+        if ns < s:
+            steps.append(("own block", s, s - ns, True, own))
+    if plan.num_halo:
+        lq = min(plan.first_len, window)
+        steps.append(("halo", lq, plan.num_halo, False, _halo_window(window, kernel_left, lq)))
+    if plan.num_remote_sinks:
+        steps.append(("remote sinks", plan.first_len, plan.num_remote_sinks, False, (-1, -1)))
+    return steps
+
+
+def _like(x, b, s):
+    """A ``[b, s, H, D]`` view of one row of storage: what ``supports`` reads (shape, dtype,
+    device, a unit last stride) without allocating the step's tensor."""
+    h, d = x.shape[-2], x.shape[-1]
+    return x.new_empty(max(d, 1)).as_strided((b, s, h, d), (0, 0, 0, 1))
+
+
+def _check_steps(op, plans, q, k, v, *, varlen, window, kernel_left, backend):
+    """An explicit ``backend`` must serve every step of every rank. Decided from values every
+    rank agreed on (shapes, dtype, device type, the plans), so every rank raises the same error
+    before any K/V moves; ``"auto"`` always has a backend for every step."""
+    if backend == "auto":
+        return
+    b = 1 if varlen else q.shape[0]
+    for p in plans:
+        for step, sq, sk, causal, win in _steps(p, varlen, window, kernel_left):
+            try:
+                pick_backend(_like(q, b, sq), _like(k, b, sk), _like(v, b, sk), causal=causal,
+                             window_size=win, backend=backend)
+            except ValueError as e:
+                raise ValueError(f"{op}: {e} (the {step} step of rank {p.rank}: {sq} queries, "
+                                 f"{sk} keys, window_size={win}, causal={causal})") from None
 
 
 def setup(q, k, v, *, op, varlen, window_size, group, causal, softmax_scale, cu_seqlens,
@@ -179,7 +225,7 @@ def setup(q, k, v, *, op, varlen, window_size, group, causal, softmax_scale, cu_
         scale = check_scale(softmax_scale, q.shape[-1])
         cu = check_cu_seqlens(cu_seqlens, _last(cu_seqlens)) if varlen else None
         q4, k4, v4 = (x.unsqueeze(0) for x in (q, k, v)) if varlen else (q, k, v)
-        _resolve_backend(q4, k4, v4, left, g.distributed, backend)
+        _resolve_backend(q4, k4, v4, left, backend)
         needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
         fields = {
             # varlen ranks may hold different token counts ("tokens" varies)
@@ -217,9 +263,11 @@ def setup(q, k, v, *, op, varlen, window_size, group, causal, softmax_scale, cu_
     else:
         cu = [0, total]
     unbounded = left == -1 or left >= total  # as wide as the sequence: plain causal attention
-    w = total if unbounded else left
-    plan = make_plan(offsets, cu, w, ns)[g.rank]
-    return Setup(g, plan, w, -1 if unbounded else left, ns, scale, varlen, backend)
+    w, kernel_left = (total, -1) if unbounded else (left, left)
+    plans = make_plan(offsets, cu, w, ns)
+    _check_steps(op, plans, q, k, v, varlen=varlen, window=w, kernel_left=kernel_left,
+                 backend=backend)
+    return Setup(g, plans[g.rank], w, kernel_left, ns, scale, varlen, backend)
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,11 +301,6 @@ def _recv_buffers(plan_side, b, hkv, d, dv, like):
 def _unpack(buf, b, n, hkv, d, dv):
     nk = b * n * hkv * d
     return buf[:nk].view(b, n, hkv, d), buf[nk:].view(b, n, hkv, dv)
-
-
-def _halo_window(st, lq):
-    """The halo step's window in bottom-right coordinates (its keys end where q starts)."""
-    return (-1, -1) if st.kernel_left == -1 else (st.window - lq, -1)
 
 
 def _local_forward(q, k, v, st):
@@ -305,7 +348,8 @@ def _forward(q, k, v, st: Setup):
         lq = min(n0, st.window)
         o_h, l_h = attention_forward(q[:, :lq].contiguous(), rk[:, nrs:].contiguous(),
                                      rv[:, nrs:].contiguous(), softmax_scale=st.softmax_scale,
-                                     window_size=_halo_window(st, lq), backend=st.backend)
+                                     window_size=_halo_window(st.window, st.kernel_left, lq),
+                                     backend=st.backend)
         merge_partials_(acc_o[:, :lq], acc_l[:, :, :lq], o_h, l_h)
     if nrs:
         o_s, l_s = attention_forward(q[:, :n0].contiguous(), rk[:, :nrs].contiguous(),
@@ -332,7 +376,8 @@ def _backward(dout, q, k, v, out, lse, rk, rv, st: Setup):
             g = attention_backward(dout[:, :lq].contiguous(), q[:, :lq].contiguous(),
                                    rk[:, nrs:].contiguous(), rv[:, nrs:].contiguous(),
                                    out[:, :lq].contiguous(), lse[:, :, :lq].contiguous(),
-                                   softmax_scale=st.softmax_scale, window_size=_halo_window(st, lq),
+                                   softmax_scale=st.softmax_scale,
+                                   window_size=_halo_window(st.window, st.kernel_left, lq),
                                    backend=st.backend)
             dq_r[:, :lq] += g[0].to(acc)
             drk[:, nrs:], drv[:, nrs:] = g[1], g[2]
