@@ -1,10 +1,12 @@
 """longattn.common: the shared parts every longattn method is built from.
 
-Modules: ``merge`` (LSE merge of attention partials), ``kernels`` (the local attention step and
-its backends), ``comm`` (ring / all-to-all exchange with byte counters), ``layout`` (sequence
-sharding), ``topology`` (hardware targets and an alpha-beta cost model), ``testing``
-(persistent gloo worlds for pytest), ``bench`` (timing, result schema, plots), ``checks``
-(argument validation shared by the public functions).
+Modules: ``kernels`` (the local attention step, its backends and their ``config=`` records;
+``kernels.varlen`` for packed batches), ``merge`` (LSE merge of attention partials), ``dist``
+(group resolution and the agreement protocol), ``comm`` (ring / all-to-all exchange with byte
+counters), ``layout`` (local sequence slicing for contiguous / zigzag / striped layouts),
+``dtypes`` (the accumulation-dtype rule), ``checks`` (argument validation naming the argument),
+``topology`` (hardware targets and an alpha-beta cost model), ``testing`` (persistent gloo
+worlds and the oracle harness for pytest), ``bench`` (timing, result schema, plots).
 """
 
 from longattn.common.merge import merge_partials, merge_partials_, merge_stacked

@@ -14,7 +14,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from longattn.common import _transition
+from longattn.common import _transition  # TRANSITION
 from longattn.common.dtypes import acc_dtype
 
 

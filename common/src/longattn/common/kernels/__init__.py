@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.common import _transition
+from longattn.common import _transition  # TRANSITION
 from longattn.common.checks import (
     check_bool,
     check_qkv,

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.common import _transition
+from longattn.common import _transition  # TRANSITION
 from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import Backend, attention_backward, attention_forward
 from longattn.common.merge import merge_partials_

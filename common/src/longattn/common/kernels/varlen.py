@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import torch
 
-from longattn.common import _transition
+from longattn.common import _transition  # TRANSITION
 from longattn.common.checks import check_bool, check_cu_seqlens, check_qkv, check_scale
 from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import (
