@@ -125,17 +125,15 @@ def attention(module, query, key, value, attention_mask=None, dropout=0.0, scali
         is_causal = bool(getattr(module, "is_causal", True) and getattr(
             getattr(module, "config", None), "is_causal", True))
     state = getattr(key, "_longattn_state", None)
-    group = cp_group
-    if state is not None:
-        if cp_group is None:
-            group = state.group
-        elif resolve_group(cp_group, name="cp_group") != resolve_group(state.group):
-            raise ValueError("cp_group is not the group of the ShardedCache passed as "
-                             "past_key_values: pass the same group to both (or cp_group=None)")
-    g = resolve_group(group, name="cp_group")
+    g = resolve_group(cp_group if state is None or cp_group is not None else state.group,
+                      name="cp_group")
+    other = state is not None and resolve_group(state.group) != g
     decoding = state is not None and state.decoding
 
     def check():
+        if other:
+            raise ValueError("cp_group is not the group of the ShardedCache passed as "
+                             "past_key_values: pass the same group to both (or cp_group=None)")
         return _check_call(query, key, value, attention_mask, dropout, scaling, sliding_window,
                            is_causal, backend, decoding, kwargs, g)
 
