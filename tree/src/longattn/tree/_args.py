@@ -88,7 +88,8 @@ def q_checksum(q: torch.Tensor) -> tuple[float, float]:
     its flat position (so a permuted or shifted ``q`` differs too)."""
     x = q.detach().reshape(-1).to(torch.float64)
     w = torch.arange(1, x.numel() + 1, dtype=torch.float64, device=x.device) / x.numel()
-    return float(x.sum()), float((x * w).sum())
+    total, weighted = torch.stack([x.sum(), (x * w).sum()]).tolist()  # one device sync
+    return total, weighted
 
 
 def agree_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_lens,
