@@ -49,15 +49,6 @@ def check_schedule(segment_lengths, dilation_rates):
     return tuple(int(x) for x in segment_lengths), tuple(int(x) for x in dilation_rates)
 
 
-def _softmax_scale(softmax_scale, head_dim):
-    try:
-        return check_scale(softmax_scale, head_dim)
-    except (TypeError, ValueError) as e:
-        msg = str(e)
-        raise type(e)(msg if msg.startswith("softmax_scale") else f"softmax_scale: {msg}") \
-            from None
-
-
 def _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, config):
     """This rank's checks of a :func:`dilated_attention` call: ``((segments, rates, scale,
     config), fields every rank must share)`` (see :func:`longattn.common.dist.agree`)."""
@@ -71,7 +62,7 @@ def _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, back
     if q.shape[1] == 0 or q.shape[0] == 0:
         raise ValueError(f"q must have a non-empty batch and sequence, got {tuple(q.shape)}")
     check_bool("causal", causal)
-    scale = _softmax_scale(softmax_scale, q.shape[-1])
+    scale = check_scale(softmax_scale, q.shape[-1], "softmax_scale")
     config = check_config(config)
     # the local kernel for these inputs: an explicit backend that cannot serve them raises here
     name = pick_backend(q, k, v, causal=causal, backend=backend)
@@ -448,7 +439,7 @@ class DilatedAttention(torch.nn.Module):
         self.segment_lengths, self.dilation_rates = check_schedule(segment_lengths,
                                                                    dilation_rates)
         if softmax_scale is not None:
-            _softmax_scale(softmax_scale, 1)
+            check_scale(softmax_scale, 1, "softmax_scale")
         if attention_dropout != 0.0:
             raise ValueError(
                 f"attention_dropout must be 0.0 (exact kernels have no attention dropout), "

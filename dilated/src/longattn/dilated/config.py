@@ -1,10 +1,12 @@
 """The knob record of dilated attention: :class:`FusedConfig`, passed as ``config=``.
 
 One frozen record per call (``dilated_attention(..., config=FusedConfig(...))``, or the
-``config=`` of the modules), never a module-level setting. The defaults are the launch
-``dilated/bench/tune_fused.py`` timed fastest on an NVIDIA H100 (merge + the three gradient
-sums; log ``dilated/bench/results/tune_fused_log.txt``); ``bench/results/bench_dilated.json``
-is the benchmark run with them.
+``config=`` of the modules), never a module-level setting. The launch defaults (``rows``,
+``chunk``, ``num_warps``, ``programs_per_sm``) are the choice ``dilated/bench/tune_fused.py``
+timed fastest of 18 on an NVIDIA H100, merge + the three gradient sums (log
+``dilated/bench/results/tune_fused_log.txt``, where 32 persistent programs per SM and 8-column
+loads were slower); ``dilated/bench/results/bench_dilated.json`` and
+``bench_dilated_h200.json`` are benchmark runs with them.
 """
 
 from __future__ import annotations
