@@ -19,7 +19,7 @@ def test_single_process_resolution():
     g = D.resolve_group(None)
     assert (g.size, g.rank, g.distributed) == (1, 0, False)
     assert D.resolve_group(D.LOCAL) == g
-    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
         D.resolve_group(object())
 
 

@@ -585,11 +585,3 @@ def test_bad_causal_raises():
         K.attention_forward(q, k, v, causal="no", backend="torch")
 
 
-def test_old_keyword_names_still_work():  # TRANSITION
-    q, k, v = make(16, 1, 5, 5, 2, 1, 4)  # TRANSITION
-    a = K.attention_forward(q, k, v, scale=0.3, window=(2, 0), backend="torch")  # TRANSITION
-    b = K.attention_forward(q, k, v, softmax_scale=0.3, window_size=(2, 0),  # TRANSITION
-                            backend="torch")  # TRANSITION
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # TRANSITION
-    with pytest.raises(TypeError, match="old name"):  # TRANSITION
-        K.attention(q, k, v, scale=0.3, softmax_scale=0.3)  # TRANSITION

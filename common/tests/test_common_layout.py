@@ -284,7 +284,3 @@ def test_bad_cu_seqlens_types(cu):
         L.take_shard_varlen(torch.zeros(8), cu, 0, 2)
 
 
-def test_old_names_are_aliases():  # TRANSITION
-    assert L.shard is L.take_shard and L.unshard is L.join_shards  # TRANSITION
-    assert L.shard_varlen is L.take_shard_varlen  # TRANSITION
-    assert L.unshard_varlen is L.join_shards_varlen  # TRANSITION

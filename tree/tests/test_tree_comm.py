@@ -10,9 +10,9 @@ from longattn.common.testing import run_world
 
 def _gather_bytes():
     """Bytes each rank sends in the argument-agreement all-gather (one fixed int64 row)."""
-    from longattn.tree._args import agreement_words
+    from longattn.common.dist import agreement_nbytes
 
-    return 8 * agreement_words()
+    return agreement_nbytes()
 
 
 def _bytes_worker(rank, world, cfgs):

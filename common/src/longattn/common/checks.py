@@ -77,9 +77,14 @@ def check_scale(scale, head_dim: int, name: str = "softmax_scale"):
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{name} must be a float, got {scale!r}")
-    if scale != scale or scale in (float("inf"), float("-inf")):
+    try:
+        value = float(scale)
+    except OverflowError:  # an int beyond the float range
+        raise ValueError(f"{name} must be finite, got an int of {scale.bit_length()} "
+                         "bits") from None
+    if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {scale}")
-    return float(scale)
+    return value
 
 
 def check_cu_seqlens(cu_seqlens, total_tokens: int, name: str = "cu_seqlens"):

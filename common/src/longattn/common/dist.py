@@ -111,11 +111,11 @@ def resolve_group(group, *, name: str = "group") -> Group:
             raise ValueError(f"{name} must be a 1-D DeviceMesh, got a {group.ndim}-D mesh with "
                              f"dims {group.mesh_dim_names}: pass one dimension, e.g. mesh['cp']")
         group = group.get_group()
-    if not _initialised():
-        raise ValueError(f"{name} was given but torch.distributed is not initialised")
     if not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"{name} must be a torch.distributed ProcessGroup, a 1-D DeviceMesh, "
                         f"longattn.common.dist.LOCAL or None, got {type(group).__name__}")
+    if not _initialised():
+        raise ValueError(f"{name} was given but torch.distributed is not initialised")
     rank = dist.get_rank(group)
     if rank < 0:
         raise ValueError(f"this process is not a member of {name}")
@@ -257,10 +257,14 @@ def agree(op: str, group: Group, check: Callable[[], tuple[Any, Mapping[str, Any
         if differ:
             vals = [_decode(w, like) for w in col]
             per = (f"per rank {vals}" if None not in vals
-                   else f"rank(s) {differ} differ from rank 0; this rank (rank {group.rank}) "
-                        f"has {like!r}")
+                   else f"rank(s) {differ} differ from rank 0")
             raise ValueError(f"{op}: {_base(name)} must be the same on every rank, got {per}")
     return result, views
+
+
+def agreement_nbytes() -> int:
+    """Bytes one rank sends in :func:`agree`'s all-gather (for exact communication counts)."""
+    return _ROW * 8
 
 
 def _base(name: str) -> str:

@@ -165,7 +165,3 @@ def join_shards_varlen(chunks, cu_seqlens, *, layout="contiguous", dim=0):
     return cat.index_select(dim, inv.to(cat.device))
 
 
-shard = take_shard  # TRANSITION: old name
-unshard = join_shards  # TRANSITION: old name
-shard_varlen = take_shard_varlen  # TRANSITION: old name
-unshard_varlen = join_shards_varlen  # TRANSITION: old name

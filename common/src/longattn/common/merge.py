@@ -14,7 +14,6 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from longattn.common import _transition  # TRANSITION
 from longattn.common.dtypes import acc_dtype
 
 
@@ -81,7 +80,6 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     return out, lse
 
 
-@_transition.renamed(impl="backend")  # TRANSITION
 @torch.no_grad()
 def merge_partials_(out, lse, out_b, lse_b, *, backend: str = "auto"):
     """In-place merge of ``(out_b, lse_b)`` into the accumulators ``out`` / ``lse``.

@@ -125,7 +125,7 @@ def agree_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_le
 
     (scale, is_causal, hier, name), views = dist.agree(op, g, check, vary=("kv_len",))
     if g.distributed:
-        nb = 8 * agreement_words()
+        nb = dist.agreement_nbytes()
         comm.record("send", "all_gather", nb)
         comm.record("recv", "all_gather", nb * (g.size - 1))
     lens = views["kv_len"]
@@ -134,8 +134,3 @@ def agree_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_le
     check_backend_geometry(q, k, v, lens, causal=is_causal, backend=name,
                            shards=range(len(lens)))
     return Call(g, scale, is_causal, lens, hier, name)
-
-
-def agreement_words() -> int:
-    """int64 words each rank sends in the agreement all-gather (the protocol's fixed row)."""
-    return dist._ROW

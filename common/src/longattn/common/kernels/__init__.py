@@ -38,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.common import _transition  # TRANSITION
 from longattn.common.checks import (
     check_bool,
     check_qkv,
@@ -206,7 +205,6 @@ def _config_kw(b: Backend, config) -> dict:
     return {}
 
 
-@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def pick_backend(q, k, v, *, causal=False, window_size=(-1, -1), needs_dlse=False,
                  backend="auto", config=None):
     """The name of the backend that would run these inputs (raises if ``backend`` is named and
@@ -216,7 +214,6 @@ def pick_backend(q, k, v, *, causal=False, window_size=(-1, -1), needs_dlse=Fals
     return _pick(req, backend)[0]
 
 
-@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
                       backend="auto", config=None):
     """Local attention forward. Returns ``(out [B,Sq,Hq,Dv] in q.dtype, lse [B,Hq,Sq])``."""
@@ -227,7 +224,6 @@ def attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=
     return b.forward(q, k, v, softmax_scale=scale, window_size=win, **_config_kw(b, config))
 
 
-@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,
                        window_size=(-1, -1), dlse=None, backend="auto", config=None):
     """Gradients of this step given the final ``out``/``lse``. Returns ``(dq, dk, dv)`` in the
@@ -269,7 +265,6 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
               return_lse=False, backend="auto", config=None):
     """Differentiable local attention (gradients flow into q, k, v, also through ``lse``)."""

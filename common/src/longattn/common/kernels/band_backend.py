@@ -34,14 +34,11 @@ for the FlashAttention-2 window, 411 for FlexAttention and 536 for cuDNN's nativ
 
 from __future__ import annotations
 
-import dataclasses
-import functools  # TRANSITION
 import importlib.util
 from dataclasses import dataclass
 
 import torch
 
-from longattn.common import _transition  # TRANSITION
 from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import Backend, attention_backward, attention_forward
 from longattn.common.merge import merge_partials_
@@ -90,7 +87,6 @@ class BandConfig:
 
 
 _DEFAULT = BandConfig()
-MIN_CHUNK = _DEFAULT.min_chunk  # TRANSITION: read only by the old-keyword shim below
 
 
 def _config(config) -> BandConfig:
@@ -100,20 +96,6 @@ def _config(config) -> BandConfig:
         raise TypeError(f"the band backend takes config=BandConfig(...), got "
                         f"{type(config).__name__}")
     return config
-
-
-def _old_knobs(fn):  # TRANSITION: split= / anti= / merge= / backend= keywords -> BandConfig
-    def inner(*args, **kwargs):  # TRANSITION
-        names = dict(split="split", anti="anti", merge="merge",  # TRANSITION
-                     backend="piece_backend")  # TRANSITION
-        old = {names[k]: kwargs.pop(k) for k in list(kwargs) if k in names}  # TRANSITION
-        old = {k: v for k, v in old.items() if v is not None}  # TRANSITION
-        if old:  # TRANSITION
-            base = kwargs.get("config") or BandConfig(min_chunk=MIN_CHUNK)  # TRANSITION
-            kwargs["config"] = dataclasses.replace(base, **old)  # TRANSITION
-        return fn(*args, **kwargs)  # TRANSITION
-
-    return functools.wraps(fn)(inner)  # TRANSITION
 
 
 def geometry(s_q, s_k, window_size, split=None, *, min_chunk=None):
@@ -177,8 +159,6 @@ def _prep(x, flipped):
     return _flat(x.flip(2) if flipped else x).contiguous()
 
 
-@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
-@_old_knobs  # TRANSITION
 def forward(q, k, v, *, softmax_scale, window_size, config=None):
     cfg = _config(config)
     c, nc = _geometry_or_raise(q, k, window_size, cfg)
@@ -198,8 +178,6 @@ def forward(q, k, v, *, softmax_scale, window_size, config=None):
     return _merge_torch(parts, b, nc, c, h, v.shape[-1], q.dtype)
 
 
-@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
-@_old_knobs  # TRANSITION
 def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, config=None):
     if dlse is not None:
         raise ValueError("the band backend cannot take dlse")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import torch
 
-from longattn.common import _transition  # TRANSITION
 from longattn.common.checks import check_bool, check_cu_seqlens, check_qkv, check_scale
 from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import (
@@ -258,7 +257,6 @@ def _split_sinks(cu_k, ns):
 # public functions
 
 
-@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale=None,
                              causal=False, window_size=(-1, -1), num_sink_tokens=0,
                              backend="auto", config=None):
@@ -277,7 +275,6 @@ def attention_forward_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_sca
     return out[0].to(q.dtype), lse[0]
 
 
-@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_backward_varlen(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *,
                               softmax_scale=None, causal=False, window_size=(-1, -1),
                               num_sink_tokens=0, dlse=None, backend="auto", config=None):
@@ -332,7 +329,6 @@ class _AttentionVarlen(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
-@_transition.renamed(**_transition.ATTENTION)  # TRANSITION
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k=None, *, softmax_scale=None,
                      causal=False, window_size=(-1, -1), num_sink_tokens=0, return_lse=False,
                      backend="auto", config=None):

@@ -100,6 +100,13 @@ def _visible(ns, cs, lq, valid_len, limit):
     return vis
 
 
+def _precision(dtype):
+    """float32 dots in full float32: JAX's default on GPUs is TF32 (a 10-bit mantissa), which
+    measured 3e-4 to 5e-4 relative error on the H200 (bench/results/check_gpu_h200.log) where
+    the torch kernels are IEEE float32."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
 def _xla(q, k, v, *, scale, valid_len, limit, splits, reduce_form):
     b, lq, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
@@ -118,7 +125,8 @@ def _xla(q, k, v, *, scale, valid_len, limit, splits, reduce_form):
         sc = jnp.sum(kc[:, :, :, :, None, None, :].astype(acc) * qr, axis=-1)
         sc = jnp.transpose(sc, (0, 1, 3, 4, 5, 2))
     else:
-        sc = jnp.einsum("bnchd,bthgd->bnhgtc", kc, qg, preferred_element_type=acc)
+        sc = jnp.einsum("bnchd,bthgd->bnhgtc", kc, qg, preferred_element_type=acc,
+                        precision=_precision(q.dtype))
     sc = sc * scale
     vis = _visible(ns, cs, lq, valid_len, limit)
     if vis is not None:  # [n, c, t] -> [1, n, 1, 1, t, c]
@@ -132,7 +140,8 @@ def _xla(q, k, v, *, scale, valid_len, limit, splits, reduce_form):
         o = jnp.sum(jnp.transpose(pv, (0, 1, 5, 2, 3, 4))[..., None].astype(acc)
                     * vc[:, :, :, :, None, None, :].astype(acc), axis=2)  # [b, n, h, g, t, d]
     else:
-        o = jnp.einsum("bnhgtc,bnchd->bnhgtd", pv, vc, preferred_element_type=acc)
+        o = jnp.einsum("bnhgtc,bnchd->bnhgtd", pv, vc, preferred_element_type=acc,
+                       precision=_precision(q.dtype))
     # exact merge of the splits: each split's normalised partial (o / l, m + log l); a split
     # that saw no key has l = 0, m = -inf, hence lse -inf, and merge_stacked drops it
     lse_s = m + jnp.log(l_)  # [b, n, h, g, t]

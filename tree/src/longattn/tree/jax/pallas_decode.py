@@ -29,7 +29,10 @@ _BIG = 1 << 30
 
 def _dot(a, b, trans_b=False):
     fn = getattr(plgpu, "dot", None) or pl.dot
-    return fn(a, b, trans_b=trans_b)
+    # float32 operands in full float32 (the default allows TF32, 3e-4 to 5e-4 off on the H200:
+    # bench/results/check_gpu_h200.log); bf16 / fp16 operands are unaffected
+    exact = a.dtype == jnp.float32 and b.dtype == jnp.float32
+    return fn(a, b, trans_b=trans_b, allow_tf32=False if exact else None)
 
 
 def _kernel(q_ref, k_ref, v_ref, len_ref, lim_ref, acc_ref, m_ref, l_ref, *, g, rows, block_k,
