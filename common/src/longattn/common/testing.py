@@ -122,6 +122,33 @@ def random_qkv(b, sq, sk, hq, hkv, d, *, dtype, seed, device="cpu", dv=None):
     return draw(b, sq, hq, d), draw(b, sk, hkv, d), draw(b, sk, hkv, dv)
 
 
+def large_logit_qkv(b, sq, sk, hq, hkv, d, *, logit, seed, device="cpu", dv=None):
+    """float32 ``(q, k, v)`` whose scores ``q . k`` (``softmax_scale=1.0``) are ``logit`` plus a
+    spread of a few units, each score **exact** in float32.
+
+    Dimension 0 carries the offset (``q = 128``, ``k = logit / 128``, which must be a dyadic
+    rational); the other dimensions hold multiples of 1/8 in [-1, 1], so every product is a
+    multiple of 2**-6 and every partial sum is representable below 2**17. One attention kernel
+    over all keys is then exact to float32 rounding of its output, and what a method adds on top
+    (merging partials through their ``lse``) is what a comparison with float64 attention sees."""
+    _positive_ints(b=b, sq=sq, sk=sk, hq=hq, hkv=hkv, seed=seed)
+    if d < 2:
+        raise ValueError(f"d must be >= 2 (one offset dimension), got {d}")
+    k0 = logit / 128.0
+    if float(torch.tensor(k0, dtype=torch.float32)) * 128.0 != logit or abs(logit) >= 2**16:
+        raise ValueError(f"logit must be below 2**16 with logit / 128 exact in float32, got "
+                         f"{logit}")
+    g = torch.Generator().manual_seed(seed)
+
+    def eighths(*shape):
+        return torch.randint(-8, 9, shape, generator=g).to(torch.float32) / 8
+
+    q, k = eighths(b, sq, hq, d), eighths(b, sk, hkv, d)
+    q[..., 0], k[..., 0] = 128.0, k0
+    v = torch.randn(b, sk, hkv, d if dv is None else dv, generator=g)
+    return q.to(device), k.to(device), v.to(device)
+
+
 def random_like(t, *, seed):
     """A random normal tensor of ``t``'s shape, dtype and device (e.g. ``dout``), drawn like
     :func:`random_qkv` from ``seed``."""
