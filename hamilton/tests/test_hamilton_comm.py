@@ -214,7 +214,7 @@ def test_world_size_one_without_process_group():
         out = hamilton_attn(q, k, v, causal=causal)
         ref = attention(q, k, v, causal=causal)
         assert torch.allclose(out, ref, rtol=0, atol=1e-14)
-    with pytest.raises(ValueError, match="group was given"):
+    with pytest.raises(TypeError, match="group must be a torch.distributed ProcessGroup"):
         hamilton_attn(q, k, v, group=object())
 
 
