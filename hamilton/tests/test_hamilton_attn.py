@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
+from longattn.common.dtypes import lse_dtype
 from longattn.common.testing import run_world
 from longattn.hamilton import hamilton_attn, shard, two_level_schedule
 
@@ -83,8 +84,8 @@ def run_case(rank, n, case, sched):
     out, lse = hamilton_attn(ql, kl, vl, group=world, causal=causal,
                              softmax_scale=case["scale"],
                              schedule=_sched_arg(sched), return_lse=True)
-    assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64
-                                                 else torch.float32)
+    # lse in lse_dtype: float64 for float32 / float64 inputs, float32 for fp16 / bf16
+    assert out.dtype == dtype and lse.dtype == lse_dtype(dtype)
     loss = (out.double() * loc(dout)).sum()
     if case["use_lse"]:
         loss = loss + (lse.double() * loc(dlse, 2)).sum()

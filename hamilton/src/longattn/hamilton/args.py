@@ -18,7 +18,7 @@ import torch
 
 from longattn.common import dist
 from longattn.common.checks import check_bool, check_qkv, check_scale
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import pick_backend
 from longattn.hamilton.config import DEFAULT, HamiltonConfig
 from longattn.hamilton.plan import kv_views, new_buffer
@@ -165,9 +165,8 @@ def _check_triton_merge(q, v):
     from longattn.common import merge_triton
 
     b, _, hq, _ = q.shape
-    acc = acc_dtype(q.dtype)
-    out = torch.empty(b, 1, hq, v.shape[-1], dtype=acc, device=q.device)
-    lse = torch.empty(b, hq, 1, dtype=acc, device=q.device)
+    out = torch.empty(b, 1, hq, v.shape[-1], dtype=acc_dtype(q.dtype), device=q.device)
+    lse = torch.empty(b, hq, 1, dtype=lse_dtype(q.dtype), device=q.device)
     refusal = merge_triton.refusal(out, lse, out.to(q.dtype), lse)
     if refusal is not None:
         raise ValueError(f"config.merge_backend='triton' cannot serve this call: {refusal}")

@@ -4,10 +4,12 @@ One step loop serves Ring Attention (``schedule="ring"``; zigzag ring when causa
 (``"tasp"``: every step one all-to-all over ``n - 1`` arc-disjoint rings) and the two-level
 schedule. Forward, per step: post the next transition (batched point-to-point, straight into
 the other half of a double buffer), run this step's kernel calls on the current buffer, merge
-into the fp32 accumulators, wait, swap. Backward (an autograd Function): the KV sub-chunks and
-their fp32 dK/dV accumulators travel the *reversed* schedule, so every sub-chunk ends where
-it started; each step's gradient uses the final merged ``out`` / ``lse`` (exact). The dK/dV
-message of a step goes out while the next step computes.
+into the accumulators (``out`` in ``acc_dtype``, ``lse`` in ``lse_dtype``: float64 for
+float32 inputs, so merging partials near large logits keeps float32 accuracy), wait, swap.
+Backward (an autograd Function): the KV sub-chunks and their dK/dV accumulators
+(``acc_dtype``) travel the *reversed* schedule, so every sub-chunk ends where it started; each
+step's gradient uses the final merged ``out`` / ``lse`` (exact). The dK/dV message of a step
+goes out while the next step computes.
 
 Buffers and kernel calls: see :mod:`longattn.hamilton.plan`. Streams: messages are posted from
 the current stream (``longattn.common.comm``); NCCL's stream waits for the work queued before
@@ -23,7 +25,7 @@ import torch
 
 from longattn.common.comm import exchange
 from longattn.common.dist import resolve_group
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import attention_backward, attention_forward, grad_lse_or_none
 from longattn.common.merge import merge_partials_
 from longattn.hamilton.args import check_call
@@ -55,9 +57,9 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
     and is an error in a world of more ranks (pass ``torch.distributed.group.WORLD``).
 
     Returns this rank's ``out [B, L, Hq, Dv]`` (dtype of q) and, with ``return_lse``, ``lse
-    [B, Hq, L]`` (float32; float64 for float64 inputs). Differentiable in q, k, v (also
-    through lse). Bad arguments raise ``ValueError`` / ``TypeError`` on every rank before any
-    communication.
+    [B, Hq, L]`` in ``longattn.common.dtypes.lse_dtype(q.dtype)`` (float64 for float32 and
+    float64 inputs, float32 for fp16 / bf16). Differentiable in q, k, v (also through lse).
+    Bad arguments raise ``ValueError`` / ``TypeError`` on every rank before any communication.
     """
     g = resolve_group(group)
     scale, sched, kernels, config = check_call(q, k, v, group=g, causal=causal,
@@ -193,7 +195,7 @@ def _forward(q, k, v, plan, group, softmax_scale, kernels, config):
     if n == 1:
         out, lse = attention_forward(q, k, v, softmax_scale=softmax_scale, causal=plan.causal,
                                      backend=backend["diag"])
-        return out, lse, None
+        return out, lse.to(lse_dtype(q.dtype)), None
     unit = lk // plan.units
     cur = new_buffer(lk, b, hkv, d, dv, k.dtype, k.device)
     nxt = torch.empty_like(cur)
@@ -203,7 +205,7 @@ def _forward(q, k, v, plan, group, softmax_scale, kernels, config):
         if s == 0:  # the diagonal block on the local q, k, v (causal when causal)
             out, lse = attention_forward(q, k, v, softmax_scale=softmax_scale,
                                          causal=plan.causal, backend=backend["diag"])
-            acc_out, acc_lse = out.to(acc_dtype(q.dtype)), lse.to(acc_dtype(q.dtype))
+            acc_out, acc_lse = out.to(acc_dtype(q.dtype)), lse.to(lse_dtype(q.dtype))
         else:
             forward_step(q, cur, plan.calls[s], unit, acc_out, acc_lse, hkv=hkv, d=d,
                          softmax_scale=softmax_scale, backend=backend, config=config)

@@ -11,9 +11,10 @@ MERGE_BACKENDS = ("auto", "torch", "triton")
 class HamiltonConfig:
     """Knobs of :func:`~longattn.hamilton.hamilton_attn` (``config=None`` means these defaults).
 
-    ``merge_backend``: how each step's partial result is merged into the fp32 accumulators,
-    the ``backend`` of :func:`longattn.common.merge.merge_partials_`: ``"auto"`` (the one-pass
-    Triton kernel for CUDA fp32 accumulators, eager torch otherwise), ``"torch"`` or
+    ``merge_backend``: how each step's partial result is merged into the accumulators, the
+    ``backend`` of :func:`longattn.common.merge.merge_partials_`: ``"auto"`` (the one-pass
+    Triton kernel for CUDA float32 ``out`` and ``lse`` accumulators, i.e. fp16 / bf16 inputs;
+    eager torch otherwise, e.g. float32 inputs, whose ``lse`` is float64), ``"torch"`` or
     ``"triton"`` (an error where it cannot run). Default ``"auto"``: in
     ``hamilton/bench/results/h200/bench_hamilton.json`` (H200) the forward with this merge
     ("+merge", efficiency 0.893-0.934 over the timed ranks) beat the same merge under
