@@ -138,11 +138,18 @@ def _mismatch(rank, world, what):
             model.config.sliding_window = 12
         return _error(lambda: model(**shard_inputs(ids, labels, group=cp, layout="contiguous"),
                                     use_cache=False))
-    if what == "layout":  # rank 1 sharded in another layout
+    if what == "layout":  # rank 1 sharded in another layout (by hand: shard_inputs would
+        # refuse a layout that differs between ranks itself)
+        from longattn.common.layout import take_shard
+
         model = build("llama", register())
         batch = shard_inputs(ids, labels, group=cp, layout="zigzag")
         if rank == 1:
-            batch = shard_inputs(ids, labels, group=cp, layout="striped")
+            pos = torch.arange(ids.shape[1]).unsqueeze(0)
+            batch = {**batch, **{k: take_shard(x, rank, world, layout="striped") for k, x in
+                                 (("input_ids", ids), ("position_ids", pos))}}
+            batch.pop("labels"), batch.pop("shift_labels")
+            batch.pop("num_items_in_batch")
         return _error(lambda: model(**batch, use_cache=False))
     if what == "grads":  # rank 1 has one gradient fewer
         model = build("llama", register())

@@ -36,7 +36,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from longattn.common import layout as _layout
-from longattn.common.dist import Group, resolve_group
+from longattn.common.dist import Group, agree, resolve_group
 from longattn.tree.cache import KVCache
 
 
@@ -63,7 +63,14 @@ class ShardedLayer(DynamicLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Store this call's keys/values ``[B, Hkv, S, D]``; returns this rank's cached keys and
-        values (BHSD views of the KVCache buffers), the key tensor carrying the state."""
+        values (BHSD views of the KVCache buffers), the key tensor carrying the state.
+
+        Checked on every rank before any rank writes (:func:`longattn.common.dist.agree`, one
+        small all-gather): 4-D tensors, the cache's batch / heads / head dim / dtype when
+        decoding, and the same shapes, dtype, device type and phase (prefill or decoding) on
+        every rank; a bad call on any rank raises the same error on every rank and leaves every
+        rank's cache as it was."""
+        agree("ShardedCache.update", self.g, lambda: self._check(key_states, value_states))
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # BSHD
@@ -85,6 +92,39 @@ class ShardedLayer(DynamicLayer):
         keys._longattn_state = CacheState(decoding, self.positions, new, list(self.kv.lens),
                                           self.group)
         return keys, self.values
+
+    def _check(self, key_states, value_states):
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.ndim != 4:
+                raise ValueError(f"{name} must be a 4-D [batch, kv_heads, seq, head_dim] tensor, "
+                                 f"got {tuple(t.shape)}")
+        if value_states.shape[:3] != key_states.shape[:3]:
+            raise ValueError(f"value_states {tuple(value_states.shape)} must have the batch, heads "
+                             f"and length of key_states {tuple(key_states.shape)}")
+        if value_states.dtype != key_states.dtype:
+            raise TypeError(f"value_states dtype {value_states.dtype} must be key_states' "
+                            f"{key_states.dtype}")
+        decoding = self.kv is not None
+        if decoding:
+            for name, t, buf in (("key_states", key_states, self.kv.k),
+                                 ("value_states", value_states, self.kv.v)):
+                b, _, h, d = buf.shape
+                if (t.shape[0], t.shape[1], t.shape[3]) != (b, h, d):
+                    raise ValueError(f"{name} {tuple(t.shape)} does not match the cache's "
+                                     f"[batch, kv_heads, *, head_dim] = [{b}, {h}, *, {d}]")
+                if t.dtype != buf.dtype:
+                    raise TypeError(f"{name} dtype {t.dtype} must be the cache's {buf.dtype}")
+                if t.device != buf.device:
+                    raise ValueError(f"{name} is on {t.device}, the cache on {buf.device}")
+        elif self.g.distributed:
+            _layout.positions(key_states.shape[2] * self.g.size, self.g.rank, self.g.size,
+                              self.layout)  # the prefill's shards must split in the layout
+        return None, {"decoding": decoding, "key_states.shape": tuple(key_states.shape),
+                      "value_states.shape": tuple(value_states.shape),
+                      "dtype": key_states.dtype, "device type": key_states.device.type,
+                      "layout": self.layout}
 
     def get_seq_length(self) -> int:
         """Global number of cached tokens (all ranks together)."""

@@ -215,6 +215,10 @@ def _layout_of(position_ids, s_local, g):
     if position_ids is None:
         raise ValueError(f"{NAME}: the model did not pass position_ids to the attention "
                          f"function. {fix}")
+    if not isinstance(position_ids, torch.Tensor) or position_ids.dtype.is_floating_point:
+        got = position_ids.dtype if isinstance(position_ids, torch.Tensor) else type(
+            position_ids).__name__
+        raise TypeError(f"{NAME}: position_ids must be an integer tensor, got {got}")
     pos = position_ids.reshape(-1, position_ids.shape[-1]).cpu()
     if pos.shape[-1] != s_local:
         raise ValueError(f"{NAME}: position_ids have {pos.shape[-1]} positions for {s_local} "
@@ -320,19 +324,18 @@ def shard_inputs(input_ids, labels=None, position_ids=None, *, group=None, layou
     labels: transformers' loss then skips its own shift) and ``num_items_in_batch`` (the number
     of counted tokens of the whole batch, so each rank's ``loss`` is its token-loss sum over the
     global count and the ranks' losses add up to the mean: :func:`reduce_loss`).
+
+    Every argument is checked on every rank first (:func:`longattn.common.dist.agree`, one
+    small all-gather): integer ``input_ids`` / ``labels`` / ``position_ids`` (a float tensor is
+    a ``TypeError``), shapes, ``layout`` and its divisibility, and the same batch on every rank
+    (a checksum of the values); a bad argument on any rank raises the same error on every rank.
     """
     g = resolve_group(group)
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be a [batch, seq] tensor, got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    b, s = input_ids.shape
-    if position_ids is None:
-        position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
-    if position_ids.ndim != 2 or position_ids.shape[1] != s or position_ids.shape[0] not in (1, b):
-        raise ValueError(f"position_ids must be [1 or {b}, {s}], got {tuple(position_ids.shape)}")
-    if labels is not None and labels.shape != input_ids.shape:
-        raise ValueError(f"labels must be {tuple(input_ids.shape)} like input_ids, got "
-                         f"{tuple(labels.shape)}")
+
+    def check():
+        return _check_inputs(input_ids, labels, position_ids, layout, ignore_index, g)
+
+    (b, position_ids), _ = agree("shard_inputs", g, check)
 
     def cut(x):
         return _layout.take_shard(x, g.rank, g.size, layout=layout, dim=1)
@@ -347,6 +350,56 @@ def shard_inputs(input_ids, labels=None, position_ids=None, *, group=None, layou
     return batch
 
 
+def _digest(x: torch.Tensor) -> int:
+    """An int64 checksum of an integer tensor's values and their order (equal tensors give
+    equal digests on every rank; int64 arithmetic wraps the same way everywhere)."""
+    flat = x.detach().reshape(-1).to(torch.int64).cpu()
+    weights = torch.arange(flat.numel(), dtype=torch.int64) * 2654435761 + 97
+    return int((flat * weights).sum())
+
+
+def _check_ids(name, x, shape=None):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor (token ids / positions), got "
+                        f"{x.dtype}")
+    if shape is not None and tuple(x.shape) != shape:
+        raise ValueError(f"{name} must be {shape} like input_ids, got {tuple(x.shape)}")
+
+
+def _check_inputs(input_ids, labels, position_ids, layout, ignore_index, g):
+    """shard_inputs' checks (inside ``agree``): every rank must shard the same batch the same
+    way, so the values themselves are agreed (by checksum), not only their shapes."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be a [batch, seq] tensor, got "
+                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
+    _check_ids("input_ids", input_ids)
+    b, s = input_ids.shape
+    if position_ids is None:
+        position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
+    _check_ids("position_ids", position_ids)
+    if position_ids.ndim != 2 or position_ids.shape[1] != s or position_ids.shape[0] not in (1, b):
+        raise ValueError(f"position_ids must be [1 or {b}, {s}], got {tuple(position_ids.shape)}")
+    if labels is not None:
+        _check_ids("labels", labels, tuple(input_ids.shape))
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not isinstance(layout, str) or layout not in _layout.LAYOUTS:
+        raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
+    if g.distributed:
+        _layout.positions(s, g.rank, g.size, layout)  # raises unless S splits in this layout
+    fields = {"input_ids.shape": (b, s), "input_ids.dtype": input_ids.dtype,
+              "input_ids values": _digest(input_ids),
+              "position_ids.shape": tuple(position_ids.shape),
+              "position_ids values": _digest(position_ids),
+              "labels.shape": None if labels is None else tuple(labels.shape),
+              "labels values": None if labels is None else _digest(labels),
+              "ignore_index": ignore_index, "layout": layout,
+              "device type": input_ids.device.type}
+    return (b, position_ids), fields
+
+
 def unshard(x, *, group=None, layout="zigzag", dim=1):
     """Gather every rank's shard (e.g. logits ``[B, S_local, V]``) into the full tensor on
     every rank (no gradient). For tests and inspection, not for training."""
@@ -355,10 +408,13 @@ def unshard(x, *, group=None, layout="zigzag", dim=1):
     def check():
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not -x.ndim <= dim < x.ndim:
-            raise ValueError(f"dim {dim} is out of range for x of shape {tuple(x.shape)}")
+        if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+            raise ValueError(f"dim must be an int in [-{x.ndim}, {x.ndim}) for x of shape "
+                             f"{tuple(x.shape)}, got {dim!r}")
+        if not isinstance(layout, str) or layout not in _layout.LAYOUTS:
+            raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
         return None, {"x.shape": tuple(x.shape), "x.dtype": x.dtype, "dim": dim % x.ndim,
-                      "layout": layout}
+                      "layout": layout, "device type": x.device.type}
 
     agree("unshard", g, check)
     if not g.distributed:
@@ -378,7 +434,10 @@ def reduce_loss(loss, group=None):
     def check():
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
-        return None, {"loss.shape": tuple(loss.shape), "loss.dtype": loss.dtype}
+        if not loss.dtype.is_floating_point:
+            raise TypeError(f"loss must be a floating-point tensor, got {loss.dtype}")
+        return None, {"loss.shape": tuple(loss.shape), "loss.dtype": loss.dtype,
+                      "device type": loss.device.type}
 
     agree("reduce_loss", g, check)
     total = loss.detach().clone()
@@ -396,14 +455,19 @@ def all_reduce_grads(model, group=None):
     full-sequence gradient. Every rank must hold the same parameters with gradients (checked on
     every rank first)."""
     g = resolve_group(group)
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
 
     def check():
-        return None, {"parameters with a gradient": len(grads),
-                      "gradient elements": sum(t.numel() for t in grads),
-                      "gradient dtypes": ",".join(sorted({str(t.dtype) for t in grads}))}
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+        layout = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in named)
+        grads = [t for _, t in named]
+        return grads, {"parameters with a gradient": len(grads),
+                       "gradient elements": sum(t.numel() for t in grads),
+                       "gradient dtypes": ",".join(sorted({str(t.dtype) for t in grads})),
+                       "gradient names and shapes": layout}
 
-    agree("all_reduce_grads", g, check)
+    grads, _ = agree("all_reduce_grads", g, check)
     if not g.distributed:
         return
     for t in grads:
