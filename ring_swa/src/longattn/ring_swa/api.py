@@ -37,8 +37,9 @@ def ring_swa_attn(q, k, v, *, window_size, group=None, causal=True, softmax_scal
       every step of the call, or every rank raises).
 
     Returns ``out`` (q's shape and dtype, differentiable w.r.t. q, k, v), or ``(out, lse)`` with
-    ``return_lse=True``: ``lse [B, Hq, S_local]`` (varlen ``[Hq, T_local]``) in float32 (float64
-    for float64 inputs), not differentiable. Every argument is checked on every rank before any
+    ``return_lse=True``: ``lse [B, Hq, S_local]`` (varlen ``[Hq, T_local]``) in
+    ``longattn.common.dtypes.lse_dtype(q.dtype)`` (float64 for float32 and float64 inputs,
+    float32 for fp16 / bf16), not differentiable. Every argument is checked on every rank before any
     K/V moves; a bad one on any rank raises the same error on every rank.
     """
     return ring_swa(q, k, v, op="ring_swa_attn", varlen=cu_seqlens is not None,

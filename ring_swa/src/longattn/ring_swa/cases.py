@@ -4,8 +4,12 @@ window needs (used by the tests and the demo; the oracle part imports ``longattn
 A case is a plain dict (it travels pickled to the gloo ranks):
 ``{"kind": "dense" | "varlen", "n": ranks, "seed", "hq", "hkv", "d", "window", "ns", "dtype",
 "b", "m"}`` (dense: batch b, m tokens per rank) or ``"lengths", "counts"`` (varlen: sequence
-lengths, tokens per rank); optional ``"api": "seed" | "canonical"`` (which function runs it)
-and ``"nan_key"`` (with ``"nan_batch"``, dense): that key position is NaN.
+lengths, tokens per rank); optional ``"api": "seed" | "canonical"`` (which function runs it),
+``"scale"`` (``softmax_scale``), ``"logit"`` (q, k, v from
+:func:`longattn.common.testing.large_logit_qkv`: float32-exact scores near that logit with
+``scale = 1.0``) and ``"nan"``: a list of ``(tensor, batch, position, head, dim)`` entries of
+q / k / v set to NaN (``batch`` is ignored for varlen), or the older ``"nan_key"`` (with
+``"nan_batch"``, dense): that key position is NaN.
 Every rank builds the same global tensors from the seed and takes its shard, so only results
 travel.
 """
@@ -35,6 +39,15 @@ def global_inputs(case):
     k = torch.randn(*lead, case["hkv"], case["d"], generator=g, dtype=torch.float64)
     v = torch.randn(*lead, case["hkv"], case["d"], generator=g, dtype=torch.float64)
     dout = torch.randn(*lead, case["hq"], case["d"], generator=g, dtype=torch.float64)
+    if "logit" in case:  # exact in float32: the float64 oracle sees the same numbers
+        from longattn.common.testing import large_logit_qkv
+
+        b, t = (1, lead[0]) if len(lead) == 1 else lead
+        q, k, v = (x.double().reshape(*lead, *x.shape[2:]) for x in large_logit_qkv(
+            b, t, t, case["hq"], case["hkv"], case["d"], logit=case["logit"], seed=case["seed"]))
+    for name, bi, pos, h, e in case.get("nan", ()):
+        t = {"q": q, "k": k, "v": v}[name]
+        t[(bi, pos, h, e) if case["kind"] == "dense" else (pos, h, e)] = float("nan")
     if "nan_key" in case:  # fault injection: one key (of batch row "nan_batch") is NaN
         if case["kind"] == "dense":
             k[case.get("nan_batch", 0), case["nan_key"]] = float("nan")
@@ -79,15 +92,20 @@ def run_case(rank, world, case, group=None, backend="auto", api=None):
     q, k, v, dout = (shard(t, case, rank).to(dtype) for t in global_inputs(case))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     dense = case["kind"] == "dense"
+    scale = case.get("scale")
+    lse = None
     if api == "canonical":
         def call():
-            return ring_swa_attn(q, k, v, window_size=(case["window"], 0), group=group,
-                                 cu_seqlens=None if dense else cu_seqlens(case),
-                                 num_sink_tokens=case["ns"], backend=backend)
+            nonlocal lse
+            out, lse = ring_swa_attn(q, k, v, window_size=(case["window"], 0), group=group,
+                                     cu_seqlens=None if dense else cu_seqlens(case),
+                                     num_sink_tokens=case["ns"], softmax_scale=scale,
+                                     return_lse=True, backend=backend)
+            return out
     else:
         if backend != "auto":
             raise ValueError("the seed-compatible functions have no backend argument")
-        kw = dict(cp_group=group)
+        kw = dict(cp_group=group, softmax_scale=scale)
         if case["ns"]:
             kw["num_sink_tokens"] = case["ns"]
         if dense:
@@ -105,7 +123,7 @@ def run_case(rank, world, case, group=None, backend="auto", api=None):
     with counting() as bwd:
         out.backward(dout)
     ms = (time.perf_counter() - t0) * 1e3
-    return {"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
+    return {"out": out.detach(), "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad,
             "fwd": sorted(fwd.messages), "bwd": sorted(bwd.messages), "ms": ms}
 
 
@@ -127,22 +145,58 @@ def oracle_mask(case):
     return document_mask(cu, cu, causal=True, window=(w, 0), num_sink_tokens=ns)
 
 
-def oracle(case):
-    """(out, dq, dk, dv) of the whole sequence in float64 from ``longattn.reference``."""
+def oracle(case, with_lse=False):
+    """(out, dq, dk, dv) of the whole sequence in float64 from ``longattn.reference``
+    (``(out, lse, dq, dk, dv)`` with ``with_lse``)."""
     from longattn.reference import attention, attention_backward
 
     q, k, v, dout = (t.numpy() for t in global_inputs(case))
     if case["kind"] == "varlen":
         q, k, v, dout = (x[None] for x in (q, k, v, dout))
     m = oracle_mask(case)
-    out, _ = attention(q, k, v, mask=m)
-    grads = attention_backward(dout, q, k, v, mask=m)
-    res = [out, *grads]
+    out, lse = attention(q, k, v, mask=m, scale=case.get("scale"))
+    grads = attention_backward(dout, q, k, v, mask=m, scale=case.get("scale"))
+    res = [out, lse, *grads] if with_lse else [out, *grads]
     return [x[0] for x in res] if case["kind"] == "varlen" else res
 
 
+def row_oracle(case):
+    """``{out, lse, dq, dk, dv}`` in float64 (numpy, global) from ``longattn.reference``
+    applied row by row to the keys each query sees (gradients of the rows summed): the dense
+    oracle with masked keys truly absent, so a NaN reaches exactly the rows that see it and the
+    gradients those rows touch (a masked NaN value never meets a zero weight)."""
+    import numpy as np
+
+    from longattn.reference import attention, attention_backward
+
+    q, k, v, dout = (t.numpy() for t in global_inputs(case))
+    if case["kind"] == "varlen":
+        q, k, v, dout = (x[None] for x in (q, k, v, dout))
+    m = oracle_mask(case)
+    scale = case.get("scale")
+    b, t, hq = q.shape[:3]
+    out = np.zeros(q.shape[:3] + v.shape[3:])
+    lse = np.full((b, hq, t), -np.inf)
+    dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
+    for i in range(t):
+        idx = np.flatnonzero(m[i])
+        if not idx.size:
+            continue
+        qi, ki, vi, di = q[:, i:i + 1], k[:, idx], v[:, idx], dout[:, i:i + 1]
+        o, ls = attention(qi, ki, vi, scale=scale)
+        out[:, i], lse[:, :, i] = o[:, 0], ls[:, :, 0]
+        gq, gk, gv = attention_backward(di, qi, ki, vi, scale=scale)
+        dq[:, i] = gq[:, 0]
+        dk[:, idx] += gk
+        dv[:, idx] += gv
+    res = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+    return {key: x[0] for key, x in res.items()} if case["kind"] == "varlen" else res
+
+
 def gather(results, case, key):
-    """Concatenate the ranks' local results along the token axis."""
+    """Concatenate the ranks' local results along the token axis (lse: its last axis)."""
+    if key == "lse":
+        return torch.cat([r[key] for r in results], dim=-1)
     return torch.cat([r[key] for r in results], dim=1 if case["kind"] == "dense" else 0)
 
 

@@ -21,8 +21,12 @@ Before anything moves, :func:`setup` runs every argument check inside
 :func:`longattn.common.dist.agree`: one all-gather of a small int64 row per rank, after which
 every rank raises the same error if any rank's arguments were bad or the ranks disagree.
 
-Numerics: partials are merged and gradients summed in :func:`longattn.common.dtypes.acc_dtype`
-(float32, float64 for float64 inputs); dK/dV partials travel in the dtype of k / v. A NaN in
+Numerics: ``out`` partials are merged and gradients summed in
+:func:`longattn.common.dtypes.acc_dtype` (float32, float64 for float64 inputs); every ``lse``
+(the local step's, the merge accumulators, the returned one, the one the backward reads) is in
+:func:`longattn.common.dtypes.lse_dtype` (float64 for float32 and float64 inputs, float32 for
+fp16 / bf16), so merging the halo / sink partials of float32 inputs with logits near 1e4 stays
+at float32 accuracy. dK/dV partials travel in the dtype of k / v. A NaN in
 any key a query sees makes that query's row NaN (the merges keep NaN).
 """
 
@@ -44,7 +48,7 @@ from longattn.common.checks import (
 )
 from longattn.common.comm import exchange
 from longattn.common.dist import Group, agree, resolve_group
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import attention_backward, attention_forward, pick_backend
 from longattn.common.merge import merge_partials_
 from longattn.ring_swa import local
@@ -343,7 +347,7 @@ def _forward(q, k, v, st: Setup):
     rv = torch.cat([p[1] for p in parts], 1) if len(parts) > 1 else parts[0][1]
     n0, nrs, nh = plan.first_len, plan.num_remote_sinks, plan.num_halo
     acc_o = out[:, :n0].to(acc_dtype(q.dtype))
-    acc_l = lse[:, :, :n0].clone()
+    acc_l = lse[:, :, :n0].clone()  # lse_dtype (the local step's)
     if nh:
         lq = min(n0, st.window)
         o_h, l_h = attention_forward(q[:, :lq].contiguous(), rk[:, nrs:].contiguous(),
@@ -416,7 +420,7 @@ def _backward(dout, q, k, v, out, lse, rk, rv, st: Setup):
 
 class RingSWAFunction(torch.autograd.Function):
     """Autograd wrapper: inputs BSHD (dense) or THD (varlen) local shards; returns ``out``
-    (like q) and ``lse`` (``[B, Hq, S]`` / ``[Hq, T]``, not differentiable)."""
+    (like q) and ``lse`` (``[B, Hq, S]`` / ``[Hq, T]`` in lse_dtype, not differentiable)."""
 
     @staticmethod
     def forward(ctx, q, k, v, st: Setup):
@@ -424,7 +428,7 @@ class RingSWAFunction(torch.autograd.Function):
         if q4.shape[1] == 0:
             out = q4.new_zeros(*q4.shape[:3], v4.shape[3])
             rk = rv = None
-            lse = torch.zeros(q4.shape[0], q4.shape[2], 0, dtype=acc_dtype(q.dtype),
+            lse = torch.zeros(q4.shape[0], q4.shape[2], 0, dtype=lse_dtype(q.dtype),
                               device=q.device)
         else:
             out, lse, rk, rv = _forward(q4, k4, v4, st)
