@@ -9,8 +9,13 @@ Attention over the union of the shards is then, exactly,
     den = sum_r w_r,  num = sum_r w_r o_r  (ONE all-reduce SUM of [num | den], B*Lq*Hq*(D+1))
     out = num / den,  lse = m + log(den)
 
-in float32 (float64 for float64 inputs). The reference implementations use a third all-reduce
-for ``den``; it rides along with ``num`` here. Message sizes do not depend on the context
+with every statistic (``lse_r``, ``m``, ``w_r``, ``den``) in ``common.dtypes.lse_dtype``:
+float32 for fp16 / bf16 inputs, float64 for float32 and float64 inputs (a float32 ``lse``
+near 1e4 is only good to ~1e-3, and ``exp(lse_r - m)`` would turn that into a relative error
+of ~1e-4 in ``out``). ``num`` rides along with ``den`` in one message, so the SUM buffer is in
+the statistics' dtype too (float64 for float32 inputs; fp16 / bf16 send float32 as ever). The
+reference implementations use a third all-reduce for ``den``; it rides along with ``num``
+here. Message sizes do not depend on the context
 length. With ``hierarchy=(nodes, gpus_per_node)`` each node first gathers its ranks' partials
 at its leader (local rank 0), which merges them exactly; the leaders run the MAX / SUM pair
 across nodes; each leader broadcasts the result inside its node.
@@ -55,7 +60,8 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
         shard_lens: every rank's ``n_r`` if the caller knows them (e.g. a
             :class:`~longattn.tree.cache.KVCache`'s ``lens``); checked inside the argument
             agreement (the same on every rank, ``shard_lens[rank] == n_r``).
-        return_lse: also return ``lse [B, Hq, Lq]`` (float32; float64 for float64 inputs).
+        return_lse: also return ``lse [B, Hq, Lq]`` in ``common.dtypes.lse_dtype``
+            (float32 for fp16 / bf16, float64 for float32 and float64 inputs).
         backend: local kernel, see :func:`longattn.tree.local.local_attention`.
 
     Returns ``out [B, Lq, Hq, D]`` in q's dtype, identical on every rank (and ``lse``).
@@ -91,7 +97,10 @@ def _all_reduce(t, op, group, what):
 
 def _allreduce_combine(o, lse, group):
     """The flat combine: MAX of lse, then one SUM of ``[num | den]``, finished by
-    :func:`longattn.common.merge.finish_rows` (empty rows 0 / -inf, NaN stays NaN)."""
+    :func:`longattn.common.merge.finish_rows` (empty rows 0 / -inf, NaN stays NaN).
+
+    ``lse`` is in the statistics' dtype (``lse_dtype``); the MAX, the weights and the SUM run in
+    it, and ``out`` comes back in ``o``'s dtype."""
     m = lse.clone(memory_format=torch.contiguous_format)  # collectives need contiguous
     _all_reduce(m, dist.ReduceOp.MAX, group, "all_reduce_max")
     m = m.transpose(1, 2)  # [B, Lq, H], the row order of o
@@ -99,10 +108,11 @@ def _allreduce_combine(o, lse, group):
     # A NaN lse makes its w NaN, so the SUM carries it into num and den whatever MAX did.
     w = torch.exp(lse.transpose(1, 2) - torch.where(torch.isneginf(m), 0.0, m))
     wt = w.unsqueeze(-1)  # [B, Lq, H, 1]
-    buf = torch.cat([o * wt, wt], dim=-1)  # [B, Lq, H, D + 1]: den rides along with num
+    # [B, Lq, H, D + 1] in the statistics' dtype: den rides along with num
+    buf = torch.cat([o.to(w.dtype) * wt, wt], dim=-1)
     _all_reduce(buf, dist.ReduceOp.SUM, group, "all_reduce_sum")
     out, lse = finish_rows(buf[..., :-1], buf[..., -1], m)
-    return out, lse.transpose(1, 2)
+    return out.to(o.dtype), lse.transpose(1, 2)
 
 
 def hierarchy_groups(nodes: int, gpus_per_node: int, ranks=None):
@@ -150,13 +160,16 @@ def _subgroups(pg, nodes, gpn):
 
 def _hierarchical_combine(o, lse, group, nodes, gpn):
     """Gather each node's partials at its leader and merge there; MAX / SUM across the
-    leaders; broadcast the result inside each node."""
+    leaders; broadcast the result inside each node. Every message packs ``(o, lse)`` in the
+    statistics' dtype (``lse``'s: float64 for float32 inputs); ``out`` comes back in ``o``'s
+    dtype, ``lse`` in ``lse``'s."""
     node_group, leaders = _subgroups(group, nodes, gpn)
     me = dist.get_rank(group)
     leader_global = dist.get_global_rank(node_group, 0)
     b, lq, h, d = o.shape
     # pack (o, lse) into one message: [B, Lq, H, D + 1]
-    mine = torch.cat([o, lse.transpose(1, 2).unsqueeze(-1)], dim=-1).contiguous()
+    acc, stat = o.dtype, lse.dtype
+    mine = torch.cat([o.to(stat), lse.transpose(1, 2).unsqueeze(-1)], dim=-1).contiguous()
     nb = comm.nbytes(mine)
     if me % gpn == 0:
         parts = [torch.empty_like(mine) for _ in range(gpn)]
@@ -165,17 +178,17 @@ def _hierarchical_combine(o, lse, group, nodes, gpn):
             comm.record("recv", "gather", nb)
         stack = torch.stack(parts)  # [gpn, B, Lq, H, D + 1]
         o, lse = merge_stacked(stack[..., :-1], stack[..., -1])
-        lse = lse.transpose(1, 2)
+        o, lse = o.to(stat), lse.to(stat).transpose(1, 2)
         o, lse = _allreduce_combine(o, lse, leaders)
         res = torch.cat([o, lse.transpose(1, 2).unsqueeze(-1)], dim=-1).contiguous()
         comm.record("send", "broadcast", comm.nbytes(res))
     else:
         dist.gather(mine, None, dst=leader_global, group=node_group)
         comm.record("send", "gather", nb)
-        res = torch.empty(b, lq, h, d + 1, dtype=o.dtype, device=o.device)
+        res = torch.empty(b, lq, h, d + 1, dtype=stat, device=o.device)
         comm.record("recv", "broadcast", comm.nbytes(res))
     dist.broadcast(res, src=leader_global, group=node_group)
-    return res[..., :-1], res[..., -1].transpose(1, 2)
+    return res[..., :-1].to(acc), res[..., -1].transpose(1, 2)
 
 
 __all__ = ["tree_decode", "hierarchy_groups"]

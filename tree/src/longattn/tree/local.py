@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import BACKENDS, attention_forward, pick_backend
 
 TRITON_DECODE = "triton_decode"
@@ -99,19 +99,21 @@ def _triton_reason(q, k, v):
 
 def local_attention(q, k, v, *, softmax_scale: float, right: int = -1, backend: str = "auto"):
     """``(out, lse)`` of ``q [B, Lq, Hq, D]`` against ``k, v [B, n, Hkv, D]`` with the window
-    ``(-1, right)``; ``out`` in the accumulation dtype (float32, float64 for float64),
-    ``lse [B, Hq, Lq]`` likewise. An empty shard gives ``out = 0``, ``lse = -inf``.
+    ``(-1, right)``; ``out`` in the accumulation dtype (``common.dtypes.acc_dtype``: float32,
+    float64 for float64), ``lse [B, Hq, Lq]`` in ``common.dtypes.lse_dtype`` (float32 for
+    fp16 / bf16, float64 for float32 and float64). An empty shard gives ``out = 0``,
+    ``lse = -inf``.
 
     ``backend``: ``"auto"`` uses the split-K Triton decode kernel
     (:mod:`longattn.tree.triton_decode`) on CUDA where it applies, else the shared kernels'
     ``auto``; ``"triton_decode"`` forces that kernel; any other name is a backend of
     :mod:`longattn.common.kernels`. A backend that cannot serve the call raises ``ValueError``.
     """
-    acc = acc_dtype(q.dtype)
+    acc, stat = acc_dtype(q.dtype), lse_dtype(q.dtype)
     b, lq, hq, _ = q.shape
     if k.shape[1] == 0:
         out = torch.zeros(b, lq, hq, v.shape[-1], dtype=acc, device=q.device)
-        lse = torch.full((b, hq, lq), float("-inf"), dtype=acc, device=q.device)
+        lse = torch.full((b, hq, lq), float("-inf"), dtype=stat, device=q.device)
         return out, lse
     if backend in ("auto", TRITON_DECODE):
         reason = _triton_reason(q, k, v)
@@ -123,4 +125,4 @@ def local_attention(q, k, v, *, softmax_scale: float, right: int = -1, backend: 
             raise ValueError(f"backend {TRITON_DECODE!r} cannot serve this call: {reason}")
     out, lse = attention_forward(q, k, v, softmax_scale=softmax_scale, window_size=(-1, right),
                                  backend=backend)
-    return out.to(acc), lse.to(acc)
+    return out.to(acc), lse.to(stat)

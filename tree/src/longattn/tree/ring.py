@@ -60,6 +60,9 @@ def ring_decode(q, k, v, *, group=None, softmax_scale=None, causal=True, shard_l
         if order:
             out, lse = merge_stacked(torch.stack([parts[r][0] for r in order]),
                                      torch.stack([parts[r][1].transpose(1, 2) for r in order]))
+            # out in the accumulation dtype, lse in the statistics' dtype (lse_dtype: float64
+            # for float32 inputs), whatever dtypes the shared merge computes in
+            out, lse = out.to(parts[order[0]][0].dtype), lse.to(parts[order[0]][1].dtype)
             lse = lse.transpose(1, 2)
         else:  # no key anywhere: out 0, lse -inf
             out, lse = attend(k, v, me)

@@ -5,8 +5,10 @@ parallelise over query blocks, so at ``Lq = 1`` they run ``B * H`` programs and 
 GPU idle. Here the key axis is cut into ``splits`` pieces: program ``(s, b * Hkv + h)`` attends
 all query rows of KV head ``h`` (the ``Lq * G`` rows of its GQA group, so every key is read
 once) to the keys of split ``s`` with an online softmax, and writes an unnormalised partial
-``(acc, m, l)``. A short torch epilogue (:func:`merge_splits`) merges the splits exactly in
-float32; its slow twin is :func:`longattn.common.merge.merge_stacked` on the normalised
+``(acc, m, l)``. A short torch epilogue (:func:`merge_splits`) merges the splits exactly, its
+statistics in ``common.dtypes.lse_dtype`` (float32 for fp16 / bf16, float64 for float32 inputs:
+a float32 ``m + log l`` near 1e4 is only good to ~1e-3, which a later merge across ranks would
+turn into a relative error of ~1e-4 in ``out``); its slow twin is :func:`longattn.common.merge.merge_stacked` on the normalised
 partials ``(acc / l, m + log l)`` (the tests compare the two).
 
 Reads K and V in their BSHD layout (any strides with a unit last stride): no copies. Window
@@ -20,6 +22,7 @@ import math
 
 import torch
 
+from longattn.common.dtypes import lse_dtype
 from longattn.common.merge import finish_rows
 
 try:
@@ -136,7 +139,8 @@ def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=No
 def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
            num_warps: int = 4, num_stages: int = 3, splits=None):
     """``(out, lse)`` of ``q [B, Lq, Hq, D]`` over ``k, v [B, S, Hkv, D]`` (S >= 1) with the
-    window ``(-1, right)``; ``out`` float32 ``[B, Lq, Hq, D]``, ``lse`` float32 ``[B, Hq, Lq]``.
+    window ``(-1, right)``; ``out`` float32 ``[B, Lq, Hq, D]``, ``lse [B, Hq, Lq]`` in
+    ``lse_dtype(q.dtype)`` (float32 for fp16 / bf16, float64 for float32).
     """
     b, lq, hq, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
@@ -159,13 +163,18 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
         # tl.dot is broken (triton 3.x), so there every dot runs in float32 as well
         IEEE=q.dtype == torch.float32 or q.device.type != "cuda", **kw,
     )
-    return merge_splits(acc[:, :, :rows], m[:, :, :rows], l_[:, :, :rows], b, lq, hq)
+    # the per-split maxima are float32 scores (exact in float64); the epilogue's statistics
+    # (and so the lse) are in lse_dtype: float64 for float32 inputs, float32 (as before) else
+    stat = lse_dtype(q.dtype)
+    return merge_splits(acc[:, :, :rows], m[:, :, :rows].to(stat), l_[:, :, :rows].to(stat),
+                        b, lq, hq)
 
 
 def merge_splits(acc, m, l_, b, lq, hq):
     """Exact merge of the per-split partials (``acc [B*Hkv, splits, rows, D]`` unnormalised,
     running max ``m`` and sum ``l`` ``[B*Hkv, splits, rows]``); rows are ``(t, g)`` with ``t``
-    the new token. Returns ``out [B, Lq, Hq, D]``, ``lse [B, Hq, Lq]``.
+    the new token. Returns ``out [B, Lq, Hq, D]`` in ``acc``'s dtype and ``lse [B, Hq, Lq]``
+    in ``m``'s dtype (the statistics' dtype: pass ``m`` and ``l`` in ``lse_dtype``).
 
     The fast form of :func:`longattn.common.merge.merge_stacked` (its slow twin) on the
     normalised partials ``(acc / l, m + log l)``: one weighted sum, then
@@ -175,8 +184,8 @@ def merge_splits(acc, m, l_, b, lq, hq):
     w = torch.exp(m - torch.where(torch.isneginf(mx), 0.0, mx).unsqueeze(1))  # [BH, splits, rows]
     # a split that saw no key has m = -inf and l = 0: w = 0 there, its (zero) acc drops out
     den = (l_ * w).sum(1)  # [BH, rows]
-    num = (acc * w.unsqueeze(-1)).sum(1)  # [BH, rows, D]
-    out, lse = finish_rows(num, den, mx)
+    num = (acc * w.to(acc.dtype).unsqueeze(-1)).sum(1)  # [BH, rows, D], in acc's dtype
+    out, lse = finish_rows(num, den, mx)  # lse in the statistics' dtype
     d = acc.shape[-1]
     hkv = acc.shape[0] // b
     g = hq // hkv

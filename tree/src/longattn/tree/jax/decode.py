@@ -184,7 +184,10 @@ def tree_decode(q, k, v, *, mesh, axis_name, softmax_scale=None, shard_lens=None
         shard_lens: ``[p]`` ints, the filled slots of each device's block (default: all);
             may be traced.
         causal: a bool; new token ``t`` sees the global keys ``<= N - Lq + t``.
-        return_lse: also return ``lse [B, Hq, Lq]`` (float32, float64 for float64).
+        return_lse: also return ``lse [B, Hq, Lq]`` (float32, float64 for float64). Unlike
+            the torch functions (``common.dtypes.lse_dtype``: float64 statistics for
+            float32 inputs), the statistics of float32 inputs stay float32 here: JAX has
+            float64 off by default (``jax_enable_x64``).
         backend: the local step, one of :data:`longattn.tree.jax.local.BACKENDS`.
         splits: key chunks of the split-K local step (None: chosen from the block length).
 
