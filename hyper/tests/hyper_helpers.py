@@ -33,6 +33,9 @@ def n_calls(q, k, causal, min_seq_len):
 
 def oracle(q, k, v, p, s, dout=None, dlse=None, **kw):
     """(out, lse) and, with dout, (dq, dk, dv) of the float64 oracle as torch tensors."""
+    if "softmax_scale" in kw:  # the oracle's name for it
+        kw = {**kw, "scale": kw["softmax_scale"]}
+        del kw["softmax_scale"]
     a = [t.detach().double().numpy() for t in (q, k, v)]
     sn = None if s is None else s.numpy()
     out, lse = ref_fwd(*a, projections=p.double().numpy(), sample_indices=sn, **kw)

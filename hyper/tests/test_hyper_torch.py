@@ -351,3 +351,26 @@ def test_lse_weight_is_log_n_over_m():
     want0 = torch.logsumexp(torch.stack([sc[0, 0], sc[0, 5] + w, sc[0, 7] + w,
                                          sc[0, 7] + w]), 0)
     assert abs(lse[0, 0, 0] - want0) < 1e-12
+
+
+@pytest.mark.parametrize("logit", [100.0, 10000.0])
+def test_large_logits_fp32_merges_keep_float32_accuracy(logit):
+    # fp32 scores near 1e2 / 1e4, exact in float32 (common.testing.large_logit_qkv). Causal
+    # with blocks over everything and no samples is exact attention assembled from 4 leaves and
+    # 3 levels of merges: with lse in lse_dtype (float64 for fp32) the merged result stays at
+    # float32 accuracy; a float32 lse would be off by ~ulp(1e4) in every merge weight
+    from longattn.common.testing import large_logit_qkv
+
+    q, k, v = large_logit_qkv(1, 64, 64, 2, 1, 16, logit=logit, seed=3)
+    out, lse = hyper_attention(q, k, v, causal=True, softmax_scale=1.0, block_size=64,
+                               sample_size=0, min_seq_len=16, return_lse=True,
+                               backend="torch")
+    assert len(make_plan(64, 64, True, 16).calls) == 3 and lse.dtype == torch.float64
+    ref, ref_lse = attention(q.double(), k.double(), v.double(), causal=True,
+                             softmax_scale=1.0, return_lse=True)
+    assert rel_error(out, ref) < TOL32 and rel_error(lse, ref_lse) < TOL32
+    assert (lse - ref_lse).abs().max() < 1e-3 * (logit / 1e4)  # absolute: well below ulp(1e4)
+    # with sampled columns (the approximation): the float64 oracle's replay, fp32 accurate
+    p, s = randomness(4, q, k, causal=True, m=6, min_seq_len=16)
+    _check_vs_oracle(q, k, v, p, s, TOL32, causal=True, softmax_scale=1.0, block_size=8,
+                     min_seq_len=16)

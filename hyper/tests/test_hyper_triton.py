@@ -6,6 +6,7 @@ import pytest
 import torch
 from hyper_helpers import inputs, oracle, randomness
 
+from longattn.common.dtypes import lse_dtype
 from longattn.common.testing import rel_error
 from longattn.hyper import hyper_attention
 
@@ -165,7 +166,8 @@ def test_triton_half_running_output(dtype, causal, s, msl, smooth):
     for backend, x in (("torch", [t.float() for t in (q, k, v)]), ("triton", [q, k, v])):
         x = [t.detach().clone().requires_grad_(True) for t in x]
         out, lse = hyper_attention(*x, backend=backend, **kw)
-        assert out.dtype == x[0].dtype and lse.dtype == torch.float32
+        # lse in lse_dtype: float32 for the half inputs, float64 for the fp32 torch twin
+        assert out.dtype == x[0].dtype and lse.dtype == lse_dtype(x[0].dtype)
         g = torch.Generator().manual_seed(6)
         dout, dlse = torch.randn(out.shape, generator=g), torch.randn(lse.shape, generator=g)
         torch.autograd.backward([out, lse], [dout.to(out.dtype), dlse])

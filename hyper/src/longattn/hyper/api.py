@@ -97,7 +97,9 @@ def hyper_attention(q, k, v, *, causal=False, softmax_scale=None, lsh_num_projs=
 
     q ``[B, Sq, Hq, D]``, k ``[B, Sk, Hkv, D]``, v ``[B, Sk, Hkv, Dv]`` (GQA: Hq % Hkv == 0);
     causal needs ``Sq == Sk``. Returns ``out [B, Sq, Hq, Dv]`` in q's dtype and, with
-    ``return_lse``, ``lse [B, Hq, Sq]`` (float32; float64 for float64 inputs).
+    ``return_lse``, ``lse [B, Hq, Sq]`` in ``longattn.common.dtypes.lse_dtype(q.dtype)``: float32
+    for fp16 / bf16, float64 for float32 and float64 (the Triton path's values are its fp32
+    statistics widened; the torch path merges in float64).
     ``softmax_scale`` defaults to ``D ** -0.5``.
 
     Sizes: ``block_size`` keys per sorted block (a block of at least ``max(Sq, Sk)`` rows is

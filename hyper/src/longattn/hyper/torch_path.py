@@ -11,11 +11,9 @@ Triton path is the fast one.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import attention
 from longattn.common.merge import finish_rows, merge_partials
 from longattn.hyper.lsh import sort_rows
@@ -44,7 +42,9 @@ def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth):
 
     ``qc [B, nq, Hq, D]``, ``kc [B, nk, Hkv, D]``, ``vc [B, nk, Hkv, Dv]``; ranks ``rq [B, Hq,
     nq]``, ``rk [B, Hkv, nk]``; ``samples [B, Hkv, m]`` sorted key positions or None.
-    Returns ``out [B, nq, Hq, Dv]`` and ``lse [B, Hq, nq]`` in the accumulation dtype.
+    Returns ``out [B, nq, Hq, Dv]`` in the accumulation dtype and ``lse [B, Hq, nq]`` in
+    :func:`longattn.common.dtypes.lse_dtype` (float64 for float32 inputs: the shift and the
+    log of the row sum are added in float64, so a large logit keeps its float32 accuracy).
     """
     acc = acc_dtype(qc.dtype)
     b, nq, hq, d = qc.shape
@@ -79,12 +79,15 @@ def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth):
         sidx = samples.to(device=dev, dtype=torch.int64)
         k_s = ks.gather(2, sidx.unsqueeze(-1).expand(-1, -1, -1, d))  # [B, Hkv, m, D]
         v_s = vs.gather(2, sidx.unsqueeze(-1).expand(-1, -1, -1, dv))
-        ss = torch.einsum("bhgid,bhmd->bhgim", qs, k_s) * softmax_scale + math.log(nk / m)
+        # the weight nk / m multiplies exp(score) below: added to the score as log(nk / m) it
+        # would be rounded at ulp(score), ~1e-3 at logits near 1e4 in float32
+        ss = torch.einsum("bhgid,bhmd->bhgim", qs, k_s) * softmax_scale
         st_q = start[:nq].view(1, 1, nq, 1)
         inwin = (sidx[:, :, None, :] >= st_q) & (sidx[:, :, None, :] < st_q + bs)
         ss = torch.where(inwin.unsqueeze(2), float("-inf"), ss)
 
-    # one softmax over window keys and (weighted) samples; the max is a constant shift
+    # one softmax over window keys and (weighted) samples; the max (of the unweighted scores:
+    # any shift is exact, and this one cannot overflow) is a constant shift
     mx = sw.amax(-1)
     if ss is not None:
         mx = torch.maximum(mx, ss.amax(-1))
@@ -94,11 +97,13 @@ def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth):
     pwt = torch.nn.functional.pad(pw, (0, 0, 0, nt * bs - nq)).view(b, hkv, g, nt, bs, width)
     o = torch.einsum("bhgtrw,bhtwd->bhgtrd", pwt, vw).reshape(b, hkv, g, nt * bs, dv)[..., :nq, :]
     if ss is not None:
-        ps = torch.exp(ss - mx)
+        ps = torch.exp(ss - mx) * (nk / m)
         den = den + ps.sum(-1, keepdim=True)
         o = o + torch.einsum("bhgim,bhmd->bhgid", ps, v_s)
     # rows that see nothing: out 0, lse -inf; a NaN score makes the row NaN
-    o, lse = finish_rows(o, den[..., 0], mx[..., 0])
+    ld = lse_dtype(qc.dtype)
+    o, lse = finish_rows(o, den[..., 0].to(ld), mx[..., 0].to(ld))
+    o = o.to(acc)
 
     # back to the original row order
     inv = torch.argsort(pq, dim=-1)
@@ -109,12 +114,13 @@ def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth):
 
 def hyper_torch(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, smooth, causal):
     """Assemble the plan: exact leaves, core calls, merges. Returns ``(out, lse)``, out in the
-    accumulation dtype. ``rq``/``rk`` are the ranks of all rows; ``samples [n_calls, B, Hkv, m]``
-    or None."""
+    accumulation dtype, lse (and every partial lse merged on the way) in
+    :func:`longattn.common.dtypes.lse_dtype`. ``rq``/``rk`` are the ranks of all rows;
+    ``samples [n_calls, B, Hkv, m]`` or None."""
     if plan.exact:
         out, lse = attention(q, k, v, softmax_scale=softmax_scale, causal=False,
                              return_lse=True)
-        return out.to(acc_dtype(q.dtype)), lse
+        return out.to(acc_dtype(q.dtype)), lse.to(lse_dtype(q.dtype))
 
     def call(c):
         q0, nq, k0, nk = plan.calls[c]
@@ -132,12 +138,12 @@ def hyper_torch(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, sm
         if leaf.get(a) == n:
             o, lse = attention(q[:, a:a + n], k[:, a:a + n], v[:, a:a + n],
                                softmax_scale=softmax_scale, causal=True, return_lse=True)
-            return o.to(acc_dtype(q.dtype)), lse
+            return o.to(acc_dtype(q.dtype)), lse.to(lse_dtype(q.dtype))
         n1 = n - n // 2
         o1, l1 = rec(a, n1)
         o2, l2 = rec(a + n1, n // 2)
         oc, lc = call(ids[(a + n1, n // 2, a, n1)])
-        o2, l2 = merge_partials(o2, l2, oc, lc)
+        o2, l2 = merge_partials(o2, l2, oc, lc)  # lse stays in lse_dtype
         return torch.cat([o1, o2], 1), torch.cat([l1, l2], 2)
 
     return rec(0, q.shape[1])

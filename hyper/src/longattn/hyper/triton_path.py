@@ -13,12 +13,21 @@ Forward: exact causal leaves (``longattn.common.kernels``: cuDNN on GPUs) fill t
 merges all of the level's core calls into them in place. Every part is a softmax partial over
 its own disjoint set of (weighted) keys, so the result is the merged approximation exactly.
 
-Precision: ``L`` (the softmax statistics, natural-log lse) is always fp32. ``O`` is kept in the
-input dtype for fp16 / bf16 inputs: the leaves' batched output *is* the initial ``O`` (no copy)
-and the final output needs no cast; each level loads ``O``, merges in fp32 registers and rounds
-once to the input dtype on the store, so a row gets one extra rounding per level it takes part
-in (at most ``log2(S / min_seq_len)``, 6 at S = 131072 with the defaults), on top of the
-rounding of its leaf output. fp32 inputs keep an fp32 ``O`` (numerics unchanged).
+Precision: ``L`` (the softmax statistics, natural-log lse) is fp32 in the kernels' registers
+and buffers for every input dtype; for fp32 inputs the returned lse is that fp32 ``L`` widened
+to float64 (``common.dtypes.lse_dtype``): the torch path's dtype, with values that carry fp32
+statistics. Each level's merge weight ``exp(L_old - L_new)`` carries the rounding of ``L``
+(``ulp(|lse|)`` absolute) and each sampled column's ``log2(nk / m)`` is added to an fp32
+score, errors that grow with the logit scale (the torch path merges in float64 and multiplies
+the weight in, so it does not have them). The tests compare the two paths' values at the
+tolerances of ``tests/test_hyper_triton.py``.
+
+``O`` is kept in the input dtype for fp16 / bf16 inputs: the leaves' batched output *is* the
+initial ``O`` (no copy) and the final output needs no cast; each level loads ``O``, merges in
+fp32 registers and rounds once to the input dtype on the store, so a row gets one extra
+rounding per level it takes part in (at most ``log2(S / min_seq_len)``, 6 at S = 131072 with
+the defaults), on top of the rounding of its leaf output. fp32 inputs keep an fp32 ``O``
+(numerics unchanged).
 
 Backward (autograd.Function): with the *final* ``O``, ``L`` and
 ``delta = rowsum(dO * O) - dL`` every part's gradient is that of a flash-attention step (the
@@ -34,6 +43,7 @@ import math
 import torch
 import triton
 
+from longattn.common.dtypes import lse_dtype
 from longattn.common.kernels import attention, attention_backward, attention_forward
 from longattn.hyper import triton_kernels as tk
 from longattn.hyper.config import HyperConfig
@@ -391,13 +401,18 @@ class _HyperFn(torch.autograd.Function):
 def hyper_triton(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, smooth, causal,
                  r_bits=16, config=None):
     """Same contract as :func:`longattn.hyper.torch_path.hyper_torch` (out in fp32, or in the
-    input dtype for fp16 / bf16). ``config``: a :class:`HyperConfig` (None: the defaults)."""
+    input dtype for fp16 / bf16; lse in ``lse_dtype``: float64 for fp32 inputs, holding the
+    kernels' fp32 statistics). ``config``: a :class:`HyperConfig` (None: the defaults)."""
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"the triton path takes fp16 / bf16 / fp32, got {q.dtype}; use "
                          f"backend='torch' for float64")
+    ld = lse_dtype(q.dtype)
     if plan.exact:
-        return attention(q, k, v, softmax_scale=softmax_scale, causal=False, return_lse=True)
+        out, lse = attention(q, k, v, softmax_scale=softmax_scale, causal=False,
+                             return_lse=True)
+        return out, lse.to(ld)
     config = HyperConfig() if config is None else config
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _HyperFn.apply(q, k, v, rq, rk, samples, plan, softmax_scale, block_size, smooth,
-                          causal, r_bits, config)
+    out, lse = _HyperFn.apply(q, k, v, rq, rk, samples, plan, softmax_scale, block_size, smooth,
+                              causal, r_bits, config)
+    return out, lse.to(ld)  # fp32 statistics, widened to the lse dtype (no copy for fp16/bf16)
