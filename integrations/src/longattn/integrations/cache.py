@@ -154,13 +154,19 @@ class ShardedCache(DynamicCache):
     Args:
         group: the context-parallel group: a ``ProcessGroup``, a 1-D ``DeviceMesh``,
             ``LOCAL`` or None (this process alone; an error in a world of several ranks).
-        layout: the layout of the prefill's shards (``shard_inputs``' ``layout``).
+        layout: the layout of the prefill's shards (``shard_inputs``' ``layout``), the same on
+            every rank (checked on every rank: one small all-gather).
     """
 
     def __init__(self, *, group=None, layout: str = "zigzag"):
-        if layout not in _layout.LAYOUTS:
-            raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
         g = resolve_group(group)
+
+        def check():
+            if not isinstance(layout, str) or layout not in _layout.LAYOUTS:
+                raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
+            return None, {"layout": layout}
+
+        agree("ShardedCache", g, check)  # the same layout on every rank, checked everywhere
         super().__init__()
         self.group, self.layout, self.n, self.rank = group, layout, g.size, g.rank
         self.layer_class_to_replicate = lambda: ShardedLayer(g, layout, group)

@@ -96,7 +96,9 @@ def relayout(x: torch.Tensor, src: str, dst: str, group=None, dim: int = 1) -> t
             seq = x.shape[dim] * g.size
             for lay in (src, dst):
                 layout.positions(seq, g.rank, g.size, lay)  # raises if not divisible
-        return None, {"src": src, "dst": dst, "x.shape": tuple(x.shape), "x.dtype": x.dtype,
+        # x.shape as a string: another ndim reads "x.shape must be the same" (agree expands
+        # tuples into one field per element, so a longer tuple would be "different calls")
+        return None, {"src": src, "dst": dst, "x.shape": str(tuple(x.shape)), "x.dtype": x.dtype,
                       "device type": x.device.type, "dim": dim}
 
     agree("relayout", g, check)

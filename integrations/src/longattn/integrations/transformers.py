@@ -201,8 +201,11 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
         "key.shape": (b, key.shape[1], d) if decoding else tuple(key.shape),
         "value.shape": (b, value.shape[1], value.shape[3]) if decoding else tuple(value.shape),
         "dtype": query.dtype, "device type": query.device.type, "causal": causal,
-        "softmax_scale": scale, "sliding_window": sliding_window, "backend": backend,
-        "decoding": decoding, "position_ids layout": lay,
+        # no None among numbers (a None on one rank and a number on another would decode
+        # differently per rank): the effective scale, -1 for no window, "" for no layout
+        "softmax_scale": d ** -0.5 if scale is None else scale,
+        "sliding_window": -1 if sliding_window is None else sliding_window, "backend": backend,
+        "decoding": decoding, "position_ids layout": lay or "",
     }
     return (causal, window, lay), fields
 
@@ -393,8 +396,8 @@ def _check_inputs(input_ids, labels, position_ids, layout, ignore_index, g):
               "input_ids values": _digest(input_ids),
               "position_ids.shape": tuple(position_ids.shape),
               "position_ids values": _digest(position_ids),
-              "labels.shape": None if labels is None else tuple(labels.shape),
-              "labels values": None if labels is None else _digest(labels),
+              "labels given": labels is not None,
+              "labels values": 0 if labels is None else _digest(labels),
               "ignore_index": ignore_index, "layout": layout,
               "device type": input_ids.device.type}
     return (b, position_ids), fields
@@ -413,7 +416,9 @@ def unshard(x, *, group=None, layout="zigzag", dim=1):
                              f"{tuple(x.shape)}, got {dim!r}")
         if not isinstance(layout, str) or layout not in _layout.LAYOUTS:
             raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
-        return None, {"x.shape": tuple(x.shape), "x.dtype": x.dtype, "dim": dim % x.ndim,
+        # shapes as strings: a tensor of another ndim must read "x.shape must be the same",
+        # not "different calls" (agree expands tuples into one field per element)
+        return None, {"x.shape": str(tuple(x.shape)), "x.dtype": x.dtype, "dim": dim % x.ndim,
                       "layout": layout, "device type": x.device.type}
 
     agree("unshard", g, check)
@@ -436,7 +441,7 @@ def reduce_loss(loss, group=None):
             raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
         if not loss.dtype.is_floating_point:
             raise TypeError(f"loss must be a floating-point tensor, got {loss.dtype}")
-        return None, {"loss.shape": tuple(loss.shape), "loss.dtype": loss.dtype,
+        return None, {"loss.shape": str(tuple(loss.shape)), "loss.dtype": loss.dtype,
                       "device type": loss.device.type}
 
     agree("reduce_loss", g, check)
