@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from longattn import reference as ref
 from longattn.common import kernels as K
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import lse_dtype
 from longattn.common.kernels import TorchConfig, torch_backend
 from longattn.common.testing import assert_errors, oracle_errors, random_qkv, rel_error
 
@@ -64,8 +64,8 @@ def check_case(seed, b, sq, sk, hq, hkv, d, dv, causal, window, dtype, use_dlse,
     q, k, v = make(seed, b, sq, sk, hq, hkv, d, dv, dtype)
     g = torch.Generator().manual_seed(seed + 1)
     dout = torch.randn(b, sq, hq, v.shape[-1], generator=g, dtype=torch.float64).to(dtype)
-    acc = acc_dtype(dtype)
-    dlse = torch.randn(b, hq, sq, generator=g, dtype=torch.float64).to(acc) if use_dlse else None
+    ldt = lse_dtype(dtype)
+    dlse = torch.randn(b, hq, sq, generator=g, dtype=torch.float64).to(ldt) if use_dlse else None
     cfg = block_elems(blk)
     out, lse = K.attention_forward(q, k, v, softmax_scale=scale, causal=causal,
                                    window_size=window, backend="torch", config=cfg)
@@ -74,7 +74,7 @@ def check_case(seed, b, sq, sk, hq, hkv, d, dv, causal, window, dtype, use_dlse,
                                        backend="torch", config=cfg)
     ro, rl, (rdq, rdk, rdv) = oracle(q, k, v, causal, window, scale, dout, dlse)
     assert out.dtype == dtype and out.shape == ro.shape
-    assert lse.dtype == acc and lse.shape == rl.shape
+    assert lse.dtype == ldt and lse.shape == rl.shape
     assert (dq.dtype, dk.dtype, dv_.dtype) == (dtype, dtype, dtype)
     assert_errors(oracle_errors({"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv_},
                                 {"out": ro, "lse": rl, "dq": rdq, "dk": rdk, "dv": rdv}), dtype)

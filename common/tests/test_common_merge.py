@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longattn import reference as ref
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.merge import merge_partials, merge_partials_
 from longattn.common.testing import rel_error
 
@@ -58,7 +58,7 @@ def _mask(kind, rng, b, hq, sq, sk):
 
 
 def _merge_all(parts, dtype, tree):
-    ts = [(torch.from_numpy(o).to(dtype), torch.from_numpy(l_).to(acc_dtype(dtype)))
+    ts = [(torch.from_numpy(o).to(dtype), torch.from_numpy(l_).to(lse_dtype(dtype)))
           for o, l_ in parts]
     if len(ts) == 1:  # still merge once: into an empty accumulator (out 0, lse -inf)
         ts.insert(0, (torch.zeros_like(ts[0][0]), torch.full_like(ts[0][1], float("-inf"))))
@@ -97,7 +97,7 @@ def test_merging_low_precision_partials_accumulates_in_fp32(c, dtype):
     (fo, fl), parts = partials(rng, c["b"], c["sq"], c["sk"], c["hq"], c["hkv"], c["d"],
                                c["cuts"], mask)
     out, lse = _merge_all(parts, dtype, c["tree"])
-    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert out.dtype == torch.float32 and lse.dtype == lse_dtype(dtype)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}[dtype]
     assert rel_error(out, fo) <= tol and rel_error(lse, fl) <= 1e-5
 

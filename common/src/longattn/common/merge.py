@@ -1,11 +1,13 @@
 """Merge attention partials computed over disjoint key sets (the log-sum-exp rule).
 
-``out`` is BSHD ``[B, S, H, D]``, ``lse`` is ``[B, H, S]``. Merged in float32 (float64 stays
-float64). The sigmoid form ``out_a - sigmoid(lse_b - lse_a) * (out_a - out_b)`` never
-overflows; rows where one side is ``-inf`` take the other side exactly, and rows where both are
-``-inf`` stay ``out = 0, lse = -inf`` (no NaN). A NaN ``lse`` on either side makes the row's
-``out`` and ``lse`` NaN: a NaN never disappears in a merge.
-"""
+``out`` is BSHD ``[B, S, H, D]``, ``lse`` is ``[B, H, S]``. ``out`` is merged in the
+accumulation dtype (float32, float64 for float64 ``out``); ``lse`` and the merge weights in the
+widest of the two ``lse`` dtypes and that accumulation dtype (a float64 ``lse``, what float32
+inputs get, stays float64: see :func:`~longattn.common.dtypes.lse_dtype`). The sigmoid form
+``out_a - sigmoid(lse_b - lse_a) * (out_a - out_b)`` never overflows; rows where one side is
+``-inf`` take the other side exactly, and rows where both are ``-inf`` stay ``out = 0, lse =
+-inf`` (no NaN). A NaN ``lse`` on either side makes the row's ``out`` and ``lse`` NaN: a NaN
+never disappears in a merge."""
 
 from __future__ import annotations
 
@@ -42,6 +44,14 @@ def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor):
     return w_b, new
 
 
+def _lse_dtype(acc, *lses):
+    """The widest of ``acc`` and the ``lse`` tensors' dtypes."""
+    dt = acc
+    for t in lses:
+        dt = torch.promote_types(dt, t.dtype)
+    return dt
+
+
 def _check(out_a, lse_a, out_b, lse_b, names=("out_a", "lse_a", "out_b", "lse_b")):
     for name, t in zip(names, (out_a, lse_a, out_b, lse_b)):
         if not isinstance(t, torch.Tensor):
@@ -62,13 +72,15 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     """Return ``(out, lse)`` of attention over the union of the two partials' keys.
 
     Differentiable (autograd flows through both sides). ``out`` is returned in the
-    accumulation dtype (float32, or float64 for float64 inputs).
+    accumulation dtype (float32, or float64 for float64 inputs), ``lse`` in the wider of the
+    two ``lse`` dtypes (at least that accumulation dtype).
     """
     _check(out_a, lse_a, out_b, lse_b)
     acc = acc_dtype(out_a.dtype)
-    lse_a, lse_b = lse_a.to(acc), lse_b.to(acc)
+    ldt = _lse_dtype(acc, lse_a, lse_b)
+    lse_a, lse_b = lse_a.to(ldt), lse_b.to(ldt)
     w_b, lse = _weights(lse_a, lse_b)
-    w = w_b.transpose(1, 2).unsqueeze(-1)  # [B, S, H, 1]
+    w = w_b.transpose(1, 2).unsqueeze(-1).to(acc)  # [B, S, H, 1]
     a_dead, b_dead = _dead(lse_a), _dead(lse_b)
     # A dead side (lse = -inf) contributes nothing, whatever its out holds (even NaN): zero it
     # before the arithmetic, then select exactly.
@@ -84,10 +96,13 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
 def merge_partials_(out, lse, out_b, lse_b, *, backend: str = "auto"):
     """In-place merge of ``(out_b, lse_b)`` into the accumulators ``out`` / ``lse``.
 
-    ``out`` and ``lse`` must already be in the accumulation dtype; they may be views (e.g. the
-    back half of the rows, as zigzag ring attention needs). Returns ``(out, lse)``.
+    ``out`` and ``lse`` must already be accumulators (float32 or float64 each; a float64 ``lse``
+    beside a float32 ``out`` is what float32 inputs use); they may be views (e.g. the back half
+    of the rows, as zigzag ring attention needs). ``lse_b`` is taken in ``lse``'s dtype, the
+    weights are computed in it. Returns ``(out, lse)``.
     ``backend``: ``"auto"`` uses the one-pass Triton kernel (:mod:`longattn.common.merge_triton`)
-    for CUDA fp32 accumulators and eager torch otherwise; ``"torch"`` / ``"triton"`` force one.
+    for CUDA fp32 ``out`` and ``lse`` accumulators and eager torch otherwise (also for a float64
+    ``lse``); ``"torch"`` / ``"triton"`` force one.
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
@@ -104,7 +119,7 @@ def merge_partials_(out, lse, out_b, lse_b, *, backend: str = "auto"):
         if backend == "triton":
             raise ValueError(f"backend='triton' cannot serve this merge: {refusal}")
     w_b, new = _weights(lse, lse_b.to(lse.dtype))
-    w = w_b.transpose(1, 2).unsqueeze(-1)
+    w = w_b.transpose(1, 2).unsqueeze(-1).to(out.dtype)
     a_dead, b_dead, nan = _dead(lse), _dead(lse_b), _nan_rows(lse, lse_b)
     ob = torch.where(b_dead, 0.0, out_b.to(out.dtype))
     oa = out.masked_fill_(a_dead, 0.0)
@@ -128,21 +143,22 @@ def merge_stacked(outs: torch.Tensor, lses: torch.Tensor):
 
     ``outs [n, *rows, D]`` and ``lses [n, *rows]`` where ``rows`` is ``out``'s row shape in
     ``lse``'s order (BSHD partials stack as ``outs [n, B, S, H, D]`` with ``lses [n, B, S, H]``;
-    pass ``lse.transpose(-1, -2)`` for ``[B, H, S]`` statistics). Returns ``(out, lse)`` in the
-    accumulation dtype with ``out [*rows, D]``, ``lse [*rows]``.
+    pass ``lse.transpose(-1, -2)`` for ``[B, H, S]`` statistics). Returns ``(out, lse)`` with
+    ``out [*rows, D]`` in the accumulation dtype and ``lse [*rows]`` in the wider of ``lses``'s
+    dtype and the accumulation dtype (weights are computed in that dtype).
 
     A side with ``lse = -inf`` contributes nothing (its ``out`` is ignored); rows every side
     misses give ``out = 0``, ``lse = -inf``; a NaN ``lse`` makes the row's ``out`` and ``lse``
     NaN (a NaN never disappears in a merge).
     """
     acc = acc_dtype(outs.dtype)
-    lses = lses.to(acc)
+    lses = lses.to(_lse_dtype(acc, lses))
     dead = torch.isneginf(lses)
     m = lses.amax(0)
     m0 = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     w = torch.exp(lses - m0)  # 0 for dead sides, NaN for NaN sides
     o = torch.where(dead.unsqueeze(-1), 0.0, outs.to(acc))
-    num = (o * w.unsqueeze(-1)).sum(0)
+    num = (o * w.to(acc).unsqueeze(-1)).sum(0)
     den = w.sum(0)
     return finish_rows(num, den, m)
 
@@ -151,10 +167,14 @@ def finish_rows(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor):
     """``out = num / den`` and ``lse = m + log(den)`` from a max-shifted weighted sum, with the
     empty-row rule: ``den = 0`` gives ``out = 0``, ``lse = -inf``; a NaN stays NaN.
 
-    ``num [*rows, D]``, ``den`` and ``m [*rows]`` (``m`` the shift, possibly ``-inf``)."""
+    ``num [*rows, D]``, ``den`` and ``m [*rows]`` (``m`` the shift, possibly ``-inf``). ``out``
+    comes back in ``num``'s dtype, ``lse`` in the wider of ``den``'s and ``m``'s (the log is
+    taken in it: a float32 row max ``m`` cast to float64 gives a float64 ``lse``)."""
+    ldt = torch.promote_types(den.dtype, m.dtype)
     empty = den == 0  # False for NaN: NaN rows stay NaN
     safe = torch.where(empty, torch.ones_like(den), den)
-    out = torch.where(empty.unsqueeze(-1), 0.0, num / safe.unsqueeze(-1))
-    m0 = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
-    lse = torch.where(empty, torch.full_like(den, float("-inf")), m0 + torch.log(safe))
+    out = torch.where(empty.unsqueeze(-1), 0.0, num / safe.to(num.dtype).unsqueeze(-1))
+    m0 = torch.where(torch.isneginf(m), torch.zeros_like(m), m).to(ldt)
+    lse = torch.where(empty, torch.full_like(m0, float("-inf")),
+                      m0 + torch.log(safe.to(ldt)))
     return out, lse

@@ -9,8 +9,10 @@
               return_lse=False, backend="auto", config=None)               # autograd
 
 Tensors are BSHD: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]`` with ``Hq % Hkv == 0`` (GQA
-without replicating KV). ``lse`` is ``[B, Hq, Sq]`` natural log in float32 (float64 for
-float64 inputs). ``causal`` with ``Sq != Sk`` is bottom-right aligned; ``window_size=(left,
+without replicating KV). ``lse`` is ``[B, Hq, Sq]`` natural log in
+:func:`~longattn.common.dtypes.lse_dtype`: float32 for fp16 / bf16 inputs, float64 for float32
+and float64 inputs (the ``flex`` backend, only by name, returns float32 for float32 inputs).
+``causal`` with ``Sq != Sk`` is bottom-right aligned; ``window_size=(left,
 right)``, -1 unbounded, in the same aligned coordinates; ``causal`` caps ``right`` at 0.
 A row that sees no key gives ``out = 0``, ``lse = -inf`` and zero gradients, never NaN; a row
 whose scores hold a NaN (a NaN in q, or in a key it sees) gives ``out`` and ``lse`` NaN.
@@ -132,7 +134,7 @@ def fix_empty_rows(out, lse):
 def check_backward_tensors(q, dout, out, lse, dlse=None):
     """The dtype / device rules of a backward's ``dout``, ``out``, ``lse``, ``dlse`` (shapes are
     the caller's): tensors on q's device, ``dout`` in ``out``'s dtype, ``lse`` (and ``dlse``) in
-    an accumulation dtype (float32 / float64)."""
+    float32 or float64 (``lse_dtype`` of q, what the forwards return, or float32)."""
     for name, t in (("dout", dout), ("out", out), ("lse", lse)) + (
             (("dlse", dlse),) if dlse is not None else ()):
         check_tensor(name, t)
@@ -142,8 +144,8 @@ def check_backward_tensors(q, dout, out, lse, dlse=None):
         raise TypeError(f"dout dtype {dout.dtype} must be out's dtype {out.dtype}")
     for name, t in (("lse", lse), ("dlse", dlse)):
         if t is not None and t.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"{name} must be float32 or float64 (an accumulation dtype), "
-                            f"got {t.dtype}")
+            raise TypeError(f"{name} must be float32 or float64 (lse_dtype of q: float32 for "
+                            f"fp16 / bf16, float64 for float32 / float64), got {t.dtype}")
     if dlse is not None and tuple(dlse.shape) != tuple(lse.shape):
         raise ValueError(f"dlse must have the shape of lse {tuple(lse.shape)}, "
                          f"got {tuple(dlse.shape)}")

@@ -12,6 +12,11 @@ the *final* ``(out, lse)`` sends into this step: with ``w = exp(lse_s - lse)``,
 the whole attention, ``w = 1`` and this is FlexAttention's own backward. So ``dlse`` is
 supported, at the price of one extra forward.
 
+``lse`` is float32 for fp16 / bf16 and also for float32 inputs (FlexAttention's own lse, not
+:func:`~longattn.common.dtypes.lse_dtype`'s float64): merging float32-input partials of this
+backend keeps float32 ``lse`` precision (~1e-3 absolute near logits of 1e4). The backend is
+opt-in (only by name, never chosen by ``backend="auto"``).
+
 Imports cleanly on a CPU-only torch; ``supports`` refuses non-CUDA tensors. On a torch without
 FlexAttention the backend is listed in ``kernels.UNAVAILABLE`` with the import error.
 ``forward`` / ``backward`` take ``compile=False`` to run FlexAttention's eager reference path

@@ -1,10 +1,12 @@
 """Pure-PyTorch backend: any device, any dtype, any window, GQA, ``dlse``.
 
-Queries are processed in row blocks; each block only touches the key range its window can
-see, so memory stays O(block * Sk) instead of O(Sq * Sk). Math in float32 (float64 for float64
-inputs). Used on CPUs and as the fallback everywhere; not tuned for speed on GPUs. The block
-size is :class:`TorchConfig`'s ``score_block_elems`` (``config=TorchConfig(...)``).
-"""
+Queries are processed in row blocks; each block only touches the key range its window can see,
+so memory stays O(block * Sk) instead of O(Sq * Sk). Math in float32 (float64 for float64
+inputs); ``lse`` in :func:`~longattn.common.dtypes.lse_dtype` (float64 for float32 inputs: the
+float32 row max plus the float64 log of the row sum; the backward subtracts it from float32
+scores as a float32 high part and low residual, :func:`~longattn.common.dtypes.split_lse`). Used
+on CPUs and as the fallback everywhere; not tuned for speed on GPUs. The block size is
+:class:`TorchConfig`'s ``score_block_elems`` (``config=TorchConfig(...)``)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import acc_dtype, lse_dtype, split_lse
 from longattn.common.kernels import Backend
 from longattn.common.merge import finish_rows
 
@@ -89,9 +91,9 @@ def forward(q, k, v, *, softmax_scale, window_size, config=None):
     b, sq, hq, d = q.shape
     sk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     g = hq // hkv
-    acc = acc_dtype(q.dtype)
+    acc, ldt = acc_dtype(q.dtype), lse_dtype(q.dtype)
     out = torch.zeros(b, sq, hq, dv, dtype=acc, device=q.device)
-    lse = torch.full((b, hq, sq), float("-inf"), dtype=acc, device=q.device)
+    lse = torch.full((b, hq, sq), float("-inf"), dtype=ldt, device=q.device)
     for q0, q1, lo, hi in _blocks(b, sq, sk, hq, window_size, block_elems):
         if hi <= lo:
             continue
@@ -104,8 +106,10 @@ def forward(q, k, v, *, softmax_scale, window_size, config=None):
         p.sub_(m).exp_()
         den = p.sum(dim=-1)  # [B, Hkv, G, r]
         o = torch.einsum("bhgqk,bkhd->bqhgd", p, vb)  # [B, r, Hkv, G, Dv]
-        # rows that see no key: out 0, lse -inf; a NaN row stays NaN
-        o, blk = finish_rows(o, den.permute(0, 3, 1, 2), m[..., 0].permute(0, 3, 1, 2))
+        # rows that see no key: out 0, lse -inf; a NaN row stays NaN. lse = m + log(den) in
+        # lse_dtype (m is the exact acc-dtype row max)
+        o, blk = finish_rows(o, den.permute(0, 3, 1, 2),
+                             m[..., 0].permute(0, 3, 1, 2).to(ldt))
         out[:, q0:q1] = o.reshape(b, r, hq, dv)
         lse[:, :, q0:q1] = blk.permute(0, 2, 3, 1).reshape(b, hq, r)
     return out.to(q.dtype), lse
@@ -121,7 +125,9 @@ def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, 
     dk = torch.zeros(b, sk, hkv, d, dtype=acc, device=q.device)
     dvv = torch.zeros(b, sk, hkv, dv, dtype=acc, device=q.device)
     # p = exp(s - lse); a row with lse = -inf sees nothing: exp(s - inf) = 0.
-    lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse).to(acc)
+    # A float64 lse (float32 inputs) goes in as a float32 high part and low residual.
+    lse_hi, lse_lo = split_lse(
+        torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse), acc)
     delta = (dout.to(acc) * out.to(acc)).sum(-1).transpose(1, 2)  # [B, Hq, Sq]
     if dlse is not None:
         delta = delta - dlse.to(acc)
@@ -132,7 +138,10 @@ def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, 
         qb = (q[:, q0:q1].to(acc) * softmax_scale).reshape(b, r, hkv, g, d)
         kb, vb = k[:, lo:hi].to(acc), v[:, lo:hi].to(acc)
         p = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window_size, q.device))
-        p.sub_(lse_safe[:, :, q0:q1].reshape(b, hkv, g, r, 1)).exp_()
+        p.sub_(lse_hi[:, :, q0:q1].reshape(b, hkv, g, r, 1))
+        if lse_lo is not None:
+            p.sub_(lse_lo[:, :, q0:q1].reshape(b, hkv, g, r, 1))
+        p.exp_()
         dob = dout[:, q0:q1].to(acc).reshape(b, r, hkv, g, dv)
         ds = torch.einsum("bqhgd,bkhd->bhgqk", dob, vb)
         ds.sub_(delta[:, :, q0:q1].reshape(b, hkv, g, r, 1)).mul_(p)

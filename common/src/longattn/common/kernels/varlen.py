@@ -13,8 +13,9 @@
 
 Tensors are packed: q ``[Tq, Hq, D]``, k/v ``[Tk, Hkv, D]`` (GQA as in the dense kernels);
 ``cu_seqlens_q`` / ``cu_seqlens_k`` are int32 ``[num_seqs + 1]`` (flash-attn's convention, same
-number of sequences). ``out`` is ``[Tq, Hq, Dv]`` in q's dtype, ``lse`` is ``[Hq, Tq]`` float32
-(float64 for float64 inputs). Sequence i's queries attend only to sequence i's keys; inside a
+number of sequences). ``out`` is ``[Tq, Hq, Dv]`` in q's dtype, ``lse`` is ``[Hq, Tq]`` in
+:func:`~longattn.common.dtypes.lse_dtype` (float32 for fp16 / bf16, float64 for float32 and
+float64 inputs). Sequence i's queries attend only to sequence i's keys; inside a
 sequence ``causal`` / ``window_size`` follow the dense kernels (bottom-right aligned when its q
 and k lengths differ).
 
@@ -37,7 +38,7 @@ from __future__ import annotations
 import torch
 
 from longattn.common.checks import check_bool, check_cu_seqlens, check_qkv, check_scale
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import acc_dtype, lse_dtype, split_lse
 from longattn.common.kernels import (
     attention_backward,
     attention_forward,
@@ -115,9 +116,9 @@ def _flash_lse_to_packed(lse, cu_q):
 
 def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend, config):
     tq, hq = q.shape[0], q.shape[1]
-    acc = acc_dtype(q.dtype)
+    ldt = lse_dtype(q.dtype)
     if tq == 0:
-        return q.new_zeros(0, hq, v.shape[-1]), torch.zeros(hq, 0, dtype=acc, device=q.device)
+        return q.new_zeros(0, hq, v.shape[-1]), torch.zeros(hq, 0, dtype=ldt, device=q.device)
     if _use_flash(q, v, backend, False) and k.shape[0] > 0:
         res = torch.ops.aten._flash_attention_forward(
             q, k, v, _int32(cu_q, q.device), _int32(cu_k, q.device), max(_lens(cu_q)),
@@ -130,14 +131,14 @@ def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend, config):
             out, lse = o[0], l[0]
         return out, lse
     out = q.new_zeros(tq, hq, v.shape[-1])
-    lse = torch.full((hq, tq), float("-inf"), dtype=acc, device=q.device)
+    lse = torch.full((hq, tq), float("-inf"), dtype=ldt, device=q.device)
     for a, b, c, d in zip(cu_q, cu_q[1:], cu_k, cu_k[1:]):
         if b == a or d == c:
             continue
         o, l = attention_forward(q[None, a:b], k[None, c:d], v[None, c:d], softmax_scale=scale,
                                  window_size=win, backend=backend, config=config)
         out[a:b] = o[0]
-        lse[:, a:b] = l[0].to(acc)
+        lse[:, a:b] = l[0].to(ldt)
     return out, lse
 
 
@@ -192,9 +193,9 @@ def _sink_rows(t, hkv, nmax, d):
 def _sinks_forward(q, k, v, kidx, vis, scale):
     tq, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
-    g, nmax, acc = hq // hkv, kidx.shape[1], acc_dtype(q.dtype)
+    g, nmax, acc, ldt = hq // hkv, kidx.shape[1], acc_dtype(q.dtype), lse_dtype(q.dtype)
     out = torch.zeros(tq, hq, dv, dtype=acc, device=q.device)
-    lse = torch.full((tq, hq), float("-inf"), dtype=acc, device=q.device)
+    lse = torch.full((tq, hq), float("-inf"), dtype=ldt, device=q.device)
     step = _sink_rows(tq, hkv, nmax, d)
     for t0 in range(0, tq, step):
         t1 = min(tq, t0 + step)
@@ -206,7 +207,8 @@ def _sinks_forward(q, k, v, kidx, vis, scale):
         m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
         p = torch.exp(s - m)
         o = torch.einsum("thgj,tjhd->thgd", p, vb)
-        o, blk = finish_rows(o, p.sum(-1), m[..., 0])  # empty rows: 0 / -inf; NaN stays
+        # empty rows: 0 / -inf; NaN stays; lse = m + log(den) in lse_dtype
+        o, blk = finish_rows(o, p.sum(-1), m[..., 0].to(ldt))
         out[t0:t1] = o.reshape(t1 - t0, hq, dv)
         lse[t0:t1] = blk.reshape(t1 - t0, hq)
     return out, lse.t()
@@ -222,7 +224,8 @@ def _sinks_backward(dout, q, k, v, lse, delta, kidx, vis, scale):
     dk = torch.zeros(k.shape, dtype=acc, device=q.device)
     dvv = torch.zeros(v.shape, dtype=acc, device=q.device)
     lse_safe = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse)
-    lse_safe, delta = lse_safe.t().to(acc), delta.t().to(acc)  # [Tq, Hq]
+    lse_hi, lse_lo = split_lse(lse_safe.t(), acc)  # [Tq, Hq]; lo: float64 lse, fp32 inputs
+    delta = delta.t().to(acc)
     step = _sink_rows(tq, hkv, nmax, d)
     for t0 in range(0, tq, step):
         t1 = min(tq, t0 + step)
@@ -231,7 +234,10 @@ def _sinks_backward(dout, q, k, v, lse, delta, kidx, vis, scale):
         kb, vb = k[kidx[t0:t1]].to(acc), v[kidx[t0:t1]].to(acc)
         s = torch.einsum("thgd,tjhd->thgj", qb, kb) * scale
         s = s.masked_fill(~vis[t0:t1, None, None, :], float("-inf"))
-        p = torch.exp(s - lse_safe[t0:t1].reshape(r, hkv, g, 1))
+        p = s - lse_hi[t0:t1].reshape(r, hkv, g, 1)
+        if lse_lo is not None:
+            p = p - lse_lo[t0:t1].reshape(r, hkv, g, 1)
+        p = torch.exp(p)
         dob = dout[t0:t1].to(acc).reshape(r, hkv, g, dv)
         dp = torch.einsum("thgd,tjhd->thgj", dob, vb)
         ds = p * (dp - delta[t0:t1].reshape(r, hkv, g, 1))
