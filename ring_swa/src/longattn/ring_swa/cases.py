@@ -184,6 +184,10 @@ def row_oracle(case):
             continue
         qi, ki, vi, di = q[:, i:i + 1], k[:, idx], v[:, idx], dout[:, i:i + 1]
         o, ls = attention(qi, ki, vi, scale=scale)
+        # the reference gives a row whose scores hold a NaN lse = -inf (its empty-row rule):
+        # such a row's lse is NaN (the row's out is NaN there too)
+        s = np.einsum("bqhd,bkhd->bhqk", qi, np.repeat(ki, hq // k.shape[2], axis=2))
+        ls = np.where(np.isnan(s).any(-1), np.nan, ls)
         out[:, i], lse[:, :, i] = o[:, 0], ls[:, :, 0]
         gq, gk, gv = attention_backward(di, qi, ki, vi, scale=scale)
         dq[:, i] = gq[:, 0]
