@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from longattn.common.testing import rel_error, run_world
+from longattn.common.dtypes import lse_dtype
+from longattn.common.testing import large_logit_qkv, rel_error, run_world
 from longattn.reference import attention, causal_mask
 
 WORLDS = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -98,8 +99,7 @@ def check(cases, results, dtype, tol):
         for r, per_rank in enumerate(results):
             out, lse = per_rank[ci]
             assert out.dtype == dtype and out.shape == c["q"].shape
-            want_lse = torch.float64 if dtype == torch.float64 else torch.float32
-            assert lse.dtype == want_lse
+            assert lse.dtype == lse_dtype(dtype)  # float64 for float32, float32 for bf16
             e_out, e_lse = rel_error(out, ref_out), rel_error(lse, ref_lse)
             assert e_out <= tol, (ci, r, e_out, c["lens"])
             assert e_lse <= tol, (ci, r, e_lse, c["lens"])
@@ -209,3 +209,144 @@ def test_nan_key_makes_the_rows_that_see_it_nan():
         for out, lse in per_rank:
             assert torch.equal(torch.isnan(out).any(-1), want_late)
             assert torch.equal(torch.isnan(lse).transpose(1, 2), want_late)
+
+
+def _large_logit_worker(rank, world, q, k, v, lens):
+    """Every merged decode path on this rank's shard of a float32 large-logit cache."""
+    import torch.distributed as dist
+
+    from longattn.tree import ring_decode, tree_decode
+
+    off = sum(lens[:rank])
+    kk, vv = k[:, off:off + lens[rank]], v[:, off:off + lens[rank]]
+    kw = dict(group=dist.group.WORLD, softmax_scale=1.0, causal=True, return_lse=True)
+    res = {"tree": tree_decode(q, kk, vv, **kw), "ring": ring_decode(q, kk, vv, **kw),
+           "tree triton_decode": tree_decode(q, kk, vv, backend="triton_decode", **kw),
+           "ring triton_decode": ring_decode(q, kk, vv, backend="triton_decode", **kw)}
+    if world == 4:
+        res["tree hierarchy (2, 2)"] = tree_decode(q, kk, vv, hierarchy=(2, 2), **kw)
+    return res
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("logit", [1e2, 1e4])
+def test_float32_large_logits_match_float64_dense(world, logit):
+    """float32 inputs whose scores sit near ``logit`` (exact in float32, softmax_scale=1.0),
+    a KV cache sharded unevenly over ``world`` ranks: tree_decode (flat, hierarchical, with the
+    shared kernels and the split-K Triton kernel, interpreted) and ring_decode are within 1e-5
+    of float64 dense attention in out and lse. With float32 statistics the merge of the
+    shards' partials alone would be ~1e-4 off at 1e4 (lse_dtype makes them float64)."""
+    b, lq, hq, hkv, d, n = 2, 3, 4, 2, 16, 150
+    q, k, v = large_logit_qkv(b, lq, n, hq, hkv, d, logit=logit, seed=int(logit) + world)
+    lens = [37, 60, 53] if world == 2 else [37, 0, 60, 53]
+    lens = lens[:1] + [lens[1] + lens[2]] if world == 2 else lens
+    ref_out, ref_lse = attention(q.double().numpy(), k.double().numpy(), v.double().numpy(),
+                                 mask=causal_mask(lq, n), scale=1.0)
+    worst = {}
+    for per_rank in run_world(world, _large_logit_worker, q, k, v, lens, timeout=300):
+        for name, (out, lse) in per_rank.items():
+            assert out.dtype == torch.float32 and lse.dtype == torch.float64, name
+            errs = (rel_error(out, ref_out), rel_error(lse, ref_lse))
+            worst[name] = max(worst.get(name, 0.0), *errs)
+            assert max(errs) <= 1e-5, (name, errs)
+    print(f"\nlarge logits {logit:g}, world {world}: " +
+          ", ".join(f"{name} {e:.2e}" for name, e in worst.items()))
+
+
+def _nan_qv_worker(rank, world, case, where, hierarchy):
+    """Decode with one NaN placed by ``where = (tensor, index)``: in ``"q"`` (replicated: the
+    same NaN on every rank) or in ``"v"`` / ``"k"`` at a global key index (on the rank
+    holding it)."""
+    import torch.distributed as dist
+
+    from longattn.tree import ring_decode, tree_decode
+
+    q = case["q"].clone()
+    k, v = (t.clone() for t in shard_of(case, rank))
+    what, idx = where
+    off = sum(case["lens"][:rank])
+    if what == "q":
+        q[idx] = float("nan")
+    elif off <= idx[1] < off + k.shape[1]:
+        t = k if what == "k" else v
+        t[(idx[0], idx[1] - off) + tuple(idx[2:])] = float("nan")
+    kw = dict(group=dist.group.WORLD, causal=case["causal"], return_lse=True)
+    res = [tree_decode(q, k, v, **kw), ring_decode(q, k, v, **kw)]
+    if hierarchy is not None:
+        res.append(tree_decode(q, k, v, hierarchy=hierarchy, **kw))
+    return res
+
+
+NAN_CASES = [  # (world, lens, (tensor, index)): one NaN on one rank (or in the replicated q)
+    (4, [4, 4, 3, 1], ("v", (0, 5, 1, 2))),  # rank 1's values, seen by every token
+    (4, [4, 4, 3, 1], ("v", (1, 0, 0, 7))),  # rank 0's first value
+    (4, [4, 4, 3, 1], ("v", (0, 11, 0, 0))),  # the last key's value (rank 3)
+    (4, [4, 4, 3, 1], ("k", (1, 8, 1, 0))),  # rank 2's keys
+    (4, [4, 4, 3, 1], ("q", (0, 1, 2, 3))),  # the replicated queries
+    (2, [7, 5], ("v", (1, 9, 0, 4))),
+    (2, [7, 5], ("q", (1, 2, 0, 0))),
+    (3, [0, 8, 4], ("v", (0, 3, 1, 1))),
+    (3, [0, 8, 4], ("k", (0, 10, 0, 5))),
+]
+
+
+@pytest.mark.parametrize("world,lens,where", NAN_CASES)
+def test_nan_in_q_k_or_v_matches_float64_dense(world, lens, where):
+    """One NaN in q, k or v (on the rank holding it; q is replicated): out and lse are NaN
+    exactly where float64 dense attention (longattn.reference.attention) is NaN, and every
+    other entry equals it (float64 inputs, 1e-10), for tree_decode (flat, and hierarchical on
+    4 ranks) and ring_decode, on every rank. The keys at the NaN's position are visible to
+    every new token here (non-causal), so the dense oracle's rows are the rows that see it.
+
+    A NaN in q or k makes a row's scores NaN: dense ``out`` is NaN in the whole row and its
+    ``lse`` must be NaN too (the oracle returns ``-inf`` there, so those rows' lse is checked
+    against NaN directly). A NaN in v makes one column of ``out`` NaN and leaves ``lse``
+    finite, as in dense attention."""
+    case = make_case(31, b=2, lq=3, hq=4, hkv=2, d=8, lens=lens, dtype=torch.float64,
+                     causal=False)
+    what, idx = where
+    dense = {x: case[x].clone() for x in "qkv"}
+    dense[what][idx] = float("nan")
+    ref_out, ref_lse = (torch.from_numpy(x) for x in attention(
+        *(dense[x].numpy() for x in "qkv")))
+    assert torch.isnan(ref_out).any()  # the case makes NaN rows, and finite ones
+    assert not torch.isnan(ref_out).all()
+    nan_rows = torch.isnan(ref_out).all(-1).transpose(1, 2)  # [B, Hq, Lq]: a NaN score
+    assert nan_rows.any() == (what != "v")
+    hierarchy = (2, 2) if world == 4 else None
+    for per_rank in run_world(world, _nan_qv_worker, case, where, hierarchy):
+        for out, lse in per_rank:
+            assert torch.equal(torch.isnan(out), torch.isnan(ref_out)), (where, out)
+            keep = ~torch.isnan(ref_out)
+            assert rel_error(out[keep], ref_out[keep]) <= 1e-10
+            assert torch.equal(torch.isnan(lse), nan_rows), (where, lse)
+            assert rel_error(lse[~nan_rows], ref_lse[~nan_rows]) <= 1e-10
+
+
+def _nan_q_one_rank_worker(rank, world, bad):
+    import torch.distributed as dist
+
+    from longattn.tree import ring_decode, tree_decode
+
+    q = torch.randn(1, 2, 4, 8, generator=torch.Generator().manual_seed(0))
+    k = v = torch.randn(1, 3, 2, 8, generator=torch.Generator().manual_seed(rank))
+    if rank == bad:
+        q[0, 1, 3, 0] = float("nan")
+    errs = []
+    for fn in (tree_decode, ring_decode):
+        try:
+            fn(q, k, v, group=dist.group.WORLD)
+            errs.append(None)
+        except ValueError as e:
+            errs.append(str(e))
+    return errs
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_nan_in_q_on_one_rank_only_raises_on_every_rank(world):
+    """A NaN in q on one rank only means q is not replicated: every rank raises the same
+    ValueError (the q checksum of the agreement), none returns a half-NaN answer."""
+    res = run_world(world, _nan_q_one_rank_worker, world - 1, timeout=60)
+    for errs in res:
+        assert errs == res[0] and all(e is not None and "q values" in e for e in errs), errs

@@ -19,6 +19,7 @@ def _check_interpreted():
     import numpy as np
     import torch
 
+    from longattn.common.dtypes import lse_dtype
     from longattn.common.testing import rel_error
     from longattn.reference import attention
     from longattn.tree import triton_decode as td
@@ -36,13 +37,15 @@ def _check_interpreted():
             ro, rl = attention(*(x.double().numpy() for x in (q, k, v)), mask=mask, scale=0.25)
             o, lse = td.decode(q, k, v, softmax_scale=0.25, right=right, block_n=16,
                                splits=splits)
-            assert o.dtype == torch.float32 and lse.dtype == torch.float32
+            # lse in lse_dtype: float64 for float32 inputs, float32 for bf16
+            assert o.dtype == torch.float32 and lse.dtype == lse_dtype(dtype)
             assert rel_error(o, ro) <= tol and rel_error(lse, rl) <= tol, (dtype, i)
             o2, _ = local_attention(q, k, v, softmax_scale=0.25, right=right,
                                     backend="triton_decode")
             assert rel_error(o2, ro) <= tol
     _check_merge_twin()
     _check_nan()
+    _check_large_logits()
     # what it cannot serve is refused (and the planner fills the GPU)
     assert td.supports(*(torch.zeros(1, 1, 2, 24) for _ in range(3))) is not None
     assert td.make_plan(1 << 20, 16, block_n=64, device=None) == (33, 31808)
@@ -114,6 +117,26 @@ def _check_nan():
     assert torch.equal(nan_o, want) and torch.equal(nan_l, want), (nan_o, nan_l)
 
 
+def _check_large_logits():
+    """float32 scores near 1e2 and 1e4 (exact, softmax_scale=1.0) over 4 splits: the split-K
+    epilogue merges in float64 statistics, so out and lse stay within 1e-5 of float64."""
+    import torch
+
+    from longattn.common.testing import large_logit_qkv, rel_error
+    from longattn.reference import attention, causal_mask
+    from longattn.tree import triton_decode as td
+
+    for logit in (1e2, 1e4):
+        q, k, v = large_logit_qkv(2, 3, 150, 4, 2, 16, logit=logit, seed=5)
+        ro, rl = attention(*(x.double().numpy() for x in (q, k, v)), mask=causal_mask(3, 150),
+                           scale=1.0)
+        o, lse = td.decode(q, k, v, softmax_scale=1.0, right=0, block_n=16, splits=4)
+        assert lse.dtype == torch.float64
+        errs = rel_error(o, ro), rel_error(lse, rl)
+        assert max(errs) <= 1e-5, (logit, errs)
+        print(f"large logits {logit:g}: out {errs[0]:.2e} lse {errs[1]:.2e}")
+
+
 def test_triton_decode_kernel_interpreted():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -122,3 +145,4 @@ def test_triton_decode_kernel_interpreted():
                           "import test_tree_triton as t; t._check_interpreted()"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    print(res.stdout)
