@@ -1,6 +1,8 @@
 """Fault injection: one argument is bad (or merely different) on a single rank of a 2-, 3- or
 4-rank world. Every rank must raise the same clear error, naming the argument, before any K/V
-moves, and the world must keep working afterwards."""
+moves, and the world must keep working afterwards. 38 checks (each with the bad value on one
+rank) in each of 4 worlds: 2 ranks (bad rank 1), 3 ranks (bad rank 0, then 1), 4 ranks (bad
+rank 3); one more test for an explicit backend that cannot serve one rank's step."""
 
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from longattn.ring_swa import (
     ring_streaming_llm_attn,
     ring_swa_attn,
 )
+
+pytestmark = pytest.mark.faults
 
 S = 4  # tokens per rank
 
@@ -61,6 +65,9 @@ def _faults(rank, world, bad_rank):
         ("window_size not causal", ["window_size"], canon(window_size=(3, 1), causal=False)),
         ("window_size overflows int64", ["window_size", "64-bit"],
          canon(window_size=(2**64, 0))),
+        ("window_size = 2**63", ["window_size", "64-bit"], canon(window_size=(2**63, 0))),
+        ("seed: window_size = 2**63", ["window_size", "64-bit"],
+         seed(ring_sliding_window_attn, 2**63) if bad else seed(ring_sliding_window_attn, 3)),
         ("causal not a bool", ["causal"], canon(causal="yes")),
         ("causal differs", ["causal", "same on every rank"], canon(causal=False)),
         ("softmax_scale nan", ["softmax_scale"], canon(softmax_scale=float("nan"))),
@@ -71,6 +78,10 @@ def _faults(rank, world, bad_rank):
          canon(num_sink_tokens=2)),
         ("num_sink_tokens overflows int64", ["num_sink_tokens", "64-bit"],
          canon(num_sink_tokens=2**70)),
+        ("num_sink_tokens = 2**63", ["num_sink_tokens", "64-bit"],
+         canon(num_sink_tokens=2**63)),
+        ("varlen num_sink_tokens = 2**63", ["num_sink_tokens", "64-bit"],
+         canon_varlen(num_sink_tokens=2**63)),
         ("return_lse not a bool", ["return_lse"], canon(return_lse=1)),
         ("return_lse differs", ["return_lse", "same on every rank"], canon(return_lse=True)),
         ("backend unknown", ["backend"], canon(backend="no-such-kernel")),
