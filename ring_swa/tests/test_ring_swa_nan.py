@@ -94,7 +94,7 @@ def _nan_worker(rank, world, cases):
     return [run_case(rank, world, c) for c in cases]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _one_nan_results(n):
     """Per case: (case, got {key: global numpy}, row oracle, dense oracle, loss)."""
     cases = _one_nan_cases(n)

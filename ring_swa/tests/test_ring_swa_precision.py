@@ -36,7 +36,7 @@ def _cases(n):
     return cases
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured(n):
     """``[(case, {name: rel_error}, lse dtype)]`` of every case on an ``n``-rank world."""
     cases = _cases(n)
