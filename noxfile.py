@@ -4,6 +4,8 @@
                                      (the same program as ``longattn demo``)
     nox -s tests                     all packages' tests on the CPU
     nox -s "isolated(<pkg>)"         one package installed alone (+ its declared deps), its tests
+    nox -s faults                    the fault-injection suite (pytest -m faults): test ids per
+                                     package and the wall time
     nox -s lint                      ruff
     nox -s "bench(<pkg>)"            a package's GPU benchmark script (GPU machine)
     nox -s "repro(<pkg>, <target>)"  a package's reproduction sweep for a hardware target
@@ -75,6 +77,31 @@ def demo(session):
     _install(session, PACKAGES, extra="test")
     session.install("matplotlib", "tqdm")
     session.run("python", "-m", "longattn.integrations", "demo", *session.posargs, env=CPU_ENV)
+
+
+@nox.session
+def faults(session):
+    """The fault-injection suite (``pytest -m faults``) on the CPU: prints how many test ids
+    each package has in it, runs them, and prints the wall time."""
+    _install(session, PACKAGES)
+    session.run("python", "-c", _FAULT_REPORT, *session.posargs, env=CPU_ENV)
+
+
+# Counts the collected fault-suite ids per package, runs them, prints the wall time.
+_FAULT_REPORT = """
+import collections, subprocess, sys, time
+cmd = [sys.executable, '-m', 'pytest', '-m', 'faults', '-p', 'no:cacheprovider']
+ids = subprocess.run(cmd + ['-q', '--collect-only'], capture_output=True, text=True).stdout
+ids = [line for line in ids.splitlines() if '::' in line]
+per = collections.Counter(line.split('/')[0] for line in ids)
+for pkg, n in sorted(per.items()):
+    print(f'{pkg:14s} {n:5d} test ids')
+print(f'{"total":14s} {len(ids):5d} test ids')
+t0 = time.perf_counter()
+rc = subprocess.run(cmd + ['-q', *sys.argv[1:]]).returncode
+print(f'fault suite: {len(ids)} test ids, wall time {time.perf_counter() - t0:.1f} s, exit {rc}')
+sys.exit(rc)
+"""
 
 
 @nox.session
