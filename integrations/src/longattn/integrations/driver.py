@@ -77,7 +77,8 @@ def _merge_on_world(rank, world, seed):
         dist.all_gather(lses, lse.contiguous())
         for p in range(world):
             if p != rank:
-                comm.record("send", p, out.numel() * 8 + lse.numel() * 8)
+                comm.record("send", p, out.numel() * out.element_size()
+                            + lse.numel() * lse.element_size())
         acc_o, acc_l = outs[0], lses[0]
         for o, lse_p in zip(outs[1:], lses[1:]):
             acc_o, acc_l = merge_partials(acc_o, acc_l, o, lse_p)
