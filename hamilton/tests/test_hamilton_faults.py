@@ -1,20 +1,24 @@
-"""Fault injection: one rank of a 2-, 3- or 4-rank world calls hamilton_attn with one bad or
-different argument. Every rank must raise the same clear error (the same class and message,
+"""Fault injection: one rank of a 2-, 3- or 4-rank world calls hamilton_attn, shard or unshard
+with one bad or different argument. Every rank must raise the same clear error (the same class and message,
 naming the argument, and the bad rank where the error is that rank's own), none may hang or
 return, and the world must work afterwards.
 
-(q on another device type is not possible on a CPU-only machine; the agreement covers it as
-``q.device.type``.)
+Each (entry point, fault, world size) is one test id (17 hamilton_attn faults, 7 shard, 7
+unshard: 31 x 3 = 93), each run with the bad rank first and last; one world run per size
+serves all of them. (q on another device type is not possible on a CPU-only machine; the
+agreement covers it as ``q.device.type``.)
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 import torch.distributed as tdist
 
 from longattn.common.testing import run_world
-from longattn.hamilton import HamiltonConfig, hamilton_attn, multi_ring_schedule
+from longattn.hamilton import HamiltonConfig, hamilton_attn, multi_ring_schedule, shard, unshard
 
 B, HQ, HKV, D = 1, 4, 2, 8
 
@@ -71,32 +75,87 @@ def _call(rank, n, bad_rank, change):
     return hamilton_attn(q, k, v, group=tdist.group.WORLD, **kw)
 
 
+# shard / unshard: (what the bad rank changes, error class, words, names the bad rank)
+LAYOUT_FAULTS = {
+    "causal not a bool": ({"causal": 1}, TypeError, ["causal must be a bool"], True),
+    "causal differs": ({"causal": False}, ValueError,
+                       ["causal must be the same on every rank"], False),
+    "dim out of range": ({"dim": 5}, ValueError, ["dim must be an int"], True),
+    "dim differs": ({"dim": 0}, ValueError, ["dim must be the same on every rank"], False),
+    "x not a tensor": ({"x": "x"}, TypeError, ["x must be a torch.Tensor"], True),
+    "shape differs": ({"longer": True}, ValueError,
+                      ["x.shape must be the same on every rank"], False),
+    "dtype differs": ({"dtype": torch.float32}, ValueError,
+                      ["x.dtype must be the same on every rank"], False),
+}
+ENTRIES = {"hamilton_attn": FAULTS, "shard": LAYOUT_FAULTS, "unshard": LAYOUT_FAULTS}
+
+
+def _layout_call(rank, n, bad_rank, change, fn):
+    """shard (of a global tensor) or unshard (of a local one) with ``change`` on ``bad_rank``;
+    x is ``[L, L, 3]`` (every ``dim`` but the last splits)."""
+    kw = {"causal": True, "dim": 1}
+    length = (2 * n if fn is unshard else 2 * n * n) * 2
+    dtype, x = torch.float64, None
+    if rank == bad_rank:
+        kw.update(change)
+        dtype, x = kw.pop("dtype", dtype), kw.pop("x", None)
+        length += 4 * n * kw.pop("longer", False)
+    for key in ("dtype", "longer", "x"):
+        kw.pop(key, None)
+    if x is None:
+        x = torch.arange(length * length * 3, dtype=dtype).reshape(length, length, 3)
+    return fn(x, group=tdist.group.WORLD, **kw)
+
+
 def _inject(rank, n, bad_rank):
     results = {}
-    for name, (change, _, _, _) in FAULTS.items():
-        try:
-            _call(rank, n, bad_rank, change)
-        except Exception as e:  # noqa: BLE001 - the test records whatever was raised
-            results[name] = (type(e).__name__, str(e))
-        else:
-            results[name] = (None, "returned")
+    for entry, faults in ENTRIES.items():
+        for name, (change, _, _, _) in faults.items():
+            try:
+                if entry == "hamilton_attn":
+                    _call(rank, n, bad_rank, change)
+                else:
+                    _layout_call(rank, n, bad_rank, change, shard if entry == "shard"
+                                 else unshard)
+            except Exception as e:  # noqa: BLE001 - the test records whatever was raised
+                results[(entry, name)] = (type(e).__name__, str(e))
+            else:
+                results[(entry, name)] = (None, "returned")
     good = _call(rank, n, None, {})  # the world still works
-    return results, tuple(good.shape)
+    full = _layout_call(rank, n, None, {}, shard)
+    back = _layout_call(rank, n, None, {}, unshard)
+    return results, (tuple(good.shape), tuple(full.shape), tuple(back.shape))
 
 
+@functools.cache
+def _world(n):
+    """{bad_rank: per-rank results} of every fault on an n-rank world."""
+    return {bad_rank: run_world(n, _inject, bad_rank, timeout=120)
+            for bad_rank in sorted({0, n - 1})}
+
+
+CASES = [(entry, name) for entry, faults in ENTRIES.items() for name in faults]
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("entry,fault", CASES, ids=[f"{e}-{f.replace(' ', '_')}"
+                                                    for e, f in CASES])
 @pytest.mark.parametrize("n", [2, 3, 4])
-def test_one_bad_rank_raises_the_same_error_everywhere(n):
-    for bad_rank in sorted({0, n - 1}):
-        per_rank = run_world(n, _inject, bad_rank, timeout=120)
-        for name, (_, cls, words, names_rank) in FAULTS.items():
-            got = [r[0][name] for r in per_rank]
-            assert all(c == cls.__name__ for c, _ in got), (n, bad_rank, name, got)
-            # the same message everywhere (a differing dtype or string can only be shown as
-            # each rank's own value: that tail may differ)
-            msgs = {m.split("; this rank (rank")[0] for _, m in got}
-            assert len(msgs) == 1, (n, bad_rank, name, msgs)
-            msg = msgs.pop()
-            assert all(w in msg for w in words), (n, bad_rank, name, msg)
-            if names_rank:
-                assert f"rank(s) [{bad_rank}] of {n}" in msg, (n, bad_rank, name, msg)
-        assert all(r[1] == (B, 4 * (n - 1) * 2, HQ, D) for r in per_rank)
+def test_one_bad_rank_raises_the_same_error_everywhere(n, entry, fault):
+    _, cls, words, names_rank = ENTRIES[entry][fault]
+    for bad_rank, per_rank in _world(n).items():
+        got = [r[0][(entry, fault)] for r in per_rank]
+        assert all(c == cls.__name__ for c, _ in got), (n, bad_rank, got)
+        # the same message everywhere (a differing dtype or string can only be shown as each
+        # rank's own value: that tail may differ)
+        msgs = {m.split("; this rank (rank")[0] for _, m in got}
+        assert len(msgs) == 1, (n, bad_rank, msgs)
+        msg = msgs.pop()
+        assert all(w in msg for w in words), (n, bad_rank, msg)
+        if names_rank:
+            assert f"rank(s) [{bad_rank}] of {n}" in msg, (n, bad_rank, msg)
+        # the world works afterwards
+        assert all(r[1] == ((B, 4 * (n - 1) * 2, HQ, D), (4 * n * n, 4 * n, 3),
+                            (4 * n, 4 * n * n, 3))
+                   for r in per_rank)

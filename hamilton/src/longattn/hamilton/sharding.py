@@ -26,10 +26,29 @@ def layout_name(causal: bool) -> str:
 def shard(x: torch.Tensor, *, group=None, causal: bool = False, dim: int = 1) -> torch.Tensor:
     """This rank's part of the full tensor ``x`` along ``dim`` (1: the sequence of BSHD).
 
-    The global length must be divisible by ``2n`` (causal) or ``n``. Purely local.
+    The global length must be divisible by ``2n`` (causal) or ``n``. No data moves, but every
+    rank of ``group`` must call it: one small agreement (:func:`longattn.common.dist.agree`)
+    checks that every rank shards a tensor of the same shape, dtype and device type with the
+    same ``causal`` and ``dim``, so a bad or differing argument on one rank raises on every
+    rank instead of leaving the ranks with mismatched layouts.
     """
     g = dist.resolve_group(group)
-    return _layout.take_shard(x, g.rank, g.size, layout=layout_name(causal), dim=dim)
+
+    def check():
+        name = layout_name(causal)
+        _check_dim(x, dim)
+        part = _layout.take_shard(x, g.rank, g.size, layout=name, dim=dim)
+        return part, {"x.shape": tuple(x.shape), "x.dtype": x.dtype,
+                      "x.device.type": x.device.type, "causal": causal, "dim": dim % x.ndim}
+
+    part, _ = dist.agree("shard", g, check)
+    return part
+
+
+def _check_dim(x, dim):
+    check_tensor("x", x, dtypes=None)
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+        raise ValueError(f"dim must be an int in [-{x.ndim}, {x.ndim}), got {dim!r}")
 
 
 def unshard(x, *, group=None, causal: bool = False, dim: int = 1) -> torch.Tensor:
@@ -42,9 +61,7 @@ def unshard(x, *, group=None, causal: bool = False, dim: int = 1) -> torch.Tenso
 
     def check():
         name = layout_name(causal)
-        check_tensor("x", x, dtypes=None)
-        if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
-            raise ValueError(f"dim must be an int in [-{x.ndim}, {x.ndim}), got {dim!r}")
+        _check_dim(x, dim)
         return name, {"x.shape": tuple(x.shape), "x.dtype": x.dtype,
                       "x.device.type": x.device.type, "causal": causal, "dim": dim % x.ndim}
 
