@@ -410,3 +410,17 @@ def test_bad_scale_raises_naming_scale(scale):
     q, k, v = qkv(rng, 1, 2, 2, 1, 1, 2)
     with pytest.raises((ValueError, TypeError), match="scale"):
         attention(q, k, v, scale=scale)
+
+
+def test_nan_score_row_gives_nan_out_and_lse():
+    """A NaN in one key makes exactly the rows that see it NaN, in out and lse (never -inf)."""
+    from longattn.reference import causal_mask
+
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 6, 2, 4)) for _ in range(3))
+    k[0, 3, 1, 2] = np.nan
+    out, lse = attention(q, k, v, mask=causal_mask(6, 6))
+    sees = np.arange(6) >= 3
+    assert np.isnan(lse[0, 1, sees]).all() and np.isfinite(lse[0, 1, ~sees]).all()
+    assert np.isnan(out[0, sees, 1]).all() and np.isfinite(out[0, ~sees, 1]).all()
+    assert np.isfinite(lse[0, 0]).all() and np.isfinite(out[0, :, 0]).all()

@@ -51,14 +51,17 @@ def _scores(q, k, mask, scale):
 
 
 def _softmax(s):
-    """Row softmax and lse of masked scores; rows with no visible key give p = 0, lse = -inf."""
+    """Row softmax and lse of masked scores; rows with no visible key give p = 0, lse = -inf;
+    a row holding a NaN score gives NaN p and NaN lse (dense attention's own answer)."""
     mx = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    mx = np.where(np.isfinite(mx), mx, 0.0)
-    e = np.exp(s - mx)
+    mx = np.where(np.isneginf(mx), 0.0, mx)
+    with np.errstate(invalid="ignore"):
+        e = np.exp(s - mx)
     den = e.sum(axis=-1, keepdims=True)
-    p = e / np.where(den > 0, den, 1.0)
-    with np.errstate(divide="ignore"):
-        lse = np.where(den > 0, mx + np.log(np.where(den > 0, den, 1.0)), -np.inf)
+    some = den != 0  # True for NaN: a NaN row stays NaN
+    p = e / np.where(some, den, 1.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(some, mx + np.log(np.where(some, den, 1.0)), -np.inf)
     return p, lse[..., 0]
 
 
