@@ -1,7 +1,7 @@
 """Fault injection: one rank of a 2-, 3- or 4-rank world calls hamilton_attn, shard or unshard
-with one bad or different argument. Every rank must raise the same clear error (the same class and message,
-naming the argument, and the bad rank where the error is that rank's own), none may hang or
-return, and the world must work afterwards.
+with one bad or different argument. Every rank must raise the same clear error (the same class
+and message, naming the argument, and the bad rank where the error is that rank's own), none
+may hang or return, and the world must work afterwards.
 
 Each (entry point, fault, world size) is one test id (17 hamilton_attn faults, 7 shard, 7
 unshard: 31 x 3 = 93), each run with the bad rank first and last; one world run per size
