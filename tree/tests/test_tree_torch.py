@@ -249,6 +249,19 @@ def test_float32_large_logits_match_float64_dense(world, logit):
             errs = (rel_error(out, ref_out), rel_error(lse, ref_lse))
             worst[name] = max(worst.get(name, 0.0), *errs)
             assert max(errs) <= 1e-5, (name, errs)
+    # the same shards' partials merged with float32 statistics: what lse_dtype prevents
+    from longattn.common.merge import merge_stacked
+    from longattn.tree.local import local_attention
+
+    offs = [sum(lens[:r]) for r in range(world)]
+    parts = [local_attention(q, k[:, o:o + n], v[:, o:o + n], softmax_scale=1.0,
+                             right=sum(lens[r + 1:]))
+             for r, (o, n) in enumerate(zip(offs, lens)) if n]
+    f32, _ = merge_stacked(torch.stack([p[0] for p in parts]),
+                           torch.stack([p[1].float().transpose(1, 2) for p in parts]))
+    worst["float32-statistics merge (ablation)"] = rel_error(f32, ref_out)
+    if logit == 1e4:
+        assert worst["float32-statistics merge (ablation)"] > 1e-5  # the test can tell
     print(f"\nlarge logits {logit:g}, world {world}: " +
           ", ".join(f"{name} {e:.2e}" for name, e in worst.items()))
 

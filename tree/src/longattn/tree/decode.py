@@ -11,14 +11,14 @@ Attention over the union of the shards is then, exactly,
 
 with every statistic (``lse_r``, ``m``, ``w_r``, ``den``) in ``common.dtypes.lse_dtype``:
 float32 for fp16 / bf16 inputs, float64 for float32 and float64 inputs (a float32 ``lse``
-near 1e4 is only good to ~1e-3, and ``exp(lse_r - m)`` would turn that into a relative error
-of ~1e-4 in ``out``). ``num`` rides along with ``den`` in one message, so the SUM buffer is in
-the statistics' dtype too (float64 for float32 inputs; fp16 / bf16 send float32 as ever). The
-reference implementations use a third all-reduce for ``den``; it rides along with ``num``
-here. Message sizes do not depend on the context
-length. With ``hierarchy=(nodes, gpus_per_node)`` each node first gathers its ranks' partials
-at its leader (local rank 0), which merges them exactly; the leaders run the MAX / SUM pair
-across nodes; each leader broadcasts the result inside its node.
+near 1e4 is only good to ~1e-3, and ``exp(lse_r - m)`` turns that into a relative error of
+1e-4 and more in ``out``: ``tree/bench/results/precision_cpu.log``). ``num`` rides along with
+``den`` in one message, so the SUM buffer is in the statistics' dtype too (float64 for float32
+inputs; fp16 / bf16 send float32 as ever). The reference implementations use a third
+all-reduce for ``den``; it rides along with ``num`` here. Message sizes do not depend on the
+context length. With ``hierarchy=(nodes, gpus_per_node)`` each node first gathers its ranks'
+partials at its leader (local rank 0), which merges them exactly; the leaders run the MAX / SUM
+pair across nodes; each leader broadcasts the result inside its node.
 
 Forward only (inference): nothing here records autograd history.
 """

@@ -7,9 +7,11 @@ all query rows of KV head ``h`` (the ``Lq * G`` rows of its GQA group, so every 
 once) to the keys of split ``s`` with an online softmax, and writes an unnormalised partial
 ``(acc, m, l)``. A short torch epilogue (:func:`merge_splits`) merges the splits exactly, its
 statistics in ``common.dtypes.lse_dtype`` (float32 for fp16 / bf16, float64 for float32 inputs:
-a float32 ``m + log l`` near 1e4 is only good to ~1e-3, which a later merge across ranks would
-turn into a relative error of ~1e-4 in ``out``); its slow twin is :func:`longattn.common.merge.merge_stacked` on the normalised
-partials ``(acc / l, m + log l)`` (the tests compare the two).
+a float32 ``m + log l`` near 1e4 is only good to ~1e-3, which a later merge across ranks turns
+into a relative error of 1e-4 and more in ``out``, ``tree/bench/results/precision_cpu.log``);
+its slow twin is
+:func:`longattn.common.merge.merge_stacked` on the normalised partials ``(acc / l, m + log l)``
+(the tests compare the two).
 
 Reads K and V in their BSHD layout (any strides with a unit last stride): no copies. Window
 ``(-1, right)`` bottom-right aligned, as :func:`longattn.tree.local.local_attention` needs.
