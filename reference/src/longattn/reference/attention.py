@@ -52,14 +52,15 @@ def _scores(q, k, mask, scale):
 
 def _softmax(s):
     """Row softmax and lse of masked scores; rows with no visible key give p = 0, lse = -inf;
-    a row holding a NaN score gives NaN p and NaN lse (dense attention's own answer)."""
+    a row holding a NaN score gives NaN lse and NaN p on its visible keys (0 on masked keys:
+    a key the row does not see gets no gradient from it)."""
     mx = s.max(axis=-1, keepdims=True, initial=-np.inf)
-    mx = np.where(np.isneginf(mx), 0.0, mx)
-    with np.errstate(invalid="ignore"):
+    mx = np.where(np.isneginf(mx) | np.isnan(mx), 0.0, mx)
+    with np.errstate(over="ignore", invalid="ignore"):
         e = np.exp(s - mx)
-    den = e.sum(axis=-1, keepdims=True)
-    some = den != 0  # True for NaN: a NaN row stays NaN
-    p = e / np.where(some, den, 1.0)
+        den = e.sum(axis=-1, keepdims=True)
+        some = den != 0  # True for NaN: a NaN row stays NaN
+        p = np.where(np.isneginf(s), 0.0, e / np.where(some, den, 1.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         lse = np.where(some, mx + np.log(np.where(some, den, 1.0)), -np.inf)
     return p, lse[..., 0]

@@ -137,11 +137,14 @@ def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, 
         r = q1 - q0
         qb = (q[:, q0:q1].to(acc) * softmax_scale).reshape(b, r, hkv, g, d)
         kb, vb = k[:, lo:hi].to(acc), v[:, lo:hi].to(acc)
-        p = _scores(qb, kb, _mask(q0, q1, lo, hi, sk - sq, window_size, q.device))
+        mask = _mask(q0, q1, lo, hi, sk - sq, window_size, q.device)
+        p = _scores(qb, kb, mask)
         p.sub_(lse_hi[:, :, q0:q1].reshape(b, hkv, g, r, 1))
         if lse_lo is not None:
             p.sub_(lse_lo[:, :, q0:q1].reshape(b, hkv, g, r, 1))
         p.exp_()
+        if mask is not None:  # exp(-inf - NaN) is NaN: a NaN row must not reach unseen keys
+            p.masked_fill_(~mask, 0.0)
         dob = dout[:, q0:q1].to(acc).reshape(b, r, hkv, g, dv)
         ds = torch.einsum("bqhgd,bkhd->bhgqk", dob, vb)
         ds.sub_(delta[:, :, q0:q1].reshape(b, hkv, g, r, 1)).mul_(p)
