@@ -67,13 +67,30 @@ def launches(monkeypatch):
     return count
 
 
+@pytest.fixture
+def fused_fp32(monkeypatch):
+    """Lets float32 inputs through to the fused kernels when ``fused="on"``, for these tests
+    only. ``dilated_attention`` itself never fuses float32 (it merges float32 inputs eagerly,
+    with float64 statistics: the kernels' float32 lse would cost accuracy at large logits), but
+    the kernels' logic (tiles, index paths, masks, the merge and the sums) is the same for
+    every dtype, and float32 lets the tests here hold it to 1e-5 against the eager path."""
+    real = attn._use_fused
+
+    def use_fused(q, plan, config):
+        if q.dtype == torch.float32:  # decide as for fp16 on q's device
+            q = torch.empty(0, dtype=torch.float16, device=q.device)
+        return real(q, plan, config)
+
+    monkeypatch.setattr(attn, "_use_fused", use_fused)
+
+
 def test_interpreter_is_on():
     assert fused.INTERPRET
 
 
 @pytest.mark.parametrize("ci", range(len(CASES)))
 @pytest.mark.parametrize("causal", [False, True])
-def test_fused_vs_eager_and_oracle(launches, ci, causal):
+def test_fused_vs_eager_and_oracle(launches, fused_fp32, ci, causal):
     seg, rates, s, hq, hkv = CASES[ci]
     plan = make_plan(s, s, 0, 1, hq, hkv, seg, rates, causal)
     assert all(c.strided is not None for c in plan.calls)
@@ -94,7 +111,7 @@ def test_fused_vs_eager_and_oracle(launches, ci, causal):
     assert launches == {"merge": 2, "sum": 6}
 
 
-def test_uncovered_rows(launches):
+def test_uncovered_rows(launches, fused_fp32):
     # (7, 16) x (2, 3) keeps no row t of head h where t % 7 % 2 != h % 2 and t % 16 % 3 != h % 3
     seg, rates, s, hq = (7, 16), (2, 3), 30, 4
     q, k, v, dout, dlse = _inputs(7, s, hq, hq)
@@ -227,12 +244,16 @@ def test_merge_calls_is_merge_stacked_and_the_fused_merge(seg, rates, s, hq, hkv
 
 
 def test_auto_mode_keeps_cpu_eager(launches):
-    """"auto" uses the fused kernels only on CUDA fp16/bf16; float64 never fuses."""
+    """"auto" uses the fused kernels only on CUDA fp16/bf16; float32 and float64 never fuse,
+    not even with "on" (their lse is float64: the eager merge, bit for bit)."""
     seg, rates, s, hq, hkv = CASES[0]
     q, k, v, dout, dlse = _inputs(1, s, hq, hkv)
     _run(FusedConfig(), seg, rates, False, q, k, v, dout, dlse)
     _run(None, seg, rates, False, q, k, v, dout, dlse)
-    _run(ON, seg, rates, False, q, k, v, dout, dlse, torch.float64)
+    on = _run(ON, seg, rates, False, q, k, v, dout, dlse, torch.float32)
+    off = _run(OFF, seg, rates, False, q, k, v, dout, dlse, torch.float32)
+    assert on[1].dtype == torch.float64 and all(torch.equal(a, b) for a, b in zip(on, off))
+    _run(ON, seg, rates, False, q, k, v, dout, dlse, torch.float64)  # (makes q a leaf)
     assert launches == {"merge": 0, "sum": 0}
 
 
@@ -254,7 +275,7 @@ def test_bad_config(kwargs, exc, match):
 
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("ci", [0, 2, 3, 4])
-def test_small_tiles(monkeypatch, launches, ci, fast):
+def test_small_tiles(monkeypatch, launches, fused_fp32, ci, fast):
     """Tiles of 2 positions: most calls hold no row of a tile (every member mask false), the
     last tile is partial (odd S); both index paths (every segment is >= 2 positions, so the
     division-free one runs unless fast_index is off)."""
@@ -284,7 +305,7 @@ def _spy_paths(monkeypatch):
     return paths
 
 
-def test_head_dim_chunks(monkeypatch, launches):
+def test_head_dim_chunks(monkeypatch, launches, fused_fp32):
     """The head dim in chunks of 4 columns: head dims 8 and 12 (padded to 16: a partial and an
     empty last chunk), both index paths in one run (segments 3 and 8 with tiles of 4)."""
     paths = _spy_paths(monkeypatch)
@@ -299,7 +320,7 @@ def test_head_dim_chunks(monkeypatch, launches):
 
 
 @pytest.mark.parametrize("ci, programs", [(0, 1), (1, 3), (3, 5), (6, 2)])
-def test_persistent_programs(launches, ci, programs):
+def test_persistent_programs(launches, fused_fp32, ci, programs):
     """With programs_per_sm set, each program strides over several position tiles of its (head,
     batch row) (on the CPU one "SM": splits = ceil(programs / (B*H)), i.e. one split here, so a
     program walks all tiles, the last one partial)."""

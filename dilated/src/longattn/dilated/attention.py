@@ -26,7 +26,7 @@ import torch
 from longattn.common import comm
 from longattn.common import dist as ldist
 from longattn.common.checks import check_bool, check_qkv, check_scale
-from longattn.common.dtypes import acc_dtype
+from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import attention_backward, attention_forward, pick_backend
 from longattn.common.merge import finish_rows
 from longattn.dilated.config import check_config
@@ -49,9 +49,11 @@ def check_schedule(segment_lengths, dilation_rates):
     return tuple(int(x) for x in segment_lengths), tuple(int(x) for x in dilation_rates)
 
 
-def _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, config):
+def _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, config,
+           causal_name="causal"):
     """This rank's checks of a :func:`dilated_attention` call: ``((segments, rates, scale,
-    config), fields every rank must share)`` (see :func:`longattn.common.dist.agree`)."""
+    config), fields every rank must share)`` (see :func:`longattn.common.dist.agree`).
+    ``causal_name``: the caller's name of ``causal`` (the module's is ``is_causal``)."""
     seg, rates = check_schedule(segment_lengths, dilation_rates)
     check_qkv(q, k, v)
     if q.shape[1] != k.shape[1]:
@@ -61,14 +63,14 @@ def _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, back
         )
     if q.shape[1] == 0 or q.shape[0] == 0:
         raise ValueError(f"q must have a non-empty batch and sequence, got {tuple(q.shape)}")
-    check_bool("causal", causal)
+    check_bool(causal_name, causal)
     scale = check_scale(softmax_scale, q.shape[-1], "softmax_scale")
     config = check_config(config)
     # the local kernel for these inputs: an explicit backend that cannot serve them raises here
     name = pick_backend(q, k, v, causal=causal, backend=backend)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape), "v.shape": tuple(v.shape),
-              "dtype": q.dtype, "device type": q.device.type, "causal": causal,
+              "dtype": q.dtype, "device type": q.device.type, causal_name: causal,
               "softmax_scale": scale, "segment_lengths": seg, "dilation_rates": rates,
               "backend": name, "needs grad": needs_grad}
     return (seg, rates, scale, config), fields
@@ -154,22 +156,27 @@ def _take(call, qr, t3):
     return t3.reshape(t3.shape[0], -1)[:, qr]
 
 
-def merge_calls(results, calls, b, l, h, dv, acc, first_covers=False):
+def merge_calls(results, calls, b, l, h, dv, acc, first_covers=False, stats=None):
     """One multi-way LSE merge of every call's ``(out, lse)`` (the paper's Eq. 10 over all
     branches at once): the math of :func:`longattn.common.merge.merge_stacked`, accumulated
     call by call into the rows each call writes (no stack of full-size partials): the row max
     ``m``, ``den = sum_c exp(lse_c - m)``, ``num = sum_c exp(lse_c - m) out_c``, then
     :func:`~longattn.common.merge.finish_rows` (rows no call wrote: ``out = 0``, ``lse = -inf``;
-    a NaN stays NaN). Returns ``out [B, l, H, Dv]`` and ``lse [B, l, H]`` in ``acc``.
+    a NaN stays NaN). ``out`` accumulates in ``acc``; the statistics (``m``, ``den``, the calls'
+    ``lse``) in ``stats`` (None: ``acc``; callers pass
+    :func:`~longattn.common.dtypes.lse_dtype` of the inputs: float64 for float32 inputs, so
+    merging at large logits keeps float32 accuracy). Returns ``out [B, l, H, Dv]`` (``acc``, or
+    ``stats`` where that is wider) and ``lse [B, l, H]`` in ``stats``.
 
     The eager twin of the fused Triton merge :func:`longattn.dilated.fused.merge_strided`.
     ``first_covers``: ``calls[0]`` writes every row (see
     :class:`~longattn.dilated.plan.Plan`), so ``num`` needs no zero fill."""
     dev = results[0][0].device
-    m = torch.full((b, l, h), float("-inf"), dtype=acc, device=dev)
+    stats = acc if stats is None else stats
+    m = torch.full((b, l, h), float("-inf"), dtype=stats, device=dev)
     lses = []
     for (call, qr, _), (_, lse) in zip(calls, results):
-        lc = _rows(call, b, lse.to(acc))
+        lc = _rows(call, b, lse.to(stats))
         lses.append(lc)
         if call.strided is not None:
             mv = _sview(m, call)
@@ -181,16 +188,17 @@ def merge_calls(results, calls, b, l, h, dv, acc, first_covers=False):
     num = (torch.empty if first_covers else torch.zeros)(b, l, h, dv, dtype=acc, device=dev)
     for i, ((call, qr, _), (o, _), lc) in enumerate(zip(calls, results, lses)):
         w = torch.exp(lc - _take(call, qr, m0))
+        wa = w.to(acc)  # the out accumulator's weights (no copy unless stats is wider)
         if call.strided is not None:
             _sview(den, call).add_(w)
             nv = _sview(num, call)
             if i == 0 and first_covers:
-                torch.mul(o.unflatten(0, nv.shape[:2]), w.unsqueeze(-1), out=nv)
+                torch.mul(o.unflatten(0, nv.shape[:2]), wa.unsqueeze(-1), out=nv)
             else:
-                nv.addcmul_(o.unflatten(0, nv.shape[:2]), w.unsqueeze(-1))  # no float32 copy
+                nv.addcmul_(o.unflatten(0, nv.shape[:2]), wa.unsqueeze(-1))  # no float32 copy
         else:
             den.view(b, -1).index_add_(1, qr, w)
-            num.view(b, -1, dv).index_add_(1, qr, o.reshape(b, -1, dv).to(acc) * w.unsqueeze(-1))
+            num.view(b, -1, dv).index_add_(1, qr, o.reshape(b, -1, dv).to(acc) * wa.unsqueeze(-1))
     return finish_rows(num, den, m)
 
 
@@ -264,10 +272,9 @@ def _use_fused(q, plan, config):
         return False
     if any(c.strided is None for c in plan.calls):
         return False
-    if config.fused == "on":
-        ok = q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-    else:
-        ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    # fp16 / bf16 only: the kernels' statistics are float32, which at large logits would cost
+    # float32 inputs their accuracy (their lse is float64, lse_dtype): those merge eagerly
+    ok = q.dtype in (torch.float16, torch.bfloat16) and (config.fused == "on" or q.is_cuda)
     return ok and _fused_module() is not None
 
 
@@ -320,7 +327,8 @@ class _DilatedAttention(torch.autograd.Function):
             out, lse = _fused_module().merge_strided(results, [c for c, _, _ in calls], b, l,
                                                      hq, dv, q.dtype, config=config)
         else:
-            out, lse = merge_calls(results, calls, b, l, hq, dv, acc, plan.first_covers)
+            out, lse = merge_calls(results, calls, b, l, hq, dv, acc, plan.first_covers,
+                                   stats=lse_dtype(q.dtype))
             out = out.to(q.dtype)
         del results
         # an unused lse (the usual case) comes back as None, not a zero tensor to fill and test
@@ -342,7 +350,8 @@ class _DilatedAttention(torch.autograd.Function):
         dout = torch.zeros_like(out) if dout is None else dout.contiguous().to(q.dtype)
         if dlse is not None and not torch.any(dlse):  # a sync, only when lse had a gradient
             dlse = None
-        dlse = None if dlse is None else dlse.transpose(1, 2).to(acc).contiguous()  # [B, l, H]
+        dlse = (None if dlse is None  # [B, l, H], in the lse's dtype
+                else dlse.transpose(1, 2).to(lse_dtype(q.dtype)).contiguous())
         if ctx.fused:
             return _fused_backward(ctx, q, k, v, out, lse, dout, dlse) + (None,) * 5
         # calls[0] writes every local row when plan.first_covers: no zero fill needed there
@@ -406,14 +415,23 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False,
     Every check runs on every rank before any K/V moves, and a bad or mismatched argument on
     any rank raises on all of them (:func:`longattn.common.dist.agree`).
 
-    Returns ``out [B, S, Hq, Dv]`` (and ``lse [B, Hq, S]``, float32 / float64 for float64
-    inputs, if ``return_lse``).
+    Returns ``out [B, S, Hq, Dv]`` (and ``lse [B, Hq, S]`` if ``return_lse``, in
+    :func:`~longattn.common.dtypes.lse_dtype`: float32 for fp16 / bf16 inputs, float64 for
+    float32 / float64 inputs).
     """
+    return _dilated(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, group,
+                    return_lse, backend, config)
+
+
+def _dilated(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, group, return_lse,
+             backend, config, op="dilated_attention", causal_name="causal"):
+    """:func:`dilated_attention`; ``op`` and ``causal_name`` name the caller and its ``causal``
+    in the errors (the module's ``is_causal``)."""
     g = ldist.resolve_group(group)
     (seg, rates, scale, config), _ = ldist.agree(
-        "dilated_attention", g,
+        op, g,
         lambda: _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend,
-                       config))
+                       config, causal_name))
     b, l, hq, _ = q.shape
     plan = make_plan(l * g.size, l, g.rank, g.size, hq, k.shape[2], seg, rates, causal)
     out, lse = _DilatedAttention.apply(q, k, v, plan, scale, g.pg if g.distributed else None,
@@ -451,9 +469,9 @@ class DilatedAttention(torch.nn.Module):
         self.config = check_config(config)
 
     def forward(self, q, k, v, is_causal=False):
-        return dilated_attention(q, k, v, self.segment_lengths, self.dilation_rates,
-                                 causal=is_causal, softmax_scale=self.softmax_scale,
-                                 group=self.group, config=self.config)
+        return _dilated(q, k, v, self.segment_lengths, self.dilation_rates, is_causal,
+                        self.softmax_scale, self.group, False, "auto", self.config,
+                        op="DilatedAttention", causal_name="is_causal")
 
     def extra_repr(self):
         return (f"segment_lengths={list(self.segment_lengths)}, "

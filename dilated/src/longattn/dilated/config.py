@@ -29,8 +29,10 @@ class FusedConfig:
 
     ``fused``: ``"auto"`` runs the fused Triton merge / gradient sums
     (:mod:`longattn.dilated.fused`) on CUDA fp16/bf16 when every call of the plan is a strided
-    view and nothing is exchanged between ranks; ``"on"`` wherever the plan allows it (fp16,
-    bf16 or fp32, also on the CPU under ``TRITON_INTERPRET=1``); ``"off"`` always the eager
+    view and nothing is exchanged between ranks; ``"on"`` wherever the plan allows it (fp16
+    or bf16, also on the CPU under ``TRITON_INTERPRET=1``; float32 and float64 inputs always
+    merge eagerly, with float64 statistics: the kernels' float32 lse would cost float32 inputs
+    their accuracy at large logits); ``"off"`` always the eager
     torch code (:func:`longattn.dilated.attention.merge_calls`).
 
     The launch of the fused kernels: ``rows`` positions a tile, ``chunk`` head-dim columns a
