@@ -57,13 +57,14 @@ def _check_attention_inputs(query, key, value, embed_dim, like, is_causal):
         if t.dtype != query.dtype:
             raise TypeError(f"{name} dtype {t.dtype} must be query's dtype {query.dtype}")
     check_bool("is_causal", is_causal)
-    return None, {}
+    return None, {"query.shape": tuple(query.shape), "query.dtype": query.dtype,
+                  "is_causal": is_causal}
 
 
 def _check_x(x, d_model, like, is_causal):
     _check_features("x", x, d_model, like, "d_model")
     check_bool("is_causal", is_causal)
-    return None, {}
+    return None, {"x.shape": tuple(x.shape), "x.dtype": x.dtype, "is_causal": is_causal}
 
 
 def _check_tokens(x, num_tokens, like, is_causal):
@@ -82,7 +83,7 @@ def _check_tokens(x, num_tokens, like, is_causal):
             raise ValueError(f"x holds token ids in [{lo}, {hi}], outside [0, num_tokens = "
                              f"{num_tokens})")
     check_bool("is_causal", is_causal)
-    return None, {}
+    return None, {"x.shape": tuple(x.shape), "is_causal": is_causal}
 
 
 def _activation(activation):
