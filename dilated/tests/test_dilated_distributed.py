@@ -9,6 +9,7 @@ much back.
 """
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -149,6 +150,7 @@ def _bad_calls(rank, world):
     return msgs
 
 
+@pytest.mark.faults
 def test_bad_call_raises_on_every_rank():
     res = run_world(8, _bad_calls, timeout=60)
     for msgs in res:
@@ -219,6 +221,7 @@ def _group_rule(rank, world):
     return out
 
 
+@pytest.mark.faults
 def test_group_none_raises_in_a_two_rank_world_and_a_mesh_works():
     res = run_world(2, _group_rule, timeout=60)
     for r in res:
