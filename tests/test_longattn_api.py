@@ -79,9 +79,11 @@ ROWS = read_table(CONVENTIONS.read_text())
 
 
 def _spec(src: str) -> inspect.Signature:
-    """The signature written in the table (a ``def`` header; defaults may name ``torch`` and
-    builtins)."""
-    ns: dict = {"torch": torch}
+    """The signature written in the table (a ``def`` header; defaults may name ``torch``,
+    ``LOCAL`` (``longattn.common.dist.LOCAL``) and builtins)."""
+    from longattn.common.dist import LOCAL
+
+    ns: dict = {"torch": torch, "LOCAL": LOCAL}
     exec(f"def f{src}: pass", ns)  # noqa: S102 - the repository's own document
     return inspect.signature(ns["f"])
 
