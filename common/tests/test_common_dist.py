@@ -96,6 +96,10 @@ def _agree_case(rank, world, case):
             fields["window_size"] = (4, 0)
         if case == "shape_count" and rank == 0:
             fields["q.shape"] = (2, 8, 4)
+        if case == "none_vs_int":
+            fields["hierarchy"] = None if rank == world - 1 else 2
+        if case == "int_vs_float":
+            fields["window"] = 4.0 if rank == 0 else 4
         return "ok", fields
 
     try:
@@ -128,7 +132,13 @@ def test_agree_raises_the_same_error_on_every_rank(world):
                for o in ov)
 
     sh = run_world(world, _agree_case, "shape_count")
-    assert all(s[0] == "ValueError" for s in sh)
+    assert all(s == sh[0] for s in sh)
+    assert sh[0][0] == "ValueError" and "q.shape must be the same on every rank" in sh[0][1]
+
+    for case, field in (("none_vs_int", "hierarchy"), ("int_vs_float", "window")):
+        got = run_world(world, _agree_case, case)
+        assert all(g == got[0] for g in got), got  # the same message on every rank
+        assert got[0][0] == "ValueError" and f"{field} must be the same" in got[0][1]
 
 
 def _stack(n, b, s, h, d, seed):

@@ -162,7 +162,7 @@ AGREE = {
     "bool_differs": (ValueError, ["causal must be the same on every rank"]),
     "dtype_differs": (ValueError, ["dtype must be the same on every rank"]),
     "str_differs": (ValueError, ["backend must be the same on every rank"]),
-    "tuple_length_differs": (ValueError, ["different calls"]),
+    "tuple_length_differs": (ValueError, ["q.shape must be the same on every rank"]),
     "out_of_int64": (ValueError, ["kv_len", "out of range", "rank(s) [{bad}]"]),
     "unencodable": (TypeError, ["cannot agree on backend", "rank(s) [{bad}]"]),
 }

@@ -137,8 +137,10 @@ def _is_mesh(x) -> bool:
 
 _MAX_VALUES = 64
 _MSG_WORDS = 64  # 512 bytes of error message
-_HEAD = 3  # status, number of values, digest of the field names
+_TYPE_WORDS = 4  # a 4-bit type code per value, 16 to a word
+_HEAD = 3 + _TYPE_WORDS  # status, number of values, digest of the field names, type codes
 _ROW = _HEAD + _MAX_VALUES + _MSG_WORDS
+_TYPES = {0: "None", 1: "bool", 2: "int", 3: "float", 4: "str/dtype/device"}
 _ERRORS = {1: ValueError, 2: TypeError}
 _I64 = (-(2**63), 2**63 - 1)
 
@@ -147,30 +149,32 @@ def _hash(s: str) -> int:
     return zlib.crc32(s.encode()) & 0x7FFFFFFF
 
 
-def _encode(op: str, fields: Mapping[str, Any]) -> tuple[list[str], list[int], list[Any]]:
-    """Flatten ``fields`` to named int64 words (tuples expand to ``name[i]``); raises
-    ``ValueError`` / ``TypeError`` naming the field for a value that cannot be encoded."""
-    names, words, shown = [], [], []
+def _encode(op: str, fields: Mapping[str, Any]):
+    """Flatten ``fields`` to named int64 words with a type code each (tuples expand to
+    ``name.len`` then ``name[i]``); raises ``ValueError`` / ``TypeError`` naming the field for a
+    value that cannot be encoded."""
+    names, words, shown, types = [], [], [], []
 
     def add(name, x):
         if x is None:
-            w = -(2**63)
+            w, t = 0, 0
         elif isinstance(x, bool):
-            w = int(x)
+            w, t = int(x), 1
         elif isinstance(x, int):
             if not _I64[0] < x <= _I64[1]:
                 raise ValueError(f"{op}: {name} = {x} is out of range (it must fit in a signed "
                                  "64-bit integer)")
-            w = x
+            w, t = x, 2
         elif isinstance(x, float):
-            w = struct.unpack("<q", struct.pack("<d", x))[0]
+            w, t = struct.unpack("<q", struct.pack("<d", x))[0], 3
         elif isinstance(x, (str, torch.dtype, torch.device)):
-            w = _hash(str(x))
+            w, t = _hash(str(x)), 4
         else:
             raise TypeError(f"{op}: cannot agree on {name} of type {type(x).__name__}")
         names.append(name)
         words.append(w)
         shown.append(x)
+        types.append(t)
 
     for name, x in fields.items():
         if isinstance(x, (tuple, list, torch.Size)):
@@ -181,7 +185,29 @@ def _encode(op: str, fields: Mapping[str, Any]) -> tuple[list[str], list[int], l
             add(name, x)
     if len(words) > _MAX_VALUES:
         raise ValueError(f"{op}: at most {_MAX_VALUES} values can be agreed, got {len(words)}")
-    return names, words, shown
+    return names, words, shown, types
+
+
+def _pack_types(types) -> list[int]:
+    out = [0] * _TYPE_WORDS
+    for i, t in enumerate(types):
+        out[i // 16] |= t << (4 * (i % 16))
+    return out
+
+
+def _type_at(row, j) -> int:
+    return (row[3 + j // 16] >> (4 * (j % 16))) & 0xF
+
+
+def _digest(names) -> int:
+    """Digest of the base field names in order (a tuple's length may differ between ranks: that
+    is then reported as that field differing, not as a different call)."""
+    bases = []
+    for n in names:
+        b = _base(n)
+        if not bases or bases[-1] != b:
+            bases.append(b)
+    return _hash("\0".join(bases))
 
 
 def _message_words(msg: str) -> list[int]:
@@ -194,14 +220,15 @@ def _message(words) -> str:
     return raw.rstrip(b"\0").decode(errors="replace")
 
 
-def _decode(word: int, like) -> Any:
-    if isinstance(like, float):
+def _decode(word: int, code: int) -> Any:
+    """The value of a word of type ``code`` (hashed values and None decode to None)."""
+    if code == 3:
         return struct.unpack("<d", struct.pack("<q", word))[0]
-    if isinstance(like, bool):
+    if code == 1:
         return bool(word)
-    if isinstance(like, int):
+    if code == 2:
         return word
-    return None  # hashed or None: only equality is known
+    return None
 
 
 def agree(op: str, group: Group, check: Callable[[], tuple[Any, Mapping[str, Any]]], *,
@@ -218,10 +245,10 @@ def agree(op: str, group: Group, check: Callable[[], tuple[Any, Mapping[str, Any
     Every rank raises the same error if any rank's checks failed or a shared value differs.
     """
     status, result, err = 0, None, None
-    names, words, shown = [], [], []
+    names, words, shown, types = [], [], [], []
     try:
         result, fields = check()
-        names, words, shown = _encode(op, fields)
+        names, words, shown, types = _encode(op, fields)
     except (TypeError, ValueError) as e:
         err = e
         status = 2 if isinstance(e, TypeError) else 1
@@ -229,7 +256,7 @@ def agree(op: str, group: Group, check: Callable[[], tuple[Any, Mapping[str, Any
         if err is not None:
             raise err
         return result, {n: [x] for n, x in zip(names, shown) if _base(n) in vary}
-    row = [status, len(words), _hash("\0".join(names))]
+    row = [status, len(words), _digest(names)] + _pack_types(types)
     row += words + [0] * (_MAX_VALUES - len(words))
     row += _message_words(str(err) if err is not None else "")
     mine = torch.tensor(row, dtype=torch.int64, device=group.device)
@@ -243,22 +270,28 @@ def agree(op: str, group: Group, check: Callable[[], tuple[Any, Mapping[str, Any
         msg = _message(first[_HEAD + _MAX_VALUES:])
         raise cls(f"{msg} [{op}: bad argument on rank(s) {bad} of {group.size}; raised on every "
                   "rank]") from err
-    if any(rw[2] != rows[0][2] or rw[1] != rows[0][1] for rw in rows):
+    if any(rw[2] != rows[0][2] for rw in rows):
         raise ValueError(f"{op}: the ranks of the group made different calls (the arguments "
                          "they must share do not line up); every rank must call the same "
                          "function with the same kind of arguments")
     views = {}
-    for j, (name, like) in enumerate(zip(names, shown)):
+    for j, name in enumerate(names):  # the first difference, in field order, is reported
+        codes = [_type_at(rw, j) for rw in rows]
         col = [rw[_HEAD + j] for rw in rows]
-        if _base(name) in vary:
-            views.setdefault(name, [_decode(w, like) for w in col])
+        if _base(name) in vary and len(set(codes)) == 1:
+            views.setdefault(name, [_decode(w, codes[0]) for w in col])
             continue
+        if len(set(codes)) > 1:
+            raise ValueError(f"{op}: {_base(name)} must be the same on every rank, got values "
+                             f"of type {[_TYPES.get(c, '?') for c in codes]} (rank order)")
         differ = [r for r, w in enumerate(col) if w != col[0]]
         if differ:
-            vals = [_decode(w, like) for w in col]
-            per = (f"per rank {vals}" if None not in vals
+            vals = [_decode(w, codes[0]) for w in col]
+            per = (f"per rank {vals}" if codes[0] in (1, 2, 3)
                    else f"rank(s) {differ} differ from rank 0")
             raise ValueError(f"{op}: {_base(name)} must be the same on every rank, got {per}")
+    if any(rw[1] != rows[0][1] for rw in rows):  # cannot happen when every field agreed
+        raise ValueError(f"{op}: the ranks of the group agreed on different numbers of values")
     return result, views
 
 
