@@ -17,7 +17,7 @@ the received keys go straight back to their owners, which add them to their own 
 Received keys are kept for the backward instead of being fetched again: that costs the memory
 of ``<= w + ns`` tokens of K/V per rank and halves the backward's traffic.
 
-Before anything moves, :func:`setup` runs every argument check inside
+Before anything moves, :func:`check_call` runs every argument check inside
 :func:`longattn.common.dist.agree`: one all-gather of a small int64 row per rank, after which
 every rank raises the same error if any rank's arguments were bad or the ranks disagree.
 
@@ -206,8 +206,8 @@ def _check_steps(op, plans, q, k, v, *, varlen, window, kernel_left, backend):
                                  f"{sk} keys, window_size={win}, causal={causal})") from None
 
 
-def setup(q, k, v, *, op, varlen, window_size, group, causal, softmax_scale, cu_seqlens,
-          num_sink_tokens, return_lse, backend, seed: SeedArgs | None = None) -> Setup:
+def check_call(q, k, v, *, op, varlen, window_size, group, causal, softmax_scale, cu_seqlens,
+               num_sink_tokens, return_lse, backend, seed: SeedArgs | None = None) -> Setup:
     """Check the arguments on every rank (:func:`longattn.common.dist.agree`: one all-gather
     of ints) and build this rank's plan. A bad argument on any rank raises the same error on
     every rank before any K/V moves."""
@@ -455,7 +455,7 @@ class RingSWAFunction(torch.autograd.Function):
 def ring_swa(q, k, v, *, op, varlen, window_size, group, causal, softmax_scale, cu_seqlens,
              num_sink_tokens, return_lse, backend, seed: SeedArgs | None = None):
     """The one core behind every public function: agree on the arguments, then run."""
-    st = setup(q, k, v, op=op, varlen=varlen, window_size=window_size, group=group,
+    st = check_call(q, k, v, op=op, varlen=varlen, window_size=window_size, group=group,
                causal=causal, softmax_scale=softmax_scale, cu_seqlens=cu_seqlens,
                num_sink_tokens=num_sink_tokens, return_lse=return_lse, backend=backend,
                seed=seed)

@@ -2,7 +2,7 @@
 
 A decode call is valid only if every rank's view agrees (shapes, dtype, device type, causal,
 softmax scale, hierarchy, backend, the replicated queries themselves, ``shard_lens``) and each
-rank's own tensors are well formed. :func:`agree_call` runs all of it inside one
+rank's own tensors are well formed. :func:`check_call` runs all of it inside one
 :func:`longattn.common.dist.agree`, so a bad argument on *any* rank raises on *every* rank
 before the first real collective and nothing hangs. The same all-gather delivers each rank's
 KV-shard length (a ``vary`` field), which the causal mask of ``Lq > 1`` new tokens needs (the
@@ -92,7 +92,7 @@ def q_checksum(q: torch.Tensor) -> tuple[float, float]:
     return total, weighted
 
 
-def agree_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_lens,
+def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_lens,
                backend) -> Call:
     """Validate a distributed decode call on every rank (one all-gather, recorded as the peer
     ``"all_gather"`` for :func:`longattn.common.comm.counting`). Returns the agreed

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from longattn.common import comm
 from longattn.common.merge import finish_rows, merge_stacked
-from longattn.tree._args import agree_call
+from longattn.tree._args import check_call
 from longattn.tree.local import local_attention, shard_right
 
 # (global ranks of the group, nodes, gpus_per_node) -> (node group, leader group or None)
@@ -72,7 +72,7 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
     (:func:`longattn.common.dist.agree`): a bad argument on any rank raises the same
     ``ValueError`` / ``TypeError`` on every rank.
     """
-    call = agree_call("tree_decode", q, k, v, group=group, softmax_scale=softmax_scale,
+    call = check_call("tree_decode", q, k, v, group=group, softmax_scale=softmax_scale,
                       causal=causal, hierarchy=hierarchy, shard_lens=shard_lens,
                       backend=backend)
     g, lens, hier = call.group, call.lens, call.hierarchy

@@ -19,7 +19,7 @@ import torch
 
 from longattn.common import comm
 from longattn.common.merge import merge_stacked
-from longattn.tree._args import agree_call
+from longattn.tree._args import check_call
 from longattn.tree.local import local_attention, shard_right
 
 
@@ -29,7 +29,7 @@ def ring_decode(q, k, v, *, group=None, softmax_scale=None, causal=True, shard_l
     """Same contract as :func:`longattn.tree.tree_decode` (without ``hierarchy``), computed by
     passing the KV shards around a ring. Returns ``out [B, Lq, Hq, D]`` in q's dtype (and
     ``lse``), identical on every rank."""
-    call = agree_call("ring_decode", q, k, v, group=group, softmax_scale=softmax_scale,
+    call = check_call("ring_decode", q, k, v, group=group, softmax_scale=softmax_scale,
                       causal=causal, hierarchy=None, shard_lens=shard_lens, backend=backend)
     g, lens, scale = call.group, call.lens, call.softmax_scale
     p, me, lq = g.size, g.rank, q.shape[1]
