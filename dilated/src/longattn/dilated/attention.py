@@ -49,7 +49,7 @@ def check_schedule(segment_lengths, dilation_rates):
     return tuple(int(x) for x in segment_lengths), tuple(int(x) for x in dilation_rates)
 
 
-def _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, config,
+def check_call(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend, config,
            causal_name="causal"):
     """This rank's checks of a :func:`dilated_attention` call: ``((segments, rates, scale,
     config), fields every rank must share)`` (see :func:`longattn.common.dist.agree`).
@@ -430,7 +430,7 @@ def _dilated(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, gr
     g = ldist.resolve_group(group)
     (seg, rates, scale, config), _ = ldist.agree(
         op, g,
-        lambda: _check(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend,
+        lambda: check_call(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend,
                        config, causal_name))
     b, l, hq, _ = q.shape
     plan = make_plan(l * g.size, l, g.rank, g.size, hq, k.shape[2], seg, rates, causal)

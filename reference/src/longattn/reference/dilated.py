@@ -86,9 +86,10 @@ def dilated_attention(q, k, v, segment_lengths, dilation_rates, *, causal=False,
     mx = lses.max(axis=0)
     mx_safe = np.where(np.isfinite(mx), mx, 0.0)
     den = np.exp(lses - mx_safe).sum(axis=0)  # exp(-inf) = 0: uncovered branches add nothing
-    with np.errstate(divide="ignore"):
-        lse = np.where(den > 0, mx_safe + np.log(np.where(den > 0, den, 1.0)), -np.inf)
-    lse_safe = np.where(np.isfinite(lse), lse, np.inf)
+    some = den != 0  # True for NaN: a row a NaN reached stays NaN, in lse as in out
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lse = np.where(some, mx_safe + np.log(np.where(some, den, 1.0)), -np.inf)
+    lse_safe = np.where(np.isneginf(lse), np.inf, lse)
     out = np.zeros_like(outs[0])
     for o, l in zip(outs, lses):
         alpha = np.exp(l - lse_safe)  # [B, H, S]; 0 where the branch or the row is empty
