@@ -103,3 +103,14 @@ def check_cu_seqlens(cu_seqlens, total_tokens: int, name: str = "cu_seqlens"):
     if cu[-1] != total_tokens:
         raise ValueError(f"{name} must end at the token count {total_tokens}, got {cu[-1]}")
     return cu
+
+
+
+def config_or_default(config, cls, default, *, expected: str):
+    """A knob record (``config=``) of type ``cls``: None gives ``default``; any other type is a
+    ``TypeError`` saying ``expected`` (what the caller takes) and what it got."""
+    if config is None:
+        return default
+    if not isinstance(config, cls):
+        raise TypeError(f"{expected}, got {type(config).__name__}")
+    return config

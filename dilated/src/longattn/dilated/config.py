@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from longattn.common.checks import config_or_default
+
 _MODES = ("auto", "on", "off")
 
 
@@ -67,9 +69,5 @@ DEFAULT = FusedConfig()
 
 def check_config(config) -> FusedConfig:
     """``None`` -> the defaults; a :class:`FusedConfig` as is; anything else a ``TypeError``."""
-    if config is None:
-        return DEFAULT
-    if not isinstance(config, FusedConfig):
-        raise TypeError(f"config must be a longattn.dilated.FusedConfig or None, got "
-                        f"{type(config).__name__}")
-    return config
+    return config_or_default(config, FusedConfig, DEFAULT,
+                             expected="config must be a longattn.dilated.FusedConfig or None")

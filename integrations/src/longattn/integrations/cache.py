@@ -37,7 +37,7 @@ from transformers.cache_utils import DynamicLayer
 
 from longattn.common import layout as _layout
 from longattn.common.dist import Group, agree, resolve_group
-from longattn.tree.cache import KVCache
+from longattn.tree.cache import KVCache, check_new_tokens
 
 
 @dataclass
@@ -110,14 +110,7 @@ class ShardedLayer(DynamicLayer):
         if decoding:
             for name, t, buf in (("key_states", key_states, self.kv.k),
                                  ("value_states", value_states, self.kv.v)):
-                b, _, h, d = buf.shape
-                if (t.shape[0], t.shape[1], t.shape[3]) != (b, h, d):
-                    raise ValueError(f"{name} {tuple(t.shape)} does not match the cache's "
-                                     f"[batch, kv_heads, *, head_dim] = [{b}, {h}, *, {d}]")
-                if t.dtype != buf.dtype:
-                    raise TypeError(f"{name} dtype {t.dtype} must be the cache's {buf.dtype}")
-                if t.device != buf.device:
-                    raise ValueError(f"{name} is on {t.device}, the cache on {buf.device}")
+                check_new_tokens(name, t, buf, seq_dim=2)
         elif self.g.distributed:
             _layout.positions(key_states.shape[2] * self.g.size, self.g.rank, self.g.size,
                               self.layout)  # the prefill's shards must split in the layout

@@ -126,20 +126,7 @@ class KVCache:
                              f"but the cache holds lens for {len(self.lens)} ranks with rank "
                              f"{self.rank}")
         for name, t, buf in (("k_new", k_new, self.k), ("v_new", v_new, self.v)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if t.dtype not in FLOAT_DTYPES:
-                raise TypeError(f"{name} must be a floating-point tensor "
-                                f"({', '.join(map(str, FLOAT_DTYPES))}), got {t.dtype}")
-            if t.ndim != 4:
-                raise ValueError(f"{name} must be [B, n, Hkv, D], got shape {tuple(t.shape)}")
-            if t.shape[0] != buf.shape[0] or t.shape[2:] != buf.shape[2:]:
-                raise ValueError(f"{name} {tuple(t.shape)} does not match the cache "
-                                 f"[B, *, Hkv, D] = {tuple(buf.shape)}")
-            if t.dtype != buf.dtype:
-                raise TypeError(f"{name} dtype {t.dtype} must be the cache's {buf.dtype}")
-            if t.device != buf.device:
-                raise ValueError(f"{name} is on {t.device}, the cache on {buf.device}")
+            check_new_tokens(name, t, buf)
         if v_new.shape[-1] != k_new.shape[-1]:
             raise ValueError(f"v_new head_dim ({v_new.shape[-1]}) must equal k_new head_dim "
                              f"({k_new.shape[-1]})")
@@ -158,6 +145,30 @@ class KVCache:
             self.v = _grow(self.v, size)
         self.k[:, n0:n0 + n] = k
         self.v[:, n0:n0 + n] = v
+
+
+def check_new_tokens(name, t, buf, *, seq_dim=1):
+    """New tokens ``t`` for the cache buffer ``buf [B, S, Hkv, D]``: a floating-point 4-D tensor
+    with buf's batch, KV heads, head dim, dtype and device. ``seq_dim`` is where ``t`` keeps its
+    tokens: 1 for ``[B, n, Hkv, D]``, 2 for transformers' ``[B, Hkv, n, D]``. The one home of
+    these checks for every sharded cache (tree's and the transformers one)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor "
+                        f"({', '.join(map(str, FLOAT_DTYPES))}), got {t.dtype}")
+    want = "[B, n, Hkv, D]" if seq_dim == 1 else "[batch, kv_heads, n, head_dim]"
+    if t.ndim != 4:
+        raise ValueError(f"{name} must be {want}, got shape {tuple(t.shape)}")
+    b, _, h, d = buf.shape
+    if (t.shape[0], *t.movedim(seq_dim, 1).shape[2:]) != (b, h, d):
+        cache = ("[B, *, Hkv, D] = " + str(tuple(buf.shape)) if seq_dim == 1
+                 else f"[batch, kv_heads, *, head_dim] = [{b}, {h}, *, {d}]")
+        raise ValueError(f"{name} {tuple(t.shape)} does not match the cache's {cache}")
+    if t.dtype != buf.dtype:
+        raise TypeError(f"{name} dtype {t.dtype} must be the cache's {buf.dtype}")
+    if t.device != buf.device:
+        raise ValueError(f"{name} is on {t.device}, the cache on {buf.device}")
 
 
 def _grow(t, size):

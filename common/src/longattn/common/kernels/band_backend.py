@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longattn.common.checks import config_or_default
 from longattn.common.dtypes import acc_dtype
 from longattn.common.kernels import Backend, attention_backward, attention_forward
 from longattn.common.merge import merge_partials_
@@ -90,12 +91,8 @@ _DEFAULT = BandConfig()
 
 
 def _config(config) -> BandConfig:
-    if config is None:
-        return _DEFAULT
-    if not isinstance(config, BandConfig):
-        raise TypeError(f"the band backend takes config=BandConfig(...), got "
-                        f"{type(config).__name__}")
-    return config
+    return config_or_default(config, BandConfig, _DEFAULT,
+                             expected="the band backend takes config=BandConfig(...)")
 
 
 def geometry(s_q, s_k, window_size, split=None, *, min_chunk=None):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from longattn.common.checks import config_or_default
 from longattn.common.dtypes import acc_dtype, lse_dtype, split_lse
 from longattn.common.kernels import Backend
 from longattn.common.merge import finish_rows
@@ -39,12 +40,8 @@ _DEFAULT = TorchConfig()
 
 
 def _config(config) -> TorchConfig:
-    if config is None:
-        return _DEFAULT
-    if not isinstance(config, TorchConfig):
-        raise TypeError(f"the torch backend takes config=TorchConfig(...), got "
-                        f"{type(config).__name__}")
-    return config
+    return config_or_default(config, TorchConfig, _DEFAULT,
+                             expected="the torch backend takes config=TorchConfig(...)")
 
 
 def _blocks(b, sq, sk, hq, window, block_elems):
