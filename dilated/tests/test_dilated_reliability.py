@@ -190,3 +190,13 @@ def test_nan_training_step_in_a_group(world):
     for per_rank in run_world(world, _lm_world, timeout=120):
         for loss, _ in per_rank:
             assert np.isnan(loss)
+
+
+def test_return_lse_must_be_a_bool():
+
+    from longattn.common.dist import LOCAL
+    from longattn.dilated import dilated_attention
+
+    q = torch.randn(1, 8, 2, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        dilated_attention(q, q, q, [4], [1], group=LOCAL, return_lse="yes")

@@ -363,3 +363,13 @@ def test_nan_in_q_on_one_rank_only_raises_on_every_rank(world):
     res = run_world(world, _nan_q_one_rank_worker, world - 1, timeout=60)
     for errs in res:
         assert errs == res[0] and all(e is not None and "q values" in e for e in errs), errs
+
+
+def test_return_lse_must_be_a_bool():
+    from longattn.common.dist import LOCAL
+    from longattn.tree import ring_decode, tree_decode
+
+    q, k, v = (torch.randn(1, n, 2, 8, dtype=torch.float64) for n in (1, 5, 5))
+    for fn in (tree_decode, ring_decode):
+        with pytest.raises(TypeError, match="return_lse must be a bool"):
+            fn(q, k, v, group=LOCAL, return_lse="yes")

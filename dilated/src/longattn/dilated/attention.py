@@ -428,10 +428,13 @@ def _dilated(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, gr
     """:func:`dilated_attention`; ``op`` and ``causal_name`` name the caller and its ``causal``
     in the errors (the module's ``is_causal``)."""
     g = ldist.resolve_group(group)
-    (seg, rates, scale, config), _ = ldist.agree(
-        op, g,
-        lambda: check_call(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, backend,
-                       config, causal_name))
+
+    def check():
+        check_bool("return_lse", return_lse)
+        return check_call(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale,
+                          backend, config, causal_name)
+
+    (seg, rates, scale, config), _ = ldist.agree(op, g, check)
     b, l, hq, _ = q.shape
     plan = make_plan(l * g.size, l, g.rank, g.size, hq, k.shape[2], seg, rates, causal)
     out, lse = _DilatedAttention.apply(q, k, v, plan, scale, g.pg if g.distributed else None,

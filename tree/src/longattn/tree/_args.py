@@ -93,7 +93,7 @@ def q_checksum(q: torch.Tensor) -> tuple[float, float]:
 
 
 def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_lens,
-               backend) -> Call:
+               backend, return_lse=False) -> Call:
     """Validate a distributed decode call on every rank (one all-gather, recorded as the peer
     ``"all_gather"`` for :func:`longattn.common.comm.counting`). Returns the agreed
     :class:`Call`.
@@ -106,6 +106,7 @@ def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_le
     def check():
         scale = check_local(q, k, v, softmax_scale)
         is_causal = check_bool("causal", causal)
+        check_bool("return_lse", return_lse)
         hier = check_hierarchy(hierarchy, g.size)
         lens = None if shard_lens is None else check_shard_lens(shard_lens, g.rank, g.size, k)
         name = resolve_backend(q, k, v, backend, causal=is_causal)

@@ -74,7 +74,7 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
     """
     call = check_call("tree_decode", q, k, v, group=group, softmax_scale=softmax_scale,
                       causal=causal, hierarchy=hierarchy, shard_lens=shard_lens,
-                      backend=backend)
+                      backend=backend, return_lse=return_lse)
     g, lens, hier = call.group, call.lens, call.hierarchy
     right = shard_right(lens, g.rank, q.shape[1], call.causal)
     o, lse = local_attention(q, k, v, softmax_scale=call.softmax_scale, right=right,

@@ -30,7 +30,8 @@ def ring_decode(q, k, v, *, group=None, softmax_scale=None, causal=True, shard_l
     passing the KV shards around a ring. Returns ``out [B, Lq, Hq, D]`` in q's dtype (and
     ``lse``), identical on every rank."""
     call = check_call("ring_decode", q, k, v, group=group, softmax_scale=softmax_scale,
-                      causal=causal, hierarchy=None, shard_lens=shard_lens, backend=backend)
+                      causal=causal, hierarchy=None, shard_lens=shard_lens, backend=backend,
+                      return_lse=return_lse)
     g, lens, scale = call.group, call.lens, call.softmax_scale
     p, me, lq = g.size, g.rank, q.shape[1]
 
