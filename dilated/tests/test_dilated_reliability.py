@@ -193,7 +193,6 @@ def test_nan_training_step_in_a_group(world):
 
 
 def test_return_lse_must_be_a_bool():
-
     from longattn.common.dist import LOCAL
     from longattn.dilated import dilated_attention
 
