@@ -44,7 +44,7 @@ def test_readme_quick_start_runs_verbatim():
 
 def test_readme_results_come_from_the_committed_json():
     text = _readme()
-    with open(os.path.join(ROOT, "bench", "results", "bench_tree.json")) as f:
+    with open(os.path.join(ROOT, "bench", "results", "h200", "bench_tree.json")) as f:
         bench = {r["method"].removeprefix("tree."): r for r in json.load(f)}
     rows = re.findall(r"^\| [^|]+ \| `([^`]+)` \| (torch|JAX) \| ([\d.]+) \| (\d+) \| ([\d.]+) \|$",
                       text, re.M)
