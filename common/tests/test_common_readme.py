@@ -12,14 +12,15 @@ from pathlib import Path
 
 import pytest
 
+from longattn.common.testing import readme_python_blocks
+
 PKG = Path(__file__).resolve().parents[1]
 ROOT = PKG.parent
 README = PKG / "README.md"
 
 
 def quick_start() -> str:
-    section = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    blocks = readme_python_blocks(README)
     assert len(blocks) == 1, "the quick start holds one python block"
     return blocks[0]
 

@@ -2,16 +2,15 @@
 API block spells the public keyword names."""
 
 import inspect
-import re
 from pathlib import Path
+
+from longattn.common.testing import readme_python_blocks
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def quick_start() -> str:
-    text = README.read_text()
-    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    blocks = readme_python_blocks(README)
     assert len(blocks) == 2, "the quick start holds the runnable block and the group example"
     return blocks[0]
 

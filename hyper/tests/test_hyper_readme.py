@@ -1,15 +1,14 @@
 """The README's quick start runs as written (the code block is extracted and executed)."""
 
-import re
 from pathlib import Path
+
+from longattn.common.testing import readme_python_blocks
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def quick_start() -> str:
-    text = README.read_text()
-    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    blocks = readme_python_blocks(README)
     assert len(blocks) == 1, "the quick start holds one python block"
     return blocks[0]
 

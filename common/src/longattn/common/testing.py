@@ -366,3 +366,16 @@ def shutdown_worlds():
 
 
 atexit.register(shutdown_worlds)
+
+
+def readme_python_blocks(readme, section: str = "Quick start") -> list[str]:
+    """The ```` ```python ```` blocks of one ``## <section>`` of a README, in order (the tests that
+    run a package's quick start verbatim take them from here)."""
+    import re
+    from pathlib import Path
+
+    text = Path(readme).read_text()
+    if f"## {section}" not in text:
+        raise ValueError(f"{readme} has no '## {section}' section")
+    body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
