@@ -147,6 +147,16 @@ def _say(word):
     return f"{word & ((1 << _COUNT_BITS) - 1)} message(s) of {word >> _COUNT_BITS} bytes"
 
 
+def _checked(op, g, check, agree):
+    """``(sends, recvs)`` of ``check()``, validated before anything is posted or counted (so a
+    rejected call does neither): agreed by every rank with ``agree``, else locally."""
+    if agree:
+        return _agreed(op, g, check)
+    sends, recvs, _ = check()
+    _validate(sends, recvs, g.rank, g.size)
+    return sends, recvs
+
+
 def _agreed(op, g, check):
     """Run ``check() -> (sends, recvs, shared fields)`` through dist.agree and check that the
     ranks' messages pair up; returns ``(sends, recvs)``. The same error on every rank."""
@@ -207,11 +217,7 @@ def exchange(sends, recvs, group=None, *, stream=None, agree: bool = False) -> H
     _check_agree(agree)
     g = resolve_group(group)
     sends, recvs = list(sends), list(recvs)
-    if agree:
-        sends, recvs = _agreed("exchange", g, lambda: (sends, recvs, {}))
-    else:  # validate everything first, so a rejected call neither posts nor counts anything
-        _validate(sends, recvs, g.rank, g.size)
-    return _post(g, sends, recvs, stream)
+    return _post(g, *_checked("exchange", g, lambda: (sends, recvs, {}), agree), stream)
 
 
 def ring_exchange(send_buf, recv_buf, group=None, *, shift: int = 1, stream=None,
@@ -241,12 +247,7 @@ def ring_exchange(send_buf, recv_buf, group=None, *, shift: int = 1, stream=None
         return sends, recvs, {"shift": shift % n, "shape": tuple(send_buf.shape),
                               "dtype": send_buf.dtype}
 
-    if agree:
-        sends, recvs = _agreed("ring_exchange", g, check)
-    else:
-        sends, recvs, _ = check()
-        _validate(sends, recvs, me, n)
-    return _post(g, sends, recvs, stream)
+    return _post(g, *_checked("ring_exchange", g, check, agree), stream)
 
 
 def all_to_all_step(send_chunks, recv_chunks, group=None, *, stream=None,
@@ -274,9 +275,4 @@ def all_to_all_step(send_chunks, recv_chunks, group=None, *, stream=None,
                  if p != me and t is not None and t.numel()]
         return sends, recvs, {}
 
-    if agree:
-        sends, recvs = _agreed("all_to_all_step", g, check)
-    else:
-        sends, recvs, _ = check()
-        _validate(sends, recvs, me, n)
-    return _post(g, sends, recvs, stream)
+    return _post(g, *_checked("all_to_all_step", g, check, agree), stream)
