@@ -3,7 +3,8 @@
 # other: an older tree (BASE, e.g. `mkdir .base && git archive <rev> | tar -x -C .base`, carried
 # to the device) and this checkout. Used to show what a change costs:
 #   bash common/bench/before_after.sh .base hamilton ring_swa
-# Each package's script is the one of the tree it measures; ARGS_<pkg> adds arguments; logs and
+# Each package's script is the one of the tree it measures (<pkg>/bench/bench_<pkg>.py, or
+# SCRIPT_<pkg>=<file in <pkg>/bench/>); ARGS_<pkg> adds arguments; logs and
 # JSON go to bench_out/before_after/<pkg>/{before,after}/ and come back as $OUT/before_after.tgz.
 set -u
 cd "$(dirname "$0")/../.."
@@ -17,13 +18,14 @@ out="bench_out/before_after"
 cap="${CAP:-240}"
 for pkg in "$@"; do
   extra="ARGS_$pkg"
+  script="SCRIPT_$pkg"; script="${!script:-bench_$pkg.py}"
   for side in before after; do
     root=$([ "$side" = before ] && echo "$base" || echo .)
     dir="$out/$pkg/$side"
     mkdir -p "$dir"
     path="$(cd "$root" && ls -d "$PWD"/*/src | tr '\n' ':')${EXTRA:-}"
     echo "=== $pkg $side ($root) $(date -u +%H:%M:%S)"
-    (cd "$root" && PYTHONPATH="$path" timeout "$cap" python3 "$pkg/bench/bench_$pkg.py" \
+    (cd "$root" && PYTHONPATH="$path" timeout "$cap" python3 "$pkg/bench/$script" \
       --out "$OLDPWD/$dir" ${!extra:-}) 2>&1 | grep -v -E "Warning|warn\(" \
       | tee "$dir/log.txt" | tail -n 14
   done
