@@ -3,6 +3,9 @@
     longattn list                          installed methods, their demo rows and scripts
     longattn check [--only PKG ...]        correctness matrix of every installed method against
                                            the float64 oracle on a CPU world of gloo ranks
+    longattn check --gpu-world N[,N...] [--device cuda|cpu]
+                                           every distributed method on worlds of N ranks on
+                                           one device against one process (docs/gpu-world.md)
     longattn demo [--only PKG ...] [--out DIR]
                                            the same rows with time and bytes; writes
                                            demo.json (and demo.png with matplotlib) into DIR
@@ -49,6 +52,13 @@ CPU_ENV = {
 
 
 def cmd_check(args) -> int:
+    if args.gpu_world:
+        if args.only:
+            raise SystemExit("longattn check: --only is for the CPU matrix; with --gpu-world "
+                             "use --methods")
+        from longattn.integrations import gpu_world
+
+        return gpu_world.run(args)
     return driver.run_check(args.only)
 
 
@@ -150,7 +160,7 @@ def versions() -> str:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="longattn", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="\n".join(__doc__.splitlines()[2:13]) + "\n")
+                                 epilog="\n".join(__doc__.splitlines()[2:16]) + "\n")
     ap.add_argument("--version", action="version", version=versions(),
                     help="the installed longattn distributions and their versions")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -158,6 +168,9 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_list)
     p = sub.add_parser("check", help="correctness matrix against the oracle (CPU world)")
     p.add_argument("--only", nargs="+", metavar="PKG", help="only these packages' rows")
+    from longattn.integrations.gpu_world import add_arguments
+
+    add_arguments(p)
     p.set_defaults(fn=cmd_check, cpu=True)
     p = sub.add_parser("demo", help="demo rows with time and bytes, JSON and plot")
     p.add_argument("--only", nargs="+", metavar="PKG", help="only these packages' rows")
@@ -183,7 +196,9 @@ def main(argv=None) -> int:
         if args.cmd not in ("bench", "repro"):
             ap.error(f"unrecognized arguments: {' '.join(extra)}")
         args.args = [*args.args, *extra]
-    if getattr(args, "cpu", False):
+    # the CPU environment, except for a device run of ``check --gpu-world`` (Triton compiles)
+    if getattr(args, "cpu", False) and not (getattr(args, "gpu_world", None)
+                                            and args.device != "cpu"):
         for k, v in CPU_ENV.items():
             os.environ.setdefault(k, v)
         os.environ.setdefault("PYTHONUNBUFFERED", "1")
