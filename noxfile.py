@@ -54,9 +54,15 @@ def _install(session, packages, extra="test"):
 
 @nox.session
 def tests(session):
-    """All packages' tests (and the cross-package ones) on the CPU."""
+    """All packages' tests (and the cross-package ones) on the CPU, one pytest-xdist worker per
+    core (``LONGATTN_TEST_WORKERS=N`` to choose; ``0`` runs in this process). Many tests are one
+    Python process running the Triton interpreter, so two cores halve their time; work stealing
+    keeps the slow tail (the interpreted dilated kernels) from landing on one worker."""
     _install(session, PACKAGES)
-    session.run("python", "-m", "pytest", "-q", *session.posargs, env=CPU_ENV)
+    session.install("pytest-xdist")
+    workers = os.environ.get("LONGATTN_TEST_WORKERS", "auto")
+    session.run("python", "-m", "pytest", "-q", "-n", workers, "--dist", "worksteal",
+                *session.posargs, env=CPU_ENV)
 
 
 @nox.session
