@@ -424,10 +424,12 @@ def spawned_rank(rank, n, case, device, sizes, inject):
 
 def run_spawned(cases, device, sizes, inject=None, timeout=120.0, log=print):
     """Every case on a spawned gloo world of its size; ``[(case, per-rank results or error)]``."""
-    from longattn.common.testing import RankError, WorldTimeout, run_world
+    from longattn.common.testing import RankError, WorldTimeout, run_world, shutdown_worlds
 
     out = []
-    for c in cases:
+    for i, c in enumerate(cases):
+        if device == "cuda" and i and c.world != cases[i - 1].world:
+            shutdown_worlds()  # the finished world's ranks hold a CUDA context each
         t0 = time.perf_counter()
         try:
             res = run_world(c.world, spawned_rank, c, device, sizes, inject, timeout=timeout)
@@ -446,7 +448,8 @@ def run_torchrun(cases, device, sizes, inject=None, log=print):
 
     backend = os.environ.get("LONGATTN_DIST_BACKEND", "gloo")
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = _device(device, local if backend == "nccl" else 0)
+    # nccl: one GPU per rank; gloo: LOCAL_RANK's GPU where there is one, else all on cuda:0
+    dev = _device(device, local % max(1, torch.cuda.device_count()))
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
@@ -583,7 +586,8 @@ def _worlds(text: str):
     try:
         ns = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--gpu-world must be N or N,N,..., got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--gpu-world must be N or N,N,..., got {text!r}") from None
     if not ns or any(n < 2 for n in ns):
         raise argparse.ArgumentTypeError(f"--gpu-world needs worlds of >= 2 ranks, got {text!r}")
     return sorted(set(ns))
@@ -616,8 +620,10 @@ def plan(args):
     return worlds, cases, sizes
 
 
-def run(args, out=sys.stdout) -> int:
-    """``longattn check --gpu-world ...``: prints the table; 1 if any row fails."""
+def run(args, out=None) -> int:
+    """``longattn check --gpu-world ...``: prints the table (to ``out``, default stdout);
+    returns 1 if any row fails."""
+    out = sys.stdout if out is None else out
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("longattn check --gpu-world: no CUDA device here (use --device cpu)")
     worlds, cases, sizes = plan(args)
