@@ -33,6 +33,18 @@ recorded on the current stream orders buffer reuse, and ``wait()`` joins the str
 Byte accounting: inside ``with counting() as c:`` every exchange adds the bytes of each
 message to ``c`` (``c.sent[peer]``, ``c.recv[peer]``, ``c.messages``), so tests can assert the
 exact communication volume of a schedule.
+
+Collectives: :func:`all_reduce`, :func:`all_gather`, :func:`gather` and :func:`broadcast` are the
+one home of the collectives the library issues (blocking, like ``torch.distributed``'s with
+``async_op=False``; ``dst`` / ``src`` are group ranks). They do not count bytes: a caller that
+accounts for a collective calls :func:`record` with its own model of it.
+
+CUDA tensors over gloo: a group whose backend cannot carry CUDA tensors (gloo) gets them staged
+through pinned host buffers (:mod:`longattn.common.staging`), with the ordering guarantees above
+(send buffers captured as of the work queued on the current stream when posted, ``wait()``
+making the data visible to work queued afterwards on the current stream, ``stream=`` joined
+back) and the same byte counts. This is chosen from the group's backend and the tensors' device,
+so the same code runs with NCCL on many GPUs and with N gloo processes on one GPU.
 """
 
 from __future__ import annotations
@@ -44,6 +56,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from longattn.common import staging
 from longattn.common.dist import agree as _agree
 from longattn.common.dist import resolve_group
 
@@ -102,18 +115,24 @@ def nbytes(t: torch.Tensor) -> int:
 
 
 class Handle:
-    """Pending exchange: ``wait()`` blocks (or orders the current CUDA stream) until done."""
+    """Pending exchange: ``wait()`` blocks (or orders the current CUDA stream) until done.
 
-    def __init__(self, works, stream=None):
+    A staged exchange (module docstring) keeps its pinned buffers in ``stage`` until ``wait()``.
+    """
+
+    def __init__(self, works, stream=None, stage=None):
         self.works = works
         self.stream = stream
+        self.stage = stage
 
     def wait(self):
         for w in self.works:
             w.wait()
-        if self.stream is not None:
-            torch.cuda.current_stream().wait_stream(self.stream)
         self.works = []
+        if self.stage is not None:  # H2D copies and the stream join, then the buffers go back
+            self.stage.finish()
+        elif self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
 
 
 def _validate(sends, recvs, me, n, op="exchange"):
@@ -184,16 +203,21 @@ def _agreed(op, g, check):
 
 
 def _post(g, sends, recvs, stream) -> Handle:
-    ops = []
     for t, dst in sends:
-        ops.append(dist.P2POp(dist.isend, t, g.global_rank(dst), g.pg))
         record("send", dst, nbytes(t))
     for t, src in recvs:
-        ops.append(dist.P2POp(dist.irecv, t, g.global_rank(src), g.pg))
         record("recv", src, nbytes(t))
     note_call()
-    if not ops:
+    if not sends and not recvs:
         return Handle([])
+    stage = staging.Stage(g, stream)
+    if any(stage.needs(t) for t, _ in sends + recvs):
+        ops = [dist.P2POp(dist.isend, stage.out(t), g.global_rank(p), g.pg) for t, p in sends]
+        ops += [dist.P2POp(dist.irecv, stage.into(t), g.global_rank(p), g.pg) for t, p in recvs]
+        stage.ready()  # the host has the send data before the transfer may read it
+        return Handle(dist.batch_isend_irecv(ops), stage=stage)
+    ops = [dist.P2POp(dist.isend, t, g.global_rank(p), g.pg) for t, p in sends]
+    ops += [dist.P2POp(dist.irecv, t, g.global_rank(p), g.pg) for t, p in recvs]
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -276,3 +300,98 @@ def all_to_all_step(send_chunks, recv_chunks, group=None, *, stream=None,
         return sends, recvs, {}
 
     return _post(g, *_checked("all_to_all_step", g, check, agree), stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives (blocking; staged like the exchanges for groups that cannot carry CUDA tensors)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(op, name, t):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous")
+
+
+def _check_list(op, name, ts, g, like):
+    if not isinstance(ts, (list, tuple)) or len(ts) != g.size:
+        raise ValueError(f"{op}: {name} must be a list of one tensor per rank ({g.size})")
+    for i, t in enumerate(ts):
+        _check_tensor(op, f"{name}[{i}]", t)
+        if t.shape != like.shape or t.dtype != like.dtype:
+            raise ValueError(f"{op}: {name}[{i}] {tuple(t.shape)} {t.dtype} must match tensor "
+                             f"{tuple(like.shape)} {like.dtype}")
+
+
+def _check_root(op, name, r, g):
+    if isinstance(r, bool) or not isinstance(r, int) or not 0 <= r < g.size:
+        raise ValueError(f"{op}: {name} must be a group rank in [0, {g.size}), got {r!r}")
+
+
+def all_reduce(tensor, op=dist.ReduceOp.SUM, group=None) -> None:
+    """Reduce ``tensor`` in place over the ranks of ``group`` (``op`` a
+    ``torch.distributed.ReduceOp``). Not counted (module docstring)."""
+    g = resolve_group(group)
+    _check_tensor("all_reduce", "tensor", tensor)
+    if not g.distributed:
+        return
+    stage = staging.Stage(g)
+    host = stage.inout(tensor)
+    stage.ready()
+    dist.all_reduce(host, op=op, group=g.pg)
+    stage.finish()
+
+
+def all_gather(out_list, tensor, group=None) -> None:
+    """``out_list[r]`` = rank r's ``tensor``, for every group rank r (one tensor per rank, each
+    of ``tensor``'s shape and dtype). Not counted (module docstring)."""
+    g = resolve_group(group)
+    _check_tensor("all_gather", "tensor", tensor)
+    _check_list("all_gather", "out_list", out_list, g, tensor)
+    if not g.distributed:
+        out_list[0].copy_(tensor)
+        return
+    stage = staging.Stage(g)
+    outs = [stage.into(t) for t in out_list]
+    host = stage.out(tensor)
+    stage.ready()
+    dist.all_gather(outs, host, group=g.pg)
+    stage.finish()
+
+
+def gather(tensor, gather_list, dst: int, group=None) -> None:
+    """Rank ``dst`` (a group rank) receives every rank's ``tensor`` in ``gather_list`` (one
+    tensor per rank, each of ``tensor``'s shape and dtype); the other ranks pass
+    ``gather_list=None``. Not counted (module docstring)."""
+    g = resolve_group(group)
+    _check_tensor("gather", "tensor", tensor)
+    _check_root("gather", "dst", dst, g)
+    if g.rank == dst:
+        _check_list("gather", "gather_list", gather_list, g, tensor)
+    elif gather_list is not None:
+        raise ValueError(f"gather: gather_list must be None off the destination rank {dst}")
+    if not g.distributed:
+        gather_list[0].copy_(tensor)
+        return
+    stage = staging.Stage(g)
+    outs = [stage.into(t) for t in gather_list] if g.rank == dst else None
+    host = stage.out(tensor)
+    stage.ready()
+    dist.gather(host, outs, dst=g.global_rank(dst), group=g.pg)
+    stage.finish()
+
+
+def broadcast(tensor, src: int, group=None) -> None:
+    """Every rank's ``tensor`` becomes rank ``src``'s (a group rank), in place. Not counted
+    (module docstring)."""
+    g = resolve_group(group)
+    _check_tensor("broadcast", "tensor", tensor)
+    _check_root("broadcast", "src", src, g)
+    if not g.distributed:
+        return
+    stage = staging.Stage(g)
+    host = stage.out(tensor) if g.rank == src else stage.into(tensor)
+    stage.ready()
+    dist.broadcast(host, src=g.global_rank(src), group=g.pg)
+    stage.finish()

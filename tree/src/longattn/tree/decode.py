@@ -89,7 +89,7 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
 
 
 def _all_reduce(t, op, group, what):
-    dist.all_reduce(t, op=op, group=group)
+    comm.all_reduce(t, op=op, group=group)
     n = comm.nbytes(t)
     comm.record("send", what, n)
     comm.record("recv", what, n)
@@ -165,7 +165,7 @@ def _hierarchical_combine(o, lse, group, nodes, gpn):
     dtype, ``lse`` in ``lse``'s."""
     node_group, leaders = _subgroups(group, nodes, gpn)
     me = dist.get_rank(group)
-    leader_global = dist.get_global_rank(node_group, 0)
+    leader = 0  # the node leader is rank 0 of its node group (comm takes group ranks)
     b, lq, h, d = o.shape
     # pack (o, lse) into one message: [B, Lq, H, D + 1]
     acc, stat = o.dtype, lse.dtype
@@ -173,7 +173,7 @@ def _hierarchical_combine(o, lse, group, nodes, gpn):
     nb = comm.nbytes(mine)
     if me % gpn == 0:
         parts = [torch.empty_like(mine) for _ in range(gpn)]
-        dist.gather(mine, parts, dst=leader_global, group=node_group)
+        comm.gather(mine, parts, dst=leader, group=node_group)
         for _ in range(1, gpn):
             comm.record("recv", "gather", nb)
         stack = torch.stack(parts)  # [gpn, B, Lq, H, D + 1]
@@ -183,11 +183,11 @@ def _hierarchical_combine(o, lse, group, nodes, gpn):
         res = torch.cat([o, lse.transpose(1, 2).unsqueeze(-1)], dim=-1).contiguous()
         comm.record("send", "broadcast", comm.nbytes(res))
     else:
-        dist.gather(mine, None, dst=leader_global, group=node_group)
+        comm.gather(mine, None, dst=leader, group=node_group)
         comm.record("send", "gather", nb)
         res = torch.empty(b, lq, h, d + 1, dtype=stat, device=o.device)
         comm.record("recv", "broadcast", comm.nbytes(res))
-    dist.broadcast(res, src=leader_global, group=node_group)
+    comm.broadcast(res, src=leader, group=node_group)
     return res[..., :-1].to(acc), res[..., -1].transpose(1, 2)
 
 
