@@ -45,7 +45,10 @@ Groups (``cp_group`` here, ``group`` in the helpers) follow longattn's one rule:
 means this process alone without torch.distributed or in a world of one rank, and is a
 ``ValueError`` in an initialised world of more ranks.
 
-Not supported (ValueError): padding masks / custom 4D masks (pack full sequences instead),
+Padding masks go to :func:`shard_inputs` (``attention_mask=``), which moves each row's real
+tokens to its front, so causal layers need no mask (``longattn.integrations.training``).
+
+Not supported (ValueError): a padding mask passed to the model itself, custom 4D masks,
 attention dropout during training, ``softcap``, attention sinks (``s_aux``), position biases,
 sliding windows without causality.
 """
@@ -53,18 +56,25 @@ sliding windows without causality.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from longattn.common import checks
 from longattn.common import layout as _layout
-from longattn.common.dist import LOCAL, agree, resolve_group
+from longattn.common.dist import agree, resolve_group
 from longattn.integrations.relayout import moved
+from longattn.integrations.training import (
+    ShardedBatch,
+    all_reduce_grads,
+    causal_lm_loss,
+    reduce_loss,
+    shard_inputs,
+    unshard,
+)
 
 NAME = "longattn_cp"
 
 __all__ = [
     "NAME", "register", "attention", "layout_for", "shard_inputs", "unshard", "reduce_loss",
-    "all_reduce_grads",
+    "all_reduce_grads", "ShardedBatch",
 ]
 
 _UNSUPPORTED = ("softcap", "s_aux", "position_bias")
@@ -77,6 +87,11 @@ _UNSUPPORTED = ("softcap", "s_aux", "position_bias")
 def register(name: str = NAME, *, backend: str = "auto") -> str:
     """Register the attention function (and a mask function) under ``name``; returns ``name``.
 
+    Also wraps transformers' causal-LM loss (``LOSS_MAPPING["ForCausalLM"]``, once): a batch
+    from :func:`shard_inputs` then reports the whole batch's loss on every rank and gives
+    gradients meant to be averaged over the ranks (see ``longattn.integrations.training``);
+    any other call of the loss is unchanged.
+
     Afterwards ``attn_implementation=name`` works at model construction, or set
     ``model.config._attn_implementation = name`` (or ``model.set_attn_implementation(name)``).
     ``backend`` is the local-kernel choice every layer passes to the methods
@@ -84,6 +99,7 @@ def register(name: str = NAME, *, backend: str = "auto") -> str:
     forward may override it per call with ``backend=...``.
     """
     from transformers import AttentionInterface
+    from transformers.loss.loss_utils import LOSS_MAPPING
     from transformers.masking_utils import AttentionMaskInterface
 
     if not isinstance(backend, str):
@@ -95,6 +111,7 @@ def register(name: str = NAME, *, backend: str = "auto") -> str:
 
     AttentionInterface.register(name, attention if backend == "auto" else attention_with_backend)
     AttentionMaskInterface.register(name, _mask)
+    LOSS_MAPPING["ForCausalLM"] = causal_lm_loss(LOSS_MAPPING["ForCausalLM"])
     return name
 
 
@@ -135,7 +152,7 @@ def attention(module, query, key, value, attention_mask=None, dropout=0.0, scali
             raise ValueError("cp_group is not the group of the ShardedCache passed as "
                              "past_key_values: pass the same group to both (or cp_group=None)")
         return _check_call(query, key, value, attention_mask, dropout, scaling, sliding_window,
-                           is_causal, backend, decoding, kwargs, g)
+                           is_causal, backend, state, kwargs, g)
 
     (causal, window, lay), _ = agree(NAME, g, check)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
@@ -149,10 +166,11 @@ def attention(module, query, key, value, attention_mask=None, dropout=0.0, scali
 
 
 def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_window, is_causal,
-                backend, decoding, kwargs, g):
+                backend, state, kwargs, g):
     """This rank's checks (run inside ``agree``). Returns ``((causal, window, layout),
     fields)``: ``window`` is the window's ``left`` (keys before the query) or None, ``layout``
-    the layout of this rank's ``position_ids`` (sharded, not decoding) or None."""
+    the layout of this rank's tokens (sharded, not decoding) or None."""
+    decoding = state is not None and state.decoding
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.ndim != 4:
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -162,8 +180,8 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
     if attention_mask is not None:
         if attention_mask.ndim == 2:
             raise ValueError(
-                f"attention_mask with padding is not supported by {NAME!r}: pack full "
-                "sequences (no padding) or pass attention_mask=None")
+                f"{NAME!r} takes padding through shard_inputs(..., attention_mask=mask), not "
+                "as the model's attention_mask (the rows are reordered before sharding)")
         raise ValueError(
             f"{NAME!r} builds no attention mask; got a {tuple(attention_mask.shape)} "
             "attention_mask (custom 4-D masks and padding are not supported)")
@@ -185,13 +203,16 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
         if not causal:
             raise ValueError(f"{NAME!r} supports sliding windows only in causal attention")
         window = w - 1
+    info = _check_batch(kwargs.get("cp_batch"), causal, state)
     lay = None
     if not decoding and g.distributed:
         if key.shape[2] != query.shape[2]:
             raise ValueError(
                 f"key length {key.shape[2]} != query length {query.shape[2]}: for decoding with "
                 "a KV cache pass past_key_values=longattn.integrations.cache.ShardedCache(...)")
-        lay = _layout_of(kwargs.get("position_ids"), query.shape[2], g)
+        pos = kwargs.get("position_ids")
+        lay = (_layout_of(pos, query.shape[2], g) if info is None
+               else _layout_of_batch(info, pos, query.shape[2]))
     elif key.shape[2] < query.shape[2]:
         raise ValueError(f"key length {key.shape[2]} < query length {query.shape[2]}")
     b, d = query.shape[0], query.shape[3]
@@ -206,8 +227,38 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
         "softmax_scale": d ** -0.5 if scale is None else scale,
         "sliding_window": -1 if sliding_window is None else sliding_window, "backend": backend,
         "decoding": decoding, "position_ids layout": lay or "",
+        "cp_batch given": info is not None, "padded": info is not None and info.padded,
+        "shift_labels given": kwargs.get("shift_labels") is not None,
     }
     return (causal, window, lay), fields
+
+
+def _check_batch(info, causal, state):
+    """The :class:`ShardedBatch` of :func:`shard_inputs` (or None): a padded batch needs causal
+    attention (its padding keys sit after every real query) and no KV cache."""
+    if info is None:
+        return None
+    if not isinstance(info, ShardedBatch):
+        raise TypeError(f"{NAME}: cp_batch must be the ShardedBatch shard_inputs made, got "
+                        f"{type(info).__name__}")
+    if info.padded and not causal:
+        raise ValueError(f"{NAME}: a padded batch (attention_mask with padding) needs causal "
+                         "attention; this layer is not causal")
+    if info.padded and state is not None:
+        raise ValueError(f"{NAME}: a padded batch cannot fill a ShardedCache (its rows are "
+                         "reordered); prefill without attention_mask")
+    return info
+
+
+def _layout_of_batch(info, position_ids, s_local):
+    """The layout of a batch from :func:`shard_inputs`, after checking that the model passed
+    the ``position_ids`` it returned (ValueError naming ``position_ids`` otherwise)."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] != s_local or not (
+            torch.equal(position_ids.cpu(), info.positions)):
+        raise ValueError(
+            f"{NAME}: the position_ids the model passed are not those shard_inputs returned "
+            "for this rank's tokens: pass the batch to the model as it is")
+    return info.layout
 
 
 def _layout_of(position_ids, s_local, g):
@@ -304,181 +355,3 @@ def layout_for(config) -> str:
     if types is not None:
         return "contiguous" if "sliding_attention" in types else "zigzag"
     return "contiguous" if getattr(config, "sliding_window", None) else "zigzag"
-
-
-def shard_inputs(input_ids, labels=None, position_ids=None, *, group=None, layout="zigzag",
-                 ignore_index=-100):
-    """This rank's part of a batch, as keyword arguments for the model's forward.
-
-    Args:
-        input_ids: ``[B, S]`` the full batch (the same on every rank); ``S`` divisible by
-            ``2n`` (zigzag) or ``n`` (contiguous / striped) for ``n`` ranks.
-        labels: ``[B, S]`` or None. Shifted here, *before* sharding (token ``i`` predicts
-            label ``i+1``; the last gets ``ignore_index``), so each rank's loss is local.
-        position_ids: ``[B or 1, S]`` or None (``0..S-1``): sharded as they are, so every rank
-            keeps its tokens' *global* positions (RoPE and the layout check need them).
-        group: the context-parallel group: a ``ProcessGroup``, a 1-D ``DeviceMesh``,
-            ``LOCAL`` or None (this process alone; an error in a world of several ranks).
-        layout: ``zigzag``, ``contiguous`` or ``striped``; :func:`layout_for` picks the
-            cheapest for a model.
-
-    Returns a dict with ``input_ids``, ``position_ids``, ``cp_group`` (the group, for the
-    attention layers) and, with labels, ``labels`` and ``shift_labels`` (the shifted local
-    labels: transformers' loss then skips its own shift) and ``num_items_in_batch`` (the number
-    of counted tokens of the whole batch, so each rank's ``loss`` is its token-loss sum over the
-    global count and the ranks' losses add up to the mean: :func:`reduce_loss`).
-
-    Every argument is checked on every rank first (:func:`longattn.common.dist.agree`, one
-    small all-gather): integer ``input_ids`` / ``labels`` / ``position_ids`` (a float tensor is
-    a ``TypeError``), shapes, ``layout`` and its divisibility, and the same batch on every rank
-    (a checksum of the values); a bad argument on any rank raises the same error on every rank.
-    """
-    g = resolve_group(group)
-
-    def check():
-        return _check_inputs(input_ids, labels, position_ids, layout, ignore_index, g)
-
-    (b, position_ids), _ = agree("shard_inputs", g, check)
-
-    def cut(x):
-        return _layout.take_shard(x, g.rank, g.size, layout=layout, dim=1)
-
-    batch = {"input_ids": cut(input_ids), "position_ids": cut(position_ids),
-             "cp_group": LOCAL if group is None else group}
-    if labels is not None:
-        shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), ignore_index)], dim=1)
-        local = cut(shifted)
-        batch.update(labels=local, shift_labels=local,
-                     num_items_in_batch=(shifted != ignore_index).sum())
-    return batch
-
-
-def _digest(x: torch.Tensor) -> int:
-    """An int64 checksum of an integer tensor's values and their order (equal tensors give
-    equal digests on every rank; int64 arithmetic wraps the same way everywhere)."""
-    flat = x.detach().reshape(-1).to(torch.int64).cpu()
-    weights = torch.arange(flat.numel(), dtype=torch.int64) * 2654435761 + 97
-    return int((flat * weights).sum())
-
-
-def _check_ids(name, x, shape=None):
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
-        raise TypeError(f"{name} must be an integer tensor (token ids / positions), got "
-                        f"{x.dtype}")
-    if shape is not None and tuple(x.shape) != shape:
-        raise ValueError(f"{name} must be {shape} like input_ids, got {tuple(x.shape)}")
-
-
-def _check_inputs(input_ids, labels, position_ids, layout, ignore_index, g):
-    """shard_inputs' checks (inside ``agree``): every rank must shard the same batch the same
-    way, so the values themselves are agreed (by checksum), not only their shapes."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be a [batch, seq] tensor, got "
-                         f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
-    _check_ids("input_ids", input_ids)
-    b, s = input_ids.shape
-    if position_ids is None:
-        position_ids = torch.arange(s, device=input_ids.device).unsqueeze(0)
-    _check_ids("position_ids", position_ids)
-    if position_ids.ndim != 2 or position_ids.shape[1] != s or position_ids.shape[0] not in (1, b):
-        raise ValueError(f"position_ids must be [1 or {b}, {s}], got {tuple(position_ids.shape)}")
-    if labels is not None:
-        _check_ids("labels", labels, tuple(input_ids.shape))
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not isinstance(layout, str) or layout not in _layout.LAYOUTS:
-        raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
-    if g.distributed:
-        _layout.positions(s, g.rank, g.size, layout)  # raises unless S splits in this layout
-    fields = {"input_ids.shape": (b, s), "input_ids.dtype": input_ids.dtype,
-              "input_ids values": _digest(input_ids),
-              "position_ids.shape": tuple(position_ids.shape),
-              "position_ids values": _digest(position_ids),
-              "labels given": labels is not None,
-              "labels values": 0 if labels is None else _digest(labels),
-              "ignore_index": ignore_index, "layout": layout,
-              "device type": input_ids.device.type}
-    return (b, position_ids), fields
-
-
-def unshard(x, *, group=None, layout="zigzag", dim=1):
-    """Gather every rank's shard (e.g. logits ``[B, S_local, V]``) into the full tensor on
-    every rank (no gradient). For tests and inspection, not for training."""
-    g = resolve_group(group)
-
-    def check():
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
-            raise ValueError(f"dim must be an int in [-{x.ndim}, {x.ndim}) for x of shape "
-                             f"{tuple(x.shape)}, got {dim!r}")
-        if not isinstance(layout, str) or layout not in _layout.LAYOUTS:
-            raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
-        # shapes as strings: a tensor of another ndim must read "x.shape must be the same",
-        # not "different calls" (agree expands tuples into one field per element)
-        return None, {"x.shape": str(tuple(x.shape)), "x.dtype": x.dtype, "dim": dim % x.ndim,
-                      "layout": layout, "device type": x.device.type}
-
-    agree("unshard", g, check)
-    if not g.distributed:
-        return x
-    mine = x.detach().to(g.device).contiguous()
-    parts = [torch.empty_like(mine) for _ in range(g.size)]
-    dist.all_gather(parts, mine, group=g.pg)
-    return _layout.join_shards([p.to(x.device) for p in parts], layout=layout, dim=dim)
-
-
-def reduce_loss(loss, group=None):
-    """The loss of the whole batch: the sum of the ranks' losses (each rank's loss is its
-    token-loss sum over the global token count, see :func:`shard_inputs`). Detached; for
-    logging. Backpropagate each rank's own ``loss`` and call :func:`all_reduce_grads`."""
-    g = resolve_group(group)
-
-    def check():
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
-        if not loss.dtype.is_floating_point:
-            raise TypeError(f"loss must be a floating-point tensor, got {loss.dtype}")
-        return None, {"loss.shape": str(tuple(loss.shape)), "loss.dtype": loss.dtype,
-                      "device type": loss.device.type}
-
-    agree("reduce_loss", g, check)
-    total = loss.detach().clone()
-    if g.distributed:
-        buf = total.to(g.device)
-        dist.all_reduce(buf, group=g.pg)
-        total = buf.to(loss.device)
-    return total
-
-
-def all_reduce_grads(model, group=None):
-    """Sum the parameter gradients over the ranks of the context-parallel ``group``: each
-    rank's backward of its own loss gives its tokens' contribution to every parameter's
-    gradient (attention already sent the key/value gradients home), so the sum is the
-    full-sequence gradient. Every rank must hold the same parameters with gradients (checked on
-    every rank first)."""
-    g = resolve_group(group)
-
-    def check():
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-        layout = ";".join(f"{n}:{tuple(t.shape)}:{t.dtype}" for n, t in named)
-        grads = [t for _, t in named]
-        return grads, {"parameters with a gradient": len(grads),
-                       "gradient elements": sum(t.numel() for t in grads),
-                       "gradient dtypes": ",".join(sorted({str(t.dtype) for t in grads})),
-                       "gradient names and shapes": layout}
-
-    grads, _ = agree("all_reduce_grads", g, check)
-    if not g.distributed:
-        return
-    for t in grads:
-        if t.device == g.device:
-            dist.all_reduce(t, group=g.pg)
-        else:  # e.g. CUDA gradients over a gloo group
-            buf = t.to(g.device)
-            dist.all_reduce(buf, group=g.pg)
-            t.copy_(buf)
