@@ -10,6 +10,7 @@ schedule -- through one step loop, forward and backward. ``config`` takes a
 
 from longattn.hamilton.attn import hamilton_attn
 from longattn.hamilton.config import HamiltonConfig
+from longattn.hamilton.packing import make_packed_plan, packed_layout, pad_packed, unpad_packed
 from longattn.hamilton.schedules import (
     Schedule,
     hamiltonian_cycles,
@@ -26,10 +27,14 @@ __all__ = [
     "hamilton_attn",
     "hamiltonian_cycles",
     "layout_name",
+    "make_packed_plan",
     "multi_ring_schedule",
+    "packed_layout",
+    "pad_packed",
     "ring_schedule",
     "shard",
     "two_level_schedule",
+    "unpad_packed",
     "unshard",
     "validate_schedule",
 ]

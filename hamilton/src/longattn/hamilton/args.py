@@ -21,6 +21,7 @@ from longattn.common.checks import check_bool, check_qkv, check_scale
 from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import pick_backend
 from longattn.hamilton.config import DEFAULT, HamiltonConfig
+from longattn.hamilton.packing import check_packed_cu_seqlens, cu_field
 from longattn.hamilton.plan import kv_views, new_buffer
 from longattn.hamilton.schedules import (
     Schedule,
@@ -44,13 +45,16 @@ def _divisible(length, sched, causal):
     return sched.n == 1 or length % _units_needed(sched, causal) == 0
 
 
-def resolve_schedule(schedule, n: int, length: int, causal: bool) -> Schedule:
+def resolve_schedule(schedule, n: int, length: int, causal: bool, *,
+                     packed: bool = False) -> Schedule:
     """The :class:`Schedule` a ``schedule`` argument means on ``n`` ranks.
 
     ``"tasp"`` / ``"multi_ring"``: :func:`multi_ring_schedule`; ``"ring"``: Ring Attention
     (zigzag ring when causal); ``"two_level"``: :func:`two_level_schedule` with
     ``LOCAL_WORLD_SIZE`` GPUs per node; ``"auto"``: TASP when the local length divides into
     its sub-chunks, else ring. Raises ``ValueError`` if the schedule cannot serve the call.
+    ``packed``: packed documents (``cu_seqlens``), where slots may differ in length by one
+    token, so any length serves and ``"auto"`` is TASP.
     """
     if isinstance(schedule, Schedule):
         if schedule.n != n:
@@ -73,9 +77,9 @@ def resolve_schedule(schedule, n: int, length: int, causal: bool) -> Schedule:
         sched = two_level_schedule(n // g, g)
     else:  # auto
         sched = multi_ring_schedule(n)
-        if not _divisible(length, sched, causal):
+        if not packed and not _divisible(length, sched, causal):
             sched = ring_schedule(n)
-    if not _divisible(length, sched, causal):
+    if not packed and not _divisible(length, sched, causal):
         u = _units_needed(sched, causal)
         how = (f"2 x {sched.num_slots} sub-chunks (zigzag halves)" if causal
                else f"{sched.num_slots} sub-chunks")
@@ -172,55 +176,105 @@ def _check_triton_merge(q, v):
         raise ValueError(f"config.merge_backend='triton' cannot serve this call: {refusal}")
 
 
+def _packed_kernels(q, k, v, causal, backend, grad, return_lse):
+    """The dense backend names the varlen calls resolve to (the CPU loop runs them; on CUDA
+    fp16 / bf16 with ``"auto"`` / ``"aten"`` the flash varlen op serves instead), for the
+    diagonal call (causal when causal) and the others, forward and backward: a backend that
+    cannot serve raises here, on every rank."""
+    kk, vv = k[:, :1], v[:, :1]  # the calls get contiguous gathered keys
+    names = []
+    for needs_dlse in (False,) + ((grad and return_lse,) if grad else ()):
+        for c in dict.fromkeys((causal, False)):
+            names.append(pick_backend(q[:, :1], kk, vv, causal=c, needs_dlse=needs_dlse,
+                                      backend=backend))
+    return tuple(names)
+
+
+def _check_packed(q, k, n, cu_seqlens):
+    """The packed-document rules: batch 1, the same local length for q and k/v, and a valid
+    ``cu_seqlens`` ending at ``n`` times it. Returns the checked tuple."""
+    lq, lk = q.shape[1], k.shape[1]
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1 (one packed sequence), got q of batch "
+                         f"{q.shape[0]}")
+    if lq != lk:
+        raise ValueError(f"cu_seqlens needs the same local length for q ({lq}) and k/v ({lk}) "
+                         "(one packed sequence)")
+    return check_packed_cu_seqlens(cu_seqlens, n * lq,
+                                   f" (= {n} ranks x {lq} local tokens)")
+
+
 def check_call(q, k, v, *, group: dist.Group, causal, softmax_scale, schedule, return_lse,
-               backend, config):
+               backend, config, cu_seqlens=None):
     """Validate a :func:`hamilton_attn` call on every rank of ``group`` (a resolved
     :class:`longattn.common.dist.Group`); return ``(softmax_scale, sched, kernels, config)``
     (``config`` the :class:`HamiltonConfig`, defaults for None).
 
     Raises on every rank (``ValueError`` / ``TypeError`` naming the argument) when any rank's
     arguments are bad or the ranks disagree on what they must share.
+
+    With ``cu_seqlens`` (packed documents) ``kernels`` is the checked ``cu_seqlens`` tuple and
+    the backend names are those of :func:`_packed_kernels`.
     """
     n = group.size
 
     def check():
-        check_bool("causal", causal)
-        check_bool("return_lse", return_lse)
-        cfg = DEFAULT if config is None else config
-        if not isinstance(cfg, HamiltonConfig):
-            raise TypeError(f"config must be a longattn.hamilton.HamiltonConfig or None, got "
-                            f"{type(config).__name__}")
-        check_qkv(q, k, v)
-        if (isinstance(softmax_scale, int) and not isinstance(softmax_scale, bool)
-                and abs(softmax_scale) > sys.float_info.max):  # float() would overflow
-            raise ValueError(f"softmax_scale must be finite, got an int of "
-                             f"{softmax_scale.bit_length()} bits")
-        scale = check_scale(softmax_scale, q.shape[-1])
-        if not isinstance(backend, str):
-            raise TypeError(f"backend must be a str ('auto' or a name in "
-                            f"longattn.common.kernels.BACKENDS), got {backend!r}")
+        cfg, scale, grad = _check_common(q, k, v, causal, softmax_scale, return_lse, backend,
+                                         config)
+        if cfg.merge_backend == "triton" and n > 1:
+            _check_triton_merge(q, v)
         lq, lk = q.shape[1], k.shape[1]
-        if lk < 1 or lq < 1:
-            raise ValueError(f"q and k/v need at least one token per rank, got {lq} and {lk}")
+        if cu_seqlens is not None:
+            cu = _check_packed(q, k, n, cu_seqlens)
+            sched = resolve_schedule(schedule, n, lk, causal, packed=True)
+            fields = _fields(q, k, v, causal, scale, sched, grad, return_lse, backend, cfg,
+                             _packed_kernels(q, k, v, causal, backend, grad, return_lse))
+            fields["cu_seqlens"] = cu_field(cu)
+            return (scale, sched, cu, cfg), fields
         if causal and lq != lk and n > 1:
             raise ValueError(f"causal needs the same local length for q ({lq}) and k/v ({lk}) "
                              "(zigzag layout of one sequence)")
         sched = resolve_schedule(schedule, n, lk, causal)
-        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         kernels = resolve_kernels(q, k, v, n=n, causal=causal,
                                   units=_units_needed(sched, causal), backend=backend,
                                   grad=grad, return_lse=return_lse,
                                   contiguous_kv=cfg.contiguous_kv)
-        if cfg.merge_backend == "triton" and n > 1:
-            _check_triton_merge(q, v)
-        fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape),
-                  "v.shape": tuple(v.shape), "dtype": q.dtype, "q.device.type": q.device.type,
-                  "causal": causal, "softmax_scale": scale, "schedule": sched.key_int,
-                  "requires_grad": grad, "return_lse": return_lse, "backend": backend,
-                  "kernel backends": kernels.names(),
-                  "config.merge_backend": cfg.merge_backend,
-                  "config.contiguous_kv": cfg.contiguous_kv}
-        return (scale, sched, kernels, cfg), fields
+        return (scale, sched, kernels, cfg), _fields(q, k, v, causal, scale, sched, grad,
+                                                     return_lse, backend, cfg, kernels.names())
 
     result, _ = dist.agree("hamilton_attn", group, check)
     return result
+
+
+def _check_common(q, k, v, causal, softmax_scale, return_lse, backend, config):
+    """The checks of every call; returns ``(config record, softmax_scale, whether a backward
+    will run)``."""
+    check_bool("causal", causal)
+    check_bool("return_lse", return_lse)
+    cfg = DEFAULT if config is None else config
+    if not isinstance(cfg, HamiltonConfig):
+        raise TypeError(f"config must be a longattn.hamilton.HamiltonConfig or None, got "
+                        f"{type(config).__name__}")
+    check_qkv(q, k, v)
+    if (isinstance(softmax_scale, int) and not isinstance(softmax_scale, bool)
+            and abs(softmax_scale) > sys.float_info.max):  # float() would overflow
+        raise ValueError(f"softmax_scale must be finite, got an int of "
+                         f"{softmax_scale.bit_length()} bits")
+    scale = check_scale(softmax_scale, q.shape[-1])
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str ('auto' or a name in "
+                        f"longattn.common.kernels.BACKENDS), got {backend!r}")
+    lq, lk = q.shape[1], k.shape[1]
+    if lk < 1 or lq < 1:
+        raise ValueError(f"q and k/v need at least one token per rank, got {lq} and {lk}")
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return cfg, scale, grad
+
+
+def _fields(q, k, v, causal, scale, sched, grad, return_lse, backend, cfg, names):
+    """The values every rank of a call must share."""
+    return {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape), "v.shape": tuple(v.shape),
+            "dtype": q.dtype, "q.device.type": q.device.type, "causal": causal,
+            "softmax_scale": scale, "schedule": sched.key_int, "requires_grad": grad,
+            "return_lse": return_lse, "backend": backend, "kernel backends": names,
+            "config.merge_backend": cfg.merge_backend, "config.contiguous_kv": cfg.contiguous_kv}

@@ -30,11 +30,13 @@ from longattn.common.kernels import attention_backward, attention_forward, grad_
 from longattn.common.merge import merge_partials_
 from longattn.hamilton.args import check_call
 from longattn.hamilton.config import DEFAULT
+from longattn.hamilton.packed_attn import packed_attention
+from longattn.hamilton.packing import make_packed_plan
 from longattn.hamilton.plan import kv_views, make_plan, new_buffer
 
 
 def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, schedule="auto",
-                  return_lse=False, backend="auto", config=None):
+                  return_lse=False, backend="auto", config=None, cu_seqlens=None):
     """Context-parallel attention over the ranks of ``group`` (TASP / ring / two-level).
 
     Arguments are this rank's shards (see :func:`longattn.hamilton.shard`): ``q [B, L, Hq, D]``,
@@ -60,12 +62,23 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
     [B, Hq, L]`` in ``longattn.common.dtypes.lse_dtype(q.dtype)`` (float64 for float32 and
     float64 inputs, float32 for fp16 / bf16). Differentiable in q, k, v (also through lse).
     Bad arguments raise ``ValueError`` / ``TypeError`` on every rank before any communication.
+
+    ``cu_seqlens``: packed documents. The GLOBAL int32 cumulative document lengths ``[num_docs
+    + 1]`` of one packed sequence (the same on every rank, batch 1), whose total is the group
+    size times the local length; q, k, v are this rank's part as ``shard(x, causal=causal,
+    cu_seqlens=cu_seqlens)`` lays it out (:mod:`longattn.hamilton.packing`). Attention stays
+    inside each document (causal inside it with ``causal``); a KV block no query of a rank
+    sees is neither sent to it nor computed.
     """
     g = resolve_group(group)
     scale, sched, kernels, config = check_call(q, k, v, group=g, causal=causal,
                                                softmax_scale=softmax_scale, schedule=schedule,
                                                return_lse=return_lse, backend=backend,
-                                               config=config)
+                                               config=config, cu_seqlens=cu_seqlens)
+    if cu_seqlens is not None:  # kernels: the checked cu_seqlens tuple
+        plan = make_packed_plan(kernels, g.size, g.rank, causal, sched)
+        out, lse = packed_attention(q, k, v, plan, g.pg, scale, backend, config)
+        return (out, lse) if return_lse else out
     plan = make_plan(sched, g.rank, causal)
     out, lse = _HamiltonAttn.apply(q, k, v, plan, g.pg, scale, kernels, config)
     return (out, lse) if return_lse else out

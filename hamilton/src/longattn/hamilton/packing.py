@@ -1,0 +1,409 @@
+"""Packed documents (``cu_seqlens``): the balanced layout, the pad helpers, and each rank's plan.
+
+A packed sequence of ``T`` tokens holds documents ``cu_seqlens = [0, e_1, ..., T]``; attention
+stays inside each document (causal inside it with ``causal=True``).
+
+**Layout** (:func:`packed_layout`). ``T`` must be divisible by the group size ``n`` (every rank
+holds ``L = T / n`` tokens; :func:`pad_packed` pads the rest). The sequence is cut into
+``n * m`` equal *chunks* and each rank gets ``m`` of them, in increasing token order. The work
+of a chunk is the number of (query, key) pairs its queries see: a query at position ``p`` of
+its document sees ``p + 1`` keys when causal, the whole document otherwise. ``m`` is the
+smallest divisor of ``L`` up to :data:`MAX_CHUNKS_PER_RANK` whose assignment leaves no rank
+more than ``tolerance`` (5%) above the mean work (else the most balanced one): ``m = 1`` is
+the contiguous layout (documents stay whole, only the ones crossing a rank boundary need
+another rank); larger ``m`` assign the chunks heaviest first to the least loaded rank that
+still has room, which for one causal document and ``m = 2`` is exactly the zigzag layout.
+
+**Plan** (:func:`make_packed_plan`). A rank's tokens form *segments*: maximal runs of one
+document that are consecutive in the packed sequence. A key of another rank is visible to a
+segment iff it is in the same document (and, causal, before the segment's first token), so
+every (segment, key) pair of another rank is either fully visible or not at all. At step
+``s`` the schedule gives the rank the slot ``c`` of rank ``origin[s, c]`` (each rank's ``L``
+tokens cut into ``num_slots`` slots); the origin sends it *directly* the rows of that slot
+that some query of the rank sees, and nothing when there are none. One varlen kernel call per
+step covers every segment (its keys gathered from the received rows, bottom-right causal on the
+diagonal step 0), on the row range of the segments that see any key; a step that receives no
+row makes no call. The backward sends the same rows again (except for the last step, whose
+buffer the forward keeps) and returns their dK/dV to the origin.
+"""
+
+from __future__ import annotations
+
+import heapq
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from longattn.common.checks import check_cu_seqlens
+from longattn.hamilton.schedules import Schedule, origins
+
+MAX_CHUNKS_PER_RANK = 64
+"""The finest layout :func:`packed_layout` tries: ``m`` chunks per rank, ``m <= 64`` (more
+chunks cut more documents across ranks and fragment the kernel calls)."""
+
+TOLERANCE = 0.05
+"""Default ``tolerance`` of :func:`packed_layout`: the largest rank's work may exceed the mean
+by 5% (not tuned: the share of the ideal rate a rank may lose to imbalance)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# cu_seqlens
+
+
+def check_packed_cu_seqlens(cu_seqlens, total: int, what: str = "") -> tuple:
+    """``cu_seqlens`` as a tuple of ints: an int32 1-D tensor ``[num_docs + 1]`` starting at 0,
+    non-decreasing, ending at ``total`` (``what`` says where ``total`` comes from)."""
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32:
+        got = cu_seqlens.dtype if isinstance(cu_seqlens, torch.Tensor) else type(cu_seqlens)
+        raise TypeError(f"cu_seqlens must be an int32 torch.Tensor [num_docs + 1] (the global "
+                        f"cumulative document lengths), got {got}")
+    if cu_seqlens.ndim == 1 and cu_seqlens.numel() >= 2 and int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens must end at the packed sequence's total length {total}"
+                         f"{what}, got {int(cu_seqlens[-1])}")
+    return tuple(check_cu_seqlens(cu_seqlens, total, "cu_seqlens"))
+
+
+def as_cu(cu_seqlens) -> tuple:
+    """A checked tuple from an int32 tensor (a tuple passes through: already checked)."""
+    if isinstance(cu_seqlens, tuple):
+        return cu_seqlens
+    ok = isinstance(cu_seqlens, torch.Tensor) and cu_seqlens.ndim == 1 and cu_seqlens.numel()
+    return check_packed_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]) if ok else 0)
+
+
+def cu_field(cu: tuple) -> tuple:
+    """What the ranks agree on for ``cu_seqlens``: (number of documents, total, CRC-32)."""
+    return (len(cu) - 1, cu[-1], zlib.crc32(np.asarray(cu, dtype=np.int64).tobytes()))
+
+
+def check_divisible(total: int, n: int) -> None:
+    if total % n:
+        raise ValueError(f"the packed length: cu_seqlens must be divisible by the group size "
+                         f"{n}, got {total}; pad it with longattn.hamilton.pad_packed(x, "
+                         f"cu_seqlens, multiple={n})")
+
+
+def pad_packed(x: torch.Tensor, cu_seqlens: torch.Tensor, multiple: int, *, dim: int = 1):
+    """``(x_padded, cu_seqlens_padded)``: ``x`` padded with zeros along ``dim`` to a multiple of
+    ``multiple`` tokens, the padding as one-token documents (each sees only itself, so it costs
+    one (query, key) pair per token and never crosses a rank). Drop the padded rows of the
+    output with :func:`unpad_packed`. ``multiple``: the group size at least; ``64 * n`` lets
+    :func:`packed_layout` try every chunk count up to :data:`MAX_CHUNKS_PER_RANK` that is a
+    power of two."""
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"multiple must be a positive int, got {multiple!r}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
+        raise ValueError(f"dim must be an int in [-{x.ndim}, {x.ndim}), got {dim!r}")
+    total = x.shape[dim]
+    cu = check_packed_cu_seqlens(cu_seqlens, total, f" (x.shape[{dim}])")
+    pad = -total % multiple
+    shape = list(x.shape)
+    shape[dim] = pad
+    xp = torch.cat([x, x.new_zeros(shape)], dim=dim)
+    cup = torch.tensor(list(cu) + [total + i for i in range(1, pad + 1)], dtype=torch.int32,
+                       device=cu_seqlens.device)
+    return xp, cup
+
+
+def unpad_packed(x: torch.Tensor, total: int, *, dim: int = 1) -> torch.Tensor:
+    """The first ``total`` tokens of ``x`` along ``dim`` (undoes :func:`pad_packed`)."""
+    return x.narrow(dim, 0, total)
+
+
+# ---------------------------------------------------------------------------------------------
+# layout
+
+
+@dataclass(frozen=True)
+class PackedLayout:
+    """``n`` ranks, ``total`` tokens in chunks of ``chunk`` tokens; ``owner[j]`` is the rank of
+    chunk ``j``; ``imbalance`` = largest rank work / mean - 1."""
+
+    n: int
+    total: int
+    causal: bool
+    chunk: int
+    owner: tuple
+    imbalance: float
+
+    @property
+    def chunks_per_rank(self) -> int:
+        return self.total // (self.n * self.chunk)
+
+    def chunks_of(self, rank: int) -> list:
+        return [j for j, r in enumerate(self.owner) if r == rank]
+
+    def positions(self, rank: int) -> np.ndarray:
+        """Global token indices rank ``rank`` holds, in local order (increasing)."""
+        c = self.chunk
+        return np.concatenate([np.arange(j * c, (j + 1) * c) for j in self.chunks_of(rank)])
+
+
+def token_work(cu: tuple, causal: bool) -> np.ndarray:
+    """(query, key) pairs each token's query sees: its position in its document + 1 (causal)
+    or its document's length."""
+    lens = np.diff(np.asarray(cu, dtype=np.int64))
+    if not causal:
+        return np.repeat(lens, lens)
+    starts = np.repeat(np.asarray(cu[:-1], dtype=np.int64), lens)
+    return np.arange(cu[-1], dtype=np.int64) - starts + 1
+
+
+def _assign(work: np.ndarray, n: int, m: int) -> list:
+    """Heaviest chunk first to the least loaded rank (lowest rank on ties) with room."""
+    if m == 1:
+        return list(range(n))
+    owner = [0] * len(work)
+    heap = [(0, r, 0) for r in range(n)]
+    for j in sorted(range(len(work)), key=lambda j: (-work[j], j)):
+        load, r, cnt = heapq.heappop(heap)
+        owner[j] = r
+        if cnt + 1 < m:
+            heapq.heappush(heap, (load + int(work[j]), r, cnt + 1))
+    return owner
+
+
+def _imbalance(work, owner, n):
+    loads = np.zeros(n, dtype=np.float64)
+    np.add.at(loads, np.asarray(owner), work)
+    return float(loads.max() / loads.mean() - 1.0)
+
+
+@lru_cache(maxsize=64)
+def _layout(cu: tuple, n: int, causal: bool, tolerance: float) -> PackedLayout:
+    total = cu[-1]
+    per = total // n
+    prefix = np.concatenate([[0], np.cumsum(token_work(cu, causal))])
+    best = None
+    for m in (m for m in range(1, min(per, MAX_CHUNKS_PER_RANK) + 1) if per % m == 0):
+        c = per // m
+        work = prefix[c::c] - prefix[:-1:c][: n * m]
+        owner = _assign(work, n, m)
+        lay = PackedLayout(n, total, causal, c, tuple(owner), _imbalance(work, owner, n))
+        if best is None or lay.imbalance < best.imbalance:
+            best = lay
+        if lay.imbalance <= tolerance:
+            return lay
+    return best
+
+
+def packed_layout(cu_seqlens, n: int, causal: bool, *, tolerance: float = TOLERANCE):
+    """The :class:`PackedLayout` of a packed sequence over ``n`` ranks (module docstring).
+    ``cu_seqlens``: an int32 tensor or a tuple of ints; the total must be divisible by ``n``."""
+    cu = as_cu(cu_seqlens)
+    check_divisible(cu[-1], n)
+    if cu[-1] == 0:
+        raise ValueError("cu_seqlens describes no token")
+    return _layout(cu, n, bool(causal), float(tolerance))
+
+
+# ---------------------------------------------------------------------------------------------
+# plan
+
+
+@dataclass(frozen=True)
+class KernelCall:
+    """One varlen call: query rows ``[r0, r1)`` (segments ``cu_q``, relative to ``r0``) against
+    the step's KV rows ``kidx`` (None: all of them in order), keys per segment ``cu_k``."""
+
+    r0: int
+    r1: int
+    cu_q: tuple
+    cu_k: tuple
+    kidx: np.ndarray | None
+    causal: bool
+    pairs: int  # (query, key) pairs the call computes
+
+    def tensors(self, device):
+        """``(cu_q, cu_k, kidx)`` as tensors (cu on the CPU, kidx on ``device``)."""
+        cq = torch.tensor(self.cu_q, dtype=torch.int32)
+        ck = torch.tensor(self.cu_k, dtype=torch.int32)
+        ki = None if self.kidx is None else torch.from_numpy(self.kidx).to(device)
+        return cq, ck, ki
+
+
+@dataclass(frozen=True)
+class PackedStep:
+    """Step ``s``: ``recvs`` ``(origin, rows, offset)`` into the step's KV buffer of ``rows``
+    rows, ``sends`` ``(holder, local_rows)`` of this rank's own rows, one per nonempty slot in
+    slot order; ``call`` the kernel call (None: no query of this rank sees any received row)."""
+
+    recvs: tuple
+    sends: tuple
+    rows: int
+    call: KernelCall | None
+
+
+@dataclass(frozen=True, eq=False)
+class PackedPlan:
+    """Everything one rank does for a packed call. ``steps[0]`` is the local (diagonal) step.
+
+    Counts: ``blocks`` the (step >= 1, slot) blocks this rank is given by the schedule (nonempty
+    slots), ``blocks_sent`` those that arrive with at least one visible row, ``blocks_skipped``
+    the rest (neither sent nor computed); ``rows_received`` the KV rows that arrive in the
+    forward; ``kernel_calls`` and ``pairs`` the forward's varlen calls and the (query, key)
+    pairs they compute (each backward makes the same calls)."""
+
+    n: int
+    rank: int
+    causal: bool
+    layout: PackedLayout
+    steps: tuple
+    blocks: int
+    blocks_sent: int
+    _tensors: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def blocks_skipped(self) -> int:
+        return self.blocks - self.blocks_sent
+
+    @property
+    def rows_received(self) -> int:
+        return sum(st.rows for st in self.steps[1:])
+
+    @property
+    def rows_sent(self) -> int:
+        return sum(len(idx) for st in self.steps[1:] for _, idx in st.sends)
+
+    @property
+    def kernel_calls(self) -> int:
+        return sum(st.call is not None for st in self.steps)
+
+    @property
+    def pairs(self) -> int:
+        return sum(st.call.pairs for st in self.steps if st.call is not None)
+
+    def call_tensors(self, s: int, device):
+        """The cached :meth:`KernelCall.tensors` of step ``s`` on ``device``."""
+        key = (s, str(device))
+        if key not in self._tensors:
+            self._tensors[key] = self.steps[s].call.tensors(device)
+        return self._tensors[key]
+
+    def send_index(self, s: int, i: int, device):
+        """The local rows of send ``i`` of step ``s`` as an index tensor on ``device``."""
+        key = ("send", s, i, str(device))
+        if key not in self._tensors:
+            self._tensors[key] = torch.from_numpy(self.steps[s].sends[i][1]).to(device)
+        return self._tensors[key]
+
+
+@dataclass(frozen=True)
+class _Rank:
+    pos: np.ndarray  # global positions, local order
+    doc: np.ndarray  # document of each local token
+    seg: np.ndarray  # segment boundaries (local rows), [num_segments + 1]
+    last: np.ndarray  # last global position of each document on this rank (-1: none)
+
+
+def _rank_info(layout, docs, rank, ndocs):
+    pos = layout.positions(rank)
+    doc = docs[pos]
+    cut = np.flatnonzero((np.diff(doc) != 0) | (np.diff(pos) != 1)) + 1
+    seg = np.concatenate([[0], cut, [len(pos)]])
+    last = np.full(ndocs, -1, dtype=np.int64)
+    np.maximum.at(last, doc[seg[1:] - 1], pos[seg[1:] - 1])
+    return _Rank(pos, doc, seg, last)
+
+
+def _visible(src: _Rank, dst: _Rank, rows: np.ndarray, causal: bool) -> np.ndarray:
+    """The rows (local to ``src``, another rank) that some query of ``dst`` sees."""
+    last = dst.last[src.doc[rows]]
+    keep = last > src.pos[rows] if causal else last >= 0
+    return rows[keep]
+
+
+def _call(me: _Rank, kpos, kdoc, total, causal, diag) -> KernelCall | None:
+    """The varlen call of this rank's segments against keys at ``kpos`` / ``kdoc``."""
+    key = kdoc * (total + 1) + kpos
+    order = np.argsort(key, kind="stable")
+    skey = key[order]
+    seg = me.seg
+    d, a, b = me.doc[seg[:-1]], me.pos[seg[:-1]], me.pos[seg[1:] - 1] + 1
+    lo = np.searchsorted(skey, d * (total + 1))
+    if causal:  # keys before the segment's first token (and, on the diagonal, the segment)
+        hi = np.searchsorted(skey, d * (total + 1) + (b if diag else a))
+    else:
+        hi = np.searchsorted(skey, (d + 1) * (total + 1))
+    nk = hi - lo
+    live = np.flatnonzero(nk > 0)
+    if not len(live):
+        return None
+    first, stop = live[0], live[-1] + 1
+    kidx = np.concatenate([order[lo[i]:hi[i]] for i in range(first, stop)])
+    lq = np.diff(seg)[first:stop]
+    nk = nk[first:stop]
+    if diag and causal:
+        pairs = int(np.sum(lq * (nk - lq) + lq * (lq + 1) // 2))
+    else:
+        pairs = int(np.sum(lq * nk))
+    cu_q = tuple(int(x) for x in np.concatenate([[0], np.cumsum(lq)]))
+    cu_k = tuple(int(x) for x in np.concatenate([[0], np.cumsum(nk)]))
+    if len(kidx) == len(kpos) and np.array_equal(kidx, np.arange(len(kpos))):
+        kidx = None
+    return KernelCall(int(seg[first]), int(seg[stop]), cu_q, cu_k, kidx, causal and diag, pairs)
+
+
+def _slot_rows(per: int, k: int, c: int) -> np.ndarray:
+    return np.arange(c * per // k, (c + 1) * per // k)
+
+
+@lru_cache(maxsize=128)
+def _plan(cu: tuple, n: int, rank: int, causal: bool, schedule: Schedule,
+          tolerance: float) -> PackedPlan:
+    layout = _layout(cu, n, causal, tolerance)
+    total, per, k = cu[-1], cu[-1] // n, schedule.num_slots
+    lens = np.diff(np.asarray(cu, dtype=np.int64))
+    docs = np.repeat(np.arange(len(lens)), lens)
+    info = {}
+
+    def get(r):
+        if r not in info:
+            info[r] = _rank_info(layout, docs, r, len(lens))
+        return info[r]
+
+    me = get(rank)
+    steps = [PackedStep((), (), 0, _call(me, me.pos, me.doc, total, causal, True))]
+    o = origins(schedule)
+    holder = np.argsort(o, axis=2)  # holder[s, c, origin]: who holds origin's slot c at step s
+    blocks = sent = 0
+    for s in range(1, n):
+        recvs, sends, bufs, off = [], [], [], 0
+        for c in range(k):
+            rows = _slot_rows(per, k, c)
+            src = get(int(o[s, c, rank]))
+            vis = _visible(src, me, rows, causal)
+            blocks += len(rows) > 0
+            if len(vis):
+                sent += 1
+                recvs.append((int(o[s, c, rank]), len(vis), off))
+                bufs.append((src.pos[vis], src.doc[vis]))
+                off += len(vis)
+            h = int(holder[s, c, rank])
+            out = _visible(me, get(h), rows, causal)
+            if len(out):
+                sends.append((h, out))
+        call = None
+        if bufs:
+            kpos = np.concatenate([p for p, _ in bufs])
+            kdoc = np.concatenate([d for _, d in bufs])
+            call = _call(me, kpos, kdoc, total, causal, False)
+        steps.append(PackedStep(tuple(recvs), tuple(sends), off, call))
+    return PackedPlan(n, rank, causal, layout, tuple(steps), blocks, sent)
+
+
+def make_packed_plan(cu_seqlens, n: int, rank: int, causal: bool, schedule: Schedule, *,
+                     tolerance: float = TOLERANCE) -> PackedPlan:
+    """The :class:`PackedPlan` of ``rank`` (cached per ``cu_seqlens``, ``n``, ``rank``,
+    ``causal``, schedule): the same on every rank for the same arguments, so both ends of every
+    message know its size."""
+    cu = as_cu(cu_seqlens)
+    packed_layout(cu, n, causal, tolerance=tolerance)
+    if schedule.n != n:
+        raise ValueError(f"schedule {schedule.name!r} is for {schedule.n} ranks, not {n}")
+    return _plan(cu, n, rank, bool(causal), schedule, float(tolerance))
