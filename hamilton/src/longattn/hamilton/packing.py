@@ -81,7 +81,7 @@ def cu_field(cu: tuple) -> tuple:
 
 def check_divisible(total: int, n: int) -> None:
     if total % n:
-        raise ValueError(f"the packed length: cu_seqlens must be divisible by the group size "
+        raise ValueError(f"the total length of cu_seqlens must be divisible by the group size "
                          f"{n}, got {total}; pad it with longattn.hamilton.pad_packed(x, "
                          f"cu_seqlens, multiple={n})")
 

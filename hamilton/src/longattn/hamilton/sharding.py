@@ -11,12 +11,11 @@ alone, an error in a world of more than one rank).
 from __future__ import annotations
 
 import torch
-import torch.distributed as tdist
 
 from longattn.common import dist
 from longattn.common import layout as _layout
 from longattn.common.checks import check_bool, check_tensor
-from longattn.common.comm import record
+from longattn.common.comm import all_gather, record
 from longattn.hamilton.packing import (
     check_divisible,
     check_packed_cu_seqlens,
@@ -125,7 +124,7 @@ def unshard(x, *, group=None, causal: bool = False, dim: int = 1,
 def _gather(x, g):
     x = x.contiguous()
     chunks = [torch.empty_like(x) for _ in range(g.size)]
-    tdist.all_gather(chunks, x, group=g.pg)
+    all_gather(chunks, x, group=g)  # staged for CUDA tensors over gloo; not counted there
     nbytes = x.numel() * x.element_size()
     for p in range(g.size):
         if p != g.rank:
