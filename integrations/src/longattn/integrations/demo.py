@@ -64,6 +64,42 @@ def tiny_batch(batch: int, seq: int, seed: int = 0):
     return ids, labels
 
 
+def tiny_padded_batch(batch: int, seq: int, seed: int = 0):
+    """``(input_ids, labels, attention_mask)``: :func:`tiny_batch` with padded rows, in turn
+    left-padded, right-padded and not padded (1 to ``seq // 3`` padding tokens, labels -100
+    there)."""
+    ids, labels = tiny_batch(batch, seq, seed)
+    g = torch.Generator().manual_seed(2000 + seed)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        pad = int(torch.randint(1, seq // 3 + 1, (1,), generator=g))
+        if row % 3 == 0:
+            mask[row, :pad] = 0
+        elif row % 3 == 1:
+            mask[row, seq - pad:] = 0
+    return ids, labels.masked_fill(mask == 0, -100), mask
+
+
+def tiny_packed_batch(lengths, seed: int = 0):
+    """``(input_ids [1, T], labels, position_ids)`` of documents of ``lengths`` packed into one
+    row the way transformers' ``DataCollatorWithFlattening`` does: positions restart at 0 and
+    each document's first label is -100."""
+    g = torch.Generator().manual_seed(3000 + seed)
+    ids = torch.randint(0, VOCAB, (1, sum(lengths)), generator=g)
+    pos = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    labels = ids.masked_fill(pos == 0, -100)
+    return ids, labels, pos
+
+
+def shifted_labels(labels, attention_mask=None, ignore_index=-100):
+    """The labels one process's loss counts for :func:`shard_inputs`' rule: shifted by one,
+    and padding tokens predict nothing (pass as ``shift_labels`` to the unsharded model)."""
+    shifted = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), ignore_index)], 1)
+    if attention_mask is not None:
+        shifted = shifted.masked_fill(attention_mask == 0, ignore_index)
+    return shifted
+
+
 def train_step(model, ids, labels, *, layout=None, group=None):
     """One forward/backward; sharded over ``group`` (``layout`` given) or not. Returns the full
     logits, the loss and the parameter gradients (summed over the ranks when sharded)."""
