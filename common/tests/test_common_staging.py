@@ -456,3 +456,27 @@ def test_collectives_local_and_bad_arguments():
         comm.all_reduce(torch.empty(4, 4).t(), group=LOCAL)
     with pytest.raises(TypeError, match="tensor"):
         comm.broadcast([1.0], src=0, group=LOCAL)
+
+
+def _bench_checks(rank, n):
+    """The checks of ``common/bench/check_staging.py --device cpu``, in this test's world."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "check_staging.py"
+    spec = importlib.util.spec_from_file_location("check_staging", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    env = mod.Env("cpu", "gloo", rank)
+    from longattn.common.dist import resolve_group
+
+    with staging.use(env.sim):
+        rows = mod.run_checks(env, resolve_group(_w()), True)
+    return [(r["check"], r["dtype"], r["stream"], r["ok"], r["error"]) for r in rows]
+
+
+def test_check_staging_script_cpu_mode():
+    for rank, rows in enumerate(run_world(3, _bench_checks)):
+        assert len(rows) == 19
+        bad = [r for r in rows if not r[3]]
+        assert not bad, f"rank {rank}: {bad}"
