@@ -2,7 +2,8 @@
 ``staging.SimulatedDevice`` treats the CPU tensors as device tensors, so every all-reduce,
 gather and broadcast of the decode goes through pinned-buffer staging as CUDA tensors over gloo
 would. The outputs must be byte-identical to the unstaged run and the byte counters equal, flat
-and with ``hierarchy=(2, 2)`` (gather at the node leaders, broadcast back, group ranks)."""
+and with ``hierarchy=(2, 2)`` (gather at the node leaders, broadcast back, group ranks), and
+ring_decode (its exchanges)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ def _decode_staged_vs_plain(rank, world):
     import torch.distributed as dist
 
     from longattn.common import comm, staging
-    from longattn.tree import tree_decode
+    from longattn.tree import ring_decode, tree_decode
 
     out = []
-    for hierarchy in (None, (2, 2)):
+    for hierarchy in (None, (2, 2), "ring"):
         for dtype in (torch.float32, torch.bfloat16):
             g = torch.Generator().manual_seed(rank)
             q = torch.randn(2, 3, 4, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -36,8 +37,11 @@ def _decode_staged_vs_plain(rank, world):
                 dev = staging.SimulatedDevice()
                 ctx = staging.use(dev) if staged else contextlib.nullcontext()
                 with ctx, comm.counting() as c:
-                    o, lse = tree_decode(q, k, v, group=dist.group.WORLD, hierarchy=hierarchy,
-                                         return_lse=True)
+                    if hierarchy == "ring":
+                        o, lse = ring_decode(q, k, v, group=dist.group.WORLD, return_lse=True)
+                    else:
+                        o, lse = tree_decode(q, k, v, group=dist.group.WORLD,
+                                             hierarchy=hierarchy, return_lse=True)
                 kinds = {e[0] for e in dev.log}
                 runs.append((_bytes(o), _bytes(lse), dict(c.sent), dict(c.recv),
                              list(c.messages), kinds))

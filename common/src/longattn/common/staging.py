@@ -27,7 +27,8 @@ Which groups: :func:`carries_cuda` reads the group's backend config: a group car
 tensors when its ``cuda`` device maps to ``nccl`` (``"nccl"``, or ``"cpu:gloo,cuda:nccl"``).
 Every other backend (``gloo``, whose config says ``"cpu:gloo,cuda:gloo"``, and any custom or
 MPI backend) is staged: staging is always correct, only slower. Which tensors: those the device
-seam calls device tensors (``t.is_cuda``); CPU tensors go to gloo as they are.
+seam calls device tensors (``t.is_cuda``); CPU tensors go to gloo as they are. The copies run on
+the streams of the current CUDA device, so CUDA tensors must live on it (as under NCCL).
 
 Byte counters (:func:`longattn.common.comm.counting`) count the messages of the algorithm, never
 the staging copies: the counts are identical staged or not.
