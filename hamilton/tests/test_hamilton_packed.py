@@ -9,6 +9,7 @@ with ``longattn.reference.document_mask``.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 from longattn.common.comm import counting
 from longattn.common.dtypes import lse_dtype
-from longattn.common.testing import run_world
+from longattn.common.testing import readme_python_blocks, run_world
 from longattn.hamilton import (
     hamilton_attn,
     make_packed_plan,
@@ -491,3 +492,57 @@ def test_bad_packed_calls_name_cu_seqlens():
         packed_layout(cu, 3, True)
     with pytest.raises(ValueError, match="pad_packed"):
         packed_layout(cu, 3, False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the README's packed quick start, and the benchmark's CPU path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _packed_quick_start():
+    blocks = readme_python_blocks(README, "Packed documents")
+    assert len(blocks) == 1, "the packed-documents section holds one python block"
+    return blocks[0]
+
+
+def _exec(code):
+    ns: dict = {"__name__": "__main__"}
+    exec(compile(code, str(README), "exec"), ns)  # noqa: S102 - our own README
+    return ns
+
+
+def _quick_start_on_rank(rank, world, code):
+    ns = _exec(code)
+    return tuple(ns["out"].shape), tuple(ns["full"].shape), ns["ql"].grad is not None
+
+
+def test_readme_packed_quick_start():
+    assert not tdist.is_initialized()
+    ns = _exec(_packed_quick_start())
+    assert ns["group"] is None and ns["full"].shape == (1, 96, 8, 32)
+    for out_shape, full_shape, has_grad in run_world(WORLD, _quick_start_on_rank,
+                                                     _packed_quick_start()):
+        assert out_shape == (1, 96 // WORLD, 8, 32) and full_shape == (1, 96, 8, 32)
+        assert has_grad
+
+
+def test_bench_smoke(tmp_path, capsys):
+    """bench_packed.py --smoke: the simulated 4-rank run matches the oracle and every rank's
+    timings land in the JSON."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_packed.py"
+    spec = importlib.util.spec_from_file_location("bench_packed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--smoke", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_packed.json").read_text())
+    check = [r for r in data if r["what"] == "packed correctness"]
+    assert check and check[0]["extra"]["ok"], check
+    timed = {r["what"] for r in data if r["median_ms"] is not None}
+    for rank in range(4):
+        for mode in ("calls", "+merge"):
+            assert f"packed fwd+bwd rank{rank} {mode}" in timed, timed
+    assert "efficiency fwd+bwd" in capsys.readouterr().out

@@ -1,0 +1,411 @@
+"""Single-GPU benchmark: the packed-document step sequence of each of ``n`` simulated ranks
+against one varlen call over all the documents divided by ``n``.
+
+    PYTHONPATH=common/src:reference/src:hamilton/src python hamilton/bench/bench_packed.py
+    ... --smoke            # tiny configuration on the CPU (checks that the script works)
+
+Default: 8 ranks x 32,768 tokens (262,144 in all) of documents of 1,024 to 32,768 tokens
+(drawn with a fixed seed), H = 32, D = 128, bf16, causal, schedule TASP.
+
+What runs: exactly the compute ``hamilton_attn(..., cu_seqlens=)`` does on each rank, minus the
+messages, on the buffers its plan receives (:func:`longattn.hamilton.make_packed_plan`): per
+step one varlen call (:func:`longattn.hamilton.packed_attn.step_forward` /
+``step_backward``: the keys gathered from the received rows, the flash varlen op on CUDA).
+Two variants: ``calls`` (the gathers and varlen calls) and ``+merge`` (also the send-side
+gathers, the merges and the dK/dV accumulation). Every rank is timed.
+
+Baselines in the same run, alternated with the contenders: one cuDNN varlen call
+(``aten._cudnn_attention_forward`` with ``cum_seq_q/k``, backward by autograd) over all the
+documents, divided by ``n``; the flash varlen op likewise. A baseline that fails or disagrees
+with the flash op is reported and left out. Efficiency = (baseline ms / n) / the rank's ms.
+
+Correctness first: a small packed problem, every rank simulated on the data it would receive
+(forward and backward), against the float64 oracle with the document mask.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import numpy as np
+import torch
+
+from longattn.common import bench
+from longattn.common.merge import merge_partials_
+from longattn.hamilton import HamiltonConfig, make_packed_plan, packed_layout
+from longattn.hamilton.args import resolve_schedule
+from longattn.hamilton.packed_attn import (
+    _add_rows,
+    kv_rows,
+    split_rows,
+    step_backward,
+    step_forward,
+)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def draw_documents(total, lo, hi, seed):
+    """Document lengths in ``[lo, hi]`` summing to ``total`` (``total >= lo``)."""
+    rng = np.random.default_rng(seed)
+    lens, left = [], total
+    while left > hi:
+        lens.append(int(rng.integers(lo, min(hi, left - lo) + 1)))
+        left -= lens[-1]
+    return lens + [left]
+
+
+def cu_of(lens, device="cpu"):
+    return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=device)
+
+
+# ---------------------------------------------------------------------------------------------
+# correctness: every rank's steps on the rows it would receive, against the oracle
+
+
+def _buffer(plans, kvs, x, s):
+    """The KV rows rank ``x`` receives at step ``s`` (each origin's sends to ``x``, slot order)."""
+    rows, used = [], {}
+    for o, _, _ in plans[x].steps[s].recvs:
+        mine = [idx for h, idx in plans[o].steps[s].sends if h == x]
+        i = used.get(o, 0)
+        used[o] = i + 1
+        rows.append(kvs[o][torch.from_numpy(mine[i]).to(kvs[o].device)])
+    return torch.cat(rows) if rows else kvs[x][:0]
+
+
+def _origin_rows(plans, x, s):
+    """``[(origin, local rows)]`` of what rank ``x`` receives at step ``s``, in buffer order."""
+    out, used = [], {}
+    for o, _, _ in plans[x].steps[s].recvs:
+        mine = [idx for h, idx in plans[o].steps[s].sends if h == x]
+        out.append((o, mine[used.get(o, 0)]))
+        used[o] = used.get(o, 0) + 1
+    return out
+
+
+def simulate(plans, q, k, v, dout, scale, backend="auto"):
+    """Every rank's out, lse, dq, dk, dv (local layouts) from the step functions alone."""
+    n, hkv, d = len(plans), k.shape[2], k.shape[3]
+    pos = [torch.from_numpy(plans[0].layout.positions(r)).to(q.device) for r in range(n)]
+    loc = [[t[:, p] for t in (q, k, v, dout)] for p in pos]
+    kvs = [kv_rows(lk[0], lv[0]) for _, lk, lv, _ in loc]
+    res, dks, dvs = [], [], []
+    for x in range(n):
+        q0, k0, v0, do0 = (t[0] for t in loc[x])
+        o, l = step_forward(q0, k0, v0, plans[x].steps[0].call,
+                            plans[x].call_tensors(0, q.device), softmax_scale=scale,
+                            backend=backend)
+        acc_o, acc_l = o.float()[None], l.float()[None]
+        for s in range(1, n):
+            call = plans[x].steps[s].call
+            if call is not None:
+                kk, vv = split_rows(_buffer(plans, kvs, x, s), hkv, d)
+                o, l = step_forward(q0, kk, vv, call, plans[x].call_tensors(s, q.device),
+                                    softmax_scale=scale, backend=backend)
+                merge_partials_(acc_o[:, call.r0:call.r1], acc_l[:, :, call.r0:call.r1],
+                                o[None], l[None])
+        res.append((acc_o.to(q.dtype)[0], acc_l[0]))
+        dks.append(torch.zeros(k0.shape, device=q.device))
+        dvs.append(torch.zeros(v0.shape, device=q.device))
+    dqs = []
+    for x in range(n):
+        q0, k0, v0, do0 = (t[0] for t in loc[x])
+        out0, lse0 = res[x]
+        dq = torch.zeros(q0.shape, device=q.device)
+        step_backward(do0, None, q0, out0, lse0, k0, v0, plans[x].steps[0].call,
+                      plans[x].call_tensors(0, q.device), dq, dks[x], dvs[x],
+                      softmax_scale=scale, backend=backend)
+        for s in range(1, n):
+            call = plans[x].steps[s].call
+            if call is None:
+                continue
+            buf = _buffer(plans, kvs, x, s)
+            dkv = torch.zeros(buf.shape, device=q.device)
+            kk, vv = split_rows(buf, hkv, d)
+            gk, gv = split_rows(dkv, hkv, d)
+            step_backward(do0, None, q0, out0, lse0, kk, vv, call,
+                          plans[x].call_tensors(s, q.device), dq, gk, gv,
+                          softmax_scale=scale, backend=backend)
+            off = 0
+            for o, idx in _origin_rows(plans, x, s):
+                _add_rows(dks[o], dvs[o], dkv[off:off + len(idx)],
+                          torch.from_numpy(idx).to(q.device), hkv, d)
+                off += len(idx)
+        dqs.append(dq)
+    return pos, res, dqs, dks, dvs
+
+
+def check(device, dtype, n, lens, heads, dim, causal, sched_name):
+    """Relative errors (global) of the simulated n-rank run against the float64 oracle."""
+    from longattn.common.testing import rel_error
+    from longattn.reference import attention, attention_backward, document_mask
+
+    cu, total = cu_of(lens), sum(lens)
+    sched = resolve_schedule(sched_name, n, total // n, causal, packed=True)
+    plans = [make_packed_plan(cu, n, r, causal, sched) for r in range(n)]
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(1, total, heads, dim, generator=g).to(dtype) for _ in range(4))
+    scale = dim ** -0.5
+    pos, res, dqs, dks, dvs = simulate(plans, *(t.to(device) for t in (q, k, v, dout)), scale)
+    mask = document_mask(cu.numpy(), causal=causal)
+    args = [t.double().numpy() for t in (q, k, v)]
+    ref_out, ref_lse = attention(*args, mask=mask)
+    ref_g = attention_backward(dout.double().numpy(), *args, mask=mask)
+
+    def glob(parts, axis=0):
+        shape = list(parts[0].shape)
+        shape[axis] = total
+        full = torch.empty(shape, dtype=torch.float64)
+        for p, t in zip(pos, parts):
+            full.index_copy_(axis, p.cpu(), t.double().cpu())
+        return full
+
+    return {"out": rel_error(glob([o for o, _ in res]), ref_out[0]),
+            "lse": rel_error(glob([lse for _, lse in res], 1), ref_lse[0]),
+            "dq": rel_error(glob(dqs), ref_g[0][0]), "dk": rel_error(glob(dks), ref_g[1][0]),
+            "dv": rel_error(glob(dvs), ref_g[2][0])}
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+def rank_sequence(device, dtype, plan, heads, dim, mode, config):
+    """(fwd, fwd_bwd) closures of one rank's compute; ``mode``: ``calls`` or ``+merge``."""
+    n, per = plan.n, plan.layout.total // plan.n
+    g = torch.Generator(device=device).manual_seed(plan.rank)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    q0, k0, v0, do0 = (rnd(per, heads, dim) for _ in range(4))
+    kv = kv_rows(k0, v0)
+    bufs = {s: rnd(plan.steps[s].rows, 2 * heads * dim) for s in range(1, n)}
+    tens = {s: plan.call_tensors(s, device) for s in range(n) if plan.steps[s].call}
+    sends = [plan.send_index(s, i, device) for s in range(1, n)
+             for i in range(len(plan.steps[s].sends))]
+    back = {(s, i): rnd(len(idx), 2 * heads * dim).float()  # dK/dV rows that come back
+            for s in range(1, n) for i, (_, idx) in enumerate(plan.steps[s].sends)}
+    scale, full = dim ** -0.5, mode == "+merge"
+    merge = functools.partial(merge_partials_, backend=config.merge_backend)
+
+    def fwd():
+        if full:
+            for idx in sends:
+                kv.index_select(0, idx)
+        o, l = step_forward(q0, k0, v0, plan.steps[0].call, tens[0], softmax_scale=scale,
+                            backend="auto")
+        acc_o, acc_l = o.float()[None], l.float()[None]
+        for s in range(1, n):
+            call = plan.steps[s].call
+            if call is not None:
+                kk, vv = split_rows(bufs[s], heads, dim)
+                o, l = step_forward(q0, kk, vv, call, tens[s], softmax_scale=scale,
+                                    backend="auto")
+                if full:
+                    merge(acc_o[:, call.r0:call.r1], acc_l[:, :, call.r0:call.r1], o[None],
+                          l[None])
+        return acc_o[0].to(dtype), acc_l[0]
+
+    out0, lse0 = fwd()
+    dq, dk, dv = (torch.zeros(per, heads, dim, device=device) for _ in range(3))
+
+    def bwd():
+        for s in range(n - 1, 0, -1):
+            call = plan.steps[s].call
+            if call is None:
+                continue
+            dkv = torch.zeros(bufs[s].shape, device=device)
+            kk, vv = split_rows(bufs[s], heads, dim)
+            gk, gv = split_rows(dkv, heads, dim)
+            step_backward(do0, None, q0, out0, lse0, kk, vv, call, tens[s], dq, gk, gv,
+                          softmax_scale=scale, backend="auto")
+            if full:
+                for i in range(len(plan.steps[s].sends)):
+                    _add_rows(dk, dv, back[(s, i)], plan.send_index(s, i, device), heads, dim)
+        step_backward(do0, None, q0, out0, lse0, k0, v0, plan.steps[0].call, tens[0], dq, dk,
+                      dv, softmax_scale=scale, backend="auto")
+
+    def fwd_bwd():
+        fwd()
+        bwd()
+
+    return fwd, fwd_bwd
+
+
+def _varlen_inputs(device, dtype, total, heads, dim, seed=1):
+    g = torch.Generator(device=device).manual_seed(seed)
+    return [torch.randn(total, heads, dim, generator=g, device=device).to(dtype)
+            for _ in range(4)]
+
+
+def flash_varlen(q, k, v, cu, causal):
+    """One call of the flash varlen op (``aten._flash_attention_forward``) over every doc."""
+    m = int((cu[1:] - cu[:-1]).max())
+    return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, m, m, 0.0, causal, False)[0]
+
+
+def cudnn_varlen(q, k, v, cu, causal):
+    """One call of the cuDNN varlen op (``aten._cudnn_attention_forward`` with cum_seq)."""
+    m = int((cu[1:] - cu[:-1]).max())
+    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, m, m, True, 0.0,
+                                                   causal, False)[0]
+
+
+def baselines(device, dtype, lens, heads, dim, causal):
+    """{name: (fwd, fwd_bwd)} over every document at once (on the CPU: the varlen loop)."""
+    from longattn.common.kernels.varlen import attention_varlen
+
+    total = sum(lens)
+    cu = cu_of(lens, device)
+    q, k, v, do = _varlen_inputs(device, dtype, total, heads, dim)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    ops = {"cudnn varlen": cudnn_varlen, "flash varlen": flash_varlen}
+    if device.type != "cuda":
+        ops = {"varlen(torch)": lambda q_, k_, v_, cu_, c: attention_varlen(
+            q_, k_, v_, cu_.cpu(), causal=c)}
+    out, ref = {}, None
+    for name, op in ops.items():
+        try:
+            got = op(q, k, v, cu, causal)
+            if ref is None:
+                ref = got
+            elif not torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2):
+                raise RuntimeError(f"{name} disagrees with the first baseline")
+
+            def fwd(op=op):
+                return op(q, k, v, cu, causal)
+
+            def fwd_bwd(op=op):
+                for t in (qg, kg, vg):
+                    t.grad = None
+                op(qg, kg, vg, cu, causal).backward(do)
+
+            fwd_bwd()
+            out[name] = (fwd, fwd_bwd)
+        except Exception:  # noqa: BLE001 - a failed baseline is reported, the others still run
+            print(f"baseline {name} failed:\n" + traceback.format_exc(), file=sys.stderr)
+    return out
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
+    p.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=32768, help="tokens per rank")
+    p.add_argument("--min-doc", type=int, default=1024)
+    p.add_argument("--max-doc", type=int, default=32768)
+    p.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--dim", type=int, default=128)
+    p.add_argument("--full", action="store_true", help="full attention inside the documents")
+    p.add_argument("--schedule", default="tasp", choices=["ring", "tasp"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--merge-backend", default="auto", choices=["auto", "torch", "triton"])
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.ranks, a.tokens, a.min_doc, a.max_doc = 4, 48, 1, 40
+        a.heads, a.dim, a.rounds = 2, 16, 1
+    elif not torch.cuda.is_available():
+        p.error("no CUDA device; use --smoke on the CPU")
+    return a
+
+
+def _time_all(contenders, device, rounds):
+    """Median ms per (name, direction), the contenders alternated round by round."""
+    times = {}
+    for direction in ("fwd", "fwd+bwd"):
+        fns = {name: fn for (name, d), fn in contenders.items() if d == direction}
+        per = {name: [] for name in fns}
+        order = [(r, name) for r in range(rounds) for name in fns]
+        for _, name in bench.progress(order, desc=f"timing {direction}"):
+            per[name].append(bench.time_fn(fns[name], device=device))
+        times.update({(name, direction): statistics.median(ts) for name, ts in per.items()})
+    return times
+
+
+def _rows(times, base_names, n, effs):
+    """Table rows; ``effs[(direction, mode)]`` collects the ranks' rows."""
+    rows = []
+    for (name, direction), ms in sorted(times.items(), key=lambda x: (x[0][1], x[0][0])):
+        row = {"contender": name, "dir": direction, "ms": ms}
+        for b in base_names:
+            dense = times.get((b, direction))
+            row[f"eff vs {b}/n"] = (None if dense is None or name in base_names
+                                    else dense / n / ms)
+        rows.append(row)
+        if name not in base_names:
+            effs.setdefault((direction, name.split(" ", 1)[1]), []).append(row)
+    return rows
+
+
+def main(argv=None):
+    a = _parse(argv)
+    device = torch.device("cpu" if a.smoke else "cuda")
+    dtype, n, causal = torch.bfloat16, a.ranks, not a.full
+    out_dir = bench.out_dir(os.path.join(HERE, "results"), a.out)
+    lens = draw_documents(n * a.tokens, a.min_doc, a.max_doc, a.seed)
+    cu = cu_of(lens)
+    sched = resolve_schedule(a.schedule, n, a.tokens, causal, packed=True)
+    lay = packed_layout(cu, n, causal)
+    plans = [make_packed_plan(cu, n, r, causal, sched) for r in range(n)]
+    config = HamiltonConfig(merge_backend=a.merge_backend)
+    print(f"device: {bench.device_name(device)}; torch {torch.__version__}; {n} ranks x "
+          f"{a.tokens} tokens, {len(lens)} documents of {min(lens)}..{max(lens)} tokens, "
+          f"H={a.heads}, D={a.dim}, bf16, {'causal' if causal else 'full'}, schedule {sched.name}")
+    print(f"layout: {lay.chunks_per_rank} chunks of {lay.chunk} tokens per rank, work "
+          f"imbalance {lay.imbalance:.3f}; per rank: " + ", ".join(
+              f"r{p.rank} {p.kernel_calls} calls/{p.blocks_skipped} skipped" for p in plans))
+    results, t0 = [], time.time()
+    small = draw_documents(n * (48 if a.smoke else 512), 1 if a.smoke else 16,
+                           40 if a.smoke else 1024, a.seed)
+    errs = check(device, dtype, n, small, 2 if a.smoke else 4, a.dim, causal, a.schedule)
+    ok = max(errs.values()) <= 2e-2
+    print(f"correctness ({n} ranks simulated, bf16 vs float64 oracle): "
+          + ", ".join(f"{key} {val:.2e}" for key, val in errs.items()) + ("  OK" if ok
+                                                                          else "  FAILED"))
+    results.append(bench.result("hamilton", "packed correctness", median_ms=None, device=device,
+                                dtype=dtype, errors=errs, ok=ok))
+    contenders = {}
+    for name, (f, fb) in baselines(device, dtype, lens, a.heads, a.dim, causal).items():
+        contenders[(name, "fwd")], contenders[(name, "fwd+bwd")] = f, fb
+    base_names = [name for name, d in contenders if d == "fwd"]
+    for mode in ("calls", "+merge"):
+        for plan in plans:
+            f, fb = rank_sequence(device, dtype, plan, a.heads, a.dim, mode, config)
+            fb()  # warm-up outside the timings
+            contenders[(f"rank{plan.rank} {mode}", "fwd")] = f
+            contenders[(f"rank{plan.rank} {mode}", "fwd+bwd")] = fb
+    times = _time_all(contenders, device, a.rounds)
+    effs = {}
+    rows = _rows(times, base_names, n, effs)
+    print(bench.format_table(rows))
+    shape = {"ranks": n, "tokens_per_rank": a.tokens, "heads": a.heads, "head_dim": a.dim,
+             "documents": lens, "causal": causal}
+    for row in rows:
+        results.append(bench.result("hamilton", f"packed {row['dir']} {row['contender']}",
+                                    median_ms=row["ms"], device=device, dtype=dtype, shape=shape,
+                                    schedule=sched.name, chunks_per_rank=lay.chunks_per_rank,
+                                    imbalance=lay.imbalance,
+                                    **{k: v for k, v in row.items() if k.startswith("eff")}))
+    for (direction, mode), rs in sorted(effs.items()):
+        for b in base_names:
+            e = [r[f"eff vs {b}/n"] for r in rs if r[f"eff vs {b}/n"] is not None]
+            if e:
+                print(f"efficiency {direction:8s} {mode:7s} vs {b} / {n}: worst rank "
+                      f"{min(e):.3f}, best {max(e):.3f}")
+    path = bench.write_results(results, os.path.join(out_dir, "bench_packed.json"))
+    print(f"wrote {path} ({time.time() - t0:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()
