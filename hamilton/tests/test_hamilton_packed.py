@@ -546,3 +546,91 @@ def test_bench_smoke(tmp_path, capsys):
         for mode in ("calls", "+merge"):
             assert f"packed fwd+bwd rank{rank} {mode}" in timed, timed
     assert "efficiency fwd+bwd" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN rows and large logits
+
+
+def _packed_rank(rank, world, cases):
+    """Per case, this rank's out, lse and (if the case asks) gradients; None outside the
+    group."""
+    _group(1)
+    res = []
+    for n, causal, cu, q, k, v, dout, scale in cases:
+        if rank >= n:
+            res.append(None)
+            continue
+        group = _group(n)
+        ql, kl, vl = (shard(t, group=group, causal=causal, cu_seqlens=cu).requires_grad_()
+                      for t in (q, k, v))
+        out, lse = hamilton_attn(ql, kl, vl, group=group, causal=causal, softmax_scale=scale,
+                                 return_lse=True, cu_seqlens=cu)
+        loss = (out * shard(dout, group=group, causal=causal, cu_seqlens=cu)).sum()
+        loss.backward()
+        res.append({"out": out.detach(), "lse": lse.detach(), "dq": ql.grad, "dk": kl.grad,
+                    "dv": vl.grad, "loss": float(loss)})
+    return res
+
+
+def _gathered(per_rank, i, n, causal, cu):
+    parts = [per_rank[r][i] for r in range(n)]
+    return {key: unshard([p[key] for p in parts], causal=causal, cu_seqlens=cu,
+                         dim=2 if key == "lse" else 1) for key in ("out", "lse", "dq", "dk", "dv")
+            }, [p["loss"] for p in parts]
+
+
+def test_nan_rows_follow_the_document_mask():
+    """One NaN in q or k: exactly the rows the document mask lets see it are NaN (out and lse),
+    the others equal the float64 oracle, and the loss summed over the ranks is NaN."""
+    from longattn.reference import attention, document_mask
+
+    cases, meta = [], []
+    for n, causal, which in ((3, True, "q"), (3, False, "k"), (4, True, "k"), (4, False, "q")):
+        per = 8
+        cu = _cu(draw_lengths(np.random.default_rng(n), n * per, per))
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, n * per, h, 8, generator=g, dtype=torch.float64)
+                   for h in (4, 2, 2))
+        {"q": q, "k": k}[which][0, n * per // 2, 1, 3] = float("nan")
+        dout = torch.randn(1, n * per, 4, 8, generator=g, dtype=torch.float64)
+        cases.append((n, causal, cu, q, k, v, dout, None))
+        meta.append(document_mask(cu.numpy(), causal=causal))
+    per_rank = run_world(WORLD, _packed_rank, cases, timeout=300)
+    for i, (n, causal, cu, q, k, v, _, _) in enumerate(cases):
+        got, losses = _gathered(per_rank, i, n, causal, cu)
+        ref_out, ref_lse = attention(*(t.numpy() for t in (q, k, v)), mask=meta[i])
+        ref_out, ref_lse = torch.from_numpy(ref_out), torch.from_numpy(ref_lse)
+        assert torch.equal(got["out"].isnan(), ref_out.isnan()), (n, causal)
+        assert torch.equal(got["lse"].isnan(), ref_lse.isnan()), (n, causal)
+        assert ref_lse.isnan().any() and not ref_lse.isnan().all()
+        fin = ~ref_out.isnan()
+        assert torch.allclose(got["out"][fin], ref_out[fin], rtol=1e-10, atol=1e-12)
+        assert np.isnan(sum(losses))
+
+
+def test_large_logits_within_1e5():
+    """float32 inputs with scores near 1e4 (exact in float32, softmax_scale=1): out, lse and
+    gradients within 1e-5 of float64 attention with the document mask (the lse accumulators
+    are float64 for float32 inputs)."""
+    from longattn.common.testing import large_logit_qkv, rel_error
+    from longattn.reference import attention, attention_backward, document_mask
+
+    cases = []
+    for n, causal in ((4, True), (4, False)):
+        per = 12
+        cu = _cu(draw_lengths(np.random.default_rng(11 + causal), n * per, per))
+        q, k, v = large_logit_qkv(1, n * per, n * per, 4, 2, 16, logit=1e4, seed=3 + causal)
+        dout = torch.randn(1, n * per, 4, 16, generator=torch.Generator().manual_seed(2))
+        cases.append((n, causal, cu, q, k, v, dout, 1.0))
+    per_rank = run_world(WORLD, _packed_rank, cases, timeout=300)
+    for i, (n, causal, cu, q, k, v, dout, _) in enumerate(cases):
+        got, _ = _gathered(per_rank, i, n, causal, cu)
+        mask = document_mask(cu.numpy(), causal=causal)
+        args = [t.double().numpy() for t in (q, k, v)]
+        out, lse = attention(*args, mask=mask, scale=1.0)
+        dq, dk, dv = attention_backward(dout.double().numpy(), *args, mask=mask, scale=1.0)
+        ref = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+        errs = {key: rel_error(got[key], ref[key]) for key in ref}
+        assert max(errs.values()) <= 1e-5, (causal, errs)
+        assert got["lse"].dtype == torch.float64
