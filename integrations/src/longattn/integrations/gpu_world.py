@@ -48,7 +48,7 @@ class Sizes:
     shards it evenly for every schedule (:func:`seq_multiple`)."""
 
     batch: int = 1
-    seqlen: int = 1344
+    seqlen: int = 5376  # ring_swa windows of L/2 that "band" can split at 8 ranks (L = 672)
     heads_q: int = 8
     heads_kv: int = 2
     head_dim: int = 64
@@ -146,14 +146,15 @@ def _tree_cases(n, dt, _ham, backends):
     return out
 
 
-def _ring_swa_cases(n, dt, _ham, _tree):
-    # windows inside one rank's chunk and spanning more than one; sinks; varlen documents
-    return [Case("ring_swa", v, n, dt, "auto", p) for v, p in [
+def _ring_swa_cases(n, dt, backends, _tree):
+    # windows inside one rank's chunk and spanning more than one; sinks; varlen documents; each
+    # local-kernel backend (the window L/2 rows are the ones "band" can split: W | L, W >= 128)
+    return [Case("ring_swa", v, n, dt, b, p) for v, p in [
         ("window L/2", {"window": 0.5}),
         ("window 1.5L", {"window": 1.5}),
         ("window L/2 sinks 3", {"window": 0.5, "sinks": 3}),
         ("varlen window L/2 sinks 2", {"window": 0.5, "sinks": 2, "varlen": True}),
-    ]]
+    ] for b in backends]
 
 
 def _dilated_cases(n, dt, _ham, _tree):
@@ -236,8 +237,8 @@ def _hamilton(ctx, c):
 
     (ro, rl), rg = _grads(lambda *t: run(LOCAL, "auto", *t), (q, k, v), dout)
 
-    def loc(x, dim=1):
-        return shard(x, group=ctx.group, causal=causal, dim=dim)
+    def loc(x, dim=1):  # the layout hamilton_attn expects (packed: by documents)
+        return shard(x, group=ctx.group, causal=causal, dim=dim, **extra)
 
     (o, lse), g = _grads(lambda *t: run(ctx.group, sched, *t), [loc(t) for t in (q, k, v)],
                          loc(dout))
