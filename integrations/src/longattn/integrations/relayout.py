@@ -19,56 +19,69 @@ from longattn.common import comm, layout
 from longattn.common.dist import agree, resolve_group
 
 
-def _plan(seq_len, rank, n, src, dst, device):
+def _plan_from(src_all, dst_all, rank, device):
     """For every peer p: the indices into my src shard of the tokens p's dst shard needs, in
     p's dst order; and the indices into my dst shard that p's chunk fills, in my dst order
-    (the order p sends them in)."""
-    mine_src = layout.positions(seq_len, rank, n, src)
-    mine_dst = layout.positions(seq_len, rank, n, dst)
-    where_src = {int(g): i for i, g in enumerate(mine_src)}
+    (the order p sends them in). ``src_all`` / ``dst_all``: every rank's global token indices
+    (int64 tensors, rank order) in the two layouts."""
+    total = sum(len(t) for t in src_all)
+    owner = torch.empty(total, dtype=torch.long)
+    where = torch.empty(total, dtype=torch.long)
+    for p, idx in enumerate(src_all):
+        owner[idx] = p
+        where[idx] = torch.arange(len(idx))
     send, recv = [], []
-    for p in range(n):
-        their_dst = layout.positions(seq_len, p, n, dst)
-        their_src = {int(g) for g in layout.positions(seq_len, p, n, src)}
-        send.append(torch.tensor([where_src[int(g)] for g in their_dst if int(g) in where_src],
-                                 dtype=torch.long, device=device))
-        recv.append(torch.tensor([i for i, g in enumerate(mine_dst) if int(g) in their_src],
-                                 dtype=torch.long, device=device))
+    mine_dst_owner = owner[dst_all[rank]]
+    for p, their_dst in enumerate(dst_all):
+        send.append(where[their_dst][owner[their_dst] == rank].to(device))
+        recv.append((mine_dst_owner == p).nonzero()[:, 0].to(device))
     return send, recv
 
 
-_PLANS: dict = {}
+def _positions(seq_len, n, lay):
+    return [layout.positions(seq_len, p, n, lay) for p in range(n)]
 
 
-def _move(x, src, dst, g, dim):
-    n, rank = g.size, g.rank
-    if src == dst or n == 1:
-        return x
-    seq_len = x.shape[dim] * n
-    key = (seq_len, rank, n, src, dst, str(x.device))
+_PLANS: dict = {}  # a cache of index plans (facts of the layouts), not a setting
+_MAX_PLANS = 256  # packed batches bring new layouts: the oldest plans go first
+
+
+def _plans(key, src_all, dst_all, rank, device):
+    """The forward and the inverse plan, cached under ``key``."""
+    key = (key, rank, str(device))
     if key not in _PLANS:
-        _PLANS[key] = _plan(seq_len, rank, n, src, dst, x.device)
-    send_idx, recv_idx = _PLANS[key]
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.pop(next(iter(_PLANS)))
+        src_all, dst_all = src_all(), dst_all()
+        _PLANS[key] = (_plan_from(src_all, dst_all, rank, device),
+                       _plan_from(dst_all, src_all, rank, device))
+    return _PLANS[key]
+
+
+def _move(x, plan, g, dim):
+    send_idx, recv_idx = plan
     sends = [x.index_select(dim, i).contiguous() for i in send_idx]
     recvs = [x.new_empty(x.shape[:dim] + (i.numel(),) + x.shape[dim + 1:]) for i in recv_idx]
     comm.all_to_all_step(sends, recvs, g.pg).wait()
-    out = torch.empty_like(x)
-    for p in range(n):
-        chunk = sends[p] if p == rank else recvs[p]
+    shape = list(x.shape)
+    shape[dim] = sum(i.numel() for i in recv_idx)
+    out = x.new_empty(shape)
+    for p in range(g.size):
+        chunk = sends[p] if p == g.rank else recvs[p]
         out.index_copy_(dim, recv_idx[p], chunk)
     return out
 
 
 class _Relayout(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, src, dst, g, dim):
-        ctx.args = (src, dst, g, dim)
-        return _move(x, src, dst, g, dim)
+    def forward(ctx, x, plan, inverse, g, dim):
+        ctx.args = (inverse, g, dim)
+        return _move(x, plan, g, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        src, dst, g, dim = ctx.args
-        return _move(grad.contiguous(), dst, src, g, dim), None, None, None, None
+        inverse, g, dim = ctx.args
+        return _move(grad.contiguous(), inverse, g, dim), None, None, None, None
 
 
 def relayout(x: torch.Tensor, src: str, dst: str, group=None, dim: int = 1) -> torch.Tensor:
@@ -110,4 +123,17 @@ def moved(x: torch.Tensor, src: str, dst: str, g, dim: int = 1) -> torch.Tensor:
     (``g``: a resolved :class:`longattn.common.dist.Group`)."""
     if src == dst or not g.distributed:
         return x
-    return _Relayout.apply(x, src, dst, g, dim)
+    seq_len = x.shape[dim] * g.size
+    plan, inverse = _plans(("dense", seq_len, g.size, src, dst),
+                           lambda: _positions(seq_len, g.size, src),
+                           lambda: _positions(seq_len, g.size, dst), g.rank, x.device)
+    return _Relayout.apply(x, plan, inverse, g, dim)
+
+
+def moved_between(x: torch.Tensor, key, src_all, dst_all, g, dim: int = 1) -> torch.Tensor:
+    """Like :func:`moved` between any two layouts given as every rank's global token indices
+    (callables returning the lists, called once per ``key``: a hashable name of the pair)."""
+    if not g.distributed:
+        return x
+    plan, inverse = _plans(key, src_all, dst_all, g.rank, x.device)
+    return _Relayout.apply(x, plan, inverse, g, dim)

@@ -30,12 +30,13 @@ exactly; padding tokens predict nothing (their shifted labels become ``ignore_in
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from longattn.common import comm
 from longattn.common import layout as _layout
 from longattn.common.dist import LOCAL, agree, resolve_group
 
@@ -52,7 +53,10 @@ class ShardedBatch:
     reordered (real tokens first); ``order [B, S]``: the original index of each token of the
     reordered rows (None when not padded); ``grad_scale``: the number of ranks the gradients
     are averaged over; ``loss_groups``: the resolved groups the loss value is summed over (cp,
-    then dp); ``num_items``: the counted labels of the whole batch (over dp too)."""
+    then dp); ``num_items``: the counted labels of the whole batch (over dp too);
+    ``cu_seqlens``: a packed batch's documents (global cumulative lengths, a tuple, padded with
+    one-token documents to a multiple of the group size) or None; ``total``: the tokens of a
+    row before that padding."""
 
     layout: str
     positions: torch.Tensor
@@ -61,6 +65,8 @@ class ShardedBatch:
     grad_scale: int
     loss_groups: tuple
     num_items: int
+    cu_seqlens: tuple | None = None
+    total: int = 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,14 +126,19 @@ def shard_inputs(input_ids, labels=None, position_ids=None, attention_mask=None,
 
 def _batch(prep, g, group, layout, num_items):
     """The dict of :func:`shard_inputs` from the checked, reordered full-batch tensors."""
+    cu = prep["cu_seqlens"]
+
     def cut(x):
-        return _layout.take_shard(x, g.rank, g.size, layout=layout, dim=1)
+        if cu is None:
+            return _layout.take_shard(x, g.rank, g.size, layout=layout, dim=1)
+        return x.index_select(1, packed_positions(cu, g.size, layout)[g.rank].to(x.device))
 
     pos = cut(prep["position_ids"])
     dp = prep["dp"]
     info = ShardedBatch(layout=layout, positions=pos.clone(), padded=prep["order"] is not None,
                         order=prep["order"], grad_scale=g.size * dp.size,
-                        loss_groups=(g, dp) if dp.distributed else (g,), num_items=num_items)
+                        loss_groups=(g, dp) if dp.distributed else (g,), num_items=num_items,
+                        cu_seqlens=cu, total=prep["total"])
     batch = {"input_ids": cut(prep["input_ids"]), "position_ids": pos,
              "cp_group": LOCAL if group is None else group, "cp_batch": info}
     if prep["shifted"] is not None:
@@ -209,22 +220,43 @@ def _check_positions(position_ids, b, s, device):
     return position_ids
 
 
-def _refuse_packed(position_ids, mask):
-    """Positions that restart within a row are a packed batch (transformers' rule, without a
-    mask): refused until hamilton takes ``cu_seqlens``."""
-    if mask is None and bool((position_ids[:, 1:] - position_ids[:, :-1] != 1).any()):
-        raise ValueError(
-            "position_ids restart within a row (a packed batch of several documents): packed "
-            "batches are not supported yet (full-attention layers need hamilton_attn with "
-            "cu_seqlens); pad the documents into rows and pass attention_mask instead")
+def _packed_cu(position_ids, mask, b, layout, n):
+    """The documents of a packed batch: positions that restart within the row (transformers'
+    rule, only without a mask) start a document. Returns the global cumulative lengths as a
+    tuple, with one-token padding documents up to a multiple of ``n``; None when not packed."""
+    starts = position_ids[:, 1:] - position_ids[:, :-1] != 1
+    if mask is not None or not bool(starts.any()):
+        return None
+    if b != 1:
+        raise ValueError(f"position_ids restart within a row (a packed batch), so input_ids must "
+                         f"be one row [1, T] (DataCollatorWithFlattening's format), got {b} rows")
+    if layout not in ("zigzag", "contiguous"):
+        raise ValueError(f"layout must be 'zigzag' or 'contiguous' for a packed batch, got "
+                         f"{layout!r}")
+    s = position_ids.shape[1]
+    cuts = (starts[0].nonzero()[:, 0] + 1).tolist()
+    return tuple([0, *cuts, s] + [s + i for i in range(1, -s % n + 1)])
 
 
-def _check_scalars(ignore_index, layout, s, g, dp_group):
+@functools.lru_cache(maxsize=64)
+def packed_positions(cu: tuple, n: int, layout: str) -> tuple:
+    """Every rank's global token indices of a packed sequence: ``contiguous`` (equal parts),
+    ``zigzag`` (hamilton's balanced causal layout) or ``full`` (its non-causal one)."""
+    if layout == "contiguous":
+        m = cu[-1] // n
+        return tuple(torch.arange(r * m, (r + 1) * m) for r in range(n))
+    from longattn.hamilton.packing import packed_layout
+
+    lay = packed_layout(cu, n, causal=layout == "zigzag")
+    return tuple(torch.from_numpy(lay.positions(r)).long() for r in range(n))
+
+
+def _check_scalars(ignore_index, layout, s, g, dp_group, packed):
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if not isinstance(layout, str) or layout not in _layout.LAYOUTS:
         raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
-    if g.distributed:
+    if g.distributed and not packed:
         _layout.positions(s, g.rank, g.size, layout)  # raises unless S splits in this layout
     return resolve_group(dp_group, name="dp_group")
 
@@ -243,10 +275,12 @@ def _check_inputs(input_ids, labels, position_ids, attention_mask, layout, ignor
     if labels is not None:
         _check_ids("labels", labels, (b, s))
     mask = None if attention_mask is None else _check_mask(attention_mask, (b, s))
-    _refuse_packed(position_ids, mask)
-    dp = _check_scalars(ignore_index, layout, s, g, dp_group)
+    cu = _packed_cu(position_ids, mask, b, layout, g.size)
+    dp = _check_scalars(ignore_index, layout, s, g, dp_group, cu is not None)
     prep = _prepare(input_ids, labels, position_ids, mask, ignore_index)
-    prep["dp"] = dp
+    if cu is not None:
+        prep = _pad_packed(prep, cu[-1] - s, ignore_index)
+    prep.update(dp=dp, cu_seqlens=cu, total=s)
     fields = {"input_ids.shape": (b, s), "input_ids.dtype": input_ids.dtype,
               "input_ids values": _digest(input_ids),
               "position_ids.shape": tuple(position_ids.shape),
@@ -278,6 +312,18 @@ def _prepare(input_ids, labels, position_ids, mask, ignore_index):
             shifted = shifted.gather(1, order.to(shifted.device))
     return {"input_ids": input_ids, "position_ids": position_ids, "shifted": shifted,
             "count": count, "order": order}
+
+
+def _pad_packed(prep, pad, ignore_index):
+    """Append ``pad`` one-token documents (token 0 at position 0, predicting nothing)."""
+    if pad == 0:
+        return prep
+    ids, pos, shifted = prep["input_ids"], prep["position_ids"], prep["shifted"]
+    prep["input_ids"] = torch.cat([ids, ids.new_zeros((1, pad))], dim=1)
+    prep["position_ids"] = torch.cat([pos, pos.new_zeros((1, pad))], dim=1)
+    if shifted is not None:
+        prep["shifted"] = torch.cat([shifted, shifted.new_full((1, pad), ignore_index)], dim=1)
+    return prep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,15 +410,25 @@ def unshard(x, *, group=None, layout=None, dim=1, batch=None):
         return _check_unshard(x, dim, layout, batch, info)
 
     lay = agree("unshard", g, check)[0]
+    cu = None if info is None else info.cu_seqlens
     if g.distributed:
-        mine = x.detach().to(g.device).contiguous()
+        mine = x.detach().contiguous()
         parts = [torch.empty_like(mine) for _ in range(g.size)]
-        dist.all_gather(parts, mine, group=g.pg)
-        x = _layout.join_shards([p.to(x.device) for p in parts], layout=lay, dim=dim)
+        comm.all_gather(parts, mine, group=g.pg)
+        x = (_layout.join_shards(parts, layout=lay, dim=dim) if cu is None
+             else _join_packed(parts, packed_positions(cu, g.size, lay), dim))
+    if cu is not None:
+        x = x.narrow(dim, 0, info.total)
     if info is not None and info.order is not None:
         inv = torch.argsort(info.order, dim=1).to(x.device)
         x = x.gather(1, inv.view(inv.shape + (1,) * (x.ndim - 2)).expand_as(x))
     return x
+
+
+def _join_packed(parts, positions, dim):
+    idx = torch.cat(positions).to(parts[0].device)
+    cat = torch.cat(parts, dim=dim)
+    return torch.empty_like(cat).index_copy_(dim, idx, cat)
 
 
 def _check_unshard(x, dim, layout, batch, info):
@@ -388,8 +444,9 @@ def _check_unshard(x, dim, layout, batch, info):
         raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
     if info is not None and lay != info.layout:
         raise ValueError(f"layout {layout!r} is not the batch's layout {info.layout!r}")
-    if info is not None and info.order is not None and dim % x.ndim != 1:
-        raise ValueError(f"dim must be 1 (the sequence) to restore a padded batch, got {dim}")
+    if info is not None and (info.padded or info.cu_seqlens) and dim % x.ndim != 1:
+        raise ValueError(f"dim must be 1 (the sequence) to restore a padded or packed batch, "
+                         f"got {dim}")
     # shapes as strings: a tensor of another ndim must read "x.shape must be the same",
     # not "different calls" (agree expands tuples into one field per element)
     return lay, {"x.shape": str(tuple(x.shape)), "x.dtype": x.dtype, "dim": dim % x.ndim,
@@ -413,9 +470,8 @@ def reduce_loss(loss, group=None):
     agree("reduce_loss", g, check)
     total = loss.detach().clone()
     if g.distributed:
-        buf = total.to(g.device)
-        dist.all_reduce(buf, group=g.pg)
-        total = (buf / g.size).to(loss.device)
+        comm.all_reduce(total, group=g.pg)
+        total /= g.size
     return total
 
 
@@ -429,11 +485,8 @@ def all_reduce_grads(model, group=None):
     if not g.distributed:
         return
     for t in grads:
-        buf = t if t.device == g.device else t.to(g.device)  # e.g. CUDA gradients over gloo
-        dist.all_reduce(buf, group=g.pg)
-        buf.div_(g.size)
-        if buf is not t:
-            t.copy_(buf)
+        comm.all_reduce(t, group=g.pg)  # staged where the group needs another device
+        t.div_(g.size)
 
 
 def _grads_and_fields(model):

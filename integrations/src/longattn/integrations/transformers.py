@@ -59,12 +59,13 @@ import torch
 
 from longattn.common import checks
 from longattn.common import layout as _layout
-from longattn.common.dist import agree, resolve_group
-from longattn.integrations.relayout import moved
+from longattn.common.dist import LOCAL, agree, resolve_group
+from longattn.integrations.relayout import moved, moved_between
 from longattn.integrations.training import (
     ShardedBatch,
     all_reduce_grads,
     causal_lm_loss,
+    packed_positions,
     reduce_loss,
     shard_inputs,
     unshard,
@@ -156,7 +157,10 @@ def attention(module, query, key, value, attention_mask=None, dropout=0.0, scali
 
     (causal, window, lay), _ = agree(NAME, g, check)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
-    if decoding:
+    info = kwargs.get("cp_batch")
+    if info is not None and info.cu_seqlens is not None:
+        out = _packed(q, k, v, info, causal, window, scaling, g, backend)
+    elif decoding:
         out = _decode(q, k, v, state, causal, window, scaling, g, backend)
     elif not g.distributed:
         out = _local(q, k, v, causal, window, scaling, backend)
@@ -228,6 +232,8 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
         "sliding_window": -1 if sliding_window is None else sliding_window, "backend": backend,
         "decoding": decoding, "position_ids layout": lay or "",
         "cp_batch given": info is not None, "padded": info is not None and info.padded,
+        "packed documents": 0 if info is None or info.cu_seqlens is None else len(
+            info.cu_seqlens) - 1,
         "shift_labels given": kwargs.get("shift_labels") is not None,
     }
     return (causal, window, lay), fields
@@ -244,9 +250,9 @@ def _check_batch(info, causal, state):
     if info.padded and not causal:
         raise ValueError(f"{NAME}: a padded batch (attention_mask with padding) needs causal "
                          "attention; this layer is not causal")
-    if info.padded and state is not None:
-        raise ValueError(f"{NAME}: a padded batch cannot fill a ShardedCache (its rows are "
-                         "reordered); prefill without attention_mask")
+    if (info.padded or info.cu_seqlens is not None) and state is not None:
+        raise ValueError(f"{NAME}: a padded or packed batch cannot fill a ShardedCache (its "
+                         "tokens are reordered); prefill one unpadded sequence")
     return info
 
 
@@ -307,6 +313,36 @@ def _sharded(q, k, v, lay, causal, window, scale, g, backend):
     out = hamilton_attn(q, k, v, group=g.pg, causal=causal, softmax_scale=scale,
                         backend=backend)
     return moved(out, want, lay, g)
+
+
+def _packed(q, k, v, info, causal, window, scale, g, backend):
+    """A packed batch (documents ``info.cu_seqlens``): hamilton's packed layout for full
+    attention (causal or not), ring_swa's varlen contiguous one for a window; q/k/v move there
+    from the batch's layout and the output back."""
+    cu = info.cu_seqlens
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    group = g.pg if g.distributed else LOCAL
+    want = "contiguous" if window is not None else "zigzag" if causal else "full"
+
+    def move(t, src, dst):
+        if src == dst:
+            return t
+        return moved_between(t, ("packed", cu, g.size, src, dst),
+                             lambda: list(packed_positions(cu, g.size, src)),
+                             lambda: list(packed_positions(cu, g.size, dst)), g)
+
+    q, k, v = (move(t, info.layout, want) for t in (q, k, v))
+    if window is not None:
+        from longattn.ring_swa import ring_swa_attn
+
+        out = ring_swa_attn(q[0], k[0], v[0], window_size=(window, 0), group=group, causal=True,
+                            softmax_scale=scale, cu_seqlens=cu_t, backend=backend)[None]
+    else:
+        from longattn.hamilton import hamilton_attn
+
+        out = hamilton_attn(q, k, v, group=group, causal=causal, softmax_scale=scale,
+                            backend=backend, cu_seqlens=cu_t)
+    return move(out, want, info.layout)
 
 
 def _local(q, k, v, causal, window, scale, backend):
