@@ -164,7 +164,8 @@ FP32_TOL = 1e-6
 # (model, layout, how, data, seed)
 CASES = {
     2: [("llama", "zigzag", "all_reduce", "padded", 0), ("qwen2", "contiguous", "ddp", "padded", 1),
-        ("llama", "zigzag", "ddp", "packed", 2), ("qwen2", "contiguous", "all_reduce", "packed", 3)],
+        ("llama", "zigzag", "ddp", "packed", 2),
+        ("qwen2", "contiguous", "all_reduce", "packed", 3)],
     3: [("llama", "zigzag", "ddp", "padded", 4), ("qwen2", "contiguous", "all_reduce", "padded", 5),
         ("llama", "contiguous", "all_reduce", "packed", 6),
         ("qwen2", "contiguous", "ddp", "packed", 7),
