@@ -11,8 +11,9 @@ What runs: exactly the compute ``hamilton_attn(..., cu_seqlens=)`` does on each 
 messages, on the buffers its plan receives (:func:`longattn.hamilton.make_packed_plan`): per
 step one varlen call (:func:`longattn.hamilton.packed_attn.step_forward` /
 ``step_backward``: the keys gathered from the received rows, the flash varlen op on CUDA).
-Two variants: ``calls`` (the gathers and varlen calls) and ``+merge`` (also the send-side
-gathers, the merges and the dK/dV accumulation). Every rank is timed.
+Two variants: ``calls`` (the key gathers, the varlen calls and the gradient adds of each step)
+and ``+merge`` (also the send-side gathers, the merges and the dK/dV rows that come back).
+Every rank is timed.
 
 Baselines in the same run, alternated with the contenders: one cuDNN varlen call
 (``aten._cudnn_attention_forward`` with ``cum_seq_q/k``, backward by autograd) over all the
@@ -177,8 +178,10 @@ def check(device, dtype, n, lens, heads, dim, causal, sched_name):
 # timing
 
 
-def rank_sequence(device, dtype, plan, heads, dim, mode, config):
-    """(fwd, fwd_bwd) closures of one rank's compute; ``mode``: ``calls`` or ``+merge``."""
+def rank_sequences(device, dtype, plan, heads, dim, config):
+    """``{mode: (fwd, fwd_bwd)}`` closures of one rank's compute, ``mode`` ``calls`` (gathers,
+    varlen calls and the gradient adds of ``step_backward``) or ``+merge`` (also the send-side
+    gathers, the merges and the dK/dV rows that come back); both share the tensors."""
     n, per = plan.n, plan.layout.total // plan.n
     g = torch.Generator(device=device).manual_seed(plan.rank)
 
@@ -189,16 +192,15 @@ def rank_sequence(device, dtype, plan, heads, dim, mode, config):
     kv = kv_rows(k0, v0)
     bufs = {s: rnd(plan.steps[s].rows, 2 * heads * dim) for s in range(1, n)}
     tens = {s: plan.call_tensors(s, device) for s in range(n) if plan.steps[s].call}
-    sends = [plan.send_index(s, i, device) for s in range(1, n)
-             for i in range(len(plan.steps[s].sends))]
-    back = {(s, i): rnd(len(idx), 2 * heads * dim).float()  # dK/dV rows that come back
-            for s in range(1, n) for i, (_, idx) in enumerate(plan.steps[s].sends)}
-    scale, full = dim ** -0.5, mode == "+merge"
+    sends = {(s, i): plan.send_index(s, i, device) for s in range(1, n)
+             for i in range(len(plan.steps[s].sends))}
+    back = {key: rnd(len(idx), 2 * heads * dim).float() for key, idx in sends.items()}
+    scale = dim ** -0.5
     merge = functools.partial(merge_partials_, backend=config.merge_backend)
 
-    def fwd():
+    def fwd(full):
         if full:
-            for idx in sends:
+            for idx in sends.values():
                 kv.index_select(0, idx)
         o, l = step_forward(q0, k0, v0, plan.steps[0].call, tens[0], softmax_scale=scale,
                             backend="auto")
@@ -214,10 +216,10 @@ def rank_sequence(device, dtype, plan, heads, dim, mode, config):
                           l[None])
         return acc_o[0].to(dtype), acc_l[0]
 
-    out0, lse0 = fwd()
+    out0, lse0 = fwd(True)
     dq, dk, dv = (torch.zeros(per, heads, dim, device=device) for _ in range(3))
 
-    def bwd():
+    def bwd(full):
         for s in range(n - 1, 0, -1):
             call = plan.steps[s].call
             if call is None:
@@ -229,15 +231,16 @@ def rank_sequence(device, dtype, plan, heads, dim, mode, config):
                           softmax_scale=scale, backend="auto")
             if full:
                 for i in range(len(plan.steps[s].sends)):
-                    _add_rows(dk, dv, back[(s, i)], plan.send_index(s, i, device), heads, dim)
+                    _add_rows(dk, dv, back[(s, i)], sends[(s, i)], heads, dim)
         step_backward(do0, None, q0, out0, lse0, k0, v0, plan.steps[0].call, tens[0], dq, dk,
                       dv, softmax_scale=scale, backend="auto")
 
-    def fwd_bwd():
-        fwd()
-        bwd()
+    def both(full):
+        fwd(full)
+        bwd(full)
 
-    return fwd, fwd_bwd
+    return {mode: (functools.partial(fwd, full), functools.partial(both, full))
+            for mode, full in (("calls", False), ("+merge", True))}
 
 
 def _varlen_inputs(device, dtype, total, heads, dim, seed=1):
@@ -246,50 +249,49 @@ def _varlen_inputs(device, dtype, total, heads, dim, seed=1):
             for _ in range(4)]
 
 
-def flash_varlen(q, k, v, cu, causal):
+def flash_varlen(q, k, v, cu, m, causal):
     """One call of the flash varlen op (``aten._flash_attention_forward``) over every doc."""
-    m = int((cu[1:] - cu[:-1]).max())
     return torch.ops.aten._flash_attention_forward(q, k, v, cu, cu, m, m, 0.0, causal, False)[0]
 
 
-def cudnn_varlen(q, k, v, cu, causal):
+def cudnn_varlen(q, k, v, cu, m, causal):
     """One call of the cuDNN varlen op (``aten._cudnn_attention_forward`` with cum_seq)."""
-    m = int((cu[1:] - cu[:-1]).max())
     return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, m, m, True, 0.0,
                                                    causal, False)[0]
 
 
-def baselines(device, dtype, lens, heads, dim, causal):
-    """{name: (fwd, fwd_bwd)} over every document at once (on the CPU: the varlen loop)."""
+def _cpu_varlen(q, k, v, cu, m, causal):
     from longattn.common.kernels.varlen import attention_varlen
 
-    total = sum(lens)
-    cu = cu_of(lens, device)
-    q, k, v, do = _varlen_inputs(device, dtype, total, heads, dim)
+    return attention_varlen(q, k, v, cu.cpu(), causal=causal)
+
+
+def baselines(device, dtype, lens, heads, dim, causal):
+    """{(name, direction): fn} over every document at once (on the CPU: the varlen loop); a
+    baseline that fails, or disagrees with the first one, is reported and left out."""
+    cu, m = cu_of(lens, device), max(lens)
+    q, k, v, do = _varlen_inputs(device, dtype, sum(lens), heads, dim)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    ops = {"cudnn varlen": cudnn_varlen, "flash varlen": flash_varlen}
-    if device.type != "cuda":
-        ops = {"varlen(torch)": lambda q_, k_, v_, cu_, c: attention_varlen(
-            q_, k_, v_, cu_.cpu(), causal=c)}
+    ops = ({"cudnn varlen": cudnn_varlen, "flash varlen": flash_varlen}
+           if device.type == "cuda" else {"varlen(torch)": _cpu_varlen})
     out, ref = {}, None
     for name, op in ops.items():
+        def fwd(op=op):
+            return op(q, k, v, cu, m, causal)
+
+        def fwd_bwd(op=op):
+            for t in (qg, kg, vg):
+                t.grad = None
+            op(qg, kg, vg, cu, m, causal).backward(do)
+
         try:
-            got = op(q, k, v, cu, causal)
-            if ref is None:
-                ref = got
-            elif not torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2):
-                raise RuntimeError(f"{name} disagrees with the first baseline")
-
-            def fwd(op=op):
-                return op(q, k, v, cu, causal)
-
-            def fwd_bwd(op=op):
-                for t in (qg, kg, vg):
-                    t.grad = None
-                op(qg, kg, vg, cu, causal).backward(do)
-
+            got = fwd()
+            ref = got if ref is None else ref
+            if not torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2):
+                raise RuntimeError(f"{name} disagrees with {next(iter(ops))}")
+            out[(name, "fwd")] = fwd
             fwd_bwd()
-            out[name] = (fwd, fwd_bwd)
+            out[(name, "fwd+bwd")] = fwd_bwd
         except Exception:  # noqa: BLE001 - a failed baseline is reported, the others still run
             print(f"baseline {name} failed:\n" + traceback.format_exc(), file=sys.stderr)
     return out
@@ -365,8 +367,8 @@ def main(argv=None):
           f"imbalance {lay.imbalance:.3f}; per rank: " + ", ".join(
               f"r{p.rank} {p.kernel_calls} calls/{p.blocks_skipped} skipped" for p in plans))
     results, t0 = [], time.time()
-    small = draw_documents(n * (48 if a.smoke else 512), 1 if a.smoke else 16,
-                           40 if a.smoke else 1024, a.seed)
+    small = draw_documents(n * (48 if a.smoke else 256), 1 if a.smoke else 16,
+                           40 if a.smoke else 512, a.seed)
     errs = check(device, dtype, n, small, 2 if a.smoke else 4, a.dim, causal, a.schedule)
     ok = max(errs.values()) <= 2e-2
     print(f"correctness ({n} ranks simulated, bf16 vs float64 oracle): "
@@ -374,13 +376,11 @@ def main(argv=None):
                                                                           else "  FAILED"))
     results.append(bench.result("hamilton", "packed correctness", median_ms=None, device=device,
                                 dtype=dtype, errors=errs, ok=ok))
-    contenders = {}
-    for name, (f, fb) in baselines(device, dtype, lens, a.heads, a.dim, causal).items():
-        contenders[(name, "fwd")], contenders[(name, "fwd+bwd")] = f, fb
-    base_names = [name for name, d in contenders if d == "fwd"]
-    for mode in ("calls", "+merge"):
-        for plan in plans:
-            f, fb = rank_sequence(device, dtype, plan, a.heads, a.dim, mode, config)
+    contenders = baselines(device, dtype, lens, a.heads, a.dim, causal)
+    base_names = sorted({name for name, _ in contenders})
+    for plan in bench.progress(plans, desc="rank sequences"):
+        for mode, (f, fb) in rank_sequences(device, dtype, plan, a.heads, a.dim,
+                                            config).items():
             fb()  # warm-up outside the timings
             contenders[(f"rank{plan.rank} {mode}", "fwd")] = f
             contenders[(f"rank{plan.rank} {mode}", "fwd+bwd")] = fb

@@ -1,11 +1,12 @@
 """longattn.hamilton: TASP (Hamilton Attention) context-parallel attention.
 
 ``hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, schedule="auto",
-return_lse=False, backend="auto", config=None)`` runs any communication schedule -- TASP's
-multi-ring all-to-all, Ring Attention (zigzag ring when causal), the two-level multi-node
-schedule -- through one step loop, forward and backward. ``config`` takes a
+return_lse=False, backend="auto", config=None, cu_seqlens=None)`` runs any communication
+schedule -- TASP's multi-ring all-to-all, Ring Attention (zigzag ring when causal), the
+two-level multi-node schedule -- through one step loop, forward and backward. ``config`` takes a
 :class:`HamiltonConfig`. ``shard`` / ``unshard`` produce the matching sequence layout;
-``longattn.hamilton.schedules`` builds and validates schedules.
+``longattn.hamilton.schedules`` builds and validates schedules. Packed documents
+(``cu_seqlens``): :mod:`longattn.hamilton.packing` (layout, plans, ``pad_packed``).
 """
 
 from longattn.hamilton.attn import hamilton_attn
