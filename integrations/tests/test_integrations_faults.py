@@ -168,7 +168,8 @@ def _(ctx, bad):
     _direct(ctx, bad, sliding_window=3, is_causal=False)
 
 
-@fault("attention", "padding mask", ValueError, "attention_mask with padding is not supported")
+@fault("attention", "padding mask", ValueError,
+       "takes padding through shard_inputs(..., attention_mask=mask)")
 def _(ctx, bad):
     mask = torch.ones(1, ctx.seq // ctx.n, dtype=torch.bool)
     mask[0, 0] = False
@@ -217,11 +218,45 @@ def _(ctx, bad):
 
 
 @fault("attention", "position_ids of another rank", ValueError,
-       "are not this rank's global positions")
+       "are not those shard_inputs returned")
 def _(ctx, bad):
     batch = ctx.batch()
     if bad:
         batch["position_ids"] = batch["position_ids"] + 1
+    _forward(ctx, batch=batch)
+
+
+@fault("attention", "position_ids of another rank, sharded by hand", ValueError,
+       "are not this rank's global positions")
+def _(ctx, bad):
+    batch = {k: v for k, v in ctx.batch().items() if k in ("input_ids", "position_ids",
+                                                            "cp_group")}
+    if bad:
+        batch["position_ids"] = batch["position_ids"] + 1
+    _forward(ctx, batch=batch)
+
+
+@fault("attention", "padded batch, bidirectional model", ValueError, "needs causal attention")
+def _(ctx, bad):
+    from longattn.integrations.transformers import shard_inputs
+
+    ids, labels = ctx.ids()
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    batch = shard_inputs(ids, labels, attention_mask=mask, group=ctx.cp, layout="zigzag")
+    model = None
+    if bad:
+        model = ctx.fresh()
+        for layer in model.model.layers:
+            layer.self_attn.is_causal = False
+    _forward(ctx, model, batch=batch)
+
+
+@fault("attention", "cp_batch not a ShardedBatch", TypeError, "cp_batch must be the ShardedBatch")
+def _(ctx, bad):
+    batch = ctx.batch()
+    if bad:
+        batch["cp_batch"] = {"layout": "zigzag"}
     _forward(ctx, batch=batch)
 
 
@@ -336,6 +371,60 @@ def _(ctx, bad):
 @fault("shard_inputs", "ignore_index not an int", TypeError, "ignore_index must be an int")
 def _(ctx, bad):
     _shard(ctx, bad, ignore_index=-100.0)
+
+
+def _mask(ctx, *zeros):
+    mask = torch.ones(1, ctx.seq, dtype=torch.long)
+    mask[0, list(zeros)] = 0
+    return mask
+
+
+@fault("shard_inputs", "padding in the middle", ValueError, "neither left- nor right-padded")
+def _(ctx, bad):
+    _shard(ctx, bad, attention_mask=_mask(ctx, 2))
+
+
+@fault("shard_inputs", "mask not 0/1", ValueError, "0 (padding) and 1 (token) only")
+def _(ctx, bad):
+    _shard(ctx, bad, attention_mask=_mask(ctx) * 2)
+
+
+@fault("shard_inputs", "float mask", TypeError, "attention_mask must be an integer or bool")
+def _(ctx, bad):
+    _shard(ctx, bad, attention_mask=_mask(ctx, 0).double())
+
+
+@fault("shard_inputs", "mask shape", ValueError, "attention_mask must be (1,")
+def _(ctx, bad):
+    _shard(ctx, bad, attention_mask=_mask(ctx)[:, 1:])
+
+
+@fault("shard_inputs", "padding on one rank only", ValueError,
+       f"attention_mask values {SAME}", own=False)
+def _(ctx, bad):
+    _shard(ctx, bad, attention_mask=_mask(ctx, 0, 1))
+
+
+def _restarting(ctx):
+    half = ctx.seq // 2
+    return torch.cat([torch.arange(half), torch.arange(ctx.seq - half)]).unsqueeze(0)
+
+
+@fault("shard_inputs", "packed batch of 2 rows", ValueError, "must be one row [1, T]")
+def _(ctx, bad):
+    ids, labels = tiny_batch(2, ctx.seq)
+    _shard(ctx, bad, input_ids=ids, labels=labels, position_ids=_restarting(ctx))
+
+
+@fault("shard_inputs", "packed batch, striped", ValueError,
+       "layout must be 'zigzag' or 'contiguous' for a packed batch")
+def _(ctx, bad):
+    _shard(ctx, bad, position_ids=_restarting(ctx), layout="striped")
+
+
+@fault("shard_inputs", "dp_group None", ValueError, "dp_group=None is ambiguous")
+def _(ctx, bad):
+    _shard(ctx, bad, dp_group=None)
 
 
 # ------------------------------------------------------------------- unshard, reduce_loss
