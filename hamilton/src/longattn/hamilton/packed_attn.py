@@ -55,7 +55,14 @@ def post_kv(plan, s, kv, group):
     sends = [(kv.index_select(0, plan.send_index(s, i, kv.device)), h)
              for i, (h, _) in enumerate(st.sends)]
     recvs = [(buf[off:off + rows], o) for o, rows, off in st.recvs]
-    return exchange(sends, recvs, group), buf
+    return _keeping(exchange(sends, recvs, group), sends), buf
+
+
+def _keeping(handle, sends):
+    """The handle, holding the gathered send tensors until it is waited on (they exist only
+    for the message)."""
+    handle.sends = sends
+    return handle
 
 
 def _post_grads(plan, s, dkv, width, group):
@@ -66,7 +73,7 @@ def _post_grads(plan, s, dkv, width, group):
     got = [(dkv.new_empty(len(idx), width), plan.send_index(s, i, dkv.device))
            for i, (_, idx) in enumerate(st.sends)]
     recvs = [(t, h) for (t, _), (h, _) in zip(got, st.sends)]
-    return exchange(sends, recvs, group), got
+    return _keeping(exchange(sends, recvs, group), sends), got
 
 
 def _add_rows(dk, dv, rows, idx, hkv, d):
