@@ -73,8 +73,8 @@ def _merge_on_world(rank, world, seed):
         out, lse = attention_forward(q, ks.contiguous(), vs.contiguous())
         outs = [torch.empty_like(out) for _ in range(world)]
         lses = [torch.empty_like(lse) for _ in range(world)]
-        dist.all_gather(outs, out.contiguous())
-        dist.all_gather(lses, lse.contiguous())
+        comm.all_gather(outs, out.contiguous(), group=dist.group.WORLD)
+        comm.all_gather(lses, lse.contiguous(), group=dist.group.WORLD)
         for p in range(world):
             if p != rank:
                 comm.record("send", p, out.numel() * out.element_size()
