@@ -1,10 +1,12 @@
-"""The README's quick start: the exact lines, on 4 CPU ranks.
+"""The README's training scripts: the exact lines, on 4 CPU ranks.
 
-The README shows ``examples/quickstart.py`` verbatim (checked here). The file runs unchanged
-(``runpy``) on every rank of the test session's persistent 4-rank gloo world -- what torchrun
-would do, minus starting four fresh interpreters: the world already has its process group, so
-the script's ``init_process_group("gloo")`` call is the one thing made a no-op. Every rank must
-print the loss of the same model on the full, unsharded sequence in one process.
+The README shows ``examples/quickstart.py`` (a packed batch under DDP over the context-parallel
+ranks) and ``examples/train_2d.py`` (FSDP2 on a 2 x 2 data-parallel x context-parallel mesh)
+verbatim (checked here). Each file runs unchanged (``runpy``) on every rank of the test
+session's persistent 4-rank gloo world -- what torchrun would do, minus starting four fresh
+interpreters: the world already has its process group, so the script's
+``init_process_group("gloo")`` call is the one thing made a no-op. Every rank must print the
+loss of the same model on the whole batch in one process.
 """
 
 from __future__ import annotations
@@ -15,39 +17,47 @@ import re
 import runpy
 from pathlib import Path
 
+import pytest
 import torch
 
-from longattn.common.testing import run_world
+from longattn.common.testing import readme_python_blocks, run_world
 
 HERE = Path(__file__).resolve().parent.parent
-SCRIPT = HERE / "examples" / "quickstart.py"
+SCRIPTS = {"quickstart.py": "Quick start", "train_2d.py": "Data parallelism on top"}
 
 
-def _readme_block() -> str:
-    text = (HERE / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    hits = [b for b in blocks if "torchrun --nproc_per_node=4 quickstart.py" in b]
-    assert len(hits) == 1, "the README must show the quick start exactly once"
-    return hits[0]
-
-
-def test_readme_shows_the_script_verbatim_in_under_20_lines():
-    block = _readme_block()
-    assert block == SCRIPT.read_text()
-    code = [ln for ln in block.splitlines() if ln.strip() and not ln.startswith("#")]
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_readme_shows_the_script_verbatim_in_under_20_lines(name):
+    blocks = [b for b in readme_python_blocks(HERE / "README.md", SCRIPTS[name])
+              if f"torchrun --nproc_per_node=4 {name}" in b]
+    assert len(blocks) == 1, f"the README must show {name} exactly once in its section"
+    assert blocks[0] == (HERE / "examples" / name).read_text()
+    code = [ln for ln in blocks[0].splitlines() if ln.strip() and not ln.startswith("#")]
     assert len(code) < 20, len(code)
 
 
-def _single_process_loss():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _docs(seed):
+    torch.manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 1000, (n,)).tolist()} for n in (100, 37, 119)]
+
+
+def _single_process_loss(name):
+    """The scripts' model and documents (both replicas' for train_2d.py) in one process, with
+    transformers' sdpa attention on the packed row."""
+    from transformers import DataCollatorWithFlattening, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          attn_implementation="sdpa")
     model = LlamaForCausalLM(config)
-    input_ids = torch.randint(0, 1000, (1, 256))
-    return model(input_ids=input_ids, labels=input_ids).loss.item()
+    if name == "quickstart.py":  # the documents follow the model's initialisation
+        docs = [{"input_ids": torch.randint(0, 1000, (n,)).tolist()} for n in (100, 37, 119)]
+    else:
+        docs = _docs(1) + _docs(2)
+    # use_cache=False: with a cache, transformers does not detect packed documents (its
+    # masks let them see each other)
+    return model(**DataCollatorWithFlattening()(docs), use_cache=False).loss.item()
 
 
 def _run_script(rank, world, path):
@@ -63,9 +73,10 @@ def _run_script(rank, world, path):
     return out.getvalue()
 
 
-def test_quickstart_runs_on_4_cpu_ranks():
-    printed = run_world(4, _run_script, str(SCRIPT), timeout=240)
-    ref = _single_process_loss()
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_the_script_runs_on_4_cpu_ranks(name):
+    printed = run_world(4, _run_script, str(HERE / "examples" / name), timeout=240)
+    ref = _single_process_loss(name)
     for rank, text in enumerate(printed):
         got = re.fullmatch(r"rank (\d): loss ([0-9.]+)\n", text)
         assert got and int(got.group(1)) == rank, text

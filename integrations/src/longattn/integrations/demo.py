@@ -161,6 +161,64 @@ def _decode_on_rank(rank, world, kind, layout, steps):
     return ids, torch.cat(logits, 1), (time.perf_counter() - t0) * 1e3
 
 
+# (row, model, layout, how, data): padding and packing through shard_inputs, and the gradient
+# convention under DDP / FSDP2 (4 ranks: DDP over them, FSDP2 on a 2 x 2 dp x cp mesh)
+TRAINING = (
+    ("Llama padded batch (left/right), hamilton", "llama", "zigzag", "all_reduce", "padded"),
+    ("Llama packed batch, hamilton cu_seqlens", "llama", "zigzag", "all_reduce", "packed"),
+    ("Qwen2 packed batch, hamilton+ring_swa varlen", "qwen2", "contiguous", "all_reduce",
+     "packed"),
+    ("Llama DDP over the cp ranks: grads, AdamW step", "llama", "zigzag", "ddp", "padded"),
+    ("Llama FSDP2 on a 2x2 dp x cp mesh: grads, AdamW step", "llama", "zigzag", "fsdp",
+     "padded4"),
+)
+TRAIN_SEQ = 64
+
+
+def _training_on_rank(rank, world):
+    import torch.distributed as dist
+
+    from longattn.common import comm
+    from longattn.integrations import steps
+
+    out = []
+    for seed, (_, kind, layout, how, what) in enumerate(TRAINING):
+        data = steps.training_data(what, seed, TRAIN_SEQ)
+        t0 = time.perf_counter()
+        with comm.counting() as c:
+            got = steps.sharded_step(kind, layout, how, data, dist.group.WORLD)
+        out.append((got, (time.perf_counter() - t0) * 1e3, c.bytes_sent))
+    return out
+
+
+def training_rows(run_world):
+    """The padded / packed / DDP / FSDP2 rows: logits (real tokens), every parameter gradient
+    and (DDP, FSDP2) the whole model after one AdamW step against one process."""
+    from longattn.common.testing import rel_error
+    from longattn.integrations import steps
+
+    res = run_world(WORLD, _training_on_rank)[0]
+    out = []
+    for seed, ((what, kind, _, how, data_kind), (got, ms, nbytes)) in enumerate(
+            zip(TRAINING, res)):
+        data = steps.training_data(data_kind, seed, TRAIN_SEQ)
+        ref = steps.reference_step(kind, data)
+        logits = ref["logits"][:2] if how == "fsdp" else ref["logits"]  # rank 0's replica
+        real = torch.ones(logits.shape[:2], dtype=torch.bool) if data[3] is None else (
+            data[3][:2] if how == "fsdp" else data[3]).bool()
+        err = max([rel_error(got["logits"][real], logits[real])]
+                  + [rel_error(got["grads"][n], g) for n, g in ref["grads"].items()])
+        if how in ("ddp", "fsdp"):
+            names = sorted(ref["params"])
+            err = max(err, rel_error(torch.cat([got["params"][n].reshape(-1) for n in names]),
+                                     torch.cat([ref["params"][n].reshape(-1) for n in names])))
+        rows = 4 if data_kind == "padded4" else 3 if data_kind == "padded" else 1
+        shape = f"B{rows} S{TRAIN_SEQ - (data_kind == 'packed')} L2 H4/2 D8 fp64"
+        out.append({"method": "integrations", "what": f"transformers {what}", "shape": shape,
+                    "rel_err": err, "tol": 1e-10, "time_ms": ms, "bytes": nbytes})
+    return out
+
+
 def rows(run_world):
     try:
         import transformers  # noqa: F401
@@ -191,4 +249,4 @@ def rows(run_world):
     out.append({"method": "integrations", "what": "transformers Qwen2 decode, tree",
                 "shape": f"B1 S32+{steps} L2 fp64", "rel_err": rel_error(logits, ref),
                 "tol": 1e-10, "time_ms": ms, "bytes": None})
-    return out
+    return out + training_rows(run_world)
