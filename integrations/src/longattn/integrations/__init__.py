@@ -3,6 +3,11 @@
 * :mod:`longattn.integrations.transformers` -- context-parallel attention for Hugging Face
   transformers models (``attn_implementation="longattn_cp"``), input sharding, loss and
   gradient reduction.
+* :mod:`longattn.integrations.training` -- this rank's batch (padded or packed), the gradient
+  convention (averaged over the ranks, like DDP / FSDP) and the loss, gradient and gather
+  helpers the transformers module re-exports.
+* :mod:`longattn.integrations.steps` -- one training step of the tiny demo models, sharded or
+  in one process (the demo rows and the tests).
 * :mod:`longattn.integrations.cache` -- a sequence-sharded KV cache for tree decoding (its
   layers are :class:`longattn.tree.cache.KVCache`).
 * :mod:`longattn.integrations.relayout` -- move a sharded tensor between layouts.

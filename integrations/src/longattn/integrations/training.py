@@ -364,7 +364,8 @@ def _sum_over(value: float, groups) -> float:
             return None, {"loss": v}
 
         _, views = agree("longattn_cp loss", grp, check, vary=("loss",))
-        value = math.fsum(views["loss"])
+        got = views["loss"]  # fsum refuses inf - inf; a NaN or inf loss stays one
+        value = math.fsum(got) if all(map(math.isfinite, got)) else sum(got)
     return value
 
 
