@@ -125,3 +125,27 @@ def _bad_mask_in_one_replica(rank, world):
 def test_a_bad_batch_in_one_replica_raises_on_all_dp_x_cp_ranks():
     msgs = run_world(4, _bad_mask_in_one_replica, timeout=120)  # a hang would time out
     assert all(m is not None and "neither left- nor right-padded" in m for m in msgs), msgs
+
+
+def _nan_step(rank, world):
+    """A NaN in the embedding of one token (row 2, position 5: on rank 0 only): every rank's
+    loss must be NaN."""
+    from longattn.integrations import demo
+    from longattn.integrations.transformers import register, shard_inputs
+
+    torch.set_num_threads(1)
+    model = demo.tiny_model("llama", register())
+    ids, labels, _, mask = steps.training_data("padded", 0)
+    ids = ids.masked_fill(ids == demo.VOCAB - 1, 0)
+    ids[2, 5] = demo.VOCAB - 1  # the only token with this id
+    with torch.no_grad():
+        model.model.embed_tokens.weight[demo.VOCAB - 1] = float("nan")
+    batch = shard_inputs(ids, labels, attention_mask=mask, group=dist.group.WORLD)
+    loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return loss.item()
+
+
+def test_a_nan_on_one_rank_makes_every_ranks_loss_nan():
+    losses = run_world(2, _nan_step, timeout=120)
+    assert all(x != x for x in losses), losses
