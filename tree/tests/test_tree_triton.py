@@ -66,7 +66,7 @@ def _split_partials(q, k, v, right, splits):
     acc = torch.empty(b * hkv, n, block_m, d)
     m, l_ = torch.empty(b * hkv, n, block_m), torch.empty(b * hkv, n, block_m)
     td._split_kernel[(n, b * hkv)](
-        q, k, v, acc, m, l_, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+        q, k, v, acc, m, l_, m, m, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
         k.stride(2), v.stride(0), v.stride(1), v.stride(2), s_len, lq, hkv, 0.25, right,
         split_len, G=hq // hkv, ROWS=rows, BLOCK_M=block_m, BLOCK_N=16, D=d, SPLITS=n,
         IEEE=True)

@@ -6,7 +6,9 @@ rank's own tensors are well formed. :func:`check_call` runs all of it inside one
 :func:`longattn.common.dist.agree`, so a bad argument on *any* rank raises on *every* rank
 before the first real collective and nothing hangs. The same all-gather delivers each rank's
 KV-shard length (a ``vary`` field), which the causal mask of ``Lq > 1`` new tokens needs (the
-global position of every shard).
+global position of every shard). With ``cache_seqlens`` (per-row valid lengths) the agreed call
+then all-gathers every rank's ``[B]`` lengths (:func:`gather_seqlens`), so every rank knows every
+row's position on every rank.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from longattn.tree.local import check_backend_geometry, resolve_backend
 @dataclass(frozen=True)
 class Call:
     """An agreed decode call: the resolved group, softmax scale, causal flag, every rank's
-    KV-shard length (group-rank order), hierarchy (or None) and local-kernel backend name."""
+    KV-shard length (group-rank order), hierarchy (or None), local-kernel backend name and,
+    with ``cache_seqlens``, every rank's per-row valid lengths (``seqlens[rank][row]``)."""
 
     group: dist.Group
     softmax_scale: float
@@ -31,6 +34,7 @@ class Call:
     lens: list
     hierarchy: tuple | None
     backend: str
+    seqlens: list | None = None
 
 
 def check_hierarchy(hierarchy, world: int):
@@ -83,6 +87,42 @@ def check_shard_lens(shard_lens, rank: int, world: int, k) -> list[int]:
     return lens
 
 
+def check_cache_seqlens(cache_seqlens, batch: int, capacity: int) -> list[int]:
+    """``cache_seqlens``: an int32 tensor ``[B]`` (as flash-attn's ``flash_attn_with_kvcache``)
+    with ``0 <= cache_seqlens[b] <= capacity`` (this rank's ``k.shape[1]``). Returns the lengths
+    as ints (one device sync, which the range check needs anyway)."""
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"cache_seqlens must be None or an int32 torch.Tensor [batch], got "
+                        f"{type(cache_seqlens).__name__}")
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"cache_seqlens must be torch.int32 (as in flash_attn_with_kvcache), "
+                        f"got {cache_seqlens.dtype}")
+    if tuple(cache_seqlens.shape) != (batch,):
+        raise ValueError(f"cache_seqlens must have shape [batch] = ({batch},), got "
+                         f"{tuple(cache_seqlens.shape)}")
+    rows = cache_seqlens.tolist()
+    bad = [(i, n) for i, n in enumerate(rows) if not 0 <= n <= capacity]
+    if bad:
+        i, n = bad[0]
+        raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (this rank's k.shape[1], "
+                         f"its cache capacity), got cache_seqlens[{i}] = {n}")
+    return rows
+
+
+def gather_seqlens(rows: list[int], g: dist.Group) -> list[list[int]]:
+    """Every rank's per-row lengths, ``[rank][row]``: one all-gather of ``B`` int64 words per
+    rank (recorded under the peer ``"all_gather"``), nothing without a distributed group."""
+    if not g.distributed:
+        return [list(rows)]
+    mine = torch.tensor(rows, dtype=torch.int64, device=g.device)
+    every = [torch.empty_like(mine) for _ in range(g.size)]
+    comm.all_gather(every, mine, group=g.pg)
+    nb = comm.nbytes(mine)
+    comm.record("send", "all_gather", nb)
+    comm.record("recv", "all_gather", nb * (g.size - 1))
+    return [t.tolist() for t in every]
+
+
 def q_checksum(q: torch.Tensor) -> tuple[float, float]:
     """A cheap digest of the replicated queries: the float64 sum of ``q`` and of ``q`` times
     its flat position (so a permuted or shifted ``q`` differs too)."""
@@ -93,14 +133,15 @@ def q_checksum(q: torch.Tensor) -> tuple[float, float]:
 
 
 def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_lens,
-               backend, return_lse=False) -> Call:
+               backend, return_lse=False, cache_seqlens=None) -> Call:
     """Validate a distributed decode call on every rank (one all-gather, recorded as the peer
     ``"all_gather"`` for :func:`longattn.common.comm.counting`). Returns the agreed
     :class:`Call`.
 
     ``shard_lens`` (every rank's KV length, e.g. a :class:`~longattn.tree.KVCache`'s ``lens``)
     is checked inside the same agreement: it must be the same on every rank and match each
-    rank's ``k``."""
+    rank's ``k``. So is ``cache_seqlens`` (dtype, shape ``[B]``, range; given on every rank or
+    on none); the agreed per-row lengths are then all-gathered (:func:`gather_seqlens`)."""
     g = dist.resolve_group(group)
 
     def check():
@@ -109,6 +150,8 @@ def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_le
         check_bool("return_lse", return_lse)
         hier = check_hierarchy(hierarchy, g.size)
         lens = None if shard_lens is None else check_shard_lens(shard_lens, g.rank, g.size, k)
+        rows = None if cache_seqlens is None else check_cache_seqlens(
+            cache_seqlens, q.shape[0], k.shape[1])
         name = resolve_backend(q, k, v, backend, causal=is_causal)
         b, _, hkv, d = k.shape
         fields = {
@@ -119,19 +162,21 @@ def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_le
             # one word whatever the world size: the lengths agree iff their text does
             "shard_lens": None if lens is None else ",".join(map(str, lens)),
             "kv_len": int(k.shape[1]),
+            "cache_seqlens given": rows is not None,
         }
         if g.distributed:  # q must be replicated: a digest of its values agrees too
             fields["q values (float64 checksum)"] = q_checksum(q)
-        return (scale, is_causal, hier, name), fields
+        return (scale, is_causal, hier, name, rows), fields
 
-    (scale, is_causal, hier, name), views = dist.agree(op, g, check, vary=("kv_len",))
+    (scale, is_causal, hier, name, rows), views = dist.agree(op, g, check, vary=("kv_len",))
     if g.distributed:
         nb = dist.agreement_nbytes()
         comm.record("send", "all_gather", nb)
         comm.record("recv", "all_gather", nb * (g.size - 1))
     lens = views["kv_len"]
+    seqlens = None if rows is None else gather_seqlens(rows, g)
     # every rank knows every shard's geometry now: a backend that cannot serve one of them
-    # raises here, identically on every rank (no communication needed)
+    # raises here, identically on every rank (no further communication)
     check_backend_geometry(q, k, v, lens, causal=is_causal, backend=name,
-                           shards=range(len(lens)))
-    return Call(g, scale, is_causal, lens, hier, name)
+                           shards=range(len(lens)), seqlens=seqlens)
+    return Call(g, scale, is_causal, lens, hier, name, seqlens)

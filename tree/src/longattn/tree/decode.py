@@ -31,7 +31,7 @@ import torch.distributed as dist
 from longattn.common import comm
 from longattn.common.merge import finish_rows, merge_stacked
 from longattn.tree._args import check_call
-from longattn.tree.local import local_attention, shard_right
+from longattn.tree.local import local_attention, row_rights, shard_right
 
 # (global ranks of the group, nodes, gpus_per_node) -> (node group, leader group or None)
 _SUBGROUPS: dict = {}
@@ -39,7 +39,7 @@ _SUBGROUPS: dict = {}
 
 @torch.no_grad()
 def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, causal=True,
-                shard_lens=None, return_lse=False, backend="auto"):
+                shard_lens=None, cache_seqlens=None, return_lse=False, backend="auto"):
     """Exact decode attention of replicated new tokens over a sequence-sharded KV cache.
 
     Args:
@@ -60,6 +60,13 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
         shard_lens: every rank's ``n_r`` if the caller knows them (e.g. a
             :class:`~longattn.tree.cache.KVCache`'s ``lens``); checked inside the argument
             agreement (the same on every rank, ``shard_lens[rank] == n_r``).
+        cache_seqlens: None, or an int32 tensor ``[B]`` (as in flash-attn's
+            ``flash_attn_with_kvcache``): row ``b`` of this rank's ``k, v`` holds its first
+            ``cache_seqlens[b]`` slots (``0 <= cache_seqlens[b] <= n_r``; ``n_r`` is then this
+            rank's capacity). Row ``b``'s cache is the concatenation of its filled prefixes in
+            group-rank order, so each row has its own length ``N[b]`` and causal mask; a row
+            may be empty on some ranks or on all (out 0, lse -inf). Checked inside the
+            argument agreement, then all-gathered (``B`` int64 words per rank).
         return_lse: also return ``lse [B, Hq, Lq]`` in ``common.dtypes.lse_dtype``
             (float32 for fp16 / bf16, float64 for float32 and float64 inputs).
         backend: local kernel, see :func:`longattn.tree.local.local_attention`.
@@ -74,11 +81,15 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
     """
     call = check_call("tree_decode", q, k, v, group=group, softmax_scale=softmax_scale,
                       causal=causal, hierarchy=hierarchy, shard_lens=shard_lens,
-                      backend=backend, return_lse=return_lse)
+                      backend=backend, return_lse=return_lse, cache_seqlens=cache_seqlens)
     g, lens, hier = call.group, call.lens, call.hierarchy
-    right = shard_right(lens, g.rank, q.shape[1], call.causal)
+    if call.seqlens is None:
+        right, rows = shard_right(lens, g.rank, q.shape[1], call.causal), None
+    else:
+        right = row_rights(call.seqlens, g.rank, q.shape[1], call.causal)
+        rows = call.seqlens[g.rank]
     o, lse = local_attention(q, k, v, softmax_scale=call.softmax_scale, right=right,
-                             backend=call.backend)
+                             backend=call.backend, seqlens=rows)
     if g.distributed:
         if hier is None or hier[0] == 1 or hier[1] == 1:
             o, lse = _allreduce_combine(o, lse, g.pg)

@@ -9,7 +9,8 @@ keys and moves ``O(N)`` bytes, against the tree's ``O(N / p)`` work and ``O(B * 
 
 Shards may be uneven or empty: every rank knows every shard's length (from the argument
 agreement, or ``shard_lens``), so each message is sized exactly -- no padding keys enter the
-softmax (unlike the padded reference baseline) -- and empty shards are not sent at all.
+softmax (unlike the padded reference baseline) -- and empty shards are not sent at all. With
+per-row lengths (``cache_seqlens``) a shard travels as its longest row's prefix.
 Forward only.
 """
 
@@ -20,24 +21,31 @@ import torch
 from longattn.common import comm
 from longattn.common.merge import merge_stacked
 from longattn.tree._args import check_call
-from longattn.tree.local import local_attention, shard_right
+from longattn.tree.local import local_attention, row_rights, shard_right
 
 
 @torch.no_grad()
 def ring_decode(q, k, v, *, group=None, softmax_scale=None, causal=True, shard_lens=None,
-                return_lse=False, backend="auto"):
+                cache_seqlens=None, return_lse=False, backend="auto"):
     """Same contract as :func:`longattn.tree.tree_decode` (without ``hierarchy``), computed by
     passing the KV shards around a ring. Returns ``out [B, Lq, Hq, D]`` in q's dtype (and
     ``lse``), identical on every rank."""
     call = check_call("ring_decode", q, k, v, group=group, softmax_scale=softmax_scale,
                       causal=causal, hierarchy=None, shard_lens=shard_lens, backend=backend,
-                      return_lse=return_lse)
-    g, lens, scale = call.group, call.lens, call.softmax_scale
+                      return_lse=return_lse, cache_seqlens=cache_seqlens)
+    g, lens, scale, table = call.group, call.lens, call.softmax_scale, call.seqlens
     p, me, lq = g.size, g.rank, q.shape[1]
+    if table is not None:  # each shard travels as its longest row's prefix
+        lens = [max(rows, default=0) for rows in table]
+        k, v = k[:, :lens[me]], v[:, :lens[me]]
 
     def attend(kk, vv, src):
-        return local_attention(q, kk, vv, softmax_scale=scale,
-                               right=shard_right(lens, src, lq, call.causal),
+        if table is None:
+            return local_attention(q, kk, vv, softmax_scale=scale,
+                                   right=shard_right(lens, src, lq, call.causal),
+                                   backend=call.backend)
+        return local_attention(q, kk, vv, softmax_scale=scale, seqlens=table[src],
+                               right=row_rights(table, src, lq, call.causal),
                                backend=call.backend)
 
     if p == 1:

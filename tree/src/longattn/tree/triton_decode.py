@@ -15,6 +15,9 @@ its slow twin is
 
 Reads K and V in their BSHD layout (any strides with a unit last stride): no copies. Window
 ``(-1, right)`` bottom-right aligned, as :func:`longattn.tree.local.local_attention` needs.
+Per-row lengths (``seqlens``, with per-row ``rights``): each program reads its row's valid
+length and window, so rows of different lengths share one launch and the splits past a row's
+length run no key block.
 Runs on CPU under ``TRITON_INTERPRET=1`` (set before triton is imported), which the tests use.
 """
 
@@ -62,11 +65,12 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        Q, K, V, ACC, M, L,
+        Q, K, V, ACC, M, L, SEQ, RGT,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh,
         S, LQ, HKV, scale, right, split_len,
         G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         D: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+        PER_ROW: tl.constexpr = False,
     ):
         sid = tl.program_id(0)
         bh = tl.program_id(1)
@@ -80,14 +84,21 @@ if triton is not None:
         dd = tl.arange(0, D)
         q_ptr = Q + b * sqb + t[:, None] * sqt + (h * G + g)[:, None] * sqh + dd[None, :]
         q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
-        # row t sees key j iff j <= t + S - LQ + right (right < 0: unbounded)
-        lim = t + S - LQ + right
-        lim = tl.where(right < 0, S, lim)
+        if PER_ROW:  # this batch row's valid length and window (int32 [B] each)
+            s_len = tl.load(SEQ + b)
+            r_win = tl.load(RGT + b)
+        else:
+            s_len = S
+            r_win = right
+        # row t sees key j iff j <= t + S - LQ + right (right < 0: unbounded), S and right
+        # this batch row's with PER_ROW
+        lim = t + s_len - LQ + r_win
+        lim = tl.where(r_win < 0, s_len, lim)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         lo = sid * split_len
-        hi = tl.minimum(lo + split_len, S)
+        hi = tl.minimum(lo + split_len, s_len)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
         for start in range(lo, hi, BLOCK_N):
@@ -139,10 +150,14 @@ def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=No
 
 
 def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
-           num_warps: int = 4, num_stages: int = 3, splits=None):
+           num_warps: int = 4, num_stages: int = 3, splits=None, seqlens=None, rights=None):
     """``(out, lse)`` of ``q [B, Lq, Hq, D]`` over ``k, v [B, S, Hkv, D]`` (S >= 1) with the
     window ``(-1, right)``; ``out`` float32 ``[B, Lq, Hq, D]``, ``lse [B, Hq, Lq]`` in
     ``lse_dtype(q.dtype)`` (float32 for fp16 / bf16, float64 for float32).
+
+    ``seqlens`` (``B`` ints or an int tensor, each in ``[0, S]``): row ``b`` holds its first
+    ``seqlens[b]`` keys, with the window ``(-1, rights[b])`` (``rights`` the same form; None:
+    ``right`` for every row). A row with no visible key gives ``out = 0``, ``lse = -inf``.
     """
     b, lq, hq, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
@@ -155,15 +170,25 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
     m = torch.empty(b * hkv, n_splits, block_m, dtype=torch.float32, device=q.device)
     l_ = torch.empty_like(m)
     kw = {} if q.device.type != "cuda" else dict(num_warps=num_warps, num_stages=num_stages)
+    per_row = seqlens is not None
+    if per_row:
+        seq_t = torch.as_tensor(seqlens, dtype=torch.int32, device=q.device)
+        rgt_t = torch.as_tensor([right] * b if rights is None else rights, dtype=torch.int32,
+                                device=q.device)
+        if seq_t.shape != (b,) or rgt_t.shape != (b,):
+            raise ValueError(f"seqlens and rights must hold {b} entries (one per batch row), "
+                             f"got shapes {tuple(seq_t.shape)}, {tuple(rgt_t.shape)}")
+    else:  # unread placeholders
+        seq_t = rgt_t = m
     _split_kernel[(n_splits, b * hkv)](
-        q, k, v, acc, m, l_,
+        q, k, v, acc, m, l_, seq_t, rgt_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         s_len, lq, hkv, float(softmax_scale), int(right), split_len,
         G=g, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, D=d, SPLITS=n_splits,
         # float32 inputs need IEEE dots (not TF32); the CPU interpreter's low-precision
         # tl.dot is broken (triton 3.x), so there every dot runs in float32 as well
-        IEEE=q.dtype == torch.float32 or q.device.type != "cuda", **kw,
+        IEEE=q.dtype == torch.float32 or q.device.type != "cuda", PER_ROW=per_row, **kw,
     )
     # the per-split maxima are float32 scores (exact in float64); the epilogue's statistics
     # (and so the lse) are in lse_dtype: float64 for float32 inputs, float32 (as before) else
