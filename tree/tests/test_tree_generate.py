@@ -1,4 +1,5 @@
-"""KV-cache helper and an end-to-end generation loop on a CPU world."""
+"""The sharded KV cache (balanced-block placement, positions, ``attend``) and an end-to-end
+generation loop on a CPU world."""
 
 from __future__ import annotations
 
@@ -78,7 +79,9 @@ def _generate_world(rank, world, model, prompt, steps, capacity, method, chunk):
         if i == 0:
             placements.append(c.placement(k.shape[1]))
         c.append(k, v)
-        return fn(q, c.local_k, c.local_v, group=world_group, shard_lens=list(c.lens))
+        if q.shape[1] == 1:  # one new token sees every cached key: any placement
+            return fn(q, c.local_k, c.local_v, group=world_group, shard_lens=list(c.lens))
+        return c.attend(q)  # a causal mask among new tokens reads the keys' positions
 
     logits = [forward(model, prompt, 0, attend)[:, -1]]
     toks = [logits[-1].argmax(-1)]
@@ -117,14 +120,11 @@ def test_generation_equals_single_process(world, capacity, method):
         assert rel_error(verify, want) <= 1e-10
     lens = res[0][2]
     assert sum(lens) == prompt.shape[1] + steps - 1  # the last token is not yet appended
+    assert max(lens) - min(lens) <= 1  # balanced: block 1
     if capacity is not None:
-        # the tail moved through the ranks: filled ranks in order, then the tail, then empty
         assert all(n <= capacity for n in lens)
-        live = [r for r, n in enumerate(lens) if n]
-        assert all(lens[r] == capacity for r in live[:-1])
-        assert len(live) > 1
-        # the prefill spilled over ranks (Lq > 1 new tokens spanning two shards)
-        assert len(res[0][3][0]) > 1
+    if world > 1:  # the prefill (Lq > 1 new tokens) spread over every rank
+        assert sorted({r for r, _, _ in res[0][3][0]}) == list(range(world))
 
 
 def generate_logits_all(model, seq):
@@ -139,18 +139,23 @@ def generate_logits_all(model, seq):
 def test_cache_placement_and_errors():
     from longattn.tree import KVCache
 
-    c = KVCache(torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2), [3, 1, 0], 1, 3)
-    assert c.tail_rank() == 1
-    assert c.placement(4) == [(1, 0, 2), (2, 2, 2)]
-    c.append(torch.ones(1, 4, 1, 2), torch.ones(1, 4, 1, 2))
-    assert c.lens == [3, 3, 2] and c.local_k.shape == (1, 3, 1, 2)
-    assert torch.equal(c.local_k[:, 1:], torch.ones(1, 2, 1, 2))
+    # rank 1 of 3, capacity 3, blocks of 2 tokens; rank 0 holds positions 0-2, rank 1 position 3
+    c = KVCache(torch.zeros(1, 3, 1, 2), torch.zeros(1, 3, 1, 2), [3, 1, 0], 1, 3, block=2)
+    assert c.local_positions.tolist() == [3]
+    assert c.tail_rank() == 2  # position 4 starts a block: the shortest rank takes it
+    # block 4-5: rank 2 (the shortest), block 6-7: rank 1 (now the shortest with room)
+    assert c.placement(4) == [(2, 0, 2), (1, 2, 2)]
+    c.append(torch.arange(4.0).view(1, 4, 1, 1).expand(1, 4, 1, 2),
+             torch.ones(1, 4, 1, 2))
+    assert c.lens == [3, 3, 2] and c.local_k.shape == (1, 3, 1, 2) and c.tail == 1
+    assert c.local_positions.tolist() == [3, 6, 7] and c.local_k[0, 1, 0, 0] == 2.0
+    assert c.placement(1) == [(2, 0, 1)]  # rank 2 has the last free slot
     with pytest.raises(ValueError, match="full"):
         c.append(torch.ones(1, 2, 1, 2), torch.ones(1, 2, 1, 2))
     with pytest.raises(ValueError, match="k_new"):
         c.append(torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 2))
     # v_new is checked as strictly as k_new, and nothing is written or counted on a failure
-    before = (c.k.clone(), c.v.clone(), list(c.lens))
+    before = (c.k.clone(), c.v.clone(), list(c.lens), c.local_positions.clone())
     for bad_v, cls, word in ((torch.ones(1, 1, 1, 3), ValueError, "v_new"),
                              (torch.ones(1, 1, 1, 2, dtype=torch.float64), TypeError, "v_new"),
                              (torch.ones(1, 2, 1, 2), ValueError, "same number"),
@@ -158,9 +163,76 @@ def test_cache_placement_and_errors():
         with pytest.raises(cls, match=word):
             c.append(torch.ones(1, 1, 1, 2), bad_v)
         assert torch.equal(c.k, before[0]) and torch.equal(c.v, before[1])
-        assert c.lens == before[2]
+        assert c.lens == before[2] and torch.equal(c.local_positions, before[3])
     with pytest.raises(TypeError, match="k_new dtype"):
         c.append(torch.ones(1, 1, 1, 2, dtype=torch.float16), torch.ones(1, 1, 1, 2))
     g = KVCache(torch.zeros(1, 0, 1, 2), torch.zeros(1, 0, 1, 2), [0, 0], 0, None)
-    g.append(torch.ones(1, 5, 1, 2), torch.ones(1, 5, 1, 2))
-    assert g.lens == [5, 0] and g.local_k.shape == (1, 5, 1, 2)
+    g.append(torch.ones(1, 5, 1, 2), torch.ones(1, 5, 1, 2))  # block 1: round robin
+    assert g.lens == [3, 2] and g.local_positions.tolist() == [0, 2, 4]
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="block"):
+            KVCache(torch.zeros(1, 0, 1, 2), torch.zeros(1, 0, 1, 2), [0], 0, block=bad)
+
+
+BLOCK = 3
+
+
+def test_balanced_placement_after_1000_appends_on_4_ranks():
+    """The four ranks' caches of a 4-rank world, side by side in one process (``LOCAL``: each
+    computes the placement alone, as every rank does after the agreement): 1,000 single-token
+    appends with blocks of 3; after every one each rank's length is within one block of the
+    others', and at the end every token is on exactly one rank, under its position."""
+    from longattn.tree import KVCache
+
+    caches = [KVCache(torch.zeros(1, 0, 1, 1), torch.zeros(1, 0, 1, 1), [0] * 4, r,
+                      block=BLOCK) for r in range(4)]
+    for p in range(1000):
+        t = torch.full((1, 1, 1, 1), float(p))
+        for c in caches:
+            c.append(t, t)
+        lens = caches[0].lens
+        assert max(lens) - min(lens) <= BLOCK, (p, lens)
+        assert all(c.lens == lens for c in caches)
+    assert sum(caches[0].lens) == 1000
+    assert sorted(p for c in caches for p in c.local_positions.tolist()) == list(range(1000))
+    for c in caches:
+        assert torch.equal(c.local_k.flatten(), c.local_positions.float())
+
+
+def _attend_world(rank, world):
+    """40 appends (a 21-token prefill, then single tokens) with blocks of 3 on a real world;
+    then the exact attention of the 3 newest tokens, causal, with and without a sliding window,
+    against dense float64 attention over the cache rebuilt from the same draws."""
+    import torch.distributed as dist
+
+    from longattn.common.kernels import attention_forward
+    from longattn.tree import empty_cache
+
+    cache = empty_cache(1, 2, 4, block=BLOCK, group=dist.group.WORLD, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)  # the same draws on every rank
+    keys, values = [], []
+    for n in [21] + [1] * 19:
+        k, v = (torch.randn(1, n, 2, 4, generator=g, dtype=torch.float64) for _ in range(2))
+        keys.append(k)
+        values.append(v)
+        cache.append(k, v)
+    k_all, v_all = torch.cat(keys, 1), torch.cat(values, 1)
+    stored_right = torch.equal(cache.local_k, k_all[:, cache.local_positions])
+    q = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64)
+    errs = []
+    for left in (-1, 7):
+        got = cache.attend(q, window_size=(left, 0))
+        want, _ = attention_forward(q, k_all, v_all, causal=True, window_size=(left, 0),
+                                    backend="torch")
+        errs.append(rel_error(got, want))
+    return list(cache.lens), stored_right, errs, got
+
+
+def test_attend_reads_positions_on_4_ranks():
+    res = run_world(4, _attend_world, timeout=240)
+    lens = res[0][0]
+    assert sum(lens) == 40 and max(lens) - min(lens) <= BLOCK, lens
+    for lens_r, stored_right, errs, out in res:
+        assert lens_r == lens and stored_right
+        assert max(errs) <= 1e-12, errs
+        assert torch.equal(out, res[0][3])  # identical on every rank

@@ -2,29 +2,30 @@
 
     cp = torch.distributed.group.WORLD                    # the context-parallel group
     cache = ShardedCache(group=cp, layout=lay)            # lay: the prefill's layout
-    out = model(**shard_inputs(prompt, group=cp, layout=lay), past_key_values=cache,
-                use_cache=True)
-    ... logits of the last prompt token: unshard(out.logits, group=cp, layout=lay)[:, -1] ...
-    out = model(input_ids=next_ids, past_key_values=cache, use_cache=True)   # replicated
+    out = model(**shard_inputs(prompt, group=cp, layout=lay), cache=cache, use_cache=True)
+    out = model(input_ids=next_ids, cache=cache, use_cache=True)   # replicated new tokens
+
+(:func:`longattn.integrations.transformers.generate` runs ``model.generate`` this way.)
 
 Each layer's keys and values live in a :class:`longattn.tree.cache.KVCache` (tree's
-sequence-sharded cache, the one home of its storage rules), wrapped as a transformers cache
-layer:
+sequence-sharded cache, the one home of its storage and placement rules), wrapped as a
+transformers cache layer:
 
 * The first call (the prefill) stores each rank's shard of the prompt: rank ``r`` keeps the
   keys/values of the tokens ``layout.positions(S, r, n, layout)`` (``KVCache.lens`` is
-  ``[S/n] * n``).
+  ``[S/n] * n``). With ``sharded_prefill=False`` the first call is replicated like the later
+  ones.
 * Every later call brings new tokens that are the same on every rank (decoding):
-  ``KVCache.append`` stores them on the rank owning the sequence tail (the last rank), so the
-  global cache is the union of the shards with no duplicates, and the new tokens are the last
-  keys of the last rank's shard -- :func:`tree_decode`'s contract.
+  ``KVCache.append``'s balanced-block placement spreads them over the ranks (every rank's
+  length stays within ``block`` tokens of every other's), and every rank records the global
+  position of each key it keeps.
 * ``get_seq_length()`` is the *global* length (``KVCache.seq_len``), so the model's default
-  ``position_ids`` for the new tokens are their global positions.
+  ``position_ids`` for the new tokens are their global positions (RoPE).
 
 The returned key tensor carries a small record (``_longattn_state``: decoding or not, the
 global positions of this rank's cached keys and of the new tokens, every rank's cached length,
-the group) that the attention function reads: ``tree_decode`` gets ``shard_lens`` from it, and
-sliding-window layers select each new token's window from the positions.
+the group) that the attention function reads: :func:`longattn.tree.cache.attend` selects each
+new token's keys (causal among the new tokens, sliding windows) from the positions.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from longattn.common import checks
 from longattn.common import layout as _layout
 from longattn.common.dist import Group, agree, resolve_group
 from longattn.tree.cache import KVCache, check_new_tokens
@@ -55,11 +57,12 @@ class ShardedLayer(DynamicLayer):
 
     is_croppable = False
 
-    def __init__(self, g: Group, layout: str, group=None):
+    def __init__(self, g: Group, layout: str, group=None, block: int = 1,
+                 sharded_prefill: bool = True):
         super().__init__()
         self.g, self.layout, self.group = g, layout, group
+        self.block, self.sharded_prefill = block, sharded_prefill
         self.kv: KVCache | None = None
-        self.positions: torch.Tensor | None = None  # global positions of the local keys
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Store this call's keys/values ``[B, Hkv, S, D]``; returns this rank's cached keys and
@@ -67,31 +70,46 @@ class ShardedLayer(DynamicLayer):
 
         Checked on every rank before any rank writes (:func:`longattn.common.dist.agree`, one
         small all-gather): 4-D tensors, the cache's batch / heads / head dim / dtype when
-        decoding, and the same shapes, dtype, device type and phase (prefill or decoding) on
-        every rank; a bad call on any rank raises the same error on every rank and leaves every
-        rank's cache as it was."""
-        agree("ShardedCache.update", self.g, lambda: self._check(key_states, value_states))
+        decoding, and the same shapes, dtype, device type, phase (prefill or decoding) and
+        cache lengths on every rank; a bad call on any rank raises the same error on every
+        rank and leaves every rank's cache as it was."""
+        where, _ = agree("ShardedCache.update", self.g,
+                         lambda: self._check(key_states, value_states))
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         k, v = key_states.transpose(1, 2), value_states.transpose(1, 2)  # BSHD
         n, rank, length = self.g.size, self.g.rank, k.shape[1]
-        if self.kv is None:  # the prefill: every rank stores its shard
-            self.kv = KVCache(k.contiguous(), v.contiguous(), [length] * n, rank)
-            self.positions = _layout.positions(length * n, rank, n, self.layout)
-            new, decoding = self.positions, False
-        else:  # decoding: the same new tokens on every rank; the tail rank keeps them
+        if where is None:  # the prefill: every rank stores its shard
+            pos = _layout.positions(length * n, rank, n, self.layout)
+            self.kv = KVCache(k.contiguous(), v.contiguous(), [length] * n, rank,
+                              block=self.block, positions=pos)
+            new, decoding = pos, False
+        else:  # decoding: the same new tokens on every rank, placed in balanced blocks
+            if self.kv is None:  # a replicated first call
+                self.kv = self._empty(key_states, value_states)
             start = self.kv.seq_len
             new = torch.arange(start, start + length)
-            mine = [new[s:s + c] for r, s, c in self.kv.placement(length) if r == rank]
-            self.kv.append(k, v)
-            self.positions = torch.cat([self.positions, *mine])
+            self.kv.place(k, v, where)  # checked and agreed above
             decoding = True
         self.keys = self.kv.local_k.transpose(1, 2)
         self.values = self.kv.local_v.transpose(1, 2)
         keys = self.keys.view_as(self.keys)  # a fresh tensor object to carry this call's state
-        keys._longattn_state = CacheState(decoding, self.positions, new, list(self.kv.lens),
-                                          self.group)
+        keys._longattn_state = CacheState(decoding, self.kv.local_positions, new,
+                                          list(self.kv.lens), self.group)
         return keys, self.values
+
+    @property
+    def positions(self):
+        """Global positions of this rank's cached keys (int64, CPU), or None before the
+        first call."""
+        return None if self.kv is None else self.kv.local_positions
+
+    def _empty(self, key_states, value_states):
+        """An empty KVCache for tokens like ``key_states`` / ``value_states`` (BHSD)."""
+        b, h, _, d = key_states.shape
+        return KVCache(key_states.new_empty((b, 0, h, d)),
+                       value_states.new_empty((b, 0, h, value_states.shape[3])),
+                       [0] * self.g.size, self.g.rank, block=self.block)
 
     def _check(self, key_states, value_states):
         for name, t in (("key_states", key_states), ("value_states", value_states)):
@@ -106,18 +124,24 @@ class ShardedLayer(DynamicLayer):
         if value_states.dtype != key_states.dtype:
             raise TypeError(f"value_states dtype {value_states.dtype} must be key_states' "
                             f"{key_states.dtype}")
-        decoding = self.kv is not None
-        if decoding:
+        decoding = self.kv is not None or not self.sharded_prefill
+        where = None
+        if self.kv is not None:
             for name, t, buf in (("key_states", key_states, self.kv.k),
                                  ("value_states", value_states, self.kv.v)):
                 check_new_tokens(name, t, buf, seq_dim=2)
+            where = self.kv.placement(key_states.shape[2])
+        elif decoding:  # a replicated first call: placed as in an empty cache
+            where = self._empty(key_states, value_states).placement(key_states.shape[2])
         elif self.g.distributed:
             _layout.positions(key_states.shape[2] * self.g.size, self.g.rank, self.g.size,
                               self.layout)  # the prefill's shards must split in the layout
-        return None, {"decoding": decoding, "key_states.shape": tuple(key_states.shape),
-                      "value_states.shape": tuple(value_states.shape),
-                      "dtype": key_states.dtype, "device type": key_states.device.type,
-                      "layout": self.layout}
+        lens = "" if self.kv is None else ",".join(map(str, self.kv.lens))
+        return where, {"decoding": decoding, "key_states.shape": tuple(key_states.shape),
+                       "value_states.shape": tuple(value_states.shape),
+                       "dtype": key_states.dtype, "device type": key_states.device.type,
+                       "layout": self.layout, "lens": lens,
+                       "tail": -1 if self.kv is None or self.kv.tail is None else self.kv.tail}
 
     def get_seq_length(self) -> int:
         """Global number of cached tokens (all ranks together)."""
@@ -147,22 +171,33 @@ class ShardedCache(DynamicCache):
     Args:
         group: the context-parallel group: a ``ProcessGroup``, a 1-D ``DeviceMesh``,
             ``LOCAL`` or None (this process alone; an error in a world of several ranks).
-        layout: the layout of the prefill's shards (``shard_inputs``' ``layout``), the same on
-            every rank (checked on every rank: one small all-gather).
+        layout: the layout of the prefill's shards (``shard_inputs``' ``layout``).
+        block: tokens per placement block of the decoded tokens (``KVCache.block``).
+        sharded_prefill: True: the first call brings this rank's shard of the prompt; False:
+            every call, the first included, brings replicated new tokens.
+
+    ``layout``, ``block`` and ``sharded_prefill`` must be the same on every rank (checked on
+    every rank: one small all-gather).
     """
 
-    def __init__(self, *, group=None, layout: str = "zigzag"):
+    def __init__(self, *, group=None, layout: str = "zigzag", block: int = 1,
+                 sharded_prefill: bool = True):
         g = resolve_group(group)
 
         def check():
             if not isinstance(layout, str) or layout not in _layout.LAYOUTS:
                 raise ValueError(f"layout must be one of {_layout.LAYOUTS}, got {layout!r}")
-            return None, {"layout": layout}
+            if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+                raise ValueError(f"block must be a positive int, got {block!r}")
+            checks.check_bool("sharded_prefill", sharded_prefill)
+            return None, {"layout": layout, "block": block, "sharded_prefill": sharded_prefill}
 
-        agree("ShardedCache", g, check)  # the same layout on every rank, checked everywhere
+        agree("ShardedCache", g, check)  # the same settings on every rank, checked everywhere
         super().__init__()
         self.group, self.layout, self.n, self.rank = group, layout, g.size, g.rank
-        self.layer_class_to_replicate = lambda: ShardedLayer(g, layout, group)
+        self.block = block
+        self.layer_class_to_replicate = lambda: ShardedLayer(g, layout, group, block,
+                                                             sharded_prefill)
 
     def kv_cache(self, layer_idx: int) -> KVCache:
         """The :class:`~longattn.tree.cache.KVCache` of layer ``layer_idx``."""

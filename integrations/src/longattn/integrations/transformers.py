@@ -17,7 +17,9 @@ one longattn method over the ranks of the process group:
   query's own): :func:`longattn.ring_swa.ring_swa_attn` with ``window_size=(W-1, 0)`` in the
   contiguous layout;
 * decoding with a :class:`~longattn.integrations.cache.ShardedCache` (new tokens replicated,
-  KV cache sharded): :func:`longattn.tree.tree_decode`.
+  KV cache sharded): :func:`longattn.tree.tree_decode` (through
+  :func:`longattn.tree.cache.attend`, which reads the cached keys' positions);
+  :func:`generate` runs ``model.generate`` that way: the same tokens on every rank.
 
 A model keeps one layout for its hidden states (:func:`layout_for`: ``contiguous`` when it has
 sliding-window layers, else ``zigzag``); a layer whose method wants the other layout moves
@@ -60,6 +62,7 @@ import torch
 from longattn.common import checks
 from longattn.common import layout as _layout
 from longattn.common.dist import LOCAL, agree, resolve_group
+from longattn.integrations.generate import generate
 from longattn.integrations.relayout import moved, moved_between
 from longattn.integrations.training import (
     ShardedBatch,
@@ -75,7 +78,7 @@ NAME = "longattn_cp"
 
 __all__ = [
     "NAME", "register", "attention", "layout_for", "shard_inputs", "unshard", "reduce_loss",
-    "all_reduce_grads", "ShardedBatch",
+    "all_reduce_grads", "ShardedBatch", "generate",
 ]
 
 _UNSUPPORTED = ("softcap", "s_aux", "position_bias")
@@ -110,6 +113,7 @@ def register(name: str = NAME, *, backend: str = "auto") -> str:
         kwargs.setdefault("backend", backend)
         return attention(module, query, key, value, attention_mask, **kwargs)
 
+    attention_with_backend._longattn = True  # generate() checks a model uses longattn
     AttentionInterface.register(name, attention if backend == "auto" else attention_with_backend)
     AttentionMaskInterface.register(name, _mask)
     LOSS_MAPPING["ForCausalLM"] = causal_lm_loss(LOSS_MAPPING["ForCausalLM"])
@@ -169,6 +173,9 @@ def attention(module, query, key, value, attention_mask=None, dropout=0.0, scali
     return out, None
 
 
+attention._longattn = True  # generate() checks a model uses longattn
+
+
 def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_window, is_causal,
                 backend, state, kwargs, g):
     """This rank's checks (run inside ``agree``). Returns ``((causal, window, layout),
@@ -213,7 +220,7 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
         if key.shape[2] != query.shape[2]:
             raise ValueError(
                 f"key length {key.shape[2]} != query length {query.shape[2]}: for decoding with "
-                "a KV cache pass past_key_values=longattn.integrations.cache.ShardedCache(...)")
+                "a KV cache pass cache=longattn.integrations.cache.ShardedCache(...)")
         pos = kwargs.get("position_ids")
         lay = (_layout_of(pos, query.shape[2], g) if info is None
                else _layout_of_batch(info, pos, query.shape[2]))
@@ -356,28 +363,21 @@ def _local(q, k, v, causal, window, scale, backend):
 
 
 def _decode(q, k, v, state, causal, window, scale, g, backend):
-    """New tokens (replicated) against the sharded KV cache: one tree reduction per call.
+    """New tokens (replicated) against the sharded KV cache: tree reductions over the ranks.
 
-    ``state.positions`` are the global positions of this rank's cached keys (the new tokens
-    sit at the end of the tail rank's shard), ``state.query_positions`` those of the queries.
+    ``state.positions`` are the global positions of this rank's cached keys (placed in
+    balanced blocks, so not contiguous), ``state.query_positions`` those of the queries;
+    :func:`longattn.tree.cache.attend` selects each token's keys from them when a causal mask
+    among several new tokens or a sliding window needs it.
     """
     if not g.distributed:
         return _local(q, k, v, causal, window, scale, backend)
-    from longattn.tree import tree_decode
+    from longattn.tree.cache import attend
 
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if window is None:
-        return tree_decode(q, k, v, group=g.pg, softmax_scale=scale, causal=causal,
-                           shard_lens=list(state.lens), backend=backend)
-    # Sliding window: each new token sees its own key range; select it on every rank.
-    outs = []
-    for t, p in enumerate(state.query_positions.tolist()):
-        sel = ((state.positions >= p - window) & (state.positions <= p)).nonzero()[:, 0]
-        sel = sel.to(k.device)
-        outs.append(tree_decode(q[:, t:t + 1], k.index_select(1, sel), v.index_select(1, sel),
-                                group=g.pg, softmax_scale=scale, causal=False,
-                                backend=backend))
-    return torch.cat(outs, dim=1)
+    return attend(q.contiguous(), k.contiguous(), v.contiguous(), positions=state.positions,
+                  query_positions=state.query_positions, lens=state.lens, group=g.pg,
+                  softmax_scale=scale, causal=causal,
+                  window_size=(-1, -1) if window is None else (window, 0), backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------

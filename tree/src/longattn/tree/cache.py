@@ -1,14 +1,23 @@
 """A sequence-sharded KV cache for distributed decoding (one per attention layer per rank).
 
-The one sharded-cache home of longattn: the global cache is the concatenation of the ranks'
-shards in group-rank order (the layout :func:`~longattn.tree.tree_decode` assumes). Every rank
-keeps every rank's filled length in ``lens``, so decode calls pass ``shard_lens=cache.lens``
-(checked inside the call's argument agreement).
+The one sharded-cache home of longattn (the transformers ``ShardedCache`` stores each of its
+layers in one). Every rank keeps every rank's filled length in ``lens`` and the global
+position of each of its own keys in ``local_positions``.
 
-New tokens go to the rank owning the sequence tail: the last rank holding any token (rank 0
-while the cache is empty). With a per-rank ``capacity``, tokens that do not fit spill onto the
-following ranks in order, so the tail moves through the ranks as the sequence grows and the
-shards stay contiguous; without one the tail rank's buffer grows.
+**Placement: balanced blocks.** The global positions are cut into blocks of ``block`` tokens
+(``p // block``); each block goes whole to one rank, the rank holding the fewest tokens when
+the block starts (the lowest such rank on a tie; with a per-rank ``capacity``, among the ranks
+with room). Started balanced (empty, or a prefill split evenly), every rank's length stays
+within ``block`` tokens of every other's, however long the sequence grows: the decode work and
+the memory of every rank grow together. The rule reads only ``lens``, ``block``, ``capacity``
+and the rank of the last token (``tail``), which every rank has, so every rank computes the
+same placement without communication.
+
+The shards are therefore *not* contiguous pieces of the sequence in group-rank order (the
+layout :func:`~longattn.tree.tree_decode`'s ``causal`` mask assumes): attend with
+:meth:`KVCache.attend` (or :func:`attend`), which reads the keys' positions, so causal
+masks among several new tokens and sliding windows stay exact. A single new token sees every
+cached key, so it is one :func:`~longattn.tree.tree_decode` call either way.
 
 ``append`` takes the new tokens' keys and values *on every rank*: in tree decoding the
 attention output is replicated, so every rank computes the same next hidden states and the same
@@ -17,14 +26,15 @@ new keys / values; each rank stores only the part that lands on it. Its checks r
 argument on any one rank (a wrong shape, dtype, device, a non-float tensor, a cache out of step)
 raises the same error on every rank, before anything is written or any length changes.
 
-Public API (stable): the fields ``k``, ``v``, ``lens``, ``rank``, ``capacity``, ``group``; the
-properties ``local_k``, ``local_v``, ``seq_len``; the methods ``tail_rank()``,
-``placement(n)``, ``append(k_new, v_new)``; and :func:`empty_cache`.
+Public API (stable): the fields ``k``, ``v``, ``lens``, ``rank``, ``capacity``, ``group``,
+``block``, ``tail``; the properties ``local_k``, ``local_v``, ``local_positions``,
+``seq_len``; the methods ``tail_rank()``, ``placement(n)``, ``append(k_new, v_new)``,
+``attend(q, ...)``; and the functions :func:`empty_cache`, :func:`attend`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
@@ -42,11 +52,17 @@ class KVCache:
             positions are filled.
         lens: every rank's filled length (group-rank order), the same list on every rank.
         rank: this process's rank in the group.
-        capacity: tokens per rank, or None (the tail rank's buffer grows).
+        capacity: tokens per rank, or None (the buffers grow).
         group: the ranks that append together (``len(lens)`` of them; a ``ProcessGroup``, a
             1-D ``DeviceMesh`` or ``longattn.common.dist.LOCAL``): :meth:`append` agrees on its
             arguments over it. :func:`empty_cache` sets it; a cache built by hand defaults to
             ``LOCAL`` (each rank checks its own arguments, no agreement).
+        block: tokens per placement block (a positive int; see the module docstring).
+        positions: (init only; then :attr:`local_positions`) ``[lens[rank]]`` int64 global
+            positions of this rank's filled keys, or None:
+            the filled keys are contiguous pieces in group-rank order (rank ``r`` holds
+            ``lens[0] + ... + lens[r-1]`` onwards), e.g. a prefill split that way.
+        tail: the rank holding the last token, or None (the next token starts a block).
     """
 
     k: torch.Tensor
@@ -55,6 +71,20 @@ class KVCache:
     rank: int
     capacity: int | None = None
     group: Any = field(default=dist.LOCAL, repr=False, compare=False)
+    block: int = 1
+    positions: InitVar[torch.Tensor | None] = None
+    tail: int | None = None
+
+    def __post_init__(self, positions):
+        _check_block(self.block)
+        n = self.lens[self.rank]
+        if positions is None:
+            off = sum(self.lens[:self.rank])
+            positions = torch.arange(off, off + n)
+        elif tuple(positions.shape) != (n,):
+            raise ValueError(f"positions must hold lens[rank] = {n} positions, got "
+                             f"{tuple(positions.shape)}")
+        self._pos = positions.to(torch.int64).cpu().clone()
 
     @property
     def local_k(self) -> torch.Tensor:
@@ -67,39 +97,47 @@ class KVCache:
         return self.v[:, : self.lens[self.rank]]
 
     @property
+    def local_positions(self) -> torch.Tensor:
+        """``[lens[rank]]`` int64 (CPU) global positions of this rank's filled keys."""
+        return self._pos[: self.lens[self.rank]]
+
+    @property
     def seq_len(self) -> int:
         """Tokens in the whole (global) cache."""
         return sum(self.lens)
 
     def tail_rank(self) -> int:
-        """The rank the next token goes to."""
-        live = [r for r, n in enumerate(self.lens) if n]
-        t = live[-1] if live else 0
-        if self.capacity is not None and self.lens[t] >= self.capacity:
-            t += 1
-        return t
+        """The rank the next token goes to (``ValueError`` if the cache is full)."""
+        return self.placement(1)[0][0]
 
     def placement(self, n: int) -> list:
-        """``[(rank, start_in_new, count)]``: where ``n`` new tokens go. Raises ``ValueError``
-        if they do not fit (``len(lens)`` ranks of ``capacity`` tokens)."""
-        t, done, out = self.tail_rank(), 0, []
+        """``[(rank, start_in_new, count)]``: where ``n`` new tokens go (balanced blocks, see
+        the module docstring). Raises ``ValueError`` if they do not fit (``capacity``)."""
+        lens, tail, p, out, done = list(self.lens), self.tail, self.seq_len, [], 0
+        cap, block = self.capacity, self.block
         while done < n:
-            if t >= len(self.lens):
-                raise ValueError(f"KV cache full: {self.seq_len} + {n} tokens exceed "
-                                 f"{len(self.lens)} ranks x capacity {self.capacity}")
-            room = n - done if self.capacity is None else self.capacity - self.lens[t]
-            take = min(room, n - done)
-            if take > 0:
-                out.append((t, done, take))
-                done += take
-            t += 1
+            if tail is None or p % block == 0 or (cap is not None and lens[tail] >= cap):
+                room = [r for r, m in enumerate(lens) if cap is None or m < cap]
+                if not room:
+                    raise ValueError(f"KV cache full: {self.seq_len} + {n} tokens exceed "
+                                     f"{len(lens)} ranks x capacity {cap}")
+                tail = min(room, key=lambda r: (lens[r], r))
+            take = min(n - done, block - p % block, n if cap is None else cap - lens[tail])
+            if out and out[-1][0] == tail:  # the same rank continues: one run
+                out[-1] = (tail, out[-1][1], out[-1][2] + take)
+            else:
+                out.append((tail, done, take))
+            lens[tail] += take
+            done += take
+            p += take
         return out
 
     def append(self, k_new: torch.Tensor, v_new: torch.Tensor) -> None:
-        """Add ``k_new, v_new [B, n, Hkv, D]`` (the same on every rank) at the global tail.
-        Both must be floating-point tensors matching the cache's batch, heads, head dim, dtype
-        and device. Every check (and the placement) runs inside one agreement over ``group``
-        before anything is written: a bad argument on any rank raises the same
+        """Add ``k_new, v_new [B, n, Hkv, D]`` (the same on every rank) at the global
+        positions ``seq_len .. seq_len + n - 1``, each token on the rank :meth:`placement`
+        gives. Both must be floating-point tensors matching the cache's batch, heads, head dim,
+        dtype and device. Every check (and the placement) runs inside one agreement over
+        ``group`` before anything is written: a bad argument on any rank raises the same
         ``ValueError`` / ``TypeError`` on every rank, and no rank writes or counts a token."""
         g = dist.resolve_group(self.group)
 
@@ -107,16 +145,43 @@ class KVCache:
             return self._check_append(k_new, v_new, g), {
                 "k_new.shape": tuple(k_new.shape), "v_new.shape": tuple(v_new.shape),
                 "dtype": k_new.dtype, "device type": k_new.device.type,
-                "capacity": self.capacity,
+                "capacity": self.capacity, "block": self.block,
+                "tail": -1 if self.tail is None else self.tail,
                 # one word whatever the world size: the lengths agree iff their text does
                 "lens": ",".join(map(str, self.lens)),
             }
 
         where, _ = dist.agree("KVCache.append", g, check)
+        self.place(k_new, v_new, where)
+
+    def place(self, k_new, v_new, where) -> None:
+        """Store ``k_new, v_new`` where :meth:`placement` said (no checks: :meth:`append`
+        checks and agrees first; the transformers cache agrees on its own call)."""
+        p0 = self.seq_len
         for r, start, count in where:
             if r == self.rank:
-                self._write(k_new[:, start:start + count], v_new[:, start:start + count])
+                self._write(k_new[:, start:start + count], v_new[:, start:start + count],
+                            torch.arange(p0 + start, p0 + start + count))
             self.lens[r] += count
+        if where:
+            self.tail = where[-1][0]
+
+    def attend(self, q, *, softmax_scale=None, causal=True, window_size=(-1, -1),
+               return_lse=False, backend="auto"):
+        """Exact attention of the newest ``Lq`` tokens' queries ``q [B, Lq, Hq, D]`` (the same
+        on every rank; their keys appended already, so they sit at the global positions
+        ``seq_len - Lq ..``) over the whole cache: :func:`attend` with this cache's
+        positions, lengths and group. Returns ``out [B, Lq, Hq, D]`` (and ``lse``), identical on
+        every rank."""
+        if not isinstance(q, torch.Tensor) or q.ndim != 4:
+            raise ValueError(f"q must be a [B, Lq, Hq, D] tensor, got "
+                             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q)}")
+        lq = q.shape[1]
+        return attend(q, self.local_k, self.local_v, positions=self.local_positions,
+                      query_positions=torch.arange(self.seq_len - lq, self.seq_len),
+                      lens=self.lens, group=self.group, softmax_scale=softmax_scale,
+                      causal=causal, window_size=window_size, return_lse=return_lse,
+                      backend=backend)
 
     def _check_append(self, k_new, v_new, g):
         """This rank's checks of :meth:`append`; returns the placement."""
@@ -137,14 +202,78 @@ class KVCache:
                              "hold the same number of new tokens")
         return self.placement(k_new.shape[1])
 
-    def _write(self, k, v):
+    def _write(self, k, v, pos):
         n0, n = self.lens[self.rank], k.shape[1]
         if n0 + n > self.k.shape[1]:  # only without a capacity: grow geometrically
             size = max(n0 + n, 2 * self.k.shape[1], 16)
             self.k = _grow(self.k, size)
             self.v = _grow(self.v, size)
+        if n0 + n > self._pos.shape[0]:
+            new = torch.empty(max(n0 + n, 2 * self._pos.shape[0], 16), dtype=torch.int64)
+            new[:n0] = self._pos[:n0]
+            self._pos = new
         self.k[:, n0:n0 + n] = k
         self.v[:, n0:n0 + n] = v
+        self._pos[n0:n0 + n] = pos
+
+
+def attend(q, k, v, *, positions, query_positions, lens, group, softmax_scale=None,
+           causal=True, window_size=(-1, -1), return_lse=False, backend="auto"):
+    """Exact attention of replicated new tokens over a sharded cache in *any* placement.
+
+    ``q [B, Lq, Hq, D]``: the same on every rank; token ``t`` sits at the global position
+    ``query_positions[t]`` (its own key is in the cache). ``k, v [B, n_r, Hkv, D]``: this
+    rank's keys, at the global positions ``positions [n_r]`` (int64, any order). ``lens``:
+    every rank's ``n_r``. ``window_size=(left, right)``: -1 unbounded; a key at position ``j``
+    is seen by the token at ``p`` if ``p - left <= j`` (``left >= 0``) and, when ``causal``,
+    ``j <= p`` (``right`` must be -1 or 0 then). Returns ``out [B, Lq, Hq, D]`` (and ``lse
+    [B, Hq, Lq]``) identical on every rank.
+
+    With every cached key visible to every token (one token, or no causal mask, and no window)
+    this is one :func:`~longattn.tree.tree_decode` call; otherwise one call per new token on the
+    keys it sees, selected on every rank from their positions (the placement then does not
+    matter)."""
+    from longattn.tree.decode import tree_decode
+
+    left, right = _check_window(window_size, causal)
+    lq = q.shape[1]
+    if left < 0 and right < 0 and (not causal or lq == 1):
+        return tree_decode(q, k, v, group=group, softmax_scale=softmax_scale, causal=False,
+                           shard_lens=list(lens), return_lse=return_lse, backend=backend)
+    outs, lses = [], []
+    pos = positions.to(torch.int64).cpu()
+    for t, p in enumerate(query_positions.tolist()):
+        seen = torch.ones_like(pos, dtype=torch.bool)
+        if left >= 0:
+            seen &= pos >= p - left
+        if causal:
+            seen &= pos <= p
+        elif right >= 0:
+            seen &= pos <= p + right
+        sel = seen.nonzero()[:, 0].to(k.device)
+        res = tree_decode(q[:, t:t + 1], k.index_select(1, sel), v.index_select(1, sel),
+                          group=group, softmax_scale=softmax_scale, causal=False,
+                          return_lse=True, backend=backend)
+        outs.append(res[0])
+        lses.append(res[1])
+    out = torch.cat(outs, dim=1)
+    return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
+def _check_window(window_size, causal):
+    if (not isinstance(window_size, tuple) or len(window_size) != 2 or any(
+            isinstance(x, bool) or not isinstance(x, int) or x < -1 for x in window_size)):
+        raise ValueError(f"window_size must be a (left, right) tuple of ints >= -1, got "
+                         f"{window_size!r}")
+    if causal and window_size[1] > 0:
+        raise ValueError(f"window_size right must be -1 or 0 with causal=True, got "
+                         f"{window_size!r}")
+    return window_size
+
+
+def _check_block(block):
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
 
 
 def check_new_tokens(name, t, buf, *, seq_dim=1):
@@ -178,17 +307,19 @@ def _grow(t, size):
 
 
 def empty_cache(batch: int, kv_heads: int, head_dim: int, *, capacity: int | None = None,
-                group=None, dtype=torch.float32, device=None) -> KVCache:
+                block: int = 1, group=None, dtype=torch.float32, device=None) -> KVCache:
     """An empty cache for this rank of ``group`` (a ``ProcessGroup``, a 1-D ``DeviceMesh``,
     ``longattn.common.dist.LOCAL`` or None: this process alone; None is an error in an
-    initialised world of more than one rank). ``capacity`` tokens per rank (None: grow).
-    The cache keeps ``group`` for the agreement of :meth:`KVCache.append`. No communication."""
+    initialised world of more than one rank). ``capacity`` tokens per rank (None: grow),
+    ``block`` tokens per placement block (see the module docstring). The cache keeps
+    ``group`` for the agreement of :meth:`KVCache.append`. No communication."""
     for name, x in (("batch", batch), ("kv_heads", kv_heads), ("head_dim", head_dim)):
         if isinstance(x, bool) or not isinstance(x, int) or x < 1:
             raise ValueError(f"{name} must be a positive int, got {x!r}")
     if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int)
                                  or capacity < 1):
         raise ValueError(f"capacity must be None or a positive int, got {capacity!r}")
+    _check_block(block)
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be one of {', '.join(map(str, FLOAT_DTYPES))}, got "
                         f"{dtype!r}")
@@ -196,4 +327,4 @@ def empty_cache(batch: int, kv_heads: int, head_dim: int, *, capacity: int | Non
     shape = (batch, 0 if capacity is None else capacity, kv_heads, head_dim)
     return KVCache(torch.empty(shape, dtype=dtype, device=device),
                    torch.empty(shape, dtype=dtype, device=device), [0] * g.size, g.rank,
-                   capacity, dist.LOCAL if group is None else group)
+                   capacity, dist.LOCAL if group is None else group, block)

@@ -1,0 +1,162 @@
+"""``model.generate`` with the prompt sharded over the ranks and a sharded KV cache.
+
+    register()                                              # longattn's attention
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="longattn_cp")
+    torch.manual_seed(0)                                    # the same seed on every rank
+    out = generate(model, input_ids, group=dist.group.WORLD, max_new_tokens=16, do_sample=True)
+
+How it runs, on every rank of ``group``:
+
+1. The longest prefix of the prompt that splits evenly in the model's layout
+   (:func:`~longattn.integrations.transformers.layout_for`) and leaves at least one prompt
+   token over is prefilled *sharded* (``shard_inputs``: hamilton for full attention, ring_swa
+   for sliding windows) into a :class:`~longattn.integrations.cache.ShardedCache`.
+2. ``model.generate(input_ids, cache=cache, ...)`` then sees a cache holding that prefix and
+   feeds only the rest: the remaining prompt tokens, then one token per step, the same tokens
+   on every rank. Every layer attends them to the sharded cache with tree attention
+   (:func:`longattn.tree.cache.attend`: one all-reduce MAX and one SUM), whose result is
+   identical on every rank, so every rank's logits, logits processors and (from the same random
+   generator state) samples are the same.
+
+So the tokens are those of one process running ``model.generate`` on the whole prompt (greedy,
+or sampling after the same ``torch.manual_seed``), up to the rounding of a different
+summation order. A final one-word all-gather compares the tokens of every rank; they must be
+equal (``ValueError`` otherwise, on every rank).
+
+Checked on every rank before any communication of the model (one small all-gather, with the
+error raised on every rank): the model uses longattn's attention, ``input_ids`` is the same
+integer ``[B, S]`` tensor everywhere, the generate arguments are the same, the random
+generator state is the same when sampling, and the call is one longattn serves exactly. Not
+served (``ValueError``, never tokens): a padding ``attention_mask`` (a batch of prompts of
+different lengths), beam search (``num_beams > 1``), ``num_return_sequences > 1``, assisted or
+prompt-lookup decoding, chunked prefill, ``use_cache=False``, and a ``cache`` /
+``past_key_values`` / ``cache_implementation`` of the caller's (this function makes the cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from longattn.common.dist import agree, resolve_group
+
+# generate() arguments longattn cannot serve exactly, with what to do instead
+_REFUSED = {
+    "cache": "generate makes its own ShardedCache",
+    "past_key_values": "generate makes its own ShardedCache",
+    "cache_implementation": "generate makes its own ShardedCache",
+    "assistant_model": "assisted decoding is not supported",
+    "prompt_lookup_num_tokens": "prompt-lookup decoding is not supported",
+    "inputs_embeds": "pass input_ids",
+    "position_ids": "the positions are the tokens' global positions",
+}
+# generation settings that must keep their one-process, one-sequence values
+_ONLY = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True,
+         "prefill_chunk_size": None, "penalty_alpha": None}
+
+
+def generate(model, input_ids, *, group=None, block: int = 1, **generate_kwargs):
+    """``model.generate(input_ids, **generate_kwargs)`` with the prompt sharded over ``group``
+    and the KV cache sharded in balanced blocks of ``block`` tokens (see the module
+    docstring). ``input_ids [B, S]`` is the same on every rank; ``group`` a
+    ``ProcessGroup``, a 1-D ``DeviceMesh``, ``LOCAL`` or None (this process alone; an error in
+    an initialised world of several ranks). Returns what ``model.generate`` returns, the same
+    on every rank."""
+    from longattn.integrations.cache import ShardedCache
+    from longattn.integrations.transformers import layout_for, shard_inputs
+
+    g = resolve_group(group)
+    lay = layout_for(model.config)
+
+    def check():
+        return _check(model, input_ids, block, generate_kwargs, lay, g)
+
+    prefix, _ = agree("generate", g, check)
+    generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+    cache = ShardedCache(group=group, layout=lay, block=block, sharded_prefill=prefix > 0)
+    with torch.no_grad():
+        if prefix:
+            model(**shard_inputs(input_ids[:, :prefix], group=group, layout=lay), cache=cache,
+                  use_cache=True)
+        out = model.generate(input_ids, cache=cache, **generate_kwargs)
+    tokens = getattr(out, "sequences", out)
+    agree("generate", g, lambda: (None, {"generated tokens": _digest(tokens)}))
+    return out
+
+
+def _check(model, input_ids, block, kwargs, lay, g):
+    """This rank's checks (inside the agreement); returns the length of the sharded prefix."""
+    _check_model(model)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or (
+            input_ids.dtype.is_floating_point or input_ids.dtype.is_complex
+            or input_ids.dtype == torch.bool) or input_ids.shape[1] < 1:
+        got = (f"{input_ids.dtype} {tuple(input_ids.shape)}" if isinstance(
+            input_ids, torch.Tensor) else type(input_ids).__name__)
+        raise ValueError(f"input_ids must be an integer [batch, seq] tensor with seq >= 1, "
+                         f"got {got}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive int, got {block!r}")
+    for name, why in _REFUSED.items():
+        if kwargs.get(name) is not None:
+            raise ValueError(f"generate: {name} is not supported ({why})")
+    config = kwargs.get("generation_config") or model.generation_config
+    for name, want in _ONLY.items():
+        got = kwargs.get(name, getattr(config, name, None))
+        if got is not None and got != want:  # None: transformers' default, which is ``want``
+            raise ValueError(f"generate: {name}={got!r} is not supported (only {want!r}): "
+                             "longattn serves one sequence per prompt, sampled or greedy")
+    mask = kwargs.get("attention_mask")
+    if mask is not None and (not isinstance(mask, torch.Tensor)
+                             or mask.shape != input_ids.shape or not bool(mask.all())):
+        raise ValueError("generate: attention_mask must be None or all ones with input_ids' "
+                         "shape: prompts with padding (a batch of different lengths) are not "
+                         "supported; generate each prompt separately")
+    do_sample = kwargs.get("do_sample", getattr(config, "do_sample", None)) or False
+    s = input_ids.shape[1]
+    unit = 2 * g.size if lay == "zigzag" else g.size
+    fields = {"input_ids.shape": tuple(input_ids.shape), "input_ids": _digest(input_ids),
+              "block": block,
+              "layout": lay, "arguments": _describe(kwargs), "do_sample": bool(do_sample),
+              "device type": input_ids.device.type,
+              "random generator state": _rng_digest(input_ids.device) if do_sample else ""}
+    return (s - 1) // unit * unit, fields
+
+
+def _check_model(model):
+    from transformers import AttentionInterface
+
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    try:
+        fn = AttentionInterface()[impl]
+    except (KeyError, TypeError):
+        fn = None
+    if not getattr(fn, "_longattn", False):
+        raise ValueError(f"model must use longattn's attention (attn_implementation=NAME after "
+                         f"longattn.integrations.transformers.register(NAME)), got {impl!r}")
+
+
+def _digest(t) -> str:
+    """A short exact fingerprint of a tensor's values (compared across ranks)."""
+    return hashlib.sha256(t.detach().cpu().contiguous().view(torch.uint8).numpy()
+                          .tobytes()).hexdigest()[:16] if t.numel() else "empty"
+
+
+def _rng_digest(device) -> str:
+    state = [torch.get_rng_state()]
+    if device.type == "cuda":
+        state.append(torch.cuda.get_rng_state(device).cpu())
+    return "".join(_digest(s) for s in state)
+
+
+def _describe(kwargs) -> str:
+    """The generate arguments as one word: plain values by value, tensors by fingerprint."""
+    parts = []
+    for key in sorted(kwargs):
+        v = kwargs[key]
+        if isinstance(v, torch.Tensor):
+            v = f"tensor{tuple(v.shape)}:{v.dtype}:{_digest(v)}"
+        elif not isinstance(v, (int, float, str, bool, tuple, list, type(None))):
+            v = type(v).__name__
+        parts.append(f"{key}={v!r}")
+    return ";".join(parts)

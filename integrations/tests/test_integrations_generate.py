@@ -1,0 +1,143 @@
+"""``generate()`` on 2, 3 and 4 gloo ranks: the tokens of every rank equal one process's
+``model.generate`` with sdpa (float64 Llama, and Qwen2 with a sliding-window layer; greedy and
+sampling after the same seed; a 37-token prompt, 16 new tokens), with no warning raised; the
+calls it cannot serve raise on every rank; the transformers cache stays balanced.
+
+The prompt's sharded prefix differs by world and layout (zigzag: 36 tokens on 2 and 3 ranks,
+32 on 4, then 1 or 5 prompt tokens replicated; contiguous: 36), so both the one-token and the
+several-token replicated steps run."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from longattn.common.testing import run_world
+from longattn.integrations.demo import tiny_batch as data
+from longattn.integrations.demo import tiny_model as build
+
+PROMPT, NEW = 37, 16
+CASES = [("llama", False, 0), ("llama", True, 1), ("qwen2", False, 2), ("qwen2", True, 3)]
+
+
+def _kwargs(sample):
+    return dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=sample)
+
+
+def _generate_cases(rank, world, extra):
+    from longattn.integrations.transformers import generate, register
+
+    torch.set_num_threads(1)
+    name = register()
+    out = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for kind, sample, seed in CASES:
+            model = build(kind, name).eval()
+            ids, _ = data(1, PROMPT, seed)
+            torch.manual_seed(100 + seed)  # the same seed on every rank
+            out.append(generate(model, ids, group=dist.group.WORLD, **_kwargs(sample)))
+    said = [f"{w.category.__name__}: {w.message}" for w in caught]
+    more = _refusals(rank, name) if extra else None
+    return out, said, more
+
+
+def _refusals(rank, name):
+    """Each call longattn cannot serve exactly, bad on this rank or on the last one only: the
+    error every rank raised (None: it returned)."""
+    from longattn.integrations.transformers import generate
+
+    model = build("llama", name).eval()
+    ids, _ = data(1, PROMPT, 0)
+    last = rank == dist.get_world_size() - 1
+    left_padded = torch.ones(1, PROMPT, dtype=torch.long)
+    left_padded[:, :3] = 0
+    calls = {
+        "padding": lambda: generate(model, ids, group=dist.group.WORLD,
+                                    attention_mask=left_padded, max_new_tokens=2),
+        "beams": lambda: generate(model, ids, group=dist.group.WORLD, num_beams=2,
+                                  max_new_tokens=2),
+        "sdpa model": lambda: generate(build("llama", "sdpa") if last else model, ids,
+                                       group=dist.group.WORLD, max_new_tokens=2),
+        "prompt differs": lambda: generate(model, ids + int(last), group=dist.group.WORLD,
+                                           max_new_tokens=2),
+        "seed differs": lambda: (torch.manual_seed(int(last)), generate(
+            model, ids, group=dist.group.WORLD, max_new_tokens=2, do_sample=True)),
+        "own cache": lambda: generate(model, ids, group=dist.group.WORLD, cache=object(),
+                                      max_new_tokens=2),
+    }
+    errs = {}
+    for what, call in calls.items():
+        try:
+            call()
+            errs[what] = None
+        except ValueError as e:
+            errs[what] = str(e)
+    torch.manual_seed(0)
+    ok = generate(model, ids, group=dist.group.WORLD, max_new_tokens=2)  # the world still works
+    return errs, ok
+
+
+def _reference(kind, sample, seed):
+    model = build(kind, "sdpa").eval()
+    ids, _ = data(1, PROMPT, seed)
+    torch.manual_seed(100 + seed)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **_kwargs(sample))
+
+
+@pytest.mark.parametrize("world,extra", [(2, True), (3, False), (4, False)])
+def test_generate_on_every_rank_equals_one_process(world, extra):
+    res = run_world(world, _generate_cases, extra, timeout=300)
+    for i, case in enumerate(CASES):
+        want = _reference(*case)
+        assert want.shape == (1, PROMPT + NEW)
+        for r in range(world):
+            assert torch.equal(res[r][0][i], want), (case, r, res[r][0][i], want)
+    for r in range(world):
+        assert res[r][1] == [], res[r][1]  # no FutureWarning (or any other warning)
+    if extra:
+        _check_refusals(res)
+
+
+def _check_refusals(res):
+    words = {"padding": "attention_mask", "beams": "num_beams", "sdpa model": "longattn's",
+             "prompt differs": "input_ids", "seed differs": "random generator state",
+             "own cache": "cache"}
+    for what, word in words.items():
+        errs = [r[2][0][what] for r in res]
+        assert errs[0] is not None and word in errs[0], (what, errs[0])
+        assert len(set(errs)) == 1, (what, errs)  # the same error on every rank
+    assert all(torch.equal(r[2][1], res[0][2][1]) for r in res)
+
+
+def test_sharded_cache_stays_balanced_over_1000_updates(monkeypatch):
+    """The four ranks' ShardedCache layers of a 4-rank world side by side in one process (the
+    agreement replaced by each rank's own check, which is what every rank runs): a zigzag
+    prefill of 8 tokens, then 1,000 single-token updates with blocks of 4; after every update
+    each rank's length is within one block of the others', and every token is kept by exactly
+    one rank, under its global position."""
+    from longattn.common.dist import Group
+    from longattn.integrations import cache as cache_mod
+
+    monkeypatch.setattr(cache_mod, "agree", lambda op, g, check: check())
+    cpu = torch.device("cpu")
+    layers = [cache_mod.ShardedLayer(Group(None, 4, r, cpu), "zigzag", block=4)
+              for r in range(4)]
+    prefill = torch.arange(8.0, dtype=torch.float64).view(1, 1, 8, 1)
+    for r, layer in enumerate(layers):  # each rank's zigzag shard: positions r and 7 - r
+        mine = prefill[:, :, [r, 7 - r]]
+        layer.update(mine, mine)
+    for p in range(8, 1008):
+        t = torch.full((1, 1, 1, 1), float(p), dtype=torch.float64)
+        for layer in layers:
+            layer.update(t, t)
+        lens = layers[0].kv.lens
+        assert max(lens) - min(lens) <= 4, (p, lens)
+        assert all(layer.kv.lens == lens and layer.get_seq_length() == p + 1 for layer in layers)
+    assert sorted(p for layer in layers for p in layer.positions.tolist()) == list(range(1008))
+    for layer in layers:
+        assert torch.equal(layer.keys.flatten(), layer.positions.double())
