@@ -1,0 +1,149 @@
+"""``LongattnTrainer``: transformers' ``Trainer`` with the sequence sharded equals one process.
+
+A tiny float64 Llama (``longattn.integrations.demo``, ``use_cache=False``) trained for 3
+optimizer steps (AdamW, linear schedule, gradient accumulation 2, shuffled batches) on a list
+of examples of mixed lengths, right-padded to a multiple of 4 (``attention_mask``) or packed
+into one row per batch (``DataCollatorWithFlattening``), by ``trainer.train()`` on a gloo world
+of 4 ranks, data-parallel x context-parallel 2 x 2 (``dp_group=mesh["dp"]``,
+``cp_group=mesh["cp"]``; accelerate's DDP over the 4 processes averages the gradients), against
+the stock ``Trainer`` in one process (transformers' ``sdpa``) with twice the per-device batch
+(the two replicas' batches of each micro-step): every parameter within 1e-10 relative (the
+attention's float64 sums in another order; transformers' float32 loss and RMSNorm make the same
+roundings, since 4 ranks scale the gradient by a power of two), the logged losses within 1e-6
+(float32). One world start-up; the reference runs in the test process.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+
+from longattn.common.testing import rel_error, run_world
+from longattn.integrations import demo
+
+TOL = 1e-10
+LOSS_TOL = 1e-6  # transformers' loss is float32
+BATCH, ACCUM, STEPS = 2, 2, 3
+
+
+def _examples(seed, n=16):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        length = int(torch.randint(6, 20, (1,), generator=g))
+        ids = torch.randint(0, demo.VOCAB, (length,), generator=g)
+        labels = ids.masked_fill(torch.rand(length, generator=g) < 0.15, -100)
+        out.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    return out
+
+
+def pad_right(features, multiple=4):
+    """Right-pad to a multiple of ``multiple`` tokens: ``input_ids``, ``labels`` (-100 at
+    padding) and ``attention_mask``."""
+    longest = max(len(f["input_ids"]) for f in features)
+    s = -(-longest // multiple) * multiple
+    ids = torch.zeros(len(features), s, dtype=torch.long)
+    labels = torch.full((len(features), s), -100, dtype=torch.long)
+    mask = torch.zeros(len(features), s, dtype=torch.long)
+    for row, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[row, :n] = torch.tensor(f["input_ids"])
+        labels[row, :n] = torch.tensor(f["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _collator(what):
+    if what == "padded":
+        return pad_right
+    from transformers import DataCollatorWithFlattening
+
+    return DataCollatorWithFlattening()
+
+
+def _args(out_dir, batch):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=out_dir, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=ACCUM, max_steps=STEPS, learning_rate=1e-2, use_cpu=True,
+        report_to="none", save_strategy="no", logging_steps=1, seed=0, disable_tqdm=True,
+        dataloader_num_workers=0, remove_unused_columns=False)
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _losses(trainer):
+    return [row["loss"] for row in trainer.state.log_history if "loss" in row]
+
+
+def _model(attn):
+    model = demo.tiny_model("llama", attn)
+    model.config.use_cache = False
+    return model
+
+
+def reference(what, seed):
+    """The stock Trainer, one process, ``sdpa``, the 2 replicas' batches as one."""
+    from transformers import Trainer
+
+    model = _model("sdpa")
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model=model, args=_args(out, 2 * BATCH), train_dataset=_examples(seed),
+                          data_collator=_collator(what))
+        trainer.train()
+    return _params(model), _losses(trainer)
+
+
+_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _sharded(rank, world, what, seed):
+    """``LongattnTrainer`` on this rank of a dp x cp = 2 x 2 mesh (accelerate reads the
+    launcher's variables; they are restored after, the world is shared with other tests)."""
+    from accelerate.state import AcceleratorState
+
+    from longattn.integrations import steps
+    from longattn.integrations.trainer import LongattnTrainer
+    from longattn.integrations.transformers import register
+
+    torch.set_num_threads(1)
+    old = {k: os.environ.get(k) for k in _ENV}
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT="29500")
+    try:
+        mesh = steps.mesh_2x2()
+        model = _model(register())
+        with tempfile.TemporaryDirectory() as out:
+            trainer = LongattnTrainer(model=model, args=_args(out, BATCH),
+                                      train_dataset=_examples(seed),
+                                      data_collator=_collator(what), cp_group=mesh["cp"],
+                                      dp_group=mesh["dp"])
+            trainer.train()
+        return _params(model), _losses(trainer)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.parametrize("what,seed", [("padded", 0), ("packed", 1)])
+def test_trainer_dp_x_cp_equals_one_process(what, seed):
+    ref_params, ref_losses = reference(what, seed)
+    got = run_world(4, _sharded, what, seed, timeout=600)
+    for rank, (params, losses) in enumerate(got):
+        err = max(rel_error(params[n], p) for n, p in ref_params.items())
+        moved = max(rel_error(params[n], p) for n, p in _params(_model("sdpa")).items())
+        assert err <= TOL, f"{what} rank {rank}: parameters {err:.2e}"
+        assert moved > 1e-4, f"{what}: training did not move the parameters ({moved:.1e})"
+        assert len(losses) == len(ref_losses) == STEPS, (losses, ref_losses)
+        assert all(rel_error(torch.tensor(a), torch.tensor(b)) <= LOSS_TOL
+                   for a, b in zip(losses, ref_losses)), (what, rank, losses, ref_losses)
