@@ -13,6 +13,14 @@ positions ``<= N - Lq + t`` (``N = sum(shard_lens)``), exactly as in
 ``axis_name`` is a mesh axis or a tuple of them (outer first, e.g. ``("node", "gpu")``); with
 a tuple the tree combine reduces over the inner axis first, then the outer -- the
 topology-aware order (inside a node, then across nodes). ``q [B, Lq, Hq, D]`` is replicated.
+
+``cache_seqlens [p, B]`` instead gives each block's filled slots per batch row (flash-attn's
+``cache_seqlens``, per device): row ``b``'s cache is the concatenation of the filled prefixes
+of its rows in device order.
+
+Two levels: :func:`tree_decode_per_device` / :func:`ring_decode_per_device` are the per-device
+bodies, for a ``shard_map`` of your own (they take the bound ``axis_name``);
+:func:`tree_decode` / :func:`ring_decode` wrap them in a ``shard_map`` over a mesh.
 """
 
 from __future__ import annotations
@@ -48,12 +56,10 @@ def _axes(mesh, axis_name):
     return axes
 
 
-def _check(q, k, v, mesh, axis_name, softmax_scale, shard_lens, causal, backend, splits):
-    """Validate before tracing; returns ``(axes, p, softmax_scale, lens, splits)``."""
-    if not hasattr(mesh, "shape") or not hasattr(mesh, "devices"):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    axes = _axes(mesh, axis_name)
-    p = math.prod(mesh.shape[a] for a in axes)
+def _check_arrays(q, k, v, softmax_scale, causal, backend, splits, axis_name, p):
+    """The checks of ``q``, ``k``, ``v`` and the knobs shared by the mesh-level and the
+    per-device functions (``k, v`` a global array or one device's block). Returns
+    ``(softmax_scale, splits)``."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if getattr(t, "ndim", None) != 4:
             raise ValueError(f"{name} must be 4-d [batch, seq, heads, head_dim], got shape "
@@ -88,37 +94,105 @@ def _check(q, k, v, mesh, axis_name, softmax_scale, shard_lens, causal, backend,
     if splits is not None and backend in ("xla", "xla_reduce") and cap % splits:
         raise ValueError(f"splits ({splits}) must divide the block length {cap} (backend "
                          f"{backend!r})")
-    if shard_lens is None:
+    return float(softmax_scale), splits
+
+
+def _check_lengths(name, x, shape, cap):
+    """``shard_lens`` / ``cache_seqlens``: None or integers of ``shape``, each in
+    ``[0, cap]`` where the values are known (a traced array is checked by shape and dtype
+    only). Returns an int32 array or None."""
+    if x is None:
+        return None
+    arr = jnp.asarray(x)
+    if arr.shape != shape or not jnp.issubdtype(arr.dtype, jnp.integer):
+        raise ValueError(f"{name} must be integers of shape {list(shape)}, got {x!r}")
+    if not isinstance(arr, jax.core.Tracer):
+        if bool(jnp.any(arr < 0)) or bool(jnp.any(arr > cap)):
+            raise ValueError(f"{name} must lie in [0, {cap}] (the block capacity), got {x!r}")
+    return arr.astype(jnp.int32)
+
+
+def _check_both(shard_lens, cache_seqlens):
+    if shard_lens is not None and cache_seqlens is not None:
+        raise ValueError("pass shard_lens (every block's filled length) or cache_seqlens "
+                         "(per batch row), not both")
+
+
+def _check(q, k, v, mesh, axis_name, softmax_scale, shard_lens, cache_seqlens, causal,
+           backend, splits):
+    """Validate a mesh-level call before tracing; returns ``(axes, scale, lens, rows,
+    splits)`` with ``lens [p]`` (None when ``rows [p, B]`` is given)."""
+    if not hasattr(mesh, "shape") or not hasattr(mesh, "devices"):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    axes = _axes(mesh, axis_name)
+    p = math.prod(mesh.shape[a] for a in axes)
+    scale, splits = _check_arrays(q, k, v, softmax_scale, causal, backend, splits, axis_name,
+                                  p)
+    cap = k.shape[1] // p
+    _check_both(shard_lens, cache_seqlens)
+    rows = _check_lengths("cache_seqlens", cache_seqlens, (p, q.shape[0]), cap)
+    lens = _check_lengths("shard_lens", shard_lens, (p,), cap)
+    if lens is None and rows is None:
         lens = jnp.full((p,), cap, jnp.int32)
-    else:
-        lens = jnp.asarray(shard_lens)
-        if lens.shape != (p,) or not jnp.issubdtype(lens.dtype, jnp.integer):
-            raise ValueError(f"shard_lens must be {p} ints (one per device), got "
-                             f"{shard_lens!r}")
-        if not isinstance(lens, jax.core.Tracer):
-            if bool(jnp.any(lens < 0)) or bool(jnp.any(lens > cap)):
-                raise ValueError(f"shard_lens must lie in [0, {cap}] (the block capacity), "
-                                 f"got {shard_lens!r}")
-        lens = lens.astype(jnp.int32)
-    return axes, p, float(softmax_scale), lens, splits
+    return axes, scale, lens, rows, splits
 
 
-def _position(axes, lens):
-    """This device's (block offset, filled length, total length)."""
-    idx = jax.lax.axis_index(axes)
-    ends = jnp.cumsum(lens)
-    n = lens[idx]
-    return ends[idx] - n, n, ends[-1]
+def _device_axes(axis_name):
+    """``(axes, p)`` of a per-device call: the named axes must be bound (inside shard_map)."""
+    axes = (axis_name,) if isinstance(axis_name, str) else tuple(axis_name)
+    if not axes or any(not isinstance(a, str) for a in axes):
+        raise TypeError(f"axis_name must be a mesh axis name or a tuple of them, got "
+                        f"{axis_name!r}")
+    p = 1
+    for a in axes:
+        try:
+            p *= _axis_size(a)
+        except NameError:
+            raise ValueError(f"axis_name {a!r} is not bound here: call this function inside "
+                             f"shard_map (or pmap) over that axis") from None
+    return axes, p
 
 
-def _tree_body(q, k, v, lens, *, axes, scale, causal, backend, splits):
-    lq = q.shape[1]
-    off, n, total = _position(axes, lens)
-    limit = total - lq - off if causal else None
-    o, lse = local_attention(q, k, v, softmax_scale=scale, valid_len=n, limit=limit,
-                             backend=backend, splits=splits)
+def _axis_size(a) -> int:
+    size = getattr(jax.lax, "axis_size", None)
+    return int(size(a)) if size is not None else int(jax.lax.psum(1, a))
+
+
+def _check_device(q, k, v, axis_name, softmax_scale, shard_lens, cache_seqlens, causal,
+                  backend, splits):
+    """Validate a per-device call (``k, v`` this device's block); returns ``(axes, p, scale,
+    lens, rows, splits)``."""
+    axes, p = _device_axes(axis_name)
+    scale, splits = _check_arrays(q, k, v, softmax_scale, causal, backend, splits, axis_name,
+                                  1)
+    cap = k.shape[1]
+    _check_both(shard_lens, cache_seqlens)
+    rows = _check_lengths("cache_seqlens", cache_seqlens, (q.shape[0],), cap)
+    lens = _check_lengths("shard_lens", shard_lens, (p,), cap)
+    if lens is None and rows is None:
+        lens = jnp.full((p,), cap, jnp.int32)
+    return axes, p, scale, lens, rows, splits
+
+
+def _table(axes, lens, rows):
+    """Every device's filled lengths, ``[p]`` (``shard_lens``) or ``[p, B]`` (per batch row:
+    this device's ``cache_seqlens`` all-gathered over ``axes``)."""
+    return lens if rows is None else jax.lax.all_gather(rows, axes)
+
+
+def _bounds(table, src, lq, causal):
+    """``(valid_len, limit)`` of device ``src``'s block (scalars, or ``[B]`` per row)."""
+    ends = jnp.cumsum(table, axis=0)
+    n = table[src]
+    limit = ends[-1] - lq - (ends[src] - n) if causal else None
+    return n, limit
+
+
+def _combine(o, lse, axes):
+    """One ``pmax`` of lse and one ``psum`` of ``[num | den]`` per axis, inner axis first
+    (inside nodes, then across); returns ``(out, lse [B, Hq, Lq])``."""
     m = lse
-    for a in reversed(axes):  # inner axis first: reduce inside nodes, then across
+    for a in reversed(axes):
         m = jax.lax.pmax(m, a)
     m = jnp.transpose(m, (0, 2, 1))  # [B, Lq, H], the row order of o
     # shift by 0 where no device has a key (exp(-inf) = 0); a NaN lse makes its w NaN, so
@@ -129,18 +203,65 @@ def _tree_body(q, k, v, lens, *, axes, scale, causal, backend, splits):
     for a in reversed(axes):
         buf = jax.lax.psum(buf, a)
     out, lse = finish_rows(buf[..., :-1], buf[..., -1], m)
-    return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))
+    return out, jnp.transpose(lse, (0, 2, 1))
 
 
-def _ring_body(q, k, v, lens, *, axes, scale, causal, backend, splits, p):
+def tree_decode_per_device(q, k, v, *, axis_name, softmax_scale=None, shard_lens=None,
+                           cache_seqlens=None, causal=True, return_lse=False, backend="xla",
+                           splits=None):
+    """Tree decoding from inside a ``shard_map`` (or ``pmap``) of your own: the per-device
+    body of :func:`tree_decode`, so it composes with your model's own sharded code.
+
+    Args:
+        q: ``[B, Lq, Hq, D]``, the same on every device of ``axis_name``.
+        k, v: ``[B, cap, Hkv, D]``, this device's block of the cache; device ``i`` (in
+            ``jax.lax.axis_index(axis_name)`` order) holds the ``i``-th piece.
+        axis_name: the bound axis (or tuple of axes, outer first) the cache is sharded over.
+        shard_lens: ``[p]`` ints, the filled slots of every device's block, the same on every
+            device (default: all full).
+        cache_seqlens: ``[B]`` ints, this device's filled slots per batch row (as flash-attn's
+            ``flash_attn_with_kvcache``); every row of the cache is the concatenation of its
+            filled prefixes in device order. A row may be empty on a device, or everywhere
+            (out 0, lse -inf). Not together with ``shard_lens``. Causal ``Lq > 1`` all-gathers
+            it over ``axis_name`` (``B`` ints per device) for the rows' global positions.
+        softmax_scale, causal, return_lse, backend, splits: as :func:`tree_decode`.
+
+    Shapes, dtypes and knobs are checked when traced; the values of traced lengths cannot be
+    (they must lie in ``[0, cap]``). Returns ``out [B, Lq, Hq, D]`` in q's dtype, the same on
+    every device (and ``lse [B, Hq, Lq]``).
+    """
+    axes, p, scale, lens, rows, splits = _check_device(q, k, v, axis_name, softmax_scale,
+                                                       shard_lens, cache_seqlens, causal,
+                                                       backend, splits)
     lq = q.shape[1]
     idx = jax.lax.axis_index(axes)
-    ends = jnp.cumsum(lens)
-    total = ends[-1]
+    if rows is not None and not (causal and lq > 1):
+        # every valid key of a row is visible (Lq = 1 sees the whole cache): no positions
+        n, limit = rows, None
+    else:
+        n, limit = _bounds(_table(axes, lens, rows), idx, lq, causal)
+    o, lse = local_attention(q, k, v, softmax_scale=scale, valid_len=n, limit=limit,
+                             backend=backend, splits=splits)
+    out, lse = _combine(o, lse, axes)
+    out = out.astype(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def ring_decode_per_device(q, k, v, *, axis_name, softmax_scale=None, shard_lens=None,
+                           cache_seqlens=None, causal=True, return_lse=False, backend="xla",
+                           splits=None):
+    """Ring decoding from inside a ``shard_map`` of your own: the per-device body of
+    :func:`ring_decode` (same arguments as :func:`tree_decode_per_device`; with
+    ``cache_seqlens`` every call all-gathers it, since each device attends every block)."""
+    axes, p, scale, lens, rows, splits = _check_device(q, k, v, axis_name, softmax_scale,
+                                                       shard_lens, cache_seqlens, causal,
+                                                       backend, splits)
+    lq = q.shape[1]
+    idx = jax.lax.axis_index(axes)
+    table = _table(axes, lens, rows)
 
     def part(kb, vb, src):
-        n = lens[src]
-        limit = total - lq - (ends[src] - n) if causal else None
+        n, limit = _bounds(table, src, lq, causal)
         o, lse = local_attention(q, kb, vb, softmax_scale=scale, valid_len=n, limit=limit,
                                  backend=backend, splits=splits)
         return o, jnp.transpose(lse, (0, 2, 1))  # lse in o's row order [B, Lq, H]
@@ -152,28 +273,44 @@ def _ring_body(q, k, v, lens, *, axes, scale, causal, backend, splits, p):
         held = jax.lax.ppermute(held, axes, perm)  # the block of device idx - step arrives
         o_s, lse_s = part(held[0], held[1], (idx - step) % p)
         out, lse = merge_stacked(jnp.stack([out, o_s]), jnp.stack([lse, lse_s]))
-    return out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))
+    out, lse = out.astype(q.dtype), jnp.transpose(lse, (0, 2, 1))
+    return (out, lse) if return_lse else out
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled(kind, mesh, axes, scale, causal, backend, splits):
-    kv = P(None, axes if len(axes) > 1 else axes[0], None, None)
-    if kind == "tree":
-        body = functools.partial(_tree_body, axes=axes, scale=scale, causal=causal,
-                                 backend=backend, splits=splits)
-        check = backend not in ("pallas",)
-    else:
-        p = math.prod(mesh.shape[a] for a in axes)
-        body = functools.partial(_ring_body, axes=axes, scale=scale, causal=causal,
-                                 backend=backend, splits=splits, p=p)
-        check = False  # every device merges in its own order: equal up to rounding
-    return jax.jit(_shard_map(body, mesh, (P(), kv, kv, P()), (P(), P()), check))
+def _compiled(kind, mesh, axes, scale, causal, backend, splits, per_row):
+    seq = axes if len(axes) > 1 else axes[0]
+    kv = P(None, seq, None, None)
+    fn = tree_decode_per_device if kind == "tree" else ring_decode_per_device
+
+    def body(q, k, v, lens):
+        # per_row: this device's [1, B] row of cache_seqlens; else shard_lens [p], replicated
+        kw = dict(cache_seqlens=lens[0]) if per_row else dict(shard_lens=lens)
+        return fn(q, k, v, axis_name=axes, softmax_scale=scale, causal=causal,
+                  return_lse=True, backend=backend, splits=splits, **kw)
+
+    # the ring merges in each device's own order: equal up to rounding, not replicated bits
+    check = kind == "tree" and backend != "pallas"
+    lens_spec = P(seq, None) if per_row else P()
+    return jax.jit(_shard_map(body, mesh, (P(), kv, kv, lens_spec), (P(), P()), check))
 
 
-def tree_decode(q, k, v, *, mesh, axis_name, softmax_scale=None, shard_lens=None, causal=True,
-                return_lse=False, backend="xla", splits=None):
+def _run(kind, q, k, v, mesh, axis_name, softmax_scale, shard_lens, cache_seqlens, causal,
+         backend, splits):
+    axes, scale, lens, rows, splits = _check(q, k, v, mesh, axis_name, softmax_scale,
+                                             shard_lens, cache_seqlens, causal, backend,
+                                             splits)
+    per_row = rows is not None
+    fn = _compiled(kind, mesh, axes, scale, causal, backend, splits, per_row)
+    return fn, (q, k, v, rows if per_row else lens)
+
+
+def tree_decode(q, k, v, *, mesh, axis_name, softmax_scale=None, shard_lens=None,
+                cache_seqlens=None, causal=True, return_lse=False, backend="xla", splits=None):
     """Exact decode attention over a KV cache sharded along ``axis_name``: a local step per
     device, one ``pmax`` of lse and one ``psum`` of ``[num | den]`` (per axis of a tuple).
+    A ``shard_map`` over ``mesh`` of :func:`tree_decode_per_device` (call that one from inside
+    a ``shard_map`` of your own).
 
     Args:
         q: ``[B, Lq, Hq, D]``, replicated.
@@ -183,7 +320,13 @@ def tree_decode(q, k, v, *, mesh, axis_name, softmax_scale=None, shard_lens=None
         softmax_scale: default ``D ** -0.5``.
         shard_lens: ``[p]`` ints, the filled slots of each device's block (default: all);
             may be traced.
-        causal: a bool; new token ``t`` sees the global keys ``<= N - Lq + t``.
+        cache_seqlens: ``[p, B]`` ints, row ``i`` the filled slots of device ``i``'s block per
+            batch row (flash-attn's ``cache_seqlens``, per device); may be traced. Each batch
+            row's cache is the concatenation of its filled prefixes in device order; rows
+            may be empty on some devices or on all (out 0, lse -inf). Not together with
+            ``shard_lens``.
+        causal: a bool; new token ``t`` sees the global keys ``<= N - Lq + t`` (``N`` per
+            batch row with ``cache_seqlens``).
         return_lse: also return ``lse [B, Hq, Lq]`` (float32, float64 for float64). Unlike
             the torch functions (``common.dtypes.lse_dtype``: float64 statistics for
             float32 inputs), the statistics of float32 inputs stay float32 here: JAX has
@@ -195,33 +338,34 @@ def tree_decode(q, k, v, *, mesh, axis_name, softmax_scale=None, shard_lens=None
     ``jax.jit``. A token that sees no key gets ``out = 0``, ``lse = -inf``; a NaN in a key it
     sees makes its ``out`` and ``lse`` NaN.
     """
-    axes, _, scale, lens, splits = _check(q, k, v, mesh, axis_name, softmax_scale, shard_lens,
-                                          causal, backend, splits)
-    out, lse = _compiled("tree", mesh, axes, scale, causal, backend, splits)(q, k, v, lens)
+    fn, args = _run("tree", q, k, v, mesh, axis_name, softmax_scale, shard_lens, cache_seqlens,
+                    causal, backend, splits)
+    out, lse = fn(*args)
     return (out, lse) if return_lse else out
 
 
-def ring_decode(q, k, v, *, mesh, axis_name, softmax_scale=None, shard_lens=None, causal=True,
-                return_lse=False, backend="xla", splits=None):
+def ring_decode(q, k, v, *, mesh, axis_name, softmax_scale=None, shard_lens=None,
+                cache_seqlens=None, causal=True, return_lse=False, backend="xla", splits=None):
     """Ring Attention decoding, the baseline: the KV blocks travel ``p - 1`` hops around the
     ring (``ppermute``) and every device attends all of them. Same contract as
     :func:`tree_decode`; JAX's static shapes make every hop move a whole block (its
-    capacity), filled or not."""
-    axes, _, scale, lens, splits = _check(q, k, v, mesh, axis_name, softmax_scale, shard_lens,
-                                          causal, backend, splits)
-    out, lse = _compiled("ring", mesh, axes, scale, causal, backend, splits)(q, k, v, lens)
+    capacity), filled or not. A ``shard_map`` of :func:`ring_decode_per_device`."""
+    fn, args = _run("ring", q, k, v, mesh, axis_name, softmax_scale, shard_lens, cache_seqlens,
+                    causal, backend, splits)
+    out, lse = fn(*args)
     return (out, lse) if return_lse else out
 
 
-def lower(kind, q, k, v, *, mesh, axis_name, softmax_scale=None, shard_lens=None, causal=True,
-          backend="xla", splits=None):
+def lower(kind, q, k, v, *, mesh, axis_name, softmax_scale=None, shard_lens=None,
+          cache_seqlens=None, causal=True, backend="xla", splits=None):
     """The lowered (not yet compiled) computation of ``kind`` (``"tree"`` or ``"ring"``), e.g.
     for :func:`~longattn.tree.jax.hlo.collective_bytes`."""
     if kind not in ("tree", "ring"):
         raise ValueError(f"kind must be 'tree' or 'ring', got {kind!r}")
-    axes, _, scale, lens, splits = _check(q, k, v, mesh, axis_name, softmax_scale, shard_lens,
-                                          causal, backend, splits)
-    return _compiled(kind, mesh, axes, scale, causal, backend, splits).lower(q, k, v, lens)
+    fn, args = _run(kind, q, k, v, mesh, axis_name, softmax_scale, shard_lens, cache_seqlens,
+                    causal, backend, splits)
+    return fn.lower(*args)
 
 
-__all__ = ["tree_decode", "ring_decode", "lower"]
+__all__ = ["tree_decode", "ring_decode", "tree_decode_per_device", "ring_decode_per_device",
+           "lower"]

@@ -4,7 +4,8 @@
 ``[B, Lq, Hq, D]``, k / v
 ``[B, S, Hkv, D]`` (BSHD, GQA without repeating KV). Key ``j`` of the block is visible to new
 token ``t`` iff ``j < valid_len`` and (``limit`` is None or ``j <= limit + t``); both may be
-traced scalars, so a growing cache does not recompile. Returns ``out [B, Lq, Hq, D]`` and
+traced, so a growing cache does not recompile, and each is a scalar (every batch row alike) or
+``[B]`` (per batch row, as ``cache_seqlens``). Returns ``out [B, Lq, Hq, D]`` and
 ``lse [B, Hq, Lq]`` in the accumulation dtype (float32; float64 for float64 inputs); a token
 that sees no key gets ``out = 0``, ``lse = -inf``.
 
@@ -87,16 +88,22 @@ def local_attention(q, k, v, *, softmax_scale, valid_len=None, limit=None, backe
                 reduce_form=backend == "xla_reduce")
 
 
+def _per_row(x):
+    """A scalar or ``[B]`` bound as ``[1 or B, 1, 1, 1]`` (batch row first)."""
+    return jnp.reshape(jnp.asarray(x), (-1, 1, 1, 1))
+
+
 def _visible(ns, cs, lq, valid_len, limit):
-    """``[ns, cs, Lq]`` visibility of key (split, c) to token t, or None if all visible."""
+    """``[1 or B, ns, cs, Lq]`` visibility of key (split, c) to token t (per batch row when a
+    bound is ``[B]``), or None if all visible."""
     if valid_len is None and limit is None:
         return None
-    j = (jnp.arange(ns)[:, None] * cs + jnp.arange(cs)[None, :])[..., None]
-    vis = jnp.ones((ns, cs, lq), bool)
+    j = (jnp.arange(ns)[:, None] * cs + jnp.arange(cs)[None, :])[None, :, :, None]
+    vis = jnp.ones((1, ns, cs, lq), bool)
     if valid_len is not None:
-        vis &= j < valid_len
+        vis &= j < _per_row(valid_len)
     if limit is not None:
-        vis &= j <= limit + jnp.arange(lq)[None, None, :]
+        vis &= j <= _per_row(limit) + jnp.arange(lq)
     return vis
 
 
@@ -129,8 +136,8 @@ def _xla(q, k, v, *, scale, valid_len, limit, splits, reduce_form):
                         precision=_precision(q.dtype))
     sc = sc * scale
     vis = _visible(ns, cs, lq, valid_len, limit)
-    if vis is not None:  # [n, c, t] -> [1, n, 1, 1, t, c]
-        sc = jnp.where(jnp.transpose(vis, (0, 2, 1))[None, :, None, None], sc, -jnp.inf)
+    if vis is not None:  # [b, n, c, t] -> [b, n, 1, 1, t, c]
+        sc = jnp.where(jnp.transpose(vis, (0, 1, 3, 2))[:, :, None, None], sc, -jnp.inf)
     m = jnp.max(sc, axis=-1)  # [b, n, h, g, t]
     m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
     p = jnp.exp(sc - m_safe[..., None])
@@ -165,8 +172,8 @@ def _dpa(q, k, v, *, scale, valid_len, limit, backend):
         implementation="cudnn" if backend == "cudnn" else None)
     lse = jnp.transpose(lse, (0, 2, 1)).astype(acc)  # BTN -> BNT
     out = out.astype(acc)
-    if valid_len is not None:  # an empty block: the kernel's value is undefined
-        empty = jnp.asarray(valid_len) <= 0
+    if valid_len is not None:  # an empty block or row: the kernel's value is undefined
+        empty = _per_row(valid_len) <= 0  # [1 or B, 1, 1, 1]
         out = jnp.where(empty, 0.0, out)
-        lse = jnp.where(empty, -jnp.inf, lse)
+        lse = jnp.where(empty[..., 0], -jnp.inf, lse)
     return out, lse

@@ -5,7 +5,8 @@ BSHD cache first, which copies all of K and V (three times the traffic of the at
 itself). This kernel indexes the BSHD arrays directly: program ``(s, b * Hkv + h)`` reads the
 ``split_len`` keys of split ``s`` of KV head ``h`` (block shape ``(1, split_len, 1, D)``), runs
 an online softmax over ``block_k``-key tiles for all ``Lq * G`` query rows of that head, and
-writes ``(acc, m, l)``; :func:`decode` merges the splits exactly with
+writes ``(acc, m, l)``, reading the valid length and limit of its batch row (``[B]`` each, so
+rows of different lengths share one launch); :func:`decode` merges the splits exactly with
 :func:`longattn.tree.jax.merge.merge_stacked`. ``interpret=True`` runs it on the CPU (tests).
 """
 
@@ -128,8 +129,9 @@ def _decode(q, k, v, valid_len, limit, *, scale, splits, block_k, num_warps, num
             pl.BlockSpec((None, None, block_m, d), lambda i, j: (j // hkv, j % hkv, 0, 0)),
             pl.BlockSpec((None, split_len, None, d), lambda i, j: (j // hkv, i, j % hkv, 0)),
             pl.BlockSpec((None, split_len, None, d), lambda i, j: (j // hkv, i, j % hkv, 0)),
-            pl.BlockSpec((), lambda i, j: ()),
-            pl.BlockSpec((), lambda i, j: ()),
+            # this program's batch row's valid length and limit ([B] each)
+            pl.BlockSpec((None,), lambda i, j: (j // hkv,)),
+            pl.BlockSpec((None,), lambda i, j: (j // hkv,)),
         ],
         out_specs=[
             pl.BlockSpec((None, None, block_m, d), lambda i, j: (i, j, 0, 0)),
@@ -170,8 +172,11 @@ def decode(q, k, v, *, softmax_scale, valid_len=None, limit=None, splits=None, b
         sms = getattr(jax.devices()[0], "core_count", None) or 132
     n, bk = make_plan(k.shape[1], q.shape[0] * k.shape[2], block_k=block_k, splits=splits,
                       sms=sms)
-    valid = jnp.asarray(k.shape[1] if valid_len is None else valid_len, jnp.int32)
-    lim = jnp.asarray(_BIG if limit is None else limit, jnp.int32)
+    b = q.shape[0]  # scalar bounds (every row alike) or [B] (per row) -> [B]
+    valid = jnp.broadcast_to(jnp.asarray(k.shape[1] if valid_len is None else valid_len,
+                                         jnp.int32).reshape(-1), (b,))
+    lim = jnp.broadcast_to(jnp.asarray(_BIG if limit is None else limit, jnp.int32)
+                           .reshape(-1), (b,))
     out, lse = _decode(q, k, v, valid, lim, scale=float(softmax_scale), splits=n, block_k=bk,
                        num_warps=num_warps, num_stages=num_stages, interpret=bool(interpret))
     acc = acc_dtype(q.dtype)
