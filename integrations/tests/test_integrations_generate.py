@@ -3,9 +3,9 @@
 sampling after the same seed; a 37-token prompt, 16 new tokens), with no warning raised; the
 calls it cannot serve raise on every rank; the transformers cache stays balanced.
 
-The prompt's sharded prefix differs by world and layout (zigzag: 36 tokens on 2 and 3 ranks,
-32 on 4, then 1 or 5 prompt tokens replicated; contiguous: 36), so both the one-token and the
-several-token replicated steps run."""
+The prompt's sharded prefix is a multiple of 2n tokens (36 on 2 and 3 ranks, 32 on 4; then 1
+or 5 prompt tokens replicated), so both the one-token and the several-token replicated steps
+run."""
 
 from __future__ import annotations
 

@@ -7,10 +7,11 @@
 
 How it runs, on every rank of ``group``:
 
-1. The longest prefix of the prompt that splits evenly in the model's layout
-   (:func:`~longattn.integrations.transformers.layout_for`) and leaves at least one prompt
-   token over is prefilled *sharded* (``shard_inputs``: hamilton for full attention, ring_swa
-   for sliding windows) into a :class:`~longattn.integrations.cache.ShardedCache`.
+1. The longest prefix of the prompt that is a multiple of ``2 n`` tokens (``n`` ranks: what
+   zigzag, and a full-attention layer of a contiguous-layout model, need) and leaves at least
+   one prompt token over is prefilled *sharded* (``shard_inputs``: hamilton for full
+   attention, ring_swa for sliding windows) into a
+   :class:`~longattn.integrations.cache.ShardedCache`.
 2. ``model.generate(input_ids, cache=cache, ...)`` then sees a cache holding that prefix and
    feeds only the rest: the remaining prompt tokens, then one token per step, the same tokens
    on every rank. Every layer attends them to the sharded cache with tree attention
@@ -114,7 +115,8 @@ def _check(model, input_ids, block, kwargs, lay, g):
                          "supported; generate each prompt separately")
     do_sample = kwargs.get("do_sample", getattr(config, "do_sample", None)) or False
     s = input_ids.shape[1]
-    unit = 2 * g.size if lay == "zigzag" else g.size
+    # 2n: zigzag splits in 2n; a contiguous model's full-attention layers move to zigzag
+    unit = 2 * g.size
     fields = {"input_ids.shape": tuple(input_ids.shape), "input_ids": _digest(input_ids),
               "block": block,
               "layout": lay, "arguments": _describe(kwargs), "do_sample": bool(do_sample),
