@@ -20,14 +20,17 @@ from longattn.integrations.demo import tiny_batch as data
 from longattn.integrations.demo import tiny_model as build
 
 PROMPT, NEW = 37, 16
-CASES = [("llama", False, 0), ("llama", True, 1), ("qwen2", False, 2), ("qwen2", True, 3)]
+# (model, sampling, seed, prompts in the batch); the batch of 3 (same length) runs on 3 ranks
+CASES = [("llama", False, 0, 1), ("llama", True, 1, 1), ("qwen2", False, 2, 1),
+         ("qwen2", True, 3, 1)]
+BATCH = ("qwen2", True, 4, 3)
 
 
 def _kwargs(sample):
     return dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=sample)
 
 
-def _generate_cases(rank, world, extra):
+def _generate_cases(rank, world, extra, cases):
     from longattn.integrations.transformers import generate, register
 
     torch.set_num_threads(1)
@@ -35,9 +38,9 @@ def _generate_cases(rank, world, extra):
     out = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for kind, sample, seed in CASES:
+        for kind, sample, seed, batch in cases:
             model = build(kind, name).eval()
-            ids, _ = data(1, PROMPT, seed)
+            ids, _ = data(batch, PROMPT, seed)
             torch.manual_seed(100 + seed)  # the same seed on every rank
             out.append(generate(model, ids, group=dist.group.WORLD, **_kwargs(sample)))
     said = [f"{w.category.__name__}: {w.message}" for w in caught]
@@ -81,9 +84,9 @@ def _refusals(rank, name):
     return errs, ok
 
 
-def _reference(kind, sample, seed):
+def _reference(kind, sample, seed, batch):
     model = build(kind, "sdpa").eval()
-    ids, _ = data(1, PROMPT, seed)
+    ids, _ = data(batch, PROMPT, seed)
     torch.manual_seed(100 + seed)
     with torch.no_grad():
         return model.generate(ids, attention_mask=torch.ones_like(ids), **_kwargs(sample))
@@ -91,10 +94,11 @@ def _reference(kind, sample, seed):
 
 @pytest.mark.parametrize("world,extra", [(2, True), (3, False), (4, False)])
 def test_generate_on_every_rank_equals_one_process(world, extra):
-    res = run_world(world, _generate_cases, extra, timeout=300)
-    for i, case in enumerate(CASES):
+    cases = CASES + [BATCH] * (world == 3)
+    res = run_world(world, _generate_cases, extra, cases, timeout=300)
+    for i, case in enumerate(cases):
         want = _reference(*case)
-        assert want.shape == (1, PROMPT + NEW)
+        assert want.shape == (case[3], PROMPT + NEW)
         for r in range(world):
             assert torch.equal(res[r][0][i], want), (case, r, res[r][0][i], want)
     for r in range(world):
