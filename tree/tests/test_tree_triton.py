@@ -44,6 +44,7 @@ def _check_interpreted():
                                     backend="triton_decode")
             assert rel_error(o2, ro) <= tol
     _check_merge_twin()
+    _check_per_row()
     _check_nan()
     _check_large_logits()
     # what it cannot serve is refused (and the planner fills the GPU)
@@ -97,6 +98,44 @@ def _check_merge_twin():
         assert torch.equal(torch.isneginf(fast_l), torch.isneginf(slow_l)), i
         live = ~torch.isneginf(fast_l)
         assert torch.allclose(fast_l[live], slow_l[live], rtol=1e-6, atol=1e-6), i
+
+
+def _check_per_row():
+    """Per-row lengths and windows (cache_seqlens) in one launch, against the float64 oracle:
+    rows ending inside the first split (the later splits run no key block), an empty row
+    (out 0, lse -inf), a row whose first new tokens see nothing, NaN past every row's length
+    (never read); float32 within 1e-5, bf16 within 2e-2. Equal to the one-row calls."""
+    import numpy as np
+    import torch
+
+    from longattn.common.testing import rel_error
+    from longattn.reference import attention
+    from longattn.tree import triton_decode as td
+
+    b, lq, hq, hkv, s = 5, 4, 4, 2, 70
+    seqlens, rights = [70, 0, 9, 2, 40], [-1, -1, 0, 0, 3]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        g = torch.Generator().manual_seed(4)
+        q, k, v = (torch.randn(b, n, h, 16, generator=g).to(dtype)
+                   for n, h in ((lq, hq), (s, hkv), (s, hkv)))
+        for i, n in enumerate(seqlens):
+            k[i, n:] = float("nan")
+            v[i, n:] = float("nan")
+        o, lse = td.decode(q, k, v, softmax_scale=0.25, block_n=16, splits=3, seqlens=seqlens,
+                           rights=rights)
+        for i, (n, right) in enumerate(zip(seqlens, rights)):
+            j, t = np.arange(n)[None, :], np.arange(lq)[:, None]
+            mask = np.ones((lq, n), bool) if right < 0 else j <= t + n - lq + right
+            ro, rl = (np.zeros((1, lq, hq, 16)), np.full((1, hq, lq), -np.inf))
+            if n:
+                ro, rl = attention(q[i:i + 1].double().numpy(),
+                                   *(x[i:i + 1, :n].double().numpy() for x in (k, v)),
+                                   mask=mask, scale=0.25)
+            assert rel_error(o[i:i + 1], ro) <= tol and rel_error(lse[i:i + 1], rl) <= tol, i
+            if n and dtype == torch.float32:  # the same as a launch of that row alone
+                o1, l1 = td.decode(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n],
+                                   softmax_scale=0.25, right=right, block_n=16, splits=3)
+                assert rel_error(o[i:i + 1], o1) <= 1e-6 and rel_error(lse[i:i + 1], l1) <= 1e-6
 
 
 def _check_nan():
