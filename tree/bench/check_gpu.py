@@ -3,8 +3,9 @@
 On CUDA: the split-K Triton kernel (through ``tree_decode``'s ``backend="auto"`` and
 ``"triton_decode"``) and, with JAX on the GPU, the Pallas kernel and the XLA split-K step,
 each against a float64 reference for a few shapes (GQA, Lq > 1 with a causal cut, a cache
-shorter than Lq), and a NaN key: exactly the rows that see it must be NaN in out and lse.
-Prints one line per check and exits non-zero on a failure.
+shorter than Lq), a NaN key (exactly the rows that see it must be NaN in out and lse), and per
+row lengths (``cache_seqlens``: rows of 3,000, 0, 17, 2 and 1,500 keys with NaN past each
+row's length, in one launch). Prints one line per check and exits non-zero on a failure.
 
     PYTHONPATH=common/src:tree/src python tree/bench/check_gpu.py
 """
@@ -66,6 +67,71 @@ def nan_case(dev, dtype):
     want = torch.zeros(b, lq, hq, dtype=torch.bool)
     want[0, 1:, :2] = True
     return q, k, v, want
+
+
+ROWS = [(3000, -1), (0, -1), (17, 0), (2, 0), (1500, 3)]  # per-row (length, window right)
+
+
+def per_row_case(dev, dtype, d=64):
+    """``q [5, 4, 8, D]``, ``k, v [5, 3008, 2, D]`` (a capacity Pallas can tile) with NaN
+    past each row's length."""
+    g = torch.Generator(device=dev).manual_seed(7)
+    b, lq, s = len(ROWS), 4, 3008
+    q, k, v = (torch.randn(b, n, h, d, generator=g, device=dev).to(dtype)
+               for n, h in ((lq, 8), (s, 2), (s, 2)))
+    for i, (n, _) in enumerate(ROWS):
+        k[i, n:] = float("nan")
+        v[i, n:] = float("nan")
+    return q, k, v
+
+
+def per_row_errors(q, k, v, o, lse):
+    """The largest relative error of per-row results against ``ref`` of each row's prefix
+    (an empty row must be exactly out 0, lse -inf)."""
+    worst = 0.0
+    for i, (n, right) in enumerate(ROWS):
+        oi, li = o[i:i + 1].double().cpu(), lse[i:i + 1].double().cpu()
+        if n == 0:
+            ok = bool((oi == 0).all() and torch.isneginf(li).all())
+            worst = max(worst, 0.0 if ok else float("inf"))
+            continue
+        ro, rl = ref(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n], q.shape[-1] ** -0.5, right)
+        worst = max(worst, rel(oi, ro), rel(li, rl))
+    return worst
+
+
+def check_per_row_torch(dev):
+    from longattn.tree.local import local_attention
+
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        q, k, v = per_row_case(dev, dtype)
+        for backend in ("auto", "triton_decode"):
+            o, lse = local_attention(q, k, v, softmax_scale=q.shape[-1] ** -0.5,
+                                     seqlens=[n for n, _ in ROWS],
+                                     right=[r for _, r in ROWS], backend=backend)
+            e = per_row_errors(q, k, v, o, lse)
+            report(f"torch {backend} cache_seqlens {dtype}", e <= tol, f"rel err {e:.2e}")
+
+
+def check_per_row_jax():
+    import jax.numpy as jnp
+
+    from longattn.tree.jax.local import local_attention
+
+    for dtype, tol in ((jnp.bfloat16, 2e-2), (jnp.float32, 1e-5)):
+        tdt = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
+        q, k, v = (x.float() for x in per_row_case(torch.device("cpu"), tdt))
+        k, v = torch.nan_to_num(k, nan=0.0), torch.nan_to_num(v, nan=0.0)  # JAX: finite slots
+        lens = jnp.asarray([n for n, _ in ROWS], jnp.int32)
+        lim = jnp.asarray([n - q.shape[1] + r if r >= 0 else 1 << 30 for n, r in ROWS],
+                          jnp.int32)
+        for backend in ("xla", "pallas"):
+            o, lse = local_attention(*(jnp.asarray(x.numpy(), dtype) for x in (q, k, v)),
+                                     softmax_scale=q.shape[-1] ** -0.5, valid_len=lens,
+                                     limit=lim, backend=backend, splits=4)
+            e = per_row_errors(q, k, v, torch.from_numpy(np.asarray(o, np.float64)),
+                               torch.from_numpy(np.asarray(lse, np.float64)))
+            report(f"jax {backend} cache_seqlens {dtype.__name__}", e <= tol, f"rel err {e:.2e}")
 
 
 def check_torch(dev):
@@ -141,12 +207,15 @@ def main():
     dev = torch.device("cuda")
     print(f"{torch.cuda.get_device_name(dev)}; torch {torch.__version__}", flush=True)
     check_torch(dev)
+    check_per_row_torch(dev)
     try:
-        import jax  # noqa: F401
+        import jax
     except ImportError:
         print("no JAX: JAX checks skipped", flush=True)
     else:
         check_jax()
+        if jax.default_backend() == "gpu":
+            check_per_row_jax()
     print(f"{len(FAILED)} failed: {FAILED}" if FAILED else "all checks passed", flush=True)
     return 1 if FAILED else 0
 
