@@ -103,10 +103,8 @@ CASES = [  # (fn, mesh index, backend, dtype, tol, Lq, causal)
     (tree_decode, 0, "xla", jnp.bfloat16, 2e-2, 4, True),
     (tree_decode, 0, "xla_reduce", jnp.float64, 1e-10, 4, True),
     (tree_decode, 0, "pallas", jnp.float32, 1e-5, 4, True),
-    (tree_decode, 0, "pallas", jnp.bfloat16, 2e-2, 1, True),
     (tree_decode, 0, "dpa", jnp.float32, 1e-5, 1, True),
-    (ring_decode, 0, "xla", jnp.float64, 1e-10, 4, True),
-    (ring_decode, 1, "xla", jnp.bfloat16, 2e-2, 1, True),
+    (ring_decode, 0, "xla", jnp.float64, 1e-10, 4, True),  # 8 unrolled hops: slow to compile
 ]
 
 

@@ -84,6 +84,8 @@ def _decode_worker(rank, world, specs):
                   cache_seqlens=seqlens, backend=spec.get("backend", "auto"))
         k, v = c["k"][rank], c["v"][rank]
         res.append({"tree": tree_decode(c["q"], k, v, **kw)})
+        if world == 4:
+            res[-1]["tree hierarchy (2, 2)"] = tree_decode(c["q"], k, v, hierarchy=(2, 2), **kw)
         if "backend" not in spec:  # the interpreted kernel only in the tree (CPU time)
             res[-1]["ring"] = ring_decode(c["q"], k, v, **kw)
     return res
@@ -134,6 +136,17 @@ def test_cache_seqlens_match_oracle(world):
         worst[key] = max(worst.get(key, 0.0), _check([make_case(**spec)],
                                                      [[per_rank[ci]] for per_rank in res], tol))
     print(f"\nworld {world}: " + ", ".join(f"{k} {e:.2e}" for k, e in worst.items()))
+
+
+def test_cache_seqlens_hierarchical_tree():
+    """The hierarchical combine (2 nodes of 2 ranks) takes per-row partials like the flat one:
+    float64 within 1e-10 of the oracle, Lq 4 causal and Lq 1."""
+    rng = np.random.default_rng(4)
+    specs = [dict(seed=40 + lq, rows=row_lengths(rng, 4, 50), lq=lq, hq=4, hkv=2, d=8,
+                  dtype=torch.float64, causal=True) for lq in (1, 4)]
+    res = run_world(4, _decode_worker, specs, timeout=120)
+    for ci, spec in enumerate(specs):
+        _check([make_case(**spec)], [[per_rank[ci]] for per_rank in res], 1e-10)
 
 
 def _uniform_worker(rank, world, q, k, v):
