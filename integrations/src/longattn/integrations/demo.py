@@ -151,12 +151,11 @@ def _decode_on_rank(rank, world, kind, layout, steps):
     cache = ShardedCache(group=cp, layout=layout)
     t0 = time.perf_counter()
     with torch.no_grad():
-        out = model(**shard_inputs(ids, group=cp, layout=layout), past_key_values=cache,
-                    use_cache=True)
+        out = model(**shard_inputs(ids, group=cp, layout=layout), cache=cache, use_cache=True)
         logits = [unshard(out.logits, group=cp, layout=layout)[:, -1:]]
         for _ in range(steps):
             new = logits[-1][:, -1].argmax(-1, keepdim=True)
-            logits.append(model(input_ids=new, past_key_values=cache, use_cache=True).logits)
+            logits.append(model(input_ids=new, cache=cache, use_cache=True).logits)
             ids = torch.cat([ids, new], dim=1)
     return ids, torch.cat(logits, 1), (time.perf_counter() - t0) * 1e3
 
