@@ -9,6 +9,14 @@ counters), ``layout`` (local sequence slicing for contiguous / zigzag / striped 
 worlds and the oracle harness for pytest), ``bench`` (timing, result schema, plots).
 """
 
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("longattn-common")
+except _NotInstalled:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
+
 from longattn.common.merge import merge_partials, merge_partials_, merge_stacked
 
 __all__ = ["merge_partials", "merge_partials_", "merge_stacked"]

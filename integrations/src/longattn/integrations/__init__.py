@@ -18,3 +18,11 @@
 
 Nothing is imported here, so ``import longattn.integrations`` needs no transformers.
 """
+
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("longattn-integrations")
+except _NotInstalled:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"

@@ -5,6 +5,14 @@ Tensors are BSHD numpy arrays: q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``; ``
 ``[B, Hq, Sq]`` (natural log, ``-inf`` for a row that sees no key).
 """
 
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("longattn-reference")
+except _NotInstalled:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
+
 from longattn.reference.attention import attention, attention_backward
 from longattn.reference.masks import (
     and_masks,

@@ -22,6 +22,14 @@ names, argument order and integer ``window_size = w`` (= ``(w, 0)``, causal):
 See the package README for the exact semantics and the per-rank token rule.
 """
 
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("longattn-ring-swa")
+except _NotInstalled:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
+
 from longattn.ring_swa.api import (
     ring_sliding_window_attn,
     ring_sliding_window_attn_varlen,

@@ -10,6 +10,14 @@
 Torch functions are forward only (inference).
 """
 
+from importlib.metadata import PackageNotFoundError as _NotInstalled
+from importlib.metadata import version as _version
+
+try:
+    __version__ = _version("longattn-tree")
+except _NotInstalled:  # a source tree on sys.path without an install
+    __version__ = "0+unknown"
+
 from longattn.tree.cache import KVCache, empty_cache
 from longattn.tree.decode import hierarchy_groups, tree_decode
 from longattn.tree.ring import ring_decode
