@@ -86,15 +86,73 @@ def test_bench_and_repro_run_the_package_scripts(monkeypatch):
         assert calls[-1][0][1:] == [str(script), "--target", "H100-2", "--dry-run"]
 
 
-def test_script_errors():
+def test_script_errors(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "integrations"])  # no bench script: not a choice
+    assert "invalid choice: 'integrations'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="does not exist"):
-        cli.main(["bench", "integrations"])
+        cli.find_script("integrations", "bench")
     with pytest.raises(SystemExit, match="target must be one of"):
         cli.main(["repro", "--target", "TPU-9"])
     with pytest.raises(SystemExit):
         cli.main(["bench", "nonexistent"])  # argparse: invalid choice
     with pytest.raises(SystemExit):
         cli.main(["demo", "--smoke"])  # unknown options only pass through to scripts
+
+
+@pytest.mark.parametrize("argv, script_args", [
+    (["--dry-run", "--out", "d"], ["--dry-run", "--out", "d"]),
+    (["--dry-run", "--out=d"], ["--dry-run", "--out=d"]),
+    (["hamilton", "--out", "tree"], ["--out", "tree"]),  # a value that is a package name
+    (["hamilton", "--help"], ["--help"]),  # after PKG: the script's help
+])
+@pytest.mark.parametrize("target", [["--target", "H100-1"], ["--target=H100-1"]])
+def test_repro_option_forms(monkeypatch, argv, script_args, target):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    assert cli.main(["repro", *target, *argv]) == 0
+    script = ROOT / "hamilton" / "bench" / "repro_hamilton.py"
+    assert calls == [[sys.executable, str(script), "--target", "H100-1", *script_args]]
+
+
+def test_repro_target_after_script_options(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    assert cli.main(["repro", "--dry-run", "--target", "H100-4", "--out", "d"]) == 0
+    assert calls[-1][2:] == ["--target", "H100-4", "--dry-run", "--out", "d"]
+
+
+@pytest.mark.parametrize("argv", [["--smoke", "--out", "d"], ["--out=d"], ["--out", "common"],
+                                  ["-h"]])
+def test_bench_option_forms(monkeypatch, argv):
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    assert cli.main(["bench", "tree", *argv]) == 0
+    assert calls == [[sys.executable, str(ROOT / "tree" / "bench" / "bench_tree.py"), *argv]]
+
+
+def test_script_choices_are_the_packages_with_the_script(capsys):
+    for kind in ("bench", "repro"):
+        have = [p for p in cli.PACKAGES
+                if (ROOT / p / "bench" / cli.script_name(p, kind)).is_file()]
+        assert cli.script_packages(kind) == have
+    assert "integrations" not in cli.script_packages("bench")
+    assert cli.script_packages("repro") == ["hamilton"]
+    with pytest.raises(SystemExit):
+        cli.main(["repro", "--target", "H100-1", "tree"])
+    assert "invalid choice: 'tree'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["repro", "--target", "H100-1", "--help"])  # before PKG: repro's own help
+    assert "--target" in capsys.readouterr().out
+
+
+def test_repro_out_dir_reaches_the_script():
+    """The real script parses ``--out DIR`` (then prints its help and exits 0)."""
+    r = subprocess.run([sys.executable, "-m", "longattn.integrations", "repro", "--target",
+                        "H100-1", "hamilton", "--dry-run", "--out", "d", "--help"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "--dry-run" in r.stdout and "repro_hamilton.py" in r.stdout
 
 
 def test_module_entry_point():

@@ -23,7 +23,10 @@ against the oracle and every package's demo entry point (group ``longattn.demo``
 CPU devices, one thread per rank) and exit 1 when a row fails; ``demo`` checks that ``--out``
 is writable before any row runs. ``bench`` and ``repro`` run the package's script from the
 source checkout (scripts are not part of the wheels) with this Python, in the checkout's root,
-and return its exit code. ``longattn --version`` lists the installed longattn distributions.
+and return its exit code; PKG's choices are the packages whose checkout has the script, and
+what follows PKG (bench) or ``--target T [PKG]`` (repro) reaches the script unchanged, so both
+``--out DIR`` and ``--out=DIR`` work. ``longattn --version`` lists the installed longattn
+distributions.
 """
 
 from __future__ import annotations
@@ -87,12 +90,27 @@ def package_dir(pkg: str) -> Path | None:
     return None
 
 
+def script_name(pkg: str, kind: str) -> str:
+    return "bench_kernels.py" if (kind, pkg) == ("bench", "common") else f"{kind}_{pkg}.py"
+
+
+def script_packages(kind: str) -> list[str]:
+    """The packages whose checkout has the ``kind`` script (``bench`` or ``repro``): the PKG
+    choices of ``longattn bench`` / ``repro``. All of PACKAGES when no checkout is found, so
+    that :func:`find_script` says why instead of argparse offering nothing."""
+    dirs = {pkg: package_dir(pkg) for pkg in PACKAGES}
+    if all(d is None for d in dirs.values()):
+        return list(PACKAGES)
+    return [pkg for pkg, d in dirs.items()
+            if d is not None and (d / "bench" / script_name(pkg, kind)).is_file()]
+
+
 def find_script(pkg: str, kind: str) -> Path:
     """``<root>/<pkg>/bench/bench_<pkg>.py`` (``bench_kernels.py`` for common) or
     ``repro_<pkg>.py``; SystemExit with what exists when it is missing."""
     if pkg not in PACKAGES:
         raise SystemExit(f"longattn: PKG must be one of {PACKAGES}, got {pkg!r}")
-    name = "bench_kernels.py" if (kind, pkg) == ("bench", "common") else f"{kind}_{pkg}.py"
+    name = script_name(pkg, kind)
     where = package_dir(pkg)
     if where is None:
         raise SystemExit(f"longattn: no source checkout of {pkg!r} found (scripts ship with the "
@@ -177,25 +195,66 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="demo_out",
                    help="output folder (default demo_out; checked before any row runs)")
     p.set_defaults(fn=cmd_demo, cpu=True)
+    # bench / repro: main() splits the script's arguments off before argparse sees them
     p = sub.add_parser("bench", help="a package's GPU benchmark script")
-    p.add_argument("pkg", choices=PACKAGES)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (--smoke, --out)")
+    p.add_argument("pkg", choices=script_packages("bench"))
+    p.add_argument("args", nargs="*", metavar="ARGS",
+                   help="passed to the script (--smoke, --out DIR)")
     p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("repro", help="a package's reproduction sweep for a hardware target")
     p.add_argument("--target", required=True, help="H100-1, H100-2, H100-4 or MI300X-1")
-    p.add_argument("pkg", nargs="?", default="hamilton", choices=PACKAGES)
-    p.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script (--dry-run)")
+    p.add_argument("pkg", nargs="?", default="hamilton", choices=script_packages("repro"))
+    p.add_argument("args", nargs="*", metavar="ARGS",
+                   help="passed to the script (--dry-run, --out DIR)")
     p.set_defaults(fn=cmd_repro)
     return ap
 
 
+def split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``(own, script)``: for ``bench PKG ARGS`` and ``repro --target T [PKG] ARGS``, the tokens
+    the command parses itself and the script's arguments, passed on verbatim. argparse cannot
+    tell the script's option values from PKG (``repro --target T --dry-run --out DIR`` would
+    read DIR as PKG), so the script's arguments are everything after PKG (bench) or after the
+    leading ``--target T`` / ``--target=T`` / PKG / ``-h`` tokens (repro; ``-h`` after PKG
+    is the script's)."""
+    cmd_at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if cmd_at is None or argv[cmd_at] not in ("bench", "repro"):
+        return argv, []
+    own, rest = argv[:cmd_at + 1], argv[cmd_at + 1:]
+    i, seen_pkg = 0, False
+    while i < len(rest):
+        a = rest[i]
+        if (a in ("-h", "--help") and not seen_pkg) or a.startswith("--target="):
+            i += 1  # ``repro --target T PKG --help``: the script's help
+        elif a == "--target":
+            i += 2
+        elif not a.startswith("-") and not seen_pkg:
+            i, seen_pkg = i + 1, True
+        else:
+            break
+        if argv[cmd_at] == "bench" and seen_pkg:
+            break
+    own, script = own + rest[:i], rest[i:]
+    if argv[cmd_at] == "repro" and not any(a.startswith("--target") for a in own):
+        own, script = _take_target(own, script)  # ``repro --dry-run --target T``
+    return own, script
+
+
+def _take_target(own: list[str], script: list[str]) -> tuple[list[str], list[str]]:
+    for j, a in enumerate(script):
+        if a.startswith("--target="):
+            return own + [a], script[:j] + script[j + 1:]
+        if a == "--target" and j + 1 < len(script):
+            return own + script[j:j + 2], script[:j] + script[j + 2:]
+    return own, script
+
+
 def main(argv=None) -> int:
     ap = parser()
-    args, extra = ap.parse_known_args(argv)
-    if extra:  # options for the script (``longattn repro --target H100-1 --dry-run``)
-        if args.cmd not in ("bench", "repro"):
-            ap.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.args = [*args.args, *extra]
+    own, script_args = split_script_args(list(sys.argv[1:] if argv is None else argv))
+    args = ap.parse_args(own)
+    if args.cmd in ("bench", "repro"):
+        args.args = [*args.args, *script_args]
     # the CPU environment, except for a device run of ``check --gpu-world`` (Triton compiles)
     if getattr(args, "cpu", False) and not (getattr(args, "gpu_world", None)
                                             and args.device != "cpu"):
