@@ -106,6 +106,15 @@ def test_progress_yields_every_item():
     assert list(B.progress(iter("abc"), total=3)) == ["a", "b", "c"]
 
 
+def test_progress_is_quiet_without_a_tty(capsys):
+    import tqdm  # noqa: F401  (in the test extra: the bar, not the plain iterable, is tested)
+
+    bar = B.progress(range(50), desc="quiet")
+    assert list(bar) == list(range(50))
+    assert bar.disable  # pytest's captured stderr is not a terminal
+    assert capsys.readouterr().err == ""
+
+
 def test_plot_lines_writes_a_png(tmp_path):
     path = B.plot_lines({"ring": ([1, 2, 4], [1.0, 2.0, 4.0]), "tasp": ([1, 2, 4], [1, 1.5, 2])},
                         tmp_path / "p" / "plot.png", xlabel="GPUs", ylabel="ms", title="t",

@@ -157,12 +157,13 @@ def format_table(rows, columns=None) -> str:
 
 
 def progress(iterable, desc: str = "", total=None):
-    """tqdm progress bar if tqdm is installed, else the plain iterable."""
+    """tqdm progress bar if tqdm is installed, else the plain iterable. Quiet when stderr is
+    not a terminal (``disable=None``), so CI logs and redirected output carry no bar frames."""
     if importlib.util.find_spec("tqdm") is None:
         return iterable
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, desc=desc, total=total, leave=False)
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None)
 
 
 def plot_lines(series, path, *, xlabel, ylabel, title="", logx=False, logy=False):
