@@ -110,8 +110,8 @@ def test_progress_is_quiet_without_a_tty(capsys):
     import tqdm  # noqa: F401  (in the test extra: the bar, not the plain iterable, is tested)
 
     bar = B.progress(range(50), desc="quiet")
+    assert bar.disable  # before iterating (closing sets it too): captured stderr is no terminal
     assert list(bar) == list(range(50))
-    assert bar.disable  # pytest's captured stderr is not a terminal
     assert capsys.readouterr().err == ""
 
 
