@@ -28,6 +28,10 @@ from longattn.tree.jax import (  # noqa: E402
     tree_decode_per_device,
 )
 
+# the user's own shard_map, through the one shim that spans JAX versions (jax.shard_map or
+# jax.experimental.shard_map)
+from longattn.tree.jax.decode import _shard_map as shard_map  # noqa: E402
+
 P_DEV, B = 8, 5
 
 
@@ -36,15 +40,6 @@ def meshes():
     assert devs.size == P_DEV, "conftest.py must force 8 host devices before jax loads"
     return [(Mesh(devs, ("i",)), "i"), (Mesh(devs.reshape(2, 4), ("node", "gpu")),
                                          ("node", "gpu"))]
-
-
-def shard_map(f, mesh, in_specs, out_specs, check):
-    sm = getattr(jax, "shard_map", None)
-    if sm is not None:
-        return sm(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=check)
-    from jax.experimental.shard_map import shard_map as old
-
-    return old(f, mesh, in_specs=in_specs, out_specs=out_specs, check_rep=check)
 
 
 def row_lengths(rng, cap):
