@@ -48,7 +48,7 @@ __all__ = ["ShardedBatch", "shard_inputs", "unshard", "reduce_loss", "all_reduce
 class ShardedBatch:
     """What :func:`shard_inputs` tells the attention layers and the loss (``batch["cp_batch"]``).
 
-    ``layout``: the layout of this rank's tokens; ``positions``: a private copy of this rank's
+    ``layout``: the layout of this rank's tokens; ``positions``: a private CPU copy of this rank's
     ``position_ids`` (the attention checks the model passed these); ``padded``: rows were
     reordered (real tokens first); ``order [B, S]``: the original index of each token of the
     reordered rows (None when not padded); ``grad_scale``: the number of ranks the gradients
@@ -135,7 +135,10 @@ def _batch(prep, g, group, layout, num_items):
 
     pos = cut(prep["position_ids"])
     dp = prep["dp"]
-    info = ShardedBatch(layout=layout, positions=pos.clone(), padded=prep["order"] is not None,
+    # positions kept on the CPU: every layer compares the model's position_ids with them, and a
+    # host copy made once here saves one device-to-host copy per layer
+    info = ShardedBatch(layout=layout, positions=pos.to("cpu", copy=True),
+                        padded=prep["order"] is not None,
                         order=prep["order"], grad_scale=g.size * dp.size,
                         loss_groups=(g, dp) if dp.distributed else (g,), num_items=num_items,
                         cu_seqlens=cu, total=prep["total"])

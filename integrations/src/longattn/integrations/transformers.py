@@ -267,7 +267,7 @@ def _layout_of_batch(info, position_ids, s_local):
     """The layout of a batch from :func:`shard_inputs`, after checking that the model passed
     the ``position_ids`` it returned (ValueError naming ``position_ids`` otherwise)."""
     if not isinstance(position_ids, torch.Tensor) or position_ids.shape[-1] != s_local or not (
-            torch.equal(position_ids.cpu(), info.positions.cpu())):
+            torch.equal(position_ids.cpu(), info.positions)):
         raise ValueError(
             f"{NAME}: the position_ids the model passed are not those shard_inputs returned "
             "for this rank's tokens: pass the batch to the model as it is")
