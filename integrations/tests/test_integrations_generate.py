@@ -24,10 +24,29 @@ PROMPT, NEW = 37, 16
 CASES = [("llama", False, 0, 1), ("llama", True, 1, 1), ("qwen2", False, 2, 1),
          ("qwen2", True, 3, 1)]
 BATCH = ("qwen2", True, 4, 3)
+# a batch of 3 prompts of these lengths, left-padded with PAD (transformers' convention)
+LENGTHS, PAD = (37, 20, 3), 0
+PADDED = [("llama", False, 5, LENGTHS), ("llama", True, 6, LENGTHS), ("qwen2", False, 7, LENGTHS),
+          ("qwen2", True, 8, LENGTHS)]
 
 
 def _kwargs(sample):
     return dict(max_new_tokens=NEW, min_new_tokens=NEW, do_sample=sample)
+
+
+def _prompts(batch, seed):
+    """``(input_ids, attention_mask)``: ``batch`` prompts of PROMPT tokens, or a tuple of
+    lengths: that many prompts left-padded to the longest (the last token never PAD, so
+    transformers sees no right padding)."""
+    if isinstance(batch, int):
+        ids, _ = data(batch, PROMPT, seed)
+        return ids, torch.ones_like(ids)
+    ids, _ = data(len(batch), max(batch), seed)
+    ids[:, -1] = ids[:, -1].clamp_min(PAD + 1)
+    mask = torch.ones_like(ids)
+    for row, n in enumerate(batch):
+        mask[row, :max(batch) - n] = 0
+    return ids.masked_fill(mask == 0, PAD), mask
 
 
 def _generate_cases(rank, world, extra, cases):
@@ -40,9 +59,10 @@ def _generate_cases(rank, world, extra, cases):
         warnings.simplefilter("always")
         for kind, sample, seed, batch in cases:
             model = build(kind, name).eval()
-            ids, _ = data(batch, PROMPT, seed)
+            ids, mask = _prompts(batch, seed)
             torch.manual_seed(100 + seed)  # the same seed on every rank
-            out.append(generate(model, ids, group=dist.group.WORLD, **_kwargs(sample)))
+            out.append(generate(model, ids, group=dist.group.WORLD, attention_mask=mask,
+                                pad_token_id=PAD, **_kwargs(sample)))
     said = [f"{w.category.__name__}: {w.message}" for w in caught]
     more = _refusals(rank, name) if extra else None
     return out, said, more
@@ -56,11 +76,15 @@ def _refusals(rank, name):
     model = build("llama", name).eval()
     ids, _ = data(1, PROMPT, 0)
     last = rank == dist.get_world_size() - 1
-    left_padded = torch.ones(1, PROMPT, dtype=torch.long)
-    left_padded[:, :3] = 0
+    right_padded = torch.ones(1, PROMPT, dtype=torch.long)
+    right_padded[:, -3:] = 0
+    left_padded_here = torch.ones(1, PROMPT, dtype=torch.long)
+    left_padded_here[:, :3 if last else 0] = 0
     calls = {
-        "padding": lambda: generate(model, ids, group=dist.group.WORLD,
-                                    attention_mask=left_padded, max_new_tokens=2),
+        "right padding": lambda: generate(model, ids, group=dist.group.WORLD,
+                                          attention_mask=right_padded, max_new_tokens=2),
+        "mask differs": lambda: generate(model, ids, group=dist.group.WORLD,
+                                         attention_mask=left_padded_here, max_new_tokens=2),
         "beams": lambda: generate(model, ids, group=dist.group.WORLD, num_beams=2,
                                   max_new_tokens=2),
         "sdpa model": lambda: generate(build("llama", "sdpa") if last else model, ids,
@@ -86,19 +110,25 @@ def _refusals(rank, name):
 
 def _reference(kind, sample, seed, batch):
     model = build(kind, "sdpa").eval()
-    ids, _ = data(batch, PROMPT, seed)
+    ids, mask = _prompts(batch, seed)
     torch.manual_seed(100 + seed)
     with torch.no_grad():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), **_kwargs(sample))
+        return model.generate(ids, attention_mask=mask, pad_token_id=PAD, **_kwargs(sample))
 
 
 @pytest.mark.parametrize("world,extra", [(2, True), (3, False), (4, False)])
 def test_generate_on_every_rank_equals_one_process(world, extra):
-    cases = CASES + [BATCH] * (world == 3)
+    """Also a batch of 3 left-padded prompts (37, 20 and 3 tokens) on every world size: its
+    prefill is reordered and sharded, its decode steps mask each row's padding. The 3-token
+    prompt has 2 real tokens in the sharded prefix of 36 (2 and 3 ranks); on 4 ranks its
+    prefix of 32 is all padding and the 5 replicated prompt tokens start with 2 padding
+    tokens (queries that see no key)."""
+    cases = CASES + [BATCH] * (world == 3) + PADDED
     res = run_world(world, _generate_cases, extra, cases, timeout=300)
     for i, case in enumerate(cases):
         want = _reference(*case)
-        assert want.shape == (case[3], PROMPT + NEW)
+        rows = case[3] if isinstance(case[3], int) else len(case[3])
+        assert want.shape == (rows, PROMPT + NEW)
         for r in range(world):
             assert torch.equal(res[r][0][i], want), (case, r, res[r][0][i], want)
     for r in range(world):
@@ -108,7 +138,8 @@ def test_generate_on_every_rank_equals_one_process(world, extra):
 
 
 def _check_refusals(res):
-    words = {"padding": "attention_mask", "beams": "num_beams", "sdpa model": "longattn's",
+    words = {"right padding": "left padding", "mask differs": "arguments",
+             "beams": "num_beams", "sdpa model": "longattn's",
              "prompt differs": "input_ids", "seed differs": "random generator state",
              "own cache": "cache"}
     for what, word in words.items():

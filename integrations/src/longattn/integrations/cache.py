@@ -49,6 +49,12 @@ class CacheState:
     query_positions: torch.Tensor  # global positions of the tokens of this call
     lens: list  # every rank's number of cached keys (KVCache.lens)
     group: object  # the cache's group, as given
+    # a left-padded batch (ShardedCache.left_pad): the pad count of every row, the tokens of
+    # the sharded prefill, and each row's real position of this rank's keys [B, n_r] and of
+    # this call's tokens [B, L] (-1: a padding token), which decode attention selects keys by
+    pads: torch.Tensor | None = None
+    prefix: int = 0
+    rows: tuple | None = None
 
 
 class ShardedLayer(DynamicLayer):
@@ -63,6 +69,8 @@ class ShardedLayer(DynamicLayer):
         self.g, self.layout, self.group = g, layout, group
         self.block, self.sharded_prefill = block, sharded_prefill
         self.kv: KVCache | None = None
+        self.pads: torch.Tensor | None = None  # a left-padded batch's pad counts, or None
+        self.prefix = 0  # tokens of the sharded prefill (0: none yet, or replicated)
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Store this call's keys/values ``[B, Hkv, S, D]``; returns this rank's cached keys and
@@ -83,7 +91,7 @@ class ShardedLayer(DynamicLayer):
             pos = _layout.positions(length * n, rank, n, self.layout)
             self.kv = KVCache(k.contiguous(), v.contiguous(), [length] * n, rank,
                               block=self.block, positions=pos)
-            new, decoding = pos, False
+            new, decoding, self.prefix = pos, False, length * n
         else:  # decoding: the same new tokens on every rank, placed in balanced blocks
             if self.kv is None:  # a replicated first call
                 self.kv = self._empty(key_states, value_states)
@@ -94,8 +102,13 @@ class ShardedLayer(DynamicLayer):
         self.keys = self.kv.local_k.transpose(1, 2)
         self.values = self.kv.local_v.transpose(1, 2)
         keys = self.keys.view_as(self.keys)  # a fresh tensor object to carry this call's state
+        rows = None
+        if self.pads is not None:
+            rows = (real_positions(self.kv.local_positions, self.pads, self.prefix),
+                    real_positions(new, self.pads, self.prefix))
         keys._longattn_state = CacheState(decoding, self.kv.local_positions, new,
-                                          list(self.kv.lens), self.group)
+                                          list(self.kv.lens), self.group, self.pads,
+                                          self.prefix, rows)
         return keys, self.values
 
     @property
@@ -124,6 +137,9 @@ class ShardedLayer(DynamicLayer):
         if value_states.dtype != key_states.dtype:
             raise TypeError(f"value_states dtype {value_states.dtype} must be key_states' "
                             f"{key_states.dtype}")
+        if self.pads is not None and key_states.shape[0] != self.pads.shape[0]:
+            raise ValueError(f"key_states has {key_states.shape[0]} rows, the cache's padding "
+                             f"(left_pad) {self.pads.shape[0]}")
         decoding = self.kv is not None or not self.sharded_prefill
         where = None
         if self.kv is not None:
@@ -164,6 +180,19 @@ class ShardedLayer(DynamicLayer):
         self._refuse("batch_select_indices()")
 
 
+def real_positions(slots: torch.Tensor, pads: torch.Tensor, prefix: int) -> torch.Tensor:
+    """Each row's real position (transformers' ``cumsum(mask) - 1``) of the tokens in the cache
+    slots ``slots [n]`` of a left-padded batch, ``[B, n]``, -1 for a padding token. Row ``b``
+    has ``pads[b]`` padding tokens on its left; the first ``prefix`` slots hold the sharded
+    prefill, whose rows ``shard_inputs`` reordered real tokens first (slot ``j`` of row ``b``
+    is real position ``j`` if ``j < prefix - pads[b]``, else padding); every later slot ``j``
+    is the row's column ``j`` (real position ``j - pads[b]`` from ``pads[b]`` on)."""
+    j, pb = slots.to(torch.int64).cpu()[None, :], pads[:, None]
+    prefill = torch.where(j < prefix - pb, j, -1)
+    later = torch.where(j >= pb, j - pb, -1)
+    return torch.where(j < prefix, prefill, later)
+
+
 class ShardedCache(DynamicCache):
     """Sequence-sharded :class:`transformers.DynamicCache` (see the module docstring); its layers
     are :class:`ShardedLayer` s (one :class:`~longattn.tree.cache.KVCache` each).
@@ -196,8 +225,28 @@ class ShardedCache(DynamicCache):
         super().__init__()
         self.group, self.layout, self.n, self.rank = group, layout, g.size, g.rank
         self.block = block
-        self.layer_class_to_replicate = lambda: ShardedLayer(g, layout, group, block,
-                                                             sharded_prefill)
+        self.pads: torch.Tensor | None = None
+        self.layer_class_to_replicate = lambda: self._layer(g, sharded_prefill)
+
+    def _layer(self, g, sharded_prefill):
+        layer = ShardedLayer(g, self.layout, self.group, self.block, sharded_prefill)
+        layer.pads = self.pads
+        return layer
+
+    def left_pad(self, pads) -> None:
+        """Declare a left-padded batch before the first call: row ``b`` starts with
+        ``pads[b]`` padding tokens (a ``[B]`` int tensor, the same on every rank; no
+        communication). The sharded prefill then comes from ``shard_inputs(...,
+        attention_mask=)`` (each row's real tokens moved to its front) and every later call
+        from transformers with the 2-D padding mask; decode attention lets no real token see a
+        padding key and counts causality and sliding windows in the rows' real positions
+        (:func:`real_positions`), as transformers' masks do for left padding."""
+        if self.layers:
+            raise ValueError("left_pad must be called before the cache's first update")
+        if not isinstance(pads, torch.Tensor) or pads.ndim != 1 or pads.dtype.is_floating_point \
+                or bool((pads < 0).any()):
+            raise ValueError(f"pads must be a [batch] tensor of padding counts >= 0, got {pads!r}")
+        self.pads = pads.detach().to("cpu", torch.int64).clone()
 
     def kv_cache(self, layer_idx: int) -> KVCache:
         """The :class:`~longattn.tree.cache.KVCache` of layer ``layer_idx``."""

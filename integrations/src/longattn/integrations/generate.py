@@ -73,13 +73,19 @@ def generate(model, input_ids, *, group=None, block: int = 1, **generate_kwargs)
     def check():
         return _check(model, input_ids, block, generate_kwargs, lay, g)
 
-    prefix, _ = agree("generate", g, check)
-    generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+    (prefix, pads), _ = agree("generate", g, check)
+    mask = generate_kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
     cache = ShardedCache(group=group, layout=lay, block=block, sharded_prefill=prefix > 0)
+    padding = {}
+    if pads is not None:
+        cache.left_pad(pads)
+        # transformers' positions of a left-padded row: its real tokens count from 0
+        pos = (mask.long().cumsum(-1) - 1).clamp_min(0)
+        padding = {"position_ids": pos[:, :prefix], "attention_mask": mask[:, :prefix]}
     with torch.no_grad():
         if prefix:
-            model(**shard_inputs(input_ids[:, :prefix], group=group, layout=lay), cache=cache,
-                  use_cache=True)
+            model(**shard_inputs(input_ids[:, :prefix], group=group, layout=lay, **padding),
+                  cache=cache, use_cache=True)
         out = model.generate(input_ids, cache=cache, **generate_kwargs)
     tokens = getattr(out, "sequences", out)
     agree("generate", g, lambda: (None, {"generated tokens": _digest(tokens)}))
@@ -107,12 +113,7 @@ def _check(model, input_ids, block, kwargs, lay, g):
         if got is not None and got != want:  # None: transformers' default, which is ``want``
             raise ValueError(f"generate: {name}={got!r} is not supported (only {want!r}): "
                              "longattn serves one sequence per prompt, sampled or greedy")
-    mask = kwargs.get("attention_mask")
-    if mask is not None and (not isinstance(mask, torch.Tensor)
-                             or mask.shape != input_ids.shape or not bool(mask.all())):
-        raise ValueError("generate: attention_mask must be None or all ones with input_ids' "
-                         "shape: prompts with padding (a batch of different lengths) are not "
-                         "supported; generate each prompt separately")
+    pads = _left_padding(kwargs.get("attention_mask"), input_ids)
     do_sample = kwargs.get("do_sample", getattr(config, "do_sample", None)) or False
     s = input_ids.shape[1]
     # 2n: zigzag splits in 2n; a contiguous model's full-attention layers move to zigzag
@@ -122,7 +123,32 @@ def _check(model, input_ids, block, kwargs, lay, g):
               "layout": lay, "arguments": _describe(kwargs), "do_sample": bool(do_sample),
               "device type": input_ids.device.type,
               "random generator state": _rng_digest(input_ids.device) if do_sample else ""}
-    return (s - 1) // unit * unit, fields
+    return ((s - 1) // unit * unit, pads), fields
+
+
+def _left_padding(mask, input_ids):
+    """Each row's number of padding tokens (a ``[B]`` tensor), None without padding; a mask
+    that is not a left padding of ``input_ids`` raises ``ValueError`` naming it."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.shape != input_ids.shape or (
+            mask.dtype.is_floating_point or mask.dtype.is_complex):
+        got = (f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+               else type(mask).__name__)
+        raise ValueError(f"generate: attention_mask must be an integer or bool tensor of "
+                         f"input_ids' shape {tuple(input_ids.shape)}, got {got}")
+    m = mask.detach().cpu().long()
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("generate: attention_mask must hold 0 (padding) and 1 (token) only")
+    if bool(m.all()):
+        return None
+    # left padding: 0..01..1 with at least one token, so every row's next token follows a
+    # real one (right padding would feed a padding token's output to the next token)
+    if bool((m[:, 1:] < m[:, :-1]).any()) or not bool(m[:, -1].all()):
+        raise ValueError("generate: attention_mask must be a left padding (each row 0..01..1, "
+                         "ending with a token): right padding and empty rows are not "
+                         "supported; pad on the left (tokenizer.padding_side = 'left')")
+    return (m == 0).sum(dim=1)
 
 
 def _check_model(model):

@@ -188,7 +188,8 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
             raise ValueError(f"{NAME}: {name} must be a 4-D [batch, heads, seq, head_dim] tensor "
                              f"(transformers' layout), got {got}")
     causal = checks.check_bool("is_causal", is_causal)
-    if attention_mask is not None:
+    padded = state is not None and state.pads is not None
+    if attention_mask is not None and not (padded and decoding):
         if attention_mask.ndim == 2:
             raise ValueError(
                 f"{NAME!r} takes padding through shard_inputs(..., attention_mask=mask), not "
@@ -214,6 +215,10 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
         if not causal:
             raise ValueError(f"{NAME!r} supports sliding windows only in causal attention")
         window = w - 1
+    if padded and decoding:
+        _check_padding_mask(attention_mask, state, sum(state.lens))
+        if not causal:
+            raise ValueError(f"{NAME}: a left-padded batch needs causal attention")
     info = _check_batch(kwargs.get("cp_batch"), causal, state)
     lay = None
     if not decoding and g.distributed:
@@ -224,7 +229,7 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
         pos = kwargs.get("position_ids")
         lay = (_layout_of(pos, query.shape[2], g) if info is None
                else _layout_of_batch(info, pos, query.shape[2]))
-    elif key.shape[2] < query.shape[2]:
+    elif not g.distributed and key.shape[2] < query.shape[2]:  # decoding: any count per rank
         raise ValueError(f"key length {key.shape[2]} < query length {query.shape[2]}")
     b, d = query.shape[0], query.shape[3]
     fields = {
@@ -237,7 +242,7 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
         # differently per rank): the effective scale, -1 for no window, "" for no layout
         "softmax_scale": d ** -0.5 if scale is None else scale,
         "sliding_window": -1 if sliding_window is None else sliding_window, "backend": backend,
-        "decoding": decoding, "position_ids layout": lay or "",
+        "decoding": decoding, "position_ids layout": lay or "", "padded cache": padded,
         "cp_batch given": info is not None, "padded": info is not None and info.padded,
         "packed documents": 0 if info is None or info.cu_seqlens is None else len(
             info.cu_seqlens) - 1,
@@ -250,6 +255,10 @@ def _check_batch(info, causal, state):
     """The :class:`ShardedBatch` of :func:`shard_inputs` (or None): a padded batch needs causal
     attention (its padding keys sit after every real query) and no KV cache."""
     if info is None:
+        if state is not None and not state.decoding and state.pads is not None and bool(
+                state.pads.any()):
+            raise ValueError(f"{NAME}: the sharded prefill of a left-padded ShardedCache must "
+                             "come from shard_inputs(..., attention_mask=mask)")
         return None
     if not isinstance(info, ShardedBatch):
         raise TypeError(f"{NAME}: cp_batch must be the ShardedBatch shard_inputs made, got "
@@ -257,10 +266,34 @@ def _check_batch(info, causal, state):
     if info.padded and not causal:
         raise ValueError(f"{NAME}: a padded batch (attention_mask with padding) needs causal "
                          "attention; this layer is not causal")
-    if (info.padded or info.cu_seqlens is not None) and state is not None:
-        raise ValueError(f"{NAME}: a padded or packed batch cannot fill a ShardedCache (its "
-                         "tokens are reordered); prefill one unpadded sequence")
+    if state is not None and (info.cu_seqlens is not None or info.padded != (
+            state.pads is not None and bool(state.pads.any()))):
+        raise ValueError(f"{NAME}: a packed batch, or a padded batch into a ShardedCache not "
+                         "told its padding, cannot fill a ShardedCache (the tokens are "
+                         "reordered); call cache.left_pad(pads) first, or prefill unpadded rows")
+    if info.padded and state is not None and not torch.equal(info.order, _prefill_order(state)):
+        raise ValueError(f"{NAME}: the batch's attention_mask is not the left padding the "
+                         "ShardedCache was told (cache.left_pad)")
     return info
+
+
+def _prefill_order(state):
+    """The reordering ``shard_inputs`` makes of a left-padded prefill of ``state.prefix``
+    tokens (real tokens first), from the cache's pad counts."""
+    cols = torch.arange(state.prefix)[None, :]
+    pad = cols < state.pads[:, None]
+    return torch.argsort(pad.to(torch.int8), dim=1, stable=True)
+
+
+def _check_padding_mask(mask, state, total):
+    """Decoding a left-padded batch: the model's 2-D ``attention_mask`` must be the cache's
+    left padding over all ``total`` cached tokens (what ``generate`` passes)."""
+    want = torch.arange(total)[None, :] >= state.pads[:, None]
+    if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or not torch.equal(
+            mask.detach().cpu().bool(), want):
+        got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else mask
+        raise ValueError(f"{NAME}: decoding a left-padded ShardedCache needs the model's "
+                         f"2-D attention_mask [batch, {total}] of that left padding, got {got}")
 
 
 def _layout_of_batch(info, position_ids, s_local):
@@ -370,6 +403,8 @@ def _decode(q, k, v, state, causal, window, scale, g, backend):
     :func:`longattn.tree.cache.attend` selects each token's keys from them when a causal mask
     among several new tokens or a sliding window needs it.
     """
+    if state.rows is not None:
+        return _decode_rows(q, k, v, state.rows, window, scale, g, backend)
     if not g.distributed:
         return _local(q, k, v, causal, window, scale, backend)
     from longattn.tree.cache import attend
@@ -378,6 +413,34 @@ def _decode(q, k, v, state, causal, window, scale, g, backend):
                   query_positions=state.query_positions, lens=state.lens, group=g.pg,
                   softmax_scale=scale, causal=causal,
                   window_size=(-1, -1) if window is None else (window, 0), backend=backend)
+
+
+def _decode_rows(q, k, v, rows, window, scale, g, backend):
+    """New tokens of a left-padded batch against the sharded cache (causal): row ``b``'s token
+    at real position ``p`` sees the row's real keys at ``p - window .. p`` (``rows``: the real
+    positions of the keys and of the queries, -1 for padding; a padding query sees nothing and
+    gets 0). Per new token, each row's visible keys move to the front of the row and one
+    :func:`longattn.tree.tree_decode` with per-row ``cache_seqlens`` attends them."""
+    from longattn.tree import tree_decode
+
+    keys, queries = rows
+    group = g.pg if g.distributed else LOCAL
+    outs = []
+    for t in range(q.shape[1]):
+        p = queries[:, t:t + 1]
+        seen = (keys >= 0) & (p >= 0) & (keys <= p)
+        if window is not None:
+            seen &= keys >= p - window
+        count = seen.sum(dim=1)
+        width = int(count.max()) if count.numel() else 0
+        idx = torch.argsort((~seen).to(torch.int8), dim=1, stable=True)[:, :width]
+        idx = idx.to(k.device)[:, :, None, None]
+        ks = k.gather(1, idx.expand(-1, -1, *k.shape[2:]))
+        vs = v.gather(1, idx.expand(-1, -1, *v.shape[2:]))
+        outs.append(tree_decode(q[:, t:t + 1].contiguous(), ks, vs, group=group,
+                                softmax_scale=scale, causal=False, backend=backend,
+                                cache_seqlens=count.to(torch.int32).to(k.device)))
+    return torch.cat(outs, dim=1)
 
 
 # ---------------------------------------------------------------------------------------------
