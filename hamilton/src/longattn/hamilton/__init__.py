@@ -29,6 +29,7 @@ from longattn.hamilton.schedules import (
     validate_schedule,
 )
 from longattn.hamilton.sharding import layout_name, shard, unshard
+from longattn.hamilton.usp import usp_attn, usp_shard, usp_unshard
 
 __all__ = [
     "HamiltonConfig",
@@ -45,5 +46,8 @@ __all__ = [
     "two_level_schedule",
     "unpad_packed",
     "unshard",
+    "usp_attn",
+    "usp_shard",
+    "usp_unshard",
     "validate_schedule",
 ]

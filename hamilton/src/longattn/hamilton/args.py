@@ -31,6 +31,9 @@ from longattn.hamilton.schedules import (
 )
 
 SCHEDULE_NAMES = ("auto", "tasp", "multi_ring", "ring", "two_level")
+DENSE_NAMES = ("allgather", "ulysses")
+"""The strategies that are no schedule of the step loop (``longattn.hamilton.allgather``,
+``longattn.hamilton.ulysses``)."""
 KINDS = ("diag", "all", "back")
 """The kinds of local kernel call: ``diag`` (step 0 on the local q, k, v; causal when causal),
 ``all`` (all query rows against key units of the KV buffer) and ``back`` (the zigzag back half
@@ -62,8 +65,8 @@ def resolve_schedule(schedule, n: int, length: int, causal: bool, *,
                              f"group has {n}")
         sched = schedule
     elif not isinstance(schedule, str) or schedule not in SCHEDULE_NAMES:
-        raise ValueError(f"schedule must be a Schedule or one of {SCHEDULE_NAMES}, got "
-                         f"{schedule!r}")
+        raise ValueError(f"schedule must be a Schedule or one of "
+                         f"{SCHEDULE_NAMES + DENSE_NAMES}, got {schedule!r}")
     elif schedule == "ring":
         sched = ring_schedule(n)
     elif schedule in ("tasp", "multi_ring"):
@@ -278,3 +281,63 @@ def _fields(q, k, v, causal, scale, sched, grad, return_lse, backend, cfg, names
             "softmax_scale": scale, "schedule": sched.key_int, "requires_grad": grad,
             "return_lse": return_lse, "backend": backend, "kernel backends": names,
             "config.merge_backend": cfg.merge_backend, "config.contiguous_kv": cfg.contiguous_kv}
+
+
+# ---------------------------------------------------------------------------------------------
+# the dense strategies: schedule="allgather" / "ulysses"
+
+
+def check_heads(q, k, n, what):
+    """Ulysses over ``n`` ranks needs the query heads divisible by ``n`` (KV heads need not
+    be: a KV head several ranks need travels to each)."""
+    if q.shape[2] % n:
+        raise ValueError(f"q has {q.shape[2]} heads, which must be divisible by the {what} size "
+                         f"{n} (Ulysses gives every rank Hq / {n} query heads)")
+
+
+def dense_backends(reqs, backend, grad, return_lse):
+    """The backend names the local calls ``reqs`` (``(q, k, v, causal)``) resolve to, forward
+    and backward (a backend that cannot serve raises here, saying why)."""
+    names = []
+    for needs_dlse in (False,) + ((grad and return_lse and backend == "auto",) if grad else ()):
+        for q, k, v, c in reqs:
+            names.append(pick_backend(q, k, v, causal=c, needs_dlse=needs_dlse, backend=backend))
+    return tuple(names)
+
+
+def check_dense_call(q, k, v, *, group: dist.Group, causal, softmax_scale, schedule,
+                     return_lse, backend, config, cu_seqlens=None):
+    """Validate a ``schedule="allgather"`` / ``"ulysses"`` call of :func:`hamilton_attn` on every
+    rank of ``group``; returns ``softmax_scale``. Causal attention needs the zigzag layout's two
+    halves (an even local length, the same for q and k/v); Ulysses needs ``Hq % n == 0``."""
+    from longattn.hamilton import allgather, ulysses
+
+    n = group.size
+
+    def check():
+        cfg, scale, grad = _check_common(q, k, v, causal, softmax_scale, return_lse, backend,
+                                         config)
+        if cu_seqlens is not None:
+            raise ValueError(f"cu_seqlens (packed documents) is not served by schedule="
+                             f"{schedule!r}; use 'tasp' or 'ring'")
+        lq, lk = q.shape[1], k.shape[1]
+        if causal and n > 1 and (lq != lk or lk % 2):
+            raise ValueError(f"causal schedule={schedule!r} needs the zigzag layout: the same "
+                             f"even local length for q and k/v, got {lq} and {lk}; pad the "
+                             f"global sequence to a multiple of {2 * n}")
+        if schedule == "ulysses":
+            check_heads(q, k, n, "group")
+            reqs = ulysses.requests(q, k, v, n, group.rank, causal)
+        else:
+            reqs = allgather.requests(q, k, v, n, group.rank, causal)
+        names = dense_backends(reqs, backend, grad, return_lse)
+        fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape),
+                  "v.shape": tuple(v.shape), "dtype": q.dtype, "q.device.type": q.device.type,
+                  "causal": causal, "softmax_scale": scale, "schedule": schedule,
+                  "requires_grad": grad, "return_lse": return_lse, "backend": backend,
+                  "kernel backends": names, "config.merge_backend": cfg.merge_backend,
+                  "config.contiguous_kv": cfg.contiguous_kv}
+        return scale, fields
+
+    scale, _ = dist.agree("hamilton_attn", group, check)
+    return scale

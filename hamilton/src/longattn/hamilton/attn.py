@@ -28,11 +28,13 @@ from longattn.common.dist import resolve_group
 from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import attention_backward, attention_forward, grad_lse_or_none
 from longattn.common.merge import merge_partials_
-from longattn.hamilton.args import check_call
+from longattn.hamilton.allgather import allgather_attention
+from longattn.hamilton.args import DENSE_NAMES, check_call, check_dense_call
 from longattn.hamilton.config import DEFAULT
 from longattn.hamilton.packed_attn import packed_attention
 from longattn.hamilton.packing import make_packed_plan
 from longattn.hamilton.plan import kv_views, make_plan, new_buffer
+from longattn.hamilton.ulysses import ulysses_attention
 
 
 def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, schedule="auto",
@@ -71,6 +73,9 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
     sees is neither sent to it nor computed.
     """
     g = resolve_group(group)
+    if isinstance(schedule, str) and schedule in DENSE_NAMES:
+        return _dense(q, k, v, g, causal, softmax_scale, schedule, return_lse, backend, config,
+                      cu_seqlens)
     scale, sched, kernels, config = check_call(q, k, v, group=g, causal=causal,
                                                softmax_scale=softmax_scale, schedule=schedule,
                                                return_lse=return_lse, backend=backend,
@@ -81,6 +86,22 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
         return (out, lse) if return_lse else out
     plan = make_plan(sched, g.rank, causal)
     out, lse = _HamiltonAttn.apply(q, k, v, plan, g.pg, scale, kernels, config)
+    return (out, lse) if return_lse else out
+
+
+def _dense(q, k, v, g, causal, softmax_scale, schedule, return_lse, backend, config,
+           cu_seqlens):
+    """``schedule="allgather"`` / ``"ulysses"`` (:mod:`longattn.hamilton.allgather`,
+    :mod:`longattn.hamilton.ulysses`)."""
+    scale = check_dense_call(q, k, v, group=g, causal=causal, softmax_scale=softmax_scale,
+                             schedule=schedule, return_lse=return_lse, backend=backend,
+                             config=config, cu_seqlens=cu_seqlens)
+    if schedule == "allgather":
+        out, lse = allgather_attention(q, k, v, g, causal=causal, softmax_scale=scale,
+                                       backend=backend)
+    else:
+        out, lse = ulysses_attention(q, k, v, g, causal=causal, softmax_scale=scale,
+                                     backend=backend, return_lse=return_lse)
     return (out, lse) if return_lse else out
 
 
