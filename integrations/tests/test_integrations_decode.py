@@ -101,3 +101,42 @@ def test_sharded_cache_in_one_process_and_what_it_refuses():
         cache.crop(-1)
     with pytest.raises(ValueError, match="layout must be one of"):
         ShardedCache(layout="spiral")
+
+
+def test_left_padded_cache_in_one_process_and_what_it_refuses():
+    """A left-padded batch (pads 0, 5, 13 of 16) in one process: the sharded prefill through
+    shard_inputs' reordering, then two new tokens per row, equal sdpa's logits on every real
+    position; a prefill that is not the told padding, and a decode mask that differs, raise."""
+    from longattn.common.dist import LOCAL
+    from longattn.integrations.cache import ShardedCache, real_positions
+    from longattn.integrations.transformers import register, shard_inputs
+
+    name = register()
+    model, ref_model = build("qwen2", name).eval(), build("qwen2", "sdpa").eval()
+    ids, _ = data(3, PROMPT, 3)
+    pads = torch.tensor([0, 5, 13])
+    mask = (torch.arange(PROMPT)[None] >= pads[:, None]).long()
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    new = torch.tensor([[3, 5], [7, 11], [13, 17]])
+    full_mask = torch.cat([mask, torch.ones_like(new)], 1)
+    assert real_positions(torch.tensor([0, 3, 16]), pads, 4).tolist() == [
+        [0, 3, 16], [-1, -1, 11], [-1, -1, 3]]
+    cache = ShardedCache(group=LOCAL, layout="contiguous")
+    cache.left_pad(pads)
+    with torch.no_grad():
+        model(**shard_inputs(ids, position_ids=pos, attention_mask=mask, group=LOCAL,
+                             layout="contiguous"), cache=cache, use_cache=True)
+        got = model(input_ids=new, attention_mask=full_mask, position_ids=pos[:, -1:] + 1
+                    + torch.arange(2), cache=cache, use_cache=True).logits
+        ref = ref_model(input_ids=torch.cat([ids, new], 1), attention_mask=full_mask,
+                        position_ids=full_mask.cumsum(-1).clamp_min(1) - 1).logits[:, -2:]
+        assert rel_error(got, ref) <= TOL
+        with pytest.raises(ValueError, match="attention_mask"):
+            model(input_ids=new[:, :1], attention_mask=torch.ones(3, PROMPT + 3,
+                  dtype=torch.long), cache=cache, use_cache=True)
+        with pytest.raises(ValueError, match="before the cache's first update"):
+            cache.left_pad(pads)
+        told = ShardedCache(group=LOCAL, layout="contiguous")
+        told.left_pad(pads)
+        with pytest.raises(ValueError, match="shard_inputs"):
+            model(input_ids=ids, position_ids=pos, cache=told, use_cache=True)

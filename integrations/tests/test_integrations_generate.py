@@ -1,6 +1,7 @@
 """``generate()`` on 2, 3 and 4 gloo ranks: the tokens of every rank equal one process's
 ``model.generate`` with sdpa (float64 Llama, and Qwen2 with a sliding-window layer; greedy and
-sampling after the same seed; a 37-token prompt, 16 new tokens), with no warning raised; the
+sampling after the same seed; a 37-token prompt, and a left-padded batch of 37, 20 and 3
+tokens; 16 new tokens), with no warning raised; the
 calls it cannot serve raise on every rank; the transformers cache stays balanced.
 
 The prompt's sharded prefix is a multiple of 2n tokens (36 on 2 and 3 ranks, 32 on 4; then 1

@@ -27,9 +27,15 @@ equal (``ValueError`` otherwise, on every rank).
 Checked on every rank before any communication of the model (one small all-gather, with the
 error raised on every rank): the model uses longattn's attention, ``input_ids`` is the same
 integer ``[B, S]`` tensor everywhere, the generate arguments are the same, the random
-generator state is the same when sampling, and the call is one longattn serves exactly. Not
-served (``ValueError``, never tokens): a padding ``attention_mask`` (a batch of prompts of
-different lengths), beam search (``num_beams > 1``), ``num_return_sequences > 1``, assisted or
+generator state is the same when sampling, and the call is one longattn serves exactly.
+
+A batch of prompts of different lengths is served LEFT-padded (``attention_mask`` rows
+``0..01..1``, transformers' convention for decoder-only generation): the sharded prefix comes
+from ``shard_inputs(..., attention_mask=)`` (each row's real tokens first, positions
+``cumsum(mask) - 1`` as transformers gives them) and ``ShardedCache.left_pad`` makes every
+decode step see only its row's real keys (docs/serving.md). Not served (``ValueError``, never
+tokens): right padding or an all-padding row, beam search (``num_beams > 1``),
+``num_return_sequences > 1``, assisted or
 prompt-lookup decoding, chunked prefill, ``use_cache=False``, and a ``cache`` /
 ``past_key_values`` / ``cache_implementation`` of the caller's (this function makes the cache).
 """
