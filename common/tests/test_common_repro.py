@@ -1,0 +1,156 @@
+"""The target folders (data only, one schema) and the runner's own checks.
+
+Only common is needed here (the folders are found from this file's checkout): the runs of
+each package's targets are in that package's ``test_<pkg>_repro.py``."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from longattn.common import repro, topology
+
+ROOT = Path(__file__).resolve().parents[2]
+FOLDERS = [(p, t) for p in repro.PACKAGES for t in repro.TARGETS]
+
+
+@pytest.mark.parametrize(("pkg", "target"), FOLDERS, ids=[f"{p}-{t}" for p, t in FOLDERS])
+def test_every_target_folder_is_data_that_follows_the_schema(pkg, target):
+    folder = ROOT / pkg / "targets" / target
+    assert folder.is_dir(), folder
+    repro.check_folder(folder)
+    spec = json.loads((folder / "target.json").read_text())
+    assert spec["package"] == pkg and spec["target"] == target
+    hw = repro.hardware(spec)
+    assert isinstance(hw, topology.Target) and hw.world_size >= 1
+
+
+def test_no_other_target_folders_exist():
+    """Every folder under a package's targets/ is one of the checked ones."""
+    found = {(p, d.name) for p in repro.PACKAGES for d in (ROOT / p / "targets").iterdir()
+             if d.is_dir()}
+    assert found == set(FOLDERS)
+
+
+def _copy(tmp_path, pkg="tree", target="H200-1"):
+    dst = tmp_path / pkg / "targets" / target
+    shutil.copytree(ROOT / pkg / "targets" / target, dst)
+    # the measured files the schema checks for, under the copy's package folder
+    spec = json.loads((dst / "target.json").read_text())
+    for m in spec["measured"]:
+        f = tmp_path / pkg / m["file"]
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("[]")
+    return dst
+
+
+def test_a_copy_validates(tmp_path):
+    repro.check_folder(_copy(tmp_path))
+
+
+@pytest.mark.parametrize("name,mode", [("prepare.py", 0o644), ("run.sh", 0o644),
+                                       ("notes.txt", 0o644), ("more.json", 0o755)])
+def test_code_in_a_target_folder_is_refused(tmp_path, name, mode):
+    dst = _copy(tmp_path)
+    f = dst / "sub" / name
+    f.parent.mkdir()
+    f.write_text("{}")
+    os.chmod(f, mode)
+    with pytest.raises(ValueError, match="data only|executable"):
+        repro.check_folder(dst)
+
+
+def _breaks(spec):
+    """(description, mutate(spec), message the error must hold)."""
+    return [
+        ("no claims", lambda s: s.pop("claims"), "claims"),
+        ("empty claims", lambda s: s.update(claims=[]), "claims"),
+        ("bad kind", lambda s: s["claims"][0].update(kind="guessed"), "kind"),
+        ("paper_value text", lambda s: s["claims"][0].update(paper_value="8x"),
+         "paper_value"),
+        ("claim key missing", lambda s: s["claims"][0].pop("unit"), "claims\\[0\\]"),
+        ("duplicate id", lambda s: s["claims"].append(dict(s["claims"][0])), "twice"),
+        ("unknown key", lambda s: s.update(script="run.py"), "unknown keys"),
+        ("wrong schema", lambda s: s.update(schema="x/2"), "schema"),
+        ("wrong package", lambda s: s.update(package="hyper"), "package"),
+        ("wrong target", lambda s: s.update(target="H100-1"), "target"),
+        ("no hardware", lambda s: s["hardware"].pop("figures"), "hardware"),
+        ("figure missing", lambda s: s["hardware"]["figures"].pop("nic_bw"), "nic_bw"),
+        ("unknown topology", lambda s: s["hardware"].update(topology="B200-1"), "hardware"),
+        ("dry_run key not in sweep", lambda s: s["dry_run"].update(gpus=3), "dry_run"),
+        ("no sweep", lambda s: s.pop("sweep"), "sweep"),
+        ("measured file missing", lambda s: s["measured"][0].update(file="nope.json"),
+         "nope.json"),
+        ("hbm_bw negative", lambda s: s["hardware"].update(hbm_bw=-1), "hbm_bw"),
+    ]
+
+
+@pytest.mark.parametrize("i", range(len(_breaks({}))))
+def test_schema_breaks_are_named(tmp_path, i):
+    dst = _copy(tmp_path)
+    spec = json.loads((dst / "target.json").read_text())
+    what, mutate, msg = _breaks(spec)[i]
+    mutate(spec)
+    (dst / "target.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match=msg):
+        repro.check_folder(dst)
+
+
+def test_hardware_by_name_and_by_figures():
+    by_name = repro.hardware({"hardware": {"topology": "MI300X-1"}})
+    assert by_name is topology.TARGETS["MI300X-1"]
+    spec = json.loads((ROOT / "tree" / "targets" / "H200-1" / "target.json").read_text())
+    h200 = repro.hardware(spec)
+    assert h200.device == "NVIDIA H200" and h200.world_size == 8
+
+
+@pytest.mark.parametrize("a,b,same", [
+    ("NVIDIA H100 80GB HBM3", "NVIDIA H100 SXM 80GB", True),
+    ("NVIDIA H200", "NVIDIA H200", True),
+    ("NVIDIA H200", "NVIDIA H100 SXM 80GB", False),
+    ("AMD Instinct MI300X", "AMD Instinct MI300X", True),
+    ("cpu (x86_64, 2 cores)", "NVIDIA H200", False),
+    (None, "NVIDIA H200", False),
+])
+def test_same_gpu(a, b, same):
+    assert repro.same_gpu(a, b) is same
+
+
+def _ctx(tmp_path):
+    spec = json.loads((ROOT / "tree" / "targets" / "H200-1" / "target.json").read_text())
+    folder = ROOT / "tree" / "targets" / "H200-1"
+    return repro.Context("tree", "H200-1", spec, spec["sweep"], repro.hardware(spec), False,
+                         folder)
+
+
+def test_answer_checks_what_it_records(tmp_path):
+    ctx = _ctx(tmp_path)
+    with pytest.raises(ValueError, match="status"):
+        ctx.answer("local_step_ms", 1.0, "guessed", "b")
+    with pytest.raises(ValueError, match="not in"):
+        ctx.answer("no_such_claim", 1.0, "measured", "b")
+    with pytest.raises(ValueError, match="finite"):
+        ctx.answer("local_step_ms", float("nan"), "measured", "b")
+    with pytest.raises(ValueError, match="carries no value"):
+        ctx.answer("local_step_ms", 1.0, "not measured yet", "b")
+    rec = ctx.answer("local_step_ms", 2.33776, "measured", "b", source="f.json")
+    assert rec["value"] == 2.338 and rec["paper"] == "not reported"
+    with pytest.raises(ValueError, match="twice"):
+        ctx.answer("local_step_ms", 1.0, "measured", "b")
+
+
+def test_write_puts_files_only_in_out(tmp_path):
+    res = {"package": "tree", "target": "H200-1", "dry_run": True, "claims": [
+        {"id": "a", "value": 1.0, "unit": "x", "paper_value": 8.0, "paper": "8x",
+         "status": "predicted", "series": {"s": [[1, 2], [3, 4]]}}]}
+    paths = repro.write(res, str(tmp_path / "out"), plots=False)
+    assert [Path(p).name for p in paths] == ["repro_tree_H200-1_dry.json"]
+    assert json.loads(Path(paths[0]).read_text())["claims"][0]["value"] == 1.0
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_unknown_package_and_target_are_named():
+    with pytest.raises(ValueError, match="pkg"):
+        repro.package_dir("flash")

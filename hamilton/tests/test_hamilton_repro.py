@@ -1,0 +1,49 @@
+"""hamilton's hardware targets through longattn.common.repro: every target's dry run, and
+the full run's numbers against the committed JSON they come from."""
+
+import json
+import math
+
+import pytest
+
+from longattn.common import repro
+
+PKG = "hamilton"
+TARGETS = repro.TARGETS
+
+
+def _check(res, pkg, target):
+    """Every claim of the target answered once, with a status and nothing made up."""
+    spec = json.loads((repro.package_dir(pkg) / "targets" / target / "target.json").read_text())
+    assert [c["id"] for c in res["claims"]] == [c["id"] for c in spec["claims"]]
+    for c in res["claims"]:
+        assert c["status"] in repro.STATUSES, c
+        if c["status"] == "not measured yet":
+            assert c["value"] is None, c
+        elif c["value"] is not None:
+            assert math.isfinite(c["value"]) and c["value"] > 0, c
+        if c["status"] == "measured" and not res["dry_run"]:
+            assert c["source"] and c["device"] and c["date"], c
+    return {c["id"]: c for c in res["claims"]}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_dry_run(target, tmp_path):
+    res = repro.run(PKG, target, dry_run=True)
+    claims = _check(res, PKG, target)
+    assert all(c["status"] != "measured" for c in claims.values())
+    paths = repro.write(res, str(tmp_path), plots=False)
+    assert json.loads(open(paths[0]).read())["target"] == target
+
+
+def test_predicted_from_the_h200_step_times():
+    res = repro.run(PKG, "MI300X-1", measure=False)
+    c = _check(res, PKG, "MI300X-1")
+    # every row's ring and TASP times are the model's; the claim is their mean ratio
+    full = [r["ring_ms"] / r["tasp_ms"] for r in res["rows"] if r["mask"] == "full"]
+    assert c["tasp_full_mean"]["value"] == pytest.approx(sum(full) / len(full), rel=1e-3)
+    assert c["tasp_full_max"]["value"] == pytest.approx(max(full), rel=1e-3)
+    assert c["tasp_full_mean"]["status"] == "predicted"
+    assert c["tasp_full_measured"]["status"] == "not measured yet"
+    # full mesh: TASP uses all 7 links, so it is never slower than ring in the model
+    assert min(full) >= 1.0

@@ -1,0 +1,49 @@
+"""ring_swa's hardware targets through longattn.common.repro: every target's dry run, and
+the full run's numbers against the committed JSON they come from."""
+
+import json
+import math
+
+import pytest
+
+from longattn.common import repro
+
+PKG = "ring_swa"
+TARGETS = repro.TARGETS
+
+
+def _check(res, pkg, target):
+    """Every claim of the target answered once, with a status and nothing made up."""
+    spec = json.loads((repro.package_dir(pkg) / "targets" / target / "target.json").read_text())
+    assert [c["id"] for c in res["claims"]] == [c["id"] for c in spec["claims"]]
+    for c in res["claims"]:
+        assert c["status"] in repro.STATUSES, c
+        if c["status"] == "not measured yet":
+            assert c["value"] is None, c
+        elif c["value"] is not None:
+            assert math.isfinite(c["value"]) and c["value"] > 0, c
+        if c["status"] == "measured" and not res["dry_run"]:
+            assert c["source"] and c["device"] and c["date"], c
+    return {c["id"]: c for c in res["claims"]}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_dry_run(target, tmp_path):
+    res = repro.run(PKG, target, dry_run=True)
+    claims = _check(res, PKG, target)
+    assert all(c["status"] != "measured" for c in claims.values())
+    paths = repro.write(res, str(tmp_path), plots=False)
+    assert json.loads(open(paths[0]).read())["target"] == target
+
+
+def test_predicted_and_measured_from_the_committed_json():
+    res = repro.run(PKG, "H200-1", measure=False)
+    c = _check(res, PKG, "H200-1")
+    rows = json.loads((repro.package_dir(PKG) / "bench/results/h200/bench_ring_swa.json")
+                      .read_text())
+    ms = {r["what"]: r["median_ms"] for r in rows}
+    assert c["local_vs_dense_fwd_bwd"]["value"] == pytest.approx(
+        ms["cudnn dense causal fwd+bwd"] / ms["ring_swa local fwd+bwd"], rel=1e-3)
+    for r in res["rows"]:  # a window narrower than the sequence is cheaper than dense
+        assert r["ring_swa_ms"] < r["dense_ring_ms"]
+        assert r["ring_swa_kv_bytes"] <= r["dense_ring_kv_bytes"]
