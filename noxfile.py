@@ -3,7 +3,14 @@
     nox -s demo                      every method on a CPU world of gloo ranks vs the oracle
                                      (the same program as ``longattn demo``)
     nox -s tests                     all packages' tests on the CPU
-    nox -s "isolated(<pkg>)"         one package installed alone (+ its declared deps), its tests
+    nox -s "isolated(<pkg>)"         one package installed alone with the documented command
+                                     ``pip install "./<pkg>[test]"`` (its local dependencies come
+                                     with it), its tests; LONGATTN_INSTALL_FROM=git installs from
+                                     ``git+file://<root>#subdirectory=<pkg>`` (committed HEAD)
+    nox -s build                     wheels and sdists of every package (and the ``longattn``
+                                     meta-distribution) into dist/
+    nox -s wheels                    a fresh venv: installs ``longattn[all]`` from dist/ (after
+                                     ``nox -s build``), runs ``longattn --version`` and ``check``
     nox -s faults                    the fault-injection suite (pytest -m faults): test ids per
                                      package and the wall time
     nox -s lint                      ruff
@@ -28,10 +35,12 @@ nox.options.sessions = ["tests"]
 TORCH = os.environ.get("LONGATTN_TORCH", "torch==2.13.0")
 PAPERS = ["hamilton", "tree", "hyper", "ring_swa", "dilated"]
 PACKAGES = ["reference", "common", *PAPERS, "integrations"]
-# Local packages each one needs installed (its own deps, then its test extra's deps).
-LOCAL_DEPS = {"reference": [], "common": ["reference"]}
-LOCAL_DEPS.update({p: ["reference", "common"] for p in PAPERS})
-LOCAL_DEPS["integrations"] = ["reference", "common", "hamilton", "ring_swa", "tree"]
+META = "longattn"  # the meta-distribution folder: ``pip install "./longattn[hamilton]"``
+# Each package names its local dependencies as direct references into the checkout (``pip
+# install ./hamilton`` brings ./common). Editable installs of several local packages in one pip
+# call would clash with those references, and wheels must not carry them: with this variable set
+# to "" they are plain names (see any */pyproject.toml).
+PLAIN_DEPS = {"LONGATTN_PLAIN_DEPS": ""}
 TARGETS = ["H100-1", "H100-2", "H100-4", "MI300X-1"]
 CPU_ENV = {
     "TRITON_INTERPRET": "1",  # Triton kernels run on the CPU interpreter
@@ -55,7 +64,7 @@ def _install(session, packages, extra="test"):
     args = ["--no-compile"]
     for p in packages:
         args += ["-e", f"./{p}[{extra}]" if extra else f"./{p}"]
-    session.install(*args)
+    session.install(*args, env=PLAIN_DEPS)
     _compile(session)
 
 
@@ -85,10 +94,74 @@ def tests(session):
 @nox.session
 @nox.parametrize("pkg", [nox.param(p, id=p) for p in PACKAGES])
 def isolated(session, pkg):
-    """One package with only its declared dependencies installed, and its own tests."""
-    _install(session, [*LOCAL_DEPS[pkg], pkg])
+    """One package installed the way its README says, non-editable, with nothing but its
+    declared dependencies (its local ones come through their direct references), and its own
+    tests. ``LONGATTN_INSTALL_FROM=git``: from ``git+file://`` of the committed HEAD instead.
+    A previous run's longattn distributions are removed first, so none is left over."""
+    old = session.run("python", "-m", "pip", "list", "--format=freeze", silent=True)
+    old = [ln.split("==")[0] for ln in old.splitlines() if ln.startswith("longattn")]
+    if old:
+        session.run("python", "-m", "pip", "uninstall", "-q", "-y", *old)
+    session.install("--no-compile", TORCH)
+    if os.environ.get("LONGATTN_INSTALL_FROM") == "git":
+        url = f"git+file://{os.path.abspath('.')}#subdirectory={pkg}"
+        dist = f"longattn-{pkg.replace('_', '-')}"
+        session.install("--no-compile", f"{dist}[test] @ {url}")
+    else:
+        session.install("--no-compile", f"./{pkg}[test]")
+    _compile(session)
     session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{pkg}/tests",
                 *session.posargs, env=CPU_ENV)
+
+
+@nox.session
+def build(session):
+    """Wheels and sdists of the 8 packages and the ``longattn`` meta-distribution into dist/.
+
+    Built with LONGATTN_PLAIN_DEPS="" so that their metadata names local packages by plain
+    name (no ``file://`` path of this machine): install them with ``pip install --find-links
+    dist "longattn[hamilton]"`` (or ``longattn-hamilton``, ...). Each wheel is built from its
+    sdist, which checks that the sdist is complete."""
+    session.install("build", "hatchling>=1.21")
+    shutil.rmtree("dist", ignore_errors=True)
+    for folder in [*PACKAGES, META]:
+        session.run("python", "-m", "build", "--no-isolation", "--outdir", "dist", folder,
+                    env=PLAIN_DEPS, silent=True)
+    session.run("python", "-c", _LIST_DIST)
+
+
+_LIST_DIST = """
+import os, zipfile
+names = sorted(os.listdir('dist'))
+for n in names:
+    print(f"  dist/{n}  {os.path.getsize(os.path.join('dist', n)) // 1024} KiB")
+for n in names:
+    if n.endswith('.whl'):
+        meta = [zipfile.ZipFile(os.path.join('dist', n)).read(m).decode()
+                for m in zipfile.ZipFile(os.path.join('dist', n)).namelist()
+                if m.endswith('METADATA')][0]
+        assert 'file:' not in meta, f'{n}: a file:// reference in its metadata'
+print(f"{sum(n.endswith('.whl') for n in names)} wheels, "
+      f"{sum(n.endswith('.tar.gz') for n in names)} sdists in dist/")
+"""
+
+
+@nox.session(reuse_venv=False)
+def wheels(session):
+    """The wheels of ``nox -s build`` in a fresh venv: ``pip install --find-links dist
+    "longattn[all]"``, then ``longattn --version``, ``longattn list`` and ``longattn check``
+    (the CPU correctness matrix) run outside the checkout, so nothing of the source tree is
+    used."""
+    if not os.path.isdir("dist"):
+        session.error("dist/ is missing: run `nox -s build` first")
+    session.install("--no-compile", TORCH)
+    session.install("--no-compile", "--find-links", "dist", "longattn[all]")
+    _compile(session)
+    tmp = session.create_tmp()
+    with session.chdir(tmp):
+        session.run("longattn", "--version")
+        session.run("longattn", "list")
+        session.run("longattn", "check", *session.posargs, env=CPU_ENV)
 
 
 @nox.session
