@@ -1,0 +1,24 @@
+"""Settings shared by every package's tests (pytest loads this file for any test path under the
+repository root, the isolated per-package runs included)."""
+
+import os
+
+
+def pytest_configure(config):
+    """Under TRITON_INTERPRET=1, turn off the interpreter's integer-overflow sanitizer.
+
+    The interpreter checks every int32 add/sub/mul of a kernel for overflow by recomputing it in
+    int64 with numpy, which made it about a third slower (user CPU of
+    ``test_dilated_fused.py::test_persistent_programs[1-3]``: 45 s with, 31 s without). The
+    check cannot fire here: the CPU tests' tensors hold at most thousands of elements, so no
+    index comes near 2**31. A compiled kernel skips it too unless built with ``debug=True``."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    options = getattr(interpreter, "InterpreterOptions", None)
+    builder = getattr(interpreter, "interpreter_builder", None)
+    if options is not None and hasattr(builder, "options"):
+        builder.options = options(sanitize_overflow=False)
