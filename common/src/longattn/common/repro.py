@@ -74,17 +74,18 @@ _TARGET_FIELDS = {f.name for f in dataclasses.fields(topology.Target)}
 
 def package_dir(pkg: str) -> Path:
     """``<repo>/<pkg>``: the folder above the package's ``src/`` (an editable install or a
-    source tree on ``sys.path``; an installed wheel carries no targets)."""
+    source tree on ``sys.path``), else the package's folder in the checkout common comes from
+    (common's own tests run without the paper packages installed)."""
     if pkg not in PACKAGES:
         raise ValueError(f"pkg must be one of {list(PACKAGES)}, got {pkg!r}")
     spec = importlib.util.find_spec(f"longattn.{pkg}")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"pkg {pkg!r}: longattn.{pkg} is not importable")
-    here = Path(list(spec.submodule_search_locations)[0]).resolve()
-    root = here.parents[2]
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(list(spec.submodule_search_locations)[0]).resolve().parents[2]
+    else:
+        root = Path(__file__).resolve().parents[4] / pkg
     if not (root / "targets").is_dir():
-        raise ValueError(f"pkg {pkg!r}: no targets folder beside {here} (a source checkout "
-                         "is needed)")
+        raise ValueError(f"pkg {pkg!r}: no targets folder in {root} (a source checkout is "
+                         "needed)")
     return root
 
 
@@ -391,8 +392,7 @@ def write(result: dict, out_dir: str, *, plots: bool = True) -> list[str]:
     stem = f"repro_{result['package']}_{result['target']}" + ("_dry" if result["dry_run"] else "")
     path = os.path.join(out_dir, stem + ".json")
     with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-        f.write("\n")
+        f.write(_dumps(result) + "\n")
     written = [path]
     if plots and any(c.get("series") for c in result["claims"]):
         if importlib.util.find_spec("matplotlib") is None:
@@ -401,6 +401,13 @@ def write(result: dict, out_dir: str, *, plots: bool = True) -> list[str]:
         else:
             written.append(plot(result, os.path.join(out_dir, stem + ".png")))
     return written
+
+
+def _dumps(result: dict) -> str:
+    """Indented JSON with one line per row (the sweeps have hundreds of rows)."""
+    head = json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1)
+    rows = ",\n  ".join(json.dumps(r) for r in result.get("rows", []))
+    return head[:-2] + ',\n "rows": [\n  ' + rows + "\n ]\n}" if rows else head
 
 
 def plot(result: dict, path: str) -> str:

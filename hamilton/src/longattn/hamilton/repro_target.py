@@ -126,3 +126,19 @@ def run(ctx):
                    "geometric mean of ring ms / TASP ms over the full-mask rows",
                    source=path, device=device, date=date)
     return {"rows": rows}
+
+
+def readme_views(pkg_dir):
+    """The figures hamilton's README derives from ``targets/<T>/prediction.json``: per target,
+    mask and method, the mean and the maximum over the rows of ring ms / method ms."""
+    out = []
+    for path in sorted((pkg_dir / "targets").glob("*/prediction.json")):
+        with open(path) as f:
+            rows = json.load(f)["rows"]
+        for mask in ("full", "causal"):
+            for m in ("tasp", "two_level"):
+                v = [r["ring_ms"] / r[f"{m}_ms"] for r in rows
+                     if r["mask"] == mask and f"{m}_ms" in r]
+                if v:
+                    out += [sum(v) / len(v), max(v)]
+    return out

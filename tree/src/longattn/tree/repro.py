@@ -144,3 +144,14 @@ def measure_local(sw, tokens, *, device):
     ms = bench.time_fn(lambda: tree_decode(q, k, v, group=LOCAL, return_lse=True),
                        device=device)
     return ms, bench.device_name(device)
+
+
+def readme_views(pkg_dir):
+    """The figures tree's README derives from its benchmark JSON: GB/s of each local decode
+    step (bytes_moved / median_ms)."""
+    out = []
+    for path in sorted((pkg_dir / "bench" / "results").rglob("bench_tree.json")):
+        with open(path) as f:
+            out += [r["bytes_moved"] / r["median_ms"] / 1e6 for r in json.load(f)
+                    if r.get("bytes_moved") and r.get("median_ms")]
+    return out

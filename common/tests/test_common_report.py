@@ -1,0 +1,79 @@
+"""docs/results.md is regenerated from JSON, and every package README's results tables quote
+only numbers their committed JSON (or log) holds.
+
+Only common is needed: the packages' folders are found in this checkout."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from longattn.common import report, repro
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("pkg", repro.PACKAGES)
+def test_readme_results_tables_quote_only_numbers_the_json_holds(pkg):
+    rows = report.result_tables((ROOT / pkg / "README.md").read_text())
+    assert sum(len(report.table_numbers(line)) for _, line, _ in rows) > 0  # tables found
+    assert report.check_readme(pkg) == []
+
+
+def _held_anywhere(pkg, value):
+    values = [v for p in sorted((ROOT / pkg).rglob("*.json"))
+              for v in report._file_numbers(str(p))]
+    return report._held(value, values + report._views(pkg, ROOT / pkg))
+
+
+def test_a_readme_changed_by_hand_fails_the_check(tmp_path):
+    """One number of hyper's README altered in a copy: the check names it, and only it."""
+    text = (ROOT / "hyper" / "README.md").read_text()
+    _, line, _ = next(r for r in report.result_tables(text) if report.table_numbers(r[1]))
+    tok = report.table_numbers(line)[-1]
+    dec = len(tok.split(".")[1]) if "." in tok else 0
+    step = 10 ** -dec
+    new = tok
+    while new == tok or _held_anywhere("hyper", new):  # a value no JSON of hyper holds
+        new = f"{float(new.replace(',', '')) + 7 * step:.{dec}f}"
+    changed = line[:line.rindex(tok)] + new + line[line.rindex(tok) + len(tok):]
+    copy = tmp_path / "README.md"
+    copy.write_text(text.replace(line, changed, 1))
+    assert report.check_readme("hyper") == []
+    assert report.check_readme("hyper", copy) == [(new, changed)]
+
+
+def test_bounds_and_names_are_not_results():
+    assert report.table_numbers("| causal | 155.6 | `bn64/w4` | >= 10x: met | K_16 | H100-2 |") \
+        == ["155.6"]
+    assert report.table_numbers("| 1,048,576 | 96% | 2^20 |") == ["1,048,576", "96"]
+
+
+def test_held_at_the_printed_precision():
+    assert report._held("12.53", [12.530614])
+    assert not report._held("12.54", [12.530614])
+    assert report._held("96", [0.9641])  # a percentage of a fraction
+    assert report._held("1,048,576", [1048576.0])
+    assert not report._held("0.10", [0.1051])
+
+
+def test_committed_page_is_the_rendering_of_the_committed_json(tmp_path):
+    """docs/results.md is what the report makes of docs/results/*.json (never typed)."""
+    results = report.collect(str(ROOT / "docs" / "results"))
+    assert set(results) == set(repro.PACKAGES)
+    assert all(len(v) == len(repro.TARGETS) for v in results.values())
+    out = tmp_path / "docs" / "results.md"
+    shutil.copytree(ROOT / "docs" / "results", tmp_path / "docs" / "results")
+    text = report.render(results, str(out), None)
+
+    def strip(t):  # the image links need the plots, which this test does not draw
+        return "\n".join(x for x in t.splitlines() if not x.startswith("!["))
+
+    assert strip(text).split() == strip((ROOT / "docs" / "results.md").read_text()).split()
+    for res in (r for rs in results.values() for r in rs):
+        for c in res["claims"]:
+            assert c["status"] in repro.STATUSES
+            if c["status"] == "measured":
+                assert c["source"] and c["device"] and c["date"], c
+            if c["status"] == "not measured yet":
+                assert c["value"] is None, c
