@@ -48,3 +48,14 @@ def test_predicted_and_measured_from_the_committed_json():
     # below the crossover dense is cheaper per token, above it dilated
     assert all((r["dense_ns_per_token"] < r["dilated_ns_per_token"]) == (r["S"] < x)
                for r in res["rows"])
+
+
+def test_the_results_page_json_is_current():
+    """docs/results/ holds what a run from today's committed JSON gives (regenerate it with
+    python -m longattn.common.report --refresh)."""
+    folder = repro.package_dir(PKG).parent / "docs" / "results"
+    for target in TARGETS:
+        committed = json.loads((folder / f"repro_{PKG}_{target}.json").read_text())
+        fresh = repro.run(PKG, target, measure=False)
+        assert [(c["id"], c["value"], c["status"]) for c in committed["claims"]] == \
+            [(c["id"], c["value"], c["status"]) for c in fresh["claims"]]

@@ -47,3 +47,14 @@ def test_predicted_from_the_h200_step_times():
     assert c["tasp_full_measured"]["status"] == "not measured yet"
     # full mesh: TASP uses all 7 links, so it is never slower than ring in the model
     assert min(full) >= 1.0
+
+
+def test_the_results_page_json_is_current():
+    """docs/results/ holds what a run from today's committed JSON gives (regenerate it with
+    python -m longattn.common.report --refresh)."""
+    folder = repro.package_dir(PKG).parent / "docs" / "results"
+    for target in TARGETS:
+        committed = json.loads((folder / f"repro_{PKG}_{target}.json").read_text())
+        fresh = repro.run(PKG, target, measure=False)
+        assert [(c["id"], c["value"], c["status"]) for c in committed["claims"]] == \
+            [(c["id"], c["value"], c["status"]) for c in fresh["claims"]]

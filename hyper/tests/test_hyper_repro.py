@@ -55,3 +55,14 @@ def test_dry_run_runs_the_sweep_on_tiny_shapes():
     res = repro.run(PKG, "H200-1", dry_run=True)
     assert len(res["rows"]) == 2 * len(repro.load_target(PKG, "H200-1")[2]["seq_lens"])
     assert all(math.isfinite(r["rel_err_out"]) for r in res["rows"])
+
+
+def test_the_results_page_json_is_current():
+    """docs/results/ holds what a run from today's committed JSON gives (regenerate it with
+    python -m longattn.common.report --refresh)."""
+    folder = repro.package_dir(PKG).parent / "docs" / "results"
+    for target in TARGETS:
+        committed = json.loads((folder / f"repro_{PKG}_{target}.json").read_text())
+        fresh = repro.run(PKG, target, measure=False)
+        assert [(c["id"], c["value"], c["status"]) for c in committed["claims"]] == \
+            [(c["id"], c["value"], c["status"]) for c in fresh["claims"]]

@@ -47,3 +47,14 @@ def test_predicted_and_measured_from_the_committed_json():
     for r in res["rows"]:  # a window narrower than the sequence is cheaper than dense
         assert r["ring_swa_ms"] < r["dense_ring_ms"]
         assert r["ring_swa_kv_bytes"] <= r["dense_ring_kv_bytes"]
+
+
+def test_the_results_page_json_is_current():
+    """docs/results/ holds what a run from today's committed JSON gives (regenerate it with
+    python -m longattn.common.report --refresh)."""
+    folder = repro.package_dir(PKG).parent / "docs" / "results"
+    for target in TARGETS:
+        committed = json.loads((folder / f"repro_{PKG}_{target}.json").read_text())
+        fresh = repro.run(PKG, target, measure=False)
+        assert [(c["id"], c["value"], c["status"]) for c in committed["claims"]] == \
+            [(c["id"], c["value"], c["status"]) for c in fresh["claims"]]
