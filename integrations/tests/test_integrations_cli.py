@@ -3,6 +3,7 @@ and this package's own demo rows on a real 4-rank world."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,18 +80,18 @@ def test_bench_and_repro_run_the_package_scripts(monkeypatch):
     assert cli.main(["bench", "common", "--smoke", "--out", "x"]) == 0
     cmd, cwd = calls[-1]
     assert cmd[1] == str(ROOT / "common" / "bench" / "bench_kernels.py")
-    assert cmd[2:] == ["--smoke", "--out", "x"] and cwd == str(ROOT)
+    assert cmd[2:] == ["--smoke", "--out", "x"] and cwd == os.getcwd()
     script = ROOT / "hamilton" / "bench" / "repro_hamilton.py"
-    if script.exists():
-        assert cli.main(["repro", "--target", "H100-2", "--dry-run"]) == 0
-        assert calls[-1][0][1:] == [str(script), "--target", "H100-2", "--dry-run"]
+    assert cli.main(["repro", "--target", "H100-2", "--dry-run"]) == 0
+    assert calls[-1][0][1:] == [str(script), "--target", "H100-2", "--dry-run",
+                                "--out", os.path.join("bench_out", "repro_hamilton")]
 
 
 def test_script_errors(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "integrations"])  # no bench script: not a choice
     assert "invalid choice: 'integrations'" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(SystemExit, match="integrations has no bench_integrations.py"):
         cli.find_script("integrations", "bench")
     with pytest.raises(SystemExit, match="target must be one of"):
         cli.main(["repro", "--target", "TPU-9"])
@@ -129,6 +130,43 @@ def test_bench_option_forms(monkeypatch, argv):
     monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
     assert cli.main(["bench", "tree", *argv]) == 0
     assert calls == [[sys.executable, str(ROOT / "tree" / "bench" / "bench_tree.py"), *argv]]
+
+
+def test_bench_without_out_writes_under_the_current_directory(monkeypatch, tmp_path):
+    """No ``--out``: ``bench_out/<pkg>`` in the current directory (the script's own default
+    would be the source tree, or site-packages for an installed wheel); the script runs there."""
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call",
+                        lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["bench", "tree", "--smoke"]) == 0
+    cmd, cwd = calls[-1]
+    assert cmd[2:] == ["--smoke", "--out", os.path.join("bench_out", "tree")]
+    assert cwd == str(tmp_path)
+
+
+def test_scripts_found_inside_an_installed_package(monkeypatch, tmp_path):
+    """Without a checkout, the copy a wheel carries (``longattn/<pkg>/scripts/bench``) runs;
+    the choices are the packages that carry the script."""
+    pkg = tmp_path / "longattn" / "tree"
+    (pkg / "scripts" / "bench").mkdir(parents=True)
+    (pkg / "scripts" / "bench" / "bench_tree.py").write_text("")
+    monkeypatch.setattr(cli, "package_dir", lambda name: None)
+    monkeypatch.setattr(cli, "_locations", lambda name: [str(pkg)] if name == "tree" else [])
+    assert cli.find_script("tree", "bench") == pkg / "scripts" / "bench" / "bench_tree.py"
+    assert cli.script_packages("bench") == ["tree"]
+    assert cli.script_packages("repro") == []
+    with pytest.raises(SystemExit, match="hamilton has no repro_hamilton.py"):
+        cli.find_script("hamilton", "repro")
+
+
+def test_tables_fit_100_columns():
+    long = "a very long description of what this row checked " * 3
+    rows = [{"method": "integrations", "what": long, "shape": "B2 S64 H4/2 D8 fp64 " * 2,
+             "rel_err": 1.23e-12, "tol": 1e-10}]
+    text = driver.check_table(rows)
+    assert max(map(len, text.splitlines())) <= 100, text
+    assert text.split().count("description") == 3  # wrapped, not cut
 
 
 def test_script_choices_are_the_packages_with_the_script(capsys):

@@ -1,4 +1,5 @@
-"""The README's training scripts: the exact lines, on 4 CPU ranks.
+"""The README's training scripts: the exact lines, on 4 CPU ranks; every ``longattn`` command
+line of every README, in both option forms.
 
 The README shows ``examples/quickstart.py`` (a packed batch under DDP over the context-parallel
 ranks) and ``examples/train_2d.py`` (FSDP2 on a 2 x 2 data-parallel x context-parallel mesh)
@@ -100,3 +101,102 @@ def test_results_table_is_the_committed_json():
         assert cells[2] == f"{row['rel_err']:.1e}", (cells, row)
         assert cells[3] == f"{row['tol']:g}", (cells, row)
         assert cells[4] == ("" if row["bytes"] is None else str(row["bytes"])), (cells, row)
+
+
+# ---------------------------------------------------------------------------------------------
+# the command lines of every README
+
+
+def _cli_examples():
+    """``(readme, line)`` for every line of a bash block in a README that runs the ``longattn``
+    command (or ``python -m longattn.integrations``), its comment dropped."""
+    import shlex
+
+    root = HERE.parent
+    found = []
+    for readme in sorted([root / "README.md", *root.glob("*/README.md")]):
+        text, in_bash = readme.read_text(), False
+        for line in text.splitlines():
+            if line.startswith("```"):
+                in_bash = line.strip() in ("```bash", "```sh", "```console")
+                continue
+            words = shlex.split(line, comments=True) if in_bash else []
+            if words[:1] == ["longattn"] or words[:3] == ["python", "-m",
+                                                          "longattn.integrations"]:
+                found.append((readme.relative_to(root).as_posix(), words))
+    return found
+
+
+def _equals_form(words):
+    """The same line with every ``--opt VALUE`` of one value written ``--opt=VALUE`` (None when
+    it has no such option)."""
+    out, i, changed = [], 0, False
+    while i < len(words):
+        w = words[i]
+        one_value = (w.startswith("--") and "=" not in w and i + 1 < len(words)
+                     and not words[i + 1].startswith("-")
+                     and (i + 2 == len(words) or words[i + 2].startswith("-")))
+        if one_value:
+            out.append(f"{w}={words[i + 1]}")
+            i, changed = i + 2, True
+        else:
+            out.append(w)
+            i += 1
+    return out if changed else None
+
+
+def _cases():
+    cases = []
+    for readme, words in _cli_examples():
+        cases.append(pytest.param(words, id=f"{readme}: {' '.join(words)}"))
+        eq = _equals_form(words)
+        if eq is not None:
+            cases.append(pytest.param(eq, id=f"{readme}: {' '.join(eq)}"))
+    return cases
+
+
+def test_the_readmes_show_the_command():
+    lines = [" ".join(w) for _, w in _cli_examples()]
+    for cmd in ("--version", "list", "check", "demo", "bench", "repro"):
+        assert any(ln.split()[1:2] == [cmd] or ln.endswith(f" {cmd}") for ln in lines), cmd
+
+
+@pytest.mark.parametrize("words", _cases())
+def test_readme_command_line_runs(words, monkeypatch, tmp_path, capsys):
+    """The line, verbatim, through :func:`longattn.integrations.cli.main` in a scratch
+    directory, with what it starts replaced by recorders: the rows (``check``/``demo``: one
+    passing row), the GPU world and the script subprocess. It must parse, reach the right
+    action with the line's values and exit 0."""
+    from longattn.integrations import cli, driver, gpu_world
+
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+    row = {"method": "m", "what": "w", "shape": "s", "rel_err": 0.0, "tol": 1e-10}
+
+    def rows(only=None, run_world=None, log=print):
+        seen["only"] = only
+        return [row]
+
+    monkeypatch.setattr(driver, "collect_rows", rows)
+    monkeypatch.setattr(gpu_world, "run", lambda args: seen.setdefault("gpu", args) and 0)
+    monkeypatch.setattr(cli.subprocess, "call",
+                        lambda cmd, cwd: seen.setdefault("script", cmd) and 0)
+    argv = words[3:] if words[0] == "python" else words[1:]
+    if argv == ["--version"]:
+        with pytest.raises(SystemExit) as e:
+            cli.main(argv)
+        assert e.value.code == 0 and "longattn-integrations" in capsys.readouterr().out
+        return
+    assert cli.main(argv) == 0
+    flat = " ".join(argv)
+    if argv[0] == "demo":
+        out = argv[argv.index("--out") + 1] if "--out" in argv else flat.split("--out=")[1]
+        assert (tmp_path / out / "demo.json").is_file()
+    if argv[0] == "check" and "--only" in flat:
+        assert seen["only"] == argv[argv.index("--only") + 1:]  # the line's last option
+    if "--gpu-world" in flat:
+        assert seen["gpu"].gpu_world
+    if argv[0] in ("bench", "repro"):
+        script = seen["script"]
+        assert script[1].endswith(f"{argv[0]}_hamilton.py")
+        assert "--out" in script or any(a.startswith("--out=") for a in script)

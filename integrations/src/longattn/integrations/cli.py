@@ -76,13 +76,7 @@ def cmd_demo(args) -> int:
 def package_dir(pkg: str) -> Path | None:
     """The package's folder in the source checkout (``<root>/<pkg>``), if there is one: next
     to its editable install's sources, or under the current directory."""
-    try:
-        spec = importlib.util.find_spec(f"longattn.{pkg}")
-    except ModuleNotFoundError:
-        spec = None
-    candidates = []
-    for loc in (getattr(spec, "submodule_search_locations", None) or []):
-        candidates.append(Path(loc).resolve().parents[2])  # <pkg>/src/longattn/<pkg>
+    candidates = [Path(loc).resolve().parents[2] for loc in _locations(pkg)]  # <pkg>/src/...
     candidates.append(Path.cwd() / pkg)
     for c in candidates:
         if (c / "pyproject.toml").exists() and c.name == pkg:
@@ -90,47 +84,69 @@ def package_dir(pkg: str) -> Path | None:
     return None
 
 
+def _locations(pkg: str) -> list[str]:
+    try:
+        spec = importlib.util.find_spec(f"longattn.{pkg}")
+    except ModuleNotFoundError:
+        spec = None
+    return list(getattr(spec, "submodule_search_locations", None) or [])
+
+
+def scripts_dirs(pkg: str) -> list[Path]:
+    """Where ``pkg``'s scripts are: ``<root>/<pkg>/bench`` of a checkout, and the copy an
+    installed wheel carries in ``longattn/<pkg>/scripts/bench``."""
+    out = []
+    where = package_dir(pkg)
+    if where is not None:
+        out.append(where / "bench")
+    out += [Path(loc) / "scripts" / "bench" for loc in _locations(pkg)]
+    return [d for d in out if d.is_dir()]
+
+
 def script_name(pkg: str, kind: str) -> str:
     return "bench_kernels.py" if (kind, pkg) == ("bench", "common") else f"{kind}_{pkg}.py"
 
 
 def script_packages(kind: str) -> list[str]:
-    """The packages whose checkout has the ``kind`` script (``bench`` or ``repro``): the PKG
-    choices of ``longattn bench`` / ``repro``. All of PACKAGES when no checkout is found, so
-    that :func:`find_script` says why instead of argparse offering nothing."""
-    dirs = {pkg: package_dir(pkg) for pkg in PACKAGES}
-    if all(d is None for d in dirs.values()):
-        return list(PACKAGES)
-    return [pkg for pkg, d in dirs.items()
-            if d is not None and (d / "bench" / script_name(pkg, kind)).is_file()]
+    """The packages that have the ``kind`` script (``bench`` or ``repro``), in a checkout or
+    in their installed wheel: the PKG choices of ``longattn bench`` / ``repro``."""
+    return [pkg for pkg in PACKAGES
+            if any((d / script_name(pkg, kind)).is_file() for d in scripts_dirs(pkg))]
 
 
 def find_script(pkg: str, kind: str) -> Path:
-    """``<root>/<pkg>/bench/bench_<pkg>.py`` (``bench_kernels.py`` for common) or
-    ``repro_<pkg>.py``; SystemExit with what exists when it is missing."""
+    """``bench/bench_<pkg>.py`` (``bench_kernels.py`` for common) or ``repro_<pkg>.py`` of the
+    checkout, else of the installed wheel; SystemExit with what exists when it is missing."""
     if pkg not in PACKAGES:
         raise SystemExit(f"longattn: PKG must be one of {PACKAGES}, got {pkg!r}")
     name = script_name(pkg, kind)
-    where = package_dir(pkg)
-    if where is None:
-        raise SystemExit(f"longattn: no source checkout of {pkg!r} found (scripts ship with the "
-                         "repository, not the wheels); run from the repository root")
-    path = where / "bench" / name
-    if not path.exists():
-        have = sorted(p.name for p in (where / "bench").glob("*.py")) if (
-            where / "bench").is_dir() else []
-        raise SystemExit(f"longattn: {path} does not exist; {pkg}/bench has {have or 'nothing'}")
-    return path
+    dirs = scripts_dirs(pkg)
+    for d in dirs:
+        if (d / name).is_file():
+            return d / name
+    have = sorted({p.name for d in dirs for p in d.glob("*.py")})
+    raise SystemExit(f"longattn: {pkg} has no {name} (installed or in a checkout); its scripts: "
+                     f"{have or 'none'}")
+
+
+def script_argv(pkg: str, kind: str, argv: list[str]) -> list[str]:
+    """The script's arguments: ``argv``, and ``--out bench_out/<pkg>`` (in the current
+    directory) when it names no ``--out`` (nor asks for ``--help``), so that no run writes
+    into the source tree or site-packages unless told to."""
+    if any(a in ("-h", "--help") or a == "--out" or a.startswith("--out=") for a in argv):
+        return list(argv)
+    return [*argv, "--out", os.path.join("bench_out", pkg if kind == "bench" else
+                                         f"repro_{pkg}")]
 
 
 def _run_script(path: Path, argv) -> int:
     cmd = [sys.executable, str(path), *argv]
     print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=str(path.parents[2]))
+    return subprocess.call(cmd, cwd=os.getcwd())
 
 
 def cmd_bench(args) -> int:
-    return _run_script(find_script(args.pkg, "bench"), args.args)
+    return _run_script(find_script(args.pkg, "bench"), script_argv(args.pkg, "bench", args.args))
 
 
 def cmd_repro(args) -> int:
@@ -141,23 +157,22 @@ def cmd_repro(args) -> int:
     if TARGETS is not None and args.target not in TARGETS:
         raise SystemExit(f"longattn: --target must be one of {sorted(TARGETS)}, "
                          f"got {args.target!r}")
-    return _run_script(find_script(args.pkg, "repro"), ["--target", args.target, *args.args])
+    return _run_script(find_script(args.pkg, "repro"),
+                       ["--target", args.target, *script_argv(args.pkg, "repro", args.args)])
 
 
 def cmd_list(args) -> int:
-    from longattn.common.bench import format_table
-
     demos = {e.name for e in driver.demo_entry_points()} | {driver.FOUNDATION}
     rows = []
     for pkg in PACKAGES:
         if importlib.util.find_spec(f"longattn.{pkg}") is None:
             continue
-        where = package_dir(pkg)
-        scripts = sorted(p.name for p in (where / "bench").glob("*.py")) if (
-            where is not None and (where / "bench").is_dir()) else []
+        dirs = scripts_dirs(pkg)
+        scripts = sorted({p.name for d in dirs for p in d.glob("*.py")})
         rows.append({"package": pkg, "demo rows": "yes" if pkg in demos else "",
-                     "scripts": " ".join(scripts), "source": str(where or "")})
-    print(format_table(rows, ["package", "demo rows", "scripts", "source"]))
+                     "scripts": " ".join(scripts),
+                     "scripts from": str(dirs[0]) if dirs else ""})
+    print(driver.fit_table(rows, ["package", "demo rows", "scripts", "scripts from"]))
     return 0
 
 

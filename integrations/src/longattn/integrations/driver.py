@@ -161,12 +161,45 @@ def row_passes(row) -> bool:
 # output
 
 
-def check_table(rows) -> str:
-    from longattn.common.bench import format_table
+WIDTH = 100  # columns a printed table may take
 
+
+def fit_table(rows, columns, width=WIDTH) -> str:
+    """:func:`longattn.common.bench.format_table`'s table, at most ``width`` columns wide: the
+    widest cells are wrapped onto continuation lines (words kept whole where they fit) until
+    the table fits."""
+    import textwrap
+
+    if not rows:
+        return "(no rows)"
+
+    def fmt(x):
+        if isinstance(x, float):
+            return f"{x:.4g}"
+        return "" if x is None else str(x)
+
+    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    while sum(widths) + 2 * (len(widths) - 1) > width:
+        i = max(range(len(widths)), key=widths.__getitem__)
+        if widths[i] <= max(len(columns[i]), 8):
+            break  # nothing left to wrap
+        widths[i] -= 1
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
+             "  ".join("-" * w for w in widths)]
+    for row in cells:
+        parts = [textwrap.wrap(v, w, break_on_hyphens=False) or [""]
+                 for v, w in zip(row, widths)]
+        for k in range(max(map(len, parts))):
+            lines.append("  ".join((p[k] if k < len(p) else "").ljust(w)
+                                   for p, w in zip(parts, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def check_table(rows) -> str:
     table = [{**r, "tol": r.get("tol", DEFAULT_TOL), "ok": "PASS" if row_passes(r) else "FAIL"}
              for r in rows]
-    return format_table(table, ["method", "what", "shape", "rel_err", "tol", "ok"])
+    return fit_table(table, ["method", "what", "shape", "rel_err", "tol", "ok"])
 
 
 def plot(rows, path) -> bool:
@@ -217,13 +250,11 @@ def writable_dir(path: str) -> str:
 def run_demo(only=None, out="demo_out") -> int:
     """Every row with time and bytes: prints the table, writes ``demo.json`` (and ``demo.png``
     with matplotlib) into ``out``; returns 1 when a row fails or there are none, else 0."""
-    from longattn.common.bench import format_table
-
     writable_dir(out)
     t0 = time.perf_counter()
     print("longattn demo: every installed method on a CPU world of gloo ranks", flush=True)
     rows = collect_rows(only)
-    print(format_table(rows, COLUMNS))
+    print(fit_table(rows, COLUMNS))
     with open(os.path.join(out, "demo.json"), "w") as f:
         json.dump(rows, f, indent=1, default=str)
     plotted = plot(rows, os.path.join(out, "demo.png")) if rows else False
