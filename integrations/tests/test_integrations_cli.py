@@ -227,3 +227,18 @@ def test_integrations_demo_rows_on_a_4_rank_world(capsys):
         assert driver.row_passes(r), r
         assert r["rel_err"] <= (1e-6 if "fp32 loss" in r["what"] else 1e-10), r
     assert rows[0]["bytes"] > 0  # the attention communicated
+
+
+def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
+    """Before the script starts (its plot comes after the whole run)."""
+    calls = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    real = cli.importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.raises(SystemExit, match=r'needs matplotlib: pip install "longattn-tree\[plots\]"'):
+        cli.main(["bench", "tree", "--out", "d"])
+    with pytest.raises(SystemExit, match=r"longattn-hamilton\[plots\]"):
+        cli.main(["repro", "--target", "H100-1", "--dry-run"])
+    assert calls == []
+    assert cli.main(["bench", "tree", "--help"]) == 0  # help needs nothing

@@ -129,6 +129,31 @@ def find_script(pkg: str, kind: str) -> Path:
                      f"{have or 'none'}")
 
 
+# What a script imports beyond its package's own dependencies (module, the extra that brings it):
+# these scripts plot their results at the end of the run, so a missing matplotlib is said first.
+SCRIPT_NEEDS = {
+    ("bench", "dilated"): [("matplotlib", "plots")],
+    ("bench", "hyper"): [("matplotlib", "plots")],
+    ("bench", "tree"): [("matplotlib", "plots")],
+    ("repro", "hamilton"): [("matplotlib", "plots")],
+}
+
+
+def check_needs(pkg: str, kind: str, argv: list[str]) -> None:
+    """SystemExit naming the extra to install when a module the script needs is missing, before
+    the script starts (``--help`` needs nothing)."""
+    if any(a in ("-h", "--help") for a in argv):
+        return
+    missing = [(m, extra) for m, extra in SCRIPT_NEEDS.get((kind, pkg), [])
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        dist = f"longattn-{pkg.replace('_', '-')}"
+        extras = ",".join(sorted({e for _, e in missing}))
+        raise SystemExit(f"longattn {kind} {pkg}: needs {', '.join(m for m, _ in missing)}: "
+                         f"pip install \"{dist}[{extras}]\" (or \"./{pkg}[{extras}]\" from a "
+                         "clone)")
+
+
 def script_argv(pkg: str, kind: str, argv: list[str]) -> list[str]:
     """The script's arguments: ``argv``, and ``--out bench_out/<pkg>`` (in the current
     directory) when it names no ``--out`` (nor asks for ``--help``), so that no run writes
@@ -146,6 +171,7 @@ def _run_script(path: Path, argv) -> int:
 
 
 def cmd_bench(args) -> int:
+    check_needs(args.pkg, "bench", args.args)
     return _run_script(find_script(args.pkg, "bench"), script_argv(args.pkg, "bench", args.args))
 
 
@@ -157,6 +183,7 @@ def cmd_repro(args) -> int:
     if TARGETS is not None and args.target not in TARGETS:
         raise SystemExit(f"longattn: --target must be one of {sorted(TARGETS)}, "
                          f"got {args.target!r}")
+    check_needs(args.pkg, "repro", args.args)
     return _run_script(find_script(args.pkg, "repro"),
                        ["--target", args.target, *script_argv(args.pkg, "repro", args.args)])
 
