@@ -84,7 +84,8 @@ def tests(session):
     core (``LONGATTN_TEST_WORKERS=N`` to choose; ``0`` runs in this process). Many tests are one
     Python process running the Triton interpreter, so two cores halve their time; work stealing
     keeps the slow tail (the interpreted dilated kernels) from landing on one worker."""
-    session.install("--no-compile", "pytest-xdist")
+    # hatchling: tests/test_longattn_packaging.py reads the packages' metadata with it
+    session.install("--no-compile", "pytest-xdist", "hatchling>=1.21")
     _install(session, PACKAGES)
     workers = os.environ.get("LONGATTN_TEST_WORKERS", "auto")
     session.run("python", "-m", "pytest", "-q", "-n", workers, "--dist", "worksteal",
