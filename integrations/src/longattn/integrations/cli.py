@@ -20,13 +20,17 @@ demo`` and ``python tests/demo.py`` run the same): the foundation rows of ``long
 against the oracle and every package's demo entry point (group ``longattn.demo``:
 ``rows(run_world) -> list[dict]``); a row passes when its ``rel_err`` is finite and at most its
 ``tol`` (2e-2 when the row gives none). They run on the CPU (``TRITON_INTERPRET=1``, JAX on 8
-CPU devices, one thread per rank) and exit 1 when a row fails; ``demo`` checks that ``--out``
-is writable before any row runs. ``bench`` and ``repro`` run the package's script from the
-source checkout (scripts are not part of the wheels) with this Python, in the checkout's root,
-and return its exit code; PKG's choices are the packages whose checkout has the script, and
-what follows PKG (bench) or ``--target T [PKG]`` (repro) reaches the script unchanged, so both
-``--out DIR`` and ``--out=DIR`` work. ``longattn --version`` lists the installed longattn
-distributions.
+CPU devices, one thread per rank), print tables at most 100 columns wide and exit 1 when a row
+fails or none ran; ``demo`` checks that ``--out`` is writable before any row runs. ``bench`` and
+``repro`` run the package's script with this Python in the current directory: the checkout's
+``<pkg>/bench/`` when there is one, else the copy the installed wheel carries
+(``longattn/<pkg>/scripts/bench``), and return its exit code. PKG's choices are the packages
+that have the script; what follows PKG (bench) or ``--target T [PKG]`` (repro) reaches the
+script unchanged (``--out DIR`` and ``--out=DIR`` alike), plus ``--out bench_out/<pkg>``
+(``bench_out/repro_<pkg>``) when it names no ``--out``, so nothing is written into the source
+tree or site-packages unasked. A script that needs an optional dependency which is missing (the
+plots: matplotlib) stops before it starts, naming the extra to install. ``longattn --version``
+lists the installed longattn distributions.
 """
 
 from __future__ import annotations
