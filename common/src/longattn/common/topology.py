@@ -2,7 +2,8 @@
 
 A :class:`Target` describes a cluster: nodes, GPUs per node, the intra-node fabric and its
 bandwidths, the per-GPU network bandwidth between nodes, latencies, and the attention compute
-rate. The four named targets are the ones the TASP paper measured on.
+rate. The four targets in :data:`TARGETS` are the ones the TASP paper measured on;
+:data:`EXTRA_TARGETS` adds H200-1 (one node of 8 H200s, below).
 
 Figures and where they come from (unidirectional, per GPU, GB/s = 1e9 B/s). Datasheet values
 are the vendors'; "estimate" marks a value nobody measured here, to be replaced by a
@@ -75,6 +76,39 @@ TARGETS: dict[str, Target] = {
                        inter_latency=15e-6, attn_flops_fwd=400e12, attn_flops_fwd_bwd=330e12,
                        device="AMD Instinct MI300X"),
 }
+
+
+# NVIDIA H200 SXM, one node of 8 GPUs on NVSwitch (HGX H200): the 8 x H200 machine the H200
+# measurements of this repository come from (hamilton/targets/H200-1/target.json lists the same
+# figures and their sources).
+# * gpu_bw: NVLink 4, 18 links x 25 GB/s = 450 GB/s per direction per GPU (NVIDIA H200
+#   datasheet: "NVLink 900 GB/s", bidirectional). peer_bw: 370 GB/s for one NCCL p2p stream, the
+#   H100 entry's estimate (the same NVLink 4 / NVSwitch generation; not measured here).
+# * alpha: 10 us per intra-node step, the H100 entry's estimate. Why this one: no multi-GPU run
+#   of this repository has measured a step's fixed cost (a batched NCCL send/recv plus the
+#   kernel launches around it, not the wire latency), and keeping the H100 figure makes the
+#   H100-1 and H200-1 models differ only where something was measured (the compute rate).
+# * nic_bw / inter_latency: one 400 Gb/s NIC per GPU, as the H100 entry (used only by targets of
+#   several nodes).
+# * attention FLOP/s: cuDNN SDPA at S = 32768, H = 32, D = 128, bf16, non-causal, on an H200:
+#   600 TFLOP/s forward, 543 forward+backward (common/bench/results/h200/bench_kernels.json).
+# Not in TARGETS (the four targets of the TASP paper, which get_target serves): find_target and
+# ALL_TARGETS serve every target.
+EXTRA_TARGETS: dict[str, Target] = {
+    "H200-1": Target("H200-1", 1, 8, fabric="nvswitch", gpu_bw=450 * GB, peer_bw=370 * GB,
+                     nic_bw=50 * GB, intra_latency=10e-6, inter_latency=15e-6,
+                     attn_flops_fwd=600e12, attn_flops_fwd_bwd=543e12, device="NVIDIA H200"),
+}
+
+ALL_TARGETS: dict[str, Target] = {**TARGETS, **EXTRA_TARGETS}
+"""Every named target: the paper's four (:data:`TARGETS`) and :data:`EXTRA_TARGETS`."""
+
+
+def find_target(name: str) -> Target:
+    """The target ``name`` among :data:`ALL_TARGETS` (the paper's four and H200-1)."""
+    if name not in ALL_TARGETS:
+        raise ValueError(f"target must be one of {sorted(ALL_TARGETS)}, got {name!r}")
+    return ALL_TARGETS[name]
 
 
 def get_target(name: str) -> Target:

@@ -29,11 +29,15 @@ from longattn.hamilton.schedules import (
     validate_schedule,
 )
 from longattn.hamilton.sharding import layout_name, shard, unshard
+from longattn.hamilton.strategy import Explanation, Prediction, explain
 from longattn.hamilton.usp import usp_attn, usp_shard, usp_unshard
 
 __all__ = [
+    "Explanation",
     "HamiltonConfig",
+    "Prediction",
     "Schedule",
+    "explain",
     "hamilton_attn",
     "hamiltonian_cycles",
     "layout_name",

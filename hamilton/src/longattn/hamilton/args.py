@@ -280,7 +280,8 @@ def _fields(q, k, v, causal, scale, sched, grad, return_lse, backend, cfg, names
             "dtype": q.dtype, "q.device.type": q.device.type, "causal": causal,
             "softmax_scale": scale, "schedule": sched.key_int, "requires_grad": grad,
             "return_lse": return_lse, "backend": backend, "kernel backends": names,
-            "config.merge_backend": cfg.merge_backend, "config.contiguous_kv": cfg.contiguous_kv}
+            "config.merge_backend": cfg.merge_backend, "config.contiguous_kv": cfg.contiguous_kv,
+            "config.target": cfg.target}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def check_dense_call(q, k, v, *, group: dist.Group, causal, softmax_scale, sched
                   "causal": causal, "softmax_scale": scale, "schedule": schedule,
                   "requires_grad": grad, "return_lse": return_lse, "backend": backend,
                   "kernel backends": names, "config.merge_backend": cfg.merge_backend,
-                  "config.contiguous_kv": cfg.contiguous_kv}
+                  "config.contiguous_kv": cfg.contiguous_kv, "config.target": cfg.target}
         return scale, fields
 
     scale, _ = dist.agree("hamilton_attn", group, check)

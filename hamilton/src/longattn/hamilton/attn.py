@@ -30,10 +30,11 @@ from longattn.common.kernels import attention_backward, attention_forward, grad_
 from longattn.common.merge import merge_partials_
 from longattn.hamilton.allgather import allgather_attention
 from longattn.hamilton.args import DENSE_NAMES, check_call, check_dense_call
-from longattn.hamilton.config import DEFAULT
+from longattn.hamilton.config import DEFAULT, HamiltonConfig
 from longattn.hamilton.packed_attn import packed_attention
 from longattn.hamilton.packing import make_packed_plan
 from longattn.hamilton.plan import kv_views, make_plan, new_buffer
+from longattn.hamilton.strategy import auto_schedule, call_shape
 from longattn.hamilton.ulysses import ulysses_attention
 
 
@@ -46,8 +47,10 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
     heads travel). ``causal=True`` expects the zigzag layout (rank ``r`` holds blocks ``r`` and
     ``2n-1-r`` of ``2n``) and ``L == Lk``; non-causal works in any layout (contiguous by
     convention) and allows ``L != Lk``. ``softmax_scale``: the factor on ``q . k`` (default
-    ``D ** -0.5``). ``schedule``: ``"auto"`` (TASP if the local length
-    divides into its sub-chunks, else ring), ``"tasp"``, ``"ring"``, ``"two_level"``, or a
+    ``D ** -0.5``). ``schedule``: ``"auto"`` (with ``config.target``: the strategy
+    :func:`longattn.hamilton.explain` predicts fastest on that target, among TASP, ring,
+    two-level, ``"allgather"`` and ``"ulysses"``; without: TASP if the local length divides
+    into its sub-chunks, else ring), ``"tasp"``, ``"ring"``, ``"two_level"``, or a
     :class:`~longattn.hamilton.schedules.Schedule`. The KV length per rank must be divisible by
     the schedule's sub-chunks (``num_slots``; twice that when causal). ``backend`` picks the
     local kernel (``longattn.common.kernels``); a named backend that cannot serve the call
@@ -73,6 +76,8 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
     sees is neither sent to it nor computed.
     """
     g = resolve_group(group)
+    if isinstance(schedule, str) and schedule == "auto" and cu_seqlens is None:
+        schedule = _auto(q, k, v, g.size, causal, config)
     if isinstance(schedule, str) and schedule in DENSE_NAMES:
         return _dense(q, k, v, g, causal, softmax_scale, schedule, return_lse, backend, config,
                       cu_seqlens)
@@ -87,6 +92,23 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
     plan = make_plan(sched, g.rank, causal)
     out, lse = _HamiltonAttn.apply(q, k, v, plan, g.pg, scale, kernels, config)
     return (out, lse) if return_lse else out
+
+
+def _auto(q, k, v, n, causal, config):
+    """``schedule="auto"`` with ``config.target``: the strategy the model predicts fastest
+    (:mod:`longattn.hamilton.strategy`), from values every rank agrees on afterwards (shapes,
+    dtype, ``causal``, whether a backward runs, the target; the chosen schedule itself is agreed
+    by the call's checks). Without a target, or on arguments the checks will refuse: ``"auto"``
+    (TASP when the local length divides into its sub-chunks, else ring)."""
+    if not isinstance(config, HamiltonConfig) or config.target is None:
+        return "auto"
+    ok = (all(isinstance(t, torch.Tensor) and t.dim() == 4 for t in (q, k, v))
+          and isinstance(causal, bool) and min(q.shape[2], k.shape[2]) > 0
+          and q.shape[2] % k.shape[2] == 0 and min(q.shape[1], k.shape[1]) > 0)
+    if not ok:
+        return "auto"
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return auto_schedule(config.target, call_shape(q, k, v, causal, grad), n)
 
 
 def _dense(q, k, v, g, causal, softmax_scale, schedule, return_lse, backend, config,

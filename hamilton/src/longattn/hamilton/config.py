@@ -31,6 +31,13 @@ class HamiltonConfig:
 
     merge_backend: str = "auto"
     contiguous_kv: bool = False
+    target: str | None = None
+
+    # ``target``: the hardware model ``schedule="auto"`` chooses by (a name in
+    # ``longattn.common.topology.ALL_TARGETS``, e.g. "H200-1"): it predicts every strategy's
+    # time (``longattn.hamilton.explain``) and runs the fastest. None: no model, the rule of
+    # ``schedule="auto"`` without a target (TASP when the local length divides into its
+    # sub-chunks, else ring).
 
     def __post_init__(self):
         if not isinstance(self.merge_backend, str) or self.merge_backend not in MERGE_BACKENDS:
@@ -38,6 +45,12 @@ class HamiltonConfig:
                              f"{self.merge_backend!r}")
         if not isinstance(self.contiguous_kv, bool):
             raise TypeError(f"contiguous_kv must be a bool, got {self.contiguous_kv!r}")
+        if self.target is not None:
+            from longattn.common.topology import ALL_TARGETS
+
+            if not isinstance(self.target, str) or self.target not in ALL_TARGETS:
+                raise ValueError(f"target must be None or one of {sorted(ALL_TARGETS)}, got "
+                                 f"{self.target!r}")
 
 
 DEFAULT = HamiltonConfig()

@@ -29,6 +29,7 @@ from longattn.hamilton.args import (
 )
 from longattn.hamilton.plan import make_plan
 from longattn.hamilton.sharding import _check_args, _gather, layout_name
+from longattn.hamilton.strategy import auto_schedule, call_shape
 from longattn.hamilton.ulysses import around_heads, head_ranges, local_kv_index
 
 
@@ -83,7 +84,7 @@ def agree_grid(op, hg, sg, check):
 
 
 def usp_attn(q, k, v, *, head_group, seq_group, causal=False, softmax_scale=None,
-             schedule="auto", return_lse=False, backend="auto"):
+             schedule="auto", return_lse=False, backend="auto", config=None):
     """2-D context-parallel attention: Ulysses over ``head_group``, ``schedule`` (``"auto"``,
     ``"tasp"``, ``"ring"``, ``"two_level"`` or a ``Schedule``) over ``seq_group``.
 
@@ -91,6 +92,11 @@ def usp_attn(q, k, v, *, head_group, seq_group, causal=False, softmax_scale=None
     :func:`usp_shard` lays it out; ``Hq`` divisible by the head-group size. Returns ``out [B, L,
     Hq, Dv]`` (and ``lse [B, Hq, L]`` in ``lse_dtype`` with ``return_lse``); differentiable.
     Bad arguments raise on every rank of the grid before any data moves.
+
+    ``config``: a :class:`~longattn.hamilton.HamiltonConfig`; with ``config.target``,
+    ``schedule="auto"`` takes the seq-group schedule the strategy model predicts fastest
+    (:func:`longattn.hamilton.explain` with ``head_group``), else TASP when the length divides
+    into its sub-chunks, else ring.
     """
     hg_arg, sg_arg = _mesh_groups(head_group, seq_group)
     hg = dist.resolve_group(hg_arg, name="head_group")
@@ -98,13 +104,17 @@ def usp_attn(q, k, v, *, head_group, seq_group, causal=False, softmax_scale=None
 
     def check():
         cfg, scale, grad = _check_common(q, k, v, causal, softmax_scale, return_lse, backend,
-                                         None)
+                                         config)
         check_heads(q, k, hg.size, "head_group")
         lq, lk = q.shape[1], k.shape[1]
         if lq != lk:
             raise ValueError(f"usp_attn needs the same local length for q ({lq}) and k/v ({lk})")
         lh = hg.size * lk  # the local length over seq_group after the all-to-all
-        sched = resolve_schedule(schedule, sg.size, lh, causal)
+        chosen = schedule
+        if isinstance(schedule, str) and schedule == "auto" and cfg.target is not None:
+            chosen = auto_schedule(cfg.target, call_shape(q, k, v, causal, grad),
+                                   hg.size * sg.size, head_group=hg.size)
+        sched = resolve_schedule(chosen, sg.size, lh, causal)
         qh, kh, vh = _head_shapes(q, k, v, hg)
         kernels = resolve_kernels(qh, kh, vh, n=sg.size, causal=causal,
                                   units=_units_needed(sched, causal), backend=backend,
@@ -114,7 +124,8 @@ def usp_attn(q, k, v, *, head_group, seq_group, causal=False, softmax_scale=None
                   "v.shape": tuple(v.shape), "dtype": q.dtype, "q.device.type": q.device.type,
                   "causal": causal, "softmax_scale": scale, "schedule": sched.key_int,
                   "requires_grad": grad, "return_lse": return_lse, "backend": backend,
-                  "kernel backends": kernels.names()}
+                  "kernel backends": kernels.names(), "config.merge_backend": cfg.merge_backend,
+                  "config.contiguous_kv": cfg.contiguous_kv, "config.target": cfg.target}
         return (scale, sched, kernels, cfg), fields
 
     scale, sched, kernels, cfg = agree_grid("usp_attn", hg, sg, check)
