@@ -232,7 +232,7 @@ def _ulysses(t, s: Shape, attend=None):
     n = t.world_size
     if s.hq % n:
         return None, f"{s.hq} query heads are not divisible by {n} ranks"
-    if s.causal and n > 1 and (s.lq != s.lk or s.lk % 2):
+    if attend is None and s.causal and n > 1 and (s.lq != s.lk or s.lk % 2):
         return None, "causal needs the same even local length for q and k/v"
     first, second = _ulysses_sizes(s, n)
     comm = (_pairs(t, first) + _pairs(t, second)) if n > 1 else 0.0
