@@ -243,6 +243,7 @@ class _World:
             for r in range(n)
         ]
         self.next_id = 0
+        _log_start(n)
         for p in self.procs:
             p.start()
         ready = 0
@@ -322,6 +323,16 @@ class _World:
 
 
 _WORLDS: dict[int, _World] = {}
+
+
+def _log_start(n):
+    """With LONGATTN_WORLD_LOG=FILE, one line per world start (size, pid, time, the test
+    running): how a suite's time splits between start-ups (each rank imports torch) and work."""
+    path = os.environ.get("LONGATTN_WORLD_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{n} {os.getpid()} {time.time():.1f} "
+                    f"{os.environ.get('PYTEST_CURRENT_TEST', '-')}\n")
 
 
 def run_world(world_size: int, fn, *args, timeout: float | None = None):
