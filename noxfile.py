@@ -152,9 +152,9 @@ print(f"{sum(n.endswith('.whl') for n in names)} wheels, "
 @nox.session(reuse_venv=False)
 def wheels(session):
     """The wheels of ``nox -s build`` in a fresh venv: ``pip install --find-links dist
-    "longattn[all]"``, then ``longattn --version``, ``longattn list`` and ``longattn check``
-    (the CPU correctness matrix) run outside the checkout, so nothing of the source tree is
-    used."""
+    "longattn[all]"``, then ``longattn --version``, ``longattn list``, the installed repro
+    script's ``--help`` and ``longattn check`` (the CPU correctness matrix) run outside the
+    checkout, so nothing of the source tree is used."""
     if not os.path.isdir("dist"):
         session.error("dist/ is missing: run `nox -s build` first")
     session.install("--no-compile", TORCH)
@@ -164,6 +164,8 @@ def wheels(session):
     with session.chdir(tmp):
         session.run("longattn", "--version")
         session.run("longattn", "list")
+        # the scripts the wheels carry start from site-packages (their --help: no GPU here)
+        session.run("longattn", "repro", "--target", "H100-1", "hamilton", "--help", silent=True)
         session.run("longattn", "check", *session.posargs, env=CPU_ENV)
 
 
