@@ -1,5 +1,6 @@
-"""Demo rows (entry point group ``longattn.demo``): TASP, Ring Attention and zigzag ring on a CPU
-world of 4 gloo ranks, forward + backward in float64 against ``longattn.reference``.
+"""Demo rows (entry point group ``longattn.demo``): TASP, Ring Attention, zigzag ring, all-gather,
+Ulysses and USP (a 2 x 2 grid) on a CPU world of 4 gloo ranks, forward + backward in float64
+against ``longattn.reference``.
 
 ``rel_err`` is the largest relative error over out, lse, dq, dk, dv (global tensors);
 ``time_ms`` the slowest rank's forward + backward; ``bytes`` the most bytes one rank sent
@@ -21,6 +22,9 @@ CASES = [  # (method, schedule, causal, what)
     ("hamilton.tasp", "tasp", False, "TASP full mask, time-varying all-to-all, GQA 4:1"),
     ("hamilton.ring", "ring", False, "Ring Attention (schedule='ring'), full mask"),
     ("hamilton.zigzag_ring", "ring", True, "zigzag ring (schedule='ring', causal)"),
+    ("hamilton.allgather", "allgather", True, "all-gather K/V (schedule='allgather', causal)"),
+    ("hamilton.ulysses", "ulysses", True, "Ulysses all-to-all (schedule='ulysses', causal)"),
+    ("hamilton.usp", "usp", True, "usp_attn: Ulysses over 2 x TASP over 2 ranks, causal"),
 ]
 
 
@@ -44,19 +48,29 @@ def run_cases(rank, n, cases):
     import torch.distributed as tdist
 
     from longattn.common.comm import counting
-    from longattn.hamilton import hamilton_attn, shard
+    from longattn.hamilton import hamilton_attn, shard, usp_attn, usp_shard
 
     world = tdist.group.WORLD
+    # the 2 x 2 grid of usp_attn: rank a * 2 + b has head-group rank a, seq-group rank b
+    heads = [tdist.new_group([b, 2 + b]) for b in range(2)]
+    seqs = [tdist.new_group([2 * a, 2 * a + 1]) for a in range(2)]
+    grid = {"head_group": heads[rank % 2], "seq_group": seqs[rank // 2]}
     res = []
     for sched, causal, (q, k, v, dout), ref in cases:
-        def loc(x, dim=1, causal=causal):
+        def loc(x, dim=1, causal=causal, sched=sched):
+            if sched == "usp":
+                return usp_shard(x, causal=causal, dim=dim, **grid)
             return shard(x, group=world, causal=causal, dim=dim)
 
         ql, kl, vl = (loc(t).requires_grad_() for t in (q, k, v))
         t0 = time.perf_counter()
         with counting() as fwd:
-            out, lse = hamilton_attn(ql, kl, vl, group=world, causal=causal, schedule=sched,
-                                     return_lse=True)
+            if sched == "usp":
+                out, lse = usp_attn(ql, kl, vl, causal=causal, schedule="tasp",
+                                    return_lse=True, **grid)
+            else:
+                out, lse = hamilton_attn(ql, kl, vl, group=world, causal=causal,
+                                         schedule=sched, return_lse=True)
         with counting() as bwd:
             out.backward(loc(dout))
         ms = (time.perf_counter() - t0) * 1e3
@@ -85,9 +99,9 @@ def rows(run_world):
                 for p in per_rank]
         fwd0 = [(peer, nb) for kind, peer, nb in per_rank[0]["fwd"] if kind == "send"]
         peers = sorted({p for p, _ in fwd0})
-        per_peer = sum(nb for _, nb in fwd0) // max(1, len(peers)) // (WORLD - 1)
-        out.append({"method": method, "what": f"{what}; fwd {len(peers)} peer(s) x "
-                                              f"{per_peer} B/step",
+        sent0 = sum(nb for _, nb in fwd0)
+        out.append({"method": method, "what": f"{what}; fwd {len(fwd0)} message(s) to "
+                                              f"{len(peers)} peer(s), {sent0} B",
                     "shape": f"B{B} S{S} H{HQ}/{HKV} D{D} fp64 x{WORLD} ranks",
                     "rel_err": err, "time_ms": max(p["ms"] for p in per_rank),
                     "bytes": max(sent)})
