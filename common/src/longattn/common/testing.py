@@ -201,7 +201,9 @@ def assert_errors(errs, dtype, tol=None):
 # persistent worlds
 
 
-def _worker(rank, world_size, init_file, tasks, results):
+def _worker(rank, world_size, init_file, tasks, results, env):
+    os.environ.clear()  # the parent's environment now, not the fork server's at its start
+    os.environ.update(env)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     import torch.distributed as dist
 
@@ -229,7 +231,7 @@ def _worker(rank, world_size, init_file, tasks, results):
 
 class _World:
     def __init__(self, n):
-        ctx = mp.get_context("spawn")
+        ctx = _context()
         self.n = n
         self.tmp = tempfile.mkdtemp(prefix="longattn_world_")
         self.results = ctx.Queue()
@@ -237,7 +239,8 @@ class _World:
         self.procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, n, os.path.join(self.tmp, "store"), self.tasks[r], self.results),
+                args=(r, n, os.path.join(self.tmp, "store"), self.tasks[r], self.results,
+                      dict(os.environ)),
                 daemon=True,
             )
             for r in range(n)
@@ -323,6 +326,17 @@ class _World:
 
 
 _WORLDS: dict[int, _World] = {}
+# Ranks are forked from one server process per test process that has imported torch once:
+# spawning each rank from scratch re-imported torch in every rank (about 2 s of CPU each, and a
+# pytest run starts some 90 ranks). The server forks before any CUDA or thread pool exists; the
+# main script is still imported by every rank, as with spawn.
+_PRELOAD = ["torch", "torch.distributed", "numpy", "longattn.common.testing"]
+
+
+def _context():
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
 
 
 def _log_start(n):
