@@ -46,7 +46,7 @@ def test_targets_are_immutable_data():
 
 def test_get_target_unknown():
     with pytest.raises(ValueError, match="target"):
-        T.get_target("H200-1")
+        T.get_target("B200-1")
 
 
 # --------------------------------------------------------------------------------------------

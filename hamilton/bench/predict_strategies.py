@@ -45,7 +45,7 @@ def _rec(p):
 
 
 def _row(target, s, h):
-    n = topology.find_target(target).world_size
+    n = topology.get_target(target).world_size
     e = explain(seqlen=s, heads=h, kv_heads=_kv(h), world=n, target=target, **CALL)
     row = {"target": target, "world": n, "seqlen": s, "heads": h, "kv_heads": _kv(h),
            "best": e.best.name, "predictions": [_rec(p) for p in e.predictions]}
@@ -78,7 +78,7 @@ def markdown(rows):
 
 
 def _curve(target, xs, key):
-    n = topology.find_target(target).world_size
+    n = topology.get_target(target).world_size
     series, best = {}, []
     for x in xs:
         s, h = (x, 32) if key == "S" else (131072, x)
@@ -133,7 +133,7 @@ def main(argv=None):
     with open(os.path.join(a.out, "predict_strategies.json"), "w") as f:
         json.dump({"call": CALL, "kv_heads": "min(8, heads)", "model": "longattn.hamilton."
                    "strategy (explain)", "targets": {t: dataclasses.asdict(
-                       topology.find_target(t)) for t in TARGETS}, "rows": rows}, f, indent=1)
+                       topology.get_target(t)) for t in TARGETS}, "rows": rows}, f, indent=1)
     if not a.no_plot:
         plot(os.path.join(a.out, "predict_strategies.png"))
     print(markdown(rows))

@@ -24,14 +24,14 @@ def test_block_times_are_the_committed_h200_measurement():
 
 
 def test_h200_target():
-    t = topology.find_target("H200-1")
+    t = topology.get_target("H200-1")
     assert (t.nodes, t.gpus_per_node, t.fabric) == (1, 8, "nvswitch")
     assert t.gpu_bw == 450e9 and t.attn_flops_fwd == 600e12 and t.attn_flops_fwd_bwd == 543e12
     assert set(topology.ALL_TARGETS) == set(topology.TARGETS) | {"H200-1"}
     spec = json.loads((PKG / "targets/H200-1/target.json").read_text())["hardware"]["figures"]
     assert dataclasses.asdict(t) == spec  # the same figures as the H200-1 reproduction target
     with pytest.raises(ValueError, match="target"):
-        topology.find_target("H300-1")
+        topology.get_target("H300-1")
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -64,7 +64,7 @@ def test_allgather_bytes_in_the_model():
     """allgather's forward communication is one exchange of the README's message to every peer."""
     s = dict(seqlen=8 * 4096, heads=8, kv_heads=2, head_dim=128, causal=False)
     e = explain(**s)
-    t = topology.find_target("H200-1")
+    t = topology.get_target("H200-1")
     kv = 4096 * 2 * 256 * 2
     want = topology.step_time(t, [(r, p, kv) for r in range(8) for p in range(8) if r != p])
     ag = next(p for p in e.predictions if p.schedule == "allgather")

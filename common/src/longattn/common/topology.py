@@ -92,8 +92,8 @@ TARGETS: dict[str, Target] = {
 #   several nodes).
 # * attention FLOP/s: cuDNN SDPA at S = 32768, H = 32, D = 128, bf16, non-causal, on an H200:
 #   600 TFLOP/s forward, 543 forward+backward (common/bench/results/h200/bench_kernels.json).
-# Not in TARGETS (the four targets of the TASP paper, which get_target serves): find_target and
-# ALL_TARGETS serve every target.
+# Not in TARGETS (the four targets of the TASP paper); get_target and ALL_TARGETS serve every
+# target.
 EXTRA_TARGETS: dict[str, Target] = {
     "H200-1": Target("H200-1", 1, 8, fabric="nvswitch", gpu_bw=450 * GB, peer_bw=370 * GB,
                      nic_bw=50 * GB, intra_latency=10e-6, inter_latency=15e-6,
@@ -104,17 +104,11 @@ ALL_TARGETS: dict[str, Target] = {**TARGETS, **EXTRA_TARGETS}
 """Every named target: the paper's four (:data:`TARGETS`) and :data:`EXTRA_TARGETS`."""
 
 
-def find_target(name: str) -> Target:
+def get_target(name: str) -> Target:
     """The target ``name`` among :data:`ALL_TARGETS` (the paper's four and H200-1)."""
     if name not in ALL_TARGETS:
         raise ValueError(f"target must be one of {sorted(ALL_TARGETS)}, got {name!r}")
     return ALL_TARGETS[name]
-
-
-def get_target(name: str) -> Target:
-    if name not in TARGETS:
-        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {name!r}")
-    return TARGETS[name]
 
 
 def step_time(target: Target, messages) -> float:

@@ -112,7 +112,7 @@ def target_for(target, n: int):
     """``target`` (a :class:`topology.Target` or a name in ``topology.ALL_TARGETS``) shaped for
     a group of ``n`` ranks: one node of ``n`` GPUs when ``n`` fits in a node, ``n / gpus_per_node``
     nodes when it divides, else one node of ``n`` GPUs (the node's fabric for every pair)."""
-    t = topology.find_target(target) if isinstance(target, str) else target
+    t = topology.get_target(target) if isinstance(target, str) else target
     if n == t.world_size:
         return t
     if n <= t.gpus_per_node or n % t.gpus_per_node:
