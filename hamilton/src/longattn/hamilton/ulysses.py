@@ -6,8 +6,12 @@ Rank ``p`` gets query heads ``[p * Hq/n, (p+1) * Hq/n)`` of every rank's tokens 
 = Hq / Hkv``. When ``Hkv`` is smaller than ``n`` (or does not divide it) a KV head is needed by
 several ranks and travels to each of them (repetition; never split along the head dim); the
 backward sends each copy's gradient back and the owner sums them. Where a rank's query heads do
-not map onto its KV heads in equal groups, the KV heads are repeated locally to one per query
-head (:func:`local_kv_index`).
+not map onto its KV heads in equal groups (e.g. ``Hq = 24, Hkv = 6, n = 8``: rank 1 has query
+heads 3, 4, 5 on KV heads 0, 1, 1) the local attention runs as up to three calls, each on KV
+heads with equal groups (:func:`head_segments`). KV heads are never repeated locally: a
+repeated KV head's gradient would be rounded to the input dtype once per copy before the copies
+are summed (a bfloat16 error that grows with the number of ranks:
+hamilton/tests/test_hamilton_dense_precision.py), and the copies would cost memory.
 
 Causal attention takes the zigzag layout of :func:`longattn.hamilton.shard`: after the
 all-to-all the tokens are permuted locally into global order, attended causally, and permuted
@@ -32,16 +36,22 @@ def head_ranges(hq: int, hkv: int, n: int) -> tuple:
     return q_ranges, kv_ranges
 
 
-def local_kv_index(hq: int, hkv: int, n: int, rank: int):
-    """None when this rank's query heads use its KV heads in equal consecutive groups (GQA
-    as is), else the KV head (local index) of each local query head."""
+def head_segments(hq: int, hkv: int, n: int, rank: int) -> tuple:
+    """This rank's local attention calls after the all-to-all: ``((q_lo, q_hi), (kv_lo,
+    kv_hi))`` local head ranges that tile its query and KV heads, each with the same number of
+    query heads on every KV head of the call (GQA as is). One call when the rank's heads are
+    such; else one per run of KV heads with equal counts (at most three: a partial group at
+    each end, the full groups between)."""
     per, grp = hq // n, hq // hkv
-    lo = rank * per // grp
-    idx = [(rank * per + i) // grp - lo for i in range(per)]
-    m = idx[-1] + 1
-    if per % m == 0 and idx == [j for j in range(m) for _ in range(per // m)]:
-        return None
-    return torch.tensor(idx)
+    kv = [(rank * per + i) // grp for i in range(per)]  # the KV head of each query head
+    counts = [kv.count(j) for j in range(kv[0], kv[-1] + 1)]
+    segs, q0, j0 = [], 0, 0
+    for j in range(1, len(counts) + 1):
+        if j == len(counts) or counts[j] != counts[j0]:
+            q1 = q0 + counts[j0] * (j - j0)
+            segs.append(((q0, q1), (j0, j)))
+            q0, j0 = q1, j
+    return tuple(segs)
 
 
 def specs(hq, hkv, n):
@@ -50,16 +60,26 @@ def specs(hq, hkv, n):
     return ((qr, 1, 2, hq), (kvr, 1, 2, hkv), (kvr, 1, 2, hkv)), ((qr, 1, 2, hq), (qr, 2, 1, hq))
 
 
+def _heads(x, r):
+    """Heads ``r = (lo, hi)`` of a ``[B, S, H, D]`` tensor, contiguous (a kernel's input)."""
+    return x[:, :, r[0]:r[1]].contiguous()
+
+
 def around_heads(q, k, v, g, attend, return_lse):
-    """All-to-all to heads, ``attend(qh, kh, vh) -> (out, lse)``, all-to-all back. The lse
-    travels back only with ``return_lse`` (else None is returned for it)."""
+    """All-to-all to heads, ``attend(qh, kh, vh) -> (out, lse)`` for each local call of
+    :func:`head_segments` (their outputs joined along heads), all-to-all back. The lse travels
+    back only with ``return_lse`` (else None is returned for it)."""
     hq, hkv = q.shape[2], k.shape[2]
     spec_in, spec_out = specs(hq, hkv, g.size)
     qh, kh, vh = to_heads(g, spec_in, q, k, v)
-    idx = local_kv_index(hq, hkv, g.size, g.rank)
-    if idx is not None:
-        kh, vh = kh.index_select(2, idx.to(kh.device)), vh.index_select(2, idx.to(vh.device))
-    out_h, lse_h = attend(qh, kh, vh)
+    segs = head_segments(hq, hkv, g.size, g.rank)
+    if len(segs) == 1:
+        out_h, lse_h = attend(qh, kh, vh)
+    else:
+        parts = [attend(_heads(qh, qr), *(_heads(t, kr) for t in (kh, vh)))
+                 for qr, kr in segs]
+        out_h = torch.cat([o for o, _ in parts], 2)
+        lse_h = torch.cat([lse for _, lse in parts], 1)
     if return_lse:
         return to_seq(g, spec_out, out_h, lse_h)
     return to_seq(g, spec_out[:1], out_h)[0], None
@@ -89,13 +109,21 @@ def ulysses_attention(q, k, v, g, *, causal, softmax_scale, backend, return_lse)
     return around_heads(q, k, v, g, attend, return_lse)
 
 
+def head_shapes(q, k, v, n, *, tokens=None) -> dict:
+    """``{(query heads, KV heads): empty (q, k, v)}`` shaped like the local calls of
+    :func:`head_segments` of every rank (the same on every rank, so their backends can be
+    agreed on), with ``n`` times the local token counts (or ``tokens`` times): for backend
+    resolution."""
+    b, lq, hq, d = q.shape
+    lk, hkv = k.shape[1], k.shape[2]
+    t = n if tokens is None else tokens
+    heads = sorted({(qb - qa, kb - ka) for r in range(n)
+                    for (qa, qb), (ka, kb) in head_segments(hq, hkv, n, r)})
+    return {(a, m): (q.new_empty(b, t * lq, a, d), k.new_empty(b, t * lk, m, d),
+                     v.new_empty(b, t * lk, m, v.shape[3])) for a, m in heads}
+
+
 def requests(q, k, v, n, rank, causal):
-    """``(q, k, v, causal)`` shaped like the local kernel call of this rank (local token
-    counts), for backend resolution."""
-    hq, hkv = q.shape[2], k.shape[2]
-    (qa, qb), (ka, kb) = (r[rank] for r in head_ranges(hq, hkv, n))
-    kk, vv = k[:, :, ka:kb], v[:, :, ka:kb]
-    idx = local_kv_index(hq, hkv, n, rank)
-    if idx is not None:
-        kk, vv = kk.index_select(2, idx.to(k.device)), vv.index_select(2, idx.to(v.device))
-    return [(q[:, :, qa:qb].contiguous(), kk.contiguous(), vv.contiguous(), causal)]
+    """``(q, k, v, causal)`` shaped like the local kernel calls of every rank (local token
+    counts; the same list on every rank), for backend resolution."""
+    return [shapes + (causal,) for shapes in head_shapes(q, k, v, n, tokens=1).values()]

@@ -30,7 +30,7 @@ from longattn.hamilton.args import (
 from longattn.hamilton.plan import make_plan
 from longattn.hamilton.sharding import _check_args, _gather, layout_name
 from longattn.hamilton.strategy import auto_schedule, call_shape
-from longattn.hamilton.ulysses import around_heads, head_ranges, local_kv_index
+from longattn.hamilton.ulysses import around_heads, head_shapes
 
 
 def _mesh_groups(head_group, seq_group):
@@ -115,16 +115,19 @@ def usp_attn(q, k, v, *, head_group, seq_group, causal=False, softmax_scale=None
             chosen = auto_schedule(cfg.target, call_shape(q, k, v, causal, grad),
                                    hg.size * sg.size, head_group=hg.size)
         sched = resolve_schedule(chosen, sg.size, lh, causal)
-        qh, kh, vh = _head_shapes(q, k, v, hg)
-        kernels = resolve_kernels(qh, kh, vh, n=sg.size, causal=causal,
-                                  units=_units_needed(sched, causal), backend=backend,
-                                  grad=grad, return_lse=return_lse,
-                                  contiguous_kv=cfg.contiguous_kv)
+        # one step loop per local call (ulysses.head_segments); every rank resolves the
+        # kernels of every rank's calls, keyed by (query heads, KV heads)
+        kernels = {heads: resolve_kernels(qh, kh, vh, n=sg.size, causal=causal,
+                                          units=_units_needed(sched, causal), backend=backend,
+                                          grad=grad, return_lse=return_lse,
+                                          contiguous_kv=cfg.contiguous_kv)
+                   for heads, (qh, kh, vh) in head_shapes(q, k, v, hg.size).items()}
         fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape),
                   "v.shape": tuple(v.shape), "dtype": q.dtype, "q.device.type": q.device.type,
                   "causal": causal, "softmax_scale": scale, "schedule": sched.key_int,
                   "requires_grad": grad, "return_lse": return_lse, "backend": backend,
-                  "kernel backends": kernels.names(), "config.merge_backend": cfg.merge_backend,
+                  "kernel backends": tuple(b for x in kernels.values() for b in x.names()),
+                  "config.merge_backend": cfg.merge_backend,
                   "config.contiguous_kv": cfg.contiguous_kv, "config.target": cfg.target}
         return (scale, sched, kernels, cfg), fields
 
@@ -134,20 +137,11 @@ def usp_attn(q, k, v, *, head_group, seq_group, causal=False, softmax_scale=None
     plan = make_plan(sched, sg.rank, causal)
 
     def attend(qh, kh, vh):
-        return _HamiltonAttn.apply(qh, kh, vh, plan, sg.pg, scale, kernels, cfg)
+        kern = kernels[qh.shape[2], kh.shape[2]]
+        return _HamiltonAttn.apply(qh, kh, vh, plan, sg.pg, scale, kern, cfg)
 
     out, lse = around_heads(q, k, v, hg, attend, return_lse)
     return (out, lse) if return_lse else out
-
-
-def _head_shapes(q, k, v, hg):
-    """Empty tensors shaped like this rank's q, k, v after the all-to-all (backend checks)."""
-    n, (b, lk, hq, d), hkv = hg.size, q.shape, k.shape[2]
-    (qa, qb), (ka, kb) = (r[hg.rank] for r in head_ranges(hq, hkv, n))
-    idx = local_kv_index(hq, hkv, n, hg.rank)
-    m = kb - ka if idx is None else len(idx)
-    return (q.new_empty(b, n * q.shape[1], qb - qa, d), k.new_empty(b, n * lk, m, d),
-            v.new_empty(b, n * lk, m, v.shape[3]))
 
 
 def usp_shard(x, *, head_group, seq_group, causal=False, dim=1):
