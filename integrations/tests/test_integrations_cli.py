@@ -15,6 +15,14 @@ from longattn.integrations import cli, driver
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(autouse=True)
+def _no_optional_needs(monkeypatch, request):
+    """The argument tests run whether or not the scripts' plotting extra is installed; the
+    missing-extra test sets its own."""
+    if request.node.name != "test_a_missing_optional_dependency_names_its_extra":
+        monkeypatch.setattr(cli, "SCRIPT_NEEDS", {})
+
+
 @pytest.mark.parametrize("row,ok", [
     ({"rel_err": 1e-12, "tol": 1e-10}, True),
     ({"rel_err": 1e-9, "tol": 1e-10}, False),
