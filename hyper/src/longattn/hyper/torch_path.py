@@ -37,8 +37,19 @@ def _gather_rows(x, perm):
     return xt.gather(2, perm.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth):
+MERGES = ("lse", "equal")
+
+
+def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth,
+         double_count=False, merge="lse"):
     """One core call: sorted block-diagonal (or banded) attention plus sampled columns.
+
+    ``double_count`` and ``merge`` are ablations for ``bench/quality_vs_seed.py``, not part of
+    the public function (the Triton path and the oracle implement the defaults only):
+    ``double_count=True`` keeps samples that fall in the row's window (the seed's fp32 torch
+    path and its CUDA path do), which biases the estimate; ``merge="equal"`` averages the
+    window's and the samples' normalised outputs with weight 1/2 each instead of one softmax
+    over both (a biased shrinkage, see the README's Quality section).
 
     ``qc [B, nq, Hq, D]``, ``kc [B, nk, Hkv, D]``, ``vc [B, nk, Hkv, Dv]``; ranks ``rq [B, Hq,
     nq]``, ``rk [B, Hkv, nk]``; ``samples [B, Hkv, m]`` sorted key positions or None.
@@ -84,7 +95,8 @@ def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth):
         ss = torch.einsum("bhgid,bhmd->bhgim", qs, k_s) * softmax_scale
         st_q = start[:nq].view(1, 1, nq, 1)
         inwin = (sidx[:, :, None, :] >= st_q) & (sidx[:, :, None, :] < st_q + bs)
-        ss = torch.where(inwin.unsqueeze(2), float("-inf"), ss)
+        if not double_count:
+            ss = torch.where(inwin.unsqueeze(2), float("-inf"), ss)
 
     # one softmax over window keys and (weighted) samples; the max (of the unweighted scores:
     # any shift is exact, and this one cannot overflow) is a constant shift
@@ -98,8 +110,12 @@ def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth):
     o = torch.einsum("bhgtrw,bhtwd->bhgtrd", pwt, vw).reshape(b, hkv, g, nt * bs, dv)[..., :nq, :]
     if ss is not None:
         ps = torch.exp(ss - mx) * (nk / m)
-        den = den + ps.sum(-1, keepdim=True)
-        o = o + torch.einsum("bhgim,bhmd->bhgid", ps, v_s)
+        o_s = torch.einsum("bhgim,bhmd->bhgid", ps, v_s)
+        if merge == "equal":
+            o, den = _equal_mix(o, den, o_s, ps.sum(-1, keepdim=True))
+        else:
+            den = den + ps.sum(-1, keepdim=True)
+            o = o + o_s
     # rows that see nothing: out 0, lse -inf; a NaN score makes the row NaN
     ld = lse_dtype(qc.dtype)
     o, lse = finish_rows(o, den[..., 0].to(ld), mx[..., 0].to(ld))
@@ -112,11 +128,27 @@ def core(qc, kc, vc, rq, rk, samples, *, softmax_scale, block_size, smooth):
     return o.transpose(1, 2), lse
 
 
-def hyper_torch(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, smooth, causal):
+def _equal_mix(o_w, den_w, o_s, den_s):
+    """Ablation ``merge="equal"``: out = (window out + sample out) / 2 as unnormalised
+    ``(o, den)`` with ``den = 2 * den_w`` (so lse is the window's plus log 2); a side that is
+    empty leaves the other alone."""
+    ow = o_w / torch.where(den_w > 0, den_w, 1.0)
+    os_ = o_s / torch.where(den_s > 0, den_s, 1.0)
+    both = (den_w > 0) & (den_s > 0)
+    out = torch.where(both, 0.5 * (ow + os_), torch.where(den_w > 0, ow, os_))
+    den = torch.where(both, 2 * den_w, den_w + den_s)
+    return out * den, den
+
+
+def hyper_torch(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, smooth, causal,
+                double_count=False, merge="lse"):
     """Assemble the plan: exact leaves, core calls, merges. Returns ``(out, lse)``, out in the
     accumulation dtype, lse (and every partial lse merged on the way) in
     :func:`longattn.common.dtypes.lse_dtype`. ``rq``/``rk`` are the ranks of all rows;
-    ``samples [n_calls, B, Hkv, m]`` or None."""
+    ``samples [n_calls, B, Hkv, m]`` or None. ``double_count`` / ``merge``: the ablations of
+    :func:`core` (defaults: the algorithm)."""
+    if merge not in MERGES:
+        raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     if plan.exact:
         out, lse = attention(q, k, v, softmax_scale=softmax_scale, causal=False,
                              return_lse=True)
@@ -127,7 +159,7 @@ def hyper_torch(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, sm
         s = None if samples is None else samples[c]
         return core(q[:, q0:q0 + nq], k[:, k0:k0 + nk], v[:, k0:k0 + nk], rq[..., q0:q0 + nq],
                     rk[..., k0:k0 + nk], s, softmax_scale=softmax_scale, block_size=block_size,
-                    smooth=smooth)
+                    smooth=smooth, double_count=double_count, merge=merge)
 
     if not causal:
         return call(0)
