@@ -15,7 +15,9 @@
                                      package and the wall time
     nox -s lint                      ruff
     nox -s "bench(<pkg>)"            a package's GPU benchmark script (GPU machine)
-    nox -s "repro(<pkg>, <target>)"  a package's reproduction sweep for a hardware target
+    nox -s "repro(<pkg>, <target>)"  a paper's claims on a hardware target (5 papers x H100-1,
+                                     H100-2, H100-4, MI300X-1, H200-1; --dry-run on the CPU)
+    nox -s report                    docs/results.md from every package's committed results
 
 On the CPU machines torch is pinned to 2.13.0, a CPU wheel that lies on disk there (an open
 range would pull a multi-GB CUDA build); the code itself works on torch >= 2.5.
@@ -41,7 +43,7 @@ META = "longattn"  # the meta-distribution folder: ``pip install "./longattn[ham
 # call would clash with those references, and wheels must not carry them: with this variable set
 # to "" they are plain names (see any */pyproject.toml).
 PLAIN_DEPS = {"LONGATTN_PLAIN_DEPS": ""}
-TARGETS = ["H100-1", "H100-2", "H100-4", "MI300X-1"]
+TARGETS = ["H100-1", "H100-2", "H100-4", "MI300X-1", "H200-1"]
 CPU_ENV = {
     "TRITON_INTERPRET": "1",  # Triton kernels run on the CPU interpreter
     "XLA_FLAGS": "--xla_force_host_platform_device_count=8",  # 8 JAX CPU devices
@@ -61,11 +63,24 @@ def _install(session, packages, extra="test"):
     without it every rank compiled torch from source at start-up."""
     if "reference" not in packages or len(packages) > 1:
         session.install("--no-compile", TORCH)
-    args = ["--no-compile"]
+    args = []
     for p in packages:
         args += ["-e", f"./{p}[{extra}]" if extra else f"./{p}"]
-    session.install(*args, env=PLAIN_DEPS)
+    _fast_install(session, *args, env=PLAIN_DEPS)
     _compile(session)
+
+
+def _fast_install(session, *args, env=None):
+    """``uv pip install`` into the session's venv when uv is on the PATH (.ci/run installs it):
+    the editable installs of the 8 packages and their dependencies took 89 s with pip and 17 s
+    with uv on a 2-core machine. torch is installed first, by pip: the CPU wheel lies on disk
+    where only pip looks, and uv keeps an installed torch that satisfies the pins. Without uv,
+    pip does the same (without byte-compiling; see ``_compile``)."""
+    if shutil.which("uv"):
+        session.run("uv", "pip", "install", "-q", "--python", os.path.join(session.bin, "python"),
+                    *args, env=env, external=True)
+    else:
+        session.install("--no-compile", *args, env=env)
 
 
 def _compile(session):
@@ -85,8 +100,8 @@ def tests(session):
     Python process running the Triton interpreter, so two cores halve their time; work stealing
     keeps the slow tail (the interpreted dilated kernels) from landing on one worker."""
     # hatchling: tests/test_longattn_packaging.py reads the packages' metadata with it
-    session.install("--no-compile", "pytest-xdist", "hatchling>=1.21")
     _install(session, PACKAGES)
+    _fast_install(session, "pytest-xdist", "hatchling>=1.21")
     workers = os.environ.get("LONGATTN_TEST_WORKERS", "auto")
     session.run("python", "-m", "pytest", "-q", "-n", workers, "--dist", "worksteal",
                 *session.posargs, env=CPU_ENV)
@@ -233,11 +248,22 @@ def bench(session, pkg):
 @nox.session
 @nox.parametrize(
     ["pkg", "target"],
-    [nox.param(p, t, id=f"{p}, {t}") for p in ["hamilton"] for t in TARGETS],
+    [nox.param(p, t, id=f"{p}, {t}") for p in PAPERS for t in TARGETS],
 )
 def repro(session, pkg, target):
-    """A package's reproduction sweep for one hardware target (``--dry-run`` on the CPU)."""
+    """A paper's headline claims on one hardware target (``<pkg>/targets/<target>/``), through
+    the one runner ``python -m longattn.common.repro``: measured where this machine is the
+    target's GPU, predicted otherwise; ``--dry-run`` on the CPU, ``--out DIR``."""
     _install(session, PACKAGES, extra=None)
-    session.install("matplotlib", "tqdm")
-    session.run("python", _script(pkg, f"repro_{pkg}.py"), "--target", target,
-                *session.posargs)
+    _fast_install(session, "matplotlib", "tqdm")
+    session.run("python", "-m", "longattn.common.repro", pkg, "--target", target,
+                *session.posargs, env=CPU_ENV if not shutil.which("nvidia-smi") else None)
+
+
+@nox.session
+def report(session):
+    """docs/results.md regenerated from every package's committed results (``--refresh``
+    re-runs each package x target from the committed JSON into docs/results/ first)."""
+    _install(session, PACKAGES, extra=None)
+    _fast_install(session, "matplotlib", "tqdm")
+    session.run("python", "-m", "longattn.common.report", *session.posargs)

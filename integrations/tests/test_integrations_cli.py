@@ -250,3 +250,14 @@ def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
         cli.main(["repro", "--target", "H100-1", "--dry-run"])
     assert calls == []
     assert cli.main(["bench", "tree", "--help"]) == 0  # help needs nothing
+
+
+def test_report_renders_the_results_page(tmp_path):
+    """``longattn report ARGS`` is ``python -m longattn.common.report ARGS``: the page from the
+    committed results, here into a temporary file (both option forms)."""
+    from longattn.integrations.cli import main
+
+    for form in (["--out", str(tmp_path / "a.md")], [f"--out={tmp_path / 'b.md'}"]):
+        assert main(["report", *form, "--no-plot"]) == 0
+    a, b = (tmp_path / "a.md").read_text(), (tmp_path / "b.md").read_text()
+    assert a == b and "hamilton" in a and "measured" in a

@@ -14,6 +14,8 @@
     longattn repro --target T [PKG] [ARGS ...]
                                            runs PKG/bench/repro_PKG.py --target T ARGS
                                            (PKG defaults to hamilton)
+    longattn report [ARGS ...]             docs/results.md from the committed results
+                                           (python -m longattn.common.report ARGS)
 
 ``check`` and ``demo`` run :mod:`longattn.integrations.driver`, the one demo driver (``nox -s
 demo`` and ``python tests/demo.py`` run the same): the foundation rows of ``longattn.common``
@@ -253,7 +255,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("args", nargs="*", metavar="ARGS",
                    help="passed to the script (--dry-run, --out DIR)")
     p.set_defaults(fn=cmd_repro)
+    p = sub.add_parser("report", add_help=False,
+                       help="docs/results.md from every package's committed results")
+    p.set_defaults(fn=cmd_report)
     return ap
+
+
+def cmd_report(args) -> int:
+    from longattn.common.report import main as report
+
+    return report(args.args)
 
 
 def split_script_args(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -298,6 +309,10 @@ def _take_target(own: list[str], script: list[str]) -> tuple[list[str], list[str
 def main(argv=None) -> int:
     ap = parser()
     own, script_args = split_script_args(list(sys.argv[1:] if argv is None else argv))
+    if own[:1] == ["report"]:  # every argument is the report's own (its --help included)
+        args = ap.parse_args(own[:1])
+        args.args = own[1:]
+        return args.fn(args)
     args = ap.parse_args(own)
     if args.cmd in ("bench", "repro"):
         args.args = [*args.args, *script_args]
