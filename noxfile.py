@@ -77,8 +77,8 @@ def _fast_install(session, *args, env=None):
     where only pip looks, and uv keeps an installed torch that satisfies the pins. Without uv,
     pip does the same (without byte-compiling; see ``_compile``)."""
     if shutil.which("uv"):
-        session.run("uv", "pip", "install", "-q", "--python", os.path.join(session.bin, "python"),
-                    *args, env=env, external=True)
+        session.run_install("uv", "pip", "install", "-q", "--python",
+                            os.path.join(session.bin, "python"), *args, env=env, external=True)
     else:
         session.install("--no-compile", *args, env=env)
 
@@ -87,10 +87,12 @@ def _compile(session):
     """Byte-compile the venv's packages on every core. Exit status 1 means some file did not
     compile (test data and templates written for other Python versions ship in some
     packages): Python reads those from source, as it would anyway."""
-    site = session.run("python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                       silent=True).strip()
-    session.run("python", "-m", "compileall", "-q", "-j", "0", site, silent=True,
-                success_codes=[0, 1])
+    site = session.run_install("python", "-c",
+                               "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+                               silent=True)
+    if site:  # None with --no-install (a reused venv: compiled when it was made)
+        session.run_install("python", "-m", "compileall", "-q", "-j", "0", site.strip(),
+                            silent=True, success_codes=[0, 1])
 
 
 @nox.session
