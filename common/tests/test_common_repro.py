@@ -1,12 +1,14 @@
-"""The target folders (data only, one schema) and the runner's own checks.
+"""The target folders (data only, one schema), where they are found (checkout or installed
+wheel), what the wheels carry, and the runner's own checks.
 
 Only common is needed here (the folders are found from this file's checkout): the runs of
 each package's targets are in that package's ``test_<pkg>_repro.py``."""
 
+import importlib.machinery
 import json
 import os
 import shutil
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 
@@ -154,3 +156,120 @@ def test_write_puts_files_only_in_out(tmp_path):
 def test_unknown_package_and_target_are_named():
     with pytest.raises(ValueError, match="pkg"):
         repro.package_dir("flash")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkout or installed wheel
+
+
+def _spec_at(monkeypatch, pkg, where):
+    """``longattn.<pkg>`` found at ``where`` (None: not importable)."""
+    real = repro.importlib.util.find_spec
+
+    def find_spec(name, *a):
+        if name != f"longattn.{pkg}":
+            return real(name, *a)
+        if where is None:
+            return None
+        spec = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        spec.submodule_search_locations = [str(where)]
+        return spec
+
+    monkeypatch.setattr(repro.importlib.util, "find_spec", find_spec)
+
+
+def test_the_checkout_first_then_the_installed_scripts(tmp_path, monkeypatch):
+    checkout = tmp_path / "repo" / "tree"
+    src = checkout / "src" / "longattn" / "tree"
+    wheel = tmp_path / "site-packages" / "longattn" / "tree"
+    for d in (src, wheel / "scripts" / "targets"):
+        d.mkdir(parents=True)
+    _spec_at(monkeypatch, "tree", wheel)  # a wheel: its scripts/
+    assert repro.search_path("tree") == [wheel / "scripts"]
+    assert repro.package_dir("tree") == wheel / "scripts"
+    _spec_at(monkeypatch, "tree", src)  # a source tree without targets/: named, not used
+    assert repro.search_path("tree") == [checkout, src / "scripts"]
+    with pytest.raises(ValueError, match="no targets folder"):
+        repro.package_dir("tree")
+    (checkout / "targets").mkdir()
+    assert repro.package_dir("tree") == checkout
+
+
+def test_not_installed_the_checkout_common_comes_from(monkeypatch):
+    """common's own tests run without the paper packages: their folders in this checkout."""
+    _spec_at(monkeypatch, "hyper", None)
+    assert ROOT / "hyper" in repro.search_path("hyper")
+    assert repro.package_dir("hyper") == ROOT / "hyper"
+
+
+def _wheel_copy(tmp_path, keep):
+    """tree's H100-1 folder laid out as an installed wheel's scripts/, with only the measured
+    files of the GPUs in ``keep``."""
+    dst = tmp_path / "longattn" / "tree" / "scripts"
+    folder = dst / "targets" / "H100-1"
+    shutil.copytree(ROOT / "tree" / "targets" / "H100-1", folder)
+    for m in json.loads((folder / "target.json").read_text())["measured"]:
+        if any(repro.same_gpu(m["device"], k) for k in keep):
+            (dst / m["file"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ROOT / "tree" / m["file"], dst / m["file"])
+    return folder
+
+
+def test_a_wheel_lacking_a_measured_file_says_so(tmp_path):
+    """In a checkout a missing measured file is an error (test_schema_breaks_are_named); an
+    installed wheel that lacks one answers "not measured yet", saying why."""
+    folder = _wheel_copy(tmp_path, keep=["NVIDIA H200"])
+    assert repro.installed(folder.parents[1]) and not repro.installed(ROOT / "tree")
+    repro.check_folder(folder)
+    spec, sweep, _, got = repro.load_target("tree", "H100-1", folder.parents[1])
+    assert got == folder
+    ctx = repro.Context("tree", "H100-1", spec, sweep, repro.hardware(spec), False, folder)
+    assert ctx.measured_file() is None
+    assert "results not in the wheel" in ctx.not_measured("why")
+    h200 = ctx.measured_file("NVIDIA H200")
+    assert h200 is not None and ctx.not_measured("why", "NVIDIA H200") == "why"
+    assert ctx.load(h200["file"])
+    missing = next(m for m in spec["measured"] if repro.same_gpu(m["device"], "NVIDIA H100"))
+    with pytest.raises(ValueError, match="not in the installed wheel"):
+        ctx.load(missing["file"])
+    full = _wheel_copy(tmp_path / "full", keep=["NVIDIA H100", "NVIDIA H200"])
+    ctx = repro.Context("tree", "H100-1", spec, sweep, repro.hardware(spec), False, full)
+    assert ctx.measured_file() is not None and ctx.not_measured("why") == "why"
+
+
+def _wheel_config(pkg):
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    with open(ROOT / pkg / "pyproject.toml", "rb") as f:
+        return tomllib.load(f)["tool"]["hatch"]["build"]["targets"]["wheel"]
+
+
+def _ships(cfg, rel):
+    """Whether the wheel carries the file ``rel`` of the package folder: hatch's only-include,
+    then artifacts (kept even when excluded), else not excluded (an anchored pattern also
+    excludes what lies under the folder it names)."""
+    path = PurePosixPath("/" + rel)
+    if not any(rel == d or rel.startswith(d + "/") for d in cfg["only-include"]):
+        return False
+    if any(path.match(a) for a in cfg.get("artifacts", [])):
+        return True
+    return not any(any(p.match(e) for p in [path, *path.parents[:-1]]) if e.startswith("/")
+                   else path.match(e) for e in cfg["exclude"])
+
+
+@pytest.mark.parametrize("pkg", repro.PACKAGES)
+def test_the_wheel_carries_the_targets_and_the_json_they_name(pkg):
+    """Where package_dir looks in an installed package (longattn/<pkg>/scripts/), the wheel
+    puts targets/ and bench/, with every committed JSON a target names."""
+    cfg = _wheel_config(pkg)
+    assert cfg["sources"]["targets"] == f"longattn/{pkg}/scripts/targets"
+    assert cfg["sources"]["bench"] == f"longattn/{pkg}/scripts/bench"
+    files = sorted(str(p.relative_to(ROOT / pkg)) for p in (ROOT / pkg / "targets").rglob("*")
+                   if p.is_file())
+    for t in repro.TARGETS:
+        spec = json.loads((ROOT / pkg / "targets" / t / "target.json").read_text())
+        files += [m["file"] for m in spec["measured"]]
+    assert files and [f for f in files if not _ships(cfg, f)] == []
+    assert not _ships(cfg, "bench/results/not_named.json")  # only those

@@ -1,8 +1,10 @@
 """hamilton's hardware targets through longattn.common.repro: every target's dry run, and
 the full run's numbers against the committed JSON they come from."""
 
+import importlib
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -10,6 +12,7 @@ from longattn.common import repro
 
 PKG = "hamilton"
 TARGETS = repro.TARGETS
+ROOT = Path(__file__).resolve().parents[2]  # the checkout these tests lie in
 
 
 def _check(res, pkg, target):
@@ -52,9 +55,34 @@ def test_predicted_from_the_h200_step_times():
 def test_the_results_page_json_is_current():
     """docs/results/ holds what a run from today's committed JSON gives (regenerate it with
     python -m longattn.common.report --refresh)."""
-    folder = repro.package_dir(PKG).parent / "docs" / "results"
+    folder = ROOT / "docs" / "results"  # the checkout's page (runs: the package as installed)
     for target in TARGETS:
         committed = json.loads((folder / f"repro_{PKG}_{target}.json").read_text())
         fresh = repro.run(PKG, target, measure=False)
         assert [(c["id"], c["value"], c["status"]) for c in committed["claims"]] == \
             [(c["id"], c["value"], c["status"]) for c in fresh["claims"]]
+
+
+def test_found_in_the_checkout_or_the_installed_wheel():
+    """An editable install runs from the checkout's folder, a wheel from the scripts/ folder
+    it carries; either holds every target and every file the targets name."""
+    here = Path(importlib.import_module(f"longattn.{PKG}").__file__).resolve().parent
+    editable = ROOT / PKG / "src" in here.parents
+    d = repro.package_dir(PKG)
+    assert d == (ROOT / PKG if editable else here / "scripts")
+    assert repro.target_names(PKG) == sorted(TARGETS)
+    for t in TARGETS:
+        spec = json.loads((d / "targets" / t / "target.json").read_text())
+        assert [m["file"] for m in spec["measured"] if not (d / m["file"]).is_file()] == [], t
+
+
+def test_the_command_outside_the_checkout(tmp_path, monkeypatch, capsys):
+    """``python -m longattn.common.repro PKG --target T --dry-run --out DIR`` (its main, in
+    this process) from a folder outside the checkout."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    assert repro.main([PKG, "--target", "H100-2", "--dry-run", "--out", "out", "--no-plot"]) == 0
+    assert f"wrote out/repro_{PKG}_H100-2_dry.json" in capsys.readouterr().out
+    res = json.loads((out / f"repro_{PKG}_H100-2_dry.json").read_text())
+    assert (res["package"], res["target"], res["dry_run"]) == (PKG, "H100-2", True)
+    _check(res, PKG, "H100-2")

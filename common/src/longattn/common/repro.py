@@ -13,11 +13,15 @@ which answers every claim of the target as
   benchmark JSON of that kind of GPU, named with its device and date);
 * ``predicted``: the alpha-beta model of :mod:`longattn.common.topology` with the target's
   figures, fed with a single-GPU step measured on an H200 (committed JSON);
-* ``not measured yet``: neither exists.
+* ``not measured yet``: neither exists (or this installed wheel lacks the committed JSON).
 
 ``--dry-run`` runs the folder's tiny ``dry_run`` sweep, predictions only, on any machine in
 seconds. Output: ``repro_<pkg>_<T>.json`` (and a PNG of the claims' series when matplotlib
 imports) in ``--out`` or the current directory.
+
+It runs from a source checkout or from installed wheels: each paper's wheel carries its
+``targets/`` and ``bench/`` (with the committed results JSON the runs read) in
+``longattn/<pkg>/scripts/`` (:func:`package_dir` says which is used).
 
 ``target.json`` schema ``longattn.target/1``::
 
@@ -73,24 +77,72 @@ _TARGET_FIELDS = {f.name for f in dataclasses.fields(topology.Target)}
 
 
 def package_dir(pkg: str) -> Path:
-    """``<repo>/<pkg>``: the folder above the package's ``src/`` (an editable install or a
-    source tree on ``sys.path``), else the package's folder in the checkout common comes from
-    (common's own tests run without the paper packages installed)."""
+    """The folder holding ``pkg``'s ``targets/`` and the ``bench/`` files its repro reads: the
+    first of :func:`search_path` that has a ``targets`` folder."""
     if pkg not in PACKAGES:
         raise ValueError(f"pkg must be one of {list(PACKAGES)}, got {pkg!r}")
+    places = search_path(pkg)
+    for d in places:
+        if (d / "targets").is_dir():
+            return d
+    raise ValueError(f"pkg {pkg!r}: no targets folder in {[str(d) for d in places]} (install "
+                     f"longattn-{pkg.replace('_', '-')}, or run from a source checkout)")
+
+
+def search_path(pkg: str) -> list[Path]:
+    """Where :func:`package_dir` looks, in order.
+
+    * ``longattn.<pkg>`` importable: the source checkout it comes from (``<root>/<pkg>``, the
+      folder above its ``src/``: an editable install or a source tree on ``sys.path``), then the
+      ``scripts/`` folder its installed wheel carries (``targets/`` and ``bench/``, with the
+      committed results the repro reads);
+    * not importable (common's own tests run without the paper packages): ``<root>/<pkg>`` of
+      the checkout common comes from, its source tree or the local folder pip installed it
+      from."""
     spec = importlib.util.find_spec(f"longattn.{pkg}")
     if spec is not None and spec.submodule_search_locations:
-        root = Path(list(spec.submodule_search_locations)[0]).resolve().parents[2]
-    else:
-        root = Path(__file__).resolve().parents[4] / pkg
-    if not (root / "targets").is_dir():
-        raise ValueError(f"pkg {pkg!r}: no targets folder in {root} (a source checkout is "
-                         "needed)")
-    return root
+        here = Path(list(spec.submodule_search_locations)[0]).resolve()
+        src = here.parents[1]  # <root>/<pkg>/src of a checkout
+        return ([src.parent] if src.name == "src" else []) + [here / "scripts"]
+    return [root / pkg for root in _common_checkouts()]
 
 
-def target_names(pkg: str) -> list[str]:
-    base = package_dir(pkg) / "targets"
+def _common_checkouts() -> list[Path]:
+    """The repository roots common comes from: its source tree (editable install or
+    ``sys.path``), the folder a non-editable ``pip install <root>/common`` named (the
+    distribution's ``direct_url.json``; a wheel from an index or git has none), then any
+    checkout on ``sys.path`` (the current folder of ``python -m``, pytest's root)."""
+    here = Path(__file__).resolve()
+    roots = [here.parents[4]] if here.parents[2].name == "src" else []
+    try:
+        from importlib.metadata import PackageNotFoundError, distribution
+
+        url = json.loads(distribution("longattn-common").read_text("direct_url.json") or "{}")
+    except (PackageNotFoundError, ValueError):
+        url = {}
+    if url.get("url", "").startswith("file://") and "dir_info" in url:
+        from urllib.parse import unquote, urlparse
+
+        roots.append(Path(unquote(urlparse(url["url"]).path)).parent)
+    mine = Path("common", "src", "longattn", "common", "repro.py")
+    roots += [Path(p or ".").resolve() for p in sys.path if (Path(p or ".") / mine).is_file()]
+    return list(dict.fromkeys(roots))
+
+
+def installed(pkg_dir: Path) -> bool:
+    """Whether ``pkg_dir`` (a :func:`package_dir`) is an installed wheel's ``scripts/`` folder,
+    which carries only the results JSON the repro reads, not the whole checkout."""
+    return Path(pkg_dir).name == "scripts"
+
+
+def _package_of(folder: Path) -> str:
+    """The package of a target folder ``<pkg dir>/targets/<T>``."""
+    root = Path(folder).parents[1]
+    return root.parent.name if installed(root) else root.name
+
+
+def target_names(pkg: str, root: Path | None = None) -> list[str]:
+    base = Path(root or package_dir(pkg)) / "targets"
     return sorted(p.name for p in base.iterdir() if (p / "target.json").is_file())
 
 
@@ -153,7 +205,9 @@ def validate_target(data: dict, path, *, pkg: str | None = None, name: str | Non
             _fail(path, f"{where} must be an object")
         for k in ("file", "device", "use"):
             _need(m, k, str, path, where)
-        if folder is not None and not (folder.parents[1] / m["file"]).is_file():
+        # an installed wheel may lack a results file: its claim is then "not measured yet"
+        if (folder is not None and not (folder.parents[1] / m["file"]).is_file()
+                and not installed(folder.parents[1])):
             _fail(path, f"{where} file {m['file']!r} does not exist under {folder.parents[1]}")
     if "notes" in data:
         _need(data, "notes", str, path)
@@ -204,9 +258,10 @@ def _validate_claims(claims, path):
         seen.add(c["id"])
 
 
-def check_folder(folder: Path) -> None:
+def check_folder(folder: Path, pkg: str | None = None) -> None:
     """A target folder holds data only: every file (at any depth) is JSON or PNG, none is
-    executable, and ``target.json`` follows the schema."""
+    executable, and ``target.json`` follows the schema (of ``pkg``; default: the package the
+    folder lies in)."""
     folder = Path(folder)
     for p in sorted(folder.rglob("*")):
         if p.is_dir():
@@ -220,16 +275,20 @@ def check_folder(folder: Path) -> None:
         _fail(folder, "has no target.json")
     with open(path) as f:
         data = json.load(f)
-    validate_target(data, path, pkg=folder.parents[1].name, name=folder.name, folder=folder)
+    validate_target(data, path, pkg=pkg or _package_of(folder), name=folder.name,
+                    folder=folder)
 
 
-def load_target(pkg: str, target: str) -> tuple[dict, dict, dict, Path]:
-    """``(spec, sweep, dry_run_sweep, folder)`` of a validated target folder."""
-    folder = package_dir(pkg) / "targets" / target
+def load_target(pkg: str, target: str, root: Path | None = None
+                ) -> tuple[dict, dict, dict, Path]:
+    """``(spec, sweep, dry_run_sweep, folder)`` of a validated target folder of ``root``
+    (default: :func:`package_dir`)."""
+    root = Path(root or package_dir(pkg))
+    folder = root / "targets" / target
     if not (folder / "target.json").is_file():
-        raise ValueError(f"target must be one of {target_names(pkg)} for {pkg}, "
+        raise ValueError(f"target must be one of {target_names(pkg, root)} for {pkg}, "
                          f"got {target!r}")
-    check_folder(folder)
+    check_folder(folder, pkg)
     with open(folder / "target.json") as f:
         spec = json.load(f)
     if "sweep" in spec:
@@ -290,16 +349,34 @@ class Context:
 
     def load(self, rel: str):
         """A committed JSON file of the package, by its path under the package folder."""
-        with open(self.pkg_dir / rel) as f:
+        path = self.pkg_dir / rel
+        if not path.is_file() and installed(self.pkg_dir):
+            raise ValueError(f"{self.package}: {rel} is not in the installed wheel "
+                             f"({self.pkg_dir}); run from a source checkout")
+        with open(path) as f:
             return json.load(f)
 
-    def measured_file(self, device: str | None = None) -> dict | None:
-        """The target's ``measured`` entry for ``device`` (default: the target's GPU)."""
+    def _entry(self, device):
         want = device or self.hw.device
         for m in self.spec["measured"]:
             if same_gpu(m["device"], want):
                 return m
         return None
+
+    def measured_file(self, device: str | None = None) -> dict | None:
+        """The target's ``measured`` entry for ``device`` (default: the target's GPU), when its
+        file is here (an installed wheel may lack it: see :meth:`not_measured`)."""
+        m = self._entry(device)
+        return m if m is not None and (self.pkg_dir / m["file"]).is_file() else None
+
+    def not_measured(self, why: str, device: str | None = None) -> str:
+        """The basis of a "not measured yet" answer: ``why``, or, when the target names a
+        committed benchmark for ``device`` that this installed wheel does not carry, that."""
+        m = self._entry(device)
+        if m is not None and not (self.pkg_dir / m["file"]).is_file():
+            return (f"results not in the wheel: {m['file']} is committed in the source "
+                    "checkout only")
+        return why
 
     def answer(self, cid: str, value, status: str, basis: str, *, source=None, device=None,
                date=None, error=None, series=None, **extra) -> dict:
@@ -340,9 +417,10 @@ def _hook(pkg: str):
 
 
 def run(pkg: str, target: str, *, dry_run: bool = False, measure: bool | None = None,
-        command: str | None = None) -> dict:
-    """Run one package's target; returns the result record (what the JSON holds)."""
-    spec, sweep, dry, folder = load_target(pkg, target)
+        command: str | None = None, root: Path | None = None) -> dict:
+    """Run one package's target (from the folder ``root``, default :func:`package_dir`);
+    returns the result record (what the JSON holds)."""
+    spec, sweep, dry, folder = load_target(pkg, target, root)
     if measure is None:
         measure = not dry_run and _cuda_of(hardware(spec).device)
     ctx = Context(pkg, target, spec, dry if dry_run else sweep, hardware(spec), dry_run, folder,

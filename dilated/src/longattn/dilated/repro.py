@@ -136,8 +136,8 @@ def _measured(ctx):
         why = ("a dry run measures nothing" if ctx.dry_run else
                "run dilated/bench/bench_dilated.py on the GPU (it writes the JSON this reads)"
                if ctx.measure else
-               f"no committed benchmark on a {ctx.hw.device}: python dilated/bench/"
-               "bench_dilated.py")
+               ctx.not_measured(f"no committed benchmark on a {ctx.hw.device}: python "
+                                "dilated/bench/bench_dilated.py"))
         ctx.answer(cid, None, "not measured yet", why)
         return
     rows = ctx.load(m["file"])

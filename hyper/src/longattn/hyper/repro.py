@@ -39,9 +39,8 @@ def run(ctx):
     for cid, what, _, _ in CASES:
         p = pairs.get((what, S_CLAIM))
         if p is None:
-            ctx.answer(cid, None, "not measured yet",
-                       f"no committed benchmark on a {ctx.hw.device}: python "
-                       "hyper/bench/bench_hyper.py")
+            ctx.answer(cid, None, "not measured yet", ctx.not_measured(
+                f"no committed benchmark on a {ctx.hw.device}: python hyper/bench/bench_hyper.py"))
             continue
         ex, hy = p
         xs = sorted(s for (w, s) in pairs if w == what)

@@ -103,8 +103,8 @@ def _measured(ctx):
                    device=r["device"])
     elif ctx.dry_run or m is None:
         ctx.answer(cid, None, "not measured yet", "a dry run measures nothing" if ctx.dry_run
-                   else f"no committed benchmark on a {ctx.hw.device}: python "
-                        "ring_swa/bench/bench_ring_swa.py")
+                   else ctx.not_measured(f"no committed benchmark on a {ctx.hw.device}: "
+                                         "python ring_swa/bench/bench_ring_swa.py"))
     else:
         swa, dense = _rates(ctx.load(m["file"]))
         ctx.answer(cid, dense["median_ms"] / swa["median_ms"], "measured",

@@ -123,8 +123,8 @@ def _local_claim(ctx):
         ctx.answer(cid, r["median_ms"], "measured", "committed benchmark (bench_tree.py)",
                    source=f, device=r["device"], date=r["date"])
     else:
-        ctx.answer(cid, None, "not measured yet",
-                   f"no committed benchmark on a {ctx.hw.device}: python tree/bench/bench_tree.py")
+        ctx.answer(cid, None, "not measured yet", ctx.not_measured(
+            f"no committed benchmark on a {ctx.hw.device}: python tree/bench/bench_tree.py"))
 
 
 def measure_local(sw, tokens, *, device):
