@@ -136,7 +136,7 @@ def run_longattn(method, q, k, v, p, *, block, samples, causal, min_seq_len, see
                                causal=causal, double_count=method == "double_count",
                                merge="equal" if method == "merge_equal" else "lse")
     share = float("nan")
-    if not causal and smp is not None:  # the block part's weight in the merge
+    if not causal and smp is not None and method != "seed_order":  # the block's weight
         _, lse_b = hyper_attention(q, k, v, block_size=block, sample_size=0,
                                    min_seq_len=min_seq_len, projections=p,
                                    backend="torch", return_lse=True)
@@ -343,7 +343,8 @@ def main(argv=None):
                 dtype="float32", B=1, H=H, D=D, seeds=seeds, torch=torch.__version__,
                 date=datetime.date.today().isoformat(), seconds=round(time.time() - t0),
                 longattn_commit=_git(os.path.dirname(os.path.abspath(__file__))),
-                seed_commit=_git(args.seed_dir), tiny_lm=dict(steps=steps, final_loss=loss),
+                seed_commit=_git(args.seed_dir, top=True),
+                tiny_lm=dict(steps=steps, final_loss=loss),
                 command=" ".join(["python", "hyper/bench/quality_vs_seed.py"] + (argv or
                                                                                 sys.argv[1:])))
     with open(path, "w") as f:
@@ -352,7 +353,11 @@ def main(argv=None):
     print(f"wrote {path} and quality_vs_seed.png ({meta['seconds']} s)")
 
 
-def _git(d):
+def _git(d, top=False):
+    """Short commit of the checkout at ``d``; ``top``: only if ``d`` is its top (a seed copy
+    without ``.git`` inside this repository would report this repository's commit)."""
+    if top and not os.path.exists(os.path.join(d, ".git")):
+        return "unknown (no .git)"
     try:
         return subprocess.run(["git", "-C", d, "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, check=True).stdout.strip()
