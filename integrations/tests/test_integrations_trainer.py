@@ -11,7 +11,9 @@ the replicas' batches of each micro-step as one: every parameter and every logge
 norm within 1e-10 relative (the attention's float64 sums in another order; transformers'
 float32 loss and RMSNorm make the same roundings, since 2 and 4 ranks scale the gradient by a
 power of two), the logged losses within 1e-6 (float32). The reference runs in the test
-process.
+process, after longattn's ``register()`` calls there: registering must leave the stock
+``Trainer`` as it is (it once made it count each row's first label, 3.4e-3 off with right
+padding, in any process that had registered longattn before).
 """
 
 from __future__ import annotations
@@ -94,10 +96,21 @@ def _model(attn):
     return model
 
 
+def _register_everything():
+    """Every registration longattn makes (the transformers and torch.compile attention, the
+    mask function, the loss wrapper), as a process that also trains with longattn has them."""
+    from longattn.integrations import compile as cpc
+    from longattn.integrations.transformers import register
+
+    register()
+    cpc.register()
+
+
 def reference(what, seed, replicas):
     """The stock Trainer, one process, ``sdpa``, the replicas' batches as one."""
     from transformers import Trainer
 
+    _register_everything()
     model = _model("sdpa")
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(model=model, args=_args(out, replicas * BATCH),
@@ -161,3 +174,28 @@ def test_trainer_equals_one_process(world, what, seed):
                 what, rank, losses, ref_losses)
             assert rel_error(torch.tensor(norm), torch.tensor(ref_norm)) <= TOL, (
                 what, rank, losses, ref_losses)
+
+
+def test_registering_leaves_the_stock_trainer_as_it_is():
+    """After ``register()`` (and ``compile.register()``) in this process, the stock ``Trainer``
+    counts ``num_items_in_batch`` over the shifted labels (transformers decides that from
+    ``LOSS_MAPPING[loss_type] is ForCausalLMLoss``, so the entry must stay transformers' own),
+    and every causal LM's loss is still longattn's wrapper (which ``shard_inputs``' batches
+    need)."""
+    from transformers import Trainer
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    _register_everything()
+    assert LOSS_MAPPING["ForCausalLM"] is ForCausalLMLoss
+    for attn in ("sdpa", "longattn_cp"):
+        assert _model(attn).loss_function._longattn_original is ForCausalLMLoss, attn
+    examples = _examples(0)
+    batches = [pad_right(examples[i:i + BATCH]) for i in (0, BATCH)]
+    first = sum(int((b["labels"][:, 0] != -100).sum()) for b in batches)
+    assert first > 0, "no row's first label counts: the check below could not fail"
+    with tempfile.TemporaryDirectory() as out:
+        trainer = Trainer(model=_model("sdpa"), args=_args(out, BATCH), train_dataset=examples,
+                          data_collator=pad_right)
+        _, count = trainer.get_batch_samples(iter(batches), ACCUM, torch.device("cpu"))
+    shifted = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    assert int(count) == shifted, (int(count), shifted, first)

@@ -10,9 +10,10 @@ rank's gradient is its tokens' share of the batch's gradient times the number of
 gradients are averaged over, so the average over those ranks is the gradient of the whole
 batch's mean token loss, exactly, whatever each rank's number of counted tokens (padding,
 ignored labels). The loss value every rank reports is the whole batch's loss. Both come from
-one wrapper around transformers' causal-LM loss (``ForCausalLM`` in ``LOSS_MAPPING``,
-installed by :func:`longattn.integrations.transformers.register`), which acts only on a batch
-made by :func:`shard_inputs` (it carries a :class:`ShardedBatch` as ``cp_batch``):
+one wrapper around transformers' causal-LM loss (the loss a model's ``loss_function`` gives,
+installed by :func:`longattn.integrations.transformers.register`; ``LOSS_MAPPING`` itself is
+left as it is), which acts only on a batch made by :func:`shard_inputs` (it carries a
+:class:`ShardedBatch` as ``cp_batch``):
 
 * it scales the gradient reaching the logits by ``grad_scale`` (the cp size, times the dp size
   with ``dp_group``) in the logits' own dtype, after transformers' float32 loss: the float32
@@ -395,6 +396,35 @@ def causal_lm_loss(original):
     loss._longattn_original = original
     loss.__doc__ = original.__doc__
     return loss
+
+
+def _install_causal_lm_loss():
+    """Make every model's causal-LM loss the :func:`causal_lm_loss` wrapper (once per process)
+    through ``PreTrainedModel.loss_function``, leaving ``LOSS_MAPPING`` as transformers made
+    it: its ``Trainer`` tests ``LOSS_MAPPING[loss_type] is ForCausalLMLoss`` to count
+    ``num_items_in_batch`` over the shifted labels, so a replaced entry made every stock
+    ``Trainer`` of the process count each row's first label too (a wrong loss and gradient
+    for right-padded rows). The wrapper serves the model whose loss is ``ForCausalLMLoss`` or
+    whatever ``LOSS_MAPPING["ForCausalLM"]`` holds (a user's replacement); other losses take
+    other arguments and stay as they are."""
+    from transformers import PreTrainedModel
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    prop = PreTrainedModel.__dict__["loss_function"]
+    if getattr(prop.fget, "_longattn", False):
+        return
+    wrapped = {}  # function -> its wrapper (the function held, so no identity is reused)
+
+    def loss_function(self):
+        fn = prop.fget(self)
+        if fn is not ForCausalLMLoss and fn is not LOSS_MAPPING.get("ForCausalLM"):
+            return fn
+        if fn not in wrapped:
+            wrapped[fn] = causal_lm_loss(fn)
+        return wrapped[fn]
+
+    loss_function._longattn = True
+    PreTrainedModel.loss_function = property(loss_function, prop.fset, prop.fdel, prop.__doc__)
 
 
 # ---------------------------------------------------------------------------------------------

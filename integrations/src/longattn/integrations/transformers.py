@@ -66,8 +66,8 @@ from longattn.integrations.generate import generate
 from longattn.integrations.relayout import moved, moved_between
 from longattn.integrations.training import (
     ShardedBatch,
+    _install_causal_lm_loss,
     all_reduce_grads,
-    causal_lm_loss,
     packed_positions,
     reduce_loss,
     shard_inputs,
@@ -91,7 +91,8 @@ _UNSUPPORTED = ("softcap", "s_aux", "position_bias")
 def register(name: str = NAME, *, backend: str = "auto") -> str:
     """Register the attention function (and a mask function) under ``name``; returns ``name``.
 
-    Also wraps transformers' causal-LM loss (``LOSS_MAPPING["ForCausalLM"]``, once): a batch
+    Also wraps every model's causal-LM loss (``PreTrainedModel.loss_function``, once;
+    ``LOSS_MAPPING`` stays as transformers made it, which its ``Trainer`` relies on): a batch
     from :func:`shard_inputs` then reports the whole batch's loss on every rank and gives
     gradients meant to be averaged over the ranks (see ``longattn.integrations.training``);
     any other call of the loss is unchanged.
@@ -103,7 +104,6 @@ def register(name: str = NAME, *, backend: str = "auto") -> str:
     forward may override it per call with ``backend=...``.
     """
     from transformers import AttentionInterface
-    from transformers.loss.loss_utils import LOSS_MAPPING
     from transformers.masking_utils import AttentionMaskInterface
 
     if not isinstance(backend, str):
@@ -116,7 +116,7 @@ def register(name: str = NAME, *, backend: str = "auto") -> str:
     attention_with_backend._longattn = True  # generate() checks a model uses longattn
     AttentionInterface.register(name, attention if backend == "auto" else attention_with_backend)
     AttentionMaskInterface.register(name, _mask)
-    LOSS_MAPPING["ForCausalLM"] = causal_lm_loss(LOSS_MAPPING["ForCausalLM"])
+    _install_causal_lm_loss()
     return name
 
 
