@@ -101,6 +101,18 @@ def test_format_table():
     assert B.format_table(rows, ["ms"]).splitlines()[0].strip() == "ms"
 
 
+def test_format_table_wraps_to_a_width():
+    rows = [{"what": "merge of four ranks' key-shard partials " * 3, "ms": 1.5},
+            {"what": "short", "ms": 2.0}]
+    wide = B.format_table(rows)
+    assert len(wide.splitlines()) == 4 and max(map(len, wide.splitlines())) > 60
+    t = B.format_table(rows, width=60)
+    lines = t.splitlines()
+    assert max(map(len, lines)) <= 60 and len(lines) > 4  # wrapped onto continuation lines
+    assert " ".join(t.split()).count("key-shard") == 3  # words kept whole, nothing lost
+    assert lines[-1].split() == ["short", "2"]
+
+
 def test_progress_yields_every_item():
     assert list(B.progress(range(5), desc="sweep")) == [0, 1, 2, 3, 4]
     assert list(B.progress(iter("abc"), total=3)) == ["a", "b", "c"]

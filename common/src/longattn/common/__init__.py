@@ -12,11 +12,18 @@ worlds and the oracle harness for pytest), ``bench`` (timing, result schema, plo
 from importlib.metadata import PackageNotFoundError as _NotInstalled
 from importlib.metadata import version as _version
 
-try:
-    __version__ = _version("longattn-common")
-except _NotInstalled:  # a source tree on sys.path without an install
-    __version__ = "0+unknown"
-
 from longattn.common.merge import merge_partials, merge_partials_, merge_stacked
 
-__all__ = ["merge_partials", "merge_partials_", "merge_stacked"]
+
+def version_of(distribution: str) -> str:
+    """The installed version of ``distribution`` (``"0+unknown"`` for a source tree on
+    ``sys.path`` without an install): every longattn package's ``__version__``."""
+    try:
+        return _version(distribution)
+    except _NotInstalled:
+        return "0+unknown"
+
+
+__version__ = version_of("longattn-common")
+
+__all__ = ["merge_partials", "merge_partials_", "merge_stacked", "version_of"]

@@ -137,8 +137,12 @@ def out_dir(default: str, cli_value: str | None = None) -> str:
     return d
 
 
-def format_table(rows, columns=None) -> str:
-    """Plain-text table of dicts (floats shown with 4 significant digits)."""
+def format_table(rows, columns=None, width=None) -> str:
+    """Plain-text table of dicts (floats shown with 4 significant digits). With ``width``, at
+    most that many columns wide: the widest cells are wrapped onto continuation lines (words
+    kept whole where they fit) until the table fits."""
+    import textwrap
+
     if not rows:
         return "(no rows)"
     columns = columns or list(rows[0])
@@ -150,10 +154,22 @@ def format_table(rows, columns=None) -> str:
 
     cells = [[fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
-    sep = "  ".join("-" * w for w in widths)
-    body = ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join([line, sep, *body])
+    while width is not None and sum(widths) + 2 * (len(widths) - 1) > width:
+        i = max(range(len(widths)), key=widths.__getitem__)
+        if widths[i] <= max(len(columns[i]), 8):
+            break  # nothing left to wrap
+        widths[i] -= 1
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    for row in cells:
+        parts = [(textwrap.wrap(v, w, break_on_hyphens=False) or [""]) if len(v) > w else [v]
+                 for v, w in zip(row, widths)]
+        for k in range(max(map(len, parts))):
+            lines.append("  ".join((p[k] if k < len(p) else "").ljust(w)
+                                   for p, w in zip(parts, widths)))
+    if width is not None:
+        lines = [ln.rstrip() for ln in lines]
+    return "\n".join(lines)
 
 
 def progress(iterable, desc: str = "", total=None):

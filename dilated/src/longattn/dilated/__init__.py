@@ -1,13 +1,9 @@
 """longattn.dilated: exact LongNet dilated attention (arXiv 2307.02486), its multi-head module,
 the LongNet models, and the distributed (sequence-parallel) version of section 3.1."""
 
-from importlib.metadata import PackageNotFoundError as _NotInstalled
-from importlib.metadata import version as _version
+from longattn.common import version_of as _version_of
 
-try:
-    __version__ = _version("longattn-dilated")
-except _NotInstalled:  # a source tree on sys.path without an install
-    __version__ = "0+unknown"
+__version__ = _version_of("longattn-dilated")
 
 from longattn.dilated.attention import DilatedAttention, check_schedule, dilated_attention
 from longattn.dilated.config import FusedConfig

@@ -9,13 +9,9 @@ two-level multi-node schedule -- through one step loop, forward and backward. ``
 (``cu_seqlens``): :mod:`longattn.hamilton.packing` (layout, plans, ``pad_packed``).
 """
 
-from importlib.metadata import PackageNotFoundError as _NotInstalled
-from importlib.metadata import version as _version
+from longattn.common import version_of as _version_of
 
-try:
-    __version__ = _version("longattn-hamilton")
-except _NotInstalled:  # a source tree on sys.path without an install
-    __version__ = "0+unknown"
+__version__ = _version_of("longattn-hamilton")
 
 from longattn.hamilton.attn import hamilton_attn
 from longattn.hamilton.config import HamiltonConfig

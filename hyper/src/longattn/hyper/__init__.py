@@ -4,13 +4,9 @@ Sorted-LSH block-diagonal attention plus uniformly sampled columns, merged by th
 log-sum-exp rule, causal by recursion; gradients are those of the approximation computed.
 """
 
-from importlib.metadata import PackageNotFoundError as _NotInstalled
-from importlib.metadata import version as _version
+from longattn.common import version_of as _version_of
 
-try:
-    __version__ = _version("longattn-hyper")
-except _NotInstalled:  # a source tree on sys.path without an install
-    __version__ = "0+unknown"
+__version__ = _version_of("longattn-hyper")
 
 from longattn.hyper.api import HyperAttention, choose_backend, hyper_attention
 from longattn.hyper.config import HyperConfig

@@ -19,10 +19,6 @@
 Nothing is imported here, so ``import longattn.integrations`` needs no transformers.
 """
 
-from importlib.metadata import PackageNotFoundError as _NotInstalled
-from importlib.metadata import version as _version
+from longattn.common import version_of as _version_of
 
-try:
-    __version__ = _version("longattn-integrations")
-except _NotInstalled:  # a source tree on sys.path without an install
-    __version__ = "0+unknown"
+__version__ = _version_of("longattn-integrations")

@@ -165,35 +165,10 @@ WIDTH = 100  # columns a printed table may take
 
 
 def fit_table(rows, columns, width=WIDTH) -> str:
-    """:func:`longattn.common.bench.format_table`'s table, at most ``width`` columns wide: the
-    widest cells are wrapped onto continuation lines (words kept whole where they fit) until
-    the table fits."""
-    import textwrap
+    """:func:`longattn.common.bench.format_table`'s table, at most ``width`` columns wide."""
+    from longattn.common.bench import format_table
 
-    if not rows:
-        return "(no rows)"
-
-    def fmt(x):
-        if isinstance(x, float):
-            return f"{x:.4g}"
-        return "" if x is None else str(x)
-
-    cells = [[fmt(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    while sum(widths) + 2 * (len(widths) - 1) > width:
-        i = max(range(len(widths)), key=widths.__getitem__)
-        if widths[i] <= max(len(columns[i]), 8):
-            break  # nothing left to wrap
-        widths[i] -= 1
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip(),
-             "  ".join("-" * w for w in widths)]
-    for row in cells:
-        parts = [textwrap.wrap(v, w, break_on_hyphens=False) or [""]
-                 for v, w in zip(row, widths)]
-        for k in range(max(map(len, parts))):
-            lines.append("  ".join((p[k] if k < len(p) else "").ljust(w)
-                                   for p, w in zip(parts, widths)).rstrip())
-    return "\n".join(lines)
+    return format_table(rows, columns, width=width)
 
 
 def check_table(rows) -> str:

@@ -22,13 +22,9 @@ names, argument order and integer ``window_size = w`` (= ``(w, 0)``, causal):
 See the package README for the exact semantics and the per-rank token rule.
 """
 
-from importlib.metadata import PackageNotFoundError as _NotInstalled
-from importlib.metadata import version as _version
+from longattn.common import version_of as _version_of
 
-try:
-    __version__ = _version("longattn-ring-swa")
-except _NotInstalled:  # a source tree on sys.path without an install
-    __version__ = "0+unknown"
+__version__ = _version_of("longattn-ring-swa")
 
 from longattn.ring_swa.api import (
     ring_sliding_window_attn,

@@ -10,13 +10,9 @@
 Torch functions are forward only (inference).
 """
 
-from importlib.metadata import PackageNotFoundError as _NotInstalled
-from importlib.metadata import version as _version
+from longattn.common import version_of as _version_of
 
-try:
-    __version__ = _version("longattn-tree")
-except _NotInstalled:  # a source tree on sys.path without an install
-    __version__ = "0+unknown"
+__version__ = _version_of("longattn-tree")
 
 from longattn.tree.cache import KVCache, empty_cache
 from longattn.tree.decode import hierarchy_groups, tree_decode
