@@ -100,12 +100,14 @@ def run(ctx):
                x="GPUs", y="ring / tree decode time", logy=True)
     n0 = sw["contexts"][0]
     last = [r for r in rows if r["context"] == n0][-1]
-    ctx.answer("peak_memory_ratio", last["ring_peak_bytes"] / last["tree_peak_bytes"],
-               "predicted", f"bytes held per GPU at N = {n0}, {last['gpus']} GPUs: shard + "
-               "two hand-off buffers (ring) against shard + statistics (tree)")
-    ctx.answer("comm_volume_ratio", last["ring_sent_bytes"] / last["tree_sent_bytes"],
-               "predicted", f"bytes sent per GPU at N = {n0}, {last['gpus']} GPUs: "
-               f"{last['ring_sent_bytes']:.3g} (ring) against {last['tree_sent_bytes']:.3g} (tree)")
+    at = f"at N = {n0}, {last['gpus']} GPUs"
+    ring_sent, tree_sent = last["ring_sent_bytes"], last["tree_sent_bytes"]
+    for cid, key, basis in (
+            ("peak_memory_ratio", "peak", f"bytes held per GPU {at}: shard + two hand-off "
+             "buffers (ring) against shard + statistics (tree)"),
+            ("comm_volume_ratio", "sent", f"bytes sent per GPU {at}: {ring_sent:.3g} (ring) "
+             f"against {tree_sent:.3g} (tree)")):
+        ctx.answer(cid, last[f"ring_{key}_bytes"] / last[f"tree_{key}_bytes"], "predicted", basis)
     _local_claim(ctx)
     return {"rows": rows}
 
