@@ -50,6 +50,7 @@ import os
 import re
 import sys
 import time
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,9 +61,10 @@ PACKAGES = ("hamilton", "tree", "hyper", "ring_swa", "dilated")
 TARGETS = ("H100-1", "H100-2", "H100-4", "MI300X-1", "H200-1")
 # package -> module with run(ctx); used while the packages declare no ``longattn.repro`` entry
 # point (hamilton's module has its own name: hamilton.repro is not ours to create)
-HOOKS = {"hamilton": "longattn.hamilton.repro_target", "tree": "longattn.tree.repro",
-         "hyper": "longattn.hyper.repro", "ring_swa": "longattn.ring_swa.repro",
-         "dilated": "longattn.dilated.repro"}
+HOOKS = types.MappingProxyType({
+    "hamilton": "longattn.hamilton.repro_target", "tree": "longattn.tree.repro",
+    "hyper": "longattn.hyper.repro", "ring_swa": "longattn.ring_swa.repro",
+    "dilated": "longattn.dilated.repro"})  # read-only: the package -> module table
 STATUSES = ("measured", "predicted", "not measured yet")
 KINDS = ("measured", "predicted")
 DATA_SUFFIXES = (".json", ".png")  # what a target folder may hold: data, never code

@@ -330,12 +330,12 @@ _WORLDS: dict[int, _World] = {}
 # spawning each rank from scratch re-imported torch in every rank (about 2 s of CPU each, and a
 # pytest run starts some 90 ranks). The server forks before any CUDA or thread pool exists; the
 # main script is still imported by every rank, as with spawn.
-_PRELOAD = ["torch", "torch.distributed", "numpy", "longattn.common.testing"]
+_PRELOAD = ("torch", "torch.distributed", "numpy", "longattn.common.testing")
 
 
 def _context():
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_PRELOAD)
+    ctx.set_forkserver_preload(list(_PRELOAD))
     return ctx
 
 
