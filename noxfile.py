@@ -175,7 +175,7 @@ def wheels(session):
     if not os.path.isdir("dist"):
         session.error("dist/ is missing: run `nox -s build` first")
     session.install("--no-compile", TORCH)
-    session.install("--no-compile", "--find-links", "dist", "longattn[all]")
+    _fast_install(session, "--find-links", "dist", "longattn[all]")
     _compile(session)
     tmp = session.create_tmp()
     with session.chdir(tmp):
