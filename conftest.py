@@ -8,10 +8,9 @@ def pytest_configure(config):
     """Under TRITON_INTERPRET=1, turn off the interpreter's integer-overflow sanitizer.
 
     The interpreter checks every int32 add/sub/mul of a kernel for overflow by recomputing it in
-    int64 with numpy, which made it about a third slower (user CPU of
-    ``test_dilated_fused.py::test_persistent_programs[1-3]``: 45 s with, 31 s without). The
-    check cannot fire here: the CPU tests' tensors hold at most thousands of elements, so no
-    index comes near 2**31. A compiled kernel skips it too unless built with ``debug=True``."""
+    int64 with numpy, a large share of the interpreted kernels' time. The check cannot fire
+    here: the CPU tests' tensors hold at most thousands of elements, so no index comes near
+    2**31. A compiled kernel skips it too unless built with ``debug=True``."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:

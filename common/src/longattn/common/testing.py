@@ -326,9 +326,9 @@ class _World:
 
 
 _WORLDS: dict[int, _World] = {}
-# Ranks are forked from one server process per test process that has imported torch once:
-# spawning each rank from scratch re-imported torch in every rank (about 2 s of CPU each, and a
-# pytest run starts some 90 ranks). The server forks before any CUDA or thread pool exists; the
+# Ranks are forked from one server process per test process that has imported torch once: spawning
+# each rank from scratch re-imported torch in every rank, and a pytest run starts dozens of ranks
+# (LONGATTN_WORLD_LOG lists them). The server forks before any CUDA or thread pool exists; the
 # main script is still imported by every rank, as with spawn.
 _PRELOAD = ("torch", "torch.distributed", "numpy", "longattn.common.testing")
 
