@@ -3,6 +3,12 @@ repository root, the isolated per-package runs included)."""
 
 import os
 
+import pytest
+
+# The shared repro checks are a source module, not a test file: rewrite its asserts too, so a
+# failing check shows the values as a test's own assert would.
+pytest.register_assert_rewrite("longattn.common.repro_checks")
+
 
 def pytest_configure(config):
     """Under TRITON_INTERPRET=1, turn off the interpreter's integer-overflow sanitizer.
