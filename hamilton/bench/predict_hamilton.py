@@ -120,6 +120,12 @@ def predict_target(name, steps, peer_bw=None):
     target = topology.get_target(name)
     if peer_bw is not None:
         target = dataclasses.replace(target, peer_bw=peer_bw)
+    return cfg, target, predict_rows(cfg, target, steps)
+
+
+def predict_rows(cfg, target, steps):
+    """Predicted time of every schedule for every (mask, length, batch, heads, head dim) of the
+    sweep ``cfg`` on ``target`` (a ``topology.Target``), from the step times ``steps``."""
     n = target.world_size
     scheds = {m: per_gb_step_times(target, s) for m, s in schedules(cfg).items()}
     rows = []
@@ -134,7 +140,7 @@ def predict_target(name, steps, peer_bw=None):
             row[f"{m}_ms"], row[f"{m}_compute_ms"], row[f"{m}_comm_ms"] = (
                 float(f"{x * 1e3:.5g}") for x in (t, c, k))
         rows.append(row)
-    return cfg, target, rows
+    return rows
 
 
 def speedup_curve(rows, mask, method, *, comm=False, batch=None):

@@ -23,7 +23,6 @@ linearly per token, so dilated wins past some length.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 from longattn.common import topology
@@ -50,11 +49,6 @@ def branches(sw, s):
 
 def keys_per_token(sw, s):
     return sum(min(w, s) / r for w, r in branches(sw, s))
-
-
-def _h200_flops(ctx):
-    with open(ctx.pkg_dir / "targets" / "H200-1" / "target.json") as f:
-        return json.load(f)["hardware"]["figures"]["attn_flops_fwd_bwd"]
 
 
 def _cluster(hw, p):
@@ -88,7 +82,7 @@ def run(ctx):
     ref = ctx.load(BENCH)
     dil, dense = _ns(ref, "dilated fwd+bwd"), _ns(ref, "dense causal fwd+bwd")
     s_ref = min(dil)
-    scale = _h200_flops(ctx) / ctx.hw.attn_flops_fwd_bwd
+    scale = topology.get_target("H200-1").attn_flops_fwd_bwd / ctx.hw.attn_flops_fwd_bwd
     ns_ref = dil[s_ref] * scale
     keys_ref = keys_per_token({**sw, "extend_segments": False}, s_ref)
     dense_ref = dense[min(dense)] * scale

@@ -46,30 +46,12 @@ class _ScaledSteps:
         return ms * self.ref_flops / target.attn_flops_fwd
 
 
-def _h200_flops(ctx):
-    with open(ctx.pkg_dir / "targets" / "H200-1" / "target.json") as f:
-        return json.load(f)["hardware"]["figures"]["attn_flops_fwd"]
-
-
 def predict(ctx, pred):
     cfg = ctx.sweep
     target = dataclasses.replace(ctx.hw, nodes=cfg["nodes"], gpus_per_node=cfg["gpus_per_node"])
-    steps = _ScaledSteps(pred.StepTimes(str(ctx.pkg_dir / STEP_FILE)), _h200_flops(ctx))
-    n = target.world_size
-    scheds = {m: pred.per_gb_step_times(target, s) for m, s in pred.schedules(cfg).items()}
-    rows = []
-    for mask, seqlen, b, h, d in pred.sweep(cfg):
-        L = seqlen // n
-        row = {"mask": mask, "seqlen": seqlen, "per_gpu_seqlen": L, "batch": b, "heads": h,
-               "head_dim": d}
-        for m, step_gb in scheds.items():
-            if mask == "causal" and m == "two_level":
-                continue
-            t, c, k = pred.predict_call(target, step_gb, mask, L, b, h, d, steps)
-            row[f"{m}_ms"], row[f"{m}_compute_ms"], row[f"{m}_comm_ms"] = (
-                float(f"{x * 1e3:.5g}") for x in (t, c, k))
-        rows.append(row)
-    return rows
+    steps = _ScaledSteps(pred.StepTimes(str(ctx.pkg_dir / STEP_FILE)),
+                         topology.get_target("H200-1").attn_flops_fwd)
+    return pred.predict_rows(cfg, target, steps)
 
 
 def _measured(ctx):

@@ -22,7 +22,6 @@ benchmark's shape, from the committed benchmark of the target's GPU model.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 
 from longattn.common import topology
@@ -34,11 +33,6 @@ def _rates(rows):
     """(ring_swa local, dense causal) forward+backward rows of a bench_ring_swa.py JSON."""
     by = {r["what"]: r for r in rows}
     return by["ring_swa local fwd+bwd"], by["cudnn dense causal fwd+bwd"]
-
-
-def _h200_flops(ctx):
-    with open(ctx.pkg_dir / "targets" / "H200-1" / "target.json") as f:
-        return json.load(f)["hardware"]["figures"]["attn_flops_fwd_bwd"]
 
 
 def model(ctx, s, w, swa_flops, dense_flops):
@@ -66,7 +60,7 @@ def model(ctx, s, w, swa_flops, dense_flops):
 def run(ctx):
     sw = ctx.sweep
     swa_row, dense_row = _rates(ctx.load(BENCH))
-    scale = ctx.hw.attn_flops_fwd_bwd / _h200_flops(ctx)
+    scale = ctx.hw.attn_flops_fwd_bwd / topology.get_target("H200-1").attn_flops_fwd_bwd
     swa_flops, dense_flops = swa_row["tflops"] * 1e12 * scale, dense_row["tflops"] * 1e12 * scale
     rows = []
     for s in sw["seq_lens"]:
