@@ -2,11 +2,14 @@
 
     nox -s demo                      every method on a CPU world of gloo ranks vs the oracle
                                      (the same program as ``longattn demo``)
-    nox -s tests                     all packages' tests on the CPU
+    nox -s tests                     every test on the CPU, each package in its own venv:
+                                     isolated(<pkg>) for the 8 packages, then cross (what CI runs)
     nox -s "isolated(<pkg>)"         one package installed alone with the documented command
                                      ``pip install "./<pkg>[test]"`` (its local dependencies come
                                      with it), its tests; LONGATTN_INSTALL_FROM=git installs from
                                      ``git+file://<root>#subdirectory=<pkg>`` (committed HEAD)
+    nox -s cross                     the cross-package tests (tests/) with ``./longattn[all]``
+    nox -s dev                       every test in one venv of editable installs (the quick loop)
     nox -s build                     wheels and sdists of every package (and the ``longattn``
                                      meta-distribution) into dist/
     nox -s wheels                    a fresh venv: installs ``longattn[all]`` from dist/ (after
@@ -27,6 +30,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 
 import nox
 
@@ -44,38 +49,35 @@ META = "longattn"  # the meta-distribution folder: ``pip install "./longattn[ham
 # to "" they are plain names (see any */pyproject.toml).
 PLAIN_DEPS = {"LONGATTN_PLAIN_DEPS": ""}
 TARGETS = ["H100-1", "H100-2", "H100-4", "MI300X-1", "H200-1"]
+# Bytecode is written as modules are first imported (only what runs is compiled, once per venv):
+# some machines set PYTHONDONTWRITEBYTECODE, and then every process of a gloo world compiled
+# torch from source at start-up; an empty value turns it off.
+RUN_ENV = {"PYTHONDONTWRITEBYTECODE": ""}
 CPU_ENV = {
     "TRITON_INTERPRET": "1",  # Triton kernels run on the CPU interpreter
     "XLA_FLAGS": "--xla_force_host_platform_device_count=8",  # 8 JAX CPU devices
     "JAX_PLATFORMS": "cpu",
     "OMP_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
+    **RUN_ENV,
 }
 
 
 def _install(session, packages, extra="test"):
-    """Editable installs of local packages in one pip call (so local deps resolve locally).
-
-    pip byte-compiles one file at a time (torch alone: 56 s against 21 s with ``--no-compile``
-    on a 2-core machine); ``compileall -j 0`` does the same work on every core afterwards. The
-    bytecode must exist before the tests: the gloo ranks are spawned with ``python -B``
-    (pytest-xdist's workers do not write bytecode, and multiprocessing passes the flag on), so
-    without it every rank compiled torch from source at start-up."""
+    """Editable installs of local packages in one installer call (so local deps resolve
+    locally), torch first (see :func:`_torch`)."""
     if "reference" not in packages or len(packages) > 1:
-        session.install("--no-compile", TORCH)
+        _torch(session)
     args = []
     for p in packages:
         args += ["-e", f"./{p}[{extra}]" if extra else f"./{p}"]
     _fast_install(session, *args, env=PLAIN_DEPS)
-    _compile(session)
 
 
 def _fast_install(session, *args, env=None):
     """``uv pip install`` into the session's venv when uv is on the PATH (.ci/run installs it):
-    it resolves and installs the 8 packages' dependencies several times faster than pip. torch
-    is installed first, by pip: the CPU wheel lies on disk where only pip looks, and uv keeps an
-    installed torch that satisfies the pins. Without uv, pip does the same (without byte-
-    compiling; see ``_compile``)."""
+    it resolves and installs the packages' dependencies several times faster than pip, from the
+    same metadata. Without uv, pip does the same. Neither byte-compiles: see ``RUN_ENV``."""
     if shutil.which("uv"):
         session.run_install("uv", "pip", "install", "-q", "--python",
                             os.path.join(session.bin, "python"), *args, env=env, external=True)
@@ -83,54 +85,90 @@ def _fast_install(session, *args, env=None):
         session.install("--no-compile", *args, env=env)
 
 
-def _compile(session):
-    """Byte-compile the venv's packages on every core. Exit status 1 means some file did not
-    compile (test data and templates written for other Python versions ship in some
-    packages): Python reads those from source, as it would anyway."""
-    site = session.run_install("python", "-c",
-                               "import sysconfig; print(sysconfig.get_paths()['purelib'])",
-                               silent=True)
-    if site:  # None with --no-install (a reused venv: compiled when it was made)
-        session.run_install("python", "-m", "compileall", "-q", "-j", "0", site.strip(),
-                            silent=True, success_codes=[0, 1])
+def _find_links():
+    """pip's ``find-links`` (where the CPU torch wheel lies on the CPU machines), from the
+    environment or pip's configuration: uv reads neither, so it is passed on explicitly."""
+    links = os.environ.get("PIP_FIND_LINKS", "")
+    if not links:
+        try:
+            links = subprocess.run([sys.executable, "-m", "pip", "config", "get",
+                                    "global.find-links"], capture_output=True, text=True,
+                                   timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            links = ""
+    return links.split()
 
 
-@nox.session
-def tests(session):
-    """All packages' tests (and the cross-package ones) on the CPU, one pytest-xdist worker per
-    core (``LONGATTN_TEST_WORKERS=N`` to choose; ``0`` runs in this process). Many tests are one
-    Python process running the Triton interpreter, so two cores halve their time; work stealing
-    keeps the slow tail (the interpreted dilated kernels) from landing on one worker."""
-    # hatchling: tests/test_longattn_packaging.py reads the packages' metadata with it
-    _install(session, PACKAGES)
-    _fast_install(session, "pytest-xdist", "hatchling>=1.21")
+def _torch(session):
+    """``torch`` as pinned by ``TORCH``, before anything that depends on it (so that no
+    resolver picks a multi-GB CUDA build): through uv with pip's find-links when uv is there,
+    else through pip."""
+    if shutil.which("uv"):
+        links = [a for link in _find_links() for a in ("--find-links", link)]
+        _fast_install(session, *links, TORCH)
+    else:
+        session.install("--no-compile", TORCH)
+
+
+def _pytest(session, *args):
+    """pytest with one xdist worker per core (``LONGATTN_TEST_WORKERS=N`` to choose; ``0``
+    runs in this process): many tests are one Python process running the Triton interpreter,
+    so two cores halve their time; work stealing keeps a slow tail off one worker."""
     workers = os.environ.get("LONGATTN_TEST_WORKERS", "auto")
-    session.run("python", "-m", "pytest", "-q", "-n", workers, "--dist", "worksteal",
-                *session.posargs, env=CPU_ENV)
+    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", workers,
+                "--dist", "worksteal", *args, *session.posargs, env=CPU_ENV)
 
 
-@nox.session
+@nox.session(venv_backend="none")
+def tests(session):
+    """Every test on the CPU, each package in its own venv: ``isolated(<pkg>)`` for the 8
+    packages (the package installed non-editable with nothing but its declared dependencies,
+    so a missing one fails its tests), then ``cross`` (the cross-package tests, with every
+    package). What CI runs. Arguments after ``--`` reach every pytest run."""
+    for pkg in PACKAGES:
+        session.notify(f"isolated({pkg})", posargs=session.posargs)
+    session.notify("cross", posargs=session.posargs)
+
+
+@nox.session(reuse_venv=False)
 @nox.parametrize("pkg", [nox.param(p, id=p) for p in PACKAGES])
 def isolated(session, pkg):
-    """One package installed the way its README says, non-editable, with nothing but its
-    declared dependencies (its local ones come through their direct references), and its own
-    tests. ``LONGATTN_INSTALL_FROM=git``: from ``git+file://`` of the committed HEAD instead.
-    A previous run's longattn distributions are removed first, so none is left over."""
-    old = session.run("python", "-m", "pip", "list", "--format=freeze", silent=True)
-    old = [ln.split("==")[0] for ln in old.splitlines() if ln.startswith("longattn")]
-    if old:
-        session.run("python", "-m", "pip", "uninstall", "-q", "-y", *old)
-    session.install("--no-compile", TORCH)
+    """One package installed the way its README says, non-editable, into a fresh venv with
+    nothing but its declared dependencies (its local ones come through their direct
+    references), and its own tests (pytest-xdist is added to run them). ``uv pip install`` when
+    uv is there, else ``pip install``: both read the same metadata. ``LONGATTN_INSTALL_FROM=
+    git``: from ``git+file://`` of the committed HEAD, with pip >= 24.1."""
+    _torch(session)
     if os.environ.get("LONGATTN_INSTALL_FROM") == "git":
         url = f"git+file://{os.path.abspath('.')}#subdirectory={pkg}"
         dist = f"longattn-{pkg.replace('_', '-')}"
         session.install("-U", "pip>=24.1")  # older pips reject ``name @ git+file:///...``
         session.install("--no-compile", f"{dist}[test] @ {url}")
     else:
-        session.install("--no-compile", f"./{pkg}[test]")
-    _compile(session)
-    session.run("python", "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{pkg}/tests",
-                *session.posargs, env=CPU_ENV)
+        _fast_install(session, f"./{pkg}[test]")
+    _fast_install(session, "pytest-xdist")
+    _pytest(session, f"{pkg}/tests")
+
+
+@nox.session(reuse_venv=False)
+def cross(session):
+    """The cross-package tests (``tests/``: the conventions table against every signature, NaN
+    through every method, the demo driver, the packages' metadata) in a fresh venv with
+    ``./longattn[all]`` (every package, non-editable) and the test runner."""
+    _torch(session)
+    _fast_install(session, "./longattn[all]", "pytest>=7", "pytest-xdist", "hypothesis>=6",
+                  "hatchling>=1.21")
+    _pytest(session, "tests")
+
+
+@nox.session
+def dev(session):
+    """Every test (all packages and the cross-package ones) in one venv with every package
+    installed editable: the quick loop while changing code (``nox -s dev -- -k merge``)."""
+    # hatchling: tests/test_longattn_packaging.py reads the packages' metadata with it
+    _install(session, PACKAGES)
+    _fast_install(session, "pytest-xdist", "hatchling>=1.21")
+    _pytest(session)
 
 
 @nox.session
@@ -174,13 +212,12 @@ def wheels(session):
     checkout, so nothing of the source tree is used."""
     if not os.path.isdir("dist"):
         session.error("dist/ is missing: run `nox -s build` first")
-    session.install("--no-compile", TORCH)
+    _torch(session)
     _fast_install(session, "--find-links", "dist", "longattn[all]")
-    _compile(session)
     tmp = session.create_tmp()
     with session.chdir(tmp):
-        session.run("longattn", "--version")
-        session.run("longattn", "list")
+        session.run("longattn", "--version", env=RUN_ENV)
+        session.run("longattn", "list", env=RUN_ENV)
         # the scripts the wheels carry start from site-packages (their --help: no GPU here)
         session.run("longattn", "repro", "--target", "H100-1", "hamilton", "--help", silent=True)
         session.run("longattn", "check", *session.posargs, env=CPU_ENV)

@@ -194,4 +194,4 @@ def test_one_nan_hyper_attention(which):
     out, lse = _call("hyper", *loc, None)
     loss = (out * r).sum()
     loss.backward()
-    _check("hyper", which, 0, out.detach(), lse.detach(), float(loss))
+    _check("hyper", which, 0, out.detach(), lse.detach(), float(loss.detach()))
