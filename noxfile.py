@@ -220,6 +220,10 @@ def wheels(session):
         session.run("longattn", "list", env=RUN_ENV)
         # the scripts the wheels carry start from site-packages (their --help: no GPU here)
         session.run("longattn", "repro", "--target", "H100-1", "hamilton", "--help", silent=True)
+        # the same runner without the longattn command: every package's scripts, one started
+        session.run("python", "-m", "longattn.common.bench", env=RUN_ENV)
+        session.run("python", "-m", "longattn.common.bench", "hamilton", "predict_hamilton",
+                    "--help", silent=True, env=RUN_ENV)
         session.run("longattn", "check", *session.posargs, env=CPU_ENV)
 
 

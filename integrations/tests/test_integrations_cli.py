@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from longattn.common import script_runner as sr
 from longattn.integrations import cli, driver
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +21,7 @@ def _no_optional_needs(monkeypatch, request):
     """The argument tests run whether or not the scripts' plotting extra is installed; the
     missing-extra test sets its own."""
     if request.node.name != "test_a_missing_optional_dependency_names_its_extra":
-        monkeypatch.setattr(cli, "SCRIPT_NEEDS", {})
+        monkeypatch.setattr(sr, "SCRIPT_NEEDS", {})
 
 
 @pytest.mark.parametrize("row,ok", [
@@ -84,7 +85,7 @@ def test_unknown_only_package():
 
 def test_bench_and_repro_run_the_package_scripts(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
+    monkeypatch.setattr(sr.subprocess, "call", lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
     assert cli.main(["bench", "common", "--smoke", "--out", "x"]) == 0
     cmd, cwd = calls[-1]
     assert cmd[1] == str(ROOT / "common" / "bench" / "bench_kernels.py")
@@ -100,7 +101,7 @@ def test_script_errors(capsys):
         cli.main(["bench", "integrations"])  # no bench script: not a choice
     assert "invalid choice: 'integrations'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="integrations has no bench_integrations.py"):
-        cli.find_script("integrations", "bench")
+        sr.find_script("integrations", "bench")
     with pytest.raises(SystemExit, match="target must be one of"):
         cli.main(["repro", "--target", "TPU-9"])
     with pytest.raises(SystemExit):
@@ -118,7 +119,7 @@ def test_script_errors(capsys):
 @pytest.mark.parametrize("target", [["--target", "H100-1"], ["--target=H100-1"]])
 def test_repro_option_forms(monkeypatch, argv, script_args, target):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    monkeypatch.setattr(sr.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
     assert cli.main(["repro", *target, *argv]) == 0
     script = ROOT / "hamilton" / "bench" / "repro_hamilton.py"
     assert calls == [[sys.executable, str(script), "--target", "H100-1", *script_args]]
@@ -126,7 +127,7 @@ def test_repro_option_forms(monkeypatch, argv, script_args, target):
 
 def test_repro_target_after_script_options(monkeypatch):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    monkeypatch.setattr(sr.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
     assert cli.main(["repro", "--dry-run", "--target", "H100-4", "--out", "d"]) == 0
     assert calls[-1][2:] == ["--target", "H100-4", "--dry-run", "--out", "d"]
 
@@ -135,7 +136,7 @@ def test_repro_target_after_script_options(monkeypatch):
                                   ["-h"]])
 def test_bench_option_forms(monkeypatch, argv):
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    monkeypatch.setattr(sr.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
     assert cli.main(["bench", "tree", *argv]) == 0
     assert calls == [[sys.executable, str(ROOT / "tree" / "bench" / "bench_tree.py"), *argv]]
 
@@ -144,7 +145,7 @@ def test_bench_without_out_writes_under_the_current_directory(monkeypatch, tmp_p
     """No ``--out``: ``bench_out/<pkg>`` in the current directory (the script's own default
     would be the source tree, or site-packages for an installed wheel); the script runs there."""
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call",
+    monkeypatch.setattr(sr.subprocess, "call",
                         lambda cmd, cwd: calls.append((cmd, cwd)) or 0)
     monkeypatch.chdir(tmp_path)
     assert cli.main(["bench", "tree", "--smoke"]) == 0
@@ -159,13 +160,13 @@ def test_scripts_found_inside_an_installed_package(monkeypatch, tmp_path):
     pkg = tmp_path / "longattn" / "tree"
     (pkg / "scripts" / "bench").mkdir(parents=True)
     (pkg / "scripts" / "bench" / "bench_tree.py").write_text("")
-    monkeypatch.setattr(cli, "package_dir", lambda name: None)
-    monkeypatch.setattr(cli, "_locations", lambda name: [str(pkg)] if name == "tree" else [])
-    assert cli.find_script("tree", "bench") == pkg / "scripts" / "bench" / "bench_tree.py"
-    assert cli.script_packages("bench") == ["tree"]
-    assert cli.script_packages("repro") == []
+    monkeypatch.setattr(sr, "package_dir", lambda name: None)
+    monkeypatch.setattr(sr, "_locations", lambda name: [str(pkg)] if name == "tree" else [])
+    assert sr.find_script("tree", "bench") == pkg / "scripts" / "bench" / "bench_tree.py"
+    assert sr.script_packages("bench") == ["tree"]
+    assert sr.script_packages("repro") == []
     with pytest.raises(SystemExit, match="hamilton has no repro_hamilton.py"):
-        cli.find_script("hamilton", "repro")
+        sr.find_script("hamilton", "repro")
 
 
 def test_tables_fit_100_columns():
@@ -180,10 +181,10 @@ def test_tables_fit_100_columns():
 def test_script_choices_are_the_packages_with_the_script(capsys):
     for kind in ("bench", "repro"):
         have = [p for p in cli.PACKAGES
-                if (ROOT / p / "bench" / cli.script_name(p, kind)).is_file()]
-        assert cli.script_packages(kind) == have
-    assert "integrations" not in cli.script_packages("bench")
-    assert cli.script_packages("repro") == ["hamilton"]
+                if (ROOT / p / "bench" / sr.script_name(p, kind)).is_file()]
+        assert sr.script_packages(kind) == have
+    assert "integrations" not in sr.script_packages("bench")
+    assert sr.script_packages("repro") == ["hamilton"]
     with pytest.raises(SystemExit):
         cli.main(["repro", "--target", "H100-1", "tree"])
     assert "invalid choice: 'tree'" in capsys.readouterr().err
@@ -240,9 +241,9 @@ def test_integrations_demo_rows_on_a_4_rank_world(capsys):
 def test_a_missing_optional_dependency_names_its_extra(monkeypatch):
     """Before the script starts (its plot comes after the whole run)."""
     calls = []
-    monkeypatch.setattr(cli.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
-    real = cli.importlib.util.find_spec
-    monkeypatch.setattr(cli.importlib.util, "find_spec",
+    monkeypatch.setattr(sr.subprocess, "call", lambda cmd, cwd: calls.append(cmd) or 0)
+    real = sr.importlib.util.find_spec
+    monkeypatch.setattr(sr.importlib.util, "find_spec",
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with pytest.raises(SystemExit, match=r'needs matplotlib: pip install "longattn-tree\[plots\]"'):
         cli.main(["bench", "tree", "--out", "d"])

@@ -167,6 +167,7 @@ def test_readme_command_line_runs(words, monkeypatch, tmp_path, capsys):
     directory, with what it starts replaced by recorders: the rows (``check``/``demo``: one
     passing row), the GPU world and the script subprocess. It must parse, reach the right
     action with the line's values and exit 0."""
+    from longattn.common import script_runner
     from longattn.integrations import cli, driver, gpu_world
 
     monkeypatch.chdir(tmp_path)
@@ -178,9 +179,9 @@ def test_readme_command_line_runs(words, monkeypatch, tmp_path, capsys):
         return [row]
 
     monkeypatch.setattr(driver, "collect_rows", rows)
-    monkeypatch.setattr(cli, "SCRIPT_NEEDS", {})  # the line parses with or without the plots
+    monkeypatch.setattr(script_runner, "SCRIPT_NEEDS", {})  # parses with or without the plots
     monkeypatch.setattr(gpu_world, "run", lambda args: seen.setdefault("gpu", args) and 0)
-    monkeypatch.setattr(cli.subprocess, "call",
+    monkeypatch.setattr(script_runner.subprocess, "call",
                         lambda cmd, cwd: seen.setdefault("script", cmd) and 0)
     argv = words[3:] if words[0] == "python" else words[1:]
     if argv == ["--version"]:

@@ -237,3 +237,11 @@ def compile_sm90(fn, signature, constexprs, attrs=None, *, num_warps=4, num_stag
     os.unlink(f.name)
     line = [x for x in out.splitlines() if "REG:" in x]
     return c.metadata.shared, " ".join(line[0].split()[:2]) if line else "?"
+
+
+if __name__ == "__main__":  # python -m longattn.common.bench PKG [SCRIPT] [ARGS ...]
+    import sys
+
+    from longattn.common.script_runner import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -40,14 +40,21 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import subprocess
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from pathlib import Path
 
+# the one runner of the packages' scripts lives in common (``python -m longattn.common.bench``)
+from longattn.common.script_runner import (
+    PACKAGES,
+    check_needs,
+    find_script,
+    run_script,
+    script_argv,
+    script_packages,
+    scripts_dirs,
+)
 from longattn.integrations import driver
 
-PACKAGES = ["common", "hamilton", "tree", "hyper", "ring_swa", "dilated", "integrations"]
 CPU_ENV = {
     "TRITON_INTERPRET": "1",  # Triton kernels on the CPU interpreter (set before triton loads)
     "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
@@ -79,106 +86,10 @@ def cmd_demo(args) -> int:
 # scripts: bench and repro
 
 
-def package_dir(pkg: str) -> Path | None:
-    """The package's folder in the source checkout (``<root>/<pkg>``), if there is one: next
-    to its editable install's sources, or under the current directory."""
-    candidates = [Path(loc).resolve().parents[2] for loc in _locations(pkg)]  # <pkg>/src/...
-    candidates.append(Path.cwd() / pkg)
-    for c in candidates:
-        if (c / "pyproject.toml").exists() and c.name == pkg:
-            return c
-    return None
-
-
-def _locations(pkg: str) -> list[str]:
-    try:
-        spec = importlib.util.find_spec(f"longattn.{pkg}")
-    except ModuleNotFoundError:
-        spec = None
-    return list(getattr(spec, "submodule_search_locations", None) or [])
-
-
-def scripts_dirs(pkg: str) -> list[Path]:
-    """Where ``pkg``'s scripts are: ``<root>/<pkg>/bench`` of a checkout, and the copy an
-    installed wheel carries in ``longattn/<pkg>/scripts/bench``."""
-    out = []
-    where = package_dir(pkg)
-    if where is not None:
-        out.append(where / "bench")
-    out += [Path(loc) / "scripts" / "bench" for loc in _locations(pkg)]
-    return [d for d in out if d.is_dir()]
-
-
-def script_name(pkg: str, kind: str) -> str:
-    return "bench_kernels.py" if (kind, pkg) == ("bench", "common") else f"{kind}_{pkg}.py"
-
-
-def script_packages(kind: str) -> list[str]:
-    """The packages that have the ``kind`` script (``bench`` or ``repro``), in a checkout or
-    in their installed wheel: the PKG choices of ``longattn bench`` / ``repro``."""
-    return [pkg for pkg in PACKAGES
-            if any((d / script_name(pkg, kind)).is_file() for d in scripts_dirs(pkg))]
-
-
-def find_script(pkg: str, kind: str) -> Path:
-    """``bench/bench_<pkg>.py`` (``bench_kernels.py`` for common) or ``repro_<pkg>.py`` of the
-    checkout, else of the installed wheel; SystemExit with what exists when it is missing."""
-    if pkg not in PACKAGES:
-        raise SystemExit(f"longattn: PKG must be one of {PACKAGES}, got {pkg!r}")
-    name = script_name(pkg, kind)
-    dirs = scripts_dirs(pkg)
-    for d in dirs:
-        if (d / name).is_file():
-            return d / name
-    have = sorted({p.name for d in dirs for p in d.glob("*.py")})
-    raise SystemExit(f"longattn: {pkg} has no {name} (installed or in a checkout); its scripts: "
-                     f"{have or 'none'}")
-
-
-# What a script imports beyond its package's own dependencies (module, the extra that brings it):
-# these scripts plot their results at the end of the run, so a missing matplotlib is said first.
-SCRIPT_NEEDS = {
-    ("bench", "dilated"): [("matplotlib", "plots")],
-    ("bench", "hyper"): [("matplotlib", "plots")],
-    ("bench", "tree"): [("matplotlib", "plots")],
-    ("repro", "hamilton"): [("matplotlib", "plots")],
-}
-
-
-def check_needs(pkg: str, kind: str, argv: list[str]) -> None:
-    """SystemExit naming the extra to install when a module the script needs is missing, before
-    the script starts (``--help`` needs nothing)."""
-    if any(a in ("-h", "--help") for a in argv):
-        return
-    missing = [(m, extra) for m, extra in SCRIPT_NEEDS.get((kind, pkg), [])
-               if importlib.util.find_spec(m) is None]
-    if missing:
-        dist = f"longattn-{pkg.replace('_', '-')}"
-        extras = ",".join(sorted({e for _, e in missing}))
-        raise SystemExit(f"longattn {kind} {pkg}: needs {', '.join(m for m, _ in missing)}: "
-                         f"pip install \"{dist}[{extras}]\" (or \"./{pkg}[{extras}]\" from a "
-                         "clone)")
-
-
-def script_argv(pkg: str, kind: str, argv: list[str]) -> list[str]:
-    """The script's arguments: ``argv``, and ``--out bench_out/<pkg>`` (in the current
-    directory) when it names no ``--out`` (nor asks for ``--help``), so that no run writes
-    into the source tree or site-packages unless told to."""
-    if any(a in ("-h", "--help") or a == "--out" or a.startswith("--out=") for a in argv):
-        return list(argv)
-    return [*argv, "--out", os.path.join("bench_out", pkg if kind == "bench" else
-                                         f"repro_{pkg}")]
-
-
-def _run_script(path: Path, argv) -> int:
-    cmd = [sys.executable, str(path), *argv]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd, cwd=os.getcwd())
-
-
 def cmd_bench(args) -> int:
-    check_needs(args.pkg, "bench", args.args)
-    return _run_script(find_script(args.pkg, "bench"), script_argv(args.pkg, "bench", args.args))
+    path = find_script(args.pkg, "bench")
+    check_needs(args.pkg, path.name, args.args, who=f"longattn bench {args.pkg}")
+    return run_script(path, script_argv(args.pkg, "bench", args.args))
 
 
 def cmd_repro(args) -> int:
@@ -189,8 +100,9 @@ def cmd_repro(args) -> int:
     if TARGETS is not None and args.target not in TARGETS:
         raise SystemExit(f"longattn: --target must be one of {sorted(TARGETS)}, "
                          f"got {args.target!r}")
-    check_needs(args.pkg, "repro", args.args)
-    return _run_script(find_script(args.pkg, "repro"),
+    path = find_script(args.pkg, "repro")
+    check_needs(args.pkg, path.name, args.args, who=f"longattn repro {args.pkg}")
+    return run_script(path,
                        ["--target", args.target, *script_argv(args.pkg, "repro", args.args)])
 
 
