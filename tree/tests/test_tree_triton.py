@@ -67,8 +67,9 @@ def _split_partials(q, k, v, right, splits):
     acc = torch.empty(b * hkv, n, block_m, d)
     m, l_ = torch.empty(b * hkv, n, block_m), torch.empty(b * hkv, n, block_m)
     td._split_kernel[(n, b * hkv)](
-        q, k, v, acc, m, l_, m, m, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-        k.stride(2), v.stride(0), v.stride(1), v.stride(2), s_len, lq, hkv, 0.25, right,
+        q, k, v, acc, m, l_, m, m, m, m, m,  # the per-row pointers are unread (PER_ROW off)
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), s_len, lq, hkv, 0.25, right,
         split_len, G=hq // hkv, ROWS=rows, BLOCK_M=block_m, BLOCK_N=16, D=d, SPLITS=n,
         IEEE=True)
     return acc[:, :, :rows], m[:, :, :rows], l_[:, :, :rows]

@@ -54,7 +54,9 @@ class CacheState:
     # this call's tokens [B, L] (-1: a padding token), which decode attention selects keys by
     pads: torch.Tensor | None = None
     prefix: int = 0
-    rows: tuple | None = None
+    # this rank's key positions ascend (so a token's visible keys are at most two ranges of
+    # its slots, read in place); every layout's prefill and every append keep them so
+    ascending: bool = True
 
 
 class ShardedLayer(DynamicLayer):
@@ -71,6 +73,7 @@ class ShardedLayer(DynamicLayer):
         self.kv: KVCache | None = None
         self.pads: torch.Tensor | None = None  # a left-padded batch's pad counts, or None
         self.prefix = 0  # tokens of the sharded prefill (0: none yet, or replicated)
+        self.ascending = True  # this rank's key positions ascend (appends keep it)
 
     def update(self, key_states, value_states, *args, **kwargs):
         """Store this call's keys/values ``[B, Hkv, S, D]``; returns this rank's cached keys and
@@ -92,6 +95,7 @@ class ShardedLayer(DynamicLayer):
             self.kv = KVCache(k.contiguous(), v.contiguous(), [length] * n, rank,
                               block=self.block, positions=pos)
             new, decoding, self.prefix = pos, False, length * n
+            self.ascending = bool((pos[1:] > pos[:-1]).all())
         else:  # decoding: the same new tokens on every rank, placed in balanced blocks
             if self.kv is None:  # a replicated first call
                 self.kv = self._empty(key_states, value_states)
@@ -102,13 +106,9 @@ class ShardedLayer(DynamicLayer):
         self.keys = self.kv.local_k.transpose(1, 2)
         self.values = self.kv.local_v.transpose(1, 2)
         keys = self.keys.view_as(self.keys)  # a fresh tensor object to carry this call's state
-        rows = None
-        if self.pads is not None:
-            rows = (real_positions(self.kv.local_positions, self.pads, self.prefix),
-                    real_positions(new, self.pads, self.prefix))
         keys._longattn_state = CacheState(decoding, self.kv.local_positions, new,
                                           list(self.kv.lens), self.group, self.pads,
-                                          self.prefix, rows)
+                                          self.prefix, self.ascending)
         return keys, self.values
 
     @property
@@ -191,6 +191,34 @@ def real_positions(slots: torch.Tensor, pads: torch.Tensor, prefix: int) -> torc
     prefill = torch.where(j < prefix - pb, j, -1)
     later = torch.where(j >= pb, j - pb, -1)
     return torch.where(j < prefix, prefill, later)
+
+
+def visible_slots(query_slots, pads, prefix: int, *, window=None, causal: bool = True,
+                  total: int) -> torch.Tensor:
+    """The cache slots each new token's query sees, as two half-open ranges of global slots per
+    row and token: ``[B, L, 2, 2]`` int64, ``[..., 0, :]`` the sharded prefill's real tokens it
+    sees and ``[..., 1, :]`` the later ones (an empty range has ``start >= end``). The fast form
+    of selecting by :func:`real_positions` (its slow twin; the tests compare them).
+
+    ``query_slots [L]``: the tokens' global slots (every row alike); ``pads [B]``: each row's
+    left padding (zeros for none); ``prefix``: the sharded prefill's tokens (0: none);
+    ``window``: keys before the query it still sees (None: unbounded); ``causal``: a token sees
+    no later key; ``total``: the cache's length. A padding token (real position < 0) sees
+    nothing. Slot ``j`` of row ``b`` is real position ``j`` for ``j < prefix - pads[b]``,
+    padding for ``prefix - pads[b] <= j < prefix`` and ``j - pads[b]`` from ``prefix`` on, so the
+    real positions ``[lo, p]`` a token sees are the slots ``[lo, min(p + 1, prefix - pads[b]))``
+    and ``[max(prefix, lo + pads[b]), p + pads[b] + 1)``."""
+    pb = pads.to(torch.int64).cpu()[:, None]  # [B, 1]
+    qs = query_slots.to(torch.int64).cpu()[None, :]  # [1, L]
+    later = qs >= prefix
+    p = torch.where(later, qs - pb, torch.where(qs < prefix - pb, qs, -1))  # real positions
+    lo = torch.zeros_like(p) if window is None else (p - window).clamp(min=0)
+    end = p + 1 if causal else torch.full_like(p, total)  # real positions end (non-causal: all)
+    first = torch.stack([lo, torch.minimum(end, prefix - pb).expand_as(p)], -1)
+    second = torch.stack([torch.maximum(lo + pb, torch.full_like(p, prefix)),
+                          torch.minimum(end + pb, torch.full_like(p, total))], -1)
+    out = torch.stack([first, second], -2)  # [B, L, 2, 2]
+    return torch.where((p >= 0)[..., None, None], out, torch.zeros_like(out))
 
 
 class ShardedCache(DynamicCache):

@@ -62,6 +62,7 @@ import torch
 from longattn.common import checks
 from longattn.common import layout as _layout
 from longattn.common.dist import LOCAL, agree, resolve_group
+from longattn.integrations.cache import real_positions, visible_slots
 from longattn.integrations.generate import generate
 from longattn.integrations.relayout import moved, moved_between
 from longattn.integrations.training import (
@@ -287,13 +288,19 @@ def _prefill_order(state):
 
 def _check_padding_mask(mask, state, total):
     """Decoding a left-padded batch: the model's 2-D ``attention_mask`` must be the cache's
-    left padding over all ``total`` cached tokens (what ``generate`` passes)."""
+    left padding over all ``total`` cached tokens (what ``generate`` passes). Every layer of a
+    forward gets the same mask tensor: it is compared (a copy to the host) once, and marked
+    with what it was checked against (its in-place version included) for the next layers."""
+    seen = (total, id(state.pads), getattr(mask, "_version", None))
+    if isinstance(mask, torch.Tensor) and getattr(mask, "_longattn_checked", None) == seen:
+        return
     want = torch.arange(total)[None, :] >= state.pads[:, None]
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or not torch.equal(
             mask.detach().cpu().bool(), want):
         got = tuple(mask.shape) if isinstance(mask, torch.Tensor) else mask
         raise ValueError(f"{NAME}: decoding a left-padded ShardedCache needs the model's "
                          f"2-D attention_mask [batch, {total}] of that left padding, got {got}")
+    mask._longattn_checked = seen
 
 
 def _layout_of_batch(info, position_ids, s_local):
@@ -396,39 +403,71 @@ def _local(q, k, v, causal, window, scale, backend):
 
 
 def _decode(q, k, v, state, causal, window, scale, g, backend):
-    """New tokens (replicated) against the sharded KV cache: tree reductions over the ranks.
+    """New tokens (replicated) against the sharded KV cache: exact, one combine over the ranks.
 
-    ``state.positions`` are the global positions of this rank's cached keys (placed in
-    balanced blocks, so not contiguous), ``state.query_positions`` those of the queries;
-    :func:`longattn.tree.cache.attend` selects each token's keys from them when a causal mask
-    among several new tokens or a sliding window needs it.
-    """
-    if state.rows is not None:
-        return _decode_rows(q, k, v, state.rows, window, scale, g, backend)
-    if not g.distributed:
+    ``state.positions`` are the global slots of this rank's cached keys (placed in balanced
+    blocks, so not contiguous), ``state.query_positions`` those of the new tokens; a
+    left-padded batch (``state.pads``) counts positions per row, its padding slots sitting
+    after the sharded prefill's real tokens. Each token's visible keys on this rank are then
+    at most two ranges of its slots per row (:func:`~longattn.integrations.cache.visible_slots`,
+    cut by the causal bound and the window): one local call per token reads them in place
+    (:func:`longattn.tree.local.local_attention` with per-row starts, ends and skipped slots;
+    no key is copied) and one exact combine over the ranks
+    (:func:`longattn.tree.decode.combine_partials`: an all-reduce MAX and a SUM) finishes
+    every token at once. The call was agreed on every rank before (:func:`attention`)."""
+    if state.pads is None and not g.distributed:
         return _local(q, k, v, causal, window, scale, backend)
-    from longattn.tree.cache import attend
+    if not state.ascending:  # no layout does this; the selecting twin keeps it exact
+        return _decode_selected(q, k, v, state, causal, window, scale, g, backend)
+    from longattn.tree.decode import combine_partials
+    from longattn.tree.local import local_attention
 
-    return attend(q.contiguous(), k.contiguous(), v.contiguous(), positions=state.positions,
-                  query_positions=state.query_positions, lens=state.lens, group=g.pg,
-                  softmax_scale=scale, causal=causal,
-                  window_size=(-1, -1) if window is None else (window, 0), backend=backend)
+    b, lq = q.shape[:2]
+    pads = state.pads if state.pads is not None else torch.zeros(b, dtype=torch.int64)
+    prefix = state.prefix if state.pads is not None else 0
+    slots = visible_slots(state.query_positions, pads, prefix, window=window, causal=causal,
+                          total=sum(state.lens))
+    local = torch.searchsorted(state.positions.to(torch.int64).cpu(), slots.reshape(-1))
+    local = local.reshape(slots.shape).tolist()  # [B][L][2 ranges][start, end] local slots
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    outs, lses = [], []
+    for t in range(lq):
+        starts, ends, skips = [], [], []
+        for row in local:
+            (a0, a1), (b0, b1) = row[t]
+            one, two = a0 < a1, b0 < b1
+            starts.append(a0 if one else b0)
+            ends.append(b1 if two else (a1 if one else 0))
+            skips.append((a1, b0) if one and two else (0, 0))
+        o, lse = local_attention(q[:, t:t + 1], k, v, softmax_scale=scale, backend=backend,
+                                 seqlens=ends, starts=starts, skips=skips)
+        outs.append(o)
+        lses.append(lse)
+    o, lse = torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+    if g.distributed:
+        o, _ = combine_partials(o, lse, group=g)
+    return o.to(q.dtype)
 
 
-def _decode_rows(q, k, v, rows, window, scale, g, backend):
-    """New tokens of a left-padded batch against the sharded cache (causal): row ``b``'s token
-    at real position ``p`` sees the row's real keys at ``p - window .. p`` (``rows``: the real
-    positions of the keys and of the queries, -1 for padding; a padding query sees nothing and
-    gets 0). Per new token, each row's visible keys move to the front of the row and one
-    :func:`longattn.tree.tree_decode` with per-row ``cache_seqlens`` attends them."""
+def _decode_selected(q, k, v, state, causal, window, scale, g, backend):
+    """The slow twin of :func:`_decode` for any placement: per new token, each row's visible
+    keys (selected by their real positions, :func:`~longattn.integrations.cache.real_positions`)
+    move to the front of the row and one :func:`longattn.tree.tree_decode` with per-row
+    ``cache_seqlens`` attends them."""
     from longattn.tree import tree_decode
 
-    keys, queries = rows
+    b = q.shape[0]
+    pads = state.pads if state.pads is not None else torch.zeros(b, dtype=torch.int64)
+    prefix = state.prefix if state.pads is not None else 0
+    keys = real_positions(state.positions, pads, prefix)
+    queries = real_positions(state.query_positions, pads, prefix)
     group = g.pg if g.distributed else LOCAL
     outs = []
     for t in range(q.shape[1]):
         p = queries[:, t:t + 1]
-        seen = (keys >= 0) & (p >= 0) & (keys <= p)
+        seen = (keys >= 0) & (p >= 0)
+        if causal:
+            seen &= keys <= p
         if window is not None:
             seen &= keys >= p - window
         count = seen.sum(dim=1)

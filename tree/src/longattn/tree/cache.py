@@ -250,14 +250,28 @@ def attend(q, k, v, *, positions, query_positions, lens, group, softmax_scale=No
             seen &= pos <= p
         elif right >= 0:
             seen &= pos <= p + right
-        sel = seen.nonzero()[:, 0].to(k.device)
-        res = tree_decode(q[:, t:t + 1], k.index_select(1, sel), v.index_select(1, sel),
+        kt, vt = _visible(k, v, seen)
+        res = tree_decode(q[:, t:t + 1], kt, vt,
                           group=group, softmax_scale=softmax_scale, causal=False,
                           return_lse=True, backend=backend)
         outs.append(res[0])
         lses.append(res[1])
     out = torch.cat(outs, dim=1)
     return (out, torch.cat(lses, dim=2)) if return_lse else out
+
+
+def _visible(k, v, seen):
+    """The keys and values a token sees (``seen [n_r]``): a view of one slice when they are
+    contiguous (ascending positions, as the balanced placement keeps them: a window or a causal
+    bound then cuts one range), else a copy of the selected ones."""
+    sel = seen.nonzero()[:, 0]
+    if sel.numel() == 0:
+        return k[:, :0], v[:, :0]
+    lo, hi = int(sel[0]), int(sel[-1]) + 1
+    if hi - lo == sel.numel():
+        return k[:, lo:hi], v[:, lo:hi]
+    sel = sel.to(k.device)
+    return k.index_select(1, sel), v.index_select(1, sel)
 
 
 def _check_window(window_size, causal):

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from longattn.common import comm
+from longattn.common import dist as dist_mod
 from longattn.common.merge import finish_rows, merge_stacked
 from longattn.tree._args import check_call
 from longattn.tree.local import local_attention, row_rights, shard_right
@@ -97,6 +98,25 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
             o, lse = _hierarchical_combine(o, lse, g.pg, *hier)
     out = o.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+@torch.no_grad()
+def combine_partials(out, lse, *, group, hierarchy=None):
+    """The exact combine of :func:`tree_decode` on partials a caller computed itself: every
+    rank's ``out [B, Lq, Hq, D]`` (the accumulation dtype) and ``lse [B, Hq, Lq]`` (the
+    statistics' dtype, ``common.dtypes.lse_dtype``) over its own keys, e.g. from
+    :func:`longattn.tree.local.local_attention`. Returns ``(out, lse)`` over every rank's keys,
+    identical on every rank: one all-reduce MAX and one SUM (or the ``hierarchy`` form).
+
+    No agreement runs here: the caller must have agreed the shapes, dtypes and hierarchy on
+    every rank first (the transformers integration does, once per layer call), or a mismatch
+    hangs. ``group``: a :class:`longattn.common.dist.Group` or what ``resolve_group`` takes."""
+    g = group if isinstance(group, dist_mod.Group) else dist_mod.resolve_group(group)
+    if not g.distributed:
+        return out, lse
+    if hierarchy is None or hierarchy[0] == 1 or hierarchy[1] == 1:
+        return _allreduce_combine(out, lse, g.pg)
+    return _hierarchical_combine(out, lse, g.pg, *hierarchy)
 
 
 def _all_reduce(t, op, group, what):
@@ -202,4 +222,4 @@ def _hierarchical_combine(o, lse, group, nodes, gpn):
     return res[..., :-1].to(acc), res[..., -1].transpose(1, 2)
 
 
-__all__ = ["tree_decode", "hierarchy_groups"]
+__all__ = ["tree_decode", "hierarchy_groups", "combine_partials"]

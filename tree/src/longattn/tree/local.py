@@ -134,7 +134,7 @@ def _triton_serves(q, k, v, backend) -> bool:
 
 
 def local_attention(q, k, v, *, softmax_scale: float, right=-1, backend: str = "auto",
-                    seqlens=None):
+                    seqlens=None, starts=None, skips=None):
     """``(out, lse)`` of ``q [B, Lq, Hq, D]`` against ``k, v [B, n, Hkv, D]`` with the window
     ``(-1, right)``; ``out`` in the accumulation dtype (``common.dtypes.acc_dtype``: float32,
     float64 for float64), ``lse [B, Hq, Lq]`` in ``common.dtypes.lse_dtype`` (float32 for
@@ -143,26 +143,37 @@ def local_attention(q, k, v, *, softmax_scale: float, right=-1, backend: str = "
 
     ``seqlens``: None (every row holds all ``n`` keys) or ``B`` ints, row ``b`` holding its
     first ``seqlens[b]`` keys; ``right`` is then an int or ``B`` ints (each row's window). An
-    empty row gives ``out = 0``, ``lse = -inf``.
+    empty row gives ``out = 0``, ``lse = -inf``. With ``seqlens``, ``starts`` (``B`` ints:
+    row ``b``'s keys begin at slot ``starts[b]``, flash-attn's ``cache_leftpad``) and ``skips``
+    (``B`` pairs ``(lo, hi)``: row ``b`` does not see its slots ``lo <= j < hi``; ``lo == hi``
+    skips none) drop keys without moving any: the window still counts in slots.
 
     ``backend``: ``"auto"`` uses the split-K Triton decode kernel
     (:mod:`longattn.tree.triton_decode`) on CUDA where it applies, else the shared kernels'
     ``auto``; ``"triton_decode"`` forces that kernel; any other name is a backend of
     :mod:`longattn.common.kernels`. A backend that cannot serve the call raises ``ValueError``.
     """
+    if seqlens is None and (starts is not None or skips is not None):
+        raise ValueError("starts and skips need seqlens (each row's end)")
     if seqlens is not None:
         seqlens = [int(n) for n in seqlens]
         rights = [int(r) for r in right] if isinstance(right, (list, tuple)) else (
             [int(right)] * len(seqlens))
-        if len(set(zip(seqlens, rights))) == 1:  # every row alike: one call on the prefix
-            n, right, seqlens = seqlens[0], rights[0], None
-            k, v = k[:, :n], v[:, :n]
-        elif not any(seqlens):
+        starts = [0] * len(seqlens) if starts is None else [int(x) for x in starts]
+        skips = [(0, 0)] * len(seqlens) if skips is None else [
+            (int(lo), int(hi)) for lo, hi in skips]
+        # a skip outside [start, end) or empty is no skip
+        skips = [(lo, hi) if max(lo, s0) < min(hi, n) else (0, 0)
+                 for (lo, hi), s0, n in zip(skips, starts, seqlens)]
+        if len(set(zip(seqlens, rights, starts, skips))) == 1 and skips[0] == (0, 0):
+            n, right, s0, seqlens = seqlens[0], rights[0], starts[0], None  # one call, a view
+            k, v = k[:, s0:max(n, s0)], v[:, s0:max(n, s0)]
+        elif all(n <= s0 for n, s0 in zip(seqlens, starts)):
             return _empty(q, v)
     if k.shape[1] == 0:
         return _empty(q, v)
     if seqlens is not None:
-        return _per_row(q, k, v, softmax_scale, seqlens, rights, backend)
+        return _per_row(q, k, v, softmax_scale, seqlens, rights, backend, starts, skips)
     if _triton_serves(q, k, v, backend):
         from longattn.tree import triton_decode
 
@@ -172,21 +183,40 @@ def local_attention(q, k, v, *, softmax_scale: float, right=-1, backend: str = "
     return out.to(acc_dtype(q.dtype)), lse.to(lse_dtype(q.dtype))
 
 
-def _per_row(q, k, v, softmax_scale, seqlens, rights, backend):
-    """Rows of different lengths / windows: the Triton kernel takes them in one launch (each
-    program reads its row's length and window); the shared kernels run one call per non-empty
-    row on the views ``k[b:b+1, :n_b]`` (no copies), which is their slow twin."""
+def _row_ranges(n, start, skip):
+    """The slot ranges ``[a, e)`` row keys ``start <= j < n`` outside ``skip`` fall in."""
+    lo, hi = skip
+    out = [(start, min(lo, n)), (max(hi, start), n)] if lo < hi else [(start, n)]
+    return [(a, e) for a, e in out if a < e]
+
+
+def _per_row(q, k, v, softmax_scale, seqlens, rights, backend, starts, skips):
+    """Rows of different lengths / windows / starts / skips: the Triton kernel takes them in
+    one launch (each program reads its row's bounds); the shared kernels run one call per
+    range of a row on the views ``k[b:b+1, a:e]`` (no copies; a row with a skip has two
+    ranges, merged exactly), which is their slow twin."""
     if _triton_serves(q, k, v, backend):
         from longattn.tree import triton_decode
 
         return triton_decode.decode(q, k, v, softmax_scale=softmax_scale, seqlens=seqlens,
-                                    rights=rights)
+                                    rights=rights, starts=starts, skips=skips)
+    from longattn.common.merge import merge_partials
+
     out, lse = _empty(q, v)
     for b, (n, right) in enumerate(zip(seqlens, rights)):
-        if n:
-            o_b, lse_b = attention_forward(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n],
+        parts = []
+        for a, e in _row_ranges(n, starts[b], skips[b]):
+            # the window counts from the row's end n: a view ending at e keeps it by
+            # widening ``right`` by the slots cut off after it
+            r = right if right < 0 else right + (n - e)
+            parts.append(attention_forward(q[b:b + 1], k[b:b + 1, a:e], v[b:b + 1, a:e],
                                            softmax_scale=softmax_scale,
-                                           window_size=(-1, right), backend=backend)
-            out[b] = o_b[0]
-            lse[b] = lse_b[0]
+                                           window_size=(-1, r), backend=backend))
+        if not parts:
+            continue
+        o_b, lse_b = parts[0]
+        if len(parts) == 2:
+            o_b, lse_b = merge_partials(o_b, lse_b.to(lse.dtype), *parts[1])
+        out[b] = o_b[0].to(out.dtype)
+        lse[b] = lse_b[0].to(lse.dtype)
     return out, lse

@@ -65,7 +65,7 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        Q, K, V, ACC, M, L, SEQ, RGT,
+        Q, K, V, ACC, M, L, SEQ, RGT, STA, SKL, SKH,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh,
         S, LQ, HKV, scale, right, split_len,
         G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -84,12 +84,18 @@ if triton is not None:
         dd = tl.arange(0, D)
         q_ptr = Q + b * sqb + t[:, None] * sqt + (h * G + g)[:, None] * sqh + dd[None, :]
         q = tl.load(q_ptr, mask=row_ok[:, None], other=0.0)
-        if PER_ROW:  # this batch row's valid length and window (int32 [B] each)
+        if PER_ROW:  # this batch row's end, window, start and skipped slots (int32 [B] each)
             s_len = tl.load(SEQ + b)
             r_win = tl.load(RGT + b)
+            s_0 = tl.load(STA + b)
+            skip_lo = tl.load(SKL + b)
+            skip_hi = tl.load(SKH + b)
         else:
             s_len = S
             r_win = right
+            s_0 = 0
+            skip_lo = 0
+            skip_hi = 0
         # row t sees key j iff j <= t + S - LQ + right (right < 0: unbounded), S and right
         # this batch row's with PER_ROW
         lim = t + s_len - LQ + r_win
@@ -99,11 +105,13 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         lo = sid * split_len
         hi = tl.minimum(lo + split_len, s_len)
+        lo = tl.maximum(lo, s_0)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
         for start in range(lo, hi, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            col_ok = cols < hi
+            # skipped slots are masked out of the loads too: they are never read
+            col_ok = (cols < hi) & ((cols < skip_lo) | (cols >= skip_hi))
             cols64 = cols.to(tl.int64)
             kb = tl.load(k_base + cols64[:, None] * sks + dd[None, :], mask=col_ok[:, None],
                          other=0.0)  # [BLOCK_N, D]
@@ -150,7 +158,8 @@ def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=No
 
 
 def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
-           num_warps: int = 4, num_stages: int = 3, splits=None, seqlens=None, rights=None):
+           num_warps: int = 4, num_stages: int = 3, splits=None, seqlens=None, rights=None,
+           starts=None, skips=None):
     """``(out, lse)`` of ``q [B, Lq, Hq, D]`` over ``k, v [B, S, Hkv, D]`` (S >= 1) with the
     window ``(-1, right)``; ``out`` float32 ``[B, Lq, Hq, D]``, ``lse [B, Hq, Lq]`` in
     ``lse_dtype(q.dtype)`` (float32 for fp16 / bf16, float64 for float32).
@@ -158,6 +167,9 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
     ``seqlens`` (``B`` ints or an int tensor, each in ``[0, S]``): row ``b`` holds its first
     ``seqlens[b]`` keys, with the window ``(-1, rights[b])`` (``rights`` the same form; None:
     ``right`` for every row). A row with no visible key gives ``out = 0``, ``lse = -inf``.
+    With ``seqlens``, ``starts`` (``B`` ints) makes row ``b`` begin at slot ``starts[b]`` and
+    ``skips`` (``B`` pairs ``(lo, hi)``) leaves out its slots ``lo <= j < hi``, as in
+    :func:`longattn.tree.local.local_attention`; the window counts in slots either way.
     """
     b, lq, hq, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
@@ -175,13 +187,21 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
         seq_t = torch.as_tensor(seqlens, dtype=torch.int32, device=q.device)
         rgt_t = torch.as_tensor([right] * b if rights is None else rights, dtype=torch.int32,
                                 device=q.device)
-        if seq_t.shape != (b,) or rgt_t.shape != (b,):
-            raise ValueError(f"seqlens and rights must hold {b} entries (one per batch row), "
-                             f"got shapes {tuple(seq_t.shape)}, {tuple(rgt_t.shape)}")
+        sta_t = torch.as_tensor([0] * b if starts is None else starts, dtype=torch.int32,
+                                device=q.device)
+        sk = torch.as_tensor([(0, 0)] * b if skips is None else skips, dtype=torch.int32,
+                             device=q.device).reshape(-1, 2)
+        skl_t, skh_t = sk[:, 0].contiguous(), sk[:, 1].contiguous()
+        if {tuple(t.shape) for t in (seq_t, rgt_t, sta_t, skl_t)} != {(b,)}:
+            raise ValueError(f"seqlens, rights, starts and skips must hold {b} entries (one per "
+                             f"batch row), got shapes {tuple(seq_t.shape)}, "
+                             f"{tuple(rgt_t.shape)}, {tuple(sta_t.shape)}, {tuple(sk.shape)}")
+    elif starts is not None or skips is not None:
+        raise ValueError("starts and skips need seqlens")
     else:  # unread placeholders
-        seq_t = rgt_t = m
+        seq_t = rgt_t = sta_t = skl_t = skh_t = m
     _split_kernel[(n_splits, b * hkv)](
-        q, k, v, acc, m, l_, seq_t, rgt_t,
+        q, k, v, acc, m, l_, seq_t, rgt_t, sta_t, skl_t, skh_t,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         s_len, lq, hkv, float(softmax_scale), int(right), split_len,
