@@ -47,12 +47,30 @@ def tiny_config(kind: str, attn: str = "sdpa"):
     raise ValueError(f"kind must be 'llama', 'mistral' or 'qwen2', got {kind!r}")
 
 
-def tiny_model(kind: str, attn: str = "sdpa", dtype=torch.float64, seed: int = 0):
-    """Randomly initialised (the same weights for the same ``kind`` and ``seed`` anywhere)."""
+def tiny_model(kind: str, attn: str = "sdpa", dtype=torch.float64, seed: int = 0, *,
+               exact_norms: bool = False):
+    """Randomly initialised (the same weights for the same ``kind`` and ``seed`` anywhere).
+
+    ``exact_norms``: the RMSNorm layers compute in the model's dtype. transformers' own compute
+    in float32 (a downcast in a float64 model), so a 1e-16 difference of the attention (the
+    summation order across ranks) that crosses a float32 rounding there comes out as ~1e-8 in
+    the gradients; with exact norms a float64 model is float64 throughout (but its loss, which
+    transformers computes in float32)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(tiny_config(kind, attn)).to(dtype)
+    model = AutoModelForCausalLM.from_config(tiny_config(kind, attn)).to(dtype)
+    if exact_norms:
+        for m in model.modules():
+            if type(m).__name__.endswith("RMSNorm"):
+                m.forward = _exact_rms_norm.__get__(m)
+    return model
+
+
+def _exact_rms_norm(self, x):
+    """transformers' RMSNorm (``weight * x / sqrt(mean(x^2) + eps)``) in ``x``'s dtype."""
+    var = x.pow(2).mean(-1, keepdim=True)
+    return self.weight * (x * torch.rsqrt(var + self.variance_epsilon))
 
 
 def tiny_batch(batch: int, seq: int, seed: int = 0):
