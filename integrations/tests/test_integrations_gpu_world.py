@@ -42,6 +42,8 @@ def test_cpu_world_passes_and_a_wrong_result_fails(tmp_path, capsys):
     assert names == {"out", "lse", "dq", "dk", "dv"}
     assert f"{len(rows)} rows: {len(rows) - len(aten)} pass, 0 FAIL, {len(aten)} unavailable" \
         in table
+    assert max(map(len, table.splitlines())) <= 100, table  # wrapped, not cut
+    assert "out=" in table and "dv=" in table
 
     bad = tmp_path / "bad.json"
     rc = cli.main([*BASE, "--methods", "hamilton", "tree", "--backends", "auto",
