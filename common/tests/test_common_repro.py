@@ -273,3 +273,16 @@ def test_the_wheel_carries_the_targets_and_the_json_they_name(pkg):
         files += [m["file"] for m in spec["measured"]]
     assert files and [f for f in files if not _ships(cfg, f)] == []
     assert not _ships(cfg, "bench/results/not_named.json")  # only those
+
+
+def test_the_claims_table_fits_100_columns():
+    """The printed claims wrap (the paper's words are long), never cut."""
+    paper = "270x (the seed's figure, one A10, vs Triton FlashAttention-2) " * 2
+    res = {"package": "hyper", "target": "H200-1", "dry_run": True,
+           "claims": [{"id": "speedup_noncausal_fwd", "value": None, "unit": "x",
+                       "status": "not measured yet", "paper": paper},
+                      {"id": "speedup_causal_fwd_bwd", "value": 12.25, "unit": "x",
+                       "status": "measured", "paper": "16x"}]}
+    text = repro._table(res)
+    assert max(map(len, text.splitlines())) <= 100, text
+    assert text.split().count("FlashAttention-2)") == 2 and "12.25 x" in text

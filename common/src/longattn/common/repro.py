@@ -520,13 +520,16 @@ def plot(result: dict, path: str) -> str:
     return path
 
 
-def _table(result):
-    lines = [f"{result['package']} on {result['target']}"
-             + (" (dry run)" if result["dry_run"] else "")]
-    for c in result["claims"]:
-        v = "-" if c["value"] is None else f"{c['value']:g} {c['unit']}"
-        lines.append(f"  {c['id']:28s} {v:>16s}  {c['status']:16s} paper: {c['paper']}")
-    return "\n".join(lines)
+def _table(result, width: int = 100):
+    """The claims, one per row (claim, our figure, measured / predicted, the paper's), within
+    ``width`` columns: :func:`longattn.common.bench.format_table` wraps the long cells."""
+    from longattn.common.bench import format_table
+
+    rows = [{"claim": c["id"], "ours": "-" if c["value"] is None else f"{c['value']:g} {c['unit']}",
+             "how": c["status"], "paper": c["paper"]} for c in result["claims"]]
+    head = f"{result['package']} on {result['target']}" + (" (dry run)" if result["dry_run"]
+                                                            else "")
+    return head + "\n" + format_table(rows, ["claim", "ours", "how", "paper"], width=width)
 
 
 def main(argv=None) -> int:
@@ -551,7 +554,7 @@ def main(argv=None) -> int:
                       command=cmd)
             paths = write(res, out, plots=not a.no_plot)
             print(_table(res))
-            print("  wrote " + ", ".join(paths), flush=True)
+            print("wrote " + ",\n      ".join(paths), flush=True)
     print(f"total {time.perf_counter() - t0:.1f} s")
     return 0
 
