@@ -5,7 +5,9 @@ On CUDA: the split-K Triton kernel (through ``tree_decode``'s ``backend="auto"``
 each against a float64 reference for a few shapes (GQA, Lq > 1 with a causal cut, a cache
 shorter than Lq), a NaN key (exactly the rows that see it must be NaN in out and lse), and per
 row lengths (``cache_seqlens``: rows of 3,000, 0, 17, 2 and 1,500 keys with NaN past each
-row's length, in one launch). Prints one line per check and exits non-zero on a failure.
+row's length, in one launch), and per-row starts and skipped slots (what a left-padded batch's
+decode reads, NaN in every slot a row must not read). Prints one line per check and exits
+non-zero on a failure.
 
     PYTHONPATH=common/src:tree/src python tree/bench/check_gpu.py
 """
@@ -113,6 +115,46 @@ def check_per_row_torch(dev):
             report(f"torch {backend} cache_seqlens {dtype}", e <= tol, f"rel err {e:.2e}")
 
 
+# per-row (start, skipped lo, skipped hi, end): what a left-padded batch's decode reads
+RANGES = [(0, 100, 140, 3000), (5, 0, 0, 17), (0, 0, 0, 0), (900, 1000, 1200, 1500), (2, 2, 9, 9)]
+
+
+def check_starts_and_skips(dev):
+    """``local_attention`` with per-row ``starts`` and ``skips`` (one launch): NaN in every slot
+    a row must not read (before its start, inside its skip, past its end), each row against
+    ``ref`` of the slots it sees."""
+    from longattn.tree.local import local_attention
+
+    for dtype, tol in ((torch.bfloat16, 2e-2), (torch.float32, 1e-5)):
+        q, k, v = per_row_case(dev, dtype)
+        k, v = k.clone(), v.clone()
+        for i, (a, lo, hi, e) in enumerate(RANGES):
+            for t in (k, v):
+                t[i, :a] = float("nan")
+                t[i, lo:hi] = float("nan")
+                t[i, e:] = float("nan")
+        for backend in ("auto", "triton_decode"):
+            o, lse = local_attention(q, k, v, softmax_scale=q.shape[-1] ** -0.5,
+                                     seqlens=[e for *_, e in RANGES],
+                                     starts=[a for a, *_ in RANGES],
+                                     skips=[(lo, hi) for _, lo, hi, _ in RANGES],
+                                     backend=backend)
+            worst = 0.0
+            for i, (a, lo, hi, e) in enumerate(RANGES):
+                keep = [j for j in range(a, e) if not lo <= j < hi]
+                oi, li = o[i:i + 1].double().cpu(), lse[i:i + 1].double().cpu()
+                if not keep:
+                    ok = bool((oi == 0).all() and torch.isneginf(li).all())
+                    worst = max(worst, 0.0 if ok else float("inf"))
+                    continue
+                idx = torch.tensor(keep, device=dev)
+                ro, rl = ref(q[i:i + 1], k[i:i + 1, idx], v[i:i + 1, idx], q.shape[-1] ** -0.5,
+                             -1)
+                worst = max(worst, rel(oi, ro), rel(li, rl))
+            report(f"torch {backend} starts + skips {dtype}", worst <= tol,
+                   f"rel err {worst:.2e}")
+
+
 def check_per_row_jax():
     import jax.numpy as jnp
 
@@ -208,6 +250,7 @@ def main():
     print(f"{torch.cuda.get_device_name(dev)}; torch {torch.__version__}", flush=True)
     check_torch(dev)
     check_per_row_torch(dev)
+    check_starts_and_skips(dev)
     try:
         import jax
     except ImportError:
