@@ -22,7 +22,7 @@ def test_readme_results_tables_quote_only_numbers_the_json_holds(pkg):
 
 def _held_anywhere(pkg, value):
     values = [v for p in sorted((ROOT / pkg).rglob("*.json"))
-              for v in report._file_numbers(str(p))]
+              for rec in report._file_records(str(p)) for v in rec]
     return report._held(value, values + report._views(pkg, ROOT / pkg))
 
 
@@ -41,6 +41,32 @@ def test_a_readme_changed_by_hand_fails_the_check(tmp_path):
     copy.write_text(text.replace(line, changed, 1))
     assert report.check_readme("hyper") == []
     assert report.check_readme("hyper", copy) == [(new, changed)]
+
+
+@pytest.mark.parametrize("pkg", ["hamilton", "ring_swa", "dilated"])
+def test_a_number_from_another_record_fails_the_check(pkg, tmp_path):
+    """A row's number replaced by one its JSON holds elsewhere (what a by-hand edit in a large
+    prediction file looked like to a check of each number alone): the row's record does not
+    hold it together with the rest of the row, so the check names the row."""
+    text = (ROOT / pkg / "README.md").read_text()
+    for _, line, _ in report.result_tables(text):
+        toks = report.table_numbers(line)
+        if not toks:
+            continue
+        tok = toks[-1]
+        dec = len(tok.split(".")[1]) if "." in tok and "e" not in tok else 0
+        step = 10 ** -dec
+        for k in range(1, 200):
+            new = f"{float(tok.replace(',', '')) + k * step:.{dec}f}"
+            if not _held_anywhere(pkg, new):
+                continue
+            changed = line[:line.rindex(tok)] + new + line[line.rindex(tok) + len(tok):]
+            copy = tmp_path / "README.md"
+            copy.write_text(text.replace(line, changed, 1))
+            if report.check_readme(pkg, copy):
+                assert {row for _, row in report.check_readme(pkg, copy)} == {changed}
+                return
+    pytest.fail(f"{pkg}: no row whose number another record holds was caught")
 
 
 def test_bounds_and_names_are_not_results():

@@ -9,10 +9,11 @@ our number, whether it was measured or predicted, and the command, device and da
 with one plot per paper (when matplotlib imports). ``--refresh`` first re-runs every package's
 targets from the committed benchmark JSON (no GPU: ``measure=False``) into ``--results``.
 
-It also checks the packages' READMEs: every number in a table of a results section must be
-held, at the precision printed, by the committed JSON (or log) files that section names (or,
-where it names none, any JSON of the package), or by a figure the package derives from its
-JSON (``readme_views`` in its repro module). ``--check-readmes`` prints the numbers that
+It also checks the packages' READMEs: the numbers of each row of a table in a results section
+must be held together, at the precision printed, by one record (a JSON object or array, or a
+line of a log) of the committed files that section names (or, where it names none, any JSON of
+the package), with the figures the package derives from its JSON (``readme_views`` in its
+repro module). ``--check-readmes`` prints the numbers that
 are not and exits 1.
 """
 
@@ -257,32 +258,61 @@ def _resolve(pkg_dir: Path, ref: str) -> list[str]:
     return found
 
 
-def _file_numbers(path: str) -> list[float]:
+def _records(obj, out: list) -> list:
+    """Every JSON object and array of ``obj`` (nested ones too) as the list of the numbers of
+    its whole subtree: the records a README row may have been copied from."""
+    nums = json_numbers(obj)
+    if isinstance(obj, (dict, list)) and nums:
+        out.append(nums)
+    for v in (obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()):
+        _records(v, out)
+    return out
+
+
+def _file_records(path: str) -> list[list[float]]:
+    """A JSON file's records (:func:`_records`); a log's lines, one record each."""
     if path.endswith(".json"):
         with open(path) as f:
-            return json_numbers(json.load(f))
+            return _records(json.load(f), [])
     with open(path, errors="replace") as f:
-        return json_numbers(f.read())
+        return [json_numbers(line) for line in f]
 
 
 def check_readme(pkg: str, readme: str | os.PathLike | None = None) -> list[tuple[str, str]]:
-    """[(number, table line)] of README table numbers the JSON does not hold."""
+    """[(number, table line)] of README table numbers the JSON does not hold.
+
+    A row is held when one record (one JSON object or array of the files its section names,
+    with everything inside it, or one line of a named log) holds every number of the row at
+    the precision printed, together with the package's derived figures (``readme_views``); a
+    row of derived figures alone is held too. Numbers held only by different records are not
+    enough: a number changed by hand rarely lands in the record the rest of its row came from,
+    while in a large file some value lies within its rounding by chance. The numbers of a row
+    that is not held and that no record holds on their own are reported (all of the row's,
+    when each is held somewhere but no record holds them together)."""
     pkg_dir = repro.package_dir(pkg)
     text = Path(readme or pkg_dir / "README.md").read_text()
     every = sorted(glob.glob(str(pkg_dir / "**" / "*.json"), recursive=True))
     cache = {}
 
-    def numbers(path):
+    def records(path):
         if path not in cache:
-            cache[path] = _file_numbers(path)
+            cache[path] = _file_records(path)
         return cache[path]
 
     views = _views(pkg, pkg_dir)
     bad = []
     for _, line, refs in result_tables(text):
+        toks = table_numbers(line)
+        if not toks:
+            continue
         files = [f for r in refs for f in _resolve(pkg_dir, r)] or every
-        values = [v for f in files for v in numbers(f)] + views
-        bad += [(tok, line) for tok in table_numbers(line) if not _held(tok, values)]
+        recs = [rec for f in files for rec in records(f)]
+        if all(_held(t, views) for t in toks) or any(
+                all(_held(t, rec + views) for t in toks) for rec in recs):
+            continue
+        flat = [v for rec in recs for v in rec] + views
+        alone = [t for t in toks if not _held(t, flat)]
+        bad += [(tok, line) for tok in (alone or toks)]
     return bad
 
 
