@@ -35,6 +35,14 @@ class Call:
     hierarchy: tuple | None
     backend: str
     seqlens: list | None = None
+    leftpads: list | None = None  # every rank's per-row first slot (``cache_leftpad``)
+
+    def counts(self) -> list | None:
+        """Every rank's per-row number of keys, ``[rank][row]`` (ends minus starts)."""
+        if self.seqlens is None or self.leftpads is None:
+            return self.seqlens
+        return [[e - s for e, s in zip(ends, pads)]
+                for ends, pads in zip(self.seqlens, self.leftpads)]
 
 
 def check_hierarchy(hierarchy, world: int):
@@ -87,26 +95,43 @@ def check_shard_lens(shard_lens, rank: int, world: int, k) -> list[int]:
     return lens
 
 
+def _row_ints(name, t, batch: int) -> list[int]:
+    """An int32 tensor ``[batch]`` (flash-attn's per-row cache arguments) as ints."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be None or an int32 torch.Tensor [batch], got "
+                        f"{type(t).__name__}")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be torch.int32 (as in flash_attn_with_kvcache), "
+                        f"got {t.dtype}")
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name} must have shape [batch] = ({batch},), got {tuple(t.shape)}")
+    return t.tolist()
+
+
 def check_cache_seqlens(cache_seqlens, batch: int, capacity: int) -> list[int]:
     """``cache_seqlens``: an int32 tensor ``[B]`` (as flash-attn's ``flash_attn_with_kvcache``)
     with ``0 <= cache_seqlens[b] <= capacity`` (this rank's ``k.shape[1]``). Returns the lengths
     as ints (one device sync, which the range check needs anyway)."""
-    if not isinstance(cache_seqlens, torch.Tensor):
-        raise TypeError(f"cache_seqlens must be None or an int32 torch.Tensor [batch], got "
-                        f"{type(cache_seqlens).__name__}")
-    if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"cache_seqlens must be torch.int32 (as in flash_attn_with_kvcache), "
-                        f"got {cache_seqlens.dtype}")
-    if tuple(cache_seqlens.shape) != (batch,):
-        raise ValueError(f"cache_seqlens must have shape [batch] = ({batch},), got "
-                         f"{tuple(cache_seqlens.shape)}")
-    rows = cache_seqlens.tolist()
+    rows = _row_ints("cache_seqlens", cache_seqlens, batch)
     bad = [(i, n) for i, n in enumerate(rows) if not 0 <= n <= capacity]
     if bad:
         i, n = bad[0]
         raise ValueError(f"cache_seqlens must lie in [0, {capacity}] (this rank's k.shape[1], "
                          f"its cache capacity), got cache_seqlens[{i}] = {n}")
     return rows
+
+
+def check_cache_leftpad(cache_leftpad, batch: int, ends: list[int]) -> list[int]:
+    """``cache_leftpad``: an int32 tensor ``[B]`` (flash-attn's ``flash_attn_with_kvcache``):
+    row ``b``'s keys on this rank start at slot ``cache_leftpad[b]``, with ``0 <=
+    cache_leftpad[b] <= ends[b]`` (its ``cache_seqlens``, or ``k.shape[1]``)."""
+    pads = _row_ints("cache_leftpad", cache_leftpad, batch)
+    bad = [(i, s, e) for i, (s, e) in enumerate(zip(pads, ends)) if not 0 <= s <= e]
+    if bad:
+        i, s, e = bad[0]
+        raise ValueError(f"cache_leftpad[{i}] = {s} must lie in [0, {e}] (the row's end on this "
+                         "rank: its cache_seqlens, or k.shape[1])")
+    return pads
 
 
 def gather_seqlens(rows: list[int], g: dist.Group) -> list[list[int]]:
@@ -133,15 +158,16 @@ def q_checksum(q: torch.Tensor) -> tuple[float, float]:
 
 
 def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_lens,
-               backend, return_lse=False, cache_seqlens=None) -> Call:
+               backend, return_lse=False, cache_seqlens=None, cache_leftpad=None) -> Call:
     """Validate a distributed decode call on every rank (one all-gather, recorded as the peer
     ``"all_gather"`` for :func:`longattn.common.comm.counting`). Returns the agreed
     :class:`Call`.
 
     ``shard_lens`` (every rank's KV length, e.g. a :class:`~longattn.tree.KVCache`'s ``lens``)
     is checked inside the same agreement: it must be the same on every rank and match each
-    rank's ``k``. So is ``cache_seqlens`` (dtype, shape ``[B]``, range; given on every rank or
-    on none); the agreed per-row lengths are then all-gathered (:func:`gather_seqlens`)."""
+    rank's ``k``. So are ``cache_seqlens`` and ``cache_leftpad`` (dtype, shape ``[B]``, range;
+    each given on every rank or on none); the agreed per-row ends (and starts) are then
+    all-gathered in one message (:func:`gather_seqlens`)."""
     g = dist.resolve_group(group)
 
     def check():
@@ -152,6 +178,10 @@ def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_le
         lens = None if shard_lens is None else check_shard_lens(shard_lens, g.rank, g.size, k)
         rows = None if cache_seqlens is None else check_cache_seqlens(
             cache_seqlens, q.shape[0], k.shape[1])
+        pads = None
+        if cache_leftpad is not None:
+            rows = [int(k.shape[1])] * q.shape[0] if rows is None else rows
+            pads = check_cache_leftpad(cache_leftpad, q.shape[0], rows)
         name = resolve_backend(q, k, v, backend, causal=is_causal)
         b, _, hkv, d = k.shape
         fields = {
@@ -162,21 +192,28 @@ def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_le
             # one word whatever the world size: the lengths agree iff their text does
             "shard_lens": None if lens is None else ",".join(map(str, lens)),
             "kv_len": int(k.shape[1]),
-            "cache_seqlens given": rows is not None,
+            "cache_seqlens given": cache_seqlens is not None,
+            "cache_leftpad given": pads is not None,
         }
         if g.distributed:  # q must be replicated: a digest of its values agrees too
             fields["q values (float64 checksum)"] = q_checksum(q)
-        return (scale, is_causal, hier, name, rows), fields
+        return (scale, is_causal, hier, name, rows, pads), fields
 
-    (scale, is_causal, hier, name, rows), views = dist.agree(op, g, check, vary=("kv_len",))
+    (scale, is_causal, hier, name, rows, pads), views = dist.agree(op, g, check,
+                                                                   vary=("kv_len",))
     if g.distributed:
         nb = dist.agreement_nbytes()
         comm.record("send", "all_gather", nb)
         comm.record("recv", "all_gather", nb * (g.size - 1))
     lens = views["kv_len"]
-    seqlens = None if rows is None else gather_seqlens(rows, g)
+    seqlens = leftpads = None
+    if rows is not None:  # one all-gather: every rank's ends, then its starts (cache_leftpad)
+        every = gather_seqlens(rows + (pads or []), g)
+        seqlens = [r[:len(rows)] for r in every]
+        leftpads = None if pads is None else [r[len(rows):] for r in every]
+    call = Call(g, scale, is_causal, lens, hier, name, seqlens, leftpads)
     # every rank knows every shard's geometry now: a backend that cannot serve one of them
     # raises here, identically on every rank (no further communication)
     check_backend_geometry(q, k, v, lens, causal=is_causal, backend=name,
-                           shards=range(len(lens)), seqlens=seqlens)
-    return Call(g, scale, is_causal, lens, hier, name, seqlens)
+                           shards=range(len(lens)), seqlens=call.counts())
+    return call

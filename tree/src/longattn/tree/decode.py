@@ -40,7 +40,8 @@ _SUBGROUPS: dict = {}
 
 @torch.no_grad()
 def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, causal=True,
-                shard_lens=None, cache_seqlens=None, return_lse=False, backend="auto"):
+                shard_lens=None, cache_seqlens=None, cache_leftpad=None, return_lse=False,
+                backend="auto"):
     """Exact decode attention of replicated new tokens over a sequence-sharded KV cache.
 
     Args:
@@ -68,6 +69,12 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
             group-rank order, so each row has its own length ``N[b]`` and causal mask; a row
             may be empty on some ranks or on all (out 0, lse -inf). Checked inside the
             argument agreement, then all-gathered (``B`` int64 words per rank).
+        cache_leftpad: None, or an int32 tensor ``[B]`` (flash-attn's ``cache_leftpad``):
+            row ``b``'s keys on this rank start at slot ``cache_leftpad[b]`` (``<=`` its
+            ``cache_seqlens[b]``, or ``n_r`` without them); the slots before are not read (a
+            left-padded batch's padding). Row ``b``'s cache is then the concatenation of its
+            slots ``[cache_leftpad[b], cache_seqlens[b])`` in group-rank order. Checked inside
+            the agreement and all-gathered with ``cache_seqlens`` (``2 B`` words per rank).
         return_lse: also return ``lse [B, Hq, Lq]`` in ``common.dtypes.lse_dtype``
             (float32 for fp16 / bf16, float64 for float32 and float64 inputs).
         backend: local kernel, see :func:`longattn.tree.local.local_attention`.
@@ -82,15 +89,18 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
     """
     call = check_call("tree_decode", q, k, v, group=group, softmax_scale=softmax_scale,
                       causal=causal, hierarchy=hierarchy, shard_lens=shard_lens,
-                      backend=backend, return_lse=return_lse, cache_seqlens=cache_seqlens)
+                      backend=backend, return_lse=return_lse, cache_seqlens=cache_seqlens,
+                      cache_leftpad=cache_leftpad)
     g, lens, hier = call.group, call.lens, call.hierarchy
+    starts = None
     if call.seqlens is None:
         right, rows = shard_right(lens, g.rank, q.shape[1], call.causal), None
-    else:
-        right = row_rights(call.seqlens, g.rank, q.shape[1], call.causal)
+    else:  # the causal cut counts every rank's keys per row (ends minus starts)
+        right = row_rights(call.counts(), g.rank, q.shape[1], call.causal)
         rows = call.seqlens[g.rank]
+        starts = None if call.leftpads is None else call.leftpads[g.rank]
     o, lse = local_attention(q, k, v, softmax_scale=call.softmax_scale, right=right,
-                             backend=call.backend, seqlens=rows)
+                             backend=call.backend, seqlens=rows, starts=starts)
     if g.distributed:
         if hier is None or hier[0] == 1 or hier[1] == 1:
             o, lse = _allreduce_combine(o, lse, g.pg)

@@ -10,7 +10,8 @@ keys and moves ``O(N)`` bytes, against the tree's ``O(N / p)`` work and ``O(B * 
 Shards may be uneven or empty: every rank knows every shard's length (from the argument
 agreement, or ``shard_lens``), so each message is sized exactly -- no padding keys enter the
 softmax (unlike the padded reference baseline) -- and empty shards are not sent at all. With
-per-row lengths (``cache_seqlens``) a shard travels as its longest row's prefix.
+per-row lengths (``cache_seqlens``) a shard travels as its longest row's prefix (with
+``cache_leftpad``, the slots before a row's start travel too and are not read).
 Forward only.
 """
 
@@ -26,14 +27,16 @@ from longattn.tree.local import local_attention, row_rights, shard_right
 
 @torch.no_grad()
 def ring_decode(q, k, v, *, group=None, softmax_scale=None, causal=True, shard_lens=None,
-                cache_seqlens=None, return_lse=False, backend="auto"):
+                cache_seqlens=None, cache_leftpad=None, return_lse=False, backend="auto"):
     """Same contract as :func:`longattn.tree.tree_decode` (without ``hierarchy``), computed by
     passing the KV shards around a ring. Returns ``out [B, Lq, Hq, D]`` in q's dtype (and
     ``lse``), identical on every rank."""
     call = check_call("ring_decode", q, k, v, group=group, softmax_scale=softmax_scale,
                       causal=causal, hierarchy=None, shard_lens=shard_lens, backend=backend,
-                      return_lse=return_lse, cache_seqlens=cache_seqlens)
+                      return_lse=return_lse, cache_seqlens=cache_seqlens,
+                      cache_leftpad=cache_leftpad)
     g, lens, scale, table = call.group, call.lens, call.softmax_scale, call.seqlens
+    counts, pads = call.counts(), call.leftpads
     p, me, lq = g.size, g.rank, q.shape[1]
     if table is not None:  # each shard travels as its longest row's prefix
         lens = [max(rows, default=0) for rows in table]
@@ -45,7 +48,8 @@ def ring_decode(q, k, v, *, group=None, softmax_scale=None, causal=True, shard_l
                                    right=shard_right(lens, src, lq, call.causal),
                                    backend=call.backend)
         return local_attention(q, kk, vv, softmax_scale=scale, seqlens=table[src],
-                               right=row_rights(table, src, lq, call.causal),
+                               starts=None if pads is None else pads[src],
+                               right=row_rights(counts, src, lq, call.causal),
                                backend=call.backend)
 
     if p == 1:
