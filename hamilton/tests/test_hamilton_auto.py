@@ -14,11 +14,11 @@ import math
 
 import pytest
 import torch
-from test_hamilton_dense import _calls, _groups, _local, _oracle, _problem
+from test_hamilton_dense import _attn, _calls, _oracle, _per_case, _problem
 
 from longattn.common.comm import counting
 from longattn.common.testing import run_world
-from longattn.hamilton import HamiltonConfig, explain, hamilton_attn, usp_attn
+from longattn.hamilton import HamiltonConfig, explain, usp_attn
 
 WORLD = 8
 TARGET = "H200-1"
@@ -57,31 +57,14 @@ def _cases():
     return cases
 
 
-def _call(case, rank, groups, q, k, v, sched):
-    if case["kind"] == "usp":
-        h, s = case["grid"]
-        a, b = divmod(rank, s)
-        return usp_attn(q, k, v, head_group=groups[("head", h, s, b)],
-                        seq_group=groups[("seq", h, s, a)], causal=case["causal"],
-                        schedule=sched, return_lse=True, config=CONFIG)
-    return hamilton_attn(q, k, v, group=groups[case["n"]], causal=case["causal"],
-                         schedule=sched, return_lse=True, config=CONFIG)
-
-
 def _run(rank, _, cases):
-    groups = _groups()
-    res = []
-    for case in cases:
-        got = _local(case, rank)
-        if got is None:
-            res.append(None)
-            continue
-        (q, k, v, dout, dlse), part = got
+    def one(case, groups, tensors, part):
+        q, k, v, dout, dlse = tensors
         runs = {}
         for sched in ("auto", case["expect"]):
             qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
             with counting() as c:
-                out, lse = _call(case, rank, groups, qq, kk, vv, sched)
+                out, lse = _attn(case, rank, groups, qq, kk, vv, sched, config=CONFIG)
                 torch.autograd.backward((out, lse), (dout, dlse))
             runs[sched] = ({"out": out.detach(), "lse": lse.detach(), "dq": qq.grad,
                             "dk": kk.grad, "dv": vv.grad}, _calls(c.messages))
@@ -91,8 +74,9 @@ def _run(rank, _, cases):
                   float(part(case["ref"][x], 2 if x == "lse" else 1).pow(2).sum()),
                   bool(torch.isfinite(t).all()))
               for x, t in auto[0].items()}
-        res.append({"same": same, "sq": sq})
-    return res + [_mesh(rank)]
+        return {"same": same, "sq": sq}
+
+    return _per_case(rank, cases, one) + [_mesh(rank)]
 
 
 def _mesh(rank):

@@ -18,6 +18,7 @@ import torch.distributed as tdist
 
 from longattn.common import layout
 from longattn.common.comm import counting
+from longattn.common.dist import LOCAL
 from longattn.common.testing import run_world
 from longattn.hamilton import hamilton_attn, layout_name, usp_attn, usp_shard, usp_unshard
 from longattn.hamilton.ulysses import head_ranges
@@ -105,28 +106,42 @@ def _local(case, rank):
     return [part(t) for t in (q, k, v, dout)] + [part(dlse, 2)], part
 
 
-def _run(rank, _, cases):
+def _usp_groups(groups, h, s, rank):
+    """(head group, seq group) of this rank in the ``h x s`` grid (rank ``a * s + b``); the
+    whole world as the head group (``s = 1``) is the world and LOCAL."""
+    if s == 1 and h == tdist.get_world_size():
+        return tdist.group.WORLD, LOCAL
+    a, b = divmod(rank, s)
+    return groups[("head", h, s, b)], groups[("seq", h, s, a)]
+
+
+def _attn(case, rank, groups, q, k, v, schedule=None, **kw):
+    """The case's call on this rank, with lse: ``usp_attn`` over its (head, seq) grid, else
+    ``hamilton_attn`` over its group with its softmax scale; ``schedule`` defaults to the
+    case's, ``kw`` (e.g. ``config``) reaches either."""
+    if case["kind"] == "usp":
+        hg, sg = _usp_groups(groups, *case["grid"], rank)
+        return usp_attn(q, k, v, head_group=hg, seq_group=sg, causal=case["causal"],
+                        schedule=schedule or case["sched"], return_lse=True, **kw)
+    return hamilton_attn(q, k, v, group=groups[case["n"]], causal=case["causal"],
+                         softmax_scale=case.get("scale"), schedule=schedule or case["kind"],
+                         return_lse=True, **kw)
+
+
+def _per_case(rank, cases, one):
+    """``one(case, groups, (q, k, v, dout, dlse), part)`` for each case with a part on this
+    rank; None for the others (a case may use fewer ranks than the world)."""
     groups = _groups()
-    res = []
-    for case in cases:
-        got = _local(case, rank)
-        if got is None:
-            res.append(None)
-            continue
-        (q, k, v, dout, dlse), part = got
+    return [None if got is None else one(case, groups, *got)
+            for case, got in ((case, _local(case, rank)) for case in cases)]
+
+
+def _run(rank, _, cases):
+    def one(case, groups, tensors, part):
+        q, k, v, dout, dlse = tensors
         q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
-        causal, scale = case["causal"], case["scale"]
         with counting() as fwd:
-            if case["kind"] == "usp":
-                h, s = case["grid"]
-                a, b = divmod(rank, s)
-                out, lse = usp_attn(q, k, v, head_group=groups[("head", h, s, b)],
-                                    seq_group=groups[("seq", h, s, a)], causal=causal,
-                                    schedule=case["sched"], return_lse=True)
-            else:
-                out, lse = hamilton_attn(q, k, v, group=groups[case["n"]], causal=causal,
-                                         softmax_scale=scale, schedule=case["kind"],
-                                         return_lse=True)
+            out, lse = _attn(case, rank, groups, q, k, v)
         with counting() as bwd:
             torch.autograd.backward((out, lse), (dout, dlse))
         got = {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
@@ -134,9 +149,10 @@ def _run(rank, _, cases):
         sq = {name: (float((got[name].detach() - part(ref[name], 2 if name == "lse" else 1))
                            .pow(2).sum()), bool(torch.isfinite(got[name]).all()))
               for name in got}
-        res.append({"sq": sq, "fwd": _calls(fwd.messages), "bwd": _calls(bwd.messages),
-                    "lse_dtype": lse.dtype})
-    return res
+        return {"sq": sq, "fwd": _calls(fwd.messages), "bwd": _calls(bwd.messages),
+                "lse_dtype": lse.dtype}
+
+    return _per_case(rank, cases, one)
 
 
 def _calls(messages):

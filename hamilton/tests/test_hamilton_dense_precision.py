@@ -32,13 +32,10 @@ import math
 
 import pytest
 import torch
-import torch.distributed as tdist
-from test_hamilton_dense import GRIDS, _groups, _local, _oracle
+from test_hamilton_dense import GRIDS, _attn, _oracle, _per_case
 
-from longattn.common.dist import LOCAL
 from longattn.common.dtypes import lse_dtype
 from longattn.common.testing import run_world
-from longattn.hamilton import hamilton_attn, usp_attn
 
 WORLD = 8
 B, S, HQ, HKV, D = 1, 48, 24, 6, 16  # S: zigzag over 8 ranks and every USP grid
@@ -85,36 +82,13 @@ def _cases():
     return cases
 
 
-def _usp_groups(groups, h, s, rank):
-    """(head group, seq group) of this rank in the grid h x s (8 x 1: the world and LOCAL)."""
-    if (h, s) == (WORLD, 1):
-        return tdist.group.WORLD, LOCAL
-    a, b = divmod(rank, s)
-    return groups[("head", h, s, b)], groups[("seq", h, s, a)]
-
-
-def _call(case, rank, groups, q, k, v):
-    if case["kind"] == "usp":
-        hg, sg = _usp_groups(groups, *case["grid"], rank)
-        return usp_attn(q, k, v, head_group=hg, seq_group=sg, causal=case["causal"],
-                        schedule=case["sched"], return_lse=True)
-    return hamilton_attn(q, k, v, group=groups[case["n"]], causal=case["causal"],
-                         schedule=case["kind"], return_lse=True)
-
-
 def _run(rank, _, cases):
     """Per case on this rank: per tensor (squared error, squared reference, all finite)."""
-    groups = _groups()
-    res = []
-    for case in cases:
-        got = _local(case, rank)
-        if got is None:
-            res.append(None)
-            continue
-        (q, k, v, dout, dlse), part = got
+    def one(case, groups, tensors, part):
+        q, k, v, dout, dlse = tensors
         dtype = case["dtype"]
         q, k, v = (t.to(dtype).requires_grad_() for t in (q, k, v))
-        out, lse = _call(case, rank, groups, q, k, v)
+        out, lse = _attn(case, rank, groups, q, k, v)
         assert out.dtype == dtype and lse.dtype == lse_dtype(dtype)
         torch.autograd.backward((out, lse), (dout.to(dtype), dlse.to(lse.dtype)))
         mine = {"out": out, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
@@ -123,8 +97,9 @@ def _run(rank, _, cases):
             ref = part(case["ref"][name], 2 if name == "lse" else 1)
             sq[name] = (float((t.detach().double() - ref).pow(2).sum()),
                         float(ref.pow(2).sum()), bool(torch.isfinite(t).all()))
-        res.append(sq)
-    return res
+        return sq
+
+    return _per_case(rank, cases, one)
 
 
 @pytest.fixture(scope="module")
