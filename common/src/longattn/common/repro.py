@@ -520,16 +520,16 @@ def plot(result: dict, path: str) -> str:
     return path
 
 
-def _table(result, width: int = 100):
+def _table(result):
     """The claims, one per row (claim, our figure, measured / predicted, the paper's), within
-    ``width`` columns: :func:`longattn.common.bench.format_table` wraps the long cells."""
+    100 columns: :func:`longattn.common.bench.format_table` wraps the long cells."""
     from longattn.common.bench import format_table
 
     rows = [{"claim": c["id"], "ours": "-" if c["value"] is None else f"{c['value']:g} {c['unit']}",
              "how": c["status"], "paper": c["paper"]} for c in result["claims"]]
     head = f"{result['package']} on {result['target']}" + (" (dry run)" if result["dry_run"]
                                                             else "")
-    return head + "\n" + format_table(rows, ["claim", "ours", "how", "paper"], width=width)
+    return head + "\n" + format_table(rows, ["claim", "ours", "how", "paper"], width=100)
 
 
 def main(argv=None) -> int:

@@ -556,9 +556,9 @@ def scaling_rows(rows, dtype="bfloat16") -> list:
 SHORT = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
 
 
-def format_rows(rows, width: int = 100) -> str:
+def format_rows(rows) -> str:
     """The table: one row per case, the relative error of every tensor it compares in one
-    cell (``out=1.3e-15 lse=8.6e-17 ...``), wrapped to at most ``width`` columns."""
+    cell (``out=1.3e-15 lse=8.6e-17 ...``), wrapped to at most 100 columns."""
     from longattn.common.bench import format_table
 
     cols = ["method", "variant", "world", "dtype", "backend", "rel. errors",
@@ -575,7 +575,7 @@ def format_rows(rows, width: int = 100) -> str:
         f["rel. errors"] = errs
         flat.append(f)
     cols = [c for c in cols if c != "why" or any(f["why"] for f in flat)]
-    return format_table(flat, cols, width=width)
+    return format_table(flat, cols, width=100)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -101,32 +101,33 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
         starts = None if call.leftpads is None else call.leftpads[g.rank]
     o, lse = local_attention(q, k, v, softmax_scale=call.softmax_scale, right=right,
                              backend=call.backend, seqlens=rows, starts=starts)
-    if g.distributed:
-        if hier is None or hier[0] == 1 or hier[1] == 1:
-            o, lse = _allreduce_combine(o, lse, g.pg)
-        else:
-            o, lse = _hierarchical_combine(o, lse, g.pg, *hier)
+    o, lse = _combine(o, lse, g, hier)
     out = o.to(q.dtype)
     return (out, lse) if return_lse else out
 
 
 @torch.no_grad()
-def combine_partials(out, lse, *, group, hierarchy=None):
+def combine_partials(out, lse, *, group):
     """The exact combine of :func:`tree_decode` on partials a caller computed itself: every
     rank's ``out [B, Lq, Hq, D]`` (the accumulation dtype) and ``lse [B, Hq, Lq]`` (the
     statistics' dtype, ``common.dtypes.lse_dtype``) over its own keys, e.g. from
     :func:`longattn.tree.local.local_attention`. Returns ``(out, lse)`` over every rank's keys,
-    identical on every rank: one all-reduce MAX and one SUM (or the ``hierarchy`` form).
+    identical on every rank: one all-reduce MAX and one SUM.
 
-    No agreement runs here: the caller must have agreed the shapes, dtypes and hierarchy on
-    every rank first (the transformers integration does, once per layer call), or a mismatch
-    hangs. ``group``: a :class:`longattn.common.dist.Group` or what ``resolve_group`` takes."""
+    No agreement runs here: the caller must have agreed the shapes and dtypes on every rank
+    first (the transformers integration does, once per layer call), or a mismatch hangs.
+    ``group``: a :class:`longattn.common.dist.Group` or what ``resolve_group`` takes."""
     g = group if isinstance(group, dist_mod.Group) else dist_mod.resolve_group(group)
+    return _combine(out, lse, g, None)
+
+
+def _combine(o, lse, g, hier):
+    """Every rank's partial combined over ``g``: flat, or by ``hier`` (nodes, gpus per node)."""
     if not g.distributed:
-        return out, lse
-    if hierarchy is None or hierarchy[0] == 1 or hierarchy[1] == 1:
-        return _allreduce_combine(out, lse, g.pg)
-    return _hierarchical_combine(out, lse, g.pg, *hierarchy)
+        return o, lse
+    if hier is None or hier[0] == 1 or hier[1] == 1:
+        return _allreduce_combine(o, lse, g.pg)
+    return _hierarchical_combine(o, lse, g.pg, *hier)
 
 
 def _all_reduce(t, op, group, what):
