@@ -186,3 +186,32 @@ def test_triton_decode_kernel_interpreted():
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and "OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
     print(res.stdout)
+
+
+def test_split_plan_balances_rows_of_different_lengths():
+    """With ``work``, no program reads more than its share of the launch's key blocks (the
+    longest row gets as many programs as its length needs), and the splits cover the cache."""
+    pytest.importorskip("triton")
+    from longattn.tree import triton_decode as td
+
+    lens, hkv, bn = [4096, 1 << 20, 70_000, 9], 8, 64
+    work = hkv * sum(-(-n // bn) for n in lens)
+    n, split_len = td.make_plan(1 << 20, len(lens) * hkv, block_n=bn, work=work)
+    share = -(-work // (4 * 132))
+    assert split_len == share * bn and n * split_len >= 1 << 20 > (n - 1) * split_len
+    # the plan cut from the cache length alone gives the 1M row's heads 17 programs of 61,696
+    old_n, old_len = td.make_plan(1 << 20, len(lens) * hkv, block_n=bn)
+    assert split_len < old_len and n > old_n
+    # without work (every row full) the plan is the former one
+    assert td.make_plan(1 << 20, 16, block_n=64) == (33, 31808)
+
+
+def test_launch_config_by_device_name():
+    pytest.importorskip("triton")
+    from longattn.tree import triton_decode as td
+
+    assert td.default_config(None) == td.FALLBACK == td.default_config("cpu")
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        cfg = dict(td._config_for(name))
+        assert cfg == dict(block_n=64, num_warps=8, num_stages=4), name
+    assert dict(td._config_for("NVIDIA A100-SXM4-80GB")) == td.FALLBACK

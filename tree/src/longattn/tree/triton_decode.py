@@ -23,6 +23,7 @@ Runs on CPU under ``TRITON_INTERPRET=1`` (set before triton is imported), which 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -142,24 +143,71 @@ if triton is not None:
         tl.store(L + base + rows, l_i)
 
 
+# The launch configuration by device name (a substring of ``torch.cuda.get_device_name``):
+# the best of tree/bench/bench_tree.py's sweep on each, or within 1% of it
+# (tree/bench/results/bench_tree.json, H100: bn64/w8/s4 at 1.016x the HBM floor, the best
+# 1.012x; tree/bench/results/h200/bench_tree_log.txt, H200: 0.99x, where the fallback
+# bn64/w4/s3 ran at 1.16x).
+CONFIGS = (
+    ("H100", dict(block_n=64, num_warps=8, num_stages=4)),
+    ("H200", dict(block_n=64, num_warps=8, num_stages=4)),
+)
+FALLBACK = dict(block_n=64, num_warps=4, num_stages=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _config_for(name: str) -> tuple:
+    for key, cfg in CONFIGS:
+        if key in name:
+            return tuple(cfg.items())
+    return tuple(FALLBACK.items())
+
+
+def default_config(device=None) -> dict:
+    """``{block_n, num_warps, num_stages}`` for ``device``: its row of :data:`CONFIGS`, else
+    :data:`FALLBACK` (also off CUDA, where the launch options do not apply)."""
+    if device is None or torch.device(device).type != "cuda":
+        return dict(FALLBACK)
+    return dict(_config_for(torch.cuda.get_device_name(device)))
+
+
+def _sms(device) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
 def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=None,
-              device=None):
+              device=None, work=None):
     """``(splits, split_len)``: enough programs to fill the GPU (about 4 per SM), each split a
-    whole number of ``block_n`` key blocks."""
+    whole number of ``block_n`` key blocks.
+
+    ``work`` (rows of different lengths): the key blocks the launch reads, over all its rows
+    and heads. The split length is then that work over the programs that fill the GPU, so no
+    program reads much more than another: a plan cut from ``seq`` alone gives the longest row
+    as few programs as the shortest, and they alone run long after the rest are done. The
+    splits past a row's end read nothing."""
     blocks = max(1, math.ceil(seq / block_n))
+    if splits is None and work is not None:
+        per = max(1, math.ceil(work / (4 * _sms(device))))
+        return math.ceil(blocks / per), per * block_n
     if splits is None:
-        sms = 132
-        if device is not None and device.type == "cuda":
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-        splits = max(1, math.ceil(4 * sms / max(1, programs_per_split)))
+        splits = max(1, math.ceil(4 * _sms(device) / max(1, programs_per_split)))
     splits = max(1, min(int(splits), blocks))
     split_len = math.ceil(blocks / splits) * block_n
     return math.ceil(seq / split_len), split_len
 
 
-def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
-           num_warps: int = 4, num_stages: int = 3, splits=None, seqlens=None, rights=None,
-           starts=None, skips=None):
+def _row_work(seqlens, starts, block_n):
+    """Key blocks each row reads (host lists only; a device tensor would cost a sync)."""
+    if isinstance(seqlens, torch.Tensor):
+        return None
+    starts = [0] * len(seqlens) if starts is None else starts
+    return sum(math.ceil(max(0, int(n) - int(s0)) / block_n) for n, s0 in zip(seqlens, starts))
+
+
+def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_warps=None,
+           num_stages=None, splits=None, seqlens=None, rights=None, starts=None, skips=None):
     """``(out, lse)`` of ``q [B, Lq, Hq, D]`` over ``k, v [B, S, Hkv, D]`` (S >= 1) with the
     window ``(-1, right)``; ``out`` float32 ``[B, Lq, Hq, D]``, ``lse [B, Hq, Lq]`` in
     ``lse_dtype(q.dtype)`` (float32 for fp16 / bf16, float64 for float32).
@@ -170,14 +218,21 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n: int = 64,
     With ``seqlens``, ``starts`` (``B`` ints) makes row ``b`` begin at slot ``starts[b]`` and
     ``skips`` (``B`` pairs ``(lo, hi)``) leaves out its slots ``lo <= j < hi``, as in
     :func:`longattn.tree.local.local_attention`; the window counts in slots either way.
+    ``block_n``, ``num_warps``, ``num_stages``: None takes the device's
+    :func:`default_config`.
     """
     b, lq, hq, d = q.shape
     s_len, hkv = k.shape[1], k.shape[2]
     g = hq // hkv
     rows = lq * g
     block_m = max(16, triton.next_power_of_2(rows))
+    cfg = default_config(q.device)
+    block_n = cfg["block_n"] if block_n is None else block_n
+    num_warps = cfg["num_warps"] if num_warps is None else num_warps
+    num_stages = cfg["num_stages"] if num_stages is None else num_stages
+    work = None if seqlens is None else _row_work(seqlens, starts, block_n)
     n_splits, split_len = make_plan(s_len, b * hkv, block_n=block_n, splits=splits,
-                                    device=q.device)
+                                    device=q.device, work=None if work is None else work * hkv)
     acc = torch.empty(b * hkv, n_splits, block_m, d, dtype=torch.float32, device=q.device)
     m = torch.empty(b * hkv, n_splits, block_m, dtype=torch.float32, device=q.device)
     l_ = torch.empty_like(m)
