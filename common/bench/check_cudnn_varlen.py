@@ -26,6 +26,8 @@ import argparse
 import json
 import os
 import sys
+import time
+import traceback
 
 import numpy as np
 import torch
@@ -117,8 +119,8 @@ def probe(name, lq, lk, hq, hkv, d, causal, device):
             if got.shape[1] != ref.shape[1]:  # repeated K/V: fold the query-head groups back
                 got = got.unflatten(1, (hkv, -1)).sum(2)
             row[f"{n} err"] = rel_error(got.double().cpu().numpy(), ref)
-    except RuntimeError as e:
-        row["backward"] = f"failed: {str(e).splitlines()[0][:120]}"
+    except Exception as e:  # noqa: BLE001 - the forward's findings still count
+        row["backward"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     row["cudnn ms"] = _time(lambda: torch.ops.aten._cudnn_attention_forward(
         q, k, v, None, cq, ck, mq, mk, True, 0.0, causal, False, scale=scale))
     if hasattr(torch.ops.aten, "_flash_attention_forward"):
@@ -143,10 +145,15 @@ def main(argv=None) -> int:
 
     rows = []
     for case in CASES:
+        t0 = time.perf_counter()
         try:
             rows.append(probe(*case, device=torch.device("cuda")))
         except Exception as e:  # noqa: BLE001 - one failed case is a row, the rest still run
-            rows.append({"case": case[0], "ok": False, "error": f"{type(e).__name__}: {e}"[:200]})
+            where = traceback.extract_tb(e.__traceback__)[-1]  # the line, for the next run
+            rows.append({"case": case[0], "ok": False, "error": f"{type(e).__name__}: {e}"[:200],
+                         "at": f"{os.path.basename(where.filename)}:{where.lineno} {where.line}"})
+        # each row as it comes: a run cut short by its time limit still shows what it found
+        print(f"{case[0]} ({time.perf_counter() - t0:.1f} s): {rows[-1]}", flush=True)
     print(format_table(rows, width=100))
     out = a.out or os.environ.get("OUT") or "bench_out"
     os.makedirs(out, exist_ok=True)

@@ -149,3 +149,26 @@ def test_transformers_rows_in_float64_are_float64_throughout(tmp_path, capsys):
     assert gpu_world.tensor_tol(c, "loss") == gpu_world.LOSS_TOL
     assert gpu_world.tensor_tol(c, "grads") == gpu_world.TOL["float64"]
     assert gpu_world.tensor_tol(replace(c, dtype="bfloat16"), "loss") == 2e-2
+
+
+def test_the_bench_script_runs_unchanged_under_torchrun(tmp_path):
+    """What a multi-GPU machine runs (``torchrun ... gpu_world.py`` with the backend from
+    ``LONGATTN_DIST_BACKEND``), here with gloo on the CPU: every rank runs its world's cases,
+    rank 0 writes the rows, and every rank exits cleanly (the group is torn down first)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_world.py"
+    env = dict(os.environ, LONGATTN_DIST_BACKEND="gloo", OMP_NUM_THREADS="1")
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--standalone", str(script), "--device", "cpu", "--dtypes", "float64",
+         "--methods", "tree", "ring_swa", "--backends", "auto", "--out", str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = _rows(tmp_path / "gpu_world.json")
+    assert {r["world"] for r in rows} == {2} and {r["method"] for r in rows} == {"tree",
+                                                                                "ring_swa"}
+    assert all(r["status"] == "pass" for r in rows), rows

@@ -13,7 +13,7 @@ Methods, in one run:
 * ``default``: ``local_attention`` as a user calls it (the device's launch configuration,
   ``triton_decode.default_config``, and the work-balanced split plan);
 * ``triton[bn/w/s]``: the same kernel with each launch configuration of a sweep (block_n,
-  num_warps, num_stages), and ``/x½``, ``/x2`` with half and twice the default plan's splits;
+  num_warps, num_stages), and ``/x2`` with twice the splits of the work-balanced plan;
 * ``flash_varlen``: torch's flash-attention varlen op on the same padded cache
   (``cu_seqlens_k`` over the padded rows with ``seqused_k``, as ``flash_attn_with_kvcache``),
   with its lse, when the op is there.
@@ -107,22 +107,21 @@ def methods(dev, smoke, lens, scale):
     from longattn.tree.local import local_attention
 
     ms = {"default": lambda q, k, v: local_attention(q, k, v, softmax_scale=scale, seqlens=lens)}
-    cfgs = [(16, 4, 1)] if smoke else [
-        (bn, w, s) for bn in (32, 64, 128) for w in (4, 8) for s in (2, 3, 4)]
-    for bn, w, s in cfgs:
-        ms[f"triton[bn{bn}/w{w}/s{s}]"] = (
-            lambda q, k, v, c=dict(block_n=bn, num_warps=w, num_stages=s):
-            td.decode(q, k, v, softmax_scale=scale, seqlens=lens, **c))
-    base = td.default_config(dev)
-    work = sum(math.ceil(n / base["block_n"]) for n in lens)
-    for tag, mult in (("x½", 0.5), ("x2", 2.0)):
-        def run(q, k, v, mult=mult):
-            n, _ = td.make_plan(k.shape[1], k.shape[0] * k.shape[2], block_n=base["block_n"],
+    cfgs = [(16, 4, 1, 1)] if smoke else [
+        (bn, w, s, x) for bn in (64, 128, 256) for w in (4, 8) for s in (3, 4, 5)
+        for x in (1, 2)]
+    for bn, w, s, x in cfgs:
+        # x: the programs per SM of the work-balanced plan, times x
+        work = sum(math.ceil(n / bn) for n in lens)
+
+        def run(q, k, v, cfg=(bn, w, s), x=x, work=work):
+            c = dict(zip(("block_n", "num_warps", "num_stages"), cfg))
+            n, _ = td.make_plan(k.shape[1], k.shape[0] * k.shape[2], block_n=c["block_n"],
                                 device=q.device, work=work * k.shape[2])
             return td.decode(q, k, v, softmax_scale=scale, seqlens=lens,
-                             splits=max(1, round(n * mult)), **base)
+                             splits=None if x == 1 else n * x, **c)
 
-        ms[f"triton[bn{base['block_n']}/w{base['num_warps']}/s{base['num_stages']}/{tag}]"] = run
+        ms[f"triton[bn{bn}/w{w}/s{s}" + ("" if x == 1 else f"/x{x}") + "]"] = run
     if dev.type == "cuda" and hasattr(torch.ops.aten, "_flash_attention_forward"):
         ms["flash_varlen"] = lambda q, k, v: flash_varlen(q, k, v, lens, scale)
     return ms
@@ -140,6 +139,14 @@ def flash_varlen(q, k, v, lens, scale):
         q.reshape(b, hq, d), k.reshape(b * cap, *k.shape[2:]), v.reshape(b * cap, *v.shape[2:]),
         cu_q, cu_k, 1, max(lens), 0.0, False, False, scale=scale, seqused_k=used)
     return o.reshape(b, 1, hq, d), lse.reshape(hq, b).T.unsqueeze(-1)
+
+
+def copy_bandwidth(dev, nbytes):
+    """Bytes read + written per second by a device copy of ``nbytes``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=dev).random_(0, 255)
+    dst = torch.empty_like(src)
+    ms = bench.time_fn(lambda: dst.copy_(src), device=dev, warmup=5, rep=50)
+    return 2 * nbytes / (ms * 1e-3)
 
 
 def main(argv=None):
@@ -180,12 +187,7 @@ def main(argv=None):
     del ref_o, ref_l
 
     # 2. the floor, measured now
-    copy_n = min(2 << 30, kv_bytes) if dev.type == "cuda" else 16 << 20
-    src = torch.empty(copy_n, dtype=torch.uint8, device=dev).random_(0, 255)
-    dst = torch.empty_like(src)
-    copy_ms = bench.time_fn(lambda: dst.copy_(src), device=dev, warmup=5, rep=50)
-    bw = 2 * copy_n / (copy_ms * 1e-3)
-    del src, dst
+    bw = copy_bandwidth(dev, min(2 << 30, kv_bytes) if dev.type == "cuda" else 16 << 20)
     floor_ms = kv_bytes / bw * 1e3
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read+write) -> HBM floor {floor_ms:.3f} ms",
           flush=True)

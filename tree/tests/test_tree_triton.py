@@ -215,3 +215,22 @@ def test_launch_config_by_device_name():
         cfg = dict(td._config_for(name))
         assert cfg == dict(block_n=64, num_warps=8, num_stages=4), name
     assert dict(td._config_for("NVIDIA A100-SXM4-80GB")) == td.FALLBACK
+
+
+def test_bench_decode_batch_smoke(tmp_path):
+    """The batch-of-requests benchmark on the CPU (Triton interpreted): default against the
+    float64 reference per row, the NaN-filled slots past each row unread, every method timed."""
+    pytest.importorskip("triton")
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "bench_decode_batch.py"
+    res = subprocess.run([sys.executable, str(script), "--smoke", "--out", str(tmp_path)],
+                         env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "default vs float64" in res.stdout and "-> ok" in res.stdout, res.stdout
+    rows = json.loads((tmp_path / "bench_decode_batch.json").read_text())
+    names = {r["method"] for r in rows}
+    assert {"tree.batch_decode.default", "tree.batch_decode.triton[bn16/w4/s1]"} <= names
+    assert all(r["extra"]["ok"] for r in rows), rows

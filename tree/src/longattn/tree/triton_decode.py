@@ -155,7 +155,7 @@ CONFIGS = (
 FALLBACK = dict(block_n=64, num_warps=4, num_stages=3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config_for(name: str) -> tuple:
     for key, cfg in CONFIGS:
         if key in name:
