@@ -11,9 +11,11 @@ with ``cache_seqlens``): the Triton split-K kernel in one launch.
 Methods, in one run:
 
 * ``default``: ``local_attention`` as a user calls it (the device's launch configuration,
-  ``triton_decode.default_config``, and the work-balanced split plan);
+  ``triton_decode.default_config``, and the split plan that fills whole waves,
+  ``triton_decode.make_plan(rows=...)``);
 * ``triton[bn/w/s]``: the same kernel with each launch configuration of a sweep (block_n,
-  num_warps, num_stages), and ``/x2`` with twice the splits of the work-balanced plan;
+  num_warps, num_stages) and that plan; ``/share`` and ``/share x2`` with the plan before it
+  (every program an equal share of the key blocks, 4 or 8 programs per SM);
 * ``flash_varlen``: torch's flash-attention varlen op on the same padded cache
   (``cu_seqlens_k`` over the padded rows with ``seqused_k``, as ``flash_attn_with_kvcache``),
   with its lse, when the op is there.
@@ -107,24 +109,30 @@ def methods(dev, smoke, lens, scale):
     from longattn.tree.local import local_attention
 
     ms = {"default": lambda q, k, v: local_attention(q, k, v, softmax_scale=scale, seqlens=lens)}
-    cfgs = [(16, 4, 1, 1)] if smoke else [
-        (bn, w, s, x) for bn in (64, 128, 256) for w in (4, 8) for s in (3, 4, 5)
-        for x in (1, 2)]
-    for bn, w, s, x in cfgs:
-        # x: the programs per SM of the work-balanced plan, times x
-        work = sum(math.ceil(n / bn) for n in lens)
+    cfgs = [(16, 4, 1)] if smoke else [
+        (bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (3, 4)]
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" \
+        else 132
+    for bn, w, s in cfgs:
+        for plan, mult in (("", None), ("/share", 1), ("/share x2", 2)):
+            def run(q, k, v, cfg=(bn, w, s), mult=mult):
+                c = dict(zip(("block_n", "num_warps", "num_stages"), cfg))
+                splits = None if mult is None else share_splits(lens, c["block_n"], k.shape[2],
+                                                                sms, mult)
+                return td.decode(q, k, v, softmax_scale=scale, seqlens=lens, splits=splits, **c)
 
-        def run(q, k, v, cfg=(bn, w, s), x=x, work=work):
-            c = dict(zip(("block_n", "num_warps", "num_stages"), cfg))
-            n, _ = td.make_plan(k.shape[1], k.shape[0] * k.shape[2], block_n=c["block_n"],
-                                device=q.device, work=work * k.shape[2])
-            return td.decode(q, k, v, softmax_scale=scale, seqlens=lens,
-                             splits=None if x == 1 else n * x, **c)
-
-        ms[f"triton[bn{bn}/w{w}/s{s}" + ("" if x == 1 else f"/x{x}") + "]"] = run
+            ms[f"triton[bn{bn}/w{w}/s{s}{plan}]"] = run
     if dev.type == "cuda" and hasattr(torch.ops.aten, "_flash_attention_forward"):
         ms["flash_varlen"] = lambda q, k, v: flash_varlen(q, k, v, lens, scale)
     return ms
+
+
+def share_splits(lens, block_n, hkv, sms, mult):
+    """The splits of the plan before waves were counted: every program an equal share of the
+    key blocks, ``4 * mult`` programs per SM."""
+    total = hkv * sum(math.ceil(n / block_n) for n in lens)
+    per = max(1, math.ceil(total / (4 * mult * sms)))
+    return max(1, math.ceil(math.ceil(max(lens) / block_n) / per))
 
 
 def flash_varlen(q, k, v, lens, scale):

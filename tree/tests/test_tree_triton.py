@@ -67,9 +67,9 @@ def _split_partials(q, k, v, right, splits):
     acc = torch.empty(b * hkv, n, block_m, d)
     m, l_ = torch.empty(b * hkv, n, block_m), torch.empty(b * hkv, n, block_m)
     td._split_kernel[(n, b * hkv)](
-        q, k, v, acc, m, l_, m, m, m, m, m,  # the per-row pointers are unread (PER_ROW off)
+        q, k, v, acc, m, l_, m, m, m, m, m, m,  # per-row / item pointers unread (both off)
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), s_len, lq, hkv, 0.25, right,
+        v.stride(0), v.stride(1), v.stride(2), s_len, lq, hkv, b, 0.25, right,
         split_len, G=hq // hkv, ROWS=rows, BLOCK_M=block_m, BLOCK_N=16, D=d, SPLITS=n,
         IEEE=True)
     return acc[:, :, :rows], m[:, :, :rows], l_[:, :, :rows]
@@ -106,6 +106,8 @@ def _check_per_row():
     rows ending inside the first split (the later splits run no key block), an empty row
     (out 0, lse -inf), a row whose first new tokens see nothing, NaN past every row's length
     (never read); float32 within 1e-5, bf16 within 2e-2. Equal to the one-row calls."""
+    import itertools
+
     import numpy as np
     import torch
 
@@ -122,9 +124,12 @@ def _check_per_row():
         for i, n in enumerate(seqlens):
             k[i, n:] = float("nan")
             v[i, n:] = float("nan")
-        o, lse = td.decode(q, k, v, softmax_scale=0.25, block_n=16, splits=3, seqlens=seqlens,
-                           rights=rights)
-        for i, (n, right) in enumerate(zip(seqlens, rights)):
+        # splits=3: the dense grid, splits counted from slot 0; None: one program per split
+        # that has keys (the itemized launch), splits counted from each row's first slot
+        runs = [td.decode(q, k, v, softmax_scale=0.25, block_n=16, splits=sp, seqlens=seqlens,
+                          rights=rights) for sp in (3, None)]
+        for (o, lse), (i, (n, right)) in itertools.product(runs, enumerate(zip(seqlens,
+                                                                              rights))):
             j, t = np.arange(n)[None, :], np.arange(lq)[:, None]
             mask = np.ones((lq, n), bool) if right < 0 else j <= t + n - lq + right
             ro, rl = (np.zeros((1, lq, hq, 16)), np.full((1, hq, lq), -np.inf))
@@ -137,6 +142,23 @@ def _check_per_row():
                 o1, l1 = td.decode(q[i:i + 1], k[i:i + 1, :n], v[i:i + 1, :n],
                                    softmax_scale=0.25, right=right, block_n=16, splits=3)
                 assert rel_error(o[i:i + 1], o1) <= 1e-6 and rel_error(lse[i:i + 1], l1) <= 1e-6
+    # itemized with starts (left padding: NaN before each row's start, never read) and a
+    # batch with nothing to read (no launch: out 0, lse -inf)
+    starts = [5, 0, 3, 2, 39]
+    q, k, v = (torch.randn(b, n, h, 16, generator=g) for n, h in ((lq, hq), (s, hkv), (s, hkv)))
+    for i, (s0, n) in enumerate(zip(starts, seqlens)):
+        k[i, :s0], v[i, :s0], k[i, n:], v[i, n:] = (float("nan"),) * 4
+    o, lse = td.decode(q, k, v, softmax_scale=0.25, block_n=16, seqlens=seqlens, starts=starts)
+    for i, (s0, n) in enumerate(zip(starts, seqlens)):
+        if n > s0:
+            o1, l1 = td.decode(q[i:i + 1], k[i:i + 1, s0:n], v[i:i + 1, s0:n],
+                               softmax_scale=0.25, block_n=16)
+            assert rel_error(o[i:i + 1], o1) <= 1e-6 and rel_error(lse[i:i + 1], l1) <= 1e-6, i
+        else:
+            assert not o[i].any() and torch.isneginf(lse[i]).all(), i
+    o, lse = td.decode(q, k, v, softmax_scale=0.25, block_n=16, seqlens=[0, 0, 3, 2, 1],
+                       starts=[0, 0, 3, 2, 1])
+    assert not o.any() and torch.isneginf(lse).all()
 
 
 def _check_nan():
@@ -188,22 +210,45 @@ def test_triton_decode_kernel_interpreted():
     print(res.stdout)
 
 
-def test_split_plan_balances_rows_of_different_lengths():
-    """With ``work``, no program reads more than its share of the launch's key blocks (the
-    longest row gets as many programs as its length needs), and the splits cover the cache."""
+def test_split_plan_fills_whole_waves_for_rows_of_different_lengths():
+    """With ``rows``, the programs that read keys fill their waves of resident programs about
+    as well as an even share of the work could (no long tail of a few programs), no split
+    starts past the longest row, and rows with nothing to read launch one split."""
     pytest.importorskip("triton")
     from longattn.tree import triton_decode as td
 
-    lens, hkv, bn = [4096, 1 << 20, 70_000, 9], 8, 64
-    work = hkv * sum(-(-n // bn) for n in lens)
-    n, split_len = td.make_plan(1 << 20, len(lens) * hkv, block_n=bn, work=work)
-    share = -(-work // (4 * 132))
-    assert split_len == share * bn and n * split_len >= 1 << 20 > (n - 1) * split_len
-    # the plan cut from the cache length alone gives the 1M row's heads 17 programs of 61,696
-    old_n, old_len = td.make_plan(1 << 20, len(lens) * hkv, block_n=bn)
-    assert split_len < old_len and n > old_n
-    # without work (every row full) the plan is the former one
+    lens, hkv, bn, slots = [4096, 1 << 20, 70_000, 9, 0, 300_000], 8, 64, 264
+    rows = [(0, n) for n in lens]
+    n, split_len = td.make_plan(1 << 21, len(lens) * hkv, block_n=bn, rows=rows, slots=slots)
+    per = split_len // bn
+    rb = [(0, -(-e // bn)) for _, e in rows]
+    waves = -(-td._programs(rb, hkv, per) // slots)
+    ideal = hkv * sum(e for _, e in rb) / slots  # blocks per resident program, evenly spread
+    assert waves * per <= 1.1 * ideal, (waves, per, ideal)
+    assert (n - 1) * split_len < max(lens) <= n * split_len  # nothing past the longest row
+    # an even share of 4 programs per SM (the plan before) leaves a tail: a worse cost
+    share = -(-hkv * sum(e for _, e in rb) // (4 * 132))
+    assert -(-td._programs(rb, hkv, share) // slots) * share > waves * per
+    # splits count from a row's first block: (3, 9) is 6 blocks, 2 splits of 4, for 2 heads
+    assert td._programs([(3, 9), (0, 0)], 2, 4) == 2 * 2
+    # nothing to read: one split, not a grid of empty programs
+    assert td.make_plan(1 << 20, 16, block_n=bn, rows=[(0, 0), (3, 3)], slots=slots)[0] == 1
+    # without rows (every row full) the plan is the former one
     assert td.make_plan(1 << 20, 16, block_n=64) == (33, 31808)
+
+
+def test_resident_programs_from_shared_memory_and_threads():
+    pytest.importorskip("triton")
+    from longattn.tree import triton_decode as td
+
+    # bn128 / 4 stages at head dim 128, bf16: 3 x 64 KiB + 8 KiB fits once in an SM
+    assert td.resident_programs(None, block_n=128, num_warps=4, num_stages=4, head_dim=128,
+                                itemsize=2) == 132
+    assert td.resident_programs(None, block_n=64, num_warps=8, num_stages=4, head_dim=128,
+                                itemsize=2) == 2 * 132
+    # threads bound small tiles: 2048 threads / (16 warps of 32) = 4
+    assert td.resident_programs(None, block_n=16, num_warps=16, num_stages=2, head_dim=16,
+                                itemsize=2) == 4 * 132
 
 
 def test_launch_config_by_device_name():

@@ -24,6 +24,7 @@ Runs on CPU under ``TRITON_INTERPRET=1`` (set before triton is imported), which 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -66,15 +67,26 @@ if triton is not None:
 
     @triton.jit
     def _split_kernel(
-        Q, K, V, ACC, M, L, SEQ, RGT, STA, SKL, SKH,
+        Q, K, V, ACC, M, L, SEQ, RGT, STA, SKL, SKH, ITEMS,
         sqb, sqt, sqh, skb, sks, skh, svb, svs, svh,
-        S, LQ, HKV, scale, right, split_len,
+        S, LQ, HKV, NB, scale, right, split_len,
         G: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         D: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
-        PER_ROW: tl.constexpr = False,
+        PER_ROW: tl.constexpr = False, ITEMIZED: tl.constexpr = False,
+        BPAD: tl.constexpr = 1,
     ):
-        sid = tl.program_id(0)
-        bh = tl.program_id(1)
+        if ITEMIZED:  # one program per split that has keys: ITEMS[b] = row b's first program
+            item = tl.program_id(0)
+            offs = tl.arange(0, BPAD)
+            pref = tl.load(ITEMS + offs, mask=offs <= NB, other=2147483647)
+            bi = tl.sum((pref <= item).to(tl.int32), 0) - 1  # the last row starting <= item
+            first = tl.load(ITEMS + bi)
+            per_head = (tl.load(ITEMS + bi + 1) - first) // HKV
+            sid = (item - first) % per_head
+            bh = bi * HKV + (item - first) // per_head
+        else:
+            sid = tl.program_id(0)
+            bh = tl.program_id(1)
         # 64-bit offsets: a 1M-token cache has S * Hkv * D > 2**31 elements
         b = (bh // HKV).to(tl.int64)
         h = (bh % HKV).to(tl.int64)
@@ -104,9 +116,13 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
-        lo = sid * split_len
-        hi = tl.minimum(lo + split_len, s_len)
-        lo = tl.maximum(lo, s_0)
+        if ITEMIZED:  # splits count from the row's first slot
+            lo = s_0 + sid * split_len
+            hi = tl.minimum(lo + split_len, s_len)
+        else:
+            lo = sid * split_len
+            hi = tl.minimum(lo + split_len, s_len)
+            lo = tl.maximum(lo, s_0)
         k_base = K + b * skb + h * skh
         v_base = V + b * svb + h * svh
         for start in range(lo, hi, BLOCK_N):
@@ -177,20 +193,69 @@ def _sms(device) -> int:
     return 132
 
 
+# Hopper's shared memory and threads per SM, for a device whose properties do not say
+SMEM_PER_SM = 233472
+THREADS_PER_SM = 2048
+
+
+def resident_programs(device, *, block_n: int, num_warps: int, num_stages: int, head_dim: int,
+                      itemsize: int) -> int:
+    """Programs of the kernel the GPU runs at once: its SMs times the programs one SM holds,
+    bounded by shared memory (the pipelined K and V tiles: ``num_stages - 1`` buffers of each,
+    and a quarter tile, as the shared memory Triton asked for in
+    tree/bench/results/h200/decode_batch/run2_log.txt) and by threads."""
+    smem, threads = SMEM_PER_SM, THREADS_PER_SM
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        smem = getattr(props, "shared_memory_per_multiprocessor", smem) or smem
+        threads = getattr(props, "max_threads_per_multi_processor", threads) or threads
+    tile = block_n * head_dim * itemsize
+    need = max(1, (num_stages - 1) * 2 * tile + tile // 4)
+    per_sm = max(1, min(smem // need, threads // (32 * num_warps)))
+    return _sms(device) * per_sm
+
+
+def _programs(rows, heads, per):
+    """Programs when splits are ``per`` blocks long, counted from each row's first block: for
+    each row ``(first, end)`` (in blocks) ``ceil((end - first) / per)``, times the heads."""
+    return heads * sum(-(-(e - f) // per) for f, e in rows if e > f)
+
+
+def _wave_split(rows, heads, slots):
+    """The split length (blocks) for rows ``(first, end)`` of different lengths: of the lengths
+    that cut the work into 1 to 16 waves of ``slots`` resident programs, the one whose waves
+    times length (the time of the longest program in each wave, added up) is least."""
+    total = heads * sum(max(0, e - f) for f, e in rows)
+    if total == 0:
+        return max(1, max((e for _, e in rows), default=1))
+    best = None
+    for waves in range(1, 17):
+        per = max(1, -(-total // (waves * slots)))
+        cost = -(-_programs(rows, heads, per) // slots) * per
+        if best is None or cost < best[0]:
+            best = (cost, per)
+    return best[1]
+
+
 def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=None,
-              device=None, work=None):
+              device=None, rows=None, slots=None):
     """``(splits, split_len)``: enough programs to fill the GPU (about 4 per SM), each split a
     whole number of ``block_n`` key blocks.
 
-    ``work`` (rows of different lengths): the key blocks the launch reads, over all its rows
-    and heads. The split length is then that work over the programs that fill the GPU, so no
-    program reads much more than another: a plan cut from ``seq`` alone gives the longest row
-    as few programs as the shortest, and they alone run long after the rest are done. The
-    splits past a row's end read nothing."""
+    ``rows`` (rows of different lengths): each batch row's slots ``(first, end)``, and the
+    splits count from each row's first slot (the launch runs one program per split that has
+    keys, :func:`decode`); ``splits`` is then the most any row has. The split length comes
+    from the work, not from ``seq``: a plan cut from ``seq`` alone gives the longest row as
+    few programs as the shortest, and they run long after the rest are done. Programs are cut
+    so that they fill whole waves of ``slots`` (the programs resident at once,
+    :func:`resident_programs`; default 4 per SM): a last wave run by few programs leaves most
+    of the GPU idle (:func:`_wave_split`)."""
     blocks = max(1, math.ceil(seq / block_n))
-    if splits is None and work is not None:
-        per = max(1, math.ceil(work / (4 * _sms(device))))
-        return math.ceil(blocks / per), per * block_n
+    if splits is None and rows is not None:
+        rb = [(0, -(-max(0, e - f) // block_n)) for f, e in rows]
+        heads = max(1, programs_per_split // max(1, len(rows)))
+        per = _wave_split(rb, heads, slots or 4 * _sms(device))
+        return max(1, -(-max([e for _, e in rb] + [1]) // per)), per * block_n
     if splits is None:
         splits = max(1, math.ceil(4 * _sms(device) / max(1, programs_per_split)))
     splits = max(1, min(int(splits), blocks))
@@ -198,12 +263,12 @@ def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=No
     return math.ceil(seq / split_len), split_len
 
 
-def _row_work(seqlens, starts, block_n):
-    """Key blocks each row reads (host lists only; a device tensor would cost a sync)."""
+def _rows(seqlens, starts):
+    """Each row's ``(first, end)`` slots (host lists only; a device tensor would cost a sync)."""
     if isinstance(seqlens, torch.Tensor):
         return None
     starts = [0] * len(seqlens) if starts is None else starts
-    return sum(math.ceil(max(0, int(n) - int(s0)) / block_n) for n, s0 in zip(seqlens, starts))
+    return [(int(s0), max(int(s0), int(n))) for n, s0 in zip(seqlens, starts)]
 
 
 def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_warps=None,
@@ -230,12 +295,24 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_
     block_n = cfg["block_n"] if block_n is None else block_n
     num_warps = cfg["num_warps"] if num_warps is None else num_warps
     num_stages = cfg["num_stages"] if num_stages is None else num_stages
-    work = None if seqlens is None else _row_work(seqlens, starts, block_n)
+    rows_ = None if seqlens is None else _rows(seqlens, starts)
+    slots = resident_programs(q.device, block_n=block_n, num_warps=num_warps,
+                              num_stages=num_stages, head_dim=d, itemsize=k.element_size())
     n_splits, split_len = make_plan(s_len, b * hkv, block_n=block_n, splits=splits,
-                                    device=q.device, work=None if work is None else work * hkv)
+                                    device=q.device, rows=rows_, slots=slots)
+    itemized = rows_ is not None and splits is None
     acc = torch.empty(b * hkv, n_splits, block_m, d, dtype=torch.float32, device=q.device)
-    m = torch.empty(b * hkv, n_splits, block_m, dtype=torch.float32, device=q.device)
-    l_ = torch.empty_like(m)
+    if itemized:  # the splits past a row's last are not run: they must read as empty
+        m = torch.full((b * hkv, n_splits, block_m), float("-inf"), device=q.device)
+        l_ = torch.zeros_like(m)
+        counts = [hkv * -(-(e - f) // split_len) if e > f else 0 for f, e in rows_]
+        items = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32,
+                             device=q.device)
+        grid = (sum(counts),)
+    else:
+        m = torch.empty(b * hkv, n_splits, block_m, dtype=torch.float32, device=q.device)
+        l_ = torch.empty_like(m)
+        items, grid = m, (n_splits, b * hkv)
     kw = {} if q.device.type != "cuda" else dict(num_warps=num_warps, num_stages=num_stages)
     per_row = seqlens is not None
     if per_row:
@@ -255,16 +332,20 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_
         raise ValueError("starts and skips need seqlens")
     else:  # unread placeholders
         seq_t = rgt_t = sta_t = skl_t = skh_t = m
-    _split_kernel[(n_splits, b * hkv)](
-        q, k, v, acc, m, l_, seq_t, rgt_t, sta_t, skl_t, skh_t,
+    launch = _split_kernel[grid] if grid[0] else (lambda *a, **k: None)  # no keys: no launch
+    launch(
+        q, k, v, acc, m, l_, seq_t, rgt_t, sta_t, skl_t, skh_t, items,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        s_len, lq, hkv, float(softmax_scale), int(right), split_len,
+        s_len, lq, hkv, b, float(softmax_scale), int(right), split_len,
         G=g, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, D=d, SPLITS=n_splits,
         # float32 inputs need IEEE dots (not TF32); the CPU interpreter's low-precision
         # tl.dot is broken (triton 3.x), so there every dot runs in float32 as well
-        IEEE=q.dtype == torch.float32 or q.device.type != "cuda", PER_ROW=per_row, **kw,
+        IEEE=q.dtype == torch.float32 or q.device.type != "cuda", PER_ROW=per_row,
+        ITEMIZED=itemized, BPAD=triton.next_power_of_2(b + 1), **kw,
     )
+    if itemized:  # the unrun splits' acc is unset; their m = -inf gives them no weight
+        acc = torch.where(torch.isneginf(m).unsqueeze(-1), 0.0, acc)
     # the per-split maxima are float32 scores (exact in float64); the epilogue's statistics
     # (and so the lse) are in lse_dtype: float64 for float32 inputs, float32 (as before) else
     stat = lse_dtype(q.dtype)
