@@ -104,12 +104,12 @@ def rel(a, b):
     return math.inf if math.isnan(e) else e
 
 
-def methods(dev, smoke, lens, scale):
+def methods(dev, smoke, lens, scale, configs=None):
     from longattn.tree import triton_decode as td
     from longattn.tree.local import local_attention
 
     ms = {"default": lambda q, k, v: local_attention(q, k, v, softmax_scale=scale, seqlens=lens)}
-    cfgs = [(16, 4, 1)] if smoke else [
+    cfgs = [(16, 4, 1)] if smoke else configs or [
         (bn, w, s) for bn in (64, 128) for w in (4, 8) for s in (3, 4)]
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" \
         else 132
@@ -166,8 +166,13 @@ def main(argv=None):
     ap.add_argument("--q-heads", type=int, default=32)
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--dim", type=int, default=128)
+    ap.add_argument("--configs", default=None, metavar="BN/W/S,...",
+                    help="launch configurations to sweep (default: 64 and 128 x 4 and 8 warps x "
+                         "3 and 4 stages)")
     ap.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
     args = ap.parse_args(argv)
+    configs = None if args.configs is None else [
+        tuple(int(x) for x in c.split("/")) for c in args.configs.split(",")]
     out_dir = bench.out_dir(os.path.join(HERE, "results"), args.out)
     dev = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     if args.smoke:
@@ -183,7 +188,7 @@ def main(argv=None):
           f"Hkv={hkv} D={d} bf16; lengths {sorted(lens)}; padded cache {cap} slots; "
           f"KV read {kv_bytes / 2**30:.2f} GiB", flush=True)
     q, k, v = make_inputs(b, cap, hq, hkv, d, lens, dev, dtype)
-    ms = methods(dev, args.smoke, lens, scale)
+    ms = methods(dev, args.smoke, lens, scale, configs)
 
     # 1. correctness: default against float64, every other method against default
     ref_o, ref_l = reference(q, k, v, lens, scale)
