@@ -81,7 +81,7 @@ def test_readme_results_come_from_the_committed_json():
         bench = {r["method"].removeprefix("tree."): r for r in json.load(f)}
     rows = re.findall(r"^\| [^|]+ \| `([^`]+)` \| (torch|JAX) \| ([\d.]+) \| (\d+) \| ([\d.]+) \|$",
                       text, re.M)
-    assert len(rows) == 8, rows
+    assert len(rows) == 9, rows
     for name, _, ms, gbps, x in rows:
         r = bench[name]
         assert f"{r['median_ms']:.3f}" == ms, name
@@ -90,6 +90,17 @@ def test_readme_results_come_from_the_committed_json():
     floor = bench["triton_splitk[bn128/w4/s3]"]["extra"]
     assert f"{floor['hbm_floor_ms']:.3f} ms" in text
     assert f"{floor['copy_bw_rw'] / 1e9:,.0f} GB/s" in text
+    with open(os.path.join(ROOT, "bench", "results", "h200", "decode_batch", "run2.json")) as f:
+        batch = {r["method"].removeprefix("tree.batch_decode."): r for r in json.load(f)}
+    rows = re.findall(r"^\| [^|]+ \| `([^`]+)` \| ([\d.]+) \| (\d+) \| ([\d.]+) \|$", text,
+                      re.M)
+    assert len(rows) == 3, rows
+    for name, ms, gbps, x in rows:
+        r = batch[name]
+        assert f"{r['median_ms']:.4g}" == ms, name
+        assert f"{r['bytes_moved'] / (r['median_ms'] * 1e-3) / 1e9:.0f}" == gbps, name
+        assert f"{r['extra']['x_floor']:.3f}" == x, name
+    assert f"floor {r['extra']['hbm_floor_ms']:.3f} ms" in text
     with open(os.path.join(ROOT, "bench", "results", "predict_tree.json")) as f:
         pred = {r["target"]: r for r in json.load(f)["rows"] if r["context"] == 1 << 20}
     table = re.findall(r"^\| ([\w-]+)(?: \([^)]*\))? \| (\d+) \| ([\d.]+) \|$", text, re.M)
