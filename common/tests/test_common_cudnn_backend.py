@@ -62,3 +62,31 @@ def test_without_cudnn_frontend_it_is_unavailable_and_says_why():
     with pytest.raises(ValueError, match="'cudnn' is not available.*nvidia-cudnn-frontend"):
         K.attention_forward(x, x, x, backend="cudnn")
     assert K.pick_backend(x, x, x) == "torch"  # auto skips it
+
+
+def test_cudnn_varlen_probe_reference_is_the_oracle():
+    """``common/bench/check_cudnn_varlen.py`` computes its float64 reference with torch on the
+    GPU (the oracle's numpy functions are too slow there); on the CPU it equals the oracle,
+    forward and backward, with the document mask, causal and full, GQA."""
+    import importlib.util
+    from pathlib import Path
+
+    from longattn.reference import attention, attention_backward, document_mask
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "check_cudnn_varlen.py"
+    spec = importlib.util.spec_from_file_location("check_cudnn_varlen", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    lq, lk = [5, 9, 1], [7, 9, 3]
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(n, h, 8, generator=g) for n, h in ((15, 4), (19, 2), (19, 2),
+                                                                    (15, 4)))
+    cq, ck = np.concatenate([[0], np.cumsum(lq)]), np.concatenate([[0], np.cumsum(lk)])
+    for causal in (True, False):
+        mask = document_mask(cq, ck, causal=causal)
+        out, lse, grads = probe._dense64(q, k, v, dout, mask, 8 ** -0.5)
+        args = [t.double().numpy()[None] for t in (q, k, v)]
+        ro, rl = attention(*args, mask=mask)
+        rg = attention_backward(dout.double().numpy()[None], *args, mask=mask)
+        for got, ref in zip((out, lse, *grads), (ro[0], rl[0], *(x[0] for x in rg))):
+            assert np.abs(got - ref).max() <= 1e-12 * max(1.0, np.abs(ref).max())
