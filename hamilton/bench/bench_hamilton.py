@@ -29,7 +29,6 @@ step (``plan.unit_labels``), forward and backward, is compared with the float64 
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -323,13 +322,7 @@ def step_sweep(device, dtype, out_dir, smoke):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
-    p.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
-    p.add_argument("--ranks", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--dim", type=int, default=128)
+    p = bench.simulated_ranks_parser(__doc__, tokens=8192)
     p.add_argument("--schedule", default="ring", choices=["ring", "tasp"],
                    help="ring: zigzag ring (the efficiency target); tasp: TASP's causal steps")
     p.add_argument("--rounds", type=int, default=3)

@@ -26,7 +26,6 @@ Correctness first: a small packed problem, every rank simulated on the data it w
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import statistics
@@ -298,16 +297,10 @@ def baselines(device, dtype, lens, heads, dim, causal):
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
-    p.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
-    p.add_argument("--ranks", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=32768, help="tokens per rank")
+    p = bench.simulated_ranks_parser(__doc__, tokens=32768)
     p.add_argument("--min-doc", type=int, default=1024)
     p.add_argument("--max-doc", type=int, default=32768)
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--dim", type=int, default=128)
     p.add_argument("--full", action="store_true", help="full attention inside the documents")
     p.add_argument("--schedule", default="tasp", choices=["ring", "tasp"])
     p.add_argument("--rounds", type=int, default=3)

@@ -50,7 +50,6 @@ failed check skips that strategy's timings and the exit status is 1.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -478,14 +477,8 @@ def summarize(a, groups, times, device, dtype):
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
-    p.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
-    p.add_argument("--ranks", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=8192, help="tokens per rank")
-    p.add_argument("--heads", type=int, default=32)
+    p = bench.simulated_ranks_parser(__doc__, tokens=8192)
     p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--dim", type=int, default=128)
     p.add_argument("--backend", default="auto", help="backend= of the strategies' calls")
     p.add_argument("--usp-grids", default=None,
                    help="comma-separated HxS (head x seq group); default every proper one")

@@ -130,6 +130,21 @@ def read_results(path):
         return json.load(f)
 
 
+def simulated_ranks_parser(doc: str, *, tokens: int):
+    """An ``argparse`` parser with the options every simulated-ranks benchmark takes
+    (``--smoke --out --ranks --tokens --heads --dim``); the script adds its own."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
+    p.add_argument("--out", default=None, help="output folder (default $OUT or bench/results)")
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=tokens, help="tokens per rank")
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--dim", type=int, default=128)
+    return p
+
+
 def out_dir(default: str, cli_value: str | None = None) -> str:
     """Where a benchmark writes: ``--out`` if given, else ``$OUT`` (device runs), else default."""
     d = cli_value or os.environ.get("OUT") or default
