@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run packages' GPU benchmark scripts one after another on the device machine (no nox there):
 #   bash common/bench/run_gpu.sh hamilton ring_swa ...      (each capped at $CAP seconds)
-# "cudnn" runs common/bench/check_cudnn.py; ARGS_<pkg> adds arguments (ARGS_hyper=--no-sweep).
+# Besides packages: cudnn, cudnn_varlen, staging, decode_batch, tree_check, strategies, packed,
+# gpu_world (the scripts named in the case below); ARGS_<name> adds arguments
+# (ARGS_hyper=--no-sweep).
 # Logs and results go to bench_out/<pkg>/; on the device machine they come back packed as
 # $OUT/results.tgz (the device tool returns at most 8 files).
 set -u
@@ -17,9 +19,18 @@ base="bench_out"
 cap="${CAP:-240}"
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw --format=csv,noheader || true
 for pkg in "$@"; do
-  script="$pkg/bench/bench_$pkg.py"
-  [ "$pkg" = common ] && script=common/bench/bench_kernels.py
-  [ "$pkg" = cudnn ] && script=common/bench/check_cudnn.py
+  case "$pkg" in  # a package's main benchmark, or one of the named probes and benchmarks
+    common) script=common/bench/bench_kernels.py ;;
+    cudnn) script=common/bench/check_cudnn.py ;;
+    cudnn_varlen) script=common/bench/check_cudnn_varlen.py ;;
+    staging) script=common/bench/check_staging.py ;;
+    decode_batch) script=tree/bench/bench_decode_batch.py ;;
+    tree_check) script=tree/bench/check_gpu.py ;;
+    strategies) script=hamilton/bench/bench_strategies.py ;;
+    packed) script=hamilton/bench/bench_packed.py ;;
+    gpu_world) script=integrations/bench/gpu_world.py ;;
+    *) script="$pkg/bench/bench_$pkg.py" ;;
+  esac
   extra="ARGS_$pkg"
   mkdir -p "$base/$pkg"
   echo "=== $pkg ($script) $(date -u +%H:%M:%S)"
