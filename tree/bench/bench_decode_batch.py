@@ -25,7 +25,7 @@ tensors * 2 bytes) at the HBM bandwidth measured in the same run by a device cop
 reads and writes each byte). Correctness first: ``default`` against a float64 reference per
 row (out and lse; every row finite), every other method against ``default``.
 
-Verdict (issue acceptance, printed at the end): ``default`` within 1.05x the floor and within
+Verdict (the serving target, printed at the end): ``default`` within 1.05x the floor and within
 1.05x the best configuration tried.
 
     PYTHONPATH=common/src:reference/src:tree/src python tree/bench/bench_decode_batch.py [--out DIR]
