@@ -296,8 +296,9 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_
     num_warps = cfg["num_warps"] if num_warps is None else num_warps
     num_stages = cfg["num_stages"] if num_stages is None else num_stages
     rows_ = None if seqlens is None else _rows(seqlens, starts)
-    slots = resident_programs(q.device, block_n=block_n, num_warps=num_warps,
-                              num_stages=num_stages, head_dim=d, itemsize=k.element_size())
+    slots = None if rows_ is None else resident_programs(
+        q.device, block_n=block_n, num_warps=num_warps, num_stages=num_stages, head_dim=d,
+        itemsize=k.element_size())
     n_splits, split_len = make_plan(s_len, b * hkv, block_n=block_n, splits=splits,
                                     device=q.device, rows=rows_, slots=slots)
     itemized = rows_ is not None and splits is None
