@@ -48,6 +48,7 @@ import random  # noqa: E402
 import torch  # noqa: E402
 
 from longattn.common import bench  # noqa: E402
+from longattn.common.testing import rel_error as rel  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LIMIT = 1.05  # the acceptance bound, against the floor and against the best config
@@ -93,15 +94,6 @@ def reference(q, k, v, lens, scale):
             out[r, 0, h * g:(h + 1) * g] = torch.softmax(s, -1) @ v[r, :n, h].double()
             lse[r, h * g:(h + 1) * g, 0] = ls
     return out, lse
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    fin = torch.isfinite(b)
-    if not bool(torch.equal(torch.isfinite(a), fin)):
-        return math.inf
-    e = float((a[fin] - b[fin]).norm() / b[fin].norm())
-    return math.inf if math.isnan(e) else e
 
 
 def methods(dev, smoke, lens, scale, configs=None):

@@ -218,21 +218,23 @@ def test_split_plan_fills_whole_waves_for_rows_of_different_lengths():
     from longattn.tree import triton_decode as td
 
     lens, hkv, bn, slots = [4096, 1 << 20, 70_000, 9, 0, 300_000], 8, 64, 264
-    rows = [(0, n) for n in lens]
-    n, split_len = td.make_plan(1 << 21, len(lens) * hkv, block_n=bn, rows=rows, slots=slots)
+    n, split_len = td.make_plan(1 << 21, len(lens) * hkv, block_n=bn, rows=lens, slots=slots)
     per = split_len // bn
-    rb = [(0, -(-e // bn)) for _, e in rows]
-    waves = -(-td._programs(rb, hkv, per) // slots)
-    ideal = hkv * sum(e for _, e in rb) / slots  # blocks per resident program, evenly spread
-    assert waves * per <= 1.1 * ideal, (waves, per, ideal)
+    blocks = [-(-x // bn) for x in lens]
+
+    def cost(per):  # waves of resident programs times the split length
+        return -(-hkv * sum(td._row_programs(blocks, per)) // slots) * per
+
+    ideal = hkv * sum(blocks) / slots  # blocks per resident program, evenly spread
+    assert cost(per) <= 1.1 * ideal, (per, ideal)
     assert (n - 1) * split_len < max(lens) <= n * split_len  # nothing past the longest row
     # an even share of 4 programs per SM (the plan before) leaves a tail: a worse cost
-    share = -(-hkv * sum(e for _, e in rb) // (4 * 132))
-    assert -(-td._programs(rb, hkv, share) // slots) * share > waves * per
-    # splits count from a row's first block: (3, 9) is 6 blocks, 2 splits of 4, for 2 heads
-    assert td._programs([(3, 9), (0, 0)], 2, 4) == 2 * 2
+    assert cost(-(-hkv * sum(blocks) // (4 * 132))) > cost(per)
+    # splits count from a row's first slot: 6 slots are 2 splits of 4, none is 0
+    assert td._row_programs([6, 0], 4) == [2, 0]
+    assert td._row_lengths([9, 0, 3], [3, 0, 5]) == [6, 0, 0]
     # nothing to read: one split, not a grid of empty programs
-    assert td.make_plan(1 << 20, 16, block_n=bn, rows=[(0, 0), (3, 3)], slots=slots)[0] == 1
+    assert td.make_plan(1 << 20, 16, block_n=bn, rows=[0, 0], slots=slots)[0] == 1
     # without rows (every row full) the plan is the former one
     assert td.make_plan(1 << 20, 16, block_n=64) == (33, 31808)
 

@@ -215,23 +215,23 @@ def resident_programs(device, *, block_n: int, num_warps: int, num_stages: int, 
     return _sms(device) * per_sm
 
 
-def _programs(rows, heads, per):
-    """Programs when splits are ``per`` blocks long, counted from each row's first block: for
-    each row ``(first, end)`` (in blocks) ``ceil((end - first) / per)``, times the heads."""
-    return heads * sum(-(-(e - f) // per) for f, e in rows if e > f)
+def _row_programs(lengths, per):
+    """Each row's programs per head when splits are ``per`` long (splits count from the row's
+    first slot; ``lengths`` and ``per`` in the same unit)."""
+    return [-(-n // per) for n in lengths]
 
 
-def _wave_split(rows, heads, slots):
-    """The split length (blocks) for rows ``(first, end)`` of different lengths: of the lengths
+def _wave_split(blocks, heads, slots):
+    """The split length (in key blocks) for rows of ``blocks`` key blocks each: of the lengths
     that cut the work into 1 to 16 waves of ``slots`` resident programs, the one whose waves
     times length (the time of the longest program in each wave, added up) is least."""
-    total = heads * sum(max(0, e - f) for f, e in rows)
+    total = heads * sum(blocks)
     if total == 0:
-        return max(1, max((e for _, e in rows), default=1))
+        return 1
     best = None
     for waves in range(1, 17):
         per = max(1, -(-total // (waves * slots)))
-        cost = -(-_programs(rows, heads, per) // slots) * per
+        cost = -(-heads * sum(_row_programs(blocks, per)) // slots) * per
         if best is None or cost < best[0]:
             best = (cost, per)
     return best[1]
@@ -242,8 +242,8 @@ def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=No
     """``(splits, split_len)``: enough programs to fill the GPU (about 4 per SM), each split a
     whole number of ``block_n`` key blocks.
 
-    ``rows`` (rows of different lengths): each batch row's slots ``(first, end)``, and the
-    splits count from each row's first slot (the launch runs one program per split that has
+    ``rows`` (rows of different lengths): the slots each batch row reads from its first, and
+    the splits count from each row's first slot (the launch runs one program per split that has
     keys, :func:`decode`); ``splits`` is then the most any row has. The split length comes
     from the work, not from ``seq``: a plan cut from ``seq`` alone gives the longest row as
     few programs as the shortest, and they run long after the rest are done. Programs are cut
@@ -252,10 +252,10 @@ def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=No
     of the GPU idle (:func:`_wave_split`)."""
     blocks = max(1, math.ceil(seq / block_n))
     if splits is None and rows is not None:
-        rb = [(0, -(-max(0, e - f) // block_n)) for f, e in rows]
+        blocks_per_row = [-(-n // block_n) for n in rows]
         heads = max(1, programs_per_split // max(1, len(rows)))
-        per = _wave_split(rb, heads, slots or 4 * _sms(device))
-        return max(1, -(-max([e for _, e in rb] + [1]) // per)), per * block_n
+        per = _wave_split(blocks_per_row, heads, slots or 4 * _sms(device))
+        return max(1, -(-max(blocks_per_row + [1]) // per)), per * block_n
     if splits is None:
         splits = max(1, math.ceil(4 * _sms(device) / max(1, programs_per_split)))
     splits = max(1, min(int(splits), blocks))
@@ -263,12 +263,13 @@ def make_plan(seq: int, programs_per_split: int, *, block_n: int = 64, splits=No
     return math.ceil(seq / split_len), split_len
 
 
-def _rows(seqlens, starts):
-    """Each row's ``(first, end)`` slots (host lists only; a device tensor would cost a sync)."""
+def _row_lengths(seqlens, starts):
+    """The slots each row reads from its start (host lists only; a device tensor would cost a
+    sync)."""
     if isinstance(seqlens, torch.Tensor):
         return None
     starts = [0] * len(seqlens) if starts is None else starts
-    return [(int(s0), max(int(s0), int(n))) for n, s0 in zip(seqlens, starts)]
+    return [max(0, int(n) - int(s0)) for n, s0 in zip(seqlens, starts)]
 
 
 def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_warps=None,
@@ -295,7 +296,7 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_
     block_n = cfg["block_n"] if block_n is None else block_n
     num_warps = cfg["num_warps"] if num_warps is None else num_warps
     num_stages = cfg["num_stages"] if num_stages is None else num_stages
-    rows_ = None if seqlens is None else _rows(seqlens, starts)
+    rows_ = None if seqlens is None else _row_lengths(seqlens, starts)
     slots = None if rows_ is None else resident_programs(
         q.device, block_n=block_n, num_warps=num_warps, num_stages=num_stages, head_dim=d,
         itemsize=k.element_size())
@@ -306,7 +307,7 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_
     if itemized:  # the splits past a row's last are not run: they must read as empty
         m = torch.full((b * hkv, n_splits, block_m), float("-inf"), device=q.device)
         l_ = torch.zeros_like(m)
-        counts = [hkv * -(-(e - f) // split_len) if e > f else 0 for f, e in rows_]
+        counts = [hkv * n for n in _row_programs(rows_, split_len)]
         items = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32,
                              device=q.device)
         grid = (sum(counts),)
@@ -333,18 +334,18 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_
         raise ValueError("starts and skips need seqlens")
     else:  # unread placeholders
         seq_t = rgt_t = sta_t = skl_t = skh_t = m
-    launch = _split_kernel[grid] if grid[0] else (lambda *a, **k: None)  # no keys: no launch
-    launch(
-        q, k, v, acc, m, l_, seq_t, rgt_t, sta_t, skl_t, skh_t, items,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        s_len, lq, hkv, b, float(softmax_scale), int(right), split_len,
-        G=g, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, D=d, SPLITS=n_splits,
-        # float32 inputs need IEEE dots (not TF32); the CPU interpreter's low-precision
-        # tl.dot is broken (triton 3.x), so there every dot runs in float32 as well
-        IEEE=q.dtype == torch.float32 or q.device.type != "cuda", PER_ROW=per_row,
-        ITEMIZED=itemized, BPAD=triton.next_power_of_2(b + 1), **kw,
-    )
+    if grid[0]:  # an itemized batch with no key to read launches nothing
+        _split_kernel[grid](
+            q, k, v, acc, m, l_, seq_t, rgt_t, sta_t, skl_t, skh_t, items,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            s_len, lq, hkv, b, float(softmax_scale), int(right), split_len,
+            G=g, ROWS=rows, BLOCK_M=block_m, BLOCK_N=block_n, D=d, SPLITS=n_splits,
+            # float32 inputs need IEEE dots (not TF32); the CPU interpreter's low-precision
+            # tl.dot is broken (triton 3.x), so there every dot runs in float32 as well
+            IEEE=q.dtype == torch.float32 or q.device.type != "cuda", PER_ROW=per_row,
+            ITEMIZED=itemized, BPAD=triton.next_power_of_2(b + 1), **kw,
+        )
     if itemized:  # the unrun splits' acc is unset; their m = -inf gives them no weight
         acc = torch.where(torch.isneginf(m).unsqueeze(-1), 0.0, acc)
     # the per-split maxima are float32 scores (exact in float64); the epilogue's statistics
