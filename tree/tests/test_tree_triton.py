@@ -64,15 +64,15 @@ def _split_partials(q, k, v, right, splits):
     s_len, hkv = k.shape[1], k.shape[2]
     rows, block_m = lq * (hq // hkv), max(16, triton.next_power_of_2(lq * (hq // hkv)))
     n, split_len = td.make_plan(s_len, b * hkv, block_n=16, splits=splits)
-    acc = torch.empty(b * hkv, n, block_m, d)
-    m, l_ = torch.empty(b * hkv, n, block_m), torch.empty(b * hkv, n, block_m)
+    acc = torch.empty(b * hkv, n, rows, d)  # the kernel stores the real rows only
+    m, l_ = torch.empty(b * hkv, n, rows), torch.empty(b * hkv, n, rows)
     td._split_kernel[(n, b * hkv)](
         q, k, v, acc, m, l_, m, m, m, m, m, m,  # per-row / item pointers unread (both off)
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), s_len, lq, hkv, b, 0.25, right,
         split_len, G=hq // hkv, ROWS=rows, BLOCK_M=block_m, BLOCK_N=16, D=d, SPLITS=n,
         IEEE=True)
-    return acc[:, :, :rows], m[:, :, :rows], l_[:, :, :rows]
+    return acc, m, l_
 
 
 def _check_merge_twin():

@@ -153,10 +153,12 @@ if triton is not None:
             else:
                 acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
             m_i = m_new
-        base = (bh * SPLITS + sid) * BLOCK_M
-        tl.store(ACC + (base + rows)[:, None] * D + dd[None, :], acc)
-        tl.store(M + base + rows, m_i)
-        tl.store(L + base + rows, l_i)
+        # only the ROWS real rows are stored: the padding rows of BLOCK_M would be written and
+        # read back by the merge for nothing
+        base = (bh * SPLITS + sid) * ROWS
+        tl.store(ACC + (base + rows)[:, None] * D + dd[None, :], acc, mask=row_ok[:, None])
+        tl.store(M + base + rows, m_i, mask=row_ok)
+        tl.store(L + base + rows, l_i, mask=row_ok)
 
 
 # The launch configuration by device name (a substring of ``torch.cuda.get_device_name``):
@@ -303,40 +305,32 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_
     n_splits, split_len = make_plan(s_len, b * hkv, block_n=block_n, splits=splits,
                                     device=q.device, rows=rows_, slots=slots)
     itemized = rows_ is not None and splits is None
-    acc = torch.empty(b * hkv, n_splits, block_m, d, dtype=torch.float32, device=q.device)
+    acc = torch.empty(b * hkv, n_splits, rows, d, dtype=torch.float32, device=q.device)
     if itemized:  # the splits past a row's last are not run: they must read as empty
-        m = torch.full((b * hkv, n_splits, block_m), float("-inf"), device=q.device)
+        m = torch.full((b * hkv, n_splits, rows), float("-inf"), device=q.device)
         l_ = torch.zeros_like(m)
         counts = [hkv * n for n in _row_programs(rows_, split_len)]
-        items = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32,
-                             device=q.device)
+        items = [0, *itertools.accumulate(counts)]
         grid = (sum(counts),)
     else:
-        m = torch.empty(b * hkv, n_splits, block_m, dtype=torch.float32, device=q.device)
+        m = torch.empty(b * hkv, n_splits, rows, dtype=torch.float32, device=q.device)
         l_ = torch.empty_like(m)
-        items, grid = m, (n_splits, b * hkv)
+        items, grid = [], (n_splits, b * hkv)
     kw = {} if q.device.type != "cuda" else dict(num_warps=num_warps, num_stages=num_stages)
     per_row = seqlens is not None
     if per_row:
-        seq_t = torch.as_tensor(seqlens, dtype=torch.int32, device=q.device)
-        rgt_t = torch.as_tensor([right] * b if rights is None else rights, dtype=torch.int32,
-                                device=q.device)
-        sta_t = torch.as_tensor([0] * b if starts is None else starts, dtype=torch.int32,
-                                device=q.device)
-        sk = torch.as_tensor([(0, 0)] * b if skips is None else skips, dtype=torch.int32,
-                             device=q.device).reshape(-1, 2)
-        skl_t, skh_t = sk[:, 0].contiguous(), sk[:, 1].contiguous()
-        if {tuple(t.shape) for t in (seq_t, rgt_t, sta_t, skl_t)} != {(b,)}:
-            raise ValueError(f"seqlens, rights, starts and skips must hold {b} entries (one per "
-                             f"batch row), got shapes {tuple(seq_t.shape)}, "
-                             f"{tuple(rgt_t.shape)}, {tuple(sta_t.shape)}, {tuple(sk.shape)}")
+        seq_t, rgt_t, sta_t, skl_t, skh_t, items_t = _row_tables(
+            b, q.device, seqlens, [right] * b if rights is None else rights,
+            [0] * b if starts is None else starts, [(0, 0)] * b if skips is None else skips,
+            items)
+        items_t = items_t if itemized else m
     elif starts is not None or skips is not None:
         raise ValueError("starts and skips need seqlens")
     else:  # unread placeholders
-        seq_t = rgt_t = sta_t = skl_t = skh_t = m
+        seq_t = rgt_t = sta_t = skl_t = skh_t = items_t = m
     if grid[0]:  # an itemized batch with no key to read launches nothing
         _split_kernel[grid](
-            q, k, v, acc, m, l_, seq_t, rgt_t, sta_t, skl_t, skh_t, items,
+            q, k, v, acc, m, l_, seq_t, rgt_t, sta_t, skl_t, skh_t, items_t,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             s_len, lq, hkv, b, float(softmax_scale), int(right), split_len,
@@ -351,8 +345,37 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_
     # the per-split maxima are float32 scores (exact in float64); the epilogue's statistics
     # (and so the lse) are in lse_dtype: float64 for float32 inputs, float32 (as before) else
     stat = lse_dtype(q.dtype)
-    return merge_splits(acc[:, :, :rows], m[:, :, :rows].to(stat), l_[:, :, :rows].to(stat),
-                        b, lq, hq)
+    return merge_splits(acc, m.to(stat), l_.to(stat), b, lq, hq)
+
+
+def _row_tables(b, device, seqlens, rights, starts, skips, items):
+    """The kernel's per-row int32 tables (``seqlens``, ``rights``, ``starts``, the skipped
+    slots' ``lo`` and ``hi``, each ``[B]``) and the itemized launch's row offsets ``items``, as
+    views of one device tensor. Host lists travel in one copy from pinned memory that does not
+    wait for the GPU: a copy from pageable memory synchronises the host with the stream, and a
+    decode step that waits for the GPU before each launch leaves the GPU idle while the host
+    launches the rest (and cannot be captured in a CUDA graph)."""
+    parts = [seqlens, rights, starts, skips]
+    if any(isinstance(x, torch.Tensor) for x in parts):  # device tensors: no host copy at all
+        seq_t, rgt_t, sta_t = (torch.as_tensor(x, dtype=torch.int32, device=device)
+                               for x in parts[:3])
+        sk = torch.as_tensor(skips, dtype=torch.int32, device=device).reshape(-1, 2)
+        tabs = [seq_t, rgt_t, sta_t, sk[:, 0].contiguous(), sk[:, 1].contiguous()]
+        shapes = [tuple(t.shape) for t in tabs[:4]]
+        if set(shapes) != {(b,)}:
+            raise ValueError(f"seqlens, rights, starts and skips must hold {b} entries (one "
+                             f"per batch row), got shapes {shapes}")
+        return (*tabs, torch.as_tensor(items, dtype=torch.int32, device=device))
+    lists = [list(seqlens), list(rights), list(starts), [lo for lo, _ in skips],
+             [hi for _, hi in skips]]
+    if {len(x) for x in lists} != {b}:
+        raise ValueError(f"seqlens, rights, starts and skips must hold {b} entries (one per "
+                         f"batch row), got {[len(x) for x in lists[:4]]}")
+    host = torch.tensor([int(x) for x in itertools.chain(*lists, items)], dtype=torch.int32)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    return (*flat[:5 * b].view(5, b).unbind(0), flat[5 * b:])
 
 
 def merge_splits(acc, m, l_, b, lq, hq):
