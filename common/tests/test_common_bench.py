@@ -140,3 +140,23 @@ def test_device_name_and_git_sha():
     assert B.device_name("cpu").startswith("cpu")
     sha = B.git_sha()
     assert sha is None or (isinstance(sha, str) and len(sha) >= 7)
+
+
+def test_git_sha_marks_edits(tmp_path, monkeypatch):
+    """A tree with edits on top of its commit says so: the commit alone would name code that
+    did not run."""
+    import shutil
+    import subprocess
+
+    if shutil.which("git") is None:
+        return
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run(git + ["-C", str(tmp_path), "add", "a.py"], check=True)
+    subprocess.run(git + ["-C", str(tmp_path), "commit", "-qm", "a"], check=True)
+    monkeypatch.chdir(tmp_path)
+    clean = B.git_sha()
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert B.git_sha() == clean + "+dirty"

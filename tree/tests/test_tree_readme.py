@@ -90,7 +90,7 @@ def test_readme_results_come_from_the_committed_json():
     floor = bench["triton_splitk[bn128/w4/s3]"]["extra"]
     assert f"{floor['hbm_floor_ms']:.3f} ms" in text
     assert f"{floor['copy_bw_rw'] / 1e9:,.0f} GB/s" in text
-    with open(os.path.join(ROOT, "bench", "results", "h200", "decode_batch", "run2.json")) as f:
+    with open(os.path.join(ROOT, "bench", "results", "h200", "decode_batch", "run3.json")) as f:
         batch = {r["method"].removeprefix("tree.batch_decode."): r for r in json.load(f)}
     rows = re.findall(r"^\| [^|]+ \| `([^`]+)` \| ([\d.]+) \| (\d+) \| ([\d.]+) \|$", text,
                       re.M)

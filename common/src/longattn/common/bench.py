@@ -80,10 +80,17 @@ def device_name(device=None) -> str:
 
 
 def git_sha() -> str | None:
+    """The checkout's commit, with ``+dirty`` when tracked files differ from it (a working tree
+    copied to another machine keeps the commit it started from, not the edits on top)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=5, check=False)
-        return out.stdout.strip() or None
+        sha = out.stdout.strip() or None
+        if sha:
+            diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                  capture_output=True, text=True, timeout=10, check=False)
+            sha += "+dirty" if diff.stdout.strip() else ""
+        return sha
     except (OSError, subprocess.SubprocessError):
         return None
 
