@@ -29,8 +29,14 @@ keeps the bottom-right alignment of the rest), the sink part is a small dense co
 at most ``max(num_sink_tokens)`` keys per query, and the two are merged with
 :func:`longattn.common.merge.merge_partials`. The window part is one call of the flash aten op
 (``aten::_flash_attention_forward`` with ``cum_seq_q/k`` and window sizes) on CUDA for fp16 /
-bf16, otherwise a loop over sequences through the dense backends (``backend`` picks which,
-``config`` is passed on to them as in the dense entry points).
+bf16 (``backend="auto"`` or ``"aten"``), otherwise a loop over sequences through the dense
+backends (``backend`` picks which, ``config`` is passed on to them as in the dense entry
+points). ``backend="cudnn"`` runs the window part as one ragged cuDNN graph
+(:func:`longattn.common.kernels.cudnn_backend.varlen_forward`, graphs reused across document
+layouts of one size bucket) where that serves the call (CUDA fp16 / bf16, equal head dims up
+to 128, no ``dlse``, every query row sees a key); otherwise it keeps the loop over sequences
+through the dense cuDNN graphs, and where cuDNN has no engine for the ragged graph the call
+runs as with ``"auto"`` (warned once).
 """
 
 from __future__ import annotations
@@ -97,6 +103,16 @@ def _use_flash(q, v, backend, needs_dlse):
             and hasattr(torch.ops.aten, "_flash_attention_forward"))
 
 
+def _cudnn_varlen(q, k, v, cu_q, cu_k, win, backend, needs_dlse):
+    """The cudnn backend module when its ragged graphs serve this window part, else None."""
+    if backend != "cudnn" or q.shape[0] == 0 or k.shape[0] == 0:
+        return None
+    from longattn.common.kernels import cudnn_backend as cb
+
+    reason = cb.varlen_supports(q, k, v, _lens(cu_q), _lens(cu_k), win, needs_dlse)
+    return cb if reason is None else None
+
+
 def _int32(cu, device):
     return torch.tensor(cu, dtype=torch.int32, device=device)
 
@@ -119,6 +135,12 @@ def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend, config):
     ldt = lse_dtype(q.dtype)
     if tq == 0:
         return q.new_zeros(0, hq, v.shape[-1]), torch.zeros(hq, 0, dtype=ldt, device=q.device)
+    cb = _cudnn_varlen(q, k, v, cu_q, cu_k, win, backend, False)
+    if cb is not None:
+        try:
+            return cb.varlen_forward(q, k, v, cu_q, cu_k, softmax_scale=scale, window_size=win)
+        except cb.GraphRefused:
+            backend = "auto"
     if _use_flash(q, v, backend, False) and k.shape[0] > 0:
         res = torch.ops.aten._flash_attention_forward(
             q, k, v, _int32(cu_q, q.device), _int32(cu_k, q.device), max(_lens(cu_q)),
@@ -143,6 +165,13 @@ def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend, config):
 
 
 def _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, backend, config):
+    cb = _cudnn_varlen(q, k, v, cu_q, cu_k, win, backend, dlse is not None)
+    if cb is not None:
+        try:
+            return cb.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, softmax_scale=scale,
+                                      window_size=win)
+        except cb.GraphRefused:
+            backend = "auto"
     if _use_flash(q, v, backend, dlse is not None) and q.shape[0] > 0 and k.shape[0] > 0:
         lse_in = lse.float().masked_fill(torch.isneginf(lse), float("inf"))  # p = 0 there
         rng = torch.zeros(2, dtype=torch.int64, device=q.device)
