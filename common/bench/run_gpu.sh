@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run packages' GPU benchmark scripts one after another on the device machine (no nox there):
 #   bash common/bench/run_gpu.sh hamilton ring_swa ...      (each capped at $CAP seconds)
-# Besides packages: cudnn, cudnn_varlen, staging, decode_batch, tree_check, strategies, packed,
-# gpu_world (the scripts named in the case below); ARGS_<name> adds arguments
-# (ARGS_hyper=--no-sweep).
+# Besides packages: cudnn, cudnn_varlen, cudnn_ragged, staging, decode_batch, tree_check,
+# strategies, packed, gpu_world (the scripts named in the case below); ARGS_<name> adds
+# arguments (ARGS_hyper=--no-sweep).
 # Logs and results go to bench_out/<pkg>/; on the device machine they come back packed as
 # $OUT/results.tgz (the device tool returns at most 8 files).
 set -u
@@ -23,6 +23,7 @@ for pkg in "$@"; do
     common) script=common/bench/bench_kernels.py ;;
     cudnn) script=common/bench/check_cudnn.py ;;
     cudnn_varlen) script=common/bench/check_cudnn_varlen.py ;;
+    cudnn_ragged) script=common/bench/check_cudnn_ragged.py ;;
     staging) script=common/bench/check_staging.py ;;
     decode_batch) script=tree/bench/bench_decode_batch.py ;;
     tree_check) script=tree/bench/check_gpu.py ;;

@@ -443,3 +443,64 @@ def test_varlen_bad_arguments(fake):
     with pytest.raises(ValueError, match=r"lse must be \[Hq, Tq\]"):
         cb.varlen_backward(dout, q, k, v, q, torch.zeros(8, 2), cu, cu, softmax_scale=0.3,
                            window_size=(-1, 0))
+
+
+# --------------------------------------------------------------------------------------------
+# the GPU probe's own logic, on the stand-in
+
+
+def _probe():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "check_cudnn_ragged.py"
+    spec = importlib.util.spec_from_file_location("check_cudnn_ragged", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    return probe
+
+
+def test_probe_reference_is_the_oracle():
+    probe = _probe()
+    lq, lk = [5, 9, 1], [7, 9, 3]
+    q, k, v, dout = _inputs(lq, lk, 4, 2, 8, torch.float64)
+    for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (2, 0))):
+        out, lse, grads = probe.reference(q, k, v, dout, lq, lk, causal, window, 8 ** -0.5)
+        ro, rl, rg = _oracle(q, k, v, dout, _cu(lq), _cu(lk), causal, window)
+        for got, ref in zip((out, lse, *grads), (ro, rl, *rg)):
+            assert np.abs(got.numpy() - ref).max() <= 1e-12 * max(1.0, np.abs(ref).max())
+
+
+def test_probe_rel_diff_is_rel_error_in_chunks():
+    probe = _probe()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(100, 3, 4, generator=g), torch.randn(100, 3, 4, generator=g)
+    assert probe.rel_diff(a, b, rows=7) == pytest.approx(rel_error(a, b), rel=1e-12)
+    assert probe.rel_diff(b, b) == 0.0 and probe.rel_diff(a, torch.zeros_like(a)) == np.inf
+    a[50, 1, 2] = float("nan")
+    assert probe.rel_diff(a, b, rows=7) == np.inf
+
+
+def test_probe_checks_run_on_the_stand_in(fake, monkeypatch):
+    probe = _probe()
+    for name in ("varlen_forward", "varlen_backward"):  # RaggedCalls wraps them: restore after
+        monkeypatch.setattr(cb, name, getattr(cb, name))
+    calls = probe.RaggedCalls(cb)
+    cpu = torch.device("cpu")
+    small = lambda ls: ls and [n if n <= 1 else max(2, n // 8) for n in ls]  # noqa: E731
+    for name, lq, lk, *rest in probe.CASES:  # the GPU's cases, 8x shorter (a CPU reference)
+        row = probe.check_case((name, small(lq), small(lk), *rest), cpu, calls)
+        assert row["ok"] and row["path"] == "ragged", row
+    layouts = probe.draw_layouts(2048, 64, 256, 3)
+    assert len({tuple(x) for x in layouts}) == 3 and all(sum(x) == 2048 for x in layouts)
+    row = probe.check_reuse(layouts, 2, 16, cpu, {})
+    assert row["ok"] and (row["graphs fwd"], row["graphs bwd"]) == (1, 1), row
+    fake.refuse = True  # a refused graph: the row says it fell back and fails
+    row = probe.check_case(("refused", [5, 9], None, 2, 2, 8, True, (-1, -1)), cpu, calls)
+    assert not row["ok"] and row["path"] == "fell back" and "no engine" in row["refused"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA path")
+def test_probe_without_cuda_skips(tmp_path, capsys):
+    assert _probe().main(["--smoke", "--out", str(tmp_path)]) == 0
+    assert "skipped" in capsys.readouterr().out
