@@ -10,10 +10,11 @@ script checks it, in three parts, each printed as it finishes:
 
 * correctness (bf16): documents with odd lengths, ``Sq == Sk`` causal, ``Sq < Sk`` causal
   (bottom-right per document) and full, 32 short documents, one-token documents, one-token
-  queries on long keys, a sliding window, documents with keys but no queries; GQA 8/2 and
-  8/8, head dims 64 and 128. ``out``, ``lse``, ``dq``, ``dk``, ``dv`` against float64 attention
-  with the document mask (on the GPU); relative error <= 2e-2 is ok. A row also says whether
-  the ragged graph ran (``ragged``), or cuDNN refused it and the call fell back;
+  queries on long keys, a sliding window, documents with keys but no queries and with queries
+  but no keys (hamilton's steps have them); GQA 8/2 and 8/8, head dims 64 and 128.
+  ``out``, ``lse``, ``dq``, ``dk``, ``dv`` against float64 attention with the document mask
+  (on the GPU); relative error <= 2e-2 is ok. A row also says whether the ragged graph ran
+  (``ragged``), or cuDNN refused it and the call fell back;
 * graph reuse: 5 calls (forward + backward) on 262,144 packed tokens of documents of 1k-32k
   tokens (H 32, D 128, causal), each with another document layout of the same size bucket:
   the graphs built must be 1 per direction; the ms of each call (the first builds them);
@@ -52,6 +53,8 @@ CASES = [
     ("1-token q, long k", [1, 1, 1], [1, 300, 77], 8, 2, 128, True, (-1, -1)),
     ("window (64, 0)", [700, 300, 513], None, 8, 2, 128, True, (64, 0)),
     ("keys without queries", [40, 0, 25, 300], [40, 12, 30, 300], 8, 2, 64, True, (-1, -1)),
+    ("queries without keys", [300, 200, 150, 411], [512, 0, 700, 0], 8, 2, 128, False,
+     (-1, -1)),
 ]
 # the packed batch of the reuse and time parts: (tokens, shortest doc, longest doc, H, D)
 BIG = (262144, 1024, 32768, 32, 128)
@@ -88,7 +91,7 @@ def _inputs(lq, lk, hq, hkv, d, device, seed=0):
 
 def reference(q, k, v, dout, lq, lk, causal, window, scale):
     """float64 attention with the document mask, and its gradients, on q's device: ``(out,
-    lse [H, Tq], [dq, dk, dv])``. No row of the cases sees no key."""
+    lse [H, Tq], [dq, dk, dv])``; a row that sees no key has out 0, lse -inf, gradient 0."""
     from longattn.reference import document_mask
 
     cq, ck = np.concatenate([[0], np.cumsum(lq)]), np.concatenate([[0], np.cumsum(lk)])
@@ -97,10 +100,12 @@ def reference(q, k, v, dout, lq, lk, causal, window, scale):
     g = q.shape[1] // k.shape[1]
     sc = torch.einsum("qhd,khd->hqk", qd, kd.repeat_interleave(g, 1)) * scale
     sc = sc.masked_fill(~mask, float("-inf"))
-    lse = torch.logsumexp(sc, -1)
+    dead = ~mask.any(-1)  # [Tq]: rows that see no key (finite lse, p = 0 there)
+    lse = torch.logsumexp(sc.masked_fill(dead[:, None], 0.0), -1)
     out = torch.einsum("hqk,khd->qhd", torch.exp(sc - lse[..., None]), vd.repeat_interleave(g, 1))
     out.backward(dout.double())
-    return out.detach(), lse.detach(), [t.grad for t in (qd, kd, vd)]
+    lse = lse.detach().masked_fill(dead, float("-inf"))
+    return out.detach(), lse, [t.grad for t in (qd, kd, vd)]
 
 
 class RaggedCalls:

@@ -78,7 +78,7 @@ def _layout(lq, lk, window=(-1, 0)):
 
 def test_graph_key_depends_on_the_bucket_not_on_the_lengths():
     def key(kind, lq, lk, window=(-1, 0)):
-        lay, _ = _layout(lq, lk, window)
+        lay = _layout(lq, lk, window)[0]
         return cb.varlen_key(kind, torch.bfloat16, torch.device("cpu"), 0.125, window,
                              (8, 2, 128, 128), lay)
 
@@ -96,19 +96,27 @@ def test_graph_key_depends_on_the_bucket_not_on_the_lengths():
 
 
 def test_call_layout():
-    lay, alone = _layout([5, 0, 9], [5, 3, 9])
-    assert lay == cb.RaggedLayout(4, 128, 128, 128, 128, True) and alone
-    lay, alone = _layout([5, 9], [5, 9])
-    assert not lay.bottom_right and not alone  # top-left where every q and k length agrees
-    lay, _ = _layout([5, 9], [6, 9], window=(-1, -1))
-    assert not lay.bottom_right  # no band: nothing to align
+    lay, alone, keyless = _layout([5, 0, 9], [5, 3, 9])
+    assert lay == cb.RaggedLayout(4, 128, 128, 128, 128, True) and alone and not keyless
+    lay, alone, keyless = _layout([5, 9], [5, 9])
+    assert not lay.bottom_right and not alone and not keyless  # top-left: lengths agree
+    lay, alone, keyless = _layout([5, 9], [6, 0], window=(-1, -1))
+    assert not lay.bottom_right and keyless and not alone  # no band: nothing to align
     # tensors and both max lengths: nothing read back to the host
     cu = torch.tensor([0, 5, 14], dtype=torch.int32)
     x = torch.zeros(14, 1, 8)
-    lay, alone = cb._call_layout(x, x, cu, cu, (-1, 0), 9, 9)
-    assert not lay.bottom_right and alone  # same tensor: top-left; dK / dV zeroed anyway
-    lay, _ = cb._call_layout(x, x, cu, cu.clone(), (-1, 0), 9, 9)
+    lay, alone, keyless = cb._call_layout(x, x, cu, cu, (-1, 0), 9, 9)
+    assert not lay.bottom_right and alone and keyless  # same tensor: top-left; rows zeroed
+    lay, _, _ = cb._call_layout(x, x, cu, cu.clone(), (-1, 0), 9, 9)
     assert lay.bottom_right
+
+
+def test_sequences_without_keys_get_no_queries():
+    data = cb._run_tensors(torch.device("cpu"), [0, 4, 9, 9, 12], [0, 0, 6, 8, 8],
+                           cb.ragged_layout(4, 5, 6, 12, 8, False), (2, 1, 8, 8))
+    assert data["seq_q"].flatten().tolist() == [0, 5, 0, 0]  # 1st and 4th: no keys
+    assert data["seq_k"].flatten().tolist() == [0, 6, 2, 0]
+    assert data["off_q16"].flatten().tolist() == [0, 64, 144, 144, 192]  # rows stay in place
 
 
 def test_varlen_supports_reasons():
@@ -239,6 +247,7 @@ def _mask(n, lq, lk):
 def _seqs(n, data):
     lq = data["seq_len_q"].flatten().tolist()
     lk = data["seq_len_kv"].flatten().tolist()
+    assert not any(b == 0 < a for a, b in zip(lq, lk)), "queries without keys: not documented"
     return list(enumerate(zip(lq, lk)))
 
 
@@ -347,6 +356,8 @@ CASES = [
     ([1] * 9, None, 2, 2, 8, True, (-1, -1)),  # one-token documents, 9 -> 16 sequences
     ([40, 0, 25], [40, 12, 30], 2, 1, 8, True, (6, 0)),  # keys without queries, window
     ([33, 20], [50, 20], 2, 2, 8, False, (5, 3)),  # two-sided window, bottom-right
+    ([9, 14, 6, 11], [0, 30, 0, 11], 4, 2, 8, False, (-1, -1)),  # queries without keys
+    ([9, 14, 6, 11], [20, 0, 7, 11], 2, 2, 16, True, (-1, -1)),  # ... causal, GQA
 ]
 
 
@@ -423,8 +434,10 @@ def test_fake_refusal_falls_back_to_auto_with_a_warning(fake):
 def test_fake_unserved_calls_do_not_build(fake):
     q, k, v, dout = _inputs([6, 2], [3, 2], 2, 1, 8, torch.float16)
     # Sq > Sk causal: the first rows see no key -> not the ragged graph
-    assert cb.varlen_supports(q, k, v, [6, 2], [3, 2], (-1, 0)) == "a query row sees no key"
-    assert cb.varlen_supports(q, k, v, [6, 2], [0, 5], (-1, -1)) == "a query row sees no key"
+    no_key = "a query row sees no key of its sequence"
+    assert cb.varlen_supports(q, k, v, [6, 2], [3, 2], (-1, 0)) == no_key
+    assert cb.varlen_supports(q, k, v, [6, 5], [6, 2], (-1, 0)) == no_key
+    assert cb.varlen_supports(q, k, v, [6, 2], [0, 5], (-1, 0)) is None  # no key at all: served
     assert cb.varlen_supports(q, k, v, [6, 2], [6, 2], (-1, 0), needs_dlse=True) == "refused"
     assert cb.varlen_supports(q.float(), k, v, [6, 2], [6, 2], (-1, 0)) == "refused"
     assert cb.varlen_supports(q, k, v, [6, 2], [6, 2], (-1, 0)) is None
@@ -462,13 +475,14 @@ def _probe():
 
 def test_probe_reference_is_the_oracle():
     probe = _probe()
-    lq, lk = [5, 9, 1], [7, 9, 3]
+    lq, lk = [5, 9, 1, 4], [7, 9, 3, 0]  # the last sequence: queries without keys
     q, k, v, dout = _inputs(lq, lk, 4, 2, 8, torch.float64)
     for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (2, 0))):
         out, lse, grads = probe.reference(q, k, v, dout, lq, lk, causal, window, 8 ** -0.5)
         ro, rl, rg = _oracle(q, k, v, dout, _cu(lq), _cu(lk), causal, window)
+        assert np.isneginf(lse[:, -4:].numpy()).all() and not out[-4:].any()
         for got, ref in zip((out, lse, *grads), (ro, rl, *rg)):
-            assert np.abs(got.numpy() - ref).max() <= 1e-12 * max(1.0, np.abs(ref).max())
+            np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_probe_rel_diff_is_rel_error_in_chunks():

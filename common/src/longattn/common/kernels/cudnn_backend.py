@@ -57,10 +57,12 @@ So training batches of one size with new document layouts reuse one graph per di
 (262,144 tokens in 9 to 16 documents of 1k to 32k tokens: ``B = 16``, ``S = 32768``,
 ``T = 262144``).
 Not served (:func:`varlen_supports`, the caller goes elsewhere): what the dense graphs refuse
-(not CUDA fp16 / bf16, ``dlse``, head dims not equal multiples of 8 up to 128) and any query
-row that sees no key (a sequence without keys, or ``Sq > Sk`` causal: cuDNN does not document
-its output there). A graph cuDNN has no engine for raises :class:`GraphRefused` (warned once
-per key); ``varlen`` then runs the call as ``backend="auto"`` would.
+(not CUDA fp16 / bf16, ``dlse``, head dims not equal multiples of 8 up to 128) and a query row
+that sees none of its sequence's keys (``Sq > Sk`` causal: cuDNN does not document its output
+there). Sequences without keys are served: cuDNN gets them with no queries and their rows are
+set here (out 0, lse -inf, dq 0), as hamilton's steps have them (segments of a row range that
+see none of the step's keys). A graph cuDNN has no engine for raises :class:`GraphRefused`
+(warned once per key); ``varlen`` then runs the call as ``backend="auto"`` would.
 """
 
 from __future__ import annotations
@@ -344,20 +346,24 @@ def _lengths(cu):
 
 
 def _call_layout(q, k, cu_q, cu_k, window, max_q, max_k):
-    """``(layout, keys_alone)`` of a call; ``keys_alone``: some sequence has keys but no query
-    (cuDNN may leave its dK / dV rows unwritten: they start at zero). With tensors and both max
-    lengths given nothing is read back to the host: then the band is bottom-right aligned
-    unless ``cu_k is cu_q`` (the same mask where lengths agree) and dK / dV start at zero."""
+    """``(layout, keys_alone, keyless)`` of a call. ``keys_alone``: some sequence has keys but
+    no query (cuDNN may leave its dK / dV rows unwritten: they start at zero); ``keyless``: some
+    sequence has queries but no key (cuDNN gets its query length as 0; its rows start at out 0,
+    lse -inf, dq 0). With tensors and both max lengths given nothing is read back to the host:
+    then the band is bottom-right aligned unless ``cu_k is cu_q`` (the same mask where lengths
+    agree) and both flags are set."""
     band = any(x is not None for x in band_bounds(window, 1, 1)[1:])
     if isinstance(cu_q, torch.Tensor) and max_q is not None and max_k is not None:
-        same, keys_alone = cu_k is cu_q, True
+        same, keys_alone, keyless = cu_k is cu_q, True, True
     else:
         lq, lk = _lengths(cu_q), _lengths(cu_k)
         max_q = max(lq) if max_q is None else max_q
         max_k = max(lk) if max_k is None else max_k
-        same, keys_alone = lq == lk, any(a == 0 < b for a, b in zip(lq, lk))
+        same = lq == lk
+        keys_alone = any(a == 0 < b for a, b in zip(lq, lk))
+        keyless = any(b == 0 < a for a, b in zip(lq, lk))
     lay = ragged_layout(len(cu_q) - 1, max_q, max_k, q.shape[0], k.shape[0], band and not same)
-    return lay, keys_alone
+    return lay, keys_alone, keyless
 
 
 def _elems(hq, hkv, d, dv):
@@ -387,11 +393,12 @@ def _cu_on(cu, device):
 
 
 def _run_tensors(device, cu_q, cu_k, lay, heads):
-    """Sequence lengths and ragged offsets of one call, named as in :func:`_ragged_graph`."""
+    """Sequence lengths and ragged offsets of one call, named as in :func:`_ragged_graph`. A
+    sequence without keys is given to cuDNN without queries (its rows are the caller's)."""
     eq, ek = _elems(*heads)
     lq, oq = ragged_metadata(_cu_on(cu_q, device), lay.batch, eq)
     lk, ok = ragged_metadata(_cu_on(cu_k, device), lay.batch, ek)
-    data = {"seq_q": lq, "seq_k": lk}
+    data = {"seq_q": lq.masked_fill(lk == 0, 0), "seq_k": lk}
     data.update({f"off_q{e}": t for e, t in oq.items()})
     data.update({f"off_k{e}": t for e, t in ok.items()})
     return data
@@ -475,16 +482,17 @@ def varlen_key(kind, dtype, device, scale, window, heads, lay):
 
 def varlen_supports(q, k, v, lens_q, lens_k, window, needs_dlse=False):
     """Why the ragged graphs cannot serve a varlen call (None: they can). ``lens_q`` / ``lens_k``
-    are the sequence lengths; a query row that sees no key is not served (cuDNN does not
-    document its output there)."""
+    are the sequence lengths. A query row that sees none of its sequence's keys (``Sq > Sk``
+    causal) is not served: cuDNN does not document its output there. Sequences without any key
+    are (cuDNN skips them, their rows are set here)."""
     if cudnn is None:
         return MISSING
     reason = cuda_limits(Request(q, k, v, window[1] == 0, tuple(window), needs_dlse),
                          (torch.float16, torch.bfloat16), max_head_dim=128)
     if reason is not None:
         return reason
-    if any(a and may_have_empty_rows(a, b, window) for a, b in zip(lens_q, lens_k)):
-        return "a query row sees no key"
+    if any(a and b and may_have_empty_rows(a, b, window) for a, b in zip(lens_q, lens_k)):
+        return "a query row sees no key of its sequence"
     return None
 
 
@@ -523,11 +531,14 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale, window
     with ``causal`` folded in. Raises :class:`GraphRefused` when cuDNN has no engine for it."""
     _check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k)
     q, k, v = (x.contiguous() for x in (q, k, v))
-    lay, _ = _call_layout(q, k, cu_seqlens_q, cu_seqlens_k, window_size, max_seqlen_q,
-                          max_seqlen_k)
+    lay, _, keyless = _call_layout(q, k, cu_seqlens_q, cu_seqlens_k, window_size, max_seqlen_q,
+                                   max_seqlen_k)
     heads = (q.shape[1], k.shape[1], q.shape[2], v.shape[2])
-    out = torch.empty(q.shape[0], heads[0], heads[3], dtype=q.dtype, device=q.device)
+    out = q.new_empty(q.shape[0], heads[0], heads[3])
     stats = torch.empty(q.shape[0], heads[0], dtype=torch.float32, device=q.device)
+    if keyless:  # rows of sequences without keys: cuDNN does not write them
+        out.zero_()
+        stats.fill_(float("-inf"))
     _run("varlen fwd", _build_varlen_fwd, q, cu_seqlens_q, cu_seqlens_k, lay, heads,
          softmax_scale, window_size, {"q": q, "k": k, "v": v, "o": out, "stats": stats})
     return out, stats.t().contiguous()
@@ -543,11 +554,11 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, soft
                          f"got {tuple(lse.shape)}")
     q, k, v = (x.contiguous() for x in (q, k, v))
     out, dout = (x.to(q.dtype).contiguous() for x in (out, dout))
-    lay, keys_alone = _call_layout(q, k, cu_seqlens_q, cu_seqlens_k, window_size, max_seqlen_q,
-                                   max_seqlen_k)
+    lay, keys_alone, keyless = _call_layout(q, k, cu_seqlens_q, cu_seqlens_k, window_size,
+                                            max_seqlen_q, max_seqlen_k)
     heads = (q.shape[1], k.shape[1], q.shape[2], v.shape[2])
-    new = torch.zeros_like if keys_alone else torch.empty_like
-    dq, dk, dv = torch.empty_like(q), new(k), new(v)
+    dq = (torch.zeros_like if keyless else torch.empty_like)(q)
+    dk, dv = ((torch.zeros_like if keys_alone else torch.empty_like)(x) for x in (k, v))
     _run("varlen bwd", _build_varlen_bwd, q, cu_seqlens_q, cu_seqlens_k, lay, heads,
          softmax_scale, window_size, {"q": q, "k": k, "v": v, "o": out, "dO": dout,
                                       "stats": lse.float().t().contiguous(), "dq": dq,
