@@ -428,7 +428,7 @@ def test_fake_refusal_falls_back_to_auto_with_a_warning(fake):
     assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
     with pytest.raises(cb.GraphRefused):  # remembered: no second build, no second warning
         cb.varlen_forward(q, k, v, cu, cu, softmax_scale=0.3, window_size=(-1, 0))
-    assert fake.builds == {"fwd": 0, "bwd": 0}
+    assert fake.builds == {"fwd": 0, "bwd": 0} and cb.graph_count() == 0
 
 
 def test_fake_unserved_calls_do_not_build(fake):

@@ -157,9 +157,9 @@ def _cached(key, build, fallback=f"the first of {_FALLBACK} that serves it"):
 
 
 def graph_count(kind=None):
-    """How many graphs are cached (built or refused), of one kind (``"fwd"``, ``"bwd"``,
-    ``"varlen fwd"``, ``"varlen bwd"``) or of all."""
-    return sum(1 for key in _graphs if kind is None or key[0] == kind)
+    """How many built graphs are cached (refused ones not counted), of one kind (``"fwd"``,
+    ``"bwd"``, ``"varlen fwd"``, ``"varlen bwd"``) or of all."""
+    return sum(1 for key, g in _graphs.items() if g is not None and kind in (None, key[0]))
 
 
 def _fallback(q, k, v, window):
