@@ -10,15 +10,18 @@ Default: 8 ranks x 32,768 tokens (262,144 in all) of documents of 1,024 to 32,76
 What runs: exactly the compute ``hamilton_attn(..., cu_seqlens=)`` does on each rank, minus the
 messages, on the buffers its plan receives (:func:`longattn.hamilton.make_packed_plan`): per
 step one varlen call (:func:`longattn.hamilton.packed_attn.step_forward` /
-``step_backward``: the keys gathered from the received rows, the flash varlen op on CUDA).
+``step_backward``: the keys gathered from the received rows), on each backend of
+``--backends`` (default ``auto,cudnn``: the flash varlen op and the ragged cuDNN graphs).
 Two variants: ``calls`` (the key gathers, the varlen calls and the gradient adds of each step)
 and ``+merge`` (also the send-side gathers, the merges and the dK/dV rows that come back).
 Every rank is timed.
 
-Baselines in the same run, alternated with the contenders: one cuDNN varlen call
-(``aten._cudnn_attention_forward`` with ``cum_seq_q/k``, backward by autograd) over all the
-documents, divided by ``n``; the flash varlen op likewise. A baseline that fails or disagrees
-with the flash op is reported and left out. Efficiency = (baseline ms / n) / the rank's ms.
+Baselines in the same run, alternated with the contenders, each one call over all the
+documents divided by ``n``: the flash varlen op, and cuDNN's ragged graphs
+(``common.kernels.varlen`` with ``backend="cudnn"``; not torch 2.11's own cuDNN varlen op,
+whose backward computes wrong gradients, pytorch PR #186142). A baseline that fails, or whose
+output or gradients disagree with the flash op's, is reported and left out. Efficiency =
+(baseline ms / n) / the rank's ms.
 
 Correctness first: a small packed problem, every rank simulated on the data it would receive
 (forward and backward), against the float64 oracle with the document mask.
@@ -142,7 +145,7 @@ def simulate(plans, q, k, v, dout, scale, backend="auto"):
     return pos, res, dqs, dks, dvs
 
 
-def check(device, dtype, n, lens, heads, dim, causal, sched_name):
+def check(device, dtype, n, lens, heads, dim, causal, sched_name, backend="auto"):
     """Relative errors (global) of the simulated n-rank run against the float64 oracle."""
     from longattn.common.testing import rel_error
     from longattn.reference import attention, attention_backward, document_mask
@@ -153,7 +156,8 @@ def check(device, dtype, n, lens, heads, dim, causal, sched_name):
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, total, heads, dim, generator=g).to(dtype) for _ in range(4))
     scale = dim ** -0.5
-    pos, res, dqs, dks, dvs = simulate(plans, *(t.to(device) for t in (q, k, v, dout)), scale)
+    pos, res, dqs, dks, dvs = simulate(plans, *(t.to(device) for t in (q, k, v, dout)), scale,
+                                       backend)
     mask = document_mask(cu.numpy(), causal=causal)
     args = [t.double().numpy() for t in (q, k, v)]
     ref_out, ref_lse = attention(*args, mask=mask)
@@ -177,7 +181,7 @@ def check(device, dtype, n, lens, heads, dim, causal, sched_name):
 # timing
 
 
-def rank_sequences(device, dtype, plan, heads, dim, config):
+def rank_sequences(device, dtype, plan, heads, dim, config, backend="auto"):
     """``{mode: (fwd, fwd_bwd)}`` closures of one rank's compute, ``mode`` ``calls`` (gathers,
     varlen calls and the gradient adds of ``step_backward``) or ``+merge`` (also the send-side
     gathers, the merges and the dK/dV rows that come back); both share the tensors."""
@@ -202,14 +206,14 @@ def rank_sequences(device, dtype, plan, heads, dim, config):
             for idx in sends.values():
                 kv.index_select(0, idx)
         o, l = step_forward(q0, k0, v0, plan.steps[0].call, tens[0], softmax_scale=scale,
-                            backend="auto")
+                            backend=backend)
         acc_o, acc_l = o.float()[None], l.float()[None]
         for s in range(1, n):
             call = plan.steps[s].call
             if call is not None:
                 kk, vv = split_rows(bufs[s], heads, dim)
                 o, l = step_forward(q0, kk, vv, call, tens[s], softmax_scale=scale,
-                                    backend="auto")
+                                    backend=backend)
                 if full:
                     merge(acc_o[:, call.r0:call.r1], acc_l[:, :, call.r0:call.r1], o[None],
                           l[None])
@@ -227,12 +231,12 @@ def rank_sequences(device, dtype, plan, heads, dim, config):
             kk, vv = split_rows(bufs[s], heads, dim)
             gk, gv = split_rows(dkv, heads, dim)
             step_backward(do0, None, q0, out0, lse0, kk, vv, call, tens[s], dq, gk, gv,
-                          softmax_scale=scale, backend="auto")
+                          softmax_scale=scale, backend=backend)
             if full:
                 for i in range(len(plan.steps[s].sends)):
                     _add_rows(dk, dv, back[(s, i)], sends[(s, i)], heads, dim)
         step_backward(do0, None, q0, out0, lse0, k0, v0, plan.steps[0].call, tens[0], dq, dk,
-                      dv, softmax_scale=scale, backend="auto")
+                      dv, softmax_scale=scale, backend=backend)
 
     def both(full):
         fwd(full)
@@ -254,9 +258,14 @@ def flash_varlen(q, k, v, cu, m, causal):
 
 
 def cudnn_varlen(q, k, v, cu, m, causal):
-    """One call of the cuDNN varlen op (``aten._cudnn_attention_forward`` with cum_seq)."""
-    return torch.ops.aten._cudnn_attention_forward(q, k, v, None, cu, cu, m, m, True, 0.0,
-                                                   causal, False)[0]
+    """One call of cuDNN's ragged (THD) graphs over every doc, through
+    ``common.kernels.varlen`` (``backend="cudnn"``). Not torch's own
+    ``aten._cudnn_attention_forward`` with ``cum_seq``: its backward sizes cuDNN's dQ
+    accumulator by the head dim instead of the longest sequence (pytorch PR #186142) and
+    returns wrong gradients, so its time is not that of the work."""
+    from longattn.common.kernels.varlen import attention_varlen
+
+    return attention_varlen(q, k, v, cu, causal=causal, backend="cudnn")
 
 
 def _cpu_varlen(q, k, v, cu, m, causal):
@@ -267,11 +276,12 @@ def _cpu_varlen(q, k, v, cu, m, causal):
 
 def baselines(device, dtype, lens, heads, dim, causal):
     """{(name, direction): fn} over every document at once (on the CPU: the varlen loop); a
-    baseline that fails, or disagrees with the first one, is reported and left out."""
+    baseline that fails, or whose output or gradients disagree with the first one's, is
+    reported and left out."""
     cu, m = cu_of(lens, device), max(lens)
     q, k, v, do = _varlen_inputs(device, dtype, sum(lens), heads, dim)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-    ops = ({"cudnn varlen": cudnn_varlen, "flash varlen": flash_varlen}
+    ops = ({"flash varlen": flash_varlen, "cudnn varlen": cudnn_varlen}
            if device.type == "cuda" else {"varlen(torch)": _cpu_varlen})
     out, ref = {}, None
     for name, op in ops.items():
@@ -284,12 +294,14 @@ def baselines(device, dtype, lens, heads, dim, causal):
             op(qg, kg, vg, cu, m, causal).backward(do)
 
         try:
-            got = fwd()
-            ref = got if ref is None else ref
-            if not torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2):
-                raise RuntimeError(f"{name} disagrees with {next(iter(ops))}")
-            out[(name, "fwd")] = fwd
+            got = [fwd()]
             fwd_bwd()
+            got += [t.grad.clone() for t in (qg, kg, vg)]
+            ref = got if ref is None else ref
+            for what, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+                if not torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2):
+                    raise RuntimeError(f"{name}: {what} disagrees with {next(iter(ops))}")
+            out[(name, "fwd")] = fwd
             out[(name, "fwd+bwd")] = fwd_bwd
         except Exception:  # noqa: BLE001 - a failed baseline is reported, the others still run
             print(f"baseline {name} failed:\n" + traceback.format_exc(), file=sys.stderr)
@@ -305,10 +317,14 @@ def _parse(argv):
     p.add_argument("--schedule", default="tasp", choices=["ring", "tasp"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--merge-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--backends", default="auto,cudnn",
+                   help="the steps' varlen backends, comma-separated (auto: the flash op on "
+                        "CUDA; cudnn: the ragged cuDNN graphs); each is timed")
     a = p.parse_args(argv)
+    a.backends = [b for b in a.backends.split(",") if b]
     if a.smoke:
         a.ranks, a.tokens, a.min_doc, a.max_doc = 4, 48, 1, 40
-        a.heads, a.dim, a.rounds = 2, 16, 1
+        a.heads, a.dim, a.rounds, a.backends = 2, 16, 1, ["auto"]
     elif not torch.cuda.is_available():
         p.error("no CUDA device; use --smoke on the CPU")
     return a
@@ -362,21 +378,26 @@ def main(argv=None):
     results, t0 = [], time.time()
     small = draw_documents(n * (48 if a.smoke else 256), 1 if a.smoke else 16,
                            40 if a.smoke else 512, a.seed)
-    errs = check(device, dtype, n, small, 2 if a.smoke else 4, a.dim, causal, a.schedule)
-    ok = max(errs.values()) <= 2e-2
-    print(f"correctness ({n} ranks simulated, bf16 vs float64 oracle): "
-          + ", ".join(f"{key} {val:.2e}" for key, val in errs.items()) + ("  OK" if ok
-                                                                          else "  FAILED"))
-    results.append(bench.result("hamilton", "packed correctness", median_ms=None, device=device,
-                                dtype=dtype, errors=errs, ok=ok))
+    for backend in a.backends:
+        errs = check(device, dtype, n, small, 2 if a.smoke else 4, a.dim, causal, a.schedule,
+                     backend)
+        ok = max(errs.values()) <= 2e-2
+        print(f"correctness ({n} ranks simulated, steps on {backend}, bf16 vs float64 oracle): "
+              + ", ".join(f"{key} {val:.2e}" for key, val in errs.items())
+              + ("  OK" if ok else "  FAILED"))
+        results.append(bench.result("hamilton", f"packed correctness [{backend}]",
+                                    median_ms=None, device=device, dtype=dtype, errors=errs,
+                                    ok=ok))
     contenders = baselines(device, dtype, lens, a.heads, a.dim, causal)
     base_names = sorted({name for name, _ in contenders})
     for plan in bench.progress(plans, desc="rank sequences"):
-        for mode, (f, fb) in rank_sequences(device, dtype, plan, a.heads, a.dim,
-                                            config).items():
-            fb()  # warm-up outside the timings
-            contenders[(f"rank{plan.rank} {mode}", "fwd")] = f
-            contenders[(f"rank{plan.rank} {mode}", "fwd+bwd")] = fb
+        for backend in a.backends:
+            tag = "" if len(a.backends) == 1 else f" [{backend}]"
+            for mode, (f, fb) in rank_sequences(device, dtype, plan, a.heads, a.dim, config,
+                                                backend).items():
+                fb()  # warm-up outside the timings
+                contenders[(f"rank{plan.rank} {mode}{tag}", "fwd")] = f
+                contenders[(f"rank{plan.rank} {mode}{tag}", "fwd+bwd")] = fb
     times = _time_all(contenders, device, a.rounds)
     effs = {}
     rows = _rows(times, base_names, n, effs)

@@ -539,7 +539,7 @@ def test_bench_smoke(tmp_path, capsys):
     spec.loader.exec_module(mod)
     mod.main(["--smoke", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench_packed.json").read_text())
-    check = [r for r in data if r["what"] == "packed correctness"]
+    check = [r for r in data if r["what"] == "packed correctness [auto]"]
     assert check and check[0]["extra"]["ok"], check
     timed = {r["what"] for r in data if r["median_ms"] is not None}
     for rank in range(4):
