@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run packages' GPU benchmark scripts one after another on the device machine (no nox there):
 #   bash common/bench/run_gpu.sh hamilton ring_swa ...      (each capped at $CAP seconds)
-# Besides packages: cudnn, cudnn_varlen, cudnn_ragged, staging, decode_batch, tree_check,
-# strategies, packed, gpu_world (the scripts named in the case below); ARGS_<name> adds
-# arguments (ARGS_hyper=--no-sweep).
+# Besides packages: repro:<pkg> (python -m longattn.common.repro), cudnn, cudnn_varlen,
+# cudnn_ragged, staging, decode_batch, tree_check, strategies, packed, gpu_world (the scripts
+# named in the case below); ARGS_<name> adds arguments (ARGS_hyper=--no-sweep).
 # Logs and results go to bench_out/<pkg>/; on the device machine they come back packed as
 # $OUT/results.tgz (the device tool returns at most 8 files).
 set -u
@@ -18,7 +18,22 @@ export PYTHONUNBUFFERED=1
 base="bench_out"
 cap="${CAP:-240}"
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw --format=csv,noheader || true
+# repro:<pkg> runs that paper's reproduction on $TARGET (default: H200-1 on an H200, H100-1 on
+# an H100), one of <pkg>/targets/
+gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
+case "$gpu" in *H200*) target="${TARGET:-H200-1}" ;; *) target="${TARGET:-H100-1}" ;; esac
 for pkg in "$@"; do
+  if [ "${pkg%%:*}" = repro ]; then
+    name="repro_${pkg#repro:}"
+    mkdir -p "$base/$name"
+    echo "=== $name (target $target) $(date -u +%H:%M:%S)"
+    start=$(date +%s)
+    timeout "$cap" python -m longattn.common.repro "${pkg#repro:}" --target "$target" \
+      --out "$base/$name" 2>&1 | grep -v -E "Warning|warn\(" | tee "$base/$name/log.txt" \
+      | tail -n 30
+    echo "=== $name exit ${PIPESTATUS[0]} ($(( $(date +%s) - start )) s)"
+    continue
+  fi
   case "$pkg" in  # a package's main benchmark, or one of the named probes and benchmarks
     common) script=common/bench/bench_kernels.py ;;
     cudnn) script=common/bench/check_cudnn.py ;;
