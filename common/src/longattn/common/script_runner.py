@@ -86,6 +86,7 @@ SCRIPT_NEEDS = {
     ("hamilton", "predict_strategies.py"): _PLOTS,
     ("hamilton", "repro_hamilton.py"): _PLOTS,
     ("hyper", "bench_hyper.py"): _PLOTS,
+    ("hyper", "bench_quality.py"): _PLOTS,
     ("hyper", "quality_hyper.py"): _PLOTS,
     ("hyper", "quality_vs_seed.py"): _PLOTS,
     ("tree", "bench_tree.py"): _PLOTS,
