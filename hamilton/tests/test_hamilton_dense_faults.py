@@ -1,7 +1,7 @@
 """Fault injection for schedule="allgather" / "ulysses" and usp_attn: one rank of a 2-, 3- or
 4-rank world passes one bad argument; every rank raises the same error (class and words),
-none hangs, and the world works afterwards. Each (entry, fault, world) is one test id (5
-hamilton_attn faults, 3 usp_attn faults: 8 x 3 = 24), each run with the bad rank first and last
+none hangs, and the world works afterwards. Each (entry, fault, world) is one test id (6
+hamilton_attn faults, 3 usp_attn faults: 9 x 3 = 27), each run with the bad rank first and last
 (the groups that do not form a grid are given on every rank: a group argument that differs
 between ranks cannot be agreed on, as for ``hamilton_attn``'s ``group``).
 """
@@ -22,7 +22,10 @@ FAULTS = {
     "ulysses heads not divisible": ("ulysses", ValueError, ["q has", "divisible by the group"]),
     "ulysses causal odd length": ("ulysses", ValueError, ["zigzag layout"]),
     "allgather causal odd length": ("allgather", ValueError, ["zigzag layout"]),
-    "allgather cu_seqlens": ("allgather", ValueError, ["cu_seqlens"]),
+    "allgather cu_seqlens on one rank": ("allgather", ValueError,
+                                         ["cu_seqlens must be the same on every rank"]),
+    "ulysses cu_seqlens": ("ulysses", ValueError,
+                           ["cu_seqlens", "not served by schedule='ulysses'"]),
     "allgather causal differs": ("allgather", ValueError, ["causal must be the same"]),
     "usp heads not divisible": ("usp", ValueError, ["divisible by the head_group size"]),
     "usp groups not a grid": ("usp", ValueError, ["must share exactly this rank"]),

@@ -54,12 +54,14 @@ def _group(n):
 def _schedules(n):
     out = [("ring",), ("tasp",)]
     out += [("two_level", u, n // u) for u in range(2, n) if n % u == 0 and (n // u) % 2 == 0]
-    return out
+    return out + [("allgather",)]
 
 
 def _schedule(spec, n):
     if spec[0] == "two_level":
         return two_level_schedule(spec[1], spec[2])
+    if spec[0] == "allgather":
+        return "allgather"
     return ring_schedule(n) if spec[0] == "ring" else multi_ring_schedule(n)
 
 
@@ -170,10 +172,10 @@ def _fp64_cases():
 
 
 def test_fp64_matches_oracle_every_group_size_and_schedule():
-    """Groups of 1..8 ranks, every schedule that fits (ring, TASP, two-level), causal and full
-    alternating so that each group size and each schedule runs both, GQA 4:2 with Dv != D,
-    random documents with 1-token ones and one longer than a rank's share, gradients through
-    out and lse: relative error <= 1e-10 (20 cases in one world run)."""
+    """Groups of 1..8 ranks, every schedule that fits (ring, TASP, two-level, all-gather),
+    causal and full alternating so that each group size and each schedule runs both, GQA 4:2
+    with Dv != D, random documents with 1-token ones and one longer than a rank's share,
+    gradients through out and lse: relative error <= 1e-10 (28 cases in one world run)."""
     _check_cases(_fp64_cases(), 1e-10)
 
 
@@ -427,7 +429,7 @@ CU_FAULTS = {  # kind -> (error class, words, names the bad rank)
     "wrong total": (ValueError, ["cu_seqlens must end at"], True),
     "differs": (ValueError, ["cu_seqlens must be the same on every rank"], False),
 }
-ENTRIES = ("hamilton_attn", "shard", "unshard")
+ENTRIES = ("hamilton_attn", "hamilton_attn allgather", "shard", "unshard")
 
 
 def _entry_call(entry, n, group, cu):
@@ -438,7 +440,9 @@ def _entry_call(entry, n, group, cu):
     part = x[:, :per]
     if entry == "unshard":
         return unshard(part, group=group, causal=True, cu_seqlens=cu)
-    return hamilton_attn(part, part, part, group=group, causal=True, cu_seqlens=cu)
+    schedule = "allgather" if entry.endswith("allgather") else "auto"
+    return hamilton_attn(part, part, part, group=group, causal=True, schedule=schedule,
+                         cu_seqlens=cu)
 
 
 def _inject(rank, world, n, bad_rank):

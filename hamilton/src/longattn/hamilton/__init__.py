@@ -6,7 +6,8 @@ schedule -- TASP's multi-ring all-to-all, Ring Attention (zigzag ring when causa
 two-level multi-node schedule -- through one step loop, forward and backward. ``config`` takes a
 :class:`HamiltonConfig`. ``shard`` / ``unshard`` produce the matching sequence layout;
 ``longattn.hamilton.schedules`` builds and validates schedules. Packed documents
-(``cu_seqlens``): :mod:`longattn.hamilton.packing` (layout, plans, ``pad_packed``).
+(``cu_seqlens``): :mod:`longattn.hamilton.packing` (layout, plans, ``pad_packed``), with the
+step schedules or ``schedule="allgather"`` (:mod:`longattn.hamilton.packed_allgather`).
 """
 
 from longattn.common import version_of as _version_of

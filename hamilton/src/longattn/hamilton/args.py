@@ -179,15 +179,16 @@ def _check_triton_merge(q, v):
         raise ValueError(f"config.merge_backend='triton' cannot serve this call: {refusal}")
 
 
-def _packed_kernels(q, k, v, causal, backend, grad, return_lse):
+def _packed_kernels(q, k, v, causal, backend, grad, return_lse, *, steps=True):
     """The dense backend names the varlen calls resolve to (the CPU loop runs them; on CUDA
     fp16 / bf16 with ``"auto"`` / ``"aten"`` the flash varlen op serves instead), for the
-    diagonal call (causal when causal) and the others, forward and backward: a backend that
-    cannot serve raises here, on every rank."""
+    diagonal call (causal when causal) and, with ``steps`` (the step schedules; not
+    ``"allgather"``, whose one call is the diagonal kind), the others, forward and backward: a
+    backend that cannot serve raises here, on every rank."""
     kk, vv = k[:, :1], v[:, :1]  # the calls get contiguous gathered keys
     names = []
     for needs_dlse in (False,) + ((grad and return_lse,) if grad else ()):
-        for c in dict.fromkeys((causal, False)):
+        for c in dict.fromkeys((causal, False) if steps else (causal,)):
             names.append(pick_backend(q[:, :1], kk, vv, causal=c, needs_dlse=needs_dlse,
                                       backend=backend))
     return tuple(names)
@@ -309,8 +310,12 @@ def dense_backends(reqs, backend, grad, return_lse):
 def check_dense_call(q, k, v, *, group: dist.Group, causal, softmax_scale, schedule,
                      return_lse, backend, config, cu_seqlens=None):
     """Validate a ``schedule="allgather"`` / ``"ulysses"`` call of :func:`hamilton_attn` on every
-    rank of ``group``; returns ``softmax_scale``. Causal attention needs the zigzag layout's two
-    halves (an even local length, the same for q and k/v); Ulysses needs ``Hq % n == 0``."""
+    rank of ``group``; returns ``(softmax_scale, cu)``, ``cu`` the checked ``cu_seqlens`` tuple
+    (None without). Causal attention needs the zigzag layout's two halves (an even local length,
+    the same for q and k/v); Ulysses needs ``Hq % n == 0``. Packed documents (``cu_seqlens``,
+    ``"allgather"`` only) follow the packed rules of :func:`check_call`. ``cu_seqlens`` is the
+    first value agreed (None without), so a rank that passes it while another does not gets an
+    error naming it."""
     from longattn.hamilton import allgather, ulysses
 
     n = group.size
@@ -318,27 +323,33 @@ def check_dense_call(q, k, v, *, group: dist.Group, causal, softmax_scale, sched
     def check():
         cfg, scale, grad = _check_common(q, k, v, causal, softmax_scale, return_lse, backend,
                                          config)
+        cu = None
         if cu_seqlens is not None:
-            raise ValueError(f"cu_seqlens (packed documents) is not served by schedule="
-                             f"{schedule!r}; use 'tasp' or 'ring'")
-        lq, lk = q.shape[1], k.shape[1]
-        if causal and n > 1 and (lq != lk or lk % 2):
-            raise ValueError(f"causal schedule={schedule!r} needs the zigzag layout: the same "
-                             f"even local length for q and k/v, got {lq} and {lk}; pad the "
-                             f"global sequence to a multiple of {2 * n}")
-        if schedule == "ulysses":
-            check_heads(q, k, n, "group")
-            reqs = ulysses.requests(q, k, v, n, group.rank, causal)
+            if schedule != "allgather":
+                raise ValueError(f"cu_seqlens (packed documents) is not served by schedule="
+                                 f"{schedule!r}; use 'tasp', 'ring' or 'allgather'")
+            cu = _check_packed(q, k, n, cu_seqlens)
+            names = _packed_kernels(q, k, v, causal, backend, grad, return_lse, steps=False)
         else:
-            reqs = allgather.requests(q, k, v, n, group.rank, causal)
-        names = dense_backends(reqs, backend, grad, return_lse)
-        fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape),
+            lq, lk = q.shape[1], k.shape[1]
+            if causal and n > 1 and (lq != lk or lk % 2):
+                raise ValueError(f"causal schedule={schedule!r} needs the zigzag layout: the "
+                                 f"same even local length for q and k/v, got {lq} and {lk}; "
+                                 f"pad the global sequence to a multiple of {2 * n}")
+            if schedule == "ulysses":
+                check_heads(q, k, n, "group")
+                reqs = ulysses.requests(q, k, v, n, group.rank, causal)
+            else:
+                reqs = allgather.requests(q, k, v, n, group.rank, causal)
+            names = dense_backends(reqs, backend, grad, return_lse)
+        fields = {"cu_seqlens": None if cu is None else cu_field(cu),
+                  "q.shape": tuple(q.shape), "k.shape": tuple(k.shape),
                   "v.shape": tuple(v.shape), "dtype": q.dtype, "q.device.type": q.device.type,
                   "causal": causal, "softmax_scale": scale, "schedule": schedule,
                   "requires_grad": grad, "return_lse": return_lse, "backend": backend,
                   "kernel backends": names, "config.merge_backend": cfg.merge_backend,
                   "config.contiguous_kv": cfg.contiguous_kv, "config.target": cfg.target}
-        return scale, fields
+        return (scale, cu), fields
 
-    scale, _ = dist.agree("hamilton_attn", group, check)
-    return scale
+    result, _ = dist.agree("hamilton_attn", group, check)
+    return result

@@ -31,8 +31,9 @@ from longattn.common.merge import merge_partials_
 from longattn.hamilton.allgather import allgather_attention
 from longattn.hamilton.args import DENSE_NAMES, check_call, check_dense_call
 from longattn.hamilton.config import DEFAULT, HamiltonConfig
+from longattn.hamilton.packed_allgather import packed_allgather_attention
 from longattn.hamilton.packed_attn import packed_attention
-from longattn.hamilton.packing import make_packed_plan
+from longattn.hamilton.packing import make_allgather_plan, make_packed_plan
 from longattn.hamilton.plan import kv_views, make_plan, new_buffer
 from longattn.hamilton.strategy import auto_schedule, call_shape
 from longattn.hamilton.ulysses import ulysses_attention
@@ -72,8 +73,11 @@ def hamilton_attn(q, k, v, *, group=None, causal=False, softmax_scale=None, sche
     + 1]`` of one packed sequence (the same on every rank, batch 1), whose total is the group
     size times the local length; q, k, v are this rank's part as ``shard(x, causal=causal,
     cu_seqlens=cu_seqlens)`` lays it out (:mod:`longattn.hamilton.packing`). Attention stays
-    inside each document (causal inside it with ``causal``); a KV block no query of a rank
-    sees is neither sent to it nor computed.
+    inside each document (causal inside it with ``causal``). With a step schedule (``"auto"``
+    is TASP here) a KV block no query of a rank sees is neither sent to it nor computed, one
+    varlen call per step; with ``schedule="allgather"`` every rank's K/V is all-gathered and
+    each rank makes ONE varlen call over all its query segments
+    (:mod:`longattn.hamilton.packed_allgather`). ``"ulysses"`` does not take ``cu_seqlens``.
     """
     g = resolve_group(group)
     if isinstance(schedule, str) and schedule == "auto" and cu_seqlens is None:
@@ -114,11 +118,15 @@ def _auto(q, k, v, n, causal, config):
 def _dense(q, k, v, g, causal, softmax_scale, schedule, return_lse, backend, config,
            cu_seqlens):
     """``schedule="allgather"`` / ``"ulysses"`` (:mod:`longattn.hamilton.allgather`,
-    :mod:`longattn.hamilton.ulysses`)."""
-    scale = check_dense_call(q, k, v, group=g, causal=causal, softmax_scale=softmax_scale,
-                             schedule=schedule, return_lse=return_lse, backend=backend,
-                             config=config, cu_seqlens=cu_seqlens)
-    if schedule == "allgather":
+    :mod:`longattn.hamilton.ulysses`; packed documents: :mod:`longattn.hamilton.
+    packed_allgather`)."""
+    scale, cu = check_dense_call(q, k, v, group=g, causal=causal, softmax_scale=softmax_scale,
+                                 schedule=schedule, return_lse=return_lse, backend=backend,
+                                 config=config, cu_seqlens=cu_seqlens)
+    if cu is not None:  # schedule="allgather" (the checks refuse cu_seqlens for the others)
+        plan = make_allgather_plan(cu, g.size, g.rank, causal)
+        out, lse = packed_allgather_attention(q, k, v, plan, g, scale, backend)
+    elif schedule == "allgather":
         out, lse = allgather_attention(q, k, v, g, causal=causal, softmax_scale=scale,
                                        backend=backend)
     else:

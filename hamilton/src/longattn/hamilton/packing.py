@@ -25,6 +25,18 @@ step covers every segment (its keys gathered from the received rows, bottom-righ
 diagonal step 0), on the row range of the segments that see any key; a step that receives no
 row makes no call. The backward sends the same rows again (except for the last step, whose
 buffer the forward keeps) and returns their dK/dV to the origin.
+
+**All-gather plan** (:func:`make_allgather_plan`, ``schedule="allgather"``). Same layout; every
+rank's rows are gathered (origin order: row ``p * L + i`` is rank ``p``'s local row ``i``) and
+the rank makes ONE varlen call: each of its segments against its document's keys from the
+document's start to the segment's end (causal: bottom-right aligned, the segment is the last
+of its keys) or the whole document, gathered by ``kidx`` into one packed key buffer (a key
+several segments see is gathered once for each; keys no query of the rank sees are not
+gathered). Execution: :mod:`longattn.hamilton.packed_allgather`.
+
+**Counts that predict a plan's time** (both plans): ``kernel_calls``, ``segment_steps``
+((segment, call) pairs whose call gives the segment keys), ``tiles()`` (``128 x 128`` (query,
+key) tiles the calls visit, :func:`call_tiles`) and ``query_rows`` (rows the calls cover).
 """
 
 from __future__ import annotations
@@ -47,6 +59,11 @@ chunks cut more documents across ranks and fragment the kernel calls)."""
 TOLERANCE = 0.05
 """Default ``tolerance`` of :func:`packed_layout`: the largest rank's work may exceed the mean
 by 5% (not tuned: the share of the ideal rate a rank may lose to imbalance)."""
+
+TILE = 128
+"""The edge of the (query, key) tiles :func:`call_tiles` counts: 128 x 128, a unit of the time
+model of the plans' counts (not any kernel's block size, which differ by kernel and
+direction)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +238,46 @@ class KernelCall:
 
     def tensors(self, device):
         """``(cu_q, cu_k, kidx)`` as tensors (cu on the CPU, kidx on ``device``)."""
-        cq = torch.tensor(self.cu_q, dtype=torch.int32)
-        ck = torch.tensor(self.cu_k, dtype=torch.int32)
-        ki = None if self.kidx is None else torch.from_numpy(self.kidx).to(device)
-        return cq, ck, ki
+        return _call_tensors(self.cu_q, self.cu_k, self.kidx, device)
+
+    @property
+    def query_rows(self) -> int:
+        return self.r1 - self.r0
+
+    @property
+    def segments_with_keys(self) -> int:
+        return int(np.count_nonzero(np.diff(self.cu_k)))
+
+    def tiles(self, tile: int = TILE) -> int:
+        """:func:`call_tiles` of this call."""
+        return call_tiles(self.cu_q, self.cu_k, self.causal, tile)
+
+
+def _call_tensors(cu_q, cu_k, kidx, device):
+    cq = torch.tensor(cu_q, dtype=torch.int32)
+    ck = torch.tensor(cu_k, dtype=torch.int32)
+    ki = None if kidx is None else torch.from_numpy(kidx).to(device)
+    return cq, ck, ki
+
+
+def call_tiles(cu_q, cu_k, causal: bool, tile: int = TILE) -> int:
+    """The ``tile x tile`` (query, key) tiles a varlen call with these ``cu_seqlens`` visits:
+    per sequence of ``lq`` queries and ``nk`` keys, each block of ``tile`` query rows times the
+    key blocks up to the last key its last row sees (``causal``: bottom-right aligned, row
+    ``i`` sees keys ``0 .. i + nk - lq``; else all ``nk``). A sequence without queries or keys
+    has none."""
+    lq = np.diff(np.asarray(cu_q, dtype=np.int64))
+    nk = np.diff(np.asarray(cu_k, dtype=np.int64))
+    live = (lq > 0) & (nk > 0)
+    lq, nk = lq[live], nk[live]
+    if not causal:
+        return int(np.sum(-(-lq // tile) * -(-nk // tile)))
+    nb = -(-lq // tile)  # query blocks per sequence
+    s = np.repeat(np.arange(len(lq)), nb)
+    i = np.arange(int(nb.sum())) - np.repeat(np.cumsum(nb) - nb, nb)
+    last = np.minimum((i + 1) * tile, lq[s]) - 1  # the block's last row
+    seen = np.clip(last + nk[s] - lq[s] + 1, 0, nk[s])
+    return int(np.sum(-(-seen // tile)))
 
 
 @dataclass(frozen=True)
@@ -247,7 +300,8 @@ class PackedPlan:
     slots), ``blocks_sent`` those that arrive with at least one visible row, ``blocks_skipped``
     the rest (neither sent nor computed); ``rows_received`` the KV rows that arrive in the
     forward; ``kernel_calls`` and ``pairs`` the forward's varlen calls and the (query, key)
-    pairs they compute (each backward makes the same calls)."""
+    pairs they compute (each backward makes the same calls); the counts that predict the
+    calls' time: ``segment_steps``, ``tiles()`` and ``query_rows``."""
 
     n: int
     rank: int
@@ -277,6 +331,20 @@ class PackedPlan:
     @property
     def pairs(self) -> int:
         return sum(st.call.pairs for st in self.steps if st.call is not None)
+
+    @property
+    def segment_steps(self) -> int:
+        """(segment, step) pairs whose call gives the segment at least one key."""
+        return sum(st.call.segments_with_keys for st in self.steps if st.call is not None)
+
+    @property
+    def query_rows(self) -> int:
+        """Query rows of the forward's calls (the row ranges they cover)."""
+        return sum(st.call.query_rows for st in self.steps if st.call is not None)
+
+    def tiles(self, tile: int = TILE) -> int:
+        """The ``tile x tile`` tiles of the forward's calls (:func:`call_tiles`)."""
+        return sum(st.call.tiles(tile) for st in self.steps if st.call is not None)
 
     def call_tensors(self, s: int, device):
         """The cached :meth:`KernelCall.tensors` of step ``s`` on ``device``."""
@@ -407,3 +475,110 @@ def make_packed_plan(cu_seqlens, n: int, rank: int, causal: bool, schedule: Sche
     if schedule.n != n:
         raise ValueError(f"schedule {schedule.name!r} is for {schedule.n} ranks, not {n}")
     return _plan(cu, n, rank, bool(causal), schedule, float(tolerance))
+
+
+# ---------------------------------------------------------------------------------------------
+# schedule="allgather": one call per rank
+
+
+@dataclass(frozen=True, eq=False)
+class AllgatherPlan:
+    """One rank's packed call with ``schedule="allgather"``: every rank's K/V rows gathered
+    into one buffer in *origin order* (row ``p * L + i`` is rank ``p``'s local row ``i``), then
+    ONE varlen call: query segments ``cu_q`` (local rows, every row of the rank) against, per
+    segment, the keys ``cu_k`` gathered from the buffer by ``kidx`` (None: the buffer itself,
+    in order) -- its document's keys from the document's start to the segment's end
+    (``causal``, bottom-right aligned) or the whole document.
+
+    Counts: ``pairs`` the (query, key) pairs the call computes, ``keys`` the rows of the packed
+    key buffer (a key several segments see is gathered once for each), ``rows_received`` the
+    K/V rows that arrive in the forward (the all-gather: ``(n - 1) * L``), and those of
+    :class:`PackedPlan`: ``kernel_calls`` (1), ``segment_steps`` (the segments), ``tiles()``
+    and ``query_rows`` (``L``)."""
+
+    n: int
+    rank: int
+    causal: bool
+    layout: PackedLayout
+    cu_q: tuple
+    cu_k: tuple
+    kidx: np.ndarray | None
+    pairs: int
+    _tensors: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def rows(self) -> int:
+        """Local rows (``L``)."""
+        return self.layout.total // self.n
+
+    @property
+    def keys(self) -> int:
+        return self.cu_k[-1]
+
+    @property
+    def rows_received(self) -> int:
+        return (self.n - 1) * self.rows
+
+    @property
+    def kernel_calls(self) -> int:
+        return 1
+
+    @property
+    def segment_steps(self) -> int:
+        return len(self.cu_q) - 1
+
+    @property
+    def query_rows(self) -> int:
+        return self.cu_q[-1]
+
+    def tiles(self, tile: int = TILE) -> int:
+        return call_tiles(self.cu_q, self.cu_k, self.causal, tile)
+
+    def tensors(self, device):
+        """``(cu_q, cu_k, kidx)`` as tensors (cu on the CPU, kidx on ``device``), cached."""
+        key = str(device)
+        if key not in self._tensors:
+            self._tensors[key] = _call_tensors(self.cu_q, self.cu_k, self.kidx, device)
+        return self._tensors[key]
+
+
+@lru_cache(maxsize=128)
+def _allgather_plan(cu: tuple, n: int, rank: int, causal: bool,
+                    tolerance: float) -> AllgatherPlan:
+    layout = _layout(cu, n, causal, tolerance)
+    per = cu[-1] // n
+    bounds = np.asarray(cu, dtype=np.int64)
+    lens = np.diff(bounds)
+    me = _rank_info(layout, np.repeat(np.arange(len(lens)), lens), rank, len(lens))
+    row = np.empty(cu[-1], dtype=np.int64)  # global position -> row of the gathered buffer
+    for r in range(n):
+        row[layout.positions(r)] = r * per + np.arange(per)
+    seg = me.seg
+    doc = me.doc[seg[:-1]]
+    start = bounds[doc]
+    stop = me.pos[seg[1:] - 1] + 1 if causal else bounds[doc + 1]
+    nk, lq = stop - start, np.diff(seg)
+    # the key positions: segment j's range [start_j, stop_j), the ranges one after the other
+    kpos = np.arange(int(nk.sum())) - np.repeat(np.cumsum(nk) - nk - start, nk)
+    kidx = row[kpos]
+    if causal:  # lq <= nk: the segment is the last lq of its keys
+        pairs = int(np.sum(lq * (nk - lq) + lq * (lq + 1) // 2))
+    else:
+        pairs = int(np.sum(lq * nk))
+    if len(kidx) == n * per and np.array_equal(kidx, np.arange(n * per)):
+        kidx = None
+    cu_k = tuple(int(x) for x in np.concatenate([[0], np.cumsum(nk)]))
+    return AllgatherPlan(n, rank, causal, layout, tuple(int(x) for x in seg), cu_k, kidx,
+                         pairs)
+
+
+def make_allgather_plan(cu_seqlens, n: int, rank: int, causal: bool, *,
+                        tolerance: float = TOLERANCE) -> AllgatherPlan:
+    """The :class:`AllgatherPlan` of ``rank`` for packed documents with
+    ``schedule="allgather"`` (cached per ``cu_seqlens``, ``n``, ``rank``, ``causal``): the
+    layout is :func:`packed_layout`'s, as for the step schedules."""
+    cu = as_cu(cu_seqlens)
+    packed_layout(cu, n, causal, tolerance=tolerance)
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < n:
+        raise ValueError(f"rank must be an int in [0, {n}), got {rank!r}")
+    return _allgather_plan(cu, n, rank, bool(causal), float(tolerance))

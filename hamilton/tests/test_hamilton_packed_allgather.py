@@ -1,0 +1,524 @@
+"""Packed documents (``cu_seqlens``) with ``schedule="allgather"``: one varlen call per rank.
+
+One gloo world of 8 ranks serves every distributed test: groups of 1 to 8 ranks are subgroups
+of it (``new_group`` of the first n ranks, made once per world), as in
+``test_hamilton_packed.py``. The float64 oracle is ``longattn.reference.attention`` with
+``longattn.reference.document_mask``; document lengths are drawn by hypothesis (one-token
+documents and one document longer than a rank's share in every draw that has room for it).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as tdist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longattn.common.comm import counting
+from longattn.common.dtypes import acc_dtype, lse_dtype
+from longattn.common.testing import oracle_errors, run_world
+from longattn.hamilton import hamilton_attn, packed_layout, shard, unshard
+from longattn.hamilton import packed_allgather as _pag
+from longattn.hamilton.packing import TILE, call_tiles, make_allgather_plan
+
+WORLD = 8
+_GROUPS: dict = {}
+
+
+def _group(n):
+    """The group of the first ``n`` ranks of the 8-rank world (every rank makes all of them,
+    in the same order, on first use)."""
+    if not _GROUPS:
+        for m in range(1, WORLD):
+            _GROUPS[m] = tdist.new_group(list(range(m)))
+        _GROUPS[WORLD] = tdist.group.WORLD
+    return _GROUPS[n]
+
+
+def _cu(lens):
+    return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+
+
+@st.composite
+def documents(draw, total, per_rank, longest=5):
+    """Document lengths summing to ``total``: one longer than a rank's share when the total
+    has room for it, the others 1 to ``longest`` tokens (1 drawn half the time), in drawn
+    order."""
+    long = 0
+    if total > per_rank + 1:
+        long = draw(st.integers(per_rank + 1, min(total, 2 * per_rank + 1)))
+    lens, left = [], total - long
+    while left:
+        lens.append(min(left, draw(st.one_of(st.just(1), st.integers(1, longest)))))
+        left -= lens[-1]
+    if long:
+        lens.insert(draw(st.integers(0, len(lens))), long)
+    return lens
+
+
+@st.composite
+def worlds(draw, lo=2, hi=7):
+    """``[(n, lens)]`` for n = 1..8, ``lo``..``hi`` tokens per rank."""
+    out = []
+    for n in range(1, WORLD + 1):
+        per = draw(st.integers(lo, hi))
+        out.append((n, draw(documents(n * per, per))))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# the oracle and one case
+
+
+def make_case(n, lens, causal, dtype, seed, shape=(4, 2, 8, 6), scale=None):
+    """A packed problem on ``n`` ranks with its float64 oracle (computed here, once)."""
+    from longattn.reference import attention, attention_backward, document_mask
+
+    cu = _cu(lens)
+    total = int(cu[-1])
+    hq, hkv, d, dv = shape
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, total, h, e, generator=g, dtype=torch.float64).to(dtype).double()
+               for h, e in ((hq, d), (hkv, d), (hkv, dv)))
+    dout = torch.randn(1, total, hq, dv, generator=g, dtype=torch.float64)
+    dlse = torch.randn(1, hq, total, generator=g, dtype=torch.float64)
+    mask = document_mask(cu.numpy(), causal=causal)
+    args = [t.numpy() for t in (q, k, v)]
+    out, lse = attention(*args, mask=mask, scale=scale)
+    dq, dk, dv_ = attention_backward(dout.numpy(), *args, mask=mask, scale=scale,
+                                     dlse=dlse.numpy())
+    ref = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv_}
+    return {"n": n, "causal": causal, "dtype": dtype, "scale": scale, "cu": cu,
+            "inputs": (q, k, v, dout, dlse),
+            "ref": {key: torch.from_numpy(x) for key, x in ref.items()}}
+
+
+def run_case(rank, case, group):
+    """This rank's out, lse, dq, dk, dv (and, on rank 0, the all-gathered out)."""
+    causal, cu, dtype = case["causal"], case["cu"], case["dtype"]
+    q, k, v, dout, dlse = case["inputs"]
+
+    def loc(x, dim=1):
+        return shard(x, group=group, causal=causal, dim=dim, cu_seqlens=cu)
+
+    ql, kl, vl = (loc(t).to(dtype).requires_grad_() for t in (q, k, v))
+    out, lse = hamilton_attn(ql, kl, vl, group=group, causal=causal,
+                             softmax_scale=case["scale"], schedule="allgather",
+                             return_lse=True, cu_seqlens=cu)
+    assert out.dtype == dtype and lse.dtype == lse_dtype(dtype)
+    loss = (out.double() * loc(dout)).sum() + (lse.double() * loc(dlse, 2)).sum()
+    loss.backward()
+    assert (ql.grad.dtype, kl.grad.dtype, vl.grad.dtype) == (dtype,) * 3
+    full = unshard(out.detach(), group=group, causal=causal, cu_seqlens=cu)
+    got = {"out": out, "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
+    return {key: t.detach() for key, t in got.items()}, (full if rank == 0 else None)
+
+
+def _run_cases(rank, world, cases):
+    _group(1)
+    return [run_case(rank, case, _group(case["n"])) if rank < case["n"] else None
+            for case in cases]
+
+
+def _errors(case, parts):
+    """Relative errors of the gathered (list-form unshard) results against the oracle."""
+    causal, cu = case["causal"], case["cu"]
+    got = {key: unshard([p[key].double() for p in parts], causal=causal, cu_seqlens=cu,
+                        dim=2 if key == "lse" else 1) for key in parts[0]}
+    return oracle_errors(got, case["ref"]), got["out"]
+
+
+def _check_cases(cases, tol):
+    """Every case within ``tol``; returns the largest error of each quantity."""
+    per_rank = run_world(WORLD, _run_cases, cases, timeout=600)
+    worst: dict = {}
+    for i, case in enumerate(cases):
+        n = case["n"]
+        errs, full = _errors(case, [per_rank[r][i][0] for r in range(n)])
+        what = (n, case["causal"], case["dtype"], case["cu"].tolist())
+        assert max(errs.values()) <= tol, f"{what}: {errs}"
+        assert torch.equal(per_rank[0][i][1].double(), full), what  # collective unshard
+        for key, e in errs.items():
+            worst[key] = max(worst.get(key, 0.0), e)
+    return worst
+
+
+@settings(max_examples=3, deadline=None)
+@given(worlds())
+def test_fp64_matches_oracle(problems):
+    """Groups of 1..8 ranks, causal and full, GQA 4:2 with Dv != D, explicit and default
+    softmax_scale, gradients through out and lse: relative error <= 1e-10 (16 cases per
+    example, one world run)."""
+    cases = [make_case(n, lens, causal, torch.float64, 100 * n + causal,
+                       scale=0.3 if (n + causal) % 2 else None)
+             for n, lens in problems for causal in (False, True)]
+    _check_cases(cases, 1e-10)
+
+
+@settings(max_examples=1, deadline=None)
+@given(st.lists(documents(3 * 24, 24, 12), min_size=2, max_size=2),
+       st.lists(documents(8 * 24, 24, 12), min_size=2, max_size=2))
+def test_bf16_within_tolerance(lens3, lens8):
+    cases = [make_case(n, lens[causal], causal, torch.bfloat16, 7 + n + causal,
+                       shape=(4, 2, 16, 16))
+             for n, lens in ((3, lens3), (8, lens8)) for causal in (False, True)]
+    _check_cases(cases, 2e-2)
+
+
+def test_one_document_both_ways_of_keeping_the_keys():
+    """One causal document (the zigzag layout: the two segments of ranks 0..n-2 gather more
+    keys than the n * L gathered rows, so their backward keeps those rows and gathers again;
+    rank n - 1's chunks are adjacent, one segment, fewer keys) and one full
+    document (the contiguous layout: the keys are the gathered rows in order, no index)."""
+    cases = []
+    for n in (2, 5):
+        per = 4
+        for causal in (True, False):
+            plans = [make_allgather_plan(_cu([n * per]), n, r, causal) for r in range(n)]
+            if causal:
+                assert all(p.keys > n * per for p in plans[:-1]) and plans[-1].keys < n * per
+            else:
+                assert all(p.keys == n * per and p.kidx is None for p in plans)
+            cases.append(make_case(n, [n * per], causal, torch.float64, n + causal))
+    _check_cases(cases, 1e-10)
+
+
+def test_one_process_matches_oracle():
+    """group=None without torch.distributed: the plan's call over the whole sequence."""
+    assert not tdist.is_initialized()
+    for causal in (False, True):
+        case = make_case(1, [7, 1, 12, 1, 3, 6], causal, torch.float64, 5 + causal)
+        errs, _ = _errors(case, [run_case(0, case, None)[0]])
+        assert max(errs.values()) <= 1e-10, errs
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan against the document mask (one process)
+
+
+def _tiles_brute(mask, tile):
+    """Tiles of ``mask`` (a segment's [queries, keys]) holding a visible pair."""
+    lq, nk = mask.shape
+    return sum(bool(mask[i:i + tile, j:j + tile].any())
+               for i in range(0, lq, tile) for j in range(0, nk, tile))
+
+
+@st.composite
+def packed_problems(draw):
+    n = draw(st.integers(1, 8))
+    lens = draw(st.lists(st.integers(1, 12), min_size=1, max_size=30))
+    total = sum(lens)
+    if total % n:
+        lens.append(n - total % n)
+    return n, lens, draw(st.booleans())
+
+
+@settings(max_examples=60, deadline=None)
+@given(packed_problems(), st.sampled_from([1, 2, 3, 4, TILE]))
+def test_plan_matches_the_document_mask(problem, tile):
+    """Every rank's one call: its segments cover its rows in order, each segment's keys are
+    exactly the keys the document mask lets its queries see (global order; causal: the
+    segment's own tokens last, so bottom-right alignment is the mask), the pairs and the
+    tiles (against a brute-force count) are the mask's."""
+    from longattn.reference import document_mask
+
+    n, lens, causal = problem
+    cu = _cu(lens)
+    mask = document_mask(cu.numpy(), causal=causal)
+    lay = packed_layout(cu, n, causal)
+    pos = [lay.positions(r) for r in range(n)]
+    per = int(cu[-1]) // n
+    origin = np.concatenate(pos)  # row p * per + i of the gathered buffer: pos[p][i]
+    for x in range(n):
+        plan = make_allgather_plan(cu, n, x, causal)
+        assert plan.cu_q[0] == 0 and plan.cu_q[-1] == per == plan.query_rows
+        assert plan.kernel_calls == 1 and plan.rows_received == (n - 1) * per
+        kidx = np.arange(n * per) if plan.kidx is None else plan.kidx
+        assert len(kidx) == plan.keys == plan.cu_k[-1]
+        pairs = tiles = 0
+        for j in range(len(plan.cu_q) - 1):
+            rows = pos[x][plan.cu_q[j]:plan.cu_q[j + 1]]
+            keys = origin[kidx[plan.cu_k[j]:plan.cu_k[j + 1]]]
+            sub = mask[np.ix_(rows, keys)]
+            assert np.array_equal(keys, np.flatnonzero(mask[rows].any(axis=0))), (x, j)
+            assert np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))  # a run
+            if causal:  # bottom-right aligned: query i sees the first nk - lq + i + 1 keys
+                lq, nk = sub.shape
+                assert np.array_equal(sub, np.tri(lq, nk, nk - lq, dtype=bool))
+            else:
+                assert sub.all()
+            pairs += int(sub.sum())
+            tiles += _tiles_brute(sub, tile)
+        assert plan.segment_steps == len(plan.cu_q) - 1
+        assert plan.pairs == pairs == int(mask[pos[x]].sum())
+        assert plan.tiles(tile) == tiles
+
+
+def test_call_tiles_counts_bottom_right_tiles():
+    """Any query and key counts (more queries than keys, none of either), causal and full."""
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        lq, nk = (int(x) for x in rng.integers(0, 20, size=2))
+        for causal in (False, True):
+            m = np.tri(lq, nk, nk - lq, dtype=bool) if causal else np.ones((lq, nk), bool)
+            assert call_tiles((0, lq), (0, nk), causal, 4) == _tiles_brute(m, 4), (lq, nk)
+
+
+def test_bad_plan_arguments():
+    with pytest.raises(ValueError, match="rank must be an int in"):
+        make_allgather_plan(_cu([4, 4]), 2, 2, True)
+    with pytest.raises(ValueError, match="pad_packed"):
+        make_allgather_plan(_cu([4, 3]), 2, 0, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# what is sent and computed: the all-gather and one call each way
+
+
+def _pairs(cu_q, cu_k, causal):
+    lq, lk = np.diff(cu_q.tolist()), np.diff(cu_k.tolist())
+    if causal:
+        return int(np.sum(lq * (lk - lq) + lq * (lq + 1) // 2))
+    return int(np.sum(lq * lk))
+
+
+def _counted(rank, world, cases):
+    """Per case: bytes sent / received and exchanges, and the varlen calls (direction, pairs,
+    query rows, key rows), forward and backward (None outside the case's group)."""
+    _group(1)
+    calls = []
+    fwd, bwd = _pag.attention_forward_varlen, _pag.attention_backward_varlen
+
+    def count_fwd(q, k, v, cq, ck, **kw):
+        calls.append(("fwd", _pairs(cq, ck, kw["causal"]), q.shape[0], k.shape[0]))
+        return fwd(q, k, v, cq, ck, **kw)
+
+    def count_bwd(do, q, k, v, o, lse, cq, ck, **kw):
+        calls.append(("bwd", _pairs(cq, ck, kw["causal"]), q.shape[0], k.shape[0]))
+        return bwd(do, q, k, v, o, lse, cq, ck, **kw)
+
+    _pag.attention_forward_varlen, _pag.attention_backward_varlen = count_fwd, count_bwd
+    try:
+        return [_count_one(rank, case, calls) if rank < case[0] else None for case in cases]
+    finally:
+        _pag.attention_forward_varlen, _pag.attention_backward_varlen = fwd, bwd
+
+
+def _count_one(rank, case, calls):
+    n, causal, cu, per = case
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(1, per, h, 4, generator=g).to(torch.bfloat16).requires_grad_()
+               for h in (2, 1, 1))
+    calls.clear()
+    with counting() as cf:
+        out = hamilton_attn(q, k, v, group=_group(n), causal=causal, schedule="allgather",
+                            cu_seqlens=cu)
+    fwd_calls = list(calls)
+    calls.clear()
+    with counting() as cb:
+        out.float().sum().backward()
+    return {"fwd": (cf.bytes_sent, cf.bytes_received, cf.calls, fwd_calls),
+            "bwd": (cb.bytes_sent, cb.bytes_received, cb.calls, list(calls))}
+
+
+def test_traffic_and_calls():
+    """bf16, many short documents and a long one: the forward sends every peer the whole K/V
+    shard (bf16) and receives theirs in one exchange, and makes one varlen call (the rank's
+    pairs under the document mask, all its query rows, the plan's keys); the backward makes one
+    call on the same pairs and returns every peer's dK/dV rows in float32 (acc_dtype) in one
+    exchange."""
+    from longattn.reference import document_mask
+
+    rng = np.random.default_rng(5)
+    cases = []
+    for n in (1, 3, 4, 8):
+        for causal in (False, True):
+            per = 12
+            lens = [2 * per] + [int(x) for x in rng.integers(1, 5, size=n * per)]
+            lens = lens[:np.searchsorted(np.cumsum(lens), n * per)]
+            lens.append(n * per - sum(lens))
+            cases.append((n, causal, _cu(lens), per))
+    got = run_world(WORLD, _counted, cases, timeout=300)
+    hkv_width = 1 * (4 + 4)  # Hkv = 1, D = Dv = 4
+    for i, (n, causal, cu, per) in enumerate(cases):
+        lay = packed_layout(cu, n, causal)
+        mask = document_mask(cu.numpy(), causal=causal)
+        for x in range(n):
+            plan = make_allgather_plan(cu, n, x, causal)
+            (fs, fr, fx, fcalls), (bs, br, bx, bcalls) = got[x][i]["fwd"], got[x][i]["bwd"]
+            what = (n, causal, x)
+            shard_bytes = per * hkv_width
+            assert (fs, fr, fx) == ((n - 1) * shard_bytes * 2, (n - 1) * shard_bytes * 2,
+                                    int(n > 1)), what
+            assert (bs, br, bx) == ((n - 1) * shard_bytes * 4, (n - 1) * shard_bytes * 4,
+                                    int(n > 1)), what
+            pairs = int(mask[lay.positions(x)].sum())
+            assert fcalls == [("fwd", pairs, per, plan.keys)], what
+            assert bcalls == [("bwd", pairs, per, plan.keys)], what
+            assert plan.pairs == pairs, what
+    assert acc_dtype(torch.bfloat16) == torch.float32
+
+
+# ---------------------------------------------------------------------------------------------
+# NaN rows
+
+
+def _nan_rank(rank, world, cases):
+    _group(1)
+    res = []
+    for n, causal, cu, q, k, v, dout in cases:
+        if rank >= n:
+            res.append(None)
+            continue
+        group = _group(n)
+        ql, kl, vl = (shard(t, group=group, causal=causal, cu_seqlens=cu).requires_grad_()
+                      for t in (q, k, v))
+        out, lse = hamilton_attn(ql, kl, vl, group=group, causal=causal, return_lse=True,
+                                 schedule="allgather", cu_seqlens=cu)
+        loss = (out * shard(dout, group=group, causal=causal, cu_seqlens=cu)).sum()
+        loss.backward()
+        res.append({"out": out.detach(), "lse": lse.detach(), "dq": ql.grad, "dk": kl.grad,
+                    "dv": vl.grad, "loss": float(loss.detach())})
+    return res
+
+
+def test_nan_in_a_key_makes_exactly_its_rows_nan():
+    """One NaN in one key: exactly the query rows the document mask lets see it are NaN (out
+    and lse), the others equal the float64 oracle; the gradients stay finite outside the key's
+    document and equal the oracle's wherever that is finite (inside the document, where a
+    masked 0 times NaN spreads it, the NaN pattern is the kernels'; the dense oracle's spreads
+    to every document); the loss summed over the ranks is NaN."""
+    from longattn.reference import attention, attention_backward, document_mask
+
+    cases, masks, ats = [], [], []
+    for n, causal, at in ((3, True, 11), (3, False, 4), (5, True, 20), (8, False, 30)):
+        per = 6
+        rng = np.random.default_rng(n + causal)
+        lens = [int(x) for x in rng.integers(1, 4, size=n * per)] + [per + 2]
+        rng.shuffle(lens)
+        lens = lens[:np.searchsorted(np.cumsum(lens), n * per)]
+        lens.append(n * per - sum(lens))
+        cu = _cu(lens)
+        g = torch.Generator().manual_seed(n)
+        q, k, v = (torch.randn(1, n * per, h, 8, generator=g, dtype=torch.float64)
+                   for h in (4, 2, 2))
+        k[0, at, 1, 3] = float("nan")
+        dout = torch.randn(1, n * per, 4, 8, generator=g, dtype=torch.float64)
+        cases.append((n, causal, cu, q, k, v, dout))
+        masks.append(document_mask(cu.numpy(), causal=causal))
+        ats.append(at)
+    per_rank = run_world(WORLD, _nan_rank, cases, timeout=300)
+    for i, (n, causal, cu, q, k, v, dout) in enumerate(cases):
+        parts = [per_rank[r][i] for r in range(n)]
+        got = {key: unshard([p[key] for p in parts], causal=causal, cu_seqlens=cu,
+                            dim=2 if key == "lse" else 1)
+               for key in ("out", "lse", "dq", "dk", "dv")}
+        args = [t.numpy() for t in (q, k, v)]
+        out, lse = attention(*args, mask=masks[i])
+        dq, dk, dv = attention_backward(dout.numpy(), *args, mask=masks[i])
+        ref = {key: torch.from_numpy(a) for key, a in
+               (("out", out), ("lse", lse), ("dq", dq), ("dk", dk), ("dv", dv))}
+        sees = torch.from_numpy(masks[i][:, [c for c in range(n * per) if
+                                             k[0, c].isnan().any()]].any(axis=1))
+        assert sees.any() and not sees.all(), (n, causal)
+        assert torch.equal(got["out"][0].isnan().any(-1).any(-1), sees), (n, causal)
+        doc = int(np.searchsorted(cu.numpy(), ats[i], side="right")) - 1
+        inside = torch.zeros(n * per, dtype=torch.bool)
+        inside[int(cu[doc]):int(cu[doc + 1])] = True
+        for key in ref:
+            what = (n, causal, key)
+            if key in ("out", "lse"):
+                assert torch.equal(got[key].isnan(), ref[key].isnan()), what
+            else:
+                assert got[key][0, inside].isnan().any(), what
+                assert not got[key][0, ~inside].isnan().any(), what
+            fin = ~ref[key].isnan()
+            assert torch.allclose(got[key][fin], ref[key][fin], rtol=1e-10, atol=1e-12), what
+        assert np.isnan(sum(p["loss"] for p in parts))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: the same error on every rank, before any message
+
+FAULTS = {  # name -> (error class, words, names the bad rank)
+    "batch 2": (ValueError, ["cu_seqlens needs batch size 1"], True),
+    "q and k lengths differ": (ValueError, ["cu_seqlens needs the same local length"], True),
+    "cu_seqlens int64": (TypeError, ["cu_seqlens must be an int32 torch.Tensor"], True),
+    "cu_seqlens wrong total": (ValueError, ["cu_seqlens must end at"], True),
+    "cu_seqlens differs": (ValueError, ["cu_seqlens must be the same on every rank"], False),
+    "cu_seqlens on one rank only": (ValueError, ["cu_seqlens must be the same on every rank"],
+                                    False),
+    "ulysses with cu_seqlens": (ValueError, ["cu_seqlens", "not served by schedule='ulysses'"],
+                                True),
+    "causal differs": (ValueError, ["causal must be the same on every rank"], False),
+    "heads not divisible": (ValueError, ["q heads (3) must be a positive multiple"], True),
+}
+
+
+def _fault_call(rank, n, bad, fault):
+    per, cu = 6, _cu([2, 1, 3 * n, 2 * n - 3] + [1] * (n * 6 - 5 * n))
+    kw = {"causal": True, "schedule": "allgather", "cu_seqlens": cu}
+    shapes = [(1, per, 4), (1, per, 2), (1, per, 2)]
+    if bad:
+        if fault == "batch 2":
+            shapes = [(2, per, 4), (2, per, 2), (2, per, 2)]
+        elif fault == "q and k lengths differ":
+            shapes[1], shapes[2] = (1, per - 1, 2), (1, per - 1, 2)
+        elif fault == "cu_seqlens int64":
+            kw["cu_seqlens"] = cu.long()
+        elif fault == "cu_seqlens wrong total":
+            kw["cu_seqlens"] = torch.cat([cu[:-1], cu[-1:] + 1])
+        elif fault == "cu_seqlens differs":
+            kw["cu_seqlens"] = _cu([1] * (n * per))
+        elif fault == "cu_seqlens on one rank only":
+            kw["cu_seqlens"] = None
+        elif fault == "ulysses with cu_seqlens":
+            kw["schedule"] = "ulysses"
+        elif fault == "causal differs":
+            kw["causal"] = False
+        elif fault == "heads not divisible":
+            shapes[0] = (1, per, 3)
+    g = torch.Generator().manual_seed(rank)
+    q, k, v = (torch.randn(b, s, h, 4, generator=g, dtype=torch.float64) for b, s, h in shapes)
+    return hamilton_attn(q, k, v, group=_group(n), **kw)
+
+
+def _inject(rank, world, n, bad_rank):
+    _group(1)
+    if rank >= n:
+        return None
+    res = {}
+    for fault in FAULTS:
+        with counting() as c:
+            try:
+                _fault_call(rank, n, rank == bad_rank, fault)
+            except Exception as e:  # noqa: BLE001 - the test records whatever was raised
+                res[fault] = (type(e).__name__, str(e), c.calls, c.bytes_sent)
+            else:
+                res[fault] = (None, "returned", c.calls, c.bytes_sent)
+    return res, tuple(_fault_call(rank, n, False, None).shape)
+
+
+@functools.cache
+def _faults(n):
+    return {bad: run_world(WORLD, _inject, n, bad, timeout=120) for bad in sorted({0, n - 1})}
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("n", [2, 3])
+@pytest.mark.parametrize("fault", list(FAULTS), ids=[f.replace(" ", "_") for f in FAULTS])
+def test_bad_input_raises_on_every_rank_before_any_message(fault, n):
+    cls, words, names_rank = FAULTS[fault]
+    for bad, per_rank in _faults(n).items():
+        got = {per_rank[r][0][fault] for r in range(n)}
+        assert len(got) == 1, (bad, got)  # the same error on every rank, and no message
+        name, msg, exchanges, sent = got.pop()
+        assert (name, exchanges, sent) == (cls.__name__, 0, 0), (bad, name, msg)
+        assert all(w in msg for w in words), msg
+        if names_rank:
+            assert f"bad argument on rank(s) [{bad}]" in msg, msg
+        assert all(per_rank[r][1] == (1, 6, 4, 4) for r in range(n))  # still works after
