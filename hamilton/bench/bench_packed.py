@@ -14,7 +14,18 @@ step one varlen call (:func:`longattn.hamilton.packed_attn.step_forward` /
 ``--backends`` (default ``auto,cudnn``: the flash varlen op and the ragged cuDNN graphs).
 Two variants: ``calls`` (the key gathers, the varlen calls and the gradient adds of each step)
 and ``+merge`` (also the send-side gathers, the merges and the dK/dV rows that come back).
-Every rank is timed.
+Every rank is timed. ``--schedule allgather``: each rank's compute with K/V all-gathered
+(:func:`longattn.hamilton.packing.make_allgather_plan`, :mod:`longattn.hamilton.
+packed_allgather`): the key gather and ONE varlen call forward, one backward call (after
+gathering the keys again where the real backward does, when they outnumber the gathered
+rows); ``+merge`` adds the dK/dV index-add into the gathered rows' gradient that precedes the
+reduce-scatter and the sum of the ``n`` copies that follows it.
+
+The layout line is followed by each strategy's per-rank counts (the step schedule's, TASP's
+with ``--schedule allgather``, and all-gather's): kernel calls, (segment, step) pairs with
+keys, 128 x 128 (query, key) tiles and query rows in the calls (the plans' ``kernel_calls``,
+``segment_steps``, ``tiles()`` and ``query_rows``), also in the JSON (``packed plan counts``),
+so a GPU run can fit a rank's time to them.
 
 Baselines in the same run, alternated with the contenders, each one call over all the
 documents divided by ``n``: the flash varlen op, and cuDNN's ragged graphs
@@ -43,6 +54,12 @@ from longattn.common import bench
 from longattn.common.merge import merge_partials_
 from longattn.hamilton import HamiltonConfig, make_packed_plan, packed_layout
 from longattn.hamilton.args import resolve_schedule
+from longattn.hamilton.packed_allgather import (
+    call_backward,
+    call_forward,
+    keys_of,
+    scatter_key_grads,
+)
 from longattn.hamilton.packed_attn import (
     _add_rows,
     kv_rows,
@@ -50,6 +67,7 @@ from longattn.hamilton.packed_attn import (
     step_backward,
     step_forward,
 )
+from longattn.hamilton.packing import TILE, make_allgather_plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -145,19 +163,46 @@ def simulate(plans, q, k, v, dout, scale, backend="auto"):
     return pos, res, dqs, dks, dvs
 
 
+def simulate_allgather(plans, q, k, v, dout, scale, backend="auto"):
+    """Every rank's out, lse, dq, dk, dv (local layouts) from the all-gather plans' calls: the
+    gathered rows in origin order, each rank's one forward and one backward call, the dK/dV
+    of every rank's gathered rows summed (the reduce-scatter)."""
+    n, hkv, d = len(plans), k.shape[2], k.shape[3]
+    pos = [torch.from_numpy(plans[0].layout.positions(r)).to(q.device) for r in range(n)]
+    loc = [[t[0, p] for t in (q, k, v, dout)] for p in pos]
+    buf = torch.cat([kv_rows(lk, lv) for _, lk, lv, _ in loc])
+    res, dqs, dbuf = [], [], 0
+    for x, plan in enumerate(plans):
+        q0, do0 = loc[x][0], loc[x][3]
+        kg, vg = keys_of(buf, plan, hkv, d, q.device)
+        o, l = call_forward(q0, kg, vg, plan, softmax_scale=scale, backend=backend)
+        res.append((o, l))
+        dq, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, o, l, plan, softmax_scale=scale,
+                                       backend=backend)
+        dqs.append(dq)
+        dbuf = dbuf + scatter_key_grads(dk_g, dv_g, plan, buf.shape[1], hkv, d)
+    per = buf.shape[0] // n
+    own = [split_rows(dbuf[r * per:(r + 1) * per], hkv, d) for r in range(n)]
+    return pos, res, dqs, [dk for dk, _ in own], [dv for _, dv in own]
+
+
 def check(device, dtype, n, lens, heads, dim, causal, sched_name, backend="auto"):
     """Relative errors (global) of the simulated n-rank run against the float64 oracle."""
     from longattn.common.testing import rel_error
     from longattn.reference import attention, attention_backward, document_mask
 
     cu, total = cu_of(lens), sum(lens)
-    sched = resolve_schedule(sched_name, n, total // n, causal, packed=True)
-    plans = [make_packed_plan(cu, n, r, causal, sched) for r in range(n)]
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, total, heads, dim, generator=g).to(dtype) for _ in range(4))
     scale = dim ** -0.5
-    pos, res, dqs, dks, dvs = simulate(plans, *(t.to(device) for t in (q, k, v, dout)), scale,
-                                       backend)
+    args = [t.to(device) for t in (q, k, v, dout)]
+    if sched_name == "allgather":
+        plans = [make_allgather_plan(cu, n, r, causal) for r in range(n)]
+        pos, res, dqs, dks, dvs = simulate_allgather(plans, *args, scale, backend)
+    else:
+        sched = resolve_schedule(sched_name, n, total // n, causal, packed=True)
+        plans = [make_packed_plan(cu, n, r, causal, sched) for r in range(n)]
+        pos, res, dqs, dks, dvs = simulate(plans, *args, scale, backend)
     mask = document_mask(cu.numpy(), causal=causal)
     args = [t.double().numpy() for t in (q, k, v)]
     ref_out, ref_lse = attention(*args, mask=mask)
@@ -246,6 +291,59 @@ def rank_sequences(device, dtype, plan, heads, dim, config, backend="auto"):
             for mode, full in (("calls", False), ("+merge", True))}
 
 
+def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", shared=None):
+    """``{mode: (fwd, fwd_bwd)}`` closures of one rank's compute with K/V all-gathered:
+    ``calls`` (the key gather and the forward call; the backward call, after gathering the keys
+    again when the real backward does: more keys than gathered rows) or ``+merge`` (also the
+    dK/dV index-add into the gathered rows' gradient and the sum of the ``n`` copies the
+    reduce-scatter brings back); both share the tensors. ``shared``: a dict that keeps the
+    gathered rows and the received dK/dV copies for every rank (the same sizes on every rank;
+    ``n`` copies of them would not fit one GPU at the default size)."""
+    n, per, width = plan.n, plan.rows, 2 * heads * dim
+    g = torch.Generator(device=device).manual_seed(plan.rank)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    shared = {} if shared is None else shared
+    if "buf" not in shared:
+        shared["buf"] = rnd(n * per, width)  # every rank's K/V rows, origin order
+        shared["back"] = rnd(n, per, width).float()  # the dK/dV copies that come back
+    buf, back = shared["buf"], shared["back"]
+    q0, do0 = rnd(per, heads, dim), rnd(per, heads, dim)
+    scale = dim ** -0.5
+    regather = plan.keys > n * per
+    plan.tensors(device)
+
+    def fwd():
+        kg, vg = keys_of(buf, plan, heads, dim, device)
+        return call_forward(q0, kg, vg, plan, softmax_scale=scale, backend=backend), (kg, vg)
+
+    (out0, lse0), kept = fwd()
+    kept = None if regather else kept  # what the real forward keeps for the backward
+
+    def bwd(full):
+        kg, vg = keys_of(buf, plan, heads, dim, device) if regather else kept
+        _, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, out0, lse0, plan,
+                                      softmax_scale=scale, backend=backend)
+        if full:
+            scatter_key_grads(dk_g, dv_g, plan, width, heads, dim)
+            back.sum(0)
+
+    def both(full):
+        fwd()
+        bwd(full)
+
+    return {mode: (fwd, functools.partial(both, full))
+            for mode, full in (("calls", False), ("+merge", True))}
+
+
+def plan_counts(plan):
+    """The counts of a plan that predict its time (module docstring)."""
+    return {"kernel_calls": plan.kernel_calls, "segment_steps": plan.segment_steps,
+            f"tiles{TILE}": plan.tiles(), "query_rows": plan.query_rows}
+
+
 def _varlen_inputs(device, dtype, total, heads, dim, seed=1):
     g = torch.Generator(device=device).manual_seed(seed)
     return [torch.randn(total, heads, dim, generator=g, device=device).to(dtype)
@@ -314,7 +412,7 @@ def _parse(argv):
     p.add_argument("--max-doc", type=int, default=32768)
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
     p.add_argument("--full", action="store_true", help="full attention inside the documents")
-    p.add_argument("--schedule", default="tasp", choices=["ring", "tasp"])
+    p.add_argument("--schedule", default="tasp", choices=["ring", "tasp", "allgather"])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--merge-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--backends", default="auto,cudnn",
@@ -365,17 +463,30 @@ def main(argv=None):
     out_dir = bench.out_dir(os.path.join(HERE, "results"), a.out)
     lens = draw_documents(n * a.tokens, a.min_doc, a.max_doc, a.seed)
     cu = cu_of(lens)
-    sched = resolve_schedule(a.schedule, n, a.tokens, causal, packed=True)
+    allgather = a.schedule == "allgather"
+    sched = resolve_schedule("tasp" if allgather else a.schedule, n, a.tokens, causal,
+                             packed=True)
     lay = packed_layout(cu, n, causal)
-    plans = [make_packed_plan(cu, n, r, causal, sched) for r in range(n)]
+    step_plans = [make_packed_plan(cu, n, r, causal, sched) for r in range(n)]
+    ag_plans = [make_allgather_plan(cu, n, r, causal) for r in range(n)]
+    plans = ag_plans if allgather else step_plans
+    name = "allgather" if allgather else sched.name
     config = HamiltonConfig(merge_backend=a.merge_backend)
     print(f"device: {bench.device_name(device)}; torch {torch.__version__}; {n} ranks x "
           f"{a.tokens} tokens, {len(lens)} documents of {min(lens)}..{max(lens)} tokens, "
-          f"H={a.heads}, D={a.dim}, bf16, {'causal' if causal else 'full'}, schedule {sched.name}")
+          f"H={a.heads}, D={a.dim}, bf16, {'causal' if causal else 'full'}, schedule {name}")
     print(f"layout: {lay.chunks_per_rank} chunks of {lay.chunk} tokens per rank, work "
           f"imbalance {lay.imbalance:.3f}; per rank: " + ", ".join(
-              f"r{p.rank} {p.kernel_calls} calls/{p.blocks_skipped} skipped" for p in plans))
-    results, t0 = [], time.time()
+              f"r{p.rank} {p.kernel_calls} calls/{p.blocks_skipped} skipped" for p in step_plans))
+    counts = {}
+    for label, ps in ((sched.name, step_plans), ("allgather", ag_plans)):
+        counts[label] = [plan_counts(p) for p in ps]
+        print(f"  {label} per rank (calls/(segment, step) pairs with keys/{TILE}x{TILE} tiles/"
+              "query rows): " + ", ".join(f"r{p.rank} " + "/".join(str(x) for x in c.values())
+                                          for p, c in zip(ps, counts[label])))
+    results, t0 = [bench.result("hamilton", "packed plan counts", median_ms=None,
+                                device=device, dtype=dtype, counts=counts,
+                                documents=lens, causal=causal)], time.time()
     small = draw_documents(n * (48 if a.smoke else 256), 1 if a.smoke else 16,
                            40 if a.smoke else 512, a.seed)
     for backend in a.backends:
@@ -390,11 +501,14 @@ def main(argv=None):
                                     ok=ok))
     contenders = baselines(device, dtype, lens, a.heads, a.dim, causal)
     base_names = sorted({name for name, _ in contenders})
+    shared = {}
     for plan in bench.progress(plans, desc="rank sequences"):
         for backend in a.backends:
             tag = "" if len(a.backends) == 1 else f" [{backend}]"
-            for mode, (f, fb) in rank_sequences(device, dtype, plan, a.heads, a.dim, config,
-                                                backend).items():
+            seqs = (allgather_sequences(device, dtype, plan, a.heads, a.dim, backend, shared)
+                    if allgather else
+                    rank_sequences(device, dtype, plan, a.heads, a.dim, config, backend))
+            for mode, (f, fb) in seqs.items():
                 fb()  # warm-up outside the timings
                 contenders[(f"rank{plan.rank} {mode}{tag}", "fwd")] = f
                 contenders[(f"rank{plan.rank} {mode}{tag}", "fwd+bwd")] = fb
@@ -407,7 +521,7 @@ def main(argv=None):
     for row in rows:
         results.append(bench.result("hamilton", f"packed {row['dir']} {row['contender']}",
                                     median_ms=row["ms"], device=device, dtype=dtype, shape=shape,
-                                    schedule=sched.name, chunks_per_rank=lay.chunks_per_rank,
+                                    schedule=name, chunks_per_rank=lay.chunks_per_rank,
                                     imbalance=lay.imbalance,
                                     **{k: v for k, v in row.items() if k.startswith("eff")}))
     for (direction, mode), rs in sorted(effs.items()):

@@ -10,6 +10,7 @@ documents and one document longer than a rank's share in every draw that has roo
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -522,3 +523,35 @@ def test_bad_input_raises_on_every_rank_before_any_message(fault, n):
         if names_rank:
             assert f"bad argument on rank(s) [{bad}]" in msg, msg
         assert all(per_rank[r][1] == (1, 6, 4, 4) for r in range(n))  # still works after
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark's CPU path
+
+
+def test_bench_smoke_allgather(tmp_path, capsys):
+    """bench_packed.py --smoke --schedule allgather: the simulated 4-rank run matches the
+    oracle, every rank's timings land in the JSON, and the layout line gives both strategies'
+    counts."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_packed.py"
+    spec = importlib.util.spec_from_file_location("bench_packed_allgather", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--smoke", "--schedule", "allgather", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_packed.json").read_text())
+    check = [r for r in data if r["what"] == "packed correctness [auto]"]
+    assert check and check[0]["extra"]["ok"], check
+    timed = {r["what"] for r in data if r["median_ms"] is not None}
+    for rank in range(4):
+        for mode in ("calls", "+merge"):
+            assert f"packed fwd+bwd rank{rank} {mode}" in timed, timed
+    out = capsys.readouterr().out
+    assert "efficiency fwd+bwd" in out
+    assert "allgather per rank (calls/(segment, step) pairs with keys/128x128 tiles/query " \
+        "rows): r0 1/" in out and "multi_ring per rank" in out
+    counts = [r for r in data if r["what"] == "packed plan counts"][0]["extra"]["counts"]
+    assert [c["query_rows"] for c in counts["allgather"]] == [48] * 4
+    assert all(c["kernel_calls"] == 1 for c in counts["allgather"])
