@@ -19,7 +19,9 @@ Every rank is timed. ``--schedule allgather``: each rank's compute with K/V all-
 packed_allgather`): the key gather and ONE varlen call forward, one backward call (after
 gathering the keys again where the real backward does, when they outnumber the gathered
 rows); ``+merge`` adds the dK/dV index-add into the gathered rows' gradient that precedes the
-reduce-scatter and the sum of the ``n`` copies that follows it.
+reduce-scatter and the sum of the ``n`` copies that follows it. Several strategies
+(``--schedule tasp,allgather``) are checked and timed in one run, all contenders alternated,
+their names tagged with the strategy.
 
 The layout line is followed by each strategy's per-rank counts (the step schedule's, TASP's
 with ``--schedule allgather``, and all-gather's): kernel calls, (segment, step) pairs with
@@ -406,13 +408,18 @@ def baselines(device, dtype, lens, heads, dim, causal):
     return out
 
 
+STRATEGIES = ("ring", "tasp", "allgather")
+
+
 def _parse(argv):
     p = bench.simulated_ranks_parser(__doc__, tokens=32768)
     p.add_argument("--min-doc", type=int, default=1024)
     p.add_argument("--max-doc", type=int, default=32768)
     p.add_argument("--seed", type=int, default=0, help="seed of the document lengths")
     p.add_argument("--full", action="store_true", help="full attention inside the documents")
-    p.add_argument("--schedule", default="tasp", choices=["ring", "tasp", "allgather"])
+    p.add_argument("--schedule", default="tasp",
+                   help="ring, tasp or allgather, or several comma-separated (e.g. "
+                        "tasp,allgather): each is checked and timed, all alternated in one run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--merge-backend", default="auto", choices=["auto", "torch", "triton"])
     p.add_argument("--backends", default="auto,cudnn",
@@ -420,6 +427,10 @@ def _parse(argv):
                         "CUDA; cudnn: the ragged cuDNN graphs); each is timed")
     a = p.parse_args(argv)
     a.backends = [b for b in a.backends.split(",") if b]
+    a.schedules = list(dict.fromkeys(x for x in a.schedule.split(",") if x))
+    bad = [x for x in a.schedules if x not in STRATEGIES]
+    if bad or not a.schedules:
+        p.error(f"--schedule: each of {STRATEGIES}, comma-separated; got {a.schedule!r}")
     if a.smoke:
         a.ranks, a.tokens, a.min_doc, a.max_doc = 4, 48, 1, 40
         a.heads, a.dim, a.rounds, a.backends = 2, 16, 1, ["auto"]
@@ -463,23 +474,26 @@ def main(argv=None):
     out_dir = bench.out_dir(os.path.join(HERE, "results"), a.out)
     lens = draw_documents(n * a.tokens, a.min_doc, a.max_doc, a.seed)
     cu = cu_of(lens)
-    allgather = a.schedule == "allgather"
-    sched = resolve_schedule("tasp" if allgather else a.schedule, n, a.tokens, causal,
-                             packed=True)
     lay = packed_layout(cu, n, causal)
-    step_plans = [make_packed_plan(cu, n, r, causal, sched) for r in range(n)]
+    steps = [x for x in a.schedules if x != "allgather"] or ["tasp"]
+    scheds = {x: resolve_schedule(x, n, a.tokens, causal, packed=True) for x in steps}
+    step_plans = {x: [make_packed_plan(cu, n, r, causal, sc) for r in range(n)]
+                  for x, sc in scheds.items()}
     ag_plans = [make_allgather_plan(cu, n, r, causal) for r in range(n)]
-    plans = ag_plans if allgather else step_plans
-    name = "allgather" if allgather else sched.name
+    plans = {x: ag_plans if x == "allgather" else step_plans[x] for x in a.schedules}
+    names = {x: "allgather" if x == "allgather" else scheds[x].name for x in a.schedules}
     config = HamiltonConfig(merge_backend=a.merge_backend)
     print(f"device: {bench.device_name(device)}; torch {torch.__version__}; {n} ranks x "
           f"{a.tokens} tokens, {len(lens)} documents of {min(lens)}..{max(lens)} tokens, "
-          f"H={a.heads}, D={a.dim}, bf16, {'causal' if causal else 'full'}, schedule {name}")
+          f"H={a.heads}, D={a.dim}, bf16, {'causal' if causal else 'full'}, schedule "
+          + ", ".join(names.values()))
     print(f"layout: {lay.chunks_per_rank} chunks of {lay.chunk} tokens per rank, work "
-          f"imbalance {lay.imbalance:.3f}; per rank: " + ", ".join(
-              f"r{p.rank} {p.kernel_calls} calls/{p.blocks_skipped} skipped" for p in step_plans))
+          f"imbalance {lay.imbalance:.3f}; per rank ({scheds[steps[0]].name}): " + ", ".join(
+              f"r{p.rank} {p.kernel_calls} calls/{p.blocks_skipped} skipped"
+              for p in step_plans[steps[0]]))
     counts = {}
-    for label, ps in ((sched.name, step_plans), ("allgather", ag_plans)):
+    for label, ps in [(scheds[x].name, step_plans[x]) for x in steps] + [("allgather",
+                                                                          ag_plans)]:
         counts[label] = [plan_counts(p) for p in ps]
         print(f"  {label} per rank (calls/(segment, step) pairs with keys/{TILE}x{TILE} tiles/"
               "query rows): " + ", ".join(f"r{p.rank} " + "/".join(str(x) for x in c.values())
@@ -489,29 +503,38 @@ def main(argv=None):
                                 documents=lens, causal=causal)], time.time()
     small = draw_documents(n * (48 if a.smoke else 256), 1 if a.smoke else 16,
                            40 if a.smoke else 512, a.seed)
-    for backend in a.backends:
-        errs = check(device, dtype, n, small, 2 if a.smoke else 4, a.dim, causal, a.schedule,
-                     backend)
-        ok = max(errs.values()) <= 2e-2
-        print(f"correctness ({n} ranks simulated, steps on {backend}, bf16 vs float64 oracle): "
-              + ", ".join(f"{key} {val:.2e}" for key, val in errs.items())
-              + ("  OK" if ok else "  FAILED"))
-        results.append(bench.result("hamilton", f"packed correctness [{backend}]",
-                                    median_ms=None, device=device, dtype=dtype, errors=errs,
-                                    ok=ok))
+    several = len(a.schedules) > 1
+
+    def stag(x):  # a strategy's tag in names, when several run
+        return f" {names[x]}" if several else ""
+
+    for x in a.schedules:
+        for backend in a.backends:
+            errs = check(device, dtype, n, small, 2 if a.smoke else 4, a.dim, causal, x,
+                         backend)
+            ok = max(errs.values()) <= 2e-2
+            print(f"correctness ({n} ranks simulated, {names[x]}, calls on {backend}, bf16 vs "
+                  "float64 oracle): " + ", ".join(f"{key} {val:.2e}" for key, val in errs.items())
+                  + ("  OK" if ok else "  FAILED"))
+            results.append(bench.result("hamilton", f"packed correctness [{backend}]{stag(x)}",
+                                        median_ms=None, device=device, dtype=dtype,
+                                        errors=errs, ok=ok, schedule=names[x]))
     contenders = baselines(device, dtype, lens, a.heads, a.dim, causal)
     base_names = sorted({name for name, _ in contenders})
-    shared = {}
-    for plan in bench.progress(plans, desc="rank sequences"):
-        for backend in a.backends:
-            tag = "" if len(a.backends) == 1 else f" [{backend}]"
-            seqs = (allgather_sequences(device, dtype, plan, a.heads, a.dim, backend, shared)
-                    if allgather else
-                    rank_sequences(device, dtype, plan, a.heads, a.dim, config, backend))
-            for mode, (f, fb) in seqs.items():
-                fb()  # warm-up outside the timings
-                contenders[(f"rank{plan.rank} {mode}{tag}", "fwd")] = f
-                contenders[(f"rank{plan.rank} {mode}{tag}", "fwd+bwd")] = fb
+    shared, strategy_of = {}, {}
+    for x in a.schedules:
+        for plan in bench.progress(plans[x], desc=f"rank sequences {names[x]}"):
+            for backend in a.backends:
+                tag = stag(x) + ("" if len(a.backends) == 1 else f" [{backend}]")
+                seqs = (allgather_sequences(device, dtype, plan, a.heads, a.dim, backend, shared)
+                        if x == "allgather" else
+                        rank_sequences(device, dtype, plan, a.heads, a.dim, config, backend))
+                for mode, (f, fb) in seqs.items():
+                    fb()  # warm-up outside the timings
+                    label = f"rank{plan.rank} {mode}{tag}"
+                    contenders[(label, "fwd")] = f
+                    contenders[(label, "fwd+bwd")] = fb
+                    strategy_of[label] = names[x]
     times = _time_all(contenders, device, a.rounds)
     effs = {}
     rows = _rows(times, base_names, n, effs)
@@ -521,14 +544,15 @@ def main(argv=None):
     for row in rows:
         results.append(bench.result("hamilton", f"packed {row['dir']} {row['contender']}",
                                     median_ms=row["ms"], device=device, dtype=dtype, shape=shape,
-                                    schedule=name, chunks_per_rank=lay.chunks_per_rank,
+                                    schedule=strategy_of.get(row["contender"]),
+                                    chunks_per_rank=lay.chunks_per_rank,
                                     imbalance=lay.imbalance,
                                     **{k: v for k, v in row.items() if k.startswith("eff")}))
     for (direction, mode), rs in sorted(effs.items()):
         for b in base_names:
             e = [r[f"eff vs {b}/n"] for r in rs if r[f"eff vs {b}/n"] is not None]
             if e:
-                print(f"efficiency {direction:8s} {mode:7s} vs {b} / {n}: worst rank "
+                print(f"efficiency {direction:8s} {mode:17s} vs {b} / {n}: worst rank "
                       f"{min(e):.3f}, best {max(e):.3f}")
     path = bench.write_results(results, os.path.join(out_dir, "bench_packed.json"))
     print(f"wrote {path} ({time.time() - t0:.0f} s)")

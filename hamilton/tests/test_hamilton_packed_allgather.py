@@ -555,3 +555,24 @@ def test_bench_smoke_allgather(tmp_path, capsys):
     counts = [r for r in data if r["what"] == "packed plan counts"][0]["extra"]["counts"]
     assert [c["query_rows"] for c in counts["allgather"]] == [48] * 4
     assert all(c["kernel_calls"] == 1 for c in counts["allgather"])
+
+
+def test_bench_smoke_both_strategies(tmp_path):
+    """--schedule tasp,allgather: both checked and timed in one run, names tagged."""
+    import importlib.util
+    import json
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_packed.py"
+    spec = importlib.util.spec_from_file_location("bench_packed_both", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--smoke", "--schedule", "tasp,allgather", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_packed.json").read_text())
+    for name in ("multi_ring", "allgather"):
+        check = [r for r in data if r["what"] == f"packed correctness [auto] {name}"]
+        assert check and check[0]["extra"]["ok"], (name, check)
+        timed = {r["what"]: r["extra"]["schedule"] for r in data if r["median_ms"] is not None}
+        for rank in range(4):
+            assert timed[f"packed fwd+bwd rank{rank} +merge {name}"] == name, timed
+    with pytest.raises(SystemExit):
+        mod.main(["--smoke", "--schedule", "tasp,zigzag"])
