@@ -298,9 +298,9 @@ def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", shared=
     ``calls`` (the key gather and the forward call; the backward call, after gathering the keys
     again when the real backward does: more keys than gathered rows) or ``+merge`` (also the
     dK/dV index-add into the gathered rows' gradient and the sum of the ``n`` copies the
-    reduce-scatter brings back); both share the tensors. ``shared``: a dict that keeps the
-    gathered rows and the received dK/dV copies for every rank (the same sizes on every rank;
-    ``n`` copies of them would not fit one GPU at the default size)."""
+    reduce-scatter brings back, summed here over the index-added buffer of the same size);
+    both share the tensors. ``shared``: a dict that keeps the gathered rows for every rank (the
+    same size on every rank; ``n`` copies would not fit one GPU at the default size)."""
     n, per, width = plan.n, plan.rows, 2 * heads * dim
     g = torch.Generator(device=device).manual_seed(plan.rank)
 
@@ -310,8 +310,7 @@ def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", shared=
     shared = {} if shared is None else shared
     if "buf" not in shared:
         shared["buf"] = rnd(n * per, width)  # every rank's K/V rows, origin order
-        shared["back"] = rnd(n, per, width).float()  # the dK/dV copies that come back
-    buf, back = shared["buf"], shared["back"]
+    buf = shared["buf"]
     q0, do0 = rnd(per, heads, dim), rnd(per, heads, dim)
     scale = dim ** -0.5
     regather = plan.keys > n * per
@@ -328,9 +327,8 @@ def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", shared=
         kg, vg = keys_of(buf, plan, heads, dim, device) if regather else kept
         _, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, out0, lse0, plan,
                                       softmax_scale=scale, backend=backend)
-        if full:
-            scatter_key_grads(dk_g, dv_g, plan, width, heads, dim)
-            back.sum(0)
+        if full:  # the n copies the reduce-scatter receives are as large as this buffer
+            scatter_key_grads(dk_g, dv_g, plan, width, heads, dim).view(n, per, width).sum(0)
 
     def both(full):
         fwd()
