@@ -16,7 +16,13 @@ __version__ = _version_of("longattn-hamilton")
 
 from longattn.hamilton.attn import hamilton_attn
 from longattn.hamilton.config import HamiltonConfig
-from longattn.hamilton.packing import make_packed_plan, packed_layout, pad_packed, unpad_packed
+from longattn.hamilton.packing import (
+    make_allgather_plan,
+    make_packed_plan,
+    packed_layout,
+    pad_packed,
+    unpad_packed,
+)
 from longattn.hamilton.schedules import (
     Schedule,
     hamiltonian_cycles,
@@ -38,6 +44,7 @@ __all__ = [
     "hamilton_attn",
     "hamiltonian_cycles",
     "layout_name",
+    "make_allgather_plan",
     "make_packed_plan",
     "multi_ring_schedule",
     "packed_layout",
