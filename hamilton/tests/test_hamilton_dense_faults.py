@@ -24,6 +24,8 @@ FAULTS = {
     "allgather causal odd length": ("allgather", ValueError, ["zigzag layout"]),
     "allgather cu_seqlens on one rank": ("allgather", ValueError,
                                          ["cu_seqlens must be the same on every rank"]),
+    "ring cu_seqlens on one rank": ("ring", ValueError,
+                                    ["cu_seqlens must be the same on every rank"]),
     "ulysses cu_seqlens": ("ulysses", ValueError,
                            ["cu_seqlens", "not served by schedule='ulysses'"]),
     "allgather causal differs": ("allgather", ValueError, ["causal must be the same"]),

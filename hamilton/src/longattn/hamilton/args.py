@@ -231,9 +231,11 @@ def check_call(q, k, v, *, group: dist.Group, causal, softmax_scale, schedule, r
         if cu_seqlens is not None:
             cu = _check_packed(q, k, n, cu_seqlens)
             sched = resolve_schedule(schedule, n, lk, causal, packed=True)
-            fields = _fields(q, k, v, causal, scale, sched, grad, return_lse, backend, cfg,
-                             _packed_kernels(q, k, v, causal, backend, grad, return_lse))
-            fields["cu_seqlens"] = cu_field(cu)
+            # cu_seqlens is the first value agreed (None without), so a rank that passes it
+            # while another does not is told so by name
+            fields = {"cu_seqlens": cu_field(cu), **_fields(
+                q, k, v, causal, scale, sched, grad, return_lse, backend, cfg,
+                _packed_kernels(q, k, v, causal, backend, grad, return_lse))}
             return (scale, sched, cu, cfg), fields
         if causal and lq != lk and n > 1:
             raise ValueError(f"causal needs the same local length for q ({lq}) and k/v ({lk}) "
@@ -243,8 +245,8 @@ def check_call(q, k, v, *, group: dist.Group, causal, softmax_scale, schedule, r
                                   units=_units_needed(sched, causal), backend=backend,
                                   grad=grad, return_lse=return_lse,
                                   contiguous_kv=cfg.contiguous_kv)
-        return (scale, sched, kernels, cfg), _fields(q, k, v, causal, scale, sched, grad,
-                                                     return_lse, backend, cfg, kernels.names())
+        return (scale, sched, kernels, cfg), {"cu_seqlens": None, **_fields(
+            q, k, v, causal, scale, sched, grad, return_lse, backend, cfg, kernels.names())}
 
     result, _ = dist.agree("hamilton_attn", group, check)
     return result
