@@ -85,13 +85,16 @@ def _cu(lens):
 # the oracle and one case
 
 
-def make_case(n, causal, spec, dtype, seed, per_rank, shape=(4, 2, 8, 6), scale=None):
-    """A packed problem on ``n`` ranks with its float64 oracle (computed here, once)."""
+def make_case(n, causal, spec, dtype, seed, per_rank, shape=(4, 2, 8, 6), scale=None,
+              lens=None):
+    """A packed problem on ``n`` ranks with its float64 oracle (computed here, once); the
+    document lengths ``lens`` (summing to ``n * per_rank``), else drawn from ``seed``."""
     from longattn.reference import attention, attention_backward, document_mask
 
     rng = np.random.default_rng(seed)
     total = n * per_rank
-    cu = _cu(draw_lengths(rng, total, per_rank))
+    cu = _cu(draw_lengths(rng, total, per_rank) if lens is None else lens)
+    assert int(cu[-1]) == total, (lens, n, per_rank)
     hq, hkv, d, dv = shape
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, total, h, e, generator=g, dtype=torch.float64).to(dtype).double()
@@ -124,6 +127,7 @@ def run_case(rank, case, group):
     assert out.dtype == dtype and lse.dtype == lse_dtype(dtype)
     loss = (out.double() * loc(dout)).sum() + (lse.double() * loc(dlse, 2)).sum()
     loss.backward()
+    assert (ql.grad.dtype, kl.grad.dtype, vl.grad.dtype) == (dtype,) * 3
     full = unshard(out.detach(), group=group, causal=causal, cu_seqlens=cu)
     got = {"out": out, "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
     return {key: t.detach() for key, t in got.items()}, (full if rank == 0 else None)
@@ -149,7 +153,9 @@ def _errors(case, parts):
 
 
 def _check_cases(cases, tol):
+    """Every case within ``tol``; returns the largest error of each quantity."""
     per_rank = run_world(WORLD, _run_cases, cases, timeout=600)
+    worst: dict = {}
     for i, case in enumerate(cases):
         n = case["n"]
         parts = [per_rank[r][i][0] for r in range(n)]
@@ -157,6 +163,9 @@ def _check_cases(cases, tol):
         what = (n, case["spec"], case["causal"], case["dtype"], case["cu"].tolist())
         assert max(errs.values()) <= tol, f"{what}: {errs}"
         assert torch.equal(per_rank[0][i][1].double(), full), what  # collective unshard
+        for key, e in errs.items():
+            worst[key] = max(worst.get(key, 0.0), e)
+    return worst
 
 
 @functools.cache
@@ -531,16 +540,23 @@ def test_readme_packed_quick_start():
         assert has_grad
 
 
+def _bench_module(name):
+    """hamilton/bench/bench_packed.py loaded as module ``name``."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_packed.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def test_bench_smoke(tmp_path, capsys):
     """bench_packed.py --smoke: the simulated 4-rank run matches the oracle and every rank's
     timings land in the JSON."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_packed.py"
-    spec = importlib.util.spec_from_file_location("bench_packed", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("bench_packed")
     mod.main(["--smoke", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench_packed.json").read_text())
     check = [r for r in data if r["what"] == "packed correctness [auto]"]

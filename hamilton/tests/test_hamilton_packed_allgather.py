@@ -10,38 +10,31 @@ documents and one document longer than a rank's share in every draw that has roo
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
+import test_hamilton_packed as _packed
 import torch
 import torch.distributed as tdist
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_hamilton_packed import (
+    WORLD,
+    _bench_module,
+    _check_cases,
+    _cu,
+    _errors,
+    _group,
+    _pairs,
+    run_case,
+)
 
 from longattn.common.comm import counting
-from longattn.common.dtypes import acc_dtype, lse_dtype
-from longattn.common.testing import oracle_errors, run_world
+from longattn.common.dtypes import acc_dtype
+from longattn.common.testing import run_world
 from longattn.hamilton import hamilton_attn, packed_layout, shard, unshard
 from longattn.hamilton import packed_allgather as _pag
 from longattn.hamilton.packing import TILE, call_tiles, make_allgather_plan
-
-WORLD = 8
-_GROUPS: dict = {}
-
-
-def _group(n):
-    """The group of the first ``n`` ranks of the 8-rank world (every rank makes all of them,
-    in the same order, on first use)."""
-    if not _GROUPS:
-        for m in range(1, WORLD):
-            _GROUPS[m] = tdist.new_group(list(range(m)))
-        _GROUPS[WORLD] = tdist.group.WORLD
-    return _GROUPS[n]
-
-
-def _cu(lens):
-    return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
 
 
 @st.composite
@@ -76,76 +69,10 @@ def worlds(draw, lo=2, hi=7):
 
 
 def make_case(n, lens, causal, dtype, seed, shape=(4, 2, 8, 6), scale=None):
-    """A packed problem on ``n`` ranks with its float64 oracle (computed here, once)."""
-    from longattn.reference import attention, attention_backward, document_mask
-
-    cu = _cu(lens)
-    total = int(cu[-1])
-    hq, hkv, d, dv = shape
-    g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(1, total, h, e, generator=g, dtype=torch.float64).to(dtype).double()
-               for h, e in ((hq, d), (hkv, d), (hkv, dv)))
-    dout = torch.randn(1, total, hq, dv, generator=g, dtype=torch.float64)
-    dlse = torch.randn(1, hq, total, generator=g, dtype=torch.float64)
-    mask = document_mask(cu.numpy(), causal=causal)
-    args = [t.numpy() for t in (q, k, v)]
-    out, lse = attention(*args, mask=mask, scale=scale)
-    dq, dk, dv_ = attention_backward(dout.numpy(), *args, mask=mask, scale=scale,
-                                     dlse=dlse.numpy())
-    ref = {"out": out, "lse": lse, "dq": dq, "dk": dk, "dv": dv_}
-    return {"n": n, "causal": causal, "dtype": dtype, "scale": scale, "cu": cu,
-            "inputs": (q, k, v, dout, dlse),
-            "ref": {key: torch.from_numpy(x) for key, x in ref.items()}}
-
-
-def run_case(rank, case, group):
-    """This rank's out, lse, dq, dk, dv (and, on rank 0, the all-gathered out)."""
-    causal, cu, dtype = case["causal"], case["cu"], case["dtype"]
-    q, k, v, dout, dlse = case["inputs"]
-
-    def loc(x, dim=1):
-        return shard(x, group=group, causal=causal, dim=dim, cu_seqlens=cu)
-
-    ql, kl, vl = (loc(t).to(dtype).requires_grad_() for t in (q, k, v))
-    out, lse = hamilton_attn(ql, kl, vl, group=group, causal=causal,
-                             softmax_scale=case["scale"], schedule="allgather",
-                             return_lse=True, cu_seqlens=cu)
-    assert out.dtype == dtype and lse.dtype == lse_dtype(dtype)
-    loss = (out.double() * loc(dout)).sum() + (lse.double() * loc(dlse, 2)).sum()
-    loss.backward()
-    assert (ql.grad.dtype, kl.grad.dtype, vl.grad.dtype) == (dtype,) * 3
-    full = unshard(out.detach(), group=group, causal=causal, cu_seqlens=cu)
-    got = {"out": out, "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
-    return {key: t.detach() for key, t in got.items()}, (full if rank == 0 else None)
-
-
-def _run_cases(rank, world, cases):
-    _group(1)
-    return [run_case(rank, case, _group(case["n"])) if rank < case["n"] else None
-            for case in cases]
-
-
-def _errors(case, parts):
-    """Relative errors of the gathered (list-form unshard) results against the oracle."""
-    causal, cu = case["causal"], case["cu"]
-    got = {key: unshard([p[key].double() for p in parts], causal=causal, cu_seqlens=cu,
-                        dim=2 if key == "lse" else 1) for key in parts[0]}
-    return oracle_errors(got, case["ref"]), got["out"]
-
-
-def _check_cases(cases, tol):
-    """Every case within ``tol``; returns the largest error of each quantity."""
-    per_rank = run_world(WORLD, _run_cases, cases, timeout=600)
-    worst: dict = {}
-    for i, case in enumerate(cases):
-        n = case["n"]
-        errs, full = _errors(case, [per_rank[r][i][0] for r in range(n)])
-        what = (n, case["causal"], case["dtype"], case["cu"].tolist())
-        assert max(errs.values()) <= tol, f"{what}: {errs}"
-        assert torch.equal(per_rank[0][i][1].double(), full), what  # collective unshard
-        for key, e in errs.items():
-            worst[key] = max(worst.get(key, 0.0), e)
-    return worst
+    """A packed problem with documents ``lens`` on ``n`` ranks, schedule="allgather", with its
+    float64 oracle (``test_hamilton_packed.make_case``)."""
+    return _packed.make_case(n, causal, ("allgather",), dtype, seed, sum(lens) // n,
+                             shape=shape, scale=scale, lens=lens)
 
 
 @settings(max_examples=3, deadline=None)
@@ -208,14 +135,9 @@ def _tiles_brute(mask, tile):
                for i in range(0, lq, tile) for j in range(0, nk, tile))
 
 
-@st.composite
-def packed_problems(draw):
-    n = draw(st.integers(1, 8))
-    lens = draw(st.lists(st.integers(1, 12), min_size=1, max_size=30))
-    total = sum(lens)
-    if total % n:
-        lens.append(n - total % n)
-    return n, lens, draw(st.booleans())
+def packed_problems():
+    """``(n, lens, causal)``: test_hamilton_packed's problems without their schedule."""
+    return _packed.packed_problems().map(lambda p: p[:3])
 
 
 @settings(max_examples=60, deadline=None)
@@ -278,13 +200,6 @@ def test_bad_plan_arguments():
 
 # ---------------------------------------------------------------------------------------------
 # what is sent and computed: the all-gather and one call each way
-
-
-def _pairs(cu_q, cu_k, causal):
-    lq, lk = np.diff(cu_q.tolist()), np.diff(cu_k.tolist())
-    if causal:
-        return int(np.sum(lq * (lk - lq) + lq * (lq + 1) // 2))
-    return int(np.sum(lq * lk))
 
 
 def _counted(rank, world, cases):
@@ -533,13 +448,9 @@ def test_bench_smoke_allgather(tmp_path, capsys):
     """bench_packed.py --smoke --schedule allgather: the simulated 4-rank run matches the
     oracle, every rank's timings land in the JSON, and the layout line gives both strategies'
     counts."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_packed.py"
-    spec = importlib.util.spec_from_file_location("bench_packed_allgather", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("bench_packed_allgather")
     mod.main(["--smoke", "--schedule", "allgather", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench_packed.json").read_text())
     check = [r for r in data if r["what"] == "packed correctness [auto]"]
@@ -559,13 +470,9 @@ def test_bench_smoke_allgather(tmp_path, capsys):
 
 def test_bench_smoke_both_strategies(tmp_path):
     """--schedule tasp,allgather: both checked and timed in one run, names tagged."""
-    import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_packed.py"
-    spec = importlib.util.spec_from_file_location("bench_packed_both", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _bench_module("bench_packed_both")
     mod.main(["--smoke", "--schedule", "tasp,allgather", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench_packed.json").read_text())
     for name in ("multi_ring", "allgather"):
