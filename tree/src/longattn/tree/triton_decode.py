@@ -354,7 +354,7 @@ def _row_tables(b, device, seqlens, rights, starts, skips, items):
     views of one device tensor. Host lists travel in one copy from pinned memory that does not
     wait for the GPU: a copy from pageable memory synchronises the host with the stream, and a
     decode step that waits for the GPU before each launch leaves the GPU idle while the host
-    launches the rest (and cannot be captured in a CUDA graph)."""
+    launches the rest."""
     parts = [seqlens, rights, starts, skips]
     if any(isinstance(x, torch.Tensor) for x in parts):  # device tensors: no host copy at all
         seq_t, rgt_t, sta_t = (torch.as_tensor(x, dtype=torch.int32, device=device)
