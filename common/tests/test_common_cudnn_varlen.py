@@ -518,3 +518,16 @@ def test_probe_checks_run_on_the_stand_in(fake, monkeypatch):
 def test_probe_without_cuda_skips(tmp_path, capsys):
     assert _probe().main(["--smoke", "--out", str(tmp_path)]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_host_metadata_travels_in_one_copy_with_its_dtypes():
+    """The lengths (int32) and offsets (int64, past 2**31) made on the host come back equal,
+    with their dtypes and shapes, from the one flat copy to the device."""
+    cu = torch.tensor([0, 3, 3, 1 << 20], dtype=torch.int64)
+    lens, offs = cb.ragged_metadata(cu, 4, (4096,))
+    data = {"seq": lens, "off": offs[4096]}
+    got = cb._to_device(data, torch.device("cpu"))
+    for name, t in data.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape
+        assert torch.equal(got[name], t), name
+    assert int(got["off"].max()) == (1 << 20) * 4096 > 2 ** 31

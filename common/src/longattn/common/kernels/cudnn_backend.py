@@ -386,22 +386,46 @@ def ragged_metadata(cu, batch, elems):
     return lens, {e: (pad * e).view(batch + 1, 1, 1, 1) for e in elems}
 
 
-def _cu_on(cu, device):
+def _host_cu(cu, device):
+    """``cu`` as an int64 tensor: on the host when it is there (a list, or a CPU tensor), else
+    on ``device`` (already there: nothing is read back)."""
     if isinstance(cu, torch.Tensor):
-        return cu.to(device=device, dtype=torch.int64)
-    return torch.tensor(list(cu), dtype=torch.int64, device=device)
+        return cu.to(torch.int64) if cu.device.type == "cpu" else cu.to(device, torch.int64)
+    return torch.tensor(list(cu), dtype=torch.int64)
 
 
 def _run_tensors(device, cu_q, cu_k, lay, heads):
     """Sequence lengths and ragged offsets of one call, named as in :func:`_ragged_graph`. A
-    sequence without keys is given to cuDNN without queries (its rows are the caller's)."""
+    sequence without keys is given to cuDNN without queries (its rows are the caller's).
+    Computed where ``cu_seqlens`` are; from the host they travel in one copy from pinned memory
+    that does not wait for the GPU (a copy from pageable memory would make the host wait for
+    the stream before every call)."""
     eq, ek = _elems(*heads)
-    lq, oq = ragged_metadata(_cu_on(cu_q, device), lay.batch, eq)
-    lk, ok = ragged_metadata(_cu_on(cu_k, device), lay.batch, ek)
+    cq, ck = _host_cu(cu_q, device), _host_cu(cu_k, device)
+    lq, oq = ragged_metadata(cq, lay.batch, eq)
+    lk, ok = ragged_metadata(ck, lay.batch, ek)
     data = {"seq_q": lq.masked_fill(lk == 0, 0), "seq_k": lk}
     data.update({f"off_q{e}": t for e, t in oq.items()})
     data.update({f"off_k{e}": t for e, t in ok.items()})
+    if cq.device.type == "cpu" and ck.device.type == "cpu" and device.type != "cpu":
+        data = _to_device(data, device)
     return data
+
+
+def _to_device(data, device):
+    """The host tensors of ``data`` on ``device`` in one non-blocking copy (int64 on the way,
+    each back to its dtype there)."""
+    names = list(data)
+    flat = torch.cat([data[n].reshape(-1).to(torch.int64) for n in names])
+    if device.type == "cuda":
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    out, at = {}, 0
+    for n in names:
+        t = data[n]
+        out[n] = flat[at:at + t.numel()].view(t.shape).to(t.dtype)
+        at += t.numel()
+    return out
 
 
 def _thd(b, s, h, d):

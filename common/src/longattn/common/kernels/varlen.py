@@ -114,7 +114,13 @@ def _cudnn_varlen(q, k, v, cu_q, cu_k, win, backend, needs_dlse):
 
 
 def _int32(cu, device):
-    return torch.tensor(cu, dtype=torch.int32, device=device)
+    """``cu`` (host ints) as an int32 tensor on ``device``, copied from pinned memory without
+    waiting for the GPU (a copy from pageable memory makes the host wait for the stream before
+    every call)."""
+    t = torch.tensor(cu, dtype=torch.int32)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _lens(cu):
