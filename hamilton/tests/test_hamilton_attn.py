@@ -69,9 +69,9 @@ def make_case(seed, shape, causal, dtype, sq, sk, scale, use_lse=True):
             "causal": causal, "dtype": dtype, "scale": scale, "use_lse": use_lse}
 
 
-def run_case(rank, n, case, sched):
-    """This rank's part of ``case``: (squared error, squared reference norm) per tensor, so the
-    caller gets the relative error of the global tensors."""
+def local_results(case, sched, config=None):
+    """This rank's ``hamilton_attn`` results for ``case`` over the world (``{"out", "lse",
+    "dq", "dk", "dv"}``, detached) and the oracle's part of them (the same keys)."""
     q, k, v, dout, dlse = case["inputs"]
     causal, dtype = case["causal"], case["dtype"]
 
@@ -83,7 +83,7 @@ def run_case(rank, n, case, sched):
     ql, kl, vl = (loc(t).to(dtype).requires_grad_() for t in (q, k, v))
     out, lse = hamilton_attn(ql, kl, vl, group=world, causal=causal,
                              softmax_scale=case["scale"],
-                             schedule=_sched_arg(sched), return_lse=True)
+                             schedule=_sched_arg(sched), return_lse=True, config=config)
     # lse in lse_dtype: float64 for float32 / float64 inputs, float32 for fp16 / bf16
     assert out.dtype == dtype and lse.dtype == lse_dtype(dtype)
     loss = (out.double() * loc(dout)).sum()
@@ -92,8 +92,19 @@ def run_case(rank, n, case, sched):
     loss.backward()
     ref = {key: loc(r, 2 if key == "lse" else 1) for key, r in case["ref"].items()}
     got = {"out": out, "lse": lse, "dq": ql.grad, "dk": kl.grad, "dv": vl.grad}
-    return {key: (float((got[key].detach().double() - ref[key]).pow(2).sum()),
-                  float(ref[key].pow(2).sum())) for key in got}
+    return {key: t.detach() for key, t in got.items()}, ref
+
+
+def sq_errors(got, ref):
+    """(squared error, squared reference norm) per tensor, so the caller gets the relative
+    error of the global tensors (:func:`_global_err`)."""
+    return {key: (float((got[key].double() - ref[key].double()).pow(2).sum()),
+                  float(ref[key].double().pow(2).sum())) for key in got}
+
+
+def run_case(rank, n, case, sched):
+    """This rank's part of ``case``: (squared error, squared reference norm) per tensor."""
+    return sq_errors(*local_results(case, sched))
 
 
 def _run_cases(rank, n, cases):

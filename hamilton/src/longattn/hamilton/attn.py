@@ -15,6 +15,19 @@ Buffers and kernel calls: see :mod:`longattn.hamilton.plan`. Streams: messages a
 the current stream (``longattn.common.comm``); NCCL's stream waits for the work queued before
 the post (so a buffer is not overwritten while an earlier kernel reads it) and ``wait()`` makes
 later kernels wait for the transfer.
+
+Side stream (``HamiltonConfig.overlap_merges``, :class:`SideStream`): the memory-bound work of a
+step (the forward's merge; the backward's dq and dK/dV accumulation) is queued on a second CUDA
+stream, so that it runs while the next step's kernels compute. The discipline is
+``longattn.common.comm``'s: the side stream waits for the current stream (``wait_stream``, i.e.
+an event) before each piece of work, so it sees the step's partials; the partials it reads are
+``record_stream``'d on it, so the caching allocator does not hand their memory to a later kernel
+before it has read them; the dK/dV buffer that travels is posted with ``exchange(...,
+stream=side)`` (NCCL waits for the side stream's work, ``Handle.wait()`` joins the streams
+again); and the current stream waits for the side stream (``join``) before anything reads an
+accumulator (the return, the last dq and dK/dV sums). Merges into the same accumulator stay in
+their order on the one side stream. Everything the side stream writes is allocated before, on
+the current stream. Without CUDA (or with the option off) the same code runs the work inline.
 """
 
 from __future__ import annotations
@@ -156,12 +169,68 @@ def _pack(buf, k, v, idx):
     vv.copy_(v)
 
 
-def _post(transfer, send_buf, recv_buf, unit, group, *, reverse=False):
-    """Post one transition (or, with ``reverse``, send back what was received and vice versa)."""
+def _post(transfer, send_buf, recv_buf, unit, group, *, reverse=False, stream=None):
+    """Post one transition (or, with ``reverse``, send back what was received and vice versa);
+    ``stream``: comm's ``stream=`` (None: the current stream)."""
     sends, recvs = (transfer.recvs, transfer.sends) if reverse else (transfer.sends,
                                                                     transfer.recvs)
     return exchange([(send_buf[a * unit:b * unit], p) for p, a, b in sends],
-                    [(recv_buf[a * unit:b * unit], p) for p, a, b in recvs], group)
+                    [(recv_buf[a * unit:b * unit], p) for p, a, b in recvs], group,
+                    stream=stream)
+
+
+# ---------------------------------------------------------------------------------------------
+# the side stream of HamiltonConfig.overlap_merges
+
+
+class SideStream:
+    """The stream a step loop queues its accumulation on (``HamiltonConfig.overlap_merges``).
+
+    ``SideStream(device, enabled)`` holds a CUDA stream when ``enabled`` and ``device`` is a
+    CUDA device; otherwise ``stream`` is None and every method runs its work inline, on the
+    current stream, in the order it is called (the default path, and every CPU run: the same
+    code as the side-stream path). The ordering rules (module docstring) are
+    ``longattn.common.comm``'s: ``wait_stream`` both ways, ``record_stream`` for what the side
+    stream reads, comm's ``stream=`` for a message of what it wrote.
+    """
+
+    def __init__(self, device, enabled: bool = True):
+        device = torch.device(device)
+        self.stream = (torch.cuda.Stream(device=device)
+                       if enabled and device.type == "cuda" else None)
+
+    def run(self, fn, keep=()):
+        """Queue ``fn()`` on the side stream after the work queued so far on the current
+        stream. ``keep``: the tensors ``fn`` reads that were made on the current stream (a
+        step's partials); their memory is not handed out again before ``fn``'s work has run.
+        Whatever ``fn`` writes must exist already (allocated on the current stream)."""
+        if self.stream is None:
+            fn()
+            return
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        with torch.cuda.stream(self.stream):
+            fn()
+        for t in keep:
+            t.record_stream(self.stream)
+
+    def post(self, post):
+        """Post a message that sends what the side stream wrote: ``post(stream=...)`` passes
+        the side stream on to comm's ``stream=`` (NCCL then waits for the side stream's queued
+        work, and the handle's ``wait()`` makes the current stream wait for the side
+        stream)."""
+        return post(stream=self.stream)
+
+    def join(self):
+        """The current stream waits for everything queued on the side stream so far."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+
+
+def _run(side, fn, keep=()):
+    if side is None:
+        fn()
+    else:
+        side.run(fn, keep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,28 +252,51 @@ def _pick(backend, kind):
     return backend if isinstance(backend, str) else backend[kind]
 
 
+def _rows(call, half):
+    return slice(None) if call.rows == "all" else slice(half, None)
+
+
 def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, softmax_scale, backend,
-                 config=DEFAULT, merge=None):
+                 config=DEFAULT, merge=None, side=None):
     """Run one step's kernel calls on buffer ``buf`` and merge into ``acc_out`` / ``acc_lse``.
 
     ``backend``: a backend name, or ``{"all": name, "back": name}``. ``config``: a
     :class:`HamiltonConfig`. ``merge``: a function with the signature of
     :func:`longattn.common.merge.merge_partials_` used instead of it (benchmarks time e.g. a
     ``torch.compile``'d merge this way); None: ``merge_partials_`` with
-    ``config.merge_backend``."""
+    ``config.merge_backend``. ``side``: a :class:`SideStream` the merges are queued on (None:
+    inline); the caller joins it before reading the accumulators."""
     if merge is None:
         merge = functools.partial(merge_partials_, backend=config.merge_backend)
     half = q.shape[1] // 2
     for call in calls:
         kk, vv = _kv(buf, call, unit, hkv, d, config.contiguous_kv)
         if call.rows == "all":
-            o, l = attention_forward(q, kk, vv, softmax_scale=softmax_scale, causal=False,
-                                     backend=_pick(backend, "all"))
-            merge(acc_out, acc_lse, o, l)
+            qs, ao, al = q, acc_out, acc_lse
         else:
-            o, l = attention_forward(q[:, half:], kk, vv, softmax_scale=softmax_scale,
-                                     causal=False, backend=_pick(backend, "back"))
-            merge(acc_out[:, half:], acc_lse[:, :, half:], o, l)
+            qs, ao, al = q[:, half:], acc_out[:, half:], acc_lse[:, :, half:]
+        o, l = attention_forward(qs, kk, vv, softmax_scale=softmax_scale, causal=False,
+                                 backend=_pick(backend, call.rows))
+        _run(side, functools.partial(merge, ao, al, o, l), (o, l))
+
+
+def step_grads(dout, dlse, q, out, lse, buf, calls, unit, *, hkv, d, softmax_scale, backend,
+               config=DEFAULT):
+    """One step's gradient kernels: ``[(call, dq_s, dk_s, dv_s)]``, in the kernels' dtypes
+    (``dq_s`` covers the call's query rows, ``dk_s`` / ``dv_s`` its key units).
+    ``backend``: a backend name, or ``{"all": name, "back": name}``; ``config``: a
+    :class:`HamiltonConfig`."""
+    half = q.shape[1] // 2
+    grads = []
+    for call in calls:
+        kk, vv = _kv(buf, call, unit, hkv, d, config.contiguous_kv)
+        sl = _rows(call, half)
+        dq_s, dk_s, dv_s = attention_backward(
+            dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl],
+            softmax_scale=softmax_scale, causal=False,
+            dlse=None if dlse is None else dlse[:, :, sl], backend=_pick(backend, call.rows))
+        grads.append((call, dq_s, dk_s, dv_s))
+    return grads
 
 
 def backward_step(dout, dlse, q, out, lse, buf, calls, unit, dq, *, hkv, d, softmax_scale,
@@ -212,19 +304,19 @@ def backward_step(dout, dlse, q, out, lse, buf, calls, unit, dq, *, hkv, d, soft
     """One step's gradient kernels: adds into ``dq``, returns ``[(call, dk, dv)]`` for
     :func:`add_kv_grads` (added once the incoming dK/dV accumulator has arrived).
     ``backend``: a backend name, or ``{"all": name, "back": name}``; ``config``: a
-    :class:`HamiltonConfig`."""
-    half = q.shape[1] // 2
-    grads = []
-    for call in calls:
-        kk, vv = _kv(buf, call, unit, hkv, d, config.contiguous_kv)
-        sl = slice(None) if call.rows == "all" else slice(half, None)
-        dq_s, dk_s, dv_s = attention_backward(
-            dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl],
-            softmax_scale=softmax_scale, causal=False,
-            dlse=None if dlse is None else dlse[:, :, sl], backend=_pick(backend, call.rows))
-        dq[:, sl] += dq_s
-        grads.append((call, dk_s, dv_s))
-    return grads
+    :class:`HamiltonConfig`. (The loop itself uses :func:`step_grads` and
+    :func:`accumulate_step`.)"""
+    grads = step_grads(dout, dlse, q, out, lse, buf, calls, unit, hkv=hkv, d=d,
+                       softmax_scale=softmax_scale, backend=backend, config=config)
+    add_q_grads(dq, grads)
+    return [(call, dk_s, dv_s) for call, _, dk_s, dv_s in grads]
+
+
+def add_q_grads(dq, grads):
+    """``dq[:, rows] += dq_s`` for each ``(call, dq_s, ...)`` of :func:`step_grads`, in order."""
+    half = dq.shape[1] // 2
+    for call, dq_s, *_ in grads:
+        dq[:, _rows(call, half)] += dq_s
 
 
 def add_kv_grads(acc, grads, unit, *, hkv, d):
@@ -235,10 +327,86 @@ def add_kv_grads(acc, grads, unit, *, hkv, d):
         gv += dv_s
 
 
+def init_kv_grads(acc, grads, unit, *, hkv, d):
+    """What ``acc.zero_()`` then :func:`add_kv_grads` gives, in one write of ``acc``: each
+    call's K/V gradients copied into its units (the calls of a step cover disjoint units), the
+    units no call covers zeroed. The same values (``0 + x == x``; only an exact ``-0.0`` of a
+    gradient stays ``-0.0`` where the sum gave ``+0.0``)."""
+    spans = sorted((call.start, call.stop) for call, _, _ in grads)
+    if any(a < b_prev for (_, b_prev), (a, _) in zip(spans, spans[1:])):
+        acc.zero_()  # overlapping calls (no plan makes them): the sum itself
+        add_kv_grads(acc, grads, unit, hkv=hkv, d=d)
+        return
+    for call, dk_s, dv_s in grads:
+        gk, gv = kv_views(acc, call.start * unit, call.stop * unit, hkv, d)
+        gk.copy_(dk_s)
+        gv.copy_(dv_s)
+    pos = 0
+    for a, b in spans + [(acc.shape[0] // unit, None)]:
+        if a > pos:
+            acc[pos * unit:a * unit].zero_()
+        pos = b
+
+
+class DeferredDq:
+    """``HamiltonConfig.defer_dq``: the dq partials of the steps ``1..n-1`` kept in the
+    kernels' dtype and summed once, in the accumulation dtype, by :meth:`sum_into`.
+
+    One slot per kernel call of ``calls`` (a plan's ``calls[1:]``), allocated up front (on the
+    current stream): the front query rows ``[0, L/2)`` of the ``"all"`` calls in one stack,
+    the back rows of every call in another, so each partial is copied once and each stack
+    read once by one ``sum``. Memory: one partial per kernel call, i.e. ``(n - 1)`` tensors
+    ``[B, L, Hq, D]`` in q's dtype with ring (fewer rows where a step has the back half only),
+    up to 1.5x that with TASP (a step with both calls)."""
+
+    def __init__(self, calls, q):
+        b, length, hq, d = q.shape
+        self.half = length // 2
+        kinds = [call.rows for step in calls for call in step]
+        self.n_all = kinds.count("all")
+        self.front = q.new_empty((self.n_all, b, self.half, hq, d))
+        self.back = q.new_empty((len(kinds), b, length - self.half, hq, d))
+        self.i_all = self.i_back = 0
+
+    def keep(self, call, dq_s):
+        """Copy one call's partial into its slots (in step order)."""
+        if call.rows == "all":
+            self.front[self.i_all].copy_(dq_s[:, :self.half])
+            self.back[self.i_all].copy_(dq_s[:, self.half:])
+            self.i_all += 1
+        else:
+            self.back[self.n_all + self.i_back].copy_(dq_s)
+            self.i_back += 1
+
+    def sum_into(self, dq):
+        """``dq`` (accumulation dtype, every row written) = the sum of the kept partials."""
+        torch.sum(self.front, 0, dtype=dq.dtype, out=dq[:, :self.half])
+        torch.sum(self.back, 0, dtype=dq.dtype, out=dq[:, self.half:])
+
+
+def accumulate_step(grads, dq, acc, unit, *, hkv, d, first=False, side=None, dq_parts=None):
+    """The accumulation of one step's :func:`step_grads`, queued on ``side`` (None: inline):
+    each ``dq_s`` into ``dq`` (:func:`add_q_grads`; with ``dq_parts``, a :class:`DeferredDq`:
+    kept there instead) and the K/V gradients into the dK/dV buffer ``acc``
+    (:func:`add_kv_grads`; with ``first``, :func:`init_kv_grads`: ``acc`` need not be
+    zeroed)."""
+    kv = [(call, dk_s, dv_s) for call, _, dk_s, dv_s in grads]
+
+    def work():
+        if dq_parts is None:
+            add_q_grads(dq, grads)
+        else:
+            for call, dq_s, _, _ in grads:
+                dq_parts.keep(call, dq_s)
+        (init_kv_grads if first else add_kv_grads)(acc, kv, unit, hkv=hkv, d=d)
+
+    _run(side, work, [t for g in grads for t in g[1:]])
+
+
 def add_buffer_grads(dk, dv, acc, idx, *, hkv, d):
     """Add the dK/dV accumulator buffer ``acc`` (buffer order, see :func:`_pack`) into the
     local gradients ``dk [B, Lk, Hkv, D]`` / ``dv`` (token order) in place; ``idx``: the
-    buffer's token index (None: the same order)."""
+    buffer's token index (None: the same order). The slow twin of :func:`finish_kv_grads`."""
     gk, gv = kv_views(acc, 0, dk.shape[1], hkv, d)
     if idx is None:
         dk += gk
@@ -248,11 +416,50 @@ def add_buffer_grads(dk, dv, acc, idx, *, hkv, d):
         dv.index_add_(1, idx, gv)
 
 
+def _unit_runs(own_units):
+    """``[(buffer unit, token unit, count)]``: the maximal runs of consecutive buffer units that
+    hold consecutive token units (``plan.own_units``)."""
+    runs = []
+    for i, t in enumerate(own_units):
+        if runs and runs[-1][0] + runs[-1][2] == i and runs[-1][1] + runs[-1][2] == t:
+            runs[-1][2] += 1
+        else:
+            runs.append([i, t, 1])
+    return runs
+
+
+def finish_kv_grads(dk0, dv0, acc, own_units, *, hkv, d, dtypes):
+    """The local ``(dk, dv)`` in ``dtypes``: the step-0 gradients ``dk0`` / ``dv0`` plus the
+    dK/dV buffer ``acc`` (buffer order; ``own_units``: the plan's token unit of each buffer
+    unit), one add per run of units written straight in the output dtype. Bitwise what
+    ``dk0.to(acc.dtype)``, :func:`add_buffer_grads` and ``.to(dtype)`` give (the same sums,
+    rounded once), without the two full-size float32 passes."""
+    lk = dk0.shape[1]
+    h = lk // len(own_units)
+    runs = _unit_runs(own_units)
+    outs = []
+    for g, x, dt in zip(kv_views(acc, 0, lk, hkv, d), (dk0, dv0), dtypes):
+        res = torch.empty(x.shape, dtype=dt, device=x.device)
+        for b, t, m in runs:
+            rows, src = slice(t * h, (t + m) * h), slice(b * h, (b + m) * h)
+            torch.add(x[:, rows], g[:, src], out=res[:, rows])
+        outs.append(res)
+    return tuple(outs)
+
+
+def finish_q_grads(dq, dq0, dtype):
+    """``dq + dq0`` in ``dtype`` (bitwise ``(dq += dq0).to(dtype)``, one pass)."""
+    if dq.dtype == dtype:
+        return dq.add_(dq0)
+    return torch.add(dq, dq0, out=torch.empty(dq.shape, dtype=dtype, device=dq.device))
+
+
 # ---------------------------------------------------------------------------------------------
 # forward and backward loops
 
 
-def _forward(q, k, v, plan, group, softmax_scale, kernels, config):
+def _forward(q, k, v, plan, group, softmax_scale, kernels, config, side=None):
+    """``side``: the :class:`SideStream` of the merges (None: ``config.overlap_merges``'s)."""
     backend = kernels.fwd
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
@@ -260,6 +467,8 @@ def _forward(q, k, v, plan, group, softmax_scale, kernels, config):
         out, lse = attention_forward(q, k, v, softmax_scale=softmax_scale, causal=plan.causal,
                                      backend=backend["diag"])
         return out, lse.to(lse_dtype(q.dtype)), None
+    if side is None:
+        side = SideStream(q.device, config.overlap_merges)
     unit = lk // plan.units
     cur = new_buffer(lk, b, hkv, d, dv, k.dtype, k.device)
     nxt = torch.empty_like(cur)
@@ -272,26 +481,34 @@ def _forward(q, k, v, plan, group, softmax_scale, kernels, config):
             acc_out, acc_lse = out.to(acc_dtype(q.dtype)), lse.to(lse_dtype(q.dtype))
         else:
             forward_step(q, cur, plan.calls[s], unit, acc_out, acc_lse, hkv=hkv, d=d,
-                         softmax_scale=softmax_scale, backend=backend, config=config)
+                         softmax_scale=softmax_scale, backend=backend, config=config,
+                         side=side)
         if h is not None:
             h.wait()
             cur, nxt = nxt, cur
+    side.join()  # the merges have run before the accumulators are read
     return acc_out.to(q.dtype), acc_lse, cur
 
 
 def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, softmax_scale, kernels,
-              config):
+              config, side=None):
+    """``side``: the :class:`SideStream` of the accumulation (None: ``config.overlap_merges``'s).
+    """
     backend = kernels.bwd if dlse is None else kernels.bwd_dlse
     n, lk = plan.n, k.shape[1]
     b, hkv, d, dv = k.shape[0], k.shape[2], k.shape[3], v.shape[3]
     acc = acc_dtype(q.dtype)
-    dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+    if side is None:
+        side = SideStream(q.device, config.overlap_merges and n > 1)
+    parts = DeferredDq(plan.calls[1:], q) if config.defer_dq and n > 1 else None
+    dq = (torch.empty if parts is not None else torch.zeros)(q.shape, dtype=acc,
+                                                               device=q.device)
     h_g = None
     if n > 1:
         unit = lk // plan.units
         # dK/dV accumulators: one is added to and sent back, the other receives the next one
+        # (the first step writes every row of accs[0]: init_kv_grads)
         accs = [new_buffer(lk, b, hkv, d, dv, acc, k.device) for _ in range(2)]
-        accs[0].zero_()
         cur_acc = 0
         spare = [torch.empty_like(kv_last) for _ in range(2 if n > 2 else 0)]
         cur = kv_last  # saved by forward; never written (backward may run twice)
@@ -300,27 +517,31 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, softmax_scale
             if s > 1:  # bring back what this rank held at step s - 1 (not needed at step 0)
                 nxt = spare[s % 2]
                 h_kv = _post(plan.transfers[s - 1], cur, nxt, unit, group, reverse=True)
-            grads = backward_step(dout, dlse, q, out, lse, cur, plan.calls[s], unit, dq,
-                                  hkv=hkv, d=d, softmax_scale=softmax_scale,
-                                  backend=backend, config=config)
+            grads = step_grads(dout, dlse, q, out, lse, cur, plan.calls[s], unit, hkv=hkv,
+                               d=d, softmax_scale=softmax_scale, backend=backend,
+                               config=config)
             if h_g is not None:  # the accumulator of this content from the later steps
-                h_g.wait()
-            add_kv_grads(accs[cur_acc], grads, unit, hkv=hkv, d=d)
-            h_g = _post(plan.transfers[s - 1], accs[cur_acc], accs[1 - cur_acc], unit, group,
-                        reverse=True)
+                h_g.wait()  # (posted on the side stream: this also joins it)
+            accumulate_step(grads, dq, accs[cur_acc], unit, hkv=hkv, d=d, first=s == n - 1,
+                            side=side, dq_parts=parts)
+            h_g = side.post(functools.partial(_post, plan.transfers[s - 1], accs[cur_acc],
+                                              accs[1 - cur_acc], unit, group, reverse=True))
             cur_acc = 1 - cur_acc
             if h_kv is not None:
                 h_kv.wait()
                 cur = nxt
+        if parts is not None:  # queued before the step-0 kernel: it overlaps with it
+            side.run(functools.partial(parts.sum_into, dq))
     dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, softmax_scale=softmax_scale,
                                        causal=plan.causal, dlse=dlse, backend=backend["diag"])
-    dq += dq0
+    side.join()  # dq is complete
+    dq = finish_q_grads(dq, dq0, q.dtype)
     if h_g is None:
-        return dq.to(q.dtype), dk0, dv0
+        return dq, dk0, dv0
     h_g.wait()
-    dk, dv = dk0.to(acc), dv0.to(acc)
-    add_buffer_grads(dk, dv, accs[cur_acc], _token_index(plan, lk, k.device), hkv=hkv, d=d)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    dk, dv = finish_kv_grads(dk0, dv0, accs[cur_acc], plan.own_units, hkv=hkv, d=d,
+                             dtypes=(k.dtype, v.dtype))
+    return dq, dk, dv
 
 
 class _HamiltonAttn(torch.autograd.Function):

@@ -27,11 +27,32 @@ class HamiltonConfig:
     (``longattn.common.kernels``), asked before any communication: with ``False``,
     ``backend="auto"`` skips a backend that refuses the views, and a backend named in
     ``backend=`` that refuses them raises a ``ValueError`` that says so; ``True`` serves it.
+
+    ``overlap_merges`` (the step loop of ``"ring"``, ``"tasp"``, ``"two_level"`` and of
+    :func:`~longattn.hamilton.usp_attn`; not with ``cu_seqlens``): each step's merge
+    (forward) and its dq and dK/dV accumulation (backward) are queued on a CUDA side stream
+    (:class:`longattn.hamilton.attn.SideStream`), so that they run while the next step's
+    kernels compute; the travelling dK/dV buffer is sent from that stream. The same operations
+    in the same order: the results are bitwise those of ``False``. Without CUDA the same code
+    runs the work inline. Default ``False``: not measured yet.
+
+    ``defer_dq`` (the same step loops): the backward keeps each step's dq partial in the
+    kernel's dtype and sums them once, in the accumulation dtype, at the end
+    (:class:`longattn.hamilton.attn.DeferredDq`), instead of a read-modify-write of the
+    float32 dq per kernel call. Another order of the same additions. Memory: one partial per
+    kernel call of steps ``1..n-1``, about ``n - 1`` tensors ``[B, L, Hq, D]`` in q's dtype
+    (at most 1.5x that where causal steps make both of their calls: TASP, two-level).
+    Default ``False``: not measured yet.
+
+    Neither changes a message, so the ranks need not agree on them (they are not among the
+    values a call agrees).
     """
 
     merge_backend: str = "auto"
     contiguous_kv: bool = False
     target: str | None = None
+    overlap_merges: bool = False
+    defer_dq: bool = False
 
     # ``target``: the hardware model ``schedule="auto"`` chooses by (a name in
     # ``longattn.common.topology.ALL_TARGETS``, e.g. "H200-1"): it predicts every strategy's
@@ -43,8 +64,9 @@ class HamiltonConfig:
         if not isinstance(self.merge_backend, str) or self.merge_backend not in MERGE_BACKENDS:
             raise ValueError(f"merge_backend must be one of {MERGE_BACKENDS}, got "
                              f"{self.merge_backend!r}")
-        if not isinstance(self.contiguous_kv, bool):
-            raise TypeError(f"contiguous_kv must be a bool, got {self.contiguous_kv!r}")
+        for name in ("contiguous_kv", "overlap_merges", "defer_dq"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.target is not None:
             from longattn.common.topology import ALL_TARGETS
 
