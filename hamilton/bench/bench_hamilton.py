@@ -10,13 +10,24 @@ What runs: exactly what ``hamilton_attn`` does on one rank, minus the messages. 
 causal attention of the local q/k/v; steps 1..n-1 call :func:`longattn.hamilton.attn.forward_step`
 on a KV buffer laid out as the real loop holds it (``plan.calls[s]``: all of q against the
 front half of the received block, or the back half of q against the whole block), and the
-backward runs :func:`backward_step` and :func:`add_kv_grads` per step and the step-0
-backward. Kernels through ``longattn.common.kernels`` with ``backend="auto"`` (``aten``:
-cuDNN on CUDA). Three variants:
+backward runs :func:`step_grads` and :func:`accumulate_step` per step, the step-0 backward and
+the tails (:func:`finish_q_grads`, :func:`finish_kv_grads`), in the loop's order, with its side
+stream (:class:`SideStream`) and its joins. Kernels through ``longattn.common.kernels`` with
+``backend="auto"`` (``aten``: cuDNN on CUDA). Variants:
 
 * ``kernels``  -- only the attention kernel calls, back to back (the target's definition);
 * ``+merge``   -- everything the rank computes, with the shared ``merge_partials_``;
-* ``+fused``   -- the same with ``merge_partials_`` under ``torch.compile`` (fused elementwise).
+* ``+merge overlap`` -- the same with ``HamiltonConfig(overlap_merges=True)``: the merges and
+  the gradient accumulation on a side stream, overlapping the next step's kernels;
+* ``+merge defer_dq`` -- ``defer_dq=True``: dq partials kept, summed once at the end;
+* ``+merge overlap defer_dq`` -- both;
+* ``+fused``   -- ``+merge`` with ``merge_partials_`` under ``torch.compile`` (fused
+  elementwise).
+
+``--variants`` picks the ``+merge`` family (default ``merge,overlap,overlap+defer``). Each
+variant's first call is compared with ``+merge``'s on the same data (the same random inputs
+per rank): ``overlap`` must give the same bits (a difference would be a race), ``defer_dq``
+sums dq in another order (its largest relative difference is printed).
 
 Baselines in the same run, alternated with the contenders (``bench.time_interleaved``): cuDNN
 SDPA (``sdpa_kernel(CUDNN_ATTENTION)``) causal over all ``n * L`` tokens, divided by ``n``;
@@ -29,6 +40,7 @@ step (``plan.unit_labels``), forward and backward, is compared with the float64 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -46,17 +58,28 @@ from longattn.common.merge import merge_partials_
 from longattn.hamilton import HamiltonConfig
 from longattn.hamilton.args import resolve_schedule
 from longattn.hamilton.attn import (
+    DeferredDq,
+    SideStream,
     _pack,
     _token_index,
-    add_buffer_grads,
-    add_kv_grads,
-    backward_step,
+    accumulate_step,
+    finish_kv_grads,
+    finish_q_grads,
     forward_step,
+    step_grads,
 )
 from longattn.hamilton.plan import kv_views, make_plan, new_buffer, unit_labels
 from longattn.hamilton.schedules import multi_ring_schedule, ring_schedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# --variants: name -> (mode printed, HamiltonConfig fields over the run's config)
+VARIANTS = {"merge": ("+merge", {}),
+            "overlap": ("+merge overlap", {"overlap_merges": True}),
+            "defer": ("+merge defer_dq", {"defer_dq": True}),
+            "overlap+defer": ("+merge overlap defer_dq", {"overlap_merges": True,
+                                                          "defer_dq": True})}
+DEFAULT_VARIANTS = "merge,overlap,overlap+defer"
 
 
 def _schedule(name, n):
@@ -68,7 +91,8 @@ def _schedule(name, n):
 
 
 def check(device, dtype, n, length, heads, dim, sched_name, causal=True, config=None):
-    """Max relative error over out, lse, dq, dk, dv of the simulated n-rank run (global)."""
+    """Max relative error over out, lse, dq, dk, dv of the simulated n-rank run (global), and
+    the global results (``{"out", "lse", "dq", "dk", "dv"}``, float64 on the CPU)."""
     config = HamiltonConfig() if config is None else config
     from longattn.reference import attention, causal_mask
     from longattn.reference import attention_backward as ref_backward
@@ -109,32 +133,41 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True, config=
     scale = dim ** -0.5
     for r in range(n):
         ql, kl, vl, dol = loc[r]
+        side = SideStream(device, config.overlap_merges)
         o0, l0 = attention_forward(ql, kl, vl, softmax_scale=scale, causal=causal)
         acc_out, acc_lse = o0.float(), l0.float()
         for s in range(1, n):
             forward_step(ql, step_buffer(s, r), plans[r].calls[s], unit, acc_out, acc_lse,
-                         hkv=heads, d=dim, softmax_scale=scale, backend="auto", config=config)
+                         hkv=heads, d=dim, softmax_scale=scale, backend="auto", config=config,
+                         side=side)
+        side.join()
         out = acc_out.to(dtype)
+        parts = DeferredDq(plans[r].calls[1:], ql) if config.defer_dq else None
         dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
         for s in range(n - 1, 0, -1):
-            gbuf = torch.zeros_like(gacc[0])
-            grads = backward_step(dol, None, ql, out, acc_lse, step_buffer(s, r),
-                                  plans[r].calls[s], unit, dq, hkv=heads, d=dim,
-                                  softmax_scale=scale, backend="auto", config=config)
-            add_kv_grads(gbuf, grads, unit, hkv=heads, d=dim)
+            gbuf = torch.empty_like(gacc[0])  # written whole (first=True)
+            grads = step_grads(dol, None, ql, out, acc_lse, step_buffer(s, r),
+                               plans[r].calls[s], unit, hkv=heads, d=dim, softmax_scale=scale,
+                               backend="auto", config=config)
+            accumulate_step(grads, dq, gbuf, unit, hkv=heads, d=dim, first=True, side=side,
+                            dq_parts=parts)
+            side.join()  # gbuf is read here
             for u, (o, ou) in enumerate(labels[s][r]):
                 gacc[o][ou * unit:(ou + 1) * unit] += gbuf[u * unit:(u + 1) * unit]
+        if parts is not None:
+            side.run(functools.partial(parts.sum_into, dq))
         dq0, dk0, dv0 = attention_backward(dol, ql, kl, vl, out, acc_lse, softmax_scale=scale,
                                            causal=causal)
+        side.join()
         outs.append(out)
         lses.append(acc_lse)
-        dqs.append(dq + dq0)
-        dk0s.append(dk0.float())
-        dv0s.append(dv0.float())
+        dqs.append(finish_q_grads(dq, dq0, torch.float32))
+        dk0s.append(dk0)
+        dv0s.append(dv0)
     dks, dvs = [], []
     for r in range(n):
-        dk, dv = dk0s[r].clone(), dv0s[r].clone()
-        add_buffer_grads(dk, dv, gacc[r], idx, hkv=heads, d=dim)
+        dk, dv = finish_kv_grads(dk0s[r], dv0s[r], gacc[r], plans[r].own_units, hkv=heads,
+                                 d=dim, dtypes=(torch.float32, torch.float32))
         dks.append(dk)
         dvs.append(dv)
 
@@ -150,10 +183,23 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True, config=
 
     from longattn.common.testing import rel_error
 
-    errs = {"out": rel_error(glob_of(outs), out_r), "lse": rel_error(glob_of(lses, 2), lse_r),
-            "dq": rel_error(glob_of(dqs), dq_r), "dk": rel_error(glob_of(dks), dk_r),
-            "dv": rel_error(glob_of(dvs), dv_r)}
-    return errs
+    got = {"out": glob_of(outs), "lse": glob_of(lses, 2), "dq": glob_of(dqs),
+           "dk": glob_of(dks), "dv": glob_of(dvs)}
+    ref = {"out": out_r, "lse": lse_r, "dq": dq_r, "dk": dk_r, "dv": dv_r}
+    return {key: rel_error(got[key], ref[key]) for key in got}, got
+
+
+def compare(got, base):
+    """``(same bits, largest relative difference)`` of two result dicts (tensors or None)."""
+    if got is None or base is None:
+        return None, None
+    same, worst = True, 0.0
+    for key in base:
+        a, b = got[key], base[key]
+        same = same and torch.equal(a, b)
+        norm = float(b.double().norm())
+        worst = max(worst, float((a.double() - b.double()).norm()) / (norm or 1.0))
+    return same, worst
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,8 +207,10 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True, config=
 
 
 def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode, config):
-    """(fwd, fwd_bwd) closures running rank ``rank``'s compute; ``mode`` in kernels / +merge /
-    +fused."""
+    """(fwd, fwd_bwd) closures running rank ``rank``'s compute; ``mode`` is ``kernels``,
+    ``+fused`` or a ``+merge`` variant (its options are ``config``'s). Both return the rank's
+    results (``{"out"}``, ``{"dq", "dk", "dv"}``; None for ``kernels``), the same data for
+    every mode of a rank."""
     sched = _schedule(sched_name, n)
     plan = make_plan(sched, rank, True)
     unit = length // plan.units
@@ -179,10 +227,6 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode, 
     out, lse = o0, l0.float()
     accs = [torch.zeros(length, 1, heads * 2 * dim, dtype=torch.float32, device=device)
             for _ in range(2)]
-    dq = torch.zeros(q.shape, dtype=torch.float32, device=device)
-    dk_acc, dv_acc = (torch.zeros(1, length, heads, dim, dtype=torch.float32, device=device)
-                      for _ in range(2))
-    idx = _token_index(plan, length, device)
     half = length // 2
 
     def fwd():
@@ -193,12 +237,15 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode, 
                     kk, vv = kv_views(buf, call.start * unit, call.stop * unit, heads, dim)
                     qs = q if call.rows == "all" else q[:, half:]
                     attention_forward(qs, kk, vv, softmax_scale=scale, causal=False)
-            return o
+            return None
+        side = SideStream(device, config.overlap_merges)
         acc_out, acc_lse = o.float(), l.float()
         for s in range(1, n):
             forward_step(q, buf, plan.calls[s], unit, acc_out, acc_lse, hkv=heads, d=dim,
-                         softmax_scale=scale, backend="auto", config=config, merge=merge)
-        return acc_out.to(dtype)
+                         softmax_scale=scale, backend="auto", config=config, merge=merge,
+                         side=side)
+        side.join()
+        return {"out": acc_out.to(dtype)}
 
     def bwd():
         if mode == "kernels":
@@ -209,26 +256,34 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode, 
                     attention_backward(dout[:, sl], q[:, sl], kk, vv, out[:, sl],
                                        lse[:, :, sl], softmax_scale=scale, causal=False)
             attention_backward(dout, q, k, v, out, lse, softmax_scale=scale, causal=True)
-            return
-        dq.zero_()
-        accs[0].zero_()
+            return None
+        # the order of attn._backward, without its messages
+        side = SideStream(device, config.overlap_merges)
+        parts = DeferredDq(plan.calls[1:], q) if config.defer_dq else None
+        dq = (torch.empty if parts is not None else torch.zeros)(q.shape, dtype=torch.float32,
+                                                                   device=device)
         cur = 0
         for s in range(n - 1, 0, -1):
-            grads = backward_step(dout, None, q, out, lse, buf, plan.calls[s], unit, dq,
-                                  hkv=heads, d=dim, softmax_scale=scale, backend="auto",
-                                  config=config)
-            add_kv_grads(accs[cur], grads, unit, hkv=heads, d=dim)
+            grads = step_grads(dout, None, q, out, lse, buf, plan.calls[s], unit, hkv=heads,
+                               d=dim, softmax_scale=scale, backend="auto", config=config)
+            if s < n - 1:
+                side.join()  # the loop's h_g.wait() (its message was posted from the side)
+            accumulate_step(grads, dq, accs[cur], unit, hkv=heads, d=dim, first=s == n - 1,
+                            side=side, dq_parts=parts)
             cur = 1 - cur  # the real loop sends this one back and receives into the other
+        if parts is not None:
+            side.run(functools.partial(parts.sum_into, dq))
         dq0, dk0, dv0 = attention_backward(dout, q, k, v, out, lse, softmax_scale=scale,
                                            causal=True)
-        dq.add_(dq0)
-        dk_acc.copy_(dk0)
-        dv_acc.copy_(dv0)
-        add_buffer_grads(dk_acc, dv_acc, accs[cur], idx, hkv=heads, d=dim)
+        side.join()
+        dq = finish_q_grads(dq, dq0, dtype)
+        dk, dv = finish_kv_grads(dk0, dv0, accs[cur], plan.own_units, hkv=heads, d=dim,
+                                 dtypes=(dtype, dtype))
+        return {"dq": dq, "dk": dk, "dv": dv}
 
     def fwd_bwd():
         fwd()
-        bwd()
+        return bwd()
 
     return fwd, fwd_bwd
 
@@ -329,7 +384,11 @@ def main(argv=None):
     p.add_argument("--no-flex", action="store_true")
     p.add_argument("--no-fused", action="store_true", help="skip the torch.compile'd merge")
     p.add_argument("--merge-backend", default="auto", choices=["auto", "torch", "triton"],
-                   help="HamiltonConfig.merge_backend of the +merge variant")
+                   help="HamiltonConfig.merge_backend of the +merge variants")
+    p.add_argument("--variants", default=DEFAULT_VARIANTS,
+                   help="comma-separated +merge variants to time, of " + ", ".join(VARIANTS)
+                        + f" (default {DEFAULT_VARIANTS}): HamiltonConfig's overlap_merges / "
+                        "defer_dq")
     p.add_argument("--contiguous-kv", action="store_true",
                    help="HamiltonConfig(contiguous_kv=True): contiguous K/V copies per call")
     p.add_argument("--step-sweep", action="store_true",
@@ -351,7 +410,14 @@ def main(argv=None):
         resolve_schedule(_schedule(a.schedule, n), n, length, True)
     except ValueError as e:
         p.error(f"--tokens {length}: {e}")
+    variants = [v.strip() for v in a.variants.split(",") if v.strip()]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad or not variants:
+        p.error(f"--variants: {bad or a.variants!r} not among {', '.join(VARIANTS)}")
     config = HamiltonConfig(merge_backend=a.merge_backend, contiguous_kv=a.contiguous_kv)
+    # mode -> its HamiltonConfig (kernels and +fused: the run's config)
+    configs = {VARIANTS[v][0]: dataclasses.replace(config, **VARIANTS[v][1])
+               for v in dict.fromkeys(variants)}
     print(f"device: {bench.device_name(device)}; torch {torch.__version__}; {n} ranks x {length} "
           f"tokens, H={heads}, D={dim}, bf16, schedule {a.schedule} (causal, zigzag)")
     probe = torch.zeros(1, 8, heads, dim, device=device, dtype=dtype)
@@ -359,20 +425,37 @@ def main(argv=None):
     results, rows = [], []
     t_start = time.time()
 
-    # 1. correctness on a small case (every rank simulated, forward and backward)
+    # 1. correctness on a small case (every rank simulated, forward and backward), per
+    # variant; a variant without defer_dq must give +merge's bits
     for sched_name in dict.fromkeys([a.schedule, "ring"]):
         clen = 12 if a.smoke else (16 * 2 * (n - 1) if sched_name == "tasp" else 128)
-        try:
-            errs = check(device, dtype, n, clen, 2 if a.smoke else 4, dim, sched_name,
-                         config=config)
-            ok = max(errs.values()) <= 2e-2
-            print(f"correctness ({sched_name}, {n} ranks, bf16 vs float64 oracle): "
-                  + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
-                  + ("  OK" if ok else "  FAILED"))
-            results.append(bench.result("hamilton", f"correctness {sched_name}", median_ms=None,
-                                        device=device, dtype=dtype, errors=errs, ok=ok))
-        except Exception:  # noqa: BLE001
-            print(f"correctness check {sched_name} failed:\n" + traceback.format_exc())
+        base, noise = None, True
+        for mode, cfg in configs.items():
+            try:
+                errs, got = check(device, dtype, n, clen, 2 if a.smoke else 4, dim,
+                                  sched_name, config=cfg)
+                if mode == "+merge":  # twice: are the kernels deterministic here?
+                    base = got
+                    noise = compare(check(device, dtype, n, clen, 2 if a.smoke else 4, dim,
+                                          sched_name, config=cfg)[1], base)[0]
+                same, diff = compare(got, base) if mode != "+merge" else (None, None)
+                ok = (max(errs.values()) <= 2e-2
+                      and (same is not False or cfg.defer_dq or not noise))
+                print(f"correctness ({sched_name}, {n} ranks, {mode}, bf16 vs float64 oracle): "
+                      + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+                      + (f"; a second run gives the same bits: {noise}" if mode == "+merge"
+                         else "" if same is None else
+                         f"; same bits as +merge: {same} (largest rel diff {diff:.1e})")
+                      + ("  OK" if ok else "  FAILED"))
+                results.append(bench.result(
+                    "hamilton", f"correctness {sched_name}"
+                    + ("" if mode == "+merge" else f" {mode}"), median_ms=None,
+                    device=device, dtype=dtype, errors=errs, ok=ok, variant=mode,
+                    same_bits_as_merge=same, rel_diff_to_merge=diff,
+                    deterministic=noise if mode == "+merge" else None))
+            except Exception:  # noqa: BLE001
+                print(f"correctness check {sched_name} {mode} failed:\n"
+                      + traceback.format_exc())
 
     # 2. timings
     contenders = {}
@@ -380,19 +463,49 @@ def main(argv=None):
                                          not a.no_flex).items():
         contenders[(name, "fwd")] = f
         contenders[(name, "fwd+bwd")] = fb
-    modes = ["kernels", "+merge"] + ([] if a.no_fused else ["+fused"])
+    modes = ["kernels", *configs] + ([] if a.no_fused else ["+fused"])
     ranks = sorted({0, n // 2, n - 1})
-    for mode in modes:
-        for r in ranks:
+    for r in ranks:
+        base = None  # +merge's results on this rank's data
+        noise = (True, True)  # whether a second +merge sequence gave +merge's bits
+        for mode in modes:
             try:
                 f, fb = make_sequence(device, dtype, n, length, heads, dim, r, a.schedule,
-                                      mode, config)
-                f()
-                fb()  # warm-up (and compilation of the fused merge) outside the timings
+                                      mode, configs.get(mode, config))
+                # warm-up (and compilation of the fused merge) outside the timings; the
+                # first calls' results are compared with +merge's
+                got = f(), fb()
+                if mode == "+merge":
+                    base = got
+                    # the kernels may not be deterministic (atomics): a second +merge
+                    # sequence on the same data says what "the same bits" can mean here
+                    f2, fb2 = make_sequence(device, dtype, n, length, heads, dim, r,
+                                            a.schedule, mode, configs[mode])
+                    again = f2(), fb2()
+                    del f2, fb2
+                if mode in configs and base is not None:
+                    other = again if mode == "+merge" else got
+                    (sf, df), (sb, db) = compare(other[0], base[0]), compare(other[1], base[1])
+                    if mode == "+merge":
+                        noise = (sf, sb)
+                        del again
+                    del other
+                    race = (not configs[mode].defer_dq and mode != "+merge"
+                            and ((noise[0] and not sf) or (noise[1] and not sb)))
+                    what = "a second +merge" if mode == "+merge" else mode
+                    print(f"rank{r} {what}: same bits as +merge: fwd {sf}, fwd+bwd {sb} "
+                          f"(largest rel diff {df:.1e}, {db:.1e})" + ("  RACE?" if race else ""))
+                    results.append(bench.result(
+                        "hamilton", f"rank{r} {mode} vs +merge", median_ms=None,
+                        device=device, dtype=dtype, variant=mode, same_bits_fwd=sf,
+                        same_bits_fwd_bwd=sb, rel_diff_fwd=df, rel_diff_fwd_bwd=db,
+                        race=race))
+                del got
                 contenders[(f"rank{r} {mode}", "fwd")] = f
                 contenders[(f"rank{r} {mode}", "fwd+bwd")] = fb
             except Exception:  # noqa: BLE001
                 print(f"sequence rank {r} {mode} failed:\n" + traceback.format_exc())
+        del base
     times = {}
     for direction in ("fwd", "fwd+bwd"):
         # alternate the contenders round by round (GPUs slow down under sustained load)
@@ -416,18 +529,23 @@ def main(argv=None):
                "dense/n ms": per_rank if name not in (base, "flex") else ms / n,
                "efficiency": eff}
         rows.append(row)
+        mode = name.split(" ", 1)[1] if name.startswith("rank") else None
+        opts = {} if mode not in configs else {
+            "overlap_merges": configs[mode].overlap_merges, "defer_dq": configs[mode].defer_dq}
         results.append(bench.result(
             "hamilton", f"{direction} {name}", median_ms=ms, device=device, dtype=dtype,
             shape={"ranks": n, "tokens_per_rank": length, "heads": heads, "head_dim": dim,
                    "batch": 1}, schedule=a.schedule, efficiency=eff,
-            dense_over_n_ms=per_rank, baseline=base))
+            dense_over_n_ms=per_rank, baseline=base, variant=mode, **opts))
     print(bench.format_table(rows))
+    width = max(map(len, modes))
     for direction in ("fwd", "fwd+bwd"):
         for mode in modes:
             effs = [r["efficiency"] for r in rows if r["dir"] == direction
-                    and r["contender"].endswith(mode) and r["efficiency"] is not None]
+                    and r["contender"].split(" ", 1)[-1] == mode
+                    and r["efficiency"] is not None]
             if effs:
-                print(f"efficiency {direction:8s} {mode:8s}: worst rank {min(effs):.3f}, "
+                print(f"efficiency {direction:8s} {mode:{width}s}: worst rank {min(effs):.3f}, "
                       f"best {max(effs):.3f} (dense {base} / {n} over the rank's sequence)")
     path = bench.write_results(results, os.path.join(out_dir, "bench_hamilton.json"))
     print(f"wrote {path} ({time.time() - t_start:.0f} s)")
