@@ -463,14 +463,11 @@ def test_varlen_bad_arguments(fake):
 
 
 def _probe():
-    import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "check_cudnn_ragged.py"
-    spec = importlib.util.spec_from_file_location("check_cudnn_ragged", path)
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
-    return probe
+    from longattn.common.testing import load_script
+
+    return load_script(Path(__file__).resolve().parents[1] / "bench" / "check_cudnn_ragged.py")
 
 
 def test_probe_reference_is_the_oracle():

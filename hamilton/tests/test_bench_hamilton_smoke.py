@@ -4,19 +4,16 @@ every simulated rank beside the kernels-only sequence and the dense baseline."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from longattn.common.testing import load_script
+
 
 def _bench():
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_hamilton.py"
-    spec = importlib.util.spec_from_file_location("bench_hamilton", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(Path(__file__).resolve().parents[1] / "bench" / "bench_hamilton.py")
 
 
 def test_bench_hamilton_smoke_variants(tmp_path, capsys):

@@ -542,37 +542,41 @@ def test_readme_packed_quick_start():
 
 def _bench_module(name):
     """hamilton/bench/bench_packed.py loaded as module ``name``."""
-    import importlib.util
+    from longattn.common.testing import load_script
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_packed.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(Path(__file__).resolve().parents[1] / "bench" / "bench_packed.py", name)
 
 
 def test_bench_smoke(tmp_path, capsys):
     """bench_packed.py --smoke: the simulated 4-rank run matches the oracle and every rank's
     timings land in the JSON."""
-    import json
 
     mod = _bench_module("bench_packed")
     mod.main(["--smoke", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "bench_packed.json").read_text())
+    check_bench_smoke(tmp_path)
+    assert "efficiency fwd+bwd" in capsys.readouterr().out
+
+
+def check_bench_smoke(out_dir):
+    """bench_packed.json of a --smoke run: the correctness row passed and every rank's
+    sequences were timed. Returns the rows."""
+    import json
+
+    data = json.loads((out_dir / "bench_packed.json").read_text())
     check = [r for r in data if r["what"] == "packed correctness [auto]"]
     assert check and check[0]["extra"]["ok"], check
     timed = {r["what"] for r in data if r["median_ms"] is not None}
     for rank in range(4):
         for mode in ("calls", "+merge"):
             assert f"packed fwd+bwd rank{rank} {mode}" in timed, timed
-    assert "efficiency fwd+bwd" in capsys.readouterr().out
+    return data
 
 
 # ---------------------------------------------------------------------------------------------
 # NaN rows and large logits
 
 
-def _packed_rank(rank, world, cases):
+def _packed_rank(rank, world, cases, schedule="auto"):
     """Per case, this rank's out, lse and (if the case asks) gradients; None outside the
     group."""
     _group(1)
@@ -585,7 +589,7 @@ def _packed_rank(rank, world, cases):
         ql, kl, vl = (shard(t, group=group, causal=causal, cu_seqlens=cu).requires_grad_()
                       for t in (q, k, v))
         out, lse = hamilton_attn(ql, kl, vl, group=group, causal=causal, softmax_scale=scale,
-                                 return_lse=True, cu_seqlens=cu)
+                                 return_lse=True, schedule=schedule, cu_seqlens=cu)
         loss = (out * shard(dout, group=group, causal=causal, cu_seqlens=cu)).sum()
         loss.backward()
         res.append({"out": out.detach(), "lse": lse.detach(), "dq": ql.grad, "dk": kl.grad,

@@ -32,7 +32,7 @@ from test_hamilton_packed import (
 from longattn.common.comm import counting
 from longattn.common.dtypes import acc_dtype
 from longattn.common.testing import run_world
-from longattn.hamilton import hamilton_attn, packed_layout, shard, unshard
+from longattn.hamilton import hamilton_attn, packed_layout
 from longattn.hamilton import packed_allgather as _pag
 from longattn.hamilton.packing import TILE, call_tiles, make_allgather_plan
 
@@ -283,25 +283,6 @@ def test_traffic_and_calls():
 # NaN rows
 
 
-def _nan_rank(rank, world, cases):
-    _group(1)
-    res = []
-    for n, causal, cu, q, k, v, dout in cases:
-        if rank >= n:
-            res.append(None)
-            continue
-        group = _group(n)
-        ql, kl, vl = (shard(t, group=group, causal=causal, cu_seqlens=cu).requires_grad_()
-                      for t in (q, k, v))
-        out, lse = hamilton_attn(ql, kl, vl, group=group, causal=causal, return_lse=True,
-                                 schedule="allgather", cu_seqlens=cu)
-        loss = (out * shard(dout, group=group, causal=causal, cu_seqlens=cu)).sum()
-        loss.backward()
-        res.append({"out": out.detach(), "lse": lse.detach(), "dq": ql.grad, "dk": kl.grad,
-                    "dv": vl.grad, "loss": float(loss.detach())})
-    return res
-
-
 def test_nan_in_a_key_makes_exactly_its_rows_nan():
     """One NaN in one key: exactly the query rows the document mask lets see it are NaN (out
     and lse), the others equal the float64 oracle; the gradients stay finite outside the key's
@@ -327,12 +308,10 @@ def test_nan_in_a_key_makes_exactly_its_rows_nan():
         cases.append((n, causal, cu, q, k, v, dout))
         masks.append(document_mask(cu.numpy(), causal=causal))
         ats.append(at)
-    per_rank = run_world(WORLD, _nan_rank, cases, timeout=300)
+    per_rank = run_world(WORLD, _packed._packed_rank, [c + (None,) for c in cases],
+                         "allgather", timeout=300)
     for i, (n, causal, cu, q, k, v, dout) in enumerate(cases):
-        parts = [per_rank[r][i] for r in range(n)]
-        got = {key: unshard([p[key] for p in parts], causal=causal, cu_seqlens=cu,
-                            dim=2 if key == "lse" else 1)
-               for key in ("out", "lse", "dq", "dk", "dv")}
+        got, losses = _packed._gathered(per_rank, i, n, causal, cu)
         args = [t.numpy() for t in (q, k, v)]
         out, lse = attention(*args, mask=masks[i])
         dq, dk, dv = attention_backward(dout.numpy(), *args, mask=masks[i])
@@ -354,7 +333,7 @@ def test_nan_in_a_key_makes_exactly_its_rows_nan():
                 assert not got[key][0, ~inside].isnan().any(), what
             fin = ~ref[key].isnan()
             assert torch.allclose(got[key][fin], ref[key][fin], rtol=1e-10, atol=1e-12), what
-        assert np.isnan(sum(p["loss"] for p in parts))
+        assert np.isnan(sum(losses))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -448,17 +427,10 @@ def test_bench_smoke_allgather(tmp_path, capsys):
     """bench_packed.py --smoke --schedule allgather: the simulated 4-rank run matches the
     oracle, every rank's timings land in the JSON, and the layout line gives both strategies'
     counts."""
-    import json
 
     mod = _bench_module("bench_packed_allgather")
     mod.main(["--smoke", "--schedule", "allgather", "--out", str(tmp_path)])
-    data = json.loads((tmp_path / "bench_packed.json").read_text())
-    check = [r for r in data if r["what"] == "packed correctness [auto]"]
-    assert check and check[0]["extra"]["ok"], check
-    timed = {r["what"] for r in data if r["median_ms"] is not None}
-    for rank in range(4):
-        for mode in ("calls", "+merge"):
-            assert f"packed fwd+bwd rank{rank} {mode}" in timed, timed
+    data = _packed.check_bench_smoke(tmp_path)
     out = capsys.readouterr().out
     assert "efficiency fwd+bwd" in out
     assert "allgather per rank (calls/(segment, step) pairs with keys/128x128 tiles/query " \

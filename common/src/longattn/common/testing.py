@@ -404,3 +404,17 @@ def readme_python_blocks(readme, section: str = "Quick start") -> list[str]:
         raise ValueError(f"{readme} has no '## {section}' section")
     body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+def load_script(path, name: str | None = None):
+    """The Python file ``path`` (a benchmark or probe script, not a package module) loaded as
+    module ``name`` (default: its file name without ``.py``), for tests that call its
+    functions or its ``main``."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
