@@ -511,8 +511,10 @@ def test_probe_checks_run_on_the_stand_in(fake, monkeypatch):
     assert not row["ok"] and row["path"] == "fell back" and "no engine" in row["refused"]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the no-CUDA path")
-def test_probe_without_cuda_skips(tmp_path, capsys):
+def test_probe_without_cuda_skips(tmp_path, capsys, monkeypatch):
+    """Where CUDA is missing the probe says it skipped and succeeds (checked on any machine:
+    CUDA is hidden)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _probe().main(["--smoke", "--out", str(tmp_path)]) == 0
     assert "skipped" in capsys.readouterr().out
 

@@ -406,15 +406,20 @@ def _call(me: _Rank, kpos, kdoc, total, causal, diag) -> KernelCall | None:
     kidx = np.concatenate([order[lo[i]:hi[i]] for i in range(first, stop)])
     lq = np.diff(seg)[first:stop]
     nk = nk[first:stop]
-    if diag and causal:
-        pairs = int(np.sum(lq * (nk - lq) + lq * (lq + 1) // 2))
-    else:
-        pairs = int(np.sum(lq * nk))
+    pairs = _pairs(lq, nk, diag and causal)
     cu_q = tuple(int(x) for x in np.concatenate([[0], np.cumsum(lq)]))
     cu_k = tuple(int(x) for x in np.concatenate([[0], np.cumsum(nk)]))
     if len(kidx) == len(kpos) and np.array_equal(kidx, np.arange(len(kpos))):
         kidx = None
     return KernelCall(int(seg[first]), int(seg[stop]), cu_q, cu_k, kidx, causal and diag, pairs)
+
+
+def _pairs(lq, nk, causal: bool) -> int:
+    """(query, key) pairs of a varlen call of ``lq`` queries and ``nk`` keys per sequence:
+    bottom-right causal (``lq <= nk``) or all of them."""
+    if causal:
+        return int(np.sum(lq * (nk - lq) + lq * (lq + 1) // 2))
+    return int(np.sum(lq * nk))
 
 
 def _slot_rows(per: int, k: int, c: int) -> np.ndarray:
@@ -561,10 +566,7 @@ def _allgather_plan(cu: tuple, n: int, rank: int, causal: bool,
     # the key positions: segment j's range [start_j, stop_j), the ranges one after the other
     kpos = np.arange(int(nk.sum())) - np.repeat(np.cumsum(nk) - nk - start, nk)
     kidx = row[kpos]
-    if causal:  # lq <= nk: the segment is the last lq of its keys
-        pairs = int(np.sum(lq * (nk - lq) + lq * (lq + 1) // 2))
-    else:
-        pairs = int(np.sum(lq * nk))
+    pairs = _pairs(lq, nk, causal)  # causal: lq <= nk, the segment is the last lq keys
     if len(kidx) == n * per and np.array_equal(kidx, np.arange(n * per)):
         kidx = None
     cu_k = tuple(int(x) for x in np.concatenate([[0], np.cumsum(nk)]))
