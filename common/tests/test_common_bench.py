@@ -159,4 +159,6 @@ def test_git_sha_marks_edits(tmp_path, monkeypatch):
     clean = B.git_sha()
     assert clean and not clean.endswith("+dirty")
     (tmp_path / "a.py").write_text("x = 2\n")
+    assert B.git_sha() == clean  # asked once per directory and process
+    B._git_sha.cache_clear()
     assert B.git_sha() == clean + "+dirty"

@@ -12,6 +12,7 @@ Result schema (one JSON object per measurement; :func:`result` builds it):
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -81,14 +82,21 @@ def device_name(device=None) -> str:
 
 def git_sha() -> str | None:
     """The checkout's commit, with ``+dirty`` when tracked files differ from it (a working tree
-    copied to another machine keeps the commit it started from, not the edits on top)."""
+    copied to another machine keeps the commit it started from, not the edits on top). Asked
+    of git once per working directory and process: every row of a run names the same tree."""
+    return _git_sha(os.getcwd())
+
+
+@functools.cache
+def _git_sha(cwd: str) -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, check=False)
+                             text=True, timeout=5, check=False, cwd=cwd)
         sha = out.stdout.strip() or None
         if sha:
             diff = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                  capture_output=True, text=True, timeout=10, check=False)
+                                  capture_output=True, text=True, timeout=10, check=False,
+                                  cwd=cwd)
             sha += "+dirty" if diff.stdout.strip() else ""
         return sha
     except (OSError, subprocess.SubprocessError):
