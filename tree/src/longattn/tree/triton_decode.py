@@ -30,6 +30,7 @@ import math
 import torch
 
 from longattn.common.dtypes import lse_dtype
+from longattn.common.kernels import host_to_device
 from longattn.common.merge import finish_rows
 
 try:
@@ -351,10 +352,8 @@ def decode(q, k, v, *, softmax_scale: float, right: int = -1, block_n=None, num_
 def _row_tables(b, device, seqlens, rights, starts, skips, items):
     """The kernel's per-row int32 tables (``seqlens``, ``rights``, ``starts``, the skipped
     slots' ``lo`` and ``hi``, each ``[B]``) and the itemized launch's row offsets ``items``, as
-    views of one device tensor. Host lists travel in one copy from pinned memory that does not
-    wait for the GPU: a copy from pageable memory synchronises the host with the stream, and a
-    decode step that waits for the GPU before each launch leaves the GPU idle while the host
-    launches the rest."""
+    views of one device tensor. Host lists travel in one copy that does not make the host wait
+    for the GPU (:func:`longattn.common.kernels.host_to_device`)."""
     parts = [seqlens, rights, starts, skips]
     if any(isinstance(x, torch.Tensor) for x in parts):  # device tensors: no host copy at all
         seq_t, rgt_t, sta_t = (torch.as_tensor(x, dtype=torch.int32, device=device)
@@ -371,10 +370,8 @@ def _row_tables(b, device, seqlens, rights, starts, skips, items):
     if {len(x) for x in lists} != {b}:
         raise ValueError(f"seqlens, rights, starts and skips must hold {b} entries (one per "
                          f"batch row), got {[len(x) for x in lists[:4]]}")
-    host = torch.tensor([int(x) for x in itertools.chain(*lists, items)], dtype=torch.int32)
-    if device.type == "cuda":
-        host = host.pin_memory()
-    flat = host.to(device, non_blocking=True)
+    flat = host_to_device(
+        torch.tensor([int(x) for x in itertools.chain(*lists, items)], dtype=torch.int32), device)
     return (*flat[:5 * b].view(5, b).unbind(0), flat[5 * b:])
 
 

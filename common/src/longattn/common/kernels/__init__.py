@@ -101,6 +101,17 @@ def cuda_limits(req: Request, dtypes, max_head_dim=None):
     return None
 
 
+def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """The host tensor ``t`` (small kernel metadata: lengths, offsets) on ``device`` without
+    making the host wait for the GPU: copied from pinned memory, non-blocking. A copy from
+    pageable memory synchronises the host with the stream, so a call that makes one before
+    each launch leaves the GPU idle while the host launches the rest."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def normalize_window(causal: bool, window_size) -> tuple[int, int]:
     """Fold ``causal`` into the window: causal means ``right = min(right, 0)``."""
     if not isinstance(causal, bool):

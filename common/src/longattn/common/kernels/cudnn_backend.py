@@ -73,7 +73,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from longattn.common.kernels import Backend, Request, cuda_limits, may_have_empty_rows
+from longattn.common.kernels import (
+    Backend,
+    Request,
+    cuda_limits,
+    host_to_device,
+    may_have_empty_rows,
+)
 
 try:
     import cudnn
@@ -416,10 +422,8 @@ def _to_device(data, device):
     """The host tensors of ``data`` on ``device`` in one non-blocking copy (int64 on the way,
     each back to its dtype there)."""
     names = list(data)
-    flat = torch.cat([data[n].reshape(-1).to(torch.int64) for n in names])
-    if device.type == "cuda":
-        flat = flat.pin_memory()
-    flat = flat.to(device, non_blocking=True)
+    flat = host_to_device(torch.cat([data[n].reshape(-1).to(torch.int64) for n in names]),
+                          device)
     out, at = {}, 0
     for n in names:
         t = data[n]

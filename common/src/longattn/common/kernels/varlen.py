@@ -51,6 +51,7 @@ from longattn.common.kernels import (
     check_backward_tensors,
     fix_empty_rows,
     grad_lse_or_none,
+    host_to_device,
     may_have_empty_rows,
     normalize_window,
 )
@@ -114,13 +115,9 @@ def _cudnn_varlen(q, k, v, cu_q, cu_k, win, backend, needs_dlse):
 
 
 def _int32(cu, device):
-    """``cu`` (host ints) as an int32 tensor on ``device``, copied from pinned memory without
-    waiting for the GPU (a copy from pageable memory makes the host wait for the stream before
-    every call)."""
-    t = torch.tensor(cu, dtype=torch.int32)
-    if device.type == "cuda":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
+    """``cu`` (host ints) as an int32 tensor on ``device`` (:func:`host_to_device`: the host
+    does not wait for the GPU)."""
+    return host_to_device(torch.tensor(cu, dtype=torch.int32), device)
 
 
 def _lens(cu):
