@@ -196,6 +196,8 @@ def _exact(q, k, v, scale, causal):
 
 
 def _merge(o1, l1, o2, l2):
+    """The seeds' merge of two normalised partials ([B, H, n, D] layout): a row neither part
+    saw comes out NaN, as in the seeds (``common.merge`` gives such rows 0 / -inf)."""
     lse = torch.logaddexp(l1, l2)
     w1 = torch.exp(l1 - lse).unsqueeze(-1)
     w2 = torch.exp(l2 - lse).unsqueeze(-1)
