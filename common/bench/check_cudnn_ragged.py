@@ -91,21 +91,13 @@ def _inputs(lq, lk, hq, hkv, d, device, seed=0):
 
 def reference(q, k, v, dout, lq, lk, causal, window, scale):
     """float64 attention with the document mask, and its gradients, on q's device: ``(out,
-    lse [H, Tq], [dq, dk, dv])``; a row that sees no key has out 0, lse -inf, gradient 0."""
+    lse [H, Tq], [dq, dk, dv])`` (:func:`longattn.common.testing.dense_reference64`)."""
+    from longattn.common.testing import dense_reference64
     from longattn.reference import document_mask
 
     cq, ck = np.concatenate([[0], np.cumsum(lq)]), np.concatenate([[0], np.cumsum(lk)])
-    mask = torch.as_tensor(document_mask(cq, ck, causal=causal, window=window), device=q.device)
-    qd, kd, vd = (t.double().detach().requires_grad_() for t in (q, k, v))
-    g = q.shape[1] // k.shape[1]
-    sc = torch.einsum("qhd,khd->hqk", qd, kd.repeat_interleave(g, 1)) * scale
-    sc = sc.masked_fill(~mask, float("-inf"))
-    dead = ~mask.any(-1)  # [Tq]: rows that see no key (finite lse, p = 0 there)
-    lse = torch.logsumexp(sc.masked_fill(dead[:, None], 0.0), -1)
-    out = torch.einsum("hqk,khd->qhd", torch.exp(sc - lse[..., None]), vd.repeat_interleave(g, 1))
-    out.backward(dout.double())
-    lse = lse.detach().masked_fill(dead, float("-inf"))
-    return out.detach(), lse, [t.grad for t in (qd, kd, vd)]
+    mask = document_mask(cq, ck, causal=causal, window=window)
+    return dense_reference64(q, k, v, dout, mask, scale)
 
 
 class RaggedCalls:

@@ -62,19 +62,14 @@ def _oracle(q, k, v, dout, lq, lk, causal, bottom_right):
 
 
 def _dense64(q, k, v, dout, mask, scale):
-    """float64 attention with the oracle's mask, and its gradients, on q's device: the oracle's
-    numpy functions took 50 s a case on the device machine's CPU, and the probe's time limit
-    cut the run (common/bench/results/h200/check_cudnn_varlen_log.txt)."""
-    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
-    g = q.shape[1] // k.shape[1]
-    ke, ve = kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1)
-    sc = torch.einsum("qhd,khd->hqk", qd, ke) * scale
-    sc = sc.masked_fill(~torch.as_tensor(mask, device=q.device), float("-inf"))
-    lse = torch.logsumexp(sc, -1)  # [H, Tq]; no row of these cases is fully masked
-    out = torch.einsum("hqk,khd->qhd", torch.exp(sc - lse[..., None]), ve)
-    out.backward(dout.double())
-    return (out.detach().cpu().numpy(), lse.detach().cpu().numpy(),
-            [t.grad.cpu().numpy() for t in (qd, kd, vd)])
+    """float64 attention with the oracle's mask, and its gradients, on q's device
+    (:func:`longattn.common.testing.dense_reference64`), as numpy arrays: the oracle's numpy
+    functions took 50 s a case on the device machine's CPU, and the probe's time limit cut the
+    run (common/bench/results/h200/check_cudnn_varlen_log.txt)."""
+    from longattn.common.testing import dense_reference64
+
+    out, lse, grads = dense_reference64(q, k, v, dout, mask, scale)
+    return out.cpu().numpy(), lse.cpu().numpy(), [t.cpu().numpy() for t in grads]
 
 
 def _time(fn, reps=20):
