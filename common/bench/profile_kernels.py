@@ -1,21 +1,27 @@
 """Where the GPU time of one call goes: the top kernels of a torch.profiler trace.
 
     PYTHONPATH=$(ls -d */src | tr '\\n' ':') python common/bench/profile_kernels.py \\
-        {dilated,hyper-causal,hyper,swa} [--top 14]
+        {dilated,hyper-causal,hyper-causal-bwd,hyper,swa} ... [--top 14] [--out DIR]
 
 * ``dilated``: LongNet's schedule (segments 2048..32768, rates 1,2,4,6,12), B=32, S=32768,
   H=12, D=64, bf16, causal, forward + backward;
 * ``hyper-causal`` / ``hyper``: HyperAttention forward at B=1, S=131072, H=32, D=64, bf16,
-  defaults, causal / not;
+  defaults, causal / not; ``hyper-causal-bwd``: the same causal call, forward + backward (the
+  configuration of ``hyper/bench/bench_hyper.py``'s causal fwd+bwd row: block 256, 256 samples,
+  ``min_seq_len`` 2048);
 * ``swa``: the local sliding window (S=131072, W=4096, H=32, D=128, bf16), forward + backward.
 
-Prints the total device time and the kernels with the most self device time (one call after a
-warm-up call). Used to find the non-kernel overheads quoted in the package READMEs.
+Prints, per configuration named (several may follow each other in one call), the total device
+time and the kernels with the most self device time (one call after a warm-up call); ``--out``
+also writes them to ``DIR/profile_kernels.json``. Used to find the non-kernel overheads quoted
+in the package READMEs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -48,6 +54,21 @@ def _hyper(causal):
     return lambda: hyper_attention(q, k, v, causal=causal)
 
 
+def _hyper_bwd():
+    from longattn.hyper import hyper_attention
+
+    q, k, v, do = (_rand(1, 131072, 32, 64, seed=i) for i in range(4))
+    for t in (q, k, v):
+        t.requires_grad_()
+
+    def run():
+        o = hyper_attention(q, k, v, causal=True, block_size=256, sample_size=256,
+                            min_seq_len=2048)
+        torch.autograd.grad(o, (q, k, v), do)
+
+    return run
+
+
 def _swa():
     from longattn.common.kernels import attention_backward, attention_forward
 
@@ -60,23 +81,44 @@ def _swa():
     return run
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["dilated", "hyper-causal", "hyper", "swa"])
-    ap.add_argument("--top", type=int, default=14)
-    args = ap.parse_args()
-    fn = {"dilated": _dilated, "hyper-causal": lambda: _hyper(True),
-          "hyper": lambda: _hyper(False), "swa": _swa}[args.what]()
+_CASES = {"dilated": _dilated, "hyper-causal": lambda: _hyper(True),
+          "hyper-causal-bwd": _hyper_bwd, "hyper": lambda: _hyper(False), "swa": _swa}
+
+
+def profile_one(what, top):
+    """``(total ms, [(self ms, count, kernel name)] of the top kernels)`` of one call."""
+    fn = _CASES[what]()
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
     ev = prof.key_averages()
-    print(f"{args.what}: total device time {sum(e.self_device_time_total for e in ev) / 1e3:.2f}"
-          " ms")
-    for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:args.top]:
-        print(f"  {e.self_device_time_total / 1e3:9.2f} ms  x{e.count:4d}  {e.key[:100]}")
+    total = sum(e.self_device_time_total for e in ev) / 1e3
+    rows = [(e.self_device_time_total / 1e3, e.count, e.key[:100])
+            for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:top]]
+    return total, rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", nargs="+", choices=sorted(_CASES))
+    ap.add_argument("--top", type=int, default=14)
+    ap.add_argument("--out", default=None, help="also write DIR/profile_kernels.json")
+    args = ap.parse_args()
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
+    for what in args.what:
+        total, rows = profile_one(what, args.top)
+        print(f"{what}: total device time {total:.2f} ms")
+        for ms, count, name in rows:
+            print(f"  {ms:9.2f} ms  x{count:4d}  {name}")
+        result["cases"][what] = {"total_ms": total, "top": [
+            {"ms": ms, "count": count, "kernel": name} for ms, count, name in rows]}
+        torch.cuda.empty_cache()
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "profile_kernels.json"), "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":
