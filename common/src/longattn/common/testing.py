@@ -437,3 +437,212 @@ def dense_reference64(q, k, v, dout, mask, scale):
     out.backward(dout.double())
     lse = lse.detach().masked_fill(dead, float("-inf"))
     return out.detach(), lse, [t.grad for t in (qd, kd, vd)]
+
+
+# --------------------------------------------------------------------------------------------
+# a stand-in for FlashAttention-4's interface (the fa4 kernel backend's CPU tests and the
+# --smoke run of common/bench/check_fa4.py)
+
+_NEG_INF = float("-inf")
+
+# FA4's keyword parameters (flash_attn.cute.interface of flash-attn-4 4.0.0b40) that the
+# stand-in accepts only at their defaults: it does not model them.
+_FA4_FWD_OTHER = {"qv": None, "seqused_q": None, "seqused_k": None, "min_seqlen_k": None,
+                  "page_table": None, "learnable_sink": None, "tile_mn": None,
+                  "mma_pv_is_rs": None, "intra_wg_overlap": None, "num_splits": 1,
+                  "pack_gqa": None, "_arch": None, "score_mod": None, "mask_mod": None,
+                  "block_sparse_tensors": None, "out": None, "lse": None, "aux_tensors": None,
+                  "aux_scalars": None, "scales": None, "gather_kv_indices": None,
+                  "scheduler_metadata": None, "seqlen_k_per_split": None,
+                  "disable_scheduler_metadata": False, "gather_bwd_recompute_p": False,
+                  "config": None}
+_FA4_BWD_OTHER = {"m_block_size": 64, "n_block_size": 128, "num_threads": 256,
+                  "pack_gqa": False, "num_stages_Q": 2, "num_stages_dO": 2,
+                  "SdP_swapAB": False, "dKV_swapAB": False, "dQ_swapAB": False,
+                  "AtomLayoutMSdP": 2, "AtomLayoutNdKV": 2, "AtomLayoutMdQ": 2,
+                  "V_in_regs": False, "seqused_q": None, "seqused_k": None,
+                  "deterministic": False, "dq": None, "dk": None, "dv": None,
+                  "score_mod": None, "score_mod_bwd": None, "mask_mod": None,
+                  "aux_tensors": None, "aux_scalars": None, "block_sparse_tensors": None,
+                  "learnable_sink": None, "config": None}
+
+
+class Fa4Standin:
+    """FlashAttention-4's ``_flash_attn_fwd`` / ``_flash_attn_bwd`` (``flash_attn.cute.
+    interface``) with its argument names, return values and conventions, computed in float64
+    with torch on any device: what the ``fa4`` backend calls, for tests without a GPU
+    (``with fa4_backend.use(Fa4Standin()):``). The conventions, as FA4's source has them:
+
+    * fp16 / bf16 only; q, k, v of one dtype; ``Hq % Hkv == 0`` (GQA natively); head dims in
+      multiples of 8 up to 256 on sm90 (``arch``), up to 128 or 256 on sm100 / sm110;
+    * forward -> ``(out, lse, None, None, None)``: ``out`` like q with v's head dim, in q's dtype;
+      ``lse`` float32 natural log ``[B, Hq, Sq]`` (packed ``[Hq, Tq]`` with ``cu_seqlens_q``),
+      ``None`` unless ``return_lse`` (or an input requires grad);
+    * the window: ``window_size_left / _right`` with ``None`` unbounded; both negative mean both
+      ``None``; ``causal`` sets ``right = 0``; ``(None, 0)`` is causal, any other window with a
+      bound is "local" and a negative side is used as a number. Bottom-right aligned: query i
+      sees key j iff ``i' - left <= j <= i' + right``, ``i' = i + Sk - Sq`` (per sequence);
+    * a row that sees no key: ``lse = -inf``, ``out = 0``; a row whose scores hold a NaN:
+      ``lse = -inf`` (its NaN row sum is mapped there) and ``out`` NaN;
+    * backward -> ``(dq, dk, dv)`` in the inputs' dtype: P recomputed from the *given* lse (a
+      ``-inf`` lse counts as 0, so a row with every score masked has p = 0), ``delta =
+      rowsum(out * dout) - dlse``; ``lse`` and ``dlse`` float32 of lse's layout;
+    * varlen: ``cu_seqlens_q / _k`` int32 ``[num_seqs + 1]``, packed ``[T, H, D]`` tensors.
+
+    ``calls`` records each call as ``(name, {argument: value})`` for tests of what was passed.
+    """
+
+    def __init__(self, arch: int = 90):
+        self.arch = arch
+        self.calls: list = []
+
+    @staticmethod
+    def resolve_window(causal, left, right):
+        """FA4's ``(causal, local, left, right)`` for its ``causal`` and window arguments."""
+        if left is not None and right is not None and left < 0 and right < 0:
+            left = right = None
+        if causal:
+            right = 0
+        if left is None and right is None:
+            return False, False, None, None
+        if left is None and right == 0:
+            return True, False, None, None
+        return False, True, left, right
+
+    @classmethod
+    def mask(cls, sq, sk, causal, left, right, device="cpu"):
+        """Boolean ``[Sq, Sk]``: which keys each query sees under FA4's window rules."""
+        causal, local, left, right = cls.resolve_window(causal, left, right)
+        i = torch.arange(sq, device=device)[:, None] + (sk - sq)
+        j = torch.arange(sk, device=device)[None, :]
+        m = torch.ones(sq, sk, dtype=torch.bool, device=device)
+        if causal:
+            m &= j <= i
+        if local and right is not None:
+            m &= j <= i + right
+        if local and left is not None:
+            m &= j >= i - left
+        return m
+
+    def _check(self, q, k, v, cu_q, cu_k, others, defaults):
+        unknown = set(others) - set(defaults)
+        if unknown:
+            raise TypeError(f"FA4 takes no argument(s) {sorted(unknown)}")
+        for name, value in others.items():
+            default = defaults[name]
+            if value is not default and (isinstance(value, torch.Tensor) or value != default):
+                raise NotImplementedError(f"the stand-in does not model {name}={value!r}")
+        assert v.dtype in (torch.float16, torch.bfloat16), "inputs must be float16 or bfloat16"
+        assert q.dtype == k.dtype == v.dtype, "q, k, v must have the same dtype"
+        assert q.shape[-2] % k.shape[-2] == 0, "num_head must be divisible by num_head_kv"
+        d, dv = q.shape[-1], v.shape[-1]
+        top = 256 if self.arch // 10 == 9 else 128
+        ok = all(x % 8 == 0 and (8 <= x <= top or (self.arch // 10 in (10, 11) and x == 256))
+                 for x in (d, dv))
+        assert ok, f"(head_dim, head_dim_v)=({d}, {dv}) is not supported on sm{self.arch}"
+        assert (cu_q is None) == (cu_k is None), "the stand-in models cu_seqlens_q and _k together"
+        for cu in (cu_q, cu_k):
+            if cu is not None:
+                assert cu.dtype == torch.int32 and cu.ndim == 1, "cu_seqlens must be int32 [B+1]"
+                assert cu.device == q.device, "cu_seqlens must be on q's device"
+        if cu_q is not None:
+            assert q.ndim == k.ndim == 3 and cu_q.shape == cu_k.shape
+            assert int(cu_q[-1]) == q.shape[0] and int(cu_k[-1]) == k.shape[0]
+
+    @staticmethod
+    def _segments(q, k, cu_q, cu_k):
+        """``(query rows, key rows, batch index or None)`` of each sequence."""
+        if cu_q is None:
+            return [(slice(None), slice(None), b) for b in range(q.shape[0])]
+        cq, ck = cu_q.tolist(), cu_k.tolist()
+        return [(slice(a, b), slice(c, d), None)
+                for a, b, c, d in zip(cq, cq[1:], ck, ck[1:])]
+
+    def _scores(self, q, k, scale, causal, left, right):
+        g = q.shape[1] // k.shape[1]
+        s = torch.einsum("qhd,khd->hqk", q.double(), k.double().repeat_interleave(g, 1)) * scale
+        m = self.mask(q.shape[0], k.shape[0], causal, left, right, q.device)
+        return s.masked_fill(~m, _NEG_INF)
+
+    def _flash_attn_fwd(self, q, k, v, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                        max_seqlen_k=None, softmax_scale=None, causal=False, softcap=None,
+                        window_size_left=None, window_size_right=None, return_lse=False,
+                        **others):
+        self.calls.append(("fwd", dict(
+            causal=causal, window_size_left=window_size_left,
+            window_size_right=window_size_right, softmax_scale=softmax_scale,
+            return_lse=return_lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **others)))
+        if softcap not in (None, 0.0):
+            raise NotImplementedError("the stand-in does not model softcap")
+        self._check(q, k, v, cu_seqlens_q, cu_seqlens_k, others, _FA4_FWD_OTHER)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        varlen = cu_seqlens_q is not None
+        hq = q.shape[-2]
+        out = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.full((hq, q.shape[0]) if varlen else (q.shape[0], hq, q.shape[1]), _NEG_INF,
+                         dtype=torch.float32, device=q.device)
+        for rq, rk, b in self._segments(q, k, cu_seqlens_q, cu_seqlens_k):
+            qs, ks, vs = (q[rq], k[rk], v[rk]) if b is None else (q[b], k[b], v[b])
+            if qs.shape[0] == 0 or ks.shape[0] == 0:
+                continue
+            s = self._scores(qs, ks, scale, causal, window_size_left, window_size_right)
+            mx = s.amax(-1, keepdim=True)  # NaN in a row: NaN
+            e = torch.exp(s - torch.where(torch.isneginf(mx), torch.zeros_like(mx), mx))
+            den = e.sum(-1)
+            bad = (den == 0) | den.isnan()  # FA4: lse -inf, out = acc / 1
+            o = torch.einsum("hqk,khd->qhd", e, vs.double().repeat_interleave(
+                hq // ks.shape[1], 1)) / torch.where(bad, 1.0, den).t()[..., None]
+            ls = torch.where(bad, _NEG_INF, mx[..., 0] + torch.log(den))
+            if b is None:
+                out[rq], lse[:, rq] = o.to(q.dtype), ls.float()
+            else:
+                out[b], lse[b] = o.to(q.dtype), ls.float()
+        grad = any(t.requires_grad for t in (q, k, v))
+        return out, (lse if return_lse or grad else None), None, None, None
+
+    def _flash_attn_bwd(self, q, k, v, out, dout, lse, softmax_scale=None, causal=False,
+                        softcap=0.0, window_size_left=None, window_size_right=None,
+                        cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                        max_seqlen_k=None, dlse=None, **others):
+        self.calls.append(("bwd", dict(
+            causal=causal, window_size_left=window_size_left,
+            window_size_right=window_size_right, softmax_scale=softmax_scale,
+            cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
+            max_seqlen_k=max_seqlen_k, dlse=dlse, **others)))
+        if softcap not in (None, 0.0):
+            raise NotImplementedError("the stand-in does not model softcap")
+        self._check(q, k, v, cu_seqlens_q, cu_seqlens_k, others, _FA4_BWD_OTHER)
+        assert q.dtype == out.dtype == dout.dtype, "inputs must have the same dtype"
+        varlen = cu_seqlens_q is not None
+        want = (q.shape[-2], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
+        assert lse.dtype == torch.float32 and tuple(lse.shape) == want, "lse float32 [B, H, Sq]"
+        assert dlse is None or (dlse.dtype == torch.float32 and dlse.shape == lse.shape)
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        dq, dk, dv = (torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+                      for t in (q, k, v))
+        hq = q.shape[-2]
+        for rq, rk, b in self._segments(q, k, cu_seqlens_q, cu_seqlens_k):
+            at = (rq, rk) if b is None else (b, b)
+            qs, ks, vs = q[at[0]], k[at[1]], v[at[1]]
+            if qs.shape[0] == 0 or ks.shape[0] == 0:
+                continue
+            g = hq // ks.shape[1]
+            ls = lse[:, rq] if b is None else lse[b]  # [H, Sq]
+            dls = None if dlse is None else (dlse[:, rq] if b is None else dlse[b])
+            ls = torch.where(torch.isneginf(ls), torch.zeros_like(ls), ls).double()
+            s = self._scores(qs, ks, scale, causal, window_size_left, window_size_right)
+            p = torch.exp(s - ls[..., None])
+            do, os_ = dout[at[0]].double(), out[at[0]].double()
+            delta = (do * os_).sum(-1).t()  # [H, Sq]
+            if dls is not None:
+                delta = delta - dls.double()
+            kr, vr = (t.double().repeat_interleave(g, 1) for t in (ks, vs))
+            ds = p * (torch.einsum("qhd,khd->hqk", do, vr) - delta[..., None])
+            dq[at[0]] = torch.einsum("hqk,khd->qhd", ds, kr) * scale
+            dkr = torch.einsum("hqk,qhd->khd", ds, qs.double()) * scale
+            dvr = torch.einsum("hqk,qhd->khd", p, do)
+            n = ks.shape[0]
+            dk[at[1]] = dkr.reshape(n, ks.shape[1], g, -1).sum(2)
+            dv[at[1]] = dvr.reshape(n, ks.shape[1], g, -1).sum(2)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -293,20 +293,22 @@ from longattn.common.kernels import (  # noqa: E402
     aten_backend,
     band_backend,
     cudnn_backend,
+    fa4_backend,
     flex_backend,
     torch_backend,
 )
 from longattn.common.kernels.band_backend import BandConfig  # noqa: E402
 from longattn.common.kernels.torch_backend import TorchConfig  # noqa: E402
 
-# Every backend there is. cudnn and flex are optional: where their import failed they are in
-# UNAVAILABLE with the reason instead.
+# Every backend there is. cudnn, fa4 and flex are optional: where their import failed (fa4:
+# where flash_attn.cute is not installed) they are in UNAVAILABLE with the reason instead.
 _ALL = {
     "cudnn": cudnn_backend,  # cuDNN graphs (optional nvidia-cudnn-frontend)
     "band": band_backend,  # causal windows as dense cuDNN pieces
     "aten": aten_backend,  # PyTorch's cuDNN and flash attention ops
     "torch": torch_backend,  # plain PyTorch: every device, dtype, window and dlse
     "flex": flex_backend,  # FlexAttention, only by name
+    "fa4": fa4_backend,  # FlashAttention-4 (optional flash-attn-4), only by name
 }
 BACKENDS: dict[str, Backend] = {n: m.BACKEND for n, m in _ALL.items()
                                 if getattr(m, "MISSING", None) is None}
@@ -318,7 +320,8 @@ UNAVAILABLE: dict[str, str] = {n: m.MISSING for n, m in _ALL.items()
 # in 64.47 ms, band 21.20 / 82.45 ms, the flash window of aten 30.60 / 106.9 ms. Without
 # cudnn-frontend, band serves the causal windows it can split and aten the rest of fp16 / bf16
 # on CUDA; torch takes everything else (CPU, fp32, dlse). flex is not in auto: in the same run
-# it was no faster than band (21.39 / 83.15 ms), and it compiles per shape.
+# it was no faster than band (21.39 / 83.15 ms), and it compiles per shape. fa4 is not in auto
+# either: no GPU run has compared it with cudnn yet (common/bench/check_fa4.py does).
 AUTO_ORDER = ("cudnn", "band", "aten", "torch")
 _BUILTIN = frozenset(_ALL)
 

@@ -36,7 +36,10 @@ points). ``backend="cudnn"`` runs the window part as one ragged cuDNN graph
 layouts of one size bucket) where that serves the call (CUDA fp16 / bf16, equal head dims up
 to 128, no ``dlse``, every query row sees a key); otherwise it keeps the loop over sequences
 through the dense cuDNN graphs, and where cuDNN has no engine for the ragged graph the call
-runs as with ``"auto"`` (warned once).
+runs as with ``"auto"`` (warned once). ``backend="fa4"`` runs the window part as one packed
+FlashAttention-4 call (:func:`longattn.common.kernels.fa4_backend.varlen_forward`, ``dlse``
+included) where that serves it (CUDA fp16 / bf16 on sm90 or newer, head dims FA4 has); otherwise
+the loop over sequences asks the dense ``fa4`` backend, which raises with its reason.
 """
 
 from __future__ import annotations
@@ -114,6 +117,15 @@ def _cudnn_varlen(q, k, v, cu_q, cu_k, win, backend, needs_dlse):
     return cb if reason is None else None
 
 
+def _fa4_varlen(q, k, v, win, backend, needs_dlse):
+    """The fa4 backend module when its packed kernels serve this window part, else None."""
+    if backend != "fa4" or q.shape[0] == 0 or k.shape[0] == 0:
+        return None
+    from longattn.common.kernels import fa4_backend as fb
+
+    return fb if fb.varlen_supports(q, k, v, win, needs_dlse) is None else None
+
+
 def _int32(cu, device):
     """``cu`` (host ints) as an int32 tensor on ``device`` (:func:`host_to_device`: the host
     does not wait for the GPU)."""
@@ -144,6 +156,9 @@ def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend, config):
             return cb.varlen_forward(q, k, v, cu_q, cu_k, softmax_scale=scale, window_size=win)
         except cb.GraphRefused:
             backend = "auto"
+    fb = _fa4_varlen(q, k, v, win, backend, False)
+    if fb is not None:
+        return fb.varlen_forward(q, k, v, cu_q, cu_k, softmax_scale=scale, window_size=win)
     if _use_flash(q, v, backend, False) and k.shape[0] > 0:
         res = torch.ops.aten._flash_attention_forward(
             q, k, v, _int32(cu_q, q.device), _int32(cu_k, q.device), max(_lens(cu_q)),
@@ -175,6 +190,10 @@ def _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, back
                                       window_size=win)
         except cb.GraphRefused:
             backend = "auto"
+    fb = _fa4_varlen(q, k, v, win, backend, dlse is not None)
+    if fb is not None:
+        return fb.varlen_backward(dout, q, k, v, out, lse, cu_q, cu_k, softmax_scale=scale,
+                                  window_size=win, dlse=dlse)
     if _use_flash(q, v, backend, dlse is not None) and q.shape[0] > 0 and k.shape[0] > 0:
         lse_in = lse.float().masked_fill(torch.isneginf(lse), float("inf"))  # p = 0 there
         rng = torch.zeros(2, dtype=torch.int64, device=q.device)
