@@ -420,12 +420,13 @@ def load_script(path, name: str | None = None):
     return mod
 
 
-def dense_reference64(q, k, v, dout, mask, scale):
+def dense_reference64(q, k, v, dout, mask, scale, dlse=None):
     """float64 attention of packed ``q [Tq, Hq, D]`` over ``k, v [Tk, Hkv, D]`` (GQA: heads
     repeated) with the boolean ``mask [Tq, Tk]`` (e.g. ``longattn.reference.document_mask``),
-    and its gradients for ``dout``, on q's device: ``(out, lse [Hq, Tq], [dq, dk, dv])``. The
-    oracle's computation in torch, for GPU probes whose sizes would take the numpy oracle
-    minutes; a row that sees no key has out 0, lse -inf and gradient 0."""
+    and its gradients for ``dout`` (and ``dlse [Hq, Tq]``, the gradient of lse, if given), on
+    q's device: ``(out, lse [Hq, Tq], [dq, dk, dv])``. The oracle's computation in torch, for
+    GPU probes whose sizes would take the numpy oracle minutes; a row that sees no key has
+    out 0, lse -inf and gradient 0."""
     mask = torch.as_tensor(mask, device=q.device)
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     g = q.shape[1] // k.shape[1]
@@ -434,7 +435,10 @@ def dense_reference64(q, k, v, dout, mask, scale):
     dead = ~mask.any(-1)  # [Tq]: rows that see no key (finite lse, p = 0 there)
     lse = torch.logsumexp(sc.masked_fill(dead[:, None], 0.0), -1)
     out = torch.einsum("hqk,khd->qhd", torch.exp(sc - lse[..., None]), vd.repeat_interleave(g, 1))
-    out.backward(dout.double())
+    if dlse is None:
+        out.backward(dout.double())
+    else:  # a dead row's lse is a constant here (its scores were replaced): no gradient
+        ((out * dout.double()).sum() + (lse * dlse.to(lse.device, torch.float64)).sum()).backward()
     lse = lse.detach().masked_fill(dead, float("-inf"))
     return out.detach(), lse, [t.grad for t in (qd, kd, vd)]
 
