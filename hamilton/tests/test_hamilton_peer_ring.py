@@ -28,6 +28,17 @@ REAL = (ROOT / ".peers" / "ring_flash_attn").is_dir()
 PEERS = [FAKE] + ([None] if REAL else [])  # None: the published peer
 
 
+@pytest.fixture(autouse=True)
+def _no_shim_left_behind():
+    """The flash-attn shim the benchmark installs is removed after each test that installed
+    it, so later tests of the session see the modules they would see without it."""
+    before = "flash_attn.flash_attn_interface" in sys.modules
+    yield
+    shim = sys.modules.get("flash_shim")
+    if not before and shim is not None:
+        shim.uninstall()
+
+
 # ---------------------------------------------------------------------------------------------
 # the in-test peer: a causal ring over the contiguous layout (rank r holds tokens [rL, (r+1)L))
 
