@@ -248,6 +248,9 @@ class ThreadWorld:
         self._box = {}
         self._cond = threading.Condition()
         self._failed = None
+        # One rank runs at a time (it hands the baton on while it waits for a message): the
+        # libraries underneath (kernel caches, TorchScript) are never entered by two threads.
+        self._baton = threading.Lock()
 
     def group(self, rank):
         return _ThreadGroup(self, rank)
@@ -259,20 +262,25 @@ class ThreadWorld:
 
     def _take(self, rank, key):
         deadline = time.monotonic() + TIMEOUT
-        with self._cond:
-            while (rank, key) not in self._box:
-                if self._failed is not None:
-                    raise RuntimeError(f"rank {rank}: another rank failed") from None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"rank {rank}: no message {key} in {TIMEOUT:.0f} s")
-                self._cond.wait(0.5)
-            return self._box.pop((rank, key))
+        self._baton.release()
+        try:
+            with self._cond:
+                while (rank, key) not in self._box:
+                    if self._failed is not None:
+                        raise RuntimeError(f"rank {rank}: another rank failed") from None
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"rank {rank}: no message {key} in {TIMEOUT:.0f} s")
+                    self._cond.wait(0.5)
+                return self._box.pop((rank, key))
+        finally:
+            self._baton.acquire()
 
     def run(self, fn):
         """``[fn(rank, group) for every rank]``, each rank in its own thread."""
         out, errors = [None] * self.n, {}
 
         def body(r):
+            self._baton.acquire()
             try:
                 out[r] = fn(r, self.group(r))
             except BaseException as e:  # noqa: BLE001 - reported below
@@ -280,6 +288,8 @@ class ThreadWorld:
                 with self._cond:
                     self._failed = e
                     self._cond.notify_all()
+            finally:
+                self._baton.release()
 
         threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(self.n)]
         for t in threads:
