@@ -364,3 +364,27 @@ def test_varlen_refusal_names_the_reason(standin):
     cu = _cu([4, 6])
     with pytest.raises(ValueError, match="'fa4' cannot serve this call: needs fp16/bf16"):
         attention_forward_varlen(q, q, q, cu, cu, backend="fa4")
+
+
+def test_standin_keeps_fa4s_signatures():
+    """Where flash-attn-4 imports: every argument the stand-in takes is FA4's, with FA4's
+    default, and the forward / backward return what the stand-in returns."""
+    import inspect
+
+    from longattn.common import testing as T
+
+    rt = fb.runtime()
+    if isinstance(rt, str):
+        pytest.skip(f"FA4 not usable here: {rt}")
+    for name, other in (("_flash_attn_fwd", T._FA4_FWD_OTHER),
+                        ("_flash_attn_bwd", T._FA4_BWD_OTHER)):
+        real = inspect.signature(getattr(rt.interface, name)).parameters
+        ours = inspect.signature(getattr(Fa4Standin(), name)).parameters
+        taken = {n: p.default for n, p in ours.items() if p.kind != p.VAR_KEYWORD}
+        taken.update(other)
+        for n, default in taken.items():
+            assert n in real, (name, n)
+            if default is not inspect.Parameter.empty:
+                assert real[n].default == default, (name, n, real[n].default, default)
+        required = [n for n, p in real.items() if p.default is inspect.Parameter.empty]
+        assert list(ours)[:len(required)] == required, (name, required)

@@ -210,7 +210,8 @@ def fa4_window(window):
 
 
 def _fix_rows(out, lse, empty_possible):
-    """FA4's row conventions to ours. ``out [..., S, H, D]``, ``lse [..., H, S]``: a row with
+    """FA4's row conventions to ours. ``out [..., S, H, D]``, ``lse [..., H, S]`` (dense
+    ``[B, S, H, D]`` / ``[B, H, S]``, packed ``[T, H, D]`` / ``[H, T]``): a row with
     lse ``-inf`` and a NaN ``out`` saw a NaN (lse NaN); with ``empty_possible`` the other
     infinite rows saw no key (out 0, lse -inf). No host sync."""
     dead = torch.isinf(lse)
@@ -297,8 +298,7 @@ def varlen_forward(q, k, v, cu_seqlens_q, cu_seqlens_k, *, softmax_scale, window
         softmax_scale=float(softmax_scale), causal=False, window_size_left=left,
         window_size_right=right, return_lse=True)
     empty = any(a and may_have_empty_rows(a, b, window_size) for a, b in zip(lq, lk))
-    out, lse = _fix_rows(res[0][None], res[1][None], empty)
-    return out[0], lse[0]
+    return _fix_rows(res[0], res[1], empty)
 
 
 def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, softmax_scale,
