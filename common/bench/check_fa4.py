@@ -33,7 +33,9 @@ Writes ``DIR/check_fa4.json`` (environment, correctness rows, speed rows in the
 found; ``--budget`` seconds (default 420) stops starting new cases in time. Exit status 1 when
 FA4 does not load or a correctness case fails. ``--smoke``: a tiny configuration on the CPU
 with FA4's stand-in (:class:`longattn.common.testing.Fa4Standin`) in place of the kernels, to
-test this script's plumbing (CI runs it).
+test this script's plumbing (CI runs it). ``--fake-sm90``: no GPU either, but FA4 installed
+here: every case's calls go into FA4's real interface on fake tensors, compiling its sm90
+kernels (:func:`fake_sm90`), which checks that FA4 accepts them and times its compilation.
 """
 
 from __future__ import annotations
@@ -455,6 +457,81 @@ def speed(device, smoke, budget_end):
 
 
 # --------------------------------------------------------------------------------------------
+# --fake-sm90: FA4's real interface on the CPU with fake tensors
+
+
+def fake_sm90(budget_end):
+    """Each case's calls of the backend into FA4's real ``_flash_attn_fwd`` / ``_flash_attn_bwd``
+    on fake CUDA tensors (``FakeTensorMode``: no GPU, nothing runs), with FA4 told to build for
+    sm90 (``FLASH_ATTENTION_ARCH=sm_90``, ``CUTE_DSL_ARCH=sm_90a``, 132 SMs): FA4 checks the
+    arguments, picks its configuration and compiles the kernels, so a wrong argument fails here
+    and the compile times show. The backend's row fix-ups and pinned copies are left out (a CPU
+    build of torch runs no op on fake CUDA tensors)."""
+    from unittest import mock
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rows = []
+    cases = ([("dense", c[0], (c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[8], c[9]))
+              for c in DENSE_CASES]
+             + [("varlen", c[0], (c[1], c[2], c[3], c[4], c[5], c[6], c[7], c[9]))
+                for c in VARLEN_CASES if not c[8]]
+             + [(c[1], c[0], c) for c in SPEED_CASES])
+    patches = (mock.patch.object(fb, "_fix_rows", lambda o, l, e: (o, l)),
+               mock.patch.object(fb, "_cu_tensors", lambda a, b, dev: tuple(
+                   torch.tensor(list(x), dtype=torch.int32, device=dev) for x in (a, b))))
+    with fb.use(fb.runtime().interface, arch=90, device_type="cuda"), patches[0], patches[1]:
+        for kind, name, c in bench.progress(cases, desc="fake sm90"):
+            if time.monotonic() > budget_end:
+                rows.append({"case": name, "ok": None, "skipped": "time budget"})
+                continue
+            try:
+                with FakeTensorMode():
+                    rows.append({"case": name, **_fake_case(kind, c), "ok": True})
+            except Exception as e:  # noqa: BLE001 - a refused call is the finding
+                rows.append(_error_row(name, e))
+            print(f"  {rows[-1]}", flush=True)
+    return rows
+
+
+def _fake_case(kind, c):
+    def mk(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, dtype=dtype, device="cuda")
+
+    if kind == "dense" and len(c) == 9:  # a correctness case
+        b, sq, sk, hq, hkv, d, causal, window, dlse = c
+    elif kind == "dense":  # a speed case
+        _, _, b, sq, hq, d, causal, window = c
+        sk, hkv, dlse = sq, hq, False
+    if kind == "dense":
+        q, k = mk(b, sq, hq, d), mk(b, sk, hkv, d)
+        dl = mk(b, hq, sq, dtype=torch.float32) if dlse else None
+        t0 = time.perf_counter()
+        out, lse = K.attention_forward(q, k, k, causal=causal, window_size=window, backend="fa4")
+        t1 = time.perf_counter()
+        K.attention_backward(out, q, k, k, out, lse, causal=causal, window_size=window, dlse=dl,
+                             backend="fa4")
+    else:
+        if len(c) == 8 and isinstance(c[0], list):  # a correctness case
+            lq, lk, hq, hkv, d, causal, window, dlse = c
+        else:  # a speed case
+            _, _, total, _, hq, d, causal, window = c
+            lq = lk = doc_lengths(total, 1024, 32768, seed=0)
+            hkv, dlse = hq, False
+        cq, ck = ([0, *np.cumsum(x).tolist()] for x in (lq, lk))
+        win = K.normalize_window(causal, window)
+        q, k = mk(sum(lq), hq, d), mk(sum(lk), hkv, d)
+        dl = mk(hq, sum(lq), dtype=torch.float32) if dlse else None
+        t0 = time.perf_counter()
+        out, lse = fb.varlen_forward(q, k, k, cq, ck, softmax_scale=d ** -0.5, window_size=win)
+        t1 = time.perf_counter()
+        fb.varlen_backward(out, q, k, k, out, lse, cq, ck, softmax_scale=d ** -0.5,
+                           window_size=win, dlse=dl)
+    return {"fwd s": round(t1 - t0, 2), "bwd s": round(time.perf_counter() - t1, 2),
+            "out": str(tuple(out.shape)), "lse": f"{tuple(lse.shape)} {lse.dtype}"}
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def _write(out_dir, doc):
@@ -474,9 +551,25 @@ def main(argv=None) -> int:
                         "cases start within the first 45%%)")
     p.add_argument("--skip", choices=("check", "speed"), action="append", default=[],
                    help="leave out the correctness cases or the timings")
+    p.add_argument("--fake-sm90", action="store_true",
+                   help="no GPU: FA4's real interface on fake tensors, compiling for sm90 "
+                        "(needs flash-attn-4 installed here)")
     a = p.parse_args(argv)
     out_dir = bench.out_dir("bench_out", a.out)
     start = time.monotonic()
+    if a.fake_sm90:
+        for var, val in (("FLASH_ATTENTION_ARCH", "sm_90"), ("CUTE_DSL_ARCH", "sm_90a"),
+                         ("FLASH_ATTENTION_NUM_SMS", "132")):
+            os.environ.setdefault(var, val)
+        env = environment("cpu")
+        print("environment: " + json.dumps(env, default=str), flush=True)
+        if isinstance(fb.runtime(), str):
+            print(f"check_fa4: FA4 is not usable here: {env['fa4']}")
+            return 1
+        doc = {"env": env, "fake_sm90": fake_sm90(start + a.budget)}
+        print(bench.format_table(doc["fake_sm90"], width=160))
+        print(f"wrote {_write(out_dir, doc)} ({time.monotonic() - start:.0f} s)")
+        return 0 if all(r["ok"] is not False for r in doc["fake_sm90"]) else 1
     if a.smoke:
         from longattn.common.testing import Fa4Standin
 
