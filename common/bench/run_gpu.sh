@@ -2,8 +2,10 @@
 # Run packages' GPU benchmark scripts one after another on the device machine (no nox there):
 #   bash common/bench/run_gpu.sh hamilton ring_swa ...      (each capped at $CAP seconds)
 # Besides packages: repro:<pkg> (python -m longattn.common.repro), cudnn, cudnn_varlen,
-# cudnn_ragged, staging, decode_batch, tree_check, strategies, packed, gpu_world (the scripts
-# named in the case below); ARGS_<name> adds arguments (ARGS_hyper=--no-sweep).
+# cudnn_ragged, staging, decode_batch, tree_check, strategies, packed, gpu_world, fa4 (the
+# scripts named in the case below); ARGS_<name> adds arguments (ARGS_hyper=--no-sweep).
+# fa4 runs common/bench/check_fa4.py on the FlashAttention-4 stack that
+# common/bench/fa4_wheels.sh install put into /tmp/site (see there; CAP=570 gives it time).
 # Logs and results go to bench_out/<pkg>/; on the device machine they come back packed as
 # $OUT/results.tgz (the device tool returns at most 8 files).
 set -u
@@ -45,13 +47,20 @@ for pkg in "$@"; do
     strategies) script=hamilton/bench/bench_strategies.py ;;
     packed) script=hamilton/bench/bench_packed.py ;;
     gpu_world) script=integrations/bench/gpu_world.py ;;
+    fa4) script=common/bench/check_fa4.py ;;
     *) script="$pkg/bench/bench_$pkg.py" ;;
   esac
   extra="ARGS_$pkg"
+  pypath="$PYTHONPATH"
+  # fa4_wheels.sh install's --target folder: its CuTe-DSL folder comes from a .pth file, which
+  # PYTHONPATH does not read, so it is named as well
+  if [ "$pkg" = fa4 ] && [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]; then
+    pypath="/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$pypath"
+  fi
   mkdir -p "$base/$pkg"
   echo "=== $pkg ($script) $(date -u +%H:%M:%S)"
-  timeout "$cap" python "$script" --out "$base/$pkg" ${!extra:-} 2>&1 | grep -v -E "Warning|warn\(" \
-    | tee "$base/$pkg/log.txt" | tail -n 60
+  PYTHONPATH="$pypath" timeout "$cap" python "$script" --out "$base/$pkg" ${!extra:-} 2>&1 \
+    | grep -v -E "Warning|warn\(" | tee "$base/$pkg/log.txt" | tail -n 60
   echo "=== $pkg exit ${PIPESTATUS[0]}"
 done
 if [ -n "${OUT:-}" ]; then tar czf "$OUT/results.tgz" "$base" && echo "packed $OUT/results.tgz"; fi
