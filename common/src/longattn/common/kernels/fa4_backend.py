@@ -110,7 +110,8 @@ def _cuda_arch(index) -> int:
 
 
 def _device_arch(device) -> int:
-    return _cuda_arch(torch.device(device).index or 0)
+    index = torch.device(device).index
+    return _cuda_arch(torch.cuda.current_device() if index is None else index)
 
 
 _loaded: list = []  # the imported runtime or the import error (a cache, not a setting)
