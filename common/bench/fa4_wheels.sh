@@ -59,8 +59,17 @@ fetch() {
   rm -rf .fa4a .fa4b
   mkdir -p .fa4a .fa4b
   work="$(mktemp -d)"
-  # the library's files as one reproducible xz tar (sorted, no owners or times)
-  (cd "$work" && mkdir u && cd u && python3 -m zipfile -e "$lib_whl" .)
+  # the library's files (with the modes the wheel gives them) as one reproducible xz tar
+  # (sorted, no owners or times)
+  python3 - "$lib_whl" "$work/u" <<'PY'
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for info in z.infolist():
+        path = z.extract(info, sys.argv[2])
+        mode = (info.external_attr >> 16) & 0o777
+        if mode and not info.is_dir():
+            os.chmod(path, mode)
+PY
   tar -C "$work/u" --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -cf - . \
     | xz -T0 -9 > "$work/$LIB.tar.xz"
   split -b "${PART_MIB}M" -d -a 2 "$work/$LIB.tar.xz" "$work/$LIB.tar.xz.part"
@@ -113,7 +122,9 @@ install() {
   mkdir -p "$SITE"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target "$SITE" ./*.whl
-  tar -C "$SITE" -xJf "$LIB.tar.xz"
+  # python's tarfile and lzma: no xz program needed there
+  python3 -c 'import sys, tarfile; tarfile.open(sys.argv[1], "r:xz").extractall(sys.argv[2])' \
+    "$LIB.tar.xz" "$SITE"
   rm -f "$LIB.tar.xz"
   cd - >/dev/null
   PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages:${PYTHONPATH:-}" python3 -c '
