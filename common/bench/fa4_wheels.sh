@@ -38,7 +38,7 @@ PINS=(
   quack-kernels==0.6.5
   apache-tvm-ffi==0.1.15.post2
   torch-c-dlpack-ext==0.1.5
-  nvidia-cudnn-frontend==1.14.0
+  nvidia-cudnn-frontend==1.32.0
 )
 LIB=nvidia_cutlass_dsl_libs_cu13
 PART_MIB=40

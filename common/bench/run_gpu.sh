@@ -2,8 +2,12 @@
 # Run packages' GPU benchmark scripts one after another on the device machine (no nox there):
 #   bash common/bench/run_gpu.sh hamilton ring_swa ...      (each capped at $CAP seconds)
 # Besides packages: repro:<pkg> (python -m longattn.common.repro), cudnn, cudnn_varlen,
-# cudnn_ragged, staging, decode_batch, tree_check, strategies, packed, gpu_world, fa4 (the
-# scripts named in the case below); ARGS_<name> adds arguments (ARGS_hyper=--no-sweep).
+# cudnn_ragged, staging, decode_batch, tree_check, strategies, packed, gpu_world, fa4,
+# peer_ring, peer_torchscale, profile (the scripts named in the case below); ARGS_<name> adds
+# arguments (ARGS_hyper=--no-sweep; profile takes its configurations there, default
+# "hyper-causal-bwd dilated swa").
+# peer_ring / peer_torchscale run the published peers that common/bench/fetch_peers.sh put
+# into the git-ignored .peers/ (carry it); their folder goes on PYTHONPATH for those two.
 # fa4 runs common/bench/check_fa4.py on the FlashAttention-4 stack that
 # common/bench/fa4_wheels.sh install put into /tmp/site (see there; CAP=570 gives it time).
 # Logs and results go to bench_out/<pkg>/; on the device machine they come back packed as
@@ -48,6 +52,9 @@ for pkg in "$@"; do
     packed) script=hamilton/bench/bench_packed.py ;;
     gpu_world) script=integrations/bench/gpu_world.py ;;
     fa4) script=common/bench/check_fa4.py ;;
+    peer_ring) script=hamilton/bench/bench_peer_ring.py ;;
+    peer_torchscale) script=dilated/bench/bench_peer_torchscale.py ;;
+    profile) script=common/bench/profile_kernels.py ;;
     *) script="$pkg/bench/bench_$pkg.py" ;;
   esac
   extra="ARGS_$pkg"
@@ -56,6 +63,10 @@ for pkg in "$@"; do
   # PYTHONPATH does not read, so it is named as well
   if [ "$pkg" = fa4 ] && [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]; then
     pypath="/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$pypath"
+  fi
+  case "$pkg" in peer_*) pypath="$PWD/.peers:$pypath" ;; esac
+  if [ "$pkg" = profile ] && [ -z "${ARGS_profile:-}" ]; then
+    ARGS_profile="hyper-causal-bwd dilated swa"
   fi
   mkdir -p "$base/$pkg"
   echo "=== $pkg ($script) $(date -u +%H:%M:%S)"

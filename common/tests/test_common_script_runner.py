@@ -83,8 +83,8 @@ def test_python_dash_m_lists_the_scripts():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "usage: python -m longattn.common.bench PKG [SCRIPT] [ARGS ...]" in out.stdout
-    assert "  hamilton: bench_hamilton bench_packed bench_peer_ring bench_strategies predict_hamilton" \
-        in out.stdout
+    assert ("  hamilton: bench_hamilton bench_packed bench_peer_ring bench_strategies "
+            "predict_hamilton") in out.stdout
 
 
 def _readme_lines():
