@@ -60,7 +60,7 @@ import torch.nn.functional as F
 
 from longattn.common import bench
 from longattn.common.kernels import pick_backend
-from longattn.common.testing import load_script, rel_error
+from longattn.common.testing import rel_error, shared_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -79,19 +79,11 @@ CASES = [
 
 
 def _shim():
-    mod = sys.modules.get("flash_shim")
-    if mod is None:
-        mod = load_script(os.path.join(ROOT, "common", "bench", "flash_shim.py"), "flash_shim")
-        sys.modules["flash_shim"] = mod
-    return mod
+    return shared_script(os.path.join(ROOT, "common", "bench", "flash_shim.py"))
 
 
 def _bench_dilated():
-    mod = sys.modules.get("bench_dilated")
-    if mod is None:
-        mod = load_script(os.path.join(HERE, "bench_dilated.py"), "bench_dilated")
-        sys.modules["bench_dilated"] = mod
-    return mod
+    return shared_script(os.path.join(HERE, "bench_dilated.py"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from longattn.common.testing import load_script
+from longattn.common.testing import flash_shim_removed_after, load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 ROOT = BENCH.parents[1]
@@ -78,13 +77,8 @@ IDS = ["in-test peer"] + (["torchscale"] if REAL else [])
 
 @pytest.fixture(autouse=True)
 def _no_shim_left_behind():
-    """The flash-attn shim the benchmark installs is removed after each test that installed
-    it, so later tests of the session see the modules they would see without it."""
-    before = "flash_attn.flash_attn_interface" in sys.modules
-    yield
-    shim = sys.modules.get("flash_shim")
-    if not before and shim is not None:
-        shim.uninstall()
+    with flash_shim_removed_after():
+        yield
 
 
 @pytest.mark.parametrize("peer", PEERS, ids=IDS)

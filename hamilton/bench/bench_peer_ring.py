@@ -70,7 +70,7 @@ import torch
 from longattn.common import bench
 from longattn.common.kernels import pick_backend
 from longattn.common.layout import join_shards, take_shard
-from longattn.common.testing import load_script, rel_error
+from longattn.common.testing import rel_error, shared_script
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -98,19 +98,11 @@ TIMEOUT = 600.0  # seconds a thread-world rank waits for a message before the ru
 
 
 def _shim():
-    mod = sys.modules.get("flash_shim")
-    if mod is None:
-        mod = load_script(os.path.join(ROOT, "common", "bench", "flash_shim.py"), "flash_shim")
-        sys.modules["flash_shim"] = mod
-    return mod
+    return shared_script(os.path.join(ROOT, "common", "bench", "flash_shim.py"))
 
 
 def _bench_hamilton():
-    mod = sys.modules.get("bench_hamilton")
-    if mod is None:
-        mod = load_script(os.path.join(HERE, "bench_hamilton.py"), "bench_hamilton")
-        sys.modules["bench_hamilton"] = mod
-    return mod
+    return shared_script(os.path.join(HERE, "bench_hamilton.py"))
 
 
 def _package_without_init(name):

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from longattn.common.testing import flash_shim_removed_after
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 ROOT = BENCH.parents[1]
 if str(BENCH) not in sys.path:  # gloo ranks import the script by name (sys.path travels)
@@ -30,13 +32,8 @@ PEERS = [FAKE] + ([None] if REAL else [])  # None: the published peer
 
 @pytest.fixture(autouse=True)
 def _no_shim_left_behind():
-    """The flash-attn shim the benchmark installs is removed after each test that installed
-    it, so later tests of the session see the modules they would see without it."""
-    before = "flash_attn.flash_attn_interface" in sys.modules
-    yield
-    shim = sys.modules.get("flash_shim")
-    if not before and shim is not None:
-        shim.uninstall()
+    with flash_shim_removed_after():
+        yield
 
 
 # ---------------------------------------------------------------------------------------------

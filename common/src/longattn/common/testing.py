@@ -29,6 +29,7 @@ Arguments and results travel pickled; tensors travel by value.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import multiprocessing as mp
 import os
 import pickle
@@ -418,6 +419,39 @@ def load_script(path, name: str | None = None):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def shared_script(path, name: str | None = None):
+    """:func:`load_script` once per process: the module registered in ``sys.modules`` under
+    ``name`` (default: the file name without ``.py``), so scripts that import each other's
+    functions (a benchmark reusing another's simulation, a shim installed by two scripts) and
+    the tests that drive them share one module and its state."""
+    import sys
+    from pathlib import Path
+
+    name = name or Path(path).stem
+    mod = sys.modules.get(name)
+    if mod is None:
+        mod = load_script(path, name)
+        sys.modules[name] = mod
+    return mod
+
+
+@contextlib.contextmanager
+def flash_shim_removed_after():
+    """Inside the block a benchmark may install ``common/bench/flash_shim.py`` (loaded by
+    :func:`shared_script` as ``flash_shim``); after it the shim is uninstalled unless
+    ``flash_attn.flash_attn_interface`` was there before, so later tests of the session see the
+    modules they would see without it."""
+    import sys
+
+    before = "flash_attn.flash_attn_interface" in sys.modules
+    try:
+        yield
+    finally:
+        shim = sys.modules.get("flash_shim")
+        if not before and shim is not None:
+            shim.uninstall()
 
 
 def dense_reference64(q, k, v, dout, mask, scale, dlse=None):
