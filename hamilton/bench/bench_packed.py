@@ -27,7 +27,9 @@ The layout line is followed by each strategy's per-rank counts (the step schedul
 with ``--schedule allgather``, and all-gather's): kernel calls, (segment, step) pairs with
 keys, 128 x 128 (query, key) tiles and query rows in the calls (the plans' ``kernel_calls``,
 ``segment_steps``, ``tiles()`` and ``query_rows``), also in the JSON (``packed plan counts``),
-so a GPU run can fit a rank's time to them.
+so a GPU run can fit a rank's time to them; then each strategy's *tile bound*: the baseline's
+tiles (one call over all the documents, the one-rank plan) / n over the worst rank's tiles, the
+efficiency the rank would reach if every tile took the same time and segments cost nothing.
 
 Baselines in the same run, alternated with the contenders, each one call over all the
 documents divided by ``n``: the flash varlen op, and cuDNN's ragged graphs
@@ -496,8 +498,16 @@ def main(argv=None):
         print(f"  {label} per rank (calls/(segment, step) pairs with keys/{TILE}x{TILE} tiles/"
               "query rows): " + ", ".join(f"r{p.rank} " + "/".join(str(x) for x in c.values())
                                           for p, c in zip(ps, counts[label])))
+    # the bound the tiles alone set: the baseline's tiles (one call over all documents: the
+    # one-rank plan) / n over the rank's; time per tile equal, per-segment costs left out
+    base_tiles = make_allgather_plan(cu, 1, 0, causal).tiles()
+    bounds = {label: min(base_tiles / n / c[f"tiles{TILE}"] for c in cs)
+              for label, cs in counts.items()}
+    print(f"  tile bound (baseline's {base_tiles} tiles / {n} over the rank's), worst rank: "
+          + ", ".join(f"{label} {b:.3f}" for label, b in bounds.items()))
     results, t0 = [bench.result("hamilton", "packed plan counts", median_ms=None,
                                 device=device, dtype=dtype, counts=counts,
+                                baseline_tiles=base_tiles, tile_bounds=bounds,
                                 documents=lens, causal=causal)], time.time()
     small = draw_documents(n * (48 if a.smoke else 256), 1 if a.smoke else 16,
                            40 if a.smoke else 512, a.seed)

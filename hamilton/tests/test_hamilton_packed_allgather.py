@@ -453,5 +453,18 @@ def test_bench_smoke_both_strategies(tmp_path):
         timed = {r["what"]: r["extra"]["schedule"] for r in data if r["median_ms"] is not None}
         for rank in range(4):
             assert timed[f"packed fwd+bwd rank{rank} +merge {name}"] == name, timed
+    # the tile bound: the one-call baseline's tiles (the document mask's, counted by brute
+    # force) / 4 over the worst rank's tiles
+    from longattn.reference import document_mask
+
+    plan = [r for r in data if r["what"] == "packed plan counts"][0]["extra"]
+    lens = plan["documents"]
+    mask = document_mask(_cu(lens).numpy(), causal=plan["causal"])
+    base = sum(_tiles_brute(mask[a:b, a:b], TILE) for a, b in zip(
+        np.cumsum([0] + lens[:-1]), np.cumsum(lens)))
+    assert plan["baseline_tiles"] == base
+    for label, cs in plan["counts"].items():
+        want = min(base / 4 / c[f"tiles{TILE}"] for c in cs)
+        assert plan["tile_bounds"][label] == pytest.approx(want, rel=1e-12), label
     with pytest.raises(SystemExit):
         mod.main(["--smoke", "--schedule", "tasp,zigzag"])
