@@ -2,7 +2,7 @@
 dense causal cuDNN, in one run.
 
     PYTHONPATH=common/src:reference/src:ring_swa/src python ring_swa/bench/bench_ring_swa.py \
-        [--smoke] [--out DIR] [--seq 131072] [--window 4096]
+        [--smoke] [--out DIR] [--seq 131072] [--window 4096] [--backends auto,fa4]
 
 1. Correctness first (small case, bf16 against the float64 oracle, forward and backward): the
    flash aten path, the band variants, the flex backend, the varlen flash path with sinks, and
@@ -24,6 +24,15 @@ dense causal cuDNN, in one run.
    the dense one counts 2 S^2 H D (x3.5). Targets: best window kernel >= 1.1x flex and >= 80%
    of the dense causal cuDNN TFLOP/s, forward and forward+backward.
 
+``--backends auto,fa4`` (default ``auto``: the candidates above) adds FlashAttention-4 beside
+them, in the correctness checks and in each phase's pool: ``fa4``, its native window (the
+``fa4`` backend of :mod:`longattn.common.kernels`), and ``ring_swa local [fa4]``, ring_swa's
+local step with ``backend="fa4"``; its verdict against the same flex and dense cuDNN rows is
+printed apart (``verdict_by_backend`` in the summary JSON; ``verdict`` stays the current
+kernels'). fa4 that cannot run here is reported in one line and left out (``backends`` in the
+summary JSON). The CPU smoke run, float64 elsewhere, runs the fa4 candidates in bf16 (FA4 serves
+fp16 / bf16 only), checked at bf16's tolerance.
+
 ``--smoke`` runs a tiny configuration on the CPU (the torch backend under the band
 decomposition) so the script itself can be checked without a GPU; it has no FlexAttention or
 cuDNN baseline, so its ratios print as n/a.
@@ -32,6 +41,7 @@ cuDNN baseline, so its ratios print as n/a.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -42,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from longattn.common import bench
+from longattn.common import kernels as K
 from longattn.common.kernels import BandConfig, attention_backward, attention_forward
 from longattn.common.kernels import band_backend as band
 from longattn.common.testing import rel_error
@@ -50,6 +61,46 @@ from longattn.ring_swa import local
 # The band variants timed: (split, anti) of BandConfig. s1 flip was the faster of the two in
 # results/h200/bench_ring_swa.json (H200, 2026-12-04).
 BAND_VARIANTS = ((1, "flip"), (2, "flash"))
+
+# --backends: "auto" is the current candidates (always timed); each of these adds two: its
+# native window (candidate "<name>", check "<name> (native window)") and ring_swa's local step
+# on it ("ring_swa local [<name>]")
+EXTRA_BACKENDS = ("fa4",)
+
+
+def parse_backends(text):
+    """``--backends``: the extra backends named (``auto`` is always there)."""
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [n for n in names if n not in ("auto", *EXTRA_BACKENDS)]
+    if bad or not names:
+        raise ValueError(f"--backends: {bad or text!r} not among auto, "
+                         + ", ".join(EXTRA_BACKENDS))
+    return [n for n in names if n != "auto"]
+
+
+def backend_dtype(backend, device, dtype, head_dims):
+    """``(dtype, None)``: the dtype ``backend``'s candidates run in (the run's, or bf16 where it
+    serves only half precision and the run is float64: the CPU smoke run), or ``(None, why
+    not)`` where it cannot run here."""
+
+    def why(dt):
+        try:
+            for d in head_dims:
+                probe = torch.zeros(1, 8, 1, d, device=device, dtype=dt)
+                K.pick_backend(probe, probe, probe, causal=True, window_size=(4, 0),
+                               backend=backend)
+        except ValueError as e:
+            return " ".join(str(e).split())
+        return None
+
+    reason = why(dtype)
+    if reason is None:
+        return dtype, None
+    if dtype not in (torch.float16, torch.bfloat16):
+        reason = why(torch.bfloat16)
+        if reason is None:
+            return torch.bfloat16, None
+    return None, reason
 
 
 def log(msg):
@@ -79,16 +130,20 @@ def _band_config(split, anti, smoke):
     return BandConfig(split=split, anti=anti)
 
 
-def correctness(device, smoke, skip=frozenset()):
-    """Rows {case, out, lse, dq, dk, dv, ok} for every path at a small size."""
+def correctness(device, smoke, skip=frozenset(), extra=None):
+    """Rows {case, out, lse, dq, dk, dv, ok} for every path at a small size; ``extra``:
+    ``{backend: dtype}`` of the extra backends (fa4), whose rows carry ``backend``."""
     dtype = torch.float64 if smoke else torch.bfloat16
     tol = 1e-10 if smoke else 2e-2
     s, w, hq, hkv, d = (48, 8, 4, 2, 8) if smoke else (2048, 256, 4, 2, 128)
-    g = torch.Generator().manual_seed(0)
-    q, k, v, do = (torch.randn(1, s, h, d, generator=g).to(device, dtype)
-                   for h in (hq, hkv, hkv, hq))
-    scale = d ** -0.5
-    ref_out, ref_lse, ref_g = _oracle(q, k, v, do, w, scale)
+
+    def inputs(dt):
+        g = torch.Generator().manual_seed(0)
+        q, k, v, do = (torch.randn(1, s, h, d, generator=g).to(device, dt)
+                       for h in (hq, hkv, hkv, hq))
+        return (q, k, v, do), _oracle(q, k, v, do, w, d ** -0.5)
+
+    (q, k, v, do), (ref_out, ref_lse, ref_g) = inputs(dtype)
     cases = []
     if not smoke:
         cases.append(("cudnn (native window)", lambda: _run_backend("cudnn", q, k, v, do, w)))
@@ -98,6 +153,22 @@ def correctness(device, smoke, skip=frozenset()):
         cfg = _band_config(split, anti, smoke)
         cases.append((f"band s{split} {anti}", lambda cfg=cfg: _run_band(q, k, v, do, w, cfg)))
     cases.append(("ring_swa local (auto)", lambda: _run_local(q, k, v, do, w)))
+    rows = _run_cases(cases, skip, (ref_out, ref_lse, ref_g), tol)
+    for be, dt in (extra or {}).items():  # fa4: its native window and ring_swa's local step
+        (qb, kb, vb, dob), ref = inputs(dt) if dt != dtype else ((q, k, v, do),
+                                                                   (ref_out, ref_lse, ref_g))
+        tol_b = tol if dt == dtype else 2e-2  # bf16 in the float64 smoke run
+        more = [(f"{be} (native window)", functools.partial(_run_backend, be, qb, kb, vb, dob, w)),
+                (f"ring_swa local [{be}]", functools.partial(_run_local, qb, kb, vb, dob, w,
+                                                              backend=be))]
+        for r in _run_cases(more, skip, ref, tol_b):
+            rows.append(dict(r, backend=be, tol=tol_b))
+    rows += _ring_api_checks(device, dtype, tol)
+    return rows
+
+
+def _run_cases(cases, skip, ref, tol):
+    ref_out, ref_lse, ref_g = ref
     rows = []
     for name, fn in cases:
         if name in skip:
@@ -111,7 +182,6 @@ def correctness(device, smoke, skip=frozenset()):
         except Exception as e:  # noqa: BLE001 - report and continue
             traceback.print_exc()
             rows.append({"case": name, "out": f"error: {e}"[:60], "ok": False})
-    rows += _ring_api_checks(device, dtype, tol)
     return rows
 
 
@@ -128,8 +198,8 @@ def _run_band(q, k, v, do, w, cfg):
     return out, lse, band.backward(do, q, k, v, out, lse, **kw)
 
 
-def _run_local(q, k, v, do, w):
-    kw = dict(softmax_scale=q.shape[-1] ** -0.5, window_size=(w, 0))
+def _run_local(q, k, v, do, w, backend="auto"):
+    kw = dict(softmax_scale=q.shape[-1] ** -0.5, window_size=(w, 0), backend=backend)
     out, lse = local.dense_forward(q, k, v, **kw)
     return out, lse, local.dense_backward(do, q, k, v, out, lse, **kw)
 
@@ -285,18 +355,52 @@ def _usable(fns, device, skip):
     return ok
 
 
-def speed(device, s, w, h, d, smoke, rounds, skip=frozenset()):
+def _extra_fns(q, k, v, do, w, backend):
+    """{name: (fwd, fwd_bwd)} of an extra backend (fa4): its native window and ring_swa's
+    local step on it."""
+    scale = q.shape[-1] ** -0.5
+
+    def nat_f():
+        return attention_forward(q, k, v, causal=True, window_size=(w, 0), backend=backend)
+
+    def nat_fb():
+        o, lse = nat_f()
+        attention_backward(do, q, k, v, o, lse, causal=True, window_size=(w, 0),
+                           backend=backend)
+
+    def loc_f():
+        return local.dense_forward(q, k, v, softmax_scale=scale, window_size=(w, 0),
+                                   backend=backend)
+
+    def loc_fb():
+        o, lse = loc_f()
+        local.dense_backward(do, q, k, v, o, lse, softmax_scale=scale, window_size=(w, 0),
+                             backend=backend)
+
+    return {backend: (nat_f, nat_fb), f"ring_swa local [{backend}]": (loc_f, loc_fb)}
+
+
+def speed(device, s, w, h, d, smoke, rounds, skip=frozenset(), extra=None):
+    """Timings of every candidate, each phase's in one pool; ``extra``: ``{backend: dtype}``
+    of the extra backends (fa4), whose candidates join the pools (their rows carry
+    ``backends``: the ``--backends`` entry, ``auto`` for the others, when ``extra`` is
+    given)."""
     dtype = torch.float64 if smoke else torch.bfloat16
     g = torch.Generator(device=device).manual_seed(1)
     q, k, v, do = (torch.randn(1, s, h, d, device=device, dtype=dtype, generator=g)
                    for _ in range(4))
     useful = 4.0 * s * w * h * d
     dense = 2.0 * s * s * h * d
-    flops = {}
+    flops, dtypes, family = {}, {}, {}
     fwd, fwdbwd = {}, {}
     for name, (f, fb) in _window_fns(q, k, v, do, w, smoke).items():
         fwd[name], fwdbwd[name] = f, fb
         flops[name] = useful
+    for be, dt in (extra or {}).items():
+        xs = (q, k, v, do) if dt == dtype else (t.to(dt) for t in (q, k, v, do))
+        for name, (f, fb) in _extra_fns(*xs, w, be).items():
+            fwd[name], fwdbwd[name] = f, fb
+            flops[name], dtypes[name], family[name] = useful, dt, be
     if not smoke:
         for name, maker, fl in (("flex", lambda: _flex_fns(q, k, v, do, w), useful),
                                 ("cudnn dense causal", lambda: _cudnn_dense_fns(q, k, v, do),
@@ -317,16 +421,19 @@ def speed(device, s, w, h, d, smoke, rounds, skip=frozenset()):
             results.append(bench.result(
                 "ring_swa" if name not in ("flex", "cudnn dense causal") else name,
                 f"{name} {phase}", median_ms=t[name], flops=flops[name] * mult, device=device,
-                dtype=dtype, shape={"B": 1, "S": s, "W": w, "H": h, "D": d, "causal": True},
-                phase=phase, candidate=name, spread=t[name + " spread"]))
+                dtype=dtypes.get(name, dtype),
+                shape={"B": 1, "S": s, "W": w, "H": h, "D": d, "causal": True},
+                phase=phase, candidate=name, spread=t[name + " spread"],
+                **({} if extra is None else {"backends": family.get(name, "auto")})))
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
     return results
 
 
-def summarize(results):
-    """Table rows with ratios to flex and to dense causal cuDNN; the verdict per phase."""
+def summarize(results, backends="auto"):
+    """Table rows with ratios to flex and to dense causal cuDNN; the verdict per phase over
+    the candidates of the ``--backends`` entry ``backends`` (``auto``: the current kernels)."""
     rows, verdict = [], {}
     for phase in ("fwd", "fwd+bwd"):
         rs = {r["extra"]["candidate"]: r for r in results if r["extra"]["phase"] == phase}
@@ -340,6 +447,7 @@ def summarize(results):
                    "of dense": r["tflops"] / dense["tflops"] if dense else None}
             rows.append(row)
             if name not in ("flex", "cudnn dense causal") and (
+                    r["extra"].get("backends", "auto") == backends) and (
                     best is None or r["median_ms"] < best[1]["median_ms"]):
                 best = (name, r)
         if best:
@@ -352,7 +460,7 @@ def summarize(results):
     return rows, verdict
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny CPU configuration")
     ap.add_argument("--out", default=None)
@@ -363,7 +471,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated checks / candidates to skip, "
                     "e.g. 'flex backend,band s2 flash'")
-    args = ap.parse_args()
+    ap.add_argument("--backends", default="auto",
+                    help="auto (default: the candidates above) or auto,fa4: also "
+                         "FlashAttention-4's native window and ring_swa's local step on it")
+    args = ap.parse_args(argv)
+    try:
+        extra_names = parse_backends(args.backends)
+    except ValueError as e:
+        ap.error(str(e))
     skip = frozenset(x.strip() for x in args.skip.split(",") if x.strip())
     t_start = time.perf_counter()
     out = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
@@ -378,35 +493,55 @@ def main():
     auto = pick_backend(probe, probe, probe, causal=True, window_size=(args.window, 0))
     log(f"device: {bench.device_name(device)}  torch {torch.__version__}  band default: "
         f"split={default.split} anti={default.anti}  auto picks {auto!r} for the window")
-    rows = correctness(device, smoke, skip)
+    if smoke:
+        s, w, h, d, rounds = 256, 32, 2, 16, 1
+    else:
+        s, w, h, d, rounds = args.seq, args.window, args.heads, args.head_dim, args.rounds
+    # the extra backends that can run here: {name: dtype}; the others reported, left out
+    extra, status = {}, {"auto": "ran"}
+    for be in extra_names:
+        dt, why = backend_dtype(be, device, probe.dtype, (8 if smoke else 128, d))
+        if dt is None:
+            log(f"backend {be} unavailable, left out: {why}")
+            status[be] = f"unavailable: {why}"
+        else:
+            extra[be] = dt
+            status[be] = "ran" + ("" if dt == probe.dtype else f" in {str(dt)[6:]}")
+            if dt != probe.dtype:
+                log(f"backend {be}: its candidates run in {str(dt)[6:]} (it serves no "
+                    f"{probe.dtype})")
+    option = bool(extra_names)
+    rows = correctness(device, smoke, skip, extra)
     print(bench.format_table(rows, ["case", "out", "lse", "dq", "dk", "dv", "ok"]))
     ok = all(r["ok"] for r in rows)
     log(f"correctness: {'PASS' if ok else 'FAIL'}")
     with open(os.path.join(out, "bench_ring_swa_correctness.json"), "w") as f:
         json.dump(rows, f, indent=1, default=str)
-    if smoke:
-        s, w, h, d, rounds = 256, 32, 2, 16, 1
-    else:
-        s, w, h, d, rounds = args.seq, args.window, args.heads, args.head_dim, args.rounds
     try:
-        results = speed(device, s, w, h, d, smoke, rounds, skip)
+        results = speed(device, s, w, h, d, smoke, rounds, skip, extra if option else None)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         results = []
     bench.write_results(results, os.path.join(out, "bench_ring_swa.json"))
     table, verdict = summarize(results)
+    by_backend = {be: summarize(results, be)[1] for be in extra}
     print(bench.format_table(table, ["phase", "candidate", "ms", "TFLOP/s", "x flex",
                                      "of dense", "spread"]))
-    for phase, v in verdict.items():
-        if v["x_flex"] is None or v["of_dense"] is None:
-            log(f"{phase}: best window kernel {v['best']!r}; ratios n/a (no FlexAttention / "
-                "dense cuDNN baseline in this run)")
-            continue
-        log(f"{phase}: best window kernel {v['best']!r}: {v['x_flex']:.3f}x flex, "
-            f"{v['of_dense']:.1%} of dense causal cuDNN TFLOP/s -> "
-            f"{'MEETS' if v['meets'] else 'misses'} (>= 1.1x, >= 80%)")
+    for be, ver in [("auto", verdict), *by_backend.items()]:
+        sfx = "" if be == "auto" else f" [{be}]"
+        for phase, v in ver.items():
+            if v["x_flex"] is None or v["of_dense"] is None:
+                log(f"{phase}: best window kernel{sfx} {v['best']!r}; ratios n/a (no "
+                    "FlexAttention / dense cuDNN baseline in this run)")
+                continue
+            log(f"{phase}: best window kernel{sfx} {v['best']!r}: {v['x_flex']:.3f}x flex, "
+                f"{v['of_dense']:.1%} of dense causal cuDNN TFLOP/s -> "
+                f"{'MEETS' if v['meets'] else 'misses'} (>= 1.1x, >= 80%)")
+    summary = {"table": table, "verdict": verdict, "correct": ok}
+    if option:
+        summary.update(verdict_by_backend=by_backend, backends=status)
     with open(os.path.join(out, "bench_ring_swa_summary.json"), "w") as f:
-        json.dump({"table": table, "verdict": verdict, "correct": ok}, f, indent=1)
+        json.dump(summary, f, indent=1)
     log(f"wrote {out} ({time.perf_counter() - t_start:.0f} s)")
 
 
