@@ -1,6 +1,7 @@
 """bench_hamilton.py --smoke on the CPU: every +merge variant (HamiltonConfig's overlap_merges /
 defer_dq) passes the correctness check, gives +merge's bits where it should, and is timed on
-every simulated rank beside the kernels-only sequence and the dense baseline."""
+every simulated rank beside the kernels-only sequence and the dense baseline; with
+--backends auto,fa4 the same on FlashAttention-4's stand-in beside the current kernels."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
-from longattn.common.testing import load_script
+from longattn.common.kernels import fa4_backend as fb
+from longattn.common.testing import Fa4Standin, load_script
 
 
 def _bench():
@@ -57,3 +60,68 @@ def test_bench_hamilton_variants_flag(tmp_path):
     assert not any("overlap" in w for w in timed) and "fwd rank0 +merge" not in timed
     with pytest.raises(SystemExit):
         mod.main(["--smoke", "--out", str(tmp_path), "--variants", "merge,fused"])
+
+
+# --backends auto,fa4: FlashAttention-4 (its CPU stand-in, float64 inside, bf16 out) beside the
+# current kernels in the same run
+
+
+class _WrongFa4(Fa4Standin):
+    """FA4's stand-in with an output 5% too large: the fa4 check must catch it."""
+
+    def _flash_attn_fwd(self, *args, **kw):
+        out, *rest = super()._flash_attn_fwd(*args, **kw)
+        return (out * 1.05, *rest)
+
+
+def test_bench_hamilton_fa4_beside_auto(tmp_path, capsys):
+    standin = Fa4Standin(arch=90)
+    with fb.use(standin, arch=90, device_type="cpu"):
+        _bench().main(["--smoke", "--out", str(tmp_path), "--variants", "merge",
+                       "--backends", "auto,fa4"])
+    assert {name for name, _ in standin.calls} == {"fwd", "bwd"}
+    # the causal step-0 call and the non-causal step calls both went to FA4
+    assert {c["window_size_right"] for _, c in standin.calls} == {0, None}
+    data = json.loads((tmp_path / "bench_hamilton.json").read_text())
+    checks = {r["what"]: r["extra"] for r in data if r["what"].startswith("correctness")}
+    assert set(checks) == {"correctness ring", "correctness ring [fa4]"}
+    fa4 = checks["correctness ring [fa4]"]
+    assert fa4["backend"] == "fa4" and fa4["ok"] and fa4["deterministic"]
+    assert all(0 < e <= 2e-2 for e in fa4["errors"].values()), fa4
+    # the fa4 run's lse is its own (FA4's float32 lse, not the torch backend's)
+    assert fa4["errors"]["lse"] != checks["correctness ring"]["errors"]["lse"]
+    timed = {r["what"]: r["extra"] for r in data if r["median_ms"] is not None}
+    for rank in (0, 2, 3):
+        for mode in ("kernels", "+merge"):
+            for direction in ("fwd", "fwd+bwd"):
+                assert timed[f"{direction} rank{rank} {mode}"]["backend"] == "auto"
+                ex = timed[f"{direction} rank{rank} {mode} [fa4]"]
+                assert ex["backend"] == "fa4" and ex["variant"] == mode
+                assert ex["efficiency"] > 0 and ex["baseline"] == "dense(torch)"
+    same = [r["extra"] for r in data if r["what"].endswith(" vs +merge [fa4]")]
+    assert len(same) == 3 and all(r["same_bits_fwd_bwd"] and not r["race"] for r in same)
+    backends = [r["extra"]["backends"] for r in data if r["what"] == "backends"]
+    assert backends == [{"auto": "ran", "fa4": "ran"}]
+    out = capsys.readouterr().out
+    assert "efficiency fwd+bwd  +merge [fa4]" in out and "FAILED" not in out
+
+
+def test_bench_hamilton_fa4_check_fails_for_a_wrong_kernel():
+    with fb.use(_WrongFa4(arch=90), arch=90, device_type="cpu"):
+        errs, _ = _bench().check(torch.device("cpu"), torch.bfloat16, 4, 12, 2, 16, "ring",
+                                 backend="fa4")
+    assert errs["out"] > 2e-2, errs
+
+
+def test_bench_hamilton_fa4_unavailable_is_reported(tmp_path, capsys):
+    with fb.use(Fa4Standin(arch=80), arch=80, device_type="cpu"):  # no sm80 backward in FA4
+        _bench().main(["--smoke", "--out", str(tmp_path), "--variants", "merge",
+                       "--backends", "auto,fa4"])
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("backend fa4 unavailable")]
+    assert len(line) == 1 and "needs sm90 or newer" in line[0], out
+    data = json.loads((tmp_path / "bench_hamilton.json").read_text())
+    assert not any("[fa4]" in r["what"] for r in data)
+    assert "fwd+bwd rank0 +merge" in {r["what"] for r in data}
+    backends = [r["extra"]["backends"] for r in data if r["what"] == "backends"]
+    assert backends[0]["auto"] == "ran" and "needs sm90" in backends[0]["fa4"]
