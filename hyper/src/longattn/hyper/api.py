@@ -117,9 +117,10 @@ def hyper_attention(q, k, v, *, causal=False, softmax_scale=None, lsh_num_projs=
     ``backend``: ``"auto"`` (Triton for CUDA fp16 / bf16 / fp32, torch otherwise), ``"torch"``
     or ``"triton"`` (on a CPU under ``TRITON_INTERPRET=1``; there the kernels widen bf16 / fp16
     dot operands to fp32, exactly, because the interpreter's bf16 dots are wrong).
-    ``config``: a :class:`longattn.hyper.HyperConfig` for the Triton path (the torch path has
-    no knobs). Gradients (autograd) are those of the approximation computed, ``d(lse)``
-    included. A NaN in q / k / v gives NaN rows wherever it is seen.
+    ``config``: a :class:`longattn.hyper.HyperConfig`: the Triton path's tiles and, on both
+    paths, the local-kernel backend of the exact parts (``leaf_backend``). Gradients
+    (autograd) are those of the approximation computed, ``d(lse)`` included. A NaN in q / k / v
+    gives NaN rows wherever it is seen.
     """
     _, hkv, d = check_qkv(q, k, v)
     softmax_scale = check_scale(softmax_scale, d)
@@ -180,7 +181,8 @@ def hyper_attention(q, k, v, *, causal=False, softmax_scale=None, lsh_num_projs=
     else:
         out, lse = hyper_torch(q, k, v, rq, rk, sample_indices, plan,
                                softmax_scale=softmax_scale, block_size=block_size,
-                               smooth=smooth_block, causal=causal)
+                               smooth=smooth_block, causal=causal,
+                               leaf_backend=config.leaf_backend)
     out = out.to(q.dtype)
     return (out, lse) if return_lse else out
 

@@ -1,6 +1,6 @@
-"""The knobs of the Triton path, passed per call: ``hyper_attention(..., config=HyperConfig())``.
+"""The knobs of HyperAttention, passed per call: ``hyper_attention(..., config=HyperConfig())``.
 
-The torch path has no knobs; it ignores ``config``.
+``fwd_tile`` is the Triton path's; ``leaf_backend`` both paths'.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ _FWD_TILES = (16, 32, 64, 128, 256)
 
 @dataclass(frozen=True)
 class HyperConfig:
-    """Settings of the Triton kernels (speed only: every setting computes the same function).
+    """Settings of the kernels (speed only: every setting computes the same function, up to
+    the rounding of the kernels it picks).
 
     ``fwd_tile``: sorted query rows per forward program when ``block_size >= fwd_tile``
     (smaller blocks take the dq tile: 128 rows, 64 for blocks under 128). 128 is the tile of
@@ -21,11 +22,30 @@ class HyperConfig:
     query (``bench/compile_sm90.py`` reports its registers and spills); no committed run
     measures its speed (``bench_hyper.py --fwd-tile 256`` does). Under ``TRITON_INTERPRET=1``
     every tile is 16.
+
+    ``leaf_backend``: the local-kernel backend (:mod:`longattn.common.kernels`) of the exact
+    parts, on both paths: the causal leaves and the whole call where it is exact (``Sk <=
+    min_seq_len``). ``"auto"`` (the default) lets the kernels pick (cuDNN on GPUs, torch on a
+    CPU); a name the kernels do not know raises here, a named backend that cannot serve a call
+    raises at the call, saying why (e.g. ``"fa4"``, FlashAttention-4, serves fp16 / bf16 on
+    sm90+ only, where ``flash_attn.cute`` imports).
     """
 
     fwd_tile: int = 128
+    leaf_backend: str = "auto"
 
     def __post_init__(self):
         t = self.fwd_tile
         if isinstance(t, bool) or not isinstance(t, int) or t not in _FWD_TILES:
             raise ValueError(f"HyperConfig.fwd_tile must be one of {_FWD_TILES}, got {t!r}")
+        b = self.leaf_backend
+        if not isinstance(b, str):
+            raise TypeError(f"HyperConfig.leaf_backend must be a backend name (str), got "
+                            f"{type(b).__name__}")
+        from longattn.common import kernels
+
+        known = {"auto", *kernels.BACKENDS, *kernels.UNAVAILABLE}
+        if b not in known:
+            raise ValueError(f"HyperConfig.leaf_backend must be 'auto' or a backend of "
+                             f"longattn.common.kernels ({', '.join(sorted(known - {'auto'}))}), "
+                             f"got {b!r}")

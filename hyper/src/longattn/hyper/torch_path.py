@@ -141,17 +141,18 @@ def _equal_mix(o_w, den_w, o_s, den_s):
 
 
 def hyper_torch(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, smooth, causal,
-                double_count=False, merge="lse"):
+                double_count=False, merge="lse", leaf_backend="auto"):
     """Assemble the plan: exact leaves, core calls, merges. Returns ``(out, lse)``, out in the
     accumulation dtype, lse (and every partial lse merged on the way) in
     :func:`longattn.common.dtypes.lse_dtype`. ``rq``/``rk`` are the ranks of all rows;
     ``samples [n_calls, B, Hkv, m]`` or None. ``double_count`` / ``merge``: the ablations of
-    :func:`core` (defaults: the algorithm)."""
+    :func:`core` (defaults: the algorithm). ``leaf_backend``: the local-kernel backend of the
+    exact leaves (and of the whole call where the plan is exact), ``HyperConfig.leaf_backend``."""
     if merge not in MERGES:
         raise ValueError(f"merge must be one of {MERGES}, got {merge!r}")
     if plan.exact:
         out, lse = attention(q, k, v, softmax_scale=softmax_scale, causal=False,
-                             return_lse=True)
+                             return_lse=True, backend=leaf_backend)
         return out.to(acc_dtype(q.dtype)), lse.to(lse_dtype(q.dtype))
 
     def call(c):
@@ -169,7 +170,8 @@ def hyper_torch(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, sm
     def rec(a, n):
         if leaf.get(a) == n:
             o, lse = attention(q[:, a:a + n], k[:, a:a + n], v[:, a:a + n],
-                               softmax_scale=softmax_scale, causal=True, return_lse=True)
+                               softmax_scale=softmax_scale, causal=True, return_lse=True,
+                               backend=leaf_backend)
             return o.to(acc_dtype(q.dtype)), lse.to(lse_dtype(q.dtype))
         n1 = n - n // 2
         o1, l1 = rec(a, n1)

@@ -7,7 +7,8 @@ contract, same function (same plan, sort order, windows, sampled columns and wei
 operands to fp32 (exactly, as the GPU's fp32-accumulating dots use them): the triton
 interpreter multiplies bf16 operands as their raw 16-bit patterns.
 
-Forward: exact causal leaves (``longattn.common.kernels``: cuDNN on GPUs) fill the running
+Forward: exact causal leaves (``longattn.common.kernels`` on ``HyperConfig.leaf_backend``:
+``auto`` picks cuDNN on GPUs) fill the running
 ``(O, L)``; then each recursion level sorts the rows of its calls (one stable segmented sort on
 8-bit ranks, or of ``segment * 2^r + rank`` for uneven lengths) and one :func:`_fwd` launch
 merges all of the level's core calls into them in place. Every part is a softmax partial over
@@ -251,7 +252,8 @@ def _forward(q, k, v, rq, rk, samples, plan, scale, block_size, smooth, causal, 
         lse = torch.empty(b, hq, s, dtype=torch.float32, device=q.device)
         o, parts = None, []
         for qv, kv, vv in zip(_leaf_views(plan, q), _leaf_views(plan, k), _leaf_views(plan, v)):
-            ol, ll = attention_forward(qv, kv, vv, softmax_scale=scale, causal=True)
+            ol, ll = attention_forward(qv, kv, vv, softmax_scale=scale, causal=True,
+                                       backend=config.leaf_backend)
             if uniform_leaves(plan) is not None:  # one batched call: its output is O
                 o = ol.reshape(b, s, hq, dv).to(odt)
                 if o.stride(-1) != 1:
@@ -305,7 +307,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
         a, bb, c = attention_backward(
             _leaf_views(plan, do)[0], _leaf_views(plan, q)[0], _leaf_views(plan, k)[0],
             _leaf_views(plan, v)[0], _leaf_views(plan, out)[0], _lse_to_leaves(plan, lse)[0],
-            softmax_scale=scale, causal=True, dlse=dl)
+            softmax_scale=scale, causal=True, dlse=dl, backend=config.leaf_backend)
         dq, dk, dvv = (x.to(torch.float32).reshape(t.shape) for x, t in ((a, q), (bb, k),
                                                                          (c, v)))
     else:
@@ -317,7 +319,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
                 _leaf_views(plan, out), _leaf_views(plan, do), _lse_to_leaves(plan, lse), dls,
                 _leaf_views(plan, dq), _leaf_views(plan, dk), _leaf_views(plan, dvv)):
             a, bb, c = attention_backward(dov, qv, kv, vv, ov, lv, softmax_scale=scale,
-                                          causal=True, dlse=dl)
+                                          causal=True, dlse=dl, backend=config.leaf_backend)
             gq += a
             gk += bb
             gv += c
@@ -407,11 +409,11 @@ def hyper_triton(q, k, v, rq, rk, samples, plan, *, softmax_scale, block_size, s
         raise ValueError(f"the triton path takes fp16 / bf16 / fp32, got {q.dtype}; use "
                          f"backend='torch' for float64")
     ld = lse_dtype(q.dtype)
+    config = HyperConfig() if config is None else config
     if plan.exact:
         out, lse = attention(q, k, v, softmax_scale=softmax_scale, causal=False,
-                             return_lse=True)
+                             return_lse=True, backend=config.leaf_backend)
         return out, lse.to(ld)
-    config = HyperConfig() if config is None else config
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     out, lse = _HyperFn.apply(q, k, v, rq, rk, samples, plan, softmax_scale, block_size, smooth,
                               causal, r_bits, config)
