@@ -2,6 +2,7 @@
 
     PYTHONPATH=common/src:reference/src:hyper/src python hyper/bench/bench_hyper.py [--smoke]
         [--out DIR] [--seq 131072] [--heads 32] [--head-dim 64] [--no-sweep] [--fwd-tile 256]
+        [--leaf-backend auto,fa4]
 
 Targets: B = 1, H = 32, D = 64, bf16, S = 131072, defaults (block 256, samples 256,
 min_seq_len 2048): causal forward >= 10x faster than cuDNN exact causal, causal forward+backward
@@ -14,11 +15,24 @@ and autotuning never land in a timing; ``triton.testing.do_bench`` medians); (3)
 and PNGs in ``--out`` (default ``$OUT``, else ``hyper/bench/results``). A failing configuration
 prints its error and the run goes on. ``--smoke`` runs a tiny configuration on the CPU (torch
 path against PyTorch's SDPA) to check the script itself.
+
+``--leaf-backend`` (default ``auto``): the local-kernel backend of HyperAttention's exact parts
+(``HyperConfig.leaf_backend``: the causal leaves, and the whole call where it is exact), ``auto``,
+``fa4`` (FlashAttention-4) or both, ``auto,fa4``: then HyperAttention is checked (Triton path
+with fa4 leaves against the torch path with the default ones, in bf16: FA4 serves fp16 / bf16
+only) and timed once per leaf backend, each configuration's exact baseline and HyperAttention
+variants alternated over 3 rounds in one ``time_interleaved`` pool (one round, as before, with
+one variant); the fa4 rows are tagged ``[fa4]`` and every row records ``leaf_backend`` and the
+``leaf_backends`` that ran. A leaf backend that cannot run here is reported in one line and left
+out (the leaves fall back to ``auto`` if none is left). The targets stay against exact cuDNN.
+A non-causal call longer than ``min_seq_len`` has no exact part: its ``[fa4]`` rows time the
+same kernels as the ``auto`` ones.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -31,6 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from longattn.common import bench  # noqa: E402
+from longattn.common import kernels as K  # noqa: E402
 from longattn.common.testing import rel_error  # noqa: E402
 from longattn.hyper import (  # noqa: E402
     HyperConfig,
@@ -50,8 +65,10 @@ def log(*a):
 # ------------------------------------------------------------------------------ correctness
 
 
-def check_correctness(dev, backend, config, tiny=False):
-    """Triton vs torch path (same randomness), fwd + bwd with d(lse), small cases."""
+def check_correctness(dev, backend, config, tiny=False, dtype=None):
+    """Triton vs torch path (same randomness), fwd + bwd with d(lse), small cases; the torch
+    path runs its leaves on the default backend (``auto``), the Triton path on
+    ``config.leaf_backend``. ``dtype``: every case in this dtype (the fa4 leaves: bf16)."""
     cases = [  # B, S, Hq, Hkv, D, causal, smooth, block, samples, min_seq_len, dtype
         (1, 1000, 4, 2, 64, True, False, 64, 80, 128, torch.float32),
         (2, 777, 2, 2, 64, False, True, 64, 200, 128, torch.float32),
@@ -61,6 +78,9 @@ def check_correctness(dev, backend, config, tiny=False):
     if tiny:  # the Triton interpreter on a CPU
         cases = [(1, 40, 2, 1, 16, True, False, 16, 20, 8, torch.float32),
                  (1, 33, 2, 2, 16, False, True, 8, 12, 8, torch.float32)]
+    if dtype is not None:
+        cases = list(dict.fromkeys(c[:-1] + (dtype,) for c in cases))
+    ref_config = dataclasses.replace(config, leaf_backend="auto")
     ok = True
     for b, s, hq, hkv, d, causal, smooth, bs, m, msl, dt in cases:
         name = f"B{b} S{s} H{hq}/{hkv} D{d} {'causal' if causal else 'full'}" \
@@ -79,7 +99,8 @@ def check_correctness(dev, backend, config, tiny=False):
                 x = [t.clone().requires_grad_(True) for t in (q, k, v)]
                 o, lse = hyper_attention(*x, causal=causal, block_size=bs, min_seq_len=msl,
                                          smooth_block=smooth, projections=p, sample_indices=si,
-                                         return_lse=True, backend=be, config=config)
+                                         return_lse=True, backend=be,
+                                         config=ref_config if be == "torch" else config)
                 grads = torch.autograd.grad([o, lse], x, [do, dl])
                 res.append([o, lse, *grads])
             errs = [rel_error(a, e) for a, e in zip(res[1], res[0])]
@@ -120,50 +141,102 @@ def exact_fn(q, k, v, causal, dev):
         return run_flash
 
 
-def measure(s, causal, bwd, cfg, dev, backend, config):
+def measure(s, causal, bwd, cfg, dev, backend, config, leaves=None):
+    """``(exact ms, {leaf backend: (hyper ms, rel. error of out, of the gradients)})``;
+    ``leaves``: ``{leaf backend: (HyperConfig, dtype)}`` (default: ``config`` in the run's
+    dtype). Exact first, then each variant, in one pool: one round for one variant (as
+    before), 3 alternating rounds for more."""
     b, h, d, dt = cfg["batch"], cfg["heads"], cfg["head_dim"], cfg["dtype"]
+    leaves = {config.leaf_backend: (config, dt)} if leaves is None else leaves
     g = torch.Generator(device=dev).manual_seed(s)
     q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=dt, generator=g) for _ in range(3))
     do = torch.randn(b, s, h, d, device=dev, dtype=dt, generator=g)
     qh, kh, vh, doh = (t.transpose(1, 2).contiguous() for t in (q, k, v, do))  # BHSD copies
     for t in (q, k, v, qh, kh, vh):
         t.requires_grad_(bwd)
-    kw = dict(causal=causal, block_size=cfg["block_size"], sample_size=cfg["sample_size"],
-              min_seq_len=cfg["min_seq_len"], lsh_num_projs=cfg["lsh_num_projs"],
-              backend=backend, config=config)
     ex = exact_fn(qh, kh, vh, causal, dev)
-
-    def hyper():
-        return hyper_attention(q, k, v, **kw)
 
     if bwd:
         def f_exact():
             return torch.autograd.grad(ex(), (qh, kh, vh), doh)
-
-        def f_hyper():
-            return torch.autograd.grad(hyper(), (q, k, v), do)
     else:
-        f_exact, f_hyper = ex, hyper
+        f_exact = ex
+    fns, errs = {"exact": f_exact}, {}
+    for be, (conf, ldt) in leaves.items():
+        xs = (q, k, v, do) if ldt == dt else tuple(
+            t.detach().to(ldt).requires_grad_(t.requires_grad) for t in (q, k, v, do))
+        kw = dict(causal=causal, block_size=cfg["block_size"], sample_size=cfg["sample_size"],
+                  min_seq_len=cfg["min_seq_len"], lsh_num_projs=cfg["lsh_num_projs"],
+                  backend=backend, config=conf)
 
-    # errors (one call each; the hyper call draws its randomness from a fixed seed)
-    torch.manual_seed(0)
-    o_ex = ex()
-    o_hy = hyper()
-    err = rel_error(o_hy.float(), o_ex.transpose(1, 2).float())
-    gerr = None
-    if bwd:
-        ge = torch.autograd.grad(o_ex, (qh, kh, vh), doh)
-        gh = torch.autograd.grad(o_hy, (q, k, v), do)
-        gerr = max(rel_error(a.float(), e.transpose(1, 2).float()) for a, e in zip(gh, ge))
-        del ge, gh
-    del o_ex, o_hy
+        def hyper(xs=xs, kw=kw):
+            return hyper_attention(*xs[:3], **kw)
+
+        if bwd:
+            def f_hyper(hyper=hyper, xs=xs):
+                return torch.autograd.grad(hyper(), xs[:3], xs[3])
+        else:
+            f_hyper = hyper
+
+        # errors (one call each; the hyper call draws its randomness from a fixed seed)
+        torch.manual_seed(0)
+        o_ex = ex()
+        o_hy = hyper()
+        err = rel_error(o_hy.float(), o_ex.transpose(1, 2).float())
+        gerr = None
+        if bwd:
+            ge = torch.autograd.grad(o_ex, (qh, kh, vh), doh)
+            gh = torch.autograd.grad(o_hy, xs[:3], xs[3])
+            gerr = max(rel_error(a.float(), e.transpose(1, 2).float()) for a, e in zip(gh, ge))
+            del ge, gh
+        del o_ex, o_hy
+        fns[be], errs[be] = f_hyper, (err, gerr)
     n = 5 if dev == "cuda" else 2
-    t_ex = bench.time_fn(f_exact, device=dev, warmup=2, rep=n)
-    t_hy = bench.time_fn(f_hyper, device=dev, warmup=2, rep=n)
-    return t_ex, t_hy, err, gerr
+    t = bench.time_interleaved(fns, device=dev, rounds=1 if len(leaves) == 1 else 3,
+                               warmup=2, rep=n)
+    return t["exact"], {be: (t[be], *errs[be]) for be in leaves}
 
 
 # ------------------------------------------------------------------------------ main
+
+
+LEAF_BACKENDS = ("auto", "fa4")
+
+
+def parse_leaf_backends(text):
+    """``--leaf-backend``: ``auto``, ``fa4`` or both, comma-separated, in order."""
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    bad = [n for n in names if n not in LEAF_BACKENDS]
+    if bad or not names:
+        raise ValueError(f"--leaf-backend: {bad or text!r} not among {', '.join(LEAF_BACKENDS)}")
+    return names
+
+
+def leaf_dtype(backend, dev, dtype, d):
+    """``(dtype, None)``: the dtype HyperAttention runs in with its leaves on ``backend`` (the
+    run's, or bf16 where the backend serves only half precision and the run is float32: the
+    CPU smoke run), or ``(None, why not)`` where it cannot run here."""
+
+    def why(dt):
+        probe = torch.zeros(1, 8, 1, d, device=dev, dtype=dt)
+        try:
+            K.pick_backend(probe, probe, probe, causal=True, backend=backend)
+        except ValueError as e:
+            return " ".join(str(e).split())
+        return None
+
+    reason = why(dtype)
+    if reason is None:
+        return dtype, None
+    if dtype not in (torch.float16, torch.bfloat16):
+        reason = why(torch.bfloat16)
+        if reason is None:
+            return torch.bfloat16, None
+    return None, reason
+
+
+def _tag(name, leaf):
+    return name if leaf == "auto" else f"{name} [{leaf}]"
 
 
 def main(argv=None):
@@ -177,7 +250,14 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true", help="only the main sequence length")
     ap.add_argument("--fwd-tile", type=int, default=HyperConfig().fwd_tile, choices=[128, 256],
                     help="query rows per forward program (HyperConfig.fwd_tile)")
+    ap.add_argument("--leaf-backend", default="auto",
+                    help="HyperConfig.leaf_backend, the local kernels of the exact leaves: auto "
+                         "(default), fa4 (FlashAttention-4) or auto,fa4 (both, side by side)")
     args = ap.parse_args(argv)
+    try:
+        leaf_names = parse_leaf_backends(args.leaf_backend)
+    except ValueError as e:
+        ap.error(str(e))
     config = HyperConfig(fwd_tile=args.fwd_tile)
 
     if args.smoke:
@@ -202,27 +282,54 @@ def main(argv=None):
     log(f"device: {bench.device_name(dev)}  torch {torch.__version__}  backend {backend}")
     log(f"config: {cfg}  {config}  S = {main_s}, sweep {sweep}")
 
-    log("correctness (triton path vs torch path, same randomness):")
-    correct = check_correctness(dev, "triton", config, tiny=args.smoke)
+    # the leaf backends that run: {name: (HyperConfig, dtype)}; the others reported, left out
+    option = leaf_names != ["auto"]  # rows record their leaf backend only with the option
+    leaves, status = {}, {}
+    for be in leaf_names:
+        dt, why = (cfg["dtype"], None) if be == "auto" else leaf_dtype(be, dev, cfg["dtype"],
+                                                                        cfg["head_dim"])
+        if dt is None:
+            log(f"leaf backend {be} unavailable, left out: {why}")
+            status[be] = f"unavailable: {why}"
+            continue
+        leaves[be] = (config if be == "auto" else dataclasses.replace(config, leaf_backend=be),
+                      dt)
+        status[be] = "ran" + ("" if dt == cfg["dtype"] else f" in {str(dt)[6:]}")
+    if not leaves:
+        log("no leaf backend left: the leaves run on auto")
+        leaves["auto"] = (config, cfg["dtype"])
+        status["auto"] = "ran (the fallback)"
+    extra = {"leaf_backends": status} if option else {}
+
+    correct = True
+    for be, (conf, dt) in leaves.items():
+        sfx = "" if be == "auto" else f" [{be}: Triton path with {be} leaves, in {str(dt)[6:]}]"
+        log(f"correctness (triton path vs torch path, same randomness){sfx}:")
+        correct &= check_correctness(dev, "triton", conf, tiny=args.smoke,
+                                     dtype=None if be == "auto" else dt)
     if args.smoke:
         from longattn.reference.hyper import hyper_attention as ref
 
         q, k, v = (torch.randn(1, 100, 2, 16, dtype=torch.float64) for _ in range(3))
         p = draw_projections(16, 8)
         si = draw_sample_indices(100, 100, 1, 2, 8, causal=True, min_seq_len=16)
-        o = hyper_attention(q, k, v, causal=True, block_size=8, min_seq_len=16, projections=p,
-                            sample_indices=si)
-        o_ref, _ = ref(q.numpy(), k.numpy(), v.numpy(), projections=p.numpy(),
-                       sample_indices=si.numpy(), block_size=8, min_seq_len=16, causal=True)
-        e = rel_error(o, torch.from_numpy(o_ref))
-        correct = e < 1e-10
-        log(f"  {'PASS' if correct else 'FAIL'} torch path vs float64 oracle: {e:.1e}")
+        for be, (conf, dt) in leaves.items():
+            x = [t.to(dt) if be != "auto" else t for t in (q, k, v)]
+            tol = 1e-10 if be == "auto" else 3e-2
+            o = hyper_attention(*x, causal=True, block_size=8, min_seq_len=16, projections=p,
+                                sample_indices=si, config=conf)
+            o_ref, _ = ref(*(t.double().numpy() for t in x), projections=p.numpy(),
+                           sample_indices=si.numpy(), block_size=8, min_seq_len=16, causal=True)
+            e = rel_error(o, torch.from_numpy(o_ref))
+            correct &= e < tol
+            leaf = "" if be == "auto" else f" ({be} leaves, {str(dt)[6:]})"
+            log(f"  {'PASS' if e < tol else 'FAIL'} torch path{leaf} vs float64 oracle: {e:.1e}")
 
     results, table = [], []
     for s in bench.progress(sweep + [main_s], desc="S"):
         for name, causal, bwd in MODES:
             try:
-                t_ex, t_hy, err, gerr = measure(s, causal, bwd, cfg, dev, backend, config)
+                t_ex, hy = measure(s, causal, bwd, cfg, dev, backend, config, leaves)
             except Exception as e:  # noqa: BLE001 - one failing configuration must not stop us
                 log(f"  S={s} {name}: FAILED: {type(e).__name__}: {e}")
                 traceback.print_exc()
@@ -230,22 +337,26 @@ def main(argv=None):
             finally:
                 if dev == "cuda":
                     torch.cuda.empty_cache()
-            speedup = t_ex / t_hy
-            row = {"S": s, "mode": name, "exact_ms": t_ex, "hyper_ms": t_hy,
-                   "speedup": speedup, "rel_err_out": err, "rel_err_grad": gerr,
-                   "target": TARGETS[name] if s == main_s else None}
-            table.append(row)
-            log(f"  S={s:>6} {name:<15} exact {t_ex:9.3f} ms  hyper {t_hy:8.3f} ms  "
-                f"x{speedup:7.2f}  rel.err out {err:.3f}"
-                + (f" grad {gerr:.3f}" if gerr is not None else ""))
             shape = {"B": cfg["batch"], "S": s, "H": cfg["heads"], "D": cfg["head_dim"]}
-            common = dict(shape=shape, dtype=cfg["dtype"], device=dev)
-            results.append(bench.result("exact (cuDNN SDPA)", name, median_ms=t_ex, **common))
-            results.append(bench.result(
-                "hyper", name, median_ms=t_hy, speedup=speedup, rel_err_out=err,
-                rel_err_grad=gerr, block_size=cfg["block_size"],
-                sample_size=cfg["sample_size"], min_seq_len=cfg["min_seq_len"],
-                fwd_tile=config.fwd_tile, **common))
+            common = dict(shape=shape, device=dev)
+            results.append(bench.result("exact (cuDNN SDPA)", name, median_ms=t_ex,
+                                        dtype=cfg["dtype"], **common, **extra))
+            for be, (t_hy, err, gerr) in hy.items():
+                what = _tag(name, be)
+                speedup = t_ex / t_hy
+                row = {"S": s, "mode": what, "exact_ms": t_ex, "hyper_ms": t_hy,
+                       "speedup": speedup, "rel_err_out": err, "rel_err_grad": gerr,
+                       "target": TARGETS[name] if s == main_s else None}
+                table.append(row)
+                log(f"  S={s:>6} {what:<15} exact {t_ex:9.3f} ms  hyper {t_hy:8.3f} ms  "
+                    f"x{speedup:7.2f}  rel.err out {err:.3f}"
+                    + (f" grad {gerr:.3f}" if gerr is not None else ""))
+                results.append(bench.result(
+                    "hyper", what, median_ms=t_hy, speedup=speedup, rel_err_out=err,
+                    rel_err_grad=gerr, block_size=cfg["block_size"],
+                    sample_size=cfg["sample_size"], min_seq_len=cfg["min_seq_len"],
+                    fwd_tile=config.fwd_tile, dtype=leaves[be][1], **common,
+                    **({"leaf_backend": be, **extra} if option else {})))
 
     log("\n" + bench.format_table(table))
     verdict = []
@@ -260,7 +371,7 @@ def main(argv=None):
     log(f"wrote {path}")
     try:
         series_t, series_e = {}, {}
-        for name, _, _ in MODES:
+        for name in [_tag(m, be) for be in leaves for m, _, _ in MODES]:
             rs = [r for r in table if r["mode"] == name]
             if rs:
                 series_t[name] = ([r["S"] for r in rs], [r["speedup"] for r in rs])
