@@ -23,6 +23,7 @@ def _rows(path):
     return {r["what"]: r for r in rows if r["what"] != "summary"}, rows[-1]["extra"]
 
 
+@pytest.mark.slow  # ~25 s on 2 CPU cores: the fa4 check runs the oracle case in float64
 def test_smoke_with_fa4_beside_auto(tmp_path, capsys):
     standin = Fa4Standin(arch=90)
     with fb.use(standin, arch=90, device_type="cpu"):
