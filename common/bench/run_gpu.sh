@@ -9,7 +9,9 @@
 # peer_ring / peer_torchscale run the published peers that common/bench/fetch_peers.sh put
 # into the git-ignored .peers/ (carry it); their folder goes on PYTHONPATH for those two.
 # fa4 runs common/bench/check_fa4.py on the FlashAttention-4 stack that
-# common/bench/fa4_wheels.sh install put into /tmp/site (see there; CAP=570 gives it time).
+# common/bench/fa4_wheels.sh install put into /tmp/site (see there; CAP=570 gives it time);
+# while that stack is there every case has it on its path, so e.g.
+# ARGS_dilated="--no-flex --backends auto,fa4" times fa4 beside cuDNN in the package's run.
 # Logs and results go to bench_out/<pkg>/; on the device machine they come back packed as
 # $OUT/results.tgz (the device tool returns at most 8 files).
 set -u
@@ -59,9 +61,10 @@ for pkg in "$@"; do
   esac
   extra="ARGS_$pkg"
   pypath="$PYTHONPATH"
-  # fa4_wheels.sh install's --target folder: its CuTe-DSL folder comes from a .pth file, which
-  # PYTHONPATH does not read, so it is named as well
-  if [ "$pkg" = fa4 ] && [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]; then
+  # fa4_wheels.sh install's --target folder (for every case, so the packages' benchmarks can
+  # name backend fa4): its CuTe-DSL folder comes from a .pth file, which PYTHONPATH does not
+  # read, so it is named as well
+  if [ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]; then
     pypath="/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$pypath"
   fi
   case "$pkg" in peer_*) pypath="$PWD/.peers:$pypath" ;; esac
