@@ -162,3 +162,38 @@ def test_git_sha_marks_edits(tmp_path, monkeypatch):
     assert B.git_sha() == clean  # asked once per directory and process
     B._git_sha.cache_clear()
     assert B.git_sha() == clean + "+dirty"
+
+
+def test_parse_backends_keeps_order_drops_repeats_and_names_the_option():
+    assert B.parse_backends("auto, torch,auto,,torch") == ["auto", "torch"]
+    assert B.parse_backends("fa4", allowed=("fa4",)) == ["fa4"]
+    with pytest.raises(ValueError, match="--backends.*nope"):
+        B.parse_backends("auto,nope")
+    with pytest.raises(ValueError, match="--backends"):
+        B.parse_backends(" , ")
+    with pytest.raises(ValueError, match="not among auto, fa4"):
+        B.parse_backends("torch", allowed=("fa4",))
+
+
+def test_backend_dtype_runs_half_precision_backends_in_bf16_or_says_why():
+    from longattn.common.kernels import fa4_backend
+    from longattn.common.testing import Fa4Standin
+
+    assert B.backend_dtype("auto", "cpu", torch.float64, 16) == (torch.float64, None)
+    assert B.backend_dtype("torch", "cpu", torch.float64, (16, 32)) == (torch.float64, None)
+    dt, why = B.backend_dtype("fa4", "cpu", torch.float32, 16)
+    if fa4_backend.MISSING is not None:  # this machine: the package is not installed
+        assert dt is None and "flash-attn-4" in why
+    with fa4_backend.use(Fa4Standin(), arch=90, device_type="cpu"):
+        assert B.backend_dtype("fa4", "cpu", torch.float32, (64, 128)) == (torch.bfloat16, None)
+        assert B.backend_dtype("fa4", "cpu", torch.float16, 64) == (torch.float16, None)
+        dt, why = B.backend_dtype("fa4", "cpu", torch.float32, (64, 12))
+        assert dt is None and "head_dim 12" in why
+    with fa4_backend.use(Fa4Standin(), arch=80, device_type="cpu"):
+        dt, why = B.backend_dtype("fa4", "cpu", torch.bfloat16, 64)
+        assert dt is None and "sm90" in why
+
+
+def test_backend_tag_leaves_auto_rows_named_as_before():
+    assert B.backend_tag("dilated fwd", "auto") == "dilated fwd"
+    assert B.backend_tag("dilated fwd", "fa4") == "dilated fwd [fa4]"

@@ -48,52 +48,14 @@ import torch.nn.functional as F
 
 from longattn.common import bench
 from longattn.common import kernels as K
+from longattn.common.bench import backend_dtype, parse_backends
+from longattn.common.bench import backend_tag as tag
 from longattn.common.testing import rel_error
 from longattn.dilated import FusedConfig, dilated_attention
 from longattn.dilated.plan import make_plan
 
 PAPER_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
 PAPER_RATES = (1, 2, 4, 6, 12)
-
-
-def parse_backends(text):
-    """``--backends``: the comma-separated backend names, in order, without repeats."""
-    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
-    known = {"auto", *K.BACKENDS, *K.UNAVAILABLE}
-    bad = [n for n in names if n not in known]
-    if bad or not names:
-        raise ValueError(f"--backends: {bad or text!r} not among {sorted(known)}")
-    return names
-
-
-def backend_dtype(backend, device, dtype, d):
-    """``(dtype, None)``: the dtype ``backend``'s rows run in (the run's, or bf16 where the
-    backend serves only half precision and the run is float32: the CPU smoke run), or
-    ``(None, why not)`` where it cannot run here at all."""
-    if backend == "auto":
-        return dtype, None
-
-    def why(dt):
-        probe = torch.zeros(1, 8, 1, d, device=device, dtype=dt)
-        try:
-            K.pick_backend(probe, probe, probe, causal=True, backend=backend)
-        except ValueError as e:
-            return " ".join(str(e).split())
-        return None
-
-    reason = why(dtype)
-    if reason is None:
-        return dtype, None
-    if dtype not in (torch.float16, torch.bfloat16):
-        reason = why(torch.bfloat16)
-        if reason is None:
-            return torch.bfloat16, None
-    return None, reason
-
-
-def tag(name, backend):
-    """A row's name: ``name`` for ``auto``, ``name [backend]`` for the others."""
-    return name if backend == "auto" else f"{name} [{backend}]"
 
 
 def useful_flops(b, s, h, hkv, d, seg, rates, causal, backward):

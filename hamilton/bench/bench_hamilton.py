@@ -60,6 +60,7 @@ import traceback
 import torch
 
 from longattn.common import bench
+from longattn.common.bench import parse_backends
 from longattn.common.kernels import attention_backward, attention_forward, pick_backend
 from longattn.common.layout import positions
 from longattn.common.merge import merge_partials_
@@ -88,18 +89,6 @@ VARIANTS = {"merge": ("+merge", {}),
             "overlap+defer": ("+merge overlap defer_dq", {"overlap_merges": True,
                                                           "defer_dq": True})}
 DEFAULT_VARIANTS = "merge,overlap,overlap+defer"
-
-
-def parse_backends(text):
-    """``--backends``: the comma-separated backend names, in order, without repeats."""
-    from longattn.common import kernels as K
-
-    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
-    known = {"auto", *K.BACKENDS, *K.UNAVAILABLE}
-    bad = [n for n in names if n not in known]
-    if bad or not names:
-        raise ValueError(f"--backends: {bad or text!r} not among {sorted(known)}")
-    return names
 
 
 def backend_unavailable(backend, probe):

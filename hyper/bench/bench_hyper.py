@@ -45,7 +45,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from longattn.common import bench  # noqa: E402
-from longattn.common import kernels as K  # noqa: E402
 from longattn.common.testing import rel_error  # noqa: E402
 from longattn.hyper import (  # noqa: E402
     HyperConfig,
@@ -212,33 +211,6 @@ def parse_leaf_backends(text):
     return names
 
 
-def leaf_dtype(backend, dev, dtype, d):
-    """``(dtype, None)``: the dtype HyperAttention runs in with its leaves on ``backend`` (the
-    run's, or bf16 where the backend serves only half precision and the run is float32: the
-    CPU smoke run), or ``(None, why not)`` where it cannot run here."""
-
-    def why(dt):
-        probe = torch.zeros(1, 8, 1, d, device=dev, dtype=dt)
-        try:
-            K.pick_backend(probe, probe, probe, causal=True, backend=backend)
-        except ValueError as e:
-            return " ".join(str(e).split())
-        return None
-
-    reason = why(dtype)
-    if reason is None:
-        return dtype, None
-    if dtype not in (torch.float16, torch.bfloat16):
-        reason = why(torch.bfloat16)
-        if reason is None:
-            return torch.bfloat16, None
-    return None, reason
-
-
-def _tag(name, leaf):
-    return name if leaf == "auto" else f"{name} [{leaf}]"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
@@ -286,8 +258,7 @@ def main(argv=None):
     option = leaf_names != ["auto"]  # rows record their leaf backend only with the option
     leaves, status = {}, {}
     for be in leaf_names:
-        dt, why = (cfg["dtype"], None) if be == "auto" else leaf_dtype(be, dev, cfg["dtype"],
-                                                                        cfg["head_dim"])
+        dt, why = bench.backend_dtype(be, dev, cfg["dtype"], cfg["head_dim"])
         if dt is None:
             log(f"leaf backend {be} unavailable, left out: {why}")
             status[be] = f"unavailable: {why}"
@@ -342,7 +313,7 @@ def main(argv=None):
             results.append(bench.result("exact (cuDNN SDPA)", name, median_ms=t_ex,
                                         dtype=cfg["dtype"], **common, **extra))
             for be, (t_hy, err, gerr) in hy.items():
-                what = _tag(name, be)
+                what = bench.backend_tag(name, be)
                 speedup = t_ex / t_hy
                 row = {"S": s, "mode": what, "exact_ms": t_ex, "hyper_ms": t_hy,
                        "speedup": speedup, "rel_err_out": err, "rel_err_grad": gerr,
@@ -371,7 +342,7 @@ def main(argv=None):
     log(f"wrote {path}")
     try:
         series_t, series_e = {}, {}
-        for name in [_tag(m, be) for be in leaves for m, _, _ in MODES]:
+        for name in [bench.backend_tag(m, be) for be in leaves for m, _, _ in MODES]:
             rs = [r for r in table if r["mode"] == name]
             if rs:
                 series_t[name] = ([r["S"] for r in rs], [r["speedup"] for r in rs])

@@ -52,7 +52,6 @@ import torch
 import torch.nn.functional as F
 
 from longattn.common import bench
-from longattn.common import kernels as K
 from longattn.common.kernels import BandConfig, attention_backward, attention_forward
 from longattn.common.kernels import band_backend as band
 from longattn.common.testing import rel_error
@@ -70,37 +69,14 @@ EXTRA_BACKENDS = ("fa4",)
 
 def parse_backends(text):
     """``--backends``: the extra backends named (``auto`` is always there)."""
-    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
-    bad = [n for n in names if n not in ("auto", *EXTRA_BACKENDS)]
-    if bad or not names:
-        raise ValueError(f"--backends: {bad or text!r} not among auto, "
-                         + ", ".join(EXTRA_BACKENDS))
-    return [n for n in names if n != "auto"]
+    return [n for n in bench.parse_backends(text, EXTRA_BACKENDS) if n != "auto"]
 
 
 def backend_dtype(backend, device, dtype, head_dims):
     """``(dtype, None)``: the dtype ``backend``'s candidates run in (the run's, or bf16 where it
     serves only half precision and the run is float64: the CPU smoke run), or ``(None, why
-    not)`` where it cannot run here."""
-
-    def why(dt):
-        try:
-            for d in head_dims:
-                probe = torch.zeros(1, 8, 1, d, device=device, dtype=dt)
-                K.pick_backend(probe, probe, probe, causal=True, window_size=(4, 0),
-                               backend=backend)
-        except ValueError as e:
-            return " ".join(str(e).split())
-        return None
-
-    reason = why(dtype)
-    if reason is None:
-        return dtype, None
-    if dtype not in (torch.float16, torch.bfloat16):
-        reason = why(torch.bfloat16)
-        if reason is None:
-            return torch.bfloat16, None
-    return None, reason
+    not)`` where it cannot run here (a causal window call)."""
+    return bench.backend_dtype(backend, device, dtype, head_dims, window_size=(4, 0))
 
 
 def log(msg):

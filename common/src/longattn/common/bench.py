@@ -145,6 +145,60 @@ def read_results(path):
         return json.load(f)
 
 
+def parse_backends(text: str, allowed=None) -> list:
+    """A benchmark's ``--backends``: the comma-separated local-kernel backend names, in order,
+    without repeats; each one ``"auto"`` or one of ``allowed`` (default: every backend of
+    :mod:`longattn.common.kernels`, the unavailable ones included: those are reported and left
+    out at run time, see :func:`backend_dtype`)."""
+    if allowed is None:
+        from longattn.common import kernels as K
+
+        allowed = (*K.BACKENDS, *K.UNAVAILABLE)
+    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
+    known = sorted({"auto", *allowed})
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise ValueError(f"--backends: {bad or text!r} not among {', '.join(known)}")
+    return names
+
+
+def backend_dtype(backend, device, dtype, head_dims, *, window_size=(-1, -1)):
+    """``(dtype, None)``: the dtype a benchmark's rows on ``backend`` run in (the run's, or
+    bf16 where the backend serves only half precision and the run is float32 / float64: the CPU
+    smoke runs), or ``(None, why not)`` where it cannot serve a causal call of these head dims
+    (an int or several) here at all. ``"auto"`` always runs in the run's dtype."""
+    if backend == "auto":
+        return dtype, None
+    from longattn.common import kernels as K
+
+    dims = (head_dims,) if isinstance(head_dims, int) else tuple(head_dims)
+
+    def why(dt):
+        try:
+            for d in dims:
+                probe = torch.zeros(1, 8, 1, d, device=device, dtype=dt)
+                K.pick_backend(probe, probe, probe, causal=True, window_size=window_size,
+                               backend=backend)
+        except ValueError as e:
+            return " ".join(str(e).split())
+        return None
+
+    reason = why(dtype)
+    if reason is None:
+        return dtype, None
+    if dtype not in (torch.float16, torch.bfloat16):
+        reason = why(torch.bfloat16)  # in half precision: the reason that remains
+        if reason is None:
+            return torch.bfloat16, None
+    return None, reason
+
+
+def backend_tag(name: str, backend: str) -> str:
+    """A row's name: ``name`` for ``auto`` (the names earlier runs and readers use), ``name
+    [backend]`` for the others."""
+    return name if backend == "auto" else f"{name} [{backend}]"
+
+
 def simulated_ranks_parser(doc: str, *, tokens: int):
     """An ``argparse`` parser with the options every simulated-ranks benchmark takes
     (``--smoke --out --ranks --tokens --heads --dim``); the script adds its own."""
