@@ -197,3 +197,8 @@ def test_backend_dtype_runs_half_precision_backends_in_bf16_or_says_why():
 def test_backend_tag_leaves_auto_rows_named_as_before():
     assert B.backend_tag("dilated fwd", "auto") == "dilated fwd"
     assert B.backend_tag("dilated fwd", "fa4") == "dilated fwd [fa4]"
+
+
+def test_parse_backends_names_the_option_it_parses():
+    with pytest.raises(ValueError, match="--leaf-backend: \\['x'\\] not among auto, fa4"):
+        B.parse_backends("auto,x", ("auto", "fa4"), option="--leaf-backend")

@@ -204,11 +204,7 @@ LEAF_BACKENDS = ("auto", "fa4")
 
 def parse_leaf_backends(text):
     """``--leaf-backend``: ``auto``, ``fa4`` or both, comma-separated, in order."""
-    names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
-    bad = [n for n in names if n not in LEAF_BACKENDS]
-    if bad or not names:
-        raise ValueError(f"--leaf-backend: {bad or text!r} not among {', '.join(LEAF_BACKENDS)}")
-    return names
+    return bench.parse_backends(text, LEAF_BACKENDS, option="--leaf-backend")
 
 
 def main(argv=None):

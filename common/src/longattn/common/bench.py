@@ -145,11 +145,11 @@ def read_results(path):
         return json.load(f)
 
 
-def parse_backends(text: str, allowed=None) -> list:
-    """A benchmark's ``--backends``: the comma-separated local-kernel backend names, in order,
-    without repeats; each one ``"auto"`` or one of ``allowed`` (default: every backend of
-    :mod:`longattn.common.kernels`, the unavailable ones included: those are reported and left
-    out at run time, see :func:`backend_dtype`)."""
+def parse_backends(text: str, allowed=None, *, option: str = "--backends") -> list:
+    """A benchmark's ``--backends`` (or ``option``, named in the error): the comma-separated
+    local-kernel backend names, in order, without repeats; each one ``"auto"`` or one of
+    ``allowed`` (default: every backend of :mod:`longattn.common.kernels`, the unavailable ones
+    included: those are reported and left out at run time, see :func:`backend_dtype`)."""
     if allowed is None:
         from longattn.common import kernels as K
 
@@ -158,7 +158,7 @@ def parse_backends(text: str, allowed=None) -> list:
     known = sorted({"auto", *allowed})
     bad = [n for n in names if n not in known]
     if bad or not names:
-        raise ValueError(f"--backends: {bad or text!r} not among {', '.join(known)}")
+        raise ValueError(f"{option}: {bad or text!r} not among {', '.join(known)}")
     return names
 
 
