@@ -3,6 +3,7 @@ against one varlen call over all the documents divided by ``n``.
 
     PYTHONPATH=common/src:reference/src:hamilton/src python hamilton/bench/bench_packed.py
     ... --smoke            # tiny configuration on the CPU (checks that the script works)
+    ... --plan-only        # the default configuration's plans, counts and tile bounds (CPU)
 
 Default: 8 ranks x 32,768 tokens (262,144 in all) of documents of 1,024 to 32,768 tokens
 (drawn with a fixed seed), H = 32, D = 128, bf16, causal, schedule TASP.
@@ -422,6 +423,9 @@ def _parse(argv):
                         "tasp,allgather): each is checked and timed, all alternated in one run")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--merge-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--plan-only", action="store_true",
+                   help="only the layout, the plans' counts and tile bounds (no GPU needed): "
+                        "printed and written as the JSON")
     p.add_argument("--backends", default="auto,cudnn",
                    help="the steps' varlen backends, comma-separated (auto: the flash op on "
                         "CUDA; cudnn: the ragged cuDNN graphs); each is timed")
@@ -434,8 +438,8 @@ def _parse(argv):
     if a.smoke:
         a.ranks, a.tokens, a.min_doc, a.max_doc = 4, 48, 1, 40
         a.heads, a.dim, a.rounds, a.backends = 2, 16, 1, ["auto"]
-    elif not torch.cuda.is_available():
-        p.error("no CUDA device; use --smoke on the CPU")
+    elif not torch.cuda.is_available() and not a.plan_only:
+        p.error("no CUDA device; use --smoke or --plan-only on the CPU")
     return a
 
 
@@ -469,7 +473,7 @@ def _rows(times, base_names, n, effs):
 
 def main(argv=None):
     a = _parse(argv)
-    device = torch.device("cpu" if a.smoke else "cuda")
+    device = torch.device("cpu" if a.smoke or a.plan_only else "cuda")
     dtype, n, causal = torch.bfloat16, a.ranks, not a.full
     out_dir = bench.out_dir(os.path.join(HERE, "results"), a.out)
     lens = draw_documents(n * a.tokens, a.min_doc, a.max_doc, a.seed)
@@ -509,6 +513,10 @@ def main(argv=None):
                                 device=device, dtype=dtype, counts=counts,
                                 baseline_tiles=base_tiles, tile_bounds=bounds,
                                 documents=lens, causal=causal)], time.time()
+    if a.plan_only:
+        path = bench.write_results(results, os.path.join(out_dir, "bench_packed.json"))
+        print(f"wrote {path}")
+        return results
     small = draw_documents(n * (48 if a.smoke else 256), 1 if a.smoke else 16,
                            40 if a.smoke else 512, a.seed)
     several = len(a.schedules) > 1

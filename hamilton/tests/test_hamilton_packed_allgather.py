@@ -468,3 +468,18 @@ def test_bench_smoke_both_strategies(tmp_path):
         assert plan["tile_bounds"][label] == pytest.approx(want, rel=1e-12), label
     with pytest.raises(SystemExit):
         mod.main(["--smoke", "--schedule", "tasp,zigzag"])
+
+
+def test_bench_plan_only_writes_the_counts_and_bounds_without_timing(tmp_path):
+    """--plan-only (no GPU needed): the layout's plans, counts and tile bounds, nothing timed."""
+    import json
+
+    mod = _bench_module("bench_packed_plan_only")
+    mod.main(["--plan-only", "--schedule", "tasp,allgather", "--ranks", "4", "--tokens", "512",
+              "--min-doc", "16", "--max-doc", "700", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench_packed.json").read_text())
+    assert [r["what"] for r in data] == ["packed plan counts"]
+    extra = data[0]["extra"]
+    assert set(extra["tile_bounds"]) == {"multi_ring", "allgather"}
+    assert all(0 < b <= 1 for b in extra["tile_bounds"].values())
+    assert all(c["kernel_calls"] == 1 for c in extra["counts"]["allgather"])
