@@ -41,6 +41,9 @@ import warnings
 import numpy as np
 import torch
 
+from longattn.common.bench import cu_seqlens, sync
+from longattn.common.testing import device_rel_error, packed_reference64
+
 TOL = 2e-2
 _SHORT = np.random.default_rng(1).integers(1, 200, size=32).tolist()
 # (name, q lengths, k lengths (None: the q lengths), Hq, Hkv, D, causal, window)
@@ -70,16 +73,6 @@ def say(*parts):
     _log.append(line)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _cu(lens, device):
-    return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32,
-                        device=device)
-
-
 def _inputs(lq, lk, hq, hkv, d, device, seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
     q, dout = (torch.randn(sum(lq), hq, d, generator=g, device=device).bfloat16()
@@ -87,17 +80,6 @@ def _inputs(lq, lk, hq, hkv, d, device, seed=0):
     k, v = (torch.randn(sum(lk), hkv, d, generator=g, device=device).bfloat16()
             for _ in range(2))
     return q, k, v, dout
-
-
-def reference(q, k, v, dout, lq, lk, causal, window, scale):
-    """float64 attention with the document mask, and its gradients, on q's device: ``(out,
-    lse [H, Tq], [dq, dk, dv])`` (:func:`longattn.common.testing.dense_reference64`)."""
-    from longattn.common.testing import dense_reference64
-    from longattn.reference import document_mask
-
-    cq, ck = np.concatenate([[0], np.cumsum(lq)]), np.concatenate([[0], np.cumsum(lk)])
-    mask = document_mask(cq, ck, causal=causal, window=window)
-    return dense_reference64(q, k, v, dout, mask, scale)
 
 
 class RaggedCalls:
@@ -127,7 +109,7 @@ def check_case(case, device, calls):
     name, lq, lk, hq, hkv, d, causal, window = case
     lk = lk or lq
     q, k, v, dout = _inputs(lq, lk, hq, hkv, d, device)
-    cq, ck = _cu(lq, device), _cu(lk, device)
+    cq, ck = cu_seqlens(lq, device), cu_seqlens(lk, device)
     scale = d ** -0.5
     before = calls.snapshot()
     with warnings.catch_warnings(record=True) as caught:
@@ -138,7 +120,8 @@ def check_case(case, device, calls):
                                                window_size=window, backend="cudnn")
     after = calls.snapshot()
     ragged = all(after[n] > before[n] for n in after)
-    ro, rl, rg = reference(q, k, v, dout, lq, lk, causal, window, scale)
+    ro, rl, rg = packed_reference64(q, k, v, dout, lq, lk, scale, causal=causal,
+                                    window=window)
     row = {"case": name, "docs": len(lq), "Tq": sum(lq), "Tk": sum(lk), "H": f"{hq}/{hkv}",
            "D": d, "causal": causal, "window": str(window),
            "path": "ragged" if ragged else "fell back"}
@@ -187,12 +170,12 @@ def check_reuse(layouts, h, d, device, keep):
     before = (cb.graph_count("varlen fwd"), cb.graph_count("varlen bwd"))
     ms = []
     for lens in layouts:
-        cu = _cu(lens, device)
-        _sync(device)
+        cu = cu_seqlens(lens, device)
+        sync(device)
         t0 = time.perf_counter()
         out, lse = attention_forward_varlen(q, k, v, cu, cu, causal=True, backend="cudnn")
         attention_backward_varlen(dout, q, k, v, out, lse, cu, cu, causal=True, backend="cudnn")
-        _sync(device)
+        sync(device)
         ms.append((time.perf_counter() - t0) * 1e3)
     built = (cb.graph_count("varlen fwd") - before[0], cb.graph_count("varlen bwd") - before[1])
     return {"case": f"graph reuse, {len(layouts)} layouts", "docs": [len(x) for x in layouts],
@@ -201,28 +184,13 @@ def check_reuse(layouts, h, d, device, keep):
             "ok": built == (1, 1)}
 
 
-def rel_diff(a, b, rows=8192):
-    """``||a - b|| / ||b||`` on the device, ``rows`` at a time (``rel_error`` would copy the
-    262,144-token tensors to the host in float64); inf if either holds a NaN or an inf."""
-    num = den = 0.0
-    for i in range(0, a.shape[0], rows):
-        x, y = a[i:i + rows].double(), b[i:i + rows].double()
-        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
-            return float("inf")
-        num += float(((x - y) ** 2).sum())
-        den += float((y ** 2).sum())
-    if den == 0:
-        return 0.0 if num == 0 else float("inf")
-    return (num / den) ** 0.5
-
-
 def time_and_compare(lens, tensors, device):
     """Ragged cuDNN against the flash varlen op on one layout: ms and how far they differ."""
     from longattn.common.bench import time_interleaved
     from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
 
     q, k, v, dout = tensors
-    cu = _cu(lens, device)
+    cu = cu_seqlens(lens, device)
 
     def fwd(backend):
         return attention_forward_varlen(q, k, v, cu, cu, causal=True, backend=backend)
@@ -233,7 +201,8 @@ def time_and_compare(lens, tensors, device):
                                                     causal=True, backend=backend)
 
     got, ref = step("cudnn"), step("aten")
-    diff = {n: rel_diff(a, b) for n, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
+    diff = {n: device_rel_error(a, b)
+            for n, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, ref)}
     del got, ref
     t = time_interleaved({"cudnn fwd": lambda: fwd("cudnn"), "flash fwd": lambda: fwd("aten"),
                           "cudnn fwd+bwd": lambda: step("cudnn"),

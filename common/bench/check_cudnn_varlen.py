@@ -32,6 +32,8 @@ import traceback
 import numpy as np
 import torch
 
+from longattn.common.bench import cu_seqlens
+
 TOL = 2e-2
 # (name, q lengths per document, k lengths per document, Hq, Hkv, D, causal)
 CASES = [
@@ -40,11 +42,6 @@ CASES = [
     ("Sq < Sk, full", [128, 512, 7, 64], [512, 1024, 7, 300], 8, 8, 64, False),
     ("many short", [64] * 32, [128] * 32, 8, 2, 128, True),
 ]
-
-
-def _cu(lens, device):
-    return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32,
-                        device=device)
 
 
 def _oracle(q, k, v, dout, lq, lk, causal, bottom_right):
@@ -86,7 +83,7 @@ def probe(name, lq, lk, hq, hkv, d, causal, device):
     q = torch.randn(tq, hq, d, generator=g, device=device).bfloat16()
     k, v = (torch.randn(tk, hkv, d, generator=g, device=device).bfloat16() for _ in range(2))
     dout = torch.randn(tq, hq, d, generator=g, device=device).bfloat16()
-    cq, ck = _cu(lq, device), _cu(lk, device)
+    cq, ck = cu_seqlens(lq, device), cu_seqlens(lk, device)
     mq, mk, scale = max(lq), max(lk), d ** -0.5
     row = {"case": name, "Tq": tq, "Tk": tk, "docs": len(lq), "H": f"{hq}/{hkv}", "D": d,
            "causal": causal}

@@ -57,7 +57,12 @@ from longattn.common import bench
 from longattn.common import kernels as K
 from longattn.common.kernels import fa4_backend as fb
 from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
-from longattn.common.testing import rel_error
+from longattn.common.testing import (
+    dense_reference64,
+    device_rel_error,
+    packed_reference64,
+    rel_error,
+)
 
 TOL = 2e-2
 PACKAGES = ("flash-attn-4", "nvidia-cutlass-dsl", "nvidia-cutlass-dsl-libs-base",
@@ -133,21 +138,9 @@ def _dense_mask(sq, sk, causal, window):
     return m & causal_mask(sq, sk) if causal else m
 
 
-def _reference(q, k, v, dout, mask, scale, dlse=None):
-    """float64 out / lse / grads of packed ``[T, H, D]`` inputs with a ``[Tq, Tk]`` mask."""
-    from longattn.common.testing import dense_reference64
-
-    return dense_reference64(q, k, v, dout, mask, scale, dlse=dlse)
-
-
 def _errors(got, want):
     names = ("out", "lse", "dq", "dk", "dv")
     return {n: rel_error(a, b) for n, a, b in zip(names, got, want)}
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def check_dense(case, device, scale_len=1):
@@ -165,13 +158,13 @@ def check_dense(case, device, scale_len=1):
     t0 = time.perf_counter()
     out, lse = K.attention_forward(q, k, v, **kw)
     grads = K.attention_backward(dout, q, k, v, out, lse, dlse=dl, **kw)
-    _sync(device)
+    bench.sync(device)
     first = time.perf_counter() - t0
     mask = _dense_mask(sq, sk, causal, window)
     ref = [[], [], [], [], []]
     for i in range(b):
-        o, l, g = _reference(q[i], k[i], v[i], dout[i], mask, d ** -0.5,
-                             None if dl is None else dl[i])
+        o, l, g = dense_reference64(q[i], k[i], v[i], dout[i], mask, d ** -0.5,
+                                    None if dl is None else dl[i])
         for lst, x in zip(ref, (o, l, *g)):
             lst.append(x)
     want = [torch.stack(x) for x in ref]
@@ -183,8 +176,6 @@ def check_dense(case, device, scale_len=1):
 
 
 def check_varlen(case, device, scale_len=1):
-    from longattn.reference import document_mask
-
     name, lq, lk, hq, hkv, d, causal, window, sinks, dlse = case
     lq = [(n + scale_len - 1) // scale_len for n in lq]
     lk = [(n + scale_len - 1) // scale_len for n in lk]
@@ -194,17 +185,15 @@ def check_varlen(case, device, scale_len=1):
                for t, h in ((tq, hq), (tk, hkv), (tk, hkv)))
     dout = _randn(tq, hq, d, gen=gen, device=device)
     dl = _randn(hq, tq, gen=gen, device=device, dtype=torch.float32) if dlse else None
-    cq, ck = (torch.tensor(np.concatenate([[0], np.cumsum(x)]), dtype=torch.int32)
-              for x in (lq, lk))
+    cq, ck = bench.cu_seqlens(lq), bench.cu_seqlens(lk)
     kw = dict(causal=causal, window_size=window, num_sink_tokens=sinks, backend="fa4")
     t0 = time.perf_counter()
     out, lse = attention_forward_varlen(q, k, v, cq, ck, **kw)
     grads = attention_backward_varlen(dout, q, k, v, out, lse, cq, ck, dlse=dl, **kw)
-    _sync(device)
+    bench.sync(device)
     first = time.perf_counter() - t0
-    mask = document_mask(cq.numpy(), ck.numpy(), causal=causal, window=window,
-                         num_sink_tokens=sinks)
-    o, l, g = _reference(q, k, v, dout, mask, d ** -0.5, dl)
+    o, l, g = packed_reference64(q, k, v, dout, lq, lk, d ** -0.5, causal=causal,
+                                 window=window, num_sink_tokens=sinks, dlse=dl)
     errs = _errors((out, lse, *grads), (o, l, *g))
     row = {"case": name, "shape": f"docs {len(lq)} Tq{tq} Tk{tk} H{hq}/{hkv} D{d}",
            "window": window, "first call s": first, **errs}
@@ -259,17 +248,6 @@ def _error_row(name, e):
 
 # --------------------------------------------------------------------------------------------
 # 3. speed
-
-
-def doc_lengths(total, lo, hi, seed=0):
-    """Document lengths in ``[lo, hi]`` that add up to ``total`` (random, reproducible)."""
-    rng = np.random.default_rng(seed)
-    lens = []
-    while total - sum(lens) > hi:
-        rest = total - sum(lens)
-        lens.append(int(rng.integers(lo, min(hi, rest - lo) + 1)))
-    lens.append(total - sum(lens))
-    return lens
 
 
 def visible_pairs(lq, lk, causal, window):
@@ -368,21 +346,10 @@ def _contenders(kind, device, q, k, v, dout, cu, causal, window, smoke):
     return out
 
 
-def _rel_diff(a, b):
-    """``||a - b|| / ||b||`` over all elements, in float32 chunks where the tensors are (the
-    timed shapes hold up to 2**30 elements: no float64 copy on the host)."""
-    num = den = 0.0
-    for x, y in zip(a.reshape(-1).split(1 << 26), b.reshape(-1).split(1 << 26)):
-        x, y = x.float(), y.float()
-        num += float(torch.sum((x - y) ** 2))
-        den += float(torch.sum(y * y))
-    return (num / den) ** 0.5 if den else num ** 0.5
-
-
 def _first(fn, device):
     t0 = time.perf_counter()
     res = fn()
-    _sync(device)
+    bench.sync(device)
     return time.perf_counter() - t0, res
 
 
@@ -393,9 +360,9 @@ def speed_case(case, device, smoke):
     if kind == "dense":
         shape, lens = (b, s, h, d), [s] * b
     else:
-        lens = doc_lengths(b, 16, 64, seed=0) if smoke else doc_lengths(b, 1024, 32768, seed=0)
+        lens = bench.draw_documents(b, *((16, 64) if smoke else (1024, 32768)), seed=0)
         shape = (b, h, d)
-        cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
+        cu = bench.cu_seqlens(lens)
     q, k, v, dout = (_randn(*shape, gen=gen, device=device) for _ in range(4))
     fns = _contenders(kind, device, q, k, v, dout, cu, causal, window, smoke)
     pairs = visible_pairs(lens, lens, causal, window)
@@ -407,7 +374,8 @@ def speed_case(case, device, smoke):
         if who == "fa4":
             ref = pair
         elif ref is not None and pair is not None:
-            agree[who] = {"out": _rel_diff(ref[0], pair[0]), "dq": _rel_diff(ref[1], pair[1])}
+            agree[who] = {"out": device_rel_error(ref[0], pair[0]),
+                          "dq": device_rel_error(ref[1], pair[1])}
         del pair
     ref = None
     timed = {f"{who} {what}": fn for who, (f, fb_) in fns.items()
@@ -527,9 +495,9 @@ def _fake_case(kind, c):
             lq, lk, hq, hkv, d, causal, window, dlse = c
         else:  # a speed case
             _, _, total, _, hq, d, causal, window = c
-            lq = lk = doc_lengths(total, 1024, 32768, seed=0)
+            lq = lk = bench.draw_documents(total, 1024, 32768, seed=0)
             hkv, dlse = hq, False
-        cq, ck = ([0, *np.cumsum(x).tolist()] for x in (lq, lk))
+        cq, ck = (bench.cu_seqlens(x).tolist() for x in (lq, lk))
         win = K.normalize_window(causal, window)
         q, k = mk(sum(lq), hq, d), mk(sum(lk), hkv, d)
         dl = mk(hq, sum(lq), dtype=torch.float32) if dlse else None

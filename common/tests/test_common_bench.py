@@ -202,3 +202,12 @@ def test_backend_tag_leaves_auto_rows_named_as_before():
 def test_parse_backends_names_the_option_it_parses():
     with pytest.raises(ValueError, match="--leaf-backend: \\['x'\\] not among auto, fa4"):
         B.parse_backends("auto,x", ("auto", "fa4"), option="--leaf-backend")
+
+
+def test_draw_documents_and_cu_seqlens():
+    lens = B.draw_documents(262144, 1024, 32768, seed=0)
+    assert sum(lens) == 262144 and min(lens) >= 1024 and max(lens) <= 32768
+    assert lens == B.draw_documents(262144, 1024, 32768, seed=0)
+    assert lens != B.draw_documents(262144, 1024, 32768, seed=1)
+    cu = B.cu_seqlens([3, 0, 5])
+    assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 3, 8]

@@ -21,6 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from longattn.common.bench import cu_seqlens
 from longattn.common.kernels import cudnn_backend as cb
 from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
 from longattn.common.testing import rel_error
@@ -328,8 +329,6 @@ def fake(monkeypatch):
     return f
 
 
-def _cu(lengths):
-    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32)
 
 
 def _inputs(lq, lk, hq, hkv, d, dtype, seed=0):
@@ -366,7 +365,7 @@ def test_fake_ragged_graph_matches_the_oracle(fake, case):
     lq, lk, hq, hkv, d, causal, window = CASES[case]
     lk = lk or lq
     q, k, v, dout = _inputs(lq, lk, hq, hkv, d, torch.float16, seed=case)
-    cq, ck = _cu(lq), _cu(lk)
+    cq, ck = cu_seqlens(lq), cu_seqlens(lk)
     out, lse = attention_forward_varlen(q, k, v, cq, ck, causal=causal, window_size=window,
                                         backend="cudnn")
     assert fake.builds == {"fwd": 1, "bwd": 0}  # ran the ragged graph, not the loop
@@ -385,7 +384,7 @@ def test_fake_ragged_graph_matches_the_oracle(fake, case):
 def test_fake_graph_declares_ragged_operands(fake):
     lq, lk = [5, 9, 2], [7, 9, 3]
     q, k, v, dout = _inputs(lq, lk, 4, 2, 16, torch.bfloat16)
-    out, lse = cb.varlen_forward(q, k, v, _cu(lq), _cu(lk), softmax_scale=0.25,
+    out, lse = cb.varlen_forward(q, k, v, cu_seqlens(lq), cu_seqlens(lk), softmax_scale=0.25,
                                  window_size=(-1, 0))
     (g, ts), = [x for x in cb._graphs.values()]
     n = g.node
@@ -407,7 +406,7 @@ def test_fake_graph_is_reused_across_document_layouts(fake):
         rng.shuffle(lens)
         layouts.add(tuple(lens))
         q, k, v, dout = _inputs(lens, lens, 2, 1, 8, torch.bfloat16)
-        cu = _cu(lens)
+        cu = cu_seqlens(lens)
         out, lse = cb.varlen_forward(q, k, v, cu, cu, softmax_scale=0.3, window_size=(-1, 0))
         cb.varlen_backward(dout, q, k, v, out, lse, cu, cu, softmax_scale=0.3,
                            window_size=(-1, 0))
@@ -419,7 +418,7 @@ def test_fake_refusal_falls_back_to_auto_with_a_warning(fake):
     fake.refuse = True
     lq = [6, 9]
     q, k, v, dout = _inputs(lq, lq, 2, 1, 8, torch.float16)
-    cu = _cu(lq)
+    cu = cu_seqlens(lq)
     with pytest.warns(RuntimeWarning, match="no engine for this varlen fwd graph"):
         out, lse = attention_forward_varlen(q, k, v, cu, cu, softmax_scale=0.3, causal=True,
                                             backend="cudnn")
@@ -446,9 +445,9 @@ def test_fake_unserved_calls_do_not_build(fake):
 
 def test_varlen_bad_arguments(fake):
     q, k, v, dout = _inputs([6, 2], [6, 2], 2, 1, 8, torch.float16)
-    cu = _cu([6, 2])
+    cu = cu_seqlens([6, 2])
     with pytest.raises(ValueError, match="cu_seqlens_q .* and cu_seqlens_k"):
-        cb.varlen_forward(q, k, v, cu, _cu([8]), softmax_scale=0.3, window_size=(-1, 0))
+        cb.varlen_forward(q, k, v, cu, cu_seqlens([8]), softmax_scale=0.3, window_size=(-1, 0))
     with pytest.raises(TypeError, match="q must be float16 or bfloat16"):
         cb.varlen_forward(q.float(), k, v, cu, cu, softmax_scale=0.3, window_size=(-1, 0))
     with pytest.raises(ValueError, match="k must be a packed"):
@@ -471,25 +470,18 @@ def _probe():
 
 
 def test_probe_reference_is_the_oracle():
-    probe = _probe()
+    """The probe's float64 reference (common.testing.packed_reference64) against the oracle."""
+    from longattn.common.testing import packed_reference64
+
     lq, lk = [5, 9, 1, 4], [7, 9, 3, 0]  # the last sequence: queries without keys
     q, k, v, dout = _inputs(lq, lk, 4, 2, 8, torch.float64)
     for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (2, 0))):
-        out, lse, grads = probe.reference(q, k, v, dout, lq, lk, causal, window, 8 ** -0.5)
-        ro, rl, rg = _oracle(q, k, v, dout, _cu(lq), _cu(lk), causal, window)
+        out, lse, grads = packed_reference64(q, k, v, dout, lq, lk, 8 ** -0.5, causal=causal,
+                                             window=window)
+        ro, rl, rg = _oracle(q, k, v, dout, cu_seqlens(lq), cu_seqlens(lk), causal, window)
         assert np.isneginf(lse[:, -4:].numpy()).all() and not out[-4:].any()
         for got, ref in zip((out, lse, *grads), (ro, rl, *rg)):
             np.testing.assert_allclose(got.numpy(), ref, rtol=1e-12, atol=1e-12)
-
-
-def test_probe_rel_diff_is_rel_error_in_chunks():
-    probe = _probe()
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(100, 3, 4, generator=g), torch.randn(100, 3, 4, generator=g)
-    assert probe.rel_diff(a, b, rows=7) == pytest.approx(rel_error(a, b), rel=1e-12)
-    assert probe.rel_diff(b, b) == 0.0 and probe.rel_diff(a, torch.zeros_like(a)) == np.inf
-    a[50, 1, 2] = float("nan")
-    assert probe.rel_diff(a, b, rows=7) == np.inf
 
 
 def test_probe_checks_run_on_the_stand_in(fake, monkeypatch):

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longattn.common import kernels as K
+from longattn.common.bench import cu_seqlens
 from longattn.common.kernels import fa4_backend as fb
 from longattn.common.kernels.varlen import (
     attention_backward_varlen,
@@ -312,8 +313,6 @@ VARLEN = [
 ]
 
 
-def _cu(lens):
-    return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
 
 
 @pytest.mark.parametrize("case", VARLEN, ids=[c[0] for c in VARLEN])
@@ -324,7 +323,7 @@ def test_varlen_against_the_oracle(case, dlse, standin):
     q, k, v = (_rand(t, h, d, seed=s) for t, h, s in ((tq, hq, 1), (tk, hkv, 2), (tk, hkv, 3)))
     dout = _rand(tq, hq, d, seed=4)
     dl = _rand(hq, tq, seed=5, dtype=torch.float32) if dlse else None
-    cq, ck = _cu(lq), _cu(lk)
+    cq, ck = cu_seqlens(lq), cu_seqlens(lk)
     kw = dict(causal=causal, window_size=window, num_sink_tokens=sinks, backend="fa4")
     out, lse = attention_forward_varlen(q, k, v, cq, ck, **kw)
     grads = attention_backward_varlen(dout, q, k, v, out, lse, cq, ck, dlse=dl, **kw)
@@ -349,7 +348,7 @@ def test_varlen_against_the_oracle(case, dlse, standin):
 def test_varlen_autograd(standin):
     lens = [7, 20, 3]
     q, k, v = (_rand(30, h, 64, seed=s).requires_grad_() for h, s in ((4, 1), (2, 2), (2, 3)))
-    cu = _cu(lens)
+    cu = cu_seqlens(lens)
     out = attention_varlen(q, k, v, cu, causal=True, backend="fa4")
     out.float().sum().backward()
     mask = document_mask(cu.numpy(), causal=True)
@@ -361,7 +360,7 @@ def test_varlen_autograd(standin):
 
 def test_varlen_refusal_names_the_reason(standin):
     q = _rand(10, 2, 64, seed=0, dtype=torch.float32)
-    cu = _cu([4, 6])
+    cu = cu_seqlens([4, 6])
     with pytest.raises(ValueError, match="'fa4' cannot serve this call: needs fp16/bf16"):
         attention_forward_varlen(q, q, q, cu, cu, backend="fa4")
 

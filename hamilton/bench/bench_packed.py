@@ -52,7 +52,6 @@ import sys
 import time
 import traceback
 
-import numpy as np
 import torch
 
 from longattn.common import bench
@@ -75,20 +74,6 @@ from longattn.hamilton.packed_attn import (
 from longattn.hamilton.packing import TILE, make_allgather_plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def draw_documents(total, lo, hi, seed):
-    """Document lengths in ``[lo, hi]`` summing to ``total`` (``total >= lo``)."""
-    rng = np.random.default_rng(seed)
-    lens, left = [], total
-    while left > hi:
-        lens.append(int(rng.integers(lo, min(hi, left - lo) + 1)))
-        left -= lens[-1]
-    return lens + [left]
-
-
-def cu_of(lens, device="cpu"):
-    return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32, device=device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,7 +181,7 @@ def check(device, dtype, n, lens, heads, dim, causal, sched_name, backend="auto"
     from longattn.common.testing import rel_error
     from longattn.reference import attention, attention_backward, document_mask
 
-    cu, total = cu_of(lens), sum(lens)
+    cu, total = bench.cu_seqlens(lens), sum(lens)
     g = torch.Generator().manual_seed(0)
     q, k, v, dout = (torch.randn(1, total, heads, dim, generator=g).to(dtype) for _ in range(4))
     scale = dim ** -0.5
@@ -379,7 +364,7 @@ def baselines(device, dtype, lens, heads, dim, causal):
     """{(name, direction): fn} over every document at once (on the CPU: the varlen loop); a
     baseline that fails, or whose output or gradients disagree with the first one's, is
     reported and left out."""
-    cu, m = cu_of(lens, device), max(lens)
+    cu, m = bench.cu_seqlens(lens, device), max(lens)
     q, k, v, do = _varlen_inputs(device, dtype, sum(lens), heads, dim)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     ops = ({"flash varlen": flash_varlen, "cudnn varlen": cudnn_varlen}
@@ -476,8 +461,8 @@ def main(argv=None):
     device = torch.device("cpu" if a.smoke or a.plan_only else "cuda")
     dtype, n, causal = torch.bfloat16, a.ranks, not a.full
     out_dir = bench.out_dir(os.path.join(HERE, "results"), a.out)
-    lens = draw_documents(n * a.tokens, a.min_doc, a.max_doc, a.seed)
-    cu = cu_of(lens)
+    lens = bench.draw_documents(n * a.tokens, a.min_doc, a.max_doc, a.seed)
+    cu = bench.cu_seqlens(lens)
     lay = packed_layout(cu, n, causal)
     steps = [x for x in a.schedules if x != "allgather"] or ["tasp"]
     scheds = {x: resolve_schedule(x, n, a.tokens, causal, packed=True) for x in steps}
@@ -517,7 +502,7 @@ def main(argv=None):
         path = bench.write_results(results, os.path.join(out_dir, "bench_packed.json"))
         print(f"wrote {path}")
         return results
-    small = draw_documents(n * (48 if a.smoke else 256), 1 if a.smoke else 16,
+    small = bench.draw_documents(n * (48 if a.smoke else 256), 1 if a.smoke else 16,
                            40 if a.smoke else 512, a.seed)
     several = len(a.schedules) > 1
 

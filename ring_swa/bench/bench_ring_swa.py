@@ -320,7 +320,7 @@ def _usable(fns, device, skip):
         try:
             t0 = time.perf_counter()
             fn()
-            bench._sync(device)
+            bench.sync(device)
             ok[name] = fn
             log(f"  warm-up {name}: {time.perf_counter() - t0:.1f} s")
         except Exception:  # noqa: BLE001

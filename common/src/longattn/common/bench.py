@@ -23,7 +23,8 @@ import time
 import torch
 
 
-def _sync(device):
+def sync(device):
+    """Wait for ``device``'s work (CUDA; a no-op elsewhere and for ``None``)."""
     if device is not None and torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -52,7 +53,7 @@ def time_fn(fn, *, device=None, warmup: int = 3, rep: int = 10):
                               return_mode="median"))
     for _ in range(warmup):
         fn()
-    _sync(device)
+    sync(device)
     return statistics.median(time_once(fn, cuda=cuda) for _ in range(rep))
 
 
@@ -143,6 +144,27 @@ def write_results(results, path) -> str:
 def read_results(path):
     with open(path) as f:
         return json.load(f)
+
+
+def draw_documents(total: int, lo: int, hi: int, seed: int) -> list:
+    """Document lengths in ``[lo, hi]`` summing to ``total`` (``total >= lo``), drawn with
+    numpy's ``default_rng(seed)``: the packed-document benchmarks' and probes' layouts."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lens, left = [], total
+    while left > hi:
+        lens.append(int(rng.integers(lo, min(hi, left - lo) + 1)))
+        left -= lens[-1]
+    return lens + [left]
+
+
+def cu_seqlens(lens, device="cpu") -> torch.Tensor:
+    """flash-attn's int32 ``cu_seqlens`` ``[len(lens) + 1]`` of the lengths ``lens``."""
+    import numpy as np
+
+    return torch.tensor(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]),
+                        dtype=torch.int32, device=device)
 
 
 def parse_backends(text: str, allowed=None, *, option: str = "--backends") -> list:

@@ -407,6 +407,26 @@ def readme_python_blocks(readme, section: str = "Quick start") -> list[str]:
     return re.findall(r"```python\n(.*?)```", body, flags=re.S)
 
 
+def device_rel_error(actual, expected, chunk: int = 1 << 24) -> float:
+    """:func:`rel_error` for tensors too large to copy to the host in float64 (a GPU probe's
+    262,144-token outputs): ``||actual - expected|| / ||expected||`` summed in float64 on the
+    tensors' device, ``chunk`` elements at a time; ``inf`` if either holds a NaN or an inf, or
+    if ``expected`` is zero and ``actual`` is not."""
+    if actual.shape != expected.shape:
+        raise ValueError(f"device_rel_error: shapes differ {tuple(actual.shape)} vs "
+                         f"{tuple(expected.shape)}")
+    num = den = 0.0
+    for x, y in zip(actual.reshape(-1).split(chunk), expected.reshape(-1).split(chunk)):
+        x, y = x.double(), y.double()
+        if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+            return float("inf")
+        num += float(((x - y) ** 2).sum())
+        den += float((y ** 2).sum())
+    if den == 0:
+        return 0.0 if num == 0 else float("inf")
+    return (num / den) ** 0.5
+
+
 def load_script(path, name: str | None = None):
     """The Python file ``path`` (a benchmark or probe script, not a package module) loaded as
     module ``name`` (default: its file name without ``.py``), for tests that call its
@@ -475,6 +495,19 @@ def dense_reference64(q, k, v, dout, mask, scale, dlse=None):
         ((out * dout.double()).sum() + (lse * dlse.to(lse.device, torch.float64)).sum()).backward()
     lse = lse.detach().masked_fill(dead, float("-inf"))
     return out.detach(), lse, [t.grad for t in (qd, kd, vd)]
+
+
+def packed_reference64(q, k, v, dout, lq, lk, scale, *, causal=False, window=(-1, -1),
+                       num_sink_tokens=0, dlse=None):
+    """:func:`dense_reference64` of packed sequences of query lengths ``lq`` and key lengths
+    ``lk`` under the oracle's document mask (:func:`longattn.reference.document_mask`: causal
+    and windows bottom-right aligned per sequence, sinks)."""
+    from longattn.common.bench import cu_seqlens
+    from longattn.reference import document_mask
+
+    mask = document_mask(cu_seqlens(lq).numpy(), cu_seqlens(lk).numpy(), causal=causal,
+                         window=window, num_sink_tokens=num_sink_tokens)
+    return dense_reference64(q, k, v, dout, mask, scale, dlse=dlse)
 
 
 # --------------------------------------------------------------------------------------------
