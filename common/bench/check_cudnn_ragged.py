@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from longattn.common.bench import cu_seqlens, sync
-from longattn.common.testing import device_rel_error, packed_reference64
+from longattn.common.testing import dense_reference64, device_rel_error
+from longattn.reference import document_mask
 
 TOL = 2e-2
 _SHORT = np.random.default_rng(1).integers(1, 200, size=32).tolist()
@@ -80,6 +81,16 @@ def _inputs(lq, lk, hq, hkv, d, device, seed=0):
     k, v = (torch.randn(sum(lk), hkv, d, generator=g, device=device).bfloat16()
             for _ in range(2))
     return q, k, v, dout
+
+
+def reference(q, k, v, dout, lq, lk, scale, *, causal=False, window=(-1, -1),
+              num_sink_tokens=0, dlse=None):
+    """float64 attention of packed sequences (query lengths ``lq``, key lengths ``lk``) under
+    the oracle's document mask, and its gradients, on q's device: ``(out, lse [H, Tq], [dq,
+    dk, dv])`` (:func:`longattn.common.testing.dense_reference64`; also the fa4 probe's)."""
+    mask = document_mask(cu_seqlens(lq).numpy(), cu_seqlens(lk).numpy(), causal=causal,
+                         window=window, num_sink_tokens=num_sink_tokens)
+    return dense_reference64(q, k, v, dout, mask, scale, dlse=dlse)
 
 
 class RaggedCalls:
@@ -120,8 +131,7 @@ def check_case(case, device, calls):
                                                window_size=window, backend="cudnn")
     after = calls.snapshot()
     ragged = all(after[n] > before[n] for n in after)
-    ro, rl, rg = packed_reference64(q, k, v, dout, lq, lk, scale, causal=causal,
-                                    window=window)
+    ro, rl, rg = reference(q, k, v, dout, lq, lk, scale, causal=causal, window=window)
     row = {"case": name, "docs": len(lq), "Tq": sum(lq), "Tk": sum(lk), "H": f"{hq}/{hkv}",
            "D": d, "causal": causal, "window": str(window),
            "path": "ragged" if ragged else "fell back"}

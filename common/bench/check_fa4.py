@@ -60,7 +60,6 @@ from longattn.common.kernels.varlen import attention_backward_varlen, attention_
 from longattn.common.testing import (
     dense_reference64,
     device_rel_error,
-    packed_reference64,
     rel_error,
 )
 
@@ -176,6 +175,8 @@ def check_dense(case, device, scale_len=1):
 
 
 def check_varlen(case, device, scale_len=1):
+    from longattn.reference import document_mask
+
     name, lq, lk, hq, hkv, d, causal, window, sinks, dlse = case
     lq = [(n + scale_len - 1) // scale_len for n in lq]
     lk = [(n + scale_len - 1) // scale_len for n in lk]
@@ -192,8 +193,9 @@ def check_varlen(case, device, scale_len=1):
     grads = attention_backward_varlen(dout, q, k, v, out, lse, cq, ck, dlse=dl, **kw)
     bench.sync(device)
     first = time.perf_counter() - t0
-    o, l, g = packed_reference64(q, k, v, dout, lq, lk, d ** -0.5, causal=causal,
-                                 window=window, num_sink_tokens=sinks, dlse=dl)
+    mask = document_mask(cq.numpy(), ck.numpy(), causal=causal, window=window,
+                         num_sink_tokens=sinks)
+    o, l, g = dense_reference64(q, k, v, dout, mask, d ** -0.5, dl)
     errs = _errors((out, lse, *grads), (o, l, *g))
     row = {"case": name, "shape": f"docs {len(lq)} Tq{tq} Tk{tk} H{hq}/{hkv} D{d}",
            "window": window, "first call s": first, **errs}

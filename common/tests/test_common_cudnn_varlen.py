@@ -470,14 +470,12 @@ def _probe():
 
 
 def test_probe_reference_is_the_oracle():
-    """The probe's float64 reference (common.testing.packed_reference64) against the oracle."""
-    from longattn.common.testing import packed_reference64
-
+    probe = _probe()
     lq, lk = [5, 9, 1, 4], [7, 9, 3, 0]  # the last sequence: queries without keys
     q, k, v, dout = _inputs(lq, lk, 4, 2, 8, torch.float64)
     for causal, window in ((True, (-1, -1)), (False, (-1, -1)), (True, (2, 0))):
-        out, lse, grads = packed_reference64(q, k, v, dout, lq, lk, 8 ** -0.5, causal=causal,
-                                             window=window)
+        out, lse, grads = probe.reference(q, k, v, dout, lq, lk, 8 ** -0.5, causal=causal,
+                                          window=window)
         ro, rl, rg = _oracle(q, k, v, dout, cu_seqlens(lq), cu_seqlens(lk), causal, window)
         assert np.isneginf(lse[:, -4:].numpy()).all() and not out[-4:].any()
         for got, ref in zip((out, lse, *grads), (ro, rl, *rg)):

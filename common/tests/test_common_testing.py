@@ -401,21 +401,3 @@ def test_device_rel_error_is_rel_error_in_chunks():
     assert device_rel_error(b.clone(), b) == float("inf")
     with pytest.raises(ValueError, match="shapes differ"):
         device_rel_error(a, b[:5])
-
-
-def test_packed_reference64_is_the_document_masked_reference():
-    from longattn.common.bench import cu_seqlens
-    from longattn.common.testing import dense_reference64, packed_reference64
-    from longattn.reference import document_mask
-
-    g = torch.Generator().manual_seed(1)
-    lq, lk = [3, 1, 5], [4, 2, 5]
-    q, dout = torch.randn(9, 4, 8, generator=g), torch.randn(9, 4, 8, generator=g)
-    k, v = torch.randn(11, 2, 8, generator=g), torch.randn(11, 2, 8, generator=g)
-    got = packed_reference64(q, k, v, dout, lq, lk, 0.3, causal=True, window=(2, -1),
-                             num_sink_tokens=1)
-    mask = document_mask(cu_seqlens(lq).numpy(), cu_seqlens(lk).numpy(), causal=True,
-                         window=(2, -1), num_sink_tokens=1)
-    want = dense_reference64(q, k, v, dout, mask, 0.3)
-    for x, y in zip((got[0], got[1], *got[2]), (want[0], want[1], *want[2])):
-        assert torch.equal(x, y)

@@ -497,19 +497,6 @@ def dense_reference64(q, k, v, dout, mask, scale, dlse=None):
     return out.detach(), lse, [t.grad for t in (qd, kd, vd)]
 
 
-def packed_reference64(q, k, v, dout, lq, lk, scale, *, causal=False, window=(-1, -1),
-                       num_sink_tokens=0, dlse=None):
-    """:func:`dense_reference64` of packed sequences of query lengths ``lq`` and key lengths
-    ``lk`` under the oracle's document mask (:func:`longattn.reference.document_mask`: causal
-    and windows bottom-right aligned per sequence, sinks)."""
-    from longattn.common.bench import cu_seqlens
-    from longattn.reference import document_mask
-
-    mask = document_mask(cu_seqlens(lq).numpy(), cu_seqlens(lk).numpy(), causal=causal,
-                         window=window, num_sink_tokens=num_sink_tokens)
-    return dense_reference64(q, k, v, dout, mask, scale, dlse=dlse)
-
-
 # --------------------------------------------------------------------------------------------
 # a stand-in for FlashAttention-4's interface (the fa4 kernel backend's CPU tests and the
 # --smoke run of common/bench/check_fa4.py)
