@@ -173,9 +173,9 @@ def parse_backends(text: str, allowed=None, *, option: str = "--backends") -> li
     ``allowed`` (default: every backend of :mod:`longattn.common.kernels`, the unavailable ones
     included: those are reported and left out at run time, see :func:`backend_dtype`)."""
     if allowed is None:
-        from longattn.common import kernels as K
+        from longattn.common.kernels import backend_names
 
-        allowed = (*K.BACKENDS, *K.UNAVAILABLE)
+        allowed = backend_names()
     names = list(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
     known = sorted({"auto", *allowed})
     bad = [n for n in names if n not in known]

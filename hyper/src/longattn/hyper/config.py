@@ -42,10 +42,9 @@ class HyperConfig:
         if not isinstance(b, str):
             raise TypeError(f"HyperConfig.leaf_backend must be a backend name (str), got "
                             f"{type(b).__name__}")
-        from longattn.common import kernels
+        from longattn.common.kernels import backend_names
 
-        known = {"auto", *kernels.BACKENDS, *kernels.UNAVAILABLE}
+        known = backend_names()
         if b not in known:
             raise ValueError(f"HyperConfig.leaf_backend must be 'auto' or a backend of "
-                             f"longattn.common.kernels ({', '.join(sorted(known - {'auto'}))}), "
-                             f"got {b!r}")
+                             f"longattn.common.kernels ({', '.join(known[1:])}), got {b!r}")

@@ -326,6 +326,12 @@ AUTO_ORDER = ("cudnn", "band", "aten", "torch")
 _BUILTIN = frozenset(_ALL)
 
 
+def backend_names() -> tuple:
+    """Every name ``backend=`` may take: ``"auto"``, then the backends there are, those whose
+    optional package is missing here included (naming one of those raises with the reason)."""
+    return ("auto", *sorted({*BACKENDS, *UNAVAILABLE}))
+
+
 def register_backend(name: str, backend: Backend) -> None:
     """Add a backend under a new name (tests, experiments); built-in names cannot be replaced."""
     if not isinstance(name, str) or not name or name == "auto":
