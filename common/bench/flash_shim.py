@@ -159,7 +159,6 @@ class _FlashAttnFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, dropout_p, softmax_scale, causal, window_size, softcap,
                 alibi_slopes, deterministic, return_softmax):
-        _unsupported(dropout_p, softcap, alibi_slopes)
         if softmax_scale is None:
             softmax_scale = q.shape[-1] ** (-0.5)
         out, lse, _, _ = _flash_attn_forward(q, k, v, dropout_p, softmax_scale, causal,
