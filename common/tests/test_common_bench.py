@@ -211,3 +211,17 @@ def test_draw_documents_and_cu_seqlens():
     assert lens != B.draw_documents(262144, 1024, 32768, seed=1)
     cu = B.cu_seqlens([3, 0, 5])
     assert cu.dtype == torch.int32 and cu.tolist() == [0, 3, 3, 8]
+
+
+def test_backends_option_parses_and_reports_through_argparse(capsys):
+    import argparse
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backends", default="auto", type=B.backends_option())
+    ap.add_argument("--leaf", default="auto", type=B.backends_option(("fa4",), option="--leaf"))
+    args = ap.parse_args([])
+    assert args.backends == ["auto"] and args.leaf == ["auto"]
+    assert ap.parse_args(["--backends", "auto,torch,auto"]).backends == ["auto", "torch"]
+    with pytest.raises(SystemExit):
+        ap.parse_args(["--leaf", "auto,torch"])
+    assert "--leaf: ['torch'] not among auto, fa4" in capsys.readouterr().err

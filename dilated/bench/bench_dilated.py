@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from longattn.common import bench
 from longattn.common import kernels as K
-from longattn.common.bench import backend_dtype, parse_backends
+from longattn.common.bench import backend_dtype
 from longattn.common.bench import backend_tag as tag
 from longattn.common.testing import rel_error
 from longattn.dilated import FusedConfig, dilated_attention
@@ -271,15 +271,12 @@ def main(argv=None):
                     help="launch of the fused kernels: positions a tile, head-dim columns a "
                          "load, warps, programs per SM or 'none' (one per tile) (default: "
                          "longattn.dilated.FusedConfig's)")
-    ap.add_argument("--backends", default="auto",
+    ap.add_argument("--backends", default="auto", type=bench.backends_option(),
                     help="comma-separated local-kernel backends the dilated rows and checks run "
                          "on, each tagged (default auto; e.g. auto,fa4: FlashAttention-4 beside "
                          "the current kernels, plus a dense causal fa4 row)")
     args = ap.parse_args(argv)
-    try:
-        backend_names = parse_backends(args.backends)
-    except ValueError as e:
-        ap.error(str(e))
+    backend_names = args.backends
     option = backend_names != ["auto"]  # rows record their backend only with the option
     config = FusedConfig(fused=args.fused)
     if args.fused_tile:

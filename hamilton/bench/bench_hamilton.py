@@ -60,7 +60,6 @@ import traceback
 import torch
 
 from longattn.common import bench
-from longattn.common.bench import parse_backends
 from longattn.common.kernels import attention_backward, attention_forward, pick_backend
 from longattn.common.layout import positions
 from longattn.common.merge import merge_partials_
@@ -420,15 +419,12 @@ def main(argv=None):
     p.add_argument("--step-sweep", action="store_true",
                    help="also time single L x L blocks over the paper's per-GPU lengths "
                         "(step_times.json, the input of predict_hamilton.py)")
-    p.add_argument("--backends", default="auto",
+    p.add_argument("--backends", default="auto", type=bench.backends_option(),
                    help="comma-separated local-kernel backends the rank sequences and checks "
                         "run on, each tagged (default auto; e.g. auto,fa4: FlashAttention-4 "
                         "beside the current kernels)")
     a = p.parse_args(argv)
-    try:
-        backend_names = parse_backends(a.backends)
-    except ValueError as e:
-        p.error(str(e))
+    backend_names = a.backends
     if a.smoke:
         device = torch.device("cpu")
         a.ranks, a.tokens, a.heads, a.dim, a.rounds = 4, 48, 2, 16, 1

@@ -202,11 +202,6 @@ def measure(s, causal, bwd, cfg, dev, backend, config, leaves=None):
 LEAF_BACKENDS = ("auto", "fa4")
 
 
-def parse_leaf_backends(text):
-    """``--leaf-backend``: ``auto``, ``fa4`` or both, comma-separated, in order."""
-    return bench.parse_backends(text, LEAF_BACKENDS, option="--leaf-backend")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny configuration on the CPU")
@@ -219,13 +214,11 @@ def main(argv=None):
     ap.add_argument("--fwd-tile", type=int, default=HyperConfig().fwd_tile, choices=[128, 256],
                     help="query rows per forward program (HyperConfig.fwd_tile)")
     ap.add_argument("--leaf-backend", default="auto",
+                    type=bench.backends_option(LEAF_BACKENDS, option="--leaf-backend"),
                     help="HyperConfig.leaf_backend, the local kernels of the exact leaves: auto "
                          "(default), fa4 (FlashAttention-4) or auto,fa4 (both, side by side)")
     args = ap.parse_args(argv)
-    try:
-        leaf_names = parse_leaf_backends(args.leaf_backend)
-    except ValueError as e:
-        ap.error(str(e))
+    leaf_names = args.leaf_backend
     config = HyperConfig(fwd_tile=args.fwd_tile)
 
     if args.smoke:

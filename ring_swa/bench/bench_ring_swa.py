@@ -67,11 +67,6 @@ BAND_VARIANTS = ((1, "flip"), (2, "flash"))
 EXTRA_BACKENDS = ("fa4",)
 
 
-def parse_backends(text):
-    """``--backends``: the extra backends named (``auto`` is always there)."""
-    return [n for n in bench.parse_backends(text, EXTRA_BACKENDS) if n != "auto"]
-
-
 def backend_dtype(backend, device, dtype, head_dims):
     """``(dtype, None)``: the dtype ``backend``'s candidates run in (the run's, or bf16 where it
     serves only half precision and the run is float64: the CPU smoke run), or ``(None, why
@@ -447,14 +442,11 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip", default="", help="comma-separated checks / candidates to skip, "
                     "e.g. 'flex backend,band s2 flash'")
-    ap.add_argument("--backends", default="auto",
+    ap.add_argument("--backends", default="auto", type=bench.backends_option(EXTRA_BACKENDS),
                     help="auto (default: the candidates above) or auto,fa4: also "
                          "FlashAttention-4's native window and ring_swa's local step on it")
     args = ap.parse_args(argv)
-    try:
-        extra_names = parse_backends(args.backends)
-    except ValueError as e:
-        ap.error(str(e))
+    extra_names = [n for n in args.backends if n != "auto"]  # auto's candidates always run
     skip = frozenset(x.strip() for x in args.skip.split(",") if x.strip())
     t_start = time.perf_counter()
     out = bench.out_dir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),

@@ -184,6 +184,21 @@ def parse_backends(text: str, allowed=None, *, option: str = "--backends") -> li
     return names
 
 
+def backends_option(allowed=None, *, option: str = "--backends"):
+    """An argparse ``type=`` for a ``--backends``-like option: the string becomes
+    :func:`parse_backends`'s list, a bad one a usage error naming ``option`` (argparse also
+    converts a string ``default``)."""
+    import argparse
+
+    def parse(text):
+        try:
+            return parse_backends(text, allowed, option=option)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
 def backend_dtype(backend, device, dtype, head_dims, *, window_size=(-1, -1)):
     """``(dtype, None)``: the dtype a benchmark's rows on ``backend`` run in (the run's, or
     bf16 where the backend serves only half precision and the run is float32 / float64: the CPU
