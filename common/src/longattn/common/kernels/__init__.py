@@ -112,6 +112,13 @@ def host_to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device, non_blocking=True)
 
 
+def seq_lengths(cu) -> list:
+    """The sequence lengths of ``cu_seqlens`` (host ints or a tensor; a device tensor is read
+    once, which waits for the GPU: varlen passes host lists)."""
+    cu = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
+    return [b - a for a, b in zip(cu, cu[1:])]
+
+
 def normalize_window(causal: bool, window_size) -> tuple[int, int]:
     """Fold ``causal`` into the window: causal means ``right = min(right, 0)``."""
     if not isinstance(causal, bool):

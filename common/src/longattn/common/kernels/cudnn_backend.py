@@ -79,6 +79,7 @@ from longattn.common.kernels import (
     cuda_limits,
     host_to_device,
     may_have_empty_rows,
+    seq_lengths,
 )
 
 try:
@@ -346,11 +347,6 @@ def ragged_layout(num_seqs, max_q, max_k, total_q, total_k, bottom_right):
                         bucket_total(total_q), bucket_total(total_k), bool(bottom_right))
 
 
-def _lengths(cu):
-    cu = cu.tolist() if isinstance(cu, torch.Tensor) else list(cu)
-    return [b - a for a, b in zip(cu, cu[1:])]
-
-
 def _call_layout(q, k, cu_q, cu_k, window, max_q, max_k):
     """``(layout, keys_alone, keyless)`` of a call. ``keys_alone``: some sequence has keys but
     no query (cuDNN may leave its dK / dV rows unwritten: they start at zero); ``keyless``: some
@@ -362,7 +358,7 @@ def _call_layout(q, k, cu_q, cu_k, window, max_q, max_k):
     if isinstance(cu_q, torch.Tensor) and max_q is not None and max_k is not None:
         same, keys_alone, keyless = cu_k is cu_q, True, True
     else:
-        lq, lk = _lengths(cu_q), _lengths(cu_k)
+        lq, lk = seq_lengths(cu_q), seq_lengths(cu_k)
         max_q = max(lq) if max_q is None else max_q
         max_k = max(lk) if max_k is None else max_k
         same = lq == lk

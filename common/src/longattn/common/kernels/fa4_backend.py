@@ -65,7 +65,13 @@ from dataclasses import dataclass
 
 import torch
 
-from longattn.common.kernels import Backend, Request, host_to_device, may_have_empty_rows
+from longattn.common.kernels import (
+    Backend,
+    Request,
+    host_to_device,
+    may_have_empty_rows,
+    seq_lengths,
+)
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -266,10 +272,6 @@ def varlen_supports(q, k, v, window, needs_dlse=False):
                             needs_dlse))
 
 
-def _lens(cu):
-    return [b - a for a, b in zip(cu, cu[1:])]
-
-
 def _cu_tensors(cu_q, cu_k, device):
     """Both ``cu_seqlens`` (host lists) as int32 tensors on ``device``, in one copy that does not
     make the host wait for the GPU."""
@@ -281,7 +283,7 @@ def _varlen_args(q, cu_seqlens_q, cu_seqlens_k):
     cu_q, cu_k = (c.tolist() if isinstance(c, torch.Tensor) else list(c)
                   for c in (cu_seqlens_q, cu_seqlens_k))
     cq, ck = _cu_tensors(cu_q, cu_k, q.device)
-    lq, lk = _lens(cu_q), _lens(cu_k)
+    lq, lk = seq_lengths(cu_q), seq_lengths(cu_k)
     return cq, ck, lq, lk
 
 

@@ -57,6 +57,7 @@ from longattn.common.kernels import (
     host_to_device,
     may_have_empty_rows,
     normalize_window,
+    seq_lengths,
 )
 from longattn.common.merge import finish_rows, merge_partials
 
@@ -113,7 +114,7 @@ def _cudnn_varlen(q, k, v, cu_q, cu_k, win, backend, needs_dlse):
         return None
     from longattn.common.kernels import cudnn_backend as cb
 
-    reason = cb.varlen_supports(q, k, v, _lens(cu_q), _lens(cu_k), win, needs_dlse)
+    reason = cb.varlen_supports(q, k, v, seq_lengths(cu_q), seq_lengths(cu_k), win, needs_dlse)
     return cb if reason is None else None
 
 
@@ -130,10 +131,6 @@ def _int32(cu, device):
     """``cu`` (host ints) as an int32 tensor on ``device`` (:func:`host_to_device`: the host
     does not wait for the GPU)."""
     return host_to_device(torch.tensor(cu, dtype=torch.int32), device)
-
-
-def _lens(cu):
-    return [b - a for a, b in zip(cu, cu[1:])]
 
 
 def _flash_lse_to_packed(lse, cu_q):
@@ -161,8 +158,8 @@ def _window_forward(q, k, v, cu_q, cu_k, scale, win, backend, config):
         return fb.varlen_forward(q, k, v, cu_q, cu_k, softmax_scale=scale, window_size=win)
     if _use_flash(q, v, backend, False) and k.shape[0] > 0:
         res = torch.ops.aten._flash_attention_forward(
-            q, k, v, _int32(cu_q, q.device), _int32(cu_k, q.device), max(_lens(cu_q)),
-            max(max(_lens(cu_k)), 1), 0.0, False, False, scale=scale,
+            q, k, v, _int32(cu_q, q.device), _int32(cu_k, q.device), max(seq_lengths(cu_q)),
+            max(max(seq_lengths(cu_k)), 1), 0.0, False, False, scale=scale,
             window_size_left=win[0], window_size_right=win[1])
         out, lse = res[0], _flash_lse_to_packed(res[1], cu_q).float()
         if any(may_have_empty_rows(b - a, d - c, win)
@@ -201,7 +198,7 @@ def _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, back
         dq, dk, dv = torch.ops.aten._flash_attention_backward(
             dout.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(),
             lse_in.contiguous(), _int32(cu_q, q.device),
-            _int32(cu_k, q.device), max(_lens(cu_q)), max(_lens(cu_k)), 0.0, False, rng,
+            _int32(cu_k, q.device), max(seq_lengths(cu_q)), max(seq_lengths(cu_k)), 0.0, False, rng,
             unused, scale=scale, window_size_left=win[0], window_size_right=win[1])
         return dq, dk, dv
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
@@ -222,7 +219,7 @@ def _window_backward(dout, q, k, v, out, lse, cu_q, cu_k, scale, win, dlse, back
 
 def _sink_layout(cu_q, cu_k, ns_eff, causal, device):
     """Per query token: the key indices of its sequence's sinks and which of them it sees."""
-    lq, lk = _lens(cu_q), _lens(cu_k)
+    lq, lk = seq_lengths(cu_q), seq_lengths(cu_k)
     nmax = max(ns_eff)
     seq = torch.repeat_interleave(torch.arange(len(lq)), torch.tensor(lq, dtype=torch.int64))
     j = torch.arange(nmax)
