@@ -225,3 +225,22 @@ def test_backends_option_parses_and_reports_through_argparse(capsys):
     with pytest.raises(SystemExit):
         ap.parse_args(["--leaf", "auto,torch"])
     assert "--leaf: ['torch'] not among auto, fa4" in capsys.readouterr().err
+
+
+def test_usable_backends_says_what_runs_and_why_not():
+    from longattn.common.kernels import fa4_backend
+    from longattn.common.testing import Fa4Standin
+
+    said = []
+    with fa4_backend.use(Fa4Standin(), arch=90, device_type="cpu"):
+        runs, status = B.usable_backends(["auto", "fa4"], "cpu", torch.float32, 64,
+                                         say=said.append)
+    assert runs == {"auto": torch.float32, "fa4": torch.bfloat16}
+    assert status == {"auto": "ran", "fa4": "ran in bfloat16"}
+    assert said == ["backend fa4: runs in bfloat16 (it serves no torch.float32)"]
+    said.clear()
+    with fa4_backend.use(Fa4Standin(), arch=80, device_type="cpu"):
+        runs, status = B.usable_backends(["auto", "fa4"], "cpu", torch.bfloat16, 64,
+                                         say=said.append, label="leaf backend")
+    assert runs == {"auto": torch.bfloat16} and "needs sm90" in status["fa4"]
+    assert said[0].startswith("leaf backend fa4 unavailable, left out: ")

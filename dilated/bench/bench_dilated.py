@@ -48,7 +48,6 @@ import torch.nn.functional as F
 
 from longattn.common import bench
 from longattn.common import kernels as K
-from longattn.common.bench import backend_dtype
 from longattn.common.bench import backend_tag as tag
 from longattn.common.testing import rel_error
 from longattn.dilated import FusedConfig, dilated_attention
@@ -307,17 +306,7 @@ def main(argv=None):
           f"{config.programs_per_sm or 'one per tile'})")
     results, table = [], []
     # the backends the dilated rows run on: {name: dtype}; the others are reported and left out
-    runs, status = {}, {}
-    for be in backend_names:
-        dt, why = backend_dtype(be, device, dtype, d)
-        if dt is None:
-            print(f"backend {be} unavailable, left out: {why}")
-            status[be] = f"unavailable: {why}"
-        else:
-            runs[be] = dt
-            status[be] = "ran" + ("" if dt == dtype else f" in {str(dt)[6:]}")
-            if dt != dtype:
-                print(f"backend {be}: its rows run in {str(dt)[6:]} (it serves no {dtype})")
+    runs, status = bench.usable_backends(backend_names, device, dtype, d)
     extra = (lambda be: {"backend": be}) if option else (lambda be: {})
 
     def tol_of(dt):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from longattn.common import bench
 from longattn.common.kernels import fa4_backend as fb
 from longattn.common.testing import Fa4Standin, load_script
 
@@ -77,7 +78,7 @@ def test_fa4_unavailable_is_reported_and_left_out(tmp_path, capsys):
     mod = load_script(BENCH)
     # an sm80 device: FA4 has no backward kernels there, so the backend refuses every call
     with fb.use(Fa4Standin(arch=80), arch=80, device_type="cpu"):
-        assert mod.backend_dtype("fa4", "cpu", torch.float32, 16)[0] is None
+        assert bench.backend_dtype("fa4", "cpu", torch.float32, 16)[0] is None
         assert mod.main(["--smoke", "--out", str(tmp_path), "--backends", "auto,fa4"]) == 0
     out = capsys.readouterr().out
     line = [ln for ln in out.splitlines() if ln.startswith("backend fa4 unavailable")]

@@ -90,16 +90,6 @@ VARIANTS = {"merge": ("+merge", {}),
 DEFAULT_VARIANTS = "merge,overlap,overlap+defer"
 
 
-def backend_unavailable(backend, probe):
-    """None where ``backend`` serves the run's calls (``probe``'s device, dtype and head dim),
-    else why not, in one line."""
-    try:
-        pick_backend(probe, probe, probe, causal=True, backend=backend)
-    except ValueError as e:
-        return " ".join(str(e).split())
-    return None
-
-
 def _schedule(name, n):
     return ring_schedule(n) if name == "ring" else multi_ring_schedule(n)
 
@@ -453,15 +443,7 @@ def main(argv=None):
     probe = torch.zeros(1, 8, heads, dim, device=device, dtype=dtype)
     print("local kernel backend (auto):", pick_backend(probe, probe, probe, causal=False))
     option = backend_names != ["auto"]  # rows record their backend only with the option
-    runs, status = [], {}
-    for be in backend_names:
-        why = backend_unavailable(be, probe)
-        if why is None:
-            runs.append(be)
-            status[be] = "ran"
-        else:
-            print(f"backend {be} unavailable, left out: {why}")
-            status[be] = f"unavailable: {why}"
+    runs, status = bench.usable_backends(backend_names, device, dtype, dim)
     extra = (lambda be: {"backend": be}) if option else (lambda be: {})
     results, rows = [], []
     t_start = time.time()

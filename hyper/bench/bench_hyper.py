@@ -245,16 +245,10 @@ def main(argv=None):
 
     # the leaf backends that run: {name: (HyperConfig, dtype)}; the others reported, left out
     option = leaf_names != ["auto"]  # rows record their leaf backend only with the option
-    leaves, status = {}, {}
-    for be in leaf_names:
-        dt, why = bench.backend_dtype(be, dev, cfg["dtype"], cfg["head_dim"])
-        if dt is None:
-            log(f"leaf backend {be} unavailable, left out: {why}")
-            status[be] = f"unavailable: {why}"
-            continue
-        leaves[be] = (config if be == "auto" else dataclasses.replace(config, leaf_backend=be),
-                      dt)
-        status[be] = "ran" + ("" if dt == cfg["dtype"] else f" in {str(dt)[6:]}")
+    runs, status = bench.usable_backends(leaf_names, dev, cfg["dtype"], cfg["head_dim"],
+                                         say=log, label="leaf backend")
+    leaves = {be: (config if be == "auto" else dataclasses.replace(config, leaf_backend=be), dt)
+              for be, dt in runs.items()}
     if not leaves:
         log("no leaf backend left: the leaves run on auto")
         leaves["auto"] = (config, cfg["dtype"])

@@ -67,13 +67,6 @@ BAND_VARIANTS = ((1, "flip"), (2, "flash"))
 EXTRA_BACKENDS = ("fa4",)
 
 
-def backend_dtype(backend, device, dtype, head_dims):
-    """``(dtype, None)``: the dtype ``backend``'s candidates run in (the run's, or bf16 where it
-    serves only half precision and the run is float64: the CPU smoke run), or ``(None, why
-    not)`` where it cannot run here (a causal window call)."""
-    return bench.backend_dtype(backend, device, dtype, head_dims, window_size=(4, 0))
-
-
 def log(msg):
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -466,18 +459,9 @@ def main(argv=None):
     else:
         s, w, h, d, rounds = args.seq, args.window, args.heads, args.head_dim, args.rounds
     # the extra backends that can run here: {name: dtype}; the others reported, left out
-    extra, status = {}, {"auto": "ran"}
-    for be in extra_names:
-        dt, why = backend_dtype(be, device, probe.dtype, (8 if smoke else 128, d))
-        if dt is None:
-            log(f"backend {be} unavailable, left out: {why}")
-            status[be] = f"unavailable: {why}"
-        else:
-            extra[be] = dt
-            status[be] = "ran" + ("" if dt == probe.dtype else f" in {str(dt)[6:]}")
-            if dt != probe.dtype:
-                log(f"backend {be}: its candidates run in {str(dt)[6:]} (it serves no "
-                    f"{probe.dtype})")
+    extra, status = bench.usable_backends(["auto", *extra_names], device, probe.dtype,
+                                          (8 if smoke else 128, d), window_size=(4, 0), say=log)
+    del extra["auto"]  # auto's candidates always run
     option = bool(extra_names)
     rows = correctness(device, smoke, skip, extra)
     print(bench.format_table(rows, ["case", "out", "lse", "dq", "dk", "dv", "ok"]))

@@ -230,6 +230,26 @@ def backend_dtype(backend, device, dtype, head_dims, *, window_size=(-1, -1)):
     return None, reason
 
 
+def usable_backends(names, device, dtype, head_dims, *, window_size=(-1, -1), say=print,
+                    label="backend"):
+    """Which of the backends ``names`` a benchmark can run here: ``(runs, status)``, ``runs``
+    ``{name: dtype}`` (:func:`backend_dtype`) and ``status`` ``{name: "ran" | "ran in bfloat16"
+    | "unavailable: why"}`` for the JSON; each one left out, or run in another dtype, is said
+    in one line through ``say``."""
+    runs, status = {}, {}
+    for be in names:
+        dt, why = backend_dtype(be, device, dtype, head_dims, window_size=window_size)
+        if dt is None:
+            say(f"{label} {be} unavailable, left out: {why}")
+            status[be] = f"unavailable: {why}"
+            continue
+        runs[be] = dt
+        status[be] = "ran" + ("" if dt == dtype else f" in {str(dt)[6:]}")
+        if dt != dtype:
+            say(f"{label} {be}: runs in {str(dt)[6:]} (it serves no {dtype})")
+    return runs, status
+
+
 def backend_tag(name: str, backend: str) -> str:
     """A row's name: ``name`` for ``auto`` (the names earlier runs and readers use), ``name
     [backend]`` for the others."""
