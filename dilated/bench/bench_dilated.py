@@ -416,7 +416,7 @@ def main(argv=None):
         summary["backends"] = status
     ref = dense_tflops.get((dense_lengths[0], "fwd+bwd"))
     for be in runs:
-        pt, sfx = per_token[be], "" if be == "auto" else f" [{be}]"
+        pt, sfx = per_token[be], tag("", be)
         if pt:
             flat = max(pt.values()) / min(pt.values())
             summary[tag("per_token_max_over_min", be)] = flat

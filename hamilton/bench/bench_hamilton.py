@@ -451,7 +451,7 @@ def main(argv=None):
     # 1. correctness on a small case (every rank simulated, forward and backward), per
     # variant and backend; a variant without defer_dq must give +merge's bits
     for be in runs:
-        sfx = "" if be == "auto" else f" [{be}]"
+        sfx = bench.backend_tag("", be)
         for sched_name in dict.fromkeys([a.schedule, "ring"]):
             clen = 12 if a.smoke else (16 * 2 * (n - 1) if sched_name == "tasp" else 128)
             base, noise = None, True
@@ -493,7 +493,7 @@ def main(argv=None):
     meta = {}  # contender name -> (mode, backend)
     for r in ranks:
         for be in runs:
-            sfx = "" if be == "auto" else f" [{be}]"
+            sfx = bench.backend_tag("", be)
             base = None  # +merge's results on this rank's data
             noise = (True, True)  # whether a second +merge sequence gave +merge's bits
             for mode in modes:
@@ -575,7 +575,7 @@ def main(argv=None):
     if option:
         results.append(bench.result("hamilton", "backends", median_ms=None, device=device,
                                     backends=status))
-    tagged = [m if be == "auto" else f"{m} [{be}]" for be in runs for m in modes]
+    tagged = [bench.backend_tag(m, be) for be in runs for m in modes]
     width = max(map(len, tagged or modes))
     for direction in ("fwd", "fwd+bwd"):
         for mode in tagged:

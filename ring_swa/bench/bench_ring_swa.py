@@ -480,7 +480,7 @@ def main(argv=None):
     print(bench.format_table(table, ["phase", "candidate", "ms", "TFLOP/s", "x flex",
                                      "of dense", "spread"]))
     for be, ver in [("auto", verdict), *by_backend.items()]:
-        sfx = "" if be == "auto" else f" [{be}]"
+        sfx = bench.backend_tag("", be)
         for phase, v in ver.items():
             if v["x_flex"] is None or v["of_dense"] is None:
                 log(f"{phase}: best window kernel{sfx} {v['best']!r}; ratios n/a (no "
