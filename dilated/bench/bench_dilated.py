@@ -116,10 +116,6 @@ def check_paper_schedule(device, dtype, config, s=40000, h=12, d=64, backend="au
     return errs
 
 
-def _timing_kw(device):
-    return {} if device == "cuda" else {"warmup": 1, "rep": 2}  # the CPU smoke only checks
-
-
 def _warm(fns, device):
     """Run each ``{backend: fn}`` once (warm-up: plans, kernels' own plans, compilation);
     drop and report the ones that fail."""
@@ -173,7 +169,7 @@ def time_dilated(device, dtype, b, s, h, d, seg, rates, config, backends=None):
         fns[tag("fwd+bwd", be)] = fb
     if not fns:
         return {}
-    return bench.time_interleaved(fns, device=device, rounds=2, **_timing_kw(device))
+    return bench.time_interleaved(fns, device=device, rounds=2, **bench.timing_kw(device))
 
 
 def time_dense(device, dtype, b, s, h, d, backends=None):
@@ -214,7 +210,7 @@ def time_dense(device, dtype, b, s, h, d, backends=None):
         pairs[be] = (kf, kfb)
     for be in _warm({be: p[1] for be, p in pairs.items()}, device):
         fns[tag("fwd", be)], fns[tag("fwd+bwd", be)] = pairs[be]
-    return bench.time_interleaved(fns, device=device, rounds=2, **_timing_kw(device))
+    return bench.time_interleaved(fns, device=device, rounds=2, **bench.timing_kw(device))
 
 
 def time_flex(device, dtype, s, h, d, seg, rates):

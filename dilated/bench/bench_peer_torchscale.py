@@ -320,10 +320,6 @@ def run_checks(device, dtype, peer, cases=None):
 # timing
 
 
-def _timing_kw(device):
-    return {} if device == "cuda" else {"warmup": 1, "rep": 2}
-
-
 def _is_oom(exc):
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc)
 
@@ -460,7 +456,7 @@ def main(argv=None, peer=None):
         if live:
             try:
                 times = bench.time_interleaved(live, device=device, rounds=args.rounds,
-                                               **_timing_kw(device))
+                                               **bench.timing_kw(device))
             except Exception as e:  # noqa: BLE001
                 print(f"S={s}: timing failed ({'OOM' if _is_oom(e) else e})")
                 if not _is_oom(e):

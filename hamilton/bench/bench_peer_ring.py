@@ -660,11 +660,7 @@ def shim_cost(device, dtype, length, heads, dim):
                                                     False, -1, -1, 0.0, None, False),
         "kernel bwd": lambda: attention_backward(do, q, k, v, out, lse),
     }
-    return bench.time_interleaved(fns, device=device, rounds=3, **_timing_kw(device))
-
-
-def _timing_kw(device):
-    return {} if torch.device(device).type == "cuda" else {"warmup": 1, "rep": 2}
+    return bench.time_interleaved(fns, device=device, rounds=3, **bench.timing_kw(device))
 
 
 def main(argv=None, peer=None):
@@ -809,7 +805,7 @@ def main(argv=None, peer=None):
             for _ in bench.progress(range(a.rounds), desc=f"timing {direction}"):
                 try:
                     got = bench.time_interleaved(fns, device=device, rounds=1,
-                                                 **_timing_kw(device))
+                                                 **bench.timing_kw(device))
                 except Exception:  # noqa: BLE001
                     ok = False
                     print(f"timing {direction} failed:\n" + traceback.format_exc())

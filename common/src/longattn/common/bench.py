@@ -57,6 +57,12 @@ def time_fn(fn, *, device=None, warmup: int = 3, rep: int = 10):
     return statistics.median(time_once(fn, cuda=cuda) for _ in range(rep))
 
 
+def timing_kw(device) -> dict:
+    """:func:`time_fn`'s repetitions for a benchmark on ``device``: the defaults on CUDA; one
+    warm-up and two runs elsewhere (the CPU smoke runs only check that a script works)."""
+    return {} if torch.device(device).type == "cuda" else {"warmup": 1, "rep": 2}
+
+
 def time_interleaved(fns: dict, *, device=None, rounds: int = 3, **kw):
     """Median ms of each ``fns[name]()``, measured in alternating rounds (A, B, A, B, ...).
 
