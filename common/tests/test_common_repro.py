@@ -143,6 +143,20 @@ def test_answer_checks_what_it_records(tmp_path):
         ctx.answer("local_step_ms", 1.0, "measured", "b")
 
 
+def test_a_claim_timed_by_the_run_names_the_run(tmp_path):
+    """On a GPU of the target's model (measure=True) a measured answer without a committed
+    source is this run's, dated today; committed sources and predictions keep their own."""
+    ctx = _ctx(tmp_path)
+    ctx.measure = True
+    rec = ctx.answer("local_step_ms", 2.0, "measured", "timed", device="NVIDIA H200")
+    assert rec["source"] == "this run" and rec["date"] == repro._today()
+    rec = ctx.answer("decode_speedup_max", 3.0, "predicted", "model")
+    assert rec["source"] is None and rec["date"] is None
+    ctx = _ctx(tmp_path)
+    rec = ctx.answer("local_step_ms", 2.0, "measured", "read", source="f.json", date="d")
+    assert (rec["source"], rec["date"]) == ("f.json", "d")
+
+
 def test_write_puts_files_only_in_out(tmp_path):
     res = {"package": "tree", "target": "H200-1", "dry_run": True, "claims": [
         {"id": "a", "value": 1.0, "unit": "x", "paper_value": 8.0, "paper": "8x",

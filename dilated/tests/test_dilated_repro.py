@@ -24,6 +24,20 @@ def test_predicted_and_measured_from_the_committed_json():
                for r in res["rows"])
 
 
+def test_the_flatness_a_gpu_run_times():
+    """What a run on a GPU of the target's model times (there with device cuda), on the CPU
+    at a tiny size: ns per token at each length, B = tokens / S, finite and positive."""
+    from longattn.dilated import repro as dr
+
+    spec = json.loads((repro.package_dir(PKG) / "targets/H200-1/target.json").read_text())
+    sw = dict(spec["sweep"], segments=[16, 32], rates=[1, 2], dtype="float32", heads=2,
+              head_dim=8)
+    ns, dev = dr.measure_flatness(sw, device="cpu", tokens=512, lengths=(128, 256))
+    assert sorted(ns) == [128, 256] and all(0 < x < float("inf") for x in ns.values())
+    assert dev.startswith("cpu")
+    assert dr.MEASURE_LENGTHS == tuple(1 << p for p in range(15, 21))
+
+
 # the claims of H100-1 read from the committed H100 JSON
 FROM_H100 = ["runtime_flatness_measured"]
 

@@ -394,6 +394,9 @@ class Context:
             raise ValueError(f"claim {cid!r}: value must be finite, got {value!r}")
         if status == "not measured yet" and value is not None:
             raise ValueError(f"claim {cid!r}: 'not measured yet' carries no value")
+        if self.measure and status == "measured" and source is None:
+            # timed by this run: the JSON this run writes is its record
+            source, date = "this run", date or _today()
         c = self.claim_spec(cid)
         rec = {"id": cid, "claim": c["claim"], "paper": c["paper"],
                "paper_value": c["paper_value"], "unit": c["unit"], "kind": c["kind"],
@@ -439,11 +442,15 @@ def run(pkg: str, target: str, *, dry_run: bool = False, measure: bool | None = 
         "hardware": dataclasses.asdict(ctx.hw), "hbm_bw": ctx.hbm_bw,
         "command": command or f"python -m longattn.common.repro {pkg} --target {target}"
                               + (" --dry-run" if dry_run else ""),
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "date": _today(),
         "git_sha": _git_sha(), "seconds": round(time.perf_counter() - t0, 3),
         "claims": [ctx.answers[c["id"]] for c in spec["claims"]],
         "rows": out.get("rows", []),
     }
+
+
+def _today() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
 
 
 def _cuda_of(device: str) -> bool:

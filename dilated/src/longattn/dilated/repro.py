@@ -5,7 +5,8 @@ LongNet's claims: the runtime per token of dilated attention stays nearly consta
 linearly per token, so dilated wins past some length.
 
 * measured: time per token of forward+backward over 32K..1M tokens per sequence (2^20 tokens
-  per batch) on one GPU, max / min, from the committed benchmark of the target's GPU model;
+  per batch) on one GPU, max / min: timed by the run itself on a GPU of the target's model
+  (:func:`measure_flatness`), else read from the committed benchmark of that model;
 * predicted (``dilated/targets/<T>/target.json``'s sweep, ``tokens_per_gpu`` tokens on each
   GPU, p = S / tokens_per_gpu GPUs past one; more nodes of the target's type where p exceeds
   it): compute per token from the one-H200 measurement
@@ -28,6 +29,9 @@ import math
 from longattn.common import topology
 
 BENCH = "bench/results/bench_dilated_h200.json"
+# what the measured claim times (as bench_dilated.py): 2^20 tokens a batch, S = 32K .. 1M
+MEASURE_TOKENS = 1 << 20
+MEASURE_LENGTHS = tuple(1 << p for p in range(15, 21))
 
 
 def _ns(rows, what):
@@ -125,14 +129,21 @@ def _crossover(ctx, ns_ref, keys_ref, dense_ref, s_dense):
 
 def _measured(ctx):
     cid = "runtime_flatness_measured"
+    if ctx.dry_run:
+        ctx.answer(cid, None, "not measured yet", "a dry run measures nothing")
+        return
+    if ctx.measure:
+        ns, dev = measure_flatness(ctx.sweep, device="cuda")
+        xs = sorted(ns)
+        ctx.answer(cid, max(ns.values()) / min(ns.values()), "measured",
+                   f"timed by this run, S = {xs[0]}..{xs[-1]}", device=dev,
+                   series={"dilated fwd+bwd (measured)": (xs, [ns[s] for s in xs])},
+                   x="S (tokens)", y="fwd+bwd ns per token")
+        return
     m = ctx.measured_file()
-    if ctx.dry_run or m is None or ctx.measure:
-        why = ("a dry run measures nothing" if ctx.dry_run else
-               "run dilated/bench/bench_dilated.py on the GPU (it writes the JSON this reads)"
-               if ctx.measure else
-               ctx.not_measured(f"no committed benchmark on a {ctx.hw.device}: python "
-                                "dilated/bench/bench_dilated.py"))
-        ctx.answer(cid, None, "not measured yet", why)
+    if m is None:
+        ctx.answer(cid, None, "not measured yet", ctx.not_measured(
+            f"no committed benchmark on a {ctx.hw.device}: python dilated/bench/bench_dilated.py"))
         return
     rows = ctx.load(m["file"])
     ns = _ns(rows, "dilated fwd+bwd")
@@ -143,3 +154,32 @@ def _measured(ctx):
                device=r0["device"], date=r0["date"],
                series={"dilated fwd+bwd (measured)": (xs, [ns[s] for s in xs])},
                x="S (tokens)", y="fwd+bwd ns per token")
+
+
+def measure_flatness(sw, *, device, tokens=MEASURE_TOKENS, lengths=MEASURE_LENGTHS):
+    """``({S: ns per token}, device name)``: causal dilated attention's forward+backward on one
+    GPU with the sweep's branches (not extended), heads, head dim and dtype, ``tokens`` tokens
+    per batch (B = tokens / S) at each S of ``lengths`` (what bench_dilated.py times)."""
+    import torch
+
+    from longattn.common import bench
+    from longattn.dilated import dilated_attention
+
+    dtype = getattr(torch, sw["dtype"])
+    h, d = sw["heads"], sw["head_dim"]
+    seg, rates = tuple(sw["segments"]), tuple(sw["rates"])
+    g = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for s in lengths:
+        b = max(1, tokens // s)
+        q, k, v, do = (torch.randn(b, s, h, d, generator=g, device=device).to(dtype)
+                       for _ in range(4))
+        q, k, v = (x.requires_grad_() for x in (q, k, v))
+
+        def step(q=q, k=k, v=v, do=do):
+            o = dilated_attention(q, k, v, seg, rates, causal=sw["causal"])
+            torch.autograd.grad(o, (q, k, v), do)
+
+        out[s] = bench.time_fn(step, device=device, **bench.timing_kw(device)) * 1e6 / (b * s)
+        del q, k, v, do
+    return out, bench.device_name(device)
