@@ -3,6 +3,7 @@ only numbers their committed JSON (or log) holds.
 
 Only common is needed: the packages' folders are found in this checkout."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -103,3 +104,25 @@ def test_committed_page_is_the_rendering_of_the_committed_json(tmp_path):
                 assert c["source"] and c["device"] and c["date"], c
             if c["status"] == "not measured yet":
                 assert c["value"] is None, c
+
+
+def test_a_gpu_run_lists_the_claims_it_timed_itself(tmp_path):
+    """A run kept in results/gpu/ adds, under its paper's table, the claims whose source is
+    "this run", and only those."""
+    src = ROOT / "docs" / "results"
+    shutil.copytree(src, tmp_path / "results", ignore=shutil.ignore_patterns("gpu"))
+    res = json.loads((src / "repro_tree_H100-1.json").read_text())
+    res["git_sha"] = "abc1234"
+    timed = dict(res["claims"][-1], source="this run", value=2.5, date="2026-12-05")
+    res["claims"] = res["claims"][:-1] + [timed]
+    (tmp_path / "results" / "gpu").mkdir()
+    (tmp_path / "results" / "gpu" / "repro_tree_H100-1.json").write_text(json.dumps(res))
+    runs = report.collect_gpu(str(tmp_path / "results"))
+    assert list(runs) == ["tree"]
+    text = report.render(report.collect(str(tmp_path / "results")), str(tmp_path / "r.md"),
+                         None)
+    own = [x for x in text.splitlines() if "abc1234" in x]
+    assert len(own) == 1 and "| 2.50 ms |" in own[0] and timed["claim"] in own[0]
+    empty = report.render(report.collect(str(tmp_path / "results")), str(tmp_path / "e.md"),
+                          None, gpu_runs={})
+    assert "abc1234" not in empty and "Timed on a GPU" not in empty
