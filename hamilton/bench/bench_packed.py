@@ -19,10 +19,10 @@ Every rank is timed. ``--schedule allgather``: each rank's compute with K/V all-
 (:func:`longattn.hamilton.packing.make_allgather_plan`, :mod:`longattn.hamilton.
 packed_allgather`): the key gather and ONE varlen call forward, one backward call (after
 gathering the keys again where the real backward does, when they outnumber the gathered
-rows); ``+merge`` adds the dK/dV index-add into the gathered rows' gradient that precedes the
-reduce-scatter and the sum of the ``n`` copies that follows it. Several strategies
-(``--schedule tasp,allgather``) are checked and timed in one run, all contenders alternated,
-their names tagged with the strategy.
+rows); ``+merge`` adds the dK/dV index-add per distinct key row that precedes the return to
+the owners and the sum of what every rank returns (the rows the plans say) that follows it.
+Several strategies (``--schedule tasp,allgather``) are checked and timed in one run, all
+contenders alternated, their names tagged with the strategy.
 
 The layout line is followed by each strategy's per-rank counts (the step schedule's, TASP's
 with ``--schedule allgather``, and all-gather's): kernel calls, (segment, step) pairs with
@@ -59,6 +59,7 @@ from longattn.common.merge import merge_partials_
 from longattn.hamilton import HamiltonConfig, make_packed_plan, packed_layout
 from longattn.hamilton.args import resolve_schedule
 from longattn.hamilton.packed_allgather import (
+    add_received,
     call_backward,
     call_forward,
     keys_of,
@@ -156,12 +157,12 @@ def simulate(plans, q, k, v, dout, scale, backend="auto"):
 def simulate_allgather(plans, q, k, v, dout, scale, backend="auto"):
     """Every rank's out, lse, dq, dk, dv (local layouts) from the all-gather plans' calls: the
     gathered rows in origin order, each rank's one forward and one backward call, the dK/dV
-    of every rank's gathered rows summed (the reduce-scatter)."""
+    of every rank's gathered rows returned to their owners and summed there."""
     n, hkv, d = len(plans), k.shape[2], k.shape[3]
     pos = [torch.from_numpy(plans[0].layout.positions(r)).to(q.device) for r in range(n)]
     loc = [[t[0, p] for t in (q, k, v, dout)] for p in pos]
     buf = torch.cat([kv_rows(lk, lv) for _, lk, lv, _ in loc])
-    res, dqs, dbuf = [], [], 0
+    res, dqs, dbufs = [], [], []
     for x, plan in enumerate(plans):
         q0, do0 = loc[x][0], loc[x][3]
         kg, vg = keys_of(buf, plan, hkv, d, q.device)
@@ -170,9 +171,13 @@ def simulate_allgather(plans, q, k, v, dout, scale, backend="auto"):
         dq, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, o, l, plan, softmax_scale=scale,
                                        backend=backend)
         dqs.append(dq)
-        dbuf = dbuf + scatter_key_grads(dk_g, dv_g, plan, buf.shape[1], hkv, d)
-    per = buf.shape[0] // n
-    own = [split_rows(dbuf[r * per:(r + 1) * per], hkv, d) for r in range(n)]
+        dbufs.append(scatter_key_grads(dk_g, dv_g, plan, buf.shape[1], hkv, d))
+    per, offs = buf.shape[0] // n, [p.grad_tensors(q.device)[1] for p in plans]
+    own = []
+    for r, plan in enumerate(plans):  # what each owner receives from every rank, summed
+        parts = [dbufs[x][offs[x][r]:offs[x][r + 1]] for x in range(n)]
+        acc = torch.zeros(per, buf.shape[1], dtype=dbufs[0].dtype, device=q.device)
+        own.append(split_rows(add_received(acc, parts, plan), hkv, d))
     return pos, res, dqs, [dk for dk, _ in own], [dv for _, dv in own]
 
 
@@ -285,8 +290,8 @@ def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", shared=
     """``{mode: (fwd, fwd_bwd)}`` closures of one rank's compute with K/V all-gathered:
     ``calls`` (the key gather and the forward call; the backward call, after gathering the keys
     again when the real backward does: more keys than gathered rows) or ``+merge`` (also the
-    dK/dV index-add into the gathered rows' gradient and the sum of the ``n`` copies the
-    reduce-scatter brings back, summed here over the index-added buffer of the same size);
+    dK/dV index-add per distinct key row and the sum of what every rank returns to this one:
+    its own rows of that buffer and, for the others, random rows of the sizes the plans give);
     both share the tensors. ``shared``: a dict that keeps the gathered rows for every rank (the
     same size on every rank; ``n`` copies would not fit one GPU at the default size)."""
     n, per, width = plan.n, plan.rows, 2 * heads * dim
@@ -303,6 +308,8 @@ def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", shared=
     scale = dim ** -0.5
     regather = plan.keys > n * per
     plan.tensors(device)
+    off = plan.grad_tensors(device)[1]
+    recv = [rnd(len(r), width).float() for r in plan.recv_rows]  # what the exchange brings
 
     def fwd():
         kg, vg = keys_of(buf, plan, heads, dim, device)
@@ -315,8 +322,11 @@ def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", shared=
         kg, vg = keys_of(buf, plan, heads, dim, device) if regather else kept
         _, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, out0, lse0, plan,
                                       softmax_scale=scale, backend=backend)
-        if full:  # the n copies the reduce-scatter receives are as large as this buffer
-            scatter_key_grads(dk_g, dv_g, plan, width, heads, dim).view(n, per, width).sum(0)
+        if full:  # this rank's rows of the buffer, and the other ranks' rows it receives
+            dbuf = scatter_key_grads(dk_g, dv_g, plan, width, heads, dim)
+            own = torch.zeros(per, width, dtype=dbuf.dtype, device=device)
+            add_received(own, [dbuf[off[q]:off[q + 1]] if q == plan.rank else recv[q]
+                               for q in range(n)], plan)
 
     def both(full):
         fwd()

@@ -245,8 +245,9 @@ def test_traffic_and_calls():
     """bf16, many short documents and a long one: the forward sends every peer the whole K/V
     shard (bf16) and receives theirs in one exchange, and makes one varlen call (the rank's
     pairs under the document mask, all its query rows, the plan's keys); the backward makes one
-    call on the same pairs and returns every peer's dK/dV rows in float32 (acc_dtype) in one
-    exchange."""
+    call on the same pairs and returns to each owner, in float32 (acc_dtype) and one exchange,
+    exactly the dK/dV rows of that owner's keys some query of the rank sees (under the
+    document mask): fewer bytes than the whole shards for short documents."""
     from longattn.reference import document_mask
 
     rng = np.random.default_rng(5)
@@ -260,6 +261,7 @@ def test_traffic_and_calls():
             cases.append((n, causal, _cu(lens), per))
     got = run_world(WORLD, _counted, cases, timeout=300)
     hkv_width = 1 * (4 + 4)  # Hkv = 1, D = Dv = 4
+    dense_bytes = sparse_bytes = 0
     for i, (n, causal, cu, per) in enumerate(cases):
         lay = packed_layout(cu, n, causal)
         mask = document_mask(cu.numpy(), causal=causal)
@@ -270,12 +272,20 @@ def test_traffic_and_calls():
             shard_bytes = per * hkv_width
             assert (fs, fr, fx) == ((n - 1) * shard_bytes * 2, (n - 1) * shard_bytes * 2,
                                     int(n > 1)), what
-            assert (bs, br, bx) == ((n - 1) * shard_bytes * 4, (n - 1) * shard_bytes * 4,
-                                    int(n > 1)), what
+            seen = [mask[lay.positions(r)].any(axis=0) for r in range(n)]  # keys r's sees
+            rows = [[int(seen[r][lay.positions(p)].sum()) for p in range(n)] for r in range(n)]
+            sent = sum(rows[x][p] for p in range(n) if p != x) * hkv_width * 4
+            received = sum(rows[r][x] for r in range(n) if r != x) * hkv_width * 4
+            assert (bs, br, bx) == (sent, received, int(n > 1)), what
+            assert (plan.grad_rows_sent, plan.grad_rows_received) == \
+                (sent // (hkv_width * 4), received // (hkv_width * 4)), what
+            dense_bytes += (n - 1) * shard_bytes * 4
+            sparse_bytes += bs
             pairs = int(mask[lay.positions(x)].sum())
             assert fcalls == [("fwd", pairs, per, plan.keys)], what
             assert bcalls == [("bwd", pairs, per, plan.keys)], what
             assert plan.pairs == pairs, what
+    assert 0 < sparse_bytes < dense_bytes
     assert acc_dtype(torch.bfloat16) == torch.float32
 
 

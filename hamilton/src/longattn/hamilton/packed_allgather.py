@@ -1,5 +1,5 @@
 """``schedule="allgather"`` for packed documents (``cu_seqlens``): K/V all-gathered, ONE varlen
-call per rank forward and one backward, dK/dV reduce-scattered.
+call per rank forward and one backward, dK/dV returned to their owners.
 
 The layout is the step schedules' (:func:`longattn.hamilton.packing.packed_layout`), so
 ``shard`` / ``unshard`` are unchanged. Each rank's K / V rows (``[L, Hkv*(D+Dv)]``, K and V in
@@ -13,13 +13,17 @@ key buffer (``kidx``), and one varlen call
 (:func:`longattn.common.kernels.varlen.attention_forward_varlen`) computes every row's final
 ``out`` / ``lse``: nothing is merged. Backward: one varlen backward call on the same buffer
 (with the final ``out`` / ``lse``, and ``dlse`` when a gradient flows into the returned lse),
-the dK/dV of the packed key buffer index-added into an ``n * L``-row buffer (``acc_dtype``),
-whose rows of rank ``p`` go back to ``p`` (one message per peer); each rank sums the ``n``
-copies of its rows in rank order (in ``acc_dtype``, so float64 stays exact).
+the dK/dV of the packed key buffer index-added per distinct gathered row its keys come from
+(``acc_dtype``; a key several segments see is one row), whose rows of rank ``p``
+(``plan.send_rows[p]``) go back to ``p`` (one message per peer that has any); each rank adds
+what every rank returns into its rows (``plan.recv_rows``, known from the other ranks' plans)
+in rank order (in ``acc_dtype``, so float64 stays exact). Rows no query of a rank sees have no
+gradient from it and are not sent.
 
-Communication: the whole K/V shard to every peer, ``(n - 1) * L`` rows received per rank, and
-the same number of dK/dV rows (``acc_dtype``) in the backward, whatever the documents; the
-messages are not overlapped with the compute. The packed step loop (:mod:`longattn.hamilton.
+Communication: the whole K/V shard to every peer, ``(n - 1) * L`` rows received per rank,
+whatever the documents; in the backward the dK/dV rows (``acc_dtype``) of the keys some query
+of the sender sees, at most ``(n - 1) * L`` (``plan.grad_rows_sent`` / ``grad_rows_received``);
+the messages are not overlapped with the compute. The packed step loop (:mod:`longattn.hamilton.
 packed_attn`) sends only rows some query of the receiver sees and overlaps each step's
 messages with the previous step's call, at the price of one varlen call per step.
 
@@ -30,19 +34,20 @@ which the backward gathers the packed key buffer again. ``keys`` is below ``n * 
 documents shorter than the ranks' shares and may exceed it when several segments of one rank
 share a long document's keys. Transient: the gathered ``n * L`` rows and the packed key
 buffer in the forward; in the backward the packed key buffer (if not kept), its dK/dV
-(``keys`` rows) and the ``n * L``-row dK/dV buffer plus ``n * L`` received rows, both in
-``acc_dtype``.
+(``keys`` rows), its sum per distinct row, the received rows and the rank's own ``L`` rows,
+all in ``acc_dtype``.
 """
 
 from __future__ import annotations
 
 import torch
 
+from longattn.common.comm import exchange
 from longattn.common.dist import Group
 from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import grad_lse_or_none
 from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
-from longattn.hamilton.collectives import _gather, _reduce_scatter
+from longattn.hamilton.collectives import _gather
 from longattn.hamilton.packed_attn import _gather as _gather_keys
 from longattn.hamilton.packed_attn import kv_rows, split_rows
 
@@ -90,28 +95,49 @@ def call_backward(dout0, dlse0, q0, kg, vg, out0, lse0, plan, *, softmax_scale, 
 
 
 def scatter_key_grads(dk_g, dv_g, plan, width, hkv, d):
-    """The packed key buffer's dK / dV added into an origin-order row buffer ``[n * L, W]``
-    in ``acc_dtype`` (the rows a reduce-scatter returns to their owners)."""
+    """The packed key buffer's dK / dV summed per distinct gathered row, in ``acc_dtype``:
+    ``[rows, W]``, the rows of ``plan.send_rows`` owner after owner (every gathered row, in
+    origin order, when the keys are the gathered buffer itself)."""
     acc = acc_dtype(dk_g.dtype)
-    dbuf = torch.zeros(plan.n * plan.rows, width, dtype=acc, device=dk_g.device)
+    inv, off, _ = plan.grad_tensors(dk_g.device)
+    dbuf = torch.zeros(off[-1], width, dtype=acc, device=dk_g.device)
     gk, gv = split_rows(dbuf, hkv, d)
-    ki = plan.tensors(dk_g.device)[2]
-    if ki is None:
+    if inv is None:
         gk += dk_g
         gv += dv_g
     else:
-        gk.index_add_(0, ki, dk_g.to(acc))
-        gv.index_add_(0, ki, dv_g.to(acc))
+        gk.index_add_(0, inv, dk_g.to(acc))
+        gv.index_add_(0, inv, dv_g.to(acc))
     return dbuf
 
 
-def reduce_kv_grads(dbuf, g: Group):
-    """This rank's ``[L, W]`` rows of ``dbuf`` summed over every rank's copy (rank order, in
-    ``dbuf``'s dtype); one exchange."""
-    if g.size == 1:
-        return dbuf
-    length = dbuf.shape[0] // g.size
-    return _reduce_scatter(dbuf, g, _pieces(g.size, length), length)
+def add_received(own, parts, plan):
+    """``own [L, W]`` plus every sender's rows ``parts[q]`` (``[len(plan.recv_rows[q]), W]``)
+    at the local rows they belong to, senders in rank order (each row once per sender, so the
+    sum is in rank order and deterministic)."""
+    recv = plan.grad_tensors(own.device)[2]
+    for q, part in enumerate(parts):
+        if part.shape[0]:
+            own.index_add_(0, recv[q], part)
+    return own
+
+
+def reduce_kv_grads(dbuf, plan, g: Group):
+    """This rank's ``[L, W]`` rows: the gradient of every rank's keys that come from them,
+    summed in rank order (in ``dbuf``'s dtype). Each rank sends each owner only the rows its
+    keys come from (``plan.send_rows``) and receives only those of its own rows the sender's
+    keys come from (``plan.recv_rows``); one exchange."""
+    n, me = g.size, g.rank
+    _, off, _ = plan.grad_tensors(dbuf.device)
+    parts = [dbuf[off[q]:off[q + 1]] if q == me else
+             dbuf.new_empty(len(plan.recv_rows[q]), dbuf.shape[1]) for q in range(n)]
+    if n > 1:
+        sends = [(dbuf[off[p]:off[p + 1]], p) for p in range(n)
+                 if p != me and off[p + 1] > off[p]]
+        recvs = [(parts[q], q) for q in range(n) if q != me and parts[q].shape[0]]
+        exchange(sends, recvs, g).wait()
+    own = torch.zeros(plan.rows, dbuf.shape[1], dtype=dbuf.dtype, device=dbuf.device)
+    return add_received(own, parts, plan)
 
 
 def _forward(q, k, v, plan, g, softmax_scale, backend):
@@ -130,7 +156,7 @@ def _backward(dout, dlse, q, out, lse, kg, vg, plan, g, softmax_scale, backend, 
                                    backend=backend)
     if g.size == 1 and plan.kidx is None:  # the keys are the local rows, in order
         return dq[None], dk_g[None], dv_g[None]
-    own = reduce_kv_grads(scatter_key_grads(dk_g, dv_g, plan, width, hkv, d), g)
+    own = reduce_kv_grads(scatter_key_grads(dk_g, dv_g, plan, width, hkv, d), plan, g)
     dk, dv = split_rows(own, hkv, d)
     return dq[None], dk[None], dv[None]
 

@@ -497,9 +497,11 @@ class AllgatherPlan:
 
     Counts: ``pairs`` the (query, key) pairs the call computes, ``keys`` the rows of the packed
     key buffer (a key several segments see is gathered once for each), ``rows_received`` the
-    K/V rows that arrive in the forward (the all-gather: ``(n - 1) * L``), and those of
-    :class:`PackedPlan`: ``kernel_calls`` (1), ``segment_steps`` (the segments), ``tiles()``
-    and ``query_rows`` (``L``)."""
+    K/V rows that arrive in the forward (the all-gather: ``(n - 1) * L``), ``grad_rows_sent``
+    / ``grad_rows_received`` the dK/dV rows of the backward (those of the keys the sender's
+    queries see: ``send_rows`` / ``recv_rows``), and those of :class:`PackedPlan`:
+    ``kernel_calls`` (1), ``segment_steps`` (the segments), ``tiles()`` and ``query_rows``
+    (``L``)."""
 
     n: int
     rank: int
@@ -509,12 +511,43 @@ class AllgatherPlan:
     cu_k: tuple
     kidx: np.ndarray | None
     pairs: int
+    # the backward's dK/dV routes: per owner p, the local rows of p's share this rank's keys
+    # come from (sorted; sent to p), and per sender q, the rows of this rank's share q's keys
+    # come from (received from q); the rows no query of a rank sees have no gradient to send
+    send_rows: tuple = field(default=(), repr=False)
+    recv_rows: tuple = field(default=(), repr=False)
     _tensors: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def rows(self) -> int:
         """Local rows (``L``)."""
         return self.layout.total // self.n
+
+    @property
+    def grad_rows_sent(self) -> int:
+        """dK/dV rows this rank sends in the backward (to the other ranks)."""
+        return sum(len(r) for p, r in enumerate(self.send_rows) if p != self.rank)
+
+    @property
+    def grad_rows_received(self) -> int:
+        """dK/dV rows this rank receives in the backward (from the other ranks)."""
+        return sum(len(r) for q, r in enumerate(self.recv_rows) if q != self.rank)
+
+    def grad_tensors(self, device):
+        """``(inverse, send_offsets, recv_index)``: the row of the distinct-key gradient buffer
+        each packed key adds into (None: the keys are the gathered buffer itself, in order),
+        the owners' slices of that buffer (``send_offsets[p]:send_offsets[p + 1]``) and, per
+        sender, the local rows its rows add into (on ``device``), cached."""
+        key = ("grad", str(device))
+        if key not in self._tensors:
+            inv = None
+            if self.kidx is not None:
+                inv = torch.from_numpy(np.unique(self.kidx, return_inverse=True)[1]
+                                       .reshape(-1)).to(device)
+            off = np.concatenate([[0], np.cumsum([len(r) for r in self.send_rows])])
+            recv = tuple(torch.from_numpy(r).to(device) for r in self.recv_rows)
+            self._tensors[key] = (inv, tuple(int(x) for x in off), recv)
+        return self._tensors[key]
 
     @property
     def keys(self) -> int:
@@ -550,6 +583,25 @@ class AllgatherPlan:
 @lru_cache(maxsize=128)
 def _allgather_plan(cu: tuple, n: int, rank: int, causal: bool,
                     tolerance: float) -> AllgatherPlan:
+    layout, seg, cu_k, kidx, pairs = _allgather_call(cu, n, rank, causal, tolerance)
+    per = cu[-1] // n
+
+    def touched(r):  # the distinct gathered rows rank r's keys come from, sorted
+        ki = _allgather_call(cu, n, r, causal, tolerance)[3]
+        return np.arange(n * per) if ki is None else np.unique(ki)
+
+    def share(rows, p):
+        return rows[(rows >= p * per) & (rows < (p + 1) * per)] - p * per
+
+    mine = touched(rank)
+    send = tuple(share(mine, p) for p in range(n))
+    recv = tuple(send[q] if q == rank else share(touched(q), rank) for q in range(n))
+    return AllgatherPlan(n, rank, causal, layout, seg, cu_k, kidx, pairs, send, recv)
+
+
+@lru_cache(maxsize=128)
+def _allgather_call(cu: tuple, n: int, rank: int, causal: bool, tolerance: float):
+    """``(layout, cu_q, cu_k, kidx, pairs)`` of rank ``rank``'s one call."""
     layout = _layout(cu, n, causal, tolerance)
     per = cu[-1] // n
     bounds = np.asarray(cu, dtype=np.int64)
@@ -570,8 +622,7 @@ def _allgather_plan(cu: tuple, n: int, rank: int, causal: bool,
     if len(kidx) == n * per and np.array_equal(kidx, np.arange(n * per)):
         kidx = None
     cu_k = tuple(int(x) for x in np.concatenate([[0], np.cumsum(nk)]))
-    return AllgatherPlan(n, rank, causal, layout, tuple(int(x) for x in seg), cu_k, kidx,
-                         pairs)
+    return layout, tuple(int(x) for x in seg), cu_k, kidx, pairs
 
 
 def make_allgather_plan(cu_seqlens, n: int, rank: int, causal: bool, *,
