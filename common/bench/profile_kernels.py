@@ -9,7 +9,12 @@
   defaults, causal / not; ``hyper-causal-bwd``: the same causal call, forward + backward (the
   configuration of ``hyper/bench/bench_hyper.py``'s causal fwd+bwd row: block 256, 256 samples,
   ``min_seq_len`` 2048);
-* ``swa``: the local sliding window (S=131072, W=4096, H=32, D=128, bf16), forward + backward.
+* ``swa``: the local sliding window (S=131072, W=4096, H=32, D=128, bf16), forward + backward;
+* ``packed-allgather`` / ``packed-baseline``: ``hamilton/bench/bench_packed.py``'s default
+  documents (8 ranks x 32,768 tokens, 1,024..32,768-token documents, seed 0, H=32, D=128,
+  bf16, causal) on cuDNN's ragged graphs: the all-gather rank with the most 128x128 tiles, its
+  key gather, forward and backward call and dK/dV sum per key row (forward + backward); and
+  the one call over every document that the benchmark divides by 8.
 
 Prints, per configuration named (several may follow each other in one call), the total device
 time and the kernels with the most self device time (one call after a warm-up call); ``--out``
@@ -81,8 +86,58 @@ def _swa():
     return run
 
 
+def packed_case(kind, *, device="cuda", n=8, tokens=32768, heads=32, dim=128, min_doc=1024,
+                max_doc=32768, backend="cudnn"):
+    """The ``packed-allgather`` (``kind="allgather"``) or ``packed-baseline`` closure (module
+    docstring); smaller sizes and ``device="cpu"`` for a test."""
+    from longattn.common import bench
+    from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
+    from longattn.hamilton.packed_allgather import (
+        call_backward,
+        call_forward,
+        keys_of,
+        scatter_key_grads,
+    )
+    from longattn.hamilton.packing import make_allgather_plan
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    lens = bench.draw_documents(n * tokens, min_doc, max_doc, 0)
+    cu = bench.cu_seqlens(lens)
+    g = torch.Generator(device=device).manual_seed(1)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g, device=device).to(dtype)
+
+    if kind == "baseline":
+        q, k, v, do = (rnd(n * tokens, heads, dim) for _ in range(4))
+        cud = bench.cu_seqlens(lens, device)
+
+        def base():
+            o, lse = attention_forward_varlen(q, k, v, cud, cud, causal=True, backend=backend)
+            attention_backward_varlen(do, q, k, v, o, lse, cud, cud, causal=True,
+                                      backend=backend)
+
+        return base
+    plans = [make_allgather_plan(cu, n, r, True) for r in range(n)]
+    plan = max(plans, key=lambda p: p.tiles())
+    buf = rnd(n * tokens, 2 * heads * dim)
+    q0, do0 = rnd(tokens, heads, dim), rnd(tokens, heads, dim)
+    scale = dim ** -0.5
+
+    def rank():
+        kg, vg = keys_of(buf, plan, heads, dim, device)
+        o, lse = call_forward(q0, kg, vg, plan, softmax_scale=scale, backend=backend)
+        _, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, o, lse, plan,
+                                      softmax_scale=scale, backend=backend)
+        scatter_key_grads(dk_g, dv_g, plan, 2 * heads * dim, heads, dim)
+
+    return rank
+
+
 _CASES = {"dilated": _dilated, "hyper-causal": lambda: _hyper(True),
-          "hyper-causal-bwd": _hyper_bwd, "hyper": lambda: _hyper(False), "swa": _swa}
+          "hyper-causal-bwd": _hyper_bwd, "hyper": lambda: _hyper(False), "swa": _swa,
+          "packed-allgather": lambda: packed_case("allgather"),
+          "packed-baseline": lambda: packed_case("baseline")}
 
 
 def profile_one(what, top):

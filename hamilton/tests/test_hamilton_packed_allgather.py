@@ -493,3 +493,18 @@ def test_bench_plan_only_writes_the_counts_and_bounds_without_timing(tmp_path):
     assert set(extra["tile_bounds"]) == {"multi_ring", "allgather"}
     assert all(0 < b <= 1 for b in extra["tile_bounds"].values())
     assert all(c["kernel_calls"] == 1 for c in extra["counts"]["allgather"])
+
+
+def test_profile_cases_run_on_the_cpu():
+    """common/bench/profile_kernels.py's packed-allgather and packed-baseline closures (GPU
+    configurations there), at a tiny size on the CPU: each builds and runs once."""
+    from pathlib import Path
+
+    from longattn.common.testing import load_script
+
+    mod = load_script(Path(__file__).resolve().parents[2] / "common" / "bench" /
+                      "profile_kernels.py", "profile_kernels_packed")
+    for kind in ("allgather", "baseline"):
+        fn = mod.packed_case(kind, device="cpu", n=3, tokens=16, heads=2, dim=8, min_doc=1,
+                             max_doc=20, backend="auto")
+        assert fn() is None
