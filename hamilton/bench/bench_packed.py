@@ -221,23 +221,57 @@ def check(device, dtype, n, lens, heads, dim, causal, sched_name, backend="auto"
 # timing
 
 
-def rank_sequences(device, dtype, plan, heads, dim, config, backend="auto"):
+class Pool:
+    """The tensors every rank's closures share: one buffer per (name, row shape, dtype), of
+    random values (``rand``) or zeros (``zeros``), each request a view of its first ``rows``
+    rows (the buffer grows when a request is larger); ``keep`` copies a tensor into one.
+
+    Every rank's closures (``n`` ranks x strategies x backends) are alive together, as the
+    timings alternate them; with a tensor of their own each, 32 heads did not fit an H100's
+    80 GB. The closures run one at a time, their tensors are far larger than the GPU's caches
+    and their values are random either way, so sharing changes no time: one rank's tensors
+    per name instead of one per closure."""
+
+    def __init__(self, device, seed=0):
+        self.device, self.bufs = device, {}
+        self.g = torch.Generator(device=device).manual_seed(seed)
+
+    def _view(self, kind, name, rows, tail, dtype):
+        key = (kind, name, tuple(tail), dtype)
+        b = self.bufs.get(key)
+        if b is None or b.shape[0] < rows:
+            shape = (max(rows, 0 if b is None else b.shape[0] * 3 // 2),) + tuple(tail)
+            b = (torch.zeros(shape, device=self.device, dtype=dtype) if kind == "zeros" else
+                 torch.randn(shape, generator=self.g, device=self.device).to(dtype))
+            self.bufs[key] = b
+        return b[:rows]
+
+    def rand(self, name, rows, *tail, dtype):
+        return self._view("rand", name, rows, tail, dtype)
+
+    def zeros(self, name, rows, *tail, dtype):
+        return self._view("zeros", name, rows, tail, dtype)
+
+    def keep(self, name, t):
+        return self._view("keep", name, t.shape[0], t.shape[1:], t.dtype).copy_(t)
+
+
+def rank_sequences(device, dtype, plan, heads, dim, config, backend="auto", pool=None):
     """``{mode: (fwd, fwd_bwd)}`` closures of one rank's compute, ``mode`` ``calls`` (gathers,
     varlen calls and the gradient adds of ``step_backward``) or ``+merge`` (also the send-side
-    gathers, the merges and the dK/dV rows that come back); both share the tensors."""
-    n, per = plan.n, plan.layout.total // plan.n
-    g = torch.Generator(device=device).manual_seed(plan.rank)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, device=device).to(dtype)
-
-    q0, k0, v0, do0 = (rnd(per, heads, dim) for _ in range(4))
-    kv = kv_rows(k0, v0)
-    bufs = {s: rnd(plan.steps[s].rows, 2 * heads * dim) for s in range(1, n)}
+    gathers, the merges and the dK/dV rows that come back); both share the tensors, taken from
+    ``pool`` (a :class:`Pool`; default: one of their own)."""
+    n, per, width = plan.n, plan.layout.total // plan.n, 2 * heads * dim
+    pool = Pool(device, plan.rank) if pool is None else pool
+    q0, k0, v0, do0 = (pool.rand(x, per, heads, dim, dtype=dtype) for x in ("q", "k", "v", "do"))
+    kv = pool.keep("kv", kv_rows(k0, v0))
+    # the rows each step receives, and the dK/dV rows that come back: read only, one buffer
+    bufs = {s: pool.rand("buf", plan.steps[s].rows, width, dtype=dtype) for s in range(1, n)}
     tens = {s: plan.call_tensors(s, device) for s in range(n) if plan.steps[s].call}
     sends = {(s, i): plan.send_index(s, i, device) for s in range(1, n)
              for i in range(len(plan.steps[s].sends))}
-    back = {key: rnd(len(idx), 2 * heads * dim).float() for key, idx in sends.items()}
+    back = {key: pool.rand("back", len(idx), width, dtype=torch.float32)
+            for key, idx in sends.items()}
     scale = dim ** -0.5
     merge = functools.partial(merge_partials_, backend=config.merge_backend)
 
@@ -259,8 +293,9 @@ def rank_sequences(device, dtype, plan, heads, dim, config, backend="auto"):
                           l[None])
         return acc_o[0].to(dtype), acc_l[0]
 
-    out0, lse0 = fwd(True)
-    dq, dk, dv = (torch.zeros(per, heads, dim, device=device) for _ in range(3))
+    out0, lse0 = (pool.keep(x, t) for x, t in zip(("out", "lse"), fwd(True)))
+    dq, dk, dv = (pool.zeros(x, per, heads, dim, dtype=torch.float32)
+                  for x in ("dq", "dk", "dv"))
 
     def bwd(full):
         for s in range(n - 1, 0, -1):
@@ -286,37 +321,33 @@ def rank_sequences(device, dtype, plan, heads, dim, config, backend="auto"):
             for mode, full in (("calls", False), ("+merge", True))}
 
 
-def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", shared=None):
+def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", pool=None):
     """``{mode: (fwd, fwd_bwd)}`` closures of one rank's compute with K/V all-gathered:
     ``calls`` (the key gather and the forward call; the backward call, after gathering the keys
     again when the real backward does: more keys than gathered rows) or ``+merge`` (also the
     dK/dV index-add per distinct key row and the sum of what every rank returns to this one:
     its own rows of that buffer and, for the others, random rows of the sizes the plans give);
-    both share the tensors. ``shared``: a dict that keeps the gathered rows for every rank (the
-    same size on every rank; ``n`` copies would not fit one GPU at the default size)."""
+    both share the tensors, taken from ``pool`` (a :class:`Pool`; default: one of their own),
+    the gathered rows (every rank's K/V rows, origin order) among them."""
     n, per, width = plan.n, plan.rows, 2 * heads * dim
-    g = torch.Generator(device=device).manual_seed(plan.rank)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, device=device).to(dtype)
-
-    shared = {} if shared is None else shared
-    if "buf" not in shared:
-        shared["buf"] = rnd(n * per, width)  # every rank's K/V rows, origin order
-    buf = shared["buf"]
-    q0, do0 = rnd(per, heads, dim), rnd(per, heads, dim)
+    pool = Pool(device, plan.rank) if pool is None else pool
+    buf = pool.rand("gathered", n * per, width, dtype=dtype)
+    q0, do0 = (pool.rand(x, per, heads, dim, dtype=dtype) for x in ("q", "do"))
     scale = dim ** -0.5
     regather = plan.keys > n * per
     plan.tensors(device)
     off = plan.grad_tensors(device)[1]
-    recv = [rnd(len(r), width).float() for r in plan.recv_rows]  # what the exchange brings
+    # what the exchange brings from each rank (read only: one buffer)
+    recv = [pool.rand("recv", len(r), width, dtype=torch.float32) for r in plan.recv_rows]
 
     def fwd():
         kg, vg = keys_of(buf, plan, heads, dim, device)
         return call_forward(q0, kg, vg, plan, softmax_scale=scale, backend=backend), (kg, vg)
 
     (out0, lse0), kept = fwd()
-    kept = None if regather else kept  # what the real forward keeps for the backward
+    out0, lse0 = pool.keep("out", out0), pool.keep("lse", lse0)
+    # what the real forward keeps for the backward
+    kept = None if regather else (pool.keep("kept_k", kept[0]), pool.keep("kept_v", kept[1]))
 
     def bwd(full):
         kg, vg = keys_of(buf, plan, heads, dim, device) if regather else kept
@@ -532,14 +563,15 @@ def main(argv=None):
                                         errors=errs, ok=ok, schedule=names[x]))
     contenders = baselines(device, dtype, lens, a.heads, a.dim, causal)
     base_names = sorted({name for name, _ in contenders})
-    shared, strategy_of = {}, {}
+    pool, strategy_of = Pool(device), {}
     for x in a.schedules:
         for plan in bench.progress(plans[x], desc=f"rank sequences {names[x]}"):
             for backend in a.backends:
                 tag = stag(x) + ("" if len(a.backends) == 1 else f" [{backend}]")
-                seqs = (allgather_sequences(device, dtype, plan, a.heads, a.dim, backend, shared)
+                seqs = (allgather_sequences(device, dtype, plan, a.heads, a.dim, backend, pool)
                         if x == "allgather" else
-                        rank_sequences(device, dtype, plan, a.heads, a.dim, config, backend))
+                        rank_sequences(device, dtype, plan, a.heads, a.dim, config, backend,
+                                       pool))
                 for mode, (f, fb) in seqs.items():
                     fb()  # warm-up outside the timings
                     label = f"rank{plan.rank} {mode}{tag}"

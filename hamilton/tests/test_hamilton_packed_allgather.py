@@ -508,3 +508,22 @@ def test_profile_cases_run_on_the_cpu():
         fn = mod.packed_case(kind, device="cpu", n=3, tokens=16, heads=2, dim=8, min_doc=1,
                              max_doc=20, backend="auto")
         assert fn() is None
+
+
+def test_bench_pool_shares_its_buffers():
+    """bench_packed.Pool: requests under one name share one buffer (views of its start), a
+    larger request gets a larger buffer (earlier views keep theirs), names, row shapes and
+    dtypes are kept apart, zeros are zeros and keep copies."""
+    pool = _bench_module("bench_packed_pool").Pool("cpu")
+    a = pool.rand("x", 4, 3, dtype=torch.float32)
+    b = pool.rand("x", 2, 3, dtype=torch.float32)
+    assert b.data_ptr() == a.data_ptr() and torch.equal(b, a[:2]) and a.std() > 0
+    c = pool.rand("x", 10, 3, dtype=torch.float32)
+    assert c.shape == (10, 3) and c.data_ptr() != a.data_ptr() and a.shape == (4, 3)
+    assert pool.rand("y", 2, 3, dtype=torch.float32).data_ptr() != c.data_ptr()
+    assert pool.rand("x", 2, 4, dtype=torch.float32).data_ptr() != c.data_ptr()
+    assert pool.rand("x", 2, 3, dtype=torch.float64).dtype == torch.float64
+    assert torch.count_nonzero(pool.zeros("z", 5, 2, dtype=torch.float32)) == 0
+    t = torch.randn(3, 2)
+    kept = pool.keep("k", t)
+    assert torch.equal(kept, t) and kept.data_ptr() != t.data_ptr()
