@@ -14,7 +14,11 @@
   documents (8 ranks x 32,768 tokens, 1,024..32,768-token documents, seed 0, H=32, D=128,
   bf16, causal) on cuDNN's ragged graphs: the all-gather rank with the most 128x128 tiles, its
   key gather, forward and backward call and dK/dV sum per key row (forward + backward); and
-  the one call over every document that the benchmark divides by 8.
+  the one call over every document that the benchmark divides by 8;
+* ``cudnn-top-left`` / ``cudnn-bottom-right``: one ragged cuDNN call (forward + backward) over a
+  32,768-token causal document (H=32, D=128, bf16) and a 2-key document with 2 queries, or 1
+  query: the second makes the graph's causal band bottom-right aligned (as every packed
+  all-gather call whose segments have more keys than queries), the same work otherwise.
 
 Prints, per configuration named (several may follow each other in one call), the total device
 time and the kernels with the most self device time (one call after a warm-up call); ``--out``
@@ -134,10 +138,35 @@ def packed_case(kind, *, device="cuda", n=8, tokens=32768, heads=32, dim=128, mi
     return rank
 
 
+def alignment_case(bottom_right, *, device="cuda", s=32768, heads=32, dim=128,
+                   backend="cudnn"):
+    """The ``cudnn-top-left`` / ``cudnn-bottom-right`` closure (module docstring)."""
+    from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    g = torch.Generator(device=device).manual_seed(1)
+    lq = 1 if bottom_right else 2
+    cu_q = torch.tensor([0, s, s + lq], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, s, s + 2], dtype=torch.int32, device=device)
+    q, do = (torch.randn(s + lq, heads, dim, generator=g, device=device).to(dtype)
+             for _ in range(2))
+    k, v = (torch.randn(s + 2, heads, dim, generator=g, device=device).to(dtype)
+            for _ in range(2))
+
+    def run():
+        o, lse = attention_forward_varlen(q, k, v, cu_q, cu_k, causal=True, backend=backend)
+        attention_backward_varlen(do, q, k, v, o, lse, cu_q, cu_k, causal=True,
+                                  backend=backend)
+
+    return run
+
+
 _CASES = {"dilated": _dilated, "hyper-causal": lambda: _hyper(True),
           "hyper-causal-bwd": _hyper_bwd, "hyper": lambda: _hyper(False), "swa": _swa,
           "packed-allgather": lambda: packed_case("allgather"),
-          "packed-baseline": lambda: packed_case("baseline")}
+          "packed-baseline": lambda: packed_case("baseline"),
+          "cudnn-top-left": lambda: alignment_case(False),
+          "cudnn-bottom-right": lambda: alignment_case(True)}
 
 
 def profile_one(what, top):

@@ -496,8 +496,9 @@ def test_bench_plan_only_writes_the_counts_and_bounds_without_timing(tmp_path):
 
 
 def test_profile_cases_run_on_the_cpu():
-    """common/bench/profile_kernels.py's packed-allgather and packed-baseline closures (GPU
-    configurations there), at a tiny size on the CPU: each builds and runs once."""
+    """common/bench/profile_kernels.py's packed-allgather, packed-baseline and cudnn alignment
+    closures (GPU configurations there), at a tiny size on the CPU: each builds and runs
+    once."""
     from pathlib import Path
 
     from longattn.common.testing import load_script
@@ -508,6 +509,9 @@ def test_profile_cases_run_on_the_cpu():
         fn = mod.packed_case(kind, device="cpu", n=3, tokens=16, heads=2, dim=8, min_doc=1,
                              max_doc=20, backend="auto")
         assert fn() is None
+    for bottom_right in (False, True):
+        assert mod.alignment_case(bottom_right, device="cpu", s=40, heads=2, dim=8,
+                                  backend="auto")() is None
 
 
 def test_bench_pool_shares_its_buffers():
