@@ -514,8 +514,8 @@ class AllgatherPlan:
     # the backward's dK/dV routes: per owner p, the local rows of p's share this rank's keys
     # come from (sorted; sent to p), and per sender q, the rows of this rank's share q's keys
     # come from (received from q); the rows no query of a rank sees have no gradient to send
-    send_rows: tuple = field(default=(), repr=False)
-    recv_rows: tuple = field(default=(), repr=False)
+    send_rows: tuple = field(repr=False)
+    recv_rows: tuple = field(repr=False)
     _tensors: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
