@@ -27,7 +27,8 @@ base="bench_out"
 cap="${CAP:-240}"
 nvidia-smi --query-gpu=name,clocks.sm,temperature.gpu,power.draw --format=csv,noheader || true
 # repro:<pkg> runs that paper's reproduction on $TARGET (default: H200-1 on an H200, H100-1 on
-# an H100), one of <pkg>/targets/
+# an H100), one of <pkg>/targets/; repro:hyper times its sweep and needs CAP=200 or more (180.5 s
+# on an H100, docs/results/gpu/repro_hyper_H100-1_log.txt), the others under 30 s each
 gpu="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 case "$gpu" in *H200*) target="${TARGET:-H200-1}" ;; *) target="${TARGET:-H100-1}" ;; esac
 for pkg in "$@"; do
