@@ -124,7 +124,7 @@ def packed_case(kind, *, device="cuda", n=8, tokens=32768, heads=32, dim=128, mi
         return base
     plans = [make_allgather_plan(cu, n, r, True) for r in range(n)]
     plan = max(plans, key=lambda p: p.tiles())
-    buf = rnd(n * tokens, 2 * heads * dim)
+    buf = rnd(plan.route_tensors(device)[1][-1], 2 * heads * dim)  # the rows its keys use
     q0, do0 = rnd(tokens, heads, dim), rnd(tokens, heads, dim)
     scale = dim ** -0.5
 

@@ -155,24 +155,27 @@ def simulate(plans, q, k, v, dout, scale, backend="auto"):
 
 
 def simulate_allgather(plans, q, k, v, dout, scale, backend="auto"):
-    """Every rank's out, lse, dq, dk, dv (local layouts) from the all-gather plans' calls: the
-    gathered rows in origin order, each rank's one forward and one backward call, the dK/dV
-    of every rank's gathered rows returned to their owners and summed there."""
+    """Every rank's out, lse, dq, dk, dv (local layouts) from the all-gather plans' calls: each
+    rank's gathered rows (those its keys come from, out of every rank's rows in origin order),
+    its one forward and one backward call, the dK/dV of every rank's gathered rows returned to
+    their owners and summed there."""
     n, hkv, d = len(plans), k.shape[2], k.shape[3]
     pos = [torch.from_numpy(plans[0].layout.positions(r)).to(q.device) for r in range(n)]
     loc = [[t[0, p] for t in (q, k, v, dout)] for p in pos]
     buf = torch.cat([kv_rows(lk, lv) for _, lk, lv, _ in loc])
     res, dqs, dbufs = [], [], []
+    per = buf.shape[0] // n
     for x, plan in enumerate(plans):
         q0, do0 = loc[x][0], loc[x][3]
-        kg, vg = keys_of(buf, plan, hkv, d, q.device)
+        seen = torch.cat([torch.from_numpy(r + p * per) for p, r in enumerate(plan.rows_from)])
+        kg, vg = keys_of(buf.index_select(0, seen.to(q.device)), plan, hkv, d, q.device)
         o, l = call_forward(q0, kg, vg, plan, softmax_scale=scale, backend=backend)
         res.append((o, l))
         dq, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, o, l, plan, softmax_scale=scale,
                                        backend=backend)
         dqs.append(dq)
         dbufs.append(scatter_key_grads(dk_g, dv_g, plan, buf.shape[1], hkv, d))
-    per, offs = buf.shape[0] // n, [p.grad_tensors(q.device)[1] for p in plans]
+    offs = [p.route_tensors(q.device)[1] for p in plans]
     own = []
     for r, plan in enumerate(plans):  # what each owner receives from every rank, summed
         parts = [dbufs[x][offs[x][r]:offs[x][r + 1]] for x in range(n)]
@@ -328,17 +331,17 @@ def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", pool=No
     dK/dV index-add per distinct key row and the sum of what every rank returns to this one:
     its own rows of that buffer and, for the others, random rows of the sizes the plans give);
     both share the tensors, taken from ``pool`` (a :class:`Pool`; default: one of their own),
-    the gathered rows (every rank's K/V rows, origin order) among them."""
+    the rank's gathered rows (those its keys come from) among them."""
     n, per, width = plan.n, plan.rows, 2 * heads * dim
     pool = Pool(device, plan.rank) if pool is None else pool
-    buf = pool.rand("gathered", n * per, width, dtype=dtype)
+    off = plan.route_tensors(device)[1]
+    buf = pool.rand("gathered", off[-1], width, dtype=dtype)  # the rows the rank's keys use
     q0, do0 = (pool.rand(x, per, heads, dim, dtype=dtype) for x in ("q", "do"))
     scale = dim ** -0.5
-    regather = plan.keys > n * per
+    regather = plan.keys > off[-1]
     plan.tensors(device)
-    off = plan.grad_tensors(device)[1]
     # what the exchange brings from each rank (read only: one buffer)
-    recv = [pool.rand("recv", len(r), width, dtype=torch.float32) for r in plan.recv_rows]
+    recv = [pool.rand("recv", len(r), width, dtype=torch.float32) for r in plan.rows_to]
 
     def fwd():
         kg, vg = keys_of(buf, plan, heads, dim, device)

@@ -1,41 +1,46 @@
-"""``schedule="allgather"`` for packed documents (``cu_seqlens``): K/V all-gathered, ONE varlen
-call per rank forward and one backward, dK/dV returned to their owners.
+"""``schedule="allgather"`` for packed documents (``cu_seqlens``): the K/V rows each rank's
+keys come from gathered, ONE varlen call per rank forward and one backward, their dK/dV
+returned to their owners.
 
 The layout is the step schedules' (:func:`longattn.hamilton.packing.packed_layout`), so
-``shard`` / ``unshard`` are unchanged. Each rank's K / V rows (``[L, Hkv*(D+Dv)]``, K and V in
-one row, B = 1) go to every other rank in one exchange (one message per peer) and land in a
-buffer of ``n * L`` rows in *origin order* (row ``p * L + i`` is rank ``p``'s local row ``i``).
-The rank's :class:`~longattn.hamilton.packing.AllgatherPlan` then gathers, for each of its
-query segments (maximal runs of one document, consecutive in the packed sequence), the keys of
-its document from the document's start to the segment's end (causal: bottom-right aligned per
-segment, the segment being the last of its keys) or the whole document (full) into one packed
-key buffer (``kidx``), and one varlen call
+``shard`` / ``unshard`` are unchanged. The rank's :class:`~longattn.hamilton.packing.
+AllgatherPlan` gathers, for each of its query segments (maximal runs of one document,
+consecutive in the packed sequence), the keys of its document from the document's start to
+the segment's end (causal: bottom-right aligned per segment, the segment being the last of its
+keys) or the whole document (full) into one packed key buffer (``kidx``, rows of the
+origin-order sequence: row ``p * L + i`` is rank ``p``'s local row ``i``), and one varlen call
 (:func:`longattn.common.kernels.varlen.attention_forward_varlen`) computes every row's final
-``out`` / ``lse``: nothing is merged. Backward: one varlen backward call on the same buffer
-(with the final ``out`` / ``lse``, and ``dlse`` when a gradient flows into the returned lse),
-the dK/dV of the packed key buffer index-added per distinct gathered row its keys come from
-(``acc_dtype``; a key several segments see is one row), whose rows of rank ``p``
-(``plan.send_rows[p]``) go back to ``p`` (one message per peer that has any); each rank adds
-what every rank returns into its rows (``plan.recv_rows``, known from the other ranks' plans)
-in rank order (in ``acc_dtype``, so float64 stays exact). Rows no query of a rank sees have no
-gradient from it and are not sent.
+``out`` / ``lse``: nothing is merged.
 
-Communication: the whole K/V shard to every peer, ``(n - 1) * L`` rows received per rank,
-whatever the documents; in the backward the dK/dV rows (``acc_dtype``) of the keys some query
-of the sender sees, at most ``(n - 1) * L`` (``plan.grad_rows_sent`` / ``grad_rows_received``);
-the messages are not overlapped with the compute. The packed step loop (:mod:`longattn.hamilton.
-packed_attn`) sends only rows some query of the receiver sees and overlaps each step's
-messages with the previous step's call, at the price of one varlen call per step.
+**Forward exchange** (:func:`gather_seen`): each rank's K / V rows (``[L, Hkv*(D+Dv)]``, K and
+V in one row, B = 1) that rank ``q``'s keys come from (``plan.rows_to[q]``) go to ``q`` in one
+exchange (one message per peer that has any); the rank's buffer holds the rows its keys come
+from, owner after owner (``plan.rows_from``), and the packed key buffer is gathered from it.
+Every plan is a pure function of ``cu_seqlens``, so every rank knows what every other needs
+without a message; a key no query of a rank sees never reaches it.
 
-**Memory** kept for the backward, per rank: q, k, v, out and lse (as every schedule), and
-``min(keys, n * L)`` K/V rows of ``Hkv * (D + Dv)`` elements (input dtype): the packed key
-buffer of the plan's ``keys`` rows when that is smaller, else the gathered ``n * L`` rows, from
-which the backward gathers the packed key buffer again. ``keys`` is below ``n * L`` for
-documents shorter than the ranks' shares and may exceed it when several segments of one rank
-share a long document's keys. Transient: the gathered ``n * L`` rows and the packed key
-buffer in the forward; in the backward the packed key buffer (if not kept), its dK/dV
-(``keys`` rows), its sum per distinct row, the received rows and the rank's own ``L`` rows,
-all in ``acc_dtype``.
+**Backward**: one varlen backward call on the same packed key buffer (with the final ``out`` /
+``lse``, and ``dlse`` when a gradient flows into the returned lse), its dK/dV index-added per
+row of the rank's buffer (``acc_dtype``; a key several segments see is one row), whose rows of
+owner ``p`` go back to ``p``; each rank adds what every rank returns into its rows
+(``plan.rows_to``) in rank order (in ``acc_dtype``, so float64 stays exact).
+
+Communication: forward ``plan.rows_received`` K/V rows arrive (at most ``(n - 1) * L``, the
+dense all-gather, when every rank sees every key; far fewer for documents shorter than a
+rank's share) and ``plan.rows_sent`` leave; backward as many dK/dV rows (``acc_dtype``) the
+other way. The messages are not overlapped with the compute. The packed step loop
+(:mod:`longattn.hamilton.packed_attn`) sends only rows some query of the receiver sees as well
+and overlaps each step's messages with the previous step's call, at the price of one varlen
+call per step.
+
+**Memory** kept for the backward, per rank: q, k, v, out and lse (as every schedule), and the
+smaller of the packed key buffer (``keys`` rows) and the rank's buffer (its distinct rows,
+``plan.rows_received`` plus its own), ``Hkv * (D + Dv)`` elements a row (input dtype); the
+backward gathers the packed key buffer again from the latter. ``keys`` exceeds the distinct
+rows when several segments of one rank share a long document's keys. Transient: the rank's
+buffer and the packed key buffer in the forward; in the backward the packed key buffer (if not
+kept), its dK/dV (``keys`` rows), their sum per distinct row, the received rows and the rank's
+own ``L`` rows, in ``acc_dtype``.
 """
 
 from __future__ import annotations
@@ -47,7 +52,6 @@ from longattn.common.dist import Group
 from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import grad_lse_or_none
 from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
-from longattn.hamilton.collectives import _gather
 from longattn.hamilton.packed_attn import _gather as _gather_keys
 from longattn.hamilton.packed_attn import kv_rows, split_rows
 
@@ -58,24 +62,33 @@ def packed_allgather_attention(q, k, v, plan, g: Group, softmax_scale, backend):
     return _PackedAllgather.apply(q, k, v, plan, g, softmax_scale, backend)
 
 
-def _pieces(n, length):
-    """Origin order: rank ``p``'s ``length`` rows at rows ``p * length`` of the buffer."""
-    return tuple(((0, length, p * length),) for p in range(n))
-
-
-def gather_kv(kv, g: Group):
-    """Every rank's K/V rows ``[L, W]`` -> ``[n * L, W]`` in origin order (one exchange; the
-    rows themselves when ``n == 1``)."""
-    if g.size == 1:
+def gather_seen(kv, plan, g: Group):
+    """The rank's buffer ``[rows, W]``: the K/V rows its keys come from, owner after owner
+    (``plan.rows_from``), from every rank's rows ``kv [L, W]``; each rank sends each peer the
+    rows that peer's keys come from (``plan.rows_to``). One exchange (none when ``n == 1``)."""
+    n, me = g.size, g.rank
+    _, off, to = plan.route_tensors(kv.device)
+    if off[-1] == kv.shape[0] and n == 1:  # every local row, in order
         return kv
-    return _gather(kv, g, _pieces(g.size, kv.shape[0]))
+
+    def rows(i):  # the rows ``to[i]`` of kv: kv itself when it is every row
+        return kv if len(to[i]) == kv.shape[0] else kv.index_select(0, to[i])
+
+    out = kv.new_empty(off[-1], kv.shape[1])
+    out[off[me]:off[me + 1]] = rows(me)
+    if n > 1:
+        sends = [(rows(q), q) for q in range(n) if q != me and len(to[q])]
+        recvs = [(out[off[p]:off[p + 1]], p) for p in range(n)
+                 if p != me and off[p + 1] > off[p]]
+        exchange(sends, recvs, g).wait()
+    return out
 
 
 def keys_of(buf, plan, hkv, d, device):
     """The plan's packed key buffer: contiguous K ``[keys, Hkv, D]``, V ``[keys, Hkv, Dv]``
-    gathered from the origin-order rows ``buf``."""
+    gathered from the rank's buffer ``buf`` (:func:`gather_seen`)."""
     kk, vv = split_rows(buf, hkv, d)
-    return _gather_keys(kk, vv, plan.tensors(device)[2])
+    return _gather_keys(kk, vv, plan.route_tensors(device)[0])
 
 
 def call_forward(q0, kg, vg, plan, *, softmax_scale, backend):
@@ -95,11 +108,10 @@ def call_backward(dout0, dlse0, q0, kg, vg, out0, lse0, plan, *, softmax_scale, 
 
 
 def scatter_key_grads(dk_g, dv_g, plan, width, hkv, d):
-    """The packed key buffer's dK / dV summed per distinct gathered row, in ``acc_dtype``:
-    ``[rows, W]``, the rows of ``plan.send_rows`` owner after owner (every gathered row, in
-    origin order, when the keys are the gathered buffer itself)."""
+    """The packed key buffer's dK / dV summed per row of the rank's buffer (:func:`gather_seen`),
+    in ``acc_dtype``: ``[rows, W]``, the rows of ``plan.rows_from`` owner after owner."""
     acc = acc_dtype(dk_g.dtype)
-    inv, off, _ = plan.grad_tensors(dk_g.device)
+    inv, off, _ = plan.route_tensors(dk_g.device)
     dbuf = torch.zeros(off[-1], width, dtype=acc, device=dk_g.device)
     gk, gv = split_rows(dbuf, hkv, d)
     if inv is None:
@@ -112,25 +124,25 @@ def scatter_key_grads(dk_g, dv_g, plan, width, hkv, d):
 
 
 def add_received(own, parts, plan):
-    """``own [L, W]`` plus every sender's rows ``parts[q]`` (``[len(plan.recv_rows[q]), W]``)
+    """``own [L, W]`` plus every sender's rows ``parts[q]`` (``[len(plan.rows_to[q]), W]``)
     at the local rows they belong to, senders in rank order (each row once per sender, so the
     sum is in rank order and deterministic)."""
-    recv = plan.grad_tensors(own.device)[2]
+    to = plan.route_tensors(own.device)[2]
     for q, part in enumerate(parts):
         if part.shape[0]:
-            own.index_add_(0, recv[q], part)
+            own.index_add_(0, to[q], part)
     return own
 
 
 def reduce_kv_grads(dbuf, plan, g: Group):
     """This rank's ``[L, W]`` rows: the gradient of every rank's keys that come from them,
-    summed in rank order (in ``dbuf``'s dtype). Each rank sends each owner only the rows its
-    keys come from (``plan.send_rows``) and receives only those of its own rows the sender's
-    keys come from (``plan.recv_rows``); one exchange."""
+    summed in rank order (in ``dbuf``'s dtype). Each rank returns each owner the rows of its
+    buffer that owner sent (``plan.rows_from``) and receives those of its own rows the sender's
+    keys come from (``plan.rows_to``); one exchange."""
     n, me = g.size, g.rank
-    _, off, _ = plan.grad_tensors(dbuf.device)
+    _, off, _ = plan.route_tensors(dbuf.device)
     parts = [dbuf[off[q]:off[q + 1]] if q == me else
-             dbuf.new_empty(len(plan.recv_rows[q]), dbuf.shape[1]) for q in range(n)]
+             dbuf.new_empty(len(plan.rows_to[q]), dbuf.shape[1]) for q in range(n)]
     if n > 1:
         sends = [(dbuf[off[p]:off[p + 1]], p) for p in range(n)
                  if p != me and off[p + 1] > off[p]]
@@ -143,7 +155,7 @@ def reduce_kv_grads(dbuf, plan, g: Group):
 def _forward(q, k, v, plan, g, softmax_scale, backend):
     q0, k0, v0 = q[0], k[0], v[0]
     hkv, d = k.shape[2], k.shape[3]
-    buf = gather_kv(kv_rows(k0, v0), g)
+    buf = gather_seen(kv_rows(k0, v0), plan, g)
     kg, vg = keys_of(buf, plan, hkv, d, q.device)
     out, lse = call_forward(q0, kg, vg, plan, softmax_scale=softmax_scale, backend=backend)
     return out[None], lse.to(lse_dtype(q.dtype))[None], buf, (kg, vg)

@@ -495,13 +495,19 @@ class AllgatherPlan:
     in order) -- its document's keys from the document's start to the segment's end
     (``causal``, bottom-right aligned) or the whole document.
 
+    Only the rows some key of the call comes from travel: ``rows_from[p]``, the local rows of
+    rank ``p``'s share this rank's keys come from (sorted; the distinct rows of ``kidx``), which
+    ``p`` sends in the forward and gets the dK/dV of in the backward; ``rows_to[q]``, the rows
+    of this rank's share rank ``q``'s keys come from (the same from ``q``'s side; every plan is
+    a pure function of ``cu_seqlens``, so each rank knows the others' without a message).
+    The rank's buffer holds ``rows_from[0]``, ``rows_from[1]``, ... one after the other
+    (:meth:`route_tensors`).
+
     Counts: ``pairs`` the (query, key) pairs the call computes, ``keys`` the rows of the packed
-    key buffer (a key several segments see is gathered once for each), ``rows_received`` the
-    K/V rows that arrive in the forward (the all-gather: ``(n - 1) * L``), ``grad_rows_sent``
-    / ``grad_rows_received`` the dK/dV rows of the backward (those of the keys the sender's
-    queries see: ``send_rows`` / ``recv_rows``), and those of :class:`PackedPlan`:
-    ``kernel_calls`` (1), ``segment_steps`` (the segments), ``tiles()`` and ``query_rows``
-    (``L``)."""
+    key buffer (a key several segments see is gathered once for each), ``rows_received`` /
+    ``rows_sent`` the K/V rows that arrive / leave in the forward (the dK/dV rows leave /
+    arrive in the backward), and those of :class:`PackedPlan`: ``kernel_calls`` (1),
+    ``segment_steps`` (the segments), ``tiles()`` and ``query_rows`` (``L``)."""
 
     n: int
     rank: int
@@ -511,11 +517,8 @@ class AllgatherPlan:
     cu_k: tuple
     kidx: np.ndarray | None
     pairs: int
-    # the backward's dK/dV routes: per owner p, the local rows of p's share this rank's keys
-    # come from (sorted; sent to p), and per sender q, the rows of this rank's share q's keys
-    # come from (received from q); the rows no query of a rank sees have no gradient to send
-    send_rows: tuple = field(repr=False)
-    recv_rows: tuple = field(repr=False)
+    rows_from: tuple = field(repr=False)  # per owner p: rows of p's share this rank's keys use
+    rows_to: tuple = field(repr=False)  # per rank q: rows of this rank's share q's keys use
     _tensors: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
@@ -524,38 +527,36 @@ class AllgatherPlan:
         return self.layout.total // self.n
 
     @property
-    def grad_rows_sent(self) -> int:
-        """dK/dV rows this rank sends in the backward (to the other ranks)."""
-        return sum(len(r) for p, r in enumerate(self.send_rows) if p != self.rank)
+    def rows_received(self) -> int:
+        """K/V rows that arrive in the forward (from the other ranks): as many dK/dV rows
+        leave in the backward."""
+        return sum(len(r) for p, r in enumerate(self.rows_from) if p != self.rank)
 
     @property
-    def grad_rows_received(self) -> int:
-        """dK/dV rows this rank receives in the backward (from the other ranks)."""
-        return sum(len(r) for q, r in enumerate(self.recv_rows) if q != self.rank)
+    def rows_sent(self) -> int:
+        """K/V rows sent in the forward (to the other ranks): as many dK/dV rows arrive in the
+        backward."""
+        return sum(len(r) for q, r in enumerate(self.rows_to) if q != self.rank)
 
-    def grad_tensors(self, device):
-        """``(inverse, send_offsets, recv_index)``: the row of the distinct-key gradient buffer
-        each packed key adds into (None: the keys are the gathered buffer itself, in order),
-        the owners' slices of that buffer (``send_offsets[p]:send_offsets[p + 1]``) and, per
-        sender, the local rows its rows add into (on ``device``), cached."""
-        key = ("grad", str(device))
+    def route_tensors(self, device):
+        """``(inverse, offsets, rows_to)``: the row of the rank's buffer each packed key comes
+        from (None: the keys are the buffer itself, in order), owner ``p``'s slice of that
+        buffer (``offsets[p]:offsets[p + 1]``, ``rows_from[p]``) and :attr:`rows_to` as index
+        tensors (on ``device``), cached."""
+        key = ("routes", str(device))
         if key not in self._tensors:
             inv = None
             if self.kidx is not None:
                 inv = torch.from_numpy(np.unique(self.kidx, return_inverse=True)[1]
                                        .reshape(-1)).to(device)
-            off = np.concatenate([[0], np.cumsum([len(r) for r in self.send_rows])])
-            recv = tuple(torch.from_numpy(r).to(device) for r in self.recv_rows)
-            self._tensors[key] = (inv, tuple(int(x) for x in off), recv)
+            off = np.concatenate([[0], np.cumsum([len(r) for r in self.rows_from])])
+            to = tuple(torch.from_numpy(r).to(device) for r in self.rows_to)
+            self._tensors[key] = (inv, tuple(int(x) for x in off), to)
         return self._tensors[key]
 
     @property
     def keys(self) -> int:
         return self.cu_k[-1]
-
-    @property
-    def rows_received(self) -> int:
-        return (self.n - 1) * self.rows
 
     @property
     def kernel_calls(self) -> int:
@@ -594,9 +595,9 @@ def _allgather_plan(cu: tuple, n: int, rank: int, causal: bool,
         return rows[(rows >= p * per) & (rows < (p + 1) * per)] - p * per
 
     mine = touched(rank)
-    send = tuple(share(mine, p) for p in range(n))
-    recv = tuple(send[q] if q == rank else share(touched(q), rank) for q in range(n))
-    return AllgatherPlan(n, rank, causal, layout, seg, cu_k, kidx, pairs, send, recv)
+    rows_from = tuple(share(mine, p) for p in range(n))
+    rows_to = tuple(rows_from[q] if q == rank else share(touched(q), rank) for q in range(n))
+    return AllgatherPlan(n, rank, causal, layout, seg, cu_k, kidx, pairs, rows_from, rows_to)
 
 
 @lru_cache(maxsize=128)
