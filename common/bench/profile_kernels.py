@@ -12,9 +12,10 @@
 * ``swa``: the local sliding window (S=131072, W=4096, H=32, D=128, bf16), forward + backward;
 * ``packed-allgather`` / ``packed-baseline``: ``hamilton/bench/bench_packed.py``'s default
   documents (8 ranks x 32,768 tokens, 1,024..32,768-token documents, seed 0, H=32, D=128,
-  bf16, causal) on cuDNN's ragged graphs: the all-gather rank with the most 128x128 tiles, its
-  key gather, forward and backward call and dK/dV sum per key row (forward + backward); and
-  the one call over every document that the benchmark divides by 8;
+  bf16, causal) on cuDNN's ragged graphs: the all-gather rank with the most 128x128 tiles, as
+  the benchmark times it (``bench_packed.allgather_sequences``' ``+merge`` forward + backward:
+  key gather, the two calls, the dK/dV sums); and the one call over every document that the
+  benchmark divides by 8;
 * ``cudnn-top-left`` / ``cudnn-bottom-right``: one ragged cuDNN call (forward + backward) over a
   32,768-token causal document (H=32, D=128, bf16) and a 2-key document with 2 queries, or 1
   query: the second makes the graph's causal band bottom-right aligned (as every packed
@@ -34,6 +35,8 @@ import os
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _rand(*shape, seed=1):
@@ -96,46 +99,27 @@ def packed_case(kind, *, device="cuda", n=8, tokens=32768, heads=32, dim=128, mi
     docstring); smaller sizes and ``device="cpu"`` for a test."""
     from longattn.common import bench
     from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
-    from longattn.hamilton.packed_allgather import (
-        call_backward,
-        call_forward,
-        keys_of,
-        scatter_key_grads,
-    )
+    from longattn.common.testing import shared_script
     from longattn.hamilton.packing import make_allgather_plan
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     lens = bench.draw_documents(n * tokens, min_doc, max_doc, 0)
-    cu = bench.cu_seqlens(lens)
+    if kind == "allgather":  # the benchmark's own closure of that rank (with its dK/dV sum)
+        packed = shared_script(os.path.join(HERE, "..", "..", "hamilton", "bench",
+                                            "bench_packed.py"))
+        plan = max((make_allgather_plan(bench.cu_seqlens(lens), n, r, True) for r in range(n)),
+                   key=lambda p: p.tiles())
+        return packed.allgather_sequences(device, dtype, plan, heads, dim, backend)["+merge"][1]
     g = torch.Generator(device=device).manual_seed(1)
+    q, k, v, do = (torch.randn(n * tokens, heads, dim, generator=g, device=device).to(dtype)
+                   for _ in range(4))
+    cu = bench.cu_seqlens(lens, device)
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g, device=device).to(dtype)
+    def base():
+        o, lse = attention_forward_varlen(q, k, v, cu, cu, causal=True, backend=backend)
+        attention_backward_varlen(do, q, k, v, o, lse, cu, cu, causal=True, backend=backend)
 
-    if kind == "baseline":
-        q, k, v, do = (rnd(n * tokens, heads, dim) for _ in range(4))
-        cud = bench.cu_seqlens(lens, device)
-
-        def base():
-            o, lse = attention_forward_varlen(q, k, v, cud, cud, causal=True, backend=backend)
-            attention_backward_varlen(do, q, k, v, o, lse, cud, cud, causal=True,
-                                      backend=backend)
-
-        return base
-    plans = [make_allgather_plan(cu, n, r, True) for r in range(n)]
-    plan = max(plans, key=lambda p: p.tiles())
-    buf = rnd(plan.route_tensors(device)[1][-1], 2 * heads * dim)  # the rows its keys use
-    q0, do0 = rnd(tokens, heads, dim), rnd(tokens, heads, dim)
-    scale = dim ** -0.5
-
-    def rank():
-        kg, vg = keys_of(buf, plan, heads, dim, device)
-        o, lse = call_forward(q0, kg, vg, plan, softmax_scale=scale, backend=backend)
-        _, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, o, lse, plan,
-                                      softmax_scale=scale, backend=backend)
-        scatter_key_grads(dk_g, dv_g, plan, 2 * heads * dim, heads, dim)
-
-    return rank
+    return base
 
 
 def alignment_case(bottom_right, *, device="cuda", s=32768, heads=32, dim=128,
