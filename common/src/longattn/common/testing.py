@@ -582,7 +582,12 @@ class Fa4Standin:
             m &= j >= i - left
         return m
 
-    def _check(self, q, k, v, cu_q, cu_k, others, defaults):
+    def _enter(self, kind, recorded, softcap, q, k, v, others, defaults):
+        """Record the call (``calls``), then refuse what FA4 or the stand-in does not take."""
+        self.calls.append((kind, {**recorded, **others}))
+        cu_q, cu_k = recorded["cu_seqlens_q"], recorded["cu_seqlens_k"]
+        if softcap not in (None, 0.0):
+            raise NotImplementedError("the stand-in does not model softcap")
         unknown = set(others) - set(defaults)
         if unknown:
             raise TypeError(f"FA4 takes no argument(s) {sorted(unknown)}")
@@ -626,14 +631,12 @@ class Fa4Standin:
                         max_seqlen_k=None, softmax_scale=None, causal=False, softcap=None,
                         window_size_left=None, window_size_right=None, return_lse=False,
                         **others):
-        self.calls.append(("fwd", dict(
+        self._enter("fwd", dict(
             causal=causal, window_size_left=window_size_left,
             window_size_right=window_size_right, softmax_scale=softmax_scale,
             return_lse=return_lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, **others)))
-        if softcap not in (None, 0.0):
-            raise NotImplementedError("the stand-in does not model softcap")
-        self._check(q, k, v, cu_seqlens_q, cu_seqlens_k, others, _FA4_FWD_OTHER)
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k), softcap, q, k, v, others,
+            _FA4_FWD_OTHER)
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         varlen = cu_seqlens_q is not None
         hq = q.shape[-2]
@@ -663,14 +666,11 @@ class Fa4Standin:
                         softcap=0.0, window_size_left=None, window_size_right=None,
                         cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
                         max_seqlen_k=None, dlse=None, **others):
-        self.calls.append(("bwd", dict(
+        self._enter("bwd", dict(
             causal=causal, window_size_left=window_size_left,
             window_size_right=window_size_right, softmax_scale=softmax_scale,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, dlse=dlse, **others)))
-        if softcap not in (None, 0.0):
-            raise NotImplementedError("the stand-in does not model softcap")
-        self._check(q, k, v, cu_seqlens_q, cu_seqlens_k, others, _FA4_BWD_OTHER)
+            max_seqlen_k=max_seqlen_k, dlse=dlse), softcap, q, k, v, others, _FA4_BWD_OTHER)
         assert q.dtype == out.dtype == dout.dtype, "inputs must have the same dtype"
         varlen = cu_seqlens_q is not None
         want = (q.shape[-2], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
