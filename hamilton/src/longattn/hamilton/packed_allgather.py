@@ -93,7 +93,7 @@ def keys_of(buf, plan, hkv, d, device):
 
 def call_forward(q0, kg, vg, plan, *, softmax_scale, backend):
     """The plan's one forward call: ``(out [L, Hq, Dv], lse [Hq, L])``."""
-    cq, ck, _ = plan.tensors(q0.device)
+    cq, ck = plan.tensors(q0.device)
     return attention_forward_varlen(q0, kg, vg, cq, ck, softmax_scale=softmax_scale,
                                      causal=plan.causal, backend=backend)
 
@@ -101,7 +101,7 @@ def call_forward(q0, kg, vg, plan, *, softmax_scale, backend):
 def call_backward(dout0, dlse0, q0, kg, vg, out0, lse0, plan, *, softmax_scale, backend):
     """The plan's one backward call: ``(dq [L, Hq, D], dk, dv)`` (dk / dv of the packed key
     buffer)."""
-    cq, ck, _ = plan.tensors(q0.device)
+    cq, ck = plan.tensors(q0.device)
     return attention_backward_varlen(dout0, q0, kg, vg, out0, lse0, cq, ck,
                                      softmax_scale=softmax_scale, causal=plan.causal,
                                      dlse=dlse0, backend=backend)

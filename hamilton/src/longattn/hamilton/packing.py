@@ -574,10 +574,11 @@ class AllgatherPlan:
         return call_tiles(self.cu_q, self.cu_k, self.causal, tile)
 
     def tensors(self, device):
-        """``(cu_q, cu_k, kidx)`` as tensors (cu on the CPU, kidx on ``device``), cached."""
+        """``(cu_q, cu_k)`` as tensors (on the CPU), cached; the keys are gathered through
+        :meth:`route_tensors`."""
         key = str(device)
         if key not in self._tensors:
-            self._tensors[key] = _call_tensors(self.cu_q, self.cu_k, self.kidx, device)
+            self._tensors[key] = _call_tensors(self.cu_q, self.cu_k, None, device)[:2]
         return self._tensors[key]
 
 
