@@ -17,9 +17,10 @@ Two variants: ``calls`` (the key gathers, the varlen calls and the gradient adds
 and ``+merge`` (also the send-side gathers, the merges and the dK/dV rows that come back).
 Every rank is timed. ``--schedule allgather``: each rank's compute with K/V all-gathered
 (:func:`longattn.hamilton.packing.make_allgather_plan`, :mod:`longattn.hamilton.
-packed_allgather`): the key gather and ONE varlen call forward, one backward call (after
-gathering the keys again where the real backward does, when they outnumber the gathered
-rows); ``+merge`` adds the dK/dV index-add per distinct key row that precedes the return to
+packed_allgather`): the key gather and ONE varlen call forward, the backward's calls
+(causal: each segment against its own rows, then unmasked against its document's keys
+before it, gathered from what the real forward keeps); ``+merge`` adds the dK/dV index-add per
+distinct key row that precedes the return to
 the owners and the sum of what every rank returns (the rows the plans say) that follows it.
 Several strategies (``--schedule tasp,allgather``) are checked and timed in one run, all
 contenders alternated, their names tagged with the strategy.
@@ -60,10 +61,10 @@ from longattn.hamilton import HamiltonConfig, make_packed_plan, packed_layout
 from longattn.hamilton.args import resolve_schedule
 from longattn.hamilton.packed_allgather import (
     add_received,
-    call_backward,
+    backward_calls,
     call_forward,
+    key_grads,
     keys_of,
-    scatter_key_grads,
 )
 from longattn.hamilton.packed_attn import (
     _add_rows,
@@ -166,20 +167,23 @@ def simulate_allgather(plans, q, k, v, dout, scale, backend="auto"):
     res, dqs, dbufs = [], [], []
     per = buf.shape[0] // n
     for x, plan in enumerate(plans):
-        q0, do0 = loc[x][0], loc[x][3]
+        q0, k0, v0, do0 = loc[x]
         seen = torch.cat([torch.from_numpy(r + p * per) for p, r in enumerate(plan.rows_from)])
-        kg, vg = keys_of(buf.index_select(0, seen.to(q.device)), plan, hkv, d, q.device)
+        mine = buf.index_select(0, seen.to(q.device))
+        kg, vg = keys_of(mine, plan, hkv, d, q.device)
         o, l = call_forward(q0, kg, vg, plan, softmax_scale=scale, backend=backend)
         res.append((o, l))
-        dq, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, o, l, plan, softmax_scale=scale,
-                                       backend=backend)
+        dq, diag, keyed = backward_calls(do0, None, q0, k0, v0, (mine,), o, l, plan,
+                                         softmax_scale=scale, backend=backend)
         dqs.append(dq)
-        dbufs.append(scatter_key_grads(dk_g, dv_g, plan, buf.shape[1], hkv, d))
+        dbufs.append(key_grads(diag, keyed, plan, buf.shape[1]))
     offs = [p.route_tensors(q.device)[1] for p in plans]
     own = []
     for r, plan in enumerate(plans):  # what each owner receives from every rank, summed
-        parts = [dbufs[x][offs[x][r]:offs[x][r + 1]] for x in range(n)]
-        acc = torch.zeros(per, buf.shape[1], dtype=dbufs[0].dtype, device=q.device)
+        parts = [dbufs[x][1][offs[x][r]:offs[x][r + 1]] for x in range(n)]
+        acc = dbufs[r][0]
+        if acc is None:
+            acc = torch.zeros(per, buf.shape[1], dtype=dbufs[r][1].dtype, device=q.device)
         own.append(split_rows(add_received(acc, parts, plan), hkv, d))
     return pos, res, dqs, [dk for dk, _ in own], [dv for _, dv in own]
 
@@ -326,20 +330,23 @@ def rank_sequences(device, dtype, plan, heads, dim, config, backend="auto", pool
 
 def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", pool=None):
     """``{mode: (fwd, fwd_bwd)}`` closures of one rank's compute with K/V all-gathered:
-    ``calls`` (the key gather and the forward call; the backward call, after gathering the keys
-    again when the real backward does: more keys than gathered rows) or ``+merge`` (also the
-    dK/dV index-add per distinct key row and the sum of what every rank returns to this one:
-    its own rows of that buffer and, for the others, random rows of the sizes the plans give);
-    both share the tensors, taken from ``pool`` (a :class:`Pool`; default: one of their own),
-    the rank's gathered rows (those its keys come from) among them."""
+    ``calls`` (the key gather and the forward call; the backward's calls,
+    :func:`~longattn.hamilton.packed_allgather.backward_calls`: causal, each segment against
+    its own rows and, unmasked, against the keys before them, gathered again from what the
+    real forward keeps) or ``+merge`` (also the dK/dV index-add per distinct key row and the
+    sum of what every rank returns to this one onto its own rows' gradients: its own rows of
+    that buffer and, for the others, random rows of the sizes the plans give); both share the
+    tensors, taken from ``pool`` (a :class:`Pool`; default: one of their own), the rank's
+    gathered rows (those its keys come from) among them."""
     n, per, width = plan.n, plan.rows, 2 * heads * dim
     pool = Pool(device, plan.rank) if pool is None else pool
     off = plan.route_tensors(device)[1]
     buf = pool.rand("gathered", off[-1], width, dtype=dtype)  # the rows the rank's keys use
-    q0, do0 = (pool.rand(x, per, heads, dim, dtype=dtype) for x in ("q", "do"))
+    q0, k0, v0, do0 = (pool.rand(x, per, heads, dim, dtype=dtype) for x in ("q", "k", "v", "do"))
     scale = dim ** -0.5
-    regather = plan.keys > off[-1]
     plan.tensors(device)
+    if plan.causal:
+        plan.past_tensors(device)
     # what the exchange brings from each rank (read only: one buffer)
     recv = [pool.rand("recv", len(r), width, dtype=torch.float32) for r in plan.rows_to]
 
@@ -349,16 +356,17 @@ def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", pool=No
 
     (out0, lse0), kept = fwd()
     out0, lse0 = pool.keep("out", out0), pool.keep("lse", lse0)
-    # what the real forward keeps for the backward
-    kept = None if regather else (pool.keep("kept_k", kept[0]), pool.keep("kept_v", kept[1]))
+    # what the real forward keeps for the backward: the smaller of the two
+    kept = (pool.keep("kept_k", kept[0]), pool.keep("kept_v", kept[1])) \
+        if plan.keys <= off[-1] else (buf,)
 
     def bwd(full):
-        kg, vg = keys_of(buf, plan, heads, dim, device) if regather else kept
-        _, dk_g, dv_g = call_backward(do0, None, q0, kg, vg, out0, lse0, plan,
-                                      softmax_scale=scale, backend=backend)
+        _, diag, keyed = backward_calls(do0, None, q0, k0, v0, kept, out0, lse0, plan,
+                                        softmax_scale=scale, backend=backend)
         if full:  # this rank's rows of the buffer, and the other ranks' rows it receives
-            dbuf = scatter_key_grads(dk_g, dv_g, plan, width, heads, dim)
-            own = torch.zeros(per, width, dtype=dbuf.dtype, device=device)
+            own, dbuf = key_grads(diag, keyed, plan, width)
+            if own is None:
+                own = torch.zeros(per, width, dtype=dbuf.dtype, device=device)
             add_received(own, [dbuf[off[q]:off[q + 1]] if q == plan.rank else recv[q]
                                for q in range(n)], plan)
 

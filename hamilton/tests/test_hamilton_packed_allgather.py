@@ -145,8 +145,9 @@ def packed_problems():
 def test_plan_matches_the_document_mask(problem, tile):
     """Every rank's one call: its segments cover its rows in order, each segment's keys are
     exactly the keys the document mask lets its queries see (global order; causal: the
-    segment's own tokens last, so bottom-right alignment is the mask), the pairs and the
-    tiles (against a brute-force count) are the mask's."""
+    segment's own tokens last, so bottom-right alignment is the mask; the backward's split
+    finds those as the local rows and the rest in the rank's buffer), the pairs and the tiles
+    (against a brute-force count) are the mask's."""
     from longattn.reference import document_mask
 
     n, lens, causal = problem
@@ -174,6 +175,16 @@ def test_plan_matches_the_document_mask(problem, tile):
             if causal:  # bottom-right aligned: query i sees the first nk - lq + i + 1 keys
                 lq, nk = sub.shape
                 assert np.array_equal(sub, np.tri(lq, nk, nk - lq, dtype=bool))
+                # the backward's split: the last lq keys are the segment's own local rows,
+                # the others (cu_past) its document's keys before it, found by past_tensors
+                own = kidx[plan.cu_k[j + 1] - lq:plan.cu_k[j + 1]]
+                assert np.array_equal(own, x * per + np.arange(plan.cu_q[j], plan.cu_q[j + 1]))
+                cp, kpos, krow = plan.past_tensors("cpu")
+                assert cp[j + 1] - cp[j] == nk - lq
+                past = kpos[cp[j]:cp[j + 1]].numpy()
+                assert np.array_equal(past, np.arange(plan.cu_k[j], plan.cu_k[j + 1] - lq))
+                buf_rows = np.concatenate([p * per + r for p, r in enumerate(plan.rows_from)])
+                assert np.array_equal(buf_rows[krow[cp[j]:cp[j + 1]].numpy()], kidx[past])
             else:
                 assert sub.all()
             pairs += int(sub.sum())
@@ -248,7 +259,9 @@ def test_traffic_and_calls():
     exactly the K/V rows (bf16) some query of that peer sees under the document mask and
     receives those of its own queries, and makes one varlen call (the rank's pairs under the
     document mask, all its query rows, the plan's keys); the backward makes one call on the
-    same pairs and returns the dK/dV of the received rows to their owners, in float32
+    same pairs (causal: two, each segment against its own rows and, unmasked, against its
+    document's keys before it: together the same pairs) and returns the dK/dV of the received
+    rows to their owners, in float32
     (acc_dtype), one exchange: fewer bytes both ways than the whole shards."""
     from longattn.reference import document_mask
 
@@ -285,7 +298,16 @@ def test_traffic_and_calls():
 
             pairs = int(mask[lay.positions(x)].sum())
             assert fcalls == [("fwd", pairs, per, plan.keys)], what
-            assert bcalls == [("bwd", pairs, per, plan.keys)], what
+            if causal:  # each segment against its own rows, then unmasked against the past
+                lq = np.diff(plan.cu_q)
+                own = int((lq * (lq + 1) // 2).sum())
+                want = [("bwd", own, per, per)]
+                if plan.past_keys:
+                    want.append(("bwd", pairs - own, per, plan.past_keys))
+                assert bcalls == want, what
+                assert plan.past_keys == plan.keys - per, what
+            else:
+                assert bcalls == [("bwd", pairs, per, plan.keys)], what
             assert plan.pairs == pairs, what
     assert 0 < sparse_bytes < dense_bytes
     assert acc_dtype(torch.bfloat16) == torch.float32

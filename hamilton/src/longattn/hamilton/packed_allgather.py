@@ -19,11 +19,16 @@ from, owner after owner (``plan.rows_from``), and the packed key buffer is gathe
 Every plan is a pure function of ``cu_seqlens``, so every rank knows what every other needs
 without a message; a key no query of a rank sees never reaches it.
 
-**Backward**: one varlen backward call on the same packed key buffer (with the final ``out`` /
-``lse``, and ``dlse`` when a gradient flows into the returned lse), its dK/dV index-added per
-row of the rank's buffer (``acc_dtype``; a key several segments see is one row), whose rows of
-owner ``p`` go back to ``p``; each rank adds what every rank returns into its rows
-(``plan.rows_to``) in rank order (in ``acc_dtype``, so float64 stays exact).
+**Backward** (:func:`backward_calls`): not causal, one varlen backward call on the same packed
+key buffer; causal, two calls with the final ``out`` / ``lse`` (and ``dlse`` when a gradient
+flows into the returned lse): each segment against its own rows (the local K/V: square, a
+top-left band) and, unmasked, against its document's keys before it (``plan.cu_past``), the
+same (query, key) pairs as the forward's call, whose bottom-right band cuDNN's backward runs
+about half as fast. The keys' dK/dV are index-added per row of the rank's buffer
+(``acc_dtype``; a key several segments see is one row), whose rows of owner ``p`` go back to
+``p``; each rank adds what every rank returns into its rows (``plan.rows_to``) in rank order,
+onto its own rows' gradients from the first causal call (in ``acc_dtype``, so float64 stays
+exact).
 
 Communication: forward ``plan.rows_received`` K/V rows arrive (at most ``(n - 1) * L``, the
 dense all-gather, when every rank sees every key; far fewer for documents shorter than a
@@ -51,6 +56,7 @@ from longattn.common.comm import exchange
 from longattn.common.dist import Group
 from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import grad_lse_or_none
+from longattn.common.kernels.rows import add_rows_
 from longattn.common.kernels.varlen import attention_backward_varlen, attention_forward_varlen
 from longattn.hamilton.packed_attn import _gather as _gather_keys
 from longattn.hamilton.packed_attn import kv_rows, split_rows
@@ -99,44 +105,111 @@ def call_forward(q0, kg, vg, plan, *, softmax_scale, backend):
 
 
 def call_backward(dout0, dlse0, q0, kg, vg, out0, lse0, plan, *, softmax_scale, backend):
-    """The plan's one backward call: ``(dq [L, Hq, D], dk, dv)`` (dk / dv of the packed key
-    buffer)."""
+    """The plan's one backward call (not causal): ``(dq [L, Hq, D], dk, dv)`` (dk / dv of the
+    packed key buffer)."""
     cq, ck = plan.tensors(q0.device)
     return attention_backward_varlen(dout0, q0, kg, vg, out0, lse0, cq, ck,
                                      softmax_scale=softmax_scale, causal=plan.causal,
                                      dlse=dlse0, backend=backend)
 
 
-def scatter_key_grads(dk_g, dv_g, plan, width, hkv, d):
-    """The packed key buffer's dK / dV summed per row of the rank's buffer (:func:`gather_seen`),
-    in ``acc_dtype``: ``[rows, W]``, the rows of ``plan.rows_from`` owner after owner."""
+def past_of(kept, plan, hkv, d, device):
+    """The keys of the causal backward's unmasked call (``plan.cu_past``), K and V, from what
+    the forward kept: the packed key buffer ``(kg, vg)`` or the rank's buffer ``(buf,)``."""
+    _, pos, rows = plan.past_tensors(device)
+    if len(kept) == 2:
+        return kept[0].index_select(0, pos), kept[1].index_select(0, pos)
+    kk, vv = split_rows(kept[0], hkv, d)
+    return kk.index_select(0, rows), vv.index_select(0, rows)
+
+
+def backward_calls(dout0, dlse0, q0, k0, v0, kept, out0, lse0, plan, *, softmax_scale,
+                   backend):
+    """The rank's backward kernel calls: ``(dq [L, Hq, D], diag, keyed)``.
+
+    Not causal: the forward's one call again; ``diag`` is None and ``keyed = (dk, dv, False)``
+    (dK / dV of the packed key buffer, summed per buffer row by :func:`key_grads`). Causal:
+    two calls with the final ``out`` / ``lse`` (as a ring merges partial results), each
+    segment against its own rows (the local ``k0`` / ``v0``; square, so cuDNN runs a top-left
+    band, whose backward is about twice as fast as the bottom-right one of the forward's call
+    with these shapes) and, without a mask, against the keys before them (``plan.cu_past``);
+    ``diag = (dk0, dv0)`` of the local rows, ``keyed = (dk, dv, True)`` of the past keys (None
+    when there are none); dq is their sum (``acc_dtype``).
+    ``kept``: ``(kg, vg)`` or ``(buf,)`` (:func:`keys_of`, :func:`gather_seen`)."""
+    hkv, d, dev = k0.shape[1], k0.shape[2], q0.device
+    kw = {"softmax_scale": softmax_scale, "backend": backend}
+    if not plan.causal:
+        kg, vg = kept if len(kept) == 2 else keys_of(kept[0], plan, hkv, d, dev)
+        dq, dk, dv = call_backward(dout0, dlse0, q0, kg, vg, out0, lse0, plan, **kw)
+        return dq, None, (dk, dv, False)
+    cq, _ = plan.tensors(dev)
+    dq, dk0, dv0 = attention_backward_varlen(dout0, q0, k0, v0, out0, lse0, cq, cq, causal=True,
+                                             dlse=dlse0, **kw)
+    if plan.past_keys == 0:
+        return dq, (dk0, dv0), None
+    kp, vp = past_of(kept, plan, hkv, d, dev)
+    dqp, dkp, dvp = attention_backward_varlen(dout0, q0, kp, vp, out0, lse0, cq,
+                                              plan.past_tensors(dev)[0], causal=False,
+                                              dlse=dlse0, **kw)
+    dq = dq.to(acc_dtype(dq.dtype)).add_(dqp)
+    return dq, (dk0, dv0), (dkp, dvp, True)
+
+
+def scatter_key_grads(dk_g, dv_g, plan, width, hkv, d, past=False):
+    """Key gradients summed per row of the rank's buffer (:func:`gather_seen`), in
+    ``acc_dtype``: ``[rows, W]``, the rows of ``plan.rows_from`` owner after owner; the keys
+    are the packed key buffer's, or with ``past`` the causal backward's unmasked call's. One
+    pass per layer of distinct rows (``plan.scatter_layers``; a key several segments see
+    adds in a second layer), the first storing, without atomics
+    (:func:`longattn.common.kernels.rows.add_rows_`)."""
     acc = acc_dtype(dk_g.dtype)
-    inv, off, _ = plan.route_tensors(dk_g.device)
-    dbuf = torch.zeros(off[-1], width, dtype=acc, device=dk_g.device)
-    gk, gv = split_rows(dbuf, hkv, d)
-    if inv is None:
-        gk += dk_g
-        gv += dv_g
-    else:
-        gk.index_add_(0, inv, dk_g.to(acc))
-        gv.index_add_(0, inv, dv_g.to(acc))
+    layers, bare = plan.scatter_layers(past, dk_g.device)
+    dbuf = torch.empty(plan.route_tensors(dk_g.device)[1][-1], width, dtype=acc,
+                       device=dk_g.device)
+    if bare.numel():
+        dbuf.index_fill_(0, bare, 0)
+    k2, v2 = dk_g.reshape(dk_g.shape[0], -1), dv_g.reshape(dv_g.shape[0], -1)
+    for lv, (pos, rows) in enumerate(layers):
+        add_rows_(dbuf[:, :hkv * d], rows, k2, pos, store=lv == 0)
+        add_rows_(dbuf[:, hkv * d:], rows, v2, pos, store=lv == 0)
     return dbuf
+
+
+def key_grads(diag, keyed, plan, width):
+    """``(own, dbuf)`` of :func:`backward_calls`' results, in ``acc_dtype``: the local rows'
+    ``[L, W]`` from ``diag`` (None without), and the rank's buffer's ``[rows, W]``
+    (:func:`scatter_key_grads`; zeros when no key was ``keyed``)."""
+    own = None
+    if diag is not None:
+        dk0, dv0 = diag
+        own = torch.empty(dk0.shape[0], width, dtype=acc_dtype(dk0.dtype), device=dk0.device)
+        ok, ov = split_rows(own, dk0.shape[1], dk0.shape[2])
+        ok.copy_(dk0)
+        ov.copy_(dv0)
+    if keyed is None:
+        ref = diag[0]
+        dbuf = torch.zeros(plan.route_tensors(ref.device)[1][-1], width,
+                           dtype=acc_dtype(ref.dtype), device=ref.device)
+        return own, dbuf
+    dk, dv, past = keyed
+    return own, scatter_key_grads(dk, dv, plan, width, dk.shape[1], dk.shape[2], past)
 
 
 def add_received(own, parts, plan):
     """``own [L, W]`` plus every sender's rows ``parts[q]`` (``[len(plan.rows_to[q]), W]``)
     at the local rows they belong to, senders in rank order (each row once per sender, so the
-    sum is in rank order and deterministic)."""
+    sum is in rank order and deterministic; no atomics, :func:`add_rows_`)."""
     to = plan.route_tensors(own.device)[2]
     for q, part in enumerate(parts):
         if part.shape[0]:
-            own.index_add_(0, to[q], part)
+            add_rows_(own, to[q], part)
     return own
 
 
-def reduce_kv_grads(dbuf, plan, g: Group):
+def reduce_kv_grads(dbuf, plan, g: Group, own=None):
     """This rank's ``[L, W]`` rows: the gradient of every rank's keys that come from them,
-    summed in rank order (in ``dbuf``'s dtype). Each rank returns each owner the rows of its
+    summed in rank order (in ``dbuf``'s dtype) onto ``own`` (default zeros: the causal
+    backward's local rows, :func:`key_grads`). Each rank returns each owner the rows of its
     buffer that owner sent (``plan.rows_from``) and receives those of its own rows the sender's
     keys come from (``plan.rows_to``); one exchange."""
     n, me = g.size, g.rank
@@ -148,7 +221,8 @@ def reduce_kv_grads(dbuf, plan, g: Group):
                  if p != me and off[p + 1] > off[p]]
         recvs = [(parts[q], q) for q in range(n) if q != me and parts[q].shape[0]]
         exchange(sends, recvs, g).wait()
-    own = torch.zeros(plan.rows, dbuf.shape[1], dtype=dbuf.dtype, device=dbuf.device)
+    if own is None:
+        own = torch.zeros(plan.rows, dbuf.shape[1], dtype=dbuf.dtype, device=dbuf.device)
     return add_received(own, parts, plan)
 
 
@@ -161,15 +235,15 @@ def _forward(q, k, v, plan, g, softmax_scale, backend):
     return out[None], lse.to(lse_dtype(q.dtype))[None], buf, (kg, vg)
 
 
-def _backward(dout, dlse, q, out, lse, kg, vg, plan, g, softmax_scale, backend, width):
-    hkv, d = kg.shape[1], kg.shape[2]
-    dq, dk_g, dv_g = call_backward(dout[0], None if dlse is None else dlse[0], q[0], kg, vg,
-                                   out[0], lse[0], plan, softmax_scale=softmax_scale,
-                                   backend=backend)
-    if g.size == 1 and plan.kidx is None:  # the keys are the local rows, in order
-        return dq[None], dk_g[None], dv_g[None]
-    own = reduce_kv_grads(scatter_key_grads(dk_g, dv_g, plan, width, hkv, d), plan, g)
-    dk, dv = split_rows(own, hkv, d)
+def _backward(dout, dlse, q, k, v, out, lse, kept, plan, g, softmax_scale, backend, width):
+    hkv, d = k.shape[2], k.shape[3]
+    dq, diag, keyed = backward_calls(dout[0], None if dlse is None else dlse[0], q[0], k[0],
+                                     v[0], kept, out[0], lse[0], plan,
+                                     softmax_scale=softmax_scale, backend=backend)
+    if g.size == 1 and not plan.causal and plan.kidx is None:
+        return dq[None], keyed[0][None], keyed[1][None]  # the keys are the local rows, in order
+    own, dbuf = key_grads(diag, keyed, plan, width)
+    dk, dv = split_rows(reduce_kv_grads(dbuf, plan, g, own), hkv, d)
     return dq[None], dk[None], dv[None]
 
 
@@ -180,9 +254,8 @@ class _PackedAllgather(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         if any(ctx.needs_input_grad[:3]):
             # the smaller of the packed key buffer and the gathered rows (module docstring)
-            keep_keys = plan.keys <= buf.shape[0]
-            ctx.save_for_backward(q, out, lse, *((kg, vg) if keep_keys else (buf,)))
-            ctx.keep_keys = keep_keys
+            kept = (kg, vg) if plan.keys <= buf.shape[0] else (buf,)
+            ctx.save_for_backward(q, k, v, out, lse, *kept)
         ctx.args = (plan, g, softmax_scale, backend, k.shape[2], k.shape[3], v.shape[3],
                     k.dtype, v.dtype)
         return out, lse
@@ -190,10 +263,9 @@ class _PackedAllgather(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, dlse):
         plan, g, softmax_scale, backend, hkv, d, dv_, kdt, vdt = ctx.args
-        q, out, lse, *kept = ctx.saved_tensors
-        kg, vg = kept if ctx.keep_keys else keys_of(kept[0], plan, hkv, d, q.device)
+        q, k, v, out, lse, *kept = ctx.saved_tensors
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = _backward(dout.contiguous(), grad_lse_or_none(dlse), q, out, lse, kg, vg,
-                               plan, g, softmax_scale, backend, hkv * (d + dv_))
+        dq, dk, dv = _backward(dout.contiguous(), grad_lse_or_none(dlse), q, k, v, out, lse,
+                               kept, plan, g, softmax_scale, backend, hkv * (d + dv_))
         return (dq.to(q.dtype), dk.to(kdt), dv.to(vdt), None, None, None, None)

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from longattn.common.checks import check_cu_seqlens
+from longattn.common.kernels.rows import distinct_layers
 from longattn.hamilton.schedules import Schedule, origins
 
 MAX_CHUNKS_PER_RANK = 64
@@ -579,6 +580,61 @@ class AllgatherPlan:
         key = str(device)
         if key not in self._tensors:
             self._tensors[key] = _call_tensors(self.cu_q, self.cu_k, None, device)[:2]
+        return self._tensors[key]
+
+    def scatter_layers(self, past: bool, device):
+        """``(layers, bare)`` for summing key gradients onto the rows of the rank's buffer
+        (:func:`longattn.common.kernels.rows.distinct_layers` of each key's row: the packed
+        key buffer's, or with ``past`` the causal backward's unmasked call's), as
+        ``[(positions, rows), ...]`` index tensors on ``device``, and the buffer rows no key
+        reaches (they are zero); cached."""
+        key = ("layers", bool(past), str(device))
+        if key not in self._tensors:
+            nrows = self.route_tensors("cpu")[1][-1]
+            if past:
+                rows = self.past_tensors("cpu")[2].numpy()
+            else:
+                inv = self.route_tensors("cpu")[0]
+                rows = np.arange(self.keys) if inv is None else inv.numpy()
+            layers = [(torch.from_numpy(p).to(device), torch.from_numpy(r).to(device))
+                      for p, r in distinct_layers(rows)]
+            bare = np.setdiff1d(np.arange(nrows), rows)
+            self._tensors[key] = (layers, torch.from_numpy(bare).to(device))
+        return self._tensors[key]
+
+    @property
+    def cu_past(self) -> tuple:
+        """Causal: per segment, the keys before its own rows (its document's start up to the
+        segment's first row; the segment's last ``lq`` keys are its own rows, the rank's local
+        rows ``cu_q[j]:cu_q[j + 1]``) as ``cu_seqlens`` (zero-length where the document starts
+        in the segment). The backward runs the causal call as two: each segment against its
+        own rows (square, so the band is top-left aligned) and, without a mask, against these
+        keys; cuDNN's backward is much slower with a bottom-right aligned band."""
+        if not self.causal:
+            raise ValueError("cu_past is the causal plan's split; this plan is not causal")
+        nk = np.diff(np.asarray(self.cu_k, dtype=np.int64)) - np.diff(self.cu_q)
+        return tuple(int(x) for x in np.concatenate([[0], np.cumsum(nk)]))
+
+    @property
+    def past_keys(self) -> int:
+        """Causal: the keys of the backward's unmasked call (:attr:`cu_past`)."""
+        return self.cu_past[-1]
+
+    def past_tensors(self, device):
+        """``(cu_past, key_pos, inv)``: :attr:`cu_past` (on the CPU), each past key's position
+        in the packed key buffer and its row of the rank's buffer (:meth:`route_tensors`),
+        both on ``device``; cached."""
+        key = ("past", str(device))
+        if key not in self._tensors:
+            cp = self.cu_past
+            lp = np.diff(np.asarray(cp, dtype=np.int64))
+            starts = np.repeat(np.asarray(self.cu_k[:-1], dtype=np.int64) - cp[:-1], lp)
+            pos = np.arange(cp[-1], dtype=np.int64) + starts
+            inv = self.route_tensors("cpu")[0]
+            rows = pos if inv is None else inv.numpy()[pos]
+            self._tensors[key] = (torch.tensor(cp, dtype=torch.int32),
+                                  torch.from_numpy(pos).to(device),
+                                  torch.from_numpy(np.ascontiguousarray(rows)).to(device))
         return self._tensors[key]
 
 
