@@ -22,7 +22,8 @@
   all-gather call whose segments have more keys than queries), the same work otherwise.
 
 Prints, per configuration named (several may follow each other in one call), the total device
-time and the kernels with the most self device time (one call after a warm-up call); ``--out``
+time, the call's wall time between CUDA events, the kernels with the most self device time and
+the host ops with the most self CPU time (one call after a warm-up call); ``--out``
 also writes them to ``DIR/profile_kernels.json``. Used to find the non-kernel overheads quoted
 in the package READMEs.
 """
@@ -154,18 +155,26 @@ _CASES = {"dilated": _dilated, "hyper-causal": lambda: _hyper(True),
 
 
 def profile_one(what, top):
-    """``(total ms, [(self ms, count, kernel name)] of the top kernels)`` of one call."""
+    """``(total ms, [(self ms, count, kernel name)] of the top kernels, wall ms, [(self ms,
+    count, host op)] of the top host ops)`` of one call: wall is the call's time between two
+    CUDA events (what a benchmark times); where it exceeds the kernels' total the GPU waited
+    for the host, and the host ops say on what (a synchronizing copy, the launches)."""
     fn = _CASES[what]()
     fn()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
+        stop.record()
         torch.cuda.synchronize()
     ev = prof.key_averages()
     total = sum(e.self_device_time_total for e in ev) / 1e3
     rows = [(e.self_device_time_total / 1e3, e.count, e.key[:100])
             for e in sorted(ev, key=lambda e: -e.self_device_time_total)[:top]]
-    return total, rows
+    host = [(e.self_cpu_time_total / 1e3, e.count, e.key[:100])
+            for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:top]]
+    return total, rows, start.elapsed_time(stop), host
 
 
 def main():
@@ -176,12 +185,16 @@ def main():
     args = ap.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cases": {}}
     for what in args.what:
-        total, rows = profile_one(what, args.top)
-        print(f"{what}: total device time {total:.2f} ms")
+        total, rows, wall, host = profile_one(what, args.top)
+        print(f"{what}: total device time {total:.2f} ms, wall {wall:.2f} ms (CUDA events)")
         for ms, count, name in rows:
             print(f"  {ms:9.2f} ms  x{count:4d}  {name}")
-        result["cases"][what] = {"total_ms": total, "top": [
-            {"ms": ms, "count": count, "kernel": name} for ms, count, name in rows]}
+        print(f"{what}: host ops with the most self CPU time")
+        for ms, count, name in host:
+            print(f"  {ms:9.2f} ms  x{count:4d}  {name}")
+        result["cases"][what] = {"total_ms": total, "wall_ms": wall, "top": [
+            {"ms": ms, "count": count, "kernel": name} for ms, count, name in rows],
+            "host": [{"ms": ms, "count": count, "op": name} for ms, count, name in host]}
         torch.cuda.empty_cache()
     if args.out:
         os.makedirs(args.out, exist_ok=True)

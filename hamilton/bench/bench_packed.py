@@ -65,6 +65,7 @@ from longattn.hamilton.packed_allgather import (
     call_forward,
     key_grads,
     keys_of,
+    own_part,
 )
 from longattn.hamilton.packed_attn import (
     _add_rows,
@@ -180,7 +181,8 @@ def simulate_allgather(plans, q, k, v, dout, scale, backend="auto"):
     offs = [p.route_tensors(q.device)[1] for p in plans]
     own = []
     for r, plan in enumerate(plans):  # what each owner receives from every rank, summed
-        parts = [dbufs[x][1][offs[x][r]:offs[x][r + 1]] for x in range(n)]
+        parts = [own_part(dbufs[x][1], plan) if x == r else
+                 dbufs[x][1][offs[x][r]:offs[x][r + 1]] for x in range(n)]
         acc = dbufs[r][0]
         if acc is None:
             acc = torch.zeros(per, buf.shape[1], dtype=dbufs[r][1].dtype, device=q.device)
@@ -367,7 +369,7 @@ def allgather_sequences(device, dtype, plan, heads, dim, backend="auto", pool=No
             own, dbuf = key_grads(diag, keyed, plan, width)
             if own is None:
                 own = torch.zeros(per, width, dtype=dbuf.dtype, device=device)
-            add_received(own, [dbuf[off[q]:off[q + 1]] if q == plan.rank else recv[q]
+            add_received(own, [own_part(dbuf, plan) if q == plan.rank else recv[q]
                                for q in range(n)], plan)
 
     def both(full):

@@ -134,7 +134,7 @@ def backward_calls(dout0, dlse0, q0, k0, v0, kept, out0, lse0, plan, *, softmax_
     band, whose backward is about twice as fast as the bottom-right one of the forward's call
     with these shapes) and, without a mask, against the keys before them (``plan.cu_past``);
     ``diag = (dk0, dv0)`` of the local rows, ``keyed = (dk, dv, True)`` of the past keys (None
-    when there are none); dq is their sum (``acc_dtype``).
+    when there are none); dq is their sum.
     ``kept``: ``(kg, vg)`` or ``(buf,)`` (:func:`keys_of`, :func:`gather_seen`)."""
     hkv, d, dev = k0.shape[1], k0.shape[2], q0.device
     kw = {"softmax_scale": softmax_scale, "backend": backend}
@@ -151,34 +151,36 @@ def backward_calls(dout0, dlse0, q0, k0, v0, kept, out0, lse0, plan, *, softmax_
     dqp, dkp, dvp = attention_backward_varlen(dout0, q0, kp, vp, out0, lse0, cq,
                                               plan.past_tensors(dev)[0], causal=False,
                                               dlse=dlse0, **kw)
-    dq = dq.to(acc_dtype(dq.dtype)).add_(dqp)
+    dq = dq.add_(dqp)  # in dq's dtype: one rounding of the sum, as in acc_dtype then a cast
     return dq, (dk0, dv0), (dkp, dvp, True)
 
 
-def scatter_key_grads(dk_g, dv_g, plan, width, hkv, d, past=False):
+def scatter_key_grads(dk_g, dv_g, plan, width, hkv, d, past=False, own=None):
     """Key gradients summed per row of the rank's buffer (:func:`gather_seen`), in
     ``acc_dtype``: ``[rows, W]``, the rows of ``plan.rows_from`` owner after owner; the keys
-    are the packed key buffer's, or with ``past`` the causal backward's unmasked call's. One
-    pass per layer of distinct rows (``plan.scatter_layers``; a key several segments see
-    adds in a second layer), the first storing, without atomics
-    (:func:`longattn.common.kernels.rows.add_rows_`)."""
+    are the packed key buffer's, or with ``past`` the causal backward's unmasked call's, whose
+    keys of the rank's own rows are added to ``own [L, W]`` instead (that slice of the result
+    is left unwritten: :func:`own_part`). One pass per layer of distinct rows
+    (``plan.scatter_layers``; a key several segments see adds in a second layer), the first
+    storing, without atomics (:func:`longattn.common.kernels.rows.add_rows_`)."""
     acc = acc_dtype(dk_g.dtype)
-    layers, bare = plan.scatter_layers(past, dk_g.device)
+    layers, bare, own_layers = plan.scatter_layers(past, dk_g.device)
     dbuf = torch.empty(plan.route_tensors(dk_g.device)[1][-1], width, dtype=acc,
                        device=dk_g.device)
     if bare.numel():
         dbuf.index_fill_(0, bare, 0)
     k2, v2 = dk_g.reshape(dk_g.shape[0], -1), dv_g.reshape(dv_g.shape[0], -1)
-    for lv, (pos, rows) in enumerate(layers):
-        add_rows_(dbuf[:, :hkv * d], rows, k2, pos, store=lv == 0)
-        add_rows_(dbuf[:, hkv * d:], rows, v2, pos, store=lv == 0)
+    for dst, lays, first in ((dbuf, layers, True), (own, own_layers or (), False)):
+        for lv, (pos, rows) in enumerate(lays):
+            add_rows_(dst[:, :hkv * d], rows, k2, pos, store=first and lv == 0)
+            add_rows_(dst[:, hkv * d:], rows, v2, pos, store=first and lv == 0)
     return dbuf
 
 
 def key_grads(diag, keyed, plan, width):
     """``(own, dbuf)`` of :func:`backward_calls`' results, in ``acc_dtype``: the local rows'
-    ``[L, W]`` from ``diag`` (None without), and the rank's buffer's ``[rows, W]``
-    (:func:`scatter_key_grads`; zeros when no key was ``keyed``)."""
+    ``[L, W]`` from ``diag`` and the past keys of the rank's own rows (None when not causal),
+    and the rank's buffer's ``[rows, W]`` (:func:`scatter_key_grads`)."""
     own = None
     if diag is not None:
         dk0, dv0 = diag
@@ -186,13 +188,20 @@ def key_grads(diag, keyed, plan, width):
         ok, ov = split_rows(own, dk0.shape[1], dk0.shape[2])
         ok.copy_(dk0)
         ov.copy_(dv0)
-    if keyed is None:
+    if keyed is None:  # causal without past keys: every key was one of the rank's own rows
         ref = diag[0]
-        dbuf = torch.zeros(plan.route_tensors(ref.device)[1][-1], width,
+        dbuf = torch.empty(plan.route_tensors(ref.device)[1][-1], width,
                            dtype=acc_dtype(ref.dtype), device=ref.device)
         return own, dbuf
     dk, dv, past = keyed
-    return own, scatter_key_grads(dk, dv, plan, width, dk.shape[1], dk.shape[2], past)
+    return own, scatter_key_grads(dk, dv, plan, width, dk.shape[1], dk.shape[2], past, own)
+
+
+def own_part(dbuf, plan):
+    """The rows of the rank's buffer ``dbuf`` that are its own and still to be added to its
+    local rows: none for a causal plan (:func:`key_grads` added them), else its own slice."""
+    off = plan.route_tensors(dbuf.device)[1]
+    return dbuf[:0] if plan.causal else dbuf[off[plan.rank]:off[plan.rank + 1]]
 
 
 def add_received(own, parts, plan):
@@ -208,13 +217,14 @@ def add_received(own, parts, plan):
 
 def reduce_kv_grads(dbuf, plan, g: Group, own=None):
     """This rank's ``[L, W]`` rows: the gradient of every rank's keys that come from them,
-    summed in rank order (in ``dbuf``'s dtype) onto ``own`` (default zeros: the causal
-    backward's local rows, :func:`key_grads`). Each rank returns each owner the rows of its
+    summed in rank order (in ``dbuf``'s dtype) onto ``own`` (default zeros; causal: the
+    local rows' gradients from :func:`key_grads`, the rank's own rows of ``dbuf`` included,
+    :func:`own_part`). Each rank returns each owner the rows of its
     buffer that owner sent (``plan.rows_from``) and receives those of its own rows the sender's
     keys come from (``plan.rows_to``); one exchange."""
     n, me = g.size, g.rank
     _, off, _ = plan.route_tensors(dbuf.device)
-    parts = [dbuf[off[q]:off[q + 1]] if q == me else
+    parts = [own_part(dbuf, plan) if q == me else
              dbuf.new_empty(len(plan.rows_to[q]), dbuf.shape[1]) for q in range(n)]
     if n > 1:
         sends = [(dbuf[off[p]:off[p + 1]], p) for p in range(n)

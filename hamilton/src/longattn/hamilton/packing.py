@@ -583,23 +583,41 @@ class AllgatherPlan:
         return self._tensors[key]
 
     def scatter_layers(self, past: bool, device):
-        """``(layers, bare)`` for summing key gradients onto the rows of the rank's buffer
-        (:func:`longattn.common.kernels.rows.distinct_layers` of each key's row: the packed
-        key buffer's, or with ``past`` the causal backward's unmasked call's), as
-        ``[(positions, rows), ...]`` index tensors on ``device``, and the buffer rows no key
-        reaches (they are zero); cached."""
+        """``(layers, bare, own_layers)`` for summing key gradients onto the rows of the
+        rank's buffer (:func:`longattn.common.kernels.rows.distinct_layers` of each key's row:
+        the packed key buffer's, or with ``past`` the causal backward's unmasked call's), as
+        ``[(positions, rows), ...]`` index tensors on ``device``; ``bare``: the buffer rows no
+        such key reaches (they are zero). With ``past`` the keys of the rank's own rows go to
+        its local rows instead (``own_layers``, rows local; None without ``past``) and
+        ``layers`` reaches only the other owners' rows, every one of them; cached."""
         key = ("layers", bool(past), str(device))
         if key not in self._tensors:
-            nrows = self.route_tensors("cpu")[1][-1]
+            off = self.route_tensors("cpu")[1]
             if past:
                 rows = self.past_tensors("cpu")[2].numpy()
             else:
                 inv = self.route_tensors("cpu")[0]
                 rows = np.arange(self.keys) if inv is None else inv.numpy()
-            layers = [(torch.from_numpy(p).to(device), torch.from_numpy(r).to(device))
-                      for p, r in distinct_layers(rows)]
-            bare = np.setdiff1d(np.arange(nrows), rows)
-            self._tensors[key] = (layers, torch.from_numpy(bare).to(device))
+            pos = np.arange(len(rows))
+            mine = np.zeros(len(rows), bool)
+            if past:
+                mine = (rows >= off[self.rank]) & (rows < off[self.rank + 1])
+                slots = np.setdiff1d(np.arange(off[-1]), np.arange(off[self.rank],
+                                                                   off[self.rank + 1]))
+            else:
+                slots = np.arange(off[-1])
+
+            def tensors(p, r):
+                return [(torch.from_numpy(pos[p][q]).to(device), torch.from_numpy(rr).to(device))
+                        for q, rr in distinct_layers(r)]
+
+            own_layers = None
+            if past:
+                local = self.rows_from[self.rank][rows[mine] - off[self.rank]]
+                own_layers = tensors(mine, local)
+            bare = np.setdiff1d(slots, rows[~mine])
+            self._tensors[key] = (tensors(~mine, rows[~mine]), torch.from_numpy(bare).to(device),
+                                  own_layers)
         return self._tensors[key]
 
     @property
