@@ -482,6 +482,10 @@ def main(argv=None, peer=None):
                     peer=version if name == peer["name"] else None))
             row["peak GiB"] = peak.get(name)
             table.append(row)
+            print(f"S={s} B={b} {name}: fwd {row['fwd ms']} ms, fwd+bwd {row['fwd+bwd ms']} ms",
+                  flush=True)
+        # each length's rows kept as they come: a run stopped by its time cap keeps them
+        bench.write_results(results, os.path.join(out_dir, "bench_peer_torchscale.json"))
         del fns
         if cuda:
             torch.cuda.empty_cache()
