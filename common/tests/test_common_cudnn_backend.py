@@ -90,3 +90,56 @@ def test_cudnn_varlen_probe_reference_is_the_oracle():
         rg = attention_backward(dout.double().numpy()[None], *args, mask=mask)
         for got, ref in zip((out, lse, *grads), (ro[0], rl[0], *(x[0] for x in rg))):
             assert np.abs(got - ref).max() <= 1e-12 * max(1.0, np.abs(ref).max())
+
+
+def _graph_stand_in(calls, refuse=()):
+    """A stand-in for one backward graph (``cb._bwd_graph``): the torch backend's backward of
+    the same operands, written into the given (view) buffers, as cuDNN writes its outputs;
+    records each call's (Sq, Sk, window); refuses the windows in ``refuse``."""
+    from longattn.common.kernels import torch_backend
+
+    def run(dout, q, out, lse_in, scale, k, v, window, dq, dk, dv, probe):
+        calls.append((q.shape[1], k.shape[1], tuple(window)))
+        if tuple(window) in refuse:
+            return False
+        g = torch_backend.backward(dout, q, k, v, out, lse_in.squeeze(-1), softmax_scale=scale,
+                                   window_size=window)
+        for dst, src in zip((dq, dk, dv), g):
+            dst.copy_(src)
+        return True
+
+    return run
+
+
+@pytest.mark.parametrize("sq,sk", [(5, 13), (7, 8), (9, 9), (1, 4)])
+def test_bottom_right_causal_backward_splits_and_equals_the_oracle(monkeypatch, sq, sk):
+    """A causal backward with Sq < Sk runs as two graphs (the keys before the diagonal block
+    unmasked, the block as a square, top-left) written into one dK / dV, dq summed; it equals
+    the float64 oracle, as the one graph of ``backward_single`` does; where cuDNN refuses a
+    part, the one graph runs instead."""
+    from longattn.common.kernels import torch_backend
+    from longattn.reference import attention_backward as ref_backward
+
+    g = torch.Generator().manual_seed(sq * 100 + sk)
+    q, do = (torch.randn(2, sq, 4, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, sk, 2, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    out, lse = torch_backend.forward(q, k, v, softmax_scale=8 ** -0.5, window_size=(-1, 0))
+    mask = window_mask(sq, sk, (-1, 0))
+    want = ref_backward(*(t.numpy() for t in (do, q, k, v)), mask=mask)
+    kw = {"softmax_scale": 8 ** -0.5, "window_size": (-1, 0)}
+    results = []
+    for fn, refuse, expect in (
+            (cb.backward, (), [(sq, sk - sq, (-1, -1)), (sq, sq, (-1, 0))] if sq < sk
+             else [(sq, sk, (-1, 0))]),
+            (cb.backward_single, (), [(sq, sk, (-1, 0))]),
+            (cb.backward, ((-1, -1),), [(sq, sk - sq, (-1, -1)), (sq, sk, (-1, 0))]
+             if sq < sk else [(sq, sk, (-1, 0))])):
+        calls = []
+        monkeypatch.setattr(cb, "_bwd_graph", _graph_stand_in(calls, refuse))
+        got = fn(do, q, k, v, out, lse, **kw)
+        assert calls == expect
+        results.append(got)
+        for x, y in zip(got, want):  # the backend hands cuDNN the lse in float32
+            assert float((x - torch.from_numpy(y)).abs().max()) <= 1e-6 * float(np.abs(y).max())
+    for a, b in zip(results[0], results[1]):  # split against one graph: the same sums
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
