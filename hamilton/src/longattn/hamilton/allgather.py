@@ -5,7 +5,9 @@ every other rank in one exchange, then attends its own queries to the part of th
 can see: all of it for full attention; with ``causal`` and the zigzag layout of
 :func:`longattn.hamilton.shard` (rank ``r`` holds blocks ``r`` and ``2n-1-r`` of ``2n``) its
 front half sees keys ``[0, (r+1)h)`` and its back half ``[0, (2n-r)h)`` (``h = L / 2``), both
-causal with bottom-right alignment: two local kernel calls. The backward reduce-scatters the
+causal with bottom-right alignment: two local kernel calls (on cuDNN each backward runs as
+two graphs, the block before the diagonal unmasked and the diagonal square, see
+:func:`longattn.common.kernels.cudnn_backend.backward`). The backward reduce-scatters the
 gradient of the gathered K/V (:func:`longattn.hamilton.collectives.gather_rows`).
 
 Memory per rank: the gathered K/V, ``B * S * Hkv * (D + Dv)`` elements (``S = n * L``), kept
