@@ -38,7 +38,8 @@ other way. The messages are not overlapped with the compute. The packed step loo
 and overlaps each step's messages with the previous step's call, at the price of one varlen
 call per step.
 
-**Memory** kept for the backward, per rank: q, k, v, out and lse (as every schedule), and the
+**Memory** kept for the backward, per rank: q, out and lse, k and v when causal (as every
+schedule), and the
 smaller of the packed key buffer (``keys`` rows) and the rank's buffer (its distinct rows,
 ``plan.rows_received`` plus its own), ``Hkv * (D + Dv)`` elements a row (input dtype); the
 backward gathers the packed key buffer again from the latter. ``keys`` exceeds the distinct
@@ -265,7 +266,11 @@ class _PackedAllgather(torch.autograd.Function):
         if any(ctx.needs_input_grad[:3]):
             # the smaller of the packed key buffer and the gathered rows (module docstring)
             kept = (kg, vg) if plan.keys <= buf.shape[0] else (buf,)
-            ctx.save_for_backward(q, k, v, out, lse, *kept)
+            # the local K/V only for the causal backward's square call (full attention does
+            # not read them: empty stand-ins of their shapes, so nothing is kept alive)
+            kv = (k, v) if plan.causal else (k.new_empty(1, 0, *k.shape[2:]),
+                                             v.new_empty(1, 0, *v.shape[2:]))
+            ctx.save_for_backward(q, *kv, out, lse, *kept)
         ctx.args = (plan, g, softmax_scale, backend, k.shape[2], k.shape[3], v.shape[3],
                     k.dtype, v.dtype)
         return out, lse
