@@ -39,14 +39,13 @@ and overlaps each step's messages with the previous step's call, at the price of
 call per step.
 
 **Memory** kept for the backward, per rank: q, out and lse, k and v when causal (as every
-schedule), and the
-smaller of the packed key buffer (``keys`` rows) and the rank's buffer (its distinct rows,
-``plan.rows_received`` plus its own), ``Hkv * (D + Dv)`` elements a row (input dtype); the
-backward gathers the packed key buffer again from the latter. ``keys`` exceeds the distinct
-rows when several segments of one rank share a long document's keys. Transient: the rank's
-buffer and the packed key buffer in the forward; in the backward the packed key buffer (if not
-kept), its dK/dV (``keys`` rows), their sum per distinct row, the received rows and the rank's
-own ``L`` rows, in ``acc_dtype``.
+schedule), and the smaller of the packed key buffer (``keys`` rows) and the rank's buffer (its
+distinct rows, ``plan.rows_received`` plus its own), ``Hkv * (D + Dv)`` elements a row (input
+dtype); the backward gathers the packed key buffer again from the latter. ``keys`` exceeds the
+distinct rows when several segments of one rank share a long document's keys. Transient: the
+rank's buffer and the packed key buffer in the forward; in the backward the packed key buffer
+(if not kept), its dK/dV (``keys`` rows), their sum per distinct row, the received rows and the
+rank's own ``L`` rows, in ``acc_dtype``.
 """
 
 from __future__ import annotations
