@@ -1,11 +1,13 @@
 """HyperAttention's error against exact attention: longattn next to the seed's rules
 (``seed_reference.py``), the ablations that switch one rule at a time, and error against the
-budget (block size x samples) on three input families.
+budget (block size x samples) on four input families (three synthetic, one of a trained
+model's attention).
 
     PYTHONPATH=common/src:reference/src:hyper/src python hyper/bench/bench_quality.py \\
-        [--smoke] [--out DIR] [--device cpu|cuda] [--dtype float32|bfloat16] [--heads 2] \\
+        [--smoke] [--out DIR] [--name bench_quality] [--device cpu|cuda] \\
+        [--dtype float32|bfloat16] [--heads 2] [--families random clustered heavy model] \\
         [--seq-lens 4096 8192 16384] [--seeds 5] [--budget-seq 8192] [--budget-seeds 3] \\
-        [--no-budget] [--no-ablations]
+        [--no-budget] [--no-ablations] [--model-cache DIR | --no-model-cache]
 
 Methods (the rules are :class:`seed_reference.SeedRules`; all share the LSH hyperplanes, and the
 uniform draws of a seed are the same tensor for every method that draws):
@@ -28,11 +30,19 @@ Inputs (B = 1, ``--heads`` heads, D = 64, scale 1/8):
 * heavy: S/8 clusters; q, k = 8 * unit(centre + 0.1 noise) (a query's 8 cluster keys score
   ~7.9, every other key ~N(0, 1): the 8 hold about half of the row's mass at S = 8192);
   v = 2 * (its cluster's value centre) + N(0, 1), so the heavy keys carry the signal.
+* model: q, k, v of the global (second) attention layer of a tiny causal transformer trained
+  on the CPU on a long-range copy task (``model_attention.py``: induction heads, a query's
+  heavy keys are the positions after earlier occurrences of its last two tokens), on a fresh
+  sequence of S tokens per seed; its first ``--heads`` heads. The model is trained once (a few
+  minutes on 2 cores; ``--smoke``: a tiny one, seconds) and cached in ``--model-cache``; its
+  task loss / accuracy and per-head concentration at each length are printed and written as
+  ``sweep: "model"`` records.
 
 Error = ``||out - exact|| / ||exact||`` over all rows and heads (exact: SDPA in fp32 on the same
-inputs), the mean over ``--seeds`` input/hyperplane/sample draws. Writes ``bench_quality.json``
-(``longattn.common.bench`` records, one per family x point x method) and
-``bench_quality.png`` to ``--out`` (default ``$OUT``, else ``hyper/bench/results/cpu``).
+inputs), the mean over ``--seeds`` input/hyperplane/sample draws. Writes ``NAME.json``
+(``longattn.common.bench`` records, one per family x point x method) and ``NAME.png`` (NAME:
+``--name``, default ``bench_quality``) to ``--out`` (default ``$OUT``, else
+``hyper/bench/results/cpu``).
 """
 
 from __future__ import annotations
@@ -64,7 +74,18 @@ def _load_reference():
     return mod
 
 
+def _load(name):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 ref = _load_reference()
+ma = _load("model_attention")
 SEED = ref.FUSED.but(samples="first")
 METHODS = {  # name -> rules of seed_reference (None: longattn's own function)
     "seed": SEED,
@@ -85,7 +106,13 @@ CAUSAL_METHODS = ("seed", "seed, kernel columns", "seed +n/m", "longattn", "long
 
 
 # ----------------------------------------------------------------------------- inputs
-def make_inputs(family, s, h, seed, device, dtype):
+def make_inputs(family, s, h, seed, device, dtype, model=None):
+    """q, k, v ``[1, s, h, D]`` of ``family`` for ``seed``; ``model`` (a
+    ``model_attention.CopyLM``): the trained model of the ``model`` family."""
+    if family == "model":
+        if model is None:
+            raise ValueError("the model family needs its trained model")
+        return [t.to(device, dtype) for t in ma.capture_qkv(model, s, seed, heads=h)]
     g = torch.Generator().manual_seed(seed)
     hh = torch.arange(h).view(1, h)
     if family == "random":
@@ -136,7 +163,8 @@ def run_point(family, s, causal, block, samples, min_seq_len, methods, seeds, ar
     mass = []
     tile = min(128, block, samples) if samples else min(128, block)
     for seed in range(seeds):
-        q, k, v = make_inputs(family, s, args.heads, seed, args.device, args.dtype)
+        q, k, v = make_inputs(family, s, args.heads, seed, args.device, args.dtype,
+                              model=args.model)
         ex = exact(q, k, v, causal)
         if not causal:
             mass.append(top_mass(q, k))
@@ -210,7 +238,7 @@ def parse(argv):
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--families", nargs="+", default=["random", "clustered", "heavy"])
+    ap.add_argument("--families", nargs="+", default=["random", "clustered", "heavy", "model"])
     ap.add_argument("--seq-lens", type=int, nargs="+", default=[4096, 8192, 16384])
     ap.add_argument("--causal-seq-lens", type=int, nargs="+", default=[16384])
     ap.add_argument("--causal-min-seq-len", type=int, default=1024)
@@ -224,8 +252,16 @@ def parse(argv):
     ap.add_argument("--budget-seeds", type=int, default=3)
     ap.add_argument("--no-ablations", action="store_true")
     ap.add_argument("--no-budget", action="store_true")
+    ap.add_argument("--name", default="bench_quality", help="the output files' stem")
+    ap.add_argument("--model-cache", default=ma.CACHE,
+                    help="folder of the model family's trained weights (git-ignored)")
+    ap.add_argument("--no-model-cache", action="store_true", help="train the model every run")
     args = ap.parse_args(argv)
+    args.model_config = ma.DEFAULT
+    if args.no_model_cache:
+        args.model_cache = None
     if args.smoke:
+        args.model_config, args.model_cache = ma.SMOKE, None
         args.device, args.heads, args.seeds, args.budget_seeds = "cpu", 1, 1, 1
         args.seq_lens, args.causal_seq_lens, args.causal_min_seq_len = [256], [256], 64
         args.block, args.samples, args.min_seq_len, args.budget_seq = 32, 32, 32, 256
@@ -234,7 +270,30 @@ def parse(argv):
                             + list(sys.argv[1:] if argv is None else argv))
     args.dtype = getattr(torch, args.dtype)
     args.backend = "torch" if args.device == "cpu" else "auto"
+    args.model = None  # the model family's trained model: main() loads it
     return args
+
+
+def model_records(args):
+    """Train or load the model family's model (``args.model``); its training and, per
+    ``--seq-lens`` length, its task loss / accuracy and heads' concentration, as records."""
+    t0 = time.time()
+    cfg = args.model_config
+    args.model, stats = ma.load_or_train(cfg, args.model_cache)
+    ev = stats["eval"]
+    print(f"model: {cfg.steps} training steps, {stats['train_s']:.0f} s (cached: "
+          f"{stats['cached']}); held-out S={ev['S']}: copied-target loss {ev['loss']:.3f}, "
+          f"accuracy {ev['acc']:.3f} (chance {ev['chance_acc']:.3f})", flush=True)
+    out = [bench.result("trained model", "model family: training", median_ms=None,
+                        device="cpu", family="model", sweep="model", key=cfg.key(),
+                        **{k: v for k, v in stats.items() if k != "cached"})]
+    for d in ma.describe(args.model, sorted(set(args.seq_lens + args.causal_seq_lens))):
+        print(ma.format_description(d), flush=True)
+        out.append(bench.result("trained model", "model family: task and concentration",
+                                median_ms=None, shape=dict(B=1, S=d["S"], H=cfg.heads, D=D),
+                                device="cpu", family="model", sweep="model", **d))
+    print(f"model ready ({time.time() - t0:.0f} s)", flush=True)
+    return out
 
 
 def main(argv=None):
@@ -244,6 +303,8 @@ def main(argv=None):
     pts = plan_points(args)
     tasks = [(f, p) for p in pts for f in args.families]
     results, t0 = [], time.time()
+    if "model" in args.families:
+        results += model_records(args)
     for fam, p in bench.progress(tasks, desc="points"):
         errs, mass = run_point(fam, p["S"], p["causal"], p["block"], p["samples"], p["msl"],
                                p["methods"], p["seeds"], args)
@@ -251,10 +312,10 @@ def main(argv=None):
         print(f"{p['sweep']:<8} {fam:<9} S={p['S']:<6} block={p['block']:<4} "
               f"samples={p['samples']:<4} " + " ".join(
                   f"[{m}] {statistics.mean(e):.3f}" for m, e in errs.items()), flush=True)
-    path = bench.write_results(results, os.path.join(out_dir, "bench_quality.json"))
+    path = bench.write_results(results, os.path.join(out_dir, f"{args.name}.json"))
     print(tables(results))
     try:
-        plot(results, os.path.join(out_dir, "bench_quality.png"))
+        plot(results, os.path.join(out_dir, f"{args.name}.png"))
     except ImportError:
         print("matplotlib not installed: no plot")
     print(f"wrote {path} ({time.time() - t0:.0f} s)")
