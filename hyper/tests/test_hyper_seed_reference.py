@@ -142,13 +142,18 @@ def test_bench_quality_smoke(tmp_path):
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / "bench_quality.png").stat().st_size > 0
     sweeps = {(r["extra"]["sweep"], r["extra"]["family"], r["method"]) for r in data}
-    for fam in ("random", "clustered", "heavy"):
+    for fam in ("random", "clustered", "heavy", "model"):
         assert {m for sw, f, m in sweeps if sw == "ablation" and f == fam} == set(mod.METHODS)
         assert {m for sw, f, m in sweeps if sw == "budget" and f == fam} == \
             set(mod.BUDGET_METHODS)
         assert {m for sw, f, m in sweeps if sw == "causal" and f == fam} == \
             set(mod.CAUSAL_METHODS)
+    model = [r["extra"] for r in data if r["extra"]["sweep"] == "model"]
+    assert [e["S"] for e in model[1:]] == [256] and model[0]["eval"]["acc"] > 0.5, model
+    assert model[1]["top8_noncausal"][0] > 0.3, model  # the trained attention is heavy
     for r in data:
         e = r["extra"]
+        if e["sweep"] == "model":
+            continue
         if r["method"] != "seed, kernel columns":  # its reads may lie past the tensor
             assert e["rel_err"] is not None and 0 < e["rel_err"] < 10, r
