@@ -39,9 +39,11 @@ Inputs (B = 1, ``--heads`` heads, D = 64, scale 1/8):
   ``sweep: "model"`` records.
 
 Error = ``||out - exact|| / ||exact||`` over all rows and heads (exact: SDPA in fp32 on the same
-inputs), the mean over ``--seeds`` input/hyperplane/sample draws. Writes ``NAME.json``
-(``longattn.common.bench`` records, one per family x point x method) and ``NAME.png`` (NAME:
-``--name``, default ``bench_quality``) to ``--out`` (default ``$OUT``, else
+inputs), the mean over ``--seeds`` input/hyperplane/sample draws. Non-causal points also report
+``top8`` (mean share of a row's attention held by its 8 heaviest keys) and ``in block`` (mean
+share held by the keys of the row's LSH block, ``exp(lse_block - lse)``), on 256 rows. Writes
+``NAME.json`` (``longattn.common.bench`` records, one per family x point x method) and
+``NAME.png`` (NAME: ``--name``, default ``bench_quality``) to ``--out`` (default ``$OUT``, else
 ``hyper/bench/results/cpu``).
 """
 
@@ -155,12 +157,21 @@ def top_mass(q, k, top=8, rows=256):
     return float(torch.softmax(s, -1).topk(top, -1).values.sum(-1).mean())
 
 
+def block_mass(q, k, lse, rows=256):
+    """Mean share of a row's (non-causal) attention that its LSH block holds: ``exp(lse_block -
+    lse_exact)``, ``lse_block`` ``[B, H, S]`` from the block-only call, on ``top_mass``'s
+    rows."""
+    idx = torch.linspace(0, q.shape[1] - 1, rows, device=q.device).long()
+    s = torch.einsum("bihd,bjhd->bhij", q[:, idx].double(), k.double()) * D ** -0.5
+    return float((lse[..., idx].double() - torch.logsumexp(s, -1)).exp().mean())
+
+
 # ----------------------------------------------------------------------------- one point
 def run_point(family, s, causal, block, samples, min_seq_len, methods, seeds, args):
     """Errors of ``methods`` at one point, ``seeds`` draws. Returns {method: [errors]} and the
-    mean top-8 mass."""
+    means of the top-8 mass and of the block's mass (non-causal; else None)."""
     errs = {m: [] for m in methods}
-    mass = []
+    mass, in_block = [], []
     tile = min(128, block, samples) if samples else min(128, block)
     for seed in range(seeds):
         q, k, v = make_inputs(family, s, args.heads, seed, args.device, args.dtype,
@@ -179,6 +190,10 @@ def run_point(family, s, causal, block, samples, min_seq_len, methods, seeds, ar
             return si[ids[call]]
 
         kw = dict(causal=causal, block_size=block, min_seq_len=min_seq_len, projections=p)
+        if not causal:
+            _, lse = hyper_attention(q, k, v, sample_size=0, backend=args.backend,
+                                     return_lse=True, **kw)
+            in_block.append(block_mass(q, k, lse))
         for m in methods:
             rules = METHODS[m]
             if rules is None or rules == "block":
@@ -191,10 +206,11 @@ def run_point(family, s, causal, block, samples, min_seq_len, methods, seeds, ar
                                             tile=tile, samples=call_samples, **kw)
             e = rel_error(out.float(), ex)
             errs[m].append(e if math.isfinite(e) else float("nan"))
-    return errs, (statistics.mean(mass) if mass else None)
+    return errs, (statistics.mean(mass) if mass else None), \
+        (statistics.mean(in_block) if in_block else None)
 
 
-def records(family, point, errs, mass, args):
+def records(family, point, errs, mass, in_block, args):
     out = []
     for m, es in errs.items():
         finite = [e for e in es if math.isfinite(e)]
@@ -205,7 +221,8 @@ def records(family, point, errs, mass, args):
             device=args.device, family=family, sweep=point["sweep"], causal=point["causal"],
             block=point["block"], samples=point["samples"], min_seq_len=point["msl"],
             rel_err=mean, rel_err_seeds=[e if math.isfinite(e) else None for e in es],
-            nan_seeds=len(es) - len(finite), top8_mass=mass, lsh_num_projs=8,
+            nan_seeds=len(es) - len(finite), top8_mass=mass, block_mass=in_block,
+            lsh_num_projs=8,
             command=args.command))
     return out
 
@@ -306,9 +323,9 @@ def main(argv=None):
     if "model" in args.families:
         results += model_records(args)
     for fam, p in bench.progress(tasks, desc="points"):
-        errs, mass = run_point(fam, p["S"], p["causal"], p["block"], p["samples"], p["msl"],
-                               p["methods"], p["seeds"], args)
-        results += records(fam, p, errs, mass, args)
+        errs, mass, in_block = run_point(fam, p["S"], p["causal"], p["block"], p["samples"],
+                                         p["msl"], p["methods"], p["seeds"], args)
+        results += records(fam, p, errs, mass, in_block, args)
         print(f"{p['sweep']:<8} {fam:<9} S={p['S']:<6} block={p['block']:<4} "
               f"samples={p['samples']:<4} " + " ".join(
                   f"[{m}] {statistics.mean(e):.3f}" for m, e in errs.items()), flush=True)
@@ -345,8 +362,11 @@ def tables(results):
                     row[r["method"]] = _fmt(e["rel_err"])
                     if e["top8_mass"] is not None:
                         row["top8"] = f"{e['top8_mass']:.2f}"
+                    if e.get("block_mass") is not None:
+                        row["in block"] = f"{e['block_mass']:.2f}"
             rows.append(row)
-        cols = ["family", "S", "block", "samples"] + (["top8"] if "top8" in rows[0] else [])
+        cols = ["family", "S", "block", "samples"] + [c for c in ("top8", "in block")
+                                                      if c in rows[0]]
         lines += [f"\n{sweep} (rel. error of out, mean over seeds)",
                   bench.format_table(rows, cols + methods)]
     return "\n".join(lines)

@@ -269,7 +269,7 @@ def describe(model, seq_lens, seed=0):
 
 
 def format_description(d):
-    heads = lambda xs: "/".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    heads = lambda xs: " / ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     return (f"model S={d['S']}: copied-target loss {d['loss']:.3f}, accuracy {d['acc']:.3f} "
             f"({d['targets']} targets; chance {d['chance_acc']:.3f}, loss "
             f"{d['chance_loss']:.3f}); top-8 mass per head causal {heads(d['top8_causal'])}, "

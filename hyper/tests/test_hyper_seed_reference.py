@@ -155,5 +155,8 @@ def test_bench_quality_smoke(tmp_path):
         e = r["extra"]
         if e["sweep"] == "model":
             continue
+        assert (e["block_mass"] is None) == e["causal"]
+        if not e["causal"]:
+            assert 0 < e["block_mass"] <= 1 + 1e-9, r  # a subset of the keys
         if r["method"] != "seed, kernel columns":  # its reads may lie past the tensor
             assert e["rel_err"] is not None and 0 < e["rel_err"] < 10, r
