@@ -15,7 +15,8 @@ next token is the one that followed the same two tokens at the source: a query's
 the positions right after earlier occurrences of its last two tokens (the source, plus chance
 matches: about ``S / vocab^2`` of them). Accuracy is measured on those predictable targets.
 
-Model (pre-norm, MLPs of width 4 d, ``heads`` heads of 64, d = 64 heads):
+Model (``DEFAULT``: 2 blocks, pre-norm, ``heads`` = 2 heads of 64 so d = 128, MLPs of width
+``mlp`` d = 2 d; trained 2000 AdamW steps of 8 sequences of 257 tokens over ``vocab`` = 64):
 * layer 1: causal attention over the last ``window`` tokens only, with RoPE: its heads can read
   the previous tokens (what the second layer's keys need);
 * layer 2: causal attention over every key, with no positional encoding: the induction layer,
@@ -29,8 +30,10 @@ exactly (RoPE angles in float64); what changes with the length is the number of 
 compete with the heavy ones, which is what the benchmark measures. A RoPE global layer would
 meet relative distances it never saw in training, and training at 16384 tokens on 2 cores is too
 slow for the budget. Training (fixed seeds; the same bits for a given torch build and thread
-count) takes a few minutes on 2 cores; the weights are cached, never committed, in
-``hyper/bench/.cache/`` (git-ignored), keyed by the configuration.
+count) takes about 100 s on 2 cores; the weights are cached, never committed, in
+``hyper/bench/.cache/`` (git-ignored), keyed by the configuration. What it learned (accuracy on
+the predictable tokens, near 1 at the training length and above 0.9 at 16384 tokens) and how
+concentrated its heads are: ``hyper/README.md`` and ``bench/results/cpu/``.
 """
 
 from __future__ import annotations
