@@ -5,24 +5,18 @@ task and attends to few keys, more so than random inputs."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from longattn.common.testing import shared_script
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _load(name):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return shared_script(BENCH / f"{name}.py")
 
 
 ma = _load("model_attention")

@@ -7,25 +7,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from longattn.common.testing import shared_script
 from longattn.hyper import draw_projections, draw_sample_indices, hyper_attention, make_plan
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _load(name):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return shared_script(BENCH / f"{name}.py")
 
 
 ref = _load("seed_reference")

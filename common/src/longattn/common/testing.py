@@ -446,14 +446,21 @@ def shared_script(path, name: str | None = None):
     ``name`` (default: the file name without ``.py``), so scripts that import each other's
     functions (a benchmark reusing another's simulation, a shim installed by two scripts) and
     the tests that drive them share one module and its state."""
+    import importlib.util
     import sys
     from pathlib import Path
 
     name = name or Path(path).stem
     mod = sys.modules.get(name)
     if mod is None:
-        mod = load_script(path, name)
-        sys.modules[name] = mod
+        spec = importlib.util.spec_from_file_location(name, Path(path))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod  # before it runs: its dataclasses look their module up there
+        try:
+            spec.loader.exec_module(mod)
+        except BaseException:
+            del sys.modules[name]
+            raise
     return mod
 
 
