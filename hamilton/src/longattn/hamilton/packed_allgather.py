@@ -24,8 +24,9 @@ key buffer; causal, two calls with the final ``out`` / ``lse`` (and ``dlse`` whe
 flows into the returned lse): each segment against its own rows (the local K/V: square, a
 top-left band) and, unmasked, against its document's keys before it (``plan.cu_past``), the
 same (query, key) pairs as the forward's call, whose bottom-right band cuDNN's backward runs
-about half as fast. The keys' dK/dV are index-added per row of the rank's buffer
-(``acc_dtype``; a key several segments see is one row), whose rows of owner ``p`` go back to
+about half as fast. The keys' dK/dV are summed per row of the rank's buffer (``acc_dtype``,
+:func:`~longattn.common.kernels.rows.add_rows_`; a key several segments see is one row), whose
+rows of owner ``p`` go back to
 ``p``; each rank adds what every rank returns into its rows (``plan.rows_to``) in rank order,
 onto its own rows' gradients from the first causal call (in ``acc_dtype``, so float64 stays
 exact).
@@ -217,11 +218,11 @@ def add_received(own, parts, plan):
 
 def reduce_kv_grads(dbuf, plan, g: Group, own=None):
     """This rank's ``[L, W]`` rows: the gradient of every rank's keys that come from them,
-    summed in rank order (in ``dbuf``'s dtype) onto ``own`` (default zeros; causal: the
-    local rows' gradients from :func:`key_grads`, the rank's own rows of ``dbuf`` included,
-    :func:`own_part`). Each rank returns each owner the rows of its
-    buffer that owner sent (``plan.rows_from``) and receives those of its own rows the sender's
-    keys come from (``plan.rows_to``); one exchange."""
+    summed in rank order (in ``dbuf``'s dtype) onto ``own`` (default zeros; causal: the local
+    rows' gradients from :func:`key_grads`, the rank's own rows of ``dbuf`` included,
+    :func:`own_part`). Each rank returns each owner the rows of its buffer that owner sent
+    (``plan.rows_from``) and receives those of its own rows the sender's keys come from
+    (``plan.rows_to``); one exchange."""
     n, me = g.size, g.rank
     _, off, _ = plan.route_tensors(dbuf.device)
     parts = [own_part(dbuf, plan) if q == me else
