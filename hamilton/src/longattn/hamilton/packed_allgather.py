@@ -26,10 +26,9 @@ top-left band) and, unmasked, against its document's keys before it (``plan.cu_p
 same (query, key) pairs as the forward's call, whose bottom-right band cuDNN's backward runs
 about half as fast. The keys' dK/dV are summed per row of the rank's buffer (``acc_dtype``,
 :func:`~longattn.common.kernels.rows.add_rows_`; a key several segments see is one row), whose
-rows of owner ``p`` go back to
-``p``; each rank adds what every rank returns into its rows (``plan.rows_to``) in rank order,
-onto its own rows' gradients from the first causal call (in ``acc_dtype``, so float64 stays
-exact).
+rows of owner ``p`` go back to ``p``; each rank adds what every rank returns into its rows
+(``plan.rows_to``) in rank order, onto its own rows' gradients from the first causal call (in
+``acc_dtype``, so float64 stays exact).
 
 Communication: forward ``plan.rows_received`` K/V rows arrive (at most ``(n - 1) * L``, the
 dense all-gather, when every rank sees every key; far fewer for documents shorter than a
