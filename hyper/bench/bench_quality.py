@@ -50,7 +50,6 @@ share held by the keys of the row's LSH block, ``exp(lse_block - lse)``), on 256
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import os
 import statistics
@@ -61,33 +60,15 @@ import torch
 import torch.nn.functional as F
 
 from longattn.common import bench
+from longattn.common.testing import shared_script
 from longattn.hyper import draw_projections, draw_sample_indices, hyper_attention, make_plan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 D = 64
 
 
-def _load_reference():
-    spec = importlib.util.spec_from_file_location("seed_reference",
-                                                  os.path.join(HERE, "seed_reference.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("seed_reference", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _load(name):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ref = _load_reference()
-ma = _load("model_attention")
+ref = shared_script(os.path.join(HERE, "seed_reference.py"))
+ma = shared_script(os.path.join(HERE, "model_attention.py"))
 SEED = ref.FUSED.but(samples="first")
 METHODS = {  # name -> rules of seed_reference (None: longattn's own function)
     "seed": SEED,

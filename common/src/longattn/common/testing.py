@@ -427,17 +427,27 @@ def device_rel_error(actual, expected, chunk: int = 1 << 24) -> float:
     return (num / den) ** 0.5
 
 
-def load_script(path, name: str | None = None):
+def load_script(path, name: str | None = None, *, register: bool = False):
     """The Python file ``path`` (a benchmark or probe script, not a package module) loaded as
     module ``name`` (default: its file name without ``.py``), for tests that call its
-    functions or its ``main``."""
+    functions or its ``main``; with ``register`` it is put into ``sys.modules`` before it runs
+    (its dataclasses look their module up there), and taken out again if it raises."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(path)
-    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    name = name or path.stem
+    spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    if register:
+        sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        if register:
+            del sys.modules[name]
+        raise
     return mod
 
 
@@ -446,22 +456,12 @@ def shared_script(path, name: str | None = None):
     ``name`` (default: the file name without ``.py``), so scripts that import each other's
     functions (a benchmark reusing another's simulation, a shim installed by two scripts) and
     the tests that drive them share one module and its state."""
-    import importlib.util
     import sys
     from pathlib import Path
 
     name = name or Path(path).stem
     mod = sys.modules.get(name)
-    if mod is None:
-        spec = importlib.util.spec_from_file_location(name, Path(path))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # before it runs: its dataclasses look their module up there
-        try:
-            spec.loader.exec_module(mod)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return mod
+    return mod if mod is not None else load_script(path, name, register=True)
 
 
 @contextlib.contextmanager
