@@ -19,7 +19,11 @@
 * ``cudnn-top-left`` / ``cudnn-bottom-right``: one ragged cuDNN call (forward + backward) over a
   32,768-token causal document (H=32, D=128, bf16) and a 2-key document with 2 queries, or 1
   query: the second makes the graph's causal band bottom-right aligned (as every packed
-  all-gather call whose segments have more keys than queries), the same work otherwise.
+  all-gather call whose segments have more keys than queries), the same work otherwise;
+* ``hamilton-merge`` / ``hamilton-overlap`` / ``hamilton-overlap-defer``: rank 0 of
+  ``hamilton/bench/bench_hamilton.py``'s 8-rank zigzag ring (8,192 tokens a rank, H=32,
+  D=128, bf16), forward + backward with its merges and dK/dV accumulation, as the benchmark
+  times that variant.
 
 Prints, per configuration named (several may follow each other in one call), the total device
 time, the call's wall time between CUDA events, the kernels with the most self device time and
@@ -146,12 +150,29 @@ def alignment_case(bottom_right, *, device="cuda", s=32768, heads=32, dim=128,
     return run
 
 
+def hamilton_case(variant, *, device="cuda", n=8, tokens=8192, heads=32, dim=128, rank=0):
+    """``hamilton/bench/bench_hamilton.py``'s own fwd+bwd closure of one zigzag-ring rank with
+    its merges and dK/dV accumulation (``variant``: one of its ``VARIANTS``); smaller sizes
+    and ``device="cpu"`` for a test."""
+    from longattn.common.testing import shared_script
+    from longattn.hamilton import HamiltonConfig
+
+    ham = shared_script(os.path.join(HERE, "..", "..", "hamilton", "bench", "bench_hamilton.py"))
+    mode, opts = ham.VARIANTS[variant]
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return ham.make_sequence(device, dtype, n, tokens, heads, dim, rank, "ring", mode,
+                             HamiltonConfig(**opts))[1]
+
+
 _CASES = {"dilated": _dilated, "hyper-causal": lambda: _hyper(True),
           "hyper-causal-bwd": _hyper_bwd, "hyper": lambda: _hyper(False), "swa": _swa,
           "packed-allgather": lambda: packed_case("allgather"),
           "packed-baseline": lambda: packed_case("baseline"),
           "cudnn-top-left": lambda: alignment_case(False),
-          "cudnn-bottom-right": lambda: alignment_case(True)}
+          "cudnn-bottom-right": lambda: alignment_case(True),
+          "hamilton-merge": lambda: hamilton_case("merge"),
+          "hamilton-overlap": lambda: hamilton_case("overlap"),
+          "hamilton-overlap-defer": lambda: hamilton_case("overlap+defer")}
 
 
 def profile_one(what, top):

@@ -125,3 +125,21 @@ def test_bench_hamilton_fa4_unavailable_is_reported(tmp_path, capsys):
     assert "fwd+bwd rank0 +merge" in {r["what"] for r in data}
     backends = [r["extra"]["backends"] for r in data if r["what"] == "backends"]
     assert backends[0]["auto"] == "ran" and "needs sm90" in backends[0]["fa4"]
+
+
+def test_profile_hamilton_cases_run_on_the_cpu():
+    """common/bench/profile_kernels.py's hamilton-* closures (rank 0's fwd+bwd with merges, one
+    per variant) at a tiny size on the CPU: each builds, runs and returns the rank's
+    gradients, the same for every variant."""
+    from pathlib import Path
+
+    from longattn.common.testing import load_script
+
+    mod = load_script(Path(__file__).resolve().parents[2] / "common" / "bench" /
+                      "profile_kernels.py", "profile_kernels_hamilton")
+    got = [mod.hamilton_case(v, device="cpu", n=3, tokens=24, heads=2, dim=8)()
+           for v in ("merge", "overlap", "overlap+defer")]
+    for g in got[1:]:
+        for key in ("dq", "dk", "dv"):
+            torch.testing.assert_close(g[key], got[0][key])
+    assert all(got[0][key].abs().sum() > 0 for key in ("dq", "dk", "dv"))
