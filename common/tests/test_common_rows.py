@@ -1,6 +1,8 @@
 """The row scatter-add (``kernels.rows``): the Triton kernel, run by the Triton interpreter on
 the CPU, against its slow twin and against a float64 loop; layers of distinct rows sum every
-position onto its row in position order; bad shapes raise naming the argument."""
+position onto its row in position order; bad shapes raise naming the argument. The dK/dV add
+(``add_kv_``): the Triton kernel against its twin (same bits) and float64, on strided
+accumulator rows, several batch rows, Dv != D and ragged column blocks."""
 
 from __future__ import annotations
 
@@ -14,7 +16,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longattn.common.kernels.rows import add_rows_, add_rows_torch_, distinct_layers
+from longattn.common.kernels.rows import (
+    add_kv_,
+    add_kv_torch_,
+    add_rows_,
+    add_rows_torch_,
+    distinct_layers,
+)
 
 triton_rows = pytest.importorskip("longattn.common.kernels.rows_triton")
 
@@ -92,3 +100,40 @@ def test_bad_shapes_raise_naming_the_argument():
         add_rows_(dst, torch.tensor([0, 1]), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="column stride"):
         add_rows_(dst, torch.tensor([0, 1]), torch.zeros(3, 2).t())
+
+
+@pytest.mark.parametrize("store", [False, True])
+@pytest.mark.parametrize("b,t,hkv,d,dv", [(1, 9, 2, 8, 8), (3, 5, 3, 40, 24), (2, 7, 1, 1100, 64)])
+@pytest.mark.parametrize("src_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("seed", range(2))
+def test_add_kv_triton_equals_twin_and_float64(seed, src_dtype, b, t, hkv, d, dv, store):
+    g = torch.Generator().manual_seed(seed)
+    wide = torch.randn(t + 4, b, hkv * (d + dv), generator=g)
+    acc = wide[2:2 + t]  # rows of a larger buffer (a unit range of the ring's buffer)
+    dk = torch.randn(b, t, hkv, d, generator=g).to(src_dtype)
+    dvv = torch.randn(b, t, hkv, dv, generator=g).to(src_dtype)
+    want = acc.double().clone()
+    for bi in range(b):
+        for ti in range(t):
+            row = torch.cat([dk[bi, ti].flatten(), dvv[bi, ti].flatten()]).double()
+            want[ti, bi] = row if store else want[ti, bi] + row
+    got_t = add_kv_torch_(acc.clone(), dk, dvv, store)
+    got = triton_rows.add_kv_(acc.clone(), dk, dvv, store)
+    assert torch.equal(got, got_t)  # one conversion and one rounding each way: the same bits
+    assert (got.double() - want).abs().max() <= 1e-6 * want.abs().max()
+    out = wide.clone()
+    assert add_kv_(out[2:2 + t], dk, dvv, store=store).data_ptr() == out[2:].data_ptr()
+    assert torch.equal(out[2:2 + t], got) and torch.equal(out[:2], wide[:2])
+    assert torch.equal(out[2 + t:], wide[2 + t:])
+
+
+def test_add_kv_nan_reaches_only_its_element_and_bad_shapes_raise():
+    acc = torch.zeros(4, 1, 2 * 6)
+    dk, dv = torch.randn(1, 4, 2, 3), torch.randn(1, 4, 2, 3)
+    dv[0, 1, 1, 2] = float("nan")
+    got = triton_rows.add_kv_(acc.clone(), dk, dv)
+    assert torch.isnan(got[1, 0, 6 + 5]) and torch.isnan(got).sum() == 1
+    with pytest.raises(ValueError, match="acc must be"):
+        add_kv_(torch.zeros(4, 1, 11), dk, dv)
+    with pytest.raises(ValueError, match="acc must be"):
+        add_kv_(acc, dk, dv[:, :3])

@@ -40,6 +40,7 @@ from longattn.common.comm import exchange
 from longattn.common.dist import resolve_group
 from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import attention_backward, attention_forward, grad_lse_or_none
+from longattn.common.kernels.rows import add_kv_
 from longattn.common.merge import merge_partials_
 from longattn.hamilton.allgather import allgather_attention
 from longattn.hamilton.args import DENSE_NAMES, check_call, check_dense_call
@@ -320,11 +321,11 @@ def add_q_grads(dq, grads):
 
 
 def add_kv_grads(acc, grads, unit, *, hkv, d):
-    """Add a step's K/V gradients into the dK/dV accumulator buffer (same layout as KV)."""
+    """Add a step's K/V gradients into the dK/dV accumulator buffer (same layout as KV), one
+    :func:`~longattn.common.kernels.rows.add_kv_` per call (``hkv`` / ``d``: the layout
+    ``dk_s`` / ``dv_s`` carry)."""
     for call, dk_s, dv_s in grads:
-        gk, gv = kv_views(acc, call.start * unit, call.stop * unit, hkv, d)
-        gk += dk_s
-        gv += dv_s
+        add_kv_(acc[call.start * unit:call.stop * unit], dk_s, dv_s)
 
 
 def init_kv_grads(acc, grads, unit, *, hkv, d):
@@ -338,9 +339,7 @@ def init_kv_grads(acc, grads, unit, *, hkv, d):
         add_kv_grads(acc, grads, unit, hkv=hkv, d=d)
         return
     for call, dk_s, dv_s in grads:
-        gk, gv = kv_views(acc, call.start * unit, call.stop * unit, hkv, d)
-        gk.copy_(dk_s)
-        gv.copy_(dv_s)
+        add_kv_(acc[call.start * unit:call.stop * unit], dk_s, dv_s, store=True)
     pos = 0
     for a, b in spans + [(acc.shape[0] // unit, None)]:
         if a > pos:

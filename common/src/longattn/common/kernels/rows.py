@@ -3,6 +3,7 @@ atomics: ``dst[rows[i]] (+)= src[i]``.
 
     add_rows_(dst, rows, src, src_rows=None, *, store=False) -> dst
     distinct_layers(rows) -> [(positions, rows), ...]
+    add_kv_(acc, dk, dv, *, store=False) -> acc
 
 Distributed backwards return gradient rows (bf16 dK/dV of gathered keys, or float32 rows a
 peer sends back) that must be summed onto their owner's rows in ``acc_dtype``. ``index_add_``
@@ -18,6 +19,13 @@ when triton does not import, the slow twin :func:`add_rows_torch_` (``index_copy
 ``index_add_`` of the converted rows). ``dst``: ``[R, C]`` with unit column stride (any row
 stride: a column slice of a wider buffer); ``src``: ``[N, C]`` likewise, any float dtype;
 ``rows`` (and ``src_rows``): int64 ``[M]`` on ``dst``'s device, ``rows`` distinct.
+
+:func:`add_kv_` adds one step's K and V gradients into a dK/dV accumulator that holds them
+side by side in each row (``[T, B, Hkv * (D + Dv)]``, the layout of the K/V buffer a ring
+passes on): one kernel reading each gradient once, where the two strided ``+=`` on the
+buffer's K and V views run PyTorch's non-vectorized elementwise kernel (2.24 ms of the 33.81
+ms of a zigzag-ring rank's forward + backward on an H100,
+``common/bench/results/h100/profile_hamilton/log.txt``). Slow twin :func:`add_kv_torch_`.
 """
 
 from __future__ import annotations
@@ -78,4 +86,53 @@ def distinct_layers(rows) -> list:
     return layers
 
 
-__all__ = ["add_rows_", "add_rows_torch_", "distinct_layers"]
+def _kv_views(acc, wk):
+    """K ``[B, T, WK]`` and V ``[B, T, WV]`` views of the accumulator ``[T, B, WK + WV]``."""
+    return acc[..., :wk].transpose(0, 1), acc[..., wk:].transpose(0, 1)
+
+
+def add_kv_torch_(acc, dk, dv, store=False):
+    """The slow twin of :func:`add_kv_`."""
+    gk, gv = _kv_views(acc, dk.shape[2] * dk.shape[3])
+    for g, x in ((gk, dk), (gv, dv)):
+        x = x.flatten(2)
+        if store:
+            g.copy_(x)
+        else:
+            g += x
+    return acc
+
+
+def _kv_layout_ok(acc, dk, dv):
+    """Whether the Triton kernel can address these tensors: each row of ``dk`` / ``dv`` (one
+    batch, one token) and of ``acc`` contiguous."""
+    def rows_contiguous(x):
+        return x.stride(3) == 1 and x.stride(2) == x.shape[3]
+
+    return acc.stride(2) == 1 and rows_contiguous(dk) and rows_contiguous(dv)
+
+
+def add_kv_(acc, dk, dv, *, store=False):
+    """``acc[t, b] (+)= concat(dk[b, t].flatten(), dv[b, t].flatten())`` for every token ``t``
+    and batch row ``b``, in ``acc``'s dtype (``=`` with ``store``). ``acc``: ``[T, B, Hkv *
+    (D + Dv)]``, any row strides; ``dk``: ``[B, T, Hkv, D]``, ``dv``: ``[B, T, Hkv, Dv]``, any
+    float dtype. Bitwise what ``+=`` on the two views gives (each element one conversion and
+    one add). Returns ``acc``."""
+    b, t = dk.shape[:2]
+    wk, wv = dk.shape[2] * dk.shape[3], dv.shape[2] * dv.shape[3]
+    if (acc.dim() != 3 or dk.dim() != 4 or dv.dim() != 4 or dv.shape[:2] != (b, t)
+            or tuple(acc.shape) != (t, b, wk + wv)):
+        raise ValueError(f"acc must be [T, B, Hkv*(D+Dv)] for dk [B, T, Hkv, D] and dv "
+                         f"[B, T, Hkv, Dv], got acc {tuple(acc.shape)}, dk "
+                         f"{tuple(dk.shape)}, dv {tuple(dv.shape)}")
+    if acc.is_cuda and dk.is_cuda and dv.is_cuda and _kv_layout_ok(acc, dk, dv):
+        try:
+            from longattn.common.kernels.rows_triton import add_kv_ as fast
+        except ImportError:
+            fast = None
+        if fast is not None:
+            return fast(acc, dk, dv, store)
+    return add_kv_torch_(acc, dk, dv, store)
+
+
+__all__ = ["add_kv_", "add_kv_torch_", "add_rows_", "add_rows_torch_", "distinct_layers"]
