@@ -385,6 +385,45 @@ def test_register_backend_and_dispatch():
         K.BACKENDS.pop("test_fake", None)
 
 
+def test_forward_out_is_written_in_place_by_every_kind_of_backend():
+    """``attention_forward(out=)``: a slot of a larger buffer comes back holding the output (the
+    same values as without ``out``, NaN-free neighbours untouched); a ``writes_out`` backend
+    gets the slot itself, the others' result is copied in; a wrong ``out`` raises naming it."""
+    seen = []
+
+    def fwd(q, k, v, *, softmax_scale, window_size, out=None):
+        seen.append(out)
+        o, lse = torch_backend.forward(q, k, v, softmax_scale=softmax_scale,
+                                       window_size=window_size)
+        return (o, lse) if out is None else (out.copy_(o), lse)
+
+    K.register_backend("test_writes_out", K.Backend(
+        forward=fwd, backward=K.BACKENDS["torch"].backward, supports=lambda req: None,
+        writes_out=True))
+    try:
+        for seed in range(3):
+            q, k, v = make(seed, 2, 9 + seed, 11, 4, 2, 4)
+            want, want_lse = K.attention_forward(q, k, v, causal=True, backend="torch")
+            for name in ("torch", "test_writes_out"):
+                buf = torch.randn(3, 2, 9 + seed, 4, 4, dtype=q.dtype)
+                keep = buf.clone()
+                slot = buf[1]
+                got, lse = K.attention_forward(q, k, v, causal=True, backend=name, out=slot)
+                assert got.data_ptr() == slot.data_ptr() and torch.equal(got, want)
+                assert torch.equal(lse, want_lse)
+                assert torch.equal(buf[0], keep[0]) and torch.equal(buf[2], keep[2])
+        assert seen and all(o is not None for o in seen)
+        q, k, v = make(0, 2, 9, 11, 4, 2, 4)
+        for bad in (torch.zeros(2, 9, 4, 5, dtype=q.dtype), torch.zeros(2, 9, 4, 4).half(),
+                    torch.zeros(2, 9, 4, 8, dtype=q.dtype)[..., ::2]):
+            with pytest.raises(ValueError, match="out"):
+                K.attention_forward(q, k, v, out=bad)
+        with pytest.raises(TypeError, match="out"):
+            K.attention_forward(q, k, v, out=[1])
+    finally:
+        K.BACKENDS.pop("test_writes_out", None)
+
+
 def test_registry_is_the_backends_that_exist():
     """Every name auto tries exists (loaded, or unavailable with a reason); nothing else hides."""
     assert set(K.AUTO_ORDER) <= set(K.BACKENDS) | set(K.UNAVAILABLE)

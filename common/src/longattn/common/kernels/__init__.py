@@ -57,12 +57,15 @@ class Backend:
 
     ``forward(q, k, v, *, softmax_scale, window_size[, config]) -> (out, lse)`` and
     ``backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse[, config])`` get
-    checked arguments: a float scale and the window with ``causal`` folded in."""
+    checked arguments: a float scale and the window with ``causal`` folded in. A backend with
+    ``writes_out`` takes ``out=`` in ``forward`` (a checked ``[B, Sq, Hq, Dv]`` tensor in
+    q's dtype with a contiguous head dim, or None) and writes its output there."""
 
     forward: Callable
     backward: Callable
     supports: Callable
     config_type: type | None = None
+    writes_out: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,14 +237,37 @@ def pick_backend(q, k, v, *, causal=False, window_size=(-1, -1), needs_dlse=Fals
     return _pick(req, backend)[0]
 
 
+def _check_out(out, q, v):
+    want = (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+    if tuple(out.shape) != want or out.dtype != q.dtype or out.device != q.device:
+        raise ValueError(f"out must be [B, Sq, Hq, Dv] = {want} in q's dtype {q.dtype} on "
+                         f"{q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.shape[-1] > 1 and out.stride(-1) != 1:
+        raise ValueError("out needs a contiguous head dim (stride 1 in the last dim)")
+
+
 def attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
-                      backend="auto", config=None):
-    """Local attention forward. Returns ``(out [B,Sq,Hq,Dv] in q.dtype, lse [B,Hq,Sq])``."""
+                      backend="auto", config=None, out=None):
+    """Local attention forward. Returns ``(out [B,Sq,Hq,Dv] in q.dtype, lse [B,Hq,Sq])``.
+    ``out``: a tensor of that shape and dtype (any strides with a contiguous head dim, e.g. a
+    slot of a larger buffer) the output is written into and returned as; a backend with
+    ``writes_out`` (cudnn) writes it there directly, the others copy their result."""
     check_qkv(q, k, v)
+    if out is not None:
+        _check_out(out, q, v)
     scale = check_scale(softmax_scale, q.shape[-1])
     win = normalize_window(causal, window_size)
     _, b = _pick(Request(q, k, v, causal, win, False, config), backend)
-    return b.forward(q, k, v, softmax_scale=scale, window_size=win, **_config_kw(b, config))
+    kw = _config_kw(b, config)
+    if out is not None and b.writes_out:
+        kw["out"] = out
+    res, lse = b.forward(q, k, v, softmax_scale=scale, window_size=win, **kw)
+    if out is not None and res is not out:
+        out.copy_(res)
+        res = out
+    return res, lse
 
 
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,

@@ -218,11 +218,13 @@ def _workspace(size, device):
     return torch.empty(max(int(size), 1), dtype=torch.uint8, device=device)
 
 
-def forward(q, k, v, *, softmax_scale, window_size):
+def forward(q, k, v, *, softmax_scale, window_size, out=None):
+    """``out``: where the graph writes its output (None: a new tensor); any strides."""
     scale, window = softmax_scale, window_size
     b, sq, hq, _ = q.shape
     sk, dv = k.shape[1], v.shape[-1]
-    out = torch.empty(b, sq, hq, dv, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(b, sq, hq, dv, dtype=q.dtype, device=q.device)
     lse = torch.empty(b, hq, sq, 1, dtype=torch.float32, device=q.device)
     handle = _handle(q.device)
     ops = (q, k, v, out)
@@ -624,4 +626,4 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, soft
     return dq, dk, dv
 
 
-BACKEND = Backend(forward=forward, backward=backward, supports=supports)
+BACKEND = Backend(forward=forward, backward=backward, supports=supports, writes_out=True)
