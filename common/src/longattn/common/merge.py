@@ -7,7 +7,9 @@ inputs get, stays float64: see :func:`~longattn.common.dtypes.lse_dtype`). The s
 ``out_a - sigmoid(lse_b - lse_a) * (out_a - out_b)`` never overflows; rows where one side is
 ``-inf`` take the other side exactly, and rows where both are ``-inf`` stay ``out = 0, lse =
 -inf`` (no NaN). A NaN ``lse`` on either side makes the row's ``out`` and ``lse`` NaN: a NaN
-never disappears in a merge."""
+never disappears in a merge. ``merge_slots`` merges ``n`` partials kept in the slots of a stacked
+buffer (the front rows from the first ``n_front`` slots only, the others never read) in one
+pass, same rules."""
 
 from __future__ import annotations
 
@@ -178,3 +180,103 @@ def finish_rows(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor):
     lse = torch.where(empty, torch.full_like(m0, float("-inf")),
                       m0 + torch.log(safe.to(ldt)))
     return out, lse
+
+
+@torch.no_grad()
+def merge_slots(outs, lses, *, n_front=None, split: int = 0, out_dtype=None,
+                backend: str = "auto"):
+    """Merge ``n`` partials kept in slots: ``outs [n, B, S, H, D]``, ``lses [n, B, H, S]``;
+    returns ``(out [B, S, H, D], lse [B, H, S])``.
+
+    Rows ``s < split`` merge only the first ``n_front`` slots (default ``n``), rows
+    ``s >= split`` all ``n``: zigzag ring attention keeps each step's partial in a slot and puts
+    the steps that cover only the back half of the query rows last; their slots' front rows are
+    never read (they may hold anything, NaN included). Dead sides, empty rows and NaN as in
+    :func:`merge_stacked`. The math is done in the accumulation dtype (float32, float64 for
+    float64 ``outs``) and rounded once into ``out_dtype`` (default: that accumulation dtype);
+    ``lse`` comes back in the wider of ``lses``'s dtype and the accumulation dtype.
+    ``backend``: ``"auto"`` uses the one-pass Triton kernel
+    (:func:`longattn.common.merge_triton.merge_slots`) for CUDA ``outs`` with float32 ``lses``
+    and the eager twin otherwise; ``"torch"`` / ``"triton"`` force one.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    n_front, split = _check_slots(outs, lses, n_front, split)
+    acc = acc_dtype(outs.dtype)
+    out_dtype = acc if out_dtype is None else out_dtype
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be a floating torch.dtype, got {out_dtype!r}")
+    if backend == "triton" or (backend == "auto" and outs.is_cuda):
+        refusal = _slots_refusal(outs, lses)
+        if refusal is None:
+            from longattn.common import merge_triton
+
+            _, b, s, h, d = outs.shape
+            out = torch.empty((b, s, h, d), dtype=out_dtype, device=outs.device)
+            lse = torch.empty((b, h, s), dtype=torch.float32, device=outs.device)
+            return merge_triton.merge_slots(outs, lses, n_front, split, out, lse)
+        if backend == "triton":
+            raise ValueError(f"backend='triton' cannot serve this merge: {refusal}")
+    return _merge_slots_torch(outs, lses, n_front, split, out_dtype)
+
+
+def _index(name, v, hi, hi_name):
+    """``v`` as an int in ``[0, hi]``, else an error naming ``name``."""
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if not 0 <= v <= hi:
+        raise ValueError(f"{name} must be in [0, {hi_name} = {hi}], got {v}")
+    return v
+
+
+def _check_slots(outs, lses, n_front, split):
+    """Validate :func:`merge_slots`'s arguments; returns ``(n_front, split)`` as ints."""
+    for name, t in (("outs", outs), ("lses", lses)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if outs.ndim != 5:
+        raise ValueError(f"outs must be [n, B, S, H, D], got {tuple(outs.shape)}")
+    n, b, s, h, _ = outs.shape
+    if tuple(lses.shape) != (n, b, h, s):
+        raise ValueError(f"lses must be [n, B, H, S] = {(n, b, h, s)} for outs [n, B, S, H, D] "
+                         f"= {tuple(outs.shape)}, got {tuple(lses.shape)}")
+    if not outs.is_floating_point():
+        raise TypeError(f"outs must be a floating tensor, got {outs.dtype}")
+    if lses.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"lses must be float32 or float64, got {lses.dtype}")
+    if lses.device != outs.device:
+        raise ValueError(f"lses is on {lses.device}, outs on {outs.device}")
+    n_front = n if n_front is None else _index("n_front", n_front, n, "n")
+    return n_front, _index("split", split, s, "S")
+
+
+def _slots_refusal(outs, lses):
+    """Why the one-pass Triton slots merge cannot serve this call, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    from longattn.common import merge_triton
+
+    return merge_triton.slots_refusal(outs, lses)
+
+
+def _merge_slots_torch(outs, lses, n_front, split, out_dtype):
+    """The eager twin of :func:`merge_slots`: :func:`merge_stacked` on the front rows' first
+    ``n_front`` slots and on the back rows' ``n`` slots."""
+    front = _merge_rows(outs[:n_front, :, :split], lses[:n_front, :, :, :split])
+    back = _merge_rows(outs[:, :, split:], lses[:, :, :, split:])
+    out = torch.cat([front[0], back[0]], dim=1).to(out_dtype)
+    return out, torch.cat([front[1], back[1]], dim=2)
+
+
+def _merge_rows(outs, lses):
+    """:func:`merge_stacked` of ``outs [k, B, S, H, D]``, ``lses [k, B, H, S]`` (BSHD
+    ``[B, H, S]`` lse back), also for ``k = 0`` or no rows: ``out = 0``, ``lse = -inf``."""
+    _, b, s, h, d = outs.shape
+    acc = acc_dtype(outs.dtype)
+    if outs.shape[0] == 0 or lses.numel() == 0:
+        out = torch.zeros((b, s, h, d), dtype=acc, device=outs.device)
+        lse = torch.full((b, h, s), float("-inf"), dtype=_lse_dtype(acc, lses),
+                         device=outs.device)
+        return out, lse
+    out, lse = merge_stacked(outs, lses.transpose(-1, -2))
+    return out, lse.transpose(-1, -2)
