@@ -21,6 +21,9 @@ stream (:class:`SideStream`) and its joins. Kernels through ``longattn.common.ke
   the gradient accumulation on a side stream, overlapping the next step's kernels;
 * ``+merge defer_dq`` -- ``defer_dq=True``: dq partials kept, summed once at the end;
 * ``+merge overlap defer_dq`` -- both;
+* ``+merge defer_merge defer_dq`` (``defer_all``) -- ``defer_merge=True`` as well: the forward's
+  calls write into slots (:class:`DeferredOut`) merged once at the end; with ``overlap``
+  (``overlap+defer_all``) the backward's accumulation on the side stream too;
 * ``+fused``   -- ``+merge`` with ``merge_partials_`` under ``torch.compile`` (fused
   elementwise).
 
@@ -67,6 +70,7 @@ from longattn.hamilton import HamiltonConfig
 from longattn.hamilton.args import resolve_schedule
 from longattn.hamilton.attn import (
     DeferredDq,
+    DeferredOut,
     SideStream,
     _pack,
     _token_index,
@@ -86,8 +90,18 @@ VARIANTS = {"merge": ("+merge", {}),
             "overlap": ("+merge overlap", {"overlap_merges": True}),
             "defer": ("+merge defer_dq", {"defer_dq": True}),
             "overlap+defer": ("+merge overlap defer_dq", {"overlap_merges": True,
-                                                          "defer_dq": True})}
-DEFAULT_VARIANTS = "merge,overlap,overlap+defer"
+                                                          "defer_dq": True}),
+            "defer_all": ("+merge defer_merge defer_dq", {"defer_merge": True,
+                                                          "defer_dq": True}),
+            "overlap+defer_all": ("+merge overlap defer_merge defer_dq",
+                                  {"overlap_merges": True, "defer_merge": True,
+                                   "defer_dq": True})}
+DEFAULT_VARIANTS = "merge,overlap,overlap+defer,overlap+defer_all"
+
+
+def reorders(config):
+    """Whether a variant sums in another order than ``+merge`` (its bits may differ)."""
+    return config.defer_dq or config.defer_merge
 
 
 def _schedule(name, n):
@@ -144,15 +158,9 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True, config=
     for r in range(n):
         ql, kl, vl, dol = loc[r]
         side = SideStream(device, config.overlap_merges)
-        o0, l0 = attention_forward(ql, kl, vl, softmax_scale=scale, causal=causal,
-                                   backend=backend)
-        acc_out, acc_lse = o0.float(), l0.float()
-        for s in range(1, n):
-            forward_step(ql, step_buffer(s, r), plans[r].calls[s], unit, acc_out, acc_lse,
-                         hkv=heads, d=dim, softmax_scale=scale, backend=backend, config=config,
-                         side=side)
-        side.join()
-        out = acc_out.to(dtype)
+        out, acc_lse = rank_forward(ql, kl, vl, [step_buffer(s, r) for s in range(1, n)],
+                                    plans[r], unit, heads, dim, scale, causal, backend, config,
+                                    side)
         parts = DeferredDq(plans[r].calls[1:], ql) if config.defer_dq else None
         dq = torch.zeros(ql.shape, dtype=torch.float32, device=device)
         for s in range(n - 1, 0, -1):
@@ -200,6 +208,29 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True, config=
     return {key: rel_error(got[key], ref[key]) for key in got}, got
 
 
+def rank_forward(q, k, v, bufs, plan, unit, heads, dim, scale, causal, backend, config,
+                 side, merge=None):
+    """One rank's forward as ``_forward`` runs it, minus the messages: ``(out in q's dtype,
+    lse)``; ``bufs[s - 1]``: the K/V buffer of step ``s``. ``config.defer_merge``: every call
+    written into a :class:`DeferredOut` slot, merged once; else merged per call into float32
+    accumulators (``merge``: see ``forward_step``)."""
+    if config.defer_merge:
+        parts = DeferredOut(plan.calls[1:], q, v.shape[-1])
+        parts.run("diag", q, k, v, softmax_scale=scale, causal=causal, backend=backend)
+        for s, buf in enumerate(bufs, 1):
+            forward_step(q, buf, plan.calls[s], unit, None, None, hkv=heads, d=dim,
+                         softmax_scale=scale, backend=backend, config=config, parts=parts)
+        return parts.finish(q.dtype)
+    o0, l0 = attention_forward(q, k, v, softmax_scale=scale, causal=causal, backend=backend)
+    acc_out, acc_lse = o0.float(), l0.float()
+    for s, buf in enumerate(bufs, 1):
+        forward_step(q, buf, plan.calls[s], unit, acc_out, acc_lse, hkv=heads, d=dim,
+                     softmax_scale=scale, backend=backend, config=config, merge=merge,
+                     side=side)
+    side.join()
+    return acc_out.to(q.dtype), acc_lse
+
+
 def compare(got, base):
     """``(same bits, largest relative difference)`` of two result dicts (tensors or None)."""
     if got is None or base is None:
@@ -242,8 +273,8 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode, 
     half = length // 2
 
     def fwd():
-        o, l = attention_forward(q, k, v, softmax_scale=scale, causal=True, backend=backend)
         if mode == "kernels":
+            attention_forward(q, k, v, softmax_scale=scale, causal=True, backend=backend)
             for s in range(1, n):
                 for call in plan.calls[s]:
                     kk, vv = kv_views(buf, call.start * unit, call.stop * unit, heads, dim)
@@ -252,13 +283,9 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode, 
                                       backend=backend)
             return None
         side = SideStream(device, config.overlap_merges)
-        acc_out, acc_lse = o.float(), l.float()
-        for s in range(1, n):
-            forward_step(q, buf, plan.calls[s], unit, acc_out, acc_lse, hkv=heads, d=dim,
-                         softmax_scale=scale, backend=backend, config=config, merge=merge,
-                         side=side)
-        side.join()
-        return {"out": acc_out.to(dtype)}
+        out, _ = rank_forward(q, k, v, [buf] * (n - 1), plan, unit, heads, dim, scale, True,
+                              backend, config, side, merge)
+        return {"out": out}
 
     def bwd():
         if mode == "kernels":
@@ -449,7 +476,8 @@ def main(argv=None):
     t_start = time.time()
 
     # 1. correctness on a small case (every rank simulated, forward and backward), per
-    # variant and backend; a variant without defer_dq must give +merge's bits
+    # variant and backend; a variant that sums in +merge's order (no defer_dq, no defer_merge)
+    # must give +merge's bits
     for be in runs:
         sfx = bench.backend_tag("", be)
         for sched_name in dict.fromkeys([a.schedule, "ring"]):
@@ -465,7 +493,7 @@ def main(argv=None):
                                               sched_name, config=cfg, backend=be)[1], base)[0]
                     same, diff = compare(got, base) if mode != "+merge" else (None, None)
                     ok = (max(errs.values()) <= 2e-2
-                          and (same is not False or cfg.defer_dq or not noise))
+                          and (same is not False or reorders(cfg) or not noise))
                     print(f"correctness ({sched_name}, {n} ranks, {mode}{sfx}, bf16 vs float64 "
                           "oracle): " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
                           + (f"; a second run gives the same bits: {noise}" if mode == "+merge"
@@ -519,7 +547,7 @@ def main(argv=None):
                             noise = (sf, sb)
                             del again
                         del other
-                        race = (not configs[mode].defer_dq and mode != "+merge"
+                        race = (not reorders(configs[mode]) and mode != "+merge"
                                 and ((noise[0] and not sf) or (noise[1] and not sb)))
                         what = "a second +merge" if mode == "+merge" else mode
                         print(f"rank{r} {what}{sfx}: same bits as +merge: fwd {sf}, fwd+bwd "
@@ -563,7 +591,8 @@ def main(argv=None):
         rows.append(row)
         mode, be = meta.get(name, (None, None))
         opts = {} if mode not in configs else {
-            "overlap_merges": configs[mode].overlap_merges, "defer_dq": configs[mode].defer_dq}
+            "overlap_merges": configs[mode].overlap_merges, "defer_dq": configs[mode].defer_dq,
+            "defer_merge": configs[mode].defer_merge}
         if be is not None:
             opts.update(extra(be))
         results.append(bench.result(

@@ -22,7 +22,8 @@ def _bench():
 def test_bench_hamilton_smoke_variants(tmp_path, capsys):
     _bench().main(["--smoke", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench_hamilton.json").read_text())
-    modes = ["+merge", "+merge overlap", "+merge overlap defer_dq"]
+    modes = ["+merge", "+merge overlap", "+merge overlap defer_dq",
+             "+merge overlap defer_merge defer_dq"]
     checks = [r for r in data if r["what"].startswith("correctness")]
     assert sorted(r["extra"]["variant"] for r in checks) == sorted(modes)
     assert all(r["extra"]["ok"] for r in checks), checks
@@ -31,9 +32,9 @@ def test_bench_hamilton_smoke_variants(tmp_path, capsys):
     assert [r["extra"]["deterministic"] for r in checks if r["extra"]["variant"] == "+merge"] \
         == [True]
     same = [r for r in data if r["what"].endswith(" vs +merge")]
-    assert len(same) == 3 * 3  # ranks 0, 2, 3 x (a second +merge, the two variants)
+    assert len(same) == 3 * 4  # ranks 0, 2, 3 x (a second +merge, the three variants)
     for r in same:
-        if "defer_dq" not in r["extra"]["variant"]:
+        if "defer" not in r["extra"]["variant"]:
             assert r["extra"]["same_bits_fwd"] and r["extra"]["same_bits_fwd_bwd"], r
         assert r["extra"]["rel_diff_fwd_bwd"] <= 1e-2 and not r["extra"]["race"], r
     timed = {r["what"] for r in data if r["median_ms"] is not None}
@@ -41,10 +42,12 @@ def test_bench_hamilton_smoke_variants(tmp_path, capsys):
         for mode in ["kernels", *modes]:
             for direction in ("fwd", "fwd+bwd"):
                 assert f"{direction} rank{rank} {mode}" in timed, timed
-    flags = {r["what"]: (r["extra"].get("overlap_merges"), r["extra"].get("defer_dq"))
+    flags = {r["what"]: (r["extra"].get("overlap_merges"), r["extra"].get("defer_dq"),
+                         r["extra"].get("defer_merge"))
              for r in data if r["median_ms"] is not None}
-    assert flags["fwd rank0 +merge overlap defer_dq"] == (True, True)
-    assert flags["fwd rank0 +merge"] == (False, False)
+    assert flags["fwd rank0 +merge overlap defer_dq"] == (True, True, False)
+    assert flags["fwd rank0 +merge overlap defer_merge defer_dq"] == (True, True, True)
+    assert flags["fwd rank0 +merge"] == (False, False, False)
     out = capsys.readouterr().out
     for mode in modes:
         assert f"efficiency fwd+bwd  {mode}" in out, out

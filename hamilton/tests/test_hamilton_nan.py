@@ -29,7 +29,7 @@ import torch.distributed as tdist
 
 from longattn.common.layout import positions
 from longattn.common.testing import TOLERANCES, random_like, random_qkv, rel_error, run_world
-from longattn.hamilton import hamilton_attn, layout_name, shard, unshard
+from longattn.hamilton import HamiltonConfig, hamilton_attn, layout_name, shard, unshard
 
 B, S, HQ, HKV, D = 1, 24, 4, 2, 8  # S / n splits into ring and TASP sub-chunks for n = 2, 3
 NAN = float("nan")
@@ -50,8 +50,9 @@ def _inputs(n, dt, causal, which, bad_rank):
     return q, k, v, r
 
 
-def _rank(rank, n):
+def _rank(rank, n, deferred=False):
     world = tdist.group.WORLD
+    config = HamiltonConfig(defer_merge=True, defer_dq=True) if deferred else None
     res = []
     for dt, causal, sched, which in CASES:
         for bad_rank in sorted({0, n - 1}):
@@ -60,7 +61,7 @@ def _rank(rank, n):
             for x in loc:
                 x.requires_grad_()
             out, lse = hamilton_attn(*loc, group=world, causal=causal, schedule=sched,
-                                     return_lse=True)
+                                     return_lse=True, config=config)
             loss = (out.double() * shard(r, group=world, causal=causal)).sum()
             loss.backward()
             total = loss.detach().reshape(1).clone()
@@ -71,8 +72,8 @@ def _rank(rank, n):
 
 
 @functools.cache
-def _world(n):
-    per_rank = run_world(n, _rank, timeout=300)
+def _world(n, deferred=False):
+    per_rank = run_world(n, _rank, deferred, timeout=300)
     got, i = {}, 0
     for dt, causal, sched, which in CASES:
         for bad_rank in sorted({0, n - 1}):
@@ -150,10 +151,13 @@ def _oracles(n, dt, causal, which, bad_rank):
 @pytest.mark.parametrize("dt,causal,sched,which", CASES,
                          ids=[f"{dt}-{'causal' if c else 'full'}-{s}-nan_in_{w}"
                               for dt, c, s, w in CASES])
-@pytest.mark.parametrize("n", [2, 3])
-def test_one_nan_on_one_rank(n, dt, causal, sched, which, bad):
+@pytest.mark.parametrize("n,deferred", [(2, False), (3, False), (3, True)],
+                         ids=["2", "3", "3-defer_merge-defer_dq"])
+def test_one_nan_on_one_rank(n, deferred, dt, causal, sched, which, bad):
+    """``deferred``: with ``HamiltonConfig(defer_merge=True, defer_dq=True)`` (the forward's
+    partials merged once from their slots, dq summed once)."""
     bad_rank = 0 if bad == "first" else n - 1
-    got = _world(n)[(dt, causal, sched, which, bad_rank)]
+    got = _world(n, deferred)[(dt, causal, sched, which, bad_rank)]
     row, block = _oracles(n, dt, causal, which, bad_rank)
     tol = TOLERANCES[DTYPES[dt]]
     assert torch.isnan(got["out"]).any() and got["loss"] != got["loss"], "the loss must be NaN"

@@ -1,11 +1,12 @@
-"""HamiltonConfig.overlap_merges and defer_dq against the default path and the float64 oracle,
-on gloo worlds of 2 to 5 ranks (causal and full, GQA 4:1 and Hq == Hkv with Dv != D, ring and
-TASP), forward and backward with gradients through out and lse; the exact one-pass tails of the
-backward against their slow twins.
+"""HamiltonConfig.overlap_merges, defer_dq and defer_merge against the default path and the
+float64 oracle, on gloo worlds of 2 to 5 ranks (causal and full, GQA 4:1 and Hq == Hkv with
+Dv != D, ring and TASP), forward and backward with gradients through out and lse; the exact
+one-pass tails of the backward against their slow twins.
 
 overlap_merges runs the same operations in the same order (on the CPU the side stream is none:
 the work runs inline), so its results are bitwise the default's; defer_dq sums dq in another
-order, so it is compared within 1e-12 relative in float64. The step loops also run with a side
+order, and defer_merge merges the forward's partials once in another order, so they are
+compared within 1e-12 relative in float64. The step loops also run with a side
 stream that runs *late* (:class:`LateSide`: its work runs only when the loop must wait for it,
 a join or a message sent from it): a loop that read an accumulator before joining the side
 stream would return other values.
@@ -40,7 +41,9 @@ from longattn.hamilton.schedules import multi_ring_schedule, ring_schedule
 
 CONFIGS = {"default": HamiltonConfig(), "overlap": HamiltonConfig(overlap_merges=True),
            "defer": HamiltonConfig(defer_dq=True),
-           "overlap+defer": HamiltonConfig(overlap_merges=True, defer_dq=True)}
+           "overlap+defer": HamiltonConfig(overlap_merges=True, defer_dq=True),
+           "defer_merge": HamiltonConfig(defer_merge=True),
+           "all": HamiltonConfig(overlap_merges=True, defer_dq=True, defer_merge=True)}
 KEYS = ("out", "lse", "dq", "dk", "dv")
 
 
@@ -121,6 +124,8 @@ def _rank(rank, n, cases):
             "overlap bitwise": _same_bits(got["overlap"], got["default"]),
             "overlap+defer bitwise defer": _same_bits(got["overlap+defer"], got["defer"]),
             "defer diff": _sq_diff(got["defer"], got["default"]),
+            "defer_merge diff": _sq_diff(got["defer_merge"], got["default"]),
+            "all diff": _sq_diff(got["all"], got["default"]),
             "late bitwise": (_same_bits(late["overlap"][0], got["default"])
                              and _same_bits(late["overlap+defer"][0], got["defer"])),
             "late deferred": min(late["overlap"][1], late["overlap+defer"][1]),
@@ -152,8 +157,9 @@ def test_options_match_the_default_and_the_oracle(n):
             assert max(err.values()) <= 1e-10, (what, name, err)
         assert all(r["overlap bitwise"] for r in rows), what
         assert all(r["overlap+defer bitwise defer"] for r in rows), what
-        diff = _global_err([r["defer diff"] for r in rows])
-        assert max(diff.values()) <= 1e-12, (what, diff)
+        for key in ("defer diff", "defer_merge diff", "all diff"):
+            diff = _global_err([r[key] for r in rows])
+            assert max(diff.values()) <= 1e-12, (what, key, diff)
         assert all(r["late bitwise"] for r in rows), what
         assert all(r["late deferred"] > 0 for r in rows), what  # the late side ran late
 
@@ -227,7 +233,7 @@ def test_side_stream_without_cuda_runs_inline():
     side.join()
 
 
-@pytest.mark.parametrize("name", ["overlap_merges", "defer_dq"])
+@pytest.mark.parametrize("name", ["overlap_merges", "defer_dq", "defer_merge"])
 def test_config_options_are_bools(name):
     assert getattr(HamiltonConfig(), name) is False
     with pytest.raises(TypeError, match=f"{name} must be a bool"):

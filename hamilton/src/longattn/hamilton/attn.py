@@ -41,7 +41,7 @@ from longattn.common.dist import resolve_group
 from longattn.common.dtypes import acc_dtype, lse_dtype
 from longattn.common.kernels import attention_backward, attention_forward, grad_lse_or_none
 from longattn.common.kernels.rows import add_kv_
-from longattn.common.merge import merge_partials_
+from longattn.common.merge import merge_partials_, merge_slots
 from longattn.hamilton.allgather import allgather_attention
 from longattn.hamilton.args import DENSE_NAMES, check_call, check_dense_call
 from longattn.hamilton.config import DEFAULT, HamiltonConfig
@@ -257,8 +257,54 @@ def _rows(call, half):
     return slice(None) if call.rows == "all" else slice(half, None)
 
 
+class DeferredOut:
+    """``HamiltonConfig.defer_merge``: every kernel call's ``(out, lse)`` of a rank's forward
+    kept in a slot, merged once by :meth:`finish`.
+
+    Slot 0 holds the diagonal block (step 0, every query row); the ``"all"`` calls of
+    ``calls`` (a plan's ``calls[1:]``) come next, the ``"back"`` calls last, so the front query
+    rows ``[0, L/2)`` merge slots ``[0, 1 + n_all)`` and the back rows every slot
+    (:func:`longattn.common.merge.merge_slots`; a back slot's front rows are never written
+    nor read). The kernels write their outputs into the slots (``attention_forward(out=)``):
+    no float32 accumulator is read and written per call. Memory: ``1 + len(calls)`` tensors
+    ``[B, L, Hq, Dv]`` in q's dtype and their ``lse`` in ``lse_dtype(q.dtype)``."""
+
+    def __init__(self, calls, q, dv):
+        b, length, hq, _ = q.shape
+        self.half = length // 2
+        kinds = [call.rows for step in calls for call in step]
+        self.n_front = 1 + kinds.count("all")
+        self.outs = q.new_empty((1 + len(kinds), b, length, hq, dv))
+        self.lses = torch.empty((1 + len(kinds), b, hq, length), dtype=lse_dtype(q.dtype),
+                                device=q.device)
+        self.i_all, self.i_back = 1, self.n_front
+
+    def slot(self, rows):
+        """``(out, lse)`` views of the next slot for a call of ``rows`` (``"diag"``, ``"all"``
+        or ``"back"``, in step order), restricted to the rows it computes."""
+        if rows == "diag":
+            i, sl = 0, slice(None)
+        elif rows == "all":
+            i, sl, self.i_all = self.i_all, slice(None), self.i_all + 1
+        else:
+            i, sl, self.i_back = self.i_back, slice(self.half, None), self.i_back + 1
+        return self.outs[i][:, sl], self.lses[i][:, :, sl]
+
+    def run(self, rows, q, k, v, *, softmax_scale, causal, backend):
+        """One kernel call of ``rows`` written into its slot."""
+        out, lse = self.slot(rows)
+        _, l = attention_forward(q, k, v, softmax_scale=softmax_scale, causal=causal,
+                                 backend=backend, out=out)
+        lse.copy_(l)
+
+    def finish(self, dtype):
+        """``(out in dtype, lse)``: every slot merged."""
+        return merge_slots(self.outs, self.lses, n_front=self.n_front, split=self.half,
+                           out_dtype=dtype)
+
+
 def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, softmax_scale, backend,
-                 config=DEFAULT, merge=None, side=None):
+                 config=DEFAULT, merge=None, side=None, parts=None):
     """Run one step's kernel calls on buffer ``buf`` and merge into ``acc_out`` / ``acc_lse``.
 
     ``backend``: a backend name, or ``{"all": name, "back": name}``. ``config``: a
@@ -266,7 +312,16 @@ def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, softmax_scale
     :func:`longattn.common.merge.merge_partials_` used instead of it (benchmarks time e.g. a
     ``torch.compile``'d merge this way); None: ``merge_partials_`` with
     ``config.merge_backend``. ``side``: a :class:`SideStream` the merges are queued on (None:
-    inline); the caller joins it before reading the accumulators."""
+    inline); the caller joins it before reading the accumulators. ``parts``: a
+    :class:`DeferredOut` the calls write into instead (``acc_out`` / ``acc_lse`` unused)."""
+    if parts is not None:
+        half = q.shape[1] // 2
+        for call in calls:
+            kk, vv = _kv(buf, call, unit, hkv, d, config.contiguous_kv)
+            parts.run(call.rows, q if call.rows == "all" else q[:, half:], kk, vv,
+                      softmax_scale=softmax_scale, causal=False,
+                      backend=_pick(backend, call.rows))
+        return
     if merge is None:
         merge = functools.partial(merge_partials_, backend=config.merge_backend)
     half = q.shape[1] // 2
@@ -472,19 +527,27 @@ def _forward(q, k, v, plan, group, softmax_scale, kernels, config, side=None):
     cur = new_buffer(lk, b, hkv, d, dv, k.dtype, k.device)
     nxt = torch.empty_like(cur)
     _pack(cur, k, v, _token_index(plan, lk, k.device))
+    parts = DeferredOut(plan.calls[1:], q, dv) if config.defer_merge else None
+    acc_out = acc_lse = None
     for s in range(n):
         h = _post(plan.transfers[s], cur, nxt, unit, group) if s < n - 1 else None
-        if s == 0:  # the diagonal block on the local q, k, v (causal when causal)
+        if s == 0 and parts is not None:
+            parts.run("diag", q, k, v, softmax_scale=softmax_scale, causal=plan.causal,
+                      backend=backend["diag"])
+        elif s == 0:  # the diagonal block on the local q, k, v (causal when causal)
             out, lse = attention_forward(q, k, v, softmax_scale=softmax_scale,
                                          causal=plan.causal, backend=backend["diag"])
             acc_out, acc_lse = out.to(acc_dtype(q.dtype)), lse.to(lse_dtype(q.dtype))
         else:
             forward_step(q, cur, plan.calls[s], unit, acc_out, acc_lse, hkv=hkv, d=d,
                          softmax_scale=softmax_scale, backend=backend, config=config,
-                         side=side)
+                         side=side, parts=parts)
         if h is not None:
             h.wait()
             cur, nxt = nxt, cur
+    if parts is not None:
+        out, lse = parts.finish(q.dtype)
+        return out, lse, cur
     side.join()  # the merges have run before the accumulators are read
     return acc_out.to(q.dtype), acc_lse, cur
 

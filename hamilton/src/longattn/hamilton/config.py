@@ -34,7 +34,10 @@ class HamiltonConfig:
     (:class:`longattn.hamilton.attn.SideStream`), so that they run while the next step's
     kernels compute; the travelling dK/dV buffer is sent from that stream. The same operations
     in the same order: the results are bitwise those of ``False``. Without CUDA the same code
-    runs the work inline. Default ``False``: not measured yet.
+    runs the work inline. Default ``False``: on an H100 (8 ranks x 8,192 tokens,
+    ``hamilton/bench/results/h100/variants/``) it gained little, forward+backward 0.846-0.866
+    of dense cuDNN / 8 against 0.837-0.850, and lost in the forward on one rank (0.860
+    against 0.867).
 
     ``defer_dq`` (the same step loops): the backward keeps each step's dq partial in the
     kernel's dtype and sums them once, in the accumulation dtype, at the end
@@ -42,9 +45,18 @@ class HamiltonConfig:
     float32 dq per kernel call. Another order of the same additions. Memory: one partial per
     kernel call of steps ``1..n-1``, about ``n - 1`` tensors ``[B, L, Hq, D]`` in q's dtype
     (at most 1.5x that where causal steps make both of their calls: TASP, two-level).
-    Default ``False``: not measured yet.
+    Default ``False``: in the same H100 run, with ``overlap_merges``, forward+backward
+    0.858-0.865.
 
-    Neither changes a message, so the ranks need not agree on them (they are not among the
+    ``defer_merge`` (the same step loops): the forward writes each kernel call's output
+    straight into a slot of one buffer (``attention_forward(out=)``) and merges all slots
+    once at the end, writing ``out`` in q's dtype (:class:`longattn.hamilton.attn.DeferredOut`,
+    :func:`longattn.common.merge.merge_slots`), instead of a read-modify-write of a float32
+    accumulator per call plus a conversion of the first and of the final result. The same
+    weights, summed in another order. Memory: ``1 + `` (the kernel calls of steps ``1..n-1``)
+    tensors ``[B, L, Hq, Dv]`` in q's dtype and their ``lse``. Default ``False``.
+
+    None of them changes a message, so the ranks need not agree on them (they are not among the
     values a call agrees).
     """
 
@@ -53,6 +65,7 @@ class HamiltonConfig:
     target: str | None = None
     overlap_merges: bool = False
     defer_dq: bool = False
+    defer_merge: bool = False
 
     # ``target``: the hardware model ``schedule="auto"`` chooses by (a name in
     # ``longattn.common.topology.ALL_TARGETS``, e.g. "H200-1"): it predicts every strategy's
@@ -64,7 +77,7 @@ class HamiltonConfig:
         if not isinstance(self.merge_backend, str) or self.merge_backend not in MERGE_BACKENDS:
             raise ValueError(f"merge_backend must be one of {MERGE_BACKENDS}, got "
                              f"{self.merge_backend!r}")
-        for name in ("contiguous_kv", "overlap_merges", "defer_dq"):
+        for name in ("contiguous_kv", "overlap_merges", "defer_dq", "defer_merge"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.target is not None:
