@@ -20,7 +20,8 @@
   32,768-token causal document (H=32, D=128, bf16) and a 2-key document with 2 queries, or 1
   query: the second makes the graph's causal band bottom-right aligned (as every packed
   all-gather call whose segments have more keys than queries), the same work otherwise;
-* ``hamilton-merge`` / ``hamilton-overlap`` / ``hamilton-overlap-defer``: rank 0 of
+* ``hamilton-merge`` / ``hamilton-overlap`` / ``hamilton-overlap-defer`` /
+  ``hamilton-defer-all`` (``overlap+defer_all``): rank 0 of
   ``hamilton/bench/bench_hamilton.py``'s 8-rank zigzag ring (8,192 tokens a rank, H=32,
   D=128, bf16), forward + backward with its merges and dK/dV accumulation, as the benchmark
   times that variant.
@@ -172,7 +173,8 @@ _CASES = {"dilated": _dilated, "hyper-causal": lambda: _hyper(True),
           "cudnn-bottom-right": lambda: alignment_case(True),
           "hamilton-merge": lambda: hamilton_case("merge"),
           "hamilton-overlap": lambda: hamilton_case("overlap"),
-          "hamilton-overlap-defer": lambda: hamilton_case("overlap+defer")}
+          "hamilton-overlap-defer": lambda: hamilton_case("overlap+defer"),
+          "hamilton-defer-all": lambda: hamilton_case("overlap+defer_all")}
 
 
 def profile_one(what, top):

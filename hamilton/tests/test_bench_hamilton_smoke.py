@@ -141,7 +141,7 @@ def test_profile_hamilton_cases_run_on_the_cpu():
     mod = load_script(Path(__file__).resolve().parents[2] / "common" / "bench" /
                       "profile_kernels.py", "profile_kernels_hamilton")
     got = [mod.hamilton_case(v, device="cpu", n=3, tokens=24, heads=2, dim=8)()
-           for v in ("merge", "overlap", "overlap+defer")]
+           for v in ("merge", "overlap", "overlap+defer", "overlap+defer_all")]
     for g in got[1:]:
         for key in ("dq", "dk", "dv"):
             torch.testing.assert_close(g[key], got[0][key])
