@@ -424,6 +424,43 @@ def test_forward_out_is_written_in_place_by_every_kind_of_backend():
         K.BACKENDS.pop("test_writes_out", None)
 
 
+def test_backward_dq_out_is_written_in_place_by_every_kind_of_backend():
+    """``attention_backward(dq_out=)``: dq lands in the given slot (same values as without it,
+    the neighbours untouched), handed to a ``writes_out`` backend, copied for the others; dk /
+    dv as without it; a wrong ``dq_out`` raises naming it."""
+    seen = []
+
+    def bwd(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, dq_out=None):
+        seen.append(dq_out)
+        dq, dk, dv = torch_backend.backward(dout, q, k, v, out, lse,
+                                            softmax_scale=softmax_scale,
+                                            window_size=window_size, dlse=dlse)
+        return (dq if dq_out is None else dq_out.copy_(dq)), dk, dv
+
+    K.register_backend("test_writes_dq", K.Backend(
+        forward=K.BACKENDS["torch"].forward, backward=bwd, supports=lambda req: None,
+        writes_out=True))
+    try:
+        for seed in range(3):
+            q, k, v = make(seed, 2, 7 + seed, 10, 4, 2, 4)
+            out, lse = K.attention_forward(q, k, v, causal=True, backend="torch")
+            do = torch.randn_like(out)
+            want = K.attention_backward(do, q, k, v, out, lse, causal=True, backend="torch")
+            for name in ("torch", "test_writes_dq"):
+                buf = torch.randn(3, *q.shape, dtype=q.dtype)
+                keep = buf.clone()
+                got = K.attention_backward(do, q, k, v, out, lse, causal=True, backend=name,
+                                           dq_out=buf[2])
+                assert got[0].data_ptr() == buf[2].data_ptr()
+                assert all(torch.equal(a, b) for a, b in zip(got, want))
+                assert torch.equal(buf[:2], keep[:2])
+        assert seen and all(o is not None for o in seen)
+        with pytest.raises(ValueError, match="dq_out"):
+            K.attention_backward(do, q, k, v, out, lse, dq_out=torch.zeros(2, 9, 4, 4).half())
+    finally:
+        K.BACKENDS.pop("test_writes_dq", None)
+
+
 def test_registry_is_the_backends_that_exist():
     """Every name auto tries exists (loaded, or unavailable with a reason); nothing else hides."""
     assert set(K.AUTO_ORDER) <= set(K.BACKENDS) | set(K.UNAVAILABLE)

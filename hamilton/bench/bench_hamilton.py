@@ -167,7 +167,7 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True, config=
             gbuf = torch.empty_like(gacc[0])  # written whole (first=True)
             grads = step_grads(dol, None, ql, out, acc_lse, step_buffer(s, r),
                                plans[r].calls[s], unit, hkv=heads, d=dim, softmax_scale=scale,
-                               backend=backend, config=config)
+                               backend=backend, config=config, dq_parts=parts)
             accumulate_step(grads, dq, gbuf, unit, hkv=heads, d=dim, first=True, side=side,
                             dq_parts=parts)
             side.join()  # gbuf is read here
@@ -307,7 +307,8 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode, 
         cur = 0
         for s in range(n - 1, 0, -1):
             grads = step_grads(dout, None, q, out, lse, buf, plan.calls[s], unit, hkv=heads,
-                               d=dim, softmax_scale=scale, backend=backend, config=config)
+                               d=dim, softmax_scale=scale, backend=backend, config=config,
+                               dq_parts=parts)
             if s < n - 1:
                 side.join()  # the loop's h_g.wait() (its message was posted from the side)
             accumulate_step(grads, dq, accs[cur], unit, hkv=heads, d=dim, first=s == n - 1,

@@ -337,11 +337,12 @@ def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, softmax_scale
 
 
 def step_grads(dout, dlse, q, out, lse, buf, calls, unit, *, hkv, d, softmax_scale, backend,
-               config=DEFAULT):
+               config=DEFAULT, dq_parts=None):
     """One step's gradient kernels: ``[(call, dq_s, dk_s, dv_s)]``, in the kernels' dtypes
     (``dq_s`` covers the call's query rows, ``dk_s`` / ``dv_s`` its key units).
     ``backend``: a backend name, or ``{"all": name, "back": name}``; ``config``: a
-    :class:`HamiltonConfig`."""
+    :class:`HamiltonConfig`. ``dq_parts``: a :class:`DeferredDq` whose slots the kernels write
+    ``dq_s`` into."""
     half = q.shape[1] // 2
     grads = []
     for call in calls:
@@ -350,7 +351,8 @@ def step_grads(dout, dlse, q, out, lse, buf, calls, unit, *, hkv, d, softmax_sca
         dq_s, dk_s, dv_s = attention_backward(
             dout[:, sl], q[:, sl], kk, vv, out[:, sl], lse[:, :, sl],
             softmax_scale=softmax_scale, causal=False,
-            dlse=None if dlse is None else dlse[:, :, sl], backend=_pick(backend, call.rows))
+            dlse=None if dlse is None else dlse[:, :, sl], backend=_pick(backend, call.rows),
+            dq_out=None if dq_parts is None else dq_parts.slot(call))
         grads.append((call, dq_s, dk_s, dv_s))
     return grads
 
@@ -406,36 +408,42 @@ class DeferredDq:
     """``HamiltonConfig.defer_dq``: the dq partials of the steps ``1..n-1`` kept in the
     kernels' dtype and summed once, in the accumulation dtype, by :meth:`sum_into`.
 
-    One slot per kernel call of ``calls`` (a plan's ``calls[1:]``), allocated up front (on the
-    current stream): the front query rows ``[0, L/2)`` of the ``"all"`` calls in one stack,
-    the back rows of every call in another, so each partial is copied once and each stack
-    read once by one ``sum``. Memory: one partial per kernel call, i.e. ``(n - 1)`` tensors
-    ``[B, L, Hq, D]`` in q's dtype with ring (fewer rows where a step has the back half only),
-    up to 1.5x that with TASP (a step with both calls)."""
+    One slot ``[B, L, Hq, D]`` per kernel call of ``calls`` (a plan's ``calls[1:]``),
+    allocated up front (on the current stream), the ``"all"`` calls' first: the front query
+    rows ``[0, L/2)`` sum the first ``n_all`` slots, the back rows every slot (a ``"back"``
+    call's slot has no front rows written). :func:`step_grads` has the kernels write each
+    partial into its slot (``attention_backward(dq_out=)``; :meth:`keep` copies only a partial
+    that lives elsewhere). Memory: one slot per kernel call, i.e. ``n - 1`` tensors
+    ``[B, L, Hq, D]`` in q's dtype with ring, up to twice that with TASP (a step with both
+    calls)."""
 
     def __init__(self, calls, q):
         b, length, hq, d = q.shape
         self.half = length // 2
         kinds = [call.rows for step in calls for call in step]
         self.n_all = kinds.count("all")
-        self.front = q.new_empty((self.n_all, b, self.half, hq, d))
-        self.back = q.new_empty((len(kinds), b, length - self.half, hq, d))
-        self.i_all = self.i_back = 0
+        self.slots = q.new_empty((len(kinds), b, length, hq, d))
+        self.i_all, self.i_back = 0, self.n_all
+
+    def slot(self, call):
+        """The rows of the next slot for ``call`` (in step order), where its kernel writes."""
+        if call.rows == "all":
+            i, sl, self.i_all = self.i_all, slice(None), self.i_all + 1
+        else:
+            i, sl, self.i_back = self.i_back, slice(self.half, None), self.i_back + 1
+        return self.slots[i][:, sl]
 
     def keep(self, call, dq_s):
-        """Copy one call's partial into its slots (in step order)."""
-        if call.rows == "all":
-            self.front[self.i_all].copy_(dq_s[:, :self.half])
-            self.back[self.i_all].copy_(dq_s[:, self.half:])
-            self.i_all += 1
-        else:
-            self.back[self.n_all + self.i_back].copy_(dq_s)
-            self.i_back += 1
+        """Have one call's partial in its slot: nothing to do where the kernel wrote it into
+        the slot :meth:`slot` gave it, else a copy into the next slot."""
+        if dq_s.untyped_storage().data_ptr() != self.slots.untyped_storage().data_ptr():
+            self.slot(call).copy_(dq_s)
 
     def sum_into(self, dq):
         """``dq`` (accumulation dtype, every row written) = the sum of the kept partials."""
-        torch.sum(self.front, 0, dtype=dq.dtype, out=dq[:, :self.half])
-        torch.sum(self.back, 0, dtype=dq.dtype, out=dq[:, self.half:])
+        h = self.half
+        torch.sum(self.slots[:self.n_all, :, :h], 0, dtype=dq.dtype, out=dq[:, :h])
+        torch.sum(self.slots[:, :, h:], 0, dtype=dq.dtype, out=dq[:, h:])
 
 
 def accumulate_step(grads, dq, acc, unit, *, hkv, d, first=False, side=None, dq_parts=None):
@@ -581,7 +589,7 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, softmax_scale
                 h_kv = _post(plan.transfers[s - 1], cur, nxt, unit, group, reverse=True)
             grads = step_grads(dout, dlse, q, out, lse, cur, plan.calls[s], unit, hkv=hkv,
                                d=d, softmax_scale=softmax_scale, backend=backend,
-                               config=config)
+                               config=config, dq_parts=parts)
             if h_g is not None:  # the accumulator of this content from the later steps
                 h_g.wait()  # (posted on the side stream: this also joins it)
             accumulate_step(grads, dq, accs[cur_acc], unit, hkv=hkv, d=d, first=s == n - 1,

@@ -59,7 +59,8 @@ class Backend:
     ``backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse[, config])`` get
     checked arguments: a float scale and the window with ``causal`` folded in. A backend with
     ``writes_out`` takes ``out=`` in ``forward`` (a checked ``[B, Sq, Hq, Dv]`` tensor in
-    q's dtype with a contiguous head dim, or None) and writes its output there."""
+    q's dtype with a contiguous head dim, or None) and ``dq_out=`` in ``backward`` (likewise
+    q's shape) and writes its output / dq there."""
 
     forward: Callable
     backward: Callable
@@ -237,15 +238,15 @@ def pick_backend(q, k, v, *, causal=False, window_size=(-1, -1), needs_dlse=Fals
     return _pick(req, backend)[0]
 
 
-def _check_out(out, q, v):
+def _check_out(out, q, v, name="out"):
     want = (q.shape[0], q.shape[1], q.shape[2], v.shape[-1])
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"out must be a torch.Tensor or None, got {type(out).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(out).__name__}")
     if tuple(out.shape) != want or out.dtype != q.dtype or out.device != q.device:
-        raise ValueError(f"out must be [B, Sq, Hq, Dv] = {want} in q's dtype {q.dtype} on "
-                         f"{q.device}, got {tuple(out.shape)} {out.dtype} on {out.device}")
+        raise ValueError(f"{name} must be {want} in q's dtype {q.dtype} on {q.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if out.shape[-1] > 1 and out.stride(-1) != 1:
-        raise ValueError("out needs a contiguous head dim (stride 1 in the last dim)")
+        raise ValueError(f"{name} needs a contiguous head dim (stride 1 in the last dim)")
 
 
 def attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -271,10 +272,15 @@ def attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=
 
 
 def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=False,
-                       window_size=(-1, -1), dlse=None, backend="auto", config=None):
+                       window_size=(-1, -1), dlse=None, backend="auto", config=None,
+                       dq_out=None):
     """Gradients of this step given the final ``out``/``lse``. Returns ``(dq, dk, dv)`` in the
-    dtypes of q, k, v."""
+    dtypes of q, k, v. ``dq_out``: a tensor of q's shape and dtype (any strides with a
+    contiguous head dim) dq is written into and returned as (``writes_out`` backends write it
+    there directly, the others copy)."""
     check_qkv(q, k, v)
+    if dq_out is not None:
+        _check_out(dq_out, q, q, "dq_out")
     check_backward_tensors(q, dout, out, lse, dlse)
     if dout.shape != out.shape or out.shape[:-1] != q.shape[:-1]:
         raise ValueError(
@@ -287,8 +293,14 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=Fa
     scale = check_scale(softmax_scale, q.shape[-1])
     win = normalize_window(causal, window_size)
     _, b = _pick(Request(q, k, v, causal, win, dlse is not None, config), backend)
-    return b.backward(dout, q, k, v, out, lse, softmax_scale=scale, window_size=win, dlse=dlse,
-                      **_config_kw(b, config))
+    kw = _config_kw(b, config)
+    if dq_out is not None and b.writes_out:
+        kw["dq_out"] = dq_out
+    dq, dk, dv = b.backward(dout, q, k, v, out, lse, softmax_scale=scale, window_size=win,
+                            dlse=dlse, **kw)
+    if dq_out is not None and dq is not dq_out:
+        dq = dq_out.copy_(dq)
+    return dq, dk, dv
 
 
 class _Attention(torch.autograd.Function):

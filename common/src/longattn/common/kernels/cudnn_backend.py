@@ -254,14 +254,16 @@ def forward(q, k, v, *, softmax_scale, window_size, out=None):
     return out, lse
 
 
-def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
+def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, dq_out=None):
     """dq, dk, dv. A causal call with ``Sq < Sk`` (a bottom-right band) runs as two graphs,
     the queries against the keys before their diagonal block (no mask) and against that block
     (square: top-left), written into one dK / dV, dq summed: cuDNN's backward runs a
     bottom-right band at half the speed of the same work top-left aligned
     (``common/bench/results/h200/profile_packed/log.txt``, 82.96 against 41.76 ms). With
-    ``split=False`` (:func:`backward_single`) it is one graph."""
-    return _backward(dout, q, k, v, out, lse, softmax_scale, window_size, dlse, split=True)
+    ``split=False`` (:func:`backward_single`) it is one graph. ``dq_out``: where dq is
+    written (None: a new tensor)."""
+    return _backward(dout, q, k, v, out, lse, softmax_scale, window_size, dlse, split=True,
+                     dq_out=dq_out)
 
 
 def backward_single(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
@@ -269,7 +271,7 @@ def backward_single(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse
     return _backward(dout, q, k, v, out, lse, softmax_scale, window_size, dlse, split=False)
 
 
-def _backward(dout, q, k, v, out, lse, scale, window, dlse, split):
+def _backward(dout, q, k, v, out, lse, scale, window, dlse, split, dq_out=None):
     if dlse is not None:
         raise ValueError("the cudnn backend cannot take dlse")
     sq, sk = q.shape[1], k.shape[1]
@@ -281,6 +283,8 @@ def _backward(dout, q, k, v, out, lse, scale, window, dlse, split):
         dout = dout.contiguous()
     lse_in = lse.float().contiguous().unsqueeze(-1)  # [B, H, Sq, 1]
     dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
+    if dq_out is not None:
+        dq = dq_out
     args = (dout, q, out, lse_in, scale)
     p = sk - sq
     if split and tuple(window) == (-1, 0) and 0 < p:
