@@ -46,7 +46,7 @@ class HamiltonConfig:
     kernel call of steps ``1..n-1``, about ``n - 1`` tensors ``[B, L, Hq, D]`` in q's dtype
     (at most 1.5x that where causal steps make both of their calls: TASP, two-level).
     Default ``False``: in the same H100 run, with ``overlap_merges``, forward+backward
-    0.858-0.865.
+    0.858-0.865. The kernels write each partial into its slot (``attention_backward(dq_out=)``).
 
     ``defer_merge`` (the same step loops): the forward writes each kernel call's output
     straight into a slot of one buffer (``attention_forward(out=)``) and merges all slots
@@ -54,7 +54,10 @@ class HamiltonConfig:
     :func:`longattn.common.merge.merge_slots`), instead of a read-modify-write of a float32
     accumulator per call plus a conversion of the first and of the final result. The same
     weights, summed in another order. Memory: ``1 + `` (the kernel calls of steps ``1..n-1``)
-    tensors ``[B, L, Hq, Dv]`` in q's dtype and their ``lse``. Default ``False``.
+    tensors ``[B, L, Hq, Dv]`` in q's dtype and their ``lse``. Default ``False`` (memory
+    that grows with the ranks); on an H100 the three options together were the fastest step
+    loop, forward 0.897-0.957 and forward+backward 0.886-0.899 of dense cuDNN / 8 against
+    0.866-0.900 and 0.845-0.873 with none (``hamilton/bench/results/h100/variants_after/``).
 
     None of them changes a message, so the ranks need not agree on them (they are not among the
     values a call agrees).
