@@ -55,9 +55,11 @@ class HamiltonConfig:
     accumulator per call plus a conversion of the first and of the final result. The same
     weights, summed in another order. Memory: ``1 + `` (the kernel calls of steps ``1..n-1``)
     tensors ``[B, L, Hq, Dv]`` in q's dtype and their ``lse``. Default ``False`` (memory
-    that grows with the ranks); on an H100 the three options together were the fastest step
-    loop, forward 0.897-0.957 and forward+backward 0.886-0.899 of dense cuDNN / 8 against
-    0.866-0.900 and 0.845-0.873 with none (``hamilton/bench/results/h100/variants_after/``).
+    that grows with the ranks). On an H200 ``defer_merge`` with ``defer_dq`` took the forward
+    with its merges to 0.953-0.965 of dense cuDNN / 8 (none: 0.902-0.947) and forward+backward
+    to 0.900-0.911 (0.876-0.887; ``hamilton/bench/results/h200/variants_after/``); on an H100
+    the three options together were the fastest, forward 0.897-0.957 and forward+backward
+    0.886-0.899 (``hamilton/bench/results/h100/variants_after/``).
 
     None of them changes a message, so the ranks need not agree on them (they are not among the
     values a call agrees).
