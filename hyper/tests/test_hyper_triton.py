@@ -174,3 +174,30 @@ def test_triton_half_running_output(dtype, causal, s, msl, smooth):
         res.append([out, lse] + [t.grad for t in x])
     errs = [rel_error(a.float(), b) for a, b in zip(res[1], res[0])]
     assert max(errs) <= 2e-2, f"{dtype} triton vs fp32 torch: out, lse, dq, dk, dv = {errs}"
+
+
+def test_chunk_sums_equal_index_add_and_take_the_plan_count():
+    """The sampled keys' chunk partials summed per problem: a reshape-sum where every problem
+    has as many chunks (``_chunks_per_problem`` from the plan), ``index_add_`` otherwise; the
+    same sums either way (float64 here, so any order agrees to rounding)."""
+    from longattn.hyper import triton_path as tp
+    from longattn.hyper.plan import make_plan
+
+    g = torch.Generator().manual_seed(3)
+    for counts in ([3, 3, 3], [2, 4, 1], [1]):
+        cp = torch.tensor([p for p, c in enumerate(counts) for _ in range(c)], dtype=torch.int32)
+        parts = torch.randn(len(cp), 2, 3, 5, generator=g, dtype=torch.float64)
+        want = torch.zeros(len(counts), 2, 3, 5, dtype=torch.float64).index_add_(
+            0, cp.long(), parts)
+        per = counts[0] if len(set(counts)) == 1 else None
+        got = tp._chunk_sums(parts, cp, len(counts), per)
+        assert torch.allclose(got, want, rtol=1e-14, atol=1e-14)
+        assert torch.allclose(tp._chunk_sums(parts, cp, len(counts), None), want, rtol=1e-14,
+                              atol=1e-14)
+    plan = make_plan(1024, 1024, True, 128)
+    for li in range(len(plan.levels)):
+        for chunk in (32, 100, 1024):
+            cp = tp._tiles(plan, li, chunk, False, "cpu")[0]
+            per = tp._chunks_per_problem(plan, li, chunk)
+            counts = torch.bincount(cp.long(), minlength=len(plan.levels[li]))
+            assert per == (int(counts[0]) if bool((counts == counts[0]).all()) else None)
