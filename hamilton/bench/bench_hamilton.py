@@ -168,7 +168,7 @@ def check(device, dtype, n, length, heads, dim, sched_name, causal=True, config=
             grads = step_grads(dol, None, ql, out, acc_lse, step_buffer(s, r),
                                plans[r].calls[s], unit, hkv=heads, d=dim, softmax_scale=scale,
                                backend=backend, config=config, dq_parts=parts)
-            accumulate_step(grads, dq, gbuf, unit, hkv=heads, d=dim, first=True, side=side,
+            accumulate_step(grads, dq, gbuf, unit, first=True, side=side,
                             dq_parts=parts)
             side.join()  # gbuf is read here
             for u, (o, ou) in enumerate(labels[s][r]):
@@ -311,7 +311,7 @@ def make_sequence(device, dtype, n, length, heads, dim, rank, sched_name, mode, 
                                dq_parts=parts)
             if s < n - 1:
                 side.join()  # the loop's h_g.wait() (its message was posted from the side)
-            accumulate_step(grads, dq, accs[cur], unit, hkv=heads, d=dim, first=s == n - 1,
+            accumulate_step(grads, dq, accs[cur], unit, first=s == n - 1,
                             side=side, dq_parts=parts)
             cur = 1 - cur  # the real loop sends this one back and receives into the other
         if parts is not None:

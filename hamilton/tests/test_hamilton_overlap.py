@@ -217,9 +217,9 @@ def test_init_kv_grads_is_zero_then_add():
                       torch.randn(b, (c.stop - c.start) * h, hkv, dv, generator=g))
                      for c in calls]
             slow = new_buffer(lk, b, hkv, d, dv, torch.float32, "cpu").zero_()
-            add_kv_grads(slow, grads, h, hkv=hkv, d=d)
+            add_kv_grads(slow, grads, h)
             fast = new_buffer(lk, b, hkv, d, dv, torch.float32, "cpu").fill_(float("nan"))
-            init_kv_grads(fast, grads, h, hkv=hkv, d=d)
+            init_kv_grads(fast, grads, h)
             assert torch.equal(fast, slow)
 
 

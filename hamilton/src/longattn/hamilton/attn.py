@@ -257,6 +257,28 @@ def _rows(call, half):
     return slice(None) if call.rows == "all" else slice(half, None)
 
 
+class _SlotOrder:
+    """The slot of each kernel call a deferred loop keeps, in step order: ``first`` leading
+    slots (the diagonal block's), then the ``"all"`` calls of ``calls`` (a plan's
+    ``calls[1:]``), then the ``"back"`` calls, so front query rows merge or sum the slots
+    ``[0, n_front)`` and back rows every one. ``take(rows)``: ``(slot, query rows)`` of the
+    next call of ``rows``."""
+
+    def __init__(self, calls, length, first=0):
+        kinds = [call.rows for step in calls for call in step]
+        self.half = length // 2
+        self.n_front = first + kinds.count("all")
+        self.n = first + len(kinds)
+        self.i_all, self.i_back = first, self.n_front
+
+    def take(self, rows):
+        if rows == "all":
+            self.i_all += 1
+            return self.i_all - 1, slice(None)
+        self.i_back += 1
+        return self.i_back - 1, slice(self.half, None)
+
+
 class DeferredOut:
     """``HamiltonConfig.defer_merge``: every kernel call's ``(out, lse)`` of a rank's forward
     kept in a slot, merged once by :meth:`finish`.
@@ -271,23 +293,15 @@ class DeferredOut:
 
     def __init__(self, calls, q, dv):
         b, length, hq, _ = q.shape
-        self.half = length // 2
-        kinds = [call.rows for step in calls for call in step]
-        self.n_front = 1 + kinds.count("all")
-        self.outs = q.new_empty((1 + len(kinds), b, length, hq, dv))
-        self.lses = torch.empty((1 + len(kinds), b, hq, length), dtype=lse_dtype(q.dtype),
-                                device=q.device)
-        self.i_all, self.i_back = 1, self.n_front
+        self.order = _SlotOrder(calls, length, first=1)
+        n = self.order.n
+        self.outs = q.new_empty((n, b, length, hq, dv))
+        self.lses = torch.empty((n, b, hq, length), dtype=lse_dtype(q.dtype), device=q.device)
 
     def slot(self, rows):
         """``(out, lse)`` views of the next slot for a call of ``rows`` (``"diag"``, ``"all"``
         or ``"back"``, in step order), restricted to the rows it computes."""
-        if rows == "diag":
-            i, sl = 0, slice(None)
-        elif rows == "all":
-            i, sl, self.i_all = self.i_all, slice(None), self.i_all + 1
-        else:
-            i, sl, self.i_back = self.i_back, slice(self.half, None), self.i_back + 1
+        i, sl = (0, slice(None)) if rows == "diag" else self.order.take(rows)
         return self.outs[i][:, sl], self.lses[i][:, :, sl]
 
     def run(self, rows, q, k, v, *, softmax_scale, causal, backend):
@@ -299,8 +313,8 @@ class DeferredOut:
 
     def finish(self, dtype):
         """``(out in dtype, lse)``: every slot merged."""
-        return merge_slots(self.outs, self.lses, n_front=self.n_front, split=self.half,
-                           out_dtype=dtype)
+        return merge_slots(self.outs, self.lses, n_front=self.order.n_front,
+                           split=self.order.half, out_dtype=dtype)
 
 
 def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, softmax_scale, backend,
@@ -318,7 +332,7 @@ def forward_step(q, buf, calls, unit, acc_out, acc_lse, *, hkv, d, softmax_scale
         half = q.shape[1] // 2
         for call in calls:
             kk, vv = _kv(buf, call, unit, hkv, d, config.contiguous_kv)
-            parts.run(call.rows, q if call.rows == "all" else q[:, half:], kk, vv,
+            parts.run(call.rows, q[:, _rows(call, half)], kk, vv,
                       softmax_scale=softmax_scale, causal=False,
                       backend=_pick(backend, call.rows))
         return
@@ -377,15 +391,14 @@ def add_q_grads(dq, grads):
         dq[:, _rows(call, half)] += dq_s
 
 
-def add_kv_grads(acc, grads, unit, *, hkv, d):
+def add_kv_grads(acc, grads, unit):
     """Add a step's K/V gradients into the dK/dV accumulator buffer (same layout as KV), one
-    :func:`~longattn.common.kernels.rows.add_kv_` per call (``hkv`` / ``d``: the layout
-    ``dk_s`` / ``dv_s`` carry)."""
+    :func:`~longattn.common.kernels.rows.add_kv_` per call."""
     for call, dk_s, dv_s in grads:
         add_kv_(acc[call.start * unit:call.stop * unit], dk_s, dv_s)
 
 
-def init_kv_grads(acc, grads, unit, *, hkv, d):
+def init_kv_grads(acc, grads, unit):
     """What ``acc.zero_()`` then :func:`add_kv_grads` gives, in one write of ``acc``: each
     call's K/V gradients copied into its units (the calls of a step cover disjoint units), the
     units no call covers zeroed. The same values (``0 + x == x``; only an exact ``-0.0`` of a
@@ -393,7 +406,7 @@ def init_kv_grads(acc, grads, unit, *, hkv, d):
     spans = sorted((call.start, call.stop) for call, _, _ in grads)
     if any(a < b_prev for (_, b_prev), (a, _) in zip(spans, spans[1:])):
         acc.zero_()  # overlapping calls (no plan makes them): the sum itself
-        add_kv_grads(acc, grads, unit, hkv=hkv, d=d)
+        add_kv_grads(acc, grads, unit)
         return
     for call, dk_s, dv_s in grads:
         add_kv_(acc[call.start * unit:call.stop * unit], dk_s, dv_s, store=True)
@@ -418,19 +431,12 @@ class DeferredDq:
     calls)."""
 
     def __init__(self, calls, q):
-        b, length, hq, d = q.shape
-        self.half = length // 2
-        kinds = [call.rows for step in calls for call in step]
-        self.n_all = kinds.count("all")
-        self.slots = q.new_empty((len(kinds), b, length, hq, d))
-        self.i_all, self.i_back = 0, self.n_all
+        self.order = _SlotOrder(calls, q.shape[1])
+        self.slots = q.new_empty((self.order.n, *q.shape))
 
     def slot(self, call):
         """The rows of the next slot for ``call`` (in step order), where its kernel writes."""
-        if call.rows == "all":
-            i, sl, self.i_all = self.i_all, slice(None), self.i_all + 1
-        else:
-            i, sl, self.i_back = self.i_back, slice(self.half, None), self.i_back + 1
+        i, sl = self.order.take(call.rows)
         return self.slots[i][:, sl]
 
     def keep(self, call, dq_s):
@@ -441,12 +447,12 @@ class DeferredDq:
 
     def sum_into(self, dq):
         """``dq`` (accumulation dtype, every row written) = the sum of the kept partials."""
-        h = self.half
-        torch.sum(self.slots[:self.n_all, :, :h], 0, dtype=dq.dtype, out=dq[:, :h])
+        h, n_all = self.order.half, self.order.n_front
+        torch.sum(self.slots[:n_all, :, :h], 0, dtype=dq.dtype, out=dq[:, :h])
         torch.sum(self.slots[:, :, h:], 0, dtype=dq.dtype, out=dq[:, h:])
 
 
-def accumulate_step(grads, dq, acc, unit, *, hkv, d, first=False, side=None, dq_parts=None):
+def accumulate_step(grads, dq, acc, unit, *, first=False, side=None, dq_parts=None):
     """The accumulation of one step's :func:`step_grads`, queued on ``side`` (None: inline):
     each ``dq_s`` into ``dq`` (:func:`add_q_grads`; with ``dq_parts``, a :class:`DeferredDq`:
     kept there instead) and the K/V gradients into the dK/dV buffer ``acc``
@@ -460,7 +466,7 @@ def accumulate_step(grads, dq, acc, unit, *, hkv, d, first=False, side=None, dq_
         else:
             for call, dq_s, _, _ in grads:
                 dq_parts.keep(call, dq_s)
-        (init_kv_grads if first else add_kv_grads)(acc, kv, unit, hkv=hkv, d=d)
+        (init_kv_grads if first else add_kv_grads)(acc, kv, unit)
 
     _run(side, work, [t for g in grads for t in g[1:]])
 
@@ -592,7 +598,7 @@ def _backward(dout, dlse, q, k, v, out, lse, kv_last, plan, group, softmax_scale
                                config=config, dq_parts=parts)
             if h_g is not None:  # the accumulator of this content from the later steps
                 h_g.wait()  # (posted on the side stream: this also joins it)
-            accumulate_step(grads, dq, accs[cur_acc], unit, hkv=hkv, d=d, first=s == n - 1,
+            accumulate_step(grads, dq, accs[cur_acc], unit, first=s == n - 1,
                             side=side, dq_parts=parts)
             h_g = side.post(functools.partial(_post, plan.transfers[s - 1], accs[cur_acc],
                                               accs[1 - cur_acc], unit, group, reverse=True))
