@@ -14,7 +14,8 @@ faster than cuDNN for the shapes longattn uses. Made for one call of the device 
    forward and backward, through ``attention_forward`` / ``attention_backward`` and the varlen
    entry points with ``backend="fa4"``: dense, causal, GQA, Sq < Sk, Sq > Sk (rows without
    keys), windows, ``dlse``, head dims 64 and 128, packed documents (Sq != Sk per document, a
-   document without keys, sinks), and the NaN rule. Relative errors of out, lse, dq, dk, dv;
+   document without keys, sinks), the NaN rule, and ``out=`` / ``dq_out=`` slots FA4
+   writes in place. Relative errors of out, lse, dq, dk, dv;
    PASS within 2e-2. Each case's first call (FA4 compiles its kernels then) is timed.
 3. **Speed**: fa4 against ``cudnn`` (cudnn-frontend graphs; the ragged graphs for varlen) and
    FlashAttention-2 as torch has it (``aten._flash_attention_forward`` / backward, directly for
@@ -221,10 +222,42 @@ def check_nan_rule(device):
             "NaN rows": int(nan.sum())}
 
 
+def check_slots(device):
+    """``out=`` / ``dq_out=`` slots of a larger buffer (rows padded by 16 bytes, so neither
+    slot is contiguous but FA4 can write both, :func:`fa4_backend.writable`): FA4 writes the
+    results there, the padding stays as it was, and the values match float64."""
+    gen = torch.Generator(device=device).manual_seed(3)
+    b, s, hq, hkv, d = 2, 300, 4, 2, 128
+    q = _randn(b, s, hq, d, gen=gen, device=device)
+    k, v = (_randn(b, s, hkv, d, gen=gen, device=device) for _ in range(2))
+    dout = _randn(b, s, hq, d, gen=gen, device=device)
+    buf = torch.full((2, b, s, hq, d + 8), float("nan"), dtype=q.dtype, device=device)
+    out_slot, dq_slot = buf[0, ..., :d], buf[1, ..., :d]
+    t0 = time.perf_counter()
+    out, lse = K.attention_forward(q, k, v, causal=True, backend="fa4", out=out_slot)
+    grads = K.attention_backward(dout, q, k, v, out, lse, causal=True, backend="fa4",
+                                 dq_out=dq_slot)
+    bench.sync(device)
+    first = time.perf_counter() - t0
+    mask = _dense_mask(s, s, True, (-1, -1))
+    ref = [[], [], [], [], []]
+    for i in range(b):
+        o, l, g = dense_reference64(q[i], k[i], v[i], dout[i], mask, d ** -0.5, None)
+        for lst, x in zip(ref, (o, l, *g)):
+            lst.append(x)
+    errs = _errors((out_slot, lse, *grads), [torch.stack(x) for x in ref])
+    placed = bool(out is out_slot and grads[0] is dq_slot and fb.writable(out_slot)
+                  and fb.writable(dq_slot) and torch.isnan(buf[..., d:]).all())
+    return {"case": "out= / dq_out= slots", "shape": f"B{b} Sq{s} Sk{s} H{hq}/{hkv} D{d}",
+            "window": (-1, 0), "first call s": first, **errs, "written in place": placed,
+            "ok": placed and all(e <= TOL for e in errs.values())}
+
+
 def correctness(device, scale_len, budget_end):
     rows = []
     cases = ([(check_dense, c) for c in DENSE_CASES] + [(check_varlen, c) for c in VARLEN_CASES]
-             + [(lambda c, dev, s: check_nan_rule(dev), ("NaN rule",))])
+             + [(lambda c, dev, s: check_nan_rule(dev), ("NaN rule",)),
+                (lambda c, dev, s: check_slots(dev), ("out= / dq_out= slots",))])
     for fn, case in bench.progress(cases, desc="correctness"):
         if time.monotonic() > budget_end:
             rows.append({"case": case[0], "ok": None, "skipped": "time budget"})

@@ -265,6 +265,44 @@ def test_a_wrong_alignment_fails_these_checks(monkeypatch, standin):
     assert errs["out"] > 0.1
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+def test_out_and_dq_out_are_written_in_place(aligned, standin):
+    """``out=`` / ``dq_out=`` slots FA4's kernels can write (strides in multiples of 16 bytes)
+    go to FA4 as ``out`` / ``dq``; other layouts get FA4's own tensor, copied in. Either way
+    the slot holds the oracle's result and is what the call returns."""
+    b, s, hq, hkv, d = 2, 37, 4, 2, 64
+    q, k, v = _qkv(b, s, s, hq, hkv, d, seed=21)
+    dout = _rand(b, s, hq, d, seed=25)
+    width = d + (8 if aligned else 4)  # rows of 144 bytes (a multiple of 16) or of 136
+    buf = torch.full((2, b, s, hq, width), float("nan"), dtype=q.dtype)
+    out_slot, dq_slot = buf[0, ..., :d], buf[1, ..., :d]
+    assert fb.writable(out_slot) is aligned and not out_slot.is_contiguous()
+    out, lse = K.attention_forward(q, k, v, causal=True, backend="fa4", out=out_slot)
+    dq, dk, dv = K.attention_backward(dout, q, k, v, out, lse, causal=True, backend="fa4",
+                                      dq_out=dq_slot)
+    assert out is out_slot and dq is dq_slot
+    (_, f), (_, g) = standin.calls
+    assert (f["out"] is out_slot) is aligned and (f["out"] is None) is not aligned
+    assert (g["dq"] is dq_slot) is aligned and (g["dq"] is None) is not aligned
+    mask = _dense_mask(s, s, True, (-1, -1))
+    ro, rl = ref_attention(*_np(q, k, v), mask=mask, scale=d ** -0.5)
+    rg = ref_backward(*_np(dout, q, k, v), mask=mask, scale=d ** -0.5)
+    errs = oracle_errors({"out": out_slot, "lse": lse, "dq": dq_slot, "dk": dk, "dv": dv},
+                         {"out": ro, "lse": rl, "dq": rg[0], "dk": rg[1], "dv": rg[2]})
+    assert max(errs.values()) <= TOLERANCES[torch.bfloat16], errs
+    assert torch.isnan(buf[..., d:]).all()  # the padding is not written
+
+
+def test_standin_refuses_an_out_fa4_would_refuse(standin):
+    q, k, v = _qkv(1, 8, 8, 2, 2, 64)
+    odd = torch.empty(1, 8, 2, 68, dtype=q.dtype)[..., :64]
+    with pytest.raises(AssertionError, match="aligned strides"):
+        standin._flash_attn_fwd(q, k, v, return_lse=True, out=odd)
+    with pytest.raises(AssertionError, match="shape"):
+        standin._flash_attn_fwd(q, k, v, return_lse=True, out=torch.empty(1, 8, 2, 32,
+                                                                          dtype=q.dtype))
+
+
 def test_nan_rows_give_nan_lse(standin):
     """FA4 gives a row that saw a NaN lse -inf and out NaN: the backend makes its lse NaN."""
     q, k, v = _qkv(1, 12, 12, 2, 2, 64)

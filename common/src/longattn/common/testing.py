@@ -552,7 +552,10 @@ class Fa4Standin:
     * backward -> ``(dq, dk, dv)`` in the inputs' dtype: P recomputed from the *given* lse (a
       ``-inf`` lse counts as 0, so a row with every score masked has p = 0), ``delta =
       rowsum(out * dout) - dlse``; ``lse`` and ``dlse`` float32 of lse's layout;
-    * varlen: ``cu_seqlens_q / _k`` int32 ``[num_seqs + 1]``, packed ``[T, H, D]`` tensors.
+    * varlen: ``cu_seqlens_q / _k`` int32 ``[num_seqs + 1]``, packed ``[T, H, D]`` tensors;
+    * ``out=`` (forward) and ``dq=`` (backward): the result is written into the given tensor,
+      which must have the result's shape and dtype and (as FA4's output layouts are compiled)
+      a unit last stride, other strides in multiples of 16 bytes and a 16-byte aligned pointer.
 
     ``calls`` records each call as ``(name, {argument: value})`` for tests of what was passed.
     """
@@ -642,8 +645,11 @@ class Fa4Standin:
             causal=causal, window_size_left=window_size_left,
             window_size_right=window_size_right, softmax_scale=softmax_scale,
             return_lse=return_lse, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k), softcap, q, k, v, others,
-            _FA4_FWD_OTHER)
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k), softcap, q, k, v, {
+                n: x for n, x in others.items() if n != "out"}, _FA4_FWD_OTHER)
+        given = self._given(others.pop("out", None), "out", (*q.shape[:-1], v.shape[-1]),
+                            q.dtype)
+        self.calls[-1][1]["out"] = given
         scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
         varlen = cu_seqlens_q is not None
         hq = q.shape[-2]
@@ -667,7 +673,21 @@ class Fa4Standin:
             else:
                 out[b], lse[b] = o.to(q.dtype), ls.float()
         grad = any(t.requires_grad for t in (q, k, v))
+        out = out if given is None else given.copy_(out)
         return out, (lse if return_lse or grad else None), None, None, None
+
+    @staticmethod
+    def _given(t, name, shape, dtype):
+        """An ``out=`` / ``dq=`` tensor, checked as FA4 checks it (None passes)."""
+        if t is None:
+            return None
+        assert tuple(t.shape) == tuple(shape), f"{name} shape {tuple(t.shape)} != {shape}"
+        assert t.dtype == dtype, f"{name} dtype {t.dtype} != expected {dtype}"
+        per = 16 // t.element_size()
+        assert (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                and all(x > 0 and x % per == 0 for x in t.stride()[:-1])), (
+            f"{name} must have aligned strides and a contiguous last dimension")
+        return t
 
     def _flash_attn_bwd(self, q, k, v, out, dout, lse, softmax_scale=None, causal=False,
                         softcap=0.0, window_size_left=None, window_size_right=None,
@@ -677,7 +697,10 @@ class Fa4Standin:
             causal=causal, window_size_left=window_size_left,
             window_size_right=window_size_right, softmax_scale=softmax_scale,
             cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q,
-            max_seqlen_k=max_seqlen_k, dlse=dlse), softcap, q, k, v, others, _FA4_BWD_OTHER)
+            max_seqlen_k=max_seqlen_k, dlse=dlse), softcap, q, k, v, {
+                n: x for n, x in others.items() if n != "dq"}, _FA4_BWD_OTHER)
+        given = self._given(others.pop("dq", None), "dq", q.shape, q.dtype)
+        self.calls[-1][1]["dq"] = given
         assert q.dtype == out.dtype == dout.dtype, "inputs must have the same dtype"
         varlen = cu_seqlens_q is not None
         want = (q.shape[-2], q.shape[0]) if varlen else (q.shape[0], q.shape[2], q.shape[1])
@@ -710,4 +733,5 @@ class Fa4Standin:
             n = ks.shape[0]
             dk[at[1]] = dkr.reshape(n, ks.shape[1], g, -1).sum(2)
             dv[at[1]] = dvr.reshape(n, ks.shape[1], g, -1).sum(2)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+        dq = dq.to(q.dtype) if given is None else given.copy_(dq)
+        return dq, dk.to(k.dtype), dv.to(v.dtype)

@@ -1,8 +1,9 @@
 """CUDA backend on FlashAttention-4, the CuTe-DSL kernels of the optional package
 ``flash-attn-4`` (``import flash_attn.cute``; it brings ``nvidia-cutlass-dsl``, whose
 ``[cu13]`` extra carries the CUDA 13 compiler library). Only by name (``backend="fa4"``):
-it is not in ``AUTO_ORDER`` until a GPU measurement shows it faster than ``cudnn`` for a
-shape longattn uses (``common/bench/check_fa4.py`` measures both side by side). Without the
+``common/bench/check_fa4.py`` measures it beside ``cudnn``, and though it is the faster of
+the two on an H100 it stays out of ``AUTO_ORDER`` (a beta that compiles each new shape on
+first use; see the comment there). Without the
 package the backend is listed in ``kernels.UNAVAILABLE`` with the reason, and naming it
 raises a ``ValueError`` saying so.
 
@@ -38,7 +39,8 @@ and what this module does with each:
   in multiples of 8 on sm90, ``8..128`` or 256 on sm100 / sm110, ``8..128`` here on sm120;
   q and v head dims equal (its sm90 GQA backward needs that). The forward has sm80 kernels, the
   backward none below sm90: sm90 or newer here. Inputs of any strides (it copies what its TMA
-  cannot read).
+  cannot read). ``out=`` / ``dq_out=`` (``writes_out``): FA4 writes into them when their
+  layout is one its kernels take (:func:`writable`), else the caller copies.
 * **Varlen** (:mod:`longattn.common.kernels.varlen` with ``backend="fa4"``): ``cu_seqlens_q /
   _k`` int32 on the device, ``max_seqlen_q / _k`` host ints, out ``[Tq, Hq, Dv]``, lse
   ``[Hq, Tq]``; the mask aligned per sequence on its own lengths (ours); sequences without
@@ -236,28 +238,43 @@ def _empty(q, v, lse_shape):
             torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=q.device))
 
 
-def forward(q, k, v, *, softmax_scale, window_size):
+def writable(t) -> bool:
+    """Whether FA4's kernels can write into ``t`` (an ``out=`` / ``dq_out=`` tensor): their
+    output layouts are compiled with dynamic strides that are multiples of 16 bytes, a 16-byte
+    aligned pointer and a unit stride in the head dim (``validate_output_layout`` and
+    ``make_fake_tensor(divisibility=16 bytes)`` in flash-attn-4 / quack-kernels). Another
+    layout gets FA4's own tensor, which ``attention_forward`` / ``attention_backward`` copy."""
+    per = 16 // t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(s > 0 and s % per == 0 for s in t.stride()[:-1]))
+
+
+def forward(q, k, v, *, softmax_scale, window_size, out=None):
     rt = _need_runtime()
     b, sq, hq, _ = q.shape
     sk = k.shape[1]
     if sq == 0 or sk == 0:
         return _empty(q, v, (b, hq, sq))
     left, right = fa4_window(window_size)
+    # out= spares the copy of a step's output into the caller's slot (hamilton's deferred
+    # merge): FA4 writes there itself
+    kw = {"out": out} if out is not None and writable(out) else {}
     res = rt.interface._flash_attn_fwd(q, k, v, softmax_scale=float(softmax_scale), causal=False,
                                        window_size_left=left, window_size_right=right,
-                                       return_lse=True)
+                                       return_lse=True, **kw)
     return _fix_rows(res[0], res[1], may_have_empty_rows(sq, sk, window_size))
 
 
-def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None):
+def backward(dout, q, k, v, out, lse, *, softmax_scale, window_size, dlse=None, dq_out=None):
     rt = _need_runtime()
     if q.shape[1] == 0 or k.shape[1] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     left, right = fa4_window(window_size)
+    kw = {"dq": dq_out} if dq_out is not None and writable(dq_out) else {}
     res = rt.interface._flash_attn_bwd(
         q, k, v, out.to(q.dtype), dout.to(q.dtype), lse.float().contiguous(),
         softmax_scale=float(softmax_scale), causal=False, softcap=0.0, window_size_left=left,
-        window_size_right=right, dlse=None if dlse is None else dlse.float().contiguous())
+        window_size_right=right, dlse=None if dlse is None else dlse.float().contiguous(), **kw)
     return res[0], res[1], res[2]
 
 
@@ -321,4 +338,4 @@ def varlen_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, *, soft
     return res[0], res[1], res[2]
 
 
-BACKEND = Backend(forward=forward, backward=backward, supports=supports)
+BACKEND = Backend(forward=forward, backward=backward, supports=supports, writes_out=True)
