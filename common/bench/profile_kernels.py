@@ -25,6 +25,8 @@
   ``hamilton/bench/bench_hamilton.py``'s 8-rank zigzag ring (8,192 tokens a rank, H=32,
   D=128, bf16), forward + backward with its merges and dK/dV accumulation, as the benchmark
   times that variant.
+* ``dilated-fa4`` / ``hyper-causal-bwd-fa4`` / ``hamilton-defer-all-fa4``: those with
+  ``backend="fa4"`` (hyper: its exact leaves), FA4 installed by ``common/bench/fa4_wheels.sh``.
 
 Prints, per configuration named (several may follow each other in one call), the total device
 time, the call's wall time between CUDA events, the kernels with the most self device time and
@@ -50,7 +52,7 @@ def _rand(*shape, seed=1):
     return torch.randn(*shape, device="cuda", dtype=torch.bfloat16, generator=g)
 
 
-def _dilated():
+def _dilated(backend="auto"):
     from longattn.dilated import dilated_attention
 
     seg, rates = (2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12)
@@ -59,7 +61,7 @@ def _dilated():
         t.requires_grad_()
 
     def run():
-        o = dilated_attention(q, k, v, seg, rates, causal=True)
+        o = dilated_attention(q, k, v, seg, rates, causal=True, backend=backend)
         torch.autograd.grad(o, (q, k, v), do)
 
     return run
@@ -72,8 +74,8 @@ def _hyper(causal):
     return lambda: hyper_attention(q, k, v, causal=causal)
 
 
-def _hyper_bwd():
-    from longattn.hyper import hyper_attention
+def _hyper_bwd(backend="auto"):
+    from longattn.hyper import HyperConfig, hyper_attention
 
     q, k, v, do = (_rand(1, 131072, 32, 64, seed=i) for i in range(4))
     for t in (q, k, v):
@@ -81,7 +83,7 @@ def _hyper_bwd():
 
     def run():
         o = hyper_attention(q, k, v, causal=True, block_size=256, sample_size=256,
-                            min_seq_len=2048)
+                            min_seq_len=2048, config=HyperConfig(leaf_backend=backend))
         torch.autograd.grad(o, (q, k, v), do)
 
     return run
@@ -151,7 +153,8 @@ def alignment_case(bottom_right, *, device="cuda", s=32768, heads=32, dim=128,
     return run
 
 
-def hamilton_case(variant, *, device="cuda", n=8, tokens=8192, heads=32, dim=128, rank=0):
+def hamilton_case(variant, *, device="cuda", n=8, tokens=8192, heads=32, dim=128, rank=0,
+                  backend="auto"):
     """``hamilton/bench/bench_hamilton.py``'s own fwd+bwd closure of one zigzag-ring rank with
     its merges and dK/dV accumulation (``variant``: one of its ``VARIANTS``); smaller sizes
     and ``device="cpu"`` for a test."""
@@ -162,7 +165,7 @@ def hamilton_case(variant, *, device="cuda", n=8, tokens=8192, heads=32, dim=128
     mode, opts = ham.VARIANTS[variant]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     return ham.make_sequence(device, dtype, n, tokens, heads, dim, rank, "ring", mode,
-                             HamiltonConfig(**opts))[1]
+                             HamiltonConfig(**opts), backend)[1]
 
 
 _CASES = {"dilated": _dilated, "hyper-causal": lambda: _hyper(True),
@@ -174,7 +177,11 @@ _CASES = {"dilated": _dilated, "hyper-causal": lambda: _hyper(True),
           "hamilton-merge": lambda: hamilton_case("merge"),
           "hamilton-overlap": lambda: hamilton_case("overlap"),
           "hamilton-overlap-defer": lambda: hamilton_case("overlap+defer"),
-          "hamilton-defer-all": lambda: hamilton_case("overlap+defer_all")}
+          "hamilton-defer-all": lambda: hamilton_case("overlap+defer_all"),
+          # the same with FlashAttention-4 as the local kernel (common/bench/fa4_wheels.sh)
+          "dilated-fa4": lambda: _dilated("fa4"),
+          "hyper-causal-bwd-fa4": lambda: _hyper_bwd("fa4"),
+          "hamilton-defer-all-fa4": lambda: hamilton_case("overlap+defer_all", backend="fa4")}
 
 
 def profile_one(what, top):
