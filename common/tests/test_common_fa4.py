@@ -425,3 +425,18 @@ def test_standin_keeps_fa4s_signatures():
                 assert real[n].default == default, (name, n, real[n].default, default)
         required = [n for n, p in real.items() if p.default is inspect.Parameter.empty]
         assert list(ours)[:len(required)] == required, (name, required)
+
+
+def test_fix_rows_without_empty_rows_reads_only_lse():
+    """Where every row has a key, an lse of -inf can only come from non-finite scores: that row
+    gets lse NaN (whatever out holds); where rows may be empty, only a NaN out marks it."""
+    out = torch.zeros(1, 3, 2, 8)
+    lse = torch.tensor([[[0.5, float("-inf"), 1.0], [float("-inf"), 2.0, 3.0]]])
+    o, lsef = fb._fix_rows(out, lse, empty_possible=False)
+    assert o is out and torch.isnan(lsef[0, 0, 1]) and torch.isnan(lsef[0, 1, 0])
+    assert torch.isnan(lsef).sum() == 2
+    o, lsee = fb._fix_rows(out.clone(), lse, empty_possible=True)
+    assert torch.isnan(lsee).sum() == 0 and torch.isneginf(lsee).sum() == 2
+    out[0, 1, 0, 0] = float("nan")
+    _, lsee = fb._fix_rows(out.clone(), lse, empty_possible=True)
+    assert torch.isnan(lsee[0, 0, 1]) and torch.isneginf(lsee[0, 1, 0])

@@ -32,7 +32,8 @@ def test_smoke_run_writes_every_step(probe, tmp_path):
     assert doc["env"]["fa4"] == "FA4's stand-in (--smoke)"
     assert "flash-attn-4" in doc["env"]["versions"]
     names = [r["case"] for r in doc["correctness"]]
-    assert names == [c[0] for c in probe.DENSE_CASES + probe.VARLEN_CASES] + ["NaN rule"]
+    assert names == ([c[0] for c in probe.DENSE_CASES + probe.VARLEN_CASES]
+                     + ["NaN rule", "out= / dq_out= slots"])
     assert all(r["ok"] is True for r in doc["correctness"]), doc["correctness"]
     assert len(doc["table"]) == 2 * len(probe.SMOKE_SPEED)
     for r in doc["speed"]:
