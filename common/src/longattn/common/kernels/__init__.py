@@ -366,10 +366,11 @@ UNAVAILABLE: dict[str, str] = {n: m.MISSING for n, m in _ALL.items()
 # cudnn-frontend, band serves the causal windows it can split and aten the rest of fp16 / bf16
 # on CUDA; torch takes everything else (CPU, fp32, dlse). flex is not in auto: in the same run
 # it was no faster than band (21.39 / 83.15 ms), and it compiles per shape. fa4 is not in auto
-# either, though it is faster than cudnn (H100, common/bench/results/h100/check_fa4/
+# either, though it is faster than cudnn (H100, common/bench/results/h100/check_fa4_slots/
 # check_fa4.json: 0.80-0.91x cudnn's time forward+backward on every shape timed there): it is
-# a beta (flash-attn-4 4.0.0b40) that compiles each new configuration on first use for 1.4 to
-# 6.2 s, which a varying-shape training run would meet in its steps; name it to use it.
+# a beta (flash-attn-4 4.0.0b40) that compiles each new configuration on first use (1.4 to
+# 6.2 s in common/bench/results/h100/check_fa4/check_fa4.json), which a varying-shape
+# training run would meet in its steps; name it to use it.
 AUTO_ORDER = ("cudnn", "band", "aten", "torch")
 _BUILTIN = frozenset(_ALL)
 
