@@ -49,20 +49,52 @@ LABELS = {
 }
 
 
-def test_results_table_matches_the_committed_json():
-    summary = json.loads((RESULTS / "bench_ring_swa_summary.json").read_text())
+FA4 = "\n### With FlashAttention-4"
+FA4_LABELS = {
+    "cuDNN native window (`cudnn`)": "cudnn",
+    "ring_swa local step (`auto`: `cudnn`)": "ring_swa local",
+    "**FA4 native window (`fa4` backend)**": "fa4",
+    '**ring_swa local step, `backend="fa4"`**': "ring_swa local [fa4]",
+    "FlexAttention + block mask (compiled)": "flex",
+    "dense causal cuDNN (whole S)": "cudnn dense causal",
+}
+
+
+def _check_rows(text, summary, labels, count):
+    """Every ``| fwd...`` row of ``text`` is its summary row at the printed precision."""
     rows = {(r["phase"], r["candidate"]): r for r in summary["table"]}
-    section = _section("Results")
-    lines = [ln for ln in section.splitlines() if ln.startswith("| fwd")]
-    assert len(lines) == len(rows) == 14
+    lines = [ln for ln in text.splitlines() if ln.startswith("| fwd")]
+    assert len(lines) == count
     for ln in lines:
         phase, label, ms, tflops, xflex, of_dense, spread = [c.strip() for c in
                                                              ln.strip("|").split("|")]
-        r = rows[(phase, LABELS[label])]
+        r = rows[(phase, labels[label])]
         assert ms == f"{r['ms']:.2f}" and tflops == f"{r['TFLOP/s']:.0f}", ln
         assert xflex == ("—" if r["candidate"] == "cudnn dense causal" else
                          f"{r['x flex']:.2f}"), ln
         assert of_dense == f"{r['of dense']:.0%}" and spread == f"{r['spread']:.3f}", ln
+
+
+def test_fa4_results_table_matches_the_committed_json():
+    folder = PKG / "bench" / "results" / "h100" / "fa4_rows"
+    summary = json.loads((folder / "bench_ring_swa_summary.json").read_text())
+    section = _section("Results")
+    text = section[section.index(FA4):]
+    _check_rows(text, summary, FA4_LABELS, 12)
+    assert summary["correct"] and summary["backends"] == {"auto": "ran", "fa4": "ran"}
+    best = summary["verdict_by_backend"]["fa4"]["fwd+bwd"]
+    assert best["meets"] and f"{best['of_dense']:.0%}" == "106%" and "106%" in text
+    timings = json.loads((folder / "bench_ring_swa.json").read_text())
+    assert {t["device"] for t in timings} == {"NVIDIA H100 80GB HBM3"} and "H100" in text
+    assert {t["date"] for t in timings} == {"2026-12-05"} and "2026-12-05" in text
+
+
+def test_results_table_matches_the_committed_json():
+    summary = json.loads((RESULTS / "bench_ring_swa_summary.json").read_text())
+    rows = {(r["phase"], r["candidate"]): r for r in summary["table"]}
+    section = _section("Results").split(FA4)[0]
+    assert len(rows) == 14
+    _check_rows(section, summary, LABELS, 14)
     assert summary["correct"] and all(v["meets"] for v in summary["verdict"].values())
     timings = json.loads((RESULTS / "bench_ring_swa.json").read_text())
     assert {t["device"] for t in timings} == {"NVIDIA H200"} and "NVIDIA H200" in section
