@@ -109,6 +109,28 @@ def test_bench_hamilton_fa4_beside_auto(tmp_path, capsys):
     assert "efficiency fwd+bwd  +merge [fa4]" in out and "FAILED" not in out
 
 
+def test_bench_hamilton_fa4_writes_the_deferred_slots_in_place(tmp_path):
+    """With defer_merge and defer_dq on the fa4 backend (its stand-in), every step's kernel
+    call gets its slot as FA4's ``out`` / ``dq`` (FA4 writes there; nothing is copied in), and
+    the rank's results match the default loop's within bf16 rounding."""
+    standin = Fa4Standin(arch=90)
+    with fb.use(standin, arch=90, device_type="cpu"):
+        _bench().main(["--smoke", "--out", str(tmp_path), "--variants", "merge,defer_all",
+                       "--backends", "fa4"])
+    fwd = [c for name, c in standin.calls if name == "fwd"]
+    bwd = [c for name, c in standin.calls if name == "bwd"]
+    # the default loop's calls allocate (out None), the deferred loop's write into slots
+    assert any(c["out"] is None for c in fwd) and any(c["out"] is not None for c in fwd)
+    assert any(c["dq"] is None for c in bwd) and any(c["dq"] is not None for c in bwd)
+    slots = [c["out"] for c in fwd if c["out"] is not None]
+    assert all(fb.writable(t) and t._base is not None for t in slots)  # views of one buffer
+    data = json.loads((tmp_path / "bench_hamilton.json").read_text())
+    same = [r["extra"] for r in data
+            if r["what"].endswith(" +merge defer_merge defer_dq vs +merge [fa4]")]
+    assert len(same) == 3 and not any(r["race"] for r in same)
+    assert all(r["rel_diff_fwd"] <= 1e-2 and r["rel_diff_fwd_bwd"] <= 1e-2 for r in same), same
+
+
 def test_bench_hamilton_fa4_check_fails_for_a_wrong_kernel():
     with fb.use(_WrongFa4(arch=90), arch=90, device_type="cpu"):
         errs, _ = _bench().check(torch.device("cpu"), torch.bfloat16, 4, 12, 2, 16, "ring",
