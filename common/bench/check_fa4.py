@@ -143,6 +143,17 @@ def _errors(got, want):
     return {n: rel_error(a, b) for n, a, b in zip(names, got, want)}
 
 
+def _batched_reference(q, k, v, dout, mask, dl):
+    """``[out, lse, dq, dk, dv]`` in float64 of dense BSHD tensors, one batch row at a time."""
+    ref = [[], [], [], [], []]
+    for i in range(q.shape[0]):
+        o, l, g = dense_reference64(q[i], k[i], v[i], dout[i], mask, q.shape[-1] ** -0.5,
+                                    None if dl is None else dl[i])
+        for lst, x in zip(ref, (o, l, *g)):
+            lst.append(x)
+    return [torch.stack(x) for x in ref]
+
+
 def check_dense(case, device, scale_len=1):
     name, b, sq, sk, hq, hkv, d, causal, window, dlse = case
     sq, sk = max(1, sq // scale_len), max(1, sk // scale_len)
@@ -160,14 +171,7 @@ def check_dense(case, device, scale_len=1):
     grads = K.attention_backward(dout, q, k, v, out, lse, dlse=dl, **kw)
     bench.sync(device)
     first = time.perf_counter() - t0
-    mask = _dense_mask(sq, sk, causal, window)
-    ref = [[], [], [], [], []]
-    for i in range(b):
-        o, l, g = dense_reference64(q[i], k[i], v[i], dout[i], mask, d ** -0.5,
-                                    None if dl is None else dl[i])
-        for lst, x in zip(ref, (o, l, *g)):
-            lst.append(x)
-    want = [torch.stack(x) for x in ref]
+    want = _batched_reference(q, k, v, dout, _dense_mask(sq, sk, causal, window), dl)
     errs = _errors((out, lse, *grads), want)
     row = {"case": name, "shape": f"B{b} Sq{sq} Sk{sk} H{hq}/{hkv} D{d}", "window": window,
            "first call s": first, **errs}
@@ -239,13 +243,8 @@ def check_slots(device):
                                  dq_out=dq_slot)
     bench.sync(device)
     first = time.perf_counter() - t0
-    mask = _dense_mask(s, s, True, (-1, -1))
-    ref = [[], [], [], [], []]
-    for i in range(b):
-        o, l, g = dense_reference64(q[i], k[i], v[i], dout[i], mask, d ** -0.5, None)
-        for lst, x in zip(ref, (o, l, *g)):
-            lst.append(x)
-    errs = _errors((out_slot, lse, *grads), [torch.stack(x) for x in ref])
+    want = _batched_reference(q, k, v, dout, _dense_mask(s, s, True, (-1, -1)), None)
+    errs = _errors((out_slot, lse, *grads), want)
     placed = bool(out is out_slot and grads[0] is dq_slot and fb.writable(out_slot)
                   and fb.writable(dq_slot) and torch.isnan(buf[..., d:]).all())
     return {"case": "out= / dq_out= slots", "shape": f"B{b} Sq{s} Sk{s} H{hq}/{hkv} D{d}",

@@ -59,7 +59,9 @@ class HamiltonConfig:
     with its merges to 0.953-0.965 of dense cuDNN / 8 (none: 0.902-0.947) and forward+backward
     to 0.900-0.911 (0.876-0.887; ``hamilton/bench/results/h200/variants_after/``); on an H100
     the three options together were the fastest, forward 0.897-0.957 and forward+backward
-    0.886-0.899 (``hamilton/bench/results/h100/variants_after/``).
+    0.886-0.899 (``hamilton/bench/results/h100/variants_after/``), and with the local kernel
+    on FlashAttention-4 (``backend="fa4"``, which writes the slots itself) forward 0.987-1.022
+    and forward+backward 0.984-0.992 (``hamilton/bench/results/h100/fa4_inplace/``).
 
     None of them changes a message, so the ranks need not agree on them (they are not among the
     values a call agrees).

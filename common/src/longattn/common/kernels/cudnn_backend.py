@@ -282,9 +282,8 @@ def _backward(dout, q, k, v, out, lse, scale, window, dlse, split, dq_out=None):
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     lse_in = lse.float().contiguous().unsqueeze(-1)  # [B, H, Sq, 1]
-    dq, dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
-    if dq_out is not None:
-        dq = dq_out
+    dk, dv = (torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (k, v))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device) if dq_out is None else dq_out
     args = (dout, q, out, lse_in, scale)
     p = sk - sq
     if split and tuple(window) == (-1, 0) and 0 < p:

@@ -45,7 +45,6 @@ def add_rows_(dst, rows, src, src_rows=None, store=False):
     return dst
 
 
-
 @triton.jit
 def _add_kv_kernel(acc, dk, dv, M, B, WK, WV, acc_st, acc_sb, k_sb, k_st, v_sb, v_st,
                    STORE: tl.constexpr, BM: tl.constexpr, BC: tl.constexpr):
