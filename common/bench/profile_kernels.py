@@ -189,7 +189,11 @@ def profile_one(what, top):
     count, host op)] of the top host ops)`` of one call: wall is the call's time between two
     CUDA events (what a benchmark times); where it exceeds the kernels' total the GPU waited
     for the host, and the host ops say on what (a synchronizing copy, the launches)."""
-    fn = _CASES[what]()
+    return profile_fn(_CASES[what](), top)
+
+
+def profile_fn(fn, top):
+    """:func:`profile_one` of a callable (also used by ``hyper/bench/tune_hyper.py``)."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

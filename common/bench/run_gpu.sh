@@ -3,7 +3,7 @@
 #   bash common/bench/run_gpu.sh hamilton ring_swa ...      (each capped at $CAP seconds)
 # Besides packages: repro:<pkg> (python -m longattn.common.repro), cudnn, cudnn_varlen,
 # cudnn_ragged, staging, decode_batch, tree_check, strategies, packed, gpu_world, fa4,
-# peer_ring, peer_torchscale, profile (the scripts named in the case below); ARGS_<name> adds
+# peer_ring, peer_torchscale, profile, tune_hyper (the scripts named in the case below); ARGS_<name> adds
 # arguments (ARGS_hyper=--no-sweep; profile takes its configurations there, default
 # "hyper-causal-bwd dilated swa").
 # peer_ring / peer_torchscale run the published peers that common/bench/fetch_peers.sh put
@@ -58,6 +58,7 @@ for pkg in "$@"; do
     peer_ring) script=hamilton/bench/bench_peer_ring.py ;;
     peer_torchscale) script=dilated/bench/bench_peer_torchscale.py ;;
     profile) script=common/bench/profile_kernels.py ;;
+    tune_hyper) script=hyper/bench/tune_hyper.py ;;
     *) script="$pkg/bench/bench_$pkg.py" ;;
   esac
   extra="ARGS_$pkg"

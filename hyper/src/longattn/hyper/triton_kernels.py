@@ -59,14 +59,18 @@ def _configs(pairs):
 # only (bench/compile_sm90.py reports every config's registers and spills for sm_90)
 _FWD = _configs([(64, 4, 3), (128, 8, 3), (64, 8, 2), (64, 8, 3), (32, 4, 3),
                  (64, 4, 2), (64, 4, 4), (128, 8, 2), (32, 4, 2)])
-_DKDV = _configs([(32, 4, 3), (64, 4, 2), (64, 8, 3), (32, 8, 2)])
+_DKDV = _configs([(32, 4, 3), (64, 4, 2), (64, 8, 3), (32, 8, 2), (32, 8, 3), (16, 8, 3)])
 _KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SMOOTH", "TUNE_ROWS"]
 
 
 def _prune(configs, named_args, **kwargs):
-    """fp32 inputs (fp32-accurate dots, for checks rather than speed): one small config."""
+    """fp32 inputs (fp32-accurate dots, for checks rather than speed): one small config.
+    128-key tiles (``HyperConfig.bwd_tile``) run on 8 warps only: on 4 they spill
+    (``bench/compile_sm90.py --bwd-tile 128``)."""
     if kwargs.get("PREC") in ("ieee", "tf32x3"):
         return [min(configs, key=lambda c: (c.kwargs["BLOCK_INNER"], c.num_warps))]
+    if kwargs.get("BLOCK_N", 0) >= 128 and not INTERPRET:
+        return [c for c in configs if c.num_warps == 8]
     return configs
 
 
@@ -323,7 +327,8 @@ def _bwd_dq(Q, K, V, DO, L, DELTA, DQ, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0, PNK,
     dq = dq * (qk_scale * 0.6931471805599453)
     g_ptr = _ptrs(DQ + b.to(tl.int64) * sgb + h.to(tl.int64) * sgh, rows, sgs, offs_d, IDX64)
     g_mask = _mask(row_ok, offs_d, D, EVEN_D)
-    tl.store(g_ptr, tl.load(g_ptr, mask=g_mask, other=0.0) + dq, mask=g_mask)
+    dq = tl.load(g_ptr, mask=g_mask, other=0.0).to(tl.float32) + dq  # DQ: fp32 or input dtype
+    tl.store(g_ptr, dq.to(DQ.dtype.element_ty), mask=g_mask)
 
 
 @triton.jit
@@ -399,10 +404,12 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DKA, DVA, PQ, PK, TP, TI, PQ0, PNQ, PK0, PN
     dk = dk * (qk_scale * 0.6931471805599453)
     gk = _ptrs(DKA + b.to(tl.int64) * sgb + hk.to(tl.int64) * sgh, kr, sgs, offs_d, IDX64)
     mk = _mask(j_ok, offs_d, D, EVEN_D)
-    tl.store(gk, tl.load(gk, mask=mk, other=0.0) + dk, mask=mk)
+    dk = tl.load(gk, mask=mk, other=0.0).to(tl.float32) + dk  # fp32 or the input dtype
+    tl.store(gk, dk.to(DKA.dtype.element_ty), mask=mk)
     gv = _ptrs(DVA + b.to(tl.int64) * shb + hk.to(tl.int64) * shh, kr, shs, offs_dv, IDX64)
     mv = _mask(j_ok, offs_dv, DV, EVEN_DV)
-    tl.store(gv, tl.load(gv, mask=mv, other=0.0) + dv, mask=mv)
+    dv = tl.load(gv, mask=mv, other=0.0).to(tl.float32) + dv
+    tl.store(gv, dv.to(DVA.dtype.element_ty), mask=mv)
 
 
 @triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_PRUNE)

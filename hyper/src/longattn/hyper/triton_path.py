@@ -153,7 +153,7 @@ def _uniform(block_size, smooth, config: HyperConfig):
     """Block diagonal with blocks that are whole tiles: every tile's rows share one window,
     so the kernels mask per column only (``UNIFORM``)."""
     inner = max(c.kwargs["BLOCK_INNER"] for c in tk._FWD + tk._DKDV)
-    tiles = (*_tile_sizes(block_size), _fwd_tile(block_size, config))
+    tiles = (*_tile_sizes(block_size, config), _fwd_tile(block_size, config))
     return not smooth and block_size % max(*tiles, inner) == 0
 
 
@@ -169,16 +169,17 @@ def _log_weights(plan, li, m, device):
 
 def _fwd_tile(block_size, config: HyperConfig):
     """Query tile of the forward grid: ``config.fwd_tile`` where the block holds it."""
-    bm = _tile_sizes(block_size)[0]
+    bm = _tile_sizes(block_size, config)[0]
     return config.fwd_tile if not tk.INTERPRET and block_size >= config.fwd_tile else bm
 
 
-def _tile_sizes(block_size):
+def _tile_sizes(block_size, config: HyperConfig):
     """(query tile of the forward / dq grids, key tile of the dk/dv grids). The dk/dv programs
-    hold two fp32 accumulators of ``key tile x head_dim``: 64 keys keep them in registers."""
+    hold two fp32 accumulators of ``key tile x head_dim``: ``config.bwd_tile`` keys (64 or
+    128); interpreted, ``16 * bwd_tile // 64`` (a key tile of one or two inner tiles)."""
     if tk.INTERPRET:
-        return 16, 16
-    return (128 if block_size >= 128 else 64), 64
+        return 16, 16 * config.bwd_tile // 64
+    return (128 if block_size >= 128 else 64), config.bwd_tile
 
 
 def _prec(q):
@@ -301,17 +302,16 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
         out.stride(0), out.stride(1), out.stride(2), do.stride(0), do.stride(1), do.stride(2),
         hq, s, dv, HAS_DLSE=dlse is not None, BLOCK_M=rows, BLOCK_DV=bdv,
         EVEN_DV=flags["EVEN_DV"], IDX64=flags["IDX64"])
-    f32 = dict(dtype=torch.float32, device=q.device)
+    gdt = _grad_dtype(q, config)
     if causal and uniform_leaves(plan) is not None:  # the leaves cover every row: start there
         dl = None if dlse is None else _lse_to_leaves(plan, dlse)[0]
         a, bb, c = attention_backward(
             _leaf_views(plan, do)[0], _leaf_views(plan, q)[0], _leaf_views(plan, k)[0],
             _leaf_views(plan, v)[0], _leaf_views(plan, out)[0], _lse_to_leaves(plan, lse)[0],
             softmax_scale=scale, causal=True, dlse=dl, backend=config.leaf_backend)
-        dq, dk, dvv = (x.to(torch.float32).reshape(t.shape) for x, t in ((a, q), (bb, k),
-                                                                         (c, v)))
+        dq, dk, dvv = (_running(x, t, gdt) for x, t in ((a, q), (bb, k), (c, v)))
     else:
-        dq, dk, dvv = (torch.zeros(t.shape, **f32) for t in (q, k, v))
+        dq, dk, dvv = (torch.zeros(t.shape, dtype=gdt, device=q.device) for t in (q, k, v))
     if causal and uniform_leaves(plan) is None:
         dls = _lse_to_leaves(plan, dlse) if dlse is not None else [None] * len(plan.leaves)
         for qv, kv, vv, ov, dov, lv, dl, gq, gk, gv in zip(
@@ -323,7 +323,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
             gq += a
             gk += bb
             gv += c
-    bm, bn = _tile_sizes(block_size)
+    bm, bn = _tile_sizes(block_size, config)
     m = 0 if not levels or levels[0][2] is None else levels[0][2].shape[-1]
     common = dict(SMOOTH=smooth, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
                   PREC=_prec(q), UNIFORM=_uniform(block_size, smooth, config),
@@ -369,9 +369,22 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
         bi = torch.arange(b, device=q.device).view(1, b, 1, 1)
         hi = torch.arange(hkv, device=q.device).view(1, 1, hkv, 1)
         rows = pk.long()[bi, hi, pos]
-        dk.index_put_((bi, rows, hi), dks, accumulate=True)
-        dvv.index_put_((bi, rows, hi), dvs, accumulate=True)
+        dk.index_put_((bi, rows, hi), dks.to(gdt), accumulate=True)
+        dvv.index_put_((bi, rows, hi), dvs.to(gdt), accumulate=True)
     return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
+
+
+def _grad_dtype(q, config: HyperConfig):
+    """dtype of the backward's running dq / dk / dv (``HyperConfig.grad_accum``)."""
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    return q.dtype if half and config.grad_accum == "input" else torch.float32
+
+
+def _running(x, like, dtype):
+    """A leaf gradient ``x`` as the running gradient: ``like``'s shape, ``dtype``, last dim
+    contiguous (no copy when ``x`` already is one)."""
+    x = x.to(dtype).reshape(like.shape)
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def _chunk_sums(parts, cp, npb, per):
