@@ -1,7 +1,6 @@
 """Compile the hyper Triton kernels for a Hopper GPU without one, and report their resources.
 
     PYTHONPATH=common/src:hyper/src python hyper/bench/compile_sm90.py [--dtype bf16|fp16|fp32]
-        [--bwd-tile 64|128]
 
 Uses triton's own compiler and the ``ptxas`` / ``cuobjdump`` shipped in its wheel, so it runs
 on a CPU-only machine. For every kernel and autotuning config it prints the shared memory,
@@ -64,15 +63,13 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     ap.add_argument("--head-dim", type=int, default=64)
-    ap.add_argument("--bwd-tile", type=int, default=64, choices=[64, 128],
-                    help="key tile of the dk/dv and sample kernels (HyperConfig.bwd_tile)")
     args = ap.parse_args(argv)
     d = args.head_dim
     prec = "tf32x3" if args.dtype == "fp32" else "tf32"
     failures = 0
     for smooth in (False, True):
-        base = dict(SMOOTH=smooth, BLOCK_M=128, BLOCK_N=args.bwd_tile, BLOCK_D=d, BLOCK_DV=d,
-                    PREC=prec, EVEN_D=True, EVEN_DV=True, IDX64=False, UNIFORM=not smooth)
+        base = dict(SMOOTH=smooth, BLOCK_M=128, BLOCK_N=64, BLOCK_D=d, BLOCK_DV=d, PREC=prec,
+                    EVEN_D=True, EVEN_DV=True, IDX64=False, UNIFORM=not smooth)
         for name, kern, extra in (("fwd", tk._fwd, dict(HAS_INIT=True)),
                                   ("bwd_dq", tk._bwd_dq, {}),
                                   ("bwd_dkdv", tk._bwd_dkdv, {}),

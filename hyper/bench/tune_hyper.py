@@ -1,7 +1,7 @@
 """HyperAttention's Triton-path settings side by side on one GPU, in one run.
 
     PYTHONPATH=$(ls -d */src | tr '\\n' ':') python hyper/bench/tune_hyper.py [--seq 131072]
-        [--variants "default;bwd_tile=128;grad_accum=input"] [--profile] [--out DIR]
+        [--variants "default;grad_accum=float32;fwd_tile=256"] [--profile] [--out DIR]
 
 The configuration of ``bench_hyper.py``'s causal rows (B = 1, H = 32, D = 64, bf16, block 256,
 256 samples, ``min_seq_len`` 2048, 8 LSH projections). A variant is a ``HyperConfig`` written
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -36,13 +37,12 @@ sys.path.insert(0, os.path.join(HERE, "..", "..", "common", "bench"))
 
 from bench_hyper import check_correctness, exact_fn  # noqa: E402
 
-DEFAULT_VARIANTS = ("default;bwd_tile=128;grad_accum=input;bwd_tile=128,grad_accum=input;"
-                    "bwd_tile=128,grad_accum=input,fwd_tile=256")
+DEFAULT_VARIANTS = "default;grad_accum=float32;fwd_tile=256"
 KW = dict(causal=True, block_size=256, sample_size=256, min_seq_len=2048, lsh_num_projs=8)
 
 
 def parse_variant(text: str) -> HyperConfig:
-    """``"bwd_tile=128,grad_accum=input"`` -> ``HyperConfig(bwd_tile=128, grad_accum="input")``
+    """``"fwd_tile=256,grad_accum=input"`` -> ``HyperConfig(fwd_tile=256, grad_accum="input")``
     (``"default"``: the defaults); ints stay ints."""
     if text.strip() == "default":
         return HyperConfig()
@@ -142,6 +142,7 @@ def main(argv=None):
           f"{t['exact fwd+bwd']:.2f} ms")
     print(bench.format_table(rows))
 
+    profiles = {}
     if args.profile:
         from profile_kernels import profile_fn
 
@@ -149,14 +150,17 @@ def main(argv=None):
             def f(conf=conf):
                 torch.autograd.grad(run(conf), (q, k, v), do)
 
-            total, top, wall, _ = profile_fn(f, 12)
+            total, top, wall, _ = profile_fn(f, 40)
             print(f"\nprofile {n}: wall {wall:.2f} ms, device {total:.2f} ms")
             for ms, count, name in top:
                 print(f"  {ms:8.2f} ms x{count:4d}  {name}")
-            results.append({"method": "profile", "variant": n, "wall_ms": wall,
-                            "top": [{"ms": ms, "count": c, "kernel": k_} for ms, c, k_ in top]})
+            profiles[n] = {"wall_ms": wall, "device_ms": total, "top": [
+                {"ms": ms, "count": c, "kernel": k_} for ms, c, k_ in top]}
     print(f"correctness checks: {'PASS' if correct else 'FAIL'}")
     print(f"wrote {bench.write_results(results, os.path.join(out, 'tune_hyper.json'))}")
+    if profiles:
+        with open(os.path.join(out, "tune_hyper_profiles.json"), "w") as fh:
+            json.dump({"device": bench.device_name("cuda"), "profiles": profiles}, fh, indent=1)
     print(f"total {time.time() - t0:.1f} s")
     return 0 if correct else 1
 

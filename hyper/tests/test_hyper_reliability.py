@@ -68,10 +68,6 @@ def test_projections_on_another_device():
 def test_config_is_checked():
     with pytest.raises(ValueError, match="fwd_tile"):
         HyperConfig(fwd_tile=100)
-    with pytest.raises(ValueError, match="bwd_tile"):
-        HyperConfig(bwd_tile=256)
-    with pytest.raises(ValueError, match="bwd_tile"):
-        HyperConfig(bwd_tile=True)
     with pytest.raises(ValueError, match="grad_accum"):
         HyperConfig(grad_accum="bfloat16")
     q, k, v = inputs(4, 1, 32, 32, 2, 1, 8)

@@ -1,7 +1,6 @@
 """The knobs of HyperAttention, passed per call: ``hyper_attention(..., config=HyperConfig())``.
 
-``fwd_tile``, ``bwd_tile`` and ``grad_accum`` are the Triton path's; ``leaf_backend`` both
-paths'.
+``fwd_tile`` and ``grad_accum`` are the Triton path's; ``leaf_backend`` both paths'.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 _FWD_TILES = (16, 32, 64, 128, 256)
-_BWD_TILES = (64, 128)
 _GRAD_ACCUM = ("float32", "input")
 
 
@@ -26,17 +24,14 @@ class HyperConfig:
     measures its speed (``bench_hyper.py --fwd-tile 256`` does). Under ``TRITON_INTERPRET=1``
     every tile is 16.
 
-    ``bwd_tile``: sorted keys per program of the backward's dk / dv kernels (the window keys,
-    and the sampled columns), 64 or 128: each program loads the queries of its keys' windows
-    once for ``bwd_tile`` keys and keeps ``2 x bwd_tile x head_dim`` fp32 accumulators.
-    Under ``TRITON_INTERPRET=1`` the tile is ``16 * bwd_tile // 64``.
-
     ``grad_accum``: the dtype of the running dq / dk / dv of the backward for fp16 / bf16
-    inputs: ``"float32"`` (each level adds its part in fp32; one rounding to the input dtype at
-    the end) or ``"input"`` (the leaves' gradients, in the input dtype, are the running
-    gradients; each level adds its part in fp32 registers and rounds once on the store, as
-    the forward does with ``O``: one extra rounding per level a row takes part in, and no
-    fp32 copies of the gradients). fp32 inputs always accumulate in fp32.
+    inputs: ``"input"`` (the default: the leaves' gradients, in the input dtype, are the
+    running gradients; each level adds its part in fp32 registers and rounds once on the
+    store, as the forward does with ``O``: one extra rounding per level a row takes part in,
+    at most ``log2(S / min_seq_len)``, and no fp32 copies of the gradients) or ``"float32"``
+    (each level adds its part to fp32 copies; one rounding to the input dtype at the end).
+    fp32 inputs always accumulate in fp32. ``hyper/bench/results/h100/tune_hyper/`` has both
+    timed and their gradients compared.
 
     ``leaf_backend``: the local-kernel backend (:mod:`longattn.common.kernels`) of the exact
     parts, on both paths: the causal leaves and the whole call where it is exact (``Sk <=
@@ -48,16 +43,12 @@ class HyperConfig:
 
     fwd_tile: int = 128
     leaf_backend: str = "auto"
-    bwd_tile: int = 64
-    grad_accum: str = "float32"
+    grad_accum: str = "input"
 
     def __post_init__(self):
         t = self.fwd_tile
         if isinstance(t, bool) or not isinstance(t, int) or t not in _FWD_TILES:
             raise ValueError(f"HyperConfig.fwd_tile must be one of {_FWD_TILES}, got {t!r}")
-        t = self.bwd_tile
-        if isinstance(t, bool) or not isinstance(t, int) or t not in _BWD_TILES:
-            raise ValueError(f"HyperConfig.bwd_tile must be one of {_BWD_TILES}, got {t!r}")
         if self.grad_accum not in _GRAD_ACCUM:
             raise ValueError(f"HyperConfig.grad_accum must be one of {_GRAD_ACCUM}, got "
                              f"{self.grad_accum!r}")

@@ -59,18 +59,15 @@ def _configs(pairs):
 # only (bench/compile_sm90.py reports every config's registers and spills for sm_90)
 _FWD = _configs([(64, 4, 3), (128, 8, 3), (64, 8, 2), (64, 8, 3), (32, 4, 3),
                  (64, 4, 2), (64, 4, 4), (128, 8, 2), (32, 4, 2)])
-_DKDV = _configs([(32, 4, 3), (64, 4, 2), (64, 8, 3), (32, 8, 2), (32, 8, 3), (16, 8, 3)])
+_DKDV = _configs([(32, 4, 3), (64, 4, 2), (64, 8, 3), (32, 8, 2), (32, 4, 4), (32, 4, 2),
+                  (16, 4, 3)])
 _KEY = ["BLOCK_M", "BLOCK_N", "BLOCK_D", "BLOCK_DV", "SMOOTH", "TUNE_ROWS"]
 
 
 def _prune(configs, named_args, **kwargs):
-    """fp32 inputs (fp32-accurate dots, for checks rather than speed): one small config.
-    128-key tiles (``HyperConfig.bwd_tile``) run on 8 warps only: on 4 they spill
-    (``bench/compile_sm90.py --bwd-tile 128``)."""
+    """fp32 inputs (fp32-accurate dots, for checks rather than speed): one small config."""
     if kwargs.get("PREC") in ("ieee", "tf32x3"):
         return [min(configs, key=lambda c: (c.kwargs["BLOCK_INNER"], c.num_warps))]
-    if kwargs.get("BLOCK_N", 0) >= 128 and not INTERPRET:
-        return [c for c in configs if c.num_warps == 8]
     return configs
 
 

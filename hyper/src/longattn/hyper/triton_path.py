@@ -153,7 +153,7 @@ def _uniform(block_size, smooth, config: HyperConfig):
     """Block diagonal with blocks that are whole tiles: every tile's rows share one window,
     so the kernels mask per column only (``UNIFORM``)."""
     inner = max(c.kwargs["BLOCK_INNER"] for c in tk._FWD + tk._DKDV)
-    tiles = (*_tile_sizes(block_size, config), _fwd_tile(block_size, config))
+    tiles = (*_tile_sizes(block_size), _fwd_tile(block_size, config))
     return not smooth and block_size % max(*tiles, inner) == 0
 
 
@@ -169,17 +169,18 @@ def _log_weights(plan, li, m, device):
 
 def _fwd_tile(block_size, config: HyperConfig):
     """Query tile of the forward grid: ``config.fwd_tile`` where the block holds it."""
-    bm = _tile_sizes(block_size, config)[0]
+    bm = _tile_sizes(block_size)[0]
     return config.fwd_tile if not tk.INTERPRET and block_size >= config.fwd_tile else bm
 
 
-def _tile_sizes(block_size, config: HyperConfig):
+def _tile_sizes(block_size):
     """(query tile of the forward / dq grids, key tile of the dk/dv grids). The dk/dv programs
-    hold two fp32 accumulators of ``key tile x head_dim``: ``config.bwd_tile`` keys (64 or
-    128); interpreted, ``16 * bwd_tile // 64`` (a key tile of one or two inner tiles)."""
+    hold two fp32 accumulators of ``key tile x head_dim``: 64 keys keep them in registers
+    (128-key tiles spill on 4 warps and ran slower on 8:
+    ``hyper/bench/results/h100/tune_hyper/README.md``)."""
     if tk.INTERPRET:
-        return 16, 16 * config.bwd_tile // 64
-    return (128 if block_size >= 128 else 64), config.bwd_tile
+        return 16, 16
+    return (128 if block_size >= 128 else 64), 64
 
 
 def _prec(q):
@@ -323,7 +324,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
             gq += a
             gk += bb
             gv += c
-    bm, bn = _tile_sizes(block_size, config)
+    bm, bn = _tile_sizes(block_size)
     m = 0 if not levels or levels[0][2] is None else levels[0][2].shape[-1]
     common = dict(SMOOTH=smooth, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv,
                   PREC=_prec(q), UNIFORM=_uniform(block_size, smooth, config),
