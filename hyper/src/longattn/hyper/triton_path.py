@@ -367,12 +367,23 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
         dks = _chunk_sums(dks, cp, npb, per)[..., :d]
         dvs = _chunk_sums(dvs, cp, npb, per)[..., :dv]
         pos = pk0.long().view(-1, 1, 1, 1) + sl.long()  # [P, B, Hkv, M]
-        bi = torch.arange(b, device=q.device).view(1, b, 1, 1)
-        hi = torch.arange(hkv, device=q.device).view(1, 1, hkv, 1)
-        rows = pk.long()[bi, hi, pos]
-        dk.index_put_((bi, rows, hi), dks.to(gdt), accumulate=True)
-        dvv.index_put_((bi, rows, hi), dvs.to(gdt), accumulate=True)
+        idx = _sampled_rows(pk, pos)
+        dk.view(-1, d).index_add_(0, idx, dks.reshape(-1, d).to(gdt))
+        dvv.view(-1, dv).index_add_(0, idx, dvs.reshape(-1, dv).to(gdt))
     return dq.to(q.dtype), dk.to(k.dtype), dvv.to(v.dtype)
+
+
+def _sampled_rows(pk, pos):
+    """Flat row indices into a contiguous ``[B, Sk, Hkv, D]`` gradient viewed as ``[B * Sk *
+    Hkv, D]`` of the sampled keys at sorted positions ``pos [P, B, Hkv, M]`` (``pk [B, Hkv,
+    Sk]``: the level's key permutation): one ``take`` and one ``index_add_`` per gradient
+    (atomics, duplicates add up), where advanced-index ``index_put_`` sorted its indices and
+    checked them in a dozen small kernels per level."""
+    b, hkv, sk = pk.shape
+    bi = torch.arange(b, device=pk.device).view(1, b, 1, 1)
+    hi = torch.arange(hkv, device=pk.device).view(1, 1, hkv, 1)
+    rows = torch.take(pk, (bi * hkv + hi) * sk + pos).long()
+    return ((bi * sk + rows) * hkv + hi).view(-1)
 
 
 def _grad_dtype(q, config: HyperConfig):
@@ -382,10 +393,10 @@ def _grad_dtype(q, config: HyperConfig):
 
 
 def _running(x, like, dtype):
-    """A leaf gradient ``x`` as the running gradient: ``like``'s shape, ``dtype``, last dim
-    contiguous (no copy when ``x`` already is one)."""
-    x = x.to(dtype).reshape(like.shape)
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """A leaf gradient ``x`` as the running gradient: ``like``'s shape, ``dtype``, contiguous
+    (the sampled keys' gradients are added on a flat view; no copy when ``x`` already is
+    one)."""
+    return x.to(dtype).reshape(like.shape).contiguous()
 
 
 def _chunk_sums(parts, cp, npb, per):
