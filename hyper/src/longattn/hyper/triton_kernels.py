@@ -182,24 +182,6 @@ def _visible(offs_j, j_ok, st, lo, BS, IN_WIN: tl.constexpr, UNIFORM: tl.constex
 
 
 @triton.jit
-def _visible_t(offs_j, j_ok, st, lo, BS, IN_WIN: tl.constexpr, UNIFORM: tl.constexpr):
-    """:func:`_visible` transposed: ``[keys, queries]`` (``[keys, 1]`` when ``UNIFORM``), for
-    the dk / dv programs, which hold their keys as the rows of every dot."""
-    if UNIFORM:
-        if IN_WIN:
-            vis = j_ok[:, None]
-        else:
-            vis = (j_ok & ((offs_j < lo) | (offs_j >= lo + BS)))[:, None]
-    else:
-        inside = (offs_j[:, None] >= st[None, :]) & (offs_j[:, None] < st[None, :] + BS)
-        if IN_WIN:
-            vis = j_ok[:, None] & inside
-        else:
-            vis = j_ok[:, None] & ~inside
-    return vis
-
-
-@triton.jit
 def _query_tile(PQ, PK, TP, TI, PQ0, PNQ, PK0, PNK, HQ, HKV, SQ, SK, BS, BLOCK_M: tl.constexpr,
                 SMOOTH: tl.constexpr):
     """The tile of ``BLOCK_M`` sorted queries of this program (forward and dq grids): batch,
@@ -363,16 +345,14 @@ def _kv_part(Q, DO, L, DELTA, PQ, k, v, dk, dv, b, h, q0, nq, i_start, i_hi, off
     q, do = _load_q_do(Q, DO, b, h, rows, i_ok, sqb, sqs, sqh, sdb, sds, sdh, offs_d, offs_dv,
                        D, DV, EVEN_D, EVEN_DV, IDX64)
     lse2, delta = _row_stats(L, DELTA, (b * HQ + h).to(tl.int64) * SQ + rows, i_ok)
-    vis = i_ok[None, :] & _visible_t(offs_j, j_ok, _start(offs_i, nk, BS, SMOOTH),
-                                     (i_start // BS) * BS, BS, in_win, UNIFORM)
-    # transposed, keys as rows ([J, I]): every dot has the key tile as its M (64 rows, which
-    # Hopper's warpgroup MMAs need; the query tile is only BLOCK_INNER rows)
-    s = _dot(k, tl.trans(q), PREC) * qk_scale + bias  # [J, I]
-    pr = tl.where(vis, tl.exp2(s - lse2[None, :]), 0.0)
-    dv = dv + _dot(pr.to(do.dtype), do, PREC)
-    dp = _dot(v, tl.trans(do), PREC)
-    ds = pr * (dp - delta[None, :])
-    dk = dk + _dot(ds.to(q.dtype), q, PREC)
+    vis = i_ok[:, None] & _visible(offs_j, j_ok, _start(offs_i, nk, BS, SMOOTH),
+                                   (i_start // BS) * BS, BS, in_win, UNIFORM)
+    s = _dot(q, tl.trans(k), PREC) * qk_scale + bias  # [I, J]
+    pr = tl.where(vis, tl.exp2(s - lse2[:, None]), 0.0)
+    dv = dv + _dot(tl.trans(pr).to(do.dtype), do, PREC)
+    dp = _dot(do, tl.trans(v), PREC)
+    ds = pr * (dp - delta[:, None])
+    dk = dk + _dot(tl.trans(ds).to(q.dtype), q, PREC)
     return dk, dv
 
 
