@@ -30,6 +30,11 @@ rounding per level it takes part in (at most ``log2(S / min_seq_len)``, 6 at S =
 the defaults), on top of the rounding of its leaf output. fp32 inputs keep an fp32 ``O``
 (numerics unchanged).
 
+The backward's running dq / dk / dv are kept the same way by default
+(``HyperConfig.grad_accum="input"``): the leaves' gradients are the initial ones, and each
+level's kernels load, add their part in fp32 registers and round once on the store;
+``grad_accum="float32"`` keeps fp32 copies and rounds once at the end.
+
 Backward (autograd.Function): with the *final* ``O``, ``L`` and
 ``delta = rowsum(dO * O) - dL`` every part's gradient is that of a flash-attention step (the
 ring-attention rule), so leaves use ``attention_backward`` and the levels use the Triton
