@@ -20,8 +20,9 @@ class HyperConfig:
     (smaller blocks take the dq tile: 128 rows, 64 for blocks under 128). 128 is the tile of
     the committed H100 runs (``hyper/bench/results/bench_hyper.json``,
     ``bench_hyper_retime_no_sweep.json``). 256 halves the gathered K/V and sample loads per
-    query (``bench/compile_sm90.py`` reports its registers and spills); no committed run
-    measures its speed (``bench_hyper.py --fwd-tile 256`` does). Under ``TRITON_INTERPRET=1``
+    query (``bench/compile_sm90.py`` reports its registers and spills) but ran slower on an
+    H100 (causal forward 13.92 against 12.40 ms at S = 131,072:
+    ``hyper/bench/results/h100/tune_hyper/run2/log.txt``). Under ``TRITON_INTERPRET=1``
     every tile is 16.
 
     ``grad_accum``: the dtype of the running dq / dk / dv of the backward for fp16 / bf16
