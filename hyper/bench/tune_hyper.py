@@ -5,7 +5,8 @@
 
 The configuration of ``bench_hyper.py``'s causal rows (B = 1, H = 32, D = 64, bf16, block 256,
 256 samples, ``min_seq_len`` 2048, 8 LSH projections). A variant is a ``HyperConfig`` written
-as ``field=value,field=value`` (``default``: the defaults). Steps: (1) every variant's Triton
+as ``field=value,field=value`` (``default``: the defaults; ``leaf_backend=fa4`` needs
+FlashAttention-4 on the path, ``common/bench/fa4_wheels.sh``). Steps: (1) every variant's Triton
 path against the torch path on ``bench_hyper.check_correctness``'s small cases; (2) on the main
 shape, every variant's output and gradients against the default's (the rounding a setting
 adds; all compute the same function); (3) the causal forward and forward + backward of every
@@ -78,7 +79,9 @@ def main(argv=None):
     correct = True
     for n, conf in variants.items():
         print(f"correctness, {n} ({conf}):", flush=True)
-        correct &= check_correctness("cuda", "triton", conf)
+        # a named leaf backend (e.g. fa4) may serve fp16 / bf16 only: its checks run in bf16
+        correct &= check_correctness("cuda", "triton", conf, dtype=None
+                                     if conf.leaf_backend == "auto" else torch.bfloat16)
 
     g = torch.Generator(device="cuda").manual_seed(s)
     q, k, v, do = (torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
