@@ -3,9 +3,9 @@
 #   bash common/bench/run_gpu.sh hamilton ring_swa ...      (each capped at $CAP seconds)
 # Besides packages: repro:<pkg> (python -m longattn.common.repro), cudnn, cudnn_varlen,
 # cudnn_ragged, staging, decode_batch, tree_check, strategies, packed, gpu_world, fa4,
-# peer_ring, peer_torchscale, profile, tune_hyper (the scripts named in the case below); ARGS_<name> adds
-# arguments (ARGS_hyper=--no-sweep; profile takes its configurations there, default
-# "hyper-causal-bwd dilated swa").
+# peer_ring, peer_torchscale, profile, tune_hyper (the scripts named in the case below);
+# ARGS_<name> adds arguments (ARGS_hyper=--no-sweep; profile takes its configurations there,
+# default "hyper-causal-bwd dilated swa").
 # peer_ring / peer_torchscale run the published peers that common/bench/fetch_peers.sh put
 # into the git-ignored .peers/ (carry it); their folder goes on PYTHONPATH for those two.
 # fa4 runs common/bench/check_fa4.py on the FlashAttention-4 stack that

@@ -8,8 +8,8 @@ The configuration of ``bench_hyper.py``'s causal rows (B = 1, H = 32, D = 64, bf
 as ``field=value,field=value`` (``default``: the defaults; ``leaf_backend=fa4`` needs
 FlashAttention-4 on the path, ``common/bench/fa4_wheels.sh``). Steps: (1) every variant's Triton
 path against the torch path on ``bench_hyper.check_correctness``'s small cases; (2) on the main
-shape, every variant's output and gradients against the default's (the rounding a setting
-adds; all compute the same function); (3) the causal forward and forward + backward of every
+shape, every variant's output and gradients against the first variant's (the rounding a
+setting adds; all compute the same function); (3) the causal forward and forward + backward of every
 variant and exact causal cuDNN SDPA, timed in one ``time_interleaved`` pool (3 alternating
 rounds, ``triton.testing``-style medians after warm-up, so autotuning never lands in a
 timing); (4) ``--profile``: the top kernels of one forward + backward of each variant. Prints a
@@ -96,7 +96,7 @@ def main(argv=None):
         torch.manual_seed(0)  # the same LSH projections and samples for every variant
         return hyper_attention(q, k, v, config=conf, **KW)
 
-    # every variant against the default: the rounding a setting adds
+    # every variant against the first: the rounding a setting adds
     ref = None
     diffs = {}
     for n, conf in variants.items():

@@ -179,9 +179,10 @@ def test_triton_half_running_output(dtype, causal, s, msl, smooth):
 @pytest.mark.parametrize("dtype,causal,s,msl", [
     (torch.bfloat16, True, 64, 8), (torch.float16, True, 45, 7), (torch.bfloat16, False, 40, 8)])
 def test_triton_grad_accum_input(dtype, causal, s, msl):
-    # HyperConfig(grad_accum="input"), the default: the running dq / dk / dv in the input dtype (one
-    # rounding per level): against the fp32 torch path, and against grad_accum="float32" at
-    # the size of those roundings (and not equal to it: the setting takes effect)
+    # HyperConfig(grad_accum="input"), the default: the running dq / dk / dv in the input
+    # dtype (one rounding per level): against the fp32 torch path, and against
+    # grad_accum="float32" at the size of those roundings (and not equal to it: the setting
+    # takes effect)
     from longattn.hyper import HyperConfig
     from longattn.hyper.triton_path import _grad_dtype
 
