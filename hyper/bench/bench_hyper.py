@@ -2,7 +2,7 @@
 
     PYTHONPATH=common/src:reference/src:hyper/src python hyper/bench/bench_hyper.py [--smoke]
         [--out DIR] [--seq 131072] [--heads 32] [--head-dim 64] [--no-sweep] [--fwd-tile 256]
-        [--leaf-backend auto,fa4]
+        [--samples-chunk 4096] [--leaf-backend auto,fa4]
 
 Targets: B = 1, H = 32, D = 64, bf16, S = 131072, defaults (block 256, samples 256,
 min_seq_len 2048): causal forward >= 10x faster than cuDNN exact causal, causal forward+backward
@@ -213,13 +213,19 @@ def main(argv=None):
     ap.add_argument("--no-sweep", action="store_true", help="only the main sequence length")
     ap.add_argument("--fwd-tile", type=int, default=HyperConfig().fwd_tile, choices=[128, 256],
                     help="query rows per forward program (HyperConfig.fwd_tile)")
+    ap.add_argument("--samples-chunk", type=int, default=HyperConfig().samples_chunk,
+                    help="query rows per program of the sampled keys' backward "
+                         "(HyperConfig.samples_chunk)")
     ap.add_argument("--leaf-backend", default="auto",
                     type=bench.backends_option(LEAF_BACKENDS, option="--leaf-backend"),
                     help="HyperConfig.leaf_backend, the local kernels of the exact leaves: auto "
                          "(default), fa4 (FlashAttention-4) or auto,fa4 (both, side by side)")
     args = ap.parse_args(argv)
     leaf_names = args.leaf_backend
-    config = HyperConfig(fwd_tile=args.fwd_tile)
+    try:
+        config = HyperConfig(fwd_tile=args.fwd_tile, samples_chunk=args.samples_chunk)
+    except ValueError as e:
+        ap.error(str(e))
 
     if args.smoke:
         dev, backend = "cpu", "torch"

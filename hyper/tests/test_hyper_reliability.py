@@ -70,6 +70,9 @@ def test_config_is_checked():
         HyperConfig(fwd_tile=100)
     with pytest.raises(ValueError, match="grad_accum"):
         HyperConfig(grad_accum="bfloat16")
+    for bad in (1000, 128, True, 1024.0):
+        with pytest.raises(ValueError, match="samples_chunk"):
+            HyperConfig(samples_chunk=bad)
     q, k, v = inputs(4, 1, 32, 32, 2, 1, 8)
     with pytest.raises(TypeError, match="config"):
         hyper_attention(q, k, v, config={"fwd_tile": 128})

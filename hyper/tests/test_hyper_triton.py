@@ -211,6 +211,29 @@ def test_triton_grad_accum_input(dtype, causal, s, msl):
         assert max(diffs) > 0
 
 
+@pytest.mark.parametrize("causal,s,msl", [(True, 200, 16), (False, 150, 16)])
+def test_triton_samples_chunk(causal, s, msl):
+    # HyperConfig.samples_chunk: the sampled keys' dk / dv summed over chunks of 8 rows
+    # (samples_chunk=256 under the interpreter) or of 128 rows (4096: one chunk per call
+    # here) are the torch path's (fp32), and differ from each other by summation order only
+    from longattn.hyper import HyperConfig
+
+    q, k, v = inputs(60 + s, 1, s, s, 2, 1, 16)
+    p, smp = randomness(11, q, k, causal=causal, m=6, min_seq_len=msl)
+    kw = dict(causal=causal, block_size=16, min_seq_len=msl, projections=p, sample_indices=smp)
+    res = []
+    for backend, cfg in (("torch", None), ("triton", HyperConfig(samples_chunk=256)),
+                         ("triton", HyperConfig(samples_chunk=4096))):
+        x = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = hyper_attention(*x, backend=backend, config=cfg, **kw)
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(8)))
+        res.append([t.grad for t in x])
+    for r in res[1:]:
+        errs = [rel_error(a, b) for a, b in zip(r, res[0])]
+        assert max(errs) <= 1e-4, f"samples chunks vs torch: dq, dk, dv = {errs}"
+    assert not torch.equal(res[1][1], res[2][1])  # dk: the chunking took effect
+
+
 def test_chunk_sums_equal_index_add_and_take_the_plan_count():
     """The sampled keys' chunk partials summed per problem: a reshape-sum where every problem
     has as many chunks (``_chunks_per_problem`` from the plan), ``index_add_`` otherwise; the

@@ -1,6 +1,7 @@
 """The knobs of HyperAttention, passed per call: ``hyper_attention(..., config=HyperConfig())``.
 
-``fwd_tile`` and ``grad_accum`` are the Triton path's; ``leaf_backend`` both paths'.
+``fwd_tile``, ``grad_accum`` and ``samples_chunk`` are the Triton path's; ``leaf_backend``
+both paths'.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 
 _FWD_TILES = (16, 32, 64, 128, 256)
 _GRAD_ACCUM = ("float32", "input")
+_SAMPLES_CHUNKS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,15 @@ class HyperConfig:
     fp32 inputs always accumulate in fp32. ``hyper/bench/results/h100/tune_hyper/`` has both
     timed and their gradients compared.
 
+    ``samples_chunk``: sorted query rows per program of the backward's sampled-key kernel
+    (``_bwd_samples``). Each program adds its rows' part of the sampled keys' dk / dv into
+    fp32 partials of ``samples x head_dim`` per chunk, which are then summed over the chunks
+    of each call: a larger chunk writes and sums fewer partials and runs longer loops, over
+    fewer programs (at S = 131,072 and the defaults every level has 65,536 queries:
+    ``65536 / samples_chunk x 4 x heads`` programs). Under ``TRITON_INTERPRET=1`` the chunk
+    is ``samples_chunk / 32`` rows (32 for the default), so the tests' small problems still
+    have several chunks.
+
     ``leaf_backend``: the local-kernel backend (:mod:`longattn.common.kernels`) of the exact
     parts, on both paths: the causal leaves and the whole call where it is exact (``Sk <=
     min_seq_len``). ``"auto"`` (the default) lets the kernels pick (cuDNN on GPUs, torch on a
@@ -45,6 +56,7 @@ class HyperConfig:
     fwd_tile: int = 128
     leaf_backend: str = "auto"
     grad_accum: str = "input"
+    samples_chunk: int = 1024
 
     def __post_init__(self):
         t = self.fwd_tile
@@ -53,6 +65,10 @@ class HyperConfig:
         if self.grad_accum not in _GRAD_ACCUM:
             raise ValueError(f"HyperConfig.grad_accum must be one of {_GRAD_ACCUM}, got "
                              f"{self.grad_accum!r}")
+        c = self.samples_chunk
+        if isinstance(c, bool) or not isinstance(c, int) or c not in _SAMPLES_CHUNKS:
+            raise ValueError(f"HyperConfig.samples_chunk must be one of {_SAMPLES_CHUNKS}, "
+                             f"got {c!r}")
         b = self.leaf_backend
         if not isinstance(b, str):
             raise TypeError(f"HyperConfig.leaf_backend must be a backend name (str), got "

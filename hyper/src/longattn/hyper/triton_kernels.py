@@ -409,7 +409,7 @@ def _bwd_dkdv(Q, K, V, DO, L, DELTA, DKA, DVA, PQ, PK, TP, TI, PQ0, PNQ, PK0, PN
     tl.store(gv, dv.to(DVA.dtype.element_ty), mask=mv)
 
 
-@triton.autotune(configs=_DKDV, key=_KEY, prune_configs_by=_PRUNE)
+@triton.autotune(configs=_DKDV, key=[*_KEY, "CHUNK"], prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_samples(Q, K, V, DO, L, DELTA, DKS, DVS, PQ, PK, SAMP, TP, TI, PQ0, PNQ, PK0,
                  PNK, PLW,

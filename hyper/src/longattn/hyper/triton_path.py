@@ -356,7 +356,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
             _tune_rows(kp.numel() * bn), **common)
         if sl is None:
             continue
-        chunk = 32 if tk.INTERPRET else 1024
+        chunk = config.samples_chunk // 32 if tk.INTERPRET else config.samples_chunk
         cp, ci, *_ = _tiles(plan, li, chunk, False, q.device)
         nch, npb = cp.numel(), len(plan.levels[li])
         dks = torch.empty(nch, b, hkv, m, bd, dtype=torch.float32, device=q.device)
