@@ -2,7 +2,7 @@
 
     PYTHONPATH=common/src:reference/src:hyper/src python hyper/bench/bench_hyper.py [--smoke]
         [--out DIR] [--seq 131072] [--heads 32] [--head-dim 64] [--no-sweep] [--fwd-tile 256]
-        [--samples-chunk 4096] [--leaf-backend auto,fa4]
+        [--samples-chunk 4096] [--leaf-backend auto,fa4,auto/fa4]
 
 Targets: B = 1, H = 32, D = 64, bf16, S = 131072, defaults (block 256, samples 256,
 min_seq_len 2048): causal forward >= 10x faster than cuDNN exact causal, causal forward+backward
@@ -17,16 +17,18 @@ prints its error and the run goes on. ``--smoke`` runs a tiny configuration on t
 path against PyTorch's SDPA) to check the script itself.
 
 ``--leaf-backend`` (default ``auto``): the local-kernel backend of HyperAttention's exact parts
-(``HyperConfig.leaf_backend``: the causal leaves, and the whole call where it is exact), ``auto``,
-``fa4`` (FlashAttention-4) or both, ``auto,fa4``: then HyperAttention is checked (Triton path
-with fa4 leaves against the torch path with the default ones, in bf16: FA4 serves fp16 / bf16
-only) and timed once per leaf backend, each configuration's exact baseline and HyperAttention
-variants alternated over 3 rounds in one ``time_interleaved`` pool (one round, as before, with
-one variant); the fa4 rows are tagged ``[fa4]`` and every row records ``leaf_backend`` and the
-``leaf_backends`` that ran. A leaf backend that cannot run here is reported in one line and left
-out (the leaves fall back to ``auto`` if none is left). The targets stay against exact cuDNN.
-A non-causal call longer than ``min_seq_len`` has no exact part: its ``[fa4]`` rows time the
-same kernels as the ``auto`` ones.
+(``HyperConfig.leaf_backend``: the causal leaves, and the whole call where it is exact),
+``auto``, ``fa4`` (FlashAttention-4), ``auto/fa4`` (the leaves' forward on ``auto``, their
+backward on ``fa4``: ``HyperConfig.leaf_backend_bwd``) or several, ``auto,fa4,auto/fa4``: then
+HyperAttention is checked (Triton path with fa4 leaves against the torch path with the default
+ones, in bf16: FA4 serves fp16 / bf16 only) and timed once per leaf backend, each
+configuration's exact baseline and HyperAttention variants alternated over 3 rounds in one
+``time_interleaved`` pool (one round, as before, with one variant); the fa4 rows are tagged
+``[fa4]`` (``[auto/fa4]``) and every row records ``leaf_backend`` and the ``leaf_backends`` that
+ran. A leaf backend that cannot run here is reported in one line and left out (the leaves fall
+back to ``auto`` if none is left). The targets stay against exact cuDNN. A non-causal call
+longer than ``min_seq_len`` has no exact part: its ``[fa4]`` rows time the same kernels as the
+``auto`` ones.
 """
 
 from __future__ import annotations
@@ -199,7 +201,29 @@ def measure(s, causal, bwd, cfg, dev, backend, config, leaves=None):
 # ------------------------------------------------------------------------------ main
 
 
-LEAF_BACKENDS = ("auto", "fa4")
+LEAF_BACKENDS = ("auto", "fa4", "auto/fa4")
+
+
+def leaf_variants(names, config, dev, dtype, head_dim):
+    """``({name: (HyperConfig, dtype)}, {name: status})`` for the ``--leaf-backend`` names that
+    can run here: ``"fa4"`` both directions of the leaves on FA4, ``"auto/fa4"`` the forward on
+    ``auto`` and the backward on FA4 (``HyperConfig.leaf_backend_bwd``); a variant runs where
+    each of its backends can (:func:`bench.usable_backends`, which reports the others), in bf16
+    where one of them serves only half precision."""
+    parts = {n: n.split("/") for n in names}
+    runs, status = bench.usable_backends(list(dict.fromkeys(p for ps in parts.values()
+                                                            for p in ps)),
+                                         dev, dtype, head_dim, say=log, label="leaf backend")
+    leaves, out = {}, {}
+    for n, ps in parts.items():
+        named = [p for p in ps if p != "auto"]
+        out[n] = next((status[p] for p in named if p not in runs), status[named[-1]]
+                      if named else status["auto"])
+        if all(p in runs for p in ps):
+            fwd, bwd = ps if len(ps) == 2 else (ps[0], None)
+            conf = dataclasses.replace(config, leaf_backend=fwd, leaf_backend_bwd=bwd)
+            leaves[n] = (conf, runs[named[-1]] if named else dtype)
+    return leaves, out
 
 
 def main(argv=None):
@@ -219,7 +243,9 @@ def main(argv=None):
     ap.add_argument("--leaf-backend", default="auto",
                     type=bench.backends_option(LEAF_BACKENDS, option="--leaf-backend"),
                     help="HyperConfig.leaf_backend, the local kernels of the exact leaves: auto "
-                         "(default), fa4 (FlashAttention-4) or auto,fa4 (both, side by side)")
+                         "(default), fa4 (FlashAttention-4), auto/fa4 (forward auto, backward "
+                         "fa4: HyperConfig.leaf_backend_bwd) or several, side by side "
+                         "(auto,fa4,auto/fa4)")
     args = ap.parse_args(argv)
     leaf_names = args.leaf_backend
     try:
@@ -251,10 +277,7 @@ def main(argv=None):
 
     # the leaf backends that run: {name: (HyperConfig, dtype)}; the others reported, left out
     option = leaf_names != ["auto"]  # rows record their leaf backend only with the option
-    runs, status = bench.usable_backends(leaf_names, dev, cfg["dtype"], cfg["head_dim"],
-                                         say=log, label="leaf backend")
-    leaves = {be: (config if be == "auto" else dataclasses.replace(config, leaf_backend=be), dt)
-              for be, dt in runs.items()}
+    leaves, status = leaf_variants(leaf_names, config, dev, cfg["dtype"], cfg["head_dim"])
     if not leaves:
         log("no leaf backend left: the leaves run on auto")
         leaves["auto"] = (config, cfg["dtype"])
@@ -263,7 +286,9 @@ def main(argv=None):
 
     correct = True
     for be, (conf, dt) in leaves.items():
-        sfx = "" if be == "auto" else f" [{be}: Triton path with {be} leaves, in {str(dt)[6:]}]"
+        sfx = "" if be == "auto" else (f" [{be}: Triton path with {be} leaves"
+                                       f"{' (forward/backward)' if '/' in be else ''}, in "
+                                       f"{str(dt)[6:]}]")
         log(f"correctness (triton path vs torch path, same randomness){sfx}:")
         correct &= check_correctness(dev, "triton", conf, tiny=args.smoke,
                                      dtype=None if be == "auto" else dt)
@@ -315,7 +340,8 @@ def main(argv=None):
                     "hyper", what, median_ms=t_hy, speedup=speedup, rel_err_out=err,
                     rel_err_grad=gerr, block_size=cfg["block_size"],
                     sample_size=cfg["sample_size"], min_seq_len=cfg["min_seq_len"],
-                    fwd_tile=config.fwd_tile, dtype=leaves[be][1], **common,
+                    fwd_tile=config.fwd_tile, samples_chunk=config.samples_chunk,
+                    dtype=leaves[be][1], **common,
                     **({"leaf_backend": be, **extra} if option else {})))
 
     log("\n" + bench.format_table(table))

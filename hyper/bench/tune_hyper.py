@@ -4,17 +4,17 @@
         [--variants "default;grad_accum=float32;fwd_tile=256"] [--profile] [--out DIR]
 
 The configuration of ``bench_hyper.py``'s causal rows (B = 1, H = 32, D = 64, bf16, block 256,
-256 samples, ``min_seq_len`` 2048, 8 LSH projections). A variant is a ``HyperConfig`` written
-as ``field=value,field=value`` (``default``: the defaults; ``leaf_backend=fa4`` needs
-FlashAttention-4 on the path, ``common/bench/fa4_wheels.sh``). Steps: (1) every variant's Triton
-path against the torch path on ``bench_hyper.check_correctness``'s small cases; (2) on the main
-shape, every variant's output and gradients against the first variant's (the rounding a
-setting adds; all compute the same function); (3) the causal forward and forward + backward of every
-variant and exact causal cuDNN SDPA, timed in one ``time_interleaved`` pool (3 alternating
-rounds, ``triton.testing``-style medians after warm-up, so autotuning never lands in a
-timing); (4) ``--profile``: the top kernels of one forward + backward of each variant. Prints a
-table; writes ``tune_hyper.json`` (and the profiles) to ``--out`` (default ``$OUT``, else
-``hyper/bench/results``).
+256 samples, ``min_seq_len`` 2048, 8 LSH projections). A variant is a ``HyperConfig`` written as
+``field=value,field=value`` (``default``: the defaults; ``leaf_backend=fa4`` or
+``leaf_backend_bwd=fa4`` needs FlashAttention-4 on the path, ``common/bench/fa4_wheels.sh``).
+Steps: (1) every variant's Triton path against the torch path on
+``bench_hyper.check_correctness``'s small cases; (2) on the main shape, every variant's output
+and gradients against the first variant's (the rounding a setting adds; all compute the same
+function); (3) the causal forward and forward + backward of every variant and exact causal cuDNN
+SDPA, timed in one ``time_interleaved`` pool (3 alternating rounds, ``triton.testing``-style
+medians after warm-up, so autotuning never lands in a timing); (4) ``--profile``: the top
+kernels of one forward + backward of each variant. Prints a table; writes ``tune_hyper.json``
+(and the profiles) to ``--out`` (default ``$OUT``, else ``hyper/bench/results``).
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ def main(argv=None):
     for n, conf in variants.items():
         print(f"correctness, {n} ({conf}):", flush=True)
         # a named leaf backend (e.g. fa4) may serve fp16 / bf16 only: its checks run in bf16
-        correct &= check_correctness("cuda", "triton", conf, dtype=None
-                                     if conf.leaf_backend == "auto" else torch.bfloat16)
+        named = {conf.leaf_backend, conf.leaf_backward} != {"auto"}
+        correct &= check_correctness("cuda", "triton", conf,
+                                     dtype=torch.bfloat16 if named else None)
 
     g = torch.Generator(device="cuda").manual_seed(s)
     q, k, v, do = (torch.randn(1, s, h, d, device="cuda", dtype=torch.bfloat16, generator=g)

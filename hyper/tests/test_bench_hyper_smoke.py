@@ -59,6 +59,28 @@ def test_smoke_with_fa4_leaves_beside_auto(tmp_path, capsys):
     assert "correctness checks: PASS" in out
 
 
+def test_smoke_with_the_fa4_leaf_backward_only(tmp_path, capsys):
+    # --leaf-backend auto/fa4: the leaves' forward on auto, their backward on FA4
+    # (HyperConfig.leaf_backend_bwd), checked and timed beside auto
+    standin = Fa4Standin(arch=90)
+    with fb.use(standin, arch=90, device_type="cpu"):
+        rc = load_script(BENCH).main(["--smoke", "--no-sweep", "--out", str(tmp_path),
+                                      "--leaf-backend", "auto,auto/fa4"])
+    assert rc == 0
+    assert {name for name, _ in standin.calls} == {"bwd"}
+    out = capsys.readouterr().out
+    lines, errs = _errors(out, "bfloat16")
+    assert len(lines) == 2 and all(ln.lstrip().startswith("PASS") for ln in lines), out
+    assert all(0 < e <= 3e-2 for row in errs for e in row), errs
+    rows = json.loads((tmp_path / "bench_hyper.json").read_text())
+    hyper = {r["what"]: r for r in rows if r["method"] == "hyper"}
+    f = hyper["causal fwd+bwd [auto/fa4]"]
+    assert f["extra"]["leaf_backend"] == "auto/fa4" and f["dtype"] == "bfloat16"
+    assert f["extra"]["leaf_backends"] == {"auto": "ran", "auto/fa4": "ran in bfloat16"}
+    assert f["extra"]["samples_chunk"] == HyperConfig().samples_chunk
+    assert "correctness checks: PASS" in out
+
+
 class _WrongFa4(Fa4Standin):
     """FA4's stand-in with an output 5% too large: the fa4 check must catch it."""
 
@@ -80,13 +102,14 @@ def test_fa4_unavailable_is_reported_and_left_out(tmp_path, capsys):
     mod = load_script(BENCH)
     with fb.use(Fa4Standin(arch=80), arch=80, device_type="cpu"):  # no sm80 backward in FA4
         assert mod.main(["--smoke", "--no-sweep", "--out", str(tmp_path),
-                         "--leaf-backend", "auto,fa4"]) == 0
+                         "--leaf-backend", "auto,fa4,auto/fa4"]) == 0
     out = capsys.readouterr().out
     line = [ln for ln in out.splitlines() if ln.startswith("leaf backend fa4 unavailable")]
     assert len(line) == 1 and "needs sm90 or newer" in line[0], out
     rows = json.loads((tmp_path / "bench_hyper.json").read_text())
-    assert not any("[fa4]" in r["what"] for r in rows)
+    assert not any("fa4]" in r["what"] for r in rows)
     status = rows[0]["extra"]["leaf_backends"]
     assert status["auto"] == "ran" and "needs sm90 or newer" in status["fa4"]
+    assert status["auto/fa4"] == status["fa4"]
     with pytest.raises(SystemExit):
         mod.main(["--smoke", "--leaf-backend", "cudnn"])

@@ -24,6 +24,13 @@ def test_default_and_validation():
     for bad in ("", "cudnnn", "AUTO"):
         with pytest.raises(ValueError, match="HyperConfig.leaf_backend must be 'auto' or"):
             HyperConfig(leaf_backend=bad)
+        with pytest.raises(ValueError, match="HyperConfig.leaf_backend_bwd must be 'auto' or"):
+            HyperConfig(leaf_backend_bwd=bad)
+    with pytest.raises(TypeError, match="HyperConfig.leaf_backend_bwd"):
+        HyperConfig(leaf_backend_bwd=4)
+    assert HyperConfig(leaf_backend="fa4").leaf_backward == "fa4"
+    assert HyperConfig(leaf_backend_bwd="fa4").leaf_backward == "fa4"
+    assert HyperConfig(leaf_backend="fa4", leaf_backend_bwd="auto").leaf_backward == "auto"
 
 
 def _run(backend, config, causal, msl, dtype=torch.bfloat16):
@@ -66,3 +73,18 @@ def test_a_leaf_backend_that_cannot_serve_raises():
     with fb.use(Fa4Standin(arch=90), arch=90, device_type="cpu"):
         with pytest.raises(ValueError, match="'fa4' cannot serve.*fp16/bf16"):
             _run("torch", HyperConfig(leaf_backend="fa4"), True, 8, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("fwd,bwd", [("auto", "fa4"), ("fa4", "auto")])
+def test_leaf_backward_on_its_own_backend(fwd, bwd):
+    # HyperConfig.leaf_backend_bwd: the Triton path's causal leaves run forward on one backend
+    # and backward on the other (the stand-in sees only its direction), with the default
+    # results
+    pytest.importorskip("triton")
+    _, want = _run("triton", None, True, 8)
+    standin = Fa4Standin(arch=90)
+    with fb.use(standin, arch=90, device_type="cpu"):
+        _, got = _run("triton", HyperConfig(leaf_backend=fwd, leaf_backend_bwd=bwd), True, 8)
+    assert {name for name, _ in standin.calls} == {"fwd" if fwd == "fa4" else "bwd"}
+    errs = [rel_error(a, b) for a, b in zip(got, want)]
+    assert max(errs) <= 1e-3, errs

@@ -8,11 +8,12 @@ operands to fp32 (exactly, as the GPU's fp32-accumulating dots use them): the tr
 interpreter multiplies bf16 operands as their raw 16-bit patterns.
 
 Forward: exact causal leaves (``longattn.common.kernels`` on ``HyperConfig.leaf_backend``:
-``auto`` picks cuDNN on GPUs) fill the running
-``(O, L)``; then each recursion level sorts the rows of its calls (one stable segmented sort on
-8-bit ranks, or of ``segment * 2^r + rank`` for uneven lengths) and one :func:`_fwd` launch
-merges all of the level's core calls into them in place. Every part is a softmax partial over
-its own disjoint set of (weighted) keys, so the result is the merged approximation exactly.
+``auto`` picks cuDNN on GPUs; their backward on ``leaf_backend_bwd`` where set) fill the
+running ``(O, L)``; then each recursion level sorts the rows of its calls (one stable segmented
+sort on 8-bit ranks, or of ``segment * 2^r + rank`` for uneven lengths) and one :func:`_fwd`
+launch merges all of the level's core calls into them in place. Every part is a softmax
+partial over its own disjoint set of (weighted) keys, so the result is the merged approximation
+exactly.
 
 Precision: ``L`` (the softmax statistics, natural-log lse) is fp32 in the kernels' registers
 and buffers for every input dtype; for fp32 inputs the returned lse is that fp32 ``L`` widened
@@ -314,7 +315,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
         a, bb, c = attention_backward(
             _leaf_views(plan, do)[0], _leaf_views(plan, q)[0], _leaf_views(plan, k)[0],
             _leaf_views(plan, v)[0], _leaf_views(plan, out)[0], _lse_to_leaves(plan, lse)[0],
-            softmax_scale=scale, causal=True, dlse=dl, backend=config.leaf_backend)
+            softmax_scale=scale, causal=True, dlse=dl, backend=config.leaf_backward)
         dq, dk, dvv = (_running(x, t, gdt) for x, t in ((a, q), (bb, k), (c, v)))
     else:
         dq, dk, dvv = (torch.zeros(t.shape, dtype=gdt, device=q.device) for t in (q, k, v))
@@ -325,7 +326,7 @@ def _backward(do, q, k, v, out, lse, dlse, levels, plan, scale, block_size, smoo
                 _leaf_views(plan, out), _leaf_views(plan, do), _lse_to_leaves(plan, lse), dls,
                 _leaf_views(plan, dq), _leaf_views(plan, dk), _leaf_views(plan, dvv)):
             a, bb, c = attention_backward(dov, qv, kv, vv, ov, lv, softmax_scale=scale,
-                                          causal=True, dlse=dl, backend=config.leaf_backend)
+                                          causal=True, dlse=dl, backend=config.leaf_backward)
             gq += a
             gk += bb
             gv += c
