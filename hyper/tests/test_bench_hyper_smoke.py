@@ -30,19 +30,26 @@ def _errors(out, marker):
                    for ln in lines]
 
 
-def test_smoke_with_fa4_leaves_beside_auto(tmp_path, capsys):
+def _smoke(tmp_path, capsys, leaves):
+    """bench_hyper --smoke with ``--leaf-backend leaves`` under FA4's stand-in: the stand-in
+    (its calls), the output, and the checks of the non-auto leaves passed within 3e-2."""
     standin = Fa4Standin(arch=90)
     with fb.use(standin, arch=90, device_type="cpu"):
         rc = load_script(BENCH).main(["--smoke", "--no-sweep", "--out", str(tmp_path),
-                                      "--leaf-backend", "auto,fa4"])
+                                      "--leaf-backend", leaves])
     assert rc == 0
-    # the causal leaves went to FA4 (causal: right 0), forward and backward
-    assert {(name, c["window_size_right"]) for name, c in standin.calls} >= {("fwd", 0),
-                                                                             ("bwd", 0)}
     out = capsys.readouterr().out
     lines, errs = _errors(out, "bfloat16")
     assert len(lines) == 2 and all(ln.lstrip().startswith("PASS") for ln in lines), out
     assert all(0 < e <= 3e-2 for row in errs for e in row), errs  # Triton (fa4) vs torch path
+    return standin, out
+
+
+def test_smoke_with_fa4_leaves_beside_auto(tmp_path, capsys):
+    standin, out = _smoke(tmp_path, capsys, "auto,fa4")
+    # the causal leaves went to FA4 (causal: right 0), forward and backward
+    assert {(name, c["window_size_right"]) for name, c in standin.calls} >= {("fwd", 0),
+                                                                             ("bwd", 0)}
     oracle = re.search(r"(PASS|FAIL) torch path \(fa4 leaves, bfloat16\) vs float64 oracle: "
                        r"(\S+)", out)
     assert oracle and oracle.group(1) == "PASS" and 0 < float(oracle.group(2)) <= 3e-2, out
@@ -62,16 +69,8 @@ def test_smoke_with_fa4_leaves_beside_auto(tmp_path, capsys):
 def test_smoke_with_the_fa4_leaf_backward_only(tmp_path, capsys):
     # --leaf-backend auto/fa4: the leaves' forward on auto, their backward on FA4
     # (HyperConfig.leaf_backend_bwd), checked and timed beside auto
-    standin = Fa4Standin(arch=90)
-    with fb.use(standin, arch=90, device_type="cpu"):
-        rc = load_script(BENCH).main(["--smoke", "--no-sweep", "--out", str(tmp_path),
-                                      "--leaf-backend", "auto,auto/fa4"])
-    assert rc == 0
+    standin, out = _smoke(tmp_path, capsys, "auto,auto/fa4")
     assert {name for name, _ in standin.calls} == {"bwd"}
-    out = capsys.readouterr().out
-    lines, errs = _errors(out, "bfloat16")
-    assert len(lines) == 2 and all(ln.lstrip().startswith("PASS") for ln in lines), out
-    assert all(0 < e <= 3e-2 for row in errs for e in row), errs
     rows = json.loads((tmp_path / "bench_hyper.json").read_text())
     hyper = {r["what"]: r for r in rows if r["method"] == "hyper"}
     f = hyper["causal fwd+bwd [auto/fa4]"]
