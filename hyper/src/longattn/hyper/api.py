@@ -117,8 +117,9 @@ def hyper_attention(q, k, v, *, causal=False, softmax_scale=None, lsh_num_projs=
     ``backend``: ``"auto"`` (Triton for CUDA fp16 / bf16 / fp32, torch otherwise), ``"torch"``
     or ``"triton"`` (on a CPU under ``TRITON_INTERPRET=1``; there the kernels widen bf16 / fp16
     dot operands to fp32, exactly, because the interpreter's bf16 dots are wrong).
-    ``config``: a :class:`longattn.hyper.HyperConfig`: the Triton path's tiles and, on both
-    paths, the local-kernel backend of the exact parts (``leaf_backend``). Gradients
+    ``config``: a :class:`longattn.hyper.HyperConfig`: the Triton path's tiles, gradient
+    dtype and leaf-backward backend and, on both paths, the local-kernel backend of the exact
+    parts (``leaf_backend``). Gradients
     (autograd) are those of the approximation computed, ``d(lse)`` included. A NaN in q / k / v
     gives NaN rows wherever it is seen.
     """
