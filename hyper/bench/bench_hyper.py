@@ -11,10 +11,11 @@ Then a sweep of S = 4096 .. 131072 (speed-up and error, plotted).
 
 Steps: (1) correctness on small fp32 and bf16 cases: Triton path against the torch path with the
 same randomness, forward and backward with d(lse); (2) timings (warm-up first, so compilation
-and autotuning never land in a timing; ``triton.testing.do_bench`` medians); (3) table, JSON
-and PNGs in ``--out`` (default ``$OUT``, else ``hyper/bench/results``). A failing configuration
-prints its error and the run goes on. ``--smoke`` runs a tiny configuration on the CPU (torch
-path against PyTorch's SDPA) to check the script itself.
+and autotuning never land in a timing; ``triton.testing.do_bench`` medians; the JSON is
+rewritten after each timed mode, so a run stopped by a time cap keeps what it timed); (3) table,
+JSON and PNGs in ``--out`` (default ``$OUT``, else ``hyper/bench/results``). A failing
+configuration prints its error and the run goes on. ``--smoke`` runs a tiny configuration on the
+CPU (torch path against PyTorch's SDPA) to check the script itself.
 
 ``--leaf-backend`` (default ``auto``): the local-kernel backend of HyperAttention's exact parts
 (``HyperConfig.leaf_backend``: the causal leaves, and the whole call where it is exact),
@@ -311,6 +312,7 @@ def main(argv=None):
             log(f"  {'PASS' if e < tol else 'FAIL'} torch path{leaf} vs float64 oracle: {e:.1e}")
 
     results, table = [], []
+    json_path = os.path.join(out, "bench_hyper.json")
     for s in bench.progress(sweep + [main_s], desc="S"):
         for name, causal, bwd in MODES:
             try:
@@ -343,6 +345,8 @@ def main(argv=None):
                     fwd_tile=config.fwd_tile, samples_chunk=config.samples_chunk,
                     dtype=leaves[be][1], **common,
                     **({"leaf_backend": be, **extra} if option else {})))
+            # the rows so far, after each mode: a run stopped by a time cap keeps them
+            bench.write_results(results, json_path)
 
     log("\n" + bench.format_table(table))
     verdict = []
@@ -353,7 +357,7 @@ def main(argv=None):
             log(f"{'MEETS' if ok else 'MISSES'} target {r['mode']}: x{r['speedup']:.2f} "
                 f"(>= x{r['target']:.0f}), rel. error to exact {r['rel_err_out']:.3f}")
     log(f"correctness checks: {'PASS' if correct else 'FAIL'}")
-    path = bench.write_results(results, os.path.join(out, "bench_hyper.json"))
+    path = bench.write_results(results, json_path)
     log(f"wrote {path}")
     try:
         series_t, series_e = {}, {}

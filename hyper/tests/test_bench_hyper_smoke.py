@@ -112,3 +112,23 @@ def test_fa4_unavailable_is_reported_and_left_out(tmp_path, capsys):
     assert status["auto/fa4"] == status["fa4"]
     with pytest.raises(SystemExit):
         mod.main(["--smoke", "--leaf-backend", "cudnn"])
+
+
+def test_a_stopped_run_keeps_the_modes_it_timed(tmp_path, monkeypatch):
+    # the JSON is rewritten after each timed mode: a run stopped (here: interrupted in the
+    # third mode's timing, as a time cap would) keeps the rows of the first two
+    mod = load_script(BENCH)
+    measure, calls = mod.measure, []
+
+    def stop_third(*args, **kw):
+        calls.append(args[:3])
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return measure(*args, **kw)
+
+    monkeypatch.setattr(mod, "measure", stop_third)
+    with pytest.raises(KeyboardInterrupt):
+        mod.main(["--smoke", "--no-sweep", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "bench_hyper.json").read_text())
+    assert [r["what"] for r in rows] == ["causal", "causal", "causal fwd+bwd", "causal fwd+bwd"]
+    assert all(r["median_ms"] > 0 for r in rows)
