@@ -218,9 +218,9 @@ def leaf_variants(names, config, dev, dtype, head_dim):
     leaves, out = {}, {}
     for n, ps in parts.items():
         named = [p for p in ps if p != "auto"]
-        out[n] = next((status[p] for p in named if p not in runs), status[named[-1]]
-                      if named else status["auto"])
-        if all(p in runs for p in ps):
+        missing = [p for p in ps if p not in runs]
+        out[n] = status[(missing or named or ["auto"])[0]]  # why not, or how it ran
+        if not missing:
             fwd, bwd = ps if len(ps) == 2 else (ps[0], None)
             conf = dataclasses.replace(config, leaf_backend=fwd, leaf_backend_bwd=bwd)
             leaves[n] = (conf, runs[named[-1]] if named else dtype)

@@ -162,9 +162,12 @@ def main(argv=None):
                 {"ms": ms, "count": c, "kernel": k_} for ms, c, k_ in top]}
     print(f"correctness checks: {'PASS' if correct else 'FAIL'}")
     print(f"wrote {bench.write_results(results, os.path.join(out, 'tune_hyper.json'))}")
+    prof_path = os.path.join(out, "tune_hyper_profiles.json")
     if profiles:
-        with open(os.path.join(out, "tune_hyper_profiles.json"), "w") as fh:
+        with open(prof_path, "w") as fh:
             json.dump({"device": bench.device_name("cuda"), "profiles": profiles}, fh, indent=1)
+    elif os.path.exists(prof_path):  # an earlier run's, which would pass for this one's
+        os.remove(prof_path)
     print(f"total {time.time() - t0:.1f} s")
     return 0 if correct else 1
 
