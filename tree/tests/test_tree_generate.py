@@ -236,3 +236,56 @@ def test_attend_reads_positions_on_4_ranks():
         assert lens_r == lens and stored_right
         assert max(errs) <= 1e-12, errs
         assert torch.equal(out, res[0][3])  # identical on every rank
+
+
+def _attend_checks_world(rank, world):
+    """What attend must agree on before it picks a rank's keys: each case returns the error
+    every rank raised (type and message), or the relative error of a call that must run."""
+    import torch.distributed as dist
+
+    from longattn.common.kernels import attention_forward
+    from longattn.tree import KVCache, empty_cache
+
+    cache = empty_cache(1, 2, 4, block=2, group=dist.group.WORLD, dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(1, 11, 2, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    cache.append(k, v)
+    q = torch.randn(1, 3, 4, 4, generator=g, dtype=torch.float64)
+
+    def raised(fn):
+        try:
+            fn()
+        except (TypeError, ValueError) as e:
+            return type(e).__name__, str(e)
+        return None
+
+    out = {
+        # a window that differs between ranks would pick keys no single call sees
+        "window differs": raised(lambda: cache.attend(q, window_size=(3 if rank else -1, 0))),
+        "causal differs": raised(lambda: cache.attend(q, causal=rank == 0,
+                                                      window_size=(4, 0))),
+        # a bad argument on one rank only: raised on every rank, nothing hangs
+        "bad window on one rank": raised(
+            lambda: cache.attend(q, window_size=(-2, 0) if rank == world - 1 else (2, 0))),
+        "bad q on one rank": raised(lambda: cache.attend(q[0] if rank == 0 else q)),
+        # a cache built by hand keeps group LOCAL: every lens entry beyond this process raises
+        "hand-built": raised(lambda: KVCache(cache.local_k, cache.local_v, list(cache.lens),
+                                             rank).attend(q, window_size=(5, 0))),
+    }
+    # causal caps right at 0 (flash-attn's rule): (4, 3) is (4, 0)
+    got = cache.attend(q, window_size=(4, 3))
+    want, _ = attention_forward(q, k, v, causal=True, window_size=(4, 0), backend="torch")
+    out["capped"] = rel_error(got, want)
+    return out
+
+
+def test_attend_agrees_before_picking_keys():
+    res = run_world(2, _attend_checks_world, timeout=120)
+    for name, word in (("window differs", "window_size"), ("causal differs", "causal"),
+                       ("bad window on one rank", "window_size"), ("bad q on one rank", "q "),
+                       ("hand-built", "lens")):
+        errs = [r[name] for r in res]
+        assert all(e is not None and e[0] in ("ValueError", "TypeError") for e in errs), (
+            name, errs)
+        assert all(word in e[1] for e in errs), (name, errs)
+    assert all(r["capped"] <= 1e-12 for r in res), [r["capped"] for r in res]

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from longattn.common import dist
+from longattn.common.checks import check_bool, check_window
 from longattn.common.dtypes import FLOAT_DTYPES
 
 
@@ -173,10 +174,8 @@ class KVCache:
         ``seq_len - Lq ..``) over the whole cache: :func:`attend` with this cache's
         positions, lengths and group. Returns ``out [B, Lq, Hq, D]`` (and ``lse``), identical on
         every rank."""
-        if not isinstance(q, torch.Tensor) or q.ndim != 4:
-            raise ValueError(f"q must be a [B, Lq, Hq, D] tensor, got "
-                             f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q)}")
-        lq = q.shape[1]
+        # q is checked inside attend's agreement (a bad q on one rank must not hang the rest)
+        lq = q.shape[1] if isinstance(q, torch.Tensor) and q.ndim == 4 else 0
         return attend(q, self.local_k, self.local_v, positions=self.local_positions,
                       query_positions=torch.arange(self.seq_len - lq, self.seq_len),
                       lens=self.lens, group=self.group, softmax_scale=softmax_scale,
@@ -225,9 +224,12 @@ def attend(q, k, v, *, positions, query_positions, lens, group, softmax_scale=No
     ``query_positions[t]`` (its own key is in the cache). ``k, v [B, n_r, Hkv, D]``: this
     rank's keys, at the global positions ``positions [n_r]`` (int64, any order). ``lens``:
     every rank's ``n_r``. ``window_size=(left, right)``: -1 unbounded; a key at position ``j``
-    is seen by the token at ``p`` if ``p - left <= j`` (``left >= 0``) and, when ``causal``,
-    ``j <= p`` (``right`` must be -1 or 0 then). Returns ``out [B, Lq, Hq, D]`` (and ``lse
-    [B, Hq, Lq]``) identical on every rank.
+    is seen by the token at ``p`` if ``p - left <= j`` (``left >= 0``) and ``j <= p + right``
+    (``right >= 0``; ``causal`` caps ``right`` at 0, flash-attn's rule). ``group``: the ranks
+    holding the cache, ``len(lens)`` of them. Every argument that picks a rank's keys (``q``'s
+    shape, ``causal``, the window, ``lens``) is agreed on over ``group`` first: a bad or
+    differing one on any rank raises the same error on every rank. Returns ``out [B, Lq, Hq,
+    D]`` (and ``lse [B, Hq, Lq]``) identical on every rank.
 
     With every cached key visible to every token (one token, or no causal mask, and no window)
     this is one :func:`~longattn.tree.tree_decode` call; otherwise one call per new token on the
@@ -235,10 +237,20 @@ def attend(q, k, v, *, positions, query_positions, lens, group, softmax_scale=No
     matter)."""
     from longattn.tree.decode import tree_decode
 
-    left, right = _check_window(window_size, causal)
+    g = dist.resolve_group(group)
+
+    def check():
+        left, right = _check_attend(q, k, positions, query_positions, lens, g, causal,
+                                    window_size)
+        # the per-token calls below agree on q, k, v, the scale and the backend; the window,
+        # causal and lens pick each rank's keys before them, so they are agreed here
+        return (left, right), {"causal": causal, "window_size": (left, right),
+                               "lq": q.shape[1], "lens": ",".join(map(str, lens))}
+
+    (left, right), _ = dist.agree("attend", g, check)
     lq = q.shape[1]
-    if left < 0 and right < 0 and (not causal or lq == 1):
-        return tree_decode(q, k, v, group=group, softmax_scale=softmax_scale, causal=False,
+    if left < 0 and (right < 0 if not causal else lq == 1):
+        return tree_decode(q, k, v, group=g, softmax_scale=softmax_scale, causal=False,
                            shard_lens=list(lens), return_lse=return_lse, backend=backend)
     outs, lses = [], []
     pos = positions.to(torch.int64).cpu()
@@ -246,13 +258,11 @@ def attend(q, k, v, *, positions, query_positions, lens, group, softmax_scale=No
         seen = torch.ones_like(pos, dtype=torch.bool)
         if left >= 0:
             seen &= pos >= p - left
-        if causal:
-            seen &= pos <= p
-        elif right >= 0:
+        if right >= 0:  # causal: right is 0
             seen &= pos <= p + right
         kt, vt = _visible(k, v, seen)
         res = tree_decode(q[:, t:t + 1], kt, vt,
-                          group=group, softmax_scale=softmax_scale, causal=False,
+                          group=g, softmax_scale=softmax_scale, causal=False,
                           return_lse=True, backend=backend)
         outs.append(res[0])
         lses.append(res[1])
@@ -274,15 +284,28 @@ def _visible(k, v, seen):
     return k.index_select(1, sel), v.index_select(1, sel)
 
 
-def _check_window(window_size, causal):
-    if (not isinstance(window_size, tuple) or len(window_size) != 2 or any(
-            isinstance(x, bool) or not isinstance(x, int) or x < -1 for x in window_size)):
-        raise ValueError(f"window_size must be a (left, right) tuple of ints >= -1, got "
-                         f"{window_size!r}")
-    if causal and window_size[1] > 0:
-        raise ValueError(f"window_size right must be -1 or 0 with causal=True, got "
-                         f"{window_size!r}")
-    return window_size
+def _check_attend(q, k, positions, query_positions, lens, g, causal, window_size):
+    """This rank's checks of :func:`attend`. Returns the window with ``causal`` folded in
+    (flash-attn's rule: causal caps ``right`` at 0)."""
+    check_bool("causal", causal)
+    left, right = check_window(window_size, "window_size")
+    if not isinstance(q, torch.Tensor) or q.ndim != 4:
+        raise ValueError(f"q must be a [B, Lq, Hq, D] tensor, got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q)}")
+    if not isinstance(lens, (list, tuple)) or len(lens) != g.size:
+        raise ValueError(f"lens must hold one length per rank of the group ({g.size}), got "
+                         f"{lens!r}" + ("" if g.distributed else " (the group is this process "
+                                        "alone: pass the cache's group)"))
+    if not isinstance(k, torch.Tensor) or lens[g.rank] != k.shape[1]:
+        raise ValueError(f"lens[{g.rank}] ({lens[g.rank]}) must be this rank's key count "
+                         f"{k.shape[1] if isinstance(k, torch.Tensor) else type(k)}")
+    if positions.shape != (k.shape[1],):
+        raise ValueError(f"positions must be [{k.shape[1]}] (one per key), got "
+                         f"{tuple(positions.shape)}")
+    if query_positions.shape != (q.shape[1],):
+        raise ValueError(f"query_positions must be [{q.shape[1]}] (one per query), got "
+                         f"{tuple(query_positions.shape)}")
+    return (left, 0) if causal else (left, right)
 
 
 def _check_block(block):
