@@ -55,6 +55,9 @@ def test_check_qkv_accepts_and_returns_heads():
     ((_t(1, 2, 1, 4), _t(1, 2, 1, 8), _t(1, 2, 1, 8)), ValueError, "head_dim"),
     ((_t(1, 2, 3, 4), _t(1, 2, 2, 4), _t(1, 2, 2, 4)), ValueError, "heads"),
     ((_t(1, 2, 3, 4), _t(1, 2, 0, 4), _t(1, 2, 0, 4)), ValueError, "heads"),
+    ((_t(1, 2, 0, 4), _t(1, 2, 1, 4), _t(1, 2, 1, 4)), ValueError, r"q heads \(0\)"),
+    ((_t(1, 2, 1, 0), _t(1, 2, 1, 0), _t(1, 2, 1, 4)), ValueError, "head_dim of q and v"),
+    ((_t(1, 2, 1, 4), _t(1, 2, 1, 4), _t(1, 2, 1, 0)), ValueError, "head_dim of q and v"),
 ])
 def test_check_qkv_rejects(args, exc, word):
     with pytest.raises(exc, match=word):

@@ -84,6 +84,8 @@ def _agree_case(rank, world, case):
     def check():
         if case == "bad_on_last" and rank == world - 1:
             raise TypeError("causal must be a bool, got 'no'")
+        if case == "defect_on_first" and rank == 0:  # a check's own failure, not a bad argument
+            raise ZeroDivisionError("0.0 cannot be raised to a negative power")
         fields = {"q.shape": (2, 8, 4, 16), "dtype": torch.float32, "kv_len": 10 + rank,
                   "softmax_scale": 0.25, "device": "cpu"}
         if case == "scale_differs" and rank == 1:
@@ -104,7 +106,7 @@ def _agree_case(rank, world, case):
 
     try:
         res, views = D.agree("op", g, check, vary=("kv_len",))
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RuntimeError) as e:
         return type(e).__name__, str(e)
     return res, views
 
@@ -118,6 +120,12 @@ def test_agree_raises_the_same_error_on_every_rank(world):
     assert {b for b in bad} == {bad[0]}  # identical everywhere
     assert bad[0][0] == "TypeError" and "causal must be a bool" in bad[0][1]
     assert f"rank(s) [{world - 1}]" in bad[0][1]
+
+    # any other exception of a check reaches every rank too (it hung the others before)
+    de = run_world(world, _agree_case, "defect_on_first", timeout=60)
+    assert all(d == de[0] for d in de), de
+    assert de[0][0] == "RuntimeError" and "ZeroDivisionError: 0.0 cannot" in de[0][1]
+    assert "rank(s) [0]" in de[0][1]
 
     sc = run_world(world, _agree_case, "scale_differs")
     assert all(s[0] == "ValueError" for s in sc)

@@ -143,3 +143,34 @@ def test_usp_with_a_2d_device_mesh(results):
         assert one_d is not None and "2-D" in one_d and "head_group" in one_d
         assert three_d is not None and "2-D" in three_d and "(2, 2, 2)" in three_d
     assert len({tuple(r[-1]["bad"]) for r in per_rank}) == 1  # the same error on every rank
+
+
+def _usp_one_head_rank(rank, world, causal):
+    """usp_attn over a head group of one rank (LOCAL) and the whole world as seq group, with
+    schedule="auto" and a target: the step-loop schedule the model picks for usp (never
+    "allgather" / "ulysses", which are not usp_attn schedules), bit-identical to naming it."""
+    import torch.distributed as tdist
+
+    from longattn.common.dist import LOCAL
+    from longattn.hamilton import usp_shard, usp_unshard
+    from longattn.hamilton.strategy import auto_schedule, call_shape
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 8 * world, h, 4, generator=g, dtype=torch.float64)
+               for h in (4, 2, 2))
+    kw = {"head_group": LOCAL, "seq_group": tdist.group.WORLD, "causal": causal}
+    loc = [usp_shard(t, **kw) for t in (q, k, v)]
+    named = auto_schedule(TARGET, call_shape(*loc, causal, False), world, usp=True)
+    outs = [usp_attn(*loc, **kw, schedule=s, config=CONFIG) for s in ("auto", named)]
+    from longattn.reference import attention, causal_mask
+
+    mask = causal_mask(q.shape[1], k.shape[1]) if causal else None
+    ref = torch.from_numpy(attention(q.numpy(), k.numpy(), v.numpy(), mask=mask)[0])
+    err = float((usp_unshard(outs[0], **kw) - ref).norm() / ref.norm())
+    return named, torch.equal(outs[0], outs[1]), err
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_usp_auto_with_one_head_rank(causal):
+    for named, same, err in run_world(2, _usp_one_head_rank, causal, timeout=120):
+        assert named in ("tasp", "ring") and same and err <= 1e-10, (named, same, err)

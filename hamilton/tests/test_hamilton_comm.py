@@ -136,6 +136,15 @@ def _bad_calls(rank, n):
     attempt("two_level without LOCAL_WORLD_SIZE", lambda: hamilton_attn(q, k, v,
                                                                         schedule="two_level"))
     attempt("backend", lambda: hamilton_attn(q, k, v, backend="nope"))
+    # head dim 0 or no query heads on one rank: the default scale (0 ** -0.5) and Ulysses'
+    # head split failed inside the checks with other errors, leaving the others waiting
+    z = (q[..., :0], k[..., :0], v) if rank == n - 1 else (q, k, v)
+    for sched in ("ring", "allgather"):
+        attempt(f"head_dim 0 on the last rank, {sched}",
+                lambda sched=sched: hamilton_attn(*z, causal=True, schedule=sched))
+    h0 = q[:, :, :0] if rank == 0 else q
+    attempt("no query heads on rank 0, ulysses", lambda: hamilton_attn(h0, k, v,
+                                                                      schedule="ulysses"))
     # the world still works: a good call after all the bad ones
     out = hamilton_attn(q, k, v, causal=True)
     out.sum().backward()
@@ -414,3 +423,25 @@ def _subgroups(rank, n):
 def test_subgroups():
     for errs in run_world(4, _subgroups):
         assert max(abs(e) for e in errs) <= 1e-12, errs
+
+
+def _empty_batch(rank, n):
+    """Batch 0 on every schedule, forward and backward: empty results of the right shapes, as
+    one process gives (allgather's reshape of the KV rows failed on it)."""
+    hamilton_attn = _world_attn()
+    res = {}
+    for sched, causal in itertools.product(("tasp", "ring", "allgather", "ulysses"),
+                                           (False, True)):
+        q, k, v = (t.detach()[:0].requires_grad_() for t in _local(rank, n, 4, torch.float64))
+        out, lse = hamilton_attn(q, k, v, causal=causal, schedule=sched, return_lse=True)
+        (out.sum() + lse.sum()).backward()
+        res[(sched, causal)] = (tuple(out.shape), tuple(lse.shape),
+                                tuple(t.grad.shape for t in (q, k, v)))
+    return res
+
+
+def test_empty_batch_on_every_schedule():
+    for res in run_world(2, _empty_batch, timeout=120):
+        for key, (out, lse, grads) in res.items():
+            assert out == (0, 4, HQ, DV) and lse == (0, HQ, 4), (key, out, lse)
+            assert grads == ((0, 4, HQ, D), (0, 4, HKV, D), (0, 4, HKV, DV)), (key, grads)

@@ -287,3 +287,27 @@ def _usp_layout(rank, _):
 
 def test_usp_shard_unshard_roundtrip():
     assert all(all(r) for r in run_world(WORLD, _usp_layout))
+
+
+def _usp_many_segments(rank, world):
+    """usp_attn over a head group of 3 ranks with 21 query heads on 7 KV heads: the ranks hold
+    four shapes of local head segments (ulysses.head_segments), forward and backward."""
+    q, k, v, dout, dlse = _problem(11, 1, 6, 6, 21, 7, 4, 4)
+    ref = _oracle((q, k, v, dout, dlse), False, None)
+    kw = {"head_group": tdist.group.WORLD, "seq_group": LOCAL, "causal": False}
+    loc = [usp_shard(t, **kw).requires_grad_() for t in (q, k, v)]
+    out, lse = usp_attn(*loc, **kw, return_lse=True)
+    mine = usp_shard(dout, **kw)
+    lse_part = usp_shard(dlse.transpose(1, 2), **kw).transpose(1, 2)
+    torch.autograd.backward((out, lse), (mine, lse_part))
+    got = {"out": out} | {n: t.grad for n, t in zip(("dq", "dk", "dv"), loc)}
+    errs = {}
+    for name, t in got.items():
+        whole = usp_unshard(t.detach(), **kw)
+        errs[name] = float((whole - ref[name]).norm() / ref[name].norm())
+    return errs
+
+
+def test_usp_with_many_head_segments():
+    for errs in run_world(3, _usp_many_segments, timeout=120):
+        assert max(errs.values()) <= 1e-10, errs

@@ -50,8 +50,11 @@ def check_qkv(q, k, v, *, varlen: bool = False):
         raise ValueError(f"batch of q ({q.shape[0]}) != batch of k ({k.shape[0]})")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"head_dim of q ({q.shape[-1]}) != head_dim of k ({k.shape[-1]})")
+    if q.shape[-1] < 1 or v.shape[-1] < 1:
+        raise ValueError(f"head_dim of q and v must be >= 1, got q {tuple(q.shape)}, "
+                         f"v {tuple(v.shape)}")
     hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv != 0:
+    if hkv == 0 or hq == 0 or hq % hkv != 0:
         raise ValueError(f"q heads ({hq}) must be a positive multiple of k/v heads ({hkv})")
     return hq, hkv, q.shape[-1]
 

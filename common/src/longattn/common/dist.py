@@ -141,7 +141,10 @@ _TYPE_WORDS = 4  # a 4-bit type code per value, 16 to a word
 _HEAD = 3 + _TYPE_WORDS  # status, number of values, digest of the field names, type codes
 _ROW = _HEAD + _MAX_VALUES + _MSG_WORDS
 _TYPES = {0: "None", 1: "bool", 2: "int", 3: "float", 4: "str/dtype/device"}
-_ERRORS = {1: ValueError, 2: TypeError}
+# 3: a check failed with any other exception (a defect of the check, not of the argument):
+# every rank raises a RuntimeError carrying its type and message rather than one rank leaving
+# the agreement and the others waiting in its all-gather
+_ERRORS = {1: ValueError, 2: TypeError, 3: RuntimeError}
 _I64 = (-(2**63), 2**63 - 1)
 
 
@@ -242,23 +245,26 @@ def agree(op: str, group: Group, check: Callable[[], tuple[Any, Mapping[str, Any
     ``(result, views)`` with ``views[name]`` the list of every rank's value of each ``vary``
     field.
 
-    Every rank raises the same error if any rank's checks failed or a shared value differs.
+    Every rank raises the same error if any rank's checks failed or a shared value differs: a
+    check's ``ValueError`` / ``TypeError`` as such, any other exception of a check (a defect of
+    the check) as a ``RuntimeError`` naming its type, so no rank leaves the agreement alone.
     """
     status, result, err = 0, None, None
     names, words, shown, types = [], [], [], []
     try:
         result, fields = check()
         names, words, shown, types = _encode(op, fields)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any failure of a check must reach every rank
         err = e
-        status = 2 if isinstance(e, TypeError) else 1
+        status = 2 if isinstance(e, TypeError) else 1 if isinstance(e, ValueError) else 3
     if not group.distributed:
         if err is not None:
             raise err
         return result, {n: [x] for n, x in zip(names, shown) if _base(n) in vary}
     row = [status, len(words), _digest(names)] + _pack_types(types)
     row += words + [0] * (_MAX_VALUES - len(words))
-    row += _message_words(str(err) if err is not None else "")
+    text = "" if err is None else str(err) if status < 3 else f"{type(err).__name__}: {err}"
+    row += _message_words(text)
     mine = torch.tensor(row, dtype=torch.int64, device=group.device)
     every = [torch.empty_like(mine) for _ in range(group.size)]
     dist.all_gather(every, mine, group=group.pg)

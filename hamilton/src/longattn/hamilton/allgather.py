@@ -43,7 +43,9 @@ def allgather_attention(q, k, v, g, *, causal, softmax_scale, backend):
     """``(out, lse)`` of this rank's queries (see the module docstring); differentiable."""
     n = g.size
     b, lk, hkv, d = k.shape
-    rows = torch.cat([k.reshape(b, lk, -1), v.reshape(b, lk, -1)], -1).transpose(0, 1)
+    # explicit widths: a -1 cannot be inferred from an empty batch
+    rows = torch.cat([k.reshape(b, lk, hkv * d), v.reshape(b, lk, hkv * v.shape[3])],
+                     -1).transpose(0, 1)
     glob = gather_rows(rows.contiguous(), g, kv_pieces(n, lk, causal)).transpose(0, 1)
     kg = glob[..., :hkv * d].unflatten(-1, (hkv, d)).contiguous()
     vg = glob[..., hkv * d:].unflatten(-1, (hkv, v.shape[3])).contiguous()

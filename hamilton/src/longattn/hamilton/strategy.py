@@ -382,12 +382,15 @@ def format_predictions(predictions) -> str:
     return "\n".join(lines)
 
 
-def auto_schedule(target, s: Shape, n: int, *, head_group: int = 1):
+def auto_schedule(target, s: Shape, n: int, *, head_group: int = 1, usp: bool = False):
     """What ``schedule="auto"`` runs with a ``target``: ``"tasp"``, ``"ring"``, ``"allgather"``,
     ``"ulysses"`` or a two-level :class:`~longattn.hamilton.schedules.Schedule` (the target's
-    nodes; ``head_group > 1``: the seq group's schedule of ``usp_attn``). Falls back to
-    ``"ring"`` when the model finds nothing feasible (the call's own checks then say why)."""
-    preds = predict(target, s, n, head_group=head_group)
+    nodes). ``usp``: the seq group's step-loop schedule of ``usp_attn`` (also with a head group
+    of one rank, where ``"allgather"`` / ``"ulysses"`` are not ``usp_attn`` schedules). Falls
+    back to ``"ring"`` when the model finds nothing feasible (the call's own checks then say
+    why)."""
+    preds = (_predict_usp(target, s, n, head_group) if usp
+             else predict(target, s, n, head_group=head_group))
     if not any(p.feasible for p in preds):
         return "ring"
     best = choose(preds).schedule
