@@ -39,6 +39,7 @@ def _dot(a, b, trans_b=False):
 def _kernel(q_ref, k_ref, v_ref, len_ref, lim_ref, acc_ref, m_ref, l_ref, *, g, rows, block_k,
             split_len, scale):
     sid = pl.program_id(0)
+    f = acc_ref.dtype  # the statistics' dtype: float64 for float64 inputs, else float32
     q = q_ref[...]  # [BLOCK_M, D]
     block_m, d = q.shape
     valid = len_ref[()]
@@ -52,7 +53,7 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, lim_ref, acc_ref, m_ref, l_ref, *, g, 
         acc, m_prev, l_prev = carry
         sl = pl.ds(pl.multiple_of(i * block_k, block_k), block_k)
         k = k_ref[sl, :]
-        s = _dot(q, k, trans_b=True).astype(jnp.float32) * scale  # [BLOCK_M, block_k]
+        s = _dot(q, k, trans_b=True).astype(f) * scale  # [BLOCK_M, block_k]
         j = lo + i * block_k + jnp.arange(block_k)
         vis = (j[None, :] < valid) & (j[None, :] <= limit + t[:, None])
         s = jnp.where(vis, s, -jnp.inf)
@@ -61,11 +62,11 @@ def _kernel(q_ref, k_ref, v_ref, len_ref, lim_ref, acc_ref, m_ref, l_ref, *, g, 
         p = jnp.exp(s - m_safe[:, None])
         corr = jnp.exp(m_prev - m_safe)
         v = v_ref[sl, :]
-        acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v).astype(jnp.float32)
+        acc = acc * corr[:, None] + _dot(p.astype(v.dtype), v).astype(f)
         return acc, m_next, l_prev * corr + p.sum(axis=-1)
 
-    init = (jnp.zeros((block_m, d), jnp.float32), jnp.full((block_m,), -jnp.inf, jnp.float32),
-            jnp.zeros((block_m,), jnp.float32))
+    init = (jnp.zeros((block_m, d), f), jnp.full((block_m,), -jnp.inf, f),
+            jnp.zeros((block_m,), f))
     acc, m, l_ = jax.lax.fori_loop(0, n_blocks, body, init)
     acc_ref[...] = acc
     m_ref[...] = m
@@ -118,6 +119,7 @@ def _decode(q, k, v, valid_len, limit, *, scale, splits, block_k, num_warps, num
     kernel = functools.partial(_kernel, g=g, rows=rows, block_k=block_k, split_len=split_len,
                                scale=scale)
     bh = b * hkv
+    f = acc_dtype(q.dtype)  # float64 only where the kernel is interpreted (supports())
     params = {}
     if not interpret and plgpu is not None:
         params = dict(compiler_params=plgpu.CompilerParams(num_warps=num_warps,
@@ -139,9 +141,9 @@ def _decode(q, k, v, valid_len, limit, *, scale, splits, block_k, num_warps, num
             pl.BlockSpec((None, None, block_m), lambda i, j: (i, j, 0)),
         ],
         out_shape=[
-            jax.ShapeDtypeStruct((splits, bh, block_m, d), jnp.float32),
-            jax.ShapeDtypeStruct((splits, bh, block_m), jnp.float32),
-            jax.ShapeDtypeStruct((splits, bh, block_m), jnp.float32),
+            jax.ShapeDtypeStruct((splits, bh, block_m, d), f),
+            jax.ShapeDtypeStruct((splits, bh, block_m), f),
+            jax.ShapeDtypeStruct((splits, bh, block_m), f),
         ],
         interpret=interpret,
         name="tree_split_k_decode",
@@ -158,7 +160,8 @@ def _decode(q, k, v, valid_len, limit, *, scale, splits, block_k, num_warps, num
 
 def decode(q, k, v, *, softmax_scale, valid_len=None, limit=None, splits=None, block_k=64,
            num_warps=4, num_stages=3, interpret=None):
-    """``(out, lse)`` like :func:`longattn.tree.jax.local.local_attention` (float32)."""
+    """``(out, lse)`` like :func:`longattn.tree.jax.local.local_attention`, in the statistics'
+    dtype (``acc_dtype``: float64 for float64 inputs, which only the interpreter takes)."""
     from longattn.tree.jax.local import check_splits
 
     splits = check_splits(splits)
