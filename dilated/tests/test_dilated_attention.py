@@ -119,6 +119,15 @@ def test_random_schedules_match_oracle(branches, s, heads, causal, seed):
     assert max(errs) <= 1e-10, errs
 
 
+def test_many_branches_match_oracle():
+    """24 branches (any number is a schedule; more than 20 overflowed the argument agreement's
+    64 values, even in one process)."""
+    seg, rates = [2 + i for i in range(24)], [1 + i % 3 for i in range(24)]
+    errs = _check_against_oracle(seg, rates, True, 30, 2, 1, seed=5, with_dlse=True, b=1, d=4,
+                                 dv=4)
+    assert max(errs) <= 1e-10, errs
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_low_precision(dtype):
     seg, rates = SCHEDULES[0]

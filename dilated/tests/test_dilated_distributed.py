@@ -52,6 +52,7 @@ CASES = [
     ((3, 10, 24), (1, 2, 3), 7, 6, 2),     # GQA 3 with r = 2: uneven kv groups
     ((2, 6, 100), (1, 3, 4), 5, 4, 1),
     ((8, 16), (2, 4), 6, 3, 3),             # no r = 1: uncovered rows
+    ((4,), (2,), 1, 1, 1),                  # every other rank keeps no row and makes no call
 ]
 
 

@@ -17,7 +17,7 @@ from longattn.dilated import (
     apply_xpos,
 )
 from longattn.dilated.model import magneto_gammas
-from longattn.dilated.position import xpos_positions, xpos_scale
+from longattn.dilated.position import check_xpos_range, xpos_positions, xpos_scale
 from longattn.reference.dilated import dilated_attention as ref_dilated
 
 SEG, RATES = [4, 8, 16], [1, 2, 4]
@@ -96,7 +96,49 @@ def test_xpos_positions_mod_largest_segment_change_nothing():
     assert rel_error(y, want) <= 1e-12
     p = xpos_positions(0, 45, SEG)
     assert p.abs().max() <= 8 and torch.equal(p[16:32], p[:16])
-    assert torch.equal(xpos_positions(3, 5, [4, 6]), torch.arange(3, 8))  # 4 does not divide 6
+    # 4 does not divide 6: the block is their least common multiple, 12
+    assert torch.equal(xpos_positions(3, 5, [4, 6]), torch.arange(3, 8) - 6)
+    assert torch.equal(xpos_positions(0, 30, [4, 6]), torch.arange(30) % 12 - 6)
+
+
+def test_xpos_block_is_the_segments_lcm():
+    """Segments that do not divide the largest one ([3, 8]): positions mod lcm = 24 give the
+    layer output of raw positions (every segment lies inside one 24-token block); at 40,000
+    tokens in float32 raw positions overflowed xPos's factors (NaN rows), these stay finite."""
+    seg, rates = [3, 8], [1, 2]
+    torch.manual_seed(4)
+    m = MultiheadDilatedAttention(16, 2, seg, rates, pos_emb="xpos", dtype=torch.float64)
+    x = torch.randn(1, 53, 16, dtype=torch.float64)
+    y, _ = m(x, x, x, is_causal=True)
+    m.pos_emb = None
+    q, k, v = (p(x).view(1, 53, 2, 8) for p in (m.q_proj, m.k_proj, m.v_proj))
+    q, k = apply_xpos(q, k, torch.arange(53))
+    want = m.out_proj(m.norm(m.attention(q, k, v, is_causal=True).reshape(1, 53, 16)))
+    assert rel_error(y, want) <= 1e-12
+    assert xpos_positions(0, 40000, seg).abs().max() == 12
+    m32 = MultiheadDilatedAttention(16, 2, seg, rates, pos_emb="xpos")
+    with torch.no_grad():
+        y32, _ = m32(*[torch.randn(1, 40000, 16)] * 3, is_causal=True)
+    assert torch.isfinite(y32).all()
+
+
+def test_xpos_out_of_range_raises():
+    """Where even the lcm block leaves no small positions (coprime segments, lcm > 2^16), xPos
+    raises naming the fix instead of returning non-finite rows; float64 has the range."""
+    seg = [257, 263]  # lcm 67,591
+    check_xpos_range(seg, 30000, 512.0, torch.float64)
+    check_xpos_range(seg, 30000, 512.0, torch.float32)
+    with pytest.raises(ValueError, match="pos_emb='xpos' at positions up to 39999"):
+        check_xpos_range(seg, 40000, 512.0, torch.float32)
+    check_xpos_range([2048], 1 << 20, 512.0, torch.float16)  # LongNet's first: e^2.5
+    with pytest.raises(ValueError, match="beyond torch.float16"):
+        check_xpos_range([8192], 8192, 512.0, torch.float16)  # e^10.0 > e^6.5
+    m = MultiheadDilatedAttention(8, 1, seg, [1, 1], pos_emb="xpos")
+    with pytest.raises(ValueError, match="pos_emb='xpos'"):
+        m(*[torch.randn(1, 40000, 8)] * 3)
+    for bad in (0.0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="xpos_scale_base"):
+            MultiheadDilatedAttention(8, 1, seg, [1, 1], pos_emb="xpos", xpos_scale_base=bad)
 
 
 def test_magneto_init():

@@ -71,7 +71,11 @@ def check_call(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape), "v.shape": tuple(v.shape),
               "dtype": q.dtype, "device type": q.device.type, causal_name: causal,
-              "softmax_scale": scale, "segment_lengths": seg, "dilation_rates": rates,
+              "softmax_scale": scale,
+              # one word each: a schedule may have any number of branches, the agreement
+              # carries at most 64 values
+              "segment_lengths": ",".join(map(str, seg)),
+              "dilation_rates": ",".join(map(str, rates)),
               "backend": name, "needs grad": needs_grad}
     return (seg, rates, scale, config), fields
 
@@ -156,7 +160,7 @@ def _take(call, qr, t3):
     return t3.reshape(t3.shape[0], -1)[:, qr]
 
 
-def merge_calls(results, calls, b, l, h, dv, acc, first_covers=False, stats=None):
+def merge_calls(results, calls, b, l, h, dv, acc, first_covers=False, stats=None, device=None):
     """One multi-way LSE merge of every call's ``(out, lse)`` (the paper's Eq. 10 over all
     branches at once): the math of :func:`longattn.common.merge.merge_stacked`, accumulated
     call by call into the rows each call writes (no stack of full-size partials): the row max
@@ -170,8 +174,10 @@ def merge_calls(results, calls, b, l, h, dv, acc, first_covers=False, stats=None
 
     The eager twin of the fused Triton merge :func:`longattn.dilated.fused.merge_strided`.
     ``first_covers``: ``calls[0]`` writes every row (see
-    :class:`~longattn.dilated.plan.Plan`), so ``num`` needs no zero fill."""
-    dev = results[0][0].device
+    :class:`~longattn.dilated.plan.Plan`), so ``num`` needs no zero fill. ``device``: where
+    the result lives (default: the first call's; a rank of a distributed call may keep no row
+    and have no call)."""
+    dev = device if device is not None else results[0][0].device
     stats = acc if stats is None else stats
     m = torch.full((b, l, h), float("-inf"), dtype=stats, device=dev)
     lses = []
@@ -268,7 +274,7 @@ def _use_fused(q, plan, config):
     :class:`~longattn.dilated.config.FusedConfig`): only when every call is strided and nothing
     is exchanged (then the full tensors are the calls' strided results and the kernels compute
     their layout from ``Call.strided``)."""
-    if config.fused == "off" or plan.recv or plan.send_rows:
+    if config.fused == "off" or plan.recv or plan.send_rows or not plan.calls:
         return False
     if any(c.strided is None for c in plan.calls):
         return False
@@ -328,7 +334,7 @@ class _DilatedAttention(torch.autograd.Function):
                                                      hq, dv, q.dtype, config=config)
         else:
             out, lse = merge_calls(results, calls, b, l, hq, dv, acc, plan.first_covers,
-                                   stats=lse_dtype(q.dtype))
+                                   stats=lse_dtype(q.dtype), device=q.device)
             out = out.to(q.dtype)
         del results
         # an unused lse (the usual case) comes back as None, not a zero tensor to fill and test

@@ -128,6 +128,11 @@ class MultiheadDilatedAttention(nn.Module):
                              f"got {num_kv_heads!r}")
         if pos_emb not in (None, "rotary", "xpos"):
             raise ValueError(f"pos_emb must be None, 'rotary' or 'xpos', got {pos_emb!r}")
+        if pos_emb == "xpos" and (isinstance(xpos_scale_base, bool)
+                                  or not isinstance(xpos_scale_base, (int, float))
+                                  or not 0 < xpos_scale_base < float("inf")):
+            raise ValueError(f"xpos_scale_base must be a finite positive number, got "
+                             f"{xpos_scale_base!r}")
         self.head_dim = embed_dim // num_heads
         if pos_emb is not None and self.head_dim % 2:
             raise ValueError(f"pos_emb needs an even head_dim, got {self.head_dim}")
@@ -171,7 +176,7 @@ class MultiheadDilatedAttention(nn.Module):
         v = self.v_proj(value).view(b, value.shape[1], self.num_kv_heads, self.head_dim)
         if self.pos_emb is not None:
             q, k = apply_position(self.pos_emb, q, k, rank * s, self.attention.segment_lengths,
-                                  scale_base=self.xpos_scale_base)
+                                  scale_base=self.xpos_scale_base, total=g.size * s)
         x = self.attention(q, k, v, is_causal=is_causal).reshape(b, s, self.embed_dim)
         x = self.dropout(x)
         if self.norm is not None:
