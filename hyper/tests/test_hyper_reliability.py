@@ -48,6 +48,19 @@ def test_block_past_the_input_is_one_block(backend, causal, smooth):
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+@pytest.mark.parametrize("msl,exc", [(0, ValueError), (-3, ValueError), (2.0, TypeError),
+                                     (True, TypeError)])
+def test_public_helpers_check_min_seq_len(msl, exc):
+    """make_plan and draw_sample_indices are public: min_seq_len 0 split a one-row causal
+    segment into 1 + 0 rows for ever (a hang); they raise like hyper_attention."""
+    from longattn.hyper import draw_sample_indices
+
+    with pytest.raises(exc, match="min_seq_len"):
+        make_plan(10, 10, True, msl)
+    with pytest.raises(exc, match="min_seq_len"):
+        draw_sample_indices(10, 10, 1, 1, 4, causal=True, min_seq_len=msl)
+
+
 def test_large_sample_size_is_fine_when_exact():
     # Sk <= min_seq_len: exact attention, nothing sampled, sample_size not bounded by Sk
     q, k, v = inputs(2, 1, 64, 64, 2, 1, 8)

@@ -29,6 +29,11 @@ class Plan:
 
 @lru_cache(maxsize=256)
 def make_plan(sq: int, sk: int, causal: bool, min_seq_len: int) -> Plan:
+    # a public helper: min_seq_len 0 would split a 1-row segment into 1 + 0 rows for ever
+    if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int):
+        raise TypeError(f"min_seq_len must be an int, got {min_seq_len!r}")
+    if min_seq_len < 1:
+        raise ValueError(f"min_seq_len must be >= 1, got {min_seq_len}")
     if not causal:
         if sk <= min_seq_len:
             return Plan(True, (), (), ())
