@@ -380,3 +380,34 @@ def test_record_rejects_bad_kind():
 
 def test_rank_error_type_is_importable():
     assert issubclass(RankError, RuntimeError)
+
+
+def test_nested_counters_equal_when_opened():
+    """Two counters opened before any message are equal dataclasses: closing the inner one must
+    remove it, not the outer (which then missed every later message and failed to close)."""
+    with comm.counting() as outer:
+        with comm.counting() as inner:
+            pass
+        comm.record("send", 1, 100)
+    assert outer.bytes_sent == 100 and inner.bytes_sent == 0
+    assert not comm._COUNTERS  # nothing left counting
+
+
+def _order_differs(rank, n):
+    """Rank 0 sends 1 then 3 floats to rank 1, which receives 3 then 1: the byte totals pair
+    up, the messages do not (gloo aborted the receiver before the agreement saw order)."""
+    peer = 1 - rank
+    if rank == 0:
+        sends, recvs = [(torch.zeros(1), peer), (torch.zeros(3), peer)], []
+    else:
+        sends, recvs = [], [(torch.empty(3), peer), (torch.empty(1), peer)]
+    try:
+        comm.exchange(sends, recvs, dist.group.WORLD, agree=True).wait()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_agreed_exchange_sees_the_order_of_messages():
+    res = run_world(2, _order_differs, timeout=60)
+    assert all(r is not None and "order, dtype or element count" in r for r in res), res

@@ -85,6 +85,10 @@ CASES = {
     "exchange/extra_message": (2, lambda rank, n, bad: _ex(
         rank, n, bad, sends=lambda: [(torch.zeros(4), _nxt(rank, n))] * 2),
         ["do not pair up", "2 message(s)"]),
+    # the same 16 bytes as float64: the byte totals pair up, the receiver would reinterpret
+    "exchange/dtype_differs": (2, lambda rank, n, bad: _ex(
+        rank, n, bad, sends=lambda: [(torch.zeros(2, dtype=torch.float64), _nxt(rank, n))]),
+        ["do not pair up", "order, dtype or element count"]),
     "exchange/missing_recv": (2, lambda rank, n, bad: _ex(
         rank, n, bad, recvs=lambda: []), ["do not pair up", "0 message(s)"]),
     "exchange/wrong_peer": (3, lambda rank, n, bad: _ex(

@@ -50,6 +50,7 @@ so the same code runs with NCCL on many GPUs and with N gloo processes on one GP
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -94,7 +95,8 @@ def counting():
     try:
         yield c
     finally:
-        _COUNTERS.remove(c)
+        # by identity: counters are dataclasses, equal when their counts are (nested ones)
+        del _COUNTERS[next(i for i, x in enumerate(_COUNTERS) if x is c)]
 
 
 def record(kind: str, peer: int, nbytes: int) -> None:
@@ -162,6 +164,25 @@ def _pattern(pairs, n):
     return tuple(words)
 
 
+_DIGEST_MOD = 1 << 62
+
+
+def _digest(pairs, me, sending):
+    """One word for the ordered (dtype, element count) sequence of each pair of ranks this rank
+    takes part in: the sum over its peers of a hash of (sender, receiver, sequence). Summed over
+    every rank, the senders' words equal the receivers' exactly when every pair's messages match
+    in order, dtype and size (the byte totals of :func:`_pattern` do not see order or dtype)."""
+    seqs = defaultdict(list)
+    for t, peer in pairs:
+        seqs[peer].append(f"{t.dtype}:{t.numel()}")
+    total = 0
+    for peer, seq in seqs.items():
+        src, dst = (me, peer) if sending else (peer, me)
+        key = f"{src}>{dst}|{','.join(seq)}".encode()
+        total += int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
+    return total % _DIGEST_MOD
+
+
 def _say(word):
     return f"{word & ((1 << _COUNT_BITS) - 1)} message(s) of {word >> _COUNT_BITS} bytes"
 
@@ -188,9 +209,12 @@ def _agreed(op, g, check):
         if pattern:
             fields["sends"] = _pattern(sends, g.size)
             fields["recvs"] = _pattern(recvs, g.size)
+        fields["send digest"] = _digest(sends, g.rank, True)
+        fields["recv digest"] = _digest(recvs, g.rank, False)
         return (sends, recvs), fields
 
-    (sends, recvs), views = _agree(op, g, run, vary=("sends", "recvs") if pattern else ())
+    vary = ("sends", "recvs") if pattern else ()
+    (sends, recvs), views = _agree(op, g, run, vary=vary + ("send digest", "recv digest"))
     if pattern:
         for r in range(g.size):
             for p in range(g.size):
@@ -199,6 +223,10 @@ def _agreed(op, g, check):
                     raise ValueError(
                         f"{op}: the messages do not pair up: rank {r} sends {_say(sw)} to rank "
                         f"{p}, which receives {_say(rw)} from it [raised on every rank]")
+    if sum(views["send digest"]) % _DIGEST_MOD != sum(views["recv digest"]) % _DIGEST_MOD:
+        raise ValueError(f"{op}: the messages do not pair up: between some pair of ranks the "
+                         "sends and receives differ in order, dtype or element count "
+                         "[raised on every rank]")
     return sends, recvs
 
 
@@ -236,7 +264,8 @@ def exchange(sends, recvs, group=None, *, stream=None, agree: bool = False) -> H
 
     Tensors must be contiguous. Messages to or from this rank itself are not allowed (copy
     locally instead). ``agree=True``: the checks and the pairing of the messages are agreed by
-    every rank first (module docstring). Returns a :class:`Handle`.
+    every rank first (module docstring): per pair of ranks the number of messages, their bytes,
+    and their order, dtypes and element counts. Returns a :class:`Handle`.
     """
     _check_agree(agree)
     g = resolve_group(group)
