@@ -653,6 +653,17 @@ def test_bad_backward_arguments_raise():
         K.attention_backward(dout, q, k, v, out, lse, dlse=lse[:, :1], backend="torch")
     with pytest.raises(TypeError, match="dout"):
         K.attention_backward(dout.int(), q, k, v, out, lse, backend="torch")
+    # a head dim that is not v's failed inside the backend, naming nothing
+    wrong = torch.ones(*out.shape[:-1], out.shape[-1] + 1, dtype=out.dtype)
+    with pytest.raises(ValueError, match="v's head dim"):
+        K.attention_backward(wrong, q, k, v, wrong, lse, backend="torch")
+    # an expanded slot: every copy would land on the same memory (after the whole computation)
+    flat = torch.empty(out.shape[0], 1, *out.shape[2:], dtype=out.dtype).expand_as(out)
+    with pytest.raises(ValueError, match="out must not be an expanded view"):
+        K.attention_forward(q, k, v, backend="torch", out=flat)
+    flat_q = torch.empty(q.shape[0], 1, *q.shape[2:], dtype=q.dtype).expand_as(q)
+    with pytest.raises(ValueError, match="dq_out must not be an expanded view"):
+        K.attention_backward(dout, q, k, v, out, lse, backend="torch", dq_out=flat_q)
 
 
 def test_bad_causal_raises():

@@ -87,3 +87,32 @@ def test_band_fused_merge_equals_its_slow_twin(split, flip):
     assert o_t.shape == (b, nc * c, h, dv) and l_t.shape == (b, h, nc * c)
     assert rel_error(o_t, o_r) <= 2e-3  # fp16 output
     assert rel_error(l_t, l_r) <= 1e-6
+
+
+def test_a_posinf_lse_gives_nan_in_every_merge():
+    """A +inf lse (no partial has one; flash-attn writes it for a sum of 0 or NaN): every merge
+    gives that row NaN in out and lse, the others untouched. The Triton merge returned NaN with
+    lse -inf, a row the next merge dropped as empty."""
+    from longattn.common.merge import merge_partials, merge_slots, merge_stacked
+
+    g = torch.Generator().manual_seed(0)
+    oa, ob = (torch.randn(1, 3, 2, 4, generator=g) for _ in range(2))
+    la, lb = (torch.randn(1, 2, 3, generator=g) for _ in range(2))
+    la[0, 1, 2] = float("inf")
+    bad = torch.zeros(1, 2, 3, dtype=torch.bool)
+    bad[0, 1, 2] = True
+    res = {"merge_partials": merge_partials(oa, la, ob, lb),
+           "merge_stacked": merge_stacked(torch.stack([oa, ob]),
+                                          torch.stack([la, lb]).transpose(-1, -2)),
+           "merge_slots": merge_slots(torch.stack([oa, ob]), torch.stack([la, lb]),
+                                      backend="torch")}
+    for backend in ("torch", "triton"):
+        res[backend] = merge_partials_(oa.clone(), la.clone(), ob, lb, backend=backend)
+    o, l_ = res["merge_stacked"]
+    res["merge_stacked"] = (o, l_.transpose(-1, -2))  # [B, S, H] -> [B, H, S]
+    want, want_lse = res["merge_stacked"]
+    for name, (out, lse) in res.items():
+        assert torch.equal(lse.isnan(), bad), name
+        assert torch.equal(out.isnan(), bad.transpose(1, 2).unsqueeze(-1).expand_as(out)), name
+        assert rel_error(out[~out.isnan()], want[~want.isnan()]) < 1e-6, name
+        assert rel_error(lse[~bad], want_lse[~bad]) < 1e-6, name

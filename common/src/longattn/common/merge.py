@@ -7,9 +7,11 @@ inputs get, stays float64: see :func:`~longattn.common.dtypes.lse_dtype`). The s
 ``out_a - sigmoid(lse_b - lse_a) * (out_a - out_b)`` never overflows; rows where one side is
 ``-inf`` take the other side exactly, and rows where both are ``-inf`` stay ``out = 0, lse =
 -inf`` (no NaN). A NaN ``lse`` on either side makes the row's ``out`` and ``lse`` NaN: a NaN
-never disappears in a merge. ``merge_slots`` merges ``n`` partials kept in the slots of a stacked
-buffer (the front rows from the first ``n_front`` slots only, the others never read) in one
-pass, same rules."""
+never disappears in a merge. So does a ``+inf`` ``lse``, which no partial has (a row that sees
+no key has ``-inf``; flash-attn's kernels write ``+inf`` for rows whose sum was 0 or NaN): every
+merge, eager or Triton, two-way or stacked, gives such a row NaN. ``merge_slots`` merges ``n``
+partials kept in the slots of a stacked buffer (the front rows from the first ``n_front`` slots
+only, the others never read) in one pass, same rules."""
 
 from __future__ import annotations
 
@@ -26,9 +28,14 @@ def _dead(lse):
     return torch.isneginf(lse).transpose(1, 2).unsqueeze(-1)
 
 
+def _bad_lse(lse_a, lse_b):
+    """[B, H, S] mask of rows whose lse is NaN or +inf on either side (the row comes out NaN)."""
+    return torch.isnan(lse_a) | torch.isnan(lse_b) | torch.isposinf(lse_a) | torch.isposinf(lse_b)
+
+
 def _nan_rows(lse_a, lse_b):
-    """[B, H, S] x 2 -> [B, S, H, 1] mask of rows whose lse is NaN on either side."""
-    return (torch.isnan(lse_a) | torch.isnan(lse_b)).transpose(1, 2).unsqueeze(-1)
+    """[B, H, S] x 2 -> [B, S, H, 1] mask of :func:`_bad_lse` rows, in out's layout."""
+    return _bad_lse(lse_a, lse_b).transpose(1, 2).unsqueeze(-1)
 
 
 def _weights(lse_a: torch.Tensor, lse_b: torch.Tensor):
@@ -78,7 +85,8 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     two ``lse`` dtypes (at least that accumulation dtype).
     """
     _check(out_a, lse_a, out_b, lse_b)
-    acc = acc_dtype(out_a.dtype)
+    # both sides' outs: the result must not depend on the order of the arguments
+    acc = acc_dtype(torch.promote_types(out_a.dtype, out_b.dtype))
     ldt = _lse_dtype(acc, lse_a, lse_b)
     lse_a, lse_b = lse_a.to(ldt), lse_b.to(ldt)
     w_b, lse = _weights(lse_a, lse_b)
@@ -91,7 +99,7 @@ def merge_partials(out_a, lse_a, out_b, lse_b):
     out = torch.where(a_dead, ob, oa - w * (oa - ob))
     out = torch.where(b_dead, oa, out)
     out = torch.where(_nan_rows(lse_a, lse_b), float("nan"), out)
-    return out, lse
+    return out, torch.where(_bad_lse(lse_a, lse_b), float("nan"), lse)
 
 
 @torch.no_grad()
@@ -127,7 +135,7 @@ def merge_partials_(out, lse, out_b, lse_b, *, backend: str = "auto"):
     oa = out.masked_fill_(a_dead, 0.0)
     res = torch.where(a_dead, ob, oa - w * (oa - ob))
     out.copy_(torch.where(nan, float("nan"), torch.where(b_dead, oa, res)))
-    lse.copy_(new)
+    lse.copy_(torch.where(_bad_lse(lse, lse_b), float("nan"), new))
     return out, lse
 
 
@@ -153,6 +161,7 @@ def merge_stacked(outs: torch.Tensor, lses: torch.Tensor):
     misses give ``out = 0``, ``lse = -inf``; a NaN ``lse`` makes the row's ``out`` and ``lse``
     NaN (a NaN never disappears in a merge).
     """
+    _check_stacked(outs, lses)
     acc = acc_dtype(outs.dtype)
     lses = lses.to(_lse_dtype(acc, lses))
     dead = torch.isneginf(lses)
@@ -163,6 +172,19 @@ def merge_stacked(outs: torch.Tensor, lses: torch.Tensor):
     num = (o * w.to(acc).unsqueeze(-1)).sum(0)
     den = w.sum(0)
     return finish_rows(num, den, m)
+
+
+def _check_stacked(outs, lses):
+    for name, t in (("outs", outs), ("lses", lses)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    if outs.ndim < 2 or outs.shape[0] < 1:
+        raise ValueError(f"outs must be [n >= 1, *rows, D], got {tuple(outs.shape)}")
+    if lses.shape != outs.shape[:-1]:
+        raise ValueError(f"lses must be [n, *rows] = {tuple(outs.shape[:-1])} for outs "
+                         f"{tuple(outs.shape)}, got {tuple(lses.shape)}")
 
 
 def finish_rows(num: torch.Tensor, den: torch.Tensor, m: torch.Tensor):

@@ -53,7 +53,8 @@ def _merge_kernel(out_ptr, lse_ptr, ob_ptr, lb_ptr, n_rows, S, H,
     pb = ob_ptr + (b * sob_b + s * sob_s + h * sob_h)[:, None] + d[None, :]
     oa = tl.load(po, mask=m2 & ~a_dead[:, None], other=0.0).to(tl.float32)
     ob = tl.load(pb, mask=m2 & ~b_dead[:, None], other=0.0).to(tl.float32)
-    nan = (la != la) | (lb != lb)
+    # a NaN or +inf lse (no partial has +inf: merge.py's module docstring) makes the row NaN
+    nan = (la != la) | (lb != lb) | (la == float("inf")) | (lb == float("inf"))
     res = tl.where(nan[:, None], float("nan"), wa[:, None] * oa + wb[:, None] * ob)
     tl.store(po, res, mask=m2)
     tl.store(lse_ptr + b * sl_b + h * sl_h + s * sl_s, tl.where(nan, float("nan"), new),

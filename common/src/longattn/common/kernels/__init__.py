@@ -247,6 +247,10 @@ def _check_out(out, q, v, name="out"):
                          f"{tuple(out.shape)} {out.dtype} on {out.device}")
     if out.shape[-1] > 1 and out.stride(-1) != 1:
         raise ValueError(f"{name} needs a contiguous head dim (stride 1 in the last dim)")
+    # an expanded (stride 0) view would have every copy write the same memory
+    if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
+        raise ValueError(f"{name} must not be an expanded view (a stride of 0 in "
+                         f"{tuple(out.stride())}): its elements must be distinct")
 
 
 def attention_forward(q, k, v, *, softmax_scale=None, causal=False, window_size=(-1, -1),
@@ -282,10 +286,11 @@ def attention_backward(dout, q, k, v, out, lse, *, softmax_scale=None, causal=Fa
     if dq_out is not None:
         _check_out(dq_out, q, q, "dq_out")
     check_backward_tensors(q, dout, out, lse, dlse)
-    if dout.shape != out.shape or out.shape[:-1] != q.shape[:-1]:
+    if (dout.shape != out.shape or out.shape[:-1] != q.shape[:-1]
+            or out.shape[-1] != v.shape[-1]):
         raise ValueError(
             f"dout {tuple(dout.shape)} and out {tuple(out.shape)} must be [B, Sq, Hq, Dv] "
-            f"matching q {tuple(q.shape)}"
+            f"matching q {tuple(q.shape)} and v's head dim Dv = {v.shape[-1]}"
         )
     want = (q.shape[0], q.shape[2], q.shape[1])
     if tuple(lse.shape) != want:
