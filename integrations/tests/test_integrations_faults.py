@@ -373,6 +373,14 @@ def _(ctx, bad):
     _shard(ctx, bad, ignore_index=-100.0)
 
 
+@fault("shard_inputs", "id outside the vocabulary", ValueError,
+       "input_ids holds ids outside [0, vocab_size")
+def _(ctx, bad):
+    ids = ctx.ids()[0].clone()
+    ids[0, -1] = ctx.model.config.vocab_size + 3  # failed in the embedding of one rank only
+    _shard(ctx, bad, input_ids=ids, vocab_size=ctx.model.config.vocab_size)
+
+
 def _mask(ctx, *zeros):
     mask = torch.ones(1, ctx.seq, dtype=torch.long)
     mask[0, list(zeros)] = 0
@@ -721,6 +729,15 @@ def _(ctx, bad):
                                             use_cache=True))
 
 
+@fault("attention", "decode token differs (through the model)", ValueError,
+       f"query values (float64 checksum) {SAME}", own=False)
+def _(ctx, bad):
+    cache = _prefilled(ctx)
+    new = torch.tensor([[4]]) if bad else torch.tensor([[3]])  # e.g. a per-rank sampling seed
+    with torch.no_grad():  # every rank gave logits of its own token, all wrong, before
+        ctx.model(input_ids=new, past_key_values=cache, use_cache=True)
+
+
 @fault("ShardedCache.update", "prefill on one rank, decode on the others", ValueError,
        f"decoding {SAME}", own=False)
 def _(ctx, bad):
@@ -739,6 +756,17 @@ def _(ctx, bad):
         else:
             _untouched(cache, lambda: ctx.model(input_ids=new, past_key_values=cache,
                                                 use_cache=True))
+
+
+@fault("loss", "label outside the vocabulary on one rank", ValueError,
+       "longattn_cp loss: the loss failed on", "of the cp group")
+def _(ctx, bad):
+    batch = ctx.batch()
+    if bad:  # the loss raised on this rank alone while the others waited in its agreement
+        labels = batch["labels"].clone()
+        labels[0, 0] = ctx.model.config.vocab_size + 5
+        batch = {**batch, "labels": labels, "shift_labels": labels}
+    _forward(ctx, batch=batch)
 
 
 # ------------------------------------------------------------------------------- the tests

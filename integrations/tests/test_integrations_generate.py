@@ -72,6 +72,8 @@ def _generate_cases(rank, world, extra, cases):
 def _refusals(rank, name):
     """Each call longattn cannot serve exactly, bad on this rank or on the last one only: the
     error every rank raised (None: it returned)."""
+    from transformers import GenerationConfig
+
     from longattn.integrations.transformers import generate
 
     model = build("llama", name).eval()
@@ -96,6 +98,18 @@ def _refusals(rank, name):
             model, ids, group=dist.group.WORLD, max_new_tokens=2, do_sample=True)),
         "own cache": lambda: generate(model, ids, group=dist.group.WORLD, cache=object(),
                                       max_new_tokens=2),
+        # hidden states of the last tokens only, and no attention weights, before
+        "hidden states": lambda: generate(model, ids, group=dist.group.WORLD,
+                                          output_hidden_states=True,
+                                          return_dict_in_generate=True, max_new_tokens=2),
+        "attention weights": lambda: generate(model, ids, group=dist.group.WORLD,
+                                              output_attentions=True,
+                                              return_dict_in_generate=True, max_new_tokens=2),
+        # compared by value (compared by type name before: one rank generated 4 tokens alone)
+        "generation config differs": lambda: generate(
+            model, ids, group=dist.group.WORLD,
+            generation_config=GenerationConfig(max_new_tokens=2 + 3 * int(last),
+                                               pad_token_id=PAD)),
     }
     errs = {}
     for what, call in calls.items():
@@ -142,7 +156,9 @@ def _check_refusals(res):
     words = {"right padding": "left padding", "mask differs": "arguments",
              "beams": "num_beams", "sdpa model": "longattn's",
              "prompt differs": "input_ids", "seed differs": "random generator state",
-             "own cache": "cache"}
+             "own cache": "cache", "hidden states": "output_hidden_states",
+             "attention weights": "output_attentions",
+             "generation config differs": "generation_config must be the same"}
     for what, word in words.items():
         errs = [r[2][0][what] for r in res]
         assert errs[0] is not None and word in errs[0], (what, errs[0])

@@ -149,3 +149,27 @@ def _nan_step(rank, world):
 def test_a_nan_on_one_rank_makes_every_ranks_loss_nan():
     losses = run_world(2, _nan_step, timeout=120)
     assert all(x != x for x in losses), losses
+
+
+def _ignore_index_step(rank, world):
+    """shard_inputs(..., ignore_index=-1): the batch carries it to the loss, which skipped only
+    transformers' -100 before (the -1 it fills in was a class index: an error on one rank while
+    the other waited). Against the same model in one process on the same labels."""
+    from longattn.integrations import demo
+    from longattn.integrations.transformers import register, shard_inputs
+
+    torch.set_num_threads(1)
+    ids, labels = demo.tiny_batch(2, 16)
+    labels = labels.masked_fill(labels == -100, -1)  # this batch's ignored labels say -1
+    labels[0, 3] = -1
+    ref_labels = labels.masked_fill(labels == -1, -100)
+    ref = demo.tiny_model("llama")(ids, labels=ref_labels, use_cache=False).loss
+    model = demo.tiny_model("llama", register())
+    batch = shard_inputs(ids, labels, group=dist.group.WORLD, ignore_index=-1)
+    loss = model(**batch, use_cache=False).loss
+    return abs(loss.item() - ref.item()) / abs(ref.item())
+
+
+def test_ignore_index_reaches_the_loss():
+    errs = run_world(2, _ignore_index_step, timeout=120)
+    assert max(errs) <= LOSS_TOL, errs

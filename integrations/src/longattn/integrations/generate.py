@@ -60,7 +60,10 @@ _REFUSED = {
 }
 # generation settings that must keep their one-process, one-sequence values
 _ONLY = {"num_beams": 1, "num_return_sequences": 1, "use_cache": True,
-         "prefill_chunk_size": None, "penalty_alpha": None}
+         "prefill_chunk_size": None, "penalty_alpha": None,
+         # the prompt's prefix is prefilled across the ranks before transformers' generate,
+         # which would return hidden states of the rest only (and attention weights of none)
+         "output_hidden_states": False, "output_attentions": False}
 
 
 def generate(model, input_ids, *, group=None, block: int = 1, **generate_kwargs):
@@ -90,7 +93,9 @@ def generate(model, input_ids, *, group=None, block: int = 1, **generate_kwargs)
         padding = {"position_ids": pos[:, :prefix], "attention_mask": mask[:, :prefix]}
     with torch.no_grad():
         if prefix:
-            model(**shard_inputs(input_ids[:, :prefix], group=group, layout=lay, **padding),
+            model(**shard_inputs(input_ids[:, :prefix], group=group, layout=lay,
+                                 vocab_size=getattr(model.config, "vocab_size", None),
+                                 **padding),
                   cache=cache, use_cache=True)
         out = model.generate(input_ids, cache=cache, **generate_kwargs)
     tokens = getattr(out, "sequences", out)
@@ -117,8 +122,11 @@ def _check(model, input_ids, block, kwargs, lay, g):
     for name, want in _ONLY.items():
         got = kwargs.get(name, getattr(config, name, None))
         if got is not None and got != want:  # None: transformers' default, which is ``want``
+            why = ("the prompt is prefilled across the ranks first, so transformers would "
+                   "return them for the last tokens only" if name.startswith("output_") else
+                   "longattn serves one sequence per prompt, sampled or greedy")
             raise ValueError(f"generate: {name}={got!r} is not supported (only {want!r}): "
-                             "longattn serves one sequence per prompt, sampled or greedy")
+                             f"{why}")
     pads = _left_padding(kwargs.get("attention_mask"), input_ids)
     do_sample = kwargs.get("do_sample", getattr(config, "do_sample", None)) or False
     s = input_ids.shape[1]
@@ -127,6 +135,9 @@ def _check(model, input_ids, block, kwargs, lay, g):
     fields = {"input_ids.shape": tuple(input_ids.shape), "input_ids": _digest(input_ids),
               "block": block,
               "layout": lay, "arguments": _describe(kwargs), "do_sample": bool(do_sample),
+              # by value (its JSON), not by its type's name as other objects
+              "generation_config": "" if kwargs.get("generation_config") is None
+              else kwargs["generation_config"].to_json_string(use_diff=False),
               "device type": input_ids.device.type,
               "random generator state": _rng_digest(input_ids.device) if do_sample else ""}
     return ((s - 1) // unit * unit, pads), fields
@@ -183,14 +194,23 @@ def _rng_digest(device) -> str:
     return "".join(_digest(s) for s in state)
 
 
+def _word(v) -> str:
+    """A value as the same text on every rank: plain values by value, tensors by fingerprint,
+    sequences item by item, other objects by their type's name (a repr may hold an address,
+    e.g. a LogitsProcessorList's items)."""
+    if isinstance(v, torch.Tensor):
+        return f"tensor{tuple(v.shape)}:{v.dtype}:{_digest(v)}"
+    if isinstance(v, (list, tuple)):
+        return f"{type(v).__name__}[{','.join(_word(x) for x in v)}]"
+    if isinstance(v, (int, float, str, bool, type(None))):
+        return repr(v)
+    return type(v).__name__
+
+
 def _describe(kwargs) -> str:
     """The generate arguments as one word: plain values by value, tensors by fingerprint."""
     parts = []
     for key in sorted(kwargs):
         v = kwargs[key]
-        if isinstance(v, torch.Tensor):
-            v = f"tensor{tuple(v.shape)}:{v.dtype}:{_digest(v)}"
-        elif not isinstance(v, (int, float, str, bool, tuple, list, type(None))):
-            v = type(v).__name__
-        parts.append(f"{key}={v!r}")
+        parts.append(f"{key}={_word(v)}")
     return ";".join(parts)

@@ -108,7 +108,8 @@ def _make():
             return shard_inputs(
                 sample["input_ids"], sample.get("labels"), sample.get("position_ids"),
                 sample.get("attention_mask"), group=self.cp_group, layout=self.cp_layout,
-                dp_group=self.dp_group)
+                dp_group=self.dp_group,
+                vocab_size=getattr(self.model.config, "vocab_size", None))
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """The model's loss as it is: the whole step's share, its gradient meant to be

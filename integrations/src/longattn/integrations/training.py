@@ -75,7 +75,7 @@ class ShardedBatch:
 
 
 def shard_inputs(input_ids, labels=None, position_ids=None, attention_mask=None, *, group=None,
-                 layout="zigzag", ignore_index=-100, dp_group=LOCAL):
+                 layout="zigzag", ignore_index=-100, dp_group=LOCAL, vocab_size=None):
     """This rank's part of a batch, as keyword arguments for the model's forward.
 
     Args:
@@ -97,12 +97,18 @@ def shard_inputs(input_ids, labels=None, position_ids=None, attention_mask=None,
             the labels are counted over every data-parallel replica's batch, so the averaged
             gradient is that of the mean token loss of the global batch (each replica passes
             its own batch); without it, the mean over replicas of each replica's token mean.
+        vocab_size: None, or the model's vocabulary size (``model.config.vocab_size``): every
+            token id and label (but ``ignore_index``) must lie in ``[0, vocab_size)``, checked
+            with the rest. Pass it: an id outside the embedding fails on the one rank holding
+            it, inside the model, while the others wait in the first attention layer.
+            ``LongattnTrainer`` and ``generate`` pass it.
 
     Returns a dict with ``input_ids``, ``position_ids``, ``cp_group`` (the group, for the
     attention layers), ``cp_batch`` (a :class:`ShardedBatch`) and, with labels, ``labels`` and
     ``shift_labels`` (the shifted local labels: transformers' loss then skips its own shift)
-    and ``num_items_in_batch`` (the counted labels of the whole batch). ``model(**batch)``
-    takes it as it is.
+    and ``num_items_in_batch`` (the counted labels of the whole batch), and ``ignore_index``
+    when it is not transformers' -100 (the loss must skip what was filled with it).
+    ``model(**batch)`` takes it as it is.
 
     Every argument is checked on every rank first (:func:`longattn.common.dist.agree`, one
     small all-gather over ``group``, and one over ``dp_group`` when given): integer tensors,
@@ -114,7 +120,7 @@ def shard_inputs(input_ids, labels=None, position_ids=None, attention_mask=None,
 
     def check():
         return _check_inputs(input_ids, labels, position_ids, attention_mask, layout,
-                             ignore_index, dp_group, g)
+                             ignore_index, dp_group, g, vocab_size)
 
     try:
         prep, _ = agree("shard_inputs", g, check)
@@ -122,10 +128,10 @@ def shard_inputs(input_ids, labels=None, position_ids=None, attention_mask=None,
         _tell_dp(dp_group, g, e)
         raise
     num_items = _count_over_dp(prep["count"], prep["dp"], g)
-    return _batch(prep, g, group, layout, num_items)
+    return _batch(prep, g, group, layout, num_items, ignore_index)
 
 
-def _batch(prep, g, group, layout, num_items):
+def _batch(prep, g, group, layout, num_items, ignore_index=-100):
     """The dict of :func:`shard_inputs` from the checked, reordered full-batch tensors."""
     cu = prep["cu_seqlens"]
 
@@ -149,6 +155,8 @@ def _batch(prep, g, group, layout, num_items):
         local = cut(prep["shifted"])
         batch.update(labels=local, shift_labels=local,
                      num_items_in_batch=torch.tensor(num_items, device=local.device))
+        if ignore_index != -100:  # the loss must skip the labels filled with it here
+            batch["ignore_index"] = ignore_index
     return batch
 
 
@@ -190,6 +198,20 @@ def _check_ids(name, x, shape=None):
                         f"{x.dtype}")
     if shape is not None and tuple(x.shape) != shape:
         raise ValueError(f"{name} must be {shape} like input_ids, got {tuple(x.shape)}")
+
+
+def _check_vocab(vocab_size, input_ids, labels, ignore_index):
+    if vocab_size is None:
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise ValueError(f"vocab_size must be None or a positive int, got {vocab_size!r}")
+    for name, x, skip in (("input_ids", input_ids, None), ("labels", labels, ignore_index)):
+        if x is None or x.numel() == 0:
+            continue
+        y = x if skip is None else x[x != skip]
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= vocab_size):
+            raise ValueError(f"{name} holds ids outside [0, vocab_size = {vocab_size}): min "
+                             f"{int(y.min())}, max {int(y.max())}")
 
 
 def _check_mask(mask, shape):
@@ -266,7 +288,7 @@ def _check_scalars(ignore_index, layout, s, g, dp_group, packed):
 
 
 def _check_inputs(input_ids, labels, position_ids, attention_mask, layout, ignore_index,
-                  dp_group, g):
+                  dp_group, g, vocab_size=None):
     """shard_inputs' checks (inside ``agree``): every rank must shard the same batch the same
     way, so the values themselves are agreed (by checksum), not only their shapes. Returns the
     full-batch tensors, reordered when padded, and the fields."""
@@ -278,6 +300,7 @@ def _check_inputs(input_ids, labels, position_ids, attention_mask, layout, ignor
     position_ids = _check_positions(position_ids, b, s, input_ids.device)
     if labels is not None:
         _check_ids("labels", labels, (b, s))
+    _check_vocab(vocab_size, input_ids, labels, ignore_index)
     mask = None if attention_mask is None else _check_mask(attention_mask, (b, s))
     cu = _packed_cu(position_ids, mask, b, layout, g.size)
     dp = _check_scalars(ignore_index, layout, s, g, dp_group, cu is not None)
@@ -360,16 +383,27 @@ class _Reported(torch.autograd.Function):
         return grad, None
 
 
-def _sum_over(value: float, groups) -> float:
+def _sum_over(value: float, groups, err=None) -> float:
     """The sum of every rank's ``value`` over each group in turn (cp, then dp), the same on
-    every rank (``math.fsum`` of the gathered values)."""
-    for grp in groups:
-        def check(v=value):
-            return None, {"loss": v}
+    every rank (``math.fsum`` of the gathered values). ``err``: this rank's loss failed (e.g. a
+    label outside the vocabulary on the rank holding it); every group still agrees, carrying
+    the failure, and every rank of every group raises instead of the others waiting."""
+    failed, where = err is not None, None
+    for i, grp in enumerate(groups):
+        def check(v=value, f=failed):
+            return None, {"loss": 0.0 if f else v, "failed": int(f)}
 
-        _, views = agree("longattn_cp loss", grp, check, vary=("loss",))
+        _, views = agree("longattn_cp loss", grp, check, vary=("loss", "failed"))
+        if any(views["failed"]) and where is None:
+            bad = [r for r, f in enumerate(views["failed"]) if f]
+            where = f"rank(s) {bad} of {grp.size} of the {('cp', 'dp')[i]} group"
+        failed = failed or any(views["failed"])
         got = views["loss"]  # fsum refuses inf - inf; a NaN or inf loss stays one
         value = math.fsum(got) if all(map(math.isfinite, got)) else sum(got)
+    if failed:  # the failing rank's own error is chained (its traceback shows it)
+        raise ValueError(f"longattn_cp loss: the loss failed on {where} (e.g. a label outside "
+                         "the vocabulary, or an ignore_index the loss was not given) [raised "
+                         "on every rank]") from err
     return value
 
 
@@ -390,7 +424,11 @@ def causal_lm_loss(original):
                             f"{type(info).__name__}")
         if info.grad_scale != 1:
             logits = _ScaleGrad.apply(logits, info.grad_scale)
-        local = original(logits, labels, vocab_size, **kwargs)
+        try:
+            local = original(logits, labels, vocab_size, **kwargs)
+        except Exception as e:  # noqa: BLE001 - agreed below, so no rank waits for this one
+            _sum_over(0.0, info.loss_groups, err=e)
+            raise
         return _Reported.apply(local, _sum_over(float(local.detach()), info.loss_groups))
 
     loss._longattn_original = original

@@ -74,6 +74,7 @@ from longattn.integrations.training import (
     shard_inputs,
     unshard,
 )
+from longattn.tree._args import q_checksum
 
 NAME = "longattn_cp"
 
@@ -249,6 +250,8 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
             info.cu_seqlens) - 1,
         "shift_labels given": kwargs.get("shift_labels") is not None,
     }
+    if decoding and g.distributed:  # the new tokens are replicated: agree on their values too
+        fields["query values (float64 checksum)"] = q_checksum(query)
     return (causal, window, lay), fields
 
 
