@@ -121,6 +121,11 @@ def _(ctx, bad):
     _forward(ctx, ctx.fresh(torch.float32) if bad else None)
 
 
+@fault("attention", "output_attentions", ValueError, "output_attentions=True is not supported")
+def _(ctx, bad):  # transformers returned an empty tuple of weights, without a word
+    _forward(ctx, output_attentions=bad)
+
+
 @fault("attention", "is_causal not a bool", TypeError, "is_causal must be a bool")
 def _(ctx, bad):
     _direct(ctx, bad, is_causal=1)

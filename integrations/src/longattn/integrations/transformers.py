@@ -205,6 +205,9 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
             raise ValueError(f"{NAME!r} does not support {name}={kwargs[name]!r}")
+    if kwargs.get("output_attentions"):  # transformers would return an empty tuple
+        raise ValueError(f"{NAME!r} computes no attention weights: output_attentions=True "
+                         "is not supported")
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {backend!r}")
     scale = None if scaling is None else checks.check_scale(scaling, query.shape[-1])
