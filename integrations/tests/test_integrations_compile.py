@@ -110,6 +110,12 @@ def _compile_cases(rank, world):
             compiled = torch.compile(demo.tiny_model(kind, name), backend="aot_eager")
             row["labels"] = _errors(_run(compiled, batch, True, weight),
                                     _run(eager, batch, True, weight))
+            # a second batch: a new loss value, which Dynamo guarded on, retraced into the
+            # loss's agreement and failed there (RecursionError)
+            ids, labels, pos, mask = _data(what, seed + 1)
+            batch = shard_inputs(ids, labels, pos, mask, group=cp, layout=layout)
+            row["labels, second batch"] = _errors(_run(compiled, batch, True, weight),
+                                                  _run(eager, batch, True, weight))
         rows.append(row)
     torch._dynamo.reset()
     return rows, ops, bad

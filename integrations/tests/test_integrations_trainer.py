@@ -199,3 +199,29 @@ def test_registering_leaves_the_stock_trainer_as_it_is():
         _, count = trainer.get_batch_samples(iter(batches), ACCUM, torch.device("cpu"))
     shifted = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
     assert int(count) == shifted, (int(count), shifted, first)
+
+
+def test_settings_that_change_the_loss_are_refused():
+    """label_smoothing_factor and compute_loss_func change the loss; compute_loss returns the
+    model's own sharded loss, so both trained silently without them before. A batch without
+    labels was a bare KeyError."""
+    from dataclasses import replace
+
+    from longattn.integrations.trainer import LongattnTrainer
+    from longattn.integrations.transformers import register
+
+    name = register()
+    with tempfile.TemporaryDirectory() as out:
+        args = _args(out, BATCH)
+        for kw, word in ((dict(args=replace(args, label_smoothing_factor=0.1)),
+                          "label_smoothing_factor"),
+                         (dict(args=args, compute_loss_func=lambda *a, **k: 0.0),
+                          "compute_loss_func")):
+            with pytest.raises(ValueError, match=word):
+                LongattnTrainer(model=_model(name), train_dataset=_examples(0),
+                                data_collator=pad_right, cp_group=LOCAL, **kw)
+        trainer = LongattnTrainer(model=_model(name), args=args, train_dataset=_examples(0),
+                                  data_collator=pad_right, cp_group=LOCAL)
+        with pytest.raises(ValueError, match="trains on labels"):
+            trainer.compute_loss(trainer.model, {"input_ids": torch.zeros(1, 4, dtype=int),
+                                                 "cp_batch": None})

@@ -173,3 +173,33 @@ def _ignore_index_step(rank, world):
 def test_ignore_index_reaches_the_loss():
     errs = run_world(2, _ignore_index_step, timeout=120)
     assert max(errs) <= LOSS_TOL, errs
+
+
+def _fsdp2_then_cp_average(rank, world):
+    """FSDP2 over the dp sub-mesh of a 2 x 2 (dp, cp) mesh, then all_reduce_grads over cp (the
+    documented call where the wrapper does not average over cp): its gradients are DTensors,
+    on which the all-reduce raised an operator error; every rank of a cp group holds the same
+    shard, so their local shards average. Against one process on the whole batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from longattn.integrations import demo
+    from longattn.integrations.transformers import all_reduce_grads, register, shard_inputs
+
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    model = fully_shard(demo.tiny_model("llama", register()), mesh=mesh["dp"])
+    ids, labels, pos, mask = steps.training_data("padded4", 3)
+    rows = slice(2 * mesh["dp"].get_local_rank(), 2 * mesh["dp"].get_local_rank() + 2)
+    batch = shard_inputs(ids[rows], labels[rows], pos, mask[rows], group=mesh["cp"],
+                         dp_group=mesh["dp"])
+    model(**batch, use_cache=False).loss.backward()
+    all_reduce_grads(model, mesh["cp"])
+    ref = steps.reference_step("llama", (ids, labels, pos, mask))
+    return max(rel_error(p.grad.full_tensor(), ref["grads"][n])
+               for n, p in model.named_parameters())
+
+
+def test_all_reduce_grads_on_fsdp2_gradients():
+    errs = run_world(4, _fsdp2_then_cp_average, timeout=300)
+    assert max(errs) <= TOL, errs

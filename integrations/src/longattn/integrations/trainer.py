@@ -66,7 +66,12 @@ def _make():
             self._cp = resolve_group(cp_group, name="cp_group")
             self._dp = resolve_group(dp_group, name="dp_group")
             world = self.args.world_size
-            agree("LongattnTrainer", self._cp, lambda: _check_world(self._cp, self._dp, world))
+
+            def check():
+                _check_loss_settings(self)
+                return _check_world(self._cp, self._dp, world)
+
+            agree("LongattnTrainer", self._cp, check)
 
         def get_train_dataloader(self):
             """``Trainer``'s loader, sharded over the dp replicas only: every rank of a cp
@@ -117,12 +122,28 @@ def _make():
             if "cp_batch" not in inputs:
                 raise ValueError("LongattnTrainer.compute_loss takes the batches of "
                                  "get_batch_samples (sharded); evaluation is not sharded")
+            if "labels" not in inputs:
+                raise ValueError("LongattnTrainer trains on labels: the batch has none (give "
+                                 "the collator labels, e.g. DataCollatorForLanguageModeling or "
+                                 "DataCollatorWithFlattening over rows with input_ids)")
             outputs = model(**inputs)
             loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
             return (loss, outputs) if return_outputs else loss
 
     LongattnTrainer.__module__ = __name__
     return LongattnTrainer
+
+
+def _check_loss_settings(trainer):
+    """Trainer settings that change the loss, which compute_loss (the model's own sharded loss)
+    would silently ignore."""
+    if getattr(trainer.args, "label_smoothing_factor", 0) not in (0, 0.0):
+        raise ValueError(f"LongattnTrainer does not support label_smoothing_factor="
+                         f"{trainer.args.label_smoothing_factor} (the loss is the model's own, "
+                         "summed over the ranks); use 0")
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise ValueError("LongattnTrainer does not support compute_loss_func (the loss is the "
+                         "model's own, summed over the ranks)")
 
 
 def _check_world(cp, dp, world):

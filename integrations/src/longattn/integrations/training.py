@@ -383,6 +383,7 @@ class _Reported(torch.autograd.Function):
         return grad, None
 
 
+@torch.compiler.disable  # host-side agreement: torch.compile must not trace into it
 def _sum_over(value: float, groups, err=None) -> float:
     """The sum of every rank's ``value`` over each group in turn (cp, then dp), the same on
     every rank (``math.fsum`` of the gathered values). ``err``: this rank's loss failed (e.g. a
@@ -557,6 +558,9 @@ def all_reduce_grads(model, group=None):
     if not g.distributed:
         return
     for t in grads:
+        # FSDP2's gradients are DTensors sharded over its own mesh: every rank of a cp group
+        # holds the same shard, so the local shards average like whole gradients
+        t = t.to_local() if hasattr(t, "to_local") else t
         comm.all_reduce(t, group=g.pg)  # staged where the group needs another device
         t.div_(g.size)
 
