@@ -159,7 +159,8 @@ def attention(module, query, key, value, attention_mask=None, dropout=0.0, scali
             raise ValueError("cp_group is not the group of the ShardedCache passed as "
                              "past_key_values: pass the same group to both (or cp_group=None)")
         return _check_call(query, key, value, attention_mask, dropout, scaling, sliding_window,
-                           is_causal, backend, state, kwargs, g)
+                           is_causal, backend, state, kwargs, g,
+                           first_layer=getattr(module, "layer_idx", None) in (0, None))
 
     (causal, window, lay), _ = agree(NAME, g, check)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
@@ -179,7 +180,7 @@ attention._longattn = True  # generate() checks a model uses longattn
 
 
 def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_window, is_causal,
-                backend, state, kwargs, g):
+                backend, state, kwargs, g, first_layer=True):
     """This rank's checks (run inside ``agree``). Returns ``((causal, window, layout),
     fields)``: ``window`` is the window's ``left`` (keys before the query) or None, ``layout``
     the layout of this rank's tokens (sharded, not decoding) or None."""
@@ -253,7 +254,9 @@ def _check_call(query, key, value, attention_mask, dropout, scaling, sliding_win
             info.cu_seqlens) - 1,
         "shift_labels given": kwargs.get("shift_labels") is not None,
     }
-    if decoding and g.distributed:  # the new tokens are replicated: agree on their values too
+    # the new tokens are replicated: agree on their values too, once per step (the first
+    # layer's queries; the later layers' follow from them), one device sync
+    if decoding and g.distributed and first_layer:
         fields["query values (float64 checksum)"] = q_checksum(query)
     return (causal, window, lay), fields
 
