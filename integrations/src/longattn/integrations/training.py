@@ -427,9 +427,8 @@ def causal_lm_loss(original):
             logits = _ScaleGrad.apply(logits, info.grad_scale)
         try:
             local = original(logits, labels, vocab_size, **kwargs)
-        except Exception as e:  # noqa: BLE001 - agreed below, so no rank waits for this one
-            _sum_over(0.0, info.loss_groups, err=e)
-            raise
+        except Exception as e:  # noqa: BLE001 - agreed, so no rank waits for this one
+            _sum_over(0.0, info.loss_groups, err=e)  # raises on every rank
         return _Reported.apply(local, _sum_over(float(local.detach()), info.loss_groups))
 
     loss._longattn_original = original
