@@ -102,6 +102,8 @@ def _agree_case(rank, world, case):
             fields["hierarchy"] = None if rank == world - 1 else 2
         if case == "int_vs_float":
             fields["window"] = 4.0 if rank == 0 else 4
+        if case in ("long", "long_differs"):  # 70 values: agreed as one word, not 70
+            fields["segment_lengths"] = tuple(range(70 + (case == "long_differs" and rank)))
         return "ok", fields
 
     try:
@@ -143,7 +145,10 @@ def test_agree_raises_the_same_error_on_every_rank(world):
     assert all(s == sh[0] for s in sh)
     assert sh[0][0] == "ValueError" and "q.shape must be the same on every rank" in sh[0][1]
 
-    for case, field in (("none_vs_int", "hierarchy"), ("int_vs_float", "window")):
+    long = run_world(world, _agree_case, "long")
+    assert all(r == ("ok", {"kv_len": [10 + i for i in range(world)]}) for r in long), long
+    for case, field in (("none_vs_int", "hierarchy"), ("int_vs_float", "window"),
+                        ("long_differs", "segment_lengths")):
         got = run_world(world, _agree_case, case)
         assert all(g == got[0] for g in got), got  # the same message on every rank
         assert got[0][0] == "ValueError" and f"{field} must be the same" in got[0][1]

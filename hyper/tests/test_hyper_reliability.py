@@ -55,6 +55,7 @@ def test_public_helpers_check_min_seq_len(msl, exc):
     segment into 1 + 0 rows for ever (a hang); they raise like hyper_attention."""
     from longattn.hyper import draw_sample_indices
 
+    make_plan(10, 10, True, 1)  # cached: an equal key (True == 1) must not bypass the check
     with pytest.raises(exc, match="min_seq_len"):
         make_plan(10, 10, True, msl)
     with pytest.raises(exc, match="min_seq_len"):

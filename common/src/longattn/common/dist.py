@@ -179,8 +179,20 @@ def _encode(op: str, fields: Mapping[str, Any]):
         shown.append(x)
         types.append(t)
 
+    # a row holds _MAX_VALUES words: where the tuples expanded value by value would not fit,
+    # the longest become one word each (their text), agreed whole rather than element-wise
+    seqs = {n: x for n, x in fields.items() if isinstance(x, (tuple, list, torch.Size))}
+    total = len(fields) + sum(len(x) for x in seqs.values())
+    whole = set()
+    for name in sorted(seqs, key=lambda n: -len(seqs[n])):
+        if total <= _MAX_VALUES:
+            break
+        whole.add(name)
+        total -= len(seqs[name])
     for name, x in fields.items():
-        if isinstance(x, (tuple, list, torch.Size)):
+        if name in whole:
+            add(name, ",".join(map(str, x)))
+        elif isinstance(x, (tuple, list, torch.Size)):
             add(f"{name}.len", len(x))
             for i, xi in enumerate(x):
                 add(f"{name}[{i}]", xi)

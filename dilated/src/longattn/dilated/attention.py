@@ -71,11 +71,7 @@ def check_call(q, k, v, segment_lengths, dilation_rates, causal, softmax_scale, 
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     fields = {"q.shape": tuple(q.shape), "k.shape": tuple(k.shape), "v.shape": tuple(v.shape),
               "dtype": q.dtype, "device type": q.device.type, causal_name: causal,
-              "softmax_scale": scale,
-              # one word each: a schedule may have any number of branches, the agreement
-              # carries at most 64 values
-              "segment_lengths": ",".join(map(str, seg)),
-              "dilation_rates": ",".join(map(str, rates)),
+              "softmax_scale": scale, "segment_lengths": seg, "dilation_rates": rates,
               "backend": name, "needs grad": needs_grad}
     return (seg, rates, scale, config), fields
 

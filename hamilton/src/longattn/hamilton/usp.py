@@ -126,10 +126,7 @@ def usp_attn(q, k, v, *, head_group, seq_group, causal=False, softmax_scale=None
                   "v.shape": tuple(v.shape), "dtype": q.dtype, "q.device.type": q.device.type,
                   "causal": causal, "softmax_scale": scale, "schedule": sched.key_int,
                   "requires_grad": grad, "return_lse": return_lse, "backend": backend,
-                  # one word: 9 names per head segment would overflow the agreement's 64
-                  # values where the head group's ranks hold several segment shapes
-                  "kernel backends": ",".join(str(b) for x in kernels.values()
-                                              for b in x.names()),
+                  "kernel backends": tuple(b for x in kernels.values() for b in x.names()),
                   "config.merge_backend": cfg.merge_backend,
                   "config.contiguous_kv": cfg.contiguous_kv, "config.target": cfg.target}
         return (scale, sched, kernels, cfg), fields

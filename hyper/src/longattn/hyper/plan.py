@@ -27,13 +27,18 @@ class Plan:
         return max((c[3] for c in self.calls), default=0)
 
 
-@lru_cache(maxsize=256)
 def make_plan(sq: int, sk: int, causal: bool, min_seq_len: int) -> Plan:
     # a public helper: min_seq_len 0 would split a 1-row segment into 1 + 0 rows for ever
+    # (checked before the cache, which takes True for 1)
     if isinstance(min_seq_len, bool) or not isinstance(min_seq_len, int):
         raise TypeError(f"min_seq_len must be an int, got {min_seq_len!r}")
     if min_seq_len < 1:
         raise ValueError(f"min_seq_len must be >= 1, got {min_seq_len}")
+    return _make_plan(sq, sk, bool(causal), min_seq_len)
+
+
+@lru_cache(maxsize=256)
+def _make_plan(sq: int, sk: int, causal: bool, min_seq_len: int) -> Plan:
     if not causal:
         if sk <= min_seq_len:
             return Plan(True, (), (), ())
