@@ -158,7 +158,8 @@ def q_checksum(q: torch.Tensor) -> tuple[float, float]:
 
 
 def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_lens,
-               backend, return_lse=False, cache_seqlens=None, cache_leftpad=None) -> Call:
+               backend, return_lse=False, cache_seqlens=None, cache_leftpad=None,
+               extra=None) -> Call:
     """Validate a distributed decode call on every rank (one all-gather, recorded as the peer
     ``"all_gather"`` for :func:`longattn.common.comm.counting`). Returns the agreed
     :class:`Call`.
@@ -167,10 +168,12 @@ def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_le
     is checked inside the same agreement: it must be the same on every rank and match each
     rank's ``k``. So are ``cache_seqlens`` and ``cache_leftpad`` (dtype, shape ``[B]``, range;
     each given on every rank or on none); the agreed per-row ends (and starts) are then
-    all-gathered in one message (:func:`gather_seqlens`)."""
+    all-gathered in one message (:func:`gather_seqlens`). ``extra``: a caller's own checks
+    (a callable returning more fields to agree, first), run in the same agreement."""
     g = dist.resolve_group(group)
 
     def check():
+        first = {} if extra is None else extra()
         scale = check_local(q, k, v, softmax_scale)
         is_causal = check_bool("causal", causal)
         check_bool("return_lse", return_lse)
@@ -185,6 +188,7 @@ def check_call(op, q, k, v, *, group, softmax_scale, causal, hierarchy, shard_le
         name = resolve_backend(q, k, v, backend, causal=is_causal)
         b, _, hkv, d = k.shape
         fields = {
+            **first,
             "q.shape": tuple(q.shape), "k/v shape [B, *, Hkv, D]": (b, hkv, d),
             "dtype": q.dtype, "q.device.type": q.device.type, "causal": is_causal,
             "softmax_scale": scale, "hierarchy": (0, 0) if hier is None else hier,

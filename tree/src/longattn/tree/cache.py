@@ -235,23 +235,29 @@ def attend(q, k, v, *, positions, query_positions, lens, group, softmax_scale=No
     this is one :func:`~longattn.tree.tree_decode` call; otherwise one call per new token on the
     keys it sees, selected on every rank from their positions (the placement then does not
     matter)."""
-    from longattn.tree.decode import tree_decode
+    from longattn.tree.decode import _tree_decode
 
     g = dist.resolve_group(group)
-
-    def check():
+    try:
         left, right = _check_attend(q, k, positions, query_positions, lens, g, causal,
                                     window_size)
-        # the per-token calls below agree on q, k, v, the scale and the backend; the window,
-        # causal and lens pick each rank's keys before them, so they are agreed here
-        return (left, right), {"causal": causal, "window_size": (left, right),
-                               "lq": q.shape[1], "lens": ",".join(map(str, lens))}
+        err = None
+    except (TypeError, ValueError) as e:  # raised inside the first call's agreement
+        err, left, right = e, -1, -1
 
-    (left, right), _ = dist.agree("attend", g, check)
-    lq = q.shape[1]
-    if left < 0 and (right < 0 if not causal else lq == 1):
-        return tree_decode(q, k, v, group=g, softmax_scale=softmax_scale, causal=False,
-                           shard_lens=list(lens), return_lse=return_lse, backend=backend)
+    def extra():
+        # the window, causal and lens pick each rank's keys before the decode calls: agreed in
+        # the first call's all-gather (the calls agree on q, k, v, the scale, the backend)
+        if err is not None:
+            raise err
+        return {"attend causal": causal, "attend window_size": (left, right),
+                "attend lq": q.shape[1], "attend lens": ",".join(map(str, lens))}
+
+    kw = {"group": g, "softmax_scale": softmax_scale, "hierarchy": None, "causal": False,
+          "cache_seqlens": None, "cache_leftpad": None, "backend": backend, "op": "attend"}
+    if err is not None or (left < 0 and (right < 0 if not causal else q.shape[1] == 1)):
+        return _tree_decode(q, k, v, shard_lens=None if err is not None else list(lens),
+                            return_lse=return_lse, extra=extra, **kw)
     outs, lses = [], []
     pos = positions.to(torch.int64).cpu()
     for t, p in enumerate(query_positions.tolist()):
@@ -261,9 +267,8 @@ def attend(q, k, v, *, positions, query_positions, lens, group, softmax_scale=No
         if right >= 0:  # causal: right is 0
             seen &= pos <= p + right
         kt, vt = _visible(k, v, seen)
-        res = tree_decode(q[:, t:t + 1], kt, vt,
-                          group=g, softmax_scale=softmax_scale, causal=False,
-                          return_lse=True, backend=backend)
+        res = _tree_decode(q[:, t:t + 1], kt, vt, shard_lens=None, return_lse=True,
+                           extra=extra if t == 0 else None, **kw)
         outs.append(res[0])
         lses.append(res[1])
     out = torch.cat(outs, dim=1)

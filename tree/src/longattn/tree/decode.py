@@ -87,10 +87,19 @@ def tree_decode(q, k, v, *, group=None, softmax_scale=None, hierarchy=None, caus
     (:func:`longattn.common.dist.agree`): a bad argument on any rank raises the same
     ``ValueError`` / ``TypeError`` on every rank.
     """
-    call = check_call("tree_decode", q, k, v, group=group, softmax_scale=softmax_scale,
+    return _tree_decode(q, k, v, group=group, softmax_scale=softmax_scale, hierarchy=hierarchy,
+                        causal=causal, shard_lens=shard_lens, cache_seqlens=cache_seqlens,
+                        cache_leftpad=cache_leftpad, return_lse=return_lse, backend=backend)
+
+
+def _tree_decode(q, k, v, *, group, softmax_scale, hierarchy, causal, shard_lens,
+                 cache_seqlens, cache_leftpad, return_lse, backend, extra=None, op="tree_decode"):
+    """:func:`tree_decode`; ``extra``: a caller's own checks, agreed in the same all-gather
+    (:func:`longattn.tree._args.check_call`)."""
+    call = check_call(op, q, k, v, group=group, softmax_scale=softmax_scale,
                       causal=causal, hierarchy=hierarchy, shard_lens=shard_lens,
                       backend=backend, return_lse=return_lse, cache_seqlens=cache_seqlens,
-                      cache_leftpad=cache_leftpad)
+                      cache_leftpad=cache_leftpad, extra=extra)
     g, lens, hier = call.group, call.lens, call.hierarchy
     starts = None
     if call.seqlens is None:
